@@ -1,0 +1,190 @@
+//! `clipft encode`: texts and images in, JSON Lines of embeddings out, in input order.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{ArgMatches, Args};
+use rayon::prelude::*;
+
+use super::{parse_towers, ModelArgs};
+use crate::model::tokenizer::pad_rows;
+use crate::model::{Encoder, Towers};
+
+#[derive(Args, Debug)]
+pub struct EncodeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// `clip-text`, `clip-vision` or `all`; by default only the towers the inputs need are loaded.
+    #[arg(long, env = "CLIPFT_SELECT_MODEL", value_parser = parse_towers)]
+    pub select_model: Option<Towers>,
+    /// A text to embed (repeatable).
+    #[arg(long = "text", env = "CLIPFT_TEXT")]
+    pub text: Vec<String>,
+    /// An image file to embed (repeatable).
+    #[arg(long = "image", env = "CLIPFT_IMAGE")]
+    pub image: Vec<PathBuf>,
+    /// A file with one input per line: an image path when the line names an existing image
+    /// file, a text otherwise.
+    #[arg(long, env = "CLIPFT_INPUT")]
+    pub input: Option<PathBuf>,
+    /// Where to write the JSON Lines (stdout by default).
+    #[arg(long, env = "CLIPFT_OUTPUT")]
+    pub output: Option<PathBuf>,
+    /// Inputs per forward pass.
+    #[arg(long, env = "CLIPFT_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub batch_size: u64,
+}
+
+/// One thing to embed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    Text(String),
+    Image(PathBuf),
+}
+
+const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp"];
+
+fn is_image_path(line: &str) -> bool {
+    let p = Path::new(line);
+    let ext_ok = p
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        .unwrap_or(false);
+    ext_ok && p.is_file()
+}
+
+/// The inputs in command-line order (`--text` and `--image` interleaved as given), then the lines
+/// of `--input`.
+fn collect_inputs(args: &EncodeArgs, matches: Option<&ArgMatches>) -> anyhow::Result<Vec<Input>> {
+    let mut ordered: Vec<(usize, Input)> = Vec::new();
+    let idx = |id: &str, n: usize| -> Vec<usize> {
+        matches
+            .and_then(|m| m.indices_of(id))
+            .map(|i| i.collect())
+            .filter(|v: &Vec<usize>| v.len() == n)
+            .unwrap_or_else(|| (0..n).collect())
+    };
+    for (i, t) in idx("text", args.text.len()).into_iter().zip(&args.text) {
+        ordered.push((i, Input::Text(t.clone())));
+    }
+    let offset = if matches.is_some() {
+        0
+    } else {
+        args.text.len()
+    };
+    for (i, p) in idx("image", args.image.len()).into_iter().zip(&args.image) {
+        ordered.push((i + offset, Input::Image(p.clone())));
+    }
+    ordered.sort_by_key(|(i, _)| *i);
+    let mut inputs: Vec<Input> = ordered.into_iter().map(|(_, x)| x).collect();
+    if let Some(path) = &args.input {
+        let f =
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
+            let line = line.with_context(|| format!("{}: line {}", path.display(), n + 1))?;
+            let line = line.strip_suffix('\r').unwrap_or(&line).to_string();
+            inputs.push(if is_image_path(&line) {
+                Input::Image(line.into())
+            } else {
+                Input::Text(line)
+            });
+        }
+    }
+    Ok(inputs)
+}
+
+/// Embeds every input, batching texts by token length and images in parallel preprocessing.
+pub fn encode_inputs(
+    enc: &Encoder,
+    inputs: &[Input],
+    batch: usize,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let mut out: Vec<Option<Vec<f32>>> = vec![None; inputs.len()];
+    let texts: Vec<(usize, &str)> = inputs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, x)| match x {
+            Input::Text(t) => Some((i, t.as_str())),
+            _ => None,
+        })
+        .collect();
+    if !texts.is_empty() {
+        let tok = enc.tokenizer()?;
+        let mut rows: Vec<(usize, Vec<u32>)> = texts
+            .iter()
+            .map(|(i, t)| {
+                Ok((
+                    *i,
+                    tok.encode(t).with_context(|| format!("input {}", i + 1))?,
+                ))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        // Similar lengths together: each batch is padded only to its own longest row.
+        rows.sort_by_key(|(_, r)| r.len());
+        for chunk in rows.chunks(batch) {
+            let padded = pad_rows(chunk.iter().map(|(_, r)| r.clone()).collect(), tok.pad_id());
+            for ((i, _), e) in chunk.iter().zip(enc.embed_token_rows(&padded)?) {
+                out[*i] = Some(e);
+            }
+        }
+    }
+    let images: Vec<(usize, &Path)> = inputs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, x)| match x {
+            Input::Image(p) => Some((i, p.as_path())),
+            _ => None,
+        })
+        .collect();
+    if !images.is_empty() {
+        let pre = enc.image_preprocessor()?;
+        for chunk in images.chunks(batch) {
+            let pixels = chunk
+                .par_iter()
+                .map(|(_, p)| pre.preprocess_file(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            for ((i, _), e) in chunk.iter().zip(enc.embed_pixels(&pixels)?) {
+                out[*i] = Some(e);
+            }
+        }
+    }
+    out.into_iter()
+        .enumerate()
+        .map(|(i, e)| e.with_context(|| format!("input {} was not embedded", i + 1)))
+        .collect()
+}
+
+pub fn run(args: EncodeArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
+    let inputs = collect_inputs(&args, matches)?;
+    if inputs.is_empty() {
+        anyhow::bail!("nothing to encode: give --text, --image or --input");
+    }
+    let towers = args.select_model.unwrap_or(Towers {
+        text: inputs.iter().any(|x| matches!(x, Input::Text(_))),
+        vision: inputs.iter().any(|x| matches!(x, Input::Image(_))),
+    });
+    let (files, opts) = args.model.resolve(towers)?;
+    let enc = Encoder::load(&files, &opts)?;
+    let embeddings = encode_inputs(&enc, &inputs, args.batch_size as usize)?;
+    let sink: Box<dyn Write> = match &args.output {
+        Some(p) => Box::new(
+            std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        ),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let mut w = BufWriter::new(sink);
+    for (input, emb) in inputs.iter().zip(embeddings) {
+        let line = match input {
+            Input::Text(t) => serde_json::json!({"text": t, "embedding": emb}),
+            Input::Image(p) => {
+                serde_json::json!({"image": p.display().to_string(), "embedding": emb})
+            }
+        };
+        serde_json::to_writer(&mut w, &line)?;
+        w.write_all(b"\n")?;
+    }
+    w.flush()?;
+    Ok(())
+}

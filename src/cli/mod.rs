@@ -1,0 +1,117 @@
+//! The command line: one module per subcommand. Each parses its flags (every flag also reads a
+//! `CLIPFT_*` environment variable), calls the library and prints; no logic a test needs lives here.
+
+pub mod bench;
+pub mod encode;
+pub mod models;
+
+use std::process::ExitCode;
+
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use crate::model::{device, LoadOptions, ModelError, ModelFiles, Towers};
+
+/// The default backbone, as in Finetuner and clip-as-service.
+pub const DEFAULT_MODEL: &str = "openai/clip-vit-base-patch32";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "clipft",
+    version,
+    about = "Fine-tune and serve CLIP for text-to-image search"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Embed texts and images, one JSON line per input, in input order.
+    Encode(encode::EncodeArgs),
+    /// Measure model throughput on pre-tokenized / pre-processed inputs.
+    Bench(bench::BenchArgs),
+    /// List the supported CLIP backbones.
+    Models(models::ModelsArgs),
+}
+
+/// Which model to load and where to run it; shared by the commands that load one.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Hugging Face repo id or local folder in Hugging Face layout.
+    #[arg(long, env = "CLIPFT_MODEL", default_value = DEFAULT_MODEL)]
+    pub model: String,
+    /// A fine-tuned artifact folder; takes precedence over --model.
+    #[arg(long, env = "CLIPFT_ARTIFACT")]
+    pub artifact: Option<std::path::PathBuf>,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, env = "CLIPFT_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// `auto` (f32 on CPU, f16 on GPU), `f32`, `f16` or `bf16`.
+    #[arg(long, env = "CLIPFT_DTYPE", default_value = "auto")]
+    pub dtype: String,
+    /// Images with more pixels than this are refused before decoding.
+    #[arg(long, env = "CLIPFT_MAX_IMAGE_PIXELS", default_value_t = crate::model::image::DEFAULT_MAX_PIXELS)]
+    pub max_image_pixels: u64,
+    /// Texts longer than this many bytes are refused.
+    #[arg(long, env = "CLIPFT_MAX_TEXT_BYTES", default_value_t = crate::model::tokenizer::DEFAULT_MAX_TEXT_BYTES)]
+    pub max_text_bytes: usize,
+}
+
+impl ModelArgs {
+    /// Resolves files and load options for `towers`.
+    pub fn resolve(&self, towers: Towers) -> Result<(ModelFiles, LoadOptions), ModelError> {
+        let files = match &self.artifact {
+            Some(a) => crate::artifact::submodel_files(a, towers)?,
+            None => ModelFiles::resolve(&self.model)?,
+        };
+        let device = device::parse_device(&self.device)?;
+        let dtype = device::parse_dtype(&self.dtype, &device)?;
+        let opts = LoadOptions {
+            towers,
+            device,
+            dtype,
+            max_image_pixels: self.max_image_pixels,
+            max_text_bytes: self.max_text_bytes,
+        };
+        Ok((files, opts))
+    }
+}
+
+/// Parses `--select-model`.
+pub fn parse_towers(s: &str) -> Result<Towers, String> {
+    Towers::from_select(s)
+        .ok_or_else(|| format!("unknown submodel {s:?}: use clip-text, clip-vision or all"))
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CLIPFT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    init_logging();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let sub = matches.subcommand().map(|(_, m)| m);
+    let result = match cli.command {
+        Command::Encode(args) => encode::run(args, sub),
+        Command::Bench(args) => bench::run(args),
+        Command::Models(args) => models::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

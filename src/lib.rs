@@ -1,0 +1,26 @@
+//! clipft: fine-tune and serve CLIP for text-to-image search, in one binary.
+//!
+//! # Map
+//! - [`model`]: CLIP itself, one definition for serving and training. `config` (HF config.json),
+//!   `layers`/`text`/`vision`/`clip` (the towers; differentiable in `Mode::Train`, fused kernels
+//!   in `Mode::Inference`), `load` (HF folder or hub repo id -> memory-mapped weights of the
+//!   selected towers only), `tokenizer` (CLIP BPE, 77 tokens, pad to longest), `image`
+//!   (Pillow-exact bicubic resize, centre crop, normalise), `device`. [`model::Encoder`] is the
+//!   object everything else uses to turn texts and images into embeddings.
+//! - [`artifact`]: the fine-tuned artifact layout and submodel selection.
+//! - [`cli`]: one module per subcommand; parse flags, call the library, print.
+//!
+//! # The encode path
+//! `cli::encode` -> [`model::ModelFiles::resolve`] (folder / hub cache) -> [`model::Encoder::load`]
+//! (config, tokenizer, preprocessor, weights of the selected towers) -> texts: tokenize, pad to
+//! the longest, [`model::text::TextTower::forward`]; images: decode, resize, crop, normalise on a
+//! thread pool, [`model::vision::VisionTower::forward`] -> projected (not normalised) float32
+//! embeddings, in input order.
+//!
+//! The Jina-compatible executor, the trainer, evaluation and telemetry build on the same
+//! [`model::Encoder`] and [`model::Clip`]; see ARCHITECTURE.md in the repository for the planned
+//! request and training paths.
+
+pub mod artifact;
+pub mod cli;
+pub mod model;

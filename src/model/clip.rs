@@ -1,0 +1,118 @@
+//! The CLIP pair: whichever towers were loaded, plus `logit_scale`.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::ClipConfig;
+use super::layers::Mode;
+use super::text::{TextBatch, TextTower};
+use super::vision::VisionTower;
+
+/// Which towers to build. Serving one tower reads none of the other's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Towers {
+    pub text: bool,
+    pub vision: bool,
+}
+
+impl Towers {
+    pub const ALL: Towers = Towers {
+        text: true,
+        vision: true,
+    };
+    pub const TEXT: Towers = Towers {
+        text: true,
+        vision: false,
+    };
+    pub const VISION: Towers = Towers {
+        text: false,
+        vision: true,
+    };
+
+    /// Parses Finetuner's submodel names: `clip-text`, `clip-vision`, or `all`.
+    pub fn from_select(s: &str) -> Option<Self> {
+        match s {
+            "clip-text" | "text" => Some(Self::TEXT),
+            "clip-vision" | "vision" => Some(Self::VISION),
+            "all" | "both" => Some(Self::ALL),
+            _ => None,
+        }
+    }
+}
+
+/// One CLIP model definition, used for serving and for training.
+#[derive(Debug, Clone)]
+pub struct Clip {
+    pub text: Option<TextTower>,
+    pub vision: Option<VisionTower>,
+    /// Log of the contrastive temperature's inverse; `None` when the checkpoint has none (a
+    /// single-tower export) and it was not needed.
+    pub logit_scale: Option<Tensor>,
+    pub config: ClipConfig,
+}
+
+impl Clip {
+    /// Builds the requested towers from `vb`. Missing configs for a requested tower are an error;
+    /// `logit_scale` is read when present and otherwise initialised from the config, so that
+    /// training can start from a checkpoint that lacks it.
+    pub fn new(vb: VarBuilder, config: &ClipConfig, towers: Towers) -> Result<Self> {
+        let text = match (towers.text, &config.text) {
+            (true, Some(c)) => Some(TextTower::new(vb.clone(), c, config.projection_dim)?),
+            (true, None) => candle_core::bail!("the checkpoint's config has no text tower"),
+            _ => None,
+        };
+        let vision = match (towers.vision, &config.vision) {
+            (true, Some(c)) => Some(VisionTower::new(vb.clone(), c, config.projection_dim)?),
+            (true, None) => candle_core::bail!("the checkpoint's config has no vision tower"),
+            _ => None,
+        };
+        let logit_scale = if vb.contains_tensor("logit_scale") {
+            vb.get((), "logit_scale")?
+        } else {
+            // A VarMap creates the variable (so training learns it); a read-only checkpoint
+            // without the tensor gets the config's initial value as a constant.
+            let init = config.logit_scale_init_value;
+            match vb.get_with_hints((), "logit_scale", candle_nn::Init::Const(init)) {
+                Ok(t) => t,
+                Err(_) => Tensor::new(init as f32, vb.device())?.to_dtype(vb.dtype())?,
+            }
+        };
+        let logit_scale = Some(logit_scale);
+        Ok(Self {
+            text,
+            vision,
+            logit_scale,
+            config: config.clone(),
+        })
+    }
+
+    pub fn output_dim(&self) -> usize {
+        self.config.projection_dim
+    }
+
+    pub fn text_features(&self, batch: &TextBatch, mode: Mode) -> Result<Tensor> {
+        match &self.text {
+            Some(t) => t.forward(batch, mode),
+            None => candle_core::bail!("this model was loaded without its text tower"),
+        }
+    }
+
+    pub fn image_features(&self, pixel_values: &Tensor, mode: Mode) -> Result<Tensor> {
+        match &self.vision {
+            Some(v) => v.forward(pixel_values, mode),
+            None => candle_core::bail!("this model was loaded without its vision tower"),
+        }
+    }
+
+    /// The dtype the weights are held in.
+    pub fn dtype(&self) -> DType {
+        self.logit_scale
+            .as_ref()
+            .map(|t| t.dtype())
+            .unwrap_or(DType::F32)
+    }
+
+    pub fn device(&self) -> Option<&Device> {
+        self.logit_scale.as_ref().map(|t| t.device())
+    }
+}

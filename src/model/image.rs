@@ -1,0 +1,567 @@
+//! Image preprocessing with the same pixels as transformers' `CLIPImageProcessor` (PIL path).
+//!
+//! Decode -> RGB as transformers' `convert_to_rgb` (grey replicated, alpha composited on white) ->
+//! resize so the short side is `shortest_edge` with PIL's bicubic resampling -> centre crop ->
+//! rescale -> normalise with the config's mean/std, channels first.
+//!
+//! The resize is a re-implementation of Pillow's `ImagingResample` for 8-bit images: separable
+//! convolution with Keys' cubic (a = -0.5), the kernel widened by the scale factor when shrinking
+//! (antialiasing), 22-bit fixed-point weights, horizontal pass first with a uint8 intermediate. The
+//! `image` crate's CatmullRom filter is the same cubic but rounds differently and filters in the
+//! other order, which shifts pixels by a few levels; here the output matches Pillow's.
+
+use std::io::Cursor;
+use std::path::Path;
+
+use image::{DynamicImage, ImageReader, RgbImage};
+use serde::Deserialize;
+
+use super::ModelError;
+
+/// Default cap on decoded pixels (width x height): PIL warns at 89 M and refuses at twice that;
+/// we refuse a little earlier, before allocating.
+pub const DEFAULT_MAX_PIXELS: u64 = 64 * 1024 * 1024;
+
+/// The preprocessing parameters, from `preprocessor_config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageConfig {
+    pub shortest_edge: u32,
+    pub crop_height: u32,
+    pub crop_width: u32,
+    pub do_resize: bool,
+    pub do_center_crop: bool,
+    pub rescale_factor: f32,
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for ImageConfig {
+    /// openai/clip-vit-base-patch32's values.
+    fn default() -> Self {
+        Self {
+            shortest_edge: 224,
+            crop_height: 224,
+            crop_width: 224,
+            do_resize: true,
+            do_center_crop: true,
+            rescale_factor: 1.0 / 255.0,
+            mean: [0.481_454_66, 0.457_827_5, 0.408_210_73],
+            std: [0.268_629_54, 0.261_302_6, 0.275_777_1],
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeSpec {
+    Int(u32),
+    Map {
+        shortest_edge: Option<u32>,
+        height: Option<u32>,
+        width: Option<u32>,
+    },
+}
+
+#[derive(Deserialize)]
+struct RawPreprocessor {
+    size: Option<SizeSpec>,
+    crop_size: Option<SizeSpec>,
+    do_resize: Option<bool>,
+    do_center_crop: Option<bool>,
+    do_rescale: Option<bool>,
+    rescale_factor: Option<f32>,
+    do_normalize: Option<bool>,
+    image_mean: Option<[f32; 3]>,
+    image_std: Option<[f32; 3]>,
+    resample: Option<u32>,
+}
+
+impl ImageConfig {
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_json_str(&text).map_err(|msg| ModelError::Config {
+            path: path.into(),
+            msg,
+        })
+    }
+
+    pub fn from_json_str(text: &str) -> Result<Self, String> {
+        let raw: RawPreprocessor = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let mut c = Self::default();
+        if let Some(r) = raw.resample {
+            if r != 3 {
+                return Err(format!(
+                    "resample {r} is not supported: only 3 (bicubic) is"
+                ));
+            }
+        }
+        match raw.size {
+            Some(SizeSpec::Int(s))
+            | Some(SizeSpec::Map {
+                shortest_edge: Some(s),
+                ..
+            }) => c.shortest_edge = s,
+            Some(SizeSpec::Map {
+                height: Some(h),
+                width: Some(w),
+                ..
+            }) if h == w => c.shortest_edge = h,
+            Some(SizeSpec::Map { .. }) => {
+                return Err("size must be {\"shortest_edge\": N} or a square".into())
+            }
+            None => {}
+        }
+        match raw.crop_size {
+            Some(SizeSpec::Int(s)) => (c.crop_height, c.crop_width) = (s, s),
+            Some(SizeSpec::Map {
+                height: Some(h),
+                width: Some(w),
+                ..
+            }) => (c.crop_height, c.crop_width) = (h, w),
+            Some(SizeSpec::Map { .. }) => return Err("crop_size needs height and width".into()),
+            None => {}
+        }
+        c.do_resize = raw.do_resize.unwrap_or(true);
+        c.do_center_crop = raw.do_center_crop.unwrap_or(true);
+        c.rescale_factor = if raw.do_rescale.unwrap_or(true) {
+            raw.rescale_factor.unwrap_or(1.0 / 255.0)
+        } else {
+            1.0
+        };
+        if raw.do_normalize.unwrap_or(true) {
+            c.mean = raw.image_mean.unwrap_or(c.mean);
+            c.std = raw.image_std.unwrap_or(c.std);
+        } else {
+            (c.mean, c.std) = ([0.0; 3], [1.0; 3]);
+        }
+        if c.shortest_edge == 0 || c.crop_height == 0 || c.crop_width == 0 {
+            return Err("sizes must be positive".into());
+        }
+        if c.std.iter().any(|s| *s == 0.0) {
+            return Err("image_std must not contain zero".into());
+        }
+        Ok(c)
+    }
+}
+
+/// Turns images into the vision tower's input.
+#[derive(Debug, Clone)]
+pub struct ImagePreprocessor {
+    pub config: ImageConfig,
+    pub max_pixels: u64,
+}
+
+impl ImagePreprocessor {
+    pub fn new(config: ImageConfig) -> Self {
+        Self {
+            config,
+            max_pixels: DEFAULT_MAX_PIXELS,
+        }
+    }
+
+    pub fn with_max_pixels(mut self, max_pixels: u64) -> Self {
+        self.max_pixels = max_pixels;
+        self
+    }
+
+    /// Side lengths of the output, `(height, width)`.
+    pub fn output_size(&self) -> (usize, usize) {
+        (
+            self.config.crop_height as usize,
+            self.config.crop_width as usize,
+        )
+    }
+
+    /// Decodes an encoded image (JPEG, PNG, WebP, GIF first frame, BMP) to RGB, refusing images
+    /// over the pixel limit before their pixels are allocated.
+    pub fn decode(&self, bytes: &[u8]) -> Result<RgbImage, ModelError> {
+        let reader = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| ModelError::Image {
+                msg: format!("cannot read image: {e}"),
+            })?;
+        if reader.format().is_none() {
+            return Err(ModelError::Image {
+                msg: "unrecognised image format".into(),
+            });
+        }
+        let (w, h) = reader.into_dimensions().map_err(|e| ModelError::Image {
+            msg: format!("cannot decode image: {e}"),
+        })?;
+        self.check_pixels(w as u64, h as u64)?;
+        let mut reader = ImageReader::new(Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| ModelError::Image {
+                msg: format!("cannot read image: {e}"),
+            })?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(w);
+        limits.max_image_height = Some(h);
+        limits.max_alloc = Some(self.max_pixels.saturating_mul(16).max(1 << 20));
+        reader.limits(limits);
+        let img = reader.decode().map_err(|e| ModelError::Image {
+            msg: format!("cannot decode image: {e}"),
+        })?;
+        Ok(to_rgb(img))
+    }
+
+    fn check_pixels(&self, w: u64, h: u64) -> Result<(), ModelError> {
+        if w == 0 || h == 0 {
+            return Err(ModelError::Image {
+                msg: format!("image has no pixels ({w}x{h})"),
+            });
+        }
+        if w.saturating_mul(h) > self.max_pixels {
+            return Err(ModelError::Image {
+                msg: format!(
+                    "image of {w}x{h} = {} pixels is over the limit of {} pixels",
+                    w * h,
+                    self.max_pixels
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads and preprocesses an image file.
+    pub fn preprocess_file(&self, path: &Path) -> Result<Vec<f32>, ModelError> {
+        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+        let rgb = self.decode(&bytes).map_err(|e| match e {
+            ModelError::Image { msg } => ModelError::Image {
+                msg: format!("{}: {msg}", path.display()),
+            },
+            other => other,
+        })?;
+        Ok(self.preprocess_rgb(&rgb))
+    }
+
+    /// Decodes and preprocesses encoded image bytes.
+    pub fn preprocess_bytes(&self, bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
+        Ok(self.preprocess_rgb(&self.decode(bytes)?))
+    }
+
+    /// An image given as a raw `[height, width, channels]` uint8 array (channels 1, 3 or 4), as
+    /// clip-as-service accepts in `Document.tensor`.
+    pub fn preprocess_hwc_u8(
+        &self,
+        data: &[u8],
+        height: usize,
+        width: usize,
+        channels: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        self.check_pixels(width as u64, height as u64)?;
+        if height
+            .checked_mul(width)
+            .and_then(|p| p.checked_mul(channels))
+            != Some(data.len())
+        {
+            return Err(ModelError::Image {
+                msg: format!(
+                    "tensor of {} bytes does not match shape [{height}, {width}, {channels}]",
+                    data.len()
+                ),
+            });
+        }
+        let rgb: Vec<u8> = match channels {
+            1 => data.iter().flat_map(|&v| [v, v, v]).collect(),
+            3 => data.to_vec(),
+            4 => data
+                .chunks_exact(4)
+                .flat_map(|p| {
+                    [
+                        on_white(p[0], p[3]),
+                        on_white(p[1], p[3]),
+                        on_white(p[2], p[3]),
+                    ]
+                })
+                .collect(),
+            c => {
+                return Err(ModelError::Image {
+                    msg: format!("image tensors need 1, 3 or 4 channels, got {c}"),
+                })
+            }
+        };
+        let img = RgbImage::from_raw(width as u32, height as u32, rgb).ok_or_else(|| {
+            ModelError::Image {
+                msg: "tensor shape does not match data".into(),
+            }
+        })?;
+        Ok(self.preprocess_rgb(&img))
+    }
+
+    /// Resized and cropped RGB pixels before rescaling/normalising (what the parity tests
+    /// compare with Pillow's output).
+    pub fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
+        let c = &self.config;
+        let (w, h) = img.dimensions();
+        let resized = if c.do_resize {
+            let (nh, nw) = resize_output_size(h, w, c.shortest_edge);
+            resize_bicubic(img, nw, nh)
+        } else {
+            img.clone()
+        };
+        if c.do_center_crop {
+            center_crop(&resized, c.crop_height, c.crop_width)
+        } else {
+            resized
+        }
+    }
+
+    /// Channels-first normalised pixels, `[3, crop_h, crop_w]` flattened.
+    pub fn preprocess_rgb(&self, img: &RgbImage) -> Vec<f32> {
+        let c = &self.config;
+        let out = self.resize_and_crop(img);
+        let (w, h) = out.dimensions();
+        let plane = (w * h) as usize;
+        let mut chw = vec![0f32; 3 * plane];
+        for (i, px) in out.pixels().enumerate() {
+            for ch in 0..3 {
+                let v = px.0[ch] as f32 * c.rescale_factor;
+                chw[ch * plane + i] = (v - c.mean[ch]) / c.std[ch];
+            }
+        }
+        chw
+    }
+}
+
+/// transformers' `convert_to_rgb`: images with an alpha channel are composited onto white (with
+/// Pillow's `alpha_composite` arithmetic, so the pixels match exactly); grey is replicated.
+/// clip-as-service's `convert("RGB")` drops alpha instead, which differs only for transparent
+/// pixels.
+fn to_rgb(img: DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return match img {
+            DynamicImage::ImageRgb8(i) => i,
+            other => other.to_rgb8(),
+        };
+    }
+    let rgba = img.to_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut out = RgbImage::new(w, h);
+    for (o, p) in out.pixels_mut().zip(rgba.pixels()) {
+        let [r, g, b, a] = p.0;
+        o.0 = [on_white(r, a), on_white(g, a), on_white(b, a)];
+    }
+    out
+}
+
+/// One channel of Pillow's `ImagingAlphaComposite` with an opaque white background.
+fn on_white(c: u8, a: u8) -> u8 {
+    if a == 0 {
+        return 255;
+    }
+    const BITS: u32 = 7;
+    let (c, a) = (c as u32, a as u32);
+    let coef1 = a << BITS;
+    let coef2 = (255 << BITS) - coef1;
+    let tmp = c * coef1 + 255 * coef2 + (0x80 << BITS);
+    let div255 = ((tmp >> 8) + tmp) >> 8;
+    (div255 >> BITS) as u8
+}
+
+/// transformers' `get_resize_output_image_size(default_to_square=False)`: the short side becomes
+/// `shortest_edge`, the long side `int(shortest_edge * long / short)` (floored). Returns (h, w).
+pub fn resize_output_size(height: u32, width: u32, shortest_edge: u32) -> (u32, u32) {
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
+    let new_short = shortest_edge;
+    let new_long = ((shortest_edge as u64 * long as u64) as f64 / short as f64) as u32;
+    if width <= height {
+        (new_long, new_short)
+    } else {
+        (new_short, new_long)
+    }
+}
+
+/// transformers' `center_crop`: floor offsets, zero padding when the image is smaller.
+pub fn center_crop(img: &RgbImage, crop_h: u32, crop_w: u32) -> RgbImage {
+    let (w, h) = img.dimensions();
+    let top = (h as i64 - crop_h as i64).div_euclid(2);
+    let left = (w as i64 - crop_w as i64).div_euclid(2);
+    let mut out = RgbImage::new(crop_w, crop_h);
+    for y in 0..crop_h as i64 {
+        let sy = y + top;
+        if sy < 0 || sy >= h as i64 {
+            continue;
+        }
+        for x in 0..crop_w as i64 {
+            let sx = x + left;
+            if sx < 0 || sx >= w as i64 {
+                continue;
+            }
+            out.put_pixel(x as u32, y as u32, *img.get_pixel(sx as u32, sy as u32));
+        }
+    }
+    out
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic(x: f64) -> f64 {
+    const A: f64 = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * A
+    } else {
+        0.0
+    }
+}
+
+/// Per output index: first input index, tap count, and `ksize` fixed-point weights.
+struct Coeffs {
+    bounds: Vec<(usize, usize)>,
+    weights: Vec<i32>,
+    ksize: usize,
+}
+
+fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i32; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C's (int) cast truncates toward zero, as `as i64` does.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize - xmin;
+        let mut ww = 0.0;
+        for (x, kx) in k.iter_mut().enumerate().take(xmax) {
+            let w = bicubic((x as f64 + xmin as f64 - center + 0.5) * ss);
+            *kx = w;
+            ww += w;
+        }
+        for x in 0..ksize {
+            let v = if x < xmax && ww != 0.0 {
+                k[x] / ww
+            } else if x < xmax {
+                k[x]
+            } else {
+                0.0
+            };
+            let scaled = v * (1u32 << PRECISION_BITS) as f64;
+            weights[xx * ksize + x] = if v < 0.0 {
+                (scaled - 0.5) as i32
+            } else {
+                (scaled + 0.5) as i32
+            };
+        }
+        bounds.push((xmin, xmax));
+    }
+    Coeffs {
+        bounds,
+        weights,
+        ksize,
+    }
+}
+
+#[inline]
+fn clip8(acc: i32) -> u8 {
+    (acc >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Pillow's bicubic `Image.resize` on an RGB image (no `reducing_gap`).
+pub fn resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
+    let (in_w, in_h) = img.dimensions();
+    let mut cur: Vec<u8> = img.as_raw().clone();
+    let (mut cw, ch) = (in_w as usize, in_h as usize);
+    if out_w != in_w {
+        let co = precompute_coeffs(cw, out_w as usize);
+        let ow = out_w as usize;
+        let mut next = vec![0u8; ow * ch * 3];
+        for y in 0..ch {
+            let row = &cur[y * cw * 3..(y + 1) * cw * 3];
+            for (xx, &(xmin, xmax)) in co.bounds.iter().enumerate() {
+                let k = &co.weights[xx * co.ksize..xx * co.ksize + xmax];
+                for c in 0..3 {
+                    let mut acc: i32 = 1 << (PRECISION_BITS - 1);
+                    for (x, &w) in k.iter().enumerate() {
+                        acc += row[(xmin + x) * 3 + c] as i32 * w;
+                    }
+                    next[(y * ow + xx) * 3 + c] = clip8(acc);
+                }
+            }
+        }
+        cur = next;
+        cw = ow;
+    }
+    let mut chh = ch;
+    if out_h != in_h {
+        let co = precompute_coeffs(ch, out_h as usize);
+        let oh = out_h as usize;
+        let mut next = vec![0u8; cw * oh * 3];
+        for (yy, &(ymin, ymax)) in co.bounds.iter().enumerate() {
+            let k = &co.weights[yy * co.ksize..yy * co.ksize + ymax];
+            for x in 0..cw * 3 {
+                let mut acc: i32 = 1 << (PRECISION_BITS - 1);
+                for (y, &w) in k.iter().enumerate() {
+                    acc += cur[(ymin + y) * cw * 3 + x] as i32 * w;
+                }
+                next[yy * cw * 3 + x] = clip8(acc);
+            }
+        }
+        cur = next;
+        chh = oh;
+    }
+    RgbImage::from_raw(cw as u32, chh as u32, cur).expect("buffer sized to the image")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_sizes_floor_the_long_side() {
+        assert_eq!(resize_output_size(480, 640, 224), (224, 298));
+        assert_eq!(resize_output_size(480, 64, 224), (1680, 224));
+        assert_eq!(resize_output_size(333, 225, 224), (331, 224));
+        assert_eq!(resize_output_size(224, 224, 224), (224, 224));
+    }
+
+    #[test]
+    fn identity_resize_and_constant_image() {
+        let img = RgbImage::from_fn(10, 7, |x, y| image::Rgb([x as u8 * 20, y as u8 * 30, 5]));
+        assert_eq!(resize_bicubic(&img, 10, 7), img);
+        let flat = RgbImage::from_pixel(37, 23, image::Rgb([200, 10, 77]));
+        let out = resize_bicubic(&flat, 11, 50);
+        assert!(out.pixels().all(|p| p.0 == [200, 10, 77]));
+    }
+
+    #[test]
+    fn crop_pads_small_images() {
+        let img = RgbImage::from_pixel(3, 3, image::Rgb([9, 9, 9]));
+        let out = center_crop(&img, 5, 5);
+        assert_eq!(out.get_pixel(0, 0).0, [0, 0, 0]);
+        assert_eq!(out.get_pixel(2, 2).0, [9, 9, 9]);
+    }
+
+    #[test]
+    fn config_forms() {
+        let c = ImageConfig::from_json_str(r#"{"size": 336, "crop_size": 336}"#).unwrap();
+        assert_eq!((c.shortest_edge, c.crop_height), (336, 336));
+        assert!(ImageConfig::from_json_str(r#"{"resample": 2}"#).is_err());
+        assert!(ImageConfig::from_json_str(r#"{"image_std": [0, 1, 1]}"#).is_err());
+    }
+
+    #[test]
+    fn pixel_limit_and_garbage() {
+        let p = ImagePreprocessor::new(ImageConfig::default()).with_max_pixels(100);
+        let mut png = Vec::new();
+        RgbImage::new(20, 20)
+            .write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let e = p.decode(&png).unwrap_err().to_string();
+        assert!(e.contains("over the limit"), "{e}");
+        assert!(p.decode(b"definitely not an image").is_err());
+        assert!(p.preprocess_hwc_u8(&[0; 10], 2, 2, 3).is_err());
+        assert!(p.preprocess_hwc_u8(&[0; 8], 2, 2, 2).is_err());
+    }
+}

@@ -1,0 +1,282 @@
+//! Where a model's files come from and how its weights are read.
+//!
+//! A `--model` is a local folder in Hugging Face layout or a hub repo id. Repo ids resolve through
+//! hf-hub's standard cache first, so a cached copy works offline (`HF_HUB_OFFLINE=1` forbids any
+//! download); a missing model is an error that names the repo. Weights are memory-mapped
+//! safetensors (single file or sharded with an index) or, as a fallback, a PyTorch pickle. Only the
+//! tensors of the requested towers are read: shards holding none of them are not even opened.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+
+use super::clip::Towers;
+use super::ModelError;
+
+/// The files of one model on local disk.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// What the user named (folder or repo id), for messages and metadata.
+    pub source: String,
+    pub config: PathBuf,
+    pub weights: WeightFiles,
+    pub tokenizer: Option<PathBuf>,
+    pub preprocessor: Option<PathBuf>,
+}
+
+/// The checkpoint format found.
+#[derive(Debug, Clone)]
+pub enum WeightFiles {
+    /// One or more safetensors files, with the tensor -> file map when sharded.
+    Safetensors {
+        files: Vec<PathBuf>,
+        index: Option<BTreeMap<String, PathBuf>>,
+    },
+    /// `pytorch_model.bin`.
+    Pickle(PathBuf),
+}
+
+const SAFETENSORS: &str = "model.safetensors";
+const SAFETENSORS_INDEX: &str = "model.safetensors.index.json";
+const PICKLE: &str = "pytorch_model.bin";
+
+/// Tensor name prefixes a tower owns.
+fn tower_prefixes(towers: Towers) -> Vec<&'static str> {
+    let mut p = vec!["logit_scale"];
+    if towers.text {
+        p.extend(["text_model.", "text_projection."]);
+    }
+    if towers.vision {
+        p.extend(["vision_model.", "visual_projection."]);
+    }
+    p
+}
+
+impl ModelFiles {
+    /// Resolves `--model`: an existing folder, or else a hub repo id.
+    pub fn resolve(spec: &str) -> Result<Self, ModelError> {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            Self::from_dir(path)
+        } else if path.exists() {
+            Err(ModelError::NotFound {
+                what: spec.into(),
+                msg: "is a file; --model takes a folder in Hugging Face layout or a hub repo id"
+                    .into(),
+            })
+        } else {
+            Self::from_hub(spec)
+        }
+    }
+
+    /// A local folder in Hugging Face layout.
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let config = dir.join("config.json");
+        if !config.is_file() {
+            return Err(ModelError::NotFound {
+                what: dir.display().to_string(),
+                msg: "has no config.json".into(),
+            });
+        }
+        let weights = if dir.join(SAFETENSORS).is_file() {
+            WeightFiles::Safetensors {
+                files: vec![dir.join(SAFETENSORS)],
+                index: None,
+            }
+        } else if dir.join(SAFETENSORS_INDEX).is_file() {
+            read_index(&dir.join(SAFETENSORS_INDEX), |name| Ok(dir.join(name)))?
+        } else if dir.join(PICKLE).is_file() {
+            WeightFiles::Pickle(dir.join(PICKLE))
+        } else {
+            return Err(ModelError::NotFound {
+                what: dir.display().to_string(),
+                msg: format!("has no {SAFETENSORS}, {SAFETENSORS_INDEX} or {PICKLE}"),
+            });
+        };
+        let opt = |n: &str| Some(dir.join(n)).filter(|p| p.is_file());
+        Ok(Self {
+            source: dir.display().to_string(),
+            config,
+            weights,
+            tokenizer: opt("tokenizer.json"),
+            preprocessor: opt("preprocessor_config.json"),
+        })
+    }
+
+    /// A hub repo id, from the cache when present, downloaded otherwise (unless offline).
+    pub fn from_hub(repo_id: &str) -> Result<Self, ModelError> {
+        let hub = Hub::new(repo_id)?;
+        let config = hub
+            .get("config.json")?
+            .ok_or_else(|| hub.missing("config.json"))?;
+        let weights = if let Some(p) = hub.get(SAFETENSORS)? {
+            WeightFiles::Safetensors {
+                files: vec![p],
+                index: None,
+            }
+        } else if let Some(idx) = hub.get(SAFETENSORS_INDEX)? {
+            read_index(&idx, |name| hub.get(name)?.ok_or_else(|| hub.missing(name)))?
+        } else if let Some(p) = hub.get(PICKLE)? {
+            WeightFiles::Pickle(p)
+        } else {
+            return Err(hub.missing(SAFETENSORS));
+        };
+        Ok(Self {
+            source: repo_id.to_string(),
+            config,
+            weights,
+            tokenizer: hub.get("tokenizer.json")?,
+            preprocessor: hub.get("preprocessor_config.json")?,
+        })
+    }
+
+    /// A VarBuilder over the weights, restricted to the files that hold `towers`' tensors.
+    pub fn var_builder(
+        &self,
+        towers: Towers,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>, ModelError> {
+        match &self.weights {
+            WeightFiles::Safetensors { files, index } => {
+                let files: Vec<PathBuf> = match index {
+                    None => files.clone(),
+                    Some(map) => {
+                        let prefixes = tower_prefixes(towers);
+                        let mut needed: Vec<PathBuf> = map
+                            .iter()
+                            .filter(|(name, _)| prefixes.iter().any(|p| name.starts_with(p)))
+                            .map(|(_, f)| f.clone())
+                            .collect();
+                        needed.sort();
+                        needed.dedup();
+                        needed
+                    }
+                };
+                // SAFETY: the files are memory-mapped read-only; clipft never writes a checkpoint
+                // in place (artifacts are written to a temporary folder and renamed).
+                unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
+                    .map_err(|e| ModelError::weights(&files, e))
+            }
+            WeightFiles::Pickle(p) => VarBuilder::from_pth(p, dtype, device)
+                .map_err(|e| ModelError::weights(std::slice::from_ref(p), e)),
+        }
+    }
+}
+
+fn read_index(
+    path: &Path,
+    mut locate: impl FnMut(&str) -> Result<PathBuf, ModelError>,
+) -> Result<WeightFiles, ModelError> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: HashMap<String, String>,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+    let idx: Index = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.into(),
+        msg: e.to_string(),
+    })?;
+    let mut located: HashMap<String, PathBuf> = HashMap::new();
+    let mut map = BTreeMap::new();
+    for (tensor, file) in idx.weight_map {
+        if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+            return Err(ModelError::Config {
+                path: path.into(),
+                msg: format!("shard name {file:?} must be a plain file name"),
+            });
+        }
+        let p = match located.get(&file) {
+            Some(p) => p.clone(),
+            None => {
+                let p = locate(&file)?;
+                located.insert(file.clone(), p.clone());
+                p
+            }
+        };
+        map.insert(tensor, p);
+    }
+    let mut files: Vec<PathBuf> = located.into_values().collect();
+    files.sort();
+    Ok(WeightFiles::Safetensors {
+        files,
+        index: Some(map),
+    })
+}
+
+/// hf-hub access for one repo, cache first.
+struct Hub {
+    repo_id: String,
+    cache: hf_hub::CacheRepo,
+    offline: bool,
+    api: Option<hf_hub::api::sync::ApiRepo>,
+}
+
+impl Hub {
+    fn new(repo_id: &str) -> Result<Self, ModelError> {
+        if repo_id.is_empty() || repo_id.split('/').count() > 2 || repo_id.contains("..") {
+            return Err(ModelError::NotFound {
+                what: repo_id.into(),
+                msg: "is neither a local folder nor a hub repo id (owner/name)".into(),
+            });
+        }
+        let offline = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"].iter().any(|v| {
+            std::env::var(v)
+                .map(|s| matches!(s.as_str(), "1" | "true" | "TRUE" | "yes"))
+                .unwrap_or(false)
+        });
+        let cache = hf_hub::Cache::from_env().model(repo_id.to_string());
+        let api = if offline {
+            None
+        } else {
+            hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(false)
+                .build()
+                .ok()
+                .map(|a| a.model(repo_id.to_string()))
+        };
+        Ok(Self {
+            repo_id: repo_id.to_string(),
+            cache,
+            offline,
+            api,
+        })
+    }
+
+    /// `Ok(None)` when the repo does not have the file.
+    fn get(&self, file: &str) -> Result<Option<PathBuf>, ModelError> {
+        if let Some(p) = self.cache.get(file) {
+            return Ok(Some(p));
+        }
+        let Some(api) = &self.api else {
+            return Ok(None);
+        };
+        match api.get(file) {
+            Ok(p) => Ok(Some(p)),
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(ModelError::Hub {
+                repo: self.repo_id.clone(),
+                msg: format!("cannot fetch {file}: {e} (a cached copy works offline)"),
+            }),
+        }
+    }
+
+    fn missing(&self, file: &str) -> ModelError {
+        let how = if self.offline {
+            "offline (HF_HUB_OFFLINE) and not in the local Hugging Face cache"
+        } else {
+            "not found in the cache or on the hub"
+        };
+        ModelError::Hub {
+            repo: self.repo_id.clone(),
+            msg: format!("{file} is {how}"),
+        }
+    }
+}
+
+fn is_not_found(e: &impl std::fmt::Display) -> bool {
+    let s = e.to_string();
+    s.contains("404") || s.contains("Not Found")
+}

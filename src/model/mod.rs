@@ -1,0 +1,216 @@
+//! CLIP itself, shared by serving and training.
+//!
+//! [`config`] reads `config.json`; [`layers`], [`text`], [`vision`] and [`clip`] are the one model
+//! definition (differentiable in [`Mode::Train`], fused kernels in [`Mode::Inference`]); [`load`]
+//! finds checkpoints; [`tokenizer`] and [`image`] turn raw inputs into tower inputs; [`device`]
+//! picks where and in which precision to run. [`Encoder`] ties them into the one object the CLI,
+//! the executor and the evaluator use to turn texts and images into embeddings.
+
+pub mod clip;
+pub mod config;
+pub mod device;
+pub mod image;
+pub mod layers;
+pub mod load;
+pub mod text;
+pub mod tokenizer;
+pub mod vision;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+pub use clip::{Clip, Towers};
+pub use config::ClipConfig;
+pub use image::{ImageConfig, ImagePreprocessor};
+pub use layers::Mode;
+pub use load::ModelFiles;
+pub use text::TextBatch;
+pub use tokenizer::ClipTokenizer;
+
+/// Everything that can go wrong while loading or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: invalid configuration: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("model {what} {msg}")]
+    NotFound { what: String, msg: String },
+    #[error("hub repo {repo}: {msg}")]
+    Hub { repo: String, msg: String },
+    #[error("cannot read weights from {files}: {msg}")]
+    Weights { files: String, msg: String },
+    #[error("tokenizer: {msg}")]
+    Tokenizer { msg: String },
+    #[error("image: {msg}")]
+    Image { msg: String },
+    #[error("invalid input: {msg}")]
+    InvalidInput { msg: String },
+    #[error("{0} is not available in this model (it was loaded with --select-model {1})")]
+    TowerMissing(&'static str, &'static str),
+    #[error("model computation failed: {0}")]
+    Compute(#[from] candle_core::Error),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub(crate) fn weights(files: &[PathBuf], e: candle_core::Error) -> Self {
+        let files = files
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Self::Weights {
+            files,
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// How to load: which towers, where, in which precision, with which input limits.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub towers: Towers,
+    pub device: Device,
+    pub dtype: DType,
+    pub max_image_pixels: u64,
+    pub max_text_bytes: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            towers: Towers::ALL,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            max_image_pixels: image::DEFAULT_MAX_PIXELS,
+            max_text_bytes: tokenizer::DEFAULT_MAX_TEXT_BYTES,
+        }
+    }
+}
+
+/// A loaded model with its input processing: the one thing that turns texts and images into
+/// embeddings, for `encode`, `bench`, the executor and the evaluator alike.
+#[derive(Debug, Clone)]
+pub struct Encoder {
+    pub clip: Clip,
+    pub tokenizer: Option<ClipTokenizer>,
+    pub images: Option<ImagePreprocessor>,
+    pub device: Device,
+    pub dtype: DType,
+    pub source: String,
+}
+
+impl Encoder {
+    pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<Self, ModelError> {
+        let config = ClipConfig::from_file(&files.config)?;
+        let vb = files.var_builder(opts.towers, opts.dtype, &opts.device)?;
+        let clip = Clip::new(vb, &config, opts.towers).map_err(|e| ModelError::Weights {
+            files: files.source.clone(),
+            msg: e.to_string(),
+        })?;
+        let tokenizer = match (&clip.text, &files.tokenizer) {
+            (Some(t), Some(p)) => Some(
+                ClipTokenizer::from_file(p, t.config().max_position_embeddings)?
+                    .with_max_text_bytes(opts.max_text_bytes),
+            ),
+            (Some(_), None) => {
+                return Err(ModelError::NotFound {
+                    what: files.source.clone(),
+                    msg: "has no tokenizer.json, which the text tower needs".into(),
+                })
+            }
+            (None, _) => None,
+        };
+        let images = match (&clip.vision, &files.preprocessor) {
+            (Some(_), p) => {
+                let cfg = match p {
+                    Some(p) => ImageConfig::from_file(p)?,
+                    None => ImageConfig::default(),
+                };
+                Some(ImagePreprocessor::new(cfg).with_max_pixels(opts.max_image_pixels))
+            }
+            (None, _) => None,
+        };
+        Ok(Self {
+            clip,
+            tokenizer,
+            images,
+            device: opts.device.clone(),
+            dtype: opts.dtype,
+            source: files.source.clone(),
+        })
+    }
+
+    pub fn output_dim(&self) -> usize {
+        self.clip.output_dim()
+    }
+
+    pub fn tokenizer(&self) -> Result<&ClipTokenizer, ModelError> {
+        self.tokenizer
+            .as_ref()
+            .ok_or(ModelError::TowerMissing("the text tower", "clip-vision"))
+    }
+
+    pub fn image_preprocessor(&self) -> Result<&ImagePreprocessor, ModelError> {
+        self.images
+            .as_ref()
+            .ok_or(ModelError::TowerMissing("the vision tower", "clip-text"))
+    }
+
+    /// Text tower end-of-text rule, for building batches from ids.
+    pub fn eos_token_id(&self) -> Result<u32, ModelError> {
+        self.clip
+            .text
+            .as_ref()
+            .map(|t| t.config().eos_token_id)
+            .ok_or(ModelError::TowerMissing("the text tower", "clip-vision"))
+    }
+
+    /// Embeddings of already tokenized rows (padded to the same length).
+    pub fn embed_token_rows(&self, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let batch = TextBatch::new(rows, self.eos_token_id()?, &self.device)?;
+        let features = self.clip.text_features(&batch, Mode::Inference)?;
+        Ok(features.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+
+    /// Embeddings of texts, in order, as one batch.
+    pub fn embed_texts<S: AsRef<str>>(&self, texts: &[S]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = self.tokenizer()?.encode_batch(texts)?;
+        self.embed_token_rows(&rows)
+    }
+
+    /// Embeddings of preprocessed images (each `[3, H, W]` flattened), in order, as one batch.
+    pub fn embed_pixels(&self, images: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (h, w) = self.image_preprocessor()?.output_size();
+        let per = 3 * h * w;
+        if let Some(bad) = images.iter().position(|i| i.len() != per) {
+            return Err(ModelError::InvalidInput {
+                msg: format!(
+                    "image {bad} has {} values, expected {per}",
+                    images[bad].len()
+                ),
+            });
+        }
+        let flat: Vec<f32> = images.iter().flatten().copied().collect();
+        let pixels = Tensor::from_vec(flat, (images.len(), 3, h, w), &self.device)?;
+        let features = self.clip.image_features(&pixels, Mode::Inference)?;
+        Ok(features.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+}

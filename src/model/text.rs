@@ -1,0 +1,171 @@
+//! The text tower: token + position embeddings, a causal pre-LN encoder, the final layer norm,
+//! pooling at the end-of-text token and the text projection.
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{Embedding, Module, VarBuilder};
+
+use super::config::TextConfig;
+use super::layers::{Encoder, EncoderShape, LayerNorm, Linear, Mode};
+
+/// A tokenized batch ready for the tower: ids padded to the longest row, and the position whose
+/// hidden state each row is pooled from.
+#[derive(Debug, Clone)]
+pub struct TextBatch {
+    /// `[batch, seq]`, u32.
+    pub input_ids: Tensor,
+    /// One position per row, computed on the host from the ids (no device round-trip).
+    pub pool_positions: Vec<usize>,
+}
+
+impl TextBatch {
+    /// Builds the batch from already padded rows; `pool_positions` follow transformers' rule for
+    /// the config's `eos_token_id` (see [`pool_position`]).
+    pub fn new(rows: &[Vec<u32>], eos_token_id: u32, device: &Device) -> Result<Self> {
+        let seq = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if rows.is_empty() || seq == 0 {
+            candle_core::bail!("a text batch needs at least one non-empty row");
+        }
+        if rows.iter().any(|r| r.len() != seq) {
+            candle_core::bail!("text batch rows must be padded to the same length");
+        }
+        let flat: Vec<u32> = rows.iter().flatten().copied().collect();
+        let input_ids = Tensor::from_vec(flat, (rows.len(), seq), device)?;
+        let pool_positions = rows
+            .iter()
+            .map(|r| pool_position(r, eos_token_id))
+            .collect();
+        Ok(Self {
+            input_ids,
+            pool_positions,
+        })
+    }
+}
+
+/// Where transformers' CLIPTextTransformer pools a row. With the legacy `eos_token_id == 2` of the
+/// OpenAI configs it takes the arg-max id (first maximum, like torch); otherwise the first token
+/// equal to `eos_token_id`, falling back to the last position.
+pub fn pool_position(ids: &[u32], eos_token_id: u32) -> usize {
+    if eos_token_id == 2 {
+        let mut best = 0;
+        for (i, &id) in ids.iter().enumerate() {
+            if id > ids[best] {
+                best = i;
+            }
+        }
+        best
+    } else {
+        ids.iter()
+            .position(|&id| id == eos_token_id)
+            .unwrap_or(ids.len().saturating_sub(1))
+    }
+}
+
+/// `text_model.*` plus `text_projection`.
+#[derive(Debug, Clone)]
+pub struct TextTower {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    encoder: Encoder,
+    final_layer_norm: LayerNorm,
+    projection: Linear,
+    config: TextConfig,
+}
+
+impl TextTower {
+    /// `vb` is rooted at the checkpoint's top level (where `text_model.` and `text_projection.` live).
+    pub fn new(vb: VarBuilder, c: &TextConfig, projection_dim: usize) -> Result<Self> {
+        let m = vb.pp("text_model");
+        let e = m.pp("embeddings");
+        let token_embedding =
+            candle_nn::embedding(c.vocab_size, c.hidden_size, e.pp("token_embedding"))?;
+        let position_embedding = e
+            .pp("position_embedding")
+            .get((c.max_position_embeddings, c.hidden_size), "weight")?;
+        let shape = EncoderShape {
+            dim: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_attention_heads,
+            layers: c.num_hidden_layers,
+            act: c.hidden_act,
+            eps: c.layer_norm_eps,
+        };
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            encoder: Encoder::new(m.pp("encoder"), shape)?,
+            final_layer_norm: LayerNorm::new(
+                m.pp("final_layer_norm"),
+                c.hidden_size,
+                c.layer_norm_eps,
+            )?,
+            projection: Linear::new(
+                vb.pp("text_projection"),
+                c.hidden_size,
+                projection_dim,
+                false,
+            )?,
+            config: c.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.config
+    }
+
+    /// The projected (not normalised) text features, `[batch, projection_dim]`.
+    pub fn forward(&self, batch: &TextBatch, mode: Mode) -> Result<Tensor> {
+        let (b, t) = batch.input_ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {t} tokens is longer than the model's {} positions",
+                self.config.max_position_embeddings
+            );
+        }
+        let dtype = self.position_embedding.dtype();
+        let x = self
+            .token_embedding
+            .forward(&batch.input_ids)?
+            .broadcast_add(&self.position_embedding.narrow(0, 0, t)?)?;
+        let mask = causal_mask(t, dtype, x.device())?;
+        let h = self.encoder.forward(&x, Some(&mask), mode)?;
+        // Layer norm is per position, so pooling first and normalising the pooled rows equals
+        // transformers' normalise-everything-then-pool, at a fraction of the cost.
+        let d = self.config.hidden_size;
+        let idx: Vec<u32> = batch
+            .pool_positions
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (i * t + p) as u32)
+            .collect();
+        let idx = Tensor::from_vec(idx, b, h.device())?;
+        let pooled = h.reshape((b * t, d))?.index_select(&idx, 0)?;
+        let pooled = self.final_layer_norm.forward(&pooled, mode)?;
+        self.projection.forward(&pooled)
+    }
+}
+
+/// `[t, t]` additive mask: 0 on and below the diagonal, the dtype's minimum above it.
+fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    let min = match dtype {
+        DType::F16 => -65504.0f32,
+        DType::BF16 => -3.38e38f32,
+        _ => f32::MIN,
+    };
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { min } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (t, t), device)?.to_dtype(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooling_rules() {
+        let ids = [49406, 320, 1929, 49407, 49407, 49407];
+        assert_eq!(pool_position(&ids, 2), 3);
+        assert_eq!(pool_position(&ids, 49407), 3);
+        assert_eq!(pool_position(&[49406, 5, 6], 49407), 2);
+    }
+}

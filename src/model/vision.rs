@@ -1,0 +1,106 @@
+//! The vision tower: patch embedding, class token, positions, pre-LN, encoder, post-LN on the
+//! class token, visual projection.
+
+use candle_core::{Result, Tensor};
+use candle_nn::VarBuilder;
+
+use super::config::VisionConfig;
+use super::layers::{Encoder, EncoderShape, LayerNorm, Linear, Mode};
+
+/// `vision_model.*` plus `visual_projection`.
+#[derive(Debug, Clone)]
+pub struct VisionTower {
+    /// The patch convolution's kernel flattened to `[hidden, channels * patch * patch]`: with
+    /// stride equal to the kernel size the convolution is one matrix product over unfolded
+    /// patches, which is faster and has a cheaper backward than `conv2d`.
+    patch_weight: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    encoder: Encoder,
+    post_layernorm: LayerNorm,
+    projection: Linear,
+    config: VisionConfig,
+}
+
+impl VisionTower {
+    pub fn new(vb: VarBuilder, c: &VisionConfig, projection_dim: usize) -> Result<Self> {
+        let m = vb.pp("vision_model");
+        let e = m.pp("embeddings");
+        let p = c.patch_size;
+        let patch_weight = e
+            .pp("patch_embedding")
+            .get((c.hidden_size, c.num_channels, p, p), "weight")?
+            .reshape((c.hidden_size, c.num_channels * p * p))?;
+        let positions = c.grid() * c.grid() + 1;
+        let shape = EncoderShape {
+            dim: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_attention_heads,
+            layers: c.num_hidden_layers,
+            act: c.hidden_act,
+            eps: c.layer_norm_eps,
+        };
+        Ok(Self {
+            patch_weight,
+            class_embedding: e.get(c.hidden_size, "class_embedding")?,
+            position_embedding: e
+                .pp("position_embedding")
+                .get((positions, c.hidden_size), "weight")?,
+            pre_layrnorm: LayerNorm::new(m.pp("pre_layrnorm"), c.hidden_size, c.layer_norm_eps)?,
+            encoder: Encoder::new(m.pp("encoder"), shape)?,
+            post_layernorm: LayerNorm::new(
+                m.pp("post_layernorm"),
+                c.hidden_size,
+                c.layer_norm_eps,
+            )?,
+            projection: Linear::new(
+                vb.pp("visual_projection"),
+                c.hidden_size,
+                projection_dim,
+                false,
+            )?,
+            config: c.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &VisionConfig {
+        &self.config
+    }
+
+    /// `pixel_values` is `[batch, channels, size, size]`, already normalised; returns the projected
+    /// (not normalised) image features `[batch, projection_dim]`.
+    pub fn forward(&self, pixel_values: &Tensor, mode: Mode) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, ch, h, w) = pixel_values.dims4()?;
+        if ch != c.num_channels || h != c.image_size || w != c.image_size {
+            candle_core::bail!(
+                "pixel_values must be [batch, {}, {}, {}], got [{b}, {ch}, {h}, {w}]",
+                c.num_channels,
+                c.image_size,
+                c.image_size
+            );
+        }
+        let (p, g, d) = (c.patch_size, c.grid(), c.hidden_size);
+        let x = pixel_values.to_dtype(self.patch_weight.dtype())?;
+        // [b, c, g, p, g, p] -> [b, g, g, c, p, p]: each row is one patch in the kernel's layout.
+        let patches = x
+            .reshape((b, ch, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((b * g * g, ch * p * p))?;
+        let embedded = patches
+            .matmul(&self.patch_weight.t()?)?
+            .reshape((b, g * g, d))?;
+        let cls = self
+            .class_embedding
+            .reshape((1, 1, d))?
+            .broadcast_as((b, 1, d))?;
+        let x = Tensor::cat(&[&cls, &embedded], 1)?.broadcast_add(&self.position_embedding)?;
+        let x = self.pre_layrnorm.forward(&x, mode)?;
+        let x = self.encoder.forward(&x, None, mode)?;
+        let pooled = x.narrow(1, 0, 1)?.squeeze(1)?;
+        let pooled = self.post_layernorm.forward(&pooled, mode)?;
+        self.projection.forward(&pooled)
+    }
+}

@@ -1,0 +1,162 @@
+//! Parity with Hugging Face transformers on the committed fixtures (made by
+//! scripts/make_fixtures.py): token ids, preprocessed pixels and embeddings.
+
+use std::path::{Path, PathBuf};
+
+use clipft::model::{Encoder, LoadOptions, ModelFiles, Towers};
+use serde::Deserialize;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+#[derive(Deserialize)]
+struct TextRef {
+    text: String,
+    ids: Vec<u32>,
+    embedding: Vec<f32>,
+}
+
+#[derive(Deserialize)]
+struct TextBatchRef {
+    texts: Vec<String>,
+    ids_padded: Vec<Vec<u32>>,
+    embeddings: Vec<Vec<f32>>,
+}
+
+#[derive(Deserialize)]
+struct ImageRef {
+    file: String,
+    pixels: String,
+    embedding: Vec<f32>,
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(p: &Path) -> T {
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn load(dir: &Path, towers: Towers) -> Encoder {
+    let files = ModelFiles::from_dir(dir).unwrap();
+    Encoder::load(
+        &files,
+        &LoadOptions {
+            towers,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+/// Runs the text checks against a model folder and its reference folder.
+fn check_texts(model: &Path, reference: &Path, min_cos: f64) {
+    let enc = load(model, Towers::TEXT);
+    let tok = enc.tokenizer().unwrap();
+    let refs: Vec<TextRef> = read_json(&reference.join("texts.json"));
+    assert!(refs.len() >= 10);
+    for r in &refs {
+        assert_eq!(
+            tok.encode(&r.text).unwrap(),
+            r.ids,
+            "token ids of {:?}",
+            r.text
+        );
+        let e = enc.embed_texts(&[&r.text]).unwrap();
+        let c = cosine(&e[0], &r.embedding);
+        assert!(c >= min_cos, "text {:?}: cosine {c}", r.text);
+    }
+    if reference.join("text_batch.json").exists() {
+        let b: TextBatchRef = read_json(&reference.join("text_batch.json"));
+        assert_eq!(tok.encode_batch(&b.texts).unwrap(), b.ids_padded);
+        let e = enc.embed_texts(&b.texts).unwrap();
+        for (i, (x, y)) in e.iter().zip(&b.embeddings).enumerate() {
+            let c = cosine(x, y);
+            assert!(c >= min_cos, "batched text {i}: cosine {c}");
+        }
+    }
+}
+
+fn check_images(model: &Path, reference: &Path, min_cos: f64) {
+    let enc = load(model, Towers::VISION);
+    let pre = enc.image_preprocessor().unwrap();
+    let refs: Vec<ImageRef> = read_json(&reference.join("images.json"));
+    let images = fixtures().join("reference/images");
+    let mut pixels = Vec::new();
+    for r in &refs {
+        let bytes = std::fs::read(images.join(&r.file)).unwrap();
+        let rgb = pre.decode(&bytes).unwrap();
+        let ours = pre.resize_and_crop(&rgb);
+        let theirs = image::open(images.join(&r.pixels)).unwrap().to_rgb8();
+        assert_eq!(ours.dimensions(), theirs.dimensions(), "{}", r.file);
+        let max_diff = ours
+            .as_raw()
+            .iter()
+            .zip(theirs.as_raw())
+            .map(|(a, b)| (*a as i32 - *b as i32).abs())
+            .max()
+            .unwrap();
+        // JPEG decoders differ (IDCT, chroma upsampling); only the embedding is compared there.
+        if !r.file.ends_with(".jpg") {
+            assert!(
+                max_diff <= 2,
+                "{}: pixels differ by {max_diff} levels",
+                r.file
+            );
+        }
+        pixels.push(pre.preprocess_bytes(&bytes).unwrap());
+    }
+    let embs = enc.embed_pixels(&pixels).unwrap();
+    for (r, e) in refs.iter().zip(&embs) {
+        let c = cosine(e, &r.embedding);
+        assert!(c >= min_cos, "image {}: cosine {c}", r.file);
+    }
+}
+
+#[test]
+fn tiny_text_tower_matches_transformers() {
+    check_texts(
+        &fixtures().join("clip-tiny"),
+        &fixtures().join("reference"),
+        0.99999,
+    );
+}
+
+#[test]
+fn tiny_vision_tower_matches_transformers() {
+    check_images(
+        &fixtures().join("clip-tiny"),
+        &fixtures().join("reference"),
+        0.9999,
+    );
+}
+
+#[test]
+fn both_towers_in_one_model() {
+    let enc = load(&fixtures().join("clip-tiny"), Towers::ALL);
+    assert_eq!(enc.output_dim(), 32);
+    let t = enc.embed_texts(&["a red striped dress"]).unwrap();
+    assert_eq!(t[0].len(), 32);
+    assert!(enc.clip.logit_scale.is_some());
+}
+
+/// Full-size random ViT-B/32 (`python scripts/make_fixtures.py --full-size target/vit-b-32`).
+fn full_size_dir() -> PathBuf {
+    std::env::var_os("CLIPFT_FULL_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/vit-b-32"))
+}
+
+#[test]
+#[ignore = "needs the full-size model written by scripts/make_fixtures.py --full-size"]
+fn full_size_vit_b_32_matches_transformers() {
+    let dir = full_size_dir();
+    check_texts(&dir, &dir.join("reference"), 0.99999);
+    check_images(&dir, &dir.join("reference"), 0.9999);
+}
