@@ -160,3 +160,122 @@ fn full_size_vit_b_32_matches_transformers() {
     check_texts(&dir, &dir.join("reference"), 0.99999);
     check_images(&dir, &dir.join("reference"), 0.9999);
 }
+
+/// The fused CPU kernels (inference) and the differentiable composition (training) are the same
+/// model: their outputs agree on both towers.
+#[test]
+fn inference_and_training_modes_agree() {
+    use clipft::model::{Mode, TextBatch};
+    let enc = load(&fixtures().join("clip-tiny"), Towers::ALL);
+    let rows = enc
+        .tokenizer()
+        .unwrap()
+        .encode_batch(&[
+            "a red striped dress",
+            "",
+            "3 blue shirts, size 42 and more words here",
+        ])
+        .unwrap();
+    let batch = TextBatch::new(&rows, enc.eos_token_id().unwrap(), &enc.device).unwrap();
+    let a = enc
+        .clip
+        .text_features(&batch, Mode::Inference)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let b = enc
+        .clip
+        .text_features(&batch, Mode::Train)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        assert!(cosine(x, y) > 0.999999, "text: {}", cosine(x, y));
+    }
+    let pixels = candle_core::Tensor::randn(0f32, 1.0, (3, 3, 224, 224), &enc.device).unwrap();
+    let a = enc
+        .clip
+        .image_features(&pixels, Mode::Inference)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let b = enc
+        .clip
+        .image_features(&pixels, Mode::Train)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    for (x, y) in a.iter().zip(&b) {
+        assert!(cosine(x, y) > 0.999999, "image: {}", cosine(x, y));
+    }
+}
+
+/// One contrastive step from a VarMap: every trainable tensor, `logit_scale` included, receives a
+/// non-zero gradient (candle's fused layer norm would silently drop most of them).
+#[test]
+fn every_weight_gets_a_gradient() {
+    use candle_core::{DType, Device, Tensor, D};
+    use candle_nn::{VarBuilder, VarMap};
+    use clipft::model::{Clip, ClipConfig, Mode, TextBatch};
+    let dir = fixtures().join("clip-tiny");
+    let config = ClipConfig::from_file(&dir.join("config.json")).unwrap();
+    let mut varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let clip = Clip::new(vb, &config, Towers::ALL).unwrap();
+    varmap.load(dir.join("model.safetensors")).unwrap();
+    let enc = load(&dir, Towers::TEXT);
+    let rows = enc
+        .tokenizer()
+        .unwrap()
+        .encode_batch(&["a red dress", "a blue shirt", "a cat"])
+        .unwrap();
+    let batch = TextBatch::new(&rows, 2, &Device::Cpu).unwrap();
+    let pixels = Tensor::randn(0f32, 1.0, (3, 3, 224, 224), &Device::Cpu).unwrap();
+    let norm = |t: Tensor| {
+        t.broadcast_div(
+            &t.sqr()
+                .unwrap()
+                .sum_keepdim(D::Minus1)
+                .unwrap()
+                .sqrt()
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let t = norm(clip.text_features(&batch, Mode::Train).unwrap());
+    let i = norm(clip.image_features(&pixels, Mode::Train).unwrap());
+    let scale = clip.logit_scale.as_ref().unwrap().exp().unwrap();
+    let logits = t
+        .matmul(&i.t().unwrap())
+        .unwrap()
+        .broadcast_mul(&scale)
+        .unwrap();
+    let labels = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
+    let loss = ((candle_nn::loss::cross_entropy(&logits, &labels).unwrap()
+        + candle_nn::loss::cross_entropy(&logits.t().unwrap(), &labels).unwrap())
+    .unwrap()
+        / 2.0)
+        .unwrap();
+    let grads = loss.backward().unwrap();
+    let vars = varmap.data().lock().unwrap();
+    assert!(vars.len() > 40, "{} vars", vars.len());
+    let mut missing = Vec::new();
+    for (name, var) in vars.iter() {
+        // Position rows past the longest text and unused vocabulary rows get no gradient, but
+        // every tensor as a whole must.
+        let g = grads.get(var.as_tensor());
+        let nonzero = g.map(|g| {
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        });
+        if nonzero != Some(true) {
+            missing.push(name.clone());
+        }
+    }
+    assert!(missing.is_empty(), "no gradient for {missing:?}");
+}

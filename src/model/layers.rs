@@ -9,6 +9,7 @@ use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use super::config::Activation;
+use super::cpu;
 
 /// Which kernels a forward pass may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +143,7 @@ impl Attention {
 
     /// `mask`, when given, is added to the attention scores (shape `[T, T]`, broadcast over batch
     /// and heads): the text tower's causal mask.
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         let split = |y: Tensor| -> Result<Tensor> {
             y.reshape((b, t, self.heads, self.head_dim))?
@@ -195,7 +196,7 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
         let h = self
             .self_attn
             .forward(&self.layer_norm1.forward(x, mode)?, mask, mode)?;
@@ -239,11 +240,147 @@ impl Encoder {
         Ok(Self { layers })
     }
 
-    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+    /// Runs every block over `x` `[batch, seq, dim]` and returns the hidden states of the rows
+    /// `pooled` names (`(batch, position)` pairs), `[pooled.len(), dim]`: the towers only use one
+    /// row per item, so the fused path computes the last block's queries, attention output and
+    /// MLP for those rows alone. `causal` masks later positions (text).
+    pub fn forward_pooled(
+        &self,
+        x: &Tensor,
+        causal: bool,
+        pooled: &[(usize, usize)],
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        if pooled.iter().any(|&(i, p)| i >= b || p >= t) {
+            candle_core::bail!("pooled row outside the [{b}, {t}] batch");
+        }
+        if mode == Mode::Inference && self.fused_cpu_ok(x) {
+            return self.forward_fused_cpu(x, causal, pooled);
+        }
+        let mask = if causal {
+            Some(causal_mask(t, x.dtype(), x.device())?)
+        } else {
+            None
+        };
         let mut x = x.clone();
         for layer in &self.layers {
-            x = layer.forward(&x, mask, mode)?;
+            x = layer.forward(&x, mask.as_ref(), mode)?;
         }
-        Ok(x)
+        let idx: Vec<u32> = pooled.iter().map(|&(i, p)| (i * t + p) as u32).collect();
+        let idx = Tensor::from_vec(idx, pooled.len(), x.device())?;
+        x.reshape((b * t, d))?.index_select(&idx, 0)
     }
+
+    /// The fused kernels cover f32 on the CPU with quick_gelu (every OpenAI checkpoint); anything
+    /// else runs candle's ops. `CLIPFT_NO_FUSED=1` forces candle's ops (for comparisons).
+    fn fused_cpu_ok(&self, x: &Tensor) -> bool {
+        x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self
+                .layers
+                .iter()
+                .all(|l| l.mlp.act == Activation::QuickGelu)
+            && std::env::var_os("CLIPFT_NO_FUSED").is_none()
+    }
+
+    fn forward_fused_cpu(
+        &self,
+        x: &Tensor,
+        causal: bool,
+        pooled: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        let (b, t, d) = x.dims3()?;
+        let mut h = cpu::to_vec(x)?;
+        let Some((last, rest)) = self.layers.split_last() else {
+            let rows: Vec<usize> = pooled.iter().map(|&(i, p)| i * t + p).collect();
+            return cpu::from_vec(cpu::gather_rows(&h, d, &rows), &[pooled.len(), d]);
+        };
+        let shape = Shape { b, t, d, causal };
+        for layer in rest {
+            h = layer.forward_fused_cpu(h, shape, None)?;
+        }
+        let out = last.forward_fused_cpu(h, shape, Some(pooled))?;
+        cpu::from_vec(out, &[pooled.len(), d])
+    }
+}
+
+/// Batch geometry for the fused path.
+#[derive(Clone, Copy)]
+struct Shape {
+    b: usize,
+    t: usize,
+    d: usize,
+    causal: bool,
+}
+
+impl EncoderLayer {
+    /// The same block as [`EncoderLayer::forward`], computed with [`cpu`]'s fused kernels. With
+    /// `pooled`, only those rows are computed past the keys and values, and returned.
+    fn forward_fused_cpu(
+        &self,
+        x: Vec<f32>,
+        s: Shape,
+        pooled: Option<&[(usize, usize)]>,
+    ) -> Result<Vec<f32>> {
+        let Shape { b, t, d, causal } = s;
+        let a = &self.self_attn;
+        let ln = |n: &LayerNorm, x: &[f32]| {
+            cpu::with_slice(&n.weight, |w| {
+                cpu::with_slice(&n.bias, |bias| {
+                    Ok(cpu::layer_norm(x, d, w, bias, n.eps as f32))
+                })
+            })
+        };
+        let lin = |l: &Linear, x: &[f32], k: usize, residual: Option<&[f32]>| {
+            let n = l.weight.dim(0)?;
+            let rows = x.len() / k;
+            cpu::with_slice(&l.weight, |w| match &l.bias {
+                Some(bt) => cpu::with_slice(bt, |bias| {
+                    Ok(cpu::linear(x, rows, k, w, n, Some(bias), residual))
+                }),
+                None => Ok(cpu::linear(x, rows, k, w, n, None, residual)),
+            })
+        };
+        let h = ln(&self.layer_norm1, &x)?;
+        let k = lin(&a.k_proj, &h, d, None)?;
+        let v = lin(&a.v_proj, &h, d, None)?;
+        let scale = a.scale as f32;
+        let (ctx, x) = match pooled {
+            None => {
+                let q = lin(&a.q_proj, &h, d, None)?;
+                (
+                    cpu::attention(&q, &k, &v, b, t, a.heads, a.head_dim, scale, causal),
+                    x,
+                )
+            }
+            Some(rows) => {
+                let idx: Vec<usize> = rows.iter().map(|&(i, p)| i * t + p).collect();
+                let q = lin(&a.q_proj, &cpu::gather_rows(&h, d, &idx), d, None)?;
+                let ctx =
+                    cpu::attention_rows(&q, rows, &k, &v, t, a.heads, a.head_dim, scale, causal);
+                (ctx, cpu::gather_rows(&x, d, &idx))
+            }
+        };
+        drop((h, k, v));
+        let x = lin(&a.out_proj, &ctx, d, Some(&x))?;
+        let h = ln(&self.layer_norm2, &x)?;
+        let inter = self.mlp.fc1.weight.dim(0)?;
+        let mut m = lin(&self.mlp.fc1, &h, d, None)?;
+        cpu::quick_gelu(&mut m);
+        lin(&self.mlp.fc2, &m, inter, Some(&x))
+    }
+}
+
+/// `[t, t]` additive mask: 0 on and below the diagonal, the dtype's minimum above it.
+fn causal_mask(t: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let min = match dtype {
+        DType::F16 => -65504.0f32,
+        DType::BF16 => -3.38e38f32,
+        _ => f32::MIN,
+    };
+    let data: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j > i { min } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(data, (t, t), device)?.to_dtype(dtype)
 }

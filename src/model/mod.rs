@@ -8,6 +8,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod cpu;
 pub mod device;
 pub mod image;
 pub mod layers;

@@ -1,7 +1,7 @@
 //! The text tower: token + position embeddings, a causal pre-LN encoder, the final layer norm,
 //! pooling at the end-of-text token and the text projection.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
 
 use super::config::TextConfig;
@@ -114,47 +114,24 @@ impl TextTower {
 
     /// The projected (not normalised) text features, `[batch, projection_dim]`.
     pub fn forward(&self, batch: &TextBatch, mode: Mode) -> Result<Tensor> {
-        let (b, t) = batch.input_ids.dims2()?;
+        let (_, t) = batch.input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
             candle_core::bail!(
                 "sequence of {t} tokens is longer than the model's {} positions",
                 self.config.max_position_embeddings
             );
         }
-        let dtype = self.position_embedding.dtype();
         let x = self
             .token_embedding
             .forward(&batch.input_ids)?
             .broadcast_add(&self.position_embedding.narrow(0, 0, t)?)?;
-        let mask = causal_mask(t, dtype, x.device())?;
-        let h = self.encoder.forward(&x, Some(&mask), mode)?;
-        // Layer norm is per position, so pooling first and normalising the pooled rows equals
-        // transformers' normalise-everything-then-pool, at a fraction of the cost.
-        let d = self.config.hidden_size;
-        let idx: Vec<u32> = batch
-            .pool_positions
-            .iter()
-            .enumerate()
-            .map(|(i, &p)| (i * t + p) as u32)
-            .collect();
-        let idx = Tensor::from_vec(idx, b, h.device())?;
-        let pooled = h.reshape((b * t, d))?.index_select(&idx, 0)?;
+        // Layer norm is per position, so normalising only the pooled rows equals transformers'
+        // normalise-everything-then-pool, at a fraction of the cost.
+        let rows: Vec<(usize, usize)> = batch.pool_positions.iter().copied().enumerate().collect();
+        let pooled = self.encoder.forward_pooled(&x, true, &rows, mode)?;
         let pooled = self.final_layer_norm.forward(&pooled, mode)?;
         self.projection.forward(&pooled)
     }
-}
-
-/// `[t, t]` additive mask: 0 on and below the diagonal, the dtype's minimum above it.
-fn causal_mask(t: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-    let min = match dtype {
-        DType::F16 => -65504.0f32,
-        DType::BF16 => -3.38e38f32,
-        _ => f32::MIN,
-    };
-    let data: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j > i { min } else { 0.0 }))
-        .collect();
-    Tensor::from_vec(data, (t, t), device)?.to_dtype(dtype)
 }
 
 #[cfg(test)]

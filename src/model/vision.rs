@@ -98,8 +98,8 @@ impl VisionTower {
             .broadcast_as((b, 1, d))?;
         let x = Tensor::cat(&[&cls, &embedded], 1)?.broadcast_add(&self.position_embedding)?;
         let x = self.pre_layrnorm.forward(&x, mode)?;
-        let x = self.encoder.forward(&x, None, mode)?;
-        let pooled = x.narrow(1, 0, 1)?.squeeze(1)?;
+        let cls_rows: Vec<(usize, usize)> = (0..b).map(|i| (i, 0)).collect();
+        let pooled = self.encoder.forward_pooled(&x, false, &cls_rows, mode)?;
         let pooled = self.post_layernorm.forward(&pooled, mode)?;
         self.projection.forward(&pooled)
     }

@@ -1,0 +1,421 @@
+//! Fused f32 kernels for inference on the CPU.
+//!
+//! Candle runs a transformer block as some twenty separate ops, each a full pass over memory with
+//! a fresh allocation, and most of them on one thread; on a 2-core machine that costs as much as
+//! the matrix products themselves. Here one block is a handful of passes: bias (and residual) are
+//! written into the output before the GEMM accumulates into it, the activation runs in place, layer
+//! norm and attention are single parallel passes. The weights are the model's own tensors, read in
+//! place; training never comes here (it needs candle's graph for gradients).
+
+use candle_core::{bail, Device, Result, Storage, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// Borrows a contiguous f32 CPU tensor as a slice for the duration of `f`.
+pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        bail!("fused CPU kernels need CPU tensors")
+    };
+    let data = cpu.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => f(&data[start..end]),
+        None => bail!("fused CPU kernels need contiguous tensors"),
+    }
+}
+
+/// A tensor's data as an owned Vec (one copy), for activations entering the fused path.
+pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    let t = t.contiguous()?;
+    with_slice(&t, |s| Ok(s.to_vec()))
+}
+
+pub fn from_vec(v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+fn parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// Rows handed to one rayon task in the element-wise passes.
+const ROW_CHUNK: usize = 16;
+
+/// `out[rows, n] = x[rows, k] W^T (+ bias) (+ residual)` with `W` laid out `[n, k]` as in a
+/// PyTorch Linear. Bias and residual are written first and the GEMM accumulates onto them.
+#[allow(clippy::too_many_arguments)]
+pub fn linear(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    debug_assert_eq!(x.len(), rows * k);
+    debug_assert_eq!(w.len(), n * k);
+    let mut out = vec![0f32; rows * n];
+    let prefill = bias.is_some() || residual.is_some();
+    if prefill {
+        out.par_chunks_mut(n * ROW_CHUNK)
+            .enumerate()
+            .for_each(|(c, block)| {
+                for (i, row) in block.chunks_mut(n).enumerate() {
+                    let r = c * ROW_CHUNK + i;
+                    match (bias, residual) {
+                        (Some(b), Some(res)) => {
+                            for ((o, b), x) in row.iter_mut().zip(b).zip(&res[r * n..(r + 1) * n]) {
+                                *o = b + x;
+                            }
+                        }
+                        (Some(b), None) => row.copy_from_slice(b),
+                        (None, Some(res)) => row.copy_from_slice(&res[r * n..(r + 1) * n]),
+                        (None, None) => {}
+                    }
+                }
+            });
+    }
+    // SAFETY: the pointers, sizes and strides describe the slices above exactly: x is
+    // [rows, k] row-major, W^T is read from W [n, k] row-major (element (kk, j) at j*k + kk),
+    // out is [rows, n] row-major.
+    unsafe {
+        gemm::gemm(
+            rows,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            prefill,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        );
+    }
+    out
+}
+
+/// Layer normalisation over rows of `dim`, statistics in f32 with two passes (as torch).
+pub fn layer_norm(x: &[f32], dim: usize, weight: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = vec![0f32; x.len()];
+    out.par_chunks_mut(dim * ROW_CHUNK)
+        .zip(x.par_chunks(dim * ROW_CHUNK))
+        .for_each(|(o, x)| {
+            for (o, x) in o.chunks_mut(dim).zip(x.chunks(dim)) {
+                simd::layer_norm_row(x, o, weight, bias, eps);
+            }
+        });
+    out
+}
+
+/// `x * sigmoid(1.702 x)` in place.
+pub fn quick_gelu(x: &mut [f32]) {
+    x.par_chunks_mut(4096).for_each(simd::quick_gelu);
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: used only to hand disjoint output regions to rayon tasks (see `attention`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Multi-head scaled dot-product attention over `q`, `k`, `v`, each `[batch * seq, heads * hd]`
+/// row-major; returns the context in the same layout (heads concatenated), ready for `out_proj`.
+/// `causal` masks out keys after the query's position (the text tower).
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    hd: usize,
+    scale: f32,
+    causal: bool,
+) -> Vec<f32> {
+    let d = heads * hd;
+    let mut ctx = vec![0f32; batch * seq * d];
+    let out = SendPtr(ctx.as_mut_ptr());
+    (0..batch * heads).into_par_iter().for_each_init(
+        || vec![0f32; seq * seq],
+        |scores, bh| {
+            let (b, h) = (bh / heads, bh % heads);
+            let base = b * seq * d + h * hd;
+            // SAFETY: q/k/v reads stay within [b*seq, (b+1)*seq) rows and this head's hd
+            // columns; scores is seq x seq; the context write covers this (b, h) block only,
+            // which no other task touches.
+            unsafe {
+                gemm::gemm(
+                    seq,
+                    seq,
+                    hd,
+                    scores.as_mut_ptr(),
+                    1,
+                    seq as isize,
+                    false,
+                    q.as_ptr().add(base),
+                    1,
+                    d as isize,
+                    k.as_ptr().add(base),
+                    d as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            for (i, row) in scores.chunks_mut(seq).enumerate() {
+                let valid = if causal { i + 1 } else { seq };
+                simd::softmax_row(&mut row[..valid]);
+                row[valid..].fill(0.0);
+            }
+            let out = &out;
+            unsafe {
+                gemm::gemm(
+                    seq,
+                    hd,
+                    seq,
+                    out.0.add(base),
+                    1,
+                    d as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    seq as isize,
+                    v.as_ptr().add(base),
+                    1,
+                    d as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        },
+    );
+    ctx
+}
+
+/// Attention for selected queries only: `q` is `[queries.len(), heads * hd]`, `queries[i]` is the
+/// (batch, position) that query row `i` stands for; keys and values are full `[batch * seq, d]`.
+/// Used in the last block, where only the pooled rows are needed.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_rows(
+    q: &[f32],
+    queries: &[(usize, usize)],
+    k: &[f32],
+    v: &[f32],
+    seq: usize,
+    heads: usize,
+    hd: usize,
+    scale: f32,
+    causal: bool,
+) -> Vec<f32> {
+    let d = heads * hd;
+    let mut ctx = vec![0f32; queries.len() * d];
+    ctx.par_chunks_mut(d)
+        .zip(q.par_chunks(d))
+        .zip(queries.par_iter())
+        .for_each(|((out, q), &(b, pos))| {
+            let valid = if causal { pos + 1 } else { seq };
+            let mut scores = vec![0f32; valid];
+            for h in 0..heads {
+                let qh = &q[h * hd..(h + 1) * hd];
+                for (j, s) in scores.iter_mut().enumerate() {
+                    let kr = &k[(b * seq + j) * d + h * hd..][..hd];
+                    *s = simd::dot(qh, kr) * scale;
+                }
+                simd::softmax_row(&mut scores);
+                let oh = &mut out[h * hd..(h + 1) * hd];
+                for (j, p) in scores.iter().enumerate() {
+                    let vr = &v[(b * seq + j) * d + h * hd..][..hd];
+                    for (o, x) in oh.iter_mut().zip(vr) {
+                        *o += p * x;
+                    }
+                }
+            }
+        });
+    ctx
+}
+
+/// Copies the given rows of a `[_, dim]` matrix.
+pub fn gather_rows(x: &[f32], dim: usize, rows: &[usize]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows.len() * dim);
+    for &r in rows {
+        out.extend_from_slice(&x[r * dim..(r + 1) * dim]);
+    }
+    out
+}
+
+/// Element-wise loops written so the compiler vectorises them, compiled once for AVX-512, once
+/// for AVX2+FMA and once for the baseline, and picked at run time.
+mod simd {
+    macro_rules! multiversion {
+        ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+            $(#[$m])*
+            pub fn $name($($arg: $ty),*) {
+                #[inline(always)]
+                fn imp($($arg: $ty),*) $body
+                #[cfg(target_arch = "x86_64")]
+                {
+                    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                    unsafe fn v4($($arg: $ty),*) { imp($($arg),*) }
+                    #[target_feature(enable = "avx2,fma")]
+                    unsafe fn v3($($arg: $ty),*) { imp($($arg),*) }
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the CPU supports the features v4 was compiled for.
+                        return unsafe { v4($($arg),*) };
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2")
+                        && std::arch::is_x86_feature_detected!("fma")
+                    {
+                        // SAFETY: as above, for v3.
+                        return unsafe { v3($($arg),*) };
+                    }
+                }
+                imp($($arg),*)
+            }
+        };
+    }
+
+    /// exp(x) for f32 without libm calls (Cephes-style: 2^n * p(r), |r| <= ln2/2), about 2 ulp;
+    /// branch-free so loops over it vectorise.
+    #[inline(always)]
+    pub fn exp(x: f32) -> f32 {
+        let x = x.clamp(-87.3, 88.3);
+        let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+        let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
+        let p = 1.987_569_1e-4_f32;
+        let p = p * r + 1.398_199_9e-3;
+        let p = p * r + 8.333_452e-3;
+        let p = p * r + 4.166_579_6e-2;
+        let p = p * r + 1.666_666_5e-1;
+        let p = p * r + 5e-1;
+        let y = p * r * r + r + 1.0;
+        y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+    }
+
+    #[inline(always)]
+    fn sum(x: &[f32]) -> f32 {
+        let mut acc = [0f32; 16];
+        let chunks = x.chunks_exact(16);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..16 {
+                acc[i] += c[i];
+            }
+        }
+        acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
+    }
+
+    #[inline(always)]
+    fn max(x: &[f32]) -> f32 {
+        let mut acc = [f32::NEG_INFINITY; 16];
+        let chunks = x.chunks_exact(16);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for i in 0..16 {
+                acc[i] = acc[i].max(c[i]);
+            }
+        }
+        acc.iter()
+            .chain(tail)
+            .fold(f32::NEG_INFINITY, |a, b| a.max(*b))
+    }
+
+    #[inline(always)]
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let mut acc = [0f32; 16];
+        let ca = a.chunks_exact(16);
+        let tail: f32 = ca
+            .remainder()
+            .iter()
+            .zip(&b[a.len() / 16 * 16..])
+            .map(|(x, y)| x * y)
+            .sum();
+        for (x, y) in ca.zip(b.chunks_exact(16)) {
+            for i in 0..16 {
+                acc[i] += x[i] * y[i];
+            }
+        }
+        acc.iter().sum::<f32>() + tail
+    }
+
+    multiversion! {
+        fn quick_gelu(x: &mut [f32]) {
+            for v in x.iter_mut() {
+                *v /= 1.0 + exp(-1.702 * *v);
+            }
+        }
+    }
+
+    multiversion! {
+        fn softmax_row(x: &mut [f32]) {
+            let m = max(x);
+            for v in x.iter_mut() {
+                *v = exp(*v - m);
+            }
+            let inv = 1.0 / sum(x);
+            for v in x.iter_mut() {
+                *v *= inv;
+            }
+        }
+    }
+
+    multiversion! {
+        fn layer_norm_row(x: &[f32], out: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+            let n = x.len() as f32;
+            let mean = sum(x) / n;
+            for (o, x) in out.iter_mut().zip(x) {
+                *o = x - mean;
+            }
+            let mut acc = [0f32; 16];
+            let chunks = out.chunks_exact(16);
+            let tail: f32 = chunks.remainder().iter().map(|v| v * v).sum();
+            for c in chunks {
+                for i in 0..16 {
+                    acc[i] += c[i] * c[i];
+                }
+            }
+            let var = (acc.iter().sum::<f32>() + tail) / n;
+            let inv = 1.0 / (var + eps).sqrt();
+            for ((o, w), b) in out.iter_mut().zip(w).zip(b) {
+                *o = *o * inv * w + b;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn exp_is_accurate() {
+            let mut worst = 0f32;
+            let mut x = -80.0f32;
+            while x < 80.0 {
+                let rel = ((super::exp(x) - x.exp()) / x.exp()).abs();
+                worst = worst.max(rel);
+                x += 0.01;
+            }
+            assert!(worst < 1e-6, "worst relative error {worst}");
+            assert_eq!(super::exp(-1000.0), super::exp(-87.3));
+        }
+    }
+}

@@ -1,0 +1,346 @@
+//! The `clipft` binary driven as users drive it: encode, bench, models, and their errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clipft"));
+    // Never reach for the network in tests, whatever the environment says.
+    c.env("HF_HUB_OFFLINE", "1");
+    c
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
+}
+
+fn tiny() -> String {
+    root()
+        .join("tests/fixtures/clip-tiny")
+        .display()
+        .to_string()
+}
+
+fn image(name: &str) -> String {
+    root()
+        .join("tests/fixtures/reference/images")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn err(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "unexpected success: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn lines(s: &str) -> Vec<Value> {
+    s.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn reference_embedding(file: &str, key: &str, value: &str) -> Vec<f64> {
+    let refs: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/reference").join(file)).unwrap(),
+    )
+    .unwrap();
+    let r = refs.iter().find(|r| r[key] == value).unwrap();
+    r["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    dot / (a.iter().map(|x| x * x).sum::<f64>().sqrt()
+        * b.iter().map(|x| x * x).sum::<f64>().sqrt())
+}
+
+fn emb(v: &Value) -> Vec<f64> {
+    v["embedding"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn encode_keeps_command_line_order_and_matches_references() {
+    let out = ok(bin()
+        .args(["encode", "--model", &tiny()])
+        .args(["--image", &image("rgb_300x200.png")])
+        .args(["--text", "a red striped dress"])
+        .args(["--image", &image("grey_200x150.png")])
+        .args(["--text", "a photo of a cat"])
+        .output()
+        .unwrap());
+    let l = lines(&out);
+    assert_eq!(l.len(), 4);
+    assert_eq!(l[0]["image"], image("rgb_300x200.png"));
+    assert_eq!(l[1]["text"], "a red striped dress");
+    assert_eq!(l[2]["image"], image("grey_200x150.png"));
+    assert_eq!(l[3]["text"], "a photo of a cat");
+    for v in &l {
+        assert_eq!(v["embedding"].as_array().unwrap().len(), 32);
+    }
+    let c = cosine(
+        &emb(&l[1]),
+        &reference_embedding("texts.json", "text", "a red striped dress"),
+    );
+    assert!(c > 0.99999, "{c}");
+    let c = cosine(
+        &emb(&l[0]),
+        &reference_embedding("images.json", "file", "rgb_300x200.png"),
+    );
+    assert!(c > 0.9999, "{c}");
+}
+
+#[test]
+fn encode_input_file_and_output_file() {
+    let dir = tempdir("input");
+    let input = dir.join("inputs.txt");
+    std::fs::write(
+        &input,
+        format!(
+            "a photo of a cat\n{}\nnot/an/image.png\n",
+            image("tiny_30x20.png")
+        ),
+    )
+    .unwrap();
+    let output = dir.join("out.jsonl");
+    let stdout = ok(bin()
+        .args(["encode", "--model", &tiny(), "--batch-size", "2", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap());
+    assert!(stdout.is_empty());
+    let l = lines(&std::fs::read_to_string(&output).unwrap());
+    assert_eq!(l.len(), 3);
+    assert_eq!(l[0]["text"], "a photo of a cat");
+    assert_eq!(l[1]["image"], image("tiny_30x20.png"));
+    // A path that does not exist is a text, as PRODUCT.md says.
+    assert_eq!(l[2]["text"], "not/an/image.png");
+}
+
+#[test]
+fn encode_errors_are_clear() {
+    let dir = tempdir("errors");
+    let bad = dir.join("broken.png");
+    std::fs::write(&bad, b"\x89PNG\r\n\x1a\nthis is not really a png").unwrap();
+    let e = err(bin()
+        .args(["encode", "--model", &tiny(), "--image"])
+        .arg(&bad)
+        .output()
+        .unwrap());
+    assert!(e.contains("broken.png"), "{e}");
+
+    let e = err(bin()
+        .args(["encode", "--model", "/nonexistent/folder/x", "--text", "a"])
+        .output()
+        .unwrap());
+    assert!(e.contains("/nonexistent/folder/x"), "{e}");
+
+    let e = err(bin()
+        .args([
+            "encode",
+            "--model",
+            "someone/not-cached-clip",
+            "--text",
+            "a",
+        ])
+        .env("HF_HOME", dir.join("hf"))
+        .output()
+        .unwrap());
+    assert!(
+        e.contains("someone/not-cached-clip") && e.contains("offline"),
+        "{e}"
+    );
+
+    let e = err(bin().args(["encode", "--model", &tiny()]).output().unwrap());
+    assert!(e.contains("nothing to encode"), "{e}");
+
+    let e = err(bin()
+        .args([
+            "encode",
+            "--model",
+            &tiny(),
+            "--max-image-pixels",
+            "1000",
+            "--image",
+            &image("rgb_300x200.png"),
+        ])
+        .output()
+        .unwrap());
+    assert!(e.contains("over the limit"), "{e}");
+
+    let e = err(bin()
+        .args([
+            "encode",
+            "--model",
+            &tiny(),
+            "--max-text-bytes",
+            "4",
+            "--text",
+            "a long caption",
+        ])
+        .output()
+        .unwrap());
+    assert!(e.contains("over the limit"), "{e}");
+
+    let e = err(bin()
+        .args([
+            "encode",
+            "--model",
+            &tiny(),
+            "--device",
+            "cuda:0",
+            "--text",
+            "a",
+        ])
+        .output()
+        .unwrap());
+    assert!(e.contains("cuda"), "{e}");
+}
+
+#[test]
+fn flags_read_environment_variables() {
+    let out = ok(bin()
+        .args(["encode", "--text", "a photo of a cat"])
+        .env("CLIPFT_MODEL", tiny())
+        .env("CLIPFT_DEVICE", "cpu")
+        .output()
+        .unwrap());
+    assert_eq!(lines(&out).len(), 1);
+}
+
+#[test]
+fn text_only_artifact_loads_without_vision_weights() {
+    use candle_core::{safetensors, Device};
+    let dir = tempdir("artifact");
+    let text_dir = dir.join("run/models/clip-text");
+    std::fs::create_dir_all(&text_dir).unwrap();
+    let all = safetensors::load(
+        root().join("tests/fixtures/clip-tiny/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let text: std::collections::HashMap<String, candle_core::Tensor> = all
+        .into_iter()
+        .filter(|(k, _)| {
+            k.starts_with("text_model.") || k.starts_with("text_projection") || k == "logit_scale"
+        })
+        .collect();
+    safetensors::save(&text, text_dir.join("model.safetensors")).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(
+            root().join("tests/fixtures/clip-tiny").join(f),
+            text_dir.join(f),
+        )
+        .unwrap();
+    }
+    let out = ok(bin()
+        .args([
+            "encode",
+            "--select-model",
+            "clip-text",
+            "--text",
+            "a red striped dress",
+            "--artifact",
+        ])
+        .arg(dir.join("run"))
+        .output()
+        .unwrap());
+    let c = cosine(
+        &emb(&lines(&out)[0]),
+        &reference_embedding("texts.json", "text", "a red striped dress"),
+    );
+    assert!(c > 0.99999, "{c}");
+    let e = err(bin()
+        .args([
+            "encode",
+            "--select-model",
+            "clip-vision",
+            "--image",
+            &image("tiny_30x20.png"),
+            "--artifact",
+        ])
+        .arg(dir.join("run"))
+        .output()
+        .unwrap());
+    assert!(e.contains("clip-vision"), "{e}");
+}
+
+#[test]
+fn bench_prints_json_last_line() {
+    for (tower, extra) in [
+        ("clip-text", vec!["--text-tokens", "16"]),
+        ("clip-vision", vec![]),
+    ] {
+        let out = ok(bin()
+            .args([
+                "bench",
+                "--model",
+                &tiny(),
+                "--select-model",
+                tower,
+                "--batch-size",
+                "2",
+                "--seconds",
+                "0",
+            ])
+            .args(extra)
+            .output()
+            .unwrap());
+        let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        assert_eq!(last["tower"], tower);
+        assert_eq!(last["batch_size"], 2);
+        assert!(last["items_per_second"].as_f64().unwrap() > 0.0);
+    }
+    let e = err(bin()
+        .args(["bench", "--model", &tiny(), "--select-model", "all"])
+        .output()
+        .unwrap());
+    assert!(e.contains("one tower"), "{e}");
+}
+
+#[test]
+fn models_lists_backbones() {
+    let out = ok(bin().args(["models"]).output().unwrap());
+    assert!(out.contains("openai/clip-vit-base-patch32"));
+    let json: Value =
+        serde_json::from_str(&ok(bin().args(["models", "--json"]).output().unwrap())).unwrap();
+    assert!(json
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["output_dim"] == 768));
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("clipft-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
