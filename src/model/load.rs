@@ -2,14 +2,16 @@
 //!
 //! A `--model` is a local folder in Hugging Face layout or a hub repo id. Repo ids resolve through
 //! hf-hub's standard cache first, so a cached copy works offline (`HF_HUB_OFFLINE=1` forbids any
-//! download); a missing model is an error that names the repo. Weights are memory-mapped
-//! safetensors (single file or sharded with an index) or, as a fallback, a PyTorch pickle. Only the
-//! tensors of the requested towers are read: shards holding none of them are not even opened.
+//! download); a missing model is an error that names the repo. Weights are safetensors (single
+//! file or sharded with an index) or, as a fallback, a PyTorch pickle. Only the tensors of the
+//! requested towers are read, each with one positioned read straight into its own buffer (no
+//! memory map, so peak memory is the weights once, not weights plus mapped file pages); shards
+//! holding none of them are not even opened.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::clip::Towers;
@@ -155,10 +157,12 @@ impl ModelFiles {
                         needed
                     }
                 };
-                // SAFETY: the files are memory-mapped read-only; clipft never writes a checkpoint
-                // in place (artifacts are written to a temporary folder and renamed).
-                unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
-                    .map_err(|e| ModelError::weights(&files, e))
+                let reader = SafetensorsReader::open(&files)?;
+                Ok(VarBuilder::from_backend(
+                    Box::new(reader),
+                    dtype,
+                    device.clone(),
+                ))
             }
             WeightFiles::Pickle(p) => VarBuilder::from_pth(p, dtype, device)
                 .map_err(|e| ModelError::weights(std::slice::from_ref(p), e)),
@@ -279,4 +283,131 @@ impl Hub {
 fn is_not_found(e: &impl std::fmt::Display) -> bool {
     let s = e.to_string();
     s.contains("404") || s.contains("Not Found")
+}
+
+/// Reads individual tensors from safetensors files on demand, for `VarBuilder`.
+struct SafetensorsReader {
+    files: Vec<std::fs::File>,
+    paths: Vec<PathBuf>,
+    /// name -> (file index, dtype, shape, absolute byte range)
+    tensors: HashMap<String, (usize, DType, Vec<usize>, std::ops::Range<u64>)>,
+}
+
+/// Headers larger than this are refused (the format's own reference implementation uses 100 MB).
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+impl SafetensorsReader {
+    fn open(paths: &[PathBuf]) -> Result<Self, ModelError> {
+        use std::io::Read;
+        let mut files = Vec::new();
+        let mut tensors = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let bad = |msg: String| ModelError::Weights {
+                files: path.display().to_string(),
+                msg,
+            };
+            let mut f = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+            let file_len = f.metadata().map_err(|e| ModelError::io(path, e))?.len();
+            let mut len = [0u8; 8];
+            f.read_exact(&mut len)
+                .map_err(|e| ModelError::io(path, e))?;
+            let header_len = u64::from_le_bytes(len);
+            if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
+                return Err(bad(format!(
+                    "not a safetensors file (header of {header_len} bytes)"
+                )));
+            }
+            let mut header = vec![0u8; header_len as usize];
+            f.read_exact(&mut header)
+                .map_err(|e| ModelError::io(path, e))?;
+            let header: HashMap<String, serde_json::Value> =
+                serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
+            let data_start = 8 + header_len;
+            for (name, info) in header {
+                if name == "__metadata__" {
+                    continue;
+                }
+                #[derive(serde::Deserialize)]
+                struct Info {
+                    dtype: String,
+                    shape: Vec<usize>,
+                    data_offsets: (u64, u64),
+                }
+                let info: Info = serde_json::from_value(info)
+                    .map_err(|e| bad(format!("bad header entry {name}: {e}")))?;
+                let dtype = match info.dtype.as_str() {
+                    "F32" => DType::F32,
+                    "F16" => DType::F16,
+                    "BF16" => DType::BF16,
+                    "F64" => DType::F64,
+                    "I64" => DType::I64,
+                    "U32" => DType::U32,
+                    "U8" => DType::U8,
+                    // Tensors of other types (none in CLIP) are left out rather than failing the
+                    // whole file; asking for one is then a clear "not found".
+                    _ => continue,
+                };
+                let (a, b) = info.data_offsets;
+                let bytes =
+                    info.shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+                if a > b || b - a != bytes || data_start + b > file_len {
+                    return Err(bad(format!("tensor {name} has inconsistent offsets")));
+                }
+                tensors.insert(name, (i, dtype, info.shape, data_start + a..data_start + b));
+            }
+            files.push(f);
+        }
+        Ok(Self {
+            files,
+            paths: paths.to_vec(),
+            tensors,
+        })
+    }
+
+    fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        use std::os::unix::fs::FileExt;
+        let Some((file, stored, shape, range)) = self.tensors.get(name) else {
+            candle_core::bail!("cannot find tensor {name}")
+        };
+        let mut buf = vec![0u8; (range.end - range.start) as usize];
+        self.files[*file]
+            .read_exact_at(&mut buf, range.start)
+            .map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "{}: reading {name}: {e}",
+                    self.paths[*file].display()
+                ))
+            })?;
+        let t = Tensor::from_raw_buffer(&buf, *stored, shape, &Device::Cpu)?;
+        drop(buf);
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+}
+
+impl candle_nn::var_builder::SimpleBackend for SafetensorsReader {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.read(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "shape mismatch for {name}: expected {s:?}, found {:?}",
+                t.shape()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.read(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
 }
