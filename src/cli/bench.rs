@@ -37,6 +37,8 @@ pub struct BenchResult {
     pub seconds: f64,
     pub device: String,
     pub dtype: String,
+    /// The CPU matmul kernel actually used: `f32`, `amx-bf16x3` or `amx-bf16`.
+    pub cpu_matmul: &'static str,
     pub peak_rss_mib: Option<f64>,
 }
 
@@ -111,6 +113,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         seconds,
         device: device_name(&opts.device),
         dtype: format!("{:?}", opts.dtype).to_lowercase(),
+        cpu_matmul: match crate::model::cpu::amx_precision() {
+            None => "f32",
+            Some(crate::model::amx::Precision::Bf16x3) => "amx-bf16x3",
+            Some(crate::model::amx::Precision::Bf16) => "amx-bf16",
+        },
         peak_rss_mib: peak_rss_mib(),
     };
     println!("{}", serde_json::to_string(&result)?);

@@ -53,6 +53,15 @@ pub struct ModelArgs {
     /// Images with more pixels than this are refused before decoding.
     #[arg(long, env = "CLIPFT_MAX_IMAGE_PIXELS", default_value_t = crate::model::image::DEFAULT_MAX_PIXELS)]
     pub max_image_pixels: u64,
+    /// CPU matrix products: `high` uses AMX bf16x3 where the CPU has it (f32-grade results,
+    /// relative error ~4e-6 per product), `highest` plain f32, `medium` one bf16 pass.
+    #[arg(
+        long,
+        env = "CLIPFT_MATMUL_PRECISION",
+        value_enum,
+        default_value = "high"
+    )]
+    pub matmul_precision: crate::model::cpu::MatmulPrecision,
     /// Texts longer than this many bytes are refused.
     #[arg(long, env = "CLIPFT_MAX_TEXT_BYTES", default_value_t = crate::model::tokenizer::DEFAULT_MAX_TEXT_BYTES)]
     pub max_text_bytes: usize,
@@ -65,6 +74,7 @@ impl ModelArgs {
             Some(a) => crate::artifact::submodel_files(a, towers)?,
             None => ModelFiles::resolve(&self.model)?,
         };
+        crate::model::cpu::set_matmul_precision(self.matmul_precision);
         let device = device::parse_device(&self.device)?;
         let dtype = device::parse_dtype(&self.dtype, &device)?;
         let opts = LoadOptions {

@@ -7,9 +7,50 @@
 //! norm and attention are single parallel passes. The weights are the model's own tensors, read in
 //! place; training never comes here (it needs candle's graph for gradients).
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use candle_core::{bail, Device, Result, Storage, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+use super::amx;
+
+/// How f32 matrix products may be computed on the CPU, after PyTorch's
+/// `torch.set_float32_matmul_precision`: one process-wide choice, made before models run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MatmulPrecision {
+    /// Plain f32 products (AVX-512 / AVX2).
+    Highest,
+    /// bf16x3 on AMX where the CPU has it (relative error ~4e-6 per product), f32 elsewhere.
+    High,
+    /// One bf16 pass on AMX (relative error ~2e-3), f32 elsewhere.
+    Medium,
+}
+
+static PRECISION: AtomicU8 = AtomicU8::new(1);
+
+pub fn set_matmul_precision(p: MatmulPrecision) {
+    PRECISION.store(p as u8, Ordering::Relaxed);
+}
+
+pub fn matmul_precision() -> MatmulPrecision {
+    match PRECISION.load(Ordering::Relaxed) {
+        0 => MatmulPrecision::Highest,
+        1 => MatmulPrecision::High,
+        _ => MatmulPrecision::Medium,
+    }
+}
+
+/// The AMX kernel to use for f32 products now, if any.
+pub fn amx_precision() -> Option<amx::Precision> {
+    let p = match matmul_precision() {
+        MatmulPrecision::Highest => return None,
+        MatmulPrecision::High => amx::Precision::Bf16x3,
+        MatmulPrecision::Medium => amx::Precision::Bf16,
+    };
+    amx::available().then_some(p)
+}
 
 /// Borrows a contiguous f32 CPU tensor as a slice for the duration of `f`.
 pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
@@ -45,7 +86,8 @@ fn parallelism() -> Parallelism {
 const ROW_CHUNK: usize = 16;
 
 /// `out[rows, n] = x[rows, k] W^T (+ bias) (+ residual)` with `W` laid out `[n, k]` as in a
-/// PyTorch Linear. Bias and residual are written first and the GEMM accumulates onto them.
+/// PyTorch Linear. Bias and residual are written first and the GEMM accumulates onto them. With
+/// `packed` (W in AMX tile layout) and an AMX precision chosen, the product runs on AMX.
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     x: &[f32],
@@ -55,6 +97,7 @@ pub fn linear(
     n: usize,
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
+    packed: Option<&amx::PackedB>,
 ) -> Vec<f32> {
     debug_assert_eq!(x.len(), rows * k);
     debug_assert_eq!(w.len(), n * k);
@@ -78,6 +121,12 @@ pub fn linear(
                     }
                 }
             });
+    }
+    if let (Some(p), Some(prec)) = (packed, amx_precision()) {
+        if prec == amx::Precision::Bf16 || p.has_lo() {
+            amx::matmul(x, rows, p, &mut out, prec, prefill);
+            return out;
+        }
     }
     // SAFETY: the pointers, sizes and strides describe the slices above exactly: x is
     // [rows, k] row-major, W^T is read from W [n, k] row-major (element (kk, j) at j*k + kk),
@@ -296,12 +345,15 @@ mod simd {
         };
     }
 
-    /// exp(x) for f32 without libm calls (Cephes-style: 2^n * p(r), |r| <= ln2/2), about 2 ulp;
-    /// branch-free so loops over it vectorise.
+    /// exp(x) for f32 without libm calls (Cephes-style: 2^n * p(r), |r| <= ln2/2), about 2 ulp.
+    /// Branch-free and without float-to-int casts (Rust's saturating `as` does not vectorise):
+    /// adding 1.5 * 2^23 rounds `x log2(e)` to an integer that then sits in the low mantissa bits.
     #[inline(always)]
     pub fn exp(x: f32) -> f32 {
+        const MAGIC: f32 = 12_582_912.0;
         let x = x.clamp(-87.3, 88.3);
-        let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+        let t = x * std::f32::consts::LOG2_E + MAGIC;
+        let n = t - MAGIC;
         let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
         let p = 1.987_569_1e-4_f32;
         let p = p * r + 1.398_199_9e-3;
@@ -310,7 +362,8 @@ mod simd {
         let p = p * r + 1.666_666_5e-1;
         let p = p * r + 5e-1;
         let y = p * r * r + r + 1.0;
-        y * f32::from_bits(((n as i32 + 127) << 23) as u32)
+        let pow2n = t.to_bits().wrapping_sub(MAGIC.to_bits()).wrapping_add(127) << 23;
+        y * f32::from_bits(pow2n)
     }
 
     #[inline(always)]

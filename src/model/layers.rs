@@ -8,6 +8,9 @@
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use std::sync::{Arc, OnceLock};
+
+use super::amx;
 use super::config::Activation;
 use super::cpu;
 
@@ -22,10 +25,21 @@ pub enum Mode {
 
 /// `y = x W^T + b` over the last dimension, with any leading dimensions flattened into one matrix
 /// so that the whole batch is a single GEMM instead of one small GEMM per sequence.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The weight in AMX tile layout, made on first use by the fused CPU path when an AMX
+    /// precision is chosen (see [`cpu::MatmulPrecision`]); shared by clones.
+    packed: Arc<OnceLock<amx::PackedB>>,
+}
+
+impl std::fmt::Debug for Linear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Linear")
+            .field("weight", &self.weight.shape())
+            .finish()
+    }
 }
 
 impl Linear {
@@ -36,7 +50,21 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { weight, bias })
+        Ok(Self {
+            weight,
+            bias,
+            packed: Arc::default(),
+        })
+    }
+
+    /// The AMX-packed weight when the fused path should use AMX; `w` is this weight's data.
+    fn packed(&self, w: &[f32]) -> Option<&amx::PackedB> {
+        let prec = cpu::amx_precision()?;
+        let (n, k) = (self.weight.dims()[0], self.weight.dims()[1]);
+        Some(
+            self.packed
+                .get_or_init(|| amx::PackedB::new(w, n, k, prec == amx::Precision::Bf16x3)),
+        )
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -335,11 +363,14 @@ impl EncoderLayer {
         let lin = |l: &Linear, x: &[f32], k: usize, residual: Option<&[f32]>| {
             let n = l.weight.dim(0)?;
             let rows = x.len() / k;
-            cpu::with_slice(&l.weight, |w| match &l.bias {
-                Some(bt) => cpu::with_slice(bt, |bias| {
-                    Ok(cpu::linear(x, rows, k, w, n, Some(bias), residual))
-                }),
-                None => Ok(cpu::linear(x, rows, k, w, n, None, residual)),
+            cpu::with_slice(&l.weight, |w| {
+                let packed = l.packed(w);
+                match &l.bias {
+                    Some(bt) => cpu::with_slice(bt, |bias| {
+                        Ok(cpu::linear(x, rows, k, w, n, Some(bias), residual, packed))
+                    }),
+                    None => Ok(cpu::linear(x, rows, k, w, n, None, residual, packed)),
+                }
             })
         };
         let h = ln(&self.layer_norm1, &x)?;

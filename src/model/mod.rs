@@ -6,6 +6,11 @@
 //! picks where and in which precision to run. [`Encoder`] ties them into the one object the CLI,
 //! the executor and the evaluator use to turn texts and images into embeddings.
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
+#[cfg(not(target_arch = "x86_64"))]
+#[path = "amx_none.rs"]
+pub mod amx;
 pub mod clip;
 pub mod config;
 pub mod cpu;

@@ -1,0 +1,184 @@
+//! f32 -> bf16 conversion and packing into AMX tile layouts.
+//!
+//! Both operands are stored as a sequence of 1 KiB tiles (16 rows x 64 bytes),
+//! each tile 64-byte aligned and contiguous, so every `TILELOADD` uses a
+//! 64-byte stride and touches exactly 16 consecutive cache lines.
+//!
+//! * A (activations, [M, K] row-major) -> tile (mt, kc) holds rows
+//!   `16*mt .. 16*mt+16`, columns `32*kc .. 32*kc+32` as plain row-major bf16.
+//! * B (weights W, [N, K] row-major, used as W^T) -> tile (nt, kc) holds the
+//!   "VNNI pair" layout TDPBF16PS expects: row r (0..16) is the k-pair
+//!   (32*kc + 2r, 32*kc + 2r + 1), and in it output column n (0..16) occupies
+//!   the two bf16 `W[16*nt + n][32*kc + 2r]`, `W[16*nt + n][32*kc + 2r + 1]`.
+//!
+//! Tiles are ordered with kc fastest, so one 16-row (or 16-column) strip of
+//! the matrix is a contiguous run of tiles over K.
+//! Out-of-range rows/columns/K are zero padded.
+
+/// One 64-byte cache line holding 32 bf16 values; the unit of storage for
+/// packed tiles (16 lines = 1 tile).
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Line(pub [u16; 32]);
+
+pub const ZERO_LINE: Line = Line([0; 32]);
+/// Elements of the K dimension per tile (32 bf16 = 64 bytes per row).
+pub const TK: usize = 32;
+/// Rows (A) / columns (B) per tile.
+pub const TM: usize = 16;
+
+/// Round-to-nearest-even f32 -> bf16 (bit pattern). NaNs are kept quiet NaNs.
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let nan = ((b >> 16) | 0x40) as u16;
+    if x.is_nan() {
+        nan
+    } else {
+        rounded as u16
+    }
+}
+
+#[inline(always)]
+pub fn bf16_to_f32(h: u16) -> f32 {
+    f32::from_bits((h as u32) << 16)
+}
+
+/// Split x into hi = bf16(x) and lo = bf16(x - hi). x ~= hi + lo with
+/// about 16 significant bits (vs. 24 for f32).
+#[inline(always)]
+pub fn split_bf16(x: f32) -> (u16, u16) {
+    let hi = f32_to_bf16(x);
+    let lo = f32_to_bf16(x - bf16_to_f32(hi));
+    (hi, lo)
+}
+
+/// Convert 32 consecutive f32 (zero padded if `src` is shorter) into one
+/// hi line and (optionally) one lo line.
+#[inline(always)]
+fn convert_line(src: &[f32], hi: &mut Line, lo: Option<&mut Line>) {
+    if src.len() == TK {
+        // SAFETY: 32 readable f32; the crate targets AVX-512 BF16 machines
+        // (AMX implies AVX512-BF16; checked by `request_amx_permission`).
+        unsafe { convert_line_avx512(src.as_ptr(), hi, lo) };
+        return;
+    }
+    let mut buf = [0f32; TK];
+    buf[..src.len()].copy_from_slice(src);
+    match lo {
+        Some(lo) => {
+            for i in 0..TK {
+                let (h, l) = split_bf16(buf[i]);
+                hi.0[i] = h;
+                lo.0[i] = l;
+            }
+        }
+        None => {
+            for i in 0..TK {
+                hi.0[i] = f32_to_bf16(buf[i]);
+            }
+        }
+    }
+}
+
+/// AVX-512 version of the full-line conversion. VCVTNE2PS2BF16 rounds to
+/// nearest even, matching [`f32_to_bf16`] for non-NaN inputs.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn convert_line_avx512(src: *const f32, hi: &mut Line, lo: Option<&mut Line>) {
+    use core::arch::x86_64::*;
+    let x0 = _mm512_loadu_ps(src);
+    let x1 = _mm512_loadu_ps(src.add(16));
+    // Lower 16 bf16 come from the second argument.
+    let h = _mm512_cvtne2ps_pbh(x1, x0);
+    _mm512_store_si512(
+        hi.0.as_mut_ptr() as *mut __m512i,
+        core::mem::transmute::<__m512bh, __m512i>(h),
+    );
+    if let Some(lo) = lo {
+        let hi_bits: __m512i = core::mem::transmute(h);
+        // bf16 -> f32 is a 16-bit left shift of the zero-extended value.
+        let h0 = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi_bits)));
+        let h1 = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(
+            hi_bits,
+        )));
+        let r0 = _mm512_sub_ps(x0, _mm512_castsi512_ps(h0));
+        let r1 = _mm512_sub_ps(x1, _mm512_castsi512_ps(h1));
+        let l = _mm512_cvtne2ps_pbh(r1, r0);
+        _mm512_store_si512(
+            lo.0.as_mut_ptr() as *mut __m512i,
+            core::mem::transmute::<__m512bh, __m512i>(l),
+        );
+    }
+}
+
+/// Number of tiles along K for a given K.
+pub fn k_tiles(k: usize) -> usize {
+    k.div_ceil(TK)
+}
+
+/// Pack the 16-row strip `mt` of A ([m, k] row-major) into `hi` / `lo`
+/// (each `k_tiles(k) * 16` lines).
+pub fn pack_a_strip(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    mt: usize,
+    hi: &mut [Line],
+    mut lo: Option<&mut [Line]>,
+) {
+    let kcs = k_tiles(k);
+    debug_assert_eq!(hi.len(), kcs * TM);
+    for r in 0..TM {
+        let row = mt * TM + r;
+        for kc in 0..kcs {
+            let idx = kc * TM + r;
+            if row >= m {
+                hi[idx] = ZERO_LINE;
+                if let Some(lo) = lo.as_deref_mut() {
+                    lo[idx] = ZERO_LINE;
+                }
+                continue;
+            }
+            let k0 = kc * TK;
+            let src = &a[row * k + k0..row * k + k.min(k0 + TK)];
+            convert_line(src, &mut hi[idx], lo.as_deref_mut().map(|l| &mut l[idx]));
+        }
+    }
+}
+
+/// Pack the 16-column strip `nt` of W^T (W is [n, k] row-major) into the
+/// VNNI pair layout, hi and (optionally) lo parts.
+pub fn pack_b_strip(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    nt: usize,
+    hi: &mut [Line],
+    mut lo: Option<&mut [Line]>,
+) {
+    let kcs = k_tiles(k);
+    debug_assert_eq!(hi.len(), kcs * TM);
+    hi.fill(ZERO_LINE);
+    if let Some(lo) = lo.as_deref_mut() {
+        lo.fill(ZERO_LINE);
+    }
+    for j in 0..TM {
+        let col = nt * TM + j;
+        if col >= n {
+            break;
+        }
+        let wrow = &w[col * k..col * k + k];
+        for (kk, &x) in wrow.iter().enumerate() {
+            let kc = kk / TK;
+            let r = (kk % TK) / 2; // k-pair row inside the tile
+            let p = kk % 2; // position inside the pair
+            let line = kc * TM + r;
+            let (h, l) = split_bf16(x);
+            hi[line].0[2 * j + p] = h;
+            if let Some(lo) = lo.as_deref_mut() {
+                lo[line].0[2 * j + p] = l;
+            }
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! Stand-in for the AMX kernels on targets other than x86-64: never available.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Precision {
+    Bf16,
+    Bf16x3,
+}
+
+pub struct PackedB;
+
+impl PackedB {
+    pub fn new(_w: &[f32], _n: usize, _k: usize, _with_lo: bool) -> Self {
+        PackedB
+    }
+    pub fn has_lo(&self) -> bool {
+        false
+    }
+}
+
+pub fn available() -> bool {
+    false
+}
+
+pub fn matmul(_: &[f32], _: usize, _: &PackedB, _: &mut [f32], _: Precision, _: bool) {
+    unreachable!("AMX is never available on this target")
+}
