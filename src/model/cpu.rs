@@ -65,14 +65,87 @@ pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<
     }
 }
 
-/// A tensor's data as an owned Vec (one copy), for activations entering the fused path.
-pub fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+/// A tensor's data copied into a pooled buffer, for activations entering the fused path.
+pub fn to_buf(t: &Tensor) -> Result<Buf> {
     let t = t.contiguous()?;
-    with_slice(&t, |s| Ok(s.to_vec()))
+    with_slice(&t, |s| {
+        let mut b = Buf::new(s.len());
+        b.copy_from_slice(s);
+        Ok(b)
+    })
 }
 
-pub fn from_vec(v: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
-    Tensor::from_vec(v, shape, &Device::Cpu)
+pub fn to_tensor(v: &[f32], shape: &[usize]) -> Result<Tensor> {
+    Tensor::from_slice(v, shape, &Device::Cpu)
+}
+
+/// Activation buffers cycle through a small per-thread pool: a fresh allocation per op costs a
+/// memset and page faults on every layer (about a tenth of the run time), a reused one neither.
+const POOLED_BUFFERS: usize = 16;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An f32 buffer from the pool, returned to it on drop. Its contents on creation are whatever a
+/// previous user left (always initialised, never meaningful): every kernel here writes its whole
+/// output before reading it.
+pub struct Buf {
+    v: Vec<f32>,
+}
+
+impl Buf {
+    pub fn new(len: usize) -> Self {
+        let mut v = POOL
+            .with(|p| {
+                let mut p = p.borrow_mut();
+                // Best fit: the smallest pooled buffer that is large enough.
+                let i = (0..p.len())
+                    .filter(|&i| p[i].capacity() >= len)
+                    .min_by_key(|&i| p[i].capacity())?;
+                Some(p.swap_remove(i))
+            })
+            .unwrap_or_default();
+        if v.len() >= len {
+            v.truncate(len);
+        } else {
+            v.resize(len, 0.0);
+        }
+        Self { v }
+    }
+
+    /// A buffer whose contents are zero.
+    pub fn zeroed(len: usize) -> Self {
+        let mut b = Self::new(len);
+        b.fill(0.0);
+        b
+    }
+}
+
+impl std::ops::Deref for Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.v
+    }
+}
+
+impl std::ops::DerefMut for Buf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.v
+    }
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let v = std::mem::take(&mut self.v);
+        // `try_with`: during thread teardown the pool may already be gone; then just free.
+        let _ = POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < POOLED_BUFFERS {
+                p.push(v);
+            }
+        });
+    }
 }
 
 fn parallelism() -> Parallelism {
@@ -98,10 +171,10 @@ pub fn linear(
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
     packed: Option<&amx::PackedB>,
-) -> Vec<f32> {
+) -> Buf {
     debug_assert_eq!(x.len(), rows * k);
     debug_assert_eq!(w.len(), n * k);
-    let mut out = vec![0f32; rows * n];
+    let mut out = Buf::new(rows * n);
     let prefill = bias.is_some() || residual.is_some();
     if prefill {
         out.par_chunks_mut(n * ROW_CHUNK)
@@ -158,8 +231,8 @@ pub fn linear(
 }
 
 /// Layer normalisation over rows of `dim`, statistics in f32 with two passes (as torch).
-pub fn layer_norm(x: &[f32], dim: usize, weight: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
+pub fn layer_norm(x: &[f32], dim: usize, weight: &[f32], bias: &[f32], eps: f32) -> Buf {
+    let mut out = Buf::new(x.len());
     out.par_chunks_mut(dim * ROW_CHUNK)
         .zip(x.par_chunks(dim * ROW_CHUNK))
         .for_each(|(o, x)| {
@@ -194,9 +267,9 @@ pub fn attention(
     hd: usize,
     scale: f32,
     causal: bool,
-) -> Vec<f32> {
+) -> Buf {
     let d = heads * hd;
-    let mut ctx = vec![0f32; batch * seq * d];
+    let mut ctx = Buf::new(batch * seq * d);
     let out = SendPtr(ctx.as_mut_ptr());
     (0..batch * heads).into_par_iter().for_each_init(
         || vec![0f32; seq * seq],
@@ -277,9 +350,9 @@ pub fn attention_rows(
     hd: usize,
     scale: f32,
     causal: bool,
-) -> Vec<f32> {
+) -> Buf {
     let d = heads * hd;
-    let mut ctx = vec![0f32; queries.len() * d];
+    let mut ctx = Buf::zeroed(queries.len() * d);
     ctx.par_chunks_mut(d)
         .zip(q.par_chunks(d))
         .zip(queries.par_iter())
@@ -306,10 +379,10 @@ pub fn attention_rows(
 }
 
 /// Copies the given rows of a `[_, dim]` matrix.
-pub fn gather_rows(x: &[f32], dim: usize, rows: &[usize]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(rows.len() * dim);
-    for &r in rows {
-        out.extend_from_slice(&x[r * dim..(r + 1) * dim]);
+pub fn gather_rows(x: &[f32], dim: usize, rows: &[usize]) -> Buf {
+    let mut out = Buf::new(rows.len() * dim);
+    for (o, &r) in out.chunks_mut(dim).zip(rows) {
+        o.copy_from_slice(&x[r * dim..(r + 1) * dim]);
     }
     out
 }

@@ -319,17 +319,17 @@ impl Encoder {
         pooled: &[(usize, usize)],
     ) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        let mut h = cpu::to_vec(x)?;
+        let mut h = cpu::to_buf(x)?;
         let Some((last, rest)) = self.layers.split_last() else {
             let rows: Vec<usize> = pooled.iter().map(|&(i, p)| i * t + p).collect();
-            return cpu::from_vec(cpu::gather_rows(&h, d, &rows), &[pooled.len(), d]);
+            return cpu::to_tensor(&cpu::gather_rows(&h, d, &rows), &[pooled.len(), d]);
         };
         let shape = Shape { b, t, d, causal };
         for layer in rest {
             h = layer.forward_fused_cpu(h, shape, None)?;
         }
         let out = last.forward_fused_cpu(h, shape, Some(pooled))?;
-        cpu::from_vec(out, &[pooled.len(), d])
+        cpu::to_tensor(&out, &[pooled.len(), d])
     }
 }
 
@@ -347,10 +347,10 @@ impl EncoderLayer {
     /// `pooled`, only those rows are computed past the keys and values, and returned.
     fn forward_fused_cpu(
         &self,
-        x: Vec<f32>,
+        x: cpu::Buf,
         s: Shape,
         pooled: Option<&[(usize, usize)]>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<cpu::Buf> {
         let Shape { b, t, d, causal } = s;
         let a = &self.self_attn;
         let ln = |n: &LayerNorm, x: &[f32]| {
