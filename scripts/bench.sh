@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 SECONDS_PER="${1:-20}"
 MODEL="${CLIPFT_BENCH_MODEL:-target/vit-b-32}"
 OUT=target/bench
-VENV=target/bench-venv
+VENV="${CLIPFT_BENCH_VENV:-target/bench-venv}"
 mkdir -p "$OUT"
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"

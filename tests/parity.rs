@@ -60,6 +60,7 @@ fn check_texts(model: &Path, reference: &Path, min_cos: f64) {
     let enc = load(model, Towers::TEXT);
     let tok = enc.tokenizer().unwrap();
     let refs: Vec<TextRef> = read_json(&reference.join("texts.json"));
+    let mut worst = 1f64;
     assert!(refs.len() >= 10);
     for r in &refs {
         assert_eq!(
@@ -70,8 +71,10 @@ fn check_texts(model: &Path, reference: &Path, min_cos: f64) {
         );
         let e = enc.embed_texts(&[&r.text]).unwrap();
         let c = cosine(&e[0], &r.embedding);
+        worst = worst.min(c);
         assert!(c >= min_cos, "text {:?}: cosine {c}", r.text);
     }
+    eprintln!("{}: lowest text cosine {worst:.9}", model.display());
     if reference.join("text_batch.json").exists() {
         let b: TextBatchRef = read_json(&reference.join("text_batch.json"));
         assert_eq!(tok.encode_batch(&b.texts).unwrap(), b.ids_padded);
@@ -113,10 +116,13 @@ fn check_images(model: &Path, reference: &Path, min_cos: f64) {
         pixels.push(pre.preprocess_bytes(&bytes).unwrap());
     }
     let embs = enc.embed_pixels(&pixels).unwrap();
+    let mut worst = 1f64;
     for (r, e) in refs.iter().zip(&embs) {
         let c = cosine(e, &r.embedding);
+        worst = worst.min(c);
         assert!(c >= min_cos, "image {}: cosine {c}", r.file);
     }
+    eprintln!("{}: lowest image cosine {worst:.9}", model.display());
 }
 
 #[test]

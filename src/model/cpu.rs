@@ -52,6 +52,14 @@ pub fn amx_precision() -> Option<amx::Precision> {
     amx::available().then_some(p)
 }
 
+/// Whether the fused kernels apply to an activation: f32 on the CPU, unless `CLIPFT_NO_FUSED` is
+/// set (which forces candle's ops, for comparisons).
+pub fn fused_ok(x: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && std::env::var_os("CLIPFT_NO_FUSED").is_none()
+}
+
 /// Borrows a contiguous f32 CPU tensor as a slice for the duration of `f`.
 pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();

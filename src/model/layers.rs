@@ -85,6 +85,40 @@ impl Linear {
         out_dims[last] = self.weight.dim(0)?;
         y.reshape(out_dims)
     }
+
+    /// A linear map whose weight is given directly (the patch embedding's flattened kernel).
+    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self {
+            weight,
+            bias,
+            packed: Arc::default(),
+        }
+    }
+
+    /// [`Linear::forward`], through the fused CPU kernel (AMX where chosen) in inference mode.
+    pub fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Train || !cpu::fused_ok(x) {
+            return self.forward(x);
+        }
+        let dims = x.dims();
+        let k = dims[dims.len() - 1];
+        let rows = x.elem_count() / k.max(1);
+        let n = self.weight.dim(0)?;
+        let x = cpu::to_buf(x)?;
+        let y = cpu::with_slice(&self.weight, |w| {
+            let packed = self.packed(w);
+            match &self.bias {
+                Some(b) => cpu::with_slice(b, |b| {
+                    Ok(cpu::linear(&x, rows, k, w, n, Some(b), None, packed))
+                }),
+                None => Ok(cpu::linear(&x, rows, k, w, n, None, None, packed)),
+            }
+        })?;
+        let mut out_dims = dims.to_vec();
+        let last = out_dims.len() - 1;
+        out_dims[last] = n;
+        cpu::to_tensor(&y, &out_dims)
+    }
 }
 
 /// Layer normalisation over the last dimension, fused for inference and composed for training.

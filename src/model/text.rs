@@ -130,7 +130,7 @@ impl TextTower {
         let rows: Vec<(usize, usize)> = batch.pool_positions.iter().copied().enumerate().collect();
         let pooled = self.encoder.forward_pooled(&x, true, &rows, mode)?;
         let pooled = self.final_layer_norm.forward(&pooled, mode)?;
-        self.projection.forward(&pooled)
+        self.projection.forward_t(&pooled, mode)
     }
 }
 

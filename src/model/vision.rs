@@ -13,7 +13,7 @@ pub struct VisionTower {
     /// The patch convolution's kernel flattened to `[hidden, channels * patch * patch]`: with
     /// stride equal to the kernel size the convolution is one matrix product over unfolded
     /// patches, which is faster and has a cheaper backward than `conv2d`.
-    patch_weight: Tensor,
+    patch_embedding: Linear,
     class_embedding: Tensor,
     position_embedding: Tensor,
     pre_layrnorm: LayerNorm,
@@ -42,7 +42,7 @@ impl VisionTower {
             eps: c.layer_norm_eps,
         };
         Ok(Self {
-            patch_weight,
+            patch_embedding: Linear::from_weight(patch_weight, None),
             class_embedding: e.get(c.hidden_size, "class_embedding")?,
             position_embedding: e
                 .pp("position_embedding")
@@ -82,15 +82,16 @@ impl VisionTower {
             );
         }
         let (p, g, d) = (c.patch_size, c.grid(), c.hidden_size);
-        let x = pixel_values.to_dtype(self.patch_weight.dtype())?;
+        let x = pixel_values.to_dtype(self.patch_embedding.weight().dtype())?;
         // [b, c, g, p, g, p] -> [b, g, g, c, p, p]: each row is one patch in the kernel's layout.
         let patches = x
             .reshape((b, ch, g, p, g, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .contiguous()?
             .reshape((b * g * g, ch * p * p))?;
-        let embedded = patches
-            .matmul(&self.patch_weight.t()?)?
+        let embedded = self
+            .patch_embedding
+            .forward_t(&patches, mode)?
             .reshape((b, g * g, d))?;
         let cls = self
             .class_embedding
@@ -101,6 +102,6 @@ impl VisionTower {
         let cls_rows: Vec<(usize, usize)> = (0..b).map(|i| (i, 0)).collect();
         let pooled = self.encoder.forward_pooled(&x, false, &cls_rows, mode)?;
         let pooled = self.post_layernorm.forward(&pooled, mode)?;
-        self.projection.forward(&pooled)
+        self.projection.forward_t(&pooled, mode)
     }
 }
