@@ -5,8 +5,11 @@
 //!   `layers`/`text`/`vision`/`clip` (the towers; differentiable in `Mode::Train`, fused kernels
 //!   in `Mode::Inference`), `load` (HF folder or hub repo id -> memory-mapped weights of the
 //!   selected towers only), `tokenizer` (CLIP BPE, 77 tokens, pad to longest), `image`
-//!   (Pillow-exact bicubic resize, centre crop, normalise), `device`. [`model::Encoder`] is the
-//!   object everything else uses to turn texts and images into embeddings.
+//!   (Pillow-exact bicubic resize, centre crop, normalise), `device`, and the inference kernels:
+//!   `cpu` (fused f32 blocks: GEMM with bias/residual prefilled, in-place activation, one-pass
+//!   layer norm and attention, pooled buffers) and `amx` (bf16x3 products on Intel AMX tiles,
+//!   chosen by `--matmul-precision`). [`model::Encoder`] is the object everything else uses to
+//!   turn texts and images into embeddings.
 //! - [`artifact`]: the fine-tuned artifact layout and submodel selection.
 //! - [`cli`]: one module per subcommand; parse flags, call the library, print.
 //!

@@ -544,6 +544,29 @@ mod tests {
     }
 
     #[test]
+    fn hwc_tensors_equal_decoded_images() {
+        let img = RgbImage::from_fn(40, 30, |x, y| {
+            image::Rgb([(x * 6) as u8, (y * 8) as u8, ((x + y) * 3) as u8])
+        });
+        let p = ImagePreprocessor::new(ImageConfig::default());
+        let want = p.preprocess_rgb(&img);
+        assert_eq!(p.preprocess_hwc_u8(img.as_raw(), 30, 40, 3).unwrap(), want);
+        let opaque: Vec<u8> = img.pixels().flat_map(|q| [q[0], q[1], q[2], 255]).collect();
+        assert_eq!(p.preprocess_hwc_u8(&opaque, 30, 40, 4).unwrap(), want);
+        let grey = RgbImage::from_fn(40, 30, |x, _| image::Rgb([x as u8; 3]));
+        let luma: Vec<u8> = (0..30).flat_map(|_| 0..40u8).collect();
+        assert_eq!(p.preprocess_hwc_u8(&luma, 30, 40, 1).unwrap(), p.preprocess_rgb(&grey));
+    }
+
+    #[test]
+    fn alpha_composites_on_white() {
+        assert_eq!(on_white(10, 0), 255);
+        assert_eq!(on_white(10, 255), 10);
+        // Half transparent black over white is mid grey, as Pillow rounds it.
+        assert_eq!(on_white(0, 128), 127);
+    }
+
+    #[test]
     fn config_forms() {
         let c = ImageConfig::from_json_str(r#"{"size": 336, "crop_size": 336}"#).unwrap();
         assert_eq!((c.shortest_edge, c.crop_height), (336, 336));
