@@ -30,6 +30,11 @@ for b in 1 8 32; do
       | tail -n1 | sed 's/^{/{"peer":"clipft",/' >> "$RES"
   done
 done
+# The same at batch 32 with plain f32 products (no AMX), for comparison.
+"$BIN" bench --model "$MODEL" --select-model clip-vision --batch-size 32 --seconds "$SECONDS_PER" --matmul-precision highest 2>/dev/null \
+  | tail -n1 | sed 's/^{/{"peer":"clipft-f32",/' >> "$RES"
+"$BIN" bench --model "$MODEL" --select-model clip-text --batch-size 32 --text-tokens 77 --seconds "$SECONDS_PER" --matmul-precision highest 2>/dev/null \
+  | tail -n1 | sed 's/^{/{"peer":"clipft-f32",/' >> "$RES"
 "$VENV/bin/python" scripts/bench_peers.py --model "$MODEL" --tower both --batch-sizes 1,8,32 \
   --text-tokens 16,77 --seconds "$SECONDS_PER" >> "$RES"
 
@@ -47,13 +52,13 @@ key = lambda r: (r["tower"], r["batch_size"], r.get("text_tokens"))
 by = {}
 for r in rows:
     by.setdefault(key(r), {})[r["peer"]] = r["items_per_second"]
-print("| tower | batch | tokens | clipft items/s | PyTorch items/s | ONNX Runtime items/s | clipft / PyTorch | clipft / ORT |")
-print("|---|---|---|---|---|---|---|---|")
+print("| tower | batch | tokens | clipft items/s | clipft f32 items/s | PyTorch items/s | ONNX Runtime items/s | clipft / PyTorch | clipft / ORT |")
+print("|---|---|---|---|---|---|---|---|---|")
 for k in sorted(by, key=lambda k: (k[0], k[1], k[2] or 0)):
-    v = by[k]; c = v.get("clipft"); t = v.get("torch"); o = v.get("onnxruntime")
+    v = by[k]; c = v.get("clipft"); c32 = v.get("clipft-f32"); t = v.get("torch"); o = v.get("onnxruntime")
     f = lambda x: f"{x:.2f}" if x else "-"
     rt = f"{c / t:.2f}x" if c and t else "-"; ro = f"{c / o:.2f}x" if c and o else "-"
-    print(f"| {k[0]} | {k[1]} | {k[2] or '-'} | {f(c)} | {f(t)} | {f(o)} | {rt} | {ro} |")
+    print(f"| {k[0]} | {k[1]} | {k[2] or '-'} | {f(c)} | {f(c32)} | {f(t)} | {f(o)} | {rt} | {ro} |")
 for r in rss:
     print(f"\nPeak RSS of `clipft encode`: text tower {r['text_kib']/1024:.0f} MiB, "
           f"vision tower {r['vision_kib']/1024:.0f} MiB, both {r['both_kib']/1024:.0f} MiB")

@@ -26,4 +26,5 @@
 
 pub mod artifact;
 pub mod cli;
+pub mod eval;
 pub mod model;

@@ -555,7 +555,10 @@ mod tests {
         assert_eq!(p.preprocess_hwc_u8(&opaque, 30, 40, 4).unwrap(), want);
         let grey = RgbImage::from_fn(40, 30, |x, _| image::Rgb([x as u8; 3]));
         let luma: Vec<u8> = (0..30).flat_map(|_| 0..40u8).collect();
-        assert_eq!(p.preprocess_hwc_u8(&luma, 30, 40, 1).unwrap(), p.preprocess_rgb(&grey));
+        assert_eq!(
+            p.preprocess_hwc_u8(&luma, 30, 40, 1).unwrap(),
+            p.preprocess_rgb(&grey)
+        );
     }
 
     #[test]

@@ -1,0 +1,296 @@
+//! Text-to-image retrieval evaluation as Finetuner ran it: queries (texts) against an index
+//! (images), top `limit` by cosine, a match relevant when the `finetuner_label`s are equal,
+//! `max_rel` = how many index items carry the query's label, the nine metrics averaged over queries.
+//!
+//! Scores for the whole index come from blocked matrix products (the fused CPU kernels, AMX where
+//! present); the best `limit + RERANK_MARGIN` candidates of each query are then re-scored exactly
+//! in f64, as Finetuner did after casting embeddings to float64, so rankings agree with docarray's
+//! even where f32 rounding would swap near-ties.
+
+use std::collections::HashMap;
+
+use rayon::prelude::*;
+
+use super::metrics::{MetricError, Metrics};
+use crate::model::{amx, cpu};
+
+/// Extra candidates re-scored in f64 beyond `limit`.
+const RERANK_MARGIN: usize = 16;
+/// Queries per matrix product; bounds the score buffer to `QUERY_BLOCK x index size` floats.
+const QUERY_BLOCK: usize = 256;
+
+/// Embeddings with the labels that decide relevance.
+#[derive(Debug, Clone, Default)]
+pub struct LabeledEmbeddings {
+    pub ids: Vec<String>,
+    pub labels: Vec<String>,
+    /// Row-major `[len, dim]`.
+    pub embeddings: Vec<f32>,
+    pub dim: usize,
+}
+
+impl LabeledEmbeddings {
+    pub fn len(&self) -> usize {
+        self.labels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty()
+    }
+
+    fn row(&self, i: usize) -> &[f32] {
+        &self.embeddings[i * self.dim..(i + 1) * self.dim]
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("no {0} to evaluate")]
+    Empty(&'static str),
+    #[error("queries have {0}-d embeddings but the index {1}-d")]
+    DimMismatch(usize, usize),
+    #[error("query {id} has label {label:?}, which no index item has: its ground truth is empty")]
+    NoRelevant { id: String, label: String },
+    #[error("query {id}: {source}")]
+    Metric { id: String, source: MetricError },
+    #[error("{0}")]
+    Shape(String),
+}
+
+/// One query's result.
+#[derive(Debug, Clone)]
+pub struct QueryResult {
+    /// Index positions of the top matches, best first.
+    pub matches: Vec<usize>,
+    pub scores: Vec<f64>,
+    pub metrics: Metrics,
+}
+
+/// The evaluation of a query set against an index.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub mean: Metrics,
+    pub per_query: Vec<QueryResult>,
+    pub limit: usize,
+}
+
+fn norms(e: &LabeledEmbeddings) -> Vec<f64> {
+    (0..e.len())
+        .map(|i| {
+            e.row(i)
+                .iter()
+                .map(|v| (*v as f64) * (*v as f64))
+                .sum::<f64>()
+                .sqrt()
+        })
+        .collect()
+}
+
+fn unit_rows(e: &LabeledEmbeddings, n: &[f64]) -> Vec<f32> {
+    let mut out = e.embeddings.clone();
+    for (row, norm) in out.chunks_mut(e.dim).zip(n) {
+        let inv = if *norm > 0.0 { 1.0 / *norm } else { 0.0 };
+        row.iter_mut().for_each(|v| *v = (*v as f64 * inv) as f32);
+    }
+    out
+}
+
+/// Evaluates `queries` against `index`, keeping the best `limit` matches per query.
+pub fn evaluate(
+    queries: &LabeledEmbeddings,
+    index: &LabeledEmbeddings,
+    limit: usize,
+) -> Result<Evaluation, EvalError> {
+    if queries.is_empty() {
+        return Err(EvalError::Empty("queries"));
+    }
+    if index.is_empty() {
+        return Err(EvalError::Empty("index items"));
+    }
+    if queries.dim != index.dim {
+        return Err(EvalError::DimMismatch(queries.dim, index.dim));
+    }
+    for e in [queries, index] {
+        if e.embeddings.len() != e.len() * e.dim {
+            return Err(EvalError::Shape(format!(
+                "{} embeddings of dim {} but {} values",
+                e.len(),
+                e.dim,
+                e.embeddings.len()
+            )));
+        }
+    }
+    let limit = limit.max(1);
+    let mut label_counts: HashMap<&str, usize> = HashMap::new();
+    for l in &index.labels {
+        *label_counts.entry(l.as_str()).or_default() += 1;
+    }
+    for (i, l) in queries.labels.iter().enumerate() {
+        if !label_counts.contains_key(l.as_str()) {
+            return Err(EvalError::NoRelevant {
+                id: query_id(queries, i),
+                label: l.clone(),
+            });
+        }
+    }
+    let (qn, xn) = (norms(queries), norms(index));
+    let (qu, xu) = (unit_rows(queries, &qn), unit_rows(index, &xn));
+    let (n, d) = (index.len(), index.dim);
+    let packed =
+        cpu::amx_precision().map(|p| amx::PackedB::new(&xu, n, d, p == amx::Precision::Bf16x3));
+    let keep = (limit + RERANK_MARGIN).min(n);
+    let mut per_query = Vec::with_capacity(queries.len());
+    for start in (0..queries.len()).step_by(QUERY_BLOCK) {
+        let rows = QUERY_BLOCK.min(queries.len() - start);
+        let block = &qu[start * d..(start + rows) * d];
+        let scores = cpu::linear(block, rows, d, &xu, n, None, None, packed.as_ref());
+        let results: Vec<Result<QueryResult, EvalError>> = scores
+            .par_chunks(n)
+            .enumerate()
+            .map(|(j, row)| {
+                let qi = start + j;
+                let candidates = top_candidates(row, keep);
+                // Exact f64 cosine for the candidates, then the final order.
+                let q = queries.row(qi);
+                let mut exact: Vec<(f64, usize)> = candidates
+                    .into_iter()
+                    .map(|c| {
+                        let dot: f64 = q
+                            .iter()
+                            .zip(index.row(c))
+                            .map(|(a, b)| *a as f64 * *b as f64)
+                            .sum();
+                        let denom = qn[qi] * xn[c];
+                        (if denom > 0.0 { dot / denom } else { 0.0 }, c)
+                    })
+                    .collect();
+                exact.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                exact.truncate(limit);
+                let label = queries.labels[qi].as_str();
+                let r: Vec<bool> = exact
+                    .iter()
+                    .map(|(_, c)| index.labels[*c] == label)
+                    .collect();
+                let metrics =
+                    Metrics::compute(&r, label_counts[label], None).map_err(|source| {
+                        EvalError::Metric {
+                            id: query_id(queries, qi),
+                            source,
+                        }
+                    })?;
+                Ok(QueryResult {
+                    matches: exact.iter().map(|(_, c)| *c).collect(),
+                    scores: exact.iter().map(|(s, _)| *s).collect(),
+                    metrics,
+                })
+            })
+            .collect();
+        for r in results {
+            per_query.push(r?);
+        }
+    }
+    let mean = Metrics::mean(&per_query.iter().map(|q| q.metrics).collect::<Vec<_>>());
+    Ok(Evaluation {
+        mean,
+        per_query,
+        limit,
+    })
+}
+
+fn query_id(q: &LabeledEmbeddings, i: usize) -> String {
+    q.ids.get(i).cloned().unwrap_or_else(|| format!("#{i}"))
+}
+
+/// Positions of the `keep` largest scores (any order).
+fn top_candidates(row: &[f32], keep: usize) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..row.len()).collect();
+    if keep < row.len() {
+        idx.select_nth_unstable_by(keep - 1, |a, b| row[*b].total_cmp(&row[*a]));
+        idx.truncate(keep);
+    }
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, dim: usize, labels: usize, seed: u64) -> LabeledEmbeddings {
+        let mut s = seed;
+        let mut next = || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        LabeledEmbeddings {
+            ids: (0..n).map(|i| format!("d{i}")).collect(),
+            labels: (0..n).map(|i| format!("l{}", i % labels)).collect(),
+            embeddings: (0..n * dim).map(|_| next()).collect(),
+            dim,
+        }
+    }
+
+    /// Brute force in f64: every score, full sort.
+    fn brute(q: &LabeledEmbeddings, x: &LabeledEmbeddings, limit: usize) -> Vec<Vec<usize>> {
+        (0..q.len())
+            .map(|i| {
+                let qi = q.row(i);
+                let qn: f64 = qi.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+                let mut s: Vec<(f64, usize)> = (0..x.len())
+                    .map(|j| {
+                        let xj = x.row(j);
+                        let dot: f64 = qi.iter().zip(xj).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let xn: f64 = xj.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+                        (dot / (qn * xn), j)
+                    })
+                    .collect();
+                s.sort_by(|a, b| b.0.total_cmp(&a.0));
+                s.into_iter().take(limit).map(|(_, j)| j).collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_brute_force() {
+        let q = data(300, 24, 7, 1);
+        let x = data(500, 24, 7, 2);
+        let ev = evaluate(&q, &x, 20).unwrap();
+        let want = brute(&q, &x, 20);
+        for (got, want) in ev.per_query.iter().zip(&want) {
+            assert_eq!(&got.matches, want);
+        }
+        assert!(ev.mean.precision_at_k > 0.0 && ev.mean.precision_at_k < 1.0);
+    }
+
+    #[test]
+    fn identical_embeddings_rank_first() {
+        let x = data(50, 8, 5, 3);
+        let mut q = x.clone();
+        q.ids = (0..50).map(|i| format!("q{i}")).collect();
+        let ev = evaluate(&q, &x, 5).unwrap();
+        for (i, r) in ev.per_query.iter().enumerate() {
+            assert_eq!(r.matches[0], i);
+            assert!((r.scores[0] - 1.0).abs() < 1e-12);
+        }
+        assert_eq!(ev.mean.reciprocal_rank, 1.0);
+    }
+
+    #[test]
+    fn limit_larger_than_index_and_errors() {
+        let q = data(3, 4, 2, 4);
+        let x = data(4, 4, 2, 5);
+        let ev = evaluate(&q, &x, 20).unwrap();
+        assert!(ev.per_query.iter().all(|r| r.matches.len() == 4));
+        let mut bad = q.clone();
+        bad.labels[1] = "unknown".into();
+        assert!(matches!(
+            evaluate(&bad, &x, 20),
+            Err(EvalError::NoRelevant { .. })
+        ));
+        let mut wide = q.clone();
+        wide.dim = 2;
+        wide.embeddings.truncate(6);
+        assert!(evaluate(&wide, &x, 20).is_err());
+    }
+}
