@@ -285,3 +285,43 @@ fn every_weight_gets_a_gradient() {
     }
     assert!(missing.is_empty(), "no gradient for {missing:?}");
 }
+
+/// Half precision runs candle's graph (the path GPUs take): still the same embeddings, to the
+/// precision of the format.
+#[test]
+fn half_precision_weights_agree() {
+    use candle_core::DType;
+    let dir = fixtures().join("clip-tiny");
+    let files = ModelFiles::from_dir(&dir).unwrap();
+    let full = load(&dir, Towers::ALL);
+    let png = std::fs::read(fixtures().join("reference/images/rgb_300x200.png")).unwrap();
+    for (dtype, min_cos) in [(DType::F16, 0.9999), (DType::BF16, 0.999)] {
+        let opts = LoadOptions {
+            towers: Towers::ALL,
+            dtype,
+            ..Default::default()
+        };
+        let half = Encoder::load(&files, &opts).unwrap();
+        let texts = ["a red striped dress", "3 blue shirts, size 42"];
+        for (a, b) in full
+            .embed_texts(&texts)
+            .unwrap()
+            .iter()
+            .zip(half.embed_texts(&texts).unwrap())
+        {
+            assert!(cosine(a, &b) > min_cos, "{dtype:?} text: {}", cosine(a, &b));
+        }
+        let px = full
+            .image_preprocessor()
+            .unwrap()
+            .preprocess_bytes(&png)
+            .unwrap();
+        let a = full.embed_pixels(std::slice::from_ref(&px)).unwrap();
+        let b = half.embed_pixels(&[px]).unwrap();
+        assert!(
+            cosine(&a[0], &b[0]) > min_cos,
+            "{dtype:?} image: {}",
+            cosine(&a[0], &b[0])
+        );
+    }
+}
