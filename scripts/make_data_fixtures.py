@@ -380,7 +380,7 @@ def try_load(path: Path, protocol, compress):
             warnings.simplefilter('ignore')
             da = DocumentArray.load_binary(str(path), protocol=protocol, compress=compress)
         return {'result': 'loaded', 'num_docs': len(da),
-                'ids': [d.id for d in da],
+                'ids': [d.id if (d.chunks or d.tags) else '<empty Document, fresh random id>' for d in da],
                 'empty_docs': sum(1 for d in da if not d.chunks and not d.tags)}
     except Exception as e:  # noqa: BLE001
         return {'result': 'error', 'error': f'{type(e).__name__}: {e}'.strip()[:300]}
@@ -438,8 +438,8 @@ def write_malformed(train: DocumentArray):
         'note': 'docarray_0_21_1 = what DocumentArray.load_binary(path, protocol, compress) of docarray 0.21.1 '
                 'does with the file. docarray never checks the version byte, never checks that the data ends '
                 'where the last document ends, and reads missing length prefixes as 0 (an empty Document with a '
-                'fresh random id). A Rust reader should reject all of these files except, arguably, '
-                'count_too_small (trailing bytes) and version2 (unknown version), which it should also reject.',
+                'fresh random id). A Rust reader should reject every one of these files, count_too_small (trailing '
+                'bytes) and version2 (unknown version) included.',
         'files': entries,
     })
     return entries
@@ -536,7 +536,8 @@ def finetuner_parse(rows_iter, cwd: Path):
             if not columns:
                 continue  # skip empty lines (0.7.x)
             if len(columns) not in (2, 3):
-                raise ValueError(f'expected 2 or 3 columns, got {len(columns)}: {columns!r}')
+                # Finetuner: `col1, col2 = columns` (2 cols) / `col1, col2, col3 = columns` (3 cols)
+                raise ValueError(f'wrong number of values to unpack (got {len(columns)}): {columns!r}')
             col1, col2 = columns[0], columns[1]
             label = columns[2] if len(columns) > 2 else None
             if t1 is None:  # determine which column holds images from the FIRST non-empty row only
@@ -927,7 +928,7 @@ compressor file object):
 | C | on disk | first bytes |
 |---|---|---|
 | none | the raw DocumentArrayProto | `0a ..` |
-| lz4 | one **LZ4 frame** (`lz4.frame.LZ4FrameFile(f, 'wb')`: level 0, block size max 4 MiB (id 7), linked blocks, no block checksum, no content checksum, **no content size** in the frame header) | `04 22 4d 18` (LE magic 0x184D2204) |
+| lz4 | one **LZ4 frame** (`lz4.frame.LZ4FrameFile(f, 'wb')`: level 0; FLG `40` = version 01, linked blocks, no block checksum, **no content size**, no content checksum; BD `40` = block max size 64 KiB; then blocks (u32 LE size, high bit set = stored uncompressed) and the `00 00 00 00` end mark) | `04 22 4d 18 40 40 c0` (LE magic 0x184D2204, FLG, BD, header checksum) |
 | gzip | one gzip member (`gzip.GzipFile(fileobj=f, mode='wb')`, level 9): the header has FLG.FNAME set and carries the file's basename (here e.g. `train.protobuf-array.gzip.bin`), MTIME = write time (pinned to {gzip_mtime} here), XFL 2, OS 255 | `1f 8b 08 08` |
 | bz2 | one bzip2 stream (`bz2.BZ2File`, level 9) | `42 5a 68 39` (`BZh9`) |
 | lzma | one **.xz** container (`lzma.LZMAFile`, FORMAT_XZ, CRC64 check, preset 6) | `fd 37 7a 58 5a 00` |
@@ -952,8 +953,8 @@ offset 9   N times:
   and L is the length of the *compressed* record. With C = none a record is the bare `DocumentProto`
   (not wrapped in a DocumentArrayProto field-1 tag).
 * Per-record compressors (`docarray.helper.compress_bytes`), each record a complete stand-alone stream:
-  `lz4` = `lz4.frame.compress(b)` (an LZ4 frame, level 0, block size max 64 KiB (id 4), **content size
-  stored** (FLG.C.Size=1), no checksums) -> record starts `04 22 4d 18`; `gzip` = `gzip.compress(b)`
+  `lz4` = `lz4.frame.compress(b)` (an LZ4 frame, level 0; FLG `68` = version 01, independent blocks,
+  **content size stored** (8 bytes LE after BD), no checksums; BD `40` = 64 KiB) -> record starts `04 22 4d 18 68 40`; `gzip` = `gzip.compress(b)`
   (level 9, **no FNAME**, FLG=0, MTIME = write time, pinned to {gzip_mtime} here) -> `1f 8b 08 00`;
   `zlib` = `zlib.compress(b)` (RFC 1950, level -1=6) -> `78 9c`; `bz2` = `bz2.compress(b)` -> `BZh9`;
   `lzma` = `lzma.compress(b)` (.xz container) -> `fd 37 7a 58 5a 00`.
@@ -1006,8 +1007,9 @@ Only non-empty fields are written (`Document.non_empty_fields`), in field-number
 * Chunks: `id` (1), one `content` oneof: `text` (4) | `blob` (2, the PNG file bytes) | `tensor` (3,
   NdArrayProto) or no content at all; `granularity` (5) = 1 and `parent_id` (7) = the parent's id are
   set automatically by docarray when a chunk is attached; `uri` (9); `modality` (10, "text"/"image");
-  `mime_type` (11): docarray fills it from the uri's extension (`images/x.png` -> `image/png`; a
-  `data:image/png;...` uri leaves it empty); set explicitly on pair-0's blob chunk.
+  `mime_type` (11): docarray fills it from the uri (`images/x.png` -> `image/png` by extension; a
+  `data:image/png;base64,...` uri -> `image/png` from the media type); set explicitly on pair-0's blob
+  chunk; absent on the tensor chunks.
 * **Empty caption**: `Document(text='')` writes NO content field at all (empty string = unset), so the
   chunk of pair 3 has only id/granularity/parent_id/modality="text". docarray's `.text` then returns `''`.
   `expected_train.json` gives `"text": null` for it (field absent); treat modality "text" with no

@@ -26,5 +26,6 @@
 
 pub mod artifact;
 pub mod cli;
+pub mod docarray;
 pub mod eval;
 pub mod model;

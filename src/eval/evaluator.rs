@@ -96,10 +96,13 @@ fn unit_rows(e: &LabeledEmbeddings, n: &[f64]) -> Vec<f32> {
 }
 
 /// Evaluates `queries` against `index`, keeping the best `limit` matches per query.
+/// `exclude_self` drops index items whose id equals the query's (matching a set against itself);
+/// as in docarray, they still count in `max_rel`.
 pub fn evaluate(
     queries: &LabeledEmbeddings,
     index: &LabeledEmbeddings,
     limit: usize,
+    exclude_self: bool,
 ) -> Result<Evaluation, EvalError> {
     if queries.is_empty() {
         return Err(EvalError::Empty("queries"));
@@ -138,7 +141,7 @@ pub fn evaluate(
     let (n, d) = (index.len(), index.dim);
     let packed =
         cpu::amx_precision().map(|p| amx::PackedB::new(&xu, n, d, p == amx::Precision::Bf16x3));
-    let keep = (limit + RERANK_MARGIN).min(n);
+    let keep = (limit + RERANK_MARGIN + usize::from(exclude_self)).min(n);
     let mut per_query = Vec::with_capacity(queries.len());
     for start in (0..queries.len()).step_by(QUERY_BLOCK) {
         let rows = QUERY_BLOCK.min(queries.len() - start);
@@ -152,16 +155,17 @@ pub fn evaluate(
                 let candidates = top_candidates(row, keep);
                 // Exact f64 cosine for the candidates, then the final order.
                 let q = queries.row(qi);
+                let qid = queries.ids.get(qi);
                 let mut exact: Vec<(f64, usize)> = candidates
                     .into_iter()
+                    .filter(|c| !(exclude_self && qid.is_some() && index.ids.get(*c) == qid))
                     .map(|c| {
                         let dot: f64 = q
                             .iter()
                             .zip(index.row(c))
                             .map(|(a, b)| *a as f64 * *b as f64)
                             .sum();
-                        let denom = qn[qi] * xn[c];
-                        (if denom > 0.0 { dot / denom } else { 0.0 }, c)
+                        (docarray_cosine(dot, qn[qi] * xn[c]), c)
                     })
                     .collect();
                 exact.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -199,6 +203,12 @@ pub fn evaluate(
 
 fn query_id(q: &LabeledEmbeddings, i: usize) -> String {
     q.ids.get(i).cloned().unwrap_or_else(|| format!("#{i}"))
+}
+
+/// docarray v1's cosine similarity, `1 - cosine distance` with its epsilon and clipping:
+/// `clip((x.y + 1e-7) / (|x||y| + 1e-7), -1, 1)`. Ranking by it reproduces docarray's order.
+fn docarray_cosine(dot: f64, norms: f64) -> f64 {
+    ((dot + 1e-7) / (norms + 1e-7)).clamp(-1.0, 1.0)
 }
 
 /// Positions of the `keep` largest scores (any order).
@@ -255,7 +265,7 @@ mod tests {
     fn matches_brute_force() {
         let q = data(300, 24, 7, 1);
         let x = data(500, 24, 7, 2);
-        let ev = evaluate(&q, &x, 20).unwrap();
+        let ev = evaluate(&q, &x, 20, false).unwrap();
         let want = brute(&q, &x, 20);
         for (got, want) in ev.per_query.iter().zip(&want) {
             assert_eq!(&got.matches, want);
@@ -268,7 +278,7 @@ mod tests {
         let x = data(50, 8, 5, 3);
         let mut q = x.clone();
         q.ids = (0..50).map(|i| format!("q{i}")).collect();
-        let ev = evaluate(&q, &x, 5).unwrap();
+        let ev = evaluate(&q, &x, 5, false).unwrap();
         for (i, r) in ev.per_query.iter().enumerate() {
             assert_eq!(r.matches[0], i);
             assert!((r.scores[0] - 1.0).abs() < 1e-12);
@@ -280,17 +290,17 @@ mod tests {
     fn limit_larger_than_index_and_errors() {
         let q = data(3, 4, 2, 4);
         let x = data(4, 4, 2, 5);
-        let ev = evaluate(&q, &x, 20).unwrap();
+        let ev = evaluate(&q, &x, 20, false).unwrap();
         assert!(ev.per_query.iter().all(|r| r.matches.len() == 4));
         let mut bad = q.clone();
         bad.labels[1] = "unknown".into();
         assert!(matches!(
-            evaluate(&bad, &x, 20),
+            evaluate(&bad, &x, 20, false),
             Err(EvalError::NoRelevant { .. })
         ));
         let mut wide = q.clone();
         wide.dim = 2;
         wide.embeddings.truncate(6);
-        assert!(evaluate(&wide, &x, 20).is_err());
+        assert!(evaluate(&wide, &x, 20, false).is_err());
     }
 }

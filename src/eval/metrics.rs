@@ -10,12 +10,10 @@ use serde::Serialize;
 /// A metric that docarray would refuse to compute (it raises `ValueError`).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MetricError {
-    #[error("`k` should be >= 1, {0} is given")]
+    #[error("`k` must be >=1 or `None`, {0} is given")]
     BadK(usize),
-    #[error("the number of relevant matches {hits} is larger than max_rel {max_rel}")]
+    #[error("Number of relevant Documents retrieved ({hits}) > {max_rel}")]
     TooManyHits { hits: usize, max_rel: usize },
-    #[error("max_rel must be positive")]
-    ZeroMaxRel,
 }
 
 fn check_k(k: Option<usize>) -> Result<(), MetricError> {
@@ -50,15 +48,13 @@ pub fn hit_at_k(r: &[bool], k: Option<usize>) -> Result<f64, MetricError> {
     })
 }
 
-/// Relevant matches in the top `k` over all relevant documents.
+/// Relevant matches in the top `k` over all relevant documents (NaN for `max_rel = 0` with no
+/// hits, as numpy's 0/0).
 pub fn recall_at_k(r: &[bool], max_rel: usize, k: Option<usize>) -> Result<f64, MetricError> {
     check_k(k)?;
     let hits = head(r, k).iter().filter(|x| **x).count();
     if hits > max_rel {
         return Err(MetricError::TooManyHits { hits, max_rel });
-    }
-    if max_rel == 0 {
-        return Err(MetricError::ZeroMaxRel);
     }
     Ok(hits as f64 / max_rel as f64)
 }
@@ -276,7 +272,8 @@ mod tests {
     fn errors_as_docarray_raises_them() {
         assert_eq!(precision_at_k(&r("1"), Some(0)), Err(MetricError::BadK(0)));
         assert!(recall_at_k(&r("111"), 2, None).is_err());
-        assert!(recall_at_k(&r("000"), 0, None).is_err());
+        assert!(recall_at_k(&r("000"), 0, None).unwrap().is_nan());
+        assert_eq!(f1_score_at_k(&r("000"), 0, None).unwrap(), 0.0);
     }
 
     #[test]

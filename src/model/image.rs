@@ -137,7 +137,7 @@ impl ImageConfig {
         if c.shortest_edge == 0 || c.crop_height == 0 || c.crop_width == 0 {
             return Err("sizes must be positive".into());
         }
-        if c.std.iter().any(|s| *s == 0.0) {
+        if c.std.contains(&0.0) {
             return Err("image_std must not contain zero".into());
         }
         Ok(c)

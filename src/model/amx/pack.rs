@@ -68,15 +68,13 @@ fn convert_line(src: &[f32], hi: &mut Line, lo: Option<&mut Line>) {
     buf[..src.len()].copy_from_slice(src);
     match lo {
         Some(lo) => {
-            for i in 0..TK {
-                let (h, l) = split_bf16(buf[i]);
-                hi.0[i] = h;
-                lo.0[i] = l;
+            for ((h, l), x) in hi.0.iter_mut().zip(lo.0.iter_mut()).zip(buf) {
+                (*h, *l) = split_bf16(x);
             }
         }
         None => {
-            for i in 0..TK {
-                hi.0[i] = f32_to_bf16(buf[i]);
+            for (h, x) in hi.0.iter_mut().zip(buf) {
+                *h = f32_to_bf16(x);
             }
         }
     }

@@ -1,0 +1,241 @@
+//! Documents on disk: the datasets users bring (Finetuner-style CSV, docarray v1 files) read as
+//! streams of training pairs or labelled items, with images referenced lazily.
+
+pub mod csv;
+
+use std::path::{Path, PathBuf};
+
+use crate::model::{ImagePreprocessor, ModelError};
+
+/// Where an error in a dataset is: file and line or document index.
+pub type Location = String;
+
+/// An image as a dataset gives it; decoded only when used.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageSource {
+    /// A local file (already resolved against the dataset's folder).
+    Path(PathBuf),
+    /// A `data:` URI.
+    DataUri(String),
+    /// A remote URI (http, https); fetched only where the caller allows it.
+    Remote(String),
+    /// Encoded bytes (docarray `blob`).
+    Blob(Vec<u8>),
+    /// Raw pixels `[height, width, channels]`, uint8 (docarray `tensor`).
+    Pixels {
+        data: Vec<u8>,
+        height: usize,
+        width: usize,
+        channels: usize,
+    },
+}
+
+/// An image and where it came from, for error messages.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageRef {
+    pub source: ImageSource,
+    pub location: Location,
+}
+
+impl ImageRef {
+    /// Decodes and preprocesses the image; errors name the dataset location.
+    pub fn preprocess(&self, pre: &ImagePreprocessor) -> Result<Vec<f32>, DataError> {
+        let at = |e: ModelError| DataError::Image {
+            location: self.location.clone(),
+            msg: e.to_string(),
+        };
+        match &self.source {
+            ImageSource::Path(p) => {
+                let bytes = std::fs::read(p).map_err(|e| DataError::Image {
+                    location: self.location.clone(),
+                    msg: format!("cannot read {}: {e}", p.display()),
+                })?;
+                pre.preprocess_bytes(&bytes).map_err(at)
+            }
+            ImageSource::DataUri(uri) => pre
+                .preprocess_bytes(&decode_data_uri(uri).map_err(|msg| DataError::Image {
+                    location: self.location.clone(),
+                    msg,
+                })?)
+                .map_err(at),
+            ImageSource::Remote(uri) => Err(DataError::Image {
+                location: self.location.clone(),
+                msg: format!("remote image {uri} is not fetched: download it and use a local path"),
+            }),
+            ImageSource::Blob(b) => pre.preprocess_bytes(b).map_err(at),
+            ImageSource::Pixels {
+                data,
+                height,
+                width,
+                channels,
+            } => pre
+                .preprocess_hwc_u8(data, *height, *width, *channels)
+                .map_err(at),
+        }
+    }
+}
+
+/// The bytes of a `data:[<mime>][;base64],<data>` URI.
+pub fn decode_data_uri(uri: &str) -> Result<Vec<u8>, String> {
+    use base64::Engine;
+    let rest = uri.strip_prefix("data:").ok_or("not a data: URI")?;
+    let (meta, data) = rest.split_once(',').ok_or("data: URI without a comma")?;
+    if meta.ends_with(";base64") {
+        base64::engine::general_purpose::STANDARD
+            .decode(data.trim())
+            .map_err(|e| format!("bad base64 in data: URI: {e}"))
+    } else {
+        Ok(percent_decode(data))
+    }
+}
+
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).ok();
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// One training example: a caption and its image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pair {
+    pub caption: String,
+    pub image: ImageRef,
+    pub label: Option<String>,
+}
+
+/// What a labelled item is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    Text(String),
+    Image(ImageRef),
+}
+
+/// A query or index item with its `finetuner_label`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Labeled {
+    pub id: String,
+    pub item: Item,
+    pub label: String,
+}
+
+/// Which modality a labelled dataset should provide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Modality {
+    Text,
+    Image,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{location}: {msg}")]
+    Malformed { location: Location, msg: String },
+    #[error("{location}: image: {msg}")]
+    Image { location: Location, msg: String },
+}
+
+/// Treats a dataset cell as an image reference (Finetuner's `is_uri`, made stricter so captions
+/// are not mistaken for paths): a `data:image/`, `file://` or http(s) URI, a path to an existing
+/// file (relative to `base`), or a path with an image extension and no whitespace (images load
+/// lazily, so the file need not exist yet).
+pub fn looks_like_image(s: &str, base: &Path) -> bool {
+    let t = s.trim();
+    let lower = t.to_ascii_lowercase();
+    if lower.starts_with("data:image/") || lower.starts_with("file://") {
+        return true;
+    }
+    let path_part = lower.split(['?', '#']).next().unwrap_or("");
+    let image_ext = [".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"]
+        .iter()
+        .any(|e| path_part.ends_with(e));
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        return image_ext;
+    }
+    if t.is_empty() || t.contains('\n') {
+        return false;
+    }
+    let p = Path::new(t);
+    let p = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    };
+    if p.is_file() {
+        return true;
+    }
+    image_ext && !t.contains(char::is_whitespace)
+}
+
+/// Resolves an image string from a dataset whose own folder is `base`.
+pub fn image_source(s: &str, base: &Path) -> ImageSource {
+    let s = s.trim();
+    let lower = s.to_ascii_lowercase();
+    if lower.starts_with("data:") {
+        ImageSource::DataUri(s.to_string())
+    } else if lower.starts_with("http://") || lower.starts_with("https://") {
+        ImageSource::Remote(s.to_string())
+    } else {
+        let p = s.strip_prefix("file://").unwrap_or(s);
+        let p = Path::new(p);
+        ImageSource::Path(if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_uris() {
+        assert_eq!(
+            decode_data_uri("data:text/plain;base64,aGk=").unwrap(),
+            b"hi"
+        );
+        assert_eq!(decode_data_uri("data:,a%20b").unwrap(), b"a b");
+        assert!(decode_data_uri("data:image/png;base64,@@@").is_err());
+        assert!(decode_data_uri("nope").is_err());
+    }
+
+    #[test]
+    fn image_detection() {
+        let here = Path::new(".");
+        assert!(looks_like_image("images/a.PNG", here));
+        assert!(looks_like_image("https://x.org/a.jpg?x=1", here));
+        assert!(looks_like_image("data:image/png;base64,AAAA", here));
+        assert!(!looks_like_image("a red dress.png is nice", here));
+        assert!(!looks_like_image("a red striped dress", here));
+        assert!(looks_like_image(
+            "Cargo.toml",
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+        ));
+        assert_eq!(
+            image_source("a.png", Path::new("/d")),
+            ImageSource::Path("/d/a.png".into())
+        );
+        assert_eq!(
+            image_source("/x/a.png", Path::new("/d")),
+            ImageSource::Path("/x/a.png".into())
+        );
+    }
+}
