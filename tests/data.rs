@@ -203,3 +203,159 @@ fn csv_datasets_as_expected() {
         }
     }
 }
+
+mod docarray_files {
+    use super::*;
+    use clipft::docarray::file::{self, DocReader};
+    use clipft::docarray::proto::{document_proto::Content, DocumentProto};
+    use clipft::docarray::{Item, Modality};
+
+    fn check_doc(file: &str, got: &DocumentProto, want: &Value) {
+        assert_eq!(got.id, want["id"].as_str().unwrap(), "{file}");
+        match (&got.content, want["text"].as_str()) {
+            (Some(Content::Text(t)), Some(w)) => assert_eq!(t, w, "{file}"),
+            (Some(Content::Text(t)), None) => panic!("{file}: unexpected text {t:?}"),
+            (_, Some(w)) => assert_eq!(w, "", "{file}: missing text"),
+            _ => {}
+        }
+        assert_eq!(
+            got.modality,
+            want["modality"].as_str().unwrap_or(""),
+            "{file}"
+        );
+        assert_eq!(got.uri, want["uri"].as_str().unwrap_or(""), "{file}");
+        assert_eq!(
+            got.mime_type,
+            want["mime_type"].as_str().unwrap_or(""),
+            "{file}"
+        );
+        match (&got.content, want["blob_len"].as_u64()) {
+            (Some(Content::Blob(b)), Some(n)) => {
+                assert_eq!(b.len() as u64, n, "{file}");
+                assert!(
+                    b.starts_with(b"\x89PNG"),
+                    "{file}: blob is not the PNG written"
+                );
+            }
+            (Some(Content::Blob(_)), None) => panic!("{file}: unexpected blob"),
+            (_, Some(_)) => panic!("{file}: missing blob"),
+            _ => {}
+        }
+        if let Some(t) = want["tensor"].as_object() {
+            let Some(Content::Tensor(nd)) = &got.content else {
+                panic!("{file}: missing tensor")
+            };
+            let dense = match &nd.content {
+                Some(clipft::docarray::proto::nd_array_proto::Content::Dense(d)) => d,
+                _ => panic!("{file}: not dense"),
+            };
+            let shape: Vec<u64> = t["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
+            assert_eq!(
+                dense.shape.iter().map(|s| *s as u64).collect::<Vec<_>>(),
+                shape,
+                "{file}"
+            );
+        }
+        assert_eq!(
+            got.parent_id,
+            want["parent_id"].as_str().unwrap_or(""),
+            "{file}"
+        );
+        let label = want["tags"]["finetuner_label"].clone();
+        let ours = file::finetuner_label(got);
+        match label {
+            Value::String(s) => assert_eq!(ours.as_deref(), Some(s.as_str()), "{file}"),
+            Value::Number(n) => assert_eq!(
+                ours.unwrap().parse::<f64>().unwrap(),
+                n.as_f64().unwrap(),
+                "{file}"
+            ),
+            _ => assert!(ours.is_none(), "{file}"),
+        }
+        let chunks = want["chunks"].as_array().unwrap();
+        assert_eq!(got.chunks.len(), chunks.len(), "{file}");
+        for (g, w) in got.chunks.iter().zip(chunks) {
+            check_doc(file, g, w);
+        }
+    }
+
+    #[test]
+    fn every_protocol_and_compression_reads_as_docarray_wrote_it() {
+        let expected = json("expected_train.json");
+        let files = expected["files"].as_object().unwrap();
+        assert!(files.len() >= 14);
+        for (file, spec) in files {
+            let docs: Vec<DocumentProto> = DocReader::open(&data_dir().join(file))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap_or_else(|e| panic!("{file}: {e}"));
+            let want = spec["docs"].as_array().unwrap();
+            assert_eq!(docs.len(), want.len(), "{file}");
+            for (g, w) in docs.iter().zip(want) {
+                check_doc(file, g, w);
+            }
+        }
+    }
+
+    #[test]
+    fn training_pairs_and_labelled_items() {
+        let pairs: Vec<_> = file::pairs(&data_dir().join("train.protobuf.lz4.bin"))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(pairs.len(), 6);
+        assert_eq!(pairs[0].caption, "a red square");
+        assert_eq!(pairs[0].label.as_deref(), Some("red"));
+        let pre = clipft::model::ImagePreprocessor::new(clipft::model::ImageConfig::default());
+        for p in &pairs {
+            let px = p.image.preprocess(&pre).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(px.len(), 3 * 224 * 224);
+        }
+        let queries: Vec<_> = file::labeled(
+            &data_dir().join("query.protobuf-array.none.bin"),
+            Modality::Text,
+        )
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+        assert!(queries.iter().all(|q| matches!(q.item, Item::Text(_))));
+        let index: Vec<_> = file::labeled(
+            &data_dir().join("index.protobuf-array.none.bin"),
+            Modality::Image,
+        )
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+        assert!(index.iter().all(|q| matches!(q.item, Item::Image(_))));
+        assert!(queries
+            .iter()
+            .all(|q| index.iter().any(|i| i.label == q.label)));
+    }
+
+    #[test]
+    fn malformed_files_are_refused_with_their_location() {
+        let dir = data_dir().join("malformed");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) != Some("bin") {
+                continue;
+            }
+            n += 1;
+            let result: Result<Vec<_>, _> = DocReader::open(&path).and_then(|r| r.collect());
+            let e = result
+                .expect_err(&format!("{} should be refused", path.display()))
+                .to_string();
+            assert!(
+                e.contains(path.file_name().unwrap().to_str().unwrap()),
+                "{e}"
+            );
+        }
+        assert!(n >= 6, "{n}");
+    }
+}

@@ -2,6 +2,8 @@
 //! streams of training pairs or labelled items, with images referenced lazily.
 
 pub mod csv;
+pub mod file;
+pub mod proto;
 
 use std::path::{Path, PathBuf};
 
