@@ -10,6 +10,11 @@
 //!   layer norm and attention, pooled buffers) and `amx` (bf16x3 products on Intel AMX tiles,
 //!   chosen by `--matmul-precision`). [`model::Encoder`] is the object everything else uses to
 //!   turn texts and images into embeddings.
+//! - [`docarray`]: datasets on disk, streamed: Finetuner-style CSV (`csv`), docarray v1 files in
+//!   both protocols and every compression (`file`, with the generated `proto` types); images are
+//!   lazy references decoded only when used.
+//! - [`eval`]: docarray v1's nine retrieval metrics (`metrics`), the exact top-k evaluator
+//!   (`evaluator`), and `evaluate_model`, which embeds labelled queries and index with a model.
 //! - [`artifact`]: the fine-tuned artifact layout and submodel selection.
 //! - [`cli`]: one module per subcommand; parse flags, call the library, print.
 //!
@@ -20,7 +25,13 @@
 //! thread pool, [`model::vision::VisionTower::forward`] -> projected (not normalised) float32
 //! embeddings, in input order.
 //!
-//! The Jina-compatible executor, the trainer, evaluation and telemetry build on the same
+//! # The evaluation path
+//! `cli::eval` -> [`docarray::read_labeled`] (CSV or docarray file) -> [`eval::evaluate_model`]:
+//! queries through the text tower, index images through the vision tower (preprocessed on the
+//! thread pool), blocked matrix products over the whole index, f64 re-ranking of the best
+//! candidates, the nine metrics per query, averaged.
+//!
+//! The Jina-compatible executor, the trainer and telemetry build on the same
 //! [`model::Encoder`] and [`model::Clip`]; see ARCHITECTURE.md in the repository for the planned
 //! request and training paths.
 

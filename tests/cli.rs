@@ -344,3 +344,53 @@ fn tempdir(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[test]
+fn eval_prints_nine_metrics_from_csv_and_docarray_files() {
+    let demo = root().join("data/demo");
+    let out = ok(bin()
+        .args(["eval", "--model", &tiny(), "--json", "--query-data"])
+        .arg(demo.join("query.csv"))
+        .arg("--index-data")
+        .arg(demo.join("index.csv"))
+        .output()
+        .unwrap());
+    let m: Value = serde_json::from_str(out.trim()).unwrap();
+    let names = [
+        "average_precision",
+        "dcg_at_k",
+        "f1_score_at_k",
+        "hit_at_k",
+        "ndcg_at_k",
+        "precision_at_k",
+        "r_precision",
+        "recall_at_k",
+        "reciprocal_rank",
+    ];
+    assert_eq!(m.as_object().unwrap().len(), 9);
+    for n in names {
+        let v = m[n].as_f64().unwrap();
+        assert!(v >= 0.0 && (n == "dcg_at_k" || v <= 1.0), "{n} = {v}");
+    }
+    let table = ok(bin()
+        .args(["eval", "--model", &tiny(), "--limit", "5", "--query-data"])
+        .arg(root().join("tests/fixtures/data/query.protobuf-array.none.bin"))
+        .arg("--index-data")
+        .arg(root().join("tests/fixtures/data/index.protobuf-array.none.bin"))
+        .output()
+        .unwrap());
+    for n in names {
+        assert!(table.contains(n), "{table}");
+    }
+    let e = err(bin()
+        .args(["eval", "--model", &tiny(), "--query-data"])
+        .arg(demo.join("index.csv"))
+        .arg("--index-data")
+        .arg(demo.join("query.csv"))
+        .output()
+        .unwrap());
+    assert!(
+        e.contains("query.csv:1") && e.contains("not an image"),
+        "{e}"
+    );
+}

@@ -5,10 +5,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{ArgMatches, Args};
-use rayon::prelude::*;
 
 use super::{parse_towers, ModelArgs};
-use crate::model::tokenizer::pad_rows;
 use crate::model::{Encoder, Towers};
 
 #[derive(Args, Debug)]
@@ -95,65 +93,40 @@ fn collect_inputs(args: &EncodeArgs, matches: Option<&ArgMatches>) -> anyhow::Re
     Ok(inputs)
 }
 
-/// Embeds every input, batching texts by token length and images in parallel preprocessing.
+/// Embeds every input, batching texts by token length and preprocessing images in parallel.
 pub fn encode_inputs(
     enc: &Encoder,
     inputs: &[Input],
     batch: usize,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
-    let mut out: Vec<Option<Vec<f32>>> = vec![None; inputs.len()];
-    let texts: Vec<(usize, &str)> = inputs
-        .iter()
-        .enumerate()
-        .filter_map(|(i, x)| match x {
-            Input::Text(t) => Some((i, t.as_str())),
-            _ => None,
-        })
-        .collect();
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); inputs.len()];
+    let (mut text_pos, mut texts, mut image_pos, mut images) = (vec![], vec![], vec![], vec![]);
+    for (i, x) in inputs.iter().enumerate() {
+        match x {
+            Input::Text(t) => {
+                text_pos.push(i);
+                texts.push(t.as_str());
+            }
+            Input::Image(p) => {
+                image_pos.push(i);
+                images.push(p.as_path());
+            }
+        }
+    }
     if !texts.is_empty() {
-        let tok = enc.tokenizer()?;
-        let mut rows: Vec<(usize, Vec<u32>)> = texts
-            .iter()
-            .map(|(i, t)| {
-                Ok((
-                    *i,
-                    tok.encode(t).with_context(|| format!("input {}", i + 1))?,
-                ))
-            })
-            .collect::<anyhow::Result<_>>()?;
-        // Similar lengths together: each batch is padded only to its own longest row.
-        rows.sort_by_key(|(_, r)| r.len());
-        for chunk in rows.chunks(batch) {
-            let padded = pad_rows(chunk.iter().map(|(_, r)| r.clone()).collect(), tok.pad_id());
-            for ((i, _), e) in chunk.iter().zip(enc.embed_token_rows(&padded)?) {
-                out[*i] = Some(e);
-            }
+        let e = enc.embed_texts_batched(&texts, batch, &mut |_| {})?;
+        for (i, e) in text_pos.into_iter().zip(e) {
+            out[i] = e;
         }
     }
-    let images: Vec<(usize, &Path)> = inputs
-        .iter()
-        .enumerate()
-        .filter_map(|(i, x)| match x {
-            Input::Image(p) => Some((i, p.as_path())),
-            _ => None,
-        })
-        .collect();
     if !images.is_empty() {
-        let pre = enc.image_preprocessor()?;
-        for chunk in images.chunks(batch) {
-            let pixels = chunk
-                .par_iter()
-                .map(|(_, p)| pre.preprocess_file(p))
-                .collect::<Result<Vec<_>, _>>()?;
-            for ((i, _), e) in chunk.iter().zip(enc.embed_pixels(&pixels)?) {
-                out[*i] = Some(e);
-            }
+        let e =
+            enc.embed_images_batched(&images, batch, |p, pre| pre.preprocess_file(p), &mut |_| {})?;
+        for (i, e) in image_pos.into_iter().zip(e) {
+            out[i] = e;
         }
     }
-    out.into_iter()
-        .enumerate()
-        .map(|(i, e)| e.with_context(|| format!("input {} was not embedded", i + 1)))
-        .collect()
+    Ok(out)
 }
 
 pub fn run(args: EncodeArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {

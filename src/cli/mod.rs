@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod encode;
+pub mod eval;
 pub mod models;
 
 use std::process::ExitCode;
@@ -29,6 +30,8 @@ pub struct Cli {
 pub enum Command {
     /// Embed texts and images, one JSON line per input, in input order.
     Encode(encode::EncodeArgs),
+    /// Text-to-image retrieval metrics on labelled query and index data.
+    Eval(eval::EvalArgs),
     /// Measure model throughput on pre-tokenized / pre-processed inputs.
     Bench(bench::BenchArgs),
     /// List the supported CLIP backbones.
@@ -115,6 +118,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Encode(args) => encode::run(args, sub),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Models(args) => models::run(args),
     };
     match result {

@@ -110,6 +110,32 @@ fn percent_decode(s: &str) -> Vec<u8> {
     out
 }
 
+fn is_csv(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+}
+
+/// Training pairs from a CSV (by extension) or a docarray v1 file, streamed.
+pub fn open_pairs(
+    path: &Path,
+) -> Result<Box<dyn Iterator<Item = Result<Pair, DataError>>>, DataError> {
+    if is_csv(path) {
+        Ok(Box::new(csv::CsvRows::open(path)?.pairs()))
+    } else {
+        Ok(Box::new(file::pairs(path)?))
+    }
+}
+
+/// Labelled query (text) or index (image) items from a CSV or a docarray v1 file.
+pub fn read_labeled(path: &Path, want: Modality) -> Result<Vec<Labeled>, DataError> {
+    if is_csv(path) {
+        csv::CsvRows::open(path)?.labeled(want).collect()
+    } else {
+        file::labeled(path, want)?.collect()
+    }
+}
+
 /// One training example: a caption and its image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pair {

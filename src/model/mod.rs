@@ -199,6 +199,64 @@ impl Encoder {
         self.embed_token_rows(&rows)
     }
 
+    /// Embeddings of many texts, in input order, `batch` at a time; texts of similar token
+    /// length are batched together so each batch pads only to its own longest row.
+    /// `progress` is told how many texts each finished batch held.
+    pub fn embed_texts_batched<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        batch: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let tok = self.tokenizer()?;
+        let mut rows: Vec<(usize, Vec<u32>)> = texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                tok.encode(t.as_ref()).map(|r| (i, r)).map_err(|e| match e {
+                    ModelError::InvalidInput { msg } => ModelError::InvalidInput {
+                        msg: format!("text {}: {msg}", i + 1),
+                    },
+                    other => other,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        rows.sort_by_key(|(_, r)| r.len());
+        let mut out = vec![Vec::new(); texts.len()];
+        for chunk in rows.chunks(batch.max(1)) {
+            let padded =
+                tokenizer::pad_rows(chunk.iter().map(|(_, r)| r.clone()).collect(), tok.pad_id());
+            for ((i, _), e) in chunk.iter().zip(self.embed_token_rows(&padded)?) {
+                out[*i] = e;
+            }
+            progress(chunk.len());
+        }
+        Ok(out)
+    }
+
+    /// Embeddings of many images, in input order, `batch` at a time; `prepare` decodes and
+    /// preprocesses one item and runs on the thread pool while the model waits for the batch.
+    pub fn embed_images_batched<T: Sync, E: From<ModelError> + Send>(
+        &self,
+        items: &[T],
+        batch: usize,
+        prepare: impl Fn(&T, &ImagePreprocessor) -> Result<Vec<f32>, E> + Sync,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>, E> {
+        use rayon::prelude::*;
+        let pre = self.image_preprocessor()?;
+        let mut out = Vec::with_capacity(items.len());
+        for chunk in items.chunks(batch.max(1)) {
+            let pixels = chunk
+                .par_iter()
+                .map(|x| prepare(x, pre))
+                .collect::<Result<Vec<_>, E>>()?;
+            out.extend(self.embed_pixels(&pixels)?);
+            progress(chunk.len());
+        }
+        Ok(out)
+    }
+
     /// Embeddings of preprocessed images (each `[3, H, W]` flattened), in order, as one batch.
     pub fn embed_pixels(&self, images: &[Vec<f32>]) -> Result<Vec<Vec<f32>>, ModelError> {
         if images.is_empty() {

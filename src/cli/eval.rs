@@ -1,0 +1,96 @@
+//! `clipft eval`: text-to-image retrieval metrics of a model on labelled query and index data.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::ModelArgs;
+use crate::docarray::{read_labeled, Modality};
+use crate::eval::{evaluate_model, Stage};
+use crate::model::{Encoder, Towers};
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Text queries with labels: CSV (`caption,label`) or a docarray v1 file with
+    /// `tags['finetuner_label']`.
+    #[arg(long, env = "CLIPFT_QUERY_DATA")]
+    pub query_data: PathBuf,
+    /// Images with labels: CSV (`image,label`) or a docarray v1 file.
+    #[arg(long, env = "CLIPFT_INDEX_DATA")]
+    pub index_data: PathBuf,
+    /// Matches retrieved per query (Finetuner's default: 20).
+    #[arg(long, env = "CLIPFT_LIMIT", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10000))]
+    pub limit: u64,
+    /// Print one JSON object with the nine metrics.
+    #[arg(long, env = "CLIPFT_JSON")]
+    pub json: bool,
+    #[arg(long, env = "CLIPFT_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub batch_size: u64,
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let queries = read_labeled(&args.query_data, Modality::Text)?;
+    let index = read_labeled(&args.index_data, Modality::Image)?;
+    let (files, opts) = args.model.resolve(Towers::ALL)?;
+    let enc = Encoder::load(&files, &opts)?;
+    let bar = progress_bar(queries.len() + index.len());
+    let eval = evaluate_model(
+        &enc,
+        &queries,
+        &index,
+        args.limit as usize,
+        args.batch_size as usize,
+        &mut |stage, n| {
+            if let Some(b) = &bar {
+                b.set_message(match stage {
+                    Stage::Queries => "queries",
+                    Stage::Index => "index",
+                });
+                b.inc(n as u64);
+            }
+        },
+    )?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&eval.mean)?);
+    } else {
+        println!("{}", metrics_table(&[("value", &eval.mean)]));
+    }
+    Ok(())
+}
+
+/// A progress bar on stderr when it is a terminal.
+pub fn progress_bar(len: usize) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>8} [{bar:40}] {pos}/{len} ({per_sec}, {eta})",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    Some(bar)
+}
+
+/// The metrics as a table with one value column per entry (e.g. before / after).
+pub fn metrics_table(columns: &[(&str, &crate::eval::Metrics)]) -> String {
+    let mut out = format!("{:<20}", "metric");
+    for (name, _) in columns {
+        out.push_str(&format!(" {name:>10}"));
+    }
+    for (i, metric) in crate::eval::Metrics::NAMES.iter().enumerate() {
+        out.push_str(&format!("\n{metric:<20}"));
+        for (_, m) in columns {
+            out.push_str(&format!(" {:>10.4}", m.values()[i]));
+        }
+    }
+    out
+}
