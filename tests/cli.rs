@@ -394,3 +394,17 @@ fn eval_prints_nine_metrics_from_csv_and_docarray_files() {
         "{e}"
     );
 }
+
+#[test]
+fn demo_runs_offline_on_the_shipped_data() {
+    let out = ok(bin().arg("demo").current_dir(root()).output().unwrap());
+    assert!(out.contains("precision_at_k"), "{out}");
+    assert!(out.contains("\"a red striped dress\""), "{out}");
+    assert!(out.contains(".png"), "{out}");
+    let e = err(bin()
+        .arg("demo")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap());
+    assert!(e.contains("repository root"), "{e}");
+}

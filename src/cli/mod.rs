@@ -2,6 +2,7 @@
 //! `CLIPFT_*` environment variable), calls the library and prints; no logic a test needs lives here.
 
 pub mod bench;
+pub mod demo;
 pub mod encode;
 pub mod eval;
 pub mod models;
@@ -28,6 +29,8 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// The whole story offline on what the repository ships.
+    Demo(demo::DemoArgs),
     /// Embed texts and images, one JSON line per input, in input order.
     Encode(encode::EncodeArgs),
     /// Text-to-image retrieval metrics on labelled query and index data.
@@ -118,6 +121,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Encode(args) => encode::run(args, sub),
         Command::Bench(args) => bench::run(args),
+        Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Models(args) => models::run(args),
     };

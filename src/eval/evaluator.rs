@@ -104,6 +104,55 @@ pub fn evaluate(
     limit: usize,
     exclude_self: bool,
 ) -> Result<Evaluation, EvalError> {
+    let mut label_counts: HashMap<&str, usize> = HashMap::new();
+    for l in &index.labels {
+        *label_counts.entry(l.as_str()).or_default() += 1;
+    }
+    for (i, l) in queries.labels.iter().enumerate() {
+        if !label_counts.contains_key(l.as_str()) {
+            return Err(EvalError::NoRelevant {
+                id: query_id(queries, i),
+                label: l.clone(),
+            });
+        }
+    }
+    let limit = limit.max(1);
+    let ranked = rank(queries, index, limit, exclude_self)?;
+    let per_query = ranked
+        .into_iter()
+        .enumerate()
+        .map(|(qi, top)| {
+            let label = queries.labels[qi].as_str();
+            let r: Vec<bool> = top.iter().map(|(c, _)| index.labels[*c] == label).collect();
+            let metrics = Metrics::compute(&r, label_counts[label], None).map_err(|source| {
+                EvalError::Metric {
+                    id: query_id(queries, qi),
+                    source,
+                }
+            })?;
+            Ok(QueryResult {
+                matches: top.iter().map(|(c, _)| *c).collect(),
+                scores: top.iter().map(|(_, s)| *s).collect(),
+                metrics,
+            })
+        })
+        .collect::<Result<Vec<_>, EvalError>>()?;
+    let mean = Metrics::mean(&per_query.iter().map(|q| q.metrics).collect::<Vec<_>>());
+    Ok(Evaluation {
+        mean,
+        per_query,
+        limit,
+    })
+}
+
+/// The best `limit` index positions for each query with their cosine similarity (docarray's
+/// formula), best first. Labels are not used.
+pub fn rank(
+    queries: &LabeledEmbeddings,
+    index: &LabeledEmbeddings,
+    limit: usize,
+    exclude_self: bool,
+) -> Result<Vec<Vec<(usize, f64)>>, EvalError> {
     if queries.is_empty() {
         return Err(EvalError::Empty("queries"));
     }
@@ -124,39 +173,26 @@ pub fn evaluate(
         }
     }
     let limit = limit.max(1);
-    let mut label_counts: HashMap<&str, usize> = HashMap::new();
-    for l in &index.labels {
-        *label_counts.entry(l.as_str()).or_default() += 1;
-    }
-    for (i, l) in queries.labels.iter().enumerate() {
-        if !label_counts.contains_key(l.as_str()) {
-            return Err(EvalError::NoRelevant {
-                id: query_id(queries, i),
-                label: l.clone(),
-            });
-        }
-    }
     let (qn, xn) = (norms(queries), norms(index));
     let (qu, xu) = (unit_rows(queries, &qn), unit_rows(index, &xn));
     let (n, d) = (index.len(), index.dim);
     let packed =
         cpu::amx_precision().map(|p| amx::PackedB::new(&xu, n, d, p == amx::Precision::Bf16x3));
     let keep = (limit + RERANK_MARGIN + usize::from(exclude_self)).min(n);
-    let mut per_query = Vec::with_capacity(queries.len());
+    let mut out = Vec::with_capacity(queries.len());
     for start in (0..queries.len()).step_by(QUERY_BLOCK) {
         let rows = QUERY_BLOCK.min(queries.len() - start);
         let block = &qu[start * d..(start + rows) * d];
         let scores = cpu::linear(block, rows, d, &xu, n, None, None, packed.as_ref());
-        let results: Vec<Result<QueryResult, EvalError>> = scores
+        let ranked: Vec<Vec<(usize, f64)>> = scores
             .par_chunks(n)
             .enumerate()
             .map(|(j, row)| {
                 let qi = start + j;
-                let candidates = top_candidates(row, keep);
-                // Exact f64 cosine for the candidates, then the final order.
                 let q = queries.row(qi);
                 let qid = queries.ids.get(qi);
-                let mut exact: Vec<(f64, usize)> = candidates
+                // Exact f64 cosine for the candidates, then the final order.
+                let mut exact: Vec<(usize, f64)> = top_candidates(row, keep)
                     .into_iter()
                     .filter(|c| !(exclude_self && qid.is_some() && index.ids.get(*c) == qid))
                     .map(|c| {
@@ -165,40 +201,17 @@ pub fn evaluate(
                             .zip(index.row(c))
                             .map(|(a, b)| *a as f64 * *b as f64)
                             .sum();
-                        (docarray_cosine(dot, qn[qi] * xn[c]), c)
+                        (c, docarray_cosine(dot, qn[qi] * xn[c]))
                     })
                     .collect();
-                exact.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                exact.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
                 exact.truncate(limit);
-                let label = queries.labels[qi].as_str();
-                let r: Vec<bool> = exact
-                    .iter()
-                    .map(|(_, c)| index.labels[*c] == label)
-                    .collect();
-                let metrics =
-                    Metrics::compute(&r, label_counts[label], None).map_err(|source| {
-                        EvalError::Metric {
-                            id: query_id(queries, qi),
-                            source,
-                        }
-                    })?;
-                Ok(QueryResult {
-                    matches: exact.iter().map(|(_, c)| *c).collect(),
-                    scores: exact.iter().map(|(s, _)| *s).collect(),
-                    metrics,
-                })
+                exact
             })
             .collect();
-        for r in results {
-            per_query.push(r?);
-        }
+        out.extend(ranked);
     }
-    let mean = Metrics::mean(&per_query.iter().map(|q| q.metrics).collect::<Vec<_>>());
-    Ok(Evaluation {
-        mean,
-        per_query,
-        limit,
-    })
+    Ok(out)
 }
 
 fn query_id(q: &LabeledEmbeddings, i: usize) -> String {

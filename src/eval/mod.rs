@@ -5,7 +5,7 @@
 pub mod evaluator;
 pub mod metrics;
 
-pub use evaluator::{evaluate, EvalError, Evaluation, LabeledEmbeddings};
+pub use evaluator::{evaluate, rank, EvalError, Evaluation, LabeledEmbeddings};
 pub use metrics::Metrics;
 
 use crate::docarray::{DataError, Item, Labeled};
