@@ -1,0 +1,240 @@
+//! Adam and AdamW as torch.optim computes them, updating parameters in place.
+//!
+//! candle's stock AdamW runs about ten element-wise tensor ops per parameter per step, each
+//! allocating a new tensor (about 5 s per step on ViT-B/32 on two cores). Here the moments live
+//! in plain buffers owned by the optimiser and one fused pass per parameter updates weight and
+//! moments together, in place (a candle in-place op on the variable's own storage), with no
+//! allocation. Other devices fall back to tensor ops with the same arithmetic.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, Layout, Result, Tensor, Var};
+use rayon::prelude::*;
+
+/// Which update rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+pub enum OptimizerKind {
+    /// L2 weight decay added to the gradient (torch.optim.Adam).
+    #[value(name = "Adam")]
+    Adam,
+    /// Decoupled weight decay (torch.optim.AdamW).
+    #[value(name = "AdamW")]
+    AdamW,
+}
+
+/// Hyper-parameters, with torch's defaults for the betas and epsilon.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OptimizerParams {
+    pub kind: OptimizerKind,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl OptimizerParams {
+    pub fn new(kind: OptimizerKind, lr: f64, weight_decay: f64) -> Self {
+        Self { kind, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
+    }
+}
+
+struct Moments {
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// One parameter with its moments.
+pub struct ParamState {
+    pub name: String,
+    pub var: Var,
+    moments: Mutex<Moments>,
+}
+
+/// Adam / AdamW over a fixed list of parameters.
+pub struct Optimizer {
+    pub params: Vec<ParamState>,
+    pub hp: OptimizerParams,
+    step: u64,
+}
+
+/// The scalars of one step, shared by every parameter.
+#[derive(Clone, Copy)]
+struct StepScalars {
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    wd: f32,
+    kind: OptimizerKind,
+    /// lr / (1 - beta1^t)
+    step_size: f32,
+    /// sqrt(1 - beta2^t)
+    bc2_sqrt: f32,
+}
+
+impl Optimizer {
+    pub fn new(vars: Vec<(String, Var)>, hp: OptimizerParams) -> Self {
+        let params = vars
+            .into_iter()
+            .map(|(name, var)| {
+                let n = var.elem_count();
+                ParamState { name, var, moments: Mutex::new(Moments { m: vec![0.0; n], v: vec![0.0; n] }) }
+            })
+            .collect();
+        Self { params, hp, step: 0 }
+    }
+
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.hp.lr = lr;
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Applies one update from `grads`; parameters without a gradient are left alone (as torch
+    /// skips parameters whose `.grad` is None).
+    pub fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let hp = self.hp;
+        let s = StepScalars {
+            lr: hp.lr as f32,
+            beta1: hp.beta1 as f32,
+            beta2: hp.beta2 as f32,
+            eps: hp.eps as f32,
+            wd: hp.weight_decay as f32,
+            kind: hp.kind,
+            step_size: (hp.lr / (1.0 - hp.beta1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - hp.beta2.powi(t)).sqrt() as f32,
+        };
+        for p in &self.params {
+            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            if p.var.device().is_cpu() && p.var.dtype() == candle_core::DType::F32 {
+                let g = g.contiguous()?;
+                p.var.as_tensor().inplace_op2(&g, &AdamStep { s, moments: &p.moments })?;
+            } else {
+                generic_step(p, g, s)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moments as tensors, for checkpoints.
+    pub fn moments(&self, name: &str) -> Option<(Vec<f32>, Vec<f32>)> {
+        let p = self.params.iter().find(|p| p.name == name)?;
+        let m = p.moments.lock().ok()?;
+        Some((m.m.clone(), m.v.clone()))
+    }
+}
+
+struct AdamStep<'a> {
+    s: StepScalars,
+    moments: &'a Mutex<Moments>,
+}
+
+impl candle_core::InplaceOp2 for AdamStep<'_> {
+    fn name(&self) -> &'static str {
+        "adam-step"
+    }
+
+    fn cpu_fwd(&self, w: &mut CpuStorage, lw: &Layout, g: &CpuStorage, lg: &Layout) -> Result<()> {
+        let (CpuStorage::F32(w), CpuStorage::F32(g)) = (w, g) else {
+            candle_core::bail!("adam-step: f32 parameters only")
+        };
+        let (Some((w0, w1)), Some((g0, g1))) = (lw.contiguous_offsets(), lg.contiguous_offsets()) else {
+            candle_core::bail!("adam-step: contiguous parameters only")
+        };
+        let (w, g) = (&mut w[w0..w1], &g[g0..g1]);
+        let mut mom = self.moments.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let Moments { m, v } = &mut *mom;
+        if m.len() != w.len() || g.len() != w.len() {
+            candle_core::bail!("adam-step: size mismatch");
+        }
+        let s = self.s;
+        const CHUNK: usize = 1 << 14;
+        w.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((w, g), (m, v))| update(w, g, m, v, s));
+        Ok(())
+    }
+}
+
+#[inline]
+fn update(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: StepScalars) {
+    for i in 0..w.len() {
+        let mut grad = g[i];
+        match s.kind {
+            OptimizerKind::AdamW => w[i] *= 1.0 - s.lr * s.wd,
+            OptimizerKind::Adam => grad += s.wd * w[i],
+        }
+        // torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
+        m[i] += (grad - m[i]) * (1.0 - s.beta1);
+        v[i] = v[i] * s.beta2 + (1.0 - s.beta2) * grad * grad;
+        let denom = v[i].sqrt() / s.bc2_sqrt + s.eps;
+        w[i] -= s.step_size * m[i] / denom;
+    }
+}
+
+/// The same update with tensor ops, for devices the fused pass does not cover.
+fn generic_step(p: &ParamState, g: &Tensor, s: StepScalars) -> Result<()> {
+    let mut mom = p.moments.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+    let dev = p.var.device();
+    let shape = p.var.shape().clone();
+    let dtype = p.var.dtype();
+    let w = p.var.as_tensor().to_dtype(candle_core::DType::F32)?;
+    let mut grad = g.to_dtype(candle_core::DType::F32)?;
+    let mut w = match s.kind {
+        OptimizerKind::AdamW => (w * (1.0 - s.lr as f64 * s.wd as f64))?,
+        OptimizerKind::Adam => {
+            grad = (grad + (&w * s.wd as f64)?)?;
+            w
+        }
+    };
+    let m = Tensor::from_slice(&mom.m, &shape, dev)?;
+    let v = Tensor::from_slice(&mom.v, &shape, dev)?;
+    let m = ((m * s.beta1 as f64)? + (&grad * (1.0 - s.beta1 as f64))?)?;
+    let v = ((v * s.beta2 as f64)? + (grad.sqr()? * (1.0 - s.beta2 as f64))?)?;
+    let denom = ((v.sqrt()? / s.bc2_sqrt as f64)? + s.eps as f64)?;
+    w = (w - ((&m / denom)? * s.step_size as f64)?)?;
+    mom.m = m.flatten_all()?.to_vec1()?;
+    mom.v = v.flatten_all()?.to_vec1()?;
+    p.var.set(&w.to_dtype(dtype)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Two steps on a quadratic, checked against the formulas computed by hand in f64.
+    #[test]
+    fn matches_torch_formulas() {
+        for kind in [OptimizerKind::AdamW, OptimizerKind::Adam] {
+            let var = Var::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
+            let mut opt = Optimizer::new(vec![("w".into(), var.clone())], OptimizerParams::new(kind, 0.1, 0.01));
+            let (mut w, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0f64; 3], [0f64; 3]);
+            for t in 1..=2 {
+                let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
+                opt.step(&loss.backward().unwrap()).unwrap();
+                for i in 0..3 {
+                    let mut g = 2.0 * w[i];
+                    match kind {
+                        OptimizerKind::AdamW => w[i] *= 1.0 - 0.1 * 0.01,
+                        OptimizerKind::Adam => g += 0.01 * w[i],
+                    }
+                    m[i] = 0.9 * m[i] + 0.1 * g;
+                    v[i] = 0.999 * v[i] + 0.001 * g * g;
+                    let denom = v[i].sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8;
+                    w[i] -= 0.1 / (1.0 - 0.9f64.powi(t)) * m[i] / denom;
+                }
+            }
+            let got = var.as_tensor().to_vec1::<f32>().unwrap();
+            for (g, w) in got.iter().zip(w) {
+                assert!((*g as f64 - w).abs() < 1e-6, "{kind:?}: {g} vs {w}");
+            }
+        }
+    }
+}

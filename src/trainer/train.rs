@@ -1,0 +1,108 @@
+//! The training step shared by `clipft fit` and the trainer service: the model in training mode
+//! (candle's differentiable graph, every weight a variable), CLIPLoss, backward, the optimiser
+//! step in place, and `logit_scale` clamped to [0, ln 100] as OpenCLIP and Finetuner do.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::loss::clip_loss;
+use super::optim::{Optimizer, OptimizerParams};
+use crate::model::{Clip, ClipConfig, ClipTokenizer, ImagePreprocessor, ImageConfig, Mode, ModelError, ModelFiles, TextBatch, Towers};
+
+/// Upper bound of `logit_scale` after every step (a temperature of 1/100).
+pub const MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_092; // ln(100)
+
+/// A CLIP whose weights are variables, with its input processing.
+pub struct TrainModel {
+    pub clip: Clip,
+    pub varmap: VarMap,
+    pub tokenizer: ClipTokenizer,
+    pub images: ImagePreprocessor,
+    pub device: Device,
+}
+
+impl TrainModel {
+    /// Both towers from a checkpoint, as f32 variables on `device`.
+    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self, ModelError> {
+        let config = ClipConfig::from_file(&files.config)?;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let clip = Clip::new(vb, &config, Towers::ALL)?;
+        let weights = files.var_builder(Towers::ALL, DType::F32, device)?;
+        {
+            let vars = varmap.data().lock().map_err(|_| ModelError::InvalidInput { msg: "poisoned".into() })?;
+            for (name, var) in vars.iter() {
+                // A checkpoint without `logit_scale` keeps the config's initial value.
+                if name == "logit_scale" && !weights.contains_tensor(name) {
+                    continue;
+                }
+                let t = weights.get(var.shape().clone(), name).map_err(|e| ModelError::Weights {
+                    files: files.source.clone(),
+                    msg: format!("{name}: {e}"),
+                })?;
+                var.set(&t)?;
+            }
+        }
+        let text = clip.text.as_ref().map(|t| t.config().max_position_embeddings).unwrap_or(77);
+        let tokenizer = ClipTokenizer::from_file(
+            files.tokenizer.as_ref().ok_or_else(|| ModelError::NotFound {
+                what: files.source.clone(),
+                msg: "has no tokenizer.json".into(),
+            })?,
+            text,
+        )?;
+        let images = ImagePreprocessor::new(match &files.preprocessor {
+            Some(p) => ImageConfig::from_file(p)?,
+            None => ImageConfig::default(),
+        });
+        Ok(Self { clip, varmap, tokenizer, images, device: device.clone() })
+    }
+
+    /// Every variable with its checkpoint name, sorted by name (a stable order for optimisers
+    /// and checkpoints).
+    pub fn named_vars(&self) -> Vec<(String, candle_core::Var)> {
+        let vars = self.varmap.data().lock().expect("varmap lock");
+        let mut v: Vec<(String, candle_core::Var)> = vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// A text batch for the text tower: tokenized, padded to the longest caption.
+    pub fn text_batch<S: AsRef<str>>(&self, captions: &[S]) -> Result<TextBatch, ModelError> {
+        let rows = self.tokenizer.encode_batch(captions)?;
+        let eos = self.clip.text.as_ref().map(|t| t.config().eos_token_id).unwrap_or(2);
+        Ok(TextBatch::new(&rows, eos, &self.device)?)
+    }
+
+    /// The loss of one batch, with the graph kept for backward.
+    pub fn loss(&self, text: &TextBatch, pixels: &Tensor) -> Result<Tensor, ModelError> {
+        let t = self.clip.text_features(text, Mode::Train)?;
+        let i = self.clip.image_features(pixels, Mode::Train)?;
+        let scale = self.clip.logit_scale.as_ref().ok_or(ModelError::InvalidInput {
+            msg: "model has no logit_scale".into(),
+        })?;
+        Ok(clip_loss(&t, &i, scale)?)
+    }
+
+    /// One optimiser step on one batch; returns the batch's loss before the update.
+    pub fn train_step(&self, opt: &mut Optimizer, text: &TextBatch, pixels: &Tensor) -> Result<f32, ModelError> {
+        let loss = self.loss(text, pixels)?;
+        let grads = loss.backward()?;
+        opt.step(&grads)?;
+        if let Some(ls) = &self.clip.logit_scale {
+            let v = ls.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !(0.0..=MAX_LOGIT_SCALE).contains(&v) {
+                let vars = self.varmap.data().lock().map_err(|_| ModelError::InvalidInput { msg: "poisoned".into() })?;
+                if let Some(var) = vars.get("logit_scale") {
+                    var.set(&Tensor::new(v.clamp(0.0, MAX_LOGIT_SCALE) as f32, &self.device)?)?;
+                }
+            }
+        }
+        Ok(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?)
+    }
+
+    /// An optimiser over every variable.
+    pub fn optimizer(&self, hp: OptimizerParams) -> Optimizer {
+        Optimizer::new(self.named_vars(), hp)
+    }
+}
