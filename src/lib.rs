@@ -39,5 +39,5 @@ pub mod artifact;
 pub mod cli;
 pub mod docarray;
 pub mod eval;
-pub mod trainer;
 pub mod model;
+pub mod trainer;

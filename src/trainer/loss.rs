@@ -11,7 +11,10 @@ fn l2_normalize(x: &Tensor) -> Result<Tensor> {
 pub fn clip_loss(text: &Tensor, image: &Tensor, logit_scale: &Tensor) -> Result<Tensor> {
     let b = text.dim(0)?;
     if image.dim(0)? != b {
-        candle_core::bail!("CLIPLoss needs as many images as texts ({} vs {b})", image.dim(0)?);
+        candle_core::bail!(
+            "CLIPLoss needs as many images as texts ({} vs {b})",
+            image.dim(0)?
+        );
     }
     let t = l2_normalize(&text.to_dtype(candle_core::DType::F32)?)?;
     let i = l2_normalize(&image.to_dtype(candle_core::DType::F32)?)?;
@@ -35,7 +38,10 @@ mod tests {
         let ls = Tensor::new(100f32.ln(), &d).unwrap();
         let good = clip_loss(&t, &t, &ls).unwrap().to_scalar::<f32>().unwrap();
         let swapped = Tensor::new(&[[0f32, 1.0], [1.0, 0.0]], &d).unwrap();
-        let bad = clip_loss(&t, &swapped, &ls).unwrap().to_scalar::<f32>().unwrap();
+        let bad = clip_loss(&t, &swapped, &ls)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(good < 1e-6, "{good}");
         assert!((bad - 100.0).abs() < 1e-3, "{bad}");
     }

@@ -12,7 +12,9 @@ use candle_core::{CpuStorage, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 
 /// Which update rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 pub enum OptimizerKind {
     /// L2 weight decay added to the gradient (torch.optim.Adam).
     #[value(name = "Adam")]
@@ -35,7 +37,14 @@ pub struct OptimizerParams {
 
 impl OptimizerParams {
     pub fn new(kind: OptimizerKind, lr: f64, weight_decay: f64) -> Self {
-        Self { kind, lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
+        Self {
+            kind,
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+        }
     }
 }
 
@@ -60,12 +69,17 @@ pub struct Optimizer {
 
 /// The scalars of one step, shared by every parameter.
 #[derive(Clone, Copy)]
+/// Scalars are formed in f64 and rounded once to f32, as torch passes Python floats to its f32
+/// kernels (so `1 - beta2` is f32(0.001), not 1 - f32(0.999)).
 struct StepScalars {
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    eps: f32,
+    /// 1 - lr * weight_decay (AdamW's decoupled decay factor)
+    decay: f32,
+    /// weight_decay (Adam's L2 term)
     wd: f32,
+    one_minus_beta1: f32,
+    beta2: f32,
+    one_minus_beta2: f32,
+    eps: f32,
     kind: OptimizerKind,
     /// lr / (1 - beta1^t)
     step_size: f32,
@@ -79,10 +93,21 @@ impl Optimizer {
             .into_iter()
             .map(|(name, var)| {
                 let n = var.elem_count();
-                ParamState { name, var, moments: Mutex::new(Moments { m: vec![0.0; n], v: vec![0.0; n] }) }
+                ParamState {
+                    name,
+                    var,
+                    moments: Mutex::new(Moments {
+                        m: vec![0.0; n],
+                        v: vec![0.0; n],
+                    }),
+                }
             })
             .collect();
-        Self { params, hp, step: 0 }
+        Self {
+            params,
+            hp,
+            step: 0,
+        }
     }
 
     pub fn set_learning_rate(&mut self, lr: f64) {
@@ -100,20 +125,29 @@ impl Optimizer {
         let t = self.step as i32;
         let hp = self.hp;
         let s = StepScalars {
-            lr: hp.lr as f32,
-            beta1: hp.beta1 as f32,
-            beta2: hp.beta2 as f32,
-            eps: hp.eps as f32,
+            decay: (1.0 - hp.lr * hp.weight_decay) as f32,
             wd: hp.weight_decay as f32,
+            one_minus_beta1: (1.0 - hp.beta1) as f32,
+            beta2: hp.beta2 as f32,
+            one_minus_beta2: (1.0 - hp.beta2) as f32,
+            eps: hp.eps as f32,
             kind: hp.kind,
             step_size: (hp.lr / (1.0 - hp.beta1.powi(t))) as f32,
             bc2_sqrt: (1.0 - hp.beta2.powi(t)).sqrt() as f32,
         };
         for p in &self.params {
-            let Some(g) = grads.get(p.var.as_tensor()) else { continue };
+            let Some(g) = grads.get(p.var.as_tensor()) else {
+                continue;
+            };
             if p.var.device().is_cpu() && p.var.dtype() == candle_core::DType::F32 {
                 let g = g.contiguous()?;
-                p.var.as_tensor().inplace_op2(&g, &AdamStep { s, moments: &p.moments })?;
+                p.var.as_tensor().inplace_op2(
+                    &g,
+                    &AdamStep {
+                        s,
+                        moments: &p.moments,
+                    },
+                )?;
             } else {
                 generic_step(p, g, s)?;
             }
@@ -143,11 +177,15 @@ impl candle_core::InplaceOp2 for AdamStep<'_> {
         let (CpuStorage::F32(w), CpuStorage::F32(g)) = (w, g) else {
             candle_core::bail!("adam-step: f32 parameters only")
         };
-        let (Some((w0, w1)), Some((g0, g1))) = (lw.contiguous_offsets(), lg.contiguous_offsets()) else {
+        let (Some((w0, w1)), Some((g0, g1))) = (lw.contiguous_offsets(), lg.contiguous_offsets())
+        else {
             candle_core::bail!("adam-step: contiguous parameters only")
         };
         let (w, g) = (&mut w[w0..w1], &g[g0..g1]);
-        let mut mom = self.moments.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let mut mom = self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
         let Moments { m, v } = &mut *mom;
         if m.len() != w.len() || g.len() != w.len() {
             candle_core::bail!("adam-step: size mismatch");
@@ -167,12 +205,12 @@ fn update(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: StepScalars
     for i in 0..w.len() {
         let mut grad = g[i];
         match s.kind {
-            OptimizerKind::AdamW => w[i] *= 1.0 - s.lr * s.wd,
+            OptimizerKind::AdamW => w[i] *= s.decay,
             OptimizerKind::Adam => grad += s.wd * w[i],
         }
         // torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
-        m[i] += (grad - m[i]) * (1.0 - s.beta1);
-        v[i] = v[i] * s.beta2 + (1.0 - s.beta2) * grad * grad;
+        m[i] += (grad - m[i]) * s.one_minus_beta1;
+        v[i] = v[i] * s.beta2 + s.one_minus_beta2 * grad * grad;
         let denom = v[i].sqrt() / s.bc2_sqrt + s.eps;
         w[i] -= s.step_size * m[i] / denom;
     }
@@ -180,14 +218,17 @@ fn update(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: StepScalars
 
 /// The same update with tensor ops, for devices the fused pass does not cover.
 fn generic_step(p: &ParamState, g: &Tensor, s: StepScalars) -> Result<()> {
-    let mut mom = p.moments.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+    let mut mom = p
+        .moments
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
     let dev = p.var.device();
     let shape = p.var.shape().clone();
     let dtype = p.var.dtype();
     let w = p.var.as_tensor().to_dtype(candle_core::DType::F32)?;
     let mut grad = g.to_dtype(candle_core::DType::F32)?;
     let mut w = match s.kind {
-        OptimizerKind::AdamW => (w * (1.0 - s.lr as f64 * s.wd as f64))?,
+        OptimizerKind::AdamW => (w * s.decay as f64)?,
         OptimizerKind::Adam => {
             grad = (grad + (&w * s.wd as f64)?)?;
             w
@@ -195,8 +236,8 @@ fn generic_step(p: &ParamState, g: &Tensor, s: StepScalars) -> Result<()> {
     };
     let m = Tensor::from_slice(&mom.m, &shape, dev)?;
     let v = Tensor::from_slice(&mom.v, &shape, dev)?;
-    let m = ((m * s.beta1 as f64)? + (&grad * (1.0 - s.beta1 as f64))?)?;
-    let v = ((v * s.beta2 as f64)? + (grad.sqr()? * (1.0 - s.beta2 as f64))?)?;
+    let m = (&m + ((&grad - &m)? * s.one_minus_beta1 as f64)?)?;
+    let v = ((v * s.beta2 as f64)? + (grad.sqr()? * s.one_minus_beta2 as f64)?)?;
     let denom = ((v.sqrt()? / s.bc2_sqrt as f64)? + s.eps as f64)?;
     w = (w - ((&m / denom)? * s.step_size as f64)?)?;
     mom.m = m.flatten_all()?.to_vec1()?;
@@ -209,12 +250,24 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Two steps on a quadratic, checked against the formulas computed by hand in f64.
+    /// Two steps on a quadratic, checked against the formulas computed by hand in f64, through
+    /// the fused in-place pass (f32) and the tensor-op fallback (f64 parameters).
     #[test]
     fn matches_torch_formulas() {
-        for kind in [OptimizerKind::AdamW, OptimizerKind::Adam] {
-            let var = Var::new(&[1.0f32, -2.0, 0.5], &Device::Cpu).unwrap();
-            let mut opt = Optimizer::new(vec![("w".into(), var.clone())], OptimizerParams::new(kind, 0.1, 0.01));
+        for (kind, dtype) in [
+            (OptimizerKind::AdamW, candle_core::DType::F32),
+            (OptimizerKind::Adam, candle_core::DType::F32),
+            (OptimizerKind::AdamW, candle_core::DType::F64),
+        ] {
+            let init = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let var = Var::from_tensor(&init).unwrap();
+            let mut opt = Optimizer::new(
+                vec![("w".into(), var.clone())],
+                OptimizerParams::new(kind, 0.1, 0.01),
+            );
             let (mut w, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0f64; 3], [0f64; 3]);
             for t in 1..=2 {
                 let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
@@ -231,9 +284,17 @@ mod tests {
                     w[i] -= 0.1 / (1.0 - 0.9f64.powi(t)) * m[i] / denom;
                 }
             }
-            let got = var.as_tensor().to_vec1::<f32>().unwrap();
+            let got = var
+                .as_tensor()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for (g, w) in got.iter().zip(w) {
-                assert!((*g as f64 - w).abs() < 1e-6, "{kind:?}: {g} vs {w}");
+                assert!(
+                    (*g as f64 - w).abs() < 1e-6 * w.abs().max(1.0),
+                    "{kind:?}: {g} vs {w}"
+                );
             }
         }
     }

@@ -3,7 +3,9 @@
 //! them; `step` counts optimiser steps from 0, as `LambdaLR` does.
 
 /// Shape of the learning rate over training.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Scheduler {
     Constant,
@@ -21,7 +23,9 @@ pub fn learning_rate(base: f64, s: Scheduler, step: u64, warmup: u64, total: u64
     match s {
         Scheduler::Constant => base,
         Scheduler::Linear => base * ((total as f64 - step as f64) / span).max(0.0),
-        Scheduler::Cosine => base * (0.5 * (1.0 + (std::f64::consts::PI * after / span).cos())).max(0.0),
+        Scheduler::Cosine => {
+            base * (0.5 * (1.0 + (std::f64::consts::PI * after / span).cos())).max(0.0)
+        }
     }
 }
 

@@ -7,7 +7,10 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::loss::clip_loss;
 use super::optim::{Optimizer, OptimizerParams};
-use crate::model::{Clip, ClipConfig, ClipTokenizer, ImagePreprocessor, ImageConfig, Mode, ModelError, ModelFiles, TextBatch, Towers};
+use crate::model::{
+    Clip, ClipConfig, ClipTokenizer, ImageConfig, ImagePreprocessor, Mode, ModelError, ModelFiles,
+    TextBatch, Towers,
+};
 
 /// Upper bound of `logit_scale` after every step (a temperature of 1/100).
 pub const MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_092; // ln(100)
@@ -30,39 +33,58 @@ impl TrainModel {
         let clip = Clip::new(vb, &config, Towers::ALL)?;
         let weights = files.var_builder(Towers::ALL, DType::F32, device)?;
         {
-            let vars = varmap.data().lock().map_err(|_| ModelError::InvalidInput { msg: "poisoned".into() })?;
+            let vars = varmap.data().lock().map_err(|_| ModelError::InvalidInput {
+                msg: "poisoned".into(),
+            })?;
             for (name, var) in vars.iter() {
                 // A checkpoint without `logit_scale` keeps the config's initial value.
                 if name == "logit_scale" && !weights.contains_tensor(name) {
                     continue;
                 }
-                let t = weights.get(var.shape().clone(), name).map_err(|e| ModelError::Weights {
-                    files: files.source.clone(),
-                    msg: format!("{name}: {e}"),
-                })?;
+                let t =
+                    weights
+                        .get(var.shape().clone(), name)
+                        .map_err(|e| ModelError::Weights {
+                            files: files.source.clone(),
+                            msg: format!("{name}: {e}"),
+                        })?;
                 var.set(&t)?;
             }
         }
-        let text = clip.text.as_ref().map(|t| t.config().max_position_embeddings).unwrap_or(77);
+        let text = clip
+            .text
+            .as_ref()
+            .map(|t| t.config().max_position_embeddings)
+            .unwrap_or(77);
         let tokenizer = ClipTokenizer::from_file(
-            files.tokenizer.as_ref().ok_or_else(|| ModelError::NotFound {
-                what: files.source.clone(),
-                msg: "has no tokenizer.json".into(),
-            })?,
+            files
+                .tokenizer
+                .as_ref()
+                .ok_or_else(|| ModelError::NotFound {
+                    what: files.source.clone(),
+                    msg: "has no tokenizer.json".into(),
+                })?,
             text,
         )?;
         let images = ImagePreprocessor::new(match &files.preprocessor {
             Some(p) => ImageConfig::from_file(p)?,
             None => ImageConfig::default(),
         });
-        Ok(Self { clip, varmap, tokenizer, images, device: device.clone() })
+        Ok(Self {
+            clip,
+            varmap,
+            tokenizer,
+            images,
+            device: device.clone(),
+        })
     }
 
     /// Every variable with its checkpoint name, sorted by name (a stable order for optimisers
     /// and checkpoints).
     pub fn named_vars(&self) -> Vec<(String, candle_core::Var)> {
         let vars = self.varmap.data().lock().expect("varmap lock");
-        let mut v: Vec<(String, candle_core::Var)> = vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut v: Vec<(String, candle_core::Var)> =
+            vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -70,7 +92,12 @@ impl TrainModel {
     /// A text batch for the text tower: tokenized, padded to the longest caption.
     pub fn text_batch<S: AsRef<str>>(&self, captions: &[S]) -> Result<TextBatch, ModelError> {
         let rows = self.tokenizer.encode_batch(captions)?;
-        let eos = self.clip.text.as_ref().map(|t| t.config().eos_token_id).unwrap_or(2);
+        let eos = self
+            .clip
+            .text
+            .as_ref()
+            .map(|t| t.config().eos_token_id)
+            .unwrap_or(2);
         Ok(TextBatch::new(&rows, eos, &self.device)?)
     }
 
@@ -78,23 +105,41 @@ impl TrainModel {
     pub fn loss(&self, text: &TextBatch, pixels: &Tensor) -> Result<Tensor, ModelError> {
         let t = self.clip.text_features(text, Mode::Train)?;
         let i = self.clip.image_features(pixels, Mode::Train)?;
-        let scale = self.clip.logit_scale.as_ref().ok_or(ModelError::InvalidInput {
-            msg: "model has no logit_scale".into(),
-        })?;
+        let scale = self
+            .clip
+            .logit_scale
+            .as_ref()
+            .ok_or(ModelError::InvalidInput {
+                msg: "model has no logit_scale".into(),
+            })?;
         Ok(clip_loss(&t, &i, scale)?)
     }
 
     /// One optimiser step on one batch; returns the batch's loss before the update.
-    pub fn train_step(&self, opt: &mut Optimizer, text: &TextBatch, pixels: &Tensor) -> Result<f32, ModelError> {
+    pub fn train_step(
+        &self,
+        opt: &mut Optimizer,
+        text: &TextBatch,
+        pixels: &Tensor,
+    ) -> Result<f32, ModelError> {
         let loss = self.loss(text, pixels)?;
         let grads = loss.backward()?;
         opt.step(&grads)?;
         if let Some(ls) = &self.clip.logit_scale {
             let v = ls.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !(0.0..=MAX_LOGIT_SCALE).contains(&v) {
-                let vars = self.varmap.data().lock().map_err(|_| ModelError::InvalidInput { msg: "poisoned".into() })?;
+                let vars = self
+                    .varmap
+                    .data()
+                    .lock()
+                    .map_err(|_| ModelError::InvalidInput {
+                        msg: "poisoned".into(),
+                    })?;
                 if let Some(var) = vars.get("logit_scale") {
-                    var.set(&Tensor::new(v.clamp(0.0, MAX_LOGIT_SCALE) as f32, &self.device)?)?;
+                    var.set(&Tensor::new(
+                        v.clamp(0.0, MAX_LOGIT_SCALE) as f32,
+                        &self.device,
+                    )?)?;
                 }
             }
         }
