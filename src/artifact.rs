@@ -77,3 +77,266 @@ fn merge_weights(a: WeightFiles, b: WeightFiles) -> Result<WeightFiles, ModelErr
         }),
     }
 }
+
+/// Errors writing an artifact.
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("run name {0:?} is not allowed: use letters, digits, '-', '_' and '.', not starting with '.'")]
+    BadName(String),
+    #[error("{0} already exists; choose another --run-name or remove it")]
+    Exists(std::path::PathBuf),
+    #[error("writing weights: {0}")]
+    Weights(#[from] candle_core::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
+    move |source| ArtifactError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Run names become folder names: no separators, no traversal, no hidden files.
+pub fn validate_run_name(name: &str) -> Result<(), ArtifactError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ArtifactError::BadName(name.to_string()))
+    }
+}
+
+/// What a run hands over to be written as an artifact.
+pub struct RunOutput<'a> {
+    pub output: &'a Path,
+    pub run_name: &'a str,
+    /// The backbone's files (config, tokenizer, preprocessor are copied from them).
+    pub files: &'a ModelFiles,
+    /// Every weight under its Hugging Face CLIPModel name.
+    pub weights: Vec<(String, candle_core::Tensor)>,
+    pub config: serde_json::Value,
+    pub device: String,
+    /// When the run started (seconds since the Unix epoch).
+    pub started_unix: u64,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Losses and metrics of a finished run, for metrics.yml and report.md.
+pub struct RunSummary<'a> {
+    pub seconds: f64,
+    pub losses: &'a [f32],
+    pub epoch_losses: &'a [f64],
+    pub eval_losses: &'a [f64],
+    pub before: Option<&'a crate::eval::Metrics>,
+    pub after: Option<&'a crate::eval::Metrics>,
+}
+
+/// An artifact being written in a temporary folder next to its destination; [`Staged::finish`]
+/// renames it into place, so a reader never sees half an artifact.
+pub struct Staged {
+    tmp: std::path::PathBuf,
+    dest: std::path::PathBuf,
+    metadata: serde_json::Value,
+    config: serde_json::Value,
+}
+
+impl Staged {
+    /// Writes the models and configuration into a temporary folder.
+    pub fn write(run: &RunOutput) -> Result<Self, ArtifactError> {
+        validate_run_name(run.run_name)?;
+        std::fs::create_dir_all(run.output).map_err(io_err(run.output))?;
+        let dest = run.output.join(run.run_name);
+        if dest.exists() {
+            return Err(ArtifactError::Exists(dest));
+        }
+        let tmp = run
+            .output
+            .join(format!(".{}.tmp-{}", run.run_name, std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        let metadata = serde_json::json!({
+            "name": run.run_name,
+            "backbone": run.files.source,
+            "device": run.device,
+            "started_unix": run.started_unix,
+            "clipft_version": env!("CARGO_PKG_VERSION"),
+        });
+        for (sub, prefixes, extra) in [
+            (
+                TEXT_SUBMODEL,
+                ["text_model.", "text_projection."],
+                run.files.tokenizer.as_ref().map(|p| (p, "tokenizer.json")),
+            ),
+            (
+                VISION_SUBMODEL,
+                ["vision_model.", "visual_projection."],
+                run.files
+                    .preprocessor
+                    .as_ref()
+                    .map(|p| (p, "preprocessor_config.json")),
+            ),
+        ] {
+            let dir = tmp.join("models").join(sub);
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            let tensors: std::collections::HashMap<String, candle_core::Tensor> = run
+                .weights
+                .iter()
+                .filter(|(n, _)| n == "logit_scale" || prefixes.iter().any(|p| n.starts_with(p)))
+                .map(|(n, t)| (n.clone(), t.clone()))
+                .collect();
+            candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+            std::fs::copy(&run.files.config, dir.join("config.json"))
+                .map_err(io_err(&run.files.config))?;
+            if let Some((src, name)) = extra {
+                std::fs::copy(src, dir.join(name)).map_err(io_err(src))?;
+            }
+            let mut meta = metadata.clone();
+            meta["submodel"] = sub.into();
+            write_text(&dir.join("metadata.yml"), &to_yaml(&meta))?;
+        }
+        write_text(&tmp.join("config.yml"), &to_yaml(&run.config))?;
+        Ok(Self {
+            tmp,
+            dest,
+            metadata,
+            config: run.config.clone(),
+        })
+    }
+
+    /// The folder as written so far (loadable with [`submodel_files`]).
+    pub fn dir(&self) -> &Path {
+        &self.tmp
+    }
+
+    /// Writes metadata, metrics and report, then moves the artifact into place.
+    pub fn finish(mut self, s: &RunSummary) -> Result<std::path::PathBuf, ArtifactError> {
+        self.metadata["finished_unix"] = now_unix().into();
+        self.metadata["duration_seconds"] = serde_json::json!((s.seconds * 10.0).round() / 10.0);
+        write_text(&self.tmp.join("metadata.yml"), &to_yaml(&self.metadata))?;
+        let metrics = serde_json::json!({
+            "before": s.before,
+            "after": s.after,
+            "train_loss_per_epoch": s.epoch_losses,
+            "eval_loss_per_epoch": s.eval_losses,
+        });
+        write_text(&self.tmp.join("metrics.yml"), &to_yaml(&metrics))?;
+        write_text(
+            &self.tmp.join("report.md"),
+            &report(&self.metadata, &self.config, s),
+        )?;
+        std::fs::rename(&self.tmp, &self.dest).map_err(io_err(&self.dest))?;
+        Ok(self.dest.clone())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        // A run that failed after staging leaves nothing behind.
+        if self.tmp.exists() {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+fn write_text(path: &Path, text: &str) -> Result<(), ArtifactError> {
+    std::fs::write(path, text).map_err(io_err(path))
+}
+
+/// report.md: the before/after table in the layout of Finetuner's CLIP results, and the loss.
+fn report(meta: &serde_json::Value, config: &serde_json::Value, s: &RunSummary) -> String {
+    let mut out = format!(
+        "# {}\n\nFine-tuned `{}` with CLIPLoss on `{}` in {:.1} s on {}.\n\n",
+        meta["name"].as_str().unwrap_or(""),
+        meta["backbone"].as_str().unwrap_or(""),
+        config["train_data"].as_str().unwrap_or(""),
+        s.seconds,
+        meta["device"].as_str().unwrap_or(""),
+    );
+    if let (Some(b), Some(a)) = (s.before, s.after) {
+        out.push_str("| metric | before | after |\n|---|---|---|\n");
+        for ((name, before), (_, after)) in b.named().into_iter().zip(a.named()) {
+            out.push_str(&format!("| {name} | {before:.3} | {after:.3} |\n"));
+        }
+        out.push('\n');
+    }
+    out.push_str("| epoch | train loss | eval loss |\n|---|---|---|\n");
+    for (i, l) in s.epoch_losses.iter().enumerate() {
+        let e = s
+            .eval_losses
+            .get(i)
+            .map_or("-".to_string(), |v| format!("{v:.4}"));
+        out.push_str(&format!("| {} | {l:.4} | {e} |\n", i + 1));
+    }
+    out.push_str(&format!(
+        "\n{} optimiser steps; loss first {:.4}, last {:.4}.\n",
+        s.losses.len(),
+        s.losses.first().copied().unwrap_or(f32::NAN),
+        s.losses.last().copied().unwrap_or(f32::NAN)
+    ));
+    out
+}
+
+/// YAML for the artifact's small documents (maps, lists, scalars), block style.
+pub fn to_yaml(v: &serde_json::Value) -> String {
+    fn scalar(v: &serde_json::Value) -> String {
+        match v {
+            serde_json::Value::Null => "null".into(),
+            serde_json::Value::String(s) => serde_json::to_string(s).unwrap_or_default(),
+            other => other.to_string(),
+        }
+    }
+    fn emit(v: &serde_json::Value, indent: usize, out: &mut String) {
+        let pad = " ".repeat(indent);
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    match x {
+                        serde_json::Value::Object(o) if !o.is_empty() => {
+                            out.push_str(&format!("{pad}{k}:\n"));
+                            emit(x, indent + 2, out);
+                        }
+                        serde_json::Value::Array(a) if !a.is_empty() => {
+                            out.push_str(&format!("{pad}{k}:\n"));
+                            emit(x, indent + 2, out);
+                        }
+                        serde_json::Value::Object(_) => out.push_str(&format!("{pad}{k}: {{}}\n")),
+                        serde_json::Value::Array(_) => out.push_str(&format!("{pad}{k}: []\n")),
+                        _ => out.push_str(&format!("{pad}{k}: {}\n", scalar(x))),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => {
+                for x in a {
+                    match x {
+                        serde_json::Value::Object(_) | serde_json::Value::Array(_) => {
+                            out.push_str(&format!("{pad}-\n"));
+                            emit(x, indent + 2, out);
+                        }
+                        _ => out.push_str(&format!("{pad}- {}\n", scalar(x))),
+                    }
+                }
+            }
+            other => out.push_str(&format!("{pad}{}\n", scalar(other))),
+        }
+    }
+    let mut out = String::new();
+    emit(v, 0, &mut out);
+    out
+}

@@ -397,8 +397,18 @@ fn eval_prints_nine_metrics_from_csv_and_docarray_files() {
 
 #[test]
 fn demo_runs_offline_on_the_shipped_data() {
-    let out = ok(bin().arg("demo").current_dir(root()).output().unwrap());
-    assert!(out.contains("precision_at_k"), "{out}");
+    let art = tempdir("demo");
+    let out = ok(bin()
+        .args(["demo", "--epochs", "2", "--output"])
+        .arg(&art)
+        .current_dir(root())
+        .output()
+        .unwrap());
+    assert!(
+        out.contains("precision_at_k") && out.contains("before") && out.contains("after"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_dir(&art).unwrap().count(), 1, "one artifact");
     assert!(out.contains("\"a red striped dress\""), "{out}");
     assert!(out.contains(".png"), "{out}");
     let e = err(bin()

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod demo;
 pub mod encode;
 pub mod eval;
+pub mod fit;
 pub mod models;
 
 use std::process::ExitCode;
@@ -33,6 +34,8 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Embed texts and images, one JSON line per input, in input order.
     Encode(encode::EncodeArgs),
+    /// Fine-tune CLIP on caption-image pairs (in process) and write the artifact.
+    Fit(fit::FitArgs),
     /// Text-to-image retrieval metrics on labelled query and index data.
     Eval(eval::EvalArgs),
     /// Measure model throughput on pre-tokenized / pre-processed inputs.
@@ -123,6 +126,7 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Fit(args) => fit::run(args),
         Command::Models(args) => models::run(args),
     };
     match result {

@@ -1,0 +1,206 @@
+//! `clipft fit` in process, driven as a user drives it: fine-tuning the tiny CLIP on the demo
+//! garments improves every retrieval metric, and the artifact has the promised layout.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clipft"));
+    c.env("HF_HUB_OFFLINE", "1")
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    c
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("clipft-fit-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn fit(out: &Path, extra: &[&str]) -> Output {
+    bin()
+        .args([
+            "fit",
+            "--model",
+            "tests/fixtures/clip-tiny",
+            "--train-data",
+            "data/demo/train.csv",
+        ])
+        .args([
+            "--batch-size",
+            "32",
+            "--learning-rate",
+            "1e-3",
+            "--optimizer",
+            "AdamW",
+            "--device",
+            "cpu",
+        ])
+        .arg("--output")
+        .arg(out)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn yaml_number(text: &str, section: &str, key: &str) -> f64 {
+    let body = text.split(&format!("{section}:\n")).nth(1).unwrap();
+    let line = body
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{key}:")))
+        .unwrap();
+    line.split(':').nth(1).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn fine_tuning_improves_every_metric_and_writes_the_artifact() {
+    let out = tempdir("ok");
+    let o = fit(
+        &out,
+        &[
+            "--epochs",
+            "8",
+            "--run-name",
+            "garments",
+            "--eval-data",
+            "data/demo/eval.csv",
+            "--query-data",
+            "data/demo/query.csv",
+            "--index-data",
+            "data/demo/index.csv",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        stdout.contains("before") && stdout.contains("after"),
+        "{stdout}"
+    );
+    let run = out.join("garments");
+    for f in [
+        "config.yml",
+        "metadata.yml",
+        "metrics.yml",
+        "report.md",
+        "models/clip-text/config.json",
+        "models/clip-text/model.safetensors",
+        "models/clip-text/tokenizer.json",
+        "models/clip-text/metadata.yml",
+        "models/clip-vision/config.json",
+        "models/clip-vision/model.safetensors",
+        "models/clip-vision/preprocessor_config.json",
+        "models/clip-vision/metadata.yml",
+    ] {
+        assert!(run.join(f).is_file(), "missing {f}");
+    }
+    let metrics = std::fs::read_to_string(run.join("metrics.yml")).unwrap();
+    for m in [
+        "average_precision",
+        "dcg_at_k",
+        "f1_score_at_k",
+        "hit_at_k",
+        "ndcg_at_k",
+        "precision_at_k",
+        "r_precision",
+        "recall_at_k",
+        "reciprocal_rank",
+    ] {
+        let (b, a) = (
+            yaml_number(&metrics, "before", m),
+            yaml_number(&metrics, "after", m),
+        );
+        assert!(a > b, "{m}: after {a} <= before {b}");
+    }
+    // Each submodel holds only its own tower (and logit_scale), under HF names.
+    let dev = candle_core::Device::Cpu;
+    let text = candle_core::safetensors::load(run.join("models/clip-text/model.safetensors"), &dev)
+        .unwrap();
+    assert!(text.keys().all(|k| k.starts_with("text_model.")
+        || k.starts_with("text_projection")
+        || k == "logit_scale"));
+    let vision =
+        candle_core::safetensors::load(run.join("models/clip-vision/model.safetensors"), &dev)
+            .unwrap();
+    assert!(vision.keys().all(|k| k.starts_with("vision_model.")
+        || k.starts_with("visual_projection")
+        || k == "logit_scale"));
+    assert!(vision.contains_key("vision_model.embeddings.class_embedding"));
+    let meta = std::fs::read_to_string(run.join("metadata.yml")).unwrap();
+    for k in [
+        "name:",
+        "backbone:",
+        "device:",
+        "started_unix:",
+        "finished_unix:",
+        "duration_seconds:",
+        "clipft_version:",
+    ] {
+        assert!(meta.contains(k), "{meta}");
+    }
+    assert!(std::fs::read_to_string(run.join("config.yml"))
+        .unwrap()
+        .contains("learning_rate: 0.001"));
+    assert!(std::fs::read_to_string(run.join("report.md"))
+        .unwrap()
+        .contains("| metric | before | after |"));
+    // The artifact serves: one tower at a time.
+    let e = bin()
+        .args([
+            "encode",
+            "--select-model",
+            "clip-text",
+            "--text",
+            "a red dress",
+            "--artifact",
+        ])
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(e.status.success(), "{}", String::from_utf8_lossy(&e.stderr));
+    // Nothing temporary is left next to it.
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1);
+}
+
+#[test]
+fn bad_runs_fail_clearly_and_leave_nothing() {
+    let out = tempdir("bad");
+    let err = |o: Output| {
+        assert!(!o.status.success());
+        String::from_utf8(o.stderr).unwrap()
+    };
+    let e = err(fit(&out, &["--epochs", "1", "--run-name", "../escape"]));
+    assert!(e.contains("run name"), "{e}");
+    let e = err(fit(&out, &["--epochs", "1", "--batch-size", "1"]));
+    assert!(e.contains("batch-size"), "{e}");
+    let e = err(bin()
+        .args([
+            "fit",
+            "--model",
+            "tests/fixtures/clip-tiny",
+            "--train-data",
+            "no/such.csv",
+        ])
+        .output()
+        .unwrap());
+    assert!(e.contains("no/such.csv"), "{e}");
+    let bad_csv = out.join("bad.csv");
+    std::fs::write(&bad_csv, "a caption,images/x.png\njust words,more words\n").unwrap();
+    let e = err(bin()
+        .args(["fit", "--model", "tests/fixtures/clip-tiny", "--output"])
+        .arg(&out)
+        .arg("--train-data")
+        .arg(&bad_csv)
+        .output()
+        .unwrap());
+    assert!(e.contains("bad.csv:2"), "{e}");
+    let o = fit(&out, &["--max-steps", "1", "--run-name", "once"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let e = err(fit(&out, &["--max-steps", "1", "--run-name", "once"]));
+    assert!(e.contains("already exists"), "{e}");
+    let names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
+}
