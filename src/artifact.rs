@@ -237,6 +237,14 @@ impl Staged {
             "eval_loss_per_epoch": s.eval_losses,
         });
         write_text(&self.tmp.join("metrics.yml"), &to_yaml(&metrics))?;
+        let per_epoch = s.losses.len() / s.epoch_losses.len().max(1);
+        let loss_svg = self.tmp.join("loss.svg");
+        crate::eval::report::loss_plot(&loss_svg, s.losses, s.eval_losses, per_epoch)
+            .map_err(io_err(&loss_svg))?;
+        if let (Some(b), Some(a)) = (s.before, s.after) {
+            let m = self.tmp.join("metrics.svg");
+            crate::eval::report::metrics_plot(&m, b, a).map_err(io_err(&m))?;
+        }
         write_text(
             &self.tmp.join("report.md"),
             &report(&self.metadata, &self.config, s),
@@ -274,9 +282,9 @@ fn report(meta: &serde_json::Value, config: &serde_json::Value, s: &RunSummary) 
         for ((name, before), (_, after)) in b.named().into_iter().zip(a.named()) {
             out.push_str(&format!("| {name} | {before:.3} | {after:.3} |\n"));
         }
-        out.push('\n');
+        out.push_str("\n![metrics before and after](metrics.svg)\n\n");
     }
-    out.push_str("| epoch | train loss | eval loss |\n|---|---|---|\n");
+    out.push_str("![loss](loss.svg)\n\n| epoch | train loss | eval loss |\n|---|---|---|\n");
     for (i, l) in s.epoch_losses.iter().enumerate() {
         let e = s
             .eval_losses

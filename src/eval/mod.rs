@@ -4,6 +4,7 @@
 
 pub mod evaluator;
 pub mod metrics;
+pub mod report;
 
 pub use evaluator::{evaluate, rank, EvalError, Evaluation, LabeledEmbeddings};
 pub use metrics::Metrics;
