@@ -203,7 +203,12 @@ pub fn linear(
                 }
             });
     }
-    if let (Some(p), Some(prec)) = (packed, amx_precision()) {
+    let amx = packed.zip(amx_precision());
+    if amx.is_none() && rows <= small_m_rows() {
+        small_m_linear(x, rows, k, w, n, &mut out, prefill);
+        return out;
+    }
+    if let Some((p, prec)) = amx {
         if prec == amx::Precision::Bf16 || p.has_lo() {
             amx::matmul(x, rows, p, &mut out, prec, prefill);
             return out;
@@ -236,6 +241,55 @@ pub fn linear(
         );
     }
     out
+}
+
+/// Without AMX, up to this many rows a linear layer is a set of dot products over the weight's rows
+/// (read once, in its stored layout) instead of a GEMM: the GEMM repacks the whole weight on every
+/// call, which costs more than the arithmetic when there are few rows (one query's tokens, one
+/// image's patches). The AMX path keeps its weights packed, so it does not need this.
+fn small_m_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("CLIPFT_SMALL_M_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64)
+    })
+}
+
+/// `out[r, j] (+)= x[r, :] . w[j, :]` for few rows: columns are split over the threads, each
+/// weight row is read once and used for every input row while it is in cache.
+fn small_m_linear(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [f32],
+    accumulate: bool,
+) {
+    // Work on the transposed output so each task owns contiguous memory, then scatter back.
+    let mut out_t = Buf::new(n * rows);
+    const COLS: usize = 32;
+    out_t
+        .par_chunks_mut(COLS * rows)
+        .enumerate()
+        .for_each(|(c, block)| {
+            for (jj, col) in block.chunks_mut(rows).enumerate() {
+                let j = c * COLS + jj;
+                let wr = &w[j * k..(j + 1) * k];
+                for (r, o) in col.iter_mut().enumerate() {
+                    *o = simd::dot_f32(&x[r * k..(r + 1) * k], wr);
+                }
+            }
+        });
+    for r in 0..rows {
+        let row = &mut out[r * n..(r + 1) * n];
+        for (j, o) in row.iter_mut().enumerate() {
+            let v = out_t[j * rows + r];
+            *o = if accumulate { *o + v } else { v };
+        }
+    }
 }
 
 /// Layer normalisation over rows of `dim`, statistics in f32 with two passes (as torch).
@@ -395,6 +449,51 @@ pub fn gather_rows(x: &[f32], dim: usize, rows: &[usize]) -> Buf {
     out
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seq(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 0.5)
+            .collect()
+    }
+
+    /// Both paths of `linear` (few rows: dot products; many rows: GEMM) against a plain loop,
+    /// with and without bias/residual.
+    #[test]
+    fn linear_paths_match_a_plain_loop() {
+        for rows in [5, 200] {
+            let (k, n) = (70, 45);
+            let (x, w, b, res) = (
+                seq(rows * k, 0.1),
+                seq(n * k, 0.7),
+                seq(n, 0.3),
+                seq(rows * n, 0.9),
+            );
+            for (bias, residual) in [
+                (None, None),
+                (Some(&b[..]), None),
+                (Some(&b[..]), Some(&res[..])),
+            ] {
+                let got = linear(&x, rows, k, &w, n, bias, residual, None);
+                for r in 0..rows {
+                    for j in 0..n {
+                        let mut want =
+                            bias.map_or(0.0, |b| b[j]) + residual.map_or(0.0, |v| v[r * n + j]);
+                        want += (0..k).map(|i| x[r * k + i] * w[j * k + i]).sum::<f32>();
+                        assert!(
+                            (got[r * n + j] - want).abs() < 1e-4,
+                            "rows {rows}: {} vs {want}",
+                            got[r * n + j]
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Element-wise loops written so the compiler vectorises them, compiled once for AVX-512, once
 /// for AVX2+FMA and once for the baseline, and picked at run time.
 mod simd {
@@ -491,6 +590,32 @@ mod simd {
             }
         }
         acc.iter().sum::<f32>() + tail
+    }
+
+    /// [`dot`] compiled for the best instruction set available.
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+            unsafe fn v4(a: &[f32], b: &[f32]) -> f32 {
+                dot(a, b)
+            }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn v3(a: &[f32], b: &[f32]) -> f32 {
+                dot(a, b)
+            }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU supports the features v4 was compiled for.
+                return unsafe { v4(a, b) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                // SAFETY: as above, for v3.
+                return unsafe { v3(a, b) };
+            }
+        }
+        dot(a, b)
     }
 
     multiversion! {
