@@ -356,17 +356,7 @@ fn eval_prints_nine_metrics_from_csv_and_docarray_files() {
         .output()
         .unwrap());
     let m: Value = serde_json::from_str(out.trim()).unwrap();
-    let names = [
-        "average_precision",
-        "dcg_at_k",
-        "f1_score_at_k",
-        "hit_at_k",
-        "ndcg_at_k",
-        "precision_at_k",
-        "r_precision",
-        "recall_at_k",
-        "reciprocal_rank",
-    ];
+    let names = clipft::eval::Metrics::NAMES;
     assert_eq!(m.as_object().unwrap().len(), 9);
     for n in names {
         let v = m[n].as_f64().unwrap();

@@ -95,17 +95,7 @@ fn fine_tuning_improves_every_metric_and_writes_the_artifact() {
         assert!(run.join(f).is_file(), "missing {f}");
     }
     let metrics = std::fs::read_to_string(run.join("metrics.yml")).unwrap();
-    for m in [
-        "average_precision",
-        "dcg_at_k",
-        "f1_score_at_k",
-        "hit_at_k",
-        "ndcg_at_k",
-        "precision_at_k",
-        "r_precision",
-        "recall_at_k",
-        "reciprocal_rank",
-    ] {
+    for m in clipft::eval::Metrics::NAMES {
         let (b, a) = (
             yaml_number(&metrics, "before", m),
             yaml_number(&metrics, "after", m),

@@ -499,16 +499,19 @@ mod tests {
 mod simd {
     macro_rules! multiversion {
         ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $body:block) => {
+            multiversion! { $(#[$m])* fn $name($($arg: $ty),*) -> () $body }
+        };
+        ($(#[$m:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty $body:block) => {
             $(#[$m])*
-            pub fn $name($($arg: $ty),*) {
+            pub fn $name($($arg: $ty),*) -> $ret {
                 #[inline(always)]
-                fn imp($($arg: $ty),*) $body
+                fn imp($($arg: $ty),*) -> $ret $body
                 #[cfg(target_arch = "x86_64")]
                 {
                     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-                    unsafe fn v4($($arg: $ty),*) { imp($($arg),*) }
+                    unsafe fn v4($($arg: $ty),*) -> $ret { imp($($arg),*) }
                     #[target_feature(enable = "avx2,fma")]
-                    unsafe fn v3($($arg: $ty),*) { imp($($arg),*) }
+                    unsafe fn v3($($arg: $ty),*) -> $ret { imp($($arg),*) }
                     if std::arch::is_x86_feature_detected!("avx512f") {
                         // SAFETY: the CPU supports the features v4 was compiled for.
                         return unsafe { v4($($arg),*) };
@@ -592,30 +595,11 @@ mod simd {
         acc.iter().sum::<f32>() + tail
     }
 
-    /// [`dot`] compiled for the best instruction set available.
-    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-            unsafe fn v4(a: &[f32], b: &[f32]) -> f32 {
-                dot(a, b)
-            }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn v3(a: &[f32], b: &[f32]) -> f32 {
-                dot(a, b)
-            }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the CPU supports the features v4 was compiled for.
-                return unsafe { v4(a, b) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                // SAFETY: as above, for v3.
-                return unsafe { v3(a, b) };
-            }
+    multiversion! {
+        /// [`dot`] compiled for the best instruction set available.
+        fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+            dot(a, b)
         }
-        dot(a, b)
     }
 
     multiversion! {
