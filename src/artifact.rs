@@ -15,12 +15,16 @@ pub const VISION_SUBMODEL: &str = "clip-vision";
 /// submodels are combined and the config, tokenizer and preprocessor are taken from the submodel
 /// that owns them.
 pub fn submodel_files(artifact: &Path, towers: Towers) -> Result<ModelFiles, ModelError> {
-    if artifact.is_file() {
-        return Err(ModelError::NotFound {
+    let unzipped;
+    let artifact = if artifact.is_file() {
+        unzipped = unzip_artifact(artifact).map_err(|e| ModelError::NotFound {
             what: artifact.display().to_string(),
-            msg: "is a file: unzip the artifact and pass its folder".into(),
-        });
-    }
+            msg: format!("is not a readable artifact zip: {e}"),
+        })?;
+        unzipped.as_path()
+    } else {
+        artifact
+    };
     let models = artifact.join("models");
     if !models.is_dir() {
         return Err(ModelError::NotFound {
@@ -347,4 +351,138 @@ pub fn to_yaml(v: &serde_json::Value) -> String {
     let mut out = String::new();
     emit(v, 0, &mut out);
     out
+}
+
+/// Largest total size an artifact zip may unpack to (a guard against zip bombs).
+pub const MAX_UNZIPPED_BYTES: u64 = 64 << 30;
+
+/// Unpacks an artifact zip (one top folder, Finetuner's layout) into a cache folder under the
+/// system temp dir, keyed by the zip's size and modification time so a second load reuses it;
+/// returns the artifact folder inside.
+pub fn unzip_artifact(zip_path: &Path) -> Result<std::path::PathBuf, String> {
+    use std::io::Read;
+    let meta = std::fs::metadata(zip_path).map_err(|e| e.to_string())?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
+    let stem = zip_path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("artifact");
+    let cache = std::env::temp_dir()
+        .join("clipft-artifacts")
+        .join(format!("{stem}-{}-{mtime}", meta.len()));
+    let find_top = |dir: &Path| -> Result<std::path::PathBuf, String> {
+        if dir.join("models").is_dir() {
+            return Ok(dir.to_path_buf());
+        }
+        let tops: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| e.to_string())?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.join("models").is_dir())
+            .collect();
+        match tops.as_slice() {
+            [one] => Ok(one.clone()),
+            _ => Err("expected one top folder holding models/".into()),
+        }
+    };
+    if cache.join(".complete").exists() {
+        return find_top(&cache);
+    }
+    let file = std::fs::File::open(zip_path).map_err(|e| e.to_string())?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| e.to_string())?;
+    let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut total = 0u64;
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(|e| e.to_string())?;
+        // Names that would leave the folder (absolute, `..`) are refused, not sanitised.
+        let rel = entry
+            .enclosed_name()
+            .ok_or_else(|| format!("unsafe entry name {:?}", entry.name()))?;
+        let out = tmp.join(rel);
+        if entry.is_dir() {
+            std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+            continue;
+        }
+        if let Some(parent) = out.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        let mut w = std::fs::File::create(&out).map_err(|e| e.to_string())?;
+        let budget = MAX_UNZIPPED_BYTES.saturating_sub(total);
+        let n =
+            std::io::copy(&mut (&mut entry).take(budget + 1), &mut w).map_err(|e| e.to_string())?;
+        total += n;
+        if total > MAX_UNZIPPED_BYTES {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(format!("unpacks to more than {MAX_UNZIPPED_BYTES} bytes"));
+        }
+    }
+    std::fs::write(tmp.join(".complete"), b"").map_err(|e| e.to_string())?;
+    if let Some(parent) = cache.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+    }
+    match std::fs::rename(&tmp, &cache) {
+        Ok(()) => {}
+        // Another process unpacked the same zip first: use theirs.
+        Err(_) if cache.join(".complete").exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        Err(e) => return Err(e.to_string()),
+    }
+    find_top(&cache)
+}
+
+/// Packs an artifact folder as `<folder>.zip` beside it, every entry under `<run name>/`
+/// (Finetuner's layout); written to a temporary name and renamed.
+pub fn zip_artifact(dir: &Path) -> Result<std::path::PathBuf, ArtifactError> {
+    use std::io::Write;
+    let name = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("artifact")
+        .to_string();
+    let dest = dir.with_extension("zip");
+    let tmp = dir.with_extension(format!("zip.tmp-{}", std::process::id()));
+    let io = |e: std::io::Error| ArtifactError::Io {
+        path: tmp.clone(),
+        source: e,
+    };
+    let zerr = |e: zip::result::ZipError| ArtifactError::Io {
+        path: tmp.clone(),
+        source: std::io::Error::other(e),
+    };
+    let mut zw = zip::ZipWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).map_err(io)? {
+            let p = e.map_err(io)?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    for f in files {
+        let rel = f
+            .strip_prefix(dir)
+            .map_err(|e| io(std::io::Error::other(e)))?;
+        let entry = format!("{name}/{}", rel.to_string_lossy().replace('\\', "/"));
+        zw.start_file(entry, opts).map_err(zerr)?;
+        zw.write_all(&std::fs::read(&f).map_err(io)?).map_err(io)?;
+    }
+    zw.finish().map_err(zerr)?;
+    std::fs::rename(&tmp, &dest).map_err(|e| ArtifactError::Io {
+        path: dest.clone(),
+        source: e,
+    })?;
+    Ok(dest)
 }

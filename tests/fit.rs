@@ -194,3 +194,98 @@ fn bad_runs_fail_clearly_and_leave_nothing() {
         .collect();
     assert!(names.iter().all(|n| !n.starts_with('.')), "{names:?}");
 }
+
+#[test]
+fn frozen_backbone_clipping_and_zipped_artifacts() {
+    let out = tempdir("freeze");
+    let o = fit(
+        &out,
+        &[
+            "--max-steps",
+            "2",
+            "--freeze",
+            "backbone",
+            "--max-grad-norm",
+            "1.0",
+            "--zip",
+            "--run-name",
+            "frozen",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dev = candle_core::Device::Cpu;
+    let before =
+        candle_core::safetensors::load("tests/fixtures/clip-tiny/model.safetensors", &dev).unwrap();
+    let after =
+        candle_core::safetensors::load(out.join("frozen/models/clip-text/model.safetensors"), &dev)
+            .unwrap();
+    let same = |name: &str| {
+        let d = (&before[name] - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        d == 0.0
+    };
+    assert!(
+        same("text_model.encoder.layers.0.mlp.fc1.weight"),
+        "frozen layer changed"
+    );
+    assert!(
+        same("text_model.embeddings.token_embedding.weight"),
+        "frozen embedding changed"
+    );
+    assert!(!same("text_projection.weight"), "projection did not train");
+    // The zip serves like the folder.
+    let zip = out.join("frozen.zip");
+    assert!(zip.is_file());
+    let enc = |artifact: &Path| {
+        let o = bin()
+            .args([
+                "encode",
+                "--select-model",
+                "clip-text",
+                "--text",
+                "a red dress",
+                "--artifact",
+            ])
+            .arg(artifact)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    assert_eq!(enc(&zip), enc(&out.join("frozen")));
+    let e = fit(
+        &out,
+        &[
+            "--max-steps",
+            "1",
+            "--freeze",
+            "no_such_layer",
+            "--run-name",
+            "x",
+        ],
+    );
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("no_such_layer"));
+    let bad = out.join("bad.zip");
+    std::fs::write(&bad, b"PK\x03\x04 not really a zip").unwrap();
+    let o = bin()
+        .args([
+            "encode",
+            "--select-model",
+            "clip-text",
+            "--text",
+            "a",
+            "--artifact",
+        ])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("bad.zip"));
+}

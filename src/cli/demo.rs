@@ -69,6 +69,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         device: "cpu".into(),
         output: args.output.clone(),
         limit: 20,
+        freeze: Vec::new(),
+        max_grad_norm: None,
+        zip: false,
     };
     let report = super::fit::run_with_progress(&cfg)?;
 

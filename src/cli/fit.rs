@@ -61,6 +61,16 @@ pub struct FitArgs {
     /// Matches per query in the before/after evaluation.
     #[arg(long, env = "CLIPFT_LIMIT", default_value_t = 20)]
     pub limit: usize,
+    /// Weights not to train: name prefixes (`text_model`, `vision_model.encoder.layers.0`, ...)
+    /// or `backbone` (everything but the projections and logit_scale). Repeatable.
+    #[arg(long, env = "CLIPFT_FREEZE", value_delimiter = ',')]
+    pub freeze: Vec<String>,
+    /// Clip the global gradient norm (off by default, as in Finetuner).
+    #[arg(long, env = "CLIPFT_MAX_GRAD_NORM")]
+    pub max_grad_norm: Option<f64>,
+    /// Also write the artifact as OUTPUT/<run-name>.zip.
+    #[arg(long, env = "CLIPFT_ZIP")]
+    pub zip: bool,
 }
 
 /// A random, readable run name such as `brisk-heron-4821`.
@@ -106,6 +116,9 @@ impl FitArgs {
             device: self.device.clone(),
             output: self.output.clone(),
             limit: self.limit,
+            freeze: self.freeze.clone(),
+            max_grad_norm: self.max_grad_norm,
+            zip: self.zip,
         }
     }
 }

@@ -40,6 +40,12 @@ pub struct FitConfig {
     pub output: PathBuf,
     /// Matches per query in the before/after evaluation.
     pub limit: usize,
+    /// Weight-name prefixes (or `backbone`) that are not trained.
+    pub freeze: Vec<String>,
+    /// Clip the global gradient norm to this; off when None (Finetuner's default).
+    pub max_grad_norm: Option<f64>,
+    /// Also write the artifact as `<run-name>.zip`.
+    pub zip: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,11 +191,11 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn FnMut(FitEvent)) -> Result<FitRep
     let before = evaluate_files(&files, cfg, &dev)?;
 
     let model = TrainModel::load(&files, &dev)?;
-    let mut opt = model.optimizer(OptimizerParams::new(
-        cfg.optimizer,
-        cfg.learning_rate,
-        cfg.weight_decay,
-    ));
+    let mut opt = model.optimizer_with_frozen(
+        OptimizerParams::new(cfg.optimizer, cfg.learning_rate, cfg.weight_decay),
+        &cfg.freeze,
+    )?;
+    opt.max_grad_norm = cfg.max_grad_norm;
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let (mut losses, mut epoch_losses, mut eval_losses) = (Vec::new(), Vec::new(), Vec::new());
     let mut step = 0u64;
@@ -277,6 +283,9 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn FnMut(FitEvent)) -> Result<FitRep
         before: before.as_ref(),
         after: after.as_ref(),
     })?;
+    if cfg.zip {
+        crate::artifact::zip_artifact(&artifact)?;
+    }
     Ok(FitReport {
         losses,
         epoch_losses,

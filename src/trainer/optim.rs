@@ -64,6 +64,8 @@ pub struct ParamState {
 pub struct Optimizer {
     pub params: Vec<ParamState>,
     pub hp: OptimizerParams,
+    /// Clip the global gradient L2 norm to this (torch's `clip_grad_norm_`); off when None.
+    pub max_grad_norm: Option<f64>,
     step: u64,
 }
 
@@ -81,6 +83,8 @@ struct StepScalars {
     one_minus_beta2: f32,
     eps: f32,
     kind: OptimizerKind,
+    /// Gradient multiplier from norm clipping (1 when off).
+    grad_scale: f32,
     /// lr / (1 - beta1^t)
     step_size: f32,
     /// sqrt(1 - beta2^t)
@@ -106,6 +110,7 @@ impl Optimizer {
         Self {
             params,
             hp,
+            max_grad_norm: None,
             step: 0,
         }
     }
@@ -124,6 +129,23 @@ impl Optimizer {
         self.step += 1;
         let t = self.step as i32;
         let hp = self.hp;
+        let grad_scale = match self.max_grad_norm {
+            None => 1.0,
+            Some(max) => {
+                let mut sq = 0f64;
+                for p in &self.params {
+                    if let Some(g) = grads.get(p.var.as_tensor()) {
+                        sq += g
+                            .to_dtype(candle_core::DType::F64)?
+                            .sqr()?
+                            .sum_all()?
+                            .to_scalar::<f64>()?;
+                    }
+                }
+                // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1.
+                (max / (sq.sqrt() + 1e-6)).min(1.0)
+            }
+        };
         let s = StepScalars {
             decay: (1.0 - hp.lr * hp.weight_decay) as f32,
             wd: hp.weight_decay as f32,
@@ -132,6 +154,7 @@ impl Optimizer {
             one_minus_beta2: (1.0 - hp.beta2) as f32,
             eps: hp.eps as f32,
             kind: hp.kind,
+            grad_scale: grad_scale as f32,
             step_size: (hp.lr / (1.0 - hp.beta1.powi(t))) as f32,
             bc2_sqrt: (1.0 - hp.beta2.powi(t)).sqrt() as f32,
         };
@@ -203,7 +226,7 @@ impl candle_core::InplaceOp2 for AdamStep<'_> {
 #[inline]
 fn update(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: StepScalars) {
     for i in 0..w.len() {
-        let mut grad = g[i];
+        let mut grad = g[i] * s.grad_scale;
         match s.kind {
             OptimizerKind::AdamW => w[i] *= s.decay,
             OptimizerKind::Adam => grad += s.wd * w[i],
@@ -226,7 +249,7 @@ fn generic_step(p: &ParamState, g: &Tensor, s: StepScalars) -> Result<()> {
     let shape = p.var.shape().clone();
     let dtype = p.var.dtype();
     let w = p.var.as_tensor().to_dtype(candle_core::DType::F32)?;
-    let mut grad = g.to_dtype(candle_core::DType::F32)?;
+    let mut grad = (g.to_dtype(candle_core::DType::F32)? * s.grad_scale as f64)?;
     let mut w = match s.kind {
         OptimizerKind::AdamW => (w * s.decay as f64)?,
         OptimizerKind::Adam => {
@@ -249,6 +272,33 @@ fn generic_step(p: &ParamState, g: &Tensor, s: StepScalars) -> Result<()> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// With clipping, the first Adam step is unchanged (Adam normalises the gradient) but the
+    /// moments are scaled: the second step differs from the unclipped one.
+    #[test]
+    fn gradient_clipping_scales_the_gradient() {
+        let run = |clip: Option<f64>| {
+            let var = Var::new(&[3.0f32, -4.0], &Device::Cpu).unwrap();
+            let mut opt = Optimizer::new(
+                vec![("w".into(), var.clone())],
+                OptimizerParams::new(OptimizerKind::AdamW, 0.1, 0.0),
+            );
+            opt.max_grad_norm = clip;
+            for _ in 0..2 {
+                let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
+                opt.step(&loss.backward().unwrap()).unwrap();
+            }
+            let (m, _) = opt.moments("w").unwrap();
+            m
+        };
+        let (plain, clipped) = (run(None), run(Some(1.0)));
+        // The gradient [6, -8] (norm 10) is scaled to norm 1.
+        assert!(
+            clipped[0].abs() < plain[0].abs() / 5.0,
+            "{clipped:?} vs {plain:?}"
+        );
+        assert_eq!(run(Some(1e9)), plain);
+    }
 
     /// Two steps on a quadratic, checked against the formulas computed by hand in f64, through
     /// the fused in-place pass (f32) and the tensor-op fallback (f64 parameters).

@@ -150,4 +150,36 @@ impl TrainModel {
     pub fn optimizer(&self, hp: OptimizerParams) -> Optimizer {
         Optimizer::new(self.named_vars(), hp)
     }
+
+    /// An optimiser over the variables `freeze` leaves trainable. Each entry is a name prefix
+    /// (`text_model`, `vision_model.encoder.layers.0`, ...) or `backbone`, which freezes every
+    /// layer except the projections and `logit_scale` (Finetuner's `freeze=True`).
+    pub fn optimizer_with_frozen(
+        &self,
+        hp: OptimizerParams,
+        freeze: &[String],
+    ) -> Result<Optimizer, ModelError> {
+        let heads = ["text_projection.", "visual_projection.", "logit_scale"];
+        let vars = self.named_vars();
+        for f in freeze {
+            if f != "backbone" && !vars.iter().any(|(n, _)| n.starts_with(f.as_str())) {
+                return Err(ModelError::InvalidInput {
+                    msg: format!("--freeze {f:?} matches no weight (use a name prefix such as text_model or vision_model.encoder.layers.0, or backbone)"),
+                });
+            }
+        }
+        let frozen = |n: &str| {
+            freeze.iter().any(|f| {
+                if f == "backbone" {
+                    !heads.iter().any(|h| n.starts_with(h))
+                } else {
+                    n.starts_with(f.as_str())
+                }
+            })
+        };
+        Ok(Optimizer::new(
+            vars.into_iter().filter(|(n, _)| !frozen(n)).collect(),
+            hp,
+        ))
+    }
 }
