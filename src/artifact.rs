@@ -11,10 +11,24 @@ use crate::model::{ModelError, ModelFiles, Towers};
 pub const TEXT_SUBMODEL: &str = "clip-text";
 pub const VISION_SUBMODEL: &str = "clip-vision";
 
-/// The model files for `towers` inside an artifact folder. With both towers, the weights of both
-/// submodels are combined and the config, tokenizer and preprocessor are taken from the submodel
-/// that owns them.
+/// The model files for `towers` inside an artifact folder or zip. With both towers, the weights of
+/// both submodels are combined and the config, tokenizer and preprocessor are taken from the
+/// submodel that owns them.
+///
+/// Finetuner's own artifacts (a Hugging Face CLIP backbone saved as `models/<tower>/model.pt`
+/// state dicts, no config) load too: configuration, tokenizer and preprocessor then come from
+/// `backbone` (the user's `--model`), or else from the `descriptor` in the submodel's
+/// metadata.yml, through the Hugging Face cache.
 pub fn submodel_files(artifact: &Path, towers: Towers) -> Result<ModelFiles, ModelError> {
+    submodel_files_with_backbone(artifact, towers, None)
+}
+
+/// [`submodel_files`] with an explicit backbone for Finetuner artifacts.
+pub fn submodel_files_with_backbone(
+    artifact: &Path,
+    towers: Towers,
+    backbone: Option<&str>,
+) -> Result<ModelFiles, ModelError> {
     let unzipped;
     let artifact = if artifact.is_file() {
         unzipped = unzip_artifact(artifact).map_err(|e| ModelError::NotFound {
@@ -30,6 +44,12 @@ pub fn submodel_files(artifact: &Path, towers: Towers) -> Result<ModelFiles, Mod
         return Err(ModelError::NotFound {
             what: artifact.display().to_string(),
             msg: "is not an artifact folder (it has no models/ folder)".into(),
+        });
+    }
+    if let Some(files) = finetuner_files(&models, towers, backbone)? {
+        return Ok(ModelFiles {
+            source: artifact.display().to_string(),
+            ..files
         });
     }
     let text = towers
@@ -56,6 +76,55 @@ pub fn submodel_files(artifact: &Path, towers: Towers) -> Result<ModelFiles, Mod
     };
     files.source = artifact.display().to_string();
     Ok(files)
+}
+
+/// Recognises Finetuner's layout (`model.pt` in the submodel folders, no `model.safetensors`).
+fn finetuner_files(
+    models: &Path,
+    towers: Towers,
+    backbone: Option<&str>,
+) -> Result<Option<ModelFiles>, ModelError> {
+    let mut parts = Vec::new();
+    let mut descriptor = None;
+    for (sub, t, wanted) in [
+        (TEXT_SUBMODEL, Towers::TEXT, towers.text),
+        (VISION_SUBMODEL, Towers::VISION, towers.vision),
+    ] {
+        let dir = models.join(sub);
+        let pt = dir.join("model.pt");
+        if !wanted {
+            continue;
+        }
+        if dir.join("model.safetensors").exists() || !pt.is_file() {
+            return Ok(None);
+        }
+        if descriptor.is_none() {
+            descriptor = std::fs::read_to_string(dir.join("metadata.yml"))
+                .ok()
+                .and_then(|m| {
+                    m.lines()
+                        .find_map(|l| l.strip_prefix("descriptor:"))
+                        .map(|d| d.trim().trim_matches(['"', '\'']).to_string())
+                });
+        }
+        parts.push((pt, t));
+    }
+    if parts.is_empty() {
+        return Ok(None);
+    }
+    let spec = backbone
+        .map(String::from)
+        .or(descriptor)
+        .ok_or_else(|| ModelError::NotFound {
+            what: models.display().to_string(),
+            msg: "is a Finetuner artifact without a descriptor; pass the backbone with --model"
+                .into(),
+        })?;
+    let base = ModelFiles::resolve(&spec)?;
+    Ok(Some(ModelFiles {
+        weights: WeightFiles::FinetunerPt(parts),
+        ..base
+    }))
 }
 
 fn merge_weights(a: WeightFiles, b: WeightFiles) -> Result<WeightFiles, ModelError> {

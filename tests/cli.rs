@@ -408,3 +408,54 @@ fn demo_runs_offline_on_the_shipped_data() {
         .unwrap());
     assert!(e.contains("repository root"), "{e}");
 }
+
+/// Finetuner's own artifacts (HF CLIP backbone, `model.pt` state dicts with `_model.*` and
+/// `_projection.weight`, made by scripts/make_finetuner_artifact.py in float16) load as they are;
+/// configuration and tokenizer come from the backbone (`--model`).
+#[test]
+fn finetuner_pt_artifacts_load() {
+    let art = root().join("tests/fixtures/finetuner-artifact");
+    let out = ok(bin()
+        .args([
+            "encode",
+            "--model",
+            &tiny(),
+            "--text",
+            "a red striped dress",
+            "--image",
+            &image("rgb_300x200.png"),
+            "--artifact",
+        ])
+        .arg(&art)
+        .output()
+        .unwrap());
+    let l = lines(&out);
+    let c = cosine(
+        &emb(&l[0]),
+        &reference_embedding("texts.json", "text", "a red striped dress"),
+    );
+    assert!(c > 0.999, "text {c}");
+    let c = cosine(
+        &emb(&l[1]),
+        &reference_embedding("images.json", "file", "rgb_300x200.png"),
+    );
+    assert!(c > 0.999, "image {c}");
+    // Without --model the backbone is the artifact's descriptor (openai/clip-vit-base-patch32),
+    // which is not in this offline cache: a clear error naming it.
+    let dir = tempdir("ft-offline");
+    let e = err(bin()
+        .args([
+            "encode",
+            "--select-model",
+            "clip-text",
+            "--text",
+            "a",
+            "--artifact",
+        ])
+        .arg(&art)
+        .env_remove("CLIPFT_MODEL")
+        .env("HF_HOME", dir.join("hf"))
+        .output()
+        .unwrap());
+    assert!(e.contains("openai/clip-vit-base-patch32"), "{e}");
+}

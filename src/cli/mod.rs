@@ -80,7 +80,7 @@ impl ModelArgs {
     /// Resolves files and load options for `towers`.
     pub fn resolve(&self, towers: Towers) -> Result<(ModelFiles, LoadOptions), ModelError> {
         let files = match &self.artifact {
-            Some(a) => crate::artifact::submodel_files(a, towers)?,
+            Some(a) => crate::artifact::submodel_files_with_backbone(a, towers, Some(&self.model))?,
             None => ModelFiles::resolve(&self.model)?,
         };
         crate::model::cpu::set_matmul_precision(self.matmul_precision);

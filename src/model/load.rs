@@ -38,6 +38,9 @@ pub enum WeightFiles {
     },
     /// `pytorch_model.bin`.
     Pickle(PathBuf),
+    /// Finetuner's per-tower `model.pt` state dicts (`_model.*`, `_projection.weight`), each with
+    /// the tower it holds.
+    FinetunerPt(Vec<(PathBuf, Towers)>),
 }
 
 const SAFETENSORS: &str = "model.safetensors";
@@ -166,6 +169,21 @@ impl ModelFiles {
             }
             WeightFiles::Pickle(p) => VarBuilder::from_pth(p, dtype, device)
                 .map_err(|e| ModelError::weights(std::slice::from_ref(p), e)),
+            WeightFiles::FinetunerPt(parts) => {
+                let mut files = Vec::new();
+                for (path, t) in parts {
+                    if (t.text && towers.text) || (t.vision && towers.vision) {
+                        let pth = candle_core::pickle::PthTensors::new(path, None)
+                            .map_err(|e| ModelError::weights(std::slice::from_ref(path), e))?;
+                        files.push((pth, *t));
+                    }
+                }
+                Ok(VarBuilder::from_backend(
+                    Box::new(FinetunerReader { files }),
+                    dtype,
+                    device.clone(),
+                ))
+            }
         }
     }
 }
@@ -409,5 +427,73 @@ impl candle_nn::var_builder::SimpleBackend for SafetensorsReader {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
+    }
+}
+
+/// Finetuner's state-dict names mapped to Hugging Face CLIPModel names: a tower's `_model.X` is
+/// `text_model.X` / `vision_model.X`, its `_projection.weight` the tower's projection.
+struct FinetunerReader {
+    files: Vec<(candle_core::pickle::PthTensors, Towers)>,
+}
+
+impl FinetunerReader {
+    fn stored_name(name: &str, t: Towers) -> Option<String> {
+        let (model, projection) = if t.text {
+            ("text_model.", "text_projection.weight")
+        } else {
+            ("vision_model.", "visual_projection.weight")
+        };
+        if let Some(rest) = name.strip_prefix(model) {
+            Some(format!("_model.{rest}"))
+        } else if name == projection {
+            Some("_projection.weight".to_string())
+        } else {
+            None
+        }
+    }
+
+    fn find(&self, name: &str) -> Option<(&candle_core::pickle::PthTensors, String)> {
+        self.files.iter().find_map(|(pth, t)| {
+            let stored = Self::stored_name(name, *t)?;
+            pth.tensor_infos()
+                .contains_key(&stored)
+                .then_some((pth, stored))
+        })
+    }
+}
+
+// SAFETY of Send/Sync: PthTensors holds only paths and tensor descriptions; each read opens the
+// file anew.
+impl candle_nn::var_builder::SimpleBackend for FinetunerReader {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!(
+                "shape mismatch for {name}: expected {s:?}, found {:?}",
+                t.shape()
+            );
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some((pth, stored)) = self.find(name) else {
+            candle_core::bail!("cannot find tensor {name}")
+        };
+        match pth.get(&stored)? {
+            Some(t) => t.to_dtype(dtype)?.to_device(dev),
+            None => candle_core::bail!("cannot find tensor {name} ({stored})"),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.find(name).is_some()
     }
 }
