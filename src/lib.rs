@@ -15,7 +15,11 @@
 //!   lazy references decoded only when used.
 //! - [`eval`]: docarray v1's nine retrieval metrics (`metrics`), the exact top-k evaluator
 //!   (`evaluator`), and `evaluate_model`, which embeds labelled queries and index with a model.
-//! - [`artifact`]: the fine-tuned artifact layout and submodel selection.
+//! - [`trainer`]: fine-tuning: `loss` (CLIPLoss), `optim` (Adam/AdamW in place, gradient
+//!   clipping), `schedule`, `train` (the model as variables, one training step), `fit` (a whole
+//!   run: data, epochs, before/after evaluation, artifact).
+//! - [`artifact`]: the artifact layout: staged writing and atomic rename, zips, submodel
+//!   selection, and loading Finetuner's own `model.pt` artifacts.
 //! - [`cli`]: one module per subcommand; parse flags, call the library, print.
 //!
 //! # The encode path
@@ -31,7 +35,14 @@
 //! thread pool), blocked matrix products over the whole index, f64 re-ranking of the best
 //! candidates, the nine metrics per query, averaged.
 //!
-//! The Jina-compatible executor, the trainer and telemetry build on the same
+//! # The training path
+//! `cli::fit` / `cli::demo` -> [`trainer::fit::fit`]: pairs from [`docarray::open_pairs`] ->
+//! seeded shuffle -> batches (texts tokenized, images preprocessed on the thread pool) ->
+//! [`trainer::train::TrainModel::train_step`] (the same towers in `Mode::Train`, CLIPLoss,
+//! backward, in-place optimiser, logit_scale clamp) -> validation loss per epoch -> the artifact
+//! staged, evaluated (before: the backbone; after: the staged artifact) and renamed into place.
+//!
+//! The Jina-compatible executor, the trainer service and telemetry build on the same
 //! [`model::Encoder`] and [`model::Clip`]; see ARCHITECTURE.md in the repository for the planned
 //! request and training paths.
 
