@@ -55,7 +55,7 @@ pub struct FitArgs {
     pub no_shuffle: bool,
     #[arg(long, env = "CLIPFT_DEVICE", default_value = "auto")]
     pub device: String,
-    /// Artifacts land in OUTPUT/<run-name>/.
+    /// Artifacts land in `OUTPUT/<run-name>/`.
     #[arg(long, env = "CLIPFT_OUTPUT", default_value = "artifacts")]
     pub output: PathBuf,
     /// Matches per query in the before/after evaluation.
@@ -68,7 +68,7 @@ pub struct FitArgs {
     /// Clip the global gradient norm (off by default, as in Finetuner).
     #[arg(long, env = "CLIPFT_MAX_GRAD_NORM")]
     pub max_grad_norm: Option<f64>,
-    /// Also write the artifact as OUTPUT/<run-name>.zip.
+    /// Also write the artifact as `OUTPUT/<run-name>.zip`.
     #[arg(long, env = "CLIPFT_ZIP")]
     pub zip: bool,
 }
