@@ -146,6 +146,13 @@ impl LayerNorm {
                 &self.bias,
                 self.eps as f32,
             ),
+            Mode::Train if super::train_ops::applies(x) => x.contiguous()?.apply_op3(
+                &self.weight,
+                &self.bias,
+                super::train_ops::LayerNormOp {
+                    eps: self.eps as f32,
+                },
+            ),
             Mode::Train => {
                 // Statistics in f32 even for half-precision activations, as torch does.
                 let in_dtype = x.dtype();
@@ -165,6 +172,9 @@ impl LayerNorm {
 
 fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
     match act {
+        Activation::QuickGelu if super::train_ops::applies(x) => {
+            x.contiguous()?.apply_op1(super::train_ops::QuickGeluOp)
+        }
         Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
         Activation::Gelu => x.gelu_erf(),
     }
@@ -173,6 +183,9 @@ fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
 fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
     match mode {
         Mode::Inference => candle_nn::ops::softmax_last_dim(x),
+        Mode::Train if super::train_ops::applies(x) => {
+            x.contiguous()?.apply_op1(super::train_ops::SoftmaxOp)
+        }
         Mode::Train => candle_nn::ops::softmax(x, D::Minus1),
     }
 }

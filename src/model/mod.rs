@@ -20,6 +20,7 @@ pub mod layers;
 pub mod load;
 pub mod text;
 pub mod tokenizer;
+pub mod train_ops;
 pub mod vision;
 
 use std::path::{Path, PathBuf};

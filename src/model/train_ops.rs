@@ -1,0 +1,365 @@
+//! Layer norm, quick_gelu and softmax as single CPU ops with their own backward, for training.
+//!
+//! Composed from candle's basic ops, a layer norm is about ten tensor passes forward and twenty
+//! backward, each allocating a full activation-sized buffer; quick_gelu is three and five. These
+//! ops do each direction in one pass. Used in `Mode::Train` for f32 CPU tensors; other devices
+//! and dtypes keep the composed, differentiable versions.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: f32 only")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: contiguous input only"),
+    }
+}
+
+/// Whether `x` can take the fused training ops.
+pub fn applies(x: &Tensor) -> bool {
+    x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && std::env::var_os("CLIPFT_NO_FUSED").is_none()
+}
+
+const ROWS_PER_TASK: usize = 8;
+
+/// `LayerNorm(x) * w + b` over the last dimension.
+pub struct LayerNormOp {
+    pub eps: f32,
+}
+
+fn row_stats(x: &[f32], eps: f32) -> (f32, f32) {
+    let n = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / n;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "clipft-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) = (
+            f32_slice(xs, xl, "layer norm")?,
+            f32_slice(ws, wl, "layer norm")?,
+            f32_slice(bs, bl, "layer norm")?,
+        );
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x.par_chunks(d * ROWS_PER_TASK))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    let (mean, rstd) = row_stats(x, self.eps);
+                    for i in 0..d {
+                        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
+        let xv = super::cpu::with_slice(&x, |s| Ok(s.to_vec()))?;
+        let wv = super::cpu::with_slice(&w, |s| Ok(s.to_vec()))?;
+        let gv = super::cpu::with_slice(&g, |s| Ok(s.to_vec()))?;
+        let d = wv.len();
+        let mut dx = vec![0f32; xv.len()];
+        // Per task: dx rows, and partial sums of dw = sum(g * xhat), db = sum(g).
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+            .par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(
+                xv.par_chunks(d * ROWS_PER_TASK)
+                    .zip(gv.par_chunks(d * ROWS_PER_TASK)),
+            )
+            .map(|(dx, (x, g))| {
+                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                    let (mean, rstd) = row_stats(x, self.eps);
+                    let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
+                    for i in 0..d {
+                        let xhat = (x[i] - mean) * rstd;
+                        let gw = g[i] * wv[i];
+                        sum_gw += gw;
+                        sum_gw_xhat += gw * xhat;
+                        dw[i] += g[i] * xhat;
+                        db[i] += g[i];
+                    }
+                    let (m1, m2) = (sum_gw / d as f32, sum_gw_xhat / d as f32);
+                    for i in 0..d {
+                        let xhat = (x[i] - mean) * rstd;
+                        dx[i] = rstd * (g[i] * wv[i] - m1 - xhat * m2);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+        for (pw, pb) in partials {
+            for i in 0..d {
+                dw[i] += pw[i];
+                db[i] += pb[i];
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(dw, d, dev)?),
+            Some(Tensor::from_vec(db, d, dev)?),
+        ))
+    }
+}
+
+/// `x * sigmoid(1.702 x)`.
+pub struct QuickGeluOp;
+
+fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+impl CustomOp1 for QuickGeluOp {
+    fn name(&self) -> &'static str {
+        "clipft-quick-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "quick_gelu")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(1 << 14)
+            .zip(x.par_chunks(1 << 14))
+            .for_each(|(y, x)| {
+                for (y, x) in y.iter_mut().zip(x) {
+                    *y = x * sigmoid(1.702 * x);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (x, g) = (arg.contiguous()?, grad.contiguous()?);
+        let dx = super::cpu::with_slice(&x, |x| {
+            super::cpu::with_slice(&g, |g| {
+                let mut dx = vec![0f32; x.len()];
+                dx.par_chunks_mut(1 << 14)
+                    .zip(x.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
+                    .for_each(|(dx, (x, g))| {
+                        for ((d, x), g) in dx.iter_mut().zip(x).zip(g) {
+                            let s = sigmoid(1.702 * x);
+                            *d = g * (s + 1.702 * x * s * (1.0 - s));
+                        }
+                    });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+/// Softmax over the last dimension (attention probabilities).
+pub struct SoftmaxOp;
+
+impl CustomOp1 for SoftmaxOp {
+    fn name(&self) -> &'static str {
+        "clipft-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(s, l, "softmax")?;
+        let d = l.dims().last().copied().unwrap_or(1).max(1);
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d * 64)
+            .zip(x.par_chunks(d * 64))
+            .for_each(|(y, x)| {
+                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for (y, x) in y.iter_mut().zip(x) {
+                        *y = (x - m).exp();
+                        sum += *y;
+                    }
+                    let inv = 1.0 / sum;
+                    y.iter_mut().for_each(|v| *v *= inv);
+                }
+            });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (y, g) = (res.contiguous()?, grad.contiguous()?);
+        let d = y.dims().last().copied().unwrap_or(1).max(1);
+        let dx = super::cpu::with_slice(&y, |y| {
+            super::cpu::with_slice(&g, |g| {
+                let mut dx = vec![0f32; y.len()];
+                dx.par_chunks_mut(d * 64)
+                    .zip(y.par_chunks(d * 64).zip(g.par_chunks(d * 64)))
+                    .for_each(|(dx, (y, g))| {
+                        for ((dx, y), g) in dx.chunks_mut(d).zip(y.chunks(d)).zip(g.chunks(d)) {
+                            let dot: f32 = y.iter().zip(g).map(|(a, b)| a * b).sum();
+                            for i in 0..d {
+                                dx[i] = y[i] * (g[i] - dot);
+                            }
+                        }
+                    });
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, y.shape(), y.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn composed_ln(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
+        let mean = x.mean_keepdim(D::Minus1).unwrap();
+        let c = x.broadcast_sub(&mean).unwrap();
+        let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        c.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(w)
+            .unwrap()
+            .broadcast_add(b)
+            .unwrap()
+    }
+
+    /// Values and gradients (input, weight, bias) equal the composed layer norm's.
+    #[test]
+    fn layer_norm_matches_composed() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 5, 16), &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 16, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 16, &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
+        let fused = x
+            .as_tensor()
+            .apply_op3(w.as_tensor(), b.as_tensor(), LayerNormOp { eps: 1e-5 })
+            .unwrap();
+        let plain = composed_ln(x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = (&plain * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let close = |a: &Tensor, b: &Tensor| {
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-4, "max diff {d}");
+        };
+        close(&fused, &plain);
+        for v in [&x, &w, &b] {
+            close(
+                gf.get(v.as_tensor()).unwrap(),
+                gp.get(v.as_tensor()).unwrap(),
+            );
+        }
+    }
+
+    #[test]
+    fn softmax_matches_composed() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (2, 3, 7), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 7), &dev).unwrap();
+        let xt = x.as_tensor();
+        let fused = xt.apply_op1(SoftmaxOp).unwrap();
+        let plain = candle_nn::ops::softmax(xt, D::Minus1).unwrap();
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = (&plain * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (a, b) in [(&fused, &plain), (gf.get(xt).unwrap(), gp.get(xt).unwrap())] {
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-6, "max diff {d}");
+        }
+    }
+
+    #[test]
+    fn quick_gelu_matches_composed() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (4, 33), &dev).unwrap()).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (4, 33), &dev).unwrap();
+        let fused = x.as_tensor().apply_op1(QuickGeluOp).unwrap();
+        let xt = x.as_tensor();
+        let plain = (xt * candle_nn::ops::sigmoid(&(xt * 1.702).unwrap()).unwrap()).unwrap();
+        let gf = (&fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = (&plain * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (a, b) in [(&fused, &plain), (gf.get(xt).unwrap(), gp.get(xt).unwrap())] {
+            let d = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(d < 1e-5, "max diff {d}");
+        }
+    }
+}
