@@ -220,6 +220,23 @@ impl Attention {
     /// and heads): the text tower's causal mask.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
+        if mode == Mode::Train && super::train_ops::applies(x) {
+            // One op with its own backward; the only mask used is the text tower's causal one.
+            let op = super::train_ops::AttentionOp {
+                heads: self.heads,
+                scale: self.scale as f32,
+                causal: mask.is_some(),
+            };
+            let (q, k, v) = (
+                self.q_proj.forward(x)?,
+                self.k_proj.forward(x)?,
+                self.v_proj.forward(x)?,
+            );
+            let ctx = q
+                .contiguous()?
+                .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
+            return self.out_proj.forward(&ctx);
+        }
         let split = |y: Tensor| -> Result<Tensor> {
             y.reshape((b, t, self.heads, self.head_dim))?
                 .transpose(1, 2)?

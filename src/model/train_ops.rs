@@ -229,6 +229,278 @@ impl CustomOp1 for SoftmaxOp {
     }
 }
 
+/// Multi-head scaled dot-product attention on `[batch, seq, heads * head_dim]` queries, keys and
+/// values (the projections' own layout, so no head transposes are materialised), with causal
+/// masking for the text tower. The backward pass recomputes the probabilities per (item, head)
+/// instead of storing them.
+pub struct AttentionOp {
+    pub heads: usize,
+    pub scale: f32,
+    pub causal: bool,
+}
+
+struct SendPtr(*mut f32);
+// SAFETY: hands disjoint (item, head) blocks of one buffer to rayon tasks.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `dst[m, n] = beta * lhs[m, k] @ rhs[k, n]` with explicit (row, column) strides.
+///
+/// # Safety
+/// Every pointer must address the whole matrix its strides describe.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    rhs_cs: usize,
+    beta: f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        false,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        rhs_cs as isize,
+        rhs_rs as isize,
+        0.0,
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// Row softmax of `s` (`t x t`), causal rows cut at the diagonal.
+fn softmax_rows(s: &mut [f32], t: usize, causal: bool) {
+    for (i, row) in s.chunks_mut(t).enumerate() {
+        let valid = if causal { i + 1 } else { t };
+        let m = row[..valid]
+            .iter()
+            .copied()
+            .fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for v in &mut row[..valid] {
+            *v = (*v - m).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row[..valid].iter_mut().for_each(|v| *v *= inv);
+        row[valid..].fill(0.0);
+    }
+}
+
+impl AttentionOp {
+    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let (b, t, d) = l.shape().dims3()?;
+        if self.heads == 0 || d % self.heads != 0 {
+            candle_core::bail!("attention: {d} is not divisible by {} heads", self.heads);
+        }
+        Ok((b, t, d, d / self.heads))
+    }
+
+    /// Probabilities of one (item, head) into `p` (`t x t`).
+    ///
+    /// # Safety
+    /// `q`, `k` point at this item's first row, this head's first column, in `[t, d]` rows.
+    unsafe fn probs(
+        &self,
+        q: *const f32,
+        k: *const f32,
+        t: usize,
+        d: usize,
+        hd: usize,
+        p: &mut [f32],
+    ) {
+        mm(t, t, hd, p.as_mut_ptr(), t, q, d, 1, k, 1, d, self.scale);
+        softmax_rows(p, t, self.causal);
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "clipft-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, t, d, hd) = self.dims(ql)?;
+        if kl.shape() != ql.shape() || vl.shape() != ql.shape() {
+            candle_core::bail!("attention: q, k and v must have one shape");
+        }
+        let (q, k, v) = (
+            f32_slice(qs, ql, "attention")?,
+            f32_slice(ks, kl, "attention")?,
+            f32_slice(vs, vl, "attention")?,
+        );
+        let mut out = vec![0f32; q.len()];
+        let optr = SendPtr(out.as_mut_ptr());
+        (0..b * self.heads).into_par_iter().for_each_init(
+            || vec![0f32; t * t],
+            |p, bh| {
+                let base = (bh / self.heads) * t * d + (bh % self.heads) * hd;
+                let o = &optr;
+                // SAFETY: reads stay in this item's rows and head's columns; the write covers
+                // this (item, head) block only.
+                unsafe {
+                    self.probs(q.as_ptr().add(base), k.as_ptr().add(base), t, d, hd, p);
+                    mm(
+                        t,
+                        hd,
+                        t,
+                        o.0.add(base),
+                        d,
+                        p.as_ptr(),
+                        t,
+                        1,
+                        v.as_ptr().add(base),
+                        d,
+                        1,
+                        1.0,
+                    );
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v, g) = (
+            q.contiguous()?,
+            k.contiguous()?,
+            v.contiguous()?,
+            grad.contiguous()?,
+        );
+        let (b, t, d, hd) = {
+            let (b, t, d) = q.dims3()?;
+            (b, t, d, d / self.heads)
+        };
+        let n = b * t * d;
+        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        let (pq, pk, pv) = (
+            SendPtr(dq.as_mut_ptr()),
+            SendPtr(dk.as_mut_ptr()),
+            SendPtr(dv.as_mut_ptr()),
+        );
+        super::cpu::with_slice(&q, |q| {
+            super::cpu::with_slice(&k, |k| {
+                super::cpu::with_slice(&v, |v| {
+                    super::cpu::with_slice(&g, |g| {
+                        (0..b * self.heads).into_par_iter().for_each_init(
+                            || (vec![0f32; t * t], vec![0f32; t * t]),
+                            |(p, dp), bh| {
+                                let base = (bh / self.heads) * t * d + (bh % self.heads) * hd;
+                                let (pq, pk, pv) = (&pq, &pk, &pv);
+                                // SAFETY: as in the forward pass; each task writes only its own
+                                // (item, head) block of dq, dk and dv.
+                                unsafe {
+                                    let (qp, kp, vp, gp) = (
+                                        q.as_ptr().add(base),
+                                        k.as_ptr().add(base),
+                                        v.as_ptr().add(base),
+                                        g.as_ptr().add(base),
+                                    );
+                                    self.probs(qp, kp, t, d, hd, p);
+                                    // dV = P^T dO
+                                    mm(
+                                        t,
+                                        hd,
+                                        t,
+                                        pv.0.add(base),
+                                        d,
+                                        p.as_ptr(),
+                                        1,
+                                        t,
+                                        gp,
+                                        d,
+                                        1,
+                                        1.0,
+                                    );
+                                    // dP = dO V^T
+                                    mm(t, t, hd, dp.as_mut_ptr(), t, gp, d, 1, vp, 1, d, 1.0);
+                                    // dS = P * (dP - rowsum(dP * P))
+                                    for (pr, dr) in p.chunks(t).zip(dp.chunks_mut(t)) {
+                                        let dot: f32 =
+                                            pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                                        for (x, y) in dr.iter_mut().zip(pr) {
+                                            *x = y * (*x - dot);
+                                        }
+                                    }
+                                    // dQ = scale dS K;  dK = scale dS^T Q
+                                    mm(
+                                        t,
+                                        hd,
+                                        t,
+                                        pq.0.add(base),
+                                        d,
+                                        dp.as_ptr(),
+                                        t,
+                                        1,
+                                        kp,
+                                        d,
+                                        1,
+                                        self.scale,
+                                    );
+                                    mm(
+                                        t,
+                                        hd,
+                                        t,
+                                        pk.0.add(base),
+                                        d,
+                                        dp.as_ptr(),
+                                        1,
+                                        t,
+                                        qp,
+                                        d,
+                                        1,
+                                        self.scale,
+                                    );
+                                }
+                            },
+                        );
+                        Ok(())
+                    })
+                })
+            })
+        })?;
+        let (shape, dev) = (q.shape().clone(), q.device().clone());
+        Ok((
+            Some(Tensor::from_vec(dq, shape.clone(), &dev)?),
+            Some(Tensor::from_vec(dk, shape.clone(), &dev)?),
+            Some(Tensor::from_vec(dv, shape, &dev)?),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +562,96 @@ mod tests {
                 gf.get(v.as_tensor()).unwrap(),
                 gp.get(v.as_tensor()).unwrap(),
             );
+        }
+    }
+
+    /// Values and all three gradients equal candle's composed attention, causal or not.
+    #[test]
+    fn attention_matches_composed() {
+        let dev = Device::Cpu;
+        let (b, t, h, hd) = (2, 5, 3, 4);
+        let d = h * hd;
+        let scale = (hd as f64).powf(-0.5);
+        for causal in [false, true] {
+            let mk =
+                || Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, d), &dev).unwrap()).unwrap();
+            let (q, k, v) = (mk(), mk(), mk());
+            let probe = Tensor::randn(0f32, 1.0, (b, t, d), &dev).unwrap();
+            let fused = q
+                .as_tensor()
+                .apply_op3(
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    AttentionOp {
+                        heads: h,
+                        scale: scale as f32,
+                        causal,
+                    },
+                )
+                .unwrap();
+            let split = |x: &Tensor| {
+                x.reshape((b, t, h, hd))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap()
+            };
+            let (qs, ks, vs) = (
+                split(&(q.as_tensor() * scale).unwrap()),
+                split(k.as_tensor()),
+                split(v.as_tensor()),
+            );
+            let mut s = qs.matmul(&ks.t().unwrap()).unwrap();
+            if causal {
+                let mask: Vec<f32> = (0..t)
+                    .flat_map(|i| (0..t).map(move |j| if j > i { f32::MIN } else { 0.0 }))
+                    .collect();
+                s = s
+                    .broadcast_add(&Tensor::from_vec(mask, (t, t), &dev).unwrap())
+                    .unwrap();
+            }
+            let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
+            let plain = p
+                .matmul(&vs)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, t, d))
+                .unwrap();
+            let gf = (&fused * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gp = (&plain * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let close = |a: &Tensor, b: &Tensor, what: &str| {
+                let m = (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(m < 1e-5, "{what} (causal {causal}): max diff {m}");
+            };
+            close(&fused, &plain, "output");
+            for (var, what) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
+                close(
+                    gf.get(var.as_tensor()).unwrap(),
+                    gp.get(var.as_tensor()).unwrap(),
+                    what,
+                );
+            }
         }
     }
 
