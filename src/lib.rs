@@ -3,13 +3,14 @@
 //! # Map
 //! - [`model`]: CLIP itself, one definition for serving and training. `config` (HF config.json),
 //!   `layers`/`text`/`vision`/`clip` (the towers; differentiable in `Mode::Train`, fused kernels
-//!   in `Mode::Inference`), `load` (HF folder or hub repo id -> memory-mapped weights of the
-//!   selected towers only), `tokenizer` (CLIP BPE, 77 tokens, pad to longest), `image`
+//!   in `Mode::Inference`), `load` (HF folder or hub repo id -> the selected towers' tensors,
+//!   read one by one), `tokenizer` (CLIP BPE, 77 tokens, pad to longest), `image`
 //!   (Pillow-exact bicubic resize, centre crop, normalise), `device`, and the inference kernels:
 //!   `cpu` (fused f32 blocks: GEMM with bias/residual prefilled, in-place activation, one-pass
 //!   layer norm and attention, pooled buffers) and `amx` (bf16x3 products on Intel AMX tiles,
-//!   chosen by `--matmul-precision`). [`model::Encoder`] is the object everything else uses to
-//!   turn texts and images into embeddings.
+//!   chosen by `--matmul-precision`), and for training `train_ops` (layer norm, quick_gelu,
+//!   softmax and attention as single CPU ops with their own backward). [`model::Encoder`] is the
+//!   object everything else uses to turn texts and images into embeddings.
 //! - [`docarray`]: datasets on disk, streamed: Finetuner-style CSV (`csv`), docarray v1 files in
 //!   both protocols and every compression (`file`, with the generated `proto` types); images are
 //!   lazy references decoded only when used.
@@ -43,8 +44,8 @@
 //! staged, evaluated (before: the backbone; after: the staged artifact) and renamed into place.
 //!
 //! The Jina-compatible executor, the trainer service and telemetry build on the same
-//! [`model::Encoder`] and [`model::Clip`]; see ARCHITECTURE.md in the repository for the planned
-//! request and training paths.
+//! [`model::Encoder`] and [`model::Clip`] (the planned request path: the project's shared
+//! ARCHITECTURE.md).
 
 pub mod artifact;
 pub mod cli;
