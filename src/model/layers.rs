@@ -76,10 +76,19 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
+        let y = if super::train_ops::applies(&x2) {
+            let x2 = x2.contiguous()?;
+            match &self.bias {
+                Some(b) => x2.apply_op3(&self.weight, b, super::train_ops::LinearOp)?,
+                None => x2.apply_op2(&self.weight, super::train_ops::LinearOp)?,
+            }
+        } else {
+            let y = x2.matmul(&self.weight.t()?)?;
+            match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            }
+        };
         let mut out_dims = dims.to_vec();
         let last = out_dims.len() - 1;
         out_dims[last] = self.weight.dim(0)?;

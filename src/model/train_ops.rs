@@ -501,6 +501,174 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
+/// `y = x W^T + b` for `x` `[rows, in]`, `W` `[out, in]` (bias optional): forward through the
+/// fused CPU linear, backward as two strided GEMMs and a column sum, without the transposed
+/// copies candle's matmul backward makes.
+pub struct LinearOp;
+
+/// `dst[m, n] = lhs[m, k] @ rhs[k, n]` with explicit strides, multi-threaded.
+fn gemm_par(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+) -> Vec<f32> {
+    let mut dst = vec![0f32; m * n];
+    let par = match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        t => gemm::Parallelism::Rayon(t),
+    };
+    // SAFETY: the strides describe `lhs` and `rhs` exactly (callers pass their own shapes) and
+    // `dst` is `m x n` row-major.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.0.as_ptr(),
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0.as_ptr(),
+            rhs.2 as isize,
+            rhs.1 as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+    dst
+}
+
+impl LinearOp {
+    fn forward(
+        x: &[f32],
+        xl: &Layout,
+        w: &[f32],
+        wl: &Layout,
+        b: Option<&[f32]>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, k) = xl.shape().dims2()?;
+        let (n, k2) = wl.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("linear: input has {k} features, weight expects {k2}");
+        }
+        let y = super::cpu::linear(x, rows, k, w, n, b, None, None);
+        Ok((CpuStorage::F32(y.to_vec()), Shape::from((rows, n))))
+    }
+
+    fn backward(
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+        bias: bool,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
+        let (m, k) = x.dims2()?;
+        let n = w.dim(0)?;
+        let dev = x.device().clone();
+        super::cpu::with_slice(&x, |xs| {
+            super::cpu::with_slice(&w, |ws| {
+                super::cpu::with_slice(&g, |gs| {
+                    // dx = g W;  dW = g^T x;  db = column sums of g
+                    let dx = gemm_par(m, k, n, (gs, n, 1), (ws, k, 1));
+                    let dw = gemm_par(n, k, m, (gs, 1, n), (xs, k, 1));
+                    let db = bias.then(|| {
+                        let mut db = vec![0f32; n];
+                        for row in gs.chunks(n) {
+                            for (d, v) in db.iter_mut().zip(row) {
+                                *d += v;
+                            }
+                        }
+                        db
+                    });
+                    Ok((
+                        Tensor::from_vec(dx, (m, k), &dev)?,
+                        Tensor::from_vec(dw, (n, k), &dev)?,
+                        db.map(|d| Tensor::from_vec(d, n, &dev)).transpose()?,
+                    ))
+                })
+            })
+        })
+    }
+}
+
+impl CustomOp3 for LinearOp {
+    fn name(&self) -> &'static str {
+        "clipft-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::forward(
+            f32_slice(xs, xl, "linear")?,
+            xl,
+            f32_slice(ws, wl, "linear")?,
+            wl,
+            Some(f32_slice(bs, bl, "linear")?),
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, db) = Self::backward(x, w, g, true)?;
+        Ok((Some(dx), Some(dw), db))
+    }
+}
+
+impl candle_core::CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "clipft-linear-nobias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::forward(
+            f32_slice(xs, xl, "linear")?,
+            xl,
+            f32_slice(ws, wl, "linear")?,
+            wl,
+            None,
+        )
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, _) = Self::backward(x, w, g, false)?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -562,6 +730,61 @@ mod tests {
                 gf.get(v.as_tensor()).unwrap(),
                 gp.get(v.as_tensor()).unwrap(),
             );
+        }
+    }
+
+    /// Values and gradients equal candle's matmul + bias, with and without bias, for few rows
+    /// (the dot-product path) and many.
+    #[test]
+    fn linear_matches_composed() {
+        let dev = Device::Cpu;
+        for rows in [3, 130] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, 24), &dev).unwrap()).unwrap();
+            let w = Var::from_tensor(&Tensor::randn(0f32, 0.2, (40, 24), &dev).unwrap()).unwrap();
+            let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 40, &dev).unwrap()).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, (rows, 40), &dev).unwrap();
+            let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+            let fused = xt.apply_op3(wt, bt, LinearOp).unwrap();
+            let plain = xt
+                .matmul(&wt.t().unwrap())
+                .unwrap()
+                .broadcast_add(bt)
+                .unwrap();
+            let gf = (&fused * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gp = (&plain * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let close = |a: &Tensor, c: &Tensor, what: &str| {
+                let m = (a - c)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(m < 1e-4, "{what} ({rows} rows): max diff {m}");
+            };
+            close(&fused, &plain, "output");
+            for (v, what) in [(&x, "dx"), (&w, "dw"), (&b, "db")] {
+                close(
+                    gf.get(v.as_tensor()).unwrap(),
+                    gp.get(v.as_tensor()).unwrap(),
+                    what,
+                );
+            }
+            let nb = xt.apply_op2(wt, LinearOp).unwrap();
+            close(&nb, &xt.matmul(&wt.t().unwrap()).unwrap(), "no-bias output");
         }
     }
 
