@@ -674,277 +674,150 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var, D};
 
-    fn composed_ln(x: &Tensor, w: &Tensor, b: &Tensor) -> Tensor {
-        let mean = x.mean_keepdim(D::Minus1).unwrap();
-        let c = x.broadcast_sub(&mean).unwrap();
-        let var = c.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-        c.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
-            .unwrap()
-            .broadcast_mul(w)
-            .unwrap()
+    type R = Result<()>;
+
+    /// Largest absolute difference between two tensors.
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// `sum(y * probe)` differentiated, for comparing gradients of two implementations.
+    fn grads(y: &Tensor, probe: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        (y * probe)?.sum_all()?.backward()
+    }
+
+    fn grad<'a>(g: &'a candle_core::backprop::GradStore, v: &Var) -> &'a Tensor {
+        g.get(v.as_tensor()).expect("a gradient for every input")
+    }
+
+    fn var(t: Tensor) -> Result<Var> {
+        Var::from_tensor(&t)
+    }
+
+    fn composed_ln(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let c = x.broadcast_sub(&mean)?;
+        let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+        c.broadcast_div(&(var + 1e-5)?.sqrt()?)?
+            .broadcast_mul(w)?
             .broadcast_add(b)
-            .unwrap()
     }
 
     /// Values and gradients (input, weight, bias) equal the composed layer norm's.
     #[test]
-    fn layer_norm_matches_composed() {
+    fn layer_norm_matches_composed() -> R {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 5, 16), &dev).unwrap()).unwrap();
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 16, &dev).unwrap()).unwrap();
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 16, &dev).unwrap()).unwrap();
-        let probe = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev).unwrap();
-        let fused = x
-            .as_tensor()
-            .apply_op3(w.as_tensor(), b.as_tensor(), LayerNormOp { eps: 1e-5 })
-            .unwrap();
-        let plain = composed_ln(x.as_tensor(), w.as_tensor(), b.as_tensor());
-        let gf = (&fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gp = (&plain * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let close = |a: &Tensor, b: &Tensor| {
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(d < 1e-4, "max diff {d}");
-        };
-        close(&fused, &plain);
+        let x = var(Tensor::randn(0f32, 2.0, (3, 5, 16), &dev)?)?;
+        let w = var(Tensor::randn(1f32, 0.3, 16, &dev)?)?;
+        let b = var(Tensor::randn(0f32, 0.3, 16, &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (3, 5, 16), &dev)?;
+        let fused =
+            x.as_tensor()
+                .apply_op3(w.as_tensor(), b.as_tensor(), LayerNormOp { eps: 1e-5 })?;
+        let plain = composed_ln(x.as_tensor(), w.as_tensor(), b.as_tensor())?;
+        assert!(max_diff(&fused, &plain)? < 1e-4);
+        let (gf, gp) = (grads(&fused, &probe)?, grads(&plain, &probe)?);
         for v in [&x, &w, &b] {
-            close(
-                gf.get(v.as_tensor()).unwrap(),
-                gp.get(v.as_tensor()).unwrap(),
-            );
+            let d = max_diff(grad(&gf, v), grad(&gp, v))?;
+            assert!(d < 1e-4, "max diff {d}");
         }
+        Ok(())
     }
 
     /// Values and gradients equal candle's matmul + bias, with and without bias, for few rows
     /// (the dot-product path) and many.
     #[test]
-    fn linear_matches_composed() {
+    fn linear_matches_composed() -> R {
         let dev = Device::Cpu;
         for rows in [3, 130] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, 24), &dev).unwrap()).unwrap();
-            let w = Var::from_tensor(&Tensor::randn(0f32, 0.2, (40, 24), &dev).unwrap()).unwrap();
-            let b = Var::from_tensor(&Tensor::randn(0f32, 0.2, 40, &dev).unwrap()).unwrap();
-            let probe = Tensor::randn(0f32, 1.0, (rows, 40), &dev).unwrap();
+            let x = var(Tensor::randn(0f32, 1.0, (rows, 24), &dev)?)?;
+            let w = var(Tensor::randn(0f32, 0.2, (40, 24), &dev)?)?;
+            let b = var(Tensor::randn(0f32, 0.2, 40, &dev)?)?;
+            let probe = Tensor::randn(0f32, 1.0, (rows, 40), &dev)?;
             let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
-            let fused = xt.apply_op3(wt, bt, LinearOp).unwrap();
-            let plain = xt
-                .matmul(&wt.t().unwrap())
-                .unwrap()
-                .broadcast_add(bt)
-                .unwrap();
-            let gf = (&fused * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gp = (&plain * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let close = |a: &Tensor, c: &Tensor, what: &str| {
-                let m = (a - c)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                assert!(m < 1e-4, "{what} ({rows} rows): max diff {m}");
-            };
-            close(&fused, &plain, "output");
+            let fused = xt.apply_op3(wt, bt, LinearOp)?;
+            let plain = xt.matmul(&wt.t()?)?.broadcast_add(bt)?;
+            assert!(max_diff(&fused, &plain)? < 1e-4, "{rows} rows: output");
+            let (gf, gp) = (grads(&fused, &probe)?, grads(&plain, &probe)?);
             for (v, what) in [(&x, "dx"), (&w, "dw"), (&b, "db")] {
-                close(
-                    gf.get(v.as_tensor()).unwrap(),
-                    gp.get(v.as_tensor()).unwrap(),
-                    what,
-                );
+                let d = max_diff(grad(&gf, v), grad(&gp, v))?;
+                assert!(d < 1e-4, "{what} ({rows} rows): max diff {d}");
             }
-            let nb = xt.apply_op2(wt, LinearOp).unwrap();
-            close(&nb, &xt.matmul(&wt.t().unwrap()).unwrap(), "no-bias output");
+            let nb = xt.apply_op2(wt, LinearOp)?;
+            assert!(
+                max_diff(&nb, &xt.matmul(&wt.t()?)?)? < 1e-4,
+                "no-bias output"
+            );
         }
+        Ok(())
     }
 
     /// Values and all three gradients equal candle's composed attention, causal or not.
     #[test]
-    fn attention_matches_composed() {
+    fn attention_matches_composed() -> R {
         let dev = Device::Cpu;
         let (b, t, h, hd) = (2, 5, 3, 4);
         let d = h * hd;
         let scale = (hd as f64).powf(-0.5);
         for causal in [false, true] {
-            let mk =
-                || Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, d), &dev).unwrap()).unwrap();
-            let (q, k, v) = (mk(), mk(), mk());
-            let probe = Tensor::randn(0f32, 1.0, (b, t, d), &dev).unwrap();
-            let fused = q
-                .as_tensor()
-                .apply_op3(
-                    k.as_tensor(),
-                    v.as_tensor(),
-                    AttentionOp {
-                        heads: h,
-                        scale: scale as f32,
-                        causal,
-                    },
-                )
-                .unwrap();
-            let split = |x: &Tensor| {
-                x.reshape((b, t, h, hd))
-                    .unwrap()
-                    .transpose(1, 2)
-                    .unwrap()
-                    .contiguous()
-                    .unwrap()
-            };
-            let (qs, ks, vs) = (
-                split(&(q.as_tensor() * scale).unwrap()),
-                split(k.as_tensor()),
-                split(v.as_tensor()),
+            let (q, k, v) = (
+                var(Tensor::randn(0f32, 1.0, (b, t, d), &dev)?)?,
+                var(Tensor::randn(0f32, 1.0, (b, t, d), &dev)?)?,
+                var(Tensor::randn(0f32, 1.0, (b, t, d), &dev)?)?,
             );
-            let mut s = qs.matmul(&ks.t().unwrap()).unwrap();
+            let probe = Tensor::randn(0f32, 1.0, (b, t, d), &dev)?;
+            let op = AttentionOp {
+                heads: h,
+                scale: scale as f32,
+                causal,
+            };
+            let fused = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), op)?;
+            let split = |x: &Tensor| x.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous();
+            let qs = split(&(q.as_tensor() * scale)?)?;
+            let (ks, vs) = (split(k.as_tensor())?, split(v.as_tensor())?);
+            let mut s = qs.matmul(&ks.t()?)?;
             if causal {
                 let mask: Vec<f32> = (0..t)
                     .flat_map(|i| (0..t).map(move |j| if j > i { f32::MIN } else { 0.0 }))
                     .collect();
-                s = s
-                    .broadcast_add(&Tensor::from_vec(mask, (t, t), &dev).unwrap())
-                    .unwrap();
+                s = s.broadcast_add(&Tensor::from_vec(mask, (t, t), &dev)?)?;
             }
-            let p = candle_nn::ops::softmax(&s, D::Minus1).unwrap();
-            let plain = p
-                .matmul(&vs)
-                .unwrap()
-                .transpose(1, 2)
-                .unwrap()
-                .reshape((b, t, d))
-                .unwrap();
-            let gf = (&fused * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let gp = (&plain * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let close = |a: &Tensor, b: &Tensor, what: &str| {
-                let m = (a - b)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+            let p = candle_nn::ops::softmax(&s, D::Minus1)?;
+            let plain = p.matmul(&vs)?.transpose(1, 2)?.reshape((b, t, d))?;
+            assert!(max_diff(&fused, &plain)? < 1e-5, "output (causal {causal})");
+            let (gf, gp) = (grads(&fused, &probe)?, grads(&plain, &probe)?);
+            for (x, what) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
+                let m = max_diff(grad(&gf, x), grad(&gp, x))?;
                 assert!(m < 1e-5, "{what} (causal {causal}): max diff {m}");
-            };
-            close(&fused, &plain, "output");
-            for (var, what) in [(&q, "dq"), (&k, "dk"), (&v, "dv")] {
-                close(
-                    gf.get(var.as_tensor()).unwrap(),
-                    gp.get(var.as_tensor()).unwrap(),
-                    what,
-                );
             }
         }
+        Ok(())
     }
 
     #[test]
-    fn softmax_matches_composed() {
+    fn softmax_matches_composed() -> R {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (2, 3, 7), &dev).unwrap()).unwrap();
-        let probe = Tensor::randn(0f32, 1.0, (2, 3, 7), &dev).unwrap();
-        let xt = x.as_tensor();
-        let fused = xt.apply_op1(SoftmaxOp).unwrap();
-        let plain = candle_nn::ops::softmax(xt, D::Minus1).unwrap();
-        let gf = (&fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gp = (&plain * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (a, b) in [(&fused, &plain), (gf.get(xt).unwrap(), gp.get(xt).unwrap())] {
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(d < 1e-6, "max diff {d}");
-        }
+        let x = var(Tensor::randn(0f32, 3.0, (2, 3, 7), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (2, 3, 7), &dev)?;
+        let fused = x.as_tensor().apply_op1(SoftmaxOp)?;
+        let plain = candle_nn::ops::softmax(x.as_tensor(), D::Minus1)?;
+        assert!(max_diff(&fused, &plain)? < 1e-6);
+        let (gf, gp) = (grads(&fused, &probe)?, grads(&plain, &probe)?);
+        assert!(max_diff(grad(&gf, &x), grad(&gp, &x))? < 1e-6);
+        Ok(())
     }
 
     #[test]
-    fn quick_gelu_matches_composed() {
+    fn quick_gelu_matches_composed() -> R {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 3.0, (4, 33), &dev).unwrap()).unwrap();
-        let probe = Tensor::randn(0f32, 1.0, (4, 33), &dev).unwrap();
-        let fused = x.as_tensor().apply_op1(QuickGeluOp).unwrap();
+        let x = var(Tensor::randn(0f32, 3.0, (4, 33), &dev)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (4, 33), &dev)?;
         let xt = x.as_tensor();
-        let plain = (xt * candle_nn::ops::sigmoid(&(xt * 1.702).unwrap()).unwrap()).unwrap();
-        let gf = (&fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gp = (&plain * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (a, b) in [(&fused, &plain), (gf.get(xt).unwrap(), gp.get(xt).unwrap())] {
-            let d = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(d < 1e-5, "max diff {d}");
-        }
+        let fused = xt.apply_op1(QuickGeluOp)?;
+        let plain = (xt * candle_nn::ops::sigmoid(&(xt * 1.702)?)?)?;
+        assert!(max_diff(&fused, &plain)? < 1e-5);
+        let (gf, gp) = (grads(&fused, &probe)?, grads(&plain, &probe)?);
+        assert!(max_diff(grad(&gf, &x), grad(&gp, &x))? < 1e-5);
+        Ok(())
     }
 }
