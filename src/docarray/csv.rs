@@ -293,19 +293,16 @@ mod tests {
     }
 
     #[test]
-    fn pairs_in_either_order_with_labels_quotes_and_bom() {
+    fn pairs_in_either_order_with_labels_quotes_and_bom() -> Result<(), Box<dyn std::error::Error>>
+    {
         let p = write(
             "pairs.csv",
             "\u{feff}a red dress,img/a.png\n\nimg/b.jpg,\"blue, striped\nshirt\",shirts\n",
         );
-        let rows: Vec<Pair> = CsvRows::open(&p)
-            .unwrap()
-            .pairs()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let rows: Vec<Pair> = CsvRows::open(&p)?.pairs().collect::<Result<_, _>>()?;
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[0].caption, "a red dress");
-        let base = p.parent().unwrap();
+        let base = p.parent().expect("a temp file has a parent");
         assert_eq!(
             rows[0].image.source,
             ImageSource::Path(base.join("img/a.png"))
@@ -317,43 +314,38 @@ mod tests {
             "{}",
             rows[1].image.location
         );
+        Ok(())
     }
 
     #[test]
-    fn bad_rows_name_their_line() {
+    fn bad_rows_name_their_line() -> Result<(), Box<dyn std::error::Error>> {
         let p = write("bad.csv", "a caption,img/a.png\njust text,more text\n");
-        let rows: Vec<_> = CsvRows::open(&p).unwrap().pairs().collect();
+        let rows: Vec<_> = CsvRows::open(&p)?.pairs().collect();
         assert!(rows[0].is_ok());
         let e = rows[1].as_ref().unwrap_err().to_string();
         assert!(
             e.contains("bad.csv:2") && e.contains("neither column"),
             "{e}"
         );
+        Ok(())
     }
 
     #[test]
-    fn labeled_items() {
+    fn labeled_items() -> Result<(), Box<dyn std::error::Error>> {
         let p = write("q.tsv", "a red dress\tred dress\na blue hat\tblue hat\n");
-        let q: Vec<Labeled> = CsvRows::open(&p)
-            .unwrap()
+        let q: Vec<Labeled> = CsvRows::open(&p)?
             .labeled(Modality::Text)
-            .collect::<Result<_, _>>()
-            .unwrap();
+            .collect::<Result<_, _>>()?;
         assert_eq!(q[1].item, Item::Text("a blue hat".into()));
         assert_eq!(q[1].label, "blue hat");
         let p = write("i.csv", "img/x.png,red dress\n");
-        let i: Vec<Labeled> = CsvRows::open(&p)
-            .unwrap()
+        let i: Vec<Labeled> = CsvRows::open(&p)?
             .labeled(Modality::Image)
-            .collect::<Result<_, _>>()
-            .unwrap();
+            .collect::<Result<_, _>>()?;
         assert!(matches!(i[0].item, Item::Image(_)));
         let p = write("i2.csv", "a caption,red dress\n");
-        assert!(CsvRows::open(&p)
-            .unwrap()
-            .labeled(Modality::Image)
-            .next()
-            .unwrap()
-            .is_err());
+        let first = CsvRows::open(&p)?.labeled(Modality::Image).next();
+        assert!(first.is_some_and(|r| r.is_err()));
+        Ok(())
     }
 }
