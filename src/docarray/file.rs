@@ -403,13 +403,21 @@ fn pixels(t: &NdArrayProto) -> Result<ImageSource, String> {
     })
 }
 
+/// The documents of `path`, each with its location for error messages.
+fn located(
+    path: &Path,
+) -> Result<impl Iterator<Item = Result<(String, DocumentProto), DataError>>, DataError> {
+    let name = path.display().to_string();
+    Ok(DocReader::open(path)?
+        .enumerate()
+        .map(move |(i, doc)| doc.map(|d| (format!("{name} document {i}"), d))))
+}
+
 /// Training pairs from parent documents with a text chunk and an image chunk.
 pub fn pairs(path: &Path) -> Result<impl Iterator<Item = Result<Pair, DataError>>, DataError> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let name = path.display().to_string();
-    Ok(DocReader::open(path)?.enumerate().map(move |(i, doc)| {
-        let doc = doc?;
-        let location = format!("{name} document {i}");
+    Ok(located(path)?.map(move |item| {
+        let (location, doc) = item?;
         let bad = |msg: String| DataError::Malformed {
             location: location.clone(),
             msg,
@@ -448,10 +456,8 @@ pub fn labeled(
     want: super::Modality,
 ) -> Result<impl Iterator<Item = Result<Labeled, DataError>>, DataError> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let name = path.display().to_string();
-    Ok(DocReader::open(path)?.enumerate().map(move |(i, doc)| {
-        let doc = doc?;
-        let location = format!("{name} document {i}");
+    Ok(located(path)?.map(move |item| {
+        let (location, doc) = item?;
         let bad = |msg: String| DataError::Malformed {
             location: location.clone(),
             msg,

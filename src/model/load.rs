@@ -303,6 +303,17 @@ fn is_not_found(e: &impl std::fmt::Display) -> bool {
     s.contains("404") || s.contains("Not Found")
 }
 
+/// The shape check both weight readers owe `VarBuilder::get`.
+fn expect_shape(t: Tensor, want: &candle_core::Shape, name: &str) -> candle_core::Result<Tensor> {
+    if t.shape() != want {
+        candle_core::bail!(
+            "shape mismatch for {name}: expected {want:?}, found {:?}",
+            t.shape()
+        );
+    }
+    Ok(t)
+}
+
 /// Reads individual tensors from safetensors files on demand, for `VarBuilder`.
 struct SafetensorsReader {
     files: Vec<std::fs::File>,
@@ -411,14 +422,7 @@ impl candle_nn::var_builder::SimpleBackend for SafetensorsReader {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.read(name, dtype, dev)?;
-        if t.shape() != &s {
-            candle_core::bail!(
-                "shape mismatch for {name}: expected {s:?}, found {:?}",
-                t.shape()
-            );
-        }
-        Ok(t)
+        expect_shape(self.read(name, dtype, dev)?, &s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
@@ -462,8 +466,6 @@ impl FinetunerReader {
     }
 }
 
-// SAFETY of Send/Sync: PthTensors holds only paths and tensor descriptions; each read opens the
-// file anew.
 impl candle_nn::var_builder::SimpleBackend for FinetunerReader {
     fn get(
         &self,
@@ -473,14 +475,7 @@ impl candle_nn::var_builder::SimpleBackend for FinetunerReader {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let t = self.get_unchecked(name, dtype, dev)?;
-        if t.shape() != &s {
-            candle_core::bail!(
-                "shape mismatch for {name}: expected {s:?}, found {:?}",
-                t.shape()
-            );
-        }
-        Ok(t)
+        expect_shape(self.get_unchecked(name, dtype, dev)?, &s, name)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
