@@ -51,5 +51,7 @@ pub mod artifact;
 pub mod cli;
 pub mod docarray;
 pub mod eval;
+pub mod executor;
 pub mod model;
+pub mod protocol;
 pub mod trainer;

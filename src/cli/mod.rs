@@ -5,8 +5,10 @@ pub mod bench;
 pub mod demo;
 pub mod encode;
 pub mod eval;
+pub mod executor;
 pub mod fit;
 pub mod models;
+pub mod ping;
 
 use std::process::ExitCode;
 
@@ -32,6 +34,10 @@ pub struct Cli {
 pub enum Command {
     /// The whole story offline on what the repository ships.
     Demo(demo::DemoArgs),
+    /// Serve CLIP over Jina's gRPC protocol to clip_client and Jina Flows.
+    Executor(executor::ExecutorArgs),
+    /// Ask a gRPC server for its health (exit 0 when SERVING).
+    Ping(ping::PingArgs),
     /// Embed texts and images, one JSON line per input, in input order.
     Encode(encode::EncodeArgs),
     /// Fine-tune CLIP on caption-image pairs (in process) and write the artifact.
@@ -137,6 +143,8 @@ pub fn main() -> ExitCode {
     let sub = matches.subcommand().map(|(_, m)| m);
     let result = match cli.command {
         Command::Encode(args) => encode::run(args, sub),
+        Command::Executor(args) => executor::run(args, sub),
+        Command::Ping(args) => ping::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval::run(args),

@@ -354,47 +354,9 @@ pub fn doc_text(doc: &DocumentProto) -> Option<String> {
     }
 }
 
-/// An image tensor `[H, W]` or `[H, W, C]` of uint8 (floats are cast as numpy's `astype(uint8)`
-/// after clipping to 0..255).
+/// An image tensor as [`crate::protocol::ndarray::image_pixels`] reads it.
 fn pixels(t: &NdArrayProto) -> Result<ImageSource, String> {
-    use super::proto::nd_array_proto::Content;
-    let Some(Content::Dense(d)) = &t.content else {
-        return Err("sparse image tensors are not supported".into());
-    };
-    let shape: Vec<usize> = d.shape.iter().map(|s| *s as usize).collect();
-    let (height, width, channels) = match shape[..] {
-        [h, w] => (h, w, 1),
-        [h, w, c] => (h, w, c),
-        _ => {
-            return Err(format!(
-                "image tensor of shape {shape:?}; expected [H, W, C]"
-            ))
-        }
-    };
-    let n = height * width * channels;
-    let buf = &d.buffer[..];
-    let data: Vec<u8> = match d.dtype.as_str() {
-        "|u1" | "u1" | "uint8" => buf.to_vec(),
-        "<f4" | "float32" => buf
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().expect("4")).clamp(0.0, 255.0) as u8)
-            .collect(),
-        "<f8" | "float64" => buf
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().expect("8")).clamp(0.0, 255.0) as u8)
-            .collect(),
-        other => {
-            return Err(format!(
-                "image tensor dtype {other:?} is not supported (uint8, float32, float64 are)"
-            ))
-        }
-    };
-    if data.len() != n {
-        return Err(format!(
-            "image tensor buffer holds {} values for shape {shape:?}",
-            data.len()
-        ));
-    }
+    let (data, height, width, channels) = crate::protocol::ndarray::image_pixels(t)?;
     Ok(ImageSource::Pixels {
         data,
         height,

@@ -1,5 +1,4 @@
-//! The generated docarray v1 protobuf types (`proto/docarray.proto`) and the ndarray codec.
+//! The generated docarray v1 protobuf types (`proto/docarray.proto`), shared with the wire
+//! protocol in [`crate::protocol`].
 
-#![allow(clippy::all)]
-
-include!(concat!(env!("OUT_DIR"), "/docarray.rs"));
+pub use crate::protocol::docarray::*;

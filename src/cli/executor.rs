@@ -1,0 +1,231 @@
+//! `clipft executor`: the Jina-compatible gRPC executor. Flags first, then `--uses` YAML for
+//! whatever the command line and environment left at its default, then the defaults.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
+
+use super::{parse_towers, ModelArgs};
+use crate::executor::config::UsesConfig;
+use crate::executor::{Core, ExecutorOptions, ImagePolicy, ServerConfig};
+use crate::model::{Encoder, Towers};
+use crate::protocol::paths::AccessPaths;
+
+#[derive(Args, Debug)]
+pub struct ExecutorArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// `clip-text`, `clip-vision` or `all`: an executor with one tower passes the other
+    /// modality's documents through untouched, so a Flow can chain a text and a vision executor.
+    #[arg(long, env = "CLIPFT_SELECT_MODEL", default_value = "all", value_parser = parse_towers)]
+    pub select_model: Towers,
+    #[arg(long, env = "CLIPFT_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    /// 0 picks a free port (printed on stderr).
+    #[arg(long, env = "CLIPFT_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// The route name, and the key of per-executor parameters (`<name>__key`).
+    #[arg(long, env = "CLIPFT_NAME", default_value = "clipft")]
+    pub name: String,
+    /// Jina executor YAML (`jtype`/`with:`/`metas:`) or clip_server's one-executor Flow YAML.
+    #[arg(long, env = "CLIPFT_USES")]
+    pub uses: Option<PathBuf>,
+    /// The largest model batch; requests from all clients are batched up to it.
+    #[arg(long, env = "CLIPFT_MINIBATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub minibatch_size: u64,
+    /// Documents queued or in compute per tower; beyond it streams wait and unary calls get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CLIPFT_QUEUE_DEPTH", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub queue_depth: u64,
+    /// Documents one request may ask to embed.
+    #[arg(long, env = "CLIPFT_MAX_REQUEST_DOCS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_request_docs: u64,
+    /// Largest gRPC message received or sent.
+    #[arg(long, env = "CLIPFT_MAX_MESSAGE_BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1024..=4_294_967_295))]
+    pub max_message_bytes: u64,
+    /// Requests of one stream processed at once.
+    #[arg(long, env = "CLIPFT_STREAM_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub stream_concurrency: u64,
+    /// Threads decoding images and tokenizing (0: one per CPU).
+    #[arg(long, env = "CLIPFT_PREPROCESS_THREADS", default_value_t = 0)]
+    pub preprocess_threads: usize,
+    /// Access paths used when a request names none.
+    #[arg(long, env = "CLIPFT_ACCESS_PATHS", default_value = "@r")]
+    pub access_paths: String,
+    /// Image URIs naming local files are read only below this folder (off by default).
+    #[arg(long, env = "CLIPFT_IMAGE_ROOT")]
+    pub image_root: Option<PathBuf>,
+    /// Fetch http(s) image URIs (off by default: clients send image bytes).
+    #[arg(long, env = "CLIPFT_ALLOW_HTTP_IMAGES")]
+    pub allow_http_images: bool,
+    /// Largest image body fetched over http(s).
+    #[arg(long, env = "CLIPFT_HTTP_IMAGE_MAX_BYTES", default_value_t = 20 << 20)]
+    pub http_image_max_bytes: u64,
+    /// Time limit of one http(s) image fetch, in seconds.
+    #[arg(long, env = "CLIPFT_HTTP_IMAGE_TIMEOUT", default_value_t = 10.0)]
+    pub http_image_timeout: f64,
+    /// Seconds in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "CLIPFT_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+    /// Prometheus port (0: off). Metrics are not exported yet; the flag is accepted so Jina's
+    /// and clip_server's command lines work unchanged.
+    #[arg(long, env = "CLIPFT_PORT_MONITORING", default_value_t = 9090)]
+    pub port_monitoring: u16,
+    /// OpenTelemetry tracing (accepted for Jina's command lines; traces are not exported yet).
+    #[arg(long, env = "CLIPFT_TRACING")]
+    pub tracing: bool,
+    #[arg(long, env = "CLIPFT_TRACES_EXPORTER_HOST")]
+    pub traces_exporter_host: Option<String>,
+    #[arg(long, env = "CLIPFT_TRACES_EXPORTER_PORT")]
+    pub traces_exporter_port: Option<u16>,
+}
+
+/// True where the user did not set the flag (so `--uses` may).
+fn defaulted(matches: Option<&ArgMatches>, id: &str) -> bool {
+    matches.is_none_or(|m| matches!(m.value_source(id), None | Some(ValueSource::DefaultValue)))
+}
+
+impl ExecutorArgs {
+    /// Fills flags left at their defaults from the `--uses` YAML.
+    fn apply_uses(&mut self, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
+        let Some(path) = &self.uses else {
+            return Ok(());
+        };
+        let uses = UsesConfig::from_file(path).map_err(anyhow::Error::msg)?;
+        for key in &uses.ignored {
+            tracing::warn!("{}: {key} has no effect in clipft", path.display());
+        }
+        for (key, value) in &uses.values {
+            if !defaulted(matches, key) {
+                continue;
+            }
+            let bad = |e: String| anyhow::anyhow!("{}: {key}: {e}", path.display());
+            let num = |v: &str| v.parse::<u64>().map_err(|e| bad(e.to_string()));
+            match key.as_str() {
+                "model" => self.model.model = value.clone(),
+                "artifact" => self.model.artifact = Some(value.into()),
+                "select_model" => self.select_model = parse_towers(value).map_err(bad)?,
+                "device" => self.model.device = value.clone(),
+                "dtype" => self.model.dtype = value.clone(),
+                "minibatch_size" => self.minibatch_size = num(value)?.max(1),
+                "access_paths" => self.access_paths = value.clone(),
+                "preprocess_threads" => self.preprocess_threads = num(value)? as usize,
+                "queue_depth" => self.queue_depth = num(value)?.max(1),
+                "max_request_docs" => self.max_request_docs = num(value)?.max(1),
+                "max_image_pixels" => self.model.max_image_pixels = num(value)?,
+                "max_text_bytes" => self.model.max_text_bytes = num(value)? as usize,
+                "image_root" => self.image_root = Some(value.into()),
+                "allow_http_images" => self.allow_http_images = value == "true",
+                "name" => self.name = value.clone(),
+                other => return Err(bad(format!("{other} cannot be set from YAML"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
+    args.apply_uses(matches)?;
+    if args.port_monitoring != 0 {
+        tracing::info!(
+            "--port-monitoring {}: Prometheus metrics are not exported by this version",
+            args.port_monitoring
+        );
+    }
+    if args.tracing {
+        tracing::warn!(
+            "--tracing: trace export is not implemented in this version; no spans are sent"
+        );
+    }
+    let access_paths = AccessPaths::parse(&args.access_paths).map_err(anyhow::Error::msg)?;
+    let image_root = match &args.image_root {
+        Some(r) => Some(
+            r.canonicalize()
+                .with_context(|| format!("--image-root {}", r.display()))?,
+        ),
+        None => None,
+    };
+    let (files, opts) = args.model.resolve(args.select_model)?;
+    let encoder = Encoder::load(&files, &opts)?;
+    let options = ExecutorOptions {
+        name: args.name.clone(),
+        minibatch_size: args.minibatch_size as usize,
+        queue_depth: args.queue_depth as usize,
+        max_request_docs: args.max_request_docs as usize,
+        preprocess_threads: args.preprocess_threads,
+        access_paths,
+        images: ImagePolicy {
+            root: image_root,
+            allow_http: args.allow_http_images,
+            http_max_bytes: args.http_image_max_bytes,
+            http_timeout: Duration::from_secs_f64(args.http_image_timeout.max(0.001)),
+        },
+    };
+    let server = ServerConfig {
+        max_message_bytes: args.max_message_bytes as usize,
+        stream_concurrency: args.stream_concurrency as usize,
+        shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+    };
+    let towers = match (encoder.clip.text.is_some(), encoder.clip.vision.is_some()) {
+        (true, true) => "clip-text + clip-vision",
+        (true, false) => "clip-text",
+        _ => "clip-vision",
+    };
+    let source = encoder.source.clone();
+    let core = Core::start(encoder, &options)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("clipft-io")
+        .build()?;
+    runtime.block_on(async move {
+        let addr: SocketAddr = format!("{}:{}", args.host, args.port)
+            .parse()
+            .or_else(|_| {
+                std::net::ToSocketAddrs::to_socket_addrs(&(args.host.as_str(), args.port))
+                    .map_err(anyhow::Error::from)
+                    .and_then(|mut a| {
+                        a.next()
+                            .ok_or_else(|| anyhow::anyhow!("cannot resolve {}", args.host))
+                    })
+            })
+            .with_context(|| format!("--host {} --port {}", args.host, args.port))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let bound = listener.local_addr()?;
+        eprintln!(
+            "clipft executor {:?} ({towers} of {source}) serving on {bound}",
+            options.name
+        );
+        crate::executor::serve(core, server, listener, shutdown_signal()).await?;
+        eprintln!("clipft executor stopped");
+        Ok(())
+    })
+}
+
+/// SIGTERM (Kubernetes) or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,318 @@
+//! The per-tower queue and the model worker behind it. Requests from every stream feed one
+//! bounded queue per tower; a dedicated thread (which owns the model's compute) takes whatever is
+//! queued up to the minibatch size, groups texts by token length so each batch pads only to its
+//! own longest row, runs the tower off the async runtime and hands each request its rows.
+//! Admission is counted in documents with a semaphore, so memory is bounded by `--queue-depth`
+//! whatever the number of clients; requests whose caller went away are dropped before compute.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::status::ExecutorError;
+use crate::model::{tokenizer, Encoder};
+
+/// Which tower a queue feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tower {
+    Text,
+    Vision,
+}
+
+impl Tower {
+    pub fn name(self) -> &'static str {
+        match self {
+            Tower::Text => "text",
+            Tower::Vision => "vision",
+        }
+    }
+}
+
+/// One tower input, already preprocessed on the request side.
+#[derive(Debug)]
+pub enum Input {
+    /// Token ids, unpadded.
+    Tokens(Vec<u32>),
+    /// A normalised `[3, H, W]` image, flattened.
+    Pixels(Vec<f32>),
+}
+
+impl Input {
+    fn len_key(&self) -> usize {
+        match self {
+            Input::Tokens(t) => t.len(),
+            Input::Pixels(_) => 0,
+        }
+    }
+}
+
+type Reply = Result<Vec<Vec<f32>>, ExecutorError>;
+
+/// One request's inputs for one tower.
+struct Job {
+    inputs: Vec<Input>,
+    /// The request's own minibatch size (clip_server's `minibatch_size` parameter).
+    max_batch: usize,
+    reply: oneshot::Sender<Reply>,
+    /// Released when the job is done or dropped, freeing its room in the queue.
+    _permit: OwnedSemaphorePermit,
+    enqueued: Instant,
+}
+
+/// Counters the worker keeps; read by the executor's status and by tests.
+#[derive(Debug, Default)]
+pub struct BatcherStats {
+    pub batches: AtomicU64,
+    pub items: AtomicU64,
+    /// Jobs dropped because the caller had gone before compute.
+    pub abandoned: AtomicU64,
+    /// Largest batch run so far.
+    pub max_batch: AtomicU64,
+    /// Microseconds spent in the model.
+    pub model_micros: AtomicU64,
+}
+
+/// A handle on one tower's queue; cheap to clone.
+#[derive(Clone)]
+pub struct Batcher {
+    tower: Tower,
+    tx: mpsc::Sender<Job>,
+    permits: Arc<Semaphore>,
+    depth: usize,
+    minibatch: usize,
+    pub stats: Arc<BatcherStats>,
+}
+
+impl Batcher {
+    /// Starts the worker thread for `tower` of `encoder`. `minibatch` caps a model batch;
+    /// `depth` caps the documents queued or in compute.
+    pub fn start(
+        encoder: Encoder,
+        tower: Tower,
+        minibatch: usize,
+        depth: usize,
+    ) -> std::io::Result<Self> {
+        let depth = depth.max(1);
+        let minibatch = minibatch.max(1);
+        let (tx, rx) = mpsc::channel(depth);
+        let stats = Arc::new(BatcherStats::default());
+        let worker_stats = stats.clone();
+        std::thread::Builder::new()
+            .name(format!("clipft-{}", tower.name()))
+            .spawn(move || worker(encoder, tower, minibatch, rx, &worker_stats))?;
+        Ok(Self {
+            tower,
+            tx,
+            permits: Arc::new(Semaphore::new(depth)),
+            depth,
+            minibatch,
+            stats,
+        })
+    }
+
+    pub fn minibatch(&self) -> usize {
+        self.minibatch
+    }
+
+    /// Documents queued or in compute now.
+    pub fn queued(&self) -> usize {
+        self.depth - self.permits.available_permits()
+    }
+
+    /// Embeds `inputs`, in order. With `wait`, a full queue makes the caller wait for room
+    /// (streams: back-pressure); without, it fails at once with [`ExecutorError::QueueFull`]
+    /// (unary calls). Dropping the returned future before it finishes withdraws the work.
+    pub async fn embed(&self, inputs: Vec<Input>, max_batch: Option<usize>, wait: bool) -> Reply {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        // A request bigger than the whole queue takes all of it rather than never fitting.
+        let need = inputs.len().min(self.depth) as u32;
+        let permit = if wait {
+            self.permits
+                .clone()
+                .acquire_many_owned(need)
+                .await
+                .map_err(|_| ExecutorError::ShuttingDown)?
+        } else {
+            self.permits
+                .clone()
+                .try_acquire_many_owned(need)
+                .map_err(|_| ExecutorError::QueueFull {
+                    tower: self.tower.name(),
+                    depth: self.depth,
+                })?
+        };
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            inputs,
+            max_batch: max_batch.unwrap_or(self.minibatch).clamp(1, self.minibatch),
+            reply,
+            _permit: permit,
+            enqueued: Instant::now(),
+        };
+        self.tx
+            .send(job)
+            .await
+            .map_err(|_| ExecutorError::ShuttingDown)?;
+        rx.await.map_err(|_| ExecutorError::ShuttingDown)?
+    }
+
+    /// Whether the model worker is alive.
+    pub fn is_running(&self) -> bool {
+        !self.tx.is_closed()
+    }
+}
+
+/// The worker: blocks for the first job, takes what else is queued up to a minibatch, runs it.
+fn worker(
+    encoder: Encoder,
+    tower: Tower,
+    minibatch: usize,
+    mut rx: mpsc::Receiver<Job>,
+    stats: &BatcherStats,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut jobs = vec![first];
+        let mut items = jobs[0].inputs.len();
+        while items < minibatch {
+            match rx.try_recv() {
+                Ok(j) => {
+                    items += j.inputs.len();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        // Callers that went away (cancelled stream, closed connection) cost nothing more.
+        jobs.retain(|j| {
+            let gone = j.reply.is_closed();
+            if gone {
+                stats.abandoned.fetch_add(1, Ordering::Relaxed);
+            }
+            !gone
+        });
+        if jobs.is_empty() {
+            continue;
+        }
+        let waited = jobs
+            .iter()
+            .map(|j| j.enqueued.elapsed())
+            .max()
+            .unwrap_or(Duration::ZERO);
+        tracing::debug!(
+            tower = tower.name(),
+            jobs = jobs.len(),
+            waited_ms = waited.as_millis() as u64,
+            "batch"
+        );
+        run_jobs(&encoder, tower, minibatch, jobs, stats);
+    }
+}
+
+/// Runs every input of `jobs` in model batches and answers each job.
+fn run_jobs(
+    encoder: &Encoder,
+    tower: Tower,
+    minibatch: usize,
+    jobs: Vec<Job>,
+    stats: &BatcherStats,
+) {
+    // (job, position in job, input), ordered so that each model batch shares a minibatch
+    // cap and texts of similar length sit together.
+    let mut order: Vec<(usize, usize, usize, usize)> = Vec::new(); // (cap, len, job, pos)
+    let mut inputs: Vec<Vec<Option<Input>>> = Vec::with_capacity(jobs.len());
+    for (j, job) in jobs.iter().enumerate() {
+        for (p, x) in job.inputs.iter().enumerate() {
+            order.push((job.max_batch, x.len_key(), j, p));
+        }
+    }
+    let mut jobs = jobs;
+    for job in jobs.iter_mut() {
+        inputs.push(
+            std::mem::take(&mut job.inputs)
+                .into_iter()
+                .map(Some)
+                .collect(),
+        );
+    }
+    order.sort_unstable();
+    let mut results: Vec<Vec<Vec<f32>>> = jobs.iter().map(|_| Vec::new()).collect();
+    for (j, row) in inputs.iter().enumerate() {
+        results[j] = vec![Vec::new(); row.len()];
+    }
+    let mut failed: Vec<Option<ExecutorError>> = vec![None; jobs.len()];
+    let mut start = 0;
+    while start < order.len() {
+        let cap = order[start].0.min(minibatch);
+        let mut end = start + 1;
+        while end < order.len() && end - start < cap && order[end].0 == order[start].0 {
+            end += 1;
+        }
+        let batch = &order[start..end];
+        let taken: Vec<Input> = batch
+            .iter()
+            .filter_map(|&(_, _, j, p)| inputs[j][p].take())
+            .collect();
+        let t0 = Instant::now();
+        let out = embed_batch(encoder, tower, taken);
+        stats
+            .model_micros
+            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.items.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        stats
+            .max_batch
+            .fetch_max(batch.len() as u64, Ordering::Relaxed);
+        match out {
+            Ok(rows) => {
+                for (&(_, _, j, p), row) in batch.iter().zip(rows) {
+                    results[j][p] = row;
+                }
+            }
+            Err(e) => {
+                for &(_, _, j, _) in batch {
+                    failed[j] = Some(e.clone());
+                }
+            }
+        }
+        start = end;
+    }
+    for ((job, rows), err) in jobs.into_iter().zip(results).zip(failed) {
+        let _ = job.reply.send(match err {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        });
+    }
+}
+
+fn embed_batch(encoder: &Encoder, tower: Tower, inputs: Vec<Input>) -> Reply {
+    let model = |e: crate::model::ModelError| ExecutorError::Model(e.to_string());
+    match tower {
+        Tower::Text => {
+            let rows: Vec<Vec<u32>> = inputs
+                .into_iter()
+                .filter_map(|x| match x {
+                    Input::Tokens(t) => Some(t),
+                    Input::Pixels(_) => None,
+                })
+                .collect();
+            let pad = encoder.tokenizer().map_err(model)?.pad_id();
+            encoder
+                .embed_token_rows(&tokenizer::pad_rows(rows, pad))
+                .map_err(model)
+        }
+        Tower::Vision => {
+            let images: Vec<Vec<f32>> = inputs
+                .into_iter()
+                .filter_map(|x| match x {
+                    Input::Pixels(p) => Some(p),
+                    Input::Tokens(_) => None,
+                })
+                .collect();
+            encoder.embed_pixels(&images).map_err(model)
+        }
+    }
+}

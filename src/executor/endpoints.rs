@@ -1,0 +1,560 @@
+//! What the executor does with one request: route the endpoint (`/encode`, `/rank`, clip_server's
+//! catch-all `/default`, `_jina_dry_run_`), read the parameters, select documents by access path,
+//! classify each for the towers this executor serves, preprocess them on the preprocessing pool,
+//! embed them through the tower queues and write the embeddings (and rank scores) back in place.
+//! Every other field of every document is left as it was sent; a failed request comes back
+//! unchanged with an error status.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::future::try_join;
+
+use super::batcher::{Batcher, Input, Tower};
+use super::status::{self, ExecutorError};
+use crate::docarray::decode_data_uri;
+use crate::model::{ClipTokenizer, ImagePreprocessor};
+use crate::protocol::docarray::{document_proto, DocumentProto, NamedScoreProto};
+use crate::protocol::jina::{data_request_proto, DataRequestProto, RouteProto};
+use crate::protocol::ndarray;
+use crate::protocol::params::Params;
+use crate::protocol::paths::{self, AccessPaths, Address, Step};
+
+/// The endpoint Jina's dry run sends through a Flow.
+pub const DRY_RUN_ENDPOINT: &str = "_jina_dry_run_";
+
+/// What `endpoint_discovery` advertises. `/default` makes a Jina gateway send every endpoint
+/// here, as it does for clip_server.
+pub const ENDPOINTS: [&str; 4] = ["/default", "/encode", "/rank", DRY_RUN_ENDPOINT];
+
+/// clip-as-service's rank temperature: `exp(4.60517)`, i.e. a logit scale of about 100.
+fn rank_logit_scale() -> f64 {
+    4.60517f64.exp()
+}
+
+/// Where image URIs may be read from.
+#[derive(Debug, Clone)]
+pub struct ImagePolicy {
+    /// Local paths and `file://` URIs are read only below this folder (canonical).
+    pub root: Option<PathBuf>,
+    /// Whether http(s) URIs are fetched at all.
+    pub allow_http: bool,
+    /// The largest body fetched over http(s).
+    pub http_max_bytes: u64,
+    /// The whole-fetch time limit.
+    pub http_timeout: Duration,
+}
+
+impl Default for ImagePolicy {
+    fn default() -> Self {
+        Self {
+            root: None,
+            allow_http: false,
+            http_max_bytes: 20 << 20,
+            http_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The request-side half of the executor: everything but the model itself.
+pub struct Core {
+    /// The executor's name: its route entry and the key of per-executor parameters.
+    pub name: String,
+    pub text: Option<Batcher>,
+    pub vision: Option<Batcher>,
+    pub tokenizer: Option<ClipTokenizer>,
+    pub images: Option<ImagePreprocessor>,
+    pub policy: ImagePolicy,
+    /// Decoding, resizing and tokenizing run here, beside the model threads.
+    pub pool: Arc<rayon::ThreadPool>,
+    /// Access paths when a request names none.
+    pub default_paths: AccessPaths,
+    /// Documents one request may ask to encode.
+    pub max_request_docs: usize,
+}
+
+/// One request's outcome: the reply to send, and whether it carries an error status.
+pub struct Handled {
+    pub reply: DataRequestProto,
+    pub failed: bool,
+}
+
+enum Endpoint {
+    Encode,
+    Rank,
+    DryRun,
+}
+
+fn route_endpoint(e: &str) -> Endpoint {
+    if e == DRY_RUN_ENDPOINT {
+        Endpoint::DryRun
+    } else if e == "/rank" || e.starts_with("/rank/") {
+        Endpoint::Rank
+    } else {
+        // `/encode`, `/encode/<model>`, `/`, `/default` and anything else: clip_server binds
+        // encode to the catch-all.
+        Endpoint::Encode
+    }
+}
+
+/// The request-level options, read from the parameters.
+struct Options {
+    paths: AccessPaths,
+    drop_image_content: bool,
+    minibatch: Option<usize>,
+}
+
+impl Core {
+    /// Processes one request. `wait` chooses back-pressure (streams wait for queue room) or
+    /// refusal (unary calls). Errors that fail the whole call (full queue, shutting down) are
+    /// `Err`; every other error comes back in-band.
+    pub async fn handle(
+        &self,
+        mut req: DataRequestProto,
+        wait: bool,
+    ) -> Result<Handled, ExecutorError> {
+        let arrived = SystemTime::now();
+        let endpoint = req
+            .header
+            .as_ref()
+            .and_then(|h| h.exec_endpoint.clone())
+            .unwrap_or_else(|| "/default".into());
+        let outcome = match route_endpoint(&endpoint) {
+            Endpoint::DryRun => Ok(()),
+            Endpoint::Encode => self.encode_request(&mut req, wait).await,
+            Endpoint::Rank => self.rank_request(&mut req, wait).await,
+        };
+        let failed = match outcome {
+            Ok(()) => false,
+            Err(e) if e.fails_call() => return Err(e),
+            Err(e) => {
+                tracing::info!(endpoint, error = %e, "request failed");
+                let header = req.header.get_or_insert_with(Default::default);
+                header.status = Some(e.to_status());
+                true
+            }
+        };
+        let now = SystemTime::now();
+        let status = req.header.as_ref().and_then(|h| h.status.clone());
+        // A client that talks to us directly (clip_client without a gateway) reads routes[0] as
+        // the gateway and routes[1] as the executor; a gateway replaces both with its own.
+        if req.routes.is_empty() {
+            req.routes.push(RouteProto {
+                executor: "gateway".into(),
+                start_time: Some(arrived.into()),
+                end_time: Some(now.into()),
+                status: status.clone(),
+            });
+        }
+        req.routes.push(RouteProto {
+            executor: self.name.clone(),
+            start_time: Some(arrived.into()),
+            end_time: Some(now.into()),
+            status: Some(status.unwrap_or_else(status::success)),
+        });
+        Ok(Handled { reply: req, failed })
+    }
+
+    fn options(&self, req: &DataRequestProto, rank: bool) -> Result<Options, ExecutorError> {
+        let p = Params::for_executor(req.parameters.as_ref(), &self.name);
+        let bad = ExecutorError::BadParameter;
+        let paths = match p
+            .str("access_paths")
+            .map_err(bad)?
+            .or(p.str("traversal_paths").map_err(bad)?)
+        {
+            _ if rank => AccessPaths::parse("@r,m").map_err(bad)?,
+            Some(s) => AccessPaths::parse(s).map_err(bad)?,
+            None => self.default_paths.clone(),
+        };
+        Ok(Options {
+            paths,
+            drop_image_content: p.bool("drop_image_content").map_err(bad)?.unwrap_or(false),
+            minibatch: p.positive("minibatch_size").map_err(bad)?,
+        })
+    }
+
+    async fn encode_request(
+        &self,
+        req: &mut DataRequestProto,
+        wait: bool,
+    ) -> Result<(), ExecutorError> {
+        let opts = self.options(req, false)?;
+        let Some(docs) = docs_mut(req)? else {
+            return Ok(());
+        };
+        let addrs = opts.paths.select(docs);
+        let done = self.embed(docs, &addrs, opts.minibatch, wait).await?;
+        if opts.drop_image_content {
+            for a in done
+                .iter()
+                .filter(|(_, t)| *t == Tower::Vision)
+                .map(|(a, _)| a)
+            {
+                if let Some(d) = paths::get_mut(docs, a) {
+                    if matches!(
+                        d.content,
+                        Some(document_proto::Content::Blob(_) | document_proto::Content::Tensor(_))
+                    ) {
+                        d.content = None;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn rank_request(
+        &self,
+        req: &mut DataRequestProto,
+        wait: bool,
+    ) -> Result<(), ExecutorError> {
+        match (&self.text, &self.vision) {
+            (Some(_), Some(_)) => {}
+            (Some(_), None) => return Err(ExecutorError::RankNeedsBothTowers("clip-text")),
+            _ => return Err(ExecutorError::RankNeedsBothTowers("clip-vision")),
+        }
+        let opts = self.options(req, true)?;
+        let Some(docs) = docs_mut(req)? else {
+            return Ok(());
+        };
+        let addrs = opts.paths.select(docs);
+        self.embed(docs, &addrs, opts.minibatch, wait).await?;
+        for (i, root) in docs.iter_mut().enumerate() {
+            if root.matches.is_empty() {
+                continue;
+            }
+            let q = embedding_of(root).ok_or_else(|| ExecutorError::BadDocument {
+                at: format!("docs[{i}]"),
+                id: root.id.clone(),
+                reason: "a /rank query needs text or an image".into(),
+            })?;
+            let mut cosines = Vec::with_capacity(root.matches.len());
+            for (k, m) in root.matches.iter().enumerate() {
+                let c = embedding_of(m).ok_or_else(|| ExecutorError::BadDocument {
+                    at: format!("docs[{i}].matches[{k}]"),
+                    id: m.id.clone(),
+                    reason: "a /rank candidate needs text or an image".into(),
+                })?;
+                cosines.push(cosine(&q, &c));
+            }
+            let scale = rank_logit_scale();
+            let top = cosines
+                .iter()
+                .fold(f64::NEG_INFINITY, |a, &c| a.max(scale * c));
+            let exps: Vec<f64> = cosines.iter().map(|c| (scale * c - top).exp()).collect();
+            let sum: f64 = exps.iter().sum();
+            for ((m, c), e) in root.matches.iter_mut().zip(&cosines).zip(&exps) {
+                m.scores.insert(
+                    "clip_score".into(),
+                    NamedScoreProto {
+                        value: (e / sum) as f32,
+                        op_name: "softmax".into(),
+                        ..Default::default()
+                    },
+                );
+                m.scores.insert(
+                    "clip_score_cosine".into(),
+                    NamedScoreProto {
+                        value: *c as f32,
+                        op_name: "cosine".into(),
+                        ..Default::default()
+                    },
+                );
+                m.embedding = None;
+            }
+            let score = |d: &DocumentProto| d.scores.get("clip_score").map_or(0.0, |s| s.value);
+            root.matches.sort_by(|a, b| score(b).total_cmp(&score(a)));
+        }
+        Ok(())
+    }
+
+    /// Embeds the documents at `addrs` that this executor's towers can take, and writes the
+    /// embeddings in place. Returns what was embedded by which tower.
+    async fn embed(
+        &self,
+        docs: &mut [DocumentProto],
+        addrs: &[Address],
+        minibatch: Option<usize>,
+        wait: bool,
+    ) -> Result<Vec<(Address, Tower)>, ExecutorError> {
+        let mut texts = Vec::new();
+        let mut images = Vec::new();
+        for a in addrs {
+            let Some(d) = paths::get(docs, a) else {
+                continue;
+            };
+            match classify(d) {
+                Some(Kind::Text(t)) if self.text.is_some() => {
+                    texts.push((a.clone(), t.to_string()))
+                }
+                Some(Kind::Image(src)) if self.vision.is_some() => images.push((a.clone(), src)),
+                // Not for this executor's towers (a text-only executor passes images through),
+                // or nothing to embed.
+                _ => {}
+            }
+        }
+        let n = texts.len() + images.len();
+        if n > self.max_request_docs {
+            return Err(ExecutorError::TooManyDocs {
+                docs: n,
+                limit: self.max_request_docs,
+            });
+        }
+        let text_addrs: Vec<Address> = texts.iter().map(|(a, _)| a.clone()).collect();
+        let image_addrs: Vec<Address> = images.iter().map(|(a, _)| a.clone()).collect();
+        let ids = |list: &[Address]| -> Vec<String> {
+            list.iter()
+                .map(|a| {
+                    paths::get(docs, a)
+                        .map(|d| d.id.clone())
+                        .unwrap_or_default()
+                })
+                .collect()
+        };
+        let (text_ids, image_ids) = (ids(&text_addrs), ids(&image_addrs));
+        let text_fut = async {
+            let Some(batcher) = &self.text else {
+                return Ok(Vec::new());
+            };
+            if texts.is_empty() {
+                return Ok(Vec::new());
+            }
+            let tok = self.tokenizer.clone();
+            let inputs = self
+                .on_pool(move || {
+                    let tok = tok
+                        .as_ref()
+                        .ok_or(ExecutorError::Model("no tokenizer".into()))?;
+                    texts
+                        .iter()
+                        .zip(&text_ids)
+                        .map(|((a, t), id)| {
+                            tok.encode(t)
+                                .map(Input::Tokens)
+                                .map_err(|e| bad_doc(a, id, e.to_string()))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .await??;
+            batcher.embed(inputs, minibatch, wait).await
+        };
+        let image_fut = async {
+            let Some(batcher) = &self.vision else {
+                return Ok(Vec::new());
+            };
+            if images.is_empty() {
+                return Ok(Vec::new());
+            }
+            let pre = self.images.clone();
+            let policy = self.policy.clone();
+            let pool = self.pool.clone();
+            let inputs = self
+                .on_pool(move || {
+                    use rayon::prelude::*;
+                    let pre = pre
+                        .as_ref()
+                        .ok_or(ExecutorError::Model("no image preprocessor".into()))?;
+                    pool.install(|| {
+                        images
+                            .par_iter()
+                            .zip(&image_ids)
+                            .map(|((a, src), id)| {
+                                load_image(src, &policy, pre)
+                                    .map(Input::Pixels)
+                                    .map_err(|e| bad_doc(a, id, e))
+                            })
+                            .collect::<Result<Vec<_>, _>>()
+                    })
+                })
+                .await??;
+            batcher.embed(inputs, minibatch, wait).await
+        };
+        let (text_rows, image_rows) = try_join(text_fut, image_fut).await?;
+        let mut done = Vec::with_capacity(n);
+        for (tower, list, rows) in [
+            (Tower::Text, text_addrs, text_rows),
+            (Tower::Vision, image_addrs, image_rows),
+        ] {
+            for (a, row) in list.into_iter().zip(rows) {
+                if let Some(d) = paths::get_mut(docs, &a) {
+                    d.embedding = Some(ndarray::embedding(&row));
+                }
+                done.push((a, tower));
+            }
+        }
+        Ok(done)
+    }
+
+    /// Runs blocking preprocessing on the pool, off the async runtime.
+    async fn on_pool<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ExecutorError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pool.spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.await.map_err(|_| ExecutorError::ShuttingDown)
+    }
+}
+
+fn docs_mut(req: &mut DataRequestProto) -> Result<Option<&mut Vec<DocumentProto>>, ExecutorError> {
+    match req.data.as_mut().and_then(|d| d.documents.as_mut()) {
+        None => Ok(None),
+        Some(data_request_proto::data_content_proto::Documents::DocsBytes(_)) => {
+            Err(ExecutorError::PickledDocs)
+        }
+        Some(data_request_proto::data_content_proto::Documents::Docs(da)) => Ok(Some(&mut da.docs)),
+    }
+}
+
+/// What a document holds for the model, in clip_server's order: text first, then an image as
+/// blob, tensor or uri; anything else is left alone.
+enum Kind<'a> {
+    Text(&'a str),
+    Image(ImageData),
+}
+
+/// The image of a document, cloned out of the request so preprocessing can run elsewhere.
+#[derive(Debug, Clone)]
+pub enum ImageData {
+    Blob(bytes::Bytes),
+    Tensor(Box<crate::protocol::docarray::NdArrayProto>),
+    Uri(String),
+}
+
+fn classify(d: &DocumentProto) -> Option<Kind<'_>> {
+    match &d.content {
+        Some(document_proto::Content::Text(t)) if !t.is_empty() => Some(Kind::Text(t)),
+        Some(document_proto::Content::Blob(b)) if !b.is_empty() => {
+            Some(Kind::Image(ImageData::Blob(b.clone())))
+        }
+        Some(document_proto::Content::Tensor(t)) => Some(Kind::Image(ImageData::Tensor(Box::new(t.clone())))),
+        _ if !d.uri.is_empty() => Some(Kind::Image(ImageData::Uri(d.uri.clone()))),
+        _ => None,
+    }
+}
+
+fn bad_doc(a: &Address, id: &str, reason: String) -> ExecutorError {
+    ExecutorError::BadDocument {
+        at: describe(a),
+        id: id.to_string(),
+        reason,
+    }
+}
+
+/// `docs[2].chunks[0]`: where a document sits in the request.
+pub fn describe(a: &Address) -> String {
+    let mut s = format!("docs[{}]", a.root);
+    for step in &a.steps {
+        match step {
+            Step::Chunk(i) => s.push_str(&format!(".chunks[{i}]")),
+            Step::Match(i) => s.push_str(&format!(".matches[{i}]")),
+        }
+    }
+    s
+}
+
+/// Decodes and preprocesses one image under the URI policy.
+pub fn load_image(
+    src: &ImageData,
+    policy: &ImagePolicy,
+    pre: &ImagePreprocessor,
+) -> Result<Vec<f32>, String> {
+    let e = |e: crate::model::ModelError| e.to_string();
+    match src {
+        ImageData::Blob(b) => pre.preprocess_bytes(b).map_err(e),
+        ImageData::Tensor(t) => {
+            let (data, h, w, c) = ndarray::image_pixels(t)?;
+            pre.preprocess_hwc_u8(&data, h, w, c).map_err(e)
+        }
+        ImageData::Uri(uri) => pre.preprocess_bytes(&fetch_uri(uri, policy)?).map_err(e),
+    }
+}
+
+/// The bytes behind an image URI: `data:` always; local files only below the configured root;
+/// http(s) only when enabled, within the size and time limits.
+pub fn fetch_uri(uri: &str, policy: &ImagePolicy) -> Result<Vec<u8>, String> {
+    if uri.starts_with("data:") {
+        return decode_data_uri(uri);
+    }
+    let lower = uri.to_ascii_lowercase();
+    if lower.starts_with("http://") || lower.starts_with("https://") {
+        if !policy.allow_http {
+            return Err(format!(
+                "uri {uri} is not fetched: http(s) image fetching is off (--allow-http-images); send the image as blob"
+            ));
+        }
+        return fetch_http(uri, policy);
+    }
+    if let Some((scheme, _)) = uri.split_once("://") {
+        if scheme != "file" {
+            return Err(format!(
+                "uri scheme {scheme:?} is not supported (data:, file paths and http(s) are)"
+            ));
+        }
+    }
+    let path = Path::new(uri.strip_prefix("file://").unwrap_or(uri));
+    let Some(root) = &policy.root else {
+        return Err(format!(
+            "uri {uri} is a local file and local files are not read (no --image-root); send the image as blob"
+        ));
+    };
+    let full = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        root.join(path)
+    };
+    let canon = full
+        .canonicalize()
+        .map_err(|e| format!("cannot read {uri}: {e}"))?;
+    if !canon.starts_with(root) {
+        return Err(format!(
+            "uri {uri} is outside the image root {}",
+            root.display()
+        ));
+    }
+    std::fs::read(&canon).map_err(|e| format!("cannot read {uri}: {e}"))
+}
+
+fn fetch_http(uri: &str, policy: &ImagePolicy) -> Result<Vec<u8>, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(policy.http_timeout))
+        .build()
+        .into();
+    let mut resp = agent
+        .get(uri)
+        .call()
+        .map_err(|e| format!("cannot fetch {uri}: {e}"))?;
+    resp.body_mut()
+        .with_config()
+        .limit(policy.http_max_bytes)
+        .read_to_vec()
+        .map_err(|e| {
+            format!(
+                "cannot fetch {uri} (limit {} bytes): {e}",
+                policy.http_max_bytes
+            )
+        })
+}
+
+fn embedding_of(d: &DocumentProto) -> Option<Vec<f32>> {
+    d.embedding
+        .as_ref()
+        .and_then(|e| ndarray::to_f32(e).ok())
+        .map(|(v, _)| v)
+}
+
+/// docarray's cosine similarity (1 - cosine distance), in f64.
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    ab / (aa.sqrt() * bb.sqrt()).max(1e-12)
+}

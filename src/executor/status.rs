@@ -1,0 +1,99 @@
+//! Every executor error, and the one place that maps it to what a Jina peer expects: an in-band
+//! `StatusProto` (the request comes back with `header.status` ERROR, gRPC status OK, trailing
+//! metadata `is-error: true`), or a gRPC status where Jina itself would fail the call.
+
+use crate::protocol::jina::{status_proto, StatusProto};
+
+/// The exception class the executor reports, as Jina reports its Python executor's class.
+pub const EXECUTOR_CLASS: &str = "CLIPEncoder";
+
+/// What can go wrong while serving one request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExecutorError {
+    /// One document cannot be encoded: the whole request fails, naming it.
+    #[error("{at} (id {id:?}): {reason}")]
+    BadDocument {
+        at: String,
+        id: String,
+        reason: String,
+    },
+    /// A parameter has the wrong type or value.
+    #[error("{0}")]
+    BadParameter(String),
+    /// `docs_bytes` is docarray's pickle protocol; executing it would run Python pickles.
+    #[error("data.docs_bytes (a pickled DocumentArray) is not accepted: send the documents in data.docs, as Jina clients do")]
+    PickledDocs,
+    /// More documents in one request than the executor accepts.
+    #[error(
+        "the request holds {docs} documents to encode; the limit is {limit} (--max-request-docs)"
+    )]
+    TooManyDocs { docs: usize, limit: usize },
+    /// `/rank` embeds queries and matches with both towers.
+    #[error("/rank needs both towers, but this executor serves only {0}: start it with --select-model all")]
+    RankNeedsBothTowers(&'static str),
+    /// The tower's queue is full (only unary calls are refused; streams wait).
+    #[error("the {tower} queue is full ({depth} documents queued, --queue-depth); retry later")]
+    QueueFull { tower: &'static str, depth: usize },
+    /// The model failed on a batch.
+    #[error("model: {0}")]
+    Model(String),
+    /// The executor stopped while the request waited.
+    #[error("the executor is shutting down")]
+    ShuttingDown,
+}
+
+impl ExecutorError {
+    /// The exception name Jina clients see in `header.status.exception.name`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::BadDocument { .. } => "BadDocumentError",
+            Self::BadParameter(_) => "BadParameterError",
+            Self::PickledDocs => "UnsupportedPayloadError",
+            Self::TooManyDocs { .. } => "RequestTooLargeError",
+            Self::RankNeedsBothTowers(_) => "MissingTowerError",
+            Self::QueueFull { .. } => "QueueFullError",
+            Self::Model(_) => "ModelError",
+            Self::ShuttingDown => "ShuttingDownError",
+        }
+    }
+
+    /// The in-band status Jina's worker writes into a failed request's header.
+    pub fn to_status(&self) -> StatusProto {
+        let message = self.to_string();
+        StatusProto {
+            code: status_proto::StatusCode::Error as i32,
+            description: format!("{}({message:?})", self.name()),
+            exception: Some(status_proto::ExceptionProto {
+                name: self.name().into(),
+                args: vec![message],
+                stacks: Vec::new(),
+                executor: EXECUTOR_CLASS.into(),
+            }),
+        }
+    }
+
+    /// Where a call fails as a whole instead of in-band: a full queue on a unary call is
+    /// RESOURCE_EXHAUSTED, so the caller backs off; shutting down is UNAVAILABLE, so a Jina
+    /// gateway retries another replica.
+    pub fn to_grpc(&self) -> tonic::Status {
+        match self {
+            Self::QueueFull { .. } => tonic::Status::resource_exhausted(self.to_string()),
+            Self::ShuttingDown => tonic::Status::unavailable(self.to_string()),
+            _ => tonic::Status::internal(self.to_string()),
+        }
+    }
+
+    /// Whether the error fails the call rather than travelling in-band.
+    pub fn fails_call(&self) -> bool {
+        matches!(self, Self::QueueFull { .. } | Self::ShuttingDown)
+    }
+}
+
+/// The success status.
+pub fn success() -> StatusProto {
+    StatusProto {
+        code: status_proto::StatusCode::Success as i32,
+        description: String::new(),
+        exception: None,
+    }
+}
