@@ -1,0 +1,206 @@
+//! The real Python peers against the `clipft` binary: clip_client (encode, rank, profile) and
+//! Jina Flows with clipft as an external executor (tests/interop/*.py). The first run builds a
+//! venv under target/ from tests/interop/requirements.txt (PyPI only); later runs reuse it.
+//! Also the binary's own life cycle: `ping`, `--uses`, SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tiny() -> String {
+    root().join("tests/fixtures/clip-tiny").display().to_string()
+}
+
+fn image(name: &str) -> String {
+    root().join("tests/fixtures/reference/images").join(name).display().to_string()
+}
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_clipft"));
+    c.env("CLIPFT_LOG", "warn");
+    c
+}
+
+static VENV: Mutex<()> = Mutex::new(());
+
+/// The interop venv's python, created on first use. `CLIPFT_TEST_PYTHON` picks the interpreter
+/// that builds it (default `python3`).
+fn python() -> R<PathBuf> {
+    let _guard = VENV.lock().unwrap_or_else(|e| e.into_inner());
+    let venv = root().join("target/interop-venv");
+    let py = venv.join("bin/python");
+    let reqs = root().join("tests/interop/requirements.txt");
+    let stamp = venv.join("requirements.txt");
+    let wanted = std::fs::read_to_string(&reqs)?;
+    if py.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
+        return Ok(py);
+    }
+    let base = std::env::var("CLIPFT_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let _ = std::fs::remove_dir_all(&venv);
+    run(Command::new(&base).args(["-m", "venv"]).arg(&venv), "create the interop venv")?;
+    run(
+        Command::new(&py).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"]).arg(&reqs),
+        "pip install tests/interop/requirements.txt",
+    )?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(py)
+}
+
+fn run(cmd: &mut Command, what: &str) -> R {
+    let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{what} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// A running `clipft executor`; killed on drop.
+struct Executor {
+    child: Child,
+    port: u16,
+}
+
+impl Executor {
+    fn start(args: &[&str]) -> R<Self> {
+        let mut child = bin()
+            .args(["executor", "--model", &tiny(), "--host", "127.0.0.1", "--port", "0", "--port-monitoring", "0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let mut seen = Vec::new();
+        let port = loop {
+            let Some(line) = lines.next() else {
+                return Err(format!("executor exited: {}", seen.join("\n")).into());
+            };
+            let line = line?;
+            if let Some(addr) = line.split("serving on ").nth(1) {
+                break addr.rsplit(':').next().ok_or("no port")?.trim().parse()?;
+            }
+            seen.push(line);
+        };
+        // Keep draining stderr so the executor never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self { child, port })
+    }
+
+    fn target(&self) -> String {
+        format!("grpc://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Executor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reference embeddings from `clipft encode` on the same model.
+fn expected(dir: &Path) -> R<PathBuf> {
+    let out = dir.join("expected.jsonl");
+    run(
+        bin()
+            .args(["encode", "--model", &tiny(), "--output"])
+            .arg(&out)
+            .args(["--text", "a red striped dress", "--text", "blue jeans on a chair", "--text", "a photo of a cat"])
+            .args(["--image", &image("rgb_300x200.png"), "--image", &image("photo_500x375.jpg"), "--image", &image("rgb_640x480.png")]),
+        "clipft encode",
+    )?;
+    Ok(out)
+}
+
+fn tempdir(name: &str) -> R<PathBuf> {
+    let d = std::env::temp_dir().join(format!("clipft-interop-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+#[test]
+fn clip_client_encodes_ranks_and_profiles() -> R {
+    let py = python()?;
+    let dir = tempdir("client")?;
+    let want = expected(&dir)?;
+    let ex = Executor::start(&[])?;
+    run(
+        Command::new(py).arg(root().join("tests/interop/check_clip_client.py")).arg(ex.port.to_string()).arg(&want),
+        "check_clip_client.py",
+    )
+}
+
+#[test]
+fn jina_flows_use_clipft_as_an_external_executor() -> R {
+    let py = python()?;
+    let dir = tempdir("flow")?;
+    let want = expected(&dir)?;
+    let all = Executor::start(&["--name", "clip"])?;
+    let text = Executor::start(&["--select-model", "clip-text", "--name", "text"])?;
+    let vision = Executor::start(&["--select-model", "clip-vision", "--name", "vision"])?;
+    run(
+        Command::new(py)
+            .arg(root().join("tests/interop/check_flow.py"))
+            .args([all.port.to_string(), text.port.to_string(), vision.port.to_string()])
+            .arg(&want)
+            .env("JINA_LOG_LEVEL", "ERROR")
+            .env("JINA_OPTOUT_TELEMETRY", "1"),
+        "check_flow.py",
+    )
+}
+
+#[test]
+fn ping_uses_yaml_and_sigterm() -> R {
+    let dir = tempdir("life")?;
+    let yml = dir.join("executor.yml");
+    std::fs::write(
+        &yml,
+        "jtype: CLIPEncoder\nwith:\n  minibatch_size: 4\n  select_model: clip-text\nmetas:\n  name: clip_t\n",
+    )?;
+    let mut ex = Executor::start(&["--uses", yml.to_str().ok_or("path")?])?;
+    let out = bin().args(["ping", &ex.target()]).output()?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
+    // The YAML's name and tower took effect.
+    let out = bin().args(["ping", &ex.target(), "--service", "jina.JinaRPC"]).output()?;
+    assert!(out.status.success());
+    // SIGTERM: drains and exits 0.
+    let pid = ex.child.id() as i32;
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = ex.child.try_wait()? {
+            break s;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err("executor did not stop after SIGTERM".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    // Nothing listens any more: ping fails with exit 1.
+    let out = bin().args(["ping", &ex.target(), "--timeout", "1"]).output()?;
+    assert_eq!(out.status.code(), Some(1));
+    // A bad --uses file is a clear error.
+    std::fs::write(&yml, "jtype: X\nwith:\n  batchsize: 3\n")?;
+    let out = bin().args(["executor", "--model", &tiny(), "--port", "0", "--uses"]).arg(&yml).output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("with.batchsize"));
+    Ok(())
+}
