@@ -399,6 +399,10 @@ fn demo_runs_offline_on_the_shipped_data() {
         "{out}"
     );
     assert_eq!(std::fs::read_dir(&art).unwrap().count(), 1, "one artifact");
+    assert!(
+        out.contains("serving the artifact: clipft executor on grpc://127.0.0.1:"),
+        "{out}"
+    );
     assert!(out.contains("\"a red striped dress\""), "{out}");
     assert!(out.contains(".png"), "{out}");
     let e = err(bin()

@@ -16,11 +16,18 @@ fn root() -> PathBuf {
 }
 
 fn tiny() -> String {
-    root().join("tests/fixtures/clip-tiny").display().to_string()
+    root()
+        .join("tests/fixtures/clip-tiny")
+        .display()
+        .to_string()
 }
 
 fn image(name: &str) -> String {
-    root().join("tests/fixtures/reference/images").join(name).display().to_string()
+    root()
+        .join("tests/fixtures/reference/images")
+        .join(name)
+        .display()
+        .to_string()
 }
 
 fn bin() -> Command {
@@ -45,9 +52,21 @@ fn python() -> R<PathBuf> {
     }
     let base = std::env::var("CLIPFT_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
     let _ = std::fs::remove_dir_all(&venv);
-    run(Command::new(&base).args(["-m", "venv"]).arg(&venv), "create the interop venv")?;
     run(
-        Command::new(&py).args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"]).arg(&reqs),
+        Command::new(&base).args(["-m", "venv"]).arg(&venv),
+        "create the interop venv",
+    )?;
+    run(
+        Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(&reqs),
         "pip install tests/interop/requirements.txt",
     )?;
     std::fs::write(&stamp, wanted)?;
@@ -77,7 +96,17 @@ struct Executor {
 impl Executor {
     fn start(args: &[&str]) -> R<Self> {
         let mut child = bin()
-            .args(["executor", "--model", &tiny(), "--host", "127.0.0.1", "--port", "0", "--port-monitoring", "0"])
+            .args([
+                "executor",
+                "--model",
+                &tiny(),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--port-monitoring",
+                "0",
+            ])
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -119,8 +148,22 @@ fn expected(dir: &Path) -> R<PathBuf> {
         bin()
             .args(["encode", "--model", &tiny(), "--output"])
             .arg(&out)
-            .args(["--text", "a red striped dress", "--text", "blue jeans on a chair", "--text", "a photo of a cat"])
-            .args(["--image", &image("rgb_300x200.png"), "--image", &image("photo_500x375.jpg"), "--image", &image("rgb_640x480.png")]),
+            .args([
+                "--text",
+                "a red striped dress",
+                "--text",
+                "blue jeans on a chair",
+                "--text",
+                "a photo of a cat",
+            ])
+            .args([
+                "--image",
+                &image("rgb_300x200.png"),
+                "--image",
+                &image("photo_500x375.jpg"),
+                "--image",
+                &image("rgb_640x480.png"),
+            ]),
         "clipft encode",
     )?;
     Ok(out)
@@ -140,7 +183,10 @@ fn clip_client_encodes_ranks_and_profiles() -> R {
     let want = expected(&dir)?;
     let ex = Executor::start(&[])?;
     run(
-        Command::new(py).arg(root().join("tests/interop/check_clip_client.py")).arg(ex.port.to_string()).arg(&want),
+        Command::new(py)
+            .arg(root().join("tests/interop/check_clip_client.py"))
+            .arg(ex.port.to_string())
+            .arg(&want),
         "check_clip_client.py",
     )
 }
@@ -156,7 +202,11 @@ fn jina_flows_use_clipft_as_an_external_executor() -> R {
     run(
         Command::new(py)
             .arg(root().join("tests/interop/check_flow.py"))
-            .args([all.port.to_string(), text.port.to_string(), vision.port.to_string()])
+            .args([
+                all.port.to_string(),
+                text.port.to_string(),
+                vision.port.to_string(),
+            ])
             .arg(&want)
             .env("JINA_LOG_LEVEL", "ERROR")
             .env("JINA_OPTOUT_TELEMETRY", "1"),
@@ -174,10 +224,16 @@ fn ping_uses_yaml_and_sigterm() -> R {
     )?;
     let mut ex = Executor::start(&["--uses", yml.to_str().ok_or("path")?])?;
     let out = bin().args(["ping", &ex.target()]).output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
     // The YAML's name and tower took effect.
-    let out = bin().args(["ping", &ex.target(), "--service", "jina.JinaRPC"]).output()?;
+    let out = bin()
+        .args(["ping", &ex.target(), "--service", "jina.JinaRPC"])
+        .output()?;
     assert!(out.status.success());
     // SIGTERM: drains and exits 0.
     let pid = ex.child.id() as i32;
@@ -195,11 +251,16 @@ fn ping_uses_yaml_and_sigterm() -> R {
     };
     assert!(status.success(), "{status}");
     // Nothing listens any more: ping fails with exit 1.
-    let out = bin().args(["ping", &ex.target(), "--timeout", "1"]).output()?;
+    let out = bin()
+        .args(["ping", &ex.target(), "--timeout", "1"])
+        .output()?;
     assert_eq!(out.status.code(), Some(1));
     // A bad --uses file is a clear error.
     std::fs::write(&yml, "jtype: X\nwith:\n  batchsize: 3\n")?;
-    let out = bin().args(["executor", "--model", &tiny(), "--port", "0", "--uses"]).arg(&yml).output()?;
+    let out = bin()
+        .args(["executor", "--model", &tiny(), "--port", "0", "--uses"])
+        .arg(&yml)
+        .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("with.batchsize"));
     Ok(())

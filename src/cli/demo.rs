@@ -1,8 +1,8 @@
 //! `clipft demo`: the story offline, on what the repository ships: the small random-weight CLIP in
 //! `tests/fixtures/clip-tiny` and the rendered garments in `data/demo`. It measures text-to-image
 //! retrieval on the held-out query/index split, fine-tunes in process (the same code as `fit`),
-//! prints the before/after table, writes the artifact, and shows the fine-tuned model's top
-//! matches for a few captions.
+//! prints the before/after table, writes the artifact, serves it with the executor on loopback and
+//! shows the top matches for a few captions, embedded over gRPC.
 
 use std::path::PathBuf;
 
@@ -10,7 +10,9 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::docarray::{read_labeled, ImageSource, Item, Modality};
-use crate::eval::{embed_index, rank, LabeledEmbeddings};
+use crate::eval::{rank, LabeledEmbeddings};
+use crate::executor::client::{self, Input};
+use crate::executor::{Core, ExecutorOptions, ServerConfig};
 use crate::model::{Encoder, LoadOptions, Towers};
 use crate::trainer::fit::FitConfig;
 use crate::trainer::optim::OptimizerKind;
@@ -75,7 +77,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let report = super::fit::run_with_progress(&cfg)?;
 
-    // Search with the fine-tuned artifact, as the executor serves it.
+    // Serve the fine-tuned artifact with the executor and search through it over gRPC, as
+    // clip_client would: index images and captions go out as documents, embeddings come back.
     let files = crate::artifact::submodel_files(&report.artifact, Towers::ALL)?;
     let enc = Encoder::load(
         &files,
@@ -84,8 +87,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     )?;
+    let dim = enc.output_dim();
     let index = read_labeled(&data.join("index.csv"), Modality::Image)?;
-    let x = embed_index(&enc, &index, 64, &mut |_| {})?;
     let captions: Vec<String> = std::fs::read_to_string(data.join("captions_demo.txt"))
         .with_context(|| format!("reading {}", data.join("captions_demo.txt").display()))?
         .lines()
@@ -93,11 +96,79 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         .filter(|l| !l.is_empty())
         .map(String::from)
         .collect();
+    let mut images = Vec::with_capacity(index.len());
+    for (i, item) in index.iter().enumerate() {
+        let Item::Image(img) = &item.item else {
+            anyhow::bail!("index item {i} is not an image");
+        };
+        let ImageSource::Path(p) = &img.source else {
+            anyhow::bail!("index item {i} is not an image file");
+        };
+        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+        images.push((i.to_string(), Input::Image(bytes)));
+    }
+    let texts: Vec<(String, Input)> = captions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| (format!("q{i}"), Input::Text(c.clone())))
+        .collect();
+    let core = Core::start(
+        enc,
+        &ExecutorOptions {
+            name: "demo".into(),
+            ..Default::default()
+        },
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (image_rows, text_rows) = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(crate::executor::serve(
+            core,
+            ServerConfig::default(),
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        println!(
+            "\nserving the artifact: clipft executor on grpc://{addr}; sending {} images and {} captions",
+            images.len(),
+            texts.len()
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?;
+        let image_rows = client::encode(channel.clone(), images, 8).await?;
+        let text_rows = client::encode(channel, texts, 8).await?;
+        let _ = stop.send(());
+        server.await??;
+        anyhow::Ok((image_rows, text_rows))
+    })?;
+    let rows = |prefix: &str, n: usize, got: &std::collections::HashMap<String, Vec<f32>>| {
+        (0..n)
+            .map(|i| {
+                got.get(&format!("{prefix}{i}"))
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("no embedding for {prefix}{i}"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map(|v| v.into_iter().flatten().collect::<Vec<f32>>())
+    };
+    let x = LabeledEmbeddings {
+        ids: index.iter().map(|l| l.id.clone()).collect(),
+        labels: index.iter().map(|l| l.label.clone()).collect(),
+        embeddings: rows("", index.len(), &image_rows)?,
+        dim,
+    };
     let cq = LabeledEmbeddings {
         ids: captions.clone(),
         labels: captions.clone(),
-        embeddings: enc.embed_texts(&captions)?.into_iter().flatten().collect(),
-        dim: enc.output_dim(),
+        embeddings: rows("q", captions.len(), &text_rows)?,
+        dim,
     };
     println!("\ntop {} matches of the fine-tuned model:", args.top);
     for (caption, top) in captions.iter().zip(rank(&cq, &x, args.top, false)?) {

@@ -431,7 +431,9 @@ fn classify(d: &DocumentProto) -> Option<Kind<'_>> {
         Some(document_proto::Content::Blob(b)) if !b.is_empty() => {
             Some(Kind::Image(ImageData::Blob(b.clone())))
         }
-        Some(document_proto::Content::Tensor(t)) => Some(Kind::Image(ImageData::Tensor(Box::new(t.clone())))),
+        Some(document_proto::Content::Tensor(t)) => {
+            Some(Kind::Image(ImageData::Tensor(Box::new(t.clone()))))
+        }
         _ if !d.uri.is_empty() => Some(Kind::Image(ImageData::Uri(d.uri.clone()))),
         _ => None,
     }

@@ -9,6 +9,7 @@
 //! [`config`] reads Jina's executor YAML (`--uses`).
 
 pub mod batcher;
+pub mod client;
 pub mod config;
 pub mod endpoints;
 pub mod server;
