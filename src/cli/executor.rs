@@ -39,7 +39,7 @@ pub struct ExecutorArgs {
     pub minibatch_size: u64,
     /// Documents queued or in compute per tower; beyond it streams wait and unary calls get
     /// RESOURCE_EXHAUSTED.
-    #[arg(long, env = "CLIPFT_QUEUE_DEPTH", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, env = "CLIPFT_QUEUE_DEPTH", default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub queue_depth: u64,
     /// Documents one request may ask to embed.
     #[arg(long, env = "CLIPFT_MAX_REQUEST_DOCS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -156,6 +156,7 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
         minibatch_size: args.minibatch_size as usize,
         queue_depth: args.queue_depth as usize,
         max_request_docs: args.max_request_docs as usize,
+        release_packed_weights: true,
         preprocess_threads: args.preprocess_threads,
         access_paths,
         images: ImagePolicy {

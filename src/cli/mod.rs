@@ -131,15 +131,33 @@ pub fn tune_allocator() {
     }
 }
 
+/// For the executor: every allocation of 1 MiB or more is its own mapping, returned to the
+/// system when freed. A fixed threshold also stops glibc from raising it after the first large
+/// free, which would put the f32 weights released after packing (see
+/// `Clip::release_packed_weights`) in the heap, where freeing them does not shrink the process.
+pub fn tune_allocator_for_serving() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts glibc allocator thresholds; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    tune_allocator();
     init_logging();
     let matches = Cli::command().get_matches();
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
     };
+    // A long-running server hands large freed buffers back to the system at once; the batch
+    // jobs keep them for speed.
+    if matches!(cli.command, Command::Executor(_)) {
+        tune_allocator_for_serving();
+    } else {
+        tune_allocator();
+    }
     let sub = matches.subcommand().map(|(_, m)| m);
     let result = match cli.command {
         Command::Encode(args) => encode::run(args, sub),

@@ -64,6 +64,8 @@ struct Job {
 /// Counters the worker keeps; read by the executor's status and by tests.
 #[derive(Debug, Default)]
 pub struct BatcherStats {
+    /// Jobs (one request's inputs for this tower) handed to the worker.
+    pub jobs: AtomicU64,
     pub batches: AtomicU64,
     pub items: AtomicU64,
     /// Jobs dropped because the caller had gone before compute.
@@ -73,6 +75,9 @@ pub struct BatcherStats {
     /// Microseconds spent in the model.
     pub model_micros: AtomicU64,
 }
+
+/// Room in a tower's queue, held from admission until the request's rows are computed.
+pub struct Admission(OwnedSemaphorePermit);
 
 /// A handle on one tower's queue; cheap to clone.
 #[derive(Clone)]
@@ -121,15 +126,13 @@ impl Batcher {
         self.depth - self.permits.available_permits()
     }
 
-    /// Embeds `inputs`, in order. With `wait`, a full queue makes the caller wait for room
-    /// (streams: back-pressure); without, it fails at once with [`ExecutorError::QueueFull`]
-    /// (unary calls). Dropping the returned future before it finishes withdraws the work.
-    pub async fn embed(&self, inputs: Vec<Input>, max_batch: Option<usize>, wait: bool) -> Reply {
-        if inputs.is_empty() {
-            return Ok(Vec::new());
-        }
+    /// Takes room for `n` documents in the queue. With `wait`, a full queue makes the caller
+    /// wait (streams: back-pressure); without, it fails at once with
+    /// [`ExecutorError::QueueFull`] (unary calls). Requests are admitted before they are
+    /// preprocessed, so decoded images in memory are bounded by the queue depth too.
+    pub async fn admit(&self, n: usize, wait: bool) -> Result<Admission, ExecutorError> {
         // A request bigger than the whole queue takes all of it rather than never fitting.
-        let need = inputs.len().min(self.depth) as u32;
+        let need = n.clamp(1, self.depth) as u32;
         let permit = if wait {
             self.permits
                 .clone()
@@ -145,19 +148,43 @@ impl Batcher {
                     depth: self.depth,
                 })?
         };
+        Ok(Admission(permit))
+    }
+
+    /// Embeds admitted `inputs`, in order. Dropping the returned future before it finishes
+    /// withdraws the work.
+    pub async fn run(
+        &self,
+        admission: Admission,
+        inputs: Vec<Input>,
+        max_batch: Option<usize>,
+    ) -> Reply {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
         let (reply, rx) = oneshot::channel();
         let job = Job {
             inputs,
             max_batch: max_batch.unwrap_or(self.minibatch).clamp(1, self.minibatch),
             reply,
-            _permit: permit,
+            _permit: admission.0,
             enqueued: Instant::now(),
         };
         self.tx
             .send(job)
             .await
             .map_err(|_| ExecutorError::ShuttingDown)?;
+        self.stats.jobs.fetch_add(1, Ordering::Relaxed);
         rx.await.map_err(|_| ExecutorError::ShuttingDown)?
+    }
+
+    /// [`Batcher::admit`] then [`Batcher::run`].
+    pub async fn embed(&self, inputs: Vec<Input>, max_batch: Option<usize>, wait: bool) -> Reply {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let admission = self.admit(inputs.len(), wait).await?;
+        self.run(admission, inputs, max_batch).await
     }
 
     /// Whether the model worker is alive.
@@ -257,7 +284,22 @@ fn run_jobs(
             .filter_map(|&(_, _, j, p)| inputs[j][p].take())
             .collect();
         let t0 = Instant::now();
-        let out = embed_batch(encoder, tower, taken);
+        // A bug in the model must not take the tower down: the batch fails, the worker goes on.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            embed_batch(encoder, tower, taken)
+        }))
+        .unwrap_or_else(|panic| {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(tower = tower.name(), "model panicked: {msg}");
+            Err(ExecutorError::Model(format!(
+                "internal error in the {} tower: {msg}",
+                tower.name()
+            )))
+        });
         stats
             .model_micros
             .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);

@@ -321,6 +321,7 @@ impl Core {
             if texts.is_empty() {
                 return Ok(Vec::new());
             }
+            let admission = batcher.admit(texts.len(), wait).await?;
             let tok = self.tokenizer.clone();
             let inputs = self
                 .on_pool(move || {
@@ -338,7 +339,7 @@ impl Core {
                         .collect::<Result<Vec<_>, _>>()
                 })
                 .await??;
-            batcher.embed(inputs, minibatch, wait).await
+            batcher.run(admission, inputs, minibatch).await
         };
         let image_fut = async {
             let Some(batcher) = &self.vision else {
@@ -347,6 +348,7 @@ impl Core {
             if images.is_empty() {
                 return Ok(Vec::new());
             }
+            let admission = batcher.admit(images.len(), wait).await?;
             let pre = self.images.clone();
             let policy = self.policy.clone();
             let pool = self.pool.clone();
@@ -369,7 +371,7 @@ impl Core {
                     })
                 })
                 .await??;
-            batcher.embed(inputs, minibatch, wait).await
+            batcher.run(admission, inputs, minibatch).await
         };
         let (text_rows, image_rows) = try_join(text_fut, image_fut).await?;
         let mut done = Vec::with_capacity(n);

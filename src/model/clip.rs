@@ -52,6 +52,25 @@ pub struct Clip {
 }
 
 impl Clip {
+    /// For serving only: packs every linear weight for AMX and releases the f32 copies (see
+    /// [`super::layers::Linear::release_packed`]). Returns the bytes released; 0 without AMX.
+    /// The model can no longer be trained afterwards.
+    pub fn release_packed_weights(&mut self) -> candle_core::Result<usize> {
+        use rayon::prelude::*;
+        let mut linears = Vec::new();
+        if let Some(t) = &mut self.text {
+            linears.extend(t.linears_mut());
+        }
+        if let Some(v) = &mut self.vision {
+            linears.extend(v.linears_mut());
+        }
+        // Packing is a pass over every weight: spread it over the cores (startup time).
+        linears
+            .into_par_iter()
+            .map(|l| l.release_packed())
+            .try_reduce(|| 0, |a, b| Ok(a + b))
+    }
+
     /// Builds the requested towers from `vb`. Missing configs for a requested tower are an error;
     /// `logit_scale` is read when present and otherwise initialised from the config, so that
     /// training can start from a checkpoint that lacks it.

@@ -29,6 +29,9 @@ pub enum Mode {
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// `[out_dim, in_dim]`, kept apart from `weight` because a serving process may release the
+    /// f32 weight once it is packed (see [`Linear::release_packed`]).
+    dims: (usize, usize),
     /// The weight in AMX tile layout, made on first use by the fused CPU path when an AMX
     /// precision is chosen (see [`cpu::MatmulPrecision`]); shared by clones.
     packed: Arc<OnceLock<amx::PackedB>>,
@@ -53,14 +56,44 @@ impl Linear {
         Ok(Self {
             weight,
             bias,
+            dims: (out_dim, in_dim),
             packed: Arc::default(),
         })
+    }
+
+    /// For a process that only serves: packs the weight for AMX now and drops the f32 copy,
+    /// which the AMX path never reads again (halving the weights' memory). Returns the bytes
+    /// released; 0 (and nothing changes) without an AMX precision or off the fused CPU path.
+    /// Training or the composed path on this layer fails with a shape error afterwards.
+    pub fn release_packed(&mut self) -> Result<usize> {
+        let Some(prec) = cpu::amx_precision() else {
+            return Ok(0);
+        };
+        if !cpu::fused_ok(&self.weight) || self.weight.elem_count() == 0 {
+            return Ok(0);
+        }
+        let (n, k) = self.dims;
+        cpu::with_slice(&self.weight, |w| {
+            self.packed
+                .get_or_init(|| amx::PackedB::new(w, n, k, prec == amx::Precision::Bf16x3));
+            Ok(())
+        })?;
+        let packed_ok = self
+            .packed
+            .get()
+            .is_some_and(|p| prec == amx::Precision::Bf16 || p.has_lo());
+        if !packed_ok {
+            return Ok(0);
+        }
+        let bytes = self.weight.elem_count() * self.weight.dtype().size_in_bytes();
+        self.weight = Tensor::zeros(0, self.weight.dtype(), self.weight.device())?;
+        Ok(bytes)
     }
 
     /// The AMX-packed weight when the fused path should use AMX; `w` is this weight's data.
     fn packed(&self, w: &[f32]) -> Option<&amx::PackedB> {
         let prec = cpu::amx_precision()?;
-        let (n, k) = (self.weight.dims()[0], self.weight.dims()[1]);
+        let (n, k) = self.dims;
         Some(
             self.packed
                 .get_or_init(|| amx::PackedB::new(w, n, k, prec == amx::Precision::Bf16x3)),
@@ -91,17 +124,19 @@ impl Linear {
         };
         let mut out_dims = dims.to_vec();
         let last = out_dims.len() - 1;
-        out_dims[last] = self.weight.dim(0)?;
+        out_dims[last] = self.dims.0;
         y.reshape(out_dims)
     }
 
     /// A linear map whose weight is given directly (the patch embedding's flattened kernel).
-    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self {
+    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (n, k) = weight.dims2()?;
+        Ok(Self {
             weight,
             bias,
+            dims: (n, k),
             packed: Arc::default(),
-        }
+        })
     }
 
     /// [`Linear::forward`], through the fused CPU kernel (AMX where chosen) in inference mode.
@@ -112,7 +147,7 @@ impl Linear {
         let dims = x.dims();
         let k = dims[dims.len() - 1];
         let rows = x.elem_count() / k.max(1);
-        let n = self.weight.dim(0)?;
+        let n = self.dims.0;
         let x = cpu::to_buf(x)?;
         let y = cpu::with_slice(&self.weight, |w| {
             let packed = self.packed(w);
@@ -212,6 +247,15 @@ pub struct Attention {
 }
 
 impl Attention {
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [
+            &mut self.q_proj,
+            &mut self.k_proj,
+            &mut self.v_proj,
+            &mut self.out_proj,
+        ]
+    }
+
     pub fn new(vb: VarBuilder, dim: usize, heads: usize) -> Result<Self> {
         let head_dim = dim / heads;
         Ok(Self {
@@ -273,6 +317,10 @@ pub struct Mlp {
 }
 
 impl Mlp {
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 2] {
+        [&mut self.fc1, &mut self.fc2]
+    }
+
     pub fn new(vb: VarBuilder, dim: usize, inter: usize, act: Activation) -> Result<Self> {
         Ok(Self {
             fc1: Linear::new(vb.pp("fc1"), dim, inter, true)?,
@@ -325,6 +373,16 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// Every linear layer, for [`Linear::release_packed`].
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::new();
+        for l in &mut self.layers {
+            out.extend(l.self_attn.linears_mut());
+            out.extend(l.mlp.linears_mut());
+        }
+        out
+    }
+
     pub fn new(vb: VarBuilder, s: EncoderShape) -> Result<Self> {
         let vb = vb.pp("layers");
         let layers = (0..s.layers)
@@ -434,7 +492,7 @@ impl EncoderLayer {
             })
         };
         let lin = |l: &Linear, x: &[f32], k: usize, residual: Option<&[f32]>| {
-            let n = l.weight.dim(0)?;
+            let n = l.dims.0;
             let rows = x.len() / k;
             cpu::with_slice(&l.weight, |w| {
                 let packed = l.packed(w);
@@ -469,7 +527,7 @@ impl EncoderLayer {
         drop((h, k, v));
         let x = lin(&a.out_proj, &ctx, d, Some(&x))?;
         let h = ln(&self.layer_norm2, &x)?;
-        let inter = self.mlp.fc1.weight.dim(0)?;
+        let inter = self.mlp.fc1.dims.0;
         let mut m = lin(&self.mlp.fc1, &h, d, None)?;
         cpu::quick_gelu(&mut m);
         lin(&self.mlp.fc2, &m, inter, Some(&x))

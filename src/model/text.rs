@@ -72,6 +72,13 @@ pub struct TextTower {
 }
 
 impl TextTower {
+    /// Every linear layer, for [`Linear::release_packed`].
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = self.encoder.linears_mut();
+        out.push(&mut self.projection);
+        out
+    }
+
     /// `vb` is rooted at the checkpoint's top level (where `text_model.` and `text_projection.` live).
     pub fn new(vb: VarBuilder, c: &TextConfig, projection_dim: usize) -> Result<Self> {
         let m = vb.pp("text_model");

@@ -24,6 +24,14 @@ pub struct VisionTower {
 }
 
 impl VisionTower {
+    /// Every linear layer, for [`Linear::release_packed`].
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = self.encoder.linears_mut();
+        out.push(&mut self.patch_embedding);
+        out.push(&mut self.projection);
+        out
+    }
+
     pub fn new(vb: VarBuilder, c: &VisionConfig, projection_dim: usize) -> Result<Self> {
         let m = vb.pp("vision_model");
         let e = m.pp("embeddings");
@@ -42,7 +50,7 @@ impl VisionTower {
             eps: c.layer_norm_eps,
         };
         Ok(Self {
-            patch_embedding: Linear::from_weight(patch_weight, None),
+            patch_embedding: Linear::from_weight(patch_weight, None)?,
             class_embedding: e.get(c.hidden_size, "class_embedding")?,
             position_embedding: e
                 .pp("position_embedding")
