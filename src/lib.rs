@@ -54,4 +54,5 @@ pub mod eval;
 pub mod executor;
 pub mod model;
 pub mod protocol;
+pub mod telemetry;
 pub mod trainer;

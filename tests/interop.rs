@@ -95,6 +95,11 @@ struct Executor {
 
 impl Executor {
     fn start(args: &[&str]) -> R<Self> {
+        let monitoring: &[&str] = if args.contains(&"--port-monitoring") {
+            &[]
+        } else {
+            &["--port-monitoring", "0"]
+        };
         let mut child = bin()
             .args([
                 "executor",
@@ -104,9 +109,8 @@ impl Executor {
                 "127.0.0.1",
                 "--port",
                 "0",
-                "--port-monitoring",
-                "0",
             ])
+            .args(monitoring)
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -263,5 +267,95 @@ fn ping_uses_yaml_and_sigterm() -> R {
         .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("with.batchsize"));
+    Ok(())
+}
+
+fn free_port() -> R<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn scrape(port: u16) -> R<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut body = String::new();
+    s.read_to_string(&mut body)?;
+    Ok(body)
+}
+
+/// The value of the sample whose line starts with `series` (name and labels as rendered).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn prometheus_metrics_count_the_traffic() -> R {
+    use clipft::executor::client::{encode, Input};
+    let mport = free_port()?;
+    let ex = Executor::start(&["--name", "clip_t", "--port-monitoring", &mport.to_string()])?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let png = std::fs::read(image("rgb_224x224.png"))?;
+    rt.block_on(async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", ex.port))?
+                .connect()
+                .await?;
+        // 3 requests of texts (10 documents), 1 of images (2 documents).
+        let texts = (0..10)
+            .map(|i| (format!("t{i}"), Input::Text(format!("caption number {i}"))))
+            .collect();
+        encode(channel.clone(), texts, 4).await?;
+        let images = vec![
+            ("i0".to_string(), Input::Image(png.clone())),
+            ("i1".to_string(), Input::Image(png)),
+        ];
+        encode(channel.clone(), images, 8).await?;
+        // One bad request.
+        let bad = encode(
+            channel,
+            vec![("bad".to_string(), Input::Image(b"nope".to_vec()))],
+            8,
+        )
+        .await;
+        assert!(bad.is_err());
+        Ok::<(), Box<dyn std::error::Error>>(())
+    })?;
+    let text = scrape(mport)?;
+    let get =
+        |series: &str| sample(&text, series).ok_or_else(|| format!("{series} missing in:\n{text}"));
+    assert_eq!(
+        get("jina_successful_requests_total{runtime_name=\"clip_t\"}")?,
+        4.0
+    );
+    assert_eq!(
+        get("jina_failed_requests_total{runtime_name=\"clip_t\"}")?,
+        1.0
+    );
+    assert_eq!(
+        get("jina_document_processed_total{executor=\"CLIPEncoder\",executor_endpoint=\"/encode\",runtime_name=\"clip_t\"}")?,
+        12.0
+    );
+    assert_eq!(
+        get("jina_receiving_request_seconds_count{runtime_name=\"clip_t\"}")?,
+        5.0
+    );
+    assert_eq!(
+        get("jina_received_request_bytes_count{runtime_name=\"clip_t\"}")?,
+        5.0
+    );
+    assert_eq!(get("clipft_embedded_total{tower=\"text\"}")?, 10.0);
+    assert_eq!(get("clipft_embedded_total{tower=\"vision\"}")?, 2.0);
+    assert!(get("jina_encode_texts_seconds_count")? >= 1.0);
+    assert!(get("jina_preprocess_images_seconds_count")? >= 1.0);
+    assert!(get("clipft_batch_size_sum{tower=\"text\"}")? == 10.0);
+    assert!(text.contains("# TYPE jina_successful_requests_total counter"));
+    assert!(text.contains("clipft_queue_documents{tower=\"text\"}"));
     Ok(())
 }

@@ -71,8 +71,7 @@ pub struct ExecutorArgs {
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "CLIPFT_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
-    /// Prometheus port (0: off). Metrics are not exported yet; the flag is accepted so Jina's
-    /// and clip_server's command lines work unchanged.
+    /// Prometheus `/metrics` port (0: off), on the same host as the gRPC port.
     #[arg(long, env = "CLIPFT_PORT_MONITORING", default_value_t = 9090)]
     pub port_monitoring: u16,
     /// OpenTelemetry tracing (accepted for Jina's command lines; traces are not exported yet).
@@ -130,12 +129,6 @@ impl ExecutorArgs {
 
 pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
     args.apply_uses(matches)?;
-    if args.port_monitoring != 0 {
-        tracing::info!(
-            "--port-monitoring {}: Prometheus metrics are not exported by this version",
-            args.port_monitoring
-        );
-    }
     if args.tracing {
         tracing::warn!(
             "--tracing: trace export is not implemented in this version; no spans are sent"
@@ -198,6 +191,12 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         let bound = listener.local_addr()?;
+        if args.port_monitoring != 0 {
+            let maddr = SocketAddr::new(bound.ip(), args.port_monitoring);
+            let exporter = crate::telemetry::metrics::install(maddr).map_err(anyhow::Error::msg)?;
+            tokio::spawn(exporter);
+            eprintln!("clipft executor metrics on http://{maddr}/metrics");
+        }
         eprintln!(
             "clipft executor {:?} ({towers} of {source}) serving on {bound}",
             options.name

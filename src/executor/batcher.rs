@@ -148,6 +148,8 @@ impl Batcher {
                     depth: self.depth,
                 })?
         };
+        metrics::gauge!("clipft_queue_documents", "tower" => self.tower.name())
+            .set(self.queued() as f64);
         Ok(Admission(permit))
     }
 
@@ -175,7 +177,10 @@ impl Batcher {
             .await
             .map_err(|_| ExecutorError::ShuttingDown)?;
         self.stats.jobs.fetch_add(1, Ordering::Relaxed);
-        rx.await.map_err(|_| ExecutorError::ShuttingDown)?
+        let reply = rx.await.map_err(|_| ExecutorError::ShuttingDown)?;
+        metrics::gauge!("clipft_queue_documents", "tower" => self.tower.name())
+            .set(self.queued() as f64);
+        reply
     }
 
     /// [`Batcher::admit`] then [`Batcher::run`].
@@ -218,6 +223,8 @@ fn worker(
             let gone = j.reply.is_closed();
             if gone {
                 stats.abandoned.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("clipft_abandoned_requests_total", "tower" => tower.name())
+                    .increment(1);
             }
             !gone
         });
@@ -235,6 +242,8 @@ fn worker(
             waited_ms = waited.as_millis() as u64,
             "batch"
         );
+        metrics::histogram!("clipft_queue_wait_seconds", "tower" => tower.name())
+            .record(waited.as_secs_f64());
         run_jobs(&encoder, tower, minibatch, jobs, stats);
     }
 }
@@ -300,9 +309,19 @@ fn run_jobs(
                 tower.name()
             )))
         });
+        let took = t0.elapsed();
         stats
             .model_micros
-            .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        let encode_metric = match tower {
+            Tower::Text => "jina_encode_texts_seconds",
+            Tower::Vision => "jina_encode_images_seconds",
+        };
+        metrics::histogram!(encode_metric).record(took.as_secs_f64());
+        metrics::histogram!("clipft_batch_size", "tower" => tower.name())
+            .record(batch.len() as f64);
+        metrics::counter!("clipft_embedded_total", "tower" => tower.name())
+            .increment(batch.len() as u64);
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.items.fetch_add(batch.len() as u64, Ordering::Relaxed);
         stats

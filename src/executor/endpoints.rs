@@ -114,20 +114,39 @@ impl Core {
         mut req: DataRequestProto,
         wait: bool,
     ) -> Result<Handled, ExecutorError> {
+        use prost::Message;
         let arrived = SystemTime::now();
+        let started = std::time::Instant::now();
+        let runtime = self.name.clone();
+        metrics::histogram!("jina_received_request_bytes", "runtime_name" => runtime.clone())
+            .record(req.encoded_len() as f64);
         let endpoint = req
             .header
             .as_ref()
             .and_then(|h| h.exec_endpoint.clone())
             .unwrap_or_else(|| "/default".into());
         let outcome = match route_endpoint(&endpoint) {
-            Endpoint::DryRun => Ok(()),
+            Endpoint::DryRun => Ok(0),
             Endpoint::Encode => self.encode_request(&mut req, wait).await,
             Endpoint::Rank => self.rank_request(&mut req, wait).await,
         };
+        let labels = [
+            ("executor", status::EXECUTOR_CLASS.to_string()),
+            ("executor_endpoint", endpoint.clone()),
+            ("runtime_name", runtime.clone()),
+        ];
+        metrics::histogram!("jina_process_request_seconds", &labels)
+            .record(started.elapsed().as_secs_f64());
         let failed = match outcome {
-            Ok(()) => false,
-            Err(e) if e.fails_call() => return Err(e),
+            Ok(docs) => {
+                metrics::counter!("jina_document_processed_total", &labels).increment(docs as u64);
+                false
+            }
+            Err(e) if e.fails_call() => {
+                metrics::counter!("jina_failed_requests_total", "runtime_name" => runtime)
+                    .increment(1);
+                return Err(e);
+            }
             Err(e) => {
                 tracing::info!(endpoint, error = %e, "request failed");
                 let header = req.header.get_or_insert_with(Default::default);
@@ -153,6 +172,16 @@ impl Core {
             end_time: Some(now.into()),
             status: Some(status.unwrap_or_else(status::success)),
         });
+        let outcome_metric = if failed {
+            "jina_failed_requests_total"
+        } else {
+            "jina_successful_requests_total"
+        };
+        metrics::counter!(outcome_metric, "runtime_name" => runtime.clone()).increment(1);
+        metrics::histogram!("jina_sent_response_bytes", "runtime_name" => runtime.clone())
+            .record(req.encoded_len() as f64);
+        metrics::histogram!("jina_receiving_request_seconds", "runtime_name" => runtime)
+            .record(started.elapsed().as_secs_f64());
         Ok(Handled { reply: req, failed })
     }
 
@@ -175,14 +204,15 @@ impl Core {
         })
     }
 
+    /// Returns the number of documents embedded.
     async fn encode_request(
         &self,
         req: &mut DataRequestProto,
         wait: bool,
-    ) -> Result<(), ExecutorError> {
+    ) -> Result<usize, ExecutorError> {
         let opts = self.options(req, false)?;
         let Some(docs) = docs_mut(req)? else {
-            return Ok(());
+            return Ok(0);
         };
         let addrs = opts.paths.select(docs);
         let done = self.embed(docs, &addrs, opts.minibatch, wait).await?;
@@ -202,14 +232,14 @@ impl Core {
                 }
             }
         }
-        Ok(())
+        Ok(done.len())
     }
 
     async fn rank_request(
         &self,
         req: &mut DataRequestProto,
         wait: bool,
-    ) -> Result<(), ExecutorError> {
+    ) -> Result<usize, ExecutorError> {
         match (&self.text, &self.vision) {
             (Some(_), Some(_)) => {}
             (Some(_), None) => return Err(ExecutorError::RankNeedsBothTowers("clip-text")),
@@ -217,10 +247,10 @@ impl Core {
         }
         let opts = self.options(req, true)?;
         let Some(docs) = docs_mut(req)? else {
-            return Ok(());
+            return Ok(0);
         };
         let addrs = opts.paths.select(docs);
-        self.embed(docs, &addrs, opts.minibatch, wait).await?;
+        let embedded = self.embed(docs, &addrs, opts.minibatch, wait).await?.len();
         for (i, root) in docs.iter_mut().enumerate() {
             if root.matches.is_empty() {
                 continue;
@@ -267,7 +297,7 @@ impl Core {
             let score = |d: &DocumentProto| d.scores.get("clip_score").map_or(0.0, |s| s.value);
             root.matches.sort_by(|a, b| score(b).total_cmp(&score(a)));
         }
-        Ok(())
+        Ok(embedded)
     }
 
     /// Embeds the documents at `addrs` that this executor's towers can take, and writes the
@@ -322,6 +352,7 @@ impl Core {
                 return Ok(Vec::new());
             }
             let admission = batcher.admit(texts.len(), wait).await?;
+            let t0 = std::time::Instant::now();
             let tok = self.tokenizer.clone();
             let inputs = self
                 .on_pool(move || {
@@ -339,6 +370,7 @@ impl Core {
                         .collect::<Result<Vec<_>, _>>()
                 })
                 .await??;
+            metrics::histogram!("jina_preprocess_texts_seconds").record(t0.elapsed().as_secs_f64());
             batcher.run(admission, inputs, minibatch).await
         };
         let image_fut = async {
@@ -349,6 +381,7 @@ impl Core {
                 return Ok(Vec::new());
             }
             let admission = batcher.admit(images.len(), wait).await?;
+            let t0 = std::time::Instant::now();
             let pre = self.images.clone();
             let policy = self.policy.clone();
             let pool = self.pool.clone();
@@ -371,6 +404,8 @@ impl Core {
                     })
                 })
                 .await??;
+            metrics::histogram!("jina_preprocess_images_seconds")
+                .record(t0.elapsed().as_secs_f64());
             batcher.run(admission, inputs, minibatch).await
         };
         let (text_rows, image_rows) = try_join(text_fut, image_fut).await?;
