@@ -359,3 +359,77 @@ fn prometheus_metrics_count_the_traffic() -> R {
     assert!(text.contains("clipft_queue_documents{tower=\"text\"}"));
     Ok(())
 }
+
+/// The image's `jina` link: the command lines of Jina's generated Kubernetes YAML.
+#[test]
+fn jina_entry_point_runs_generated_kubernetes_command_lines() -> R {
+    let dir = tempdir("jina")?;
+    let jina = dir.join("jina");
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_clipft"), &jina)?;
+    let cfg = dir.join("config.yml");
+    std::fs::write(
+        &cfg,
+        format!("jtype: CLIPEncoder\nwith:\n  model: {}\n", tiny()),
+    )?;
+    let port = free_port()?;
+    let mut child = Command::new(&jina)
+        .args([
+            "executor",
+            "--name",
+            "clip",
+            "--k8s-namespace",
+            "ns",
+            "--uses",
+        ])
+        .arg(&cfg)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--port-monitoring",
+            "0",
+            "--uses-with",
+            "{\"minibatch_size\": 4}",
+            "--uses-metas",
+            "{}",
+            "--native",
+        ])
+        .stderr(Stdio::null())
+        .spawn()?;
+    let target = format!("grpc://127.0.0.1:{port}");
+    let start = Instant::now();
+    loop {
+        let out = Command::new(&jina)
+            .args(["ping", "executor", &target])
+            .output()?;
+        if out.status.success() {
+            break;
+        }
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            return Err("the executor never became SERVING".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The liveness probe's form: "--timeout 9500" as one word.
+    let out = Command::new(&jina)
+        .args(["ping", "executor", &target, "--timeout 9500"])
+        .output()?;
+    assert!(out.status.success());
+    let _ = child.kill();
+    let _ = child.wait();
+    let out = Command::new(&jina)
+        .args(["ping", "executor", &target, "--timeout", "500"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
+    let out = Command::new(&jina)
+        .args(["flow", "--uses", "x.yml"])
+        .output()?;
+    assert!(!out.status.success());
+    Ok(())
+}

@@ -34,6 +34,12 @@ pub struct ExecutorArgs {
     /// Jina executor YAML (`jtype`/`with:`/`metas:`) or clip_server's one-executor Flow YAML.
     #[arg(long, env = "CLIPFT_USES")]
     pub uses: Option<PathBuf>,
+    /// Jina's `--uses-with`: a JSON object of `with:` keys, applied over the YAML.
+    #[arg(long, env = "CLIPFT_USES_WITH")]
+    pub uses_with: Option<String>,
+    /// Jina's `--uses-metas`: a JSON object of `metas:` keys (`name`), applied over the YAML.
+    #[arg(long, env = "CLIPFT_USES_METAS")]
+    pub uses_metas: Option<String>,
     /// The largest model batch; requests from all clients are batched up to it.
     #[arg(long, env = "CLIPFT_MINIBATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub minibatch_size: u64,
@@ -91,10 +97,23 @@ fn defaulted(matches: Option<&ArgMatches>, id: &str) -> bool {
 impl ExecutorArgs {
     /// Fills flags left at their defaults from the `--uses` YAML.
     fn apply_uses(&mut self, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
-        let Some(path) = &self.uses else {
-            return Ok(());
+        let mut uses = match &self.uses {
+            Some(path) => UsesConfig::from_file(path).map_err(anyhow::Error::msg)?,
+            None => UsesConfig::default(),
         };
-        let uses = UsesConfig::from_file(path).map_err(anyhow::Error::msg)?;
+        if self.uses_with.is_some() || self.uses_metas.is_some() {
+            // JSON is YAML: the overrides read as an executor YAML of their own.
+            let doc = format!(
+                "with: {}\nmetas: {}\n",
+                self.uses_with.as_deref().unwrap_or("{}"),
+                self.uses_metas.as_deref().unwrap_or("{}")
+            );
+            let over = UsesConfig::parse(&doc)
+                .map_err(|e| anyhow::anyhow!("--uses-with / --uses-metas: {e}"))?;
+            uses.values.extend(over.values);
+            uses.ignored.extend(over.ignored);
+        }
+        let path = self.uses.clone().unwrap_or_else(|| "--uses-with".into());
         for key in &uses.ignored {
             tracing::warn!("{}: {key} has no effect in clipft", path.display());
         }

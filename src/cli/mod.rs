@@ -7,6 +7,7 @@ pub mod encode;
 pub mod eval;
 pub mod executor;
 pub mod fit;
+pub mod jina;
 pub mod models;
 pub mod ping;
 
@@ -146,7 +147,21 @@ pub fn tune_allocator_for_serving() {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     init_logging();
-    let matches = Cli::command().get_matches();
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let called_as_jina = argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "jina");
+    if called_as_jina {
+        argv = match jina::translate(&argv) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+    }
+    let matches = Cli::command().get_matches_from(argv);
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
         Err(e) => e.exit(),
