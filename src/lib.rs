@@ -16,6 +16,16 @@
 //!   lazy references decoded only when used.
 //! - [`eval`]: docarray v1's nine retrieval metrics (`metrics`), the exact top-k evaluator
 //!   (`evaluator`), and `evaluate_model`, which embeds labelled queries and index with a model.
+//! - [`protocol`]: the wire: generated `jina.proto` / `docarray.proto` types and services
+//!   (`proto/`, compiled by protox, no system protoc), the ndarray codec (`ndarray`), docarray
+//!   access paths (`paths`) and Jina's parameter rules (`params`).
+//! - [`executor`]: the Jina-compatible gRPC service: `server` (tonic: Jina's services, health,
+//!   reflection v1alpha + v1, limits, the `is-error` trailer, shutdown), `endpoints` (`Core`:
+//!   routing, parameters, document classification, preprocessing, writing embeddings and rank
+//!   scores), `batcher` (one bounded queue per tower, a model thread batching across requests),
+//!   `status` (every error -> Jina status, one place), `config` (`--uses` executor YAML),
+//!   `client` (a Rust client used by the demo).
+//! - [`telemetry`]: Prometheus metrics with Jina's names.
 //! - [`trainer`]: fine-tuning: `loss` (CLIPLoss), `optim` (Adam/AdamW in place, gradient
 //!   clipping), `schedule`, `train` (the model as variables, one training step), `fit` (a whole
 //!   run: data, epochs, before/after evaluation, artifact).
@@ -43,9 +53,20 @@
 //! backward, in-place optimiser, logit_scale clamp) -> validation loss per epoch -> the artifact
 //! staged, evaluated (before: the backbone; after: the staged artifact) and renamed into place.
 //!
-//! The Jina-compatible executor, the trainer service and telemetry build on the same
-//! [`model::Encoder`] and [`model::Clip`] (the planned request path: the project's shared
-//! ARCHITECTURE.md).
+//! # The request path (executor)
+//! `cli::executor` (flags, `--uses` YAML) -> [`model::Encoder::load`] -> [`executor::Core`]
+//! (packs weights for AMX and drops the f32 copies; starts a model thread per tower) ->
+//! [`executor::serve`]. A request: tonic decodes `DataRequestProto` (size-limited) ->
+//! `JinaRPC/Call` (requests of a stream run concurrently) or `process_single_data` ->
+//! [`executor::Core::handle`]: endpoint, parameters, access paths, each document classified as
+//! text / image / pass-through -> admission to the tower's bounded queue (streams wait, unary
+//! calls get RESOURCE_EXHAUSTED) -> tokenize or decode + resize on the preprocessing pool ->
+//! [`executor::Batcher`]: the model thread takes what is queued up to the minibatch, texts
+//! grouped by length, drops requests whose caller left -> embeddings written into the documents
+//! (`<f4` ndarray), image content dropped on request, rank scores -> reply with status and route;
+//! errors travel in-band (`header.status`, `is-error` trailer) via [`executor::ExecutorError`].
+//!
+//! The trainer service builds on the same [`model::Clip`] and [`trainer::fit`].
 
 pub mod artifact;
 pub mod cli;
