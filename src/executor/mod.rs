@@ -36,8 +36,9 @@ pub struct ExecutorOptions {
     pub queue_depth: usize,
     /// Documents one request may ask to embed.
     pub max_request_docs: usize,
-    /// Drop the f32 weights once they are packed for AMX (the executor never trains): halves
-    /// the weights' memory on AMX CPUs, no effect elsewhere.
+    /// Drop the f32 weights once they are packed for AMX, and read token embedding rows from the
+    /// checkpoint file instead of keeping the table (the executor never trains): see
+    /// [`Encoder::release_for_serving`].
     pub release_packed_weights: bool,
     /// Threads that decode and resize images and tokenize texts.
     pub preprocess_threads: usize,
@@ -66,13 +67,12 @@ impl Core {
     pub fn start(mut encoder: Encoder, opts: &ExecutorOptions) -> std::io::Result<Arc<Self>> {
         if opts.release_packed_weights {
             let bytes = encoder
-                .clip
-                .release_packed_weights()
+                .release_for_serving()
                 .map_err(std::io::Error::other)?;
             if bytes > 0 {
                 crate::model::cpu::trim_heap();
                 tracing::info!(
-                    "packed weights for AMX, released {} MiB of f32 copies",
+                    "serving-only weights: released {} MiB (f32 copies of packed weights, token table)",
                     bytes >> 20
                 );
             }

@@ -322,6 +322,37 @@ struct SafetensorsReader {
     tensors: HashMap<String, (usize, DType, Vec<usize>, std::ops::Range<u64>)>,
 }
 
+/// Where one tensor's bytes lie in a safetensors file, for reading rows of it on demand.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorLocation {
+    pub path: PathBuf,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub range: std::ops::Range<u64>,
+}
+
+impl ModelFiles {
+    /// Where tensor `name` is stored, when the weights are safetensors files (the header only is
+    /// read); `None` for other formats or when it is absent.
+    pub fn tensor_location(&self, name: &str) -> Option<TensorLocation> {
+        let WeightFiles::Safetensors { files, index } = &self.weights else {
+            return None;
+        };
+        let files: Vec<PathBuf> = match index {
+            Some(map) => vec![map.get(name)?.clone()],
+            None => files.clone(),
+        };
+        let reader = SafetensorsReader::open(&files).ok()?;
+        let (file, dtype, shape, range) = reader.tensors.get(name)?.clone();
+        Some(TensorLocation {
+            path: reader.paths[file].clone(),
+            dtype,
+            shape,
+            range,
+        })
+    }
+}
+
 /// Headers larger than this are refused (the format's own reference implementation uses 100 MB).
 const MAX_HEADER_BYTES: u64 = 100 << 20;
 

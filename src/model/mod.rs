@@ -116,6 +116,8 @@ pub struct Encoder {
     pub device: Device,
     pub dtype: DType,
     pub source: String,
+    /// Where the token embedding table is stored, for [`Encoder::release_for_serving`].
+    token_rows: Option<load::TensorLocation>,
 }
 
 impl Encoder {
@@ -149,6 +151,10 @@ impl Encoder {
             }
             (None, _) => None,
         };
+        let token_rows = match &clip.text {
+            Some(_) => files.tensor_location("text_model.embeddings.token_embedding.weight"),
+            None => None,
+        };
         Ok(Self {
             clip,
             tokenizer,
@@ -156,7 +162,19 @@ impl Encoder {
             device: opts.device.clone(),
             dtype: opts.dtype,
             source: files.source.clone(),
+            token_rows,
         })
+    }
+
+    /// For a process that only serves: weights packed for AMX replace their f32 copies, and the
+    /// token embedding table is read row by row from the checkpoint file instead of memory.
+    /// Returns the bytes released. The model cannot be trained afterwards.
+    pub fn release_for_serving(&mut self) -> Result<usize, ModelError> {
+        let mut released = self.clip.release_packed_weights()?;
+        if let (Some(text), Some(loc)) = (&mut self.clip.text, &self.token_rows) {
+            released += text.serve_token_rows_from_file(loc)?;
+        }
+        Ok(released)
     }
 
     pub fn output_dim(&self) -> usize {
