@@ -53,8 +53,10 @@ pub struct ExecutorArgs {
     /// Largest gRPC message received or sent.
     #[arg(long, env = "CLIPFT_MAX_MESSAGE_BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1024..=4_294_967_295))]
     pub max_message_bytes: u64,
-    /// Requests of one stream processed at once.
-    #[arg(long, env = "CLIPFT_STREAM_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    /// Requests of one stream processed at once: enough to fill a minibatch from one client,
+    /// few enough that a long stream does not queue ahead of everyone else (at 8, a clip_client
+    /// stream at its defaults keeps 64 documents in flight).
+    #[arg(long, env = "CLIPFT_STREAM_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub stream_concurrency: u64,
     /// Threads decoding images and tokenizing (0: one per CPU).
     #[arg(long, env = "CLIPFT_PREPROCESS_THREADS", default_value_t = 0)]

@@ -57,7 +57,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_message_bytes: 256 << 20,
-            stream_concurrency: 32,
+            stream_concurrency: 8,
             shutdown_timeout: Duration::from_secs(30),
         }
     }
@@ -408,6 +408,30 @@ pub async fn serve(
         .add_optional_service(reflection_v1alpha)
         .add_optional_service(reflection_v1);
 
+    // A tower whose model thread has died cannot answer: health says so, so probes and load
+    // balancers move traffic away instead of sending it to a replica that only fails.
+    let _watchdog = {
+        let health = health.clone();
+        let core = core.clone();
+        AbortOnDrop(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let dead = [&core.text, &core.vision]
+                    .into_iter()
+                    .flatten()
+                    .any(|b| !b.is_running());
+                if dead {
+                    tracing::error!("a model thread has stopped: health NOT_SERVING");
+                    for name in JINA_SERVICES.iter().chain([""].iter()) {
+                        health
+                            .set_service_status(*name, tonic_health::ServingStatus::NotServing)
+                            .await;
+                    }
+                    break;
+                }
+            }
+        }))
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (closing_tx, mut closing_rx) = tokio::sync::watch::channel(false);
     let timeout = config.shutdown_timeout;
@@ -444,6 +468,15 @@ pub async fn serve(
                 deadline = Some(Box::pin(tokio::time::sleep(timeout)));
             }
         }
+    }
+}
+
+/// Stops a background task when the server it watches returns.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -85,4 +85,26 @@ np.testing.assert_allclose(scores, soft / soft.sum(), rtol=1e-4, atol=1e-6)
 # profile reads the gateway and executor routes' timestamps.
 c.profile(images[-1])
 
+# Keepalive pings as Jina's channels send them (every ~10 s; here every second, idle included)
+# are accepted: the channel stays usable after several pings.
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+channel = grpc.insecure_channel(
+    f'127.0.0.1:{port}',
+    options=[
+        ('grpc.keepalive_time_ms', 1000),
+        ('grpc.keepalive_timeout_ms', 4999),
+        ('grpc.keepalive_permit_without_calls', 1),
+        ('grpc.http2.max_pings_without_data', 0),
+    ],
+)
+stub = health_pb2_grpc.HealthStub(channel)
+assert stub.Check(health_pb2.HealthCheckRequest(service='')).status == health_pb2.HealthCheckResponse.SERVING
+time.sleep(4)
+assert stub.Check(health_pb2.HealthCheckRequest(service='')).status == health_pb2.HealthCheckResponse.SERVING
+channel.close()
+
 print('clip_client interop ok')
