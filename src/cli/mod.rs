@@ -110,13 +110,26 @@ pub fn parse_towers(s: &str) -> Result<Towers, String> {
         .ok_or_else(|| format!("unknown submodel {s:?}: use clip-text, clip-vision or all"))
 }
 
+/// Logs go to stderr: human-readable on a terminal, one JSON object per line otherwise (log
+/// collectors in Kubernetes parse them); `CLIPFT_LOG_FORMAT=text|json` overrides the choice and
+/// `CLIPFT_LOG` sets the filter (default `warn`).
 fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("CLIPFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+    let json = match std::env::var("CLIPFT_LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Keeps large allocations on the heap and freed memory in the process. Candle allocates a fresh
