@@ -9,6 +9,8 @@ use clipft::eval::metrics::{self, Metrics};
 use clipft::eval::{evaluate, LabeledEmbeddings};
 use serde_json::Value;
 
+mod common;
+
 fn data_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data")
 }
@@ -358,4 +360,31 @@ mod docarray_files {
         }
         assert!(n >= 6, "{n}");
     }
+}
+
+/// Dataset images given as http(s) URIs are fetched (size and time limited); a failed fetch
+/// names the dataset location and the URI.
+#[test]
+fn http_image_uris_in_datasets_are_fetched() -> Result<(), Box<dyn std::error::Error>> {
+    use clipft::docarray::ImageRef;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/reference/images");
+    let png = std::fs::read(root.join("rgb_224x224.png"))?;
+    let base = common::http_server(png.clone())?;
+    let pre = clipft::model::ImagePreprocessor::new(clipft::model::ImageConfig::default());
+    let remote = ImageRef {
+        source: ImageSource::Remote(format!("{base}/img.png")),
+        location: "train.csv line 2".into(),
+    };
+    assert_eq!(remote.preprocess(&pre)?, pre.preprocess_bytes(&png)?);
+    let missing = ImageRef {
+        source: ImageSource::Remote(format!("{base}/gone.png")),
+        location: "train.csv line 3".into(),
+    };
+    let err = missing
+        .preprocess(&pre)
+        .err()
+        .ok_or("expected an error")?
+        .to_string();
+    assert!(err.contains("line 3") && err.contains("gone.png"), "{err}");
+    Ok(())
 }

@@ -27,6 +27,8 @@ use prost_types::{value::Kind, Value};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
+mod common;
+
 type R<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 fn fixtures() -> PathBuf {
@@ -1099,4 +1101,67 @@ async fn cancelled_requests_are_dropped_before_compute() -> R {
     assert!(emb(&docs(reply.get_ref())[0]).is_some());
     assert_eq!(batcher.queued(), 0);
     served.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_images_are_fetched_only_when_allowed_and_within_limits() -> R {
+    let png = image_bytes("rgb_224x224.png");
+    let base = common::http_server(png.clone())?;
+    let uri_doc = |id: &str, path: &str| DocumentProto {
+        id: id.into(),
+        uri: format!("{base}{path}"),
+        ..Default::default()
+    };
+    let opts = ExecutorOptions {
+        images: ImagePolicy {
+            allow_http: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let served = Served::start(Towers::ALL, opts, ServerConfig::default()).await?;
+    let pre = served.encoder.image_preprocessor()?.clone();
+    let want = served
+        .encoder
+        .embed_pixels(&[pre.preprocess_bytes(&png)?])?
+        .remove(0);
+    let reply = served
+        .single()
+        .process_single_data(request("/encode", vec![uri_doc("ok", "/img.png")], vec![]))
+        .await?
+        .into_inner();
+    assert!(close(&emb(&docs(&reply)[0]).ok_or("fetched image")?, &want));
+    let reply = served
+        .single()
+        .process_single_data(request(
+            "/encode",
+            vec![uri_doc("missing", "/nope.png")],
+            vec![],
+        ))
+        .await?
+        .into_inner();
+    let (name, msg) = error_of(&reply).ok_or("404")?;
+    assert_eq!(name, "BadDocumentError");
+    assert!(msg.contains("nope.png"), "{msg}");
+    served.shutdown().await?;
+    // Over the size limit.
+    let opts = ExecutorOptions {
+        images: ImagePolicy {
+            allow_http: true,
+            http_max_bytes: 100,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let small = Served::start(Towers::ALL, opts, ServerConfig::default()).await?;
+    let reply = small
+        .single()
+        .process_single_data(request("/encode", vec![uri_doc("big", "/img.png")], vec![]))
+        .await?
+        .into_inner();
+    assert!(error_of(&reply)
+        .ok_or("limit")?
+        .1
+        .contains("limit 100 bytes"));
+    small.shutdown().await
 }

@@ -19,7 +19,7 @@ pub enum ImageSource {
     Path(PathBuf),
     /// A `data:` URI.
     DataUri(String),
-    /// A remote URI (http, https); fetched only where the caller allows it.
+    /// A remote URI (http, https), fetched when used (size and time limited).
     Remote(String),
     /// Encoded bytes (docarray `blob`).
     Blob(Vec<u8>),
@@ -60,10 +60,16 @@ impl ImageRef {
                     msg,
                 })?)
                 .map_err(at),
-            ImageSource::Remote(uri) => Err(DataError::Image {
-                location: self.location.clone(),
-                msg: format!("remote image {uri} is not fetched: download it and use a local path"),
-            }),
+            ImageSource::Remote(uri) => pre
+                .preprocess_bytes(
+                    &fetch_http(uri, DATASET_HTTP_MAX_BYTES, DATASET_HTTP_TIMEOUT).map_err(
+                        |msg| DataError::Image {
+                            location: self.location.clone(),
+                            msg,
+                        },
+                    )?,
+                )
+                .map_err(at),
             ImageSource::Blob(b) => pre.preprocess_bytes(b).map_err(at),
             ImageSource::Pixels {
                 data,
@@ -75,6 +81,33 @@ impl ImageRef {
                 .map_err(at),
         }
     }
+}
+
+/// The largest image a dataset's http(s) URI may return.
+pub const DATASET_HTTP_MAX_BYTES: u64 = 50 << 20;
+/// The time limit of one dataset image fetch.
+pub const DATASET_HTTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The body behind an http(s) URI, at most `max_bytes` and within `timeout` for the whole
+/// fetch; errors name the URI.
+pub fn fetch_http(
+    uri: &str,
+    max_bytes: u64,
+    timeout: std::time::Duration,
+) -> Result<Vec<u8>, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(timeout))
+        .build()
+        .into();
+    let mut resp = agent
+        .get(uri)
+        .call()
+        .map_err(|e| format!("cannot fetch {uri}: {e}"))?;
+    resp.body_mut()
+        .with_config()
+        .limit(max_bytes)
+        .read_to_vec()
+        .map_err(|e| format!("cannot fetch {uri} (limit {max_bytes} bytes): {e}"))
 }
 
 /// The bytes of a `data:[<mime>][;base64],<data>` URI.

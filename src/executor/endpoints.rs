@@ -559,24 +559,7 @@ pub fn fetch_uri(uri: &str, policy: &ImagePolicy) -> Result<Vec<u8>, String> {
 }
 
 fn fetch_http(uri: &str, policy: &ImagePolicy) -> Result<Vec<u8>, String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(policy.http_timeout))
-        .build()
-        .into();
-    let mut resp = agent
-        .get(uri)
-        .call()
-        .map_err(|e| format!("cannot fetch {uri}: {e}"))?;
-    resp.body_mut()
-        .with_config()
-        .limit(policy.http_max_bytes)
-        .read_to_vec()
-        .map_err(|e| {
-            format!(
-                "cannot fetch {uri} (limit {} bytes): {e}",
-                policy.http_max_bytes
-            )
-        })
+    crate::docarray::fetch_http(uri, policy.http_max_bytes, policy.http_timeout)
 }
 
 fn embedding_of(d: &DocumentProto) -> Option<Vec<f32>> {
