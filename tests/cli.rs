@@ -1,34 +1,18 @@
 //! The `clipft` binary driven as users drive it: encode, bench, models, and their errors.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
+
+mod common;
+use common::{image, root, tiny};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_clipft"));
     // Never reach for the network in tests, whatever the environment says.
     c.env("HF_HUB_OFFLINE", "1");
     c
-}
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-fn tiny() -> String {
-    root()
-        .join("tests/fixtures/clip-tiny")
-        .display()
-        .to_string()
-}
-
-fn image(name: &str) -> String {
-    root()
-        .join("tests/fixtures/reference/images")
-        .join(name)
-        .display()
-        .to_string()
 }
 
 fn ok(out: Output) -> String {

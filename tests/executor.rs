@@ -726,6 +726,25 @@ async fn bad_documents_fail_in_band_and_the_next_request_succeeds() -> R {
     served.shutdown().await
 }
 
+/// Starts one job of `n` long texts straight on the text tower's queue, to keep its worker busy.
+fn hog_text_tower(
+    served: &Served,
+    n: usize,
+) -> R<tokio::task::JoinHandle<Result<usize, clipft::executor::ExecutorError>>> {
+    let batcher = served.core.text.clone().ok_or("text")?;
+    let long_text = "many words in a long caption ".repeat(12);
+    let tok = served.encoder.tokenizer()?.clone();
+    let rows: Vec<_> = (0..n)
+        .map(|_| {
+            tok.encode(&long_text)
+                .map(clipft::executor::batcher::Input::Tokens)
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(tokio::spawn(async move {
+        batcher.embed(rows, None, true).await.map(|r| r.len())
+    }))
+}
+
 fn tempdir(name: &str) -> R<PathBuf> {
     let d = std::env::temp_dir().join(format!("clipft-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -991,18 +1010,7 @@ async fn a_full_queue_pushes_back() -> R {
     let served = Served::start(Towers::ALL, opts, ServerConfig::default()).await?;
     let batcher = served.core.text.clone().ok_or("text")?;
     // A long job that takes the whole queue (it is bigger than the queue).
-    let long_text = "many words in a long caption ".repeat(12);
-    let tok = served.encoder.tokenizer()?.clone();
-    let rows: Vec<_> = (0..4000)
-        .map(|_| {
-            tok.encode(&long_text)
-                .map(clipft::executor::batcher::Input::Tokens)
-        })
-        .collect::<Result<_, _>>()?;
-    let hog = tokio::spawn({
-        let batcher = batcher.clone();
-        async move { batcher.embed(rows, None, true).await.map(|r| r.len()) }
-    });
+    let hog = hog_text_tower(&served, 4000)?;
     while batcher.queued() < 4 {
         tokio::task::yield_now().await;
     }
@@ -1039,19 +1047,8 @@ async fn cancelled_requests_are_dropped_before_compute() -> R {
     };
     let served = Served::start(Towers::ALL, opts, ServerConfig::default()).await?;
     let batcher = served.core.text.clone().ok_or("text")?;
-    let long_text = "many words in a long caption ".repeat(12);
-    let tok = served.encoder.tokenizer()?.clone();
-    let rows: Vec<_> = (0..3000)
-        .map(|_| {
-            tok.encode(&long_text)
-                .map(clipft::executor::batcher::Input::Tokens)
-        })
-        .collect::<Result<_, _>>()?;
     // Keep the worker busy, queue a streamed request behind it and walk away from it.
-    let hog = tokio::spawn({
-        let batcher = batcher.clone();
-        async move { batcher.embed(rows, None, true).await.map(|r| r.len()) }
-    });
+    let hog = hog_text_tower(&served, 3000)?;
     while batcher.queued() < 3000 {
         tokio::task::yield_now().await;
     }

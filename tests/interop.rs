@@ -9,26 +9,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{image, root, tiny};
+
 type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tiny() -> String {
-    root()
-        .join("tests/fixtures/clip-tiny")
-        .display()
-        .to_string()
-}
-
-fn image(name: &str) -> String {
-    root()
-        .join("tests/fixtures/reference/images")
-        .join(name)
-        .display()
-        .to_string()
-}
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_clipft"));

@@ -27,3 +27,25 @@ pub fn http_server(png: Vec<u8>) -> std::io::Result<String> {
     });
     Ok(format!("http://{addr}"))
 }
+
+/// The repository root.
+pub fn root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The tiny CLIP fixture's folder.
+pub fn tiny() -> String {
+    root()
+        .join("tests/fixtures/clip-tiny")
+        .display()
+        .to_string()
+}
+
+/// A reference image fixture's path.
+pub fn image(name: &str) -> String {
+    root()
+        .join("tests/fixtures/reference/images")
+        .join(name)
+        .display()
+        .to_string()
+}
