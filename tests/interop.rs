@@ -417,3 +417,60 @@ fn jina_entry_point_runs_generated_kubernetes_command_lines() -> R {
     assert!(!out.status.success());
     Ok(())
 }
+
+/// The default monitoring port taken (a second executor on the host): the executor serves
+/// without metrics; a monitoring port the user named must work or the start fails.
+#[test]
+fn a_taken_monitoring_port_is_fatal_only_when_asked_for() -> R {
+    // Hold 9090 (or find it already held).
+    let _held = std::net::TcpListener::bind("127.0.0.1:9090");
+    let mut child = bin()
+        .args([
+            "executor",
+            "--model",
+            &tiny(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or("stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    let mut seen = Vec::new();
+    let served = loop {
+        let Some(line) = lines.next() else {
+            break false;
+        };
+        let line = line?;
+        if line.contains("serving on") {
+            break true;
+        }
+        seen.push(line);
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(served, "{}", seen.join("\n"));
+    assert!(
+        seen.iter().any(|l| l.contains("no metrics")),
+        "{}",
+        seen.join("\n")
+    );
+    let out = bin()
+        .args([
+            "executor",
+            "--model",
+            &tiny(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--port-monitoring",
+            "9090",
+        ])
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--port-monitoring 9090"));
+    Ok(())
+}

@@ -150,6 +150,7 @@ impl ExecutorArgs {
 
 pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
     args.apply_uses(matches)?;
+    let monitoring_port_defaulted = defaulted(matches, "port_monitoring");
     if args.tracing {
         tracing::warn!(
             "--tracing: trace export is not implemented in this version; no spans are sent"
@@ -214,9 +215,24 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
         let bound = listener.local_addr()?;
         if args.port_monitoring != 0 {
             let maddr = SocketAddr::new(bound.ip(), args.port_monitoring);
-            let exporter = crate::telemetry::metrics::install(maddr).map_err(anyhow::Error::msg)?;
-            tokio::spawn(exporter);
-            eprintln!("clipft executor metrics on http://{maddr}/metrics");
+            match crate::telemetry::metrics::install(maddr) {
+                Ok(exporter) => {
+                    tokio::spawn(exporter);
+                    eprintln!("clipft executor metrics on http://{maddr}/metrics");
+                }
+                // The default port taken (a second executor on the same host): serve without
+                // metrics rather than not at all. A port the user asked for must work.
+                Err(e) if monitoring_port_defaulted => {
+                    tracing::warn!("no metrics: {e} (set --port-monitoring to a free port, or 0)");
+                    eprintln!("clipft executor: no metrics, {e}");
+                }
+                Err(e) => {
+                    return Err(anyhow::anyhow!(
+                        "--port-monitoring {}: {e}",
+                        args.port_monitoring
+                    ))
+                }
+            }
         }
         eprintln!(
             "clipft executor {:?} ({towers} of {source}) serving on {bound}",
