@@ -6,42 +6,17 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Mutex;
 
 use serde_yaml_ng::Value;
 
+mod common;
+use common::root;
+
 type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-static VENV: Mutex<()> = Mutex::new(());
 
 /// `target/tools-venv/bin/<tool>`, installing the pinned tools on first use.
 fn tool(name: &str) -> R<PathBuf> {
-    let _guard = VENV.lock().unwrap_or_else(|e| e.into_inner());
-    let venv = root().join("target/tools-venv");
-    let reqs = root().join("tests/deploy/requirements.txt");
-    let stamp = venv.join("requirements.txt");
-    let wanted = std::fs::read_to_string(&reqs)?;
-    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(wanted.as_str()) {
-        let base = std::env::var("CLIPFT_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-        let _ = std::fs::remove_dir_all(&venv);
-        run(Command::new(&base).args(["-m", "venv"]).arg(&venv))?;
-        run(Command::new(venv.join("bin/python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "-r",
-            ])
-            .arg(&reqs))?;
-        std::fs::write(&stamp, wanted)?;
-    }
-    Ok(venv.join("bin").join(name))
+    Ok(common::venv("tools-venv", "tests/deploy/requirements.txt")?.join(name))
 }
 
 fn run(cmd: &mut Command) -> R<String> {

@@ -6,7 +6,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -20,41 +19,10 @@ fn bin() -> Command {
     c
 }
 
-static VENV: Mutex<()> = Mutex::new(());
-
 /// The interop venv's python, created on first use. `CLIPFT_TEST_PYTHON` picks the interpreter
 /// that builds it (default `python3`).
 fn python() -> R<PathBuf> {
-    let _guard = VENV.lock().unwrap_or_else(|e| e.into_inner());
-    let venv = root().join("target/interop-venv");
-    let py = venv.join("bin/python");
-    let reqs = root().join("tests/interop/requirements.txt");
-    let stamp = venv.join("requirements.txt");
-    let wanted = std::fs::read_to_string(&reqs)?;
-    if py.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) {
-        return Ok(py);
-    }
-    let base = std::env::var("CLIPFT_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let _ = std::fs::remove_dir_all(&venv);
-    run(
-        Command::new(&base).args(["-m", "venv"]).arg(&venv),
-        "create the interop venv",
-    )?;
-    run(
-        Command::new(&py)
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "-r",
-            ])
-            .arg(&reqs),
-        "pip install tests/interop/requirements.txt",
-    )?;
-    std::fs::write(&stamp, wanted)?;
-    Ok(py)
+    Ok(common::venv("interop-venv", "tests/interop/requirements.txt")?.join("python"))
 }
 
 fn run(cmd: &mut Command, what: &str) -> R {

@@ -49,3 +49,81 @@ pub fn image(name: &str) -> String {
         .display()
         .to_string()
 }
+
+/// A venv under `target/<name>` with `requirements` (a file under the repository) installed from
+/// PyPI, built on first use and rebuilt when the file changes; returns its `bin/` folder.
+/// `CLIPFT_TEST_PYTHON` picks the interpreter (default `python3`). Where the interpreter lacks
+/// the venv module (Debian without python3-venv), virtualenv from PyPI builds it instead.
+pub fn venv(name: &str, requirements: &str) -> Result<std::path::PathBuf, String> {
+    use std::process::Command;
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = root().join("target").join(name);
+    let bin = dir.join("bin");
+    let reqs = root().join(requirements);
+    let stamp = dir.join("requirements.txt");
+    let wanted = std::fs::read_to_string(&reqs).map_err(|e| format!("{requirements}: {e}"))?;
+    if bin.join("python").exists()
+        && std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str())
+    {
+        return Ok(bin);
+    }
+    let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
+        let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "{what} failed ({}):\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    };
+    let base = std::env::var("CLIPFT_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(first) = run(
+        Command::new(&base).args(["-m", "venv"]).arg(&dir),
+        "python3 -m venv",
+    ) {
+        let _ = std::fs::remove_dir_all(&dir);
+        let tools = root().join("target/virtualenv-tool");
+        run(
+            Command::new(&base)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--disable-pip-version-check",
+                    "--target",
+                ])
+                .arg(&tools)
+                .arg("virtualenv"),
+            "pip install virtualenv (python3 has no venv module)",
+        )
+        .map_err(|e| format!("{first}\n{e}"))?;
+        run(
+            Command::new(&base)
+                .args(["-m", "virtualenv"])
+                .arg(&dir)
+                .env("PYTHONPATH", &tools),
+            "python3 -m virtualenv",
+        )?;
+    }
+    run(
+        Command::new(bin.join("python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "-r",
+            ])
+            .arg(&reqs),
+        &format!("pip install -r {requirements}"),
+    )?;
+    std::fs::write(&stamp, wanted).map_err(|e| e.to_string())?;
+    Ok(bin)
+}
