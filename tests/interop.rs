@@ -46,12 +46,21 @@ struct Executor {
 }
 
 impl Executor {
+    /// `clipft executor` on the tiny model and a free loopback port, metrics off unless `args`
+    /// say otherwise.
     fn start(args: &[&str]) -> R<Self> {
         let monitoring: &[&str] = if args.contains(&"--port-monitoring") {
             &[]
         } else {
             &["--port-monitoring", "0"]
         };
+        let all: Vec<&str> = monitoring.iter().chain(args).copied().collect();
+        Ok(Self::launch(&all)?.0)
+    }
+
+    /// Starts it with exactly `args` after the model and port; returns it once serving, with
+    /// what it printed before.
+    fn launch(args: &[&str]) -> R<(Self, Vec<String>)> {
         let mut child = bin()
             .args([
                 "executor",
@@ -62,7 +71,6 @@ impl Executor {
                 "--port",
                 "0",
             ])
-            .args(monitoring)
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -82,7 +90,7 @@ impl Executor {
         };
         // Keep draining stderr so the executor never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Ok(Self { child, port })
+        Ok((Self { child, port }, seen))
     }
 
     fn target(&self) -> String {
@@ -392,34 +400,7 @@ fn jina_entry_point_runs_generated_kubernetes_command_lines() -> R {
 fn a_taken_monitoring_port_is_fatal_only_when_asked_for() -> R {
     // Hold 9090 (or find it already held).
     let _held = std::net::TcpListener::bind("127.0.0.1:9090");
-    let mut child = bin()
-        .args([
-            "executor",
-            "--model",
-            &tiny(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().ok_or("stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let mut seen = Vec::new();
-    let served = loop {
-        let Some(line) = lines.next() else {
-            break false;
-        };
-        let line = line?;
-        if line.contains("serving on") {
-            break true;
-        }
-        seen.push(line);
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    assert!(served, "{}", seen.join("\n"));
+    let (_ex, seen) = Executor::launch(&[])?;
     assert!(
         seen.iter().any(|l| l.contains("no metrics")),
         "{}",
