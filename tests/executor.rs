@@ -8,8 +8,7 @@ use std::sync::Arc;
 use clipft::executor::{Core, ExecutorOptions, ImagePolicy, ServerConfig};
 use clipft::model::{Encoder, LoadOptions, ModelFiles, Towers};
 use clipft::protocol::docarray::{
-    document_proto::Content, nd_array_proto, DenseNdArrayProto, DocumentArrayProto, DocumentProto,
-    NdArrayProto,
+    document_proto::Content, nd_array_proto, DocumentArrayProto, DocumentProto,
 };
 use clipft::protocol::jina::{
     data_request_proto::{data_content_proto::Documents, DataContentProto},
@@ -140,18 +139,6 @@ fn blob_doc(id: &str, bytes: Vec<u8>) -> DocumentProto {
     }
 }
 
-fn tensor(buffer: Vec<u8>, shape: Vec<u32>, dtype: &str) -> NdArrayProto {
-    NdArrayProto {
-        content: Some(nd_array_proto::Content::Dense(DenseNdArrayProto {
-            buffer: buffer.into(),
-            shape,
-            dtype: dtype.into(),
-        })),
-        cls_name: "numpy".into(),
-        parameters: None,
-    }
-}
-
 fn request(
     endpoint: &str,
     docs: Vec<DocumentProto>,
@@ -251,13 +238,21 @@ async fn call_encodes_every_input_kind_and_keeps_every_field() -> R {
     blob.uri = "rgb_300x200.png".into();
     let mut t_u8 = DocumentProto {
         id: "u8".into(),
-        content: Some(Content::Tensor(tensor(hwc.clone(), vec![40, 30, 3], "|u1"))),
+        content: Some(Content::Tensor(ndarray::numpy(
+            hwc.clone(),
+            vec![40, 30, 3],
+            "|u1",
+        ))),
         ..Default::default()
     };
     t_u8.chunks = vec![text_doc("chunk", "kept")];
     let t_f32 = DocumentProto {
         id: "f32".into(),
-        content: Some(Content::Tensor(tensor(as_f32, vec![40, 30, 3], "<f4"))),
+        content: Some(Content::Tensor(ndarray::numpy(
+            as_f32,
+            vec![40, 30, 3],
+            "<f4",
+        ))),
         ..Default::default()
     };
     let uri = DocumentProto {
@@ -582,7 +577,11 @@ async fn bad_documents_fail_in_band_and_the_next_request_succeeds() -> R {
             "dtype",
             DocumentProto {
                 id: "x".into(),
-                content: Some(Content::Tensor(tensor(vec![0; 16], vec![2, 2, 1], "<i4"))),
+                content: Some(Content::Tensor(ndarray::numpy(
+                    vec![0; 16],
+                    vec![2, 2, 1],
+                    "<i4",
+                ))),
                 ..Default::default()
             },
             "BadDocumentError",

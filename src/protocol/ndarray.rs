@@ -11,11 +11,16 @@ pub fn embedding(values: &[f32]) -> NdArrayProto {
     for v in values {
         buffer.extend_from_slice(&v.to_le_bytes());
     }
+    numpy(buffer, vec![values.len() as u32], "<f4")
+}
+
+/// A dense numpy array as docarray writes it: raw C-order bytes, shape and numpy's dtype string.
+pub fn numpy(buffer: Vec<u8>, shape: Vec<u32>, dtype: &str) -> NdArrayProto {
     NdArrayProto {
         content: Some(nd_array_proto::Content::Dense(DenseNdArrayProto {
             buffer: buffer.into(),
-            shape: vec![values.len() as u32],
-            dtype: "<f4".into(),
+            shape,
+            dtype: dtype.into(),
         })),
         cls_name: "numpy".into(),
         parameters: None,
@@ -119,35 +124,23 @@ mod tests {
         Ok(())
     }
 
-    fn tensor(buffer: Vec<u8>, shape: Vec<u32>, dtype: &str) -> NdArrayProto {
-        NdArrayProto {
-            content: Some(nd_array_proto::Content::Dense(DenseNdArrayProto {
-                buffer: buffer.into(),
-                shape,
-                dtype: dtype.into(),
-            })),
-            cls_name: "numpy".into(),
-            parameters: None,
-        }
-    }
-
     #[test]
     fn image_tensors_by_dtype() -> Result<(), String> {
-        let (d, h, w, c) = image_pixels(&tensor(vec![1, 2, 3, 4, 5, 6], vec![1, 2, 3], "|u1"))?;
+        let (d, h, w, c) = image_pixels(&numpy(vec![1, 2, 3, 4, 5, 6], vec![1, 2, 3], "|u1"))?;
         assert_eq!((d, h, w, c), (vec![1, 2, 3, 4, 5, 6], 1, 2, 3));
         let f: Vec<u8> = [0.0f32, 254.9, 300.0, -4.0]
             .iter()
             .flat_map(|v| v.to_le_bytes())
             .collect();
-        let (d, ..) = image_pixels(&tensor(f, vec![2, 2], "<f4"))?;
+        let (d, ..) = image_pixels(&numpy(f, vec![2, 2], "<f4"))?;
         assert_eq!(d, vec![0, 254, 255, 0]);
-        assert!(image_pixels(&tensor(vec![0; 8], vec![2, 2], "<i2"))
+        assert!(image_pixels(&numpy(vec![0; 8], vec![2, 2], "<i2"))
             .unwrap_err()
             .contains("dtype"));
-        assert!(image_pixels(&tensor(vec![0; 5], vec![2, 2], "|u1"))
+        assert!(image_pixels(&numpy(vec![0; 5], vec![2, 2], "|u1"))
             .unwrap_err()
             .contains("5 values"));
-        assert!(image_pixels(&tensor(vec![0; 10], vec![1, 2, 5], "|u1")).is_err());
+        assert!(image_pixels(&numpy(vec![0; 10], vec![1, 2, 5], "|u1")).is_err());
         Ok(())
     }
 }
