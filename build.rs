@@ -3,7 +3,11 @@
 //! server reflection (which the Jina gateway requires) serves it.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/docarray.proto", "proto/jina.proto"];
+    let protos = [
+        "proto/docarray.proto",
+        "proto/jina.proto",
+        "proto/trainer.proto",
+    ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }

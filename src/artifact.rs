@@ -174,15 +174,20 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
     }
 }
 
-/// Run names become folder names: no separators, no traversal, no hidden files.
-pub fn validate_run_name(name: &str) -> Result<(), ArtifactError> {
-    let ok = !name.is_empty()
+/// Names that become folder names (runs, datasets): no separators, no traversal, no hidden
+/// files, at most 128 characters.
+pub fn is_safe_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Run names become folder names.
+pub fn validate_run_name(name: &str) -> Result<(), ArtifactError> {
+    if is_safe_name(name) {
         Ok(())
     } else {
         Err(ArtifactError::BadName(name.to_string()))
@@ -429,7 +434,6 @@ pub const MAX_UNZIPPED_BYTES: u64 = 64 << 30;
 /// system temp dir, keyed by the zip's size and modification time so a second load reuses it;
 /// returns the artifact folder inside.
 pub fn unzip_artifact(zip_path: &Path) -> Result<std::path::PathBuf, String> {
-    use std::io::Read;
     let meta = std::fs::metadata(zip_path).map_err(|e| e.to_string())?;
     let mtime = meta
         .modified()
@@ -461,34 +465,11 @@ pub fn unzip_artifact(zip_path: &Path) -> Result<std::path::PathBuf, String> {
     if cache.join(".complete").exists() {
         return find_top(&cache);
     }
-    let file = std::fs::File::open(zip_path).map_err(|e| e.to_string())?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| e.to_string())?;
     let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let mut total = 0u64;
-    for i in 0..archive.len() {
-        let mut entry = archive.by_index(i).map_err(|e| e.to_string())?;
-        // Names that would leave the folder (absolute, `..`) are refused, not sanitised.
-        let rel = entry
-            .enclosed_name()
-            .ok_or_else(|| format!("unsafe entry name {:?}", entry.name()))?;
-        let out = tmp.join(rel);
-        if entry.is_dir() {
-            std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
-            continue;
-        }
-        if let Some(parent) = out.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-        }
-        let mut w = std::fs::File::create(&out).map_err(|e| e.to_string())?;
-        let budget = MAX_UNZIPPED_BYTES.saturating_sub(total);
-        let n =
-            std::io::copy(&mut (&mut entry).take(budget + 1), &mut w).map_err(|e| e.to_string())?;
-        total += n;
-        if total > MAX_UNZIPPED_BYTES {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(format!("unpacks to more than {MAX_UNZIPPED_BYTES} bytes"));
-        }
+    if let Err(e) = extract_zip(zip_path, &tmp, MAX_UNZIPPED_BYTES) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
     }
     std::fs::write(tmp.join(".complete"), b"").map_err(|e| e.to_string())?;
     if let Some(parent) = cache.parent() {
@@ -503,6 +484,39 @@ pub fn unzip_artifact(zip_path: &Path) -> Result<std::path::PathBuf, String> {
         Err(e) => return Err(e.to_string()),
     }
     find_top(&cache)
+}
+
+/// Unpacks `zip_path` into `dest`. Entry names that would leave `dest` (absolute, `..`) are
+/// refused, not sanitised, and the total unpacked size is capped at `max_bytes` (zip bombs).
+pub fn extract_zip(zip_path: &Path, dest: &Path, max_bytes: u64) -> Result<(), String> {
+    use std::io::Read;
+    let file = std::fs::File::open(zip_path).map_err(|e| e.to_string())?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dest).map_err(|e| e.to_string())?;
+    let mut total = 0u64;
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(|e| e.to_string())?;
+        let rel = entry
+            .enclosed_name()
+            .ok_or_else(|| format!("unsafe entry name {:?}", entry.name()))?;
+        let out = dest.join(rel);
+        if entry.is_dir() {
+            std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+            continue;
+        }
+        if let Some(parent) = out.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        let mut w = std::fs::File::create(&out).map_err(|e| e.to_string())?;
+        let budget = max_bytes.saturating_sub(total);
+        let n =
+            std::io::copy(&mut (&mut entry).take(budget + 1), &mut w).map_err(|e| e.to_string())?;
+        total += n;
+        if total > max_bytes {
+            return Err(format!("unpacks to more than {max_bytes} bytes"));
+        }
+    }
+    Ok(())
 }
 
 /// Packs an artifact folder as `<folder>.zip` beside it, every entry under `<run name>/`

@@ -74,8 +74,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         freeze: Vec::new(),
         max_grad_norm: None,
         zip: false,
+        // Metrics before and after only: the demo should stay within a couple of minutes.
+        eval_every: 0,
+        ..Default::default()
     };
-    let report = super::fit::run_with_progress(&cfg)?;
+    let report = super::fit::run_with_progress(&cfg, &Default::default())?;
 
     // Serve the fine-tuned artifact with the executor and search through it over gRPC, as
     // clip_client would: index images and captions go out as documents, embeddings come back.

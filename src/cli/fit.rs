@@ -1,10 +1,14 @@
-//! `clipft fit`: fine-tune CLIP in process and write the artifact.
+//! `clipft fit`: fine-tune CLIP and write the artifact, in process or, with `--trainer`, on a
+//! trainer service (local data files are pushed as datasets first; `--follow` streams the logs
+//! and downloads the artifact when the run finishes).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use clap::Args;
 
-use crate::trainer::fit::{fit, FitConfig, FitEvent};
+use crate::trainer::callbacks::{Mode, Monitor};
+use crate::trainer::fit::{fit, EarlyStopping, FitConfig, FitControl, FitEvent};
 use crate::trainer::optim::OptimizerKind;
 use crate::trainer::schedule::Scheduler;
 
@@ -71,6 +75,65 @@ pub struct FitArgs {
     /// Also write the artifact as `OUTPUT/<run-name>.zip`.
     #[arg(long, env = "CLIPFT_ZIP")]
     pub zip: bool,
+    /// Retrieval metrics on the query/index data every N epochs (Finetuner's
+    /// EvaluationCallback); 0: only before and after.
+    #[arg(long, env = "CLIPFT_EVAL_EVERY", default_value_t = 1)]
+    pub eval_every: usize,
+    /// BestModelCheckpoint: keep the weights of the best epoch by this value (train_loss,
+    /// val_loss, or a retrieval metric such as recall_at_k) instead of the last.
+    #[arg(long, env = "CLIPFT_BEST_MODEL_MONITOR")]
+    pub best_model_monitor: Option<String>,
+    #[arg(
+        long,
+        env = "CLIPFT_BEST_MODEL_MODE",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub best_model_mode: Mode,
+    /// EarlyStopping: stop when this value has not improved for --early-stopping-patience
+    /// epochs.
+    #[arg(long, env = "CLIPFT_EARLY_STOPPING_MONITOR")]
+    pub early_stopping_monitor: Option<String>,
+    #[arg(
+        long,
+        env = "CLIPFT_EARLY_STOPPING_MODE",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub early_stopping_mode: Mode,
+    #[arg(long, env = "CLIPFT_EARLY_STOPPING_PATIENCE", default_value_t = 2)]
+    pub early_stopping_patience: usize,
+    /// Smallest change that counts as an improvement.
+    #[arg(long, env = "CLIPFT_EARLY_STOPPING_MIN_DELTA", default_value_t = 0.0)]
+    pub early_stopping_min_delta: f64,
+    /// Compare every epoch against this value instead of the best so far.
+    #[arg(long, env = "CLIPFT_EARLY_STOPPING_BASELINE")]
+    pub early_stopping_baseline: Option<f64>,
+    /// WiSE-FT: the artifact holds alpha * fine-tuned + (1 - alpha) * pretrained weights.
+    #[arg(long, env = "CLIPFT_WISE_FT_ALPHA")]
+    pub wise_ft_alpha: Option<f64>,
+    /// TrainingCheckpoint: a resumable checkpoint at every epoch end and every N seconds (in
+    /// `OUTPUT/.<run-name>.work/`; the trainer service always keeps one, every 300 s by default).
+    #[arg(long, env = "CLIPFT_CHECKPOINT_SECONDS")]
+    pub checkpoint_seconds: Option<u64>,
+    /// Continue the run `--run-name` from its checkpoint (after a crash or Ctrl-C).
+    #[arg(long, env = "CLIPFT_RESUME", requires = "run_name")]
+    pub resume: bool,
+    /// Where datasets named instead of given as files are found (the trainer's --data-dir).
+    #[arg(long, env = "CLIPFT_DATA_DIR", default_value = super::trainer::DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Submit the run to this trainer (`grpc://host:8081`) instead of training here. Data
+    /// files are pushed as datasets `<run-name>-train` etc.; other values name datasets the
+    /// trainer already has.
+    #[arg(long, env = "CLIPFT_TRAINER")]
+    pub trainer: Option<String>,
+    /// With --trainer: stream the run's logs until it ends, then download the artifact into
+    /// OUTPUT.
+    #[arg(long, env = "CLIPFT_FOLLOW", requires = "trainer")]
+    pub follow: bool,
+    /// The trainer's bearer token.
+    #[arg(long, env = "CLIPFT_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
 }
 
 /// A random, readable run name such as `brisk-heron-4821`.
@@ -95,8 +158,13 @@ pub fn random_run_name() -> String {
 }
 
 impl FitArgs {
-    pub fn config(&self) -> FitConfig {
-        FitConfig {
+    pub fn config(&self) -> anyhow::Result<FitConfig> {
+        let monitor = |name: &Option<String>, mode| -> anyhow::Result<Option<Monitor>> {
+            name.as_deref()
+                .map(|n| Monitor::new(n, mode).map_err(anyhow::Error::msg))
+                .transpose()
+        };
+        Ok(FitConfig {
             model: self.model.clone(),
             train_data: self.train_data.clone(),
             eval_data: self.eval_data.clone(),
@@ -119,20 +187,63 @@ impl FitArgs {
             freeze: self.freeze.clone(),
             max_grad_norm: self.max_grad_norm,
             zip: self.zip,
-        }
+            eval_every: self.eval_every,
+            best_model: monitor(&self.best_model_monitor, self.best_model_mode)?,
+            early_stopping: monitor(&self.early_stopping_monitor, self.early_stopping_mode)?.map(
+                |monitor| EarlyStopping {
+                    monitor,
+                    patience: self.early_stopping_patience,
+                    min_delta: self.early_stopping_min_delta,
+                    baseline: self.early_stopping_baseline,
+                },
+            ),
+            wise_ft_alpha: self.wise_ft_alpha,
+            checkpoint_seconds: self.checkpoint_seconds,
+        })
     }
 }
 
-/// Runs `cfg` with a progress bar on a terminal and plain log lines otherwise; prints the
-/// before/after table.
-pub fn run_with_progress(cfg: &FitConfig) -> anyhow::Result<crate::trainer::fit::FitReport> {
+/// A data argument: an existing file, or the name of a dataset in `data_dir`.
+fn resolve_local(p: &Path, data_dir: &Path) -> anyhow::Result<PathBuf> {
+    if p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    let name = p.to_string_lossy();
+    if crate::artifact::is_safe_name(&name) {
+        if let Ok(store) = crate::trainer::datasets::DatasetStore::open(data_dir, u64::MAX) {
+            if let Ok(f) = store.data_file(&name) {
+                return Ok(f);
+            }
+        }
+    }
+    anyhow::bail!(
+        "{}: no such file, and no dataset of that name in {}",
+        p.display(),
+        data_dir.display()
+    )
+}
+
+/// Runs `cfg` in process with a progress bar on a terminal and plain log lines otherwise;
+/// prints the before/after table.
+pub fn run_with_progress(
+    cfg: &FitConfig,
+    control: &FitControl,
+) -> anyhow::Result<crate::trainer::fit::FitReport> {
     let mut bar: Option<indicatif::ProgressBar> = None;
-    let report = fit(cfg, &mut |e| match e {
-        FitEvent::Started { pairs, steps } => {
+    let say = |bar: &Option<indicatif::ProgressBar>, line: String| match bar {
+        Some(b) => b.println(line),
+        None => eprintln!("{line}"),
+    };
+    let report = fit(cfg, control, &mut |e| match e {
+        FitEvent::Started { pairs, steps, done } => {
             eprintln!("run {}: {pairs} pairs, {steps} steps", cfg.run_name);
             bar = super::eval::progress_bar(steps as usize);
+            if let Some(b) = &bar {
+                b.set_position(done);
+            }
         }
-        FitEvent::Evaluating(when) => eprintln!("evaluating ({when})"),
+        FitEvent::Log(line) => say(&bar, line),
+        FitEvent::Evaluating(when) => say(&bar, format!("evaluating ({when})")),
         FitEvent::Step {
             epoch,
             step,
@@ -152,13 +263,19 @@ pub fn run_with_progress(cfg: &FitConfig) -> anyhow::Result<crate::trainer::fit:
             epoch,
             train_loss,
             eval_loss,
+            metrics,
         } => {
             let ev = eval_loss.map_or(String::new(), |l| format!(", eval loss {l:.4}"));
-            let line = format!("epoch {}: train loss {train_loss:.4}{ev}", epoch + 1);
-            match &bar {
-                Some(b) => b.println(line),
-                None => eprintln!("{line}"),
-            }
+            let m = metrics.map_or(String::new(), |m| {
+                format!(
+                    ", recall_at_k {:.4}, reciprocal_rank {:.4}",
+                    m.recall_at_k, m.reciprocal_rank
+                )
+            });
+            say(
+                &bar,
+                format!("epoch {}: train loss {train_loss:.4}{ev}{m}", epoch + 1),
+            );
         }
     })?;
     if let Some(b) = bar {
@@ -175,5 +292,132 @@ pub fn run_with_progress(cfg: &FitConfig) -> anyhow::Result<crate::trainer::fit:
 }
 
 pub fn run(args: FitArgs) -> anyhow::Result<()> {
-    run_with_progress(&args.config()).map(|_| ())
+    let mut cfg = args.config()?;
+    match args.trainer.clone() {
+        Some(addr) => super::runtime()?.block_on(run_remote(&args, cfg, &addr)),
+        None => {
+            cfg.train_data = resolve_local(&cfg.train_data, &args.data_dir)?;
+            for slot in [&mut cfg.eval_data, &mut cfg.query_data, &mut cfg.index_data] {
+                if let Some(p) = slot.as_ref() {
+                    *slot = Some(resolve_local(p, &args.data_dir)?);
+                }
+            }
+            let control = FitControl {
+                resume: args.resume,
+                ..Default::default()
+            };
+            run_with_progress(&cfg, &control).map(|_| ())
+        }
+    }
+}
+
+/// Submits the run to a trainer; with --follow, waits for it and fetches the artifact.
+async fn run_remote(args: &FitArgs, mut cfg: FitConfig, addr: &str) -> anyhow::Result<()> {
+    use crate::trainer::client;
+    let mut c = client::connect(addr, args.auth_token.as_deref()).await?;
+    let name = cfg.run_name.clone();
+    if c.get_run(crate::protocol::trainer::GetRunRequest { name: name.clone() })
+        .await
+        .is_ok()
+    {
+        anyhow::bail!("run {name:?} already exists on {addr}; choose another --run-name");
+    }
+    // Local files travel as datasets named after the run; anything else names a dataset.
+    let roles: [(&str, &mut Option<PathBuf>); 4] = [
+        ("train", &mut Some(cfg.train_data.clone())),
+        ("eval", &mut cfg.eval_data),
+        ("query", &mut cfg.query_data),
+        ("index", &mut cfg.index_data),
+    ];
+    let mut train = None;
+    for (role, slot) in roles {
+        let Some(p) = slot.clone() else { continue };
+        if p.is_file() {
+            let ds = format!("{name}-{role}");
+            eprintln!("pushing {} as dataset {ds}", p.display());
+            let d = client::push_dataset(&mut c, &ds, &p, true)
+                .await
+                .with_context(|| format!("pushing {}", p.display()))?;
+            eprintln!("dataset {ds}: {} items, {} bytes", d.items, d.bytes);
+            *slot = Some(PathBuf::from(ds));
+        }
+        if role == "train" {
+            train = slot.clone();
+        }
+    }
+    if let Some(t) = train {
+        cfg.train_data = t;
+    }
+    let run = c
+        .create_run(crate::protocol::trainer::CreateRunRequest {
+            name: name.clone(),
+            config_json: serde_json::to_string(&cfg)?,
+        })
+        .await?
+        .into_inner();
+    println!("run {} {}", run.name, client::state_word(run.state));
+    if !args.follow {
+        return Ok(());
+    }
+    follow_run(&mut c, &run.name, &args.output).await
+}
+
+/// Streams a run's log until it ends; prints the metrics and downloads the artifact when it
+/// finished, fails when it did not.
+pub async fn follow_run(
+    c: &mut crate::trainer::client::Client,
+    name: &str,
+    output: &Path,
+) -> anyhow::Result<()> {
+    use crate::protocol::trainer as pb;
+    use crate::trainer::client;
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    client::stream_logs(c, name, true, &mut |chunk| {
+        if let Some(p) = &chunk.progress {
+            if bar.is_none() && p.total_steps > 0 {
+                bar = super::eval::progress_bar(p.total_steps as usize);
+            }
+            if let Some(b) = &bar {
+                b.set_position(p.step);
+                b.set_message(format!("epoch {} loss {:.4}", p.epoch, p.loss));
+            }
+        }
+        for line in chunk.text.lines() {
+            match &bar {
+                Some(b) => b.println(line),
+                None => eprintln!("{line}"),
+            }
+        }
+    })
+    .await?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let run = c
+        .get_run(pb::GetRunRequest { name: name.into() })
+        .await?
+        .into_inner();
+    if run.state != pb::RunState::Finished as i32 {
+        anyhow::bail!(
+            "run {name} {}: {}",
+            client::state_word(run.state),
+            run.details
+        );
+    }
+    let m = c
+        .get_metrics(pb::GetMetricsRequest { name: name.into() })
+        .await?
+        .into_inner();
+    if let (Some(b), Some(a)) = (
+        client::metrics_from_map(&m.before),
+        client::metrics_from_map(&m.after),
+    ) {
+        println!(
+            "{}",
+            super::eval::metrics_table(&[("before", &b), ("after", &a)])
+        );
+    }
+    let dir = client::download_artifact(c, name, output, &mut |_, _| {}).await?;
+    println!("artifact: {}", dir.display());
+    Ok(())
 }

@@ -2,6 +2,7 @@
 //! `CLIPFT_*` environment variable), calls the library and prints; no logic a test needs lives here.
 
 pub mod bench;
+pub mod data;
 pub mod demo;
 pub mod encode;
 pub mod eval;
@@ -10,6 +11,8 @@ pub mod fit;
 pub mod jina;
 pub mod models;
 pub mod ping;
+pub mod runs;
+pub mod trainer;
 
 use std::process::ExitCode;
 
@@ -41,8 +44,14 @@ pub enum Command {
     Ping(ping::PingArgs),
     /// Embed texts and images, one JSON line per input, in input order.
     Encode(encode::EncodeArgs),
-    /// Fine-tune CLIP on caption-image pairs (in process) and write the artifact.
+    /// The fine-tuning service: datasets, queued runs, logs, metrics, artifacts.
+    Trainer(trainer::TrainerArgs),
+    /// Fine-tune CLIP on caption-image pairs (in process, or on a trainer) and write the artifact.
     Fit(fit::FitArgs),
+    /// A trainer's runs: list, status, logs, metrics, artifact, cancel, delete.
+    Runs(runs::RunsArgs),
+    /// A trainer's datasets: push, list, delete.
+    Data(data::DataArgs),
     /// Text-to-image retrieval metrics on labelled query and index data.
     Eval(eval::EvalArgs),
     /// Measure model throughput on pre-tokenized / pre-processed inputs.
@@ -157,6 +166,26 @@ pub fn tune_allocator_for_serving() {
     }
 }
 
+/// The async runtime of the client commands and the trainer.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("clipft-io")
+        .build()
+}
+
+/// `host:port` as a socket address (names resolved).
+pub fn socket_addr(host: &str, port: u16) -> anyhow::Result<std::net::SocketAddr> {
+    use anyhow::Context;
+    if let Ok(a) = format!("{host}:{port}").parse() {
+        return Ok(a);
+    }
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .with_context(|| format!("--host {host} --port {port}"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("cannot resolve --host {host}"))
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     init_logging();
@@ -195,6 +224,9 @@ pub fn main() -> ExitCode {
         Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Fit(args) => fit::run(args),
+        Command::Trainer(args) => trainer::run(args),
+        Command::Runs(args) => runs::run(args),
+        Command::Data(args) => data::run(args),
         Command::Models(args) => models::run(args),
     };
     match result {

@@ -149,6 +149,33 @@ impl CsvRows {
         }
     }
 
+    /// The folder relative paths resolve against.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// Non-empty rows as written, with their line numbers and the checks every role shares (two
+    /// or three columns), for tools that rewrite or vet a CSV without knowing its role.
+    pub fn rows(mut self) -> impl Iterator<Item = Result<(String, Vec<String>), DataError>> {
+        std::iter::from_fn(move || {
+            let (line, f) = match self.next_row()? {
+                Ok(x) => x,
+                Err(e) => return Some(Err(e)),
+            };
+            let loc = self.location(line);
+            if f.len() < 2 || f.len() > 3 {
+                return Some(Err(DataError::Malformed {
+                    location: loc,
+                    msg: format!(
+                        "expected caption,image[,label] or item,label, found {} columns",
+                        f.len()
+                    ),
+                }));
+            }
+            Some(Ok((loc, f)))
+        })
+    }
+
     /// Training pairs (caption + image, optional label).
     pub fn pairs(mut self) -> impl Iterator<Item = Result<Pair, DataError>> {
         std::iter::from_fn(move || {

@@ -90,6 +90,12 @@ impl Linear {
         Ok(bytes)
     }
 
+    /// Forgets the packed copy (in this clone only), for weights that changed since it was
+    /// made: a model evaluated between training epochs.
+    pub(crate) fn forget_packed(&mut self) {
+        self.packed = Arc::default();
+    }
+
     /// The AMX-packed weight when the fused path should use AMX; `w` is this weight's data.
     fn packed(&self, w: &[f32]) -> Option<&amx::PackedB> {
         let prec = cpu::amx_precision()?;

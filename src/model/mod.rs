@@ -166,6 +166,26 @@ impl Encoder {
         })
     }
 
+    /// An encoder over weights already in memory (the model being trained, evaluated between
+    /// epochs); f32, both towers as `clip` has them.
+    pub fn from_parts(
+        clip: Clip,
+        tokenizer: Option<ClipTokenizer>,
+        images: Option<ImagePreprocessor>,
+        device: Device,
+        source: &str,
+    ) -> Self {
+        Self {
+            clip,
+            tokenizer,
+            images,
+            device,
+            dtype: DType::F32,
+            source: source.to_string(),
+            token_rows: None,
+        }
+    }
+
     /// For a process that only serves: weights packed for AMX replace their f32 copies, and the
     /// token embedding table is read row by row from the checkpoint file instead of memory.
     /// Returns the bytes released. The model cannot be trained afterwards.

@@ -20,5 +20,11 @@ pub mod jina {
     include!(concat!(env!("OUT_DIR"), "/jina.rs"));
 }
 
+/// clipft's trainer service (package `clipft.trainer.v1`).
+#[allow(clippy::all, missing_docs)]
+pub mod trainer {
+    include!(concat!(env!("OUT_DIR"), "/clipft.trainer.v1.rs"));
+}
+
 /// The encoded descriptor set of every proto file, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));

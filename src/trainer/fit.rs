@@ -1,8 +1,12 @@
-//! A training run, in process: read the pairs, fine-tune for the configured epochs with the
-//! schedule, measure retrieval before and after, and write the artifact. `clipft fit` without
-//! `--trainer` calls this; the trainer service will run the same function.
+//! A training run: read the pairs, fine-tune for the configured epochs with the schedule, run
+//! the callbacks at each epoch end (evaluation, BestModelCheckpoint, EarlyStopping,
+//! TrainingCheckpoint), apply WiSE-FT, measure retrieval before and after, and write the artifact.
+//! `clipft fit` without `--trainer` calls [`fit`] in process; the trainer service runs the same
+//! function on its worker threads, with a [`FitControl`] to cancel and resume.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -10,15 +14,19 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
 
-use super::optim::{OptimizerKind, OptimizerParams};
+use super::callbacks::{BestModel, EarlyStopper, EpochValues, Monitor};
+use super::checkpoint::{self, CheckpointError, RunState};
+use super::optim::{Optimizer, OptimizerKind, OptimizerParams};
 use super::schedule::{learning_rate, Scheduler};
 use super::train::TrainModel;
 use crate::docarray::{open_pairs, read_labeled, DataError, Modality, Pair};
 use crate::eval::{evaluate_model, EvalRunError, Metrics};
 use crate::model::{device, Encoder, LoadOptions, ModelError, ModelFiles, Towers};
 
-/// Everything a run is configured with (written to the artifact's config.yml).
-#[derive(Debug, Clone, serde::Serialize)]
+/// Everything a run is configured with (written to the artifact's config.yml, and kept by the
+/// trainer service to run or resume it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FitConfig {
     pub model: String,
     pub train_data: PathBuf,
@@ -46,6 +54,88 @@ pub struct FitConfig {
     pub max_grad_norm: Option<f64>,
     /// Also write the artifact as `<run-name>.zip`.
     pub zip: bool,
+    /// Retrieval metrics on the query/index data every this many epochs (Finetuner's
+    /// EvaluationCallback); 0 measures only before and after training.
+    #[serde(default = "one")]
+    pub eval_every: usize,
+    /// BestModelCheckpoint: the artifact holds the weights of the best epoch by this monitor.
+    #[serde(default)]
+    pub best_model: Option<Monitor>,
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStopping>,
+    /// WiSE-FT: the artifact holds `alpha * finetuned + (1 - alpha) * pretrained`.
+    #[serde(default)]
+    pub wise_ft_alpha: Option<f64>,
+    /// TrainingCheckpoint: a resumable checkpoint at every epoch end and, within an epoch,
+    /// whenever this many seconds have passed since the last one. None: no checkpoints.
+    #[serde(default)]
+    pub checkpoint_seconds: Option<u64>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// `clipft fit`'s defaults (Finetuner's where it had one), for configurations given as JSON.
+impl Default for FitConfig {
+    fn default() -> Self {
+        Self {
+            model: crate::cli::DEFAULT_MODEL.into(),
+            train_data: PathBuf::new(),
+            eval_data: None,
+            query_data: None,
+            index_data: None,
+            run_name: String::new(),
+            epochs: 5,
+            batch_size: 64,
+            learning_rate: 1e-5,
+            optimizer: OptimizerKind::Adam,
+            weight_decay: 0.0,
+            scheduler: Scheduler::Constant,
+            warmup_steps: 0,
+            max_steps: None,
+            seed: 0,
+            shuffle: true,
+            device: "auto".into(),
+            output: PathBuf::from("artifacts"),
+            limit: 20,
+            freeze: Vec::new(),
+            max_grad_norm: None,
+            zip: false,
+            eval_every: 1,
+            best_model: None,
+            early_stopping: None,
+            wise_ft_alpha: None,
+            checkpoint_seconds: None,
+        }
+    }
+}
+
+/// EarlyStopping's settings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EarlyStopping {
+    pub monitor: Monitor,
+    pub patience: usize,
+    #[serde(default)]
+    pub min_delta: f64,
+    #[serde(default)]
+    pub baseline: Option<f64>,
+}
+
+/// How a caller steers a running [`fit`]: the trainer service cancels runs and resumes them
+/// after a restart.
+#[derive(Debug, Clone, Default)]
+pub struct FitControl {
+    /// Set to stop the run before its next step ([`FitError::Canceled`]).
+    pub cancel: Arc<AtomicBool>,
+    /// Folder for checkpoints and the best model's weights; `<output>/.<run-name>.work` when
+    /// None. Removed when the run succeeds.
+    pub work_dir: Option<PathBuf>,
+    /// Continue from the checkpoint in the work folder, when there is one.
+    pub resume: bool,
+    /// Set when the process is shutting down: the run writes a checkpoint (when it keeps them)
+    /// and returns [`FitError::Suspended`], to be resumed by the next process.
+    pub suspend: Arc<AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,8 +148,14 @@ pub enum FitError {
     Eval(#[from] EvalRunError),
     #[error(transparent)]
     Artifact(#[from] crate::artifact::ArtifactError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
     #[error("{0}")]
     Config(String),
+    #[error("canceled")]
+    Canceled,
+    #[error("suspended at step {0}")]
+    Suspended(u64),
 }
 
 impl From<candle_core::Error> for FitError {
@@ -74,7 +170,11 @@ pub enum FitEvent {
     Started {
         pairs: usize,
         steps: u64,
+        /// Steps already done (a resumed run).
+        done: u64,
     },
+    /// A line for the run's log: callbacks' decisions, checkpoints, resumption.
+    Log(String),
     Evaluating(&'static str),
     Step {
         epoch: usize,
@@ -86,6 +186,7 @@ pub enum FitEvent {
         epoch: usize,
         train_loss: f64,
         eval_loss: Option<f64>,
+        metrics: Option<Metrics>,
     },
 }
 
@@ -97,6 +198,12 @@ pub struct FitReport {
     pub eval_losses: Vec<f64>,
     pub before: Option<Metrics>,
     pub after: Option<Metrics>,
+    /// Metrics measured at the end of these epochs (0-based).
+    pub epoch_metrics: Vec<(usize, Metrics)>,
+    /// The epoch whose weights BestModelCheckpoint kept.
+    pub best_epoch: Option<usize>,
+    /// The epoch after which EarlyStopping ended the run.
+    pub stopped_early: Option<usize>,
     pub artifact: PathBuf,
     pub seconds: f64,
 }
@@ -129,40 +236,156 @@ fn collate(
     Ok((text, pixels))
 }
 
-fn evaluate_files(
-    files: &ModelFiles,
-    cfg: &FitConfig,
-    dev: &Device,
-) -> Result<Option<Metrics>, FitError> {
-    let (Some(q), Some(i)) = (&cfg.query_data, &cfg.index_data) else {
-        return Ok(None);
-    };
-    let queries = read_labeled(q, Modality::Text)?;
-    let index = read_labeled(i, Modality::Image)?;
-    let enc = Encoder::load(
-        files,
-        &LoadOptions {
-            towers: Towers::ALL,
-            device: dev.clone(),
-            ..Default::default()
-        },
-    )?;
-    let ev = evaluate_model(&enc, &queries, &index, cfg.limit, 64, &mut |_, _| {})?;
-    Ok(Some(ev.mean))
+/// Labelled query and index items, read once per run.
+struct EvalData {
+    queries: Vec<crate::docarray::Labeled>,
+    index: Vec<crate::docarray::Labeled>,
 }
 
-/// Runs training as configured and writes the artifact to `output/run_name`.
-pub fn fit(cfg: &FitConfig, progress: &mut dyn FnMut(FitEvent)) -> Result<FitReport, FitError> {
-    let start = Instant::now();
-    let started_unix = std::time::SystemTime::now()
+impl EvalData {
+    fn read(cfg: &FitConfig) -> Result<Option<Self>, FitError> {
+        let (Some(q), Some(i)) = (&cfg.query_data, &cfg.index_data) else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            queries: read_labeled(q, Modality::Text)?,
+            index: read_labeled(i, Modality::Image)?,
+        }))
+    }
+
+    fn evaluate(&self, enc: &Encoder, limit: usize) -> Result<Metrics, FitError> {
+        Ok(evaluate_model(enc, &self.queries, &self.index, limit, 64, &mut |_, _| {})?.mean)
+    }
+
+    /// Metrics of the checkpoint in `files`, loaded as the executor would load it.
+    fn evaluate_files(
+        &self,
+        files: &ModelFiles,
+        dev: &Device,
+        limit: usize,
+    ) -> Result<Metrics, FitError> {
+        let enc = Encoder::load(
+            files,
+            &LoadOptions {
+                towers: Towers::ALL,
+                device: dev.clone(),
+                ..Default::default()
+            },
+        )?;
+        self.evaluate(&enc, limit)
+    }
+}
+
+/// The order of epoch `epoch`'s pairs: file order, or a shuffle seeded by the run's seed and the
+/// epoch, so a resumed run sees the same batches as an uninterrupted one.
+fn epoch_order(n: usize, cfg: &FitConfig, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    if cfg.shuffle {
+        let seed = cfg.seed ^ (epoch as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    }
+    order
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
-        .unwrap_or(0);
+        .unwrap_or(0)
+}
+
+/// Refuses configurations that would fail only after training started.
+fn validate(cfg: &FitConfig, has_eval_pairs: bool) -> Result<(), FitError> {
     if cfg.batch_size < MIN_BATCH {
         return Err(FitError::Config(format!(
             "--batch-size must be at least {MIN_BATCH} for CLIPLoss"
         )));
     }
+    if cfg.epochs == 0 {
+        return Err(FitError::Config("--epochs must be at least 1".into()));
+    }
+    if let Some(a) = cfg.wise_ft_alpha {
+        if !(0.0..=1.0).contains(&a) {
+            return Err(FitError::Config(format!(
+                "--wise-ft-alpha must be within 0..=1, not {a}"
+            )));
+        }
+    }
+    let metrics_each_epoch =
+        cfg.query_data.is_some() && cfg.index_data.is_some() && cfg.eval_every == 1;
+    let monitors = cfg
+        .best_model
+        .iter()
+        .chain(cfg.early_stopping.as_ref().map(|e| &e.monitor));
+    for m in monitors {
+        m.check_available(has_eval_pairs, metrics_each_epoch)
+            .map_err(FitError::Config)?;
+    }
+    if cfg.early_stopping.as_ref().is_some_and(|e| e.patience == 0) {
+        return Err(FitError::Config(
+            "--early-stopping-patience must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The mean loss over `pairs` in batches, without gradients.
+fn eval_loss(model: &TrainModel, pairs: &[Pair], batch: usize) -> Result<Option<f64>, FitError> {
+    if pairs.len() < MIN_BATCH {
+        return Ok(None);
+    }
+    let order: Vec<usize> = (0..pairs.len()).collect();
+    let bs = batches(&order, batch);
+    let mut s = 0.0;
+    for idx in &bs {
+        let (text, pixels) = collate(model, pairs, idx)?;
+        s += model.loss(&text, &pixels)?.detach().to_scalar::<f32>()? as f64;
+    }
+    Ok(Some(s / bs.len().max(1) as f64))
+}
+
+/// Replaces every weight by WiSE-FT's mix with the pretrained one.
+fn apply_wise_ft(
+    model: &TrainModel,
+    files: &ModelFiles,
+    alpha: f64,
+    dev: &Device,
+) -> Result<(), FitError> {
+    let pre = files.var_builder(Towers::ALL, candle_core::DType::F32, dev)?;
+    for (name, var) in model.named_vars() {
+        // A checkpoint without logit_scale started from the config's value; keep the trained one.
+        if !pre.contains_tensor(&name) {
+            continue;
+        }
+        let p = pre
+            .get(var.shape().clone(), &name)
+            .map_err(|e| ModelError::Weights {
+                files: files.source.clone(),
+                msg: format!("{name}: {e}"),
+            })?;
+        var.set(&super::callbacks::wise_ft(var.as_tensor(), &p, alpha)?)?;
+    }
+    Ok(())
+}
+
+/// The encoder view of the weights being trained, for evaluation between epochs.
+fn training_encoder(model: &TrainModel) -> Encoder {
+    Encoder::from_parts(
+        model.clip.with_fresh_packing(),
+        Some(model.tokenizer.clone()),
+        Some(model.images.clone()),
+        model.device.clone(),
+        "the model being trained",
+    )
+}
+
+/// Runs training as configured and writes the artifact to `output/run_name`.
+pub fn fit(
+    cfg: &FitConfig,
+    control: &FitControl,
+    progress: &mut dyn FnMut(FitEvent),
+) -> Result<FitReport, FitError> {
+    let start = Instant::now();
     crate::artifact::validate_run_name(&cfg.run_name)?;
     let dev = device::parse_device(&cfg.device)?;
     let files = ModelFiles::resolve(&cfg.model)?;
@@ -178,121 +401,259 @@ pub fn fit(cfg: &FitConfig, progress: &mut dyn FnMut(FitEvent)) -> Result<FitRep
         Some(p) => open_pairs(p)?.collect::<Result<_, _>>()?,
         None => Vec::new(),
     };
+    validate(cfg, eval_pairs.len() >= MIN_BATCH)?;
+    let eval_data = EvalData::read(cfg)?;
     let per_epoch = batches(&(0..pairs.len()).collect::<Vec<_>>(), cfg.batch_size).len() as u64;
     let total = cfg.max_steps.map_or(per_epoch * cfg.epochs as u64, |m| {
         m.min(per_epoch * cfg.epochs as u64)
     });
-    progress(FitEvent::Started {
-        pairs: pairs.len(),
-        steps: total,
-    });
-
-    progress(FitEvent::Evaluating("before"));
-    let before = evaluate_files(&files, cfg, &dev)?;
+    let work = control
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| cfg.output.join(format!(".{}.work", cfg.run_name)));
+    let needs_work = cfg.checkpoint_seconds.is_some() || cfg.best_model.is_some();
+    if needs_work {
+        std::fs::create_dir_all(&work).map_err(|e| CheckpointError {
+            path: work.clone(),
+            msg: e.to_string(),
+        })?;
+    }
 
     let model = TrainModel::load(&files, &dev)?;
-    let mut opt = model.optimizer_with_frozen(
+    let vars = model.named_vars();
+    let mut opt: Optimizer = model.optimizer_with_frozen(
         OptimizerParams::new(cfg.optimizer, cfg.learning_rate, cfg.weight_decay),
         &cfg.freeze,
     )?;
     opt.max_grad_norm = cfg.max_grad_norm;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    let (mut losses, mut epoch_losses, mut eval_losses) = (Vec::new(), Vec::new(), Vec::new());
-    let mut step = 0u64;
-    'epochs: for epoch in 0..cfg.epochs {
-        let mut order: Vec<usize> = (0..pairs.len()).collect();
-        if cfg.shuffle {
-            order.shuffle(&mut rng);
+
+    let resumed = match control.resume {
+        true => checkpoint::load(&work, &dev)?,
+        false => None,
+    };
+    let mut st = match resumed {
+        Some(mut c) => {
+            let src = work.join("checkpoint");
+            checkpoint::restore_vars(&vars, &c.weights, &src)?;
+            opt.restore(c.optimizer_step, &mut c.moments)
+                .map_err(|msg| CheckpointError {
+                    path: src.clone(),
+                    msg,
+                })?;
+            progress(FitEvent::Log(format!(
+                "resumed from the checkpoint at step {} (epoch {}, batch {})",
+                c.state.step,
+                c.state.epoch + 1,
+                c.state.batch
+            )));
+            c.state
         }
-        let mut sum = 0.0;
-        let mut n = 0usize;
-        for idx in batches(&order, cfg.batch_size) {
-            if step >= total {
+        None => RunState {
+            best: cfg.best_model.clone().map(BestModel::new),
+            early: cfg
+                .early_stopping
+                .as_ref()
+                .map(|e| EarlyStopper::new(e.monitor.clone(), e.patience, e.min_delta, e.baseline)),
+            started_unix: unix_now(),
+            ..Default::default()
+        },
+    };
+    progress(FitEvent::Started {
+        pairs: pairs.len(),
+        steps: total,
+        done: st.step,
+    });
+    if st.step == 0 && st.before.is_none() {
+        if let Some(ev) = &eval_data {
+            progress(FitEvent::Evaluating("before"));
+            st.before = Some(ev.evaluate_files(&files, &dev, cfg.limit)?);
+        }
+    }
+
+    let checkpoint_every = cfg.checkpoint_seconds.map(std::time::Duration::from_secs);
+    let mut last_checkpoint = Instant::now();
+    let mut stopped_early = None;
+    let first_epoch = st.epoch;
+    'epochs: for epoch in first_epoch..cfg.epochs {
+        let order = epoch_order(pairs.len(), cfg, epoch);
+        let skip = if epoch == first_epoch { st.batch } else { 0 };
+        if skip == 0 {
+            st.epoch_start_step = st.step;
+        }
+        for (bi, idx) in batches(&order, cfg.batch_size)
+            .iter()
+            .enumerate()
+            .skip(skip)
+        {
+            if st.step >= total {
                 break 'epochs;
+            }
+            if control.cancel.load(Ordering::Relaxed) {
+                return Err(FitError::Canceled);
+            }
+            if control.suspend.load(Ordering::Relaxed) {
+                if checkpoint_every.is_some() {
+                    st.epoch = epoch;
+                    st.batch = bi;
+                    checkpoint::save(&work, &vars, &opt, &st)?;
+                }
+                return Err(FitError::Suspended(st.step));
             }
             let lr = learning_rate(
                 cfg.learning_rate,
                 cfg.scheduler,
-                step,
+                st.step,
                 cfg.warmup_steps,
                 total,
             );
             opt.set_learning_rate(lr);
-            let (text, pixels) = collate(&model, &pairs, &idx)?;
+            let (text, pixels) = collate(&model, &pairs, idx)?;
             let loss = model.train_step(&mut opt, &text, &pixels)?;
-            step += 1;
-            losses.push(loss);
-            sum += loss as f64;
-            n += 1;
+            st.step += 1;
+            st.losses.push(loss);
             progress(FitEvent::Step {
                 epoch,
-                step,
+                step: st.step,
                 loss,
                 lr,
             });
-        }
-        let train_loss = sum / n.max(1) as f64;
-        epoch_losses.push(train_loss);
-        let eval_loss = if eval_pairs.len() >= MIN_BATCH {
-            let order: Vec<usize> = (0..eval_pairs.len()).collect();
-            let mut s = 0.0;
-            let bs = batches(&order, cfg.batch_size);
-            for idx in &bs {
-                let (text, pixels) = collate(&model, &eval_pairs, idx)?;
-                s += model.loss(&text, &pixels)?.detach().to_scalar::<f32>()? as f64;
+            if checkpoint_every.is_some_and(|d| last_checkpoint.elapsed() >= d) {
+                st.epoch = epoch;
+                st.batch = bi + 1;
+                checkpoint::save(&work, &vars, &opt, &st)?;
+                last_checkpoint = Instant::now();
+                progress(FitEvent::Log(format!("checkpoint at step {}", st.step)));
             }
-            let l = s / bs.len().max(1) as f64;
-            eval_losses.push(l);
-            Some(l)
-        } else {
-            None
+        }
+        let epoch_losses = &st.losses[st.epoch_start_step as usize..];
+        let train_loss =
+            epoch_losses.iter().map(|l| *l as f64).sum::<f64>() / epoch_losses.len().max(1) as f64;
+        st.epoch_losses.push(train_loss);
+        let val_loss = eval_loss(&model, &eval_pairs, cfg.batch_size)?;
+        if let Some(l) = val_loss {
+            st.eval_losses.push(l);
+        }
+        let metrics = match &eval_data {
+            Some(ev) if cfg.eval_every > 0 && (epoch + 1) % cfg.eval_every == 0 => {
+                let m = ev.evaluate(&training_encoder(&model), cfg.limit)?;
+                st.epoch_metrics.push((epoch, m));
+                Some(m)
+            }
+            _ => None,
         };
         progress(FitEvent::EpochEnd {
             epoch,
             train_loss,
-            eval_loss,
+            eval_loss: val_loss,
+            metrics,
         });
+        let values = EpochValues {
+            train_loss,
+            val_loss,
+            metrics,
+        };
+        if let Some(best) = &mut st.best {
+            let (improved, line) = best.observe(epoch, &values);
+            if improved {
+                checkpoint::save_best(&work, &vars)?;
+            }
+            progress(FitEvent::Log(line));
+        }
+        let stop = st.early.as_mut().is_some_and(|e| e.observe(&values));
+        st.epoch = epoch + 1;
+        st.batch = 0;
+        if checkpoint_every.is_some() {
+            checkpoint::save(&work, &vars, &opt, &st)?;
+            last_checkpoint = Instant::now();
+        }
+        if stop {
+            progress(FitEvent::Log(format!(
+                "EarlyStopping: no improvement of {} for {} epochs; stopping after epoch {}",
+                cfg.early_stopping
+                    .as_ref()
+                    .map_or("", |e| e.monitor.name.as_str()),
+                cfg.early_stopping.as_ref().map_or(0, |e| e.patience),
+                epoch + 1
+            )));
+            stopped_early = Some(epoch);
+            break;
+        }
+    }
+
+    let best_epoch = st.best.as_ref().and_then(|b| b.best_epoch);
+    if let Some(e) = best_epoch {
+        checkpoint::restore_vars(&vars, &checkpoint::load_best(&work, &dev)?, &work)?;
+        progress(FitEvent::Log(format!(
+            "BestModelCheckpoint: the artifact holds epoch {}'s weights",
+            e + 1
+        )));
+    }
+    if let Some(alpha) = cfg.wise_ft_alpha {
+        apply_wise_ft(&model, &files, alpha, &dev)?;
+        progress(FitEvent::Log(format!(
+            "WiSE-FT: weights = {alpha} * fine-tuned + {} * pretrained",
+            1.0 - alpha
+        )));
     }
 
     let staged = crate::artifact::Staged::write(&crate::artifact::RunOutput {
         output: &cfg.output,
         run_name: &cfg.run_name,
         files: &files,
-        weights: model
-            .named_vars()
-            .into_iter()
-            .map(|(n, v)| (n, v.as_tensor().clone()))
+        weights: vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect(),
         config: serde_json::to_value(cfg).unwrap_or_default(),
         device: device::device_name(&dev),
-        started_unix,
+        started_unix: st.started_unix,
     })?;
     drop(opt);
+    drop(vars);
     drop(model);
-    progress(FitEvent::Evaluating("after"));
-    let after = evaluate_files(
-        &crate::artifact::submodel_files(staged.dir(), Towers::ALL)?,
-        cfg,
-        &dev,
-    )?;
+    let after = match &eval_data {
+        Some(ev) => {
+            progress(FitEvent::Evaluating("after"));
+            Some(ev.evaluate_files(
+                &crate::artifact::submodel_files(staged.dir(), Towers::ALL)?,
+                &dev,
+                cfg.limit,
+            )?)
+        }
+        None => None,
+    };
     let artifact = staged.finish(&crate::artifact::RunSummary {
         seconds: start.elapsed().as_secs_f64(),
-        losses: &losses,
-        epoch_losses: &epoch_losses,
-        eval_losses: &eval_losses,
-        before: before.as_ref(),
+        losses: &st.losses,
+        epoch_losses: &st.epoch_losses,
+        eval_losses: &st.eval_losses,
+        before: st.before.as_ref(),
         after: after.as_ref(),
     })?;
     if cfg.zip {
         crate::artifact::zip_artifact(&artifact)?;
     }
+    if needs_work {
+        remove_work_dir(&work);
+    }
     Ok(FitReport {
-        losses,
-        epoch_losses,
-        eval_losses,
-        before,
+        losses: st.losses,
+        epoch_losses: st.epoch_losses,
+        eval_losses: st.eval_losses,
+        before: st.before,
         after,
+        epoch_metrics: st.epoch_metrics,
+        best_epoch,
+        stopped_early,
         artifact,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The work folder is only scaffolding once the artifact exists; failing to remove it loses
+/// nothing, so it is logged, not raised.
+fn remove_work_dir(work: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(work) {
+        tracing::warn!("cannot remove {}: {e}", work.display());
+    }
 }

@@ -178,11 +178,38 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Moments as tensors, for checkpoints.
+    /// One parameter's first and second moments (for checkpoints and tests).
     pub fn moments(&self, name: &str) -> Option<(Vec<f32>, Vec<f32>)> {
         let p = self.params.iter().find(|p| p.name == name)?;
         let m = p.moments.lock().ok()?;
         Some((m.m.clone(), m.v.clone()))
+    }
+
+    /// Continues from a checkpoint: the step count (bias correction depends on it) and every
+    /// parameter's moments. A parameter missing from `moments`, or of another size, is an error:
+    /// resuming with fresh moments would silently change the run.
+    pub fn restore(
+        &mut self,
+        step: u64,
+        moments: &mut std::collections::HashMap<String, (Vec<f32>, Vec<f32>)>,
+    ) -> std::result::Result<(), String> {
+        for p in &self.params {
+            let (m, v) = moments
+                .remove(&p.name)
+                .ok_or_else(|| format!("checkpoint has no optimiser state for {}", p.name))?;
+            let n = p.var.elem_count();
+            if m.len() != n || v.len() != n {
+                return Err(format!(
+                    "optimiser state for {} has {} values, the weight {n}",
+                    p.name,
+                    m.len()
+                ));
+            }
+            let mut slot = p.moments.lock().map_err(|_| "poisoned optimiser state")?;
+            *slot = Moments { m, v };
+        }
+        self.step = step;
+        Ok(())
     }
 }
 

@@ -1,0 +1,95 @@
+//! `clipft trainer`: the fine-tuning service (`proto/trainer.proto`) on port 8081, keeping its
+//! datasets, runs, logs and artifacts under `--data-dir`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::trainer::runs::{Registry, RunnerOptions};
+use crate::trainer::service::{serve, TrainerServerConfig};
+
+/// Where the trainer keeps its state unless told otherwise (and where `clipft fit` looks up
+/// datasets given by name).
+pub const DEFAULT_DATA_DIR: &str = "clipft-data";
+
+#[derive(Args, Debug)]
+pub struct TrainerArgs {
+    #[arg(long, env = "CLIPFT_HOST", default_value = "0.0.0.0")]
+    pub host: String,
+    #[arg(long, env = "CLIPFT_PORT", default_value_t = 8081)]
+    pub port: u16,
+    /// Datasets, runs, logs, checkpoints and artifacts; a restarted trainer continues from here.
+    #[arg(long, env = "CLIPFT_DATA_DIR", default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: std::path::PathBuf,
+    /// Device for runs that do not name one: auto, cpu, cuda:N.
+    #[arg(long, env = "CLIPFT_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// Runs trained at the same time; each takes the whole device, so more than one only pays
+    /// on a machine with cores or memory to spare.
+    #[arg(long, env = "CLIPFT_MAX_CONCURRENT_RUNS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub max_concurrent_runs: u64,
+    /// TrainingCheckpoint interval for runs that do not set one (and one at every epoch end):
+    /// at most this much training is lost when the trainer is killed.
+    #[arg(long, env = "CLIPFT_CHECKPOINT_SECONDS", default_value_t = 300)]
+    pub checkpoint_seconds: u64,
+    /// Largest dataset a client may push.
+    #[arg(long, env = "CLIPFT_MAX_DATASET_BYTES", default_value_t = 16 << 30)]
+    pub max_dataset_bytes: u64,
+    /// Largest gRPC message (dataset chunks are 1 MiB).
+    #[arg(long, env = "CLIPFT_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
+    pub max_message_bytes: u64,
+    /// Every call must carry `authorization: Bearer <token>` (health checks excepted).
+    #[arg(long, env = "CLIPFT_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// Prometheus `/metrics`; 0 turns it off.
+    #[arg(long, env = "CLIPFT_PORT_MONITORING", default_value_t = 9091)]
+    pub port_monitoring: u16,
+    /// How long running runs get to write a checkpoint when the trainer is stopped.
+    #[arg(long, env = "CLIPFT_SHUTDOWN_TIMEOUT", default_value_t = 60.0)]
+    pub shutdown_timeout: f64,
+}
+
+pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
+    let reg = Registry::open(RunnerOptions {
+        data_dir: args.data_dir.clone(),
+        max_concurrent: args.max_concurrent_runs as usize,
+        device: args.device.clone(),
+        checkpoint_seconds: args.checkpoint_seconds,
+        max_dataset_bytes: args.max_dataset_bytes,
+    })
+    .with_context(|| format!("--data-dir {}", args.data_dir.display()))?;
+    let config = TrainerServerConfig {
+        auth_token: args.auth_token.clone(),
+        max_message_bytes: args.max_message_bytes as usize,
+        shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+    };
+    super::runtime()?.block_on(async move {
+        let addr = super::socket_addr(&args.host, args.port)?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        let bound = listener.local_addr()?;
+        if args.port_monitoring != 0 {
+            let maddr = std::net::SocketAddr::new(bound.ip(), args.port_monitoring);
+            let exporter = crate::telemetry::metrics::install(maddr)
+                .map_err(|e| anyhow::anyhow!("--port-monitoring {}: {e}", args.port_monitoring))?;
+            tokio::spawn(exporter);
+            eprintln!("clipft trainer metrics on http://{maddr}/metrics");
+        }
+        let runs = reg.list();
+        eprintln!(
+            "clipft trainer serving on {bound} (data in {}, {} runs, auth {})",
+            args.data_dir.display(),
+            runs.len(),
+            if args.auth_token.as_deref().is_some_and(|t| !t.is_empty()) {
+                "on"
+            } else {
+                "off"
+            }
+        );
+        serve(reg, config, listener, super::executor::shutdown_signal()).await?;
+        eprintln!("clipft trainer stopped");
+        Ok(())
+    })
+}

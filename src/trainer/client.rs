@@ -1,0 +1,278 @@
+//! The trainer's client, used by `clipft fit --trainer`, `clipft runs` and `clipft data`: it
+//! connects with the bearer token, packs and pushes datasets, follows logs and unpacks artifacts.
+
+use std::path::{Path, PathBuf};
+
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use super::datasets::{self, Format};
+use crate::protocol::trainer as pb;
+use pb::trainer_client::TrainerClient;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("trainer {addr}: {msg}")]
+    Connect { addr: String, msg: String },
+    #[error("{}", .0.message())]
+    Status(#[from] Status),
+    #[error(transparent)]
+    Data(#[from] crate::docarray::DataError),
+    #[error("{path}: {msg}")]
+    Local { path: PathBuf, msg: String },
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct WithToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for WithToken {
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A connected trainer client.
+pub type Client = TrainerClient<InterceptedService<Channel, WithToken>>;
+
+/// `grpc://host:port` (or `host:port`, or http(s)://) as the URI tonic dials.
+pub fn endpoint_uri(addr: &str) -> String {
+    let rest = addr
+        .strip_prefix("grpc://")
+        .or_else(|| addr.strip_prefix("http://"))
+        .unwrap_or(addr);
+    if rest.starts_with("https://") || rest.starts_with("grpcs://") {
+        rest.replacen("grpcs://", "https://", 1)
+    } else {
+        format!("http://{rest}")
+    }
+}
+
+/// Connects to the trainer at `addr`.
+pub async fn connect(addr: &str, token: Option<&str>) -> Result<Client, ClientError> {
+    let err = |msg: String| ClientError::Connect {
+        addr: addr.to_string(),
+        msg,
+    };
+    let channel = Channel::from_shared(endpoint_uri(addr))
+        .map_err(|e| err(e.to_string()))?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .connect()
+        .await
+        .map_err(|e| err(format!("{e} (is `clipft trainer` running there?)")))?;
+    let token = match token.filter(|t| !t.is_empty()) {
+        Some(t) => Some(
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| err("the auth token has characters a header cannot carry".into()))?,
+        ),
+        None => None,
+    };
+    Ok(TrainerClient::with_interceptor(channel, WithToken(token))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
+/// Bytes per pushed chunk.
+const CHUNK: usize = 1 << 20;
+
+/// Packs the local dataset `path` (see [`datasets::pack`]) and stores it as `name`.
+pub async fn push_dataset(
+    client: &mut Client,
+    name: &str,
+    path: &Path,
+    overwrite: bool,
+) -> Result<pb::Dataset, ClientError> {
+    if !path.is_file() {
+        return Err(ClientError::Local {
+            path: path.to_path_buf(),
+            msg: "not a file".into(),
+        });
+    }
+    let p = path.to_path_buf();
+    let packed = tokio::task::spawn_blocking(move || datasets::pack(&p))
+        .await
+        .map_err(|e| ClientError::Local {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })??;
+    let header = pb::DatasetHeader {
+        name: name.to_string(),
+        format: match packed.format {
+            Format::Docarray => pb::DatasetFormat::Docarray,
+            Format::CsvBundle => pb::DatasetFormat::CsvBundle,
+        } as i32,
+        file_name: packed.file_name.clone(),
+        overwrite,
+    };
+    let file = tokio::fs::File::open(&packed.file)
+        .await
+        .map_err(|e| ClientError::Local {
+            path: packed.file.clone(),
+            msg: e.to_string(),
+        })?;
+    let first = futures_util::stream::once(async move {
+        pb::PushDatasetRequest {
+            part: Some(pb::push_dataset_request::Part::Header(header)),
+        }
+    });
+    let body = futures_util::stream::unfold(file, |mut f| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; CHUNK];
+        match f.read(&mut buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((
+                    pb::PushDatasetRequest {
+                        part: Some(pb::push_dataset_request::Part::Data(buf.into())),
+                    },
+                    f,
+                ))
+            }
+        }
+    });
+    use futures_util::StreamExt;
+    let reply = client.push_dataset(first.chain(body)).await?;
+    drop(packed);
+    Ok(reply.into_inner())
+}
+
+/// Follows a run's log from the start, calling `on_chunk` for each piece, until the run ends
+/// (with `follow`) or the log so far was read. Reconnects where a stream broke off.
+pub async fn stream_logs(
+    client: &mut Client,
+    name: &str,
+    follow: bool,
+    on_chunk: &mut dyn FnMut(&pb::LogChunk),
+) -> Result<(), ClientError> {
+    let mut offset = 0;
+    let mut retries = 0;
+    loop {
+        let req = pb::StreamLogsRequest {
+            name: name.to_string(),
+            follow,
+            offset,
+        };
+        let mut stream = client.stream_logs(req).await?.into_inner();
+        let broke = loop {
+            match stream.message().await {
+                Ok(Some(c)) => {
+                    offset = c.offset;
+                    retries = 0;
+                    on_chunk(&c);
+                }
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        match broke {
+            None => return Ok(()),
+            Some(e) if retries < 5 && e.code() == tonic::Code::Unavailable => {
+                retries += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Some(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Downloads a finished run's artifact and unpacks it as `output/<run name>/`.
+pub async fn download_artifact(
+    client: &mut Client,
+    name: &str,
+    output: &Path,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<PathBuf, ClientError> {
+    use tokio::io::AsyncWriteExt;
+    let local = |path: &Path, e: &dyn std::fmt::Display| ClientError::Local {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
+    tokio::fs::create_dir_all(output)
+        .await
+        .map_err(|e| local(output, &e))?;
+    let dest = output.join(name);
+    if dest.exists() {
+        return Err(local(
+            &dest,
+            &"already exists; remove it or choose another --output",
+        ));
+    }
+    let zip_path = output.join(format!(".{name}.zip.part"));
+    let mut file = tokio::fs::File::create(&zip_path)
+        .await
+        .map_err(|e| local(&zip_path, &e))?;
+    let mut stream = client
+        .download_artifact(pb::DownloadArtifactRequest {
+            name: name.to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut got = 0u64;
+    while let Some(c) = stream.message().await? {
+        file.write_all(&c.data)
+            .await
+            .map_err(|e| local(&zip_path, &e))?;
+        got += c.data.len() as u64;
+        progress(got, c.total_bytes);
+    }
+    file.flush().await.map_err(|e| local(&zip_path, &e))?;
+    drop(file);
+    let (zp, out, n) = (zip_path.clone(), output.to_path_buf(), name.to_string());
+    let unpacked = tokio::task::spawn_blocking(move || -> Result<PathBuf, String> {
+        let tmp = out.join(format!(".{n}.unpacking"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        crate::artifact::extract_zip(&zp, &tmp, crate::artifact::MAX_UNZIPPED_BYTES)?;
+        let inner = tmp.join(&n);
+        if !inner.join("models").is_dir() {
+            return Err(format!("the artifact zip has no {n}/models folder"));
+        }
+        let dest = out.join(&n);
+        std::fs::rename(&inner, &dest).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = std::fs::remove_file(&zp);
+        Ok(dest)
+    })
+    .await
+    .map_err(|e| local(&zip_path, &e))?
+    .map_err(|e| local(&zip_path, &e))?;
+    Ok(unpacked)
+}
+
+/// The state word of a run as `clipft runs status` prints it.
+pub fn state_word(state: i32) -> &'static str {
+    match pb::RunState::try_from(state).unwrap_or(pb::RunState::Unspecified) {
+        pb::RunState::Created => "CREATED",
+        pb::RunState::Started => "STARTED",
+        pb::RunState::Finished => "FINISHED",
+        pb::RunState::Failed => "FAILED",
+        pb::RunState::Canceled => "CANCELED",
+        pb::RunState::Unspecified => "UNKNOWN",
+    }
+}
+
+/// Metrics from the wire as the table printer takes them.
+pub fn metrics_from_map(
+    m: &std::collections::HashMap<String, f64>,
+) -> Option<crate::eval::Metrics> {
+    if m.is_empty() {
+        return None;
+    }
+    let g = |k: &str| m.get(k).copied().unwrap_or(f64::NAN);
+    Some(crate::eval::Metrics {
+        average_precision: g("average_precision"),
+        dcg_at_k: g("dcg_at_k"),
+        f1_score_at_k: g("f1_score_at_k"),
+        hit_at_k: g("hit_at_k"),
+        ndcg_at_k: g("ndcg_at_k"),
+        precision_at_k: g("precision_at_k"),
+        r_precision: g("r_precision"),
+        recall_at_k: g("recall_at_k"),
+        reciprocal_rank: g("reciprocal_rank"),
+    })
+}

@@ -1,0 +1,552 @@
+//! Named datasets: the trainer's store under `<data-dir>/datasets/<name>/`, and the client side
+//! that packs a local dataset so the trainer needs none of the client's files.
+//!
+//! A docarray file travels as it is, unless its documents point at local image files by `uri`:
+//! then those images are loaded into `blob`s first (Finetuner's `load_uri_to_blob`) and the file
+//! is rewritten as a protobuf stream. A CSV travels as a zip bundle, `data.csv` plus every local
+//! image it references under `images/`, with the cells rewritten to those relative paths; rows,
+//! captions and labels stay as written, so the trainer reads the same rows the client would.
+//!
+//! Uploads land in a hidden temporary folder, are read through once (a dataset that does not
+//! parse is refused with the file and document or line), and only then renamed into place.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+
+use crate::artifact::is_safe_name;
+use crate::docarray::csv::CsvRows;
+use crate::docarray::file::DocReader;
+use crate::docarray::proto::DocumentProto;
+use crate::docarray::{image_source, looks_like_image, DataError, ImageSource};
+
+/// How a dataset is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    Docarray,
+    CsvBundle,
+}
+
+/// What the store knows about one dataset (`dataset.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatasetMeta {
+    pub name: String,
+    pub format: Format,
+    /// The data file, relative to the dataset's folder.
+    pub file: String,
+    pub bytes: u64,
+    pub items: u64,
+    pub created_unix: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("dataset name {0:?} is not allowed: use letters, digits, '-', '_' and '.', at most 128, not starting with '.'")]
+    BadName(String),
+    #[error("dataset {0:?} does not exist")]
+    NotFound(String),
+    #[error("dataset {0:?} already exists (push with --overwrite to replace it)")]
+    Exists(String),
+    #[error("dataset is larger than the trainer's limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("dataset {name:?} is invalid: {msg}")]
+    Invalid { name: String, msg: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DatasetError + '_ {
+    move |source| DatasetError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+const META: &str = "dataset.json";
+const BUNDLE_CSV: &str = "data.csv";
+
+/// The datasets under `<data-dir>/datasets`.
+#[derive(Debug, Clone)]
+pub struct DatasetStore {
+    root: PathBuf,
+    /// Largest upload accepted, in bytes (as sent; a bundle's unpacked size too).
+    pub max_bytes: u64,
+}
+
+impl DatasetStore {
+    /// Opens (creating) the store and removes uploads a previous process left unfinished.
+    pub fn open(data_dir: &Path, max_bytes: u64) -> Result<Self, DatasetError> {
+        let root = data_dir.join("datasets");
+        std::fs::create_dir_all(&root).map_err(io(&root))?;
+        for e in std::fs::read_dir(&root).map_err(io(&root))?.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".upload-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+        Ok(Self { root, max_bytes })
+    }
+
+    fn dir(&self, name: &str) -> Result<PathBuf, DatasetError> {
+        if !is_safe_name(name) {
+            return Err(DatasetError::BadName(name.to_string()));
+        }
+        Ok(self.root.join(name))
+    }
+
+    pub fn get(&self, name: &str) -> Result<DatasetMeta, DatasetError> {
+        let meta = self.dir(name)?.join(META);
+        let raw = std::fs::read(&meta).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => DatasetError::NotFound(name.to_string()),
+            _ => DatasetError::Io {
+                path: meta.clone(),
+                source: e,
+            },
+        })?;
+        serde_json::from_slice(&raw).map_err(|e| DatasetError::Invalid {
+            name: name.to_string(),
+            msg: format!("{}: {e}", meta.display()),
+        })
+    }
+
+    /// The file a run reads for dataset `name`.
+    pub fn data_file(&self, name: &str) -> Result<PathBuf, DatasetError> {
+        let meta = self.get(name)?;
+        Ok(self.dir(name)?.join(meta.file))
+    }
+
+    pub fn list(&self) -> Result<Vec<DatasetMeta>, DatasetError> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.root)
+            .map_err(io(&self.root))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().to_string();
+            if is_safe_name(&name) {
+                if let Ok(m) = self.get(&name) {
+                    out.push(m);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), DatasetError> {
+        self.get(name)?;
+        let dir = self.dir(name)?;
+        // Renamed first so a half-deleted dataset is never visible under its name.
+        let trash = self
+            .root
+            .join(format!(".upload-delete-{name}-{}", std::process::id()));
+        std::fs::rename(&dir, &trash).map_err(io(&dir))?;
+        std::fs::remove_dir_all(&trash).map_err(io(&trash))
+    }
+
+    /// Starts an upload of `name`; nothing is visible until [`Upload::finish`].
+    pub fn begin(
+        &self,
+        name: &str,
+        format: Format,
+        file_name: &str,
+        overwrite: bool,
+    ) -> Result<Upload, DatasetError> {
+        let dir = self.dir(name)?;
+        if !overwrite && dir.join(META).exists() {
+            return Err(DatasetError::Exists(name.to_string()));
+        }
+        let tmp = self.root.join(format!(
+            ".upload-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        let file = match format {
+            Format::Docarray => docarray_file_name(file_name),
+            Format::CsvBundle => "bundle.zip".to_string(),
+        };
+        let path = tmp.join(&file);
+        let writer = BufWriter::new(std::fs::File::create(&path).map_err(io(&path))?);
+        Ok(Upload {
+            name: name.to_string(),
+            format,
+            tmp,
+            file,
+            writer: Some(writer),
+            bytes: 0,
+            max_bytes: self.max_bytes,
+            overwrite,
+            store: self.clone(),
+        })
+    }
+}
+
+/// `data` plus the docarray suffixes of the client's file name (they name protocol and
+/// compression), so the stored file reads as the original did.
+fn docarray_file_name(client_name: &str) -> String {
+    let base = Path::new(client_name)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    let suffixes: Vec<&str> = base
+        .split('.')
+        .skip(1)
+        .filter(|p| {
+            matches!(
+                *p,
+                "protobuf" | "protobuf-array" | "lz4" | "gzip" | "zlib" | "bz2" | "lzma"
+            )
+        })
+        .collect();
+    if suffixes.is_empty() {
+        "data.docarray".into()
+    } else {
+        format!("data.{}", suffixes.join("."))
+    }
+}
+
+/// A dataset being received.
+pub struct Upload {
+    name: String,
+    format: Format,
+    tmp: PathBuf,
+    file: String,
+    writer: Option<BufWriter<std::fs::File>>,
+    bytes: u64,
+    max_bytes: u64,
+    overwrite: bool,
+    store: DatasetStore,
+}
+
+impl Upload {
+    pub fn write(&mut self, data: &[u8]) -> Result<(), DatasetError> {
+        self.bytes += data.len() as u64;
+        if self.bytes > self.max_bytes {
+            return Err(DatasetError::TooLarge(self.max_bytes));
+        }
+        let path = self.tmp.join(&self.file);
+        match &mut self.writer {
+            Some(w) => w.write_all(data).map_err(io(&path)),
+            None => Ok(()),
+        }
+    }
+
+    /// Reads the upload through, then makes it the dataset `name` (blocking: call it off the
+    /// async runtime).
+    pub fn finish(mut self) -> Result<DatasetMeta, DatasetError> {
+        let path = self.tmp.join(&self.file);
+        if let Some(w) = self.writer.take() {
+            w.into_inner()
+                .map_err(|e| DatasetError::Io {
+                    path: path.clone(),
+                    source: e.into_error(),
+                })?
+                .sync_all()
+                .map_err(io(&path))?;
+        }
+        let invalid = |msg: String| DatasetError::Invalid {
+            name: self.name.clone(),
+            msg: msg.replace(&self.tmp.display().to_string(), &self.name),
+        };
+        let (file, items) = match self.format {
+            Format::Docarray => {
+                let mut n = 0u64;
+                for doc in DocReader::open(&path).map_err(|e| invalid(e.to_string()))? {
+                    doc.map_err(|e| invalid(e.to_string()))?;
+                    n += 1;
+                }
+                (self.file.clone(), n)
+            }
+            Format::CsvBundle => {
+                crate::artifact::extract_zip(&path, &self.tmp, self.max_bytes)
+                    .map_err(|e| invalid(format!("bundle: {e}")))?;
+                std::fs::remove_file(&path).map_err(io(&path))?;
+                let csv = self.tmp.join(BUNDLE_CSV);
+                if !csv.is_file() {
+                    return Err(invalid(format!("the bundle has no {BUNDLE_CSV}")));
+                }
+                (BUNDLE_CSV.to_string(), check_csv(&csv).map_err(invalid)?)
+            }
+        };
+        let meta = DatasetMeta {
+            name: self.name.clone(),
+            format: self.format,
+            file,
+            bytes: self.bytes,
+            items,
+            created_unix: crate::trainer::runs::unix_now(),
+        };
+        let meta_path = self.tmp.join(META);
+        let json = serde_json::to_vec_pretty(&meta).map_err(|e| invalid(e.to_string()))?;
+        std::fs::write(&meta_path, json).map_err(io(&meta_path))?;
+        let dest = self.store.dir(&self.name)?;
+        if dest.exists() {
+            if !self.overwrite {
+                return Err(DatasetError::Exists(self.name.clone()));
+            }
+            let old = self.tmp.with_extension("replaced");
+            std::fs::rename(&dest, &old).map_err(io(&dest))?;
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        std::fs::rename(&self.tmp, &dest).map_err(io(&dest))?;
+        Ok(meta)
+    }
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        // An upload that did not finish (client gone, refused) leaves nothing behind.
+        if self.tmp.exists() {
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+    }
+}
+
+/// Rows of a bundled CSV, each with its local images present.
+fn check_csv(csv: &Path) -> Result<u64, String> {
+    let rows = CsvRows::open(csv).map_err(|e| e.to_string())?;
+    let base = rows.base().to_path_buf();
+    let mut n = 0;
+    for row in rows.rows() {
+        let (loc, fields) = row.map_err(|e| e.to_string())?;
+        for f in &fields {
+            if looks_like_image(f, &base) {
+                if let ImageSource::Path(p) = image_source(f, &base) {
+                    if !p.starts_with(&base) || !p.is_file() {
+                        return Err(format!("{loc}: image {f:?} is not in the bundle"));
+                    }
+                }
+            }
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// A dataset packed for pushing: the bytes to send, how the trainer must read them, and the
+/// file name whose suffixes matter.
+pub struct Packed {
+    pub format: Format,
+    pub file: PathBuf,
+    pub file_name: String,
+    /// A temporary file made for the push (removed on drop).
+    temp: Option<tempfile::TempPath>,
+}
+
+impl Packed {
+    pub fn is_temporary(&self) -> bool {
+        self.temp.is_some()
+    }
+}
+
+fn is_csv(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+}
+
+/// Prepares the local dataset `path` for a push (see the module doc).
+pub fn pack(path: &Path) -> Result<Packed, DataError> {
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("data")
+        .to_string();
+    if is_csv(path) {
+        return pack_csv(path, file_name);
+    }
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let local_uri = |d: &DocumentProto| {
+        d.content.is_none()
+            && !d.uri.is_empty()
+            && matches!(image_source(&d.uri, &base), ImageSource::Path(_))
+    };
+    let mut needs_blobs = false;
+    for doc in DocReader::open(path)? {
+        let doc = doc?;
+        if local_uri(&doc) || doc.chunks.iter().any(local_uri) {
+            needs_blobs = true;
+            break;
+        }
+    }
+    if !needs_blobs {
+        return Ok(Packed {
+            format: Format::Docarray,
+            file: path.to_path_buf(),
+            file_name,
+            temp: None,
+        });
+    }
+    // Rewrite as an uncompressed protobuf stream with local images inlined as blobs.
+    let tmp = tempfile::Builder::new()
+        .suffix(".protobuf")
+        .tempfile()
+        .map_err(|e| DataError::Io {
+            path: std::env::temp_dir(),
+            source: e,
+        })?;
+    let tmp_path = tmp.path().to_path_buf();
+    let ioe = |e: std::io::Error| DataError::Io {
+        path: tmp_path.clone(),
+        source: e,
+    };
+    let mut count = 0u64;
+    {
+        let mut w = BufWriter::new(tmp.as_file());
+        w.write_all(&[1u8]).map_err(ioe)?;
+        w.write_all(&0u64.to_be_bytes()).map_err(ioe)?;
+        let inline = |d: &mut DocumentProto, loc: &str| -> Result<(), DataError> {
+            if local_uri(d) {
+                if let ImageSource::Path(p) = image_source(&d.uri, &base) {
+                    let bytes = std::fs::read(&p).map_err(|e| DataError::Malformed {
+                        location: loc.to_string(),
+                        msg: format!("image {}: {e}", p.display()),
+                    })?;
+                    d.content = Some(crate::docarray::proto::document_proto::Content::Blob(
+                        bytes.into(),
+                    ));
+                }
+            }
+            Ok(())
+        };
+        for (i, doc) in DocReader::open(path)?.enumerate() {
+            let mut doc = doc?;
+            let loc = format!("{} document {i}", path.display());
+            inline(&mut doc, &loc)?;
+            for c in &mut doc.chunks {
+                inline(c, &loc)?;
+            }
+            let raw = doc.encode_to_vec();
+            let len = u32::try_from(raw.len()).map_err(|_| DataError::Malformed {
+                location: loc.clone(),
+                msg: "document larger than 4 GiB".into(),
+            })?;
+            w.write_all(&len.to_be_bytes()).map_err(ioe)?;
+            w.write_all(&raw).map_err(ioe)?;
+            count += 1;
+        }
+        w.flush().map_err(ioe)?;
+    }
+    {
+        use std::os::unix::fs::FileExt;
+        tmp.as_file()
+            .write_all_at(&count.to_be_bytes(), 1)
+            .map_err(ioe)?;
+    }
+    Ok(Packed {
+        format: Format::Docarray,
+        file: tmp_path,
+        file_name: "data.protobuf".into(),
+        temp: Some(tmp.into_temp_path()),
+    })
+}
+
+/// `data.csv` with local image cells rewritten to `images/<n>.<ext>`, plus those images, zipped.
+fn pack_csv(path: &Path, file_name: String) -> Result<Packed, DataError> {
+    let rows = crate::docarray::csv::CsvRows::open(path)?;
+    let base = rows.base().to_path_buf();
+    let tmp = tempfile::Builder::new()
+        .suffix(".zip")
+        .tempfile()
+        .map_err(|e| DataError::Io {
+            path: std::env::temp_dir(),
+            source: e,
+        })?;
+    let tmp_path = tmp.path().to_path_buf();
+    let zerr = |e: zip::result::ZipError| DataError::Io {
+        path: tmp_path.clone(),
+        source: std::io::Error::other(e),
+    };
+    let ioe = |e: std::io::Error| DataError::Io {
+        path: tmp_path.clone(),
+        source: e,
+    };
+    let mut zw = zip::ZipWriter::new(tmp.reopen().map_err(ioe)?);
+    // Images are already compressed; the CSV is not.
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let deflated = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    let mut csv_out = csv::WriterBuilder::new()
+        .flexible(true)
+        .from_writer(Vec::new());
+    let mut seen: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
+    for row in rows.rows() {
+        let (loc, fields) = row?;
+        let mut out = Vec::with_capacity(fields.len());
+        for f in fields {
+            let local = match looks_like_image(&f, &base) {
+                true => match image_source(&f, &base) {
+                    ImageSource::Path(p) => Some(p),
+                    _ => None,
+                },
+                false => None,
+            };
+            let Some(p) = local else {
+                out.push(f);
+                continue;
+            };
+            let rel = match seen.get(&p) {
+                Some(r) => r.clone(),
+                None => {
+                    let bytes = std::fs::read(&p).map_err(|e| DataError::Malformed {
+                        location: loc.clone(),
+                        msg: format!("image {}: {e}", p.display()),
+                    })?;
+                    let ext = p
+                        .extension()
+                        .and_then(|e| e.to_str())
+                        .map(str::to_ascii_lowercase)
+                        .filter(|e| e.chars().all(|c| c.is_ascii_alphanumeric()))
+                        .unwrap_or_else(|| "img".into());
+                    let rel = format!("images/{}.{ext}", seen.len());
+                    zw.start_file(rel.as_str(), stored).map_err(zerr)?;
+                    zw.write_all(&bytes).map_err(ioe)?;
+                    seen.insert(p, rel.clone());
+                    rel
+                }
+            };
+            out.push(rel);
+        }
+        csv_out
+            .write_record(&out)
+            .map_err(|e| DataError::Malformed {
+                location: loc,
+                msg: e.to_string(),
+            })?;
+    }
+    let csv_bytes = csv_out.into_inner().map_err(|e| ioe(e.into_error()))?;
+    zw.start_file(BUNDLE_CSV, deflated).map_err(zerr)?;
+    zw.write_all(&csv_bytes).map_err(ioe)?;
+    zw.finish().map_err(zerr)?;
+    Ok(Packed {
+        format: Format::CsvBundle,
+        file: tmp_path,
+        file_name,
+        temp: Some(tmp.into_temp_path()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docarray_suffixes_survive() {
+        assert_eq!(
+            docarray_file_name("x/train.protobuf.lz4"),
+            "data.protobuf.lz4"
+        );
+        assert_eq!(
+            docarray_file_name("a.b.protobuf-array"),
+            "data.protobuf-array"
+        );
+        assert_eq!(docarray_file_name("train.bin"), "data.docarray");
+        assert_eq!(docarray_file_name("../../etc/passwd"), "data.docarray");
+    }
+}

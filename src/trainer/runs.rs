@@ -1,0 +1,842 @@
+//! The trainer's runs: their records in `<data-dir>/runs/<name>/`, the queue that starts at most
+//! `max_concurrent` of them at a time (one per device by default), and the worker threads that
+//! run [`super::fit::fit`] for each.
+//!
+//! Layout of a run's folder:
+//! ```text
+//! run.json        RunRecord: state, details, configuration, progress, metrics (rewritten
+//!                 atomically at every state change and epoch end)
+//! run.log         the log, appended line by line and streamed to followers
+//! work/           TrainingCheckpoint and BestModelCheckpoint files while the run is unfinished
+//! artifact/<name>/   the artifact (artifact/<name>.zip once downloaded)
+//! ```
+//! After a restart every run is listed again. A run that was STARTED is queued first and resumes
+//! from its last checkpoint (from the start when it had none yet); one whose checkpoint cannot be
+//! read is FAILED with the reason. On shutdown, running runs write a checkpoint and stay STARTED.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, Notify};
+
+use super::datasets::{DatasetError, DatasetStore};
+use super::fit::{FitConfig, FitControl, FitError, FitEvent};
+use crate::artifact::is_safe_name;
+use crate::eval::Metrics;
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Finetuner's run states, plus CANCELED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum State {
+    Created,
+    Started,
+    Finished,
+    Failed,
+    Canceled,
+}
+
+impl State {
+    /// The word `clipft runs status` prints.
+    pub fn word(self) -> &'static str {
+        match self {
+            State::Created => "CREATED",
+            State::Started => "STARTED",
+            State::Finished => "FINISHED",
+            State::Failed => "FAILED",
+            State::Canceled => "CANCELED",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, State::Finished | State::Failed | State::Canceled)
+    }
+
+    const ALL: [State; 5] = [
+        State::Created,
+        State::Started,
+        State::Finished,
+        State::Failed,
+        State::Canceled,
+    ];
+}
+
+/// Where a run stands, for status and progress bars.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Progress {
+    pub step: u64,
+    pub total_steps: u64,
+    /// 1-based; 0 before the first step.
+    pub epoch: u32,
+    pub epochs: u32,
+    pub loss: f32,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunResult {
+    pub before: Option<Metrics>,
+    pub after: Option<Metrics>,
+    pub epoch_metrics: Vec<(usize, Metrics)>,
+    pub epoch_losses: Vec<f64>,
+    pub eval_losses: Vec<f64>,
+}
+
+/// A run as kept in `run.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub name: String,
+    pub state: State,
+    pub details: String,
+    /// As submitted: data fields name datasets in the store.
+    pub config: FitConfig,
+    pub created_unix: i64,
+    pub started_unix: Option<i64>,
+    pub finished_unix: Option<i64>,
+    pub progress: Progress,
+    pub result: RunResult,
+    /// Order in the queue (creation order).
+    pub seq: u64,
+}
+
+/// How the trainer runs its queue.
+#[derive(Debug, Clone)]
+pub struct RunnerOptions {
+    pub data_dir: PathBuf,
+    /// Runs trained at the same time (each uses the whole device).
+    pub max_concurrent: usize,
+    /// Device for runs whose configuration says `auto`.
+    pub device: String,
+    /// TrainingCheckpoint interval for runs that do not set one.
+    pub checkpoint_seconds: u64,
+    /// Largest dataset upload, in bytes.
+    pub max_dataset_bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("run name {0:?} is not allowed: use letters, digits, '-', '_' and '.', at most 128, not starting with '.'")]
+    BadName(String),
+    #[error("run {0:?} does not exist")]
+    NotFound(String),
+    #[error("run {0:?} already exists")]
+    Exists(String),
+    #[error("run {name:?} is {state}: {what}")]
+    WrongState {
+        name: String,
+        state: &'static str,
+        what: &'static str,
+    },
+    #[error("invalid run configuration: {0}")]
+    BadConfig(String),
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Artifact(String),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
+    move |source| RunError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A run in memory: its record and the handles its worker and followers share.
+struct Entry {
+    rec: RunRecord,
+    cancel: Arc<AtomicBool>,
+    /// Bytes in run.log; changes wake log followers (also sent on state changes).
+    log_len: watch::Sender<u64>,
+    queued: bool,
+    resume: bool,
+}
+
+struct Inner {
+    runs: HashMap<String, Entry>,
+    running: usize,
+    next_seq: u64,
+    shutting_down: bool,
+}
+
+/// Every run of one trainer.
+pub struct Registry {
+    pub opts: RunnerOptions,
+    pub datasets: DatasetStore,
+    inner: Mutex<Inner>,
+    wake: Notify,
+    /// Set on shutdown: running runs checkpoint and stop.
+    suspend: Arc<AtomicBool>,
+    /// Worker threads still running, for shutdown.
+    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+}
+
+impl Registry {
+    /// Opens `<data-dir>`, lists every run found there and queues the unfinished ones.
+    pub fn open(opts: RunnerOptions) -> Result<Arc<Self>, RunError> {
+        let runs_dir = opts.data_dir.join("runs");
+        std::fs::create_dir_all(&runs_dir).map_err(io(&runs_dir))?;
+        let datasets = DatasetStore::open(&opts.data_dir, opts.max_dataset_bytes)?;
+        let mut runs = HashMap::new();
+        let mut next_seq = 0;
+        for e in std::fs::read_dir(&runs_dir)
+            .map_err(io(&runs_dir))?
+            .flatten()
+        {
+            let path = e.path().join("run.json");
+            let Ok(raw) = std::fs::read(&path) else {
+                continue;
+            };
+            let mut rec: RunRecord = match serde_json::from_slice(&raw) {
+                Ok(r) => r,
+                Err(err) => {
+                    tracing::warn!("{}: unreadable, skipped: {err}", path.display());
+                    continue;
+                }
+            };
+            next_seq = next_seq.max(rec.seq + 1);
+            let (queued, resume) = match rec.state {
+                State::Created => (true, false),
+                State::Started => {
+                    rec.details =
+                        "interrupted by a trainer restart; resumes from its last checkpoint".into();
+                    (true, true)
+                }
+                _ => (false, false),
+            };
+            let log_len = std::fs::metadata(e.path().join("run.log")).map_or(0, |m| m.len());
+            runs.insert(
+                rec.name.clone(),
+                Entry {
+                    rec,
+                    cancel: Arc::default(),
+                    log_len: watch::channel(log_len).0,
+                    queued,
+                    resume,
+                },
+            );
+        }
+        let reg = Arc::new(Self {
+            opts,
+            datasets,
+            inner: Mutex::new(Inner {
+                runs,
+                running: 0,
+                next_seq,
+                shutting_down: false,
+            }),
+            wake: Notify::new(),
+            suspend: Arc::default(),
+            workers: Mutex::default(),
+        });
+        {
+            let inner = reg.lock();
+            for e in inner.runs.values().filter(|e| e.resume) {
+                reg.append_log(e, "trainer restarted: the run is queued to resume");
+                reg.persist(&e.rec);
+            }
+            reg.publish_counts(&inner);
+        }
+        Ok(reg)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A worker that panicked while holding the lock left consistent data (every update is a
+        // plain assignment), so the poison is cleared rather than propagated.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn run_dir(&self, name: &str) -> PathBuf {
+        self.opts.data_dir.join("runs").join(name)
+    }
+
+    fn persist(&self, rec: &RunRecord) {
+        let dir = self.run_dir(&rec.name);
+        let tmp = dir.join("run.json.tmp");
+        let result = serde_json::to_vec_pretty(rec)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(&tmp, json))
+            .and_then(|()| std::fs::rename(&tmp, dir.join("run.json")));
+        if let Err(e) = result {
+            tracing::error!("cannot save run {}: {e}", rec.name);
+        }
+    }
+
+    fn append_log(&self, e: &Entry, line: &str) {
+        let path = self.run_dir(&e.rec.name).join("run.log");
+        let stamp = chrono_like(unix_now());
+        let result = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| {
+                f.write_all(format!("{stamp} {line}\n").as_bytes())?;
+                f.metadata()
+            });
+        match result {
+            Ok(m) => {
+                e.log_len.send_replace(m.len());
+            }
+            Err(err) => tracing::error!("{}: {err}", path.display()),
+        }
+    }
+
+    fn publish_counts(&self, inner: &Inner) {
+        for s in State::ALL {
+            let n = inner.runs.values().filter(|e| e.rec.state == s).count();
+            metrics::gauge!("clipft_trainer_runs", "state" => s.word()).set(n as f64);
+        }
+    }
+
+    /// Queues a new run. `config` holds dataset names; they must exist.
+    pub fn create(
+        &self,
+        name: Option<String>,
+        mut config: FitConfig,
+    ) -> Result<RunRecord, RunError> {
+        let name = match name.filter(|n| !n.is_empty()) {
+            Some(n) => n,
+            None => crate::cli::fit::random_run_name(),
+        };
+        if !is_safe_name(&name) {
+            return Err(RunError::BadName(name));
+        }
+        if config.train_data.as_os_str().is_empty() {
+            return Err(RunError::BadConfig("train_data is required".into()));
+        }
+        for d in self.data_names(&config) {
+            self.datasets.get(&d)?;
+        }
+        if config.model.trim().is_empty() {
+            return Err(RunError::BadConfig("model is required".into()));
+        }
+        if config.batch_size < 2 || config.epochs == 0 {
+            return Err(RunError::BadConfig(
+                "batch_size must be at least 2 and epochs at least 1".into(),
+            ));
+        }
+        config.run_name = name.clone();
+        let mut inner = self.lock();
+        if inner.shutting_down {
+            return Err(RunError::BadConfig("the trainer is shutting down".into()));
+        }
+        if inner.runs.contains_key(&name) || self.run_dir(&name).exists() {
+            return Err(RunError::Exists(name));
+        }
+        let dir = self.run_dir(&name);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let seq = inner.next_seq;
+        inner.next_seq += 1;
+        let rec = RunRecord {
+            name: name.clone(),
+            state: State::Created,
+            details: "Run submitted and awaits execution".into(),
+            progress: Progress {
+                epochs: config.epochs as u32,
+                ..Default::default()
+            },
+            config,
+            created_unix: unix_now(),
+            started_unix: None,
+            finished_unix: None,
+            result: RunResult::default(),
+            seq,
+        };
+        self.persist(&rec);
+        let entry = Entry {
+            rec: rec.clone(),
+            cancel: Arc::default(),
+            log_len: watch::channel(0).0,
+            queued: true,
+            resume: false,
+        };
+        self.append_log(&entry, &format!("run {name} created"));
+        inner.runs.insert(name, entry);
+        self.publish_counts(&inner);
+        drop(inner);
+        self.wake.notify_one();
+        Ok(rec)
+    }
+
+    fn data_names(&self, c: &FitConfig) -> Vec<String> {
+        [
+            Some(&c.train_data),
+            c.eval_data.as_ref(),
+            c.query_data.as_ref(),
+            c.index_data.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| p.to_string_lossy().to_string())
+        .collect()
+    }
+
+    pub fn get(&self, name: &str) -> Result<RunRecord, RunError> {
+        self.lock()
+            .runs
+            .get(name)
+            .map(|e| e.rec.clone())
+            .ok_or_else(|| RunError::NotFound(name.to_string()))
+    }
+
+    pub fn list(&self) -> Vec<RunRecord> {
+        let mut v: Vec<RunRecord> = self.lock().runs.values().map(|e| e.rec.clone()).collect();
+        v.sort_by_key(|r| r.seq);
+        v
+    }
+
+    /// A receiver that changes whenever the run's log grows or its state changes.
+    pub fn watch_log(&self, name: &str) -> Result<watch::Receiver<u64>, RunError> {
+        self.lock()
+            .runs
+            .get(name)
+            .map(|e| e.log_len.subscribe())
+            .ok_or_else(|| RunError::NotFound(name.to_string()))
+    }
+
+    pub fn cancel(&self, name: &str) -> Result<RunRecord, RunError> {
+        let mut inner = self.lock();
+        let e = inner
+            .runs
+            .get_mut(name)
+            .ok_or_else(|| RunError::NotFound(name.to_string()))?;
+        match e.rec.state {
+            // Queued: never started, or interrupted and waiting to resume.
+            State::Created | State::Started if e.queued => {
+                e.queued = false;
+                e.resume = false;
+                e.rec.state = State::Canceled;
+                e.rec.details = "canceled before it started".into();
+                e.rec.finished_unix = Some(unix_now());
+                self.append_log(e, "canceled before it started");
+            }
+            State::Started => {
+                e.cancel.store(true, Ordering::Relaxed);
+                e.queued = false;
+                e.rec.details = "cancel requested; stops before its next step".into();
+                self.append_log(e, "cancel requested");
+            }
+            s => {
+                return Err(RunError::WrongState {
+                    name: name.into(),
+                    state: s.word(),
+                    what: "only a CREATED or STARTED run can be canceled",
+                })
+            }
+        }
+        let rec = e.rec.clone();
+        self.persist(&rec);
+        self.publish_counts(&inner);
+        Ok(rec)
+    }
+
+    pub fn delete(&self, name: &str) -> Result<(), RunError> {
+        let mut inner = self.lock();
+        let e = inner
+            .runs
+            .get(name)
+            .ok_or_else(|| RunError::NotFound(name.to_string()))?;
+        if e.rec.state == State::Started {
+            return Err(RunError::WrongState {
+                name: name.into(),
+                state: "STARTED",
+                what: "cancel it before deleting it",
+            });
+        }
+        let dir = self.run_dir(name);
+        let trash = self
+            .opts
+            .data_dir
+            .join("runs")
+            .join(format!(".deleted-{name}-{}", rand::random::<u32>()));
+        std::fs::rename(&dir, &trash).map_err(io(&dir))?;
+        if let Some(e) = inner.runs.remove(name) {
+            e.log_len.send_replace(0);
+        }
+        self.publish_counts(&inner);
+        drop(inner);
+        std::fs::remove_dir_all(&trash).map_err(io(&trash))
+    }
+
+    /// The datasets some unfinished run still needs (they cannot be deleted).
+    pub fn datasets_in_use(&self) -> Vec<String> {
+        let inner = self.lock();
+        inner
+            .runs
+            .values()
+            .filter(|e| !e.rec.state.is_terminal())
+            .flat_map(|e| self.data_names(&e.rec.config))
+            .collect()
+    }
+
+    /// The artifact zip of a finished run, made on first request (blocking).
+    pub fn artifact_zip(&self, name: &str) -> Result<PathBuf, RunError> {
+        let rec = self.get(name)?;
+        if rec.state != State::Finished {
+            return Err(RunError::WrongState {
+                name: name.into(),
+                state: rec.state.word(),
+                what: "only a FINISHED run has an artifact",
+            });
+        }
+        let dir = self.run_dir(name).join("artifact").join(name);
+        let zip = dir.with_extension("zip");
+        if zip.is_file() {
+            return Ok(zip);
+        }
+        crate::artifact::zip_artifact(&dir).map_err(|e| RunError::Artifact(e.to_string()))
+    }
+
+    /// Starts queued runs while slots are free; runs until the registry shuts down.
+    pub async fn schedule(self: Arc<Self>) {
+        loop {
+            if !self.start_ready() {
+                return;
+            }
+            self.wake.notified().await;
+        }
+    }
+
+    /// Starts what the free slots allow; false once shutting down.
+    fn start_ready(self: &Arc<Self>) -> bool {
+        let mut inner = self.lock();
+        if inner.shutting_down {
+            return false;
+        }
+        while inner.running < self.opts.max_concurrent.max(1) {
+            // Interrupted runs first, then creation order.
+            let next = inner
+                .runs
+                .values()
+                .filter(|e| e.queued)
+                .min_by_key(|e| (!e.resume, e.rec.seq))
+                .map(|e| e.rec.name.clone());
+            let Some(name) = next else { break };
+            let Some(e) = inner.runs.get_mut(&name) else {
+                break;
+            };
+            e.queued = false;
+            e.cancel.store(false, Ordering::Relaxed);
+            let resume = e.resume;
+            e.resume = false;
+            if e.rec.state == State::Created {
+                e.rec.state = State::Started;
+                e.rec.started_unix = Some(unix_now());
+                e.rec.details = "training".into();
+            } else {
+                e.rec.details = "resuming after a trainer restart".into();
+            }
+            self.append_log(e, if resume { "resuming" } else { "started" });
+            let rec = e.rec.clone();
+            let cancel = e.cancel.clone();
+            self.persist(&rec);
+            inner.running += 1;
+            let reg = self.clone();
+            let suspend = self.suspend.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("run-{name}"))
+                .spawn(move || reg.execute(rec, resume, cancel, suspend));
+            match spawned {
+                Ok(h) => {
+                    let mut w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+                    w.retain(|h| !h.is_finished());
+                    w.push(h);
+                }
+                Err(err) => {
+                    inner.running -= 1;
+                    if let Some(e) = inner.runs.get_mut(&name) {
+                        e.rec.state = State::Failed;
+                        e.rec.details = format!("cannot start a worker thread: {err}");
+                        self.persist(&e.rec);
+                    }
+                }
+            }
+        }
+        self.publish_counts(&inner);
+        true
+    }
+
+    /// The run's configuration with dataset names turned into files and the trainer's settings.
+    fn runnable(&self, rec: &RunRecord) -> Result<FitConfig, RunError> {
+        let mut cfg = rec.config.clone();
+        let resolve = |p: &PathBuf| -> Result<PathBuf, RunError> {
+            Ok(self.datasets.data_file(&p.to_string_lossy())?)
+        };
+        cfg.train_data = resolve(&cfg.train_data)?;
+        for slot in [&mut cfg.eval_data, &mut cfg.query_data, &mut cfg.index_data] {
+            if let Some(p) = slot.as_ref() {
+                *slot = Some(resolve(p)?);
+            }
+        }
+        if cfg.device == "auto" {
+            cfg.device = self.opts.device.clone();
+        }
+        cfg.output = self.run_dir(&rec.name).join("artifact");
+        cfg.zip = false;
+        cfg.checkpoint_seconds = Some(
+            cfg.checkpoint_seconds
+                .unwrap_or(self.opts.checkpoint_seconds),
+        );
+        Ok(cfg)
+    }
+
+    /// A worker thread: trains one run and records how it ended.
+    fn execute(
+        self: Arc<Self>,
+        rec: RunRecord,
+        resume: bool,
+        cancel: Arc<AtomicBool>,
+        suspend: Arc<AtomicBool>,
+    ) {
+        let name = rec.name.clone();
+        let span = tracing::info_span!("run", run = %name, resume);
+        let _enter = span.enter();
+        let artifact = self.run_dir(&name).join("artifact").join(&name);
+        let outcome = if resume && artifact.join("metrics.yml").is_file() {
+            // The process ended after the artifact was complete but before the record said so.
+            Ok(None)
+        } else {
+            self.runnable(&rec)
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| {
+                    let control = FitControl {
+                        cancel,
+                        work_dir: Some(self.run_dir(&name).join("work")),
+                        resume,
+                        suspend,
+                    };
+                    let mut last_line = std::time::Instant::now();
+                    let run = std::panic::AssertUnwindSafe(|| {
+                        super::fit::fit(&cfg, &control, &mut |ev| {
+                            self.on_event(&name, ev, &mut last_line)
+                        })
+                    });
+                    match std::panic::catch_unwind(run) {
+                        Ok(Ok(report)) => Ok(Some(report)),
+                        Ok(Err(e)) => Err(fit_outcome(e)),
+                        Err(p) => Err(format!(
+                            "internal error: {}",
+                            p.downcast_ref::<String>()
+                                .map(String::as_str)
+                                .or_else(|| p.downcast_ref::<&str>().copied())
+                                .unwrap_or("panic")
+                        )),
+                    }
+                })
+        };
+        let mut inner = self.lock();
+        inner.running = inner.running.saturating_sub(1);
+        if let Some(e) = inner.runs.get_mut(&name) {
+            match outcome {
+                Ok(report) => {
+                    e.rec.state = State::Finished;
+                    e.rec.details = "the artifact is ready".into();
+                    if let Some(r) = report {
+                        e.rec.result = RunResult {
+                            before: r.before,
+                            after: r.after,
+                            epoch_metrics: r.epoch_metrics,
+                            epoch_losses: r.epoch_losses,
+                            eval_losses: r.eval_losses,
+                        };
+                    } else {
+                        e.rec.result = read_artifact_metrics(&artifact);
+                    }
+                    e.rec.finished_unix = Some(unix_now());
+                    self.append_log(e, "finished");
+                }
+                Err(msg) if msg == CANCELED => {
+                    e.rec.state = State::Canceled;
+                    e.rec.details = format!("canceled at step {}", e.rec.progress.step);
+                    e.rec.finished_unix = Some(unix_now());
+                    self.append_log(e, &e.rec.details.clone());
+                }
+                Err(msg) if msg.starts_with(SUSPENDED) => {
+                    e.rec.details =
+                        format!("{msg} by a trainer shutdown; resumes when the trainer restarts");
+                    self.append_log(e, &e.rec.details.clone());
+                }
+                Err(msg) => {
+                    e.rec.state = State::Failed;
+                    e.rec.details = msg.clone();
+                    e.rec.finished_unix = Some(unix_now());
+                    self.append_log(e, &format!("failed: {msg}"));
+                }
+            }
+            let rec = e.rec.clone();
+            self.persist(&rec);
+            metrics::counter!("clipft_trainer_runs_ended_total", "state" => rec.state.word())
+                .increment(1);
+        }
+        self.publish_counts(&inner);
+        drop(inner);
+        self.wake.notify_one();
+    }
+
+    /// Logs and progress from a running fit.
+    fn on_event(&self, name: &str, ev: FitEvent, last_line: &mut std::time::Instant) {
+        let mut inner = self.lock();
+        let Some(e) = inner.runs.get_mut(name) else {
+            return;
+        };
+        let line = match ev {
+            FitEvent::Started { pairs, steps, done } => {
+                e.rec.progress.total_steps = steps;
+                e.rec.progress.step = done;
+                Some(format!("{pairs} pairs, {steps} steps ({done} done)"))
+            }
+            FitEvent::Log(l) => Some(l),
+            FitEvent::Evaluating(w) => Some(format!("evaluating ({w})")),
+            FitEvent::Step {
+                epoch,
+                step,
+                loss,
+                lr,
+            } => {
+                let p = &mut e.rec.progress;
+                let dt = last_line.elapsed();
+                metrics::counter!("clipft_trainer_steps_total").increment(1);
+                metrics::gauge!("clipft_trainer_loss", "run" => name.to_string()).set(loss as f64);
+                p.step = step;
+                p.epoch = epoch as u32 + 1;
+                p.loss = loss;
+                // A line per step would flood the log of a long run: every 10th step, the last,
+                // and at least every 5 seconds.
+                (step % 10 == 0 || step == p.total_steps || dt.as_secs() >= 5).then(|| {
+                    *last_line = std::time::Instant::now();
+                    format!(
+                        "epoch {} step {step}/{} loss {loss:.4} lr {lr:.3e}",
+                        epoch + 1,
+                        p.total_steps
+                    )
+                })
+            }
+            FitEvent::EpochEnd {
+                epoch,
+                train_loss,
+                eval_loss,
+                metrics,
+            } => {
+                e.rec.result.epoch_losses.push(train_loss);
+                if let Some(l) = eval_loss {
+                    e.rec.result.eval_losses.push(l);
+                }
+                if let Some(m) = metrics {
+                    e.rec.result.epoch_metrics.push((epoch, m));
+                }
+                let rec = e.rec.clone();
+                self.persist(&rec);
+                let mut l = format!("epoch {}: train_loss {train_loss:.6}", epoch + 1);
+                if let Some(v) = eval_loss {
+                    l.push_str(&format!(" val_loss {v:.6}"));
+                }
+                if let Some(m) = metrics {
+                    for (k, v) in m.named() {
+                        l.push_str(&format!(" {k} {v:.6}"));
+                    }
+                }
+                Some(l)
+            }
+        };
+        if let Some(l) = line {
+            let e = &inner.runs[name];
+            self.append_log(e, &l);
+        }
+    }
+
+    /// Shutdown: no new starts, running runs checkpoint and stop (they stay STARTED and resume
+    /// in the next process); waits up to `timeout` for them.
+    pub fn shutdown(&self, timeout: std::time::Duration) {
+        self.lock().shutting_down = true;
+        self.suspend.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
+        let deadline = std::time::Instant::now() + timeout;
+        let handles: Vec<_> =
+            std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in handles {
+            while !h.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            if h.is_finished() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+const CANCELED: &str = "canceled";
+const SUSPENDED: &str = "suspended at step";
+
+fn fit_outcome(e: FitError) -> String {
+    match e {
+        FitError::Canceled => CANCELED.into(),
+        FitError::Suspended(step) => format!("{SUSPENDED} {step}"),
+        FitError::Checkpoint(c) => format!("cannot resume: {c}"),
+        e => e.to_string(),
+    }
+}
+
+/// before/after from an artifact's metrics.yml (a run whose record missed its end).
+fn read_artifact_metrics(artifact: &Path) -> RunResult {
+    #[derive(Deserialize)]
+    struct M {
+        before: Option<Metrics>,
+        after: Option<Metrics>,
+    }
+    let m: Option<M> = std::fs::read_to_string(artifact.join("metrics.yml"))
+        .ok()
+        .and_then(|s| serde_yaml_ng::from_str(&s).ok());
+    RunResult {
+        before: m.as_ref().and_then(|m| m.before),
+        after: m.and_then(|m| m.after),
+        ..Default::default()
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for log lines (UTC, no time-zone database needed).
+fn chrono_like(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(chrono_like(0), "1970-01-01T00:00:00Z");
+        assert_eq!(chrono_like(1_795_737_600), "2026-11-27T00:00:00Z");
+        assert_eq!(chrono_like(951_782_400 + 3661), "2000-02-29T01:01:01Z");
+    }
+}
