@@ -28,7 +28,13 @@
 //! - [`telemetry`]: Prometheus metrics with Jina's names.
 //! - [`trainer`]: fine-tuning: `loss` (CLIPLoss), `optim` (Adam/AdamW in place, gradient
 //!   clipping), `schedule`, `train` (the model as variables, one training step), `fit` (a whole
-//!   run: data, epochs, before/after evaluation, artifact).
+//!   run: data, epochs, callbacks, before/after evaluation, artifact), `callbacks`
+//!   (BestModelCheckpoint, EarlyStopping, WiSE-FT decisions), `checkpoint` (TrainingCheckpoint:
+//!   resumable state in a run's work folder), and the service: `runs` (the registry: records in
+//!   `--data-dir`, the queue, worker threads, restart recovery), `datasets` (the named-dataset
+//!   store, and packing local data for a push), `service` (tonic over `proto/trainer.proto`,
+//!   bearer token, every trainer error -> gRPC status in one place), `client` (what `fit
+//!   --trainer`, `runs` and `data` use).
 //! - [`artifact`]: the artifact layout: staged writing and atomic rename, zips, submodel
 //!   selection, and loading Finetuner's own `model.pt` artifacts.
 //! - [`cli`]: one module per subcommand; parse flags, call the library, print.
@@ -48,10 +54,22 @@
 //!
 //! # The training path
 //! `cli::fit` / `cli::demo` -> [`trainer::fit::fit`]: pairs from [`docarray::open_pairs`] ->
-//! seeded shuffle -> batches (texts tokenized, images preprocessed on the thread pool) ->
-//! [`trainer::train::TrainModel::train_step`] (the same towers in `Mode::Train`, CLIPLoss,
-//! backward, in-place optimiser, logit_scale clamp) -> validation loss per epoch -> the artifact
-//! staged, evaluated (before: the backbone; after: the staged artifact) and renamed into place.
+//! shuffle seeded by (seed, epoch) -> batches (texts tokenized, images preprocessed on the
+//! thread pool) -> [`trainer::train::TrainModel::train_step`] (the same towers in `Mode::Train`,
+//! CLIPLoss, backward, in-place optimiser, logit_scale clamp) -> checkpoints on a timer ->
+//! at each epoch end: validation loss, retrieval metrics on the weights being trained, the
+//! callbacks, a checkpoint -> best weights restored, WiSE-FT -> the artifact staged, evaluated
+//! (before: the backbone; after: the staged artifact) and renamed into place.
+//!
+//! # The trainer service
+//! `cli::trainer` -> [`trainer::runs::Registry::open`] (lists the runs in `--data-dir`, queues
+//! the unfinished ones to resume) -> [`trainer::service::serve`]. `CreateRun` validates the
+//! configuration and its datasets, writes `run.json`, and queues the run; the scheduler starts
+//! at most `--max-concurrent-runs` worker threads, each running [`trainer::fit::fit`] on the
+//! datasets' files with a work folder for checkpoints and a log that `StreamLogs` followers
+//! tail. Cancel sets the run's flag (checked before every step); SIGTERM makes running runs
+//! checkpoint and stay STARTED. `clipft fit --trainer` packs local files
+//! ([`trainer::datasets::pack`]), pushes them, creates the run and follows it.
 //!
 //! # The request path (executor)
 //! `cli::executor` (flags, `--uses` YAML) -> [`model::Encoder::load`] -> [`executor::Core`]
@@ -65,8 +83,6 @@
 //! grouped by length, drops requests whose caller left -> embeddings written into the documents
 //! (`<f4` ndarray), image content dropped on request, rank scores -> reply with status and route;
 //! errors travel in-band (`header.status`, `is-error` trailer) via [`executor::ExecutorError`].
-//!
-//! The trainer service builds on the same [`model::Clip`] and [`trainer::fit`].
 
 pub mod artifact;
 pub mod cli;

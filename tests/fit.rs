@@ -289,3 +289,147 @@ fn frozen_backbone_clipping_and_zipped_artifacts() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("bad.zip"));
 }
+
+fn tensors(path: &Path) -> std::collections::HashMap<String, candle_core::Tensor> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap()
+}
+
+/// Largest element-wise difference between `a` and `f(b, c)` over every tensor of `a`.
+fn max_diff(
+    a: &std::collections::HashMap<String, candle_core::Tensor>,
+    b: &std::collections::HashMap<String, candle_core::Tensor>,
+    c: &std::collections::HashMap<String, candle_core::Tensor>,
+    f: impl Fn(&candle_core::Tensor, &candle_core::Tensor) -> candle_core::Tensor,
+) -> f32 {
+    a.iter()
+        .map(|(k, t)| {
+            (t - f(&b[k], &c[k]))
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn callbacks_best_model_early_stopping_and_wise_ft() {
+    let out = tempdir("callbacks");
+    let ok = |o: Output| {
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stderr).unwrap()
+    };
+    // EarlyStopping: no epoch improves train_loss by 100, so patience 1 ends the run after the
+    // second epoch.
+    let log = ok(fit(
+        &out,
+        &[
+            "--epochs",
+            "5",
+            "--early-stopping-monitor",
+            "train_loss",
+            "--early-stopping-min-delta",
+            "100",
+            "--early-stopping-patience",
+            "1",
+            "--run-name",
+            "early",
+        ],
+    ));
+    assert!(log.contains("stopping after epoch 2"), "{log}");
+    assert_eq!(log.matches(": train loss").count(), 2, "{log}");
+
+    // BestModelCheckpoint with the highest train loss keeps epoch 1: the artifact equals a run
+    // of one epoch (same seed, same batches, constant learning rate).
+    let log = ok(fit(
+        &out,
+        &[
+            "--epochs",
+            "3",
+            "--best-model-monitor",
+            "train_loss",
+            "--best-model-mode",
+            "max",
+            "--run-name",
+            "best",
+        ],
+    ));
+    assert!(log.contains("Model improved"), "{log}");
+    assert!(log.contains("Model did not improve"), "{log}");
+    assert!(log.contains("holds epoch 1's weights"), "{log}");
+    ok(fit(&out, &["--epochs", "1", "--run-name", "one"]));
+    let file = |run: &str, tower: &str| {
+        out.join(run)
+            .join("models")
+            .join(tower)
+            .join("model.safetensors")
+    };
+    let pre = tensors(Path::new("tests/fixtures/clip-tiny/model.safetensors"));
+    for tower in ["clip-text", "clip-vision"] {
+        let (best, one) = (tensors(&file("best", tower)), tensors(&file("one", tower)));
+        assert_eq!(
+            max_diff(&best, &one, &one, |b, _| b.clone()),
+            0.0,
+            "{tower}"
+        );
+        assert!(
+            max_diff(&one, &pre, &pre, |p, _| p.clone()) > 0.0,
+            "did not train"
+        );
+    }
+
+    // WiSE-FT: alpha 0 is the pretrained model, 0.5 the midpoint of it and the fine-tuned one.
+    ok(fit(
+        &out,
+        &["--epochs", "1", "--wise-ft-alpha", "0", "--run-name", "w0"],
+    ));
+    ok(fit(
+        &out,
+        &[
+            "--epochs",
+            "1",
+            "--wise-ft-alpha",
+            "0.5",
+            "--run-name",
+            "w5",
+        ],
+    ));
+    for tower in ["clip-text", "clip-vision"] {
+        let (w0, w5, one) = (
+            tensors(&file("w0", tower)),
+            tensors(&file("w5", tower)),
+            tensors(&file("one", tower)),
+        );
+        assert_eq!(max_diff(&w0, &pre, &pre, |p, _| p.clone()), 0.0, "{tower}");
+        let mid = max_diff(&w5, &one, &pre, |f, p| ((f + p).unwrap() * 0.5).unwrap());
+        assert!(mid < 1e-6, "{tower}: {mid}");
+    }
+
+    // Monitors that cannot see a value, and alphas outside 0..=1, fail before training.
+    let err = |o: Output| {
+        assert!(!o.status.success());
+        String::from_utf8(o.stderr).unwrap()
+    };
+    let e = err(fit(
+        &out,
+        &["--best-model-monitor", "val_loss", "--run-name", "x"],
+    ));
+    assert!(e.contains("--eval-data"), "{e}");
+    let e = err(fit(
+        &out,
+        &["--early-stopping-monitor", "recall_at_k", "--run-name", "x"],
+    ));
+    assert!(e.contains("--query-data"), "{e}");
+    let e = err(fit(
+        &out,
+        &["--best-model-monitor", "accuracy", "--run-name", "x"],
+    ));
+    assert!(e.contains("cannot monitor"), "{e}");
+    let e = err(fit(&out, &["--wise-ft-alpha", "1.5", "--run-name", "x"]));
+    assert!(e.contains("wise-ft-alpha"), "{e}");
+}

@@ -1,0 +1,709 @@
+//! The trainer service over real gRPC: the `clipft trainer` binary on loopback, driven by the
+//! library's client and by the `clipft fit/runs/data` commands. Runs use the tiny fixture CLIP on
+//! the demo data, so each takes seconds.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clipft::protocol::trainer as pb;
+use clipft::trainer::client::{self, Client};
+use common::{root, tiny};
+
+type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_clipft"))
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("clipft-trainer-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+fn demo(file: &str) -> PathBuf {
+    root().join("data/demo").join(file)
+}
+
+/// A running `clipft trainer`; killed on drop.
+struct Trainer {
+    child: Child,
+    port: u16,
+}
+
+impl Trainer {
+    fn start(data_dir: &Path, args: &[&str]) -> R<Self> {
+        let mut child = bin()
+            .args(["trainer", "--host", "127.0.0.1", "--port", "0"])
+            .args(["--port-monitoring", "0", "--data-dir"])
+            .arg(data_dir)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let mut seen = Vec::new();
+        let port = loop {
+            let Some(line) = lines.next() else {
+                return Err(format!("trainer exited: {}", seen.join("\n")).into());
+            };
+            let line = line?;
+            if let Some(rest) = line.split("serving on ").nth(1) {
+                let addr = rest.split_whitespace().next().ok_or("no address")?;
+                break addr.rsplit(':').next().ok_or("no port")?.parse()?;
+            }
+            seen.push(line);
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Self { child, port })
+    }
+
+    fn addr(&self) -> String {
+        format!("grpc://127.0.0.1:{}", self.port)
+    }
+
+    async fn client(&self, token: Option<&str>) -> R<Client> {
+        Ok(client::connect(&self.addr(), token).await?)
+    }
+
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Trainer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(train: &str, extra: serde_json::Value) -> String {
+    let mut c = serde_json::json!({
+        "model": tiny(),
+        "train_data": train,
+        "epochs": 2,
+        "batch_size": 32,
+        "learning_rate": 1e-3,
+        "optimizer": "AdamW",
+        "device": "cpu",
+    });
+    if let (Some(c), Some(e)) = (c.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            c.insert(k.clone(), v.clone());
+        }
+    }
+    c.to_string()
+}
+
+async fn create(c: &mut Client, name: &str, cfg: String) -> R<pb::Run> {
+    Ok(c.create_run(pb::CreateRunRequest {
+        name: name.into(),
+        config_json: cfg,
+    })
+    .await?
+    .into_inner())
+}
+
+async fn get(c: &mut Client, name: &str) -> R<pb::Run> {
+    Ok(c.get_run(pb::GetRunRequest { name: name.into() })
+        .await?
+        .into_inner())
+}
+
+/// Polls until `done` holds for the run (generous deadline: CI machines are slow).
+async fn wait_for(c: &mut Client, name: &str, done: impl Fn(&pb::Run) -> bool) -> R<pb::Run> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let r = get(c, name).await?;
+        if done(&r) {
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("run {name} stuck: {r:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ended(r: &pb::Run) -> bool {
+    matches!(
+        pb::RunState::try_from(r.state),
+        Ok(pb::RunState::Finished | pb::RunState::Failed | pb::RunState::Canceled)
+    )
+}
+
+async fn log_of(c: &mut Client, name: &str) -> R<String> {
+    let mut text = String::new();
+    client::stream_logs(c, name, false, &mut |chunk| text.push_str(&chunk.text)).await?;
+    Ok(text)
+}
+
+fn code<T: std::fmt::Debug>(r: Result<T, tonic::Status>) -> tonic::Code {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(s) => s.code(),
+    }
+}
+
+fn run_cli(args: &[&str], env: &[(&str, &str)]) -> R<String> {
+    let out = bin().args(args).envs(env.iter().copied()).output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "clipft {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// The whole life of a run through the commands users type: `fit --trainer --follow` pushes the
+/// CSVs, follows the logs to the end, prints the table and unpacks the artifact; `runs` and
+/// `data` see it all; the artifact serves; deleting removes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn fit_follow_status_metrics_artifact_delete() -> R {
+    let dir = tempdir("lifecycle");
+    let t = Trainer::start(&dir.join("state"), &["--auth-token", "s3cret"])?;
+    let env = [
+        ("CLIPFT_TRAINER", t.addr()),
+        ("CLIPFT_AUTH_TOKEN", "s3cret".to_string()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = dir.join("artifacts");
+    let printed = run_cli(
+        &[
+            "fit",
+            "--model",
+            &tiny(),
+            "--train-data",
+            demo("train.csv").to_str().ok_or("path")?,
+            "--eval-data",
+            demo("eval.csv").to_str().ok_or("path")?,
+            "--query-data",
+            demo("query.csv").to_str().ok_or("path")?,
+            "--index-data",
+            demo("index.csv").to_str().ok_or("path")?,
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--learning-rate",
+            "1e-3",
+            "--run-name",
+            "life",
+            "--follow",
+            "--output",
+            out.to_str().ok_or("path")?,
+        ],
+        &env,
+    )?;
+    assert!(printed.contains("run life CREATED"), "{printed}");
+    assert!(printed.contains("recall_at_k"), "{printed}");
+    let artifact = out.join("life");
+    for f in [
+        "config.yml",
+        "metadata.yml",
+        "metrics.yml",
+        "report.md",
+        "models/clip-text/model.safetensors",
+        "models/clip-vision/model.safetensors",
+    ] {
+        assert!(artifact.join(f).is_file(), "{f} missing from the artifact");
+    }
+
+    let status = run_cli(&["runs", "status", "life"], &env)?;
+    assert_eq!(status.lines().next(), Some("FINISHED"), "{status}");
+    let list = run_cli(&["runs", "list"], &env)?;
+    assert!(list.contains("life") && list.contains("FINISHED"), "{list}");
+    let data = run_cli(&["data", "list"], &env)?;
+    for ds in ["life-train", "life-eval", "life-query", "life-index"] {
+        assert!(data.contains(ds), "{data}");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_str(&run_cli(&["runs", "metrics", "life", "--json"], &env)?)?;
+    assert_eq!(metrics["epochs"].as_array().map(Vec::len), Some(2));
+    assert_eq!(metrics["eval_losses"].as_array().map(Vec::len), Some(2));
+    let before = metrics["before"]["recall_at_k"].as_f64().ok_or("before")?;
+    let after = metrics["after"]["recall_at_k"].as_f64().ok_or("after")?;
+    assert!(after > before, "recall {before} -> {after}");
+    // The last epoch's metrics were measured on the weights the artifact holds.
+    let last = &metrics["epochs"][1]["metrics"]["recall_at_k"];
+    assert!((last.as_f64().ok_or("epoch")? - after).abs() < 1e-9);
+
+    let logs = run_cli(&["runs", "logs", "life"], &env)?;
+    for want in ["started", "epoch 1:", "evaluating (after)", "finished"] {
+        assert!(logs.contains(want), "{want:?} not in the log:\n{logs}");
+    }
+
+    // A second download lands beside the first; the served artifact answers like the local one.
+    let again = dir.join("again");
+    let got = run_cli(
+        &[
+            "runs",
+            "artifact",
+            "life",
+            "--output",
+            again.to_str().ok_or("path")?,
+        ],
+        &env,
+    )?;
+    assert_eq!(got.trim(), again.join("life").display().to_string());
+    let enc = |a: &Path| -> R<String> {
+        run_cli(
+            &[
+                "encode",
+                "--artifact",
+                a.to_str().ok_or("path")?,
+                "--select-model",
+                "clip-text",
+                "--text",
+                "a red striped dress",
+            ],
+            &[],
+        )
+    };
+    assert_eq!(enc(&artifact)?, enc(&again.join("life"))?);
+
+    // In process, `fit` finds the trainer's datasets by name in its --data-dir.
+    let local = run_cli(
+        &[
+            "fit",
+            "--model",
+            &tiny(),
+            "--train-data",
+            "life-train",
+            "--data-dir",
+            dir.join("state").to_str().ok_or("path")?,
+            "--max-steps",
+            "2",
+            "--run-name",
+            "local",
+            "--output",
+            dir.join("local").to_str().ok_or("path")?,
+        ],
+        &[],
+    )?;
+    assert!(local.contains("artifact:"), "{local}");
+
+    // Datasets in use by an unfinished run cannot go; these can.
+    run_cli(&["data", "delete", "life-eval"], &env)?;
+    run_cli(&["runs", "delete", "life"], &env)?;
+    let list = run_cli(&["runs", "list"], &env)?;
+    assert!(!list.contains("life "), "{list}");
+    assert!(!dir.join("state/runs/life").exists());
+    Ok(())
+}
+
+/// A token protects every call; health answers without one (probes).
+#[tokio::test(flavor = "multi_thread")]
+async fn wrong_or_missing_token_is_unauthenticated() -> R {
+    let dir = tempdir("auth");
+    let t = Trainer::start(&dir, &["--auth-token", "right"])?;
+    for token in [None, Some("wrong"), Some("righ"), Some("rightt")] {
+        let mut c = t.client(token).await?;
+        assert_eq!(
+            code(c.list_runs(pb::ListRunsRequest {}).await),
+            tonic::Code::Unauthenticated,
+            "{token:?}"
+        );
+        assert_eq!(
+            code(c.list_datasets(pb::ListDatasetsRequest {}).await),
+            tonic::Code::Unauthenticated
+        );
+    }
+    let mut c = t.client(Some("right")).await?;
+    assert!(c.list_runs(pb::ListRunsRequest {}).await.is_ok());
+    let out = bin().args(["ping", &t.addr()]).output()?;
+    assert!(out.status.success(), "health needs no token");
+    let out = bin()
+        .args(["runs", "list", "--trainer", &t.addr()])
+        .env_remove("CLIPFT_AUTH_TOKEN")
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bearer token"));
+    Ok(())
+}
+
+/// Names that would escape the data folder, datasets that do not parse, uploads over the
+/// limit, unknown datasets and configuration fields: each a clear error, nothing stored, and
+/// the trainer keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_names_and_bad_datasets_are_refused() -> R {
+    let dir = tempdir("bad");
+    let state = dir.join("state");
+    let t = Trainer::start(&state, &["--max-dataset-bytes", "200000"])?;
+    let mut c = t.client(None).await?;
+
+    let push_raw = |name: &str, format: pb::DatasetFormat, file_name: &str, bytes: Vec<u8>| {
+        let header = pb::PushDatasetRequest {
+            part: Some(pb::push_dataset_request::Part::Header(pb::DatasetHeader {
+                name: name.into(),
+                format: format as i32,
+                file_name: file_name.into(),
+                overwrite: false,
+            })),
+        };
+        let data = pb::PushDatasetRequest {
+            part: Some(pb::push_dataset_request::Part::Data(bytes.into())),
+        };
+        futures_util::stream::iter(vec![header, data])
+    };
+    for bad in ["../escape", "a/b", ".hidden", "", "x".repeat(200).as_str()] {
+        let r = c
+            .push_dataset(push_raw(
+                bad,
+                pb::DatasetFormat::Docarray,
+                "d.protobuf",
+                vec![1],
+            ))
+            .await;
+        assert_eq!(code(r), tonic::Code::InvalidArgument, "{bad:?}");
+    }
+    // Not a docarray file: the error names the document.
+    let r = c
+        .push_dataset(push_raw(
+            "garbage",
+            pb::DatasetFormat::Docarray,
+            "g.protobuf",
+            vec![1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0, 9, 1, 2],
+        ))
+        .await;
+    let e = r.expect_err("garbage accepted");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("garbage"), "{}", e.message());
+    // A bundle whose entry would land outside the data folder.
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    zip.start_file("../../evil.csv", zip::write::SimpleFileOptions::default())?;
+    std::io::Write::write_all(&mut zip, b"a,b\n")?;
+    let evil = zip.finish()?.into_inner();
+    let r = c
+        .push_dataset(push_raw(
+            "evil",
+            pb::DatasetFormat::CsvBundle,
+            "e.csv",
+            evil,
+        ))
+        .await;
+    assert_eq!(code(r), tonic::Code::InvalidArgument);
+    assert!(!state.join("evil.csv").exists() && !dir.join("evil.csv").exists());
+    // Over the trainer's size limit.
+    let r = c
+        .push_dataset(push_raw(
+            "big",
+            pb::DatasetFormat::Docarray,
+            "b.protobuf",
+            vec![0; 300_000],
+        ))
+        .await;
+    assert_eq!(code(r), tonic::Code::ResourceExhausted);
+    // A CSV naming an image that is not there fails on the client, before anything is sent.
+    let missing = root().join("tests/fixtures/data/missing.csv");
+    let e = client::push_dataset(&mut c, "missing", &missing, false)
+        .await
+        .expect_err("missing image pushed");
+    assert!(e.to_string().contains("missing.csv"), "{e}");
+    let listed = c
+        .list_datasets(pb::ListDatasetsRequest {})
+        .await?
+        .into_inner()
+        .datasets;
+    assert!(listed.is_empty(), "{listed:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(state.join("datasets"))?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // A good push, then runs with bad names, unknown datasets and unknown fields.
+    const ROWS: u64 = 5;
+    let small = root().join("tests/fixtures/data/train.csv");
+    let d = client::push_dataset(&mut c, "train", &small, false).await?;
+    assert_eq!(d.items, ROWS);
+    let e = client::push_dataset(&mut c, "train", &small, false)
+        .await
+        .expect_err("pushed twice");
+    assert!(e.to_string().contains("already exists"), "{e}");
+    let r = c
+        .create_run(pb::CreateRunRequest {
+            name: "../run".into(),
+            config_json: config("train", serde_json::json!({})),
+        })
+        .await;
+    assert_eq!(code(r), tonic::Code::InvalidArgument);
+    let r = c
+        .create_run(pb::CreateRunRequest {
+            name: "r".into(),
+            config_json: config("nope", serde_json::json!({})),
+        })
+        .await;
+    assert_eq!(code(r), tonic::Code::NotFound);
+    let r = c
+        .create_run(pb::CreateRunRequest {
+            name: "r".into(),
+            config_json: config("train", serde_json::json!({"epochz": 3})),
+        })
+        .await;
+    let e = r.expect_err("unknown field accepted");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("epochz"), "{}", e.message());
+    assert_eq!(
+        code(
+            c.get_run(pb::GetRunRequest {
+                name: "never".into()
+            })
+            .await
+        ),
+        tonic::Code::NotFound
+    );
+    // A run whose model does not load fails with the reason; the trainer goes on.
+    create(
+        &mut c,
+        "nomodel",
+        config("train", serde_json::json!({"model": "/nonexistent/model"})),
+    )
+    .await?;
+    let r = wait_for(&mut c, "nomodel", ended).await?;
+    assert_eq!(client::state_word(r.state), "FAILED");
+    assert!(r.details.contains("/nonexistent/model"), "{}", r.details);
+    assert_eq!(
+        code(
+            c.download_artifact(pb::DownloadArtifactRequest {
+                name: "nomodel".into()
+            })
+            .await
+        ),
+        tonic::Code::FailedPrecondition
+    );
+    Ok(())
+}
+
+/// Two runs on a one-run trainer: the second waits CREATED until the first ended. A queued run
+/// is canceled at once, a started one before its next step.
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_queue_and_cancel_mid_epoch() -> R {
+    let dir = tempdir("queue");
+    let t = Trainer::start(&dir, &[])?;
+    let mut c = t.client(None).await?;
+    client::push_dataset(&mut c, "train", &demo("train.csv"), false).await?;
+    create(
+        &mut c,
+        "long",
+        config("train", serde_json::json!({"epochs": 40})),
+    )
+    .await?;
+    create(
+        &mut c,
+        "next",
+        config("train", serde_json::json!({"epochs": 1})),
+    )
+    .await?;
+    create(&mut c, "dropped", config("train", serde_json::json!({}))).await?;
+    let long = wait_for(&mut c, "long", |r| {
+        r.progress.as_ref().is_some_and(|p| p.step >= 3)
+    })
+    .await?;
+    assert_eq!(client::state_word(long.state), "STARTED");
+    let next = get(&mut c, "next").await?;
+    assert_eq!(client::state_word(next.state), "CREATED", "{next:?}");
+    let dropped = c
+        .cancel_run(pb::CancelRunRequest {
+            name: "dropped".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(client::state_word(dropped.state), "CANCELED");
+    // A started run cannot be deleted; cancel first.
+    assert_eq!(
+        code(
+            c.delete_run(pb::DeleteRunRequest {
+                name: "long".into()
+            })
+            .await
+        ),
+        tonic::Code::FailedPrecondition
+    );
+    c.cancel_run(pb::CancelRunRequest {
+        name: "long".into(),
+    })
+    .await?;
+    let long = wait_for(&mut c, "long", ended).await?;
+    assert_eq!(client::state_word(long.state), "CANCELED", "{long:?}");
+    let steps = long.progress.as_ref().map_or(0, |p| p.step);
+    assert!(steps < 600, "canceled after {steps} of 600 steps");
+    assert!(
+        long.details.contains("canceled at step"),
+        "{}",
+        long.details
+    );
+    assert!(log_of(&mut c, "long").await?.contains("cancel requested"));
+    let next = wait_for(&mut c, "next", ended).await?;
+    assert_eq!(client::state_word(next.state), "FINISHED", "{next:?}");
+    assert!(next.started_unix >= long.finished_unix);
+    // Canceling what has ended is refused.
+    assert_eq!(
+        code(
+            c.cancel_run(pb::CancelRunRequest {
+                name: "next".into()
+            })
+            .await
+        ),
+        tonic::Code::FailedPrecondition
+    );
+    let dropped = get(&mut c, "dropped").await?;
+    assert_eq!(
+        dropped.started_unix, 0,
+        "a canceled queued run never starts"
+    );
+    Ok(())
+}
+
+/// The trainer killed mid-run (SIGKILL, no chance to save anything) and started again on the
+/// same folder: every run is listed, the interrupted one resumes from its last checkpoint and
+/// finishes with the same per-epoch losses as an uninterrupted run of the same configuration.
+/// Its dataset is a docarray file whose images are local uris (pushed with blobs inlined).
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_trainer_resumes_runs_after_restart() -> R {
+    let dir = tempdir("restart");
+    let args = ["--checkpoint-seconds", "1"];
+    let t = Trainer::start(&dir, &args)?;
+    let mut c = t.client(None).await?;
+    let file = root().join("tests/fixtures/data/train.protobuf.lz4.bin");
+    let d = client::push_dataset(&mut c, "pairs", &file, false).await?;
+    assert!(d.items >= 4, "{d:?}");
+    client::push_dataset(&mut c, "train", &demo("train.csv"), false).await?;
+    let cfg = config(
+        "train",
+        serde_json::json!({"epochs": 5, "seed": 7, "eval_data": "pairs"}),
+    );
+    create(&mut c, "interrupted", cfg.clone()).await?;
+    create(
+        &mut c,
+        "queued",
+        config("pairs", serde_json::json!({"epochs": 1})),
+    )
+    .await?;
+    // Kill once a mid-epoch checkpoint exists and the run is past it.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let log = log_of(&mut c, "interrupted").await?;
+        let step = get(&mut c, "interrupted")
+            .await?
+            .progress
+            .map_or(0, |p| p.step);
+        if log.contains("checkpoint at step") && step >= 20 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint: {log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.kill();
+
+    let t = Trainer::start(&dir, &args)?;
+    let mut c = t.client(None).await?;
+    let names: Vec<String> = c
+        .list_runs(pb::ListRunsRequest {})
+        .await?
+        .into_inner()
+        .runs
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(names, ["interrupted", "queued"]);
+    let r = wait_for(&mut c, "interrupted", ended).await?;
+    assert_eq!(client::state_word(r.state), "FINISHED", "{r:?}");
+    let log = log_of(&mut c, "interrupted").await?;
+    assert!(log.contains("trainer restarted"), "{log}");
+    let resumed_at: u64 = log
+        .split("resumed from the checkpoint at step ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .ok_or("no resume line")?
+        .parse()?;
+    assert!(resumed_at > 0, "{log}");
+    let other = wait_for(&mut c, "queued", ended).await?;
+    assert_eq!(client::state_word(other.state), "FINISHED", "{other:?}");
+
+    create(&mut c, "uninterrupted", cfg).await?;
+    let u = wait_for(&mut c, "uninterrupted", ended).await?;
+    assert_eq!(client::state_word(u.state), "FINISHED", "{u:?}");
+    let losses = |name: &str| {
+        let name = name.to_string();
+        let mut c = c.clone();
+        async move {
+            let m = c
+                .get_metrics(pb::GetMetricsRequest { name })
+                .await?
+                .into_inner();
+            R::Ok((m.epoch_losses, m.eval_losses))
+        }
+    };
+    let (a, b) = (losses("interrupted").await?, losses("uninterrupted").await?);
+    assert_eq!(a.0.len(), 5);
+    for (x, y) in a.0.iter().chain(&a.1).zip(b.0.iter().chain(&b.1)) {
+        assert!((x - y).abs() <= 1e-6 * y.abs(), "{a:?} vs {b:?}");
+    }
+    assert!(
+        !dir.join("runs/interrupted/work").exists(),
+        "work folder left"
+    );
+    Ok(())
+}
+
+/// SIGTERM: running runs write a checkpoint and stay STARTED; the next trainer continues them
+/// from exactly that step.
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_suspends_and_the_next_trainer_continues() -> R {
+    let dir = tempdir("sigterm");
+    let t = Trainer::start(&dir, &[])?;
+    let mut c = t.client(None).await?;
+    client::push_dataset(&mut c, "train", &demo("train.csv"), false).await?;
+    create(
+        &mut c,
+        "r",
+        config("train", serde_json::json!({"epochs": 3})),
+    )
+    .await?;
+    wait_for(&mut c, "r", |r| {
+        r.progress.as_ref().is_some_and(|p| p.step >= 5)
+    })
+    .await?;
+    let pid = t.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()?
+        .success());
+    let mut t = t;
+    let status = t.child.wait()?;
+    assert!(status.success(), "{status:?}");
+    let rec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("runs/r/run.json"))?)?;
+    assert_eq!(rec["state"], "STARTED");
+    let details = rec["details"].as_str().unwrap_or_default().to_string();
+    assert!(details.contains("suspended at step"), "{details}");
+    let step: u64 = details
+        .split("suspended at step ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .ok_or("no step")?
+        .parse()?;
+
+    let t = Trainer::start(&dir, &[])?;
+    let mut c = t.client(None).await?;
+    let r = wait_for(&mut c, "r", ended).await?;
+    assert_eq!(client::state_word(r.state), "FINISHED", "{r:?}");
+    let log = log_of(&mut c, "r").await?;
+    assert!(
+        log.contains(&format!("resumed from the checkpoint at step {step} ")),
+        "{log}"
+    );
+    Ok(())
+}
