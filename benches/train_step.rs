@@ -26,7 +26,9 @@ fn main() {
     let steps: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(5);
     let files = ModelFiles::from_dir(std::path::Path::new(&model)).expect("model folder");
     let m = TrainModel::load(&files, &Device::Cpu).expect("load");
-    let mut opt = m.optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-5, 0.01));
+    let mut opt = m
+        .optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-5, 0.01))
+        .expect("optimizer");
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let rows: Vec<Vec<u32>> = (0..batch)
         .map(|_| {

@@ -433,3 +433,40 @@ fn callbacks_best_model_early_stopping_and_wise_ft() {
     let e = err(fit(&out, &["--wise-ft-alpha", "1.5", "--run-name", "x"]));
     assert!(e.contains("wise-ft-alpha"), "{e}");
 }
+
+/// Mixed precision: bf16 and f16 compute (f16 with loss scaling) train the f32 weights; the
+/// losses follow f32's, and the artifact stays f32.
+#[test]
+fn bf16_and_f16_compute_keep_f32_weights() {
+    let out = tempdir("dtype");
+    let mut epoch1 = Vec::new();
+    for dtype in ["f32", "bf16", "f16"] {
+        let o = fit(
+            &out,
+            &[
+                "--epochs",
+                "2",
+                "--no-shuffle",
+                "--dtype",
+                dtype,
+                "--run-name",
+                dtype,
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let log = String::from_utf8(o.stderr).unwrap();
+        let losses: Vec<f64> = log
+            .lines()
+            .filter_map(|l| l.split(": train loss ").nth(1))
+            .map(|v| v.trim().parse().unwrap())
+            .collect();
+        assert_eq!(losses.len(), 2, "{log}");
+        assert!(losses[1] < losses[0], "{dtype}: {losses:?}");
+        epoch1.push(losses[0]);
+        let t = tensors(&out.join(dtype).join("models/clip-text/model.safetensors"));
+        assert!(t.values().all(|t| t.dtype() == candle_core::DType::F32));
+    }
+    assert!((epoch1[1] - epoch1[0]).abs() < 0.02, "bf16 {epoch1:?}");
+    // f16 skips the first steps while the loss scale settles, as torch's GradScaler does.
+    assert!((epoch1[2] - epoch1[0]).abs() < 0.2, "f16 {epoch1:?}");
+}

@@ -61,7 +61,9 @@ fn six_adamw_steps_match_pytorch() {
         let want: Vec<Vec<u32>> = serde_json::from_value(want["input_ids"].clone()).unwrap();
         assert_eq!(ids, want);
     }
-    let mut opt = model.optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-3, 0.01));
+    let mut opt = model
+        .optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-3, 0.01))
+        .unwrap();
     let want_losses: Vec<f64> = serde_json::from_value(reference["losses"].clone()).unwrap();
     for (step, want) in want_losses.iter().enumerate() {
         let (text, pixels) = &batches[step % 3];

@@ -59,6 +59,10 @@ pub struct FitArgs {
     pub no_shuffle: bool,
     #[arg(long, env = "CLIPFT_DEVICE", default_value = "auto")]
     pub device: String,
+    /// Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16 (with dynamic loss
+    /// scaling). Weights and optimiser state stay f32.
+    #[arg(long, env = "CLIPFT_DTYPE", default_value = "auto", value_parser = ["auto", "f32", "bf16", "f16"])]
+    pub dtype: String,
     /// Artifacts land in `OUTPUT/<run-name>/`.
     #[arg(long, env = "CLIPFT_OUTPUT", default_value = "artifacts")]
     pub output: PathBuf,
@@ -198,6 +202,7 @@ impl FitArgs {
                 },
             ),
             wise_ft_alpha: self.wise_ft_alpha,
+            dtype: self.dtype.clone(),
             checkpoint_seconds: self.checkpoint_seconds,
         })
     }

@@ -66,6 +66,9 @@ pub struct FitConfig {
     /// WiSE-FT: the artifact holds `alpha * finetuned + (1 - alpha) * pretrained`.
     #[serde(default)]
     pub wise_ft_alpha: Option<f64>,
+    /// Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16. Weights and
+    /// optimiser state stay f32 whatever this says.
+    pub dtype: String,
     /// TrainingCheckpoint: a resumable checkpoint at every epoch end and, within an epoch,
     /// whenever this many seconds have passed since the last one. None: no checkpoints.
     #[serde(default)]
@@ -106,8 +109,20 @@ impl Default for FitConfig {
             best_model: None,
             early_stopping: None,
             wise_ft_alpha: None,
+            dtype: "auto".into(),
             checkpoint_seconds: None,
         }
+    }
+}
+
+/// The compute dtype `spec` means on `dev` for training.
+fn training_dtype(spec: &str, dev: &Device) -> Result<candle_core::DType, FitError> {
+    use candle_core::DType;
+    match spec {
+        "auto" if dev.is_cpu() => Ok(DType::F32),
+        // bf16 has f32's range, so it needs no loss scaling.
+        "auto" => Ok(DType::BF16),
+        s => Ok(device::parse_dtype(s, dev)?),
     }
 }
 
@@ -419,7 +434,8 @@ pub fn fit(
         })?;
     }
 
-    let model = TrainModel::load(&files, &dev)?;
+    let model =
+        TrainModel::load(&files, &dev)?.with_compute_dtype(training_dtype(&cfg.dtype, &dev)?);
     let vars = model.named_vars();
     let mut opt: Optimizer = model.optimizer_with_frozen(
         OptimizerParams::new(cfg.optimizer, cfg.learning_rate, cfg.weight_decay),
@@ -509,7 +525,14 @@ pub fn fit(
             );
             opt.set_learning_rate(lr);
             let (text, pixels) = collate(&model, &pairs, idx)?;
+            let skipped = opt.skipped;
             let loss = model.train_step(&mut opt, &text, &pixels)?;
+            if opt.skipped > skipped {
+                progress(FitEvent::Log(format!(
+                    "f16: the gradients overflowed, step skipped; loss scale now {}",
+                    opt.loss_scale.map_or(0.0, |l| l.scale)
+                )));
+            }
             st.step += 1;
             st.losses.push(loss);
             progress(FitEvent::Step {

@@ -48,9 +48,61 @@ impl OptimizerParams {
     }
 }
 
+/// First and second moments: plain buffers for the fused CPU pass, f32 tensors on the
+/// parameter's device otherwise (a GPU's moments never travel to the host during training).
 struct Moments {
     m: Vec<f32>,
     v: Vec<f32>,
+    on_device: Option<(Tensor, Tensor)>,
+}
+
+fn fused_cpu(var: &Var) -> bool {
+    var.device().is_cpu() && var.dtype() == candle_core::DType::F32
+}
+
+impl Moments {
+    fn zeros(var: &Var) -> Result<Self> {
+        let n = var.elem_count();
+        if fused_cpu(var) {
+            return Ok(Self {
+                m: vec![0.0; n],
+                v: vec![0.0; n],
+                on_device: None,
+            });
+        }
+        let z = Tensor::zeros(var.shape(), candle_core::DType::F32, var.device())?;
+        Ok(Self {
+            m: Vec::new(),
+            v: Vec::new(),
+            on_device: Some((z.clone(), z)),
+        })
+    }
+
+    fn from_host(var: &Var, m: Vec<f32>, v: Vec<f32>) -> Result<Self> {
+        if fused_cpu(var) {
+            return Ok(Self {
+                m,
+                v,
+                on_device: None,
+            });
+        }
+        let t = |x: Vec<f32>| Tensor::from_vec(x, var.shape(), var.device());
+        Ok(Self {
+            m: Vec::new(),
+            v: Vec::new(),
+            on_device: Some((t(m)?, t(v)?)),
+        })
+    }
+
+    fn to_host(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        match &self.on_device {
+            Some((m, v)) => Ok((
+                m.flatten_all()?.to_vec1::<f32>()?,
+                v.flatten_all()?.to_vec1::<f32>()?,
+            )),
+            None => Ok((self.m.clone(), self.v.clone())),
+        }
+    }
 }
 
 /// One parameter with its moments.
@@ -66,7 +118,46 @@ pub struct Optimizer {
     pub hp: OptimizerParams,
     /// Clip the global gradient L2 norm to this (torch's `clip_grad_norm_`); off when None.
     pub max_grad_norm: Option<f64>,
+    /// Dynamic loss scaling for f16 compute (torch.amp's GradScaler); None otherwise.
+    pub loss_scale: Option<LossScale>,
+    /// Steps skipped because loss-scaled gradients overflowed.
+    pub skipped: u64,
     step: u64,
+}
+
+/// torch.amp.GradScaler's rule: the loss is multiplied by `scale` before backward so small f16
+/// gradients do not flush to zero; a step whose gradients overflowed is skipped and the scale
+/// halved; after `growth_interval` good steps in a row it doubles.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    pub scale: f64,
+    pub growth_interval: u32,
+    good_steps: u32,
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        Self {
+            scale: 65536.0,
+            growth_interval: 2000,
+            good_steps: 0,
+        }
+    }
+}
+
+impl LossScale {
+    fn update(&mut self, finite: bool) {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps >= self.growth_interval {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale / 2.0).max(1.0);
+            self.good_steps = 0;
+        }
+    }
 }
 
 /// The scalars of one step, shared by every parameter.
@@ -92,27 +183,25 @@ struct StepScalars {
 }
 
 impl Optimizer {
-    pub fn new(vars: Vec<(String, Var)>, hp: OptimizerParams) -> Self {
+    pub fn new(vars: Vec<(String, Var)>, hp: OptimizerParams) -> Result<Self> {
         let params = vars
             .into_iter()
             .map(|(name, var)| {
-                let n = var.elem_count();
-                ParamState {
+                Ok(ParamState {
+                    moments: Mutex::new(Moments::zeros(&var)?),
                     name,
                     var,
-                    moments: Mutex::new(Moments {
-                        m: vec![0.0; n],
-                        v: vec![0.0; n],
-                    }),
-                }
+                })
             })
-            .collect();
-        Self {
+            .collect::<Result<_>>()?;
+        Ok(Self {
             params,
             hp,
             max_grad_norm: None,
+            loss_scale: None,
+            skipped: 0,
             step: 0,
-        }
+        })
     }
 
     pub fn set_learning_rate(&mut self, lr: f64) {
@@ -124,27 +213,43 @@ impl Optimizer {
     }
 
     /// Applies one update from `grads`; parameters without a gradient are left alone (as torch
-    /// skips parameters whose `.grad` is None).
-    pub fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+    /// skips parameters whose `.grad` is None). With loss scaling, gradients are unscaled first
+    /// and a step whose gradients are not finite is skipped (returns false).
+    pub fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<bool> {
+        let unscale = self.loss_scale.map_or(1.0, |l| 1.0 / l.scale);
+        let sum_sq = || -> Result<f64> {
+            let mut sq = 0f64;
+            for p in &self.params {
+                if let Some(g) = grads.get(p.var.as_tensor()) {
+                    sq += g
+                        .to_dtype(candle_core::DType::F64)?
+                        .sqr()?
+                        .sum_all()?
+                        .to_scalar::<f64>()?;
+                }
+            }
+            Ok(sq)
+        };
+        let sq = match (self.max_grad_norm, self.loss_scale) {
+            (None, None) => None,
+            _ => Some(sum_sq()?),
+        };
+        if let Some(ls) = &mut self.loss_scale {
+            let finite = sq.is_some_and(f64::is_finite);
+            ls.update(finite);
+            if !finite {
+                self.skipped += 1;
+                return Ok(false);
+            }
+        }
         self.step += 1;
         let t = self.step as i32;
         let hp = self.hp;
-        let grad_scale = match self.max_grad_norm {
-            None => 1.0,
-            Some(max) => {
-                let mut sq = 0f64;
-                for p in &self.params {
-                    if let Some(g) = grads.get(p.var.as_tensor()) {
-                        sq += g
-                            .to_dtype(candle_core::DType::F64)?
-                            .sqr()?
-                            .sum_all()?
-                            .to_scalar::<f64>()?;
-                    }
-                }
-                // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1.
-                (max / (sq.sqrt() + 1e-6)).min(1.0)
-            }
+        let grad_scale = match (self.max_grad_norm, sq) {
+            // torch: clip_coef = max_norm / (total_norm + 1e-6), clamped to 1, on the unscaled
+            // gradients.
+            (Some(max), Some(sq)) => unscale * (max / (sq.sqrt() * unscale + 1e-6)).min(1.0),
+            _ => unscale,
         };
         let s = StepScalars {
             decay: (1.0 - hp.lr * hp.weight_decay) as f32,
@@ -162,7 +267,7 @@ impl Optimizer {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            if p.var.device().is_cpu() && p.var.dtype() == candle_core::DType::F32 {
+            if fused_cpu(&p.var) {
                 let g = g.contiguous()?;
                 p.var.as_tensor().inplace_op2(
                     &g,
@@ -175,14 +280,14 @@ impl Optimizer {
                 generic_step(p, g, s)?;
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// One parameter's first and second moments (for checkpoints and tests).
     pub fn moments(&self, name: &str) -> Option<(Vec<f32>, Vec<f32>)> {
         let p = self.params.iter().find(|p| p.name == name)?;
         let m = p.moments.lock().ok()?;
-        Some((m.m.clone(), m.v.clone()))
+        m.to_host().ok()
     }
 
     /// Continues from a checkpoint: the step count (bias correction depends on it) and every
@@ -206,7 +311,7 @@ impl Optimizer {
                 ));
             }
             let mut slot = p.moments.lock().map_err(|_| "poisoned optimiser state")?;
-            *slot = Moments { m, v };
+            *slot = Moments::from_host(&p.var, m, v).map_err(|e| e.to_string())?;
         }
         self.step = step;
         Ok(())
@@ -236,7 +341,7 @@ impl candle_core::InplaceOp2 for AdamStep<'_> {
             .moments
             .lock()
             .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        let Moments { m, v } = &mut *mom;
+        let Moments { m, v, .. } = &mut *mom;
         if m.len() != w.len() || g.len() != w.len() {
             candle_core::bail!("adam-step: size mismatch");
         }
@@ -276,6 +381,13 @@ fn generic_step(p: &ParamState, g: &Tensor, s: StepScalars) -> Result<()> {
     let shape = p.var.shape().clone();
     let dtype = p.var.dtype();
     let w = p.var.as_tensor().to_dtype(candle_core::DType::F32)?;
+    let (m, v) = match &mom.on_device {
+        Some((m, v)) => (m.clone(), v.clone()),
+        None => (
+            Tensor::from_slice(&mom.m, &shape, dev)?,
+            Tensor::from_slice(&mom.v, &shape, dev)?,
+        ),
+    };
     let mut grad = (g.to_dtype(candle_core::DType::F32)? * s.grad_scale as f64)?;
     let mut w = match s.kind {
         OptimizerKind::AdamW => (w * s.decay as f64)?,
@@ -284,14 +396,11 @@ fn generic_step(p: &ParamState, g: &Tensor, s: StepScalars) -> Result<()> {
             w
         }
     };
-    let m = Tensor::from_slice(&mom.m, &shape, dev)?;
-    let v = Tensor::from_slice(&mom.v, &shape, dev)?;
     let m = (&m + ((&grad - &m)? * s.one_minus_beta1 as f64)?)?;
     let v = ((v * s.beta2 as f64)? + (grad.sqr()? * s.one_minus_beta2 as f64)?)?;
     let denom = ((v.sqrt()? / s.bc2_sqrt as f64)? + s.eps as f64)?;
     w = (w - ((&m / denom)? * s.step_size as f64)?)?;
-    mom.m = m.flatten_all()?.to_vec1()?;
-    mom.v = v.flatten_all()?.to_vec1()?;
+    mom.on_device = Some((m, v));
     p.var.set(&w.to_dtype(dtype)?)
 }
 
@@ -309,7 +418,8 @@ mod tests {
             let mut opt = Optimizer::new(
                 vec![("w".into(), var.clone())],
                 OptimizerParams::new(OptimizerKind::AdamW, 0.1, 0.0),
-            );
+            )
+            .unwrap();
             opt.max_grad_norm = clip;
             for _ in 0..2 {
                 let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
@@ -344,7 +454,8 @@ mod tests {
             let mut opt = Optimizer::new(
                 vec![("w".into(), var.clone())],
                 OptimizerParams::new(kind, 0.1, 0.01),
-            );
+            )
+            .unwrap();
             let (mut w, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0f64; 3], [0f64; 3]);
             for t in 1..=2 {
                 let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
@@ -374,5 +485,45 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// f16 loss scaling: an overflowed step changes nothing and halves the scale; good steps
+    /// unscale the gradient exactly and grow the scale after the interval.
+    #[test]
+    fn loss_scaling_skips_overflow_and_unscales() {
+        let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+        let mut opt = Optimizer::new(
+            vec![("w".into(), var.clone())],
+            OptimizerParams::new(OptimizerKind::Adam, 0.1, 0.0),
+        )
+        .unwrap();
+        opt.loss_scale = Some(LossScale {
+            scale: 8.0,
+            growth_interval: 2,
+            good_steps: 0,
+        });
+        let inf = (var.as_tensor() * f64::INFINITY)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        assert!(!opt.step(&inf.backward().unwrap()).unwrap());
+        assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), [1.0, -2.0]);
+        assert_eq!(opt.loss_scale.map(|l| l.scale), Some(4.0));
+        assert_eq!((opt.skipped, opt.step_count()), (1, 0));
+        // Scaled by 4 then unscaled: the same first moment as the plain gradient 2w.
+        let scaled = (var.as_tensor().sqr().unwrap().sum_all().unwrap() * 4.0).unwrap();
+        assert!(opt.step(&scaled.backward().unwrap()).unwrap());
+        let (m, _) = opt.moments("w").unwrap();
+        assert!(
+            (m[0] - 0.2).abs() < 1e-6 && (m[1] + 0.4).abs() < 1e-6,
+            "{m:?}"
+        );
+        let again = (var.as_tensor().sqr().unwrap().sum_all().unwrap() * 4.0).unwrap();
+        opt.step(&again.backward().unwrap()).unwrap();
+        assert_eq!(
+            opt.loss_scale.map(|l| l.scale),
+            Some(8.0),
+            "grew after 2 good steps"
+        );
     }
 }

@@ -1,6 +1,11 @@
 //! The training step shared by `clipft fit` and the trainer service: the model in training mode
 //! (candle's differentiable graph, every weight a variable), CLIPLoss, backward, the optimiser
 //! step in place, and `logit_scale` clamped to [0, ln 100] as OpenCLIP and Finetuner do.
+//!
+//! Mixed precision (`--dtype bf16|f16`, the default on GPUs): the variables stay f32 (the master
+//! weights the optimiser updates); each step computes through bf16/f16 casts of them, so the
+//! gradients arrive in f32 through the casts' backward. The loss and `logit_scale` stay f32;
+//! f16 adds dynamic loss scaling ([`super::optim::LossScale`]).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -19,6 +24,9 @@ pub const MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_092; // ln(100)
 pub struct TrainModel {
     pub clip: Clip,
     pub varmap: VarMap,
+    pub config: ClipConfig,
+    /// The dtype the forward and backward passes compute in (weights stay f32).
+    pub compute: DType,
     pub tokenizer: ClipTokenizer,
     pub images: ImagePreprocessor,
     pub device: Device,
@@ -73,6 +81,8 @@ impl TrainModel {
         Ok(Self {
             clip,
             varmap,
+            config,
+            compute: DType::F32,
             tokenizer,
             images,
             device: device.clone(),
@@ -101,10 +111,34 @@ impl TrainModel {
         Ok(TextBatch::new(&rows, eos, &self.device)?)
     }
 
+    /// Computes in `dtype` from now on (f32 weights kept; see the module doc).
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute = dtype;
+        self
+    }
+
+    /// The model the forward pass runs: the variables themselves in f32, or their casts.
+    fn compute_clip(&self) -> Result<std::borrow::Cow<'_, Clip>, ModelError> {
+        if self.compute == DType::F32 {
+            return Ok(std::borrow::Cow::Borrowed(&self.clip));
+        }
+        let mut cast = std::collections::HashMap::new();
+        for (name, var) in self.named_vars() {
+            cast.insert(name, var.as_tensor().to_dtype(self.compute)?);
+        }
+        let vb = VarBuilder::from_tensors(cast, self.compute, &self.device);
+        Ok(std::borrow::Cow::Owned(Clip::new(
+            vb,
+            &self.config,
+            Towers::ALL,
+        )?))
+    }
+
     /// The loss of one batch, with the graph kept for backward.
     pub fn loss(&self, text: &TextBatch, pixels: &Tensor) -> Result<Tensor, ModelError> {
-        let t = self.clip.text_features(text, Mode::Train)?;
-        let i = self.clip.image_features(pixels, Mode::Train)?;
+        let clip = self.compute_clip()?;
+        let t = clip.text_features(text, Mode::Train)?;
+        let i = clip.image_features(pixels, Mode::Train)?;
         let scale = self
             .clip
             .logit_scale
@@ -123,7 +157,10 @@ impl TrainModel {
         pixels: &Tensor,
     ) -> Result<f32, ModelError> {
         let loss = self.loss(text, pixels)?;
-        let grads = loss.backward()?;
+        let grads = match opt.loss_scale {
+            Some(ls) => (&loss * ls.scale)?.backward()?,
+            None => loss.backward()?,
+        };
         opt.step(&grads)?;
         if let Some(ls) = &self.clip.logit_scale {
             let v = ls.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -147,8 +184,12 @@ impl TrainModel {
     }
 
     /// An optimiser over every variable.
-    pub fn optimizer(&self, hp: OptimizerParams) -> Optimizer {
-        Optimizer::new(self.named_vars(), hp)
+    pub fn optimizer(&self, hp: OptimizerParams) -> Result<Optimizer, ModelError> {
+        let mut opt = Optimizer::new(self.named_vars(), hp)?;
+        if self.compute == DType::F16 {
+            opt.loss_scale = Some(Default::default());
+        }
+        Ok(opt)
     }
 
     /// An optimiser over the variables `freeze` leaves trainable. Each entry is a name prefix
@@ -177,9 +218,10 @@ impl TrainModel {
                 }
             })
         };
-        Ok(Optimizer::new(
-            vars.into_iter().filter(|(n, _)| !frozen(n)).collect(),
-            hp,
-        ))
+        let mut opt = Optimizer::new(vars.into_iter().filter(|(n, _)| !frozen(n)).collect(), hp)?;
+        if self.compute == DType::F16 {
+            opt.loss_scale = Some(Default::default());
+        }
+        Ok(opt)
     }
 }
