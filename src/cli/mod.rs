@@ -112,9 +112,14 @@ pub fn parse_towers(s: &str) -> Result<Towers, String> {
 
 /// Logs go to stderr: human-readable on a terminal, one JSON object per line otherwise (log
 /// collectors in Kubernetes parse them); `CLIPFT_LOG_FORMAT=text|json` overrides the choice and
-/// `CLIPFT_LOG` sets the filter (default `warn`).
+/// `CLIPFT_LOG` sets the filter (default `warn`). The filter is the log layer's own, so the
+/// trace layer beside it (empty until a command calls `telemetry::tracing::init`) sees spans
+/// the logs leave out.
 fn init_logging() {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_env("CLIPFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let json = match std::env::var("CLIPFT_LOG_FORMAT").as_deref() {
@@ -122,14 +127,16 @@ fn init_logging() {
         Ok("text") => false,
         _ => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = if json {
+        logs.json().boxed()
     } else {
-        builder.try_init()
+        logs.boxed()
     };
+    let _ = tracing_subscriber::registry()
+        .with(crate::telemetry::tracing::layer())
+        .with(logs.with_filter(filter))
+        .try_init();
 }
 
 /// Keeps large allocations on the heap and freed memory in the process. Candle allocates a fresh
