@@ -14,6 +14,7 @@ use crate::executor::config::UsesConfig;
 use crate::executor::{Core, ExecutorOptions, ImagePolicy, ServerConfig};
 use crate::model::{Encoder, Towers};
 use crate::protocol::paths::AccessPaths;
+use crate::telemetry::tracing::TracingOptions;
 
 #[derive(Args, Debug)]
 pub struct ExecutorArgs {
@@ -82,11 +83,15 @@ pub struct ExecutorArgs {
     /// Prometheus `/metrics` port (0: off), on the same host as the gRPC port.
     #[arg(long, env = "CLIPFT_PORT_MONITORING", default_value_t = 9090)]
     pub port_monitoring: u16,
-    /// OpenTelemetry tracing (accepted for Jina's command lines; traces are not exported yet).
+    /// Export OpenTelemetry traces over OTLP/gRPC (Jina's flag): a span per call, continuing the
+    /// caller's W3C `traceparent`, with decode, admission, preprocess, queue, model and encode
+    /// spans inside. The standard `OTEL_*` variables configure the rest.
     #[arg(long, env = "CLIPFT_TRACING")]
     pub tracing: bool,
+    /// The OTLP/gRPC collector's host (Jina's flag); overrides `OTEL_EXPORTER_OTLP_ENDPOINT`.
     #[arg(long, env = "CLIPFT_TRACES_EXPORTER_HOST")]
     pub traces_exporter_host: Option<String>,
+    /// The collector's port (default 4317 when a host is given).
     #[arg(long, env = "CLIPFT_TRACES_EXPORTER_PORT")]
     pub traces_exporter_port: Option<u16>,
 }
@@ -151,9 +156,16 @@ impl ExecutorArgs {
 pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
     args.apply_uses(matches)?;
     let monitoring_port_defaulted = defaulted(matches, "port_monitoring");
-    if args.tracing {
+    // Jina names the service after the runtime; ours is `--name` unless left at its default.
+    let service_name = if defaulted(matches, "name") && args.name == "clipft" {
+        "clipft-executor".to_string()
+    } else {
+        args.name.clone()
+    };
+    if !args.tracing && (args.traces_exporter_host.is_some() || args.traces_exporter_port.is_some())
+    {
         tracing::warn!(
-            "--tracing: trace export is not implemented in this version; no spans are sent"
+            "--traces-exporter-host/--traces-exporter-port have no effect without --tracing"
         );
     }
     let access_paths = AccessPaths::parse(&args.access_paths).map_err(anyhow::Error::msg)?;
@@ -197,7 +209,21 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
         .enable_all()
         .thread_name("clipft-io")
         .build()?;
-    runtime.block_on(async move {
+    // The exporter runs on this runtime, so the guard is dropped (flushing) before it.
+    let tracing_guard = if args.tracing {
+        let _entered = runtime.enter();
+        let guard = crate::telemetry::tracing::init(TracingOptions {
+            service_name,
+            exporter_host: args.traces_exporter_host.clone(),
+            exporter_port: args.traces_exporter_port,
+        })
+        .context("--tracing")?;
+        eprintln!("clipft executor traces to {} (OTLP/gRPC)", guard.endpoint());
+        Some(guard)
+    } else {
+        None
+    };
+    let served = runtime.block_on(async move {
         let addr: SocketAddr = format!("{}:{}", args.host, args.port)
             .parse()
             .or_else(|_| {
@@ -241,7 +267,10 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
         crate::executor::serve(core, server, listener, shutdown_signal()).await?;
         eprintln!("clipft executor stopped");
         Ok(())
-    })
+    });
+    // After SIGTERM too: the spans of the drain go out before the process ends.
+    drop(tracing_guard);
+    served
 }
 
 /// SIGTERM (Kubernetes) or Ctrl-C.
