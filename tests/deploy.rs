@@ -227,6 +227,21 @@ fn trainer_manifests_keep_their_promises() -> R {
         let gpu = c["resources"]["limits"].get("nvidia.com/gpu").is_some()
             && c["resources"]["requests"].get("nvidia.com/gpu").is_some();
         assert_eq!(gpu, variant == "gpu", "{variant}: nvidia.com/gpu request");
+        // Kubernetes waits longer than the trainer gives its runs to checkpoint after SIGTERM.
+        let shutdown: f64 = match args
+            .iter()
+            .find_map(|a| a.strip_prefix("--shutdown-timeout="))
+        {
+            Some(s) => s.parse()?,
+            None => 60.0,
+        };
+        let grace = pod["terminationGracePeriodSeconds"]
+            .as_f64()
+            .ok_or("no terminationGracePeriodSeconds")?;
+        assert!(
+            grace > shutdown,
+            "{variant}: grace {grace} s, shutdown {shutdown} s"
+        );
 
         // The data directory is the volume claimed per pod.
         let data_dir = args
