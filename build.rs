@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // prost's codec plus `decode` / `encode` spans when traces are exported.
+        .codec_path("crate::telemetry::grpc::TracedCodec")
         .compile_fds_with_config(fds, config)?;
     Ok(())
 }

@@ -25,7 +25,10 @@
 //!   scores), `batcher` (one bounded queue per tower, a model thread batching across requests),
 //!   `status` (every error -> Jina status, one place), `config` (`--uses` executor YAML),
 //!   `client` (a Rust client used by the demo).
-//! - [`telemetry`]: Prometheus metrics with Jina's names.
+//! - [`telemetry`]: Prometheus metrics with Jina's names (`metrics`); OpenTelemetry traces over
+//!   OTLP/gRPC (`tracing`: the set-up any service calls, and its guard; `grpc`: a span per call
+//!   continuing the caller's W3C trace, and `decode`/`encode` spans in the generated services'
+//!   codec).
 //! - [`trainer`]: fine-tuning: `loss` (CLIPLoss), `optim` (Adam/AdamW in place, gradient
 //!   clipping), `schedule`, `train` (the model as variables, one training step), `fit` (a whole
 //!   run: data, epochs, callbacks, before/after evaluation, artifact), `callbacks`

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{image, root, tiny};
+use common::{free_port, image, root, sample, scrape, tiny};
 
 type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
@@ -228,29 +228,6 @@ fn ping_uses_yaml_and_sigterm() -> R {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("with.batchsize"));
     Ok(())
-}
-
-fn free_port() -> R<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn scrape(port: u16) -> R<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
-}
-
-/// The value of the sample whose line starts with `series` (name and labels as rendered).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
 }
 
 #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use clipft::protocol::trainer as pb;
 use clipft::trainer::client::{self, Client};
-use common::{root, tiny};
+use common::{free_port, root, sample, scrape, tiny};
 
 type R<T = ()> = Result<T, Box<dyn std::error::Error>>;
 
@@ -38,9 +38,15 @@ struct Trainer {
 
 impl Trainer {
     fn start(data_dir: &Path, args: &[&str]) -> R<Self> {
+        let monitoring: &[&str] = if args.contains(&"--port-monitoring") {
+            &[]
+        } else {
+            &["--port-monitoring", "0"]
+        };
         let mut child = bin()
             .args(["trainer", "--host", "127.0.0.1", "--port", "0"])
-            .args(["--port-monitoring", "0", "--data-dir"])
+            .args(monitoring)
+            .arg("--data-dir")
             .arg(data_dir)
             .args(args)
             .stdout(Stdio::null())
@@ -705,5 +711,41 @@ async fn sigterm_suspends_and_the_next_trainer_continues() -> R {
         log.contains(&format!("resumed from the checkpoint at step {step} ")),
         "{log}"
     );
+    Ok(())
+}
+
+/// Prometheus on the monitoring port: run states, steps, step time and loss after a short run.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_runs_steps_and_loss() -> R {
+    let dir = tempdir("metrics");
+    let mport = free_port()?;
+    let t = Trainer::start(&dir, &["--port-monitoring", &mport.to_string()])?;
+    let mut c = t.client(None).await?;
+    client::push_dataset(&mut c, "train", &demo("train.csv"), false).await?;
+    create(
+        &mut c,
+        "m",
+        config("train", serde_json::json!({"max_steps": 3})),
+    )
+    .await?;
+    create(&mut c, "gone", config("train", serde_json::json!({}))).await?;
+    c.cancel_run(pb::CancelRunRequest {
+        name: "gone".into(),
+    })
+    .await?;
+    let r = wait_for(&mut c, "m", ended).await?;
+    assert_eq!(client::state_word(r.state), "FINISHED", "{r:?}");
+    let text = scrape(mport)?;
+    let v = |series: &str| sample(&text, series).ok_or_else(|| format!("no {series} in\n{text}"));
+    assert_eq!(v("clipft_trainer_runs{state=\"FINISHED\"}")?, 1.0);
+    assert_eq!(v("clipft_trainer_runs{state=\"CANCELED\"}")?, 1.0);
+    assert_eq!(v("clipft_trainer_runs{state=\"STARTED\"}")?, 0.0);
+    assert_eq!(
+        v("clipft_trainer_runs_ended_total{state=\"FINISHED\"}")?,
+        1.0
+    );
+    assert_eq!(v("clipft_trainer_steps_total")?, 3.0);
+    assert_eq!(v("clipft_trainer_step_seconds_count")?, 3.0);
+    assert!(v("clipft_trainer_loss{run=\"m\"}")? > 0.0);
     Ok(())
 }

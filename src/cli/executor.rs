@@ -82,13 +82,8 @@ pub struct ExecutorArgs {
     /// Prometheus `/metrics` port (0: off), on the same host as the gRPC port.
     #[arg(long, env = "CLIPFT_PORT_MONITORING", default_value_t = 9090)]
     pub port_monitoring: u16,
-    /// OpenTelemetry tracing (accepted for Jina's command lines; traces are not exported yet).
-    #[arg(long, env = "CLIPFT_TRACING")]
-    pub tracing: bool,
-    #[arg(long, env = "CLIPFT_TRACES_EXPORTER_HOST")]
-    pub traces_exporter_host: Option<String>,
-    #[arg(long, env = "CLIPFT_TRACES_EXPORTER_PORT")]
-    pub traces_exporter_port: Option<u16>,
+    #[command(flatten)]
+    pub tracing: super::TracingArgs,
 }
 
 /// True where the user did not set the flag (so `--uses` may).
@@ -151,11 +146,13 @@ impl ExecutorArgs {
 pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Result<()> {
     args.apply_uses(matches)?;
     let monitoring_port_defaulted = defaulted(matches, "port_monitoring");
-    if args.tracing {
-        tracing::warn!(
-            "--tracing: trace export is not implemented in this version; no spans are sent"
-        );
-    }
+    // Jina names the service after the runtime; ours is `--name` unless left at its default.
+    let service_name = if defaulted(matches, "name") && args.name == "clipft" {
+        "clipft-executor".to_string()
+    } else {
+        args.name.clone()
+    };
+    args.tracing.warn_unused();
     let access_paths = AccessPaths::parse(&args.access_paths).map_err(anyhow::Error::msg)?;
     let image_root = match &args.image_root {
         Some(r) => Some(
@@ -197,7 +194,9 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
         .enable_all()
         .thread_name("clipft-io")
         .build()?;
-    runtime.block_on(async move {
+    // The exporter runs on this runtime, so the guard is dropped (flushing) before it.
+    let tracing_guard = args.tracing.start(&runtime, service_name, "executor")?;
+    let served = runtime.block_on(async move {
         let addr: SocketAddr = format!("{}:{}", args.host, args.port)
             .parse()
             .or_else(|_| {
@@ -241,7 +240,10 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
         crate::executor::serve(core, server, listener, shutdown_signal()).await?;
         eprintln!("clipft executor stopped");
         Ok(())
-    })
+    });
+    // After SIGTERM too: the spans of the drain go out before the process ends.
+    drop(tracing_guard);
+    served
 }
 
 /// SIGTERM (Kubernetes) or Ctrl-C.

@@ -121,9 +121,14 @@ pub fn parse_towers(s: &str) -> Result<Towers, String> {
 
 /// Logs go to stderr: human-readable on a terminal, one JSON object per line otherwise (log
 /// collectors in Kubernetes parse them); `CLIPFT_LOG_FORMAT=text|json` overrides the choice and
-/// `CLIPFT_LOG` sets the filter (default `warn`).
+/// `CLIPFT_LOG` sets the filter (default `warn`). The filter is the log layer's own, so the
+/// trace layer beside it (empty until a command calls `telemetry::tracing::init`) sees spans
+/// the logs leave out.
 fn init_logging() {
     use std::io::IsTerminal;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_env("CLIPFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let json = match std::env::var("CLIPFT_LOG_FORMAT").as_deref() {
@@ -131,14 +136,16 @@ fn init_logging() {
         Ok("text") => false,
         _ => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = if json {
+        logs.json().boxed()
     } else {
-        builder.try_init()
+        logs.boxed()
     };
+    let _ = tracing_subscriber::registry()
+        .with(crate::telemetry::tracing::layer())
+        .with(logs.with_filter(filter))
+        .try_init();
 }
 
 /// Keeps large allocations on the heap and freed memory in the process. Candle allocates a fresh
@@ -180,6 +187,58 @@ pub fn tune_candle_threads() {
 
 /// The spin limit [`tune_candle_threads`] sets (BENCHMARKS.md has the measurements).
 pub const CANDLE_SPIN_LIMIT: &str = "0";
+
+/// OpenTelemetry export, as Jina's flags spell it; shared by the executor and the trainer.
+#[derive(Args, Debug, Clone)]
+pub struct TracingArgs {
+    /// Export OpenTelemetry traces over OTLP/gRPC (Jina's flag): a span per call, continuing the
+    /// caller's W3C `traceparent` (the executor adds decode, admission, preprocess, queue, model
+    /// and encode spans; the trainer run and epoch spans). The `OTEL_*` variables configure the
+    /// rest.
+    #[arg(long, env = "CLIPFT_TRACING")]
+    pub tracing: bool,
+    /// The OTLP/gRPC collector's host (Jina's flag); overrides `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    #[arg(long, env = "CLIPFT_TRACES_EXPORTER_HOST")]
+    pub traces_exporter_host: Option<String>,
+    /// The collector's port (default 4317 when a host is given).
+    #[arg(long, env = "CLIPFT_TRACES_EXPORTER_PORT")]
+    pub traces_exporter_port: Option<u16>,
+}
+
+impl TracingArgs {
+    pub fn warn_unused(&self) {
+        if !self.tracing
+            && (self.traces_exporter_host.is_some() || self.traces_exporter_port.is_some())
+        {
+            tracing::warn!(
+                "--traces-exporter-host/--traces-exporter-port have no effect without --tracing"
+            );
+        }
+    }
+
+    /// Starts the exporter on `runtime` (it runs there, so drop the guard, which flushes,
+    /// before the runtime).
+    pub fn start(
+        &self,
+        runtime: &tokio::runtime::Runtime,
+        service_name: String,
+        what: &str,
+    ) -> anyhow::Result<Option<crate::telemetry::tracing::TracingGuard>> {
+        use anyhow::Context;
+        if !self.tracing {
+            return Ok(None);
+        }
+        let _entered = runtime.enter();
+        let guard = crate::telemetry::tracing::init(crate::telemetry::tracing::TracingOptions {
+            service_name,
+            exporter_host: self.traces_exporter_host.clone(),
+            exporter_port: self.traces_exporter_port,
+        })
+        .context("--tracing")?;
+        eprintln!("clipft {what} traces to {} (OTLP/gRPC)", guard.endpoint());
+        Ok(Some(guard))
+    }
+}
 
 /// The async runtime of the client commands and the trainer.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {

@@ -48,6 +48,8 @@ pub struct TrainerArgs {
     /// How long running runs get to write a checkpoint when the trainer is stopped.
     #[arg(long, env = "CLIPFT_SHUTDOWN_TIMEOUT", default_value_t = 60.0)]
     pub shutdown_timeout: f64,
+    #[command(flatten)]
+    pub tracing: super::TracingArgs,
 }
 
 pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
@@ -64,7 +66,12 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
         max_message_bytes: args.max_message_bytes as usize,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
     };
-    super::runtime()?.block_on(async move {
+    args.tracing.warn_unused();
+    let runtime = super::runtime()?;
+    let tracing_guard = args
+        .tracing
+        .start(&runtime, "clipft-trainer".into(), "trainer")?;
+    let result = runtime.block_on(async move {
         let addr = super::socket_addr(&args.host, args.port)?;
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -91,5 +98,8 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
         serve(reg, config, listener, super::executor::shutdown_signal()).await?;
         eprintln!("clipft trainer stopped");
         Ok(())
-    })
+    });
+    // The exporter runs on the runtime: flush before it goes.
+    drop(tracing_guard);
+    result
 }

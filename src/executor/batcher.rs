@@ -4,6 +4,8 @@
 //! own longest row, runs the tower off the async runtime and hands each request its rows.
 //! Admission is counted in documents with a semaphore, so memory is bounded by `--queue-depth`
 //! whatever the number of clients; requests whose caller went away are dropped before compute.
+//! With traces exported, a request's wait in the queue is its `queue` span and each batch it
+//! is part of a `model` span (see `JobTrace`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -59,6 +61,17 @@ struct Job {
     /// Released when the job is done or dropped, freeing its room in the queue.
     _permit: OwnedSemaphorePermit,
     enqueued: Instant,
+    /// Present when traces are exported.
+    trace: Option<JobTrace>,
+}
+
+/// A job's place in its request's trace: the model thread runs batches mixing several requests,
+/// so each request gets its own `model` span for every batch its inputs are in.
+struct JobTrace {
+    /// The request-side span current when the job was queued: parent of the job's spans.
+    parent: tracing::Span,
+    /// Open from queueing until the model thread takes the job.
+    queue: Option<tracing::Span>,
 }
 
 /// Counters the worker keeps; read by the executor's status and by tests.
@@ -165,12 +178,21 @@ impl Batcher {
             return Ok(Vec::new());
         }
         let (reply, rx) = oneshot::channel();
+        let trace = crate::telemetry::tracing::enabled().then(|| JobTrace {
+            parent: tracing::Span::current(),
+            queue: Some(tracing::info_span!(
+                "queue",
+                tower = self.tower.name(),
+                docs = inputs.len() as i64
+            )),
+        });
         let job = Job {
             inputs,
             max_batch: max_batch.unwrap_or(self.minibatch).clamp(1, self.minibatch),
             reply,
             _permit: admission.0,
             enqueued: Instant::now(),
+            trace,
         };
         self.tx
             .send(job)
@@ -244,6 +266,11 @@ fn worker(
         );
         metrics::histogram!("clipft_queue_wait_seconds", "tower" => tower.name())
             .record(waited.as_secs_f64());
+        for job in &mut jobs {
+            if let Some(t) = &mut job.trace {
+                t.queue.take();
+            }
+        }
         run_jobs(&encoder, tower, minibatch, jobs, stats);
     }
 }
@@ -292,6 +319,7 @@ fn run_jobs(
             .iter()
             .filter_map(|&(_, _, j, p)| inputs[j][p].take())
             .collect();
+        let spans = model_spans(&jobs, batch, tower);
         let t0 = Instant::now();
         // A bug in the model must not take the tower down: the batch fails, the worker goes on.
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -334,11 +362,15 @@ fn run_jobs(
                 }
             }
             Err(e) => {
+                for span in &spans {
+                    span.record("otel.status_code", "error");
+                }
                 for &(_, _, j, _) in batch {
                     failed[j] = Some(e.clone());
                 }
             }
         }
+        drop(spans);
         start = end;
     }
     for ((job, rows), err) in jobs.into_iter().zip(results).zip(failed) {
@@ -347,6 +379,40 @@ fn run_jobs(
             None => Ok(rows),
         });
     }
+}
+
+/// One `model` span per traced request with inputs in `batch`, under that request's span:
+/// `batch_size` is the whole model batch, `docs` the request's share of it, `requests` how many
+/// requests share it.
+fn model_spans(
+    jobs: &[Job],
+    batch: &[(usize, usize, usize, usize)],
+    tower: Tower,
+) -> Vec<tracing::Span> {
+    if jobs.iter().all(|j| j.trace.is_none()) {
+        return Vec::new();
+    }
+    let mut docs = vec![0usize; jobs.len()];
+    for &(_, _, j, _) in batch {
+        docs[j] += 1;
+    }
+    let requests = docs.iter().filter(|&&n| n > 0).count();
+    jobs.iter()
+        .zip(&docs)
+        .filter(|(_, &n)| n > 0)
+        .filter_map(|(job, &n)| {
+            let trace = job.trace.as_ref()?;
+            Some(tracing::info_span!(
+                parent: &trace.parent,
+                "model",
+                tower = tower.name(),
+                batch_size = batch.len() as i64,
+                docs = n as i64,
+                requests = requests as i64,
+                otel.status_code = tracing::field::Empty,
+            ))
+        })
+        .collect()
 }
 
 fn embed_batch(encoder: &Encoder, tower: Tower, inputs: Vec<Input>) -> Reply {

@@ -3,13 +3,16 @@
 //! classify each for the towers this executor serves, preprocess them on the preprocessing pool,
 //! embed them through the tower queues and write the embeddings (and rank scores) back in place.
 //! Every other field of every document is left as it was sent; a failed request comes back
-//! unchanged with an error status.
+//! unchanged with an error status. When traces are exported, each tower's work shows as
+//! `admission` (waiting for room in its queue), `preprocess` and, from the batcher, `queue` and
+//! `model` spans under the request's.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::future::try_join;
+use tracing::Instrument;
 
 use super::batcher::{Batcher, Input, Tower};
 use super::status::{self, ExecutorError};
@@ -125,11 +128,32 @@ impl Core {
             .as_ref()
             .and_then(|h| h.exec_endpoint.clone())
             .unwrap_or_else(|| "/default".into());
+        // The traced call's span (or the stream request's) declares these fields. Counts are
+        // recorded as i64: OpenTelemetry has no unsigned integers.
+        let span = crate::telemetry::tracing::enabled().then(|| {
+            let span = tracing::Span::current();
+            span.record("endpoint", endpoint.as_str());
+            if let Some(h) = &req.header {
+                span.record("request_id", h.request_id.as_str());
+            }
+            if let Some(data_request_proto::data_content_proto::Documents::Docs(da)) =
+                req.data.as_ref().and_then(|d| d.documents.as_ref())
+            {
+                span.record("docs", da.docs.len() as i64);
+            }
+            span
+        });
         let outcome = match route_endpoint(&endpoint) {
             Endpoint::DryRun => Ok(0),
             Endpoint::Encode => self.encode_request(&mut req, wait).await,
             Endpoint::Rank => self.rank_request(&mut req, wait).await,
         };
+        if let Some(span) = &span {
+            match &outcome {
+                Ok(n) => span.record("embedded", *n as i64),
+                Err(_) => span.record("otel.status_code", "error"),
+            };
+        }
         let labels = [
             ("executor", status::EXECUTOR_CLASS.to_string()),
             ("executor_endpoint", endpoint.clone()),
@@ -351,7 +375,15 @@ impl Core {
             if texts.is_empty() {
                 return Ok(Vec::new());
             }
-            let admission = batcher.admit(texts.len(), wait).await?;
+            let docs = texts.len();
+            let admission = batcher
+                .admit(docs, wait)
+                .instrument(tracing::info_span!(
+                    "admission",
+                    tower = "text",
+                    docs = docs as i64
+                ))
+                .await?;
             let t0 = std::time::Instant::now();
             let tok = self.tokenizer.clone();
             let inputs = self
@@ -369,6 +401,11 @@ impl Core {
                         })
                         .collect::<Result<Vec<_>, _>>()
                 })
+                .instrument(tracing::info_span!(
+                    "preprocess",
+                    tower = "text",
+                    docs = docs as i64
+                ))
                 .await??;
             metrics::histogram!("jina_preprocess_texts_seconds").record(t0.elapsed().as_secs_f64());
             batcher.run(admission, inputs, minibatch).await
@@ -380,7 +417,15 @@ impl Core {
             if images.is_empty() {
                 return Ok(Vec::new());
             }
-            let admission = batcher.admit(images.len(), wait).await?;
+            let docs = images.len();
+            let admission = batcher
+                .admit(docs, wait)
+                .instrument(tracing::info_span!(
+                    "admission",
+                    tower = "vision",
+                    docs = docs as i64
+                ))
+                .await?;
             let t0 = std::time::Instant::now();
             let pre = self.images.clone();
             let policy = self.policy.clone();
@@ -403,6 +448,11 @@ impl Core {
                             .collect::<Result<Vec<_>, _>>()
                     })
                 })
+                .instrument(tracing::info_span!(
+                    "preprocess",
+                    tower = "vision",
+                    docs = docs as i64
+                ))
                 .await??;
             metrics::histogram!("jina_preprocess_images_seconds")
                 .record(t0.elapsed().as_secs_f64());

@@ -1,6 +1,8 @@
 //! The tonic wiring: Jina's services over [`Core`], `grpc.health.v1`, server reflection in both
 //! `v1alpha` (the Jina gateway lists services through it before it sends anything) and `v1`,
-//! explicit message-size limits, the `is-error` trailer, and graceful shutdown.
+//! explicit message-size limits, the `is-error` trailer, graceful shutdown, and (with
+//! `--tracing`) a span per call that continues the caller's W3C trace
+//! ([`crate::telemetry::grpc::TraceLayer`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use super::endpoints::{Core, ENDPOINTS};
 use super::status;
@@ -114,10 +117,23 @@ impl call::JinaRpc for JinaServices {
         let (tx, rx) = mpsc::channel(limit);
         let core = self.core.clone();
         let task_flag = flag.clone();
-        tokio::spawn(async move {
+        // The call's span (when traced): the stream's messages are decoded inside it, and each
+        // request of the stream gets a `data_request` span of its own under it.
+        let call_span = tracing::Span::current();
+        let task_span = call_span.clone();
+        let task = async move {
             let work = inbound.map(move |item| {
                 let core = core.clone();
                 let flag = task_flag.clone();
+                let span = tracing::info_span!(
+                    parent: &call_span,
+                    "data_request",
+                    endpoint = tracing::field::Empty,
+                    request_id = tracing::field::Empty,
+                    docs = tracing::field::Empty,
+                    embedded = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
+                );
                 async move {
                     let req = item?;
                     match core.handle(req, true).await {
@@ -130,6 +146,7 @@ impl call::JinaRpc for JinaServices {
                         Err(e) => Err(e.to_grpc()),
                     }
                 }
+                .instrument(span)
             });
             let mut out: ReplyStream<DataRequestProto> = if in_order {
                 Box::pin(work.buffered(limit))
@@ -149,7 +166,8 @@ impl call::JinaRpc for JinaServices {
                     _ = tx.closed() => break,
                 }
             }
-        });
+        };
+        tokio::spawn(task.instrument(task_span));
         let mut r = Response::new(Box::pin(ReceiverStream::new(rx)) as Self::CallStream);
         r.extensions_mut().insert(flag);
         Ok(r)
@@ -392,6 +410,8 @@ pub async fn serve(
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Outermost, so a call's span also sees the `is-error` trailer added inside it.
+        .layer(crate::telemetry::grpc::TraceLayer)
         .layer(ErrorTrailerLayer)
         .add_service(health_service)
         .add_service(limited!(call::JinaRpcServer::new(svc.clone())))

@@ -101,4 +101,16 @@ fn describe() {
         "clipft_abandoned_requests_total",
         "Queued requests dropped before compute because the caller left, by tower"
     );
+    describe_gauge!("clipft_trainer_runs", "Trainer runs by state");
+    describe_counter!(
+        "clipft_trainer_runs_ended_total",
+        "Trainer runs that ended, by final state"
+    );
+    describe_counter!("clipft_trainer_steps_total", "Optimiser steps taken");
+    describe_histogram!(
+        "clipft_trainer_step_seconds",
+        Unit::Seconds,
+        "Time per training step (data, forward, backward, optimiser)"
+    );
+    describe_gauge!("clipft_trainer_loss", "Loss of the latest step, by run");
 }

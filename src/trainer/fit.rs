@@ -491,7 +491,8 @@ pub fn fit(
     let mut stopped_early = None;
     let first_epoch = st.epoch;
     'epochs: for epoch in first_epoch..cfg.epochs {
-        let _span = tracing::info_span!("epoch", epoch = epoch + 1, run = %cfg.run_name).entered();
+        let _span =
+            tracing::info_span!("epoch", epoch = epoch as i64 + 1, run = %cfg.run_name).entered();
         let order = epoch_order(pairs.len(), cfg, epoch);
         let skip = if epoch == first_epoch { st.batch } else { 0 };
         if skip == 0 {

@@ -619,10 +619,13 @@ impl Registry {
                         resume,
                         suspend,
                     };
-                    let mut last_line = std::time::Instant::now();
+                    let mut clocks = Clocks {
+                        line: std::time::Instant::now(),
+                        step: std::time::Instant::now(),
+                    };
                     let run = std::panic::AssertUnwindSafe(|| {
                         super::fit::fit(&cfg, &control, &mut |ev| {
-                            self.on_event(&name, ev, &mut last_line)
+                            self.on_event(&name, ev, &mut clocks)
                         })
                     });
                     match std::panic::catch_unwind(run) {
@@ -688,7 +691,7 @@ impl Registry {
     }
 
     /// Logs and progress from a running fit.
-    fn on_event(&self, name: &str, ev: FitEvent, last_line: &mut std::time::Instant) {
+    fn on_event(&self, name: &str, ev: FitEvent, clocks: &mut Clocks) {
         let mut inner = self.lock();
         let Some(e) = inner.runs.get_mut(name) else {
             return;
@@ -708,7 +711,10 @@ impl Registry {
                 lr,
             } => {
                 let p = &mut e.rec.progress;
-                let dt = last_line.elapsed();
+                let dt = clocks.line.elapsed();
+                metrics::histogram!("clipft_trainer_step_seconds")
+                    .record(clocks.step.elapsed().as_secs_f64());
+                clocks.step = std::time::Instant::now();
                 metrics::counter!("clipft_trainer_steps_total").increment(1);
                 metrics::gauge!("clipft_trainer_loss", "run" => name.to_string()).set(loss as f64);
                 p.step = step;
@@ -717,7 +723,7 @@ impl Registry {
                 // A line per step would flood the log of a long run: every 10th step, the last,
                 // and at least every 5 seconds.
                 (step % 10 == 0 || step == p.total_steps || dt.as_secs() >= 5).then(|| {
-                    *last_line = std::time::Instant::now();
+                    clocks.line = std::time::Instant::now();
                     format!(
                         "epoch {} step {step}/{} loss {loss:.4} lr {lr:.3e}",
                         epoch + 1,
@@ -776,6 +782,12 @@ impl Registry {
             }
         }
     }
+}
+
+/// When a run last wrote a step line, and when its last step ended.
+struct Clocks {
+    line: std::time::Instant,
+    step: std::time::Instant,
 }
 
 const CANCELED: &str = "canceled";

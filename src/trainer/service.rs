@@ -464,6 +464,7 @@ pub async fn serve(
         let _ = stop_tx.send(());
     });
     let served = tonic::transport::Server::builder()
+        .layer(crate::telemetry::grpc::TraceLayer)
         .add_service(health_service)
         .add_service(svc)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
