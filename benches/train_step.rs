@@ -12,8 +12,7 @@ use clipft::trainer::train::TrainModel;
 use rand::{Rng, SeedableRng};
 
 fn main() {
-    // The allocator and thread settings the clipft binary runs with.
-    clipft::cli::tune_candle_threads();
+    // The allocator settings the clipft binary runs with.
     clipft::cli::tune_allocator();
     let args: Vec<String> = std::env::args()
         .skip(1)

@@ -173,21 +173,6 @@ pub fn tune_allocator_for_serving() {
     }
 }
 
-/// candle's worker threads spin for a while after each op before they sleep (25k spins by
-/// default). Training runs many small candle ops between our own multi-threaded ones, so on a
-/// machine with few cores the spinning workers take the cores the real work needs; this turns
-/// the spin down unless the user set `CANDLE_BARRIER_POOL_SPIN_LIMIT`. Must run before candle's
-/// first op (it reads the variable once) and before other threads exist.
-pub fn tune_candle_threads() {
-    const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
-    if std::env::var_os(VAR).is_none() {
-        std::env::set_var(VAR, CANDLE_SPIN_LIMIT);
-    }
-}
-
-/// The spin limit [`tune_candle_threads`] sets (BENCHMARKS.md has the measurements).
-pub const CANDLE_SPIN_LIMIT: &str = "0";
-
 /// OpenTelemetry export, as Jina's flags spell it; shared by the executor and the trainer.
 #[derive(Args, Debug, Clone)]
 pub struct TracingArgs {
@@ -262,7 +247,6 @@ pub fn socket_addr(host: &str, port: u16) -> anyhow::Result<std::net::SocketAddr
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    tune_candle_threads();
     init_logging();
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let called_as_jina = argv
