@@ -58,8 +58,9 @@ struct Job {
     /// The request's own minibatch size (clip_server's `minibatch_size` parameter).
     max_batch: usize,
     reply: oneshot::Sender<Reply>,
-    /// Released when the job is done or dropped, freeing its room in the queue.
-    _permit: OwnedSemaphorePermit,
+    /// Released when the job is done (before its reply goes out) or dropped, freeing its room
+    /// in the queue.
+    permit: OwnedSemaphorePermit,
     enqueued: Instant,
     /// Present when traces are exported.
     trace: Option<JobTrace>,
@@ -190,7 +191,7 @@ impl Batcher {
             inputs,
             max_batch: max_batch.unwrap_or(self.minibatch).clamp(1, self.minibatch),
             reply,
-            _permit: admission.0,
+            permit: admission.0,
             enqueued: Instant::now(),
             trace,
         };
@@ -374,7 +375,11 @@ fn run_jobs(
         start = end;
     }
     for ((job, rows), err) in jobs.into_iter().zip(results).zip(failed) {
-        let _ = job.reply.send(match err {
+        // The room is free before the caller hears back: a caller that has its reply sees the
+        // queue without its documents.
+        let Job { reply, permit, .. } = job;
+        drop(permit);
+        let _ = reply.send(match err {
             Some(e) => Err(e),
             None => Ok(rows),
         });
