@@ -520,6 +520,11 @@ async fn runs_queue_and_cancel_mid_epoch() -> R {
     assert_eq!(client::state_word(long.state), "STARTED");
     let next = get(&mut c, "next").await?;
     assert_eq!(client::state_word(next.state), "CREATED", "{next:?}");
+    // A dataset that queued or running runs still read cannot be replaced.
+    let e = client::push_dataset(&mut c, "train", &demo("eval.csv"), true)
+        .await
+        .expect_err("replaced a dataset in use");
+    assert!(e.to_string().contains("cannot be replaced"), "{e}");
     let dropped = c
         .cancel_run(pb::CancelRunRequest {
             name: "dropped".into(),
@@ -554,7 +559,11 @@ async fn runs_queue_and_cancel_mid_epoch() -> R {
     let next = wait_for(&mut c, "next", ended).await?;
     assert_eq!(client::state_word(next.state), "FINISHED", "{next:?}");
     assert!(next.started_unix >= long.finished_unix);
-    // Canceling what has ended is refused.
+    // Canceling what has ended is refused; so is a second trainer on the same folder.
+    let second = Trainer::start(&dir, &[])
+        .err()
+        .ok_or("a second trainer started")?;
+    assert!(second.to_string().contains("another trainer"), "{second}");
     assert_eq!(
         code(
             c.cancel_run(pb::CancelRunRequest {

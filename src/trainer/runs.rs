@@ -183,6 +183,34 @@ pub struct Registry {
     suspend: Arc<AtomicBool>,
     /// Worker threads still running, for shutdown.
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Held (an exclusive `flock`) while this trainer owns `--data-dir`.
+    _lock: std::fs::File,
+}
+
+/// Takes `<data-dir>/trainer.lock` exclusively: two trainers on one folder would run the same
+/// runs twice and overwrite each other's records.
+fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, RunError> {
+    let path = data_dir.join("trainer.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a file descriptor this function owns.
+        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            return Err(RunError::BadConfig(format!(
+                "another trainer is using --data-dir {} (it holds {})",
+                data_dir.display(),
+                path.display()
+            )));
+        }
+    }
+    Ok(f)
 }
 
 impl Registry {
@@ -190,6 +218,7 @@ impl Registry {
     pub fn open(opts: RunnerOptions) -> Result<Arc<Self>, RunError> {
         let runs_dir = opts.data_dir.join("runs");
         std::fs::create_dir_all(&runs_dir).map_err(io(&runs_dir))?;
+        let lock = lock_data_dir(&opts.data_dir)?;
         let datasets = DatasetStore::open(&opts.data_dir, opts.max_dataset_bytes)?;
         let mut runs = HashMap::new();
         let mut next_seq = 0;
@@ -242,6 +271,7 @@ impl Registry {
             wake: Notify::new(),
             suspend: Arc::default(),
             workers: Mutex::default(),
+            _lock: lock,
         });
         {
             let inner = reg.lock();

@@ -144,6 +144,12 @@ impl Trainer for TrainerService {
                 return Err(Status::invalid_argument("dataset format is unspecified"))
             }
         };
+        if header.overwrite && self.reg.datasets_in_use().contains(&header.name) {
+            return Err(Status::failed_precondition(format!(
+                "dataset {:?} is used by a run that has not ended; it cannot be replaced now",
+                header.name
+            )));
+        }
         let mut upload = tokio::task::block_in_place(|| {
             self.reg
                 .datasets
