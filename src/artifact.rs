@@ -313,6 +313,7 @@ impl Staged {
             "after": s.after,
             "train_loss_per_epoch": s.epoch_losses,
             "eval_loss_per_epoch": s.eval_losses,
+            "train_loss_per_step": s.losses,
         });
         write_text(&self.tmp.join("metrics.yml"), &to_yaml(&metrics))?;
         let per_epoch = s.losses.len() / s.epoch_losses.len().max(1);

@@ -73,13 +73,31 @@ fn six_adamw_steps_match_pytorch() {
             "step {step}: loss {loss} vs torch {want}"
         );
     }
+    let got: HashMap<String, Tensor> = model
+        .named_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().clone()))
+        .collect();
+    assert_matches_torch(&reference, &before, &got, &after);
+}
+
+/// Every weight after the six steps against torch's (`after`), from the weights `before` them;
+/// the tolerances are explained inside.
+fn assert_matches_torch(
+    reference: &Value,
+    before: &HashMap<String, Tensor>,
+    got_all: &HashMap<String, Tensor>,
+    after: &HashMap<String, Tensor>,
+) {
     let noise: Vec<String> =
         serde_json::from_value(reference["gradient_is_rounding_noise"].clone()).unwrap();
     let decay = (1.0f64 - 1e-3 * 0.01).powi(6);
     let mut compared = 0;
-    for (name, var) in model.named_vars() {
-        let got = var
-            .as_tensor()
+    let mut names: Vec<&String> = got_all.keys().collect();
+    names.sort();
+    for name in names {
+        let name = name.clone();
+        let got = got_all[&name]
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
@@ -138,4 +156,93 @@ fn six_adamw_steps_match_pytorch() {
         compared += 1;
     }
     assert!(compared >= 70, "{compared}");
+}
+
+/// The same six steps through `clipft fit` as a user runs it (`--no-shuffle --max-steps 6` on a
+/// CSV of the 24 pairs): the per-step losses it records and the artifact's weights match torch's.
+#[test]
+fn clipft_fit_takes_the_same_steps_as_pytorch() {
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("tests/fixtures/train/reference.json")).unwrap(),
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("clipft-train-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let demo = root().join("data/demo");
+    let mut csv = csv::Writer::from_path(dir.join("pairs.csv")).unwrap();
+    let mut rows = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .from_path(demo.join("train.csv"))
+        .unwrap();
+    for rec in rows.records().take(24) {
+        let rec = rec.unwrap();
+        csv.write_record([&rec[0], demo.join(&rec[1]).to_str().unwrap()])
+            .unwrap();
+    }
+    csv.flush().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_clipft"))
+        .args(["fit", "--model"])
+        .arg(root().join("tests/fixtures/clip-tiny"))
+        .arg("--train-data")
+        .arg(dir.join("pairs.csv"))
+        .args([
+            "--no-shuffle",
+            "--max-steps",
+            "6",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+        ])
+        .args([
+            "--optimizer",
+            "AdamW",
+            "--learning-rate",
+            "1e-3",
+            "--weight-decay",
+            "0.01",
+        ])
+        .args(["--device", "cpu", "--run-name", "parity", "--output"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let artifact = dir.join("parity");
+    let metrics: serde_json::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(artifact.join("metrics.yml")).unwrap())
+            .unwrap();
+    let losses: Vec<f64> = serde_json::from_value(metrics["train_loss_per_step"].clone()).unwrap();
+    let want: Vec<f64> = serde_json::from_value(reference["losses"].clone()).unwrap();
+    assert_eq!(losses.len(), want.len());
+    for (step, (l, w)) in losses.iter().zip(&want).enumerate() {
+        assert!(((l - w) / w).abs() < 1e-5, "step {step}: {l} vs torch {w}");
+    }
+    let dev = Device::Cpu;
+    let mut got = HashMap::new();
+    for tower in ["clip-text", "clip-vision"] {
+        got.extend(
+            candle_core::safetensors::load(
+                artifact
+                    .join("models")
+                    .join(tower)
+                    .join("model.safetensors"),
+                &dev,
+            )
+            .unwrap(),
+        );
+    }
+    let before = candle_core::safetensors::load(
+        root().join("tests/fixtures/clip-tiny/model.safetensors"),
+        &dev,
+    )
+    .unwrap();
+    let after =
+        candle_core::safetensors::load(root().join("tests/fixtures/train/after.safetensors"), &dev)
+            .unwrap();
+    assert_matches_torch(&reference, &before, &got, &after);
 }
