@@ -3,7 +3,6 @@
 //! venv under target/ from tests/interop/requirements.txt (PyPI only); later runs reuse it.
 //! Also the binary's own life cycle: `ping`, `--uses`, SIGTERM.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -61,36 +60,25 @@ impl Executor {
     /// Starts it with exactly `args` after the model and port; returns it once serving, with
     /// what it printed before.
     fn launch(args: &[&str]) -> R<(Self, Vec<String>)> {
-        let mut child = bin()
-            .args([
-                "executor",
-                "--model",
-                &tiny(),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-            ])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = child.stderr.take().ok_or("no stderr")?;
-        let mut lines = BufReader::new(stderr).lines();
-        let mut seen = Vec::new();
-        let port = loop {
-            let Some(line) = lines.next() else {
-                return Err(format!("executor exited: {}", seen.join("\n")).into());
-            };
-            let line = line?;
-            if let Some(addr) = line.split("serving on ").nth(1) {
-                break addr.rsplit(':').next().ok_or("no port")?.trim().parse()?;
-            }
-            seen.push(line);
-        };
-        // Keep draining stderr so the executor never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Ok((Self { child, port }, seen))
+        let mut cmd = bin();
+        cmd.args([
+            "executor",
+            "--model",
+            &tiny(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ])
+        .args(args);
+        let s = common::spawn_serving(cmd, None)?;
+        Ok((
+            Self {
+                child: s.child,
+                port: s.port,
+            },
+            s.before,
+        ))
     }
 
     fn target(&self) -> String {

@@ -6,8 +6,8 @@
 //! here reaches the collector through the flush on SIGTERM.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -150,8 +150,7 @@ impl Executor {
                 cmd.env_remove(&k);
             }
         }
-        let mut child = cmd
-            .args(["executor", "--model", &tiny(), "--host", "127.0.0.1"])
+        cmd.args(["executor", "--model", &tiny(), "--host", "127.0.0.1"])
             .args([
                 "--port",
                 "0",
@@ -164,29 +163,12 @@ impl Executor {
             .args(["--traces-exporter-port", &collector_port.to_string()])
             // Nothing leaves before shutdown: what arrives came with the flush on SIGTERM.
             .env("OTEL_BSP_SCHEDULE_DELAY", "3600000")
-            .env("CLIPFT_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = child.stderr.take().ok_or("no stderr")?;
-        let mut lines = BufReader::new(stderr).lines();
-        let mut seen = Vec::new();
-        let port = loop {
-            let Some(line) = lines.next() else {
-                return Err(format!("executor exited: {}", seen.join("\n")).into());
-            };
-            let line = line?;
-            if let Some(addr) = line.split("serving on ").nth(1) {
-                break addr.rsplit(':').next().ok_or("no port")?.trim().parse()?;
-            }
-            seen.push(line);
-        };
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                eprintln!("executor: {line}");
-            }
-        });
-        Ok(Self { child, port })
+            .env("CLIPFT_LOG", "warn");
+        let s = common::spawn_serving(cmd, Some("executor"))?;
+        Ok(Self {
+            child: s.child,
+            port: s.port,
+        })
     }
 
     /// SIGTERM, then the exit status.
@@ -470,27 +452,15 @@ async fn trainer_traces_calls_runs_and_epochs() -> R {
             cmd.env_remove(&k);
         }
     }
-    let mut child = cmd
-        .args(["trainer", "--host", "127.0.0.1", "--port", "0"])
+    cmd.args(["trainer", "--host", "127.0.0.1", "--port", "0"])
         .args(["--port-monitoring", "0", "--data-dir"])
         .arg(&data)
         .args(["--tracing", "--traces-exporter-host", "127.0.0.1"])
         .args(["--traces-exporter-port", &collector_port.to_string()])
         .env("OTEL_BSP_SCHEDULE_DELAY", "3600000")
-        .env("CLIPFT_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let port: u16 = loop {
-        let line = lines.next().ok_or("trainer exited")??;
-        if let Some(rest) = line.split("serving on ").nth(1) {
-            let addr = rest.split_whitespace().next().ok_or("no address")?;
-            break addr.rsplit(':').next().ok_or("no port")?.parse()?;
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+        .env("CLIPFT_LOG", "warn");
+    let spawned = common::spawn_serving(cmd, Some("trainer"))?;
+    let (mut child, port) = (spawned.child, spawned.port);
     let mut c = clipft::trainer::client::connect(&format!("grpc://127.0.0.1:{port}"), None)
         .await
         .map_err(|e| e.to_string())?;

@@ -4,9 +4,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use clipft::protocol::trainer as pb;
@@ -43,31 +42,17 @@ impl Trainer {
         } else {
             &["--port-monitoring", "0"]
         };
-        let mut child = bin()
-            .args(["trainer", "--host", "127.0.0.1", "--port", "0"])
+        let mut cmd = bin();
+        cmd.args(["trainer", "--host", "127.0.0.1", "--port", "0"])
             .args(monitoring)
             .arg("--data-dir")
             .arg(data_dir)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = child.stderr.take().ok_or("no stderr")?;
-        let mut lines = BufReader::new(stderr).lines();
-        let mut seen = Vec::new();
-        let port = loop {
-            let Some(line) = lines.next() else {
-                return Err(format!("trainer exited: {}", seen.join("\n")).into());
-            };
-            let line = line?;
-            if let Some(rest) = line.split("serving on ").nth(1) {
-                let addr = rest.split_whitespace().next().ok_or("no address")?;
-                break addr.rsplit(':').next().ok_or("no port")?.parse()?;
-            }
-            seen.push(line);
-        };
-        std::thread::spawn(move || for _ in lines {});
-        Ok(Self { child, port })
+            .args(args);
+        let s = common::spawn_serving(cmd, None)?;
+        Ok(Self {
+            child: s.child,
+            port: s.port,
+        })
     }
 
     fn addr(&self) -> String {

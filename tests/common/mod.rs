@@ -152,3 +152,54 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// A server process (`clipft executor` / `clipft trainer`) that announced where it serves.
+pub struct Spawned {
+    pub child: std::process::Child,
+    pub port: u16,
+    /// What it printed to stderr before it was serving.
+    pub before: Vec<String>,
+}
+
+/// Spawns `cmd` with stderr piped, waits for its "serving on HOST:PORT" line and returns the
+/// port; the rest of stderr keeps being drained (echoed with `echo` as prefix when given) so the
+/// server never blocks on a full pipe.
+pub fn spawn_serving(
+    mut cmd: std::process::Command,
+    echo: Option<&'static str>,
+) -> Result<Spawned, String> {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let mut before = Vec::new();
+    let port = loop {
+        let Some(line) = lines.next() else {
+            let _ = child.wait();
+            return Err(format!("the server exited: {}", before.join("\n")));
+        };
+        let line = line.map_err(|e| e.to_string())?;
+        if let Some(rest) = line.split("serving on ").nth(1) {
+            let addr = rest.split_whitespace().next().ok_or("no address")?;
+            let port = addr.rsplit(':').next().ok_or("no port")?;
+            break port.parse::<u16>().map_err(|e| format!("{line}: {e}"))?;
+        }
+        before.push(line);
+    };
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Some(prefix) = echo {
+                eprintln!("{prefix}: {line}");
+            }
+        }
+    });
+    Ok(Spawned {
+        child,
+        port,
+        before,
+    })
+}
