@@ -350,6 +350,19 @@ fn is_csv(path: &Path) -> bool {
         .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
 }
 
+/// A temporary file for a packed dataset (removed when dropped), and its path.
+fn temp_file(suffix: &str) -> Result<(tempfile::NamedTempFile, PathBuf), DataError> {
+    let tmp = tempfile::Builder::new()
+        .suffix(suffix)
+        .tempfile()
+        .map_err(|e| DataError::Io {
+            path: std::env::temp_dir(),
+            source: e,
+        })?;
+    let path = tmp.path().to_path_buf();
+    Ok((tmp, path))
+}
+
 /// Prepares the local dataset `path` for a push (see the module doc).
 pub fn pack(path: &Path) -> Result<Packed, DataError> {
     let file_name = path
@@ -383,14 +396,7 @@ pub fn pack(path: &Path) -> Result<Packed, DataError> {
         });
     }
     // Rewrite as an uncompressed protobuf stream with local images inlined as blobs.
-    let tmp = tempfile::Builder::new()
-        .suffix(".protobuf")
-        .tempfile()
-        .map_err(|e| DataError::Io {
-            path: std::env::temp_dir(),
-            source: e,
-        })?;
-    let tmp_path = tmp.path().to_path_buf();
+    let (tmp, tmp_path) = temp_file(".protobuf")?;
     let ioe = |e: std::io::Error| DataError::Io {
         path: tmp_path.clone(),
         source: e,
@@ -450,14 +456,7 @@ pub fn pack(path: &Path) -> Result<Packed, DataError> {
 fn pack_csv(path: &Path, file_name: String) -> Result<Packed, DataError> {
     let rows = crate::docarray::csv::CsvRows::open(path)?;
     let base = rows.base().to_path_buf();
-    let tmp = tempfile::Builder::new()
-        .suffix(".zip")
-        .tempfile()
-        .map_err(|e| DataError::Io {
-            path: std::env::temp_dir(),
-            source: e,
-        })?;
-    let tmp_path = tmp.path().to_path_buf();
+    let (tmp, tmp_path) = temp_file(".zip")?;
     let zerr = |e: zip::result::ZipError| DataError::Io {
         path: tmp_path.clone(),
         source: std::io::Error::other(e),
