@@ -464,15 +464,22 @@ pub fn fit(
             )));
             c.state
         }
-        None => RunState {
-            best: cfg.best_model.clone().map(BestModel::new),
-            early: cfg
-                .early_stopping
-                .as_ref()
-                .map(|e| EarlyStopper::new(e.monitor.clone(), e.patience, e.min_delta, e.baseline)),
-            started_unix: unix_now(),
-            ..Default::default()
-        },
+        None => {
+            if control.resume {
+                progress(FitEvent::Log(format!(
+                    "no checkpoint in {}: starting from the beginning",
+                    work.display()
+                )));
+            }
+            RunState {
+                best: cfg.best_model.clone().map(BestModel::new),
+                early: cfg.early_stopping.as_ref().map(|e| {
+                    EarlyStopper::new(e.monitor.clone(), e.patience, e.min_delta, e.baseline)
+                }),
+                started_unix: unix_now(),
+                ..Default::default()
+            }
+        }
     };
     progress(FitEvent::Started {
         pairs: pairs.len(),

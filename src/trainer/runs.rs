@@ -660,7 +660,7 @@ impl Registry {
                     });
                     match std::panic::catch_unwind(run) {
                         Ok(Ok(report)) => Ok(Some(report)),
-                        Ok(Err(e)) => Err(fit_outcome(e)),
+                        Ok(Err(e)) => Err(fit_outcome(e, resume)),
                         Err(p) => Err(format!(
                             "internal error: {}",
                             p.downcast_ref::<String>()
@@ -823,11 +823,11 @@ struct Clocks {
 const CANCELED: &str = "canceled";
 const SUSPENDED: &str = "suspended at step";
 
-fn fit_outcome(e: FitError) -> String {
+fn fit_outcome(e: FitError, resumed: bool) -> String {
     match e {
         FitError::Canceled => CANCELED.into(),
         FitError::Suspended(step) => format!("{SUSPENDED} {step}"),
-        FitError::Checkpoint(c) => format!("cannot resume: {c}"),
+        FitError::Checkpoint(c) if resumed => format!("cannot resume: {c}"),
         e => e.to_string(),
     }
 }
