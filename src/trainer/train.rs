@@ -92,7 +92,7 @@ impl TrainModel {
     /// Every variable with its checkpoint name, sorted by name (a stable order for optimisers
     /// and checkpoints).
     pub fn named_vars(&self) -> Vec<(String, candle_core::Var)> {
-        let vars = self.varmap.data().lock().expect("varmap lock");
+        let vars = self.varmap.data().lock().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<(String, candle_core::Var)> =
             vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
