@@ -157,39 +157,36 @@ impl CsvRows {
     /// Non-empty rows as written, with their line numbers and the checks every role shares (two
     /// or three columns), for tools that rewrite or vet a CSV without knowing its role.
     pub fn rows(mut self) -> impl Iterator<Item = Result<(String, Vec<String>), DataError>> {
-        std::iter::from_fn(move || {
-            let (line, f) = match self.next_row()? {
-                Ok(x) => x,
-                Err(e) => return Some(Err(e)),
-            };
-            let loc = self.location(line);
-            if f.len() < 2 || f.len() > 3 {
-                return Some(Err(DataError::Malformed {
-                    location: loc,
-                    msg: format!(
-                        "expected caption,image[,label] or item,label, found {} columns",
-                        f.len()
-                    ),
-                }));
-            }
-            Some(Ok((loc, f)))
-        })
+        std::iter::from_fn(move || self.next_with_columns("caption,image[,label] or item,label"))
+    }
+
+    /// The next non-empty row with its location, refused unless it has two or three columns
+    /// (`shape` names them in the error).
+    fn next_with_columns(
+        &mut self,
+        shape: &str,
+    ) -> Option<Result<(String, Vec<String>), DataError>> {
+        let (line, f) = match self.next_row()? {
+            Ok(x) => x,
+            Err(e) => return Some(Err(e)),
+        };
+        let loc = self.location(line);
+        if f.len() < 2 || f.len() > 3 {
+            return Some(Err(DataError::Malformed {
+                location: loc,
+                msg: format!("expected {shape}, found {} columns", f.len()),
+            }));
+        }
+        Some(Ok((loc, f)))
     }
 
     /// Training pairs (caption + image, optional label).
     pub fn pairs(mut self) -> impl Iterator<Item = Result<Pair, DataError>> {
         std::iter::from_fn(move || {
-            let (line, f) = match self.next_row()? {
+            let (loc, f) = match self.next_with_columns("caption,image[,label]")? {
                 Ok(x) => x,
                 Err(e) => return Some(Err(e)),
             };
-            let loc = self.location(line);
-            if f.len() < 2 || f.len() > 3 {
-                return Some(Err(DataError::Malformed {
-                    location: loc,
-                    msg: format!("expected caption,image[,label], found {} columns", f.len()),
-                }));
-            }
             let (caption, image) = match (
                 looks_like_image(&f[0], &self.base),
                 looks_like_image(&f[1], &self.base),
