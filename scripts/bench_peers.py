@@ -156,6 +156,8 @@ def main():
     ap.add_argument("--peers", default="torch,onnxruntime")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rss", action="store_true", help="print peak RSS at the end (stderr)")
+    ap.add_argument("--device", default="cpu", help="torch peer only: cpu or cuda")
+    ap.add_argument("--dtype", choices=["f32", "f16", "bf16"], default="f32", help="torch peer only")
     args = ap.parse_args()
 
     from transformers import CLIPModel
@@ -170,7 +172,11 @@ def main():
     towers = ["text", "vision"] if args.tower == "both" else [args.tower]
 
     torch.set_num_threads(args.threads)
-    model = CLIPModel.from_pretrained(str(model_dir)).float().eval()
+    dev = torch.device(args.device)
+    wdtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if dev.type != "cpu" and peers != ["torch"]:
+        raise SystemExit("--device other than cpu: --peers torch only")
+    model = CLIPModel.from_pretrained(str(model_dir)).to(dev, wdtype).eval()
     image_size = model.config.vision_config.image_size
     max_pos = model.config.text_config.max_position_embeddings
     for t in text_tokens:
@@ -213,10 +219,12 @@ def main():
                     x = make_ids(b, t, gen) if tower == "text" else make_pixels(b, image_size, gen)
                     if peer == "torch":
                         f = feats[tower]
+                        x = x.to(dev) if tower == "text" else x.to(dev, wdtype)
 
                         def fn(f=f, x=x):
+                            # the features back on the host, as clipft's bench returns them
                             with torch.inference_mode():
-                                return f(x)
+                                return f(x).float().cpu()
 
                     else:
                         sess = sessions[tower]
@@ -234,6 +242,8 @@ def main():
                                 "batch_size": b,
                                 "text_tokens": t,
                                 "items_per_second": round(ips, 3),
+                                "device": args.device,
+                                "dtype": args.dtype,
                             }
                         ),
                         flush=True,

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""PyTorch peer of `cargo bench --bench train_step`: the same CLIPLoss + AdamW steps on the same
-model folder, random 77-token texts and random pixels, float32 on the CPU. Prints pairs/second
-as one JSON line.
+"""PyTorch peer of `clipft bench --train`: the same CLIPLoss + AdamW steps on the same model
+folder, random 77-token texts and random pixels. Prints pairs/second as one JSON line.
 
     python scripts/bench_train_peer.py --model target/vit-b-32 --batch 8 --steps 5
+    python scripts/bench_train_peer.py --model target/vit-b-32 --batch 256 --device cuda --dtype bf16
+
+--dtype bf16|f16 is torch.autocast over the forward pass with f32 weights and AdamW state (f16
+with a GradScaler), as clipft's mixed precision does; f32 on a GPU allows TF32 neither here nor
+in clipft. --attn eager (default, the same math clipft runs) or sdpa (PyTorch's fused attention).
 """
 import argparse
 import json
@@ -26,38 +30,57 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32")
+    ap.add_argument("--attn", choices=["eager", "sdpa"], default="eager")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model = CLIPModel.from_pretrained(a.model, attn_implementation="eager").train()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = torch.device(a.device)
+    model = CLIPModel.from_pretrained(a.model, attn_implementation=a.attn).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
     ids = torch.randint(1, 49400, (a.batch, 77))
     ids[:, 0], ids[:, -1] = 49406, 49407
+    ids = ids.to(dev)
     size = model.config.vision_config.image_size
-    pixels = torch.randn(a.batch, 3, size, size)
-    labels = torch.arange(a.batch)
+    pixels = torch.randn(a.batch, 3, size, size).to(dev)
+    labels = torch.arange(a.batch).to(dev)
+    half = {"bf16": torch.bfloat16, "f16": torch.float16}.get(a.dtype)
+    scaler = torch.amp.GradScaler(dev.type) if a.dtype == "f16" else None
 
     def step():
-        t = features(model.get_text_features(input_ids=ids))
-        i = features(model.get_image_features(pixel_values=pixels))
-        t = t / t.norm(dim=-1, keepdim=True)
-        i = i / i.norm(dim=-1, keepdim=True)
-        logits = model.logit_scale.exp() * t @ i.T
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+        with torch.autocast(dev.type, dtype=half or torch.float32, enabled=half is not None):
+            t = features(model.get_text_features(input_ids=ids))
+            i = features(model.get_image_features(pixel_values=pixels))
+            t = t / t.norm(dim=-1, keepdim=True)
+            i = i / i.norm(dim=-1, keepdim=True)
+            logits = model.logit_scale.exp() * t @ i.T
+            loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        return loss.item()
+        return loss.item()  # waits for the GPU, as clipft's step does
 
     step()
     start = time.perf_counter()
     for _ in range(a.steps):
         step()
     secs = time.perf_counter() - start
-    print(json.dumps({"peer": "torch", "batch_size": a.batch, "steps": a.steps, "text_tokens": 77,
-                      "pairs_per_second": round(a.batch * a.steps / secs, 3)}))
+    out = {"peer": "torch", "batch_size": a.batch, "steps": a.steps, "text_tokens": 77,
+           "device": a.device, "dtype": a.dtype, "attn": a.attn,
+           "pairs_per_second": round(a.batch * a.steps / secs, 3)}
+    if dev.type == "cuda":
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -310,6 +310,50 @@ fn bench_prints_json_last_line() {
 }
 
 #[test]
+fn bench_train_measures_training_steps() {
+    let out = ok(bin()
+        .args(["bench", "--train", "--model", &tiny(), "--batch-size", "4"])
+        .args(["--seconds", "0", "--text-tokens", "12"])
+        .output()
+        .unwrap());
+    let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["tower"], "clip");
+    assert_eq!(last["mode"], "train");
+    assert_eq!(last["batch_size"], 4);
+    assert_eq!(last["dtype"], "f32");
+    assert!(last["iterations"].as_u64().unwrap() >= 2);
+    assert!(last["items_per_second"].as_f64().unwrap() > 0.0);
+    // It trains both towers, so a tower choice is a mistake, not something to ignore.
+    let e = err(bin()
+        .args([
+            "bench",
+            "--train",
+            "--model",
+            &tiny(),
+            "--select-model",
+            "clip-text",
+        ])
+        .output()
+        .unwrap());
+    assert!(e.contains("cannot be used with"), "{e}");
+    let e = err(bin()
+        .args([
+            "bench",
+            "--train",
+            "--model",
+            &tiny(),
+            "--text-tokens",
+            "500",
+        ])
+        .output()
+        .unwrap());
+    assert!(e.contains("over the model's context"), "{e}");
+    // Without --train a tower is required.
+    let e = err(bin().args(["bench", "--model", &tiny()]).output().unwrap());
+    assert!(e.contains("--select-model"), "{e}");
+}
+
+#[test]
 fn models_lists_backbones() {
     let out = ok(bin().args(["models"]).output().unwrap());
     assert!(out.contains("openai/clip-vit-base-patch32"));

@@ -1,5 +1,7 @@
 //! `clipft bench`: model throughput on inputs that are already tokenized / preprocessed, so the
 //! number is comparable with the PyTorch and ONNX Runtime peers (scripts/bench_peers.py).
+//! `--train` measures training instead: AdamW steps of CLIPLoss over both towers, the step
+//! `clipft fit` takes, against scripts/bench_train_peer.py.
 
 use std::time::{Duration, Instant};
 
@@ -13,9 +15,14 @@ use crate::model::{device::device_name, Encoder, Towers};
 pub struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// `clip-text` or `clip-vision`.
-    #[arg(long, env = "CLIPFT_SELECT_MODEL", value_parser = parse_towers)]
-    pub select_model: Towers,
+    /// `clip-text` or `clip-vision` (not with `--train`, which trains both).
+    #[arg(long, env = "CLIPFT_SELECT_MODEL", value_parser = parse_towers, required_unless_present = "train", conflicts_with = "train")]
+    pub select_model: Option<Towers>,
+    /// Training steps (CLIPLoss, backward, AdamW) on pairs of random texts and pixels instead of
+    /// inference; `--dtype` is then the compute dtype (auto: bf16 on a GPU, f32 on the CPU) and
+    /// `items_per_second` counts pairs.
+    #[arg(long, env = "CLIPFT_BENCH_TRAIN")]
+    pub train: bool,
     #[arg(long, env = "CLIPFT_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub batch_size: u64,
     /// Measure for at least this long, after one warm-up pass.
@@ -29,7 +36,10 @@ pub struct BenchArgs {
 /// One benchmark result, printed as the last line.
 #[derive(Debug, serde::Serialize)]
 pub struct BenchResult {
+    /// `clip-text`, `clip-vision`, or `clip` for a training step over both.
     pub tower: &'static str,
+    /// `inference` or `train`.
+    pub mode: &'static str,
     pub batch_size: usize,
     pub items_per_second: f64,
     pub text_tokens: Option<usize>,
@@ -50,8 +60,53 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
+/// Random token rows of `tokens` tokens each: start of text, ids below it, end of text.
+fn random_rows(rng: &mut impl Rng, batch: usize, tokens: usize, eos: u32) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|_| {
+            let mut r = vec![eos - 1];
+            r.extend((0..tokens - 2).map(|_| rng.gen_range(1..eos - 2)));
+            r.push(eos);
+            r
+        })
+        .collect()
+}
+
+/// Calls `step` once to warm up, then until `seconds` have passed (at least twice); returns the
+/// timed iterations and seconds.
+fn time_steps(
+    seconds: f64,
+    mut step: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<(usize, f64)> {
+    step()?;
+    let budget = Duration::from_secs_f64(seconds.max(0.0));
+    let start = Instant::now();
+    let mut iterations = 0usize;
+    while iterations < 2 || start.elapsed() < budget {
+        let t0 = Instant::now();
+        step()?;
+        iterations += 1;
+        eprintln!(
+            "iteration {iterations}: {:.3} s",
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok((iterations, start.elapsed().as_secs_f64()))
+}
+
+fn cpu_matmul() -> &'static str {
+    match crate::model::cpu::amx_precision() {
+        None => "f32",
+        Some(crate::model::amx::Precision::Bf16x3) => "amx-bf16x3",
+        Some(crate::model::amx::Precision::Bf16) => "amx-bf16",
+    }
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let towers = args.select_model;
+    if args.train {
+        return run_train(args);
+    }
+    let towers = args.select_model.unwrap_or(Towers::ALL);
     if towers.text == towers.vision {
         anyhow::bail!("bench measures one tower: --select-model clip-text or clip-vision");
     }
@@ -59,21 +114,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let enc = Encoder::load(&files, &opts)?;
     let b = args.batch_size as usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let mut step: Box<dyn FnMut() -> anyhow::Result<()>> = if towers.text {
+    let step: Box<dyn FnMut() -> anyhow::Result<()>> = if towers.text {
         let t = args.text_tokens as usize;
         let ctx = enc.tokenizer()?.context_length();
         if t > ctx {
             anyhow::bail!("--text-tokens {t} is over the model's context of {ctx}");
         }
-        let eos = enc.tokenizer()?.pad_id();
-        let rows: Vec<Vec<u32>> = (0..b)
-            .map(|_| {
-                let mut r = vec![eos - 1];
-                r.extend((0..t - 2).map(|_| rng.gen_range(1..eos - 2)));
-                r.push(eos);
-                r
-            })
-            .collect();
+        let rows = random_rows(&mut rng, b, t, enc.tokenizer()?.pad_id());
         Box::new(move || enc.embed_token_rows(&rows).map(|_| ()).map_err(Into::into))
     } else {
         let (h, w) = enc.image_preprocessor()?.output_size();
@@ -86,26 +133,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .collect();
         Box::new(move || enc.embed_pixels(&images).map(|_| ()).map_err(Into::into))
     };
-    step()?;
-    let budget = Duration::from_secs_f64(args.seconds.max(0.0));
-    let start = Instant::now();
-    let mut iterations = 0usize;
-    while iterations < 2 || start.elapsed() < budget {
-        let t0 = Instant::now();
-        step()?;
-        iterations += 1;
-        eprintln!(
-            "iteration {iterations}: {:.3} s",
-            t0.elapsed().as_secs_f64()
-        );
-    }
-    let seconds = start.elapsed().as_secs_f64();
+    let (iterations, seconds) = time_steps(args.seconds, step)?;
     let result = BenchResult {
         tower: if towers.text {
             "clip-text"
         } else {
             "clip-vision"
         },
+        mode: "inference",
         batch_size: b,
         items_per_second: (iterations * b) as f64 / seconds,
         text_tokens: towers.text.then_some(args.text_tokens as usize),
@@ -113,11 +148,62 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         seconds,
         device: device_name(&opts.device),
         dtype: format!("{:?}", opts.dtype).to_lowercase(),
-        cpu_matmul: match crate::model::cpu::amx_precision() {
-            None => "f32",
-            Some(crate::model::amx::Precision::Bf16x3) => "amx-bf16x3",
-            Some(crate::model::amx::Precision::Bf16) => "amx-bf16",
-        },
+        cpu_matmul: cpu_matmul(),
+        peak_rss_mib: peak_rss_mib(),
+    };
+    println!("{}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+/// `--train`: the training step of `clipft fit` (AdamW, lr 1e-5, weight decay 0.01) on one fixed
+/// batch, so only the model, the loss and the optimiser are timed.
+fn run_train(args: BenchArgs) -> anyhow::Result<()> {
+    use crate::trainer::optim::{OptimizerKind, OptimizerParams};
+    use crate::trainer::train::{training_dtype, TrainModel};
+    let files = match &args.model.artifact {
+        Some(a) => {
+            crate::artifact::submodel_files_with_backbone(a, Towers::ALL, Some(&args.model.model))?
+        }
+        None => crate::model::ModelFiles::resolve(&args.model.model)?,
+    };
+    crate::model::cpu::set_matmul_precision(args.model.matmul_precision);
+    let device = crate::model::device::parse_device(&args.model.device)?;
+    let dtype = training_dtype(&args.model.dtype, &device)?;
+    let m = TrainModel::load(&files, &device)?.with_compute_dtype(dtype);
+    let mut opt = m.optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-5, 0.01))?;
+    let b = args.batch_size as usize;
+    let t = args.text_tokens as usize;
+    let ctx = m.tokenizer.context_length();
+    if t > ctx {
+        anyhow::bail!("--text-tokens {t} is over the model's context of {ctx}");
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let rows = random_rows(&mut rng, b, t, m.tokenizer.pad_id());
+    let eos = m
+        .clip
+        .text
+        .as_ref()
+        .map(|t| t.config().eos_token_id)
+        .unwrap_or(2);
+    let text = crate::model::TextBatch::new(&rows, eos, &device)?;
+    let (h, w) = m.images.output_size();
+    let pixels = candle_core::Tensor::randn(0f32, 1.0, (b, 3, h, w), &device)?;
+    let (iterations, seconds) = time_steps(args.seconds, || {
+        let loss = m.train_step(&mut opt, &text, &pixels)?;
+        eprintln!("loss {loss:.4}");
+        Ok(())
+    })?;
+    let result = BenchResult {
+        tower: "clip",
+        mode: "train",
+        batch_size: b,
+        items_per_second: (iterations * b) as f64 / seconds,
+        text_tokens: Some(t),
+        iterations,
+        seconds,
+        device: device_name(&device),
+        dtype: format!("{dtype:?}").to_lowercase(),
+        cpu_matmul: cpu_matmul(),
         peak_rss_mib: peak_rss_mib(),
     };
     println!("{}", serde_json::to_string(&result)?);

@@ -115,17 +115,6 @@ impl Default for FitConfig {
     }
 }
 
-/// The compute dtype `spec` means on `dev` for training.
-fn training_dtype(spec: &str, dev: &Device) -> Result<candle_core::DType, FitError> {
-    use candle_core::DType;
-    match spec {
-        "auto" if dev.is_cpu() => Ok(DType::F32),
-        // bf16 has f32's range, so it needs no loss scaling.
-        "auto" => Ok(DType::BF16),
-        s => Ok(device::parse_dtype(s, dev)?),
-    }
-}
-
 /// EarlyStopping's settings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct EarlyStopping {
@@ -434,8 +423,8 @@ pub fn fit(
         })?;
     }
 
-    let model =
-        TrainModel::load(&files, &dev)?.with_compute_dtype(training_dtype(&cfg.dtype, &dev)?);
+    let model = TrainModel::load(&files, &dev)?
+        .with_compute_dtype(super::train::training_dtype(&cfg.dtype, &dev)?);
     let vars = model.named_vars();
     let mut opt: Optimizer = model.optimizer_with_frozen(
         OptimizerParams::new(cfg.optimizer, cfg.learning_rate, cfg.weight_decay),

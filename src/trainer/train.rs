@@ -20,6 +20,16 @@ use crate::model::{
 /// Upper bound of `logit_scale` after every step (a temperature of 1/100).
 pub const MAX_LOGIT_SCALE: f64 = 4.605_170_185_988_092; // ln(100)
 
+/// The compute dtype `spec` (`--dtype`) means on `dev` for training: auto is f32 on the CPU (its
+/// half-precision kernels are slower) and bf16 elsewhere (f32's range, so no loss scaling).
+pub fn training_dtype(spec: &str, dev: &Device) -> Result<DType, ModelError> {
+    match spec {
+        "auto" if dev.is_cpu() => Ok(DType::F32),
+        "auto" => Ok(DType::BF16),
+        s => crate::model::device::parse_dtype(s, dev),
+    }
+}
+
 /// A CLIP whose weights are variables, with its input processing.
 pub struct TrainModel {
     pub clip: Clip,
