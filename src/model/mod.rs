@@ -311,8 +311,21 @@ impl Encoder {
                 ),
             });
         }
-        let flat: Vec<f32> = images.iter().flatten().copied().collect();
-        let pixels = Tensor::from_vec(flat, (images.len(), 3, h, w), &self.device)?;
+        let pixels = if self.device.is_cpu() {
+            let mut flat = Vec::with_capacity(images.len() * per);
+            for image in images {
+                flat.extend_from_slice(image);
+            }
+            Tensor::from_vec(flat, (images.len(), 3, h, w), &self.device)?
+        } else {
+            // One upload per image and a copy on the device: no host-side batch buffer to fill
+            // first (a batch of 256 is 154 MB of f32).
+            let each = images
+                .iter()
+                .map(|i| Tensor::from_slice(i, (3, h, w), &self.device))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::stack(&each, 0)?
+        };
         let features = self.clip.image_features(&pixels, Mode::Inference)?;
         Ok(features.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
