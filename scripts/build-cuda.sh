@@ -4,7 +4,7 @@
 #
 #   scripts/build-cuda.sh [COMPUTE_CAP]      # default 90 (H100/H200); 80 for A100, 89 for L4/L40
 #
-# Output: target/cuda/release/clipft. At run time it needs the driver's libcuda.so.1 and the
+# Output: target/cuda/release/clipft (and target/cuda/release/examples/device_check). At run time it needs the driver's libcuda.so.1 and the
 # cuBLAS/cuRAND/cudart 13 libraries (LD_LIBRARY_PATH=<toolkit>/lib works, or the GPU image's own).
 # Linking needs libcuda.so, which only a driver provides: a stub with the same symbols stands in
 # for it at link time, and the real driver library satisfies them at run time.
@@ -48,6 +48,6 @@ stub="$CUDA_HOME/lib/stubs"
 cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub/libcuda.so" "$stub/libcuda_stub.c"
 echo "libcuda stub: $(grep -c '^void' "$stub/libcuda_stub.c") symbols" >&2
 
-# 3. The binary.
-cargo build --release --features cuda --bin clipft
-echo "built $CARGO_TARGET_DIR/release/clipft" >&2
+# 3. The binary, and the op-by-op device check that scripts/gpu-check.sh runs first.
+cargo build --release --features cuda --bin clipft --example device_check
+echo "built $CARGO_TARGET_DIR/release/clipft and .../examples/device_check" >&2

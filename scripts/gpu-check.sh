@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Every GPU check of BENCHMARKS.md's GPU section in one run, for a lent GPU machine (one H100 or
+# H200, minutes of time): the CUDA binary against PyTorch on the same machine and weights.
+#
+#   scripts/gpu-check.sh [CLIPFT_BINARY] [OUT_DIR]
+#
+# Needs python3 with torch + transformers + safetensors + pyyaml (the GPU image's), the binary from
+# scripts/build-cuda.sh and the repository's fixtures. Writes OUT_DIR/summary.txt (one line per
+# check, JSON where the step prints it) and OUT_DIR/log.txt (everything).
+#  1. a random ViT-B/32 with PyTorch references (scripts/make_fixtures.py --full-size)
+#  2. embeddings on the GPU vs PyTorch's f32 CPU references, f32 / f16 / bf16
+#  3. step parity: `clipft fit` (tiny CLIP, 6 AdamW steps) on the GPU vs PyTorch's losses
+#  4. inference throughput: clipft bench vs scripts/bench_peers.py (torch), f16, batch 256
+#  5. training throughput: clipft bench --train vs scripts/bench_train_peer.py, batch 256, bf16, f32
+#  6. the demo's fine-tune on the GPU (bf16): after-metrics vs before
+set -u
+cd "$(dirname "$0")/.."
+BIN="$(realpath "${1:-target/cuda/release/clipft}")"
+OUTDIR="${2:-${OUT:-target/gpu-check}}"
+PY="${PYTHON:-python3}"
+# DEVICE_CHECK=PATH runs that build of examples/device_check first (op-by-op CPU vs GPU, then
+# where the time of a batch of 256 goes); QUICK=1 leaves out the demo fine-tune and the sdpa peer.
+# Knobs for a dry run elsewhere (DEVICE=cpu BATCH=2 SECS=0 EPOCHS=1 VIT=target/vit-b-32).
+DEV="${DEVICE:-cuda}" BATCH="${BATCH:-256}" SECS="${SECS:-10}" EPOCHS="${EPOCHS:-30}"
+mkdir -p "$OUTDIR"
+SUM="$OUTDIR/summary.txt" LOG="$OUTDIR/log.txt"
+: >"$SUM"; : >"$LOG"
+# cuBLAS / cuRAND / cudart 13 from the Python environment's NVIDIA wheels.
+SP="$("$PY" -c 'import site; print(site.getsitepackages()[0])')"
+LD_LIBRARY_PATH="$(ls -d "$SP"/nvidia/*/lib "$SP"/nvidia/cu13/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}"
+export LD_LIBRARY_PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+WORK="$(mktemp -d)"
+VIT="${VIT:-$WORK/vit-b-32}"
+
+# step NAME TIMEOUT COMMAND...: runs one check; its last stdout line goes to the summary.
+step() {
+  local name=$1 limit=$2; shift 2
+  echo "== $name: $*" >>"$LOG"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$WORK/out" 2>>"$LOG"
+  local rc=$?
+  cat "$WORK/out" >>"$LOG"
+  echo "$name rc=$rc $((SECONDS - t0))s: $(tail -n 1 "$WORK/out")" | tee -a "$SUM"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$SUM"
+"$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$SUM"
+ldd "$BIN" | grep -E "not found|cublas|cuda" >>"$SUM"
+
+[ -f "$VIT/model.safetensors" ] || step fixtures 240 "$PY" scripts/make_fixtures.py --full-size "$VIT"
+if [ -n "${DEVICE_CHECK:-}" ]; then
+  DEVICE_CHECK_TIMING=1 step device-check 180 "$DEVICE_CHECK" "$VIT"
+  cat "$WORK/out" >>"$SUM"
+fi
+for dt in f32 f16 bf16; do
+  step "parity-$dt" 120 "$PY" scripts/gpu_parity.py --bin "$BIN" --model "$VIT" \
+    --images tests/fixtures/reference/images --device "$DEV" --dtype "$dt"
+done
+
+# Step parity: the first 24 demo pairs, as tests/train.rs::clipft_fit_takes_the_same_steps_as_pytorch.
+"$PY" -c 'import csv, sys, os
+rows = list(csv.reader(open("data/demo/train.csv")))[:24]
+csv.writer(sys.stdout).writerows([r[0], os.path.abspath("data/demo/" + r[1])] for r in rows)' >"$WORK/pairs.csv"
+step fit-parity 180 bash -c "'$BIN' fit --model tests/fixtures/clip-tiny --train-data '$WORK/pairs.csv' \
+  --no-shuffle --max-steps 6 --epochs 2 --batch-size 8 --optimizer AdamW --learning-rate 1e-3 \
+  --weight-decay 0.01 --device '$DEV' --dtype f32 --run-name parity --output '$WORK/fit' >&2 &&
+  '$PY' -c 'import json, yaml, sys
+got = yaml.safe_load(open(sys.argv[1]))[\"train_loss_per_step\"]
+want = json.load(open(\"tests/fixtures/train/reference.json\"))[\"losses\"]
+print(json.dumps({\"steps\": len(got), \"max_rel_diff\": max(abs(g - w) / abs(w) for g, w in zip(got, want))}))' '$WORK/fit/parity/metrics.yml'"
+
+for tower in clip-text clip-vision; do
+  step "bench-$tower-f16" 120 "$BIN" bench --model "$VIT" --select-model "$tower" --device "$DEV" \
+    --dtype f16 --batch-size "$BATCH" --seconds "$SECS"
+done
+step bench-peer-torch-f16 240 "$PY" scripts/bench_peers.py --model "$VIT" --peers torch --device "$DEV" \
+  --dtype f16 --batch-sizes "$BATCH" --text-tokens 77 --seconds "$SECS"
+grep '"peer"' "$LOG" | tail -n 2 >>"$SUM"
+
+for dt in bf16 f32; do
+  step "train-clipft-$dt" 150 "$BIN" bench --train --model "$VIT" --device "$DEV" --dtype "$dt" \
+    --batch-size "$BATCH" --seconds "$SECS"
+  step "train-torch-$dt" 150 "$PY" scripts/bench_train_peer.py --model "$VIT" --device "$DEV" \
+    --dtype "$dt" --batch "$BATCH" --steps 10
+done
+[ -n "${QUICK:-}" ] || step train-torch-bf16-sdpa 150 "$PY" scripts/bench_train_peer.py --model "$VIT" --device "$DEV" \
+  --dtype bf16 --attn sdpa --batch "$BATCH" --steps 10
+
+[ -n "${QUICK:-}" ] || step demo-fit-bf16 150 bash -c "'$BIN' fit --model tests/fixtures/clip-tiny --train-data data/demo/train.csv \
+  --eval-data data/demo/eval.csv --query-data data/demo/query.csv --index-data data/demo/index.csv \
+  --epochs $EPOCHS --batch-size 32 --learning-rate 1e-3 --scheduler cosine --warmup-steps 10 --eval-every 0 \
+  --device '$DEV' --dtype bf16 --run-name demo --output '$WORK/demo' 2>&1 | tail -n 16 | tr '\n' ' '"
+rm -rf "$WORK"
