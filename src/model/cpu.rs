@@ -130,6 +130,14 @@ impl Buf {
     }
 }
 
+impl Buf {
+    /// The values as a plain vector, leaving the pool (for handing a result to candle without a
+    /// copy).
+    pub fn into_vec(mut self) -> Vec<f32> {
+        std::mem::take(&mut self.v)
+    }
+}
+
 impl std::ops::Deref for Buf {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
@@ -146,6 +154,9 @@ impl std::ops::DerefMut for Buf {
 impl Drop for Buf {
     fn drop(&mut self) {
         let v = std::mem::take(&mut self.v);
+        if v.capacity() == 0 {
+            return;
+        }
         // `try_with`: during thread teardown the pool may already be gone; then just free.
         let _ = POOL.try_with(|p| {
             let mut p = p.borrow_mut();

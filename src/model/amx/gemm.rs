@@ -107,6 +107,62 @@ impl PackedB {
         }
     }
 
+    /// Pack B = S^T for S [rows, cols] row-major: B has `cols` output columns and K = `rows`.
+    /// Gradient GEMMs use it: `dX = dY W` packs W this way, `dW = dY^T X` packs X. Each task
+    /// takes a band of 32 rows of S and reads them front to back, writing that K tile of every
+    /// column strip, so S streams through once in order.
+    pub fn from_transposed(s: &[f32], rows: usize, cols: usize, with_lo: bool) -> Self {
+        assert_eq!(s.len(), rows * cols);
+        let (n, k) = (cols, rows);
+        let n_tiles = n.div_ceil(2 * TM) * 2;
+        let kcs = k_tiles(k);
+        let strip = kcs * TILE_LINES;
+        let len = n_tiles * strip;
+        let mut hi: Vec<Line> = Vec::with_capacity(len);
+        let mut lo: Option<Vec<Line>> = with_lo.then(|| Vec::with_capacity(len));
+        let hi_ptr = SendPtr(hi.as_mut_ptr().cast());
+        let lo_ptr = lo.as_mut().map(|l| SendPtr(l.as_mut_ptr().cast()));
+        (0..kcs).into_par_iter().for_each(|kc| {
+            let (hp, lp) = (hi_ptr, lo_ptr);
+            for nt in 0..n_tiles {
+                let at = nt * strip + kc * TILE_LINES;
+                // SAFETY: line `at .. at + 16` of strip `nt` belongs to K tile `kc` alone, and
+                // both vectors have room for `len` lines.
+                unsafe {
+                    let h = std::slice::from_raw_parts_mut((hp.0 as *mut Line).add(at), TILE_LINES);
+                    let l = lp.map(|l| {
+                        std::slice::from_raw_parts_mut((l.0 as *mut Line).add(at), TILE_LINES)
+                    });
+                    pack::pack_bt_tile(s, rows, cols, nt, kc, h, l);
+                }
+            }
+        });
+        // SAFETY: every (strip, K tile) above wrote its 16 lines, padding included.
+        unsafe {
+            hi.set_len(len);
+            if let Some(l) = lo.as_mut() {
+                l.set_len(len);
+            }
+        }
+        PackedB {
+            n,
+            k,
+            n_tiles,
+            hi,
+            lo,
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn hi_lines(&self) -> &[Line] {
+        &self.hi
+    }
+
+    #[cfg(test)]
+    pub(super) fn lo_lines(&self) -> Option<&[Line]> {
+        self.lo.as_deref()
+    }
+
     /// Whether the low parts are stored, as [`Precision::Bf16x3`] needs.
     pub fn has_lo(&self) -> bool {
         self.lo.is_some()

@@ -174,6 +174,53 @@ mod tests {
         }
     }
 
+    /// W^T in the VNNI layout element by element: line (nt, kc, r) holds W[16nt + j][32kc + 2r + p]
+    /// at 2j + p.
+    fn vnni_reference(w: &[f32], n: usize, k: usize) -> (Vec<u16>, Vec<u16>) {
+        let n_tiles = n.div_ceil(32) * 2;
+        let kcs = k.div_ceil(32);
+        let (mut hi, mut lo) = (
+            vec![0u16; n_tiles * kcs * 16 * 32],
+            vec![0u16; n_tiles * kcs * 16 * 32],
+        );
+        for col in 0..n {
+            for kk in 0..k {
+                let (nt, j) = (col / 16, col % 16);
+                let (kc, r, p) = (kk / 32, (kk % 32) / 2, kk % 2);
+                let at = ((nt * kcs + kc) * 16 + r) * 32 + 2 * j + p;
+                (hi[at], lo[at]) = split_bf16(w[col * k + kk]);
+            }
+        }
+        (hi, lo)
+    }
+
+    fn lines(p: &PackedB) -> (Vec<u16>, Vec<u16>) {
+        let flat = |v: &[Line]| v.iter().flat_map(|l| l.0).collect::<Vec<u16>>();
+        (flat(p.hi_lines()), flat(p.lo_lines().expect("with_lo")))
+    }
+
+    #[test]
+    fn packed_b_matches_the_vnni_layout_both_ways() {
+        if !super::available() {
+            return;
+        }
+        // Partial K chunks, partial 16-column strips, an odd row count.
+        for (n, k) in [(16, 32), (40, 70), (33, 97), (96, 64)] {
+            let w = normal(n * k, (n * k) as u64);
+            let want = vnni_reference(&w, n, k);
+            assert!(lines(&PackedB::new(&w, n, k, true)) == want, "new {n}x{k}");
+            // The same B from its transpose S = W^T ([k, n]).
+            let s: Vec<f32> = (0..k)
+                .flat_map(|kk| (0..n).map(move |col| (kk, col)))
+                .map(|(kk, col)| w[col * k + kk])
+                .collect();
+            assert!(
+                lines(&PackedB::from_transposed(&s, k, n, true)) == want,
+                "transposed {n}x{k}"
+            );
+        }
+    }
+
     #[test]
     fn packed_a_matches_scalar_split() {
         if !super::available() {

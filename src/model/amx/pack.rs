@@ -146,7 +146,9 @@ pub fn pack_a_strip(
 }
 
 /// Pack the 16-column strip `nt` of W^T (W is [n, k] row-major) into the
-/// VNNI pair layout, hi and (optionally) lo parts.
+/// VNNI pair layout, hi and (optionally) lo parts. Each 32-wide K chunk of the
+/// strip's 16 rows is converted a line at a time (AVX-512), then the bf16
+/// pairs are transposed into place: training packs every weight every step.
 pub fn pack_b_strip(
     w: &[f32],
     n: usize,
@@ -157,26 +159,115 @@ pub fn pack_b_strip(
 ) {
     let kcs = k_tiles(k);
     debug_assert_eq!(hi.len(), kcs * TM);
-    hi.fill(ZERO_LINE);
-    if let Some(lo) = lo.as_deref_mut() {
-        lo.fill(ZERO_LINE);
-    }
-    for j in 0..TM {
-        let col = nt * TM + j;
-        if col >= n {
-            break;
-        }
-        let wrow = &w[col * k..col * k + k];
-        for (kk, &x) in wrow.iter().enumerate() {
-            let kc = kk / TK;
-            let r = (kk % TK) / 2; // k-pair row inside the tile
-            let p = kk % 2; // position inside the pair
-            let line = kc * TM + r;
-            let (h, l) = split_bf16(x);
-            hi[line].0[2 * j + p] = h;
-            if let Some(lo) = lo.as_deref_mut() {
-                lo[line].0[2 * j + p] = l;
+    let with_lo = lo.is_some();
+    let mut th = [ZERO_LINE; TM];
+    let mut tl = [ZERO_LINE; TM];
+    for kc in 0..kcs {
+        let k0 = kc * TK;
+        for j in 0..TM {
+            let col = nt * TM + j;
+            if col >= n {
+                th[j] = ZERO_LINE;
+                tl[j] = ZERO_LINE;
+                continue;
             }
+            let src = &w[col * k + k0..col * k + k.min(k0 + TK)];
+            convert_line(src, &mut th[j], with_lo.then_some(&mut tl[j]));
         }
+        transpose_pairs(&th, &mut hi[kc * TM..(kc + 1) * TM]);
+        if let Some(lo) = lo.as_deref_mut() {
+            transpose_pairs(&tl, &mut lo[kc * TM..(kc + 1) * TM]);
+        }
+    }
+}
+
+/// `dst[r]`'s pair `j` = `src[j]`'s pair `r`: a 16 x 16 transpose of bf16 pairs.
+#[inline(always)]
+fn transpose_pairs(src: &[Line; TM], dst: &mut [Line]) {
+    for (r, d) in dst.iter_mut().enumerate() {
+        for (j, s) in src.iter().enumerate() {
+            d.0[2 * j] = s.0[2 * r];
+            d.0[2 * j + 1] = s.0[2 * r + 1];
+        }
+    }
+}
+
+/// Pack K tile `kc` of the 16-column strip `nt` of B = S^T, where S is [rows, cols] row-major
+/// (so B is [cols, rows] and its K is `rows`), into the VNNI pair layout: the two rows of S in
+/// each K pair are read 16 columns at a time and interleaved. Writes all 16 lines of `hi` (and
+/// `lo`), zero padding included. This is how a gradient GEMM uses a weight or an activation
+/// without a transposed copy.
+pub fn pack_bt_tile(
+    s: &[f32],
+    rows: usize,
+    cols: usize,
+    nt: usize,
+    kc: usize,
+    hi: &mut [Line],
+    mut lo: Option<&mut [Line]>,
+) {
+    debug_assert_eq!(hi.len(), TM);
+    let c0 = nt * TM;
+    let width = cols.saturating_sub(c0).min(TM);
+    // The rows' 16-column windows, or None past the last row (zero padding).
+    let window = |row: usize| (row < rows && width > 0).then(|| s[row * cols + c0..].as_ptr());
+    for r in 0..TM {
+        let row = kc * TK + 2 * r;
+        // SAFETY: the crate only packs where AMX (and so AVX-512 BF16) is available; each
+        // window has `width` readable values (the masked loads read no more).
+        unsafe {
+            interleave_pair_avx512(
+                window(row),
+                window(row + 1),
+                width,
+                &mut hi[r],
+                lo.as_deref_mut().map(|l| &mut l[r]),
+            )
+        };
+    }
+}
+
+/// One VNNI line from the first `width` (at most 16) values of two K-consecutive rows (None: a
+/// row of zeros): `hi[2j] = bf16(row0[j])`, `hi[2j + 1] = bf16(row1[j])`, and the same for the
+/// low parts; columns from `width` on are zero.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn interleave_pair_avx512(
+    row0: Option<*const f32>,
+    row1: Option<*const f32>,
+    width: usize,
+    hi: &mut Line,
+    lo: Option<&mut Line>,
+) {
+    use core::arch::x86_64::*;
+    let mask: __mmask16 = if width >= TM {
+        0xffff
+    } else {
+        (1u16 << width) - 1
+    };
+    let load = |p: Option<*const f32>| match p {
+        Some(p) => _mm512_maskz_loadu_ps(mask, p),
+        None => _mm512_setzero_ps(),
+    };
+    let (x0, x1) = (load(row0), load(row1));
+    // Element 2j takes x0's j (at j), element 2j + 1 takes x1's j (at 16 + j).
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    let h: __m512i = core::mem::transmute(_mm512_cvtne2ps_pbh(x1, x0));
+    _mm512_store_si512(
+        hi.0.as_mut_ptr() as *mut __m512i,
+        _mm512_permutexvar_epi16(idx, h),
+    );
+    if let Some(lo) = lo {
+        let h0 = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)));
+        let h1 = _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64::<1>(h)));
+        let r0 = _mm512_sub_ps(x0, _mm512_castsi512_ps(h0));
+        let r1 = _mm512_sub_ps(x1, _mm512_castsi512_ps(h1));
+        let l: __m512i = core::mem::transmute(_mm512_cvtne2ps_pbh(r1, r0));
+        _mm512_store_si512(
+            lo.0.as_mut_ptr() as *mut __m512i,
+            _mm512_permutexvar_epi16(idx, l),
+        );
     }
 }
