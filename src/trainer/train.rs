@@ -167,10 +167,11 @@ impl TrainModel {
         pixels: &Tensor,
     ) -> Result<f32, ModelError> {
         let loss = self.loss(text, pixels)?;
-        let grads = match opt.loss_scale {
-            Some(ls) => (&loss * ls.scale)?.backward()?,
-            None => loss.backward()?,
-        };
+        let grads =
+            crate::model::train_ops::backward_with_direct_weight_grads(|| match opt.loss_scale {
+                Some(ls) => (&loss * ls.scale)?.backward(),
+                None => loss.backward(),
+            })?;
         opt.step(&grads)?;
         if let Some(ls) = &self.clip.logit_scale {
             let v = ls.to_dtype(DType::F64)?.to_scalar::<f64>()?;
