@@ -174,6 +174,16 @@ fn parallelism() -> Parallelism {
     }
 }
 
+/// Threads for a product of `macs` multiply-adds: below about four million (tens of
+/// microseconds on one core) waking the pool costs more than it saves.
+pub fn parallelism_for(macs: usize) -> Parallelism {
+    if macs < 1 << 22 {
+        Parallelism::None
+    } else {
+        parallelism()
+    }
+}
+
 /// Rows handed to one rayon task in the element-wise passes.
 const ROW_CHUNK: usize = 16;
 
@@ -248,7 +258,7 @@ pub fn linear(
             false,
             false,
             false,
-            parallelism(),
+            parallelism_for(rows * n * k),
         );
     }
     out
@@ -503,6 +513,11 @@ mod tests {
             }
         }
     }
+}
+
+/// Softmax of one row in place, vectorised (the training ops share the inference kernel).
+pub fn softmax_in_place(row: &mut [f32]) {
+    simd::softmax_row(row);
 }
 
 /// Element-wise loops written so the compiler vectorises them, compiled once for AVX-512, once

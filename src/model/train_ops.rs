@@ -193,14 +193,8 @@ impl CustomOp1 for SoftmaxOp {
             .zip(x.par_chunks(d * 64))
             .for_each(|(y, x)| {
                 for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for (y, x) in y.iter_mut().zip(x) {
-                        *y = (x - m).exp();
-                        sum += *y;
-                    }
-                    let inv = 1.0 / sum;
-                    y.iter_mut().for_each(|v| *v *= inv);
+                    y.copy_from_slice(x);
+                    super::cpu::softmax_in_place(y);
                 }
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -290,17 +284,7 @@ unsafe fn mm(
 fn softmax_rows(s: &mut [f32], t: usize, causal: bool) {
     for (i, row) in s.chunks_mut(t).enumerate() {
         let valid = if causal { i + 1 } else { t };
-        let m = row[..valid]
-            .iter()
-            .copied()
-            .fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0f32;
-        for v in &mut row[..valid] {
-            *v = (*v - m).exp();
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        row[..valid].iter_mut().for_each(|v| *v *= inv);
+        super::cpu::softmax_in_place(&mut row[..valid]);
         row[valid..].fill(0.0);
     }
 }
@@ -520,10 +504,7 @@ fn gemm_par(
     // Not zeroed first: with `read_dst` false the GEMM writes every element without reading
     // any (zeroing a gradient-sized buffer per product was a measurable share of a step).
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
-    let par = match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        t => gemm::Parallelism::Rayon(t),
-    };
+    let par = super::cpu::parallelism_for(m * n * k);
     // SAFETY: the strides describe `lhs` and `rhs` exactly (callers pass their own shapes) and
     // `dst` has room for `m x n` row-major elements.
     unsafe {
