@@ -8,6 +8,8 @@ folder, random 77-token texts and random pixels. Prints pairs/second as one JSON
 --dtype bf16|f16 is torch.autocast over the forward pass with f32 weights and AdamW state (f16
 with a GradScaler), as clipft's mixed precision does; f32 on a GPU allows TF32 neither here nor
 in clipft. --attn eager (default, the same math clipft runs) or sdpa (PyTorch's fused attention).
+--matmul-precision high is torch.set_float32_matmul_precision("high"), the setting that allows
+what clipft's default --matmul-precision high does on the CPU (bf16x3 on AMX).
 """
 import argparse
 import json
@@ -33,7 +35,10 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32")
     ap.add_argument("--attn", choices=["eager", "sdpa"], default="eager")
+    ap.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default="highest",
+                    help="torch.set_float32_matmul_precision (clipft's default is high)")
     a = ap.parse_args()
+    torch.set_float32_matmul_precision(a.matmul_precision)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -77,6 +82,7 @@ def main():
     secs = time.perf_counter() - start
     out = {"peer": "torch", "batch_size": a.batch, "steps": a.steps, "text_tokens": 77,
            "device": a.device, "dtype": a.dtype, "attn": a.attn,
+           "matmul_precision": a.matmul_precision,
            "pairs_per_second": round(a.batch * a.steps / secs, 3)}
     if dev.type == "cuda":
         out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
