@@ -166,7 +166,7 @@ fn run_train(args: BenchArgs) -> anyhow::Result<()> {
         }
         None => crate::model::ModelFiles::resolve(&args.model.model)?,
     };
-    crate::model::cpu::set_matmul_precision(args.model.matmul_precision);
+    args.model.matmul.apply();
     let device = crate::model::device::parse_device(&args.model.device)?;
     let dtype = training_dtype(&args.model.dtype, &device)?;
     let m = TrainModel::load(&files, &device)?.with_compute_dtype(dtype);

@@ -59,17 +59,9 @@ pub struct FitArgs {
     pub no_shuffle: bool,
     #[arg(long, env = "CLIPFT_DEVICE", default_value = "auto")]
     pub device: String,
-    /// CPU matrix products in training: `high` (default) runs the large ones on AMX as bf16x3
-    /// where the CPU has it (PyTorch's "high" float32 matmul precision, relative error ~4e-6 per
-    /// product), `highest` keeps every product plain f32, `medium` is one bf16 pass. With
-    /// `--trainer` the trainer's own setting applies.
-    #[arg(
-        long,
-        env = "CLIPFT_MATMUL_PRECISION",
-        value_enum,
-        default_value = "high"
-    )]
-    pub matmul_precision: crate::model::cpu::MatmulPrecision,
+    /// `--matmul-precision` for training (`highest` keeps every product plain f32); with `--trainer` the trainer's own setting applies.
+    #[command(flatten)]
+    pub matmul: super::MatmulArgs,
     /// Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16 (with dynamic loss
     /// scaling). Weights and optimiser state stay f32.
     #[arg(long, env = "CLIPFT_DTYPE", default_value = "auto", value_parser = ["auto", "f32", "bf16", "f16"])]
@@ -308,7 +300,7 @@ pub fn run_with_progress(
 }
 
 pub fn run(args: FitArgs) -> anyhow::Result<()> {
-    crate::model::cpu::set_matmul_precision(args.matmul_precision);
+    args.matmul.apply();
     let mut cfg = args.config()?;
     match args.trainer.clone() {
         Some(addr) => super::runtime()?.block_on(run_remote(&args, cfg, &addr)),

@@ -78,8 +78,20 @@ pub struct ModelArgs {
     /// Images with more pixels than this are refused before decoding.
     #[arg(long, env = "CLIPFT_MAX_IMAGE_PIXELS", default_value_t = crate::model::image::DEFAULT_MAX_PIXELS)]
     pub max_image_pixels: u64,
+    #[command(flatten)]
+    pub matmul: MatmulArgs,
+    /// Texts longer than this many bytes are refused.
+    #[arg(long, env = "CLIPFT_MAX_TEXT_BYTES", default_value_t = crate::model::tokenizer::DEFAULT_MAX_TEXT_BYTES)]
+    pub max_text_bytes: usize,
+}
+
+/// `--matmul-precision`, for every command that multiplies matrices on the CPU (inference and
+/// training alike).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct MatmulArgs {
     /// CPU matrix products: `high` uses AMX bf16x3 where the CPU has it (f32-grade results,
-    /// relative error ~4e-6 per product), `highest` plain f32, `medium` one bf16 pass.
+    /// relative error ~4e-6 per product; PyTorch's "high" float32 matmul precision), `highest`
+    /// plain f32, `medium` one bf16 pass.
     #[arg(
         long,
         env = "CLIPFT_MATMUL_PRECISION",
@@ -87,9 +99,13 @@ pub struct ModelArgs {
         default_value = "high"
     )]
     pub matmul_precision: crate::model::cpu::MatmulPrecision,
-    /// Texts longer than this many bytes are refused.
-    #[arg(long, env = "CLIPFT_MAX_TEXT_BYTES", default_value_t = crate::model::tokenizer::DEFAULT_MAX_TEXT_BYTES)]
-    pub max_text_bytes: usize,
+}
+
+impl MatmulArgs {
+    /// Makes the choice the process-wide setting the CPU kernels read.
+    pub fn apply(&self) {
+        crate::model::cpu::set_matmul_precision(self.matmul_precision);
+    }
 }
 
 impl ModelArgs {
@@ -99,7 +115,7 @@ impl ModelArgs {
             Some(a) => crate::artifact::submodel_files_with_backbone(a, towers, Some(&self.model))?,
             None => ModelFiles::resolve(&self.model)?,
         };
-        crate::model::cpu::set_matmul_precision(self.matmul_precision);
+        self.matmul.apply();
         let device = device::parse_device(&self.device)?;
         let dtype = device::parse_dtype(&self.dtype, &device)?;
         let opts = LoadOptions {

@@ -25,16 +25,9 @@ pub struct TrainerArgs {
     /// Device for runs that do not name one: auto, cpu, cuda:N.
     #[arg(long, env = "CLIPFT_DEVICE", default_value = "auto")]
     pub device: String,
-    /// CPU matrix products in training (every run of this process): `high` (default) runs the large ones on AMX as bf16x3
-    /// where the CPU has it (PyTorch's "high" float32 matmul precision, relative error ~4e-6 per
-    /// product), `highest` keeps every product plain f32, `medium` is one bf16 pass.
-    #[arg(
-        long,
-        env = "CLIPFT_MATMUL_PRECISION",
-        value_enum,
-        default_value = "high"
-    )]
-    pub matmul_precision: crate::model::cpu::MatmulPrecision,
+    /// `--matmul-precision` for training (`highest` keeps every product plain f32), for every run of this trainer.
+    #[command(flatten)]
+    pub matmul: super::MatmulArgs,
     /// Runs trained at the same time; each takes the whole device, so more than one only pays
     /// on a machine with cores or memory to spare.
     #[arg(long, env = "CLIPFT_MAX_CONCURRENT_RUNS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
@@ -63,7 +56,7 @@ pub struct TrainerArgs {
 }
 
 pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
-    crate::model::cpu::set_matmul_precision(args.matmul_precision);
+    args.matmul.apply();
     let reg = Registry::open(RunnerOptions {
         data_dir: args.data_dir.clone(),
         max_concurrent: args.max_concurrent_runs as usize,
