@@ -593,19 +593,17 @@ fn train_amx(m: usize, n: usize, k: usize) -> Option<super::amx::Precision> {
     super::cpu::amx_precision()
 }
 
-/// `t[n, m]` = `s[m, n]` transposed, in cache-sized blocks over the threads.
+/// `t[n, m]` = `s[m, n]` transposed: each task fills 32 rows of `t`, reading a 32-wide column
+/// band of `s` row by row, so it writes 32 cache lines at a time.
 fn transpose(s: &[f32], m: usize, n: usize) -> Vec<f32> {
     const B: usize = 32;
     let mut t = vec![0f32; m * n];
     t.par_chunks_mut(B * m).enumerate().for_each(|(bj, rows)| {
         let j0 = bj * B;
         let jn = rows.len() / m;
-        for i0 in (0..m).step_by(B) {
-            for i in i0..(i0 + B).min(m) {
-                let src = &s[i * n + j0..i * n + j0 + jn];
-                for (dj, v) in src.iter().enumerate() {
-                    rows[dj * m + i] = *v;
-                }
+        for i in 0..m {
+            for (dj, v) in s[i * n + j0..i * n + j0 + jn].iter().enumerate() {
+                rows[dj * m + i] = *v;
             }
         }
     });
