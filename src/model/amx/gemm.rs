@@ -80,31 +80,12 @@ pub struct PackedB {
 
 impl PackedB {
     /// Pack W ([n, k] row-major). `with_lo` also stores the low bf16 part,
-    /// needed for [`Precision::Bf16x3`].
+    /// needed for [`Precision::Bf16x3`]. Each task takes one 16-row strip of W.
     pub fn new(w: &[f32], n: usize, k: usize, with_lo: bool) -> Self {
         assert_eq!(w.len(), n * k);
-        let n_tiles = n.div_ceil(2 * TM) * 2;
-        let strip = k_tiles(k) * TILE_LINES;
-        let mut hi = vec![ZERO_LINE; n_tiles * strip];
-        let mut lo = with_lo.then(|| vec![ZERO_LINE; n_tiles * strip]);
-        match lo.as_mut() {
-            Some(lo) => hi
-                .par_chunks_mut(strip)
-                .zip(lo.par_chunks_mut(strip))
-                .enumerate()
-                .for_each(|(nt, (h, l))| pack::pack_b_strip(w, n, k, nt, h, Some(l))),
-            None => hi
-                .par_chunks_mut(strip)
-                .enumerate()
-                .for_each(|(nt, h)| pack::pack_b_strip(w, n, k, nt, h, None)),
-        }
-        PackedB {
-            n,
-            k,
-            n_tiles,
-            hi,
-            lo,
-        }
+        Self::build(n, k, with_lo, true, |nt, kc, h, l| {
+            pack::pack_b_tile(w, n, k, nt, kc, h, l)
+        })
     }
 
     /// Pack B = S^T for S [rows, cols] row-major: B has `cols` output columns and K = `rows`.
@@ -113,7 +94,22 @@ impl PackedB {
     /// column strip, so S streams through once in order.
     pub fn from_transposed(s: &[f32], rows: usize, cols: usize, with_lo: bool) -> Self {
         assert_eq!(s.len(), rows * cols);
-        let (n, k) = (cols, rows);
+        Self::build(cols, rows, with_lo, false, |nt, kc, h, l| {
+            pack::pack_bt_tile(s, rows, cols, nt, kc, h, l)
+        })
+    }
+
+    /// Allocates the packed parts and has `fill(nt, kc, hi, lo)` write each (strip, K tile) of
+    /// 16 lines, padding included, in parallel over strips (`by_strip`) or over K tiles,
+    /// whichever reads the source in order. Nothing is zero-filled first: every line is written
+    /// once.
+    fn build(
+        n: usize,
+        k: usize,
+        with_lo: bool,
+        by_strip: bool,
+        fill: impl Fn(usize, usize, &mut [Line], Option<&mut [Line]>) + Sync,
+    ) -> Self {
         let n_tiles = n.div_ceil(2 * TM) * 2;
         let kcs = k_tiles(k);
         let strip = kcs * TILE_LINES;
@@ -122,21 +118,28 @@ impl PackedB {
         let mut lo: Option<Vec<Line>> = with_lo.then(|| Vec::with_capacity(len));
         let hi_ptr = SendPtr(hi.as_mut_ptr().cast());
         let lo_ptr = lo.as_mut().map(|l| SendPtr(l.as_mut_ptr().cast()));
-        (0..kcs).into_par_iter().for_each(|kc| {
+        let tile = |nt: usize, kc: usize| {
             let (hp, lp) = (hi_ptr, lo_ptr);
-            for nt in 0..n_tiles {
-                let at = nt * strip + kc * TILE_LINES;
-                // SAFETY: line `at .. at + 16` of strip `nt` belongs to K tile `kc` alone, and
-                // both vectors have room for `len` lines.
-                unsafe {
-                    let h = std::slice::from_raw_parts_mut((hp.0 as *mut Line).add(at), TILE_LINES);
-                    let l = lp.map(|l| {
-                        std::slice::from_raw_parts_mut((l.0 as *mut Line).add(at), TILE_LINES)
-                    });
-                    pack::pack_bt_tile(s, rows, cols, nt, kc, h, l);
-                }
+            let at = nt * strip + kc * TILE_LINES;
+            // SAFETY: lines `at .. at + 16` belong to this (strip, K tile) alone, each is
+            // visited once below, and both vectors have room for `len` lines.
+            unsafe {
+                let h = std::slice::from_raw_parts_mut((hp.0 as *mut Line).add(at), TILE_LINES);
+                let l = lp.map(|l| {
+                    std::slice::from_raw_parts_mut((l.0 as *mut Line).add(at), TILE_LINES)
+                });
+                fill(nt, kc, h, l);
             }
-        });
+        };
+        if by_strip {
+            (0..n_tiles)
+                .into_par_iter()
+                .for_each(|nt| (0..kcs).for_each(|kc| tile(nt, kc)));
+        } else {
+            (0..kcs)
+                .into_par_iter()
+                .for_each(|kc| (0..n_tiles).for_each(|nt| tile(nt, kc)));
+        }
         // SAFETY: every (strip, K tile) above wrote its 16 lines, padding included.
         unsafe {
             hi.set_len(len);

@@ -145,39 +145,35 @@ pub fn pack_a_strip(
     }
 }
 
-/// Pack the 16-column strip `nt` of W^T (W is [n, k] row-major) into the
-/// VNNI pair layout, hi and (optionally) lo parts. Each 32-wide K chunk of the
-/// strip's 16 rows is converted a line at a time (AVX-512), then the bf16
-/// pairs are transposed into place: training packs every weight every step.
-pub fn pack_b_strip(
+/// Pack K tile `kc` of the 16-column strip `nt` of W^T (W is [n, k] row-major)
+/// into the VNNI pair layout, hi and (optionally) lo parts: the 32-wide K chunk
+/// of the strip's 16 rows is converted a line at a time (AVX-512), then the
+/// bf16 pairs are transposed into place. Writes all 16 lines, zero padding
+/// included (training packs every weight every step).
+pub fn pack_b_tile(
     w: &[f32],
     n: usize,
     k: usize,
     nt: usize,
+    kc: usize,
     hi: &mut [Line],
-    mut lo: Option<&mut [Line]>,
+    lo: Option<&mut [Line]>,
 ) {
-    let kcs = k_tiles(k);
-    debug_assert_eq!(hi.len(), kcs * TM);
+    debug_assert_eq!(hi.len(), TM);
     let with_lo = lo.is_some();
     let mut th = [ZERO_LINE; TM];
     let mut tl = [ZERO_LINE; TM];
-    for kc in 0..kcs {
-        let k0 = kc * TK;
-        for j in 0..TM {
-            let col = nt * TM + j;
-            if col >= n {
-                th[j] = ZERO_LINE;
-                tl[j] = ZERO_LINE;
-                continue;
-            }
+    let k0 = kc * TK;
+    for j in 0..TM {
+        let col = nt * TM + j;
+        if col < n {
             let src = &w[col * k + k0..col * k + k.min(k0 + TK)];
             convert_line(src, &mut th[j], with_lo.then_some(&mut tl[j]));
         }
-        transpose_pairs(&th, &mut hi[kc * TM..(kc + 1) * TM]);
-        if let Some(lo) = lo.as_deref_mut() {
-            transpose_pairs(&tl, &mut lo[kc * TM..(kc + 1) * TM]);
-        }
+    }
+    transpose_pairs(&th, hi);
+    if let Some(lo) = lo {
+        transpose_pairs(&tl, lo);
     }
 }
 
