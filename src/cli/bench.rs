@@ -160,14 +160,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 fn run_train(args: BenchArgs) -> anyhow::Result<()> {
     use crate::trainer::optim::{OptimizerKind, OptimizerParams};
     use crate::trainer::train::{training_dtype, TrainModel};
-    let files = match &args.model.artifact {
-        Some(a) => {
-            crate::artifact::submodel_files_with_backbone(a, Towers::ALL, Some(&args.model.model))?
-        }
-        None => crate::model::ModelFiles::resolve(&args.model.model)?,
-    };
-    args.model.matmul.apply();
-    let device = crate::model::device::parse_device(&args.model.device)?;
+    // The model flags resolve as for inference; only the dtype means the compute dtype here.
+    let (files, opts) = args.model.resolve(Towers::ALL)?;
+    let device = opts.device;
     let dtype = training_dtype(&args.model.dtype, &device)?;
     let m = TrainModel::load(&files, &device)?.with_compute_dtype(dtype);
     let mut opt = m.optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-5, 0.01))?;
