@@ -9,7 +9,9 @@
 //!   `cpu` (fused f32 blocks: GEMM with bias/residual prefilled, in-place activation, one-pass
 //!   layer norm and attention, pooled buffers) and `amx` (bf16x3 products on Intel AMX tiles,
 //!   chosen by `--matmul-precision`), and for training `train_ops` (layer norm, quick_gelu,
-//!   softmax and attention as single CPU ops with their own backward). [`model::Encoder`] is the
+//!   softmax, linear and attention as single CPU ops with their own backward), `train_block`
+//!   (a whole transformer block as one op, the last one computing only the pooled rows) and
+//!   `train_embed` (the embeddings as one op per tower). [`model::Encoder`] is the
 //!   object everything else uses to turn texts and images into embeddings.
 //! - [`docarray`]: datasets on disk, streamed: Finetuner-style CSV (`csv`), docarray v1 files in
 //!   both protocols and every compression (`file`, with the generated `proto` types); images are
@@ -58,8 +60,10 @@
 //! # The training path
 //! `cli::fit` / `cli::demo` -> [`trainer::fit::fit`]: pairs from [`docarray::open_pairs`] ->
 //! shuffle seeded by (seed, epoch) -> batches (texts tokenized, images preprocessed on the
-//! thread pool) -> [`trainer::train::TrainModel::train_step`] (the same towers in `Mode::Train`,
-//! CLIPLoss, backward, in-place optimiser, logit_scale clamp) -> checkpoints on a timer ->
+//! thread pool) -> [`trainer::train::TrainModel::train_step`] (the same towers in `Mode::Train`
+//! inside `train_ops::with_direct_weight_grads`, so that on the CPU each block and embedding is
+//! one op whose weight gradients skip candle's store; CLIPLoss, backward, in-place optimiser,
+//! logit_scale clamp) -> checkpoints on a timer ->
 //! at each epoch end: validation loss, retrieval metrics on the weights being trained, the
 //! callbacks, a checkpoint -> best weights restored, WiSE-FT -> the artifact staged, evaluated
 //! (before: the backbone; after: the staged artifact) and renamed into place.

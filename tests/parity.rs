@@ -248,21 +248,31 @@ fn every_weight_gets_a_gradient() {
         )
         .unwrap()
     };
-    let t = norm(clip.text_features(&batch, Mode::Train).unwrap());
-    let i = norm(clip.image_features(&pixels, Mode::Train).unwrap());
-    let scale = clip.logit_scale.as_ref().unwrap().exp().unwrap();
-    let logits = t
-        .matmul(&i.t().unwrap())
-        .unwrap()
-        .broadcast_mul(&scale)
-        .unwrap();
-    let labels = Tensor::new(&[0u32, 1, 2], &Device::Cpu).unwrap();
-    let loss = ((candle_nn::loss::cross_entropy(&logits, &labels).unwrap()
-        + candle_nn::loss::cross_entropy(&logits.t().unwrap(), &labels).unwrap())
-    .unwrap()
-        / 2.0)
-        .unwrap();
-    let grads = loss.backward().unwrap();
+    let loss = || -> candle_core::Result<Tensor> {
+        let t = norm(clip.text_features(&batch, Mode::Train)?);
+        let i = norm(clip.image_features(&pixels, Mode::Train)?);
+        let scale = clip.logit_scale.as_ref().unwrap().exp()?;
+        let logits = t.matmul(&i.t()?)?.broadcast_mul(&scale)?;
+        let labels = Tensor::new(&[0u32, 1, 2], &Device::Cpu)?;
+        (candle_nn::loss::cross_entropy(&logits, &labels)?
+            + candle_nn::loss::cross_entropy(&logits.t()?, &labels)?)?
+            / 2.0
+    };
+    // Per op (candle's graph of train_ops' kernels), and through the fused block and embedding
+    // ops that a training step runs (train_block, train_embed).
+    let grads = loss().unwrap().backward().unwrap();
+    let (fused_loss, fused) = clipft::model::train_ops::with_direct_weight_grads(|| {
+        let l = loss()?;
+        let g = l.backward()?;
+        candle_core::Result::Ok((l, g))
+    })
+    .unwrap();
+    let plain_loss = loss().unwrap().to_scalar::<f32>().unwrap();
+    let fused_loss = fused_loss.to_scalar::<f32>().unwrap();
+    assert!(
+        (plain_loss - fused_loss).abs() <= 1e-5 * plain_loss.abs(),
+        "loss {plain_loss} per op, {fused_loss} fused"
+    );
     let vars = varmap.data().lock().unwrap();
     assert!(vars.len() > 40, "{} vars", vars.len());
     let mut missing = Vec::new();
@@ -270,17 +280,32 @@ fn every_weight_gets_a_gradient() {
         // Position rows past the longest text and unused vocabulary rows get no gradient, but
         // every tensor as a whole must.
         let g = grads.get(var.as_tensor());
-        let nonzero = g.map(|g| {
+        let sum_abs = |g: &Tensor| {
             g.abs()
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .to_scalar::<f32>()
                 .unwrap()
-                > 0.0
-        });
-        if nonzero != Some(true) {
+        };
+        if g.map(sum_abs).is_none_or(|s| s <= 0.0) {
             missing.push(name.clone());
+            continue;
+        }
+        let (g, f) = (g.unwrap(), fused.get(var.as_tensor()));
+        let f = f.unwrap_or_else(|| panic!("{name}: no gradient from the fused ops"));
+        let rel = (sum_abs(&(g - f).unwrap().sqr().unwrap()).sqrt()
+            / sum_abs(&g.sqr().unwrap()).sqrt())
+        .max(0.0);
+        // Only the order of additions differs; a key bias's gradient is rounding noise on both
+        // sides (softmax ignores it), so it is compared by size only.
+        if name.ends_with("k_proj.bias") {
+            assert!(sum_abs(f) < 1e-4, "{name}: {}", sum_abs(f));
+        } else {
+            assert!(
+                rel < 1e-4,
+                "{name}: fused gradient off by {rel:.2e} (relative)"
+            );
         }
     }
     assert!(missing.is_empty(), "no gradient for {missing:?}");

@@ -62,6 +62,7 @@ impl Clip {
             linears.extend(t.linears_mut());
         }
         if let Some(v) = &mut self.vision {
+            v.drop_training_kernel();
             linears.extend(v.linears_mut());
         }
         // Packing is a pass over every weight: spread it over the cores (startup time).

@@ -73,6 +73,24 @@ pub fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<
     }
 }
 
+/// [`with_slice`] for several tensors at once (a training block reads sixteen weights), without
+/// nesting a closure per tensor.
+pub fn with_slices<R>(ts: &[&Tensor], f: impl FnOnce(&[&[f32]]) -> Result<R>) -> Result<R> {
+    let held: Vec<_> = ts.iter().map(|t| t.storage_and_layout()).collect();
+    let mut slices = Vec::with_capacity(held.len());
+    for (storage, layout) in &held {
+        let Storage::Cpu(cpu) = &**storage else {
+            bail!("fused CPU kernels need CPU tensors")
+        };
+        let data = cpu.as_slice::<f32>()?;
+        match layout.contiguous_offsets() {
+            Some((start, end)) => slices.push(&data[start..end]),
+            None => bail!("fused CPU kernels need contiguous tensors"),
+        }
+    }
+    f(&slices)
+}
+
 /// A tensor's data copied into a pooled buffer, for activations entering the fused path.
 pub fn to_buf(t: &Tensor) -> Result<Buf> {
     let t = t.contiguous()?;
@@ -513,6 +531,11 @@ mod tests {
             }
         }
     }
+}
+
+/// `a . b`, vectorised.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    simd::dot_f32(a, b)
 }
 
 /// Softmax of one row in place, vectorised (the training ops share the inference kernel).

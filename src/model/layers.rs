@@ -13,6 +13,7 @@ use std::sync::{Arc, OnceLock};
 use super::amx;
 use super::config::Activation;
 use super::cpu;
+use super::train_block;
 
 /// Which kernels a forward pass may use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +189,11 @@ impl LayerNorm {
         })
     }
 
+    /// Weight, bias and epsilon, for fused ops that include a layer norm.
+    pub(crate) fn parts(&self) -> (&Tensor, &Tensor, f64) {
+        (&self.weight, &self.bias, self.eps)
+    }
+
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match mode {
             Mode::Inference => candle_nn::ops::layer_norm(
@@ -281,11 +287,8 @@ impl Attention {
         let (b, t, d) = x.dims3()?;
         if mode == Mode::Train && super::train_ops::applies(x) {
             // One op with its own backward; the only mask used is the text tower's causal one.
-            let op = super::train_ops::AttentionOp {
-                heads: self.heads,
-                scale: self.scale as f32,
-                causal: mask.is_some(),
-            };
+            let op =
+                super::train_ops::AttentionOp::new(self.heads, self.scale as f32, mask.is_some());
             let (q, k, v) = (
                 self.q_proj.forward(x)?,
                 self.k_proj.forward(x)?,
@@ -351,6 +354,29 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
+    /// This block's tensors in [`train_block::WEIGHTS`] order, and its shape (not yet causal);
+    /// None for a linear layer without bias (no CLIP checkpoint has one).
+    fn block(&self) -> Option<(Vec<Tensor>, train_block::BlockShape)> {
+        let a = &self.self_attn;
+        let ln = |n: &LayerNorm| [n.weight.clone(), n.bias.clone()];
+        let mut w = Vec::with_capacity(train_block::WEIGHTS.len());
+        w.extend(ln(&self.layer_norm1));
+        for l in [&a.q_proj, &a.k_proj, &a.v_proj, &a.out_proj] {
+            w.extend([l.weight.clone(), l.bias.clone()?]);
+        }
+        w.extend(ln(&self.layer_norm2));
+        for l in [&self.mlp.fc1, &self.mlp.fc2] {
+            w.extend([l.weight.clone(), l.bias.clone()?]);
+        }
+        let shape = train_block::BlockShape {
+            heads: a.heads,
+            scale: a.scale as f32,
+            causal: false,
+            eps: self.layer_norm1.eps as f32,
+        };
+        Some((w, shape))
+    }
+
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
         let h = self
             .self_attn
@@ -423,6 +449,11 @@ impl Encoder {
         if mode == Mode::Inference && self.fused_cpu_ok(x) {
             return self.forward_fused_cpu(x, causal, pooled);
         }
+        if mode == Mode::Train {
+            if let Some(out) = self.forward_train_blocks(x, causal, pooled)? {
+                return Ok(out);
+            }
+        }
         let mask = if causal {
             Some(causal_mask(t, x.dtype(), x.device())?)
         } else {
@@ -435,6 +466,41 @@ impl Encoder {
         let idx: Vec<u32> = pooled.iter().map(|&(i, p)| (i * t + p) as u32).collect();
         let idx = Tensor::from_vec(idx, pooled.len(), x.device())?;
         x.reshape((b * t, d))?.index_select(&idx, 0)
+    }
+
+    /// Training through one [`train_block::BlockOp`] per block, the last one computing only the
+    /// pooled rows; None where the block op does not apply (see [`train_block::applies`]).
+    fn forward_train_blocks(
+        &self,
+        x: &Tensor,
+        causal: bool,
+        pooled: &[(usize, usize)],
+    ) -> Result<Option<Tensor>> {
+        let Some(blocks) = self
+            .layers
+            .iter()
+            .map(EncoderLayer::block)
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(None);
+        };
+        let usable = !blocks.is_empty()
+            && self
+                .layers
+                .iter()
+                .all(|l| l.mlp.act == Activation::QuickGelu)
+            && blocks.iter().all(|(w, _)| train_block::applies(x, w));
+        if !usable {
+            return Ok(None);
+        }
+        let last = blocks.len() - 1;
+        let mut x = x.contiguous()?;
+        for (i, (weights, mut shape)) in blocks.into_iter().enumerate() {
+            shape.causal = causal;
+            let rows = (i == last).then(|| pooled.to_vec());
+            x = x.apply_op1(train_block::BlockOp::new(weights, shape, rows))?;
+        }
+        Ok(Some(x))
     }
 
     /// The fused kernels cover f32 on the CPU with quick_gelu (every OpenAI checkpoint); anything

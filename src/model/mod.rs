@@ -20,6 +20,8 @@ pub mod layers;
 pub mod load;
 pub mod text;
 pub mod tokenizer;
+pub mod train_block;
+pub mod train_embed;
 pub mod train_ops;
 pub mod vision;
 

@@ -240,8 +240,22 @@ impl TextTower {
                 self.config.max_position_embeddings
             );
         }
-        let tokens = match &self.token_embedding {
-            TokenEmbedding::Loaded(e) => e.forward(&batch.input_ids)?,
+        let positions = || self.position_embedding.narrow(0, 0, t);
+        let x = match &self.token_embedding {
+            TokenEmbedding::Loaded(e)
+                if mode == Mode::Train
+                    && super::train_embed::applies(&[e.embeddings(), &self.position_embedding]) =>
+            {
+                // Token and position embeddings in one op (see `train_embed`).
+                let op = super::train_embed::TokenEmbedOp {
+                    positions: self.position_embedding.clone(),
+                };
+                e.embeddings()
+                    .apply_op2(&batch.input_ids.contiguous()?, op)?
+            }
+            TokenEmbedding::Loaded(e) => {
+                e.forward(&batch.input_ids)?.broadcast_add(&positions()?)?
+            }
             TokenEmbedding::FileRows(rows) => {
                 if mode == Mode::Train {
                     candle_core::bail!(
@@ -252,9 +266,9 @@ impl TextTower {
                 let ids = batch.input_ids.flatten_all()?.to_vec1::<u32>()?;
                 let data = rows.gather(&ids)?;
                 Tensor::from_vec(data, (b, t, rows.hidden), batch.input_ids.device())?
+                    .broadcast_add(&positions()?)?
             }
         };
-        let x = tokens.broadcast_add(&self.position_embedding.narrow(0, 0, t)?)?;
         // Layer norm is per position, so normalising only the pooled rows equals transformers'
         // normalise-everything-then-pool, at a fraction of the cost.
         let rows: Vec<(usize, usize)> = batch.pool_positions.iter().copied().enumerate().collect();

@@ -1,9 +1,13 @@
-//! Layer norm, quick_gelu and softmax as single CPU ops with their own backward, for training.
+//! Layer norm, quick_gelu, softmax, linear and attention as single CPU ops with their own
+//! backward, for training.
 //!
 //! Composed from candle's basic ops, a layer norm is about ten tensor passes forward and twenty
 //! backward, each allocating a full activation-sized buffer; quick_gelu is three and five. These
 //! ops do each direction in one pass. Used in `Mode::Train` for f32 CPU tensors; other devices
-//! and dtypes keep the composed, differentiable versions.
+//! and dtypes keep the composed, differentiable versions. Each op's arithmetic is a slice kernel
+//! (`layer_norm_forward`, `linear_backward`, `attention_forward`, ...) that
+//! [`super::train_block`] and [`super::train_embed`] call too, so a training step computes the
+//! same values whichever of them runs it.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -58,19 +62,10 @@ impl CustomOp3 for LayerNormOp {
             f32_slice(ws, wl, "layer norm")?,
             f32_slice(bs, bl, "layer norm")?,
         );
-        let d = w.len();
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d * ROWS_PER_TASK)
-            .zip(x.par_chunks(d * ROWS_PER_TASK))
-            .for_each(|(y, x)| {
-                for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
-                    let (mean, rstd) = row_stats(x, self.eps);
-                    for i in 0..d {
-                        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-                    }
-                }
-            });
-        Ok((CpuStorage::F32(y), xl.shape().clone()))
+        Ok((
+            CpuStorage::F32(layer_norm_forward(x, w, b, self.eps)),
+            xl.shape().clone(),
+        ))
     }
 
     fn bwd(
@@ -82,47 +77,12 @@ impl CustomOp3 for LayerNormOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, w, g) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
-        let xv = super::cpu::with_slice(&x, |s| Ok(s.to_vec()))?;
-        let wv = super::cpu::with_slice(&w, |s| Ok(s.to_vec()))?;
-        let gv = super::cpu::with_slice(&g, |s| Ok(s.to_vec()))?;
-        let d = wv.len();
-        let mut dx = vec![0f32; xv.len()];
-        // Per task: dx rows, and partial sums of dw = sum(g * xhat), db = sum(g).
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-            .par_chunks_mut(d * ROWS_PER_TASK)
-            .zip(
-                xv.par_chunks(d * ROWS_PER_TASK)
-                    .zip(gv.par_chunks(d * ROWS_PER_TASK)),
-            )
-            .map(|(dx, (x, g))| {
-                let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-                for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
-                    let (mean, rstd) = row_stats(x, self.eps);
-                    let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
-                    for i in 0..d {
-                        let xhat = (x[i] - mean) * rstd;
-                        let gw = g[i] * wv[i];
-                        sum_gw += gw;
-                        sum_gw_xhat += gw * xhat;
-                        dw[i] += g[i] * xhat;
-                        db[i] += g[i];
-                    }
-                    let (m1, m2) = (sum_gw / d as f32, sum_gw_xhat / d as f32);
-                    for i in 0..d {
-                        let xhat = (x[i] - mean) * rstd;
-                        dx[i] = rstd * (g[i] * wv[i] - m1 - xhat * m2);
-                    }
-                }
-                (dw, db)
-            })
-            .collect();
-        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
-        for (pw, pb) in partials {
-            for i in 0..d {
-                dw[i] += pw[i];
-                db[i] += pb[i];
-            }
-        }
+        let d = w.elem_count();
+        let (dx, dw, db) = super::cpu::with_slices(&[&x, &w, &g], |s| {
+            let mut dx = vec![0f32; s[0].len()];
+            let (dw, db) = layer_norm_backward(s[0], s[1], s[2], self.eps, &mut dx, false);
+            Ok((dx, dw, db))
+        })?;
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),
@@ -130,6 +90,75 @@ impl CustomOp3 for LayerNormOp {
             Some(Tensor::from_vec(db, d, dev)?),
         ))
     }
+}
+
+/// `LayerNorm(x) * w + b` over rows of `w.len()`.
+pub(crate) fn layer_norm_forward(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let d = w.len();
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(x.par_chunks(d * ROWS_PER_TASK))
+        .for_each(|(y, x)| {
+            for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
+                let (mean, rstd) = row_stats(x, eps);
+                for i in 0..d {
+                    y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+                }
+            }
+        });
+    y
+}
+
+/// The backward pass of `LayerNorm(x) * w + b` over rows of `w.len()`: writes `dx` (adds to it
+/// with `accumulate`, for a residual stream that already holds a gradient) and returns the
+/// gradients of `w` and `b`.
+pub(crate) fn layer_norm_backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    accumulate: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let d = w.len();
+    // Per task: dx rows, and partial sums of dw = sum(g * xhat), db = sum(g).
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut(d * ROWS_PER_TASK)
+        .zip(
+            x.par_chunks(d * ROWS_PER_TASK)
+                .zip(g.par_chunks(d * ROWS_PER_TASK)),
+        )
+        .map(|(dx, (x, g))| {
+            let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+            for ((dx, x), g) in dx.chunks_mut(d).zip(x.chunks(d)).zip(g.chunks(d)) {
+                let (mean, rstd) = row_stats(x, eps);
+                let (mut sum_gw, mut sum_gw_xhat) = (0f32, 0f32);
+                for i in 0..d {
+                    let xhat = (x[i] - mean) * rstd;
+                    let gw = g[i] * w[i];
+                    sum_gw += gw;
+                    sum_gw_xhat += gw * xhat;
+                    dw[i] += g[i] * xhat;
+                    db[i] += g[i];
+                }
+                let (m1, m2) = (sum_gw / d as f32, sum_gw_xhat / d as f32);
+                for i in 0..d {
+                    let xhat = (x[i] - mean) * rstd;
+                    let v = rstd * (g[i] * w[i] - m1 - xhat * m2);
+                    dx[i] = if accumulate { dx[i] + v } else { v };
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+    for (pw, pb) in partials {
+        for i in 0..d {
+            dw[i] += pw[i];
+            db[i] += pb[i];
+        }
+    }
+    (dw, db)
 }
 
 /// `x * sigmoid(1.702 x)`.
@@ -146,35 +175,41 @@ impl CustomOp1 for QuickGeluOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(s, l, "quick_gelu")?;
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(1 << 14)
-            .zip(x.par_chunks(1 << 14))
-            .for_each(|(y, x)| {
-                for (y, x) in y.iter_mut().zip(x) {
-                    *y = x * sigmoid(1.702 * x);
-                }
-            });
-        Ok((CpuStorage::F32(y), l.shape().clone()))
+        Ok((CpuStorage::F32(quick_gelu_forward(x)), l.shape().clone()))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (x, g) = (arg.contiguous()?, grad.contiguous()?);
-        let dx = super::cpu::with_slice(&x, |x| {
-            super::cpu::with_slice(&g, |g| {
-                let mut dx = vec![0f32; x.len()];
-                dx.par_chunks_mut(1 << 14)
-                    .zip(x.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
-                    .for_each(|(dx, (x, g))| {
-                        for ((d, x), g) in dx.iter_mut().zip(x).zip(g) {
-                            let s = sigmoid(1.702 * x);
-                            *d = g * (s + 1.702 * x * s * (1.0 - s));
-                        }
-                    });
-                Ok(dx)
-            })
-        })?;
+        let dx = super::cpu::with_slices(&[&x, &g], |s| Ok(quick_gelu_backward(s[0], s[1])))?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
+}
+
+/// `x * sigmoid(1.702 x)`.
+pub(crate) fn quick_gelu_forward(x: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14))
+        .for_each(|(y, x)| {
+            for (y, x) in y.iter_mut().zip(x) {
+                *y = x * sigmoid(1.702 * x);
+            }
+        });
+    y
+}
+
+/// `g * d/dx [x sigmoid(1.702 x)]`.
+pub(crate) fn quick_gelu_backward(x: &[f32], g: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(1 << 14)
+        .zip(x.par_chunks(1 << 14).zip(g.par_chunks(1 << 14)))
+        .for_each(|(dx, (x, g))| {
+            for ((d, x), g) in dx.iter_mut().zip(x).zip(g) {
+                let s = sigmoid(1.702 * x);
+                *d = g * (s + 1.702 * x * s * (1.0 - s));
+            }
+        });
+    dx
 }
 
 /// Softmax over the last dimension (attention probabilities).
@@ -225,12 +260,25 @@ impl CustomOp1 for SoftmaxOp {
 
 /// Multi-head scaled dot-product attention on `[batch, seq, heads * head_dim]` queries, keys and
 /// values (the projections' own layout, so no head transposes are materialised), with causal
-/// masking for the text tower. The backward pass recomputes the probabilities per (item, head)
-/// instead of storing them.
+/// masking for the text tower. The forward pass keeps the probabilities for the backward pass
+/// (recomputing them there cost a product and a softmax per (item, head)).
 pub struct AttentionOp {
     pub heads: usize,
     pub scale: f32,
     pub causal: bool,
+    /// The forward pass's probabilities, taken by the backward pass.
+    pub saved: std::sync::Mutex<Option<Vec<f32>>>,
+}
+
+impl AttentionOp {
+    pub fn new(heads: usize, scale: f32, causal: bool) -> Self {
+        Self {
+            heads,
+            scale,
+            causal,
+            saved: std::sync::Mutex::new(None),
+        }
+    }
 }
 
 struct SendPtr(*mut f32);
@@ -238,7 +286,8 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `dst[m, n] = beta * lhs[m, k] @ rhs[k, n]` with explicit (row, column) strides.
+/// `dst[m, n] = beta * lhs[m, k] @ rhs[k, n]` with explicit (row, column) strides; with
+/// `accumulate`, added to what `dst` holds.
 ///
 /// # Safety
 /// Every pointer must address the whole matrix its strides describe.
@@ -256,6 +305,7 @@ unsafe fn mm(
     rhs_rs: usize,
     rhs_cs: usize,
     beta: f32,
+    accumulate: bool,
 ) {
     gemm::gemm(
         m,
@@ -264,14 +314,14 @@ unsafe fn mm(
         dst,
         1,
         dst_rs as isize,
-        false,
+        accumulate,
         lhs,
         lhs_cs as isize,
         lhs_rs as isize,
         rhs,
         rhs_cs as isize,
         rhs_rs as isize,
-        0.0,
+        1.0,
         beta,
         false,
         false,
@@ -280,39 +330,324 @@ unsafe fn mm(
     );
 }
 
-/// Row softmax of `s` (`t x t`), causal rows cut at the diagonal.
-fn softmax_rows(s: &mut [f32], t: usize, causal: bool) {
-    for (i, row) in s.chunks_mut(t).enumerate() {
-        let valid = if causal { i + 1 } else { t };
-        super::cpu::softmax_in_place(&mut row[..valid]);
-        row[valid..].fill(0.0);
+/// Batch geometry of one attention call. Queries, keys and values are row-major matrices whose
+/// rows are `ld` apart (`d` for separate projections, `3 d` inside one fused QKV buffer).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub causal: bool,
+    pub ld: usize,
+}
+
+impl AttnShape {
+    /// The shape of attention over `[batch, seq, dim]` rows `ld` apart.
+    pub fn new(
+        (batch, seq, dim): (usize, usize, usize),
+        heads: usize,
+        scale: f32,
+        causal: bool,
+        ld: usize,
+    ) -> Result<Self> {
+        if heads == 0 || !dim.is_multiple_of(heads) {
+            candle_core::bail!("attention: {dim} is not divisible by {heads} heads");
+        }
+        Ok(Self {
+            batch,
+            seq,
+            heads,
+            head_dim: dim / heads,
+            scale,
+            causal,
+            ld,
+        })
+    }
+
+    fn d(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Keys a query at `pos` sees.
+    fn valid(&self, pos: usize) -> usize {
+        if self.causal {
+            pos + 1
+        } else {
+            self.seq
+        }
     }
 }
 
-impl AttentionOp {
-    fn dims(&self, l: &Layout) -> Result<(usize, usize, usize, usize)> {
-        let (b, t, d) = l.shape().dims3()?;
-        if self.heads == 0 || d % self.heads != 0 {
-            candle_core::bail!("attention: {d} is not divisible by {} heads", self.heads);
-        }
-        Ok((b, t, d, d / self.heads))
-    }
+/// Attention over every query: writes the context `out` (`[batch * seq, d]`) and the
+/// probabilities `probs` (`[batch * heads, seq, seq]`, masked entries 0).
+pub(crate) fn attention_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    out: &mut [f32],
+    probs: &mut [f32],
+) {
+    let (t, d, hd, ld) = (s.seq, s.d(), s.head_dim, s.ld);
+    assert!(out.len() >= s.batch * t * d && probs.len() >= s.batch * s.heads * t * t);
+    assert!([q, k, v].iter().all(|m| m.len() + ld >= s.batch * t * ld));
+    let optr = SendPtr(out.as_mut_ptr());
+    probs
+        .par_chunks_mut(t * t)
+        .take(s.batch * s.heads)
+        .enumerate()
+        .for_each(|(bh, p)| {
+            let (item, h) = (bh / s.heads, bh % s.heads);
+            let (base, obase) = (item * t * ld + h * hd, item * t * d + h * hd);
+            let o = &optr;
+            // SAFETY: reads stay in this item's rows and head's columns (the asserts above
+            // bound them); the write covers this (item, head) block of `out` only.
+            unsafe {
+                mm(
+                    t,
+                    t,
+                    hd,
+                    p.as_mut_ptr(),
+                    t,
+                    q.as_ptr().add(base),
+                    ld,
+                    1,
+                    k.as_ptr().add(base),
+                    1,
+                    ld,
+                    s.scale,
+                    false,
+                );
+                for (i, row) in p.chunks_mut(t).enumerate() {
+                    let valid = s.valid(i);
+                    super::cpu::softmax_in_place(&mut row[..valid]);
+                    row[valid..].fill(0.0);
+                }
+                mm(
+                    t,
+                    hd,
+                    t,
+                    o.0.add(obase),
+                    d,
+                    p.as_ptr(),
+                    t,
+                    1,
+                    v.as_ptr().add(base),
+                    ld,
+                    1,
+                    1.0,
+                    false,
+                );
+            }
+        });
+}
 
-    /// Probabilities of one (item, head) into `p` (`t x t`).
-    ///
-    /// # Safety
-    /// `q`, `k` point at this item's first row, this head's first column, in `[t, d]` rows.
-    unsafe fn probs(
-        &self,
-        q: *const f32,
-        k: *const f32,
-        t: usize,
-        d: usize,
-        hd: usize,
-        p: &mut [f32],
-    ) {
-        mm(t, t, hd, p.as_mut_ptr(), t, q, d, 1, k, 1, d, self.scale);
-        softmax_rows(p, t, self.causal);
+/// The backward pass of [`attention_forward`]: from the saved probabilities and the context's
+/// gradient `dout` (`[batch * seq, d]`), writes dQ, dK and dV into `dqkv`, one `[batch * seq,
+/// 3 d]` buffer (columns `0..d`, `d..2d`, `2d..3d`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    probs: &[f32],
+    dout: &[f32],
+    dqkv: &mut [f32],
+) {
+    let (t, d, hd, ld) = (s.seq, s.d(), s.head_dim, s.ld);
+    let rows = s.batch * t;
+    assert!(dqkv.len() >= rows * 3 * d && dout.len() >= rows * d);
+    assert!(probs.len() >= s.batch * s.heads * t * t);
+    assert!([q, k, v].iter().all(|m| m.len() + ld >= rows * ld));
+    let gptr = SendPtr(dqkv.as_mut_ptr());
+    (0..s.batch * s.heads).into_par_iter().for_each_init(
+        || vec![0f32; t * t],
+        |dp, bh| {
+            let (item, h) = (bh / s.heads, bh % s.heads);
+            let (base, gbase) = (item * t * ld + h * hd, item * t * d + h * hd);
+            let dbase = item * t * 3 * d + h * hd;
+            let p = &probs[bh * t * t..(bh + 1) * t * t];
+            let g = &gptr;
+            // SAFETY: reads as in the forward pass; each task writes only its own (item, head)
+            // block of the three gradient column ranges.
+            unsafe {
+                let (qp, kp, vp, gp) = (
+                    q.as_ptr().add(base),
+                    k.as_ptr().add(base),
+                    v.as_ptr().add(base),
+                    dout.as_ptr().add(gbase),
+                );
+                let (dq, dk, dv) = (g.0.add(dbase), g.0.add(dbase + d), g.0.add(dbase + 2 * d));
+                // dV = P^T dO
+                mm(t, hd, t, dv, 3 * d, p.as_ptr(), 1, t, gp, d, 1, 1.0, false);
+                // dP = dO V^T
+                mm(
+                    t,
+                    t,
+                    hd,
+                    dp.as_mut_ptr(),
+                    t,
+                    gp,
+                    d,
+                    1,
+                    vp,
+                    1,
+                    ld,
+                    1.0,
+                    false,
+                );
+                // dS = P * (dP - rowsum(dP * P))
+                for (pr, dr) in p.chunks(t).zip(dp.chunks_mut(t)) {
+                    let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
+                    for (x, y) in dr.iter_mut().zip(pr) {
+                        *x = y * (*x - dot);
+                    }
+                }
+                // dQ = scale dS K;  dK = scale dS^T Q
+                mm(
+                    t,
+                    hd,
+                    t,
+                    dq,
+                    3 * d,
+                    dp.as_ptr(),
+                    t,
+                    1,
+                    kp,
+                    ld,
+                    1,
+                    s.scale,
+                    false,
+                );
+                mm(
+                    t,
+                    hd,
+                    t,
+                    dk,
+                    3 * d,
+                    dp.as_ptr(),
+                    1,
+                    t,
+                    qp,
+                    ld,
+                    1,
+                    s.scale,
+                    false,
+                );
+            }
+        },
+    );
+}
+
+/// Attention for the given query rows only (`rows[i]` = (item, position)), against every key of
+/// the item: the last block of a tower, whose other rows no output reads. Writes the context
+/// `out` (`[rows.len(), d]`) and the probabilities (`[rows.len(), heads, seq]`, masked 0).
+pub(crate) fn attention_rows_forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    rows: &[(usize, usize)],
+    out: &mut [f32],
+    probs: &mut [f32],
+) {
+    let (t, d, hd, ld) = (s.seq, s.d(), s.head_dim, s.ld);
+    out.par_chunks_mut(d)
+        .zip(probs.par_chunks_mut(s.heads * t))
+        .zip(rows.par_iter())
+        .for_each(|((out, probs), &(item, pos))| {
+            let valid = s.valid(pos);
+            let qr = &q[(item * t + pos) * ld..];
+            for h in 0..s.heads {
+                let qh = &qr[h * hd..(h + 1) * hd];
+                let p = &mut probs[h * t..(h + 1) * t];
+                for (j, pj) in p[..valid].iter_mut().enumerate() {
+                    *pj = super::cpu::dot(qh, &k[(item * t + j) * ld + h * hd..][..hd]) * s.scale;
+                }
+                super::cpu::softmax_in_place(&mut p[..valid]);
+                p[valid..].fill(0.0);
+                let oh = &mut out[h * hd..(h + 1) * hd];
+                oh.fill(0.0);
+                for (j, pj) in p[..valid].iter().enumerate() {
+                    let vr = &v[(item * t + j) * ld + h * hd..][..hd];
+                    for (o, x) in oh.iter_mut().zip(vr) {
+                        *o += pj * x;
+                    }
+                }
+            }
+        });
+}
+
+/// The backward pass of [`attention_rows_forward`]: adds dQ (at the query rows), dK and dV into
+/// `dqkv` (`[batch * seq, 3 d]`, as [`attention_backward`]). One task per item, so rows of one
+/// item never race.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_rows_backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    rows: &[(usize, usize)],
+    probs: &[f32],
+    dout: &[f32],
+    dqkv: &mut [f32],
+) {
+    let (t, d, hd, ld) = (s.seq, s.d(), s.head_dim, s.ld);
+    let mut by_item: Vec<Vec<usize>> = vec![Vec::new(); s.batch];
+    for (i, &(item, _)) in rows.iter().enumerate() {
+        by_item[item].push(i);
+    }
+    dqkv.par_chunks_mut(t * 3 * d)
+        .zip(by_item.par_iter())
+        .enumerate()
+        .for_each(|(item, (g, mine))| {
+            let mut ds = vec![0f32; t];
+            for &i in mine {
+                let pos = rows[i].1;
+                let valid = s.valid(pos);
+                let qr = &q[(item * t + pos) * ld..];
+                for h in 0..s.heads {
+                    let p = &probs[(i * s.heads + h) * t..][..valid];
+                    let go = &dout[i * d + h * hd..][..hd];
+                    let col = h * hd;
+                    // dV_j += p_j dO;  dP_j = dO . V_j
+                    for j in 0..valid {
+                        let dv = &mut g[j * 3 * d + 2 * d + col..][..hd];
+                        for (x, y) in dv.iter_mut().zip(go) {
+                            *x += p[j] * y;
+                        }
+                        ds[j] = super::cpu::dot(go, &v[(item * t + j) * ld + col..][..hd]);
+                    }
+                    // dS = P * (dP - P . dP)
+                    let dot: f32 = p.iter().zip(&ds[..valid]).map(|(a, b)| a * b).sum();
+                    for j in 0..valid {
+                        ds[j] = p[j] * (ds[j] - dot) * s.scale;
+                    }
+                    // dQ += dS K;  dK_j += dS_j Q
+                    let qh = &qr[col..col + hd];
+                    for j in 0..valid {
+                        let kr = &k[(item * t + j) * ld + col..][..hd];
+                        let dq = &mut g[pos * 3 * d + col..][..hd];
+                        for (x, y) in dq.iter_mut().zip(kr) {
+                            *x += ds[j] * y;
+                        }
+                        let dk = &mut g[j * 3 * d + d + col..][..hd];
+                        for (x, y) in dk.iter_mut().zip(qh) {
+                            *x += ds[j] * y;
+                        }
+                    }
+                }
+            }
+        });
+}
+
+impl AttentionOp {
+    fn shape(&self, l: &Layout) -> Result<AttnShape> {
+        let dims = l.shape().dims3()?;
+        AttnShape::new(dims, self.heads, self.scale, self.causal, dims.2)
     }
 }
 
@@ -330,7 +665,7 @@ impl CustomOp3 for AttentionOp {
         vs: &CpuStorage,
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, t, d, hd) = self.dims(ql)?;
+        let sh = self.shape(ql)?;
         if kl.shape() != ql.shape() || vl.shape() != ql.shape() {
             candle_core::bail!("attention: q, k and v must have one shape");
         }
@@ -340,33 +675,9 @@ impl CustomOp3 for AttentionOp {
             f32_slice(vs, vl, "attention")?,
         );
         let mut out = vec![0f32; q.len()];
-        let optr = SendPtr(out.as_mut_ptr());
-        (0..b * self.heads).into_par_iter().for_each_init(
-            || vec![0f32; t * t],
-            |p, bh| {
-                let base = (bh / self.heads) * t * d + (bh % self.heads) * hd;
-                let o = &optr;
-                // SAFETY: reads stay in this item's rows and head's columns; the write covers
-                // this (item, head) block only.
-                unsafe {
-                    self.probs(q.as_ptr().add(base), k.as_ptr().add(base), t, d, hd, p);
-                    mm(
-                        t,
-                        hd,
-                        t,
-                        o.0.add(base),
-                        d,
-                        p.as_ptr(),
-                        t,
-                        1,
-                        v.as_ptr().add(base),
-                        d,
-                        1,
-                        1.0,
-                    );
-                }
-            },
-        );
+        let mut probs = vec![0f32; sh.batch * sh.heads * sh.seq * sh.seq];
+        attention_forward(q, k, v, sh, &mut out, &mut probs);
+        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(probs);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
 
@@ -384,104 +695,34 @@ impl CustomOp3 for AttentionOp {
             v.contiguous()?,
             grad.contiguous()?,
         );
-        let (b, t, d, hd) = {
-            let (b, t, d) = q.dims3()?;
-            (b, t, d, d / self.heads)
-        };
-        let n = b * t * d;
-        let (mut dq, mut dk, mut dv) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        let (pq, pk, pv) = (
-            SendPtr(dq.as_mut_ptr()),
-            SendPtr(dk.as_mut_ptr()),
-            SendPtr(dv.as_mut_ptr()),
-        );
-        super::cpu::with_slice(&q, |q| {
-            super::cpu::with_slice(&k, |k| {
-                super::cpu::with_slice(&v, |v| {
-                    super::cpu::with_slice(&g, |g| {
-                        (0..b * self.heads).into_par_iter().for_each_init(
-                            || (vec![0f32; t * t], vec![0f32; t * t]),
-                            |(p, dp), bh| {
-                                let base = (bh / self.heads) * t * d + (bh % self.heads) * hd;
-                                let (pq, pk, pv) = (&pq, &pk, &pv);
-                                // SAFETY: as in the forward pass; each task writes only its own
-                                // (item, head) block of dq, dk and dv.
-                                unsafe {
-                                    let (qp, kp, vp, gp) = (
-                                        q.as_ptr().add(base),
-                                        k.as_ptr().add(base),
-                                        v.as_ptr().add(base),
-                                        g.as_ptr().add(base),
-                                    );
-                                    self.probs(qp, kp, t, d, hd, p);
-                                    // dV = P^T dO
-                                    mm(
-                                        t,
-                                        hd,
-                                        t,
-                                        pv.0.add(base),
-                                        d,
-                                        p.as_ptr(),
-                                        1,
-                                        t,
-                                        gp,
-                                        d,
-                                        1,
-                                        1.0,
-                                    );
-                                    // dP = dO V^T
-                                    mm(t, t, hd, dp.as_mut_ptr(), t, gp, d, 1, vp, 1, d, 1.0);
-                                    // dS = P * (dP - rowsum(dP * P))
-                                    for (pr, dr) in p.chunks(t).zip(dp.chunks_mut(t)) {
-                                        let dot: f32 =
-                                            pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                                        for (x, y) in dr.iter_mut().zip(pr) {
-                                            *x = y * (*x - dot);
-                                        }
-                                    }
-                                    // dQ = scale dS K;  dK = scale dS^T Q
-                                    mm(
-                                        t,
-                                        hd,
-                                        t,
-                                        pq.0.add(base),
-                                        d,
-                                        dp.as_ptr(),
-                                        t,
-                                        1,
-                                        kp,
-                                        d,
-                                        1,
-                                        self.scale,
-                                    );
-                                    mm(
-                                        t,
-                                        hd,
-                                        t,
-                                        pk.0.add(base),
-                                        d,
-                                        dp.as_ptr(),
-                                        1,
-                                        t,
-                                        qp,
-                                        d,
-                                        1,
-                                        self.scale,
-                                    );
-                                }
-                            },
-                        );
-                        Ok(())
-                    })
-                })
-            })
+        let sh = self.shape(q.layout())?;
+        let saved = self.saved.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let n = q.elem_count();
+        let d = sh.d();
+        let mut dqkv = vec![0f32; 3 * n];
+        super::cpu::with_slices(&[&q, &k, &v, &g], |s| {
+            let probs = match saved {
+                Some(p) => p,
+                None => {
+                    // A second backward through the same graph: recompute.
+                    let mut out = vec![0f32; n];
+                    let mut p = vec![0f32; sh.batch * sh.heads * sh.seq * sh.seq];
+                    attention_forward(s[0], s[1], s[2], sh, &mut out, &mut p);
+                    p
+                }
+            };
+            attention_backward(s[0], s[1], s[2], sh, &probs, s[3], &mut dqkv);
+            *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(probs);
+            Ok(())
         })?;
-        let (shape, dev) = (q.shape().clone(), q.device().clone());
-        Ok((
-            Some(Tensor::from_vec(dq, shape.clone(), &dev)?),
-            Some(Tensor::from_vec(dk, shape.clone(), &dev)?),
-            Some(Tensor::from_vec(dv, shape, &dev)?),
-        ))
+        let split = |c: usize| -> Result<Tensor> {
+            let mut out = Vec::with_capacity(n);
+            for row in dqkv.chunks(3 * d) {
+                out.extend_from_slice(&row[c * d..(c + 1) * d]);
+            }
+            Tensor::from_vec(out, q.shape(), q.device())
+        };
+        Ok((Some(split(0)?), Some(split(1)?), Some(split(2)?)))
     }
 }
 
@@ -536,25 +777,28 @@ fn gemm_par(
 }
 
 thread_local! {
-    /// Set on this thread while [`backward_with_direct_weight_grads`] runs: the fused linear's
-    /// weight and bias gradients, collected here instead of passing through candle.
+    /// Set on this thread while [`with_direct_weight_grads`] runs: the fused ops' weight and bias
+    /// gradients, collected here instead of passing through candle.
     static DIRECT_GRADS: std::cell::RefCell<Option<Vec<(Tensor, Tensor)>>> =
         const { std::cell::RefCell::new(None) };
 }
 
-/// Runs a backward pass in which the fused linear hands the gradients of its weight and bias
-/// (when they are variables) straight to the result instead of to candle's gradient store,
-/// which zero-fills a buffer and adds into it for each one: for ViT-B/32's weights that is about
-/// half a gigabyte of memory traffic per step. The result is the same store, the same values.
-pub fn backward_with_direct_weight_grads(
-    backward: impl FnOnce() -> Result<candle_core::backprop::GradStore>,
-) -> Result<candle_core::backprop::GradStore> {
-    DIRECT_GRADS.with(|d| *d.borrow_mut() = Some(Vec::new()));
-    let out = backward();
+/// Runs a training step's forward and backward passes (`f`, which returns its backward pass's
+/// store) so that the fused ops hand the gradients of their weights (when these are variables)
+/// straight to the result instead of to candle's gradient store, which zero-fills a buffer and
+/// adds into it for each one: for ViT-B/32's weights that is about half a gigabyte of memory
+/// traffic per step. Inside it, the encoder blocks also run as single ops
+/// ([`super::train_block`]), whose weight gradients can only arrive this way. The result is the
+/// same store, the same values.
+pub fn with_direct_weight_grads<T, E: From<candle_core::Error>>(
+    f: impl FnOnce() -> std::result::Result<(T, candle_core::backprop::GradStore), E>,
+) -> std::result::Result<(T, candle_core::backprop::GradStore), E> {
+    let outer = DIRECT_GRADS.with(|d| d.borrow_mut().replace(Vec::new()));
+    let out = f();
     let direct = DIRECT_GRADS
-        .with(|d| d.borrow_mut().take())
+        .with(|d| std::mem::replace(&mut *d.borrow_mut(), outer))
         .unwrap_or_default();
-    let mut grads = out?;
+    let (value, mut grads) = out?;
     for (t, g) in direct {
         let g = match grads.remove(&t) {
             Some(prev) => (prev + g)?,
@@ -562,10 +806,28 @@ pub fn backward_with_direct_weight_grads(
         };
         grads.insert(&t, g);
     }
-    Ok(grads)
+    Ok((value, grads))
 }
 
-/// `g`, unless a [`backward_with_direct_weight_grads`] pass takes it for the variable `t`.
+/// Whether this thread is inside [`with_direct_weight_grads`].
+pub(crate) fn direct_grads_active() -> bool {
+    DIRECT_GRADS.with(|d| d.borrow().is_some())
+}
+
+/// Hands the gradient `g` of the variable `t` to the running [`with_direct_weight_grads`].
+pub(crate) fn push_direct_grad(t: &Tensor, g: Tensor) -> Result<()> {
+    DIRECT_GRADS.with(|d| match d.borrow_mut().as_mut() {
+        Some(direct) => {
+            direct.push((t.clone(), g));
+            Ok(())
+        }
+        None => candle_core::bail!(
+            "a fused training block's backward pass ran outside with_direct_weight_grads"
+        ),
+    })
+}
+
+/// `g`, unless a [`with_direct_weight_grads`] pass takes it for the variable `t`.
 fn divert_grad(t: &Tensor, g: Tensor) -> Option<Tensor> {
     if !t.is_variable() {
         return Some(g);
@@ -622,6 +884,64 @@ fn amx_product(
     c
 }
 
+/// `y[rows, n] = x[rows, k] W^T (+ b) (+ residual)`, on AMX where [`train_amx`] says so.
+pub(crate) fn linear_forward(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    b: Option<&[f32]>,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    let packed = train_amx(rows, n, k)
+        .map(|p| super::amx::PackedB::new(w, n, k, p == super::amx::Precision::Bf16x3));
+    super::cpu::linear(x, rows, k, w, n, b, residual, packed.as_ref()).into_vec()
+}
+
+/// The gradients of [`linear_forward`] from `g` (`[m, n]`): `dx = g W` (when `want_dx`),
+/// `dW = g^T x`, `db` = column sums of `g` (when `bias`).
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+pub(crate) fn linear_backward(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    g: &[f32],
+    want_dx: bool,
+    bias: bool,
+) -> (Option<Vec<f32>>, Vec<f32>, Option<Vec<f32>>) {
+    let (dx, dw) = match train_amx(m, n, k) {
+        Some(p) => {
+            use super::amx::{PackedB, Precision};
+            let lo = p == Precision::Bf16x3;
+            // dx = g (W^T)^T;  dW = (g^T) (x^T)^T.
+            let dx = want_dx.then(|| amx_product(g, m, &PackedB::from_transposed(w, n, k, lo), p));
+            let gt = transpose(g, m, n);
+            let dw = amx_product(&gt, n, &PackedB::from_transposed(x, m, k, lo), p);
+            (dx, dw)
+        }
+        None => (
+            want_dx.then(|| gemm_par(m, k, n, (g, n, 1), (w, k, 1))),
+            gemm_par(n, k, m, (g, 1, n), (x, k, 1)),
+        ),
+    };
+    let db = bias.then(|| column_sums(g, n));
+    (dx, dw, db)
+}
+
+/// Sums of the columns of a row-major `[_, n]` matrix.
+fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
+    let mut db = vec![0f32; n];
+    for row in g.chunks(n) {
+        for (d, v) in db.iter_mut().zip(row) {
+            *d += v;
+        }
+    }
+    db
+}
+
 impl LinearOp {
     fn forward(
         x: &[f32],
@@ -635,10 +955,8 @@ impl LinearOp {
         if k != k2 {
             candle_core::bail!("linear: input has {k} features, weight expects {k2}");
         }
-        let packed = train_amx(rows, n, k)
-            .map(|p| super::amx::PackedB::new(w, n, k, p == super::amx::Precision::Bf16x3));
-        let y = super::cpu::linear(x, rows, k, w, n, b, None, packed.as_ref());
-        Ok((CpuStorage::F32(y.into_vec()), Shape::from((rows, n))))
+        let y = linear_forward(x, rows, k, w, n, b, None);
+        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
     }
 
     /// `dx` is None when `x` needs no gradient (the patch embedding's pixels): its product is
@@ -654,46 +972,15 @@ impl LinearOp {
         let (m, k) = x.dims2()?;
         let n = w.dim(0)?;
         let dev = x.device().clone();
-        super::cpu::with_slice(&x, |xs| {
-            super::cpu::with_slice(&w, |ws| {
-                super::cpu::with_slice(&g, |gs| {
-                    // dx = g W;  dW = g^T x;  db = column sums of g
-                    let (dx, dw) = match train_amx(m, n, k) {
-                        Some(p) => {
-                            use super::amx::{PackedB, Precision};
-                            let lo = p == Precision::Bf16x3;
-                            // dx = g (W^T)^T;  dW = (g^T) (x^T)^T.
-                            let dx = want_dx.then(|| {
-                                amx_product(gs, m, &PackedB::from_transposed(ws, n, k, lo), p)
-                            });
-                            let gt = transpose(gs, m, n);
-                            let dw =
-                                amx_product(&gt, n, &PackedB::from_transposed(xs, m, k, lo), p);
-                            (dx, dw)
-                        }
-                        None => (
-                            want_dx.then(|| gemm_par(m, k, n, (gs, n, 1), (ws, k, 1))),
-                            gemm_par(n, k, m, (gs, 1, n), (xs, k, 1)),
-                        ),
-                    };
-                    let db = bias.then(|| {
-                        let mut db = vec![0f32; n];
-                        for row in gs.chunks(n) {
-                            for (d, v) in db.iter_mut().zip(row) {
-                                *d += v;
-                            }
-                        }
-                        db
-                    });
-                    Ok((
-                        dx.map(|dx| Tensor::from_vec(dx, (m, k), &dev))
-                            .transpose()?,
-                        Tensor::from_vec(dw, (n, k), &dev)?,
-                        db.map(|d| Tensor::from_vec(d, n, &dev)).transpose()?,
-                    ))
-                })
-            })
-        })
+        let (dx, dw, db) = super::cpu::with_slices(&[&x, &w, &g], |s| {
+            Ok(linear_backward(s[0], m, k, s[1], n, s[2], want_dx, bias))
+        })?;
+        Ok((
+            dx.map(|dx| Tensor::from_vec(dx, (m, k), &dev))
+                .transpose()?,
+            Tensor::from_vec(dw, (n, k), &dev)?,
+            db.map(|d| Tensor::from_vec(d, n, &dev)).transpose()?,
+        ))
     }
 }
 
@@ -899,7 +1186,7 @@ mod tests {
         let y = (xt.apply_op3(wt, bt, LinearOp)? + xt.apply_op2(wt, LinearOp)?)?;
         let loss = (&y * &probe)?.sum_all()?;
         let plain = loss.backward()?;
-        let direct = backward_with_direct_weight_grads(|| loss.backward())?;
+        let direct = with_direct_weight_grads(|| Result::Ok(((), loss.backward()?)))?.1;
         for (v, what) in [(&x, "dx"), (&w, "dw"), (&b, "db")] {
             let d = max_diff(grad(&plain, v), grad(&direct, v))?;
             assert!(d <= 1e-6, "{what}: {d}");
@@ -907,7 +1194,7 @@ mod tests {
         // A constant input (the patch embedding's pixels): no dx, the same dW.
         let c = xt.detach();
         let loss = (c.apply_op3(wt, bt, LinearOp)? * &probe)?.sum_all()?;
-        let g = backward_with_direct_weight_grads(|| loss.backward())?;
+        let g = with_direct_weight_grads(|| Result::Ok(((), loss.backward()?)))?.1;
         assert!(g.get(&c).is_none());
         let once = (xt.apply_op3(wt, bt, LinearOp)? * &probe)?
             .sum_all()?
@@ -930,11 +1217,7 @@ mod tests {
                 var(Tensor::randn(0f32, 1.0, (b, t, d), &dev)?)?,
             );
             let probe = Tensor::randn(0f32, 1.0, (b, t, d), &dev)?;
-            let op = AttentionOp {
-                heads: h,
-                scale: scale as f32,
-                causal,
-            };
+            let op = AttentionOp::new(h, scale as f32, causal);
             let fused = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), op)?;
             let split = |x: &Tensor| x.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous();
             let qs = split(&(q.as_tensor() * scale)?)?;

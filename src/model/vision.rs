@@ -14,6 +14,10 @@ pub struct VisionTower {
     /// stride equal to the kernel size the convolution is one matrix product over unfolded
     /// patches, which is faster and has a cheaper backward than `conv2d`.
     patch_embedding: Linear,
+    /// The same kernel as `[hidden, channels, patch, patch]`, sharing its storage: the variable
+    /// itself in training (the flattened one is a reshape of it), which the fused training op
+    /// updates. None once a serving process released the f32 weights.
+    patch_kernel: Option<Tensor>,
     class_embedding: Tensor,
     position_embedding: Tensor,
     pre_layrnorm: LayerNorm,
@@ -32,14 +36,20 @@ impl VisionTower {
         out
     }
 
+    /// Drops the training view of the patch kernel, which would keep its f32 data alive after
+    /// [`Linear::release_packed`] (serving only).
+    pub(crate) fn drop_training_kernel(&mut self) {
+        self.patch_kernel = None;
+    }
+
     pub fn new(vb: VarBuilder, c: &VisionConfig, projection_dim: usize) -> Result<Self> {
         let m = vb.pp("vision_model");
         let e = m.pp("embeddings");
         let p = c.patch_size;
-        let patch_weight = e
+        let patch_kernel = e
             .pp("patch_embedding")
-            .get((c.hidden_size, c.num_channels, p, p), "weight")?
-            .reshape((c.hidden_size, c.num_channels * p * p))?;
+            .get((c.hidden_size, c.num_channels, p, p), "weight")?;
+        let patch_weight = patch_kernel.reshape((c.hidden_size, c.num_channels * p * p))?;
         let positions = c.grid() * c.grid() + 1;
         let shape = EncoderShape {
             dim: c.hidden_size,
@@ -51,6 +61,7 @@ impl VisionTower {
         };
         Ok(Self {
             patch_embedding: Linear::from_weight(patch_weight, None)?,
+            patch_kernel: Some(patch_kernel),
             class_embedding: e.get(c.hidden_size, "class_embedding")?,
             position_embedding: e
                 .pp("position_embedding")
@@ -91,22 +102,46 @@ impl VisionTower {
         }
         let (p, g, d) = (c.patch_size, c.grid(), c.hidden_size);
         let x = pixel_values.to_dtype(self.patch_embedding.weight().dtype())?;
-        // [b, c, g, p, g, p] -> [b, g, g, c, p, p]: each row is one patch in the kernel's layout.
-        let patches = x
-            .reshape((b, ch, g, p, g, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .contiguous()?
-            .reshape((b * g * g, ch * p * p))?;
-        let embedded = self
-            .patch_embedding
-            .forward_t(&patches, mode)?
-            .reshape((b, g * g, d))?;
-        let cls = self
-            .class_embedding
-            .reshape((1, 1, d))?
-            .broadcast_as((b, 1, d))?;
-        let x = Tensor::cat(&[&cls, &embedded], 1)?.broadcast_add(&self.position_embedding)?;
-        let x = self.pre_layrnorm.forward(&x, mode)?;
+        let (lnw, lnb, eps) = self.pre_layrnorm.parts();
+        let fused = self.patch_kernel.as_ref().filter(|k| {
+            mode == Mode::Train
+                && super::train_embed::applies(&[
+                    k,
+                    &self.class_embedding,
+                    &self.position_embedding,
+                    lnw,
+                    lnb,
+                ])
+        });
+        let x = if let Some(kernel) = fused {
+            // Unfold, product, class token, positions and pre-LN in one op (see `train_embed`).
+            let op = super::train_embed::PatchEmbedOp::new(
+                self.class_embedding.clone(),
+                self.position_embedding.clone(),
+                lnw.clone(),
+                lnb.clone(),
+                eps as f32,
+            );
+            kernel.apply_op2(&x.contiguous()?, op)?
+        } else {
+            // [b, c, g, p, g, p] -> [b, g, g, c, p, p]: each row is one patch in the kernel's
+            // layout.
+            let patches = x
+                .reshape((b, ch, g, p, g, p))?
+                .permute((0, 2, 4, 1, 3, 5))?
+                .contiguous()?
+                .reshape((b * g * g, ch * p * p))?;
+            let embedded =
+                self.patch_embedding
+                    .forward_t(&patches, mode)?
+                    .reshape((b, g * g, d))?;
+            let cls = self
+                .class_embedding
+                .reshape((1, 1, d))?
+                .broadcast_as((b, 1, d))?;
+            let x = Tensor::cat(&[&cls, &embedded], 1)?.broadcast_add(&self.position_embedding)?;
+            self.pre_layrnorm.forward(&x, mode)?
+        };
         let cls_rows: Vec<(usize, usize)> = (0..b).map(|i| (i, 0)).collect();
         let pooled = self.encoder.forward_pooled(&x, false, &cls_rows, mode)?;
         let pooled = self.post_layernorm.forward(&pooled, mode)?;

@@ -166,12 +166,14 @@ impl TrainModel {
         text: &TextBatch,
         pixels: &Tensor,
     ) -> Result<f32, ModelError> {
-        let loss = self.loss(text, pixels)?;
-        let grads =
-            crate::model::train_ops::backward_with_direct_weight_grads(|| match opt.loss_scale {
-                Some(ls) => (&loss * ls.scale)?.backward(),
-                None => loss.backward(),
-            })?;
+        let (loss, grads) = crate::model::train_ops::with_direct_weight_grads(|| {
+            let loss = self.loss(text, pixels)?;
+            let grads = match opt.loss_scale {
+                Some(ls) => (&loss * ls.scale)?.backward()?,
+                None => loss.backward()?,
+            };
+            Ok::<_, ModelError>((loss, grads))
+        })?;
         opt.step(&grads)?;
         if let Some(ls) = &self.clip.logit_scale {
             let v = ls.to_dtype(DType::F64)?.to_scalar::<f64>()?;

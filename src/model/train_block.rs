@@ -1,0 +1,310 @@
+//! One pre-LN transformer block as a single training op, forward and backward, on the CPU.
+//!
+//! Built from `train_ops`' per-op kernels, a block is twelve nodes of candle's graph, and candle's
+//! backward pass zero-fills a fresh buffer and adds into it for every gradient that reaches a
+//! node, then allocates again for the next op: on a small model (the fixture CLIP, 32-wide text
+//! rows) that bookkeeping cost as much as the arithmetic. As one node, the block runs its own
+//! backward straight through (residual gradients added in place, the three projections one
+//! product against a stacked QKV weight), keeps what the backward pass needs from the forward pass
+//! (attention probabilities included), and hands its weight gradients to
+//! [`super::train_ops::with_direct_weight_grads`] directly.
+//!
+//! The last block of a tower can compute only the rows the tower pools (the class token, the end
+//! of text): its other rows reach no output, so their queries, attention, projection and MLP are
+//! skipped, forward and backward, and the gradients are the same.
+//!
+//! The arithmetic is the per-op path's ([`super::train_ops`]'s layer norm, linear, attention and
+//! quick_gelu kernels); `train_block::tests` checks the two against each other.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+
+use super::cpu;
+use super::train_ops::{self, AttnShape};
+
+/// The tensors of one block, in the order [`BlockOp`] reads them.
+pub(crate) const WEIGHTS: [&str; 16] = [
+    "layer_norm1.weight",
+    "layer_norm1.bias",
+    "self_attn.q_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight",
+    "self_attn.v_proj.bias",
+    "self_attn.out_proj.weight",
+    "self_attn.out_proj.bias",
+    "layer_norm2.weight",
+    "layer_norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+];
+
+const LN1_W: usize = 0;
+const LN1_B: usize = 1;
+const Q_W: usize = 2;
+const OUT_W: usize = 8;
+const OUT_B: usize = 9;
+const LN2_W: usize = 10;
+const LN2_B: usize = 11;
+const FC1_W: usize = 12;
+const FC1_B: usize = 13;
+const FC2_W: usize = 14;
+const FC2_B: usize = 15;
+
+/// A block's shape parameters.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BlockShape {
+    pub heads: usize,
+    pub scale: f32,
+    pub causal: bool,
+    pub eps: f32,
+}
+
+/// What the forward pass keeps for the backward pass.
+struct Saved {
+    h1: Vec<f32>,
+    wqkv: Vec<f32>,
+    qkv: Vec<f32>,
+    probs: Vec<f32>,
+    ctx: Vec<f32>,
+    x2: Vec<f32>,
+    h2: Vec<f32>,
+    m: Vec<f32>,
+    a: Vec<f32>,
+}
+
+/// `x -> x + attn(ln1(x)); x + mlp(ln2(x))` (quick_gelu MLP) over `[batch, seq, dim]`; with
+/// `pooled`, only those (item, position) rows are returned (`[pooled.len(), dim]`).
+pub(crate) struct BlockOp {
+    weights: Vec<Tensor>,
+    shape: BlockShape,
+    pooled: Option<Vec<(usize, usize)>>,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// Whether a block over `x` with these weights can run as a [`BlockOp`]: f32 CPU tensors, `x`
+/// part of the graph (or candle records no op), every weight a variable (their gradients go to
+/// the store directly, which only works for variables),
+/// inside a [`train_ops::with_direct_weight_grads`] pass. `CLIPFT_NO_FUSED_BLOCK` turns it off
+/// (for comparisons).
+pub(crate) fn applies(x: &Tensor, weights: &[Tensor]) -> bool {
+    train_ops::applies(x)
+        && x.track_op()
+        && train_ops::direct_grads_active()
+        && weights.len() == WEIGHTS.len()
+        && weights
+            .iter()
+            .all(|w| w.is_variable() && w.device().is_cpu() && w.dtype() == candle_core::DType::F32)
+        && std::env::var_os("CLIPFT_NO_FUSED_BLOCK").is_none()
+}
+
+impl BlockOp {
+    pub fn new(
+        weights: Vec<Tensor>,
+        shape: BlockShape,
+        pooled: Option<Vec<(usize, usize)>>,
+    ) -> Self {
+        Self {
+            weights,
+            shape,
+            pooled,
+            saved: Mutex::new(None),
+        }
+    }
+
+    fn attn_shape(&self, b: usize, t: usize, d: usize) -> Result<AttnShape> {
+        let s = self.shape;
+        AttnShape::new((b, t, d), s.heads, s.scale, s.causal, 3 * d)
+    }
+
+    /// Row indices (into `[batch * seq]`) of the block's output rows, or None for all.
+    fn out_rows(&self, b: usize, t: usize) -> Result<Option<Vec<usize>>> {
+        let Some(p) = &self.pooled else {
+            return Ok(None);
+        };
+        if p.iter().any(|&(i, pos)| i >= b || pos >= t) {
+            candle_core::bail!("pooled row outside the [{b}, {t}] batch");
+        }
+        Ok(Some(p.iter().map(|&(i, pos)| i * t + pos).collect()))
+    }
+
+    fn forward(&self, x: &[f32], b: usize, t: usize, d: usize, w: &[&[f32]]) -> Result<Vec<f32>> {
+        let rows = b * t;
+        let inter = w[FC1_B].len();
+        let eps = self.shape.eps;
+        let sh = self.attn_shape(b, t, d)?;
+        let h1 = train_ops::layer_norm_forward(x, w[LN1_W], w[LN1_B], eps);
+        let wqkv = [w[Q_W], w[Q_W + 2], w[Q_W + 4]].concat();
+        let bqkv = [w[Q_W + 1], w[Q_W + 3], w[Q_W + 5]].concat();
+        let qkv = train_ops::linear_forward(&h1, rows, d, &wqkv, 3 * d, Some(&bqkv), None);
+        let (q, k, v) = (&qkv[..], &qkv[d..], &qkv[2 * d..]);
+        let (ctx, probs, residual) = match self.out_rows(b, t)? {
+            None => {
+                let mut ctx = vec![0f32; rows * d];
+                let mut probs = vec![0f32; b * sh.heads * t * t];
+                train_ops::attention_forward(q, k, v, sh, &mut ctx, &mut probs);
+                (ctx, probs, None)
+            }
+            Some(out) => {
+                let pooled = self.pooled.as_deref().unwrap_or_default();
+                let mut ctx = vec![0f32; out.len() * d];
+                let mut probs = vec![0f32; out.len() * sh.heads * t];
+                train_ops::attention_rows_forward(q, k, v, sh, pooled, &mut ctx, &mut probs);
+                (ctx, probs, Some(cpu::gather_rows(x, d, &out)))
+            }
+        };
+        let n = ctx.len() / d;
+        let residual = residual.as_deref().unwrap_or(x);
+        let x2 = train_ops::linear_forward(&ctx, n, d, w[OUT_W], d, Some(w[OUT_B]), Some(residual));
+        let h2 = train_ops::layer_norm_forward(&x2, w[LN2_W], w[LN2_B], eps);
+        let m = train_ops::linear_forward(&h2, n, d, w[FC1_W], inter, Some(w[FC1_B]), None);
+        let a = train_ops::quick_gelu_forward(&m);
+        let y = train_ops::linear_forward(&a, n, inter, w[FC2_W], d, Some(w[FC2_B]), Some(&x2));
+        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(Saved {
+            h1,
+            wqkv,
+            qkv,
+            probs,
+            ctx,
+            x2,
+            h2,
+            m,
+            a,
+        });
+        Ok(y)
+    }
+
+    /// The gradient of the block's input, and of every weight (in [`WEIGHTS`] order).
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        s: &Saved,
+        x: &[f32],
+        dy: &[f32],
+        b: usize,
+        t: usize,
+        d: usize,
+        w: &[&[f32]],
+    ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        let rows = b * t;
+        let inter = w[FC1_B].len();
+        let eps = self.shape.eps;
+        let sh = self.attn_shape(b, t, d)?;
+        let n = dy.len() / d;
+        let lin = train_ops::linear_backward;
+        let (da, dw2, db2) = lin(&s.a, n, inter, w[FC2_W], d, dy, true, true);
+        let dm = train_ops::quick_gelu_backward(&s.m, &da.unwrap_or_default());
+        let (dh2, dw1, db1) = lin(&s.h2, n, d, w[FC1_W], inter, &dm, true, true);
+        let mut dx2 = dy.to_vec();
+        let (dln2w, dln2b) = train_ops::layer_norm_backward(
+            &s.x2,
+            w[LN2_W],
+            &dh2.unwrap_or_default(),
+            eps,
+            &mut dx2,
+            true,
+        );
+        let (dctx, dwo, dbo) = lin(&s.ctx, n, d, w[OUT_W], d, &dx2, true, true);
+        let dctx = dctx.unwrap_or_default();
+        let (q, k, v) = (&s.qkv[..], &s.qkv[d..], &s.qkv[2 * d..]);
+        let mut dqkv = vec![0f32; rows * 3 * d];
+        let mut dx = match self.out_rows(b, t)? {
+            None => {
+                train_ops::attention_backward(q, k, v, sh, &s.probs, &dctx, &mut dqkv);
+                dx2
+            }
+            Some(out) => {
+                let pooled = self.pooled.as_deref().unwrap_or_default();
+                train_ops::attention_rows_backward(q, k, v, sh, pooled, &s.probs, &dctx, &mut dqkv);
+                let mut dx = vec![0f32; rows * d];
+                for (g, &r) in dx2.chunks(d).zip(&out) {
+                    for (o, g) in dx[r * d..(r + 1) * d].iter_mut().zip(g) {
+                        *o += g;
+                    }
+                }
+                dx
+            }
+        };
+        let (dh1, dwqkv, dbqkv) = lin(&s.h1, rows, d, &s.wqkv, 3 * d, &dqkv, true, true);
+        let (dln1w, dln1b) = train_ops::layer_norm_backward(
+            x,
+            w[LN1_W],
+            &dh1.unwrap_or_default(),
+            eps,
+            &mut dx,
+            true,
+        );
+        let dbqkv = dbqkv.unwrap_or_default();
+        let part = |v: &[f32], i: usize, len: usize| v[i * len..(i + 1) * len].to_vec();
+        let grads = vec![
+            dln1w,
+            dln1b,
+            part(&dwqkv, 0, d * d),
+            part(&dbqkv, 0, d),
+            part(&dwqkv, 1, d * d),
+            part(&dbqkv, 1, d),
+            part(&dwqkv, 2, d * d),
+            part(&dbqkv, 2, d),
+            dwo,
+            dbo.unwrap_or_default(),
+            dln2w,
+            dln2b,
+            dw1,
+            db1.unwrap_or_default(),
+            dw2,
+            db2.unwrap_or_default(),
+        ];
+        Ok((dx, grads))
+    }
+}
+
+impl CustomOp1 for BlockOp {
+    fn name(&self) -> &'static str {
+        "clipft-encoder-block"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, t, d) = l.shape().dims3()?;
+        let CpuStorage::F32(v) = s else {
+            candle_core::bail!("encoder block: f32 only")
+        };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("encoder block: contiguous input only")
+        };
+        let refs: Vec<&Tensor> = self.weights.iter().collect();
+        let y = cpu::with_slices(&refs, |w| {
+            if w[LN1_W].len() != d || w[Q_W].len() != d * d || w[FC2_W].len() != w[FC1_W].len() {
+                candle_core::bail!("encoder block: weights do not fit a {d}-wide input");
+            }
+            self.forward(&v[start..end], b, t, d, w)
+        })?;
+        let shape = match &self.pooled {
+            Some(p) => Shape::from((p.len(), d)),
+            None => Shape::from((b, t, d)),
+        };
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (b, t, d) = arg.dims3()?;
+        let (x, g) = (arg.contiguous()?, grad.contiguous()?);
+        let guard = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(saved) = guard.as_ref() else {
+            candle_core::bail!("encoder block: backward without a forward pass")
+        };
+        let mut refs: Vec<&Tensor> = vec![&x, &g];
+        refs.extend(self.weights.iter());
+        let (dx, grads) = cpu::with_slices(&refs, |s| {
+            self.backward(saved, s[0], s[1], b, t, d, &s[2..])
+        })?;
+        for (wt, g) in self.weights.iter().zip(grads) {
+            let g = Tensor::from_vec(g, wt.shape(), wt.device())?;
+            train_ops::push_direct_grad(wt, g)?;
+        }
+        Ok(Some(Tensor::from_vec(dx, (b, t, d), arg.device())?))
+    }
+}

@@ -1,0 +1,284 @@
+//! The towers' embedding layers as single training ops on the CPU, with their own backward.
+//!
+//! Composed from candle's ops, the vision embedding is a 6-d strided copy (unfolding the patches,
+//! single-threaded: the largest non-product cost of a small model's step), a product, a
+//! concatenation and a broadcast add, and the text embedding an `index_select` whose backward
+//! zero-fills the whole 49,408-row table and copies it once more; each edge between them costs a
+//! zero-fill and an add in candle's backward pass. Here each embedding is one op whose weight
+//! gradients go straight to [`super::train_ops::with_direct_weight_grads`], like
+//! [`super::train_block`]'s.
+//!
+//! Each op is applied to a weight (a variable), not to its data input (token ids, pixels): candle
+//! records an op for backward only when one of its arguments takes part in the graph.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::cpu;
+use super::train_ops;
+
+fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{what}: f32 only")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => candle_core::bail!("{what}: contiguous input only"),
+    }
+}
+
+/// Whether `weights` can take the fused embedding ops: f32 CPU variables, inside a
+/// [`train_ops::with_direct_weight_grads`] pass (see [`super::train_block::applies`]).
+pub(crate) fn applies(weights: &[&Tensor]) -> bool {
+    train_ops::direct_grads_active()
+        && weights
+            .iter()
+            .all(|w| train_ops::applies(w) && w.is_variable())
+        && std::env::var_os("CLIPFT_NO_FUSED_BLOCK").is_none()
+}
+
+/// `table[ids] + positions[..seq]`: applied as `table.apply_op2(ids)`, ids `[batch, seq]` u32,
+/// result `[batch, seq, hidden]`.
+pub(crate) struct TokenEmbedOp {
+    pub positions: Tensor,
+}
+
+impl CustomOp2 for TokenEmbedOp {
+    fn name(&self) -> &'static str {
+        "clipft-token-embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ts: &CpuStorage,
+        tl: &Layout,
+        is: &CpuStorage,
+        il: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let table = f32s(ts, tl, "token embedding")?;
+        let (vocab, d) = tl.shape().dims2()?;
+        let (b, t) = il.shape().dims2()?;
+        let CpuStorage::U32(ids) = is else {
+            candle_core::bail!("token embedding: ids must be u32")
+        };
+        let Some((i0, i1)) = il.contiguous_offsets() else {
+            candle_core::bail!("token embedding: contiguous ids only")
+        };
+        let ids = &ids[i0..i1];
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
+        }
+        let y = cpu::with_slice(&self.positions, |pos| {
+            if pos.len() < t * d {
+                candle_core::bail!("{t} tokens but {} positions", pos.len() / d.max(1));
+            }
+            let mut y = vec![0f32; b * t * d];
+            for (r, (row, &id)) in y.chunks_mut(d).zip(ids).enumerate() {
+                let (e, p) = (&table[id as usize * d..][..d], &pos[(r % t) * d..][..d]);
+                for ((o, e), p) in row.iter_mut().zip(e).zip(p) {
+                    *o = e + p;
+                }
+            }
+            Ok(y)
+        })?;
+        Ok((CpuStorage::F32(y), Shape::from((b, t, d))))
+    }
+
+    fn bwd(
+        &self,
+        table: &Tensor,
+        ids: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (vocab, d) = table.dims2()?;
+        let (_, t) = ids.dims2()?;
+        let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        let g = grad.contiguous()?;
+        let (dtable, dpos) = cpu::with_slice(&g, |g| {
+            // Dense, as torch's nn.Embedding gives AdamW: rows without tokens are 0.
+            let mut dtable = vec![0f32; vocab * d];
+            let mut dpos = vec![0f32; self.positions.elem_count()];
+            for (r, (g, &id)) in g.chunks(d).zip(&ids).enumerate() {
+                for (o, v) in dtable[id as usize * d..][..d].iter_mut().zip(g) {
+                    *o += v;
+                }
+                for (o, v) in dpos[(r % t) * d..][..d].iter_mut().zip(g) {
+                    *o += v;
+                }
+            }
+            Ok((dtable, dpos))
+        })?;
+        let dev = table.device();
+        train_ops::push_direct_grad(table, Tensor::from_vec(dtable, (vocab, d), dev)?)?;
+        let pos = &self.positions;
+        train_ops::push_direct_grad(pos, Tensor::from_vec(dpos, pos.shape(), dev)?)?;
+        Ok((None, None))
+    }
+}
+
+/// The vision embedding through the pre-layer-norm: `LN(cat(class, patches K^T) + positions)`,
+/// applied as `kernel.apply_op2(pixels)` with the patch convolution's kernel `[hidden, channels,
+/// patch, patch]` (stride = kernel size, so the convolution is one product over unfolded
+/// patches); pixels `[batch, channels, size, size]`, result `[batch, 1 + grid^2, hidden]`.
+pub(crate) struct PatchEmbedOp {
+    pub class: Tensor,
+    pub positions: Tensor,
+    pub ln_weight: Tensor,
+    pub ln_bias: Tensor,
+    pub eps: f32,
+    /// The unfolded patches and the layer norm's input, for the backward pass.
+    saved: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl PatchEmbedOp {
+    pub fn new(
+        class: Tensor,
+        positions: Tensor,
+        ln_weight: Tensor,
+        ln_bias: Tensor,
+        eps: f32,
+    ) -> Self {
+        Self {
+            class,
+            positions,
+            ln_weight,
+            ln_bias,
+            eps,
+            saved: Mutex::new(None),
+        }
+    }
+
+    /// All weights but the kernel.
+    pub fn others(&self) -> [&Tensor; 4] {
+        [&self.class, &self.positions, &self.ln_weight, &self.ln_bias]
+    }
+}
+
+/// `[batch * grid^2, channels * patch^2]` rows of patches, each in the kernel's (channel, y, x)
+/// order.
+fn unfold(px: &[f32], b: usize, c: usize, size: usize, p: usize) -> Vec<f32> {
+    let g = size / p;
+    let k = c * p * p;
+    let mut out = vec![0f32; b * g * g * k];
+    out.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
+        let (bi, gy, gx) = (r / (g * g), (r / g) % g, r % g);
+        for ch in 0..c {
+            for py in 0..p {
+                let src = ((bi * c + ch) * size + gy * p + py) * size + gx * p;
+                row[(ch * p + py) * p..][..p].copy_from_slice(&px[src..src + p]);
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp2 for PatchEmbedOp {
+    fn name(&self) -> &'static str {
+        "clipft-patch-embedding"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ks: &CpuStorage,
+        kl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let kernel = f32s(ks, kl, "patch embedding")?;
+        let px = f32s(ps, pl, "patch embedding")?;
+        let (d, c, p, p2) = kl.shape().dims4()?;
+        let (b, c2, h, w) = pl.shape().dims4()?;
+        if p != p2 || c != c2 || h != w || p == 0 || h % p != 0 {
+            candle_core::bail!(
+                "patch embedding: {b}x{c2}x{h}x{w} pixels do not fit a {c}x{p}x{p2} kernel"
+            );
+        }
+        let (g, k) = (h / p, c * p * p);
+        let t = g * g + 1;
+        let patches = unfold(px, b, c, h, p);
+        let y = train_ops::linear_forward(&patches, b * g * g, k, kernel, d, None, None);
+        let [cls, pos, lnw, lnb] = self.others();
+        let (x, out) = cpu::with_slices(&[cls, pos, lnw, lnb], |s| {
+            let (cls, pos) = (s[0], s[1]);
+            if cls.len() != d || pos.len() != t * d {
+                candle_core::bail!(
+                    "patch embedding: class/position embeddings do not fit {t} x {d}"
+                );
+            }
+            let mut x = vec![0f32; b * t * d];
+            for (bi, item) in x.chunks_mut(t * d).enumerate() {
+                for (j, row) in item.chunks_mut(d).enumerate() {
+                    let e = if j == 0 {
+                        cls
+                    } else {
+                        &y[(bi * g * g + j - 1) * d..][..d]
+                    };
+                    for ((o, e), q) in row.iter_mut().zip(e).zip(&pos[j * d..][..d]) {
+                        *o = e + q;
+                    }
+                }
+            }
+            let out = train_ops::layer_norm_forward(&x, s[2], s[3], self.eps);
+            Ok((x, out))
+        })?;
+        *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some((patches, x));
+        Ok((CpuStorage::F32(out), Shape::from((b, t, d))))
+    }
+
+    fn bwd(
+        &self,
+        kernel: &Tensor,
+        pixels: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (d, c, p, _) = kernel.dims4()?;
+        let (b, _, h, _) = pixels.dims4()?;
+        let (g, k) = (h / p, c * p * p);
+        let t = g * g + 1;
+        let guard = self.saved.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((patches, x)) = guard.as_ref() else {
+            candle_core::bail!("patch embedding: backward without a forward pass")
+        };
+        let (gr, kc) = (grad.contiguous()?, kernel.contiguous()?);
+        let grads = cpu::with_slices(&[&gr, &kc, &self.ln_weight], |s| {
+            let mut dx = vec![0f32; b * t * d];
+            let (dlnw, dlnb) =
+                train_ops::layer_norm_backward(x, s[2], s[0], self.eps, &mut dx, false);
+            let mut dcls = vec![0f32; d];
+            let mut dpos = vec![0f32; t * d];
+            let mut dpatch = Vec::with_capacity(b * g * g * d);
+            for item in dx.chunks(t * d) {
+                for (j, row) in item.chunks(d).enumerate() {
+                    for (o, v) in dpos[j * d..][..d].iter_mut().zip(row) {
+                        *o += v;
+                    }
+                    if j == 0 {
+                        for (o, v) in dcls.iter_mut().zip(row) {
+                            *o += v;
+                        }
+                    } else {
+                        dpatch.extend_from_slice(row);
+                    }
+                }
+            }
+            let (_, dk, _) =
+                train_ops::linear_backward(patches, b * g * g, k, s[1], d, &dpatch, false, false);
+            Ok([dk, dcls, dpos, dlnw, dlnb])
+        })?;
+        let targets = [
+            kernel,
+            &self.class,
+            &self.positions,
+            &self.ln_weight,
+            &self.ln_bias,
+        ];
+        for (wt, g) in targets.into_iter().zip(grads) {
+            train_ops::push_direct_grad(wt, Tensor::from_vec(g, wt.shape(), wt.device())?)?;
+        }
+        Ok((None, None))
+    }
+}
