@@ -61,6 +61,18 @@ fn six_adamw_steps_match_pytorch() {
         let want: Vec<Vec<u32>> = serde_json::from_value(want["input_ids"].clone()).unwrap();
         assert_eq!(ids, want);
     }
+    // The validation loss (inference kernels, no graph) is the training loss.
+    let frozen = model.frozen().unwrap();
+    for (text, pixels) in &batches {
+        let train = model
+            .loss(text, pixels)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let val = model.loss_without_graph(&frozen, text, pixels).unwrap();
+        assert!((train - val).abs() <= 1e-5 * train, "{train} vs {val}");
+    }
+    drop(frozen);
     let mut opt = model
         .optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-3, 0.01))
         .unwrap();

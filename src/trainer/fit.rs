@@ -340,10 +340,11 @@ fn eval_loss(model: &TrainModel, pairs: &[Pair], batch: usize) -> Result<Option<
     }
     let order: Vec<usize> = (0..pairs.len()).collect();
     let bs = batches(&order, batch);
+    let frozen = model.frozen()?;
     let mut s = 0.0;
     for idx in &bs {
         let (text, pixels) = collate(model, pairs, idx)?;
-        s += model.loss(&text, &pixels)?.detach().to_scalar::<f32>()? as f64;
+        s += model.loss_without_graph(&frozen, &text, &pixels)? as f64;
     }
     Ok(Some(s / bs.len().max(1) as f64))
 }

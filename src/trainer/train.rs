@@ -147,8 +147,38 @@ impl TrainModel {
     /// The loss of one batch, with the graph kept for backward.
     pub fn loss(&self, text: &TextBatch, pixels: &Tensor) -> Result<Tensor, ModelError> {
         let clip = self.compute_clip()?;
-        let t = clip.text_features(text, Mode::Train)?;
-        let i = clip.image_features(pixels, Mode::Train)?;
+        self.loss_of(&clip, Mode::Train, text, pixels)
+    }
+
+    /// A model for passes without gradients (validation loss): the same weights (cast to the
+    /// compute dtype), and none of the packed copies the inference kernels keep, which the
+    /// next step would make stale. Make one per pass, not per batch (packing is a pass over
+    /// every weight).
+    pub fn frozen(&self) -> Result<Clip, ModelError> {
+        Ok(self.compute_clip()?.with_fresh_packing())
+    }
+
+    /// The loss of one batch on `frozen`'s model through the inference kernels: no graph, a
+    /// fraction of the training forward's time.
+    pub fn loss_without_graph(
+        &self,
+        frozen: &Clip,
+        text: &TextBatch,
+        pixels: &Tensor,
+    ) -> Result<f32, ModelError> {
+        let loss = self.loss_of(frozen, Mode::Inference, text, pixels)?;
+        Ok(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?)
+    }
+
+    fn loss_of(
+        &self,
+        clip: &Clip,
+        mode: Mode,
+        text: &TextBatch,
+        pixels: &Tensor,
+    ) -> Result<Tensor, ModelError> {
+        let t = clip.text_features(text, mode)?;
+        let i = clip.image_features(pixels, mode)?;
         let scale = self
             .clip
             .logit_scale
@@ -156,7 +186,11 @@ impl TrainModel {
             .ok_or(ModelError::InvalidInput {
                 msg: "model has no logit_scale".into(),
             })?;
-        Ok(clip_loss(&t, &i, scale)?)
+        let scale = match mode {
+            Mode::Train => scale.clone(),
+            Mode::Inference => scale.detach(),
+        };
+        Ok(clip_loss(&t, &i, &scale)?)
     }
 
     /// One optimiser step on one batch; returns the batch's loss before the update.
