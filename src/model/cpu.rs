@@ -354,76 +354,131 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Multi-head scaled dot-product attention over `q`, `k`, `v`, each `[batch * seq, heads * hd]`
-/// row-major; returns the context in the same layout (heads concatenated), ready for `out_proj`.
-/// `causal` masks out keys after the query's position (the text tower).
-#[allow(clippy::too_many_arguments)]
-pub fn attention(
+/// Batch geometry of one attention call. Queries, keys and values are row-major matrices whose
+/// rows are `ld` apart (`d` for separate projections, `3 d` inside one fused QKV buffer).
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+    pub causal: bool,
+    pub ld: usize,
+}
+
+impl AttnShape {
+    /// The shape of attention over `[batch, seq, dim]` rows `ld` apart.
+    pub fn new(
+        (batch, seq, dim): (usize, usize, usize),
+        heads: usize,
+        scale: f32,
+        causal: bool,
+        ld: usize,
+    ) -> Result<Self> {
+        if heads == 0 || !dim.is_multiple_of(heads) {
+            bail!("attention: {dim} is not divisible by {heads} heads");
+        }
+        Ok(Self {
+            batch,
+            seq,
+            heads,
+            head_dim: dim / heads,
+            scale,
+            causal,
+            ld,
+        })
+    }
+
+    pub fn d(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Keys a query at `pos` sees.
+    pub fn valid(&self, pos: usize) -> usize {
+        if self.causal {
+            pos + 1
+        } else {
+            self.seq
+        }
+    }
+}
+
+/// Multi-head scaled dot-product attention over every query: writes the context `out`
+/// (`[batch * seq, d]`, heads concatenated, ready for `out_proj`) and, for a training step's
+/// backward pass, the probabilities (`[batch * heads, seq, seq]`, masked entries 0). `causal`
+/// masks out keys after the query's position (the text tower).
+pub fn attention_into(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-    batch: usize,
-    seq: usize,
-    heads: usize,
-    hd: usize,
-    scale: f32,
-    causal: bool,
-) -> Buf {
-    let d = heads * hd;
-    let mut ctx = Buf::new(batch * seq * d);
-    let out = SendPtr(ctx.as_mut_ptr());
-    (0..batch * heads).into_par_iter().for_each_init(
-        || vec![0f32; seq * seq],
-        |scores, bh| {
-            let (b, h) = (bh / heads, bh % heads);
-            let base = b * seq * d + h * hd;
-            // SAFETY: q/k/v reads stay within [b*seq, (b+1)*seq) rows and this head's hd
-            // columns; scores is seq x seq; the context write covers this (b, h) block only,
-            // which no other task touches.
+    s: AttnShape,
+    out: &mut [f32],
+    probs: Option<&mut [f32]>,
+) {
+    let (t, d, hd, ld) = (s.seq, s.d(), s.head_dim, s.ld);
+    assert!(out.len() >= s.batch * t * d);
+    assert!([q, k, v].iter().all(|m| m.len() + ld >= s.batch * t * ld));
+    let tasks = s.batch * s.heads;
+    let kept = probs.map(|p| {
+        assert!(p.len() >= tasks * t * t);
+        SendPtr(p.as_mut_ptr())
+    });
+    let optr = SendPtr(out.as_mut_ptr());
+    (0..tasks).into_par_iter().for_each_init(
+        || vec![0f32; if kept.is_some() { 0 } else { t * t }],
+        |scratch, bh| {
+            let (item, h) = (bh / s.heads, bh % s.heads);
+            let (base, obase) = (item * t * ld + h * hd, item * t * d + h * hd);
+            let (o, kept) = (&optr, &kept);
+            // SAFETY: reads stay in this item's rows and head's columns (the asserts above bound
+            // them); the writes cover this (item, head) block of `out` and of the kept
+            // probabilities only, which no other task touches.
             unsafe {
+                let p: &mut [f32] = match kept {
+                    Some(k) => std::slice::from_raw_parts_mut(k.0.add(bh * t * t), t * t),
+                    None => scratch,
+                };
                 gemm::gemm(
-                    seq,
-                    seq,
+                    t,
+                    t,
                     hd,
-                    scores.as_mut_ptr(),
+                    p.as_mut_ptr(),
                     1,
-                    seq as isize,
+                    t as isize,
                     false,
                     q.as_ptr().add(base),
                     1,
-                    d as isize,
+                    ld as isize,
                     k.as_ptr().add(base),
-                    d as isize,
+                    ld as isize,
                     1,
                     0.0,
-                    scale,
+                    s.scale,
                     false,
                     false,
                     false,
                     Parallelism::None,
                 );
-            }
-            for (i, row) in scores.chunks_mut(seq).enumerate() {
-                let valid = if causal { i + 1 } else { seq };
-                simd::softmax_row(&mut row[..valid]);
-                row[valid..].fill(0.0);
-            }
-            let out = &out;
-            unsafe {
+                for (i, row) in p.chunks_mut(t).enumerate() {
+                    let valid = s.valid(i);
+                    simd::softmax_row(&mut row[..valid]);
+                    row[valid..].fill(0.0);
+                }
                 gemm::gemm(
-                    seq,
+                    t,
                     hd,
-                    seq,
-                    out.0.add(base),
+                    t,
+                    o.0.add(obase),
                     1,
                     d as isize,
                     false,
-                    scores.as_ptr(),
+                    p.as_ptr(),
                     1,
-                    seq as isize,
+                    t as isize,
                     v.as_ptr().add(base),
                     1,
-                    d as isize,
+                    ld as isize,
                     0.0,
                     1.0,
                     false,
@@ -434,49 +489,57 @@ pub fn attention(
             }
         },
     );
-    ctx
 }
 
-/// Attention for selected queries only: `q` is `[queries.len(), heads * hd]`, `queries[i]` is the
-/// (batch, position) that query row `i` stands for; keys and values are full `[batch * seq, d]`.
-/// Used in the last block, where only the pooled rows are needed.
+/// Attention for selected queries only (`rows[i]` = (item, position); query `i` starts at
+/// `q[q_at[i]..]`), against every key of its item: the last block of a tower, whose other rows no
+/// output reads. Writes the context `out` (`[rows.len(), d]`) and, for training, the
+/// probabilities (`[rows.len(), heads, seq]`, masked entries 0).
 #[allow(clippy::too_many_arguments)]
-pub fn attention_rows(
+pub fn attention_rows_into(
     q: &[f32],
-    queries: &[(usize, usize)],
+    q_at: &[usize],
     k: &[f32],
     v: &[f32],
-    seq: usize,
-    heads: usize,
-    hd: usize,
-    scale: f32,
-    causal: bool,
-) -> Buf {
-    let d = heads * hd;
-    let mut ctx = Buf::zeroed(queries.len() * d);
-    ctx.par_chunks_mut(d)
-        .zip(q.par_chunks(d))
-        .zip(queries.par_iter())
-        .for_each(|((out, q), &(b, pos))| {
-            let valid = if causal { pos + 1 } else { seq };
-            let mut scores = vec![0f32; valid];
-            for h in 0..heads {
-                let qh = &q[h * hd..(h + 1) * hd];
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let kr = &k[(b * seq + j) * d + h * hd..][..hd];
-                    *s = simd::dot(qh, kr) * scale;
-                }
-                simd::softmax_row(&mut scores);
-                let oh = &mut out[h * hd..(h + 1) * hd];
-                for (j, p) in scores.iter().enumerate() {
-                    let vr = &v[(b * seq + j) * d + h * hd..][..hd];
-                    for (o, x) in oh.iter_mut().zip(vr) {
-                        *o += p * x;
-                    }
+    s: AttnShape,
+    rows: &[(usize, usize)],
+    out: &mut [f32],
+    probs: Option<&mut [f32]>,
+) {
+    let (t, d, hd, ld) = (s.seq, s.d(), s.head_dim, s.ld);
+    let row = |(out, probs): (&mut [f32], &mut [f32]), (&(item, pos), &at): (_, &usize)| {
+        let valid = s.valid(pos);
+        let qr = &q[at..];
+        for h in 0..s.heads {
+            let qh = &qr[h * hd..(h + 1) * hd];
+            let p = &mut probs[h * t..(h + 1) * t];
+            for (j, pj) in p[..valid].iter_mut().enumerate() {
+                *pj = simd::dot_f32(qh, &k[(item * t + j) * ld + h * hd..][..hd]) * s.scale;
+            }
+            simd::softmax_row(&mut p[..valid]);
+            p[valid..].fill(0.0);
+            let oh = &mut out[h * hd..(h + 1) * hd];
+            oh.fill(0.0);
+            for (j, pj) in p[..valid].iter().enumerate() {
+                let vr = &v[(item * t + j) * ld + h * hd..][..hd];
+                for (o, x) in oh.iter_mut().zip(vr) {
+                    *o += pj * x;
                 }
             }
-        });
-    ctx
+        }
+    };
+    let queries = rows.par_iter().zip(q_at.par_iter());
+    match probs {
+        Some(p) => out
+            .par_chunks_mut(d)
+            .zip(p.par_chunks_mut(s.heads * t))
+            .zip(queries)
+            .for_each(|(o, r)| row(o, r)),
+        None => out.par_chunks_mut(d).zip(queries).for_each_init(
+            || vec![0f32; s.heads * t],
+            |scratch, (o, r)| row((o, scratch), r),
+        ),
+    }
 }
 
 /// Copies the given rows of a `[_, dim]` matrix.

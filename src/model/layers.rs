@@ -579,20 +579,21 @@ impl EncoderLayer {
         let h = ln(&self.layer_norm1, &x)?;
         let k = lin(&a.k_proj, &h, d, None)?;
         let v = lin(&a.v_proj, &h, d, None)?;
-        let scale = a.scale as f32;
+        let sh = cpu::AttnShape::new((b, t, d), a.heads, a.scale as f32, causal, d)?;
         let (ctx, x) = match pooled {
             None => {
                 let q = lin(&a.q_proj, &h, d, None)?;
-                (
-                    cpu::attention(&q, &k, &v, b, t, a.heads, a.head_dim, scale, causal),
-                    x,
-                )
+                let mut ctx = cpu::Buf::new(b * t * d);
+                cpu::attention_into(&q, &k, &v, sh, &mut ctx, None);
+                (ctx, x)
             }
             Some(rows) => {
                 let idx: Vec<usize> = rows.iter().map(|&(i, p)| i * t + p).collect();
                 let q = lin(&a.q_proj, &cpu::gather_rows(&h, d, &idx), d, None)?;
-                let ctx =
-                    cpu::attention_rows(&q, rows, &k, &v, t, a.heads, a.head_dim, scale, causal);
+                // q holds only the pooled rows, one after the other.
+                let q_at: Vec<usize> = (0..rows.len()).map(|i| i * d).collect();
+                let mut ctx = cpu::Buf::new(rows.len() * d);
+                cpu::attention_rows_into(&q, &q_at, &k, &v, sh, rows, &mut ctx, None);
                 (ctx, cpu::gather_rows(&x, d, &idx))
             }
         };

@@ -146,14 +146,15 @@ impl BlockOp {
             None => {
                 let mut ctx = vec![0f32; rows * d];
                 let mut probs = vec![0f32; b * sh.heads * t * t];
-                train_ops::attention_forward(q, k, v, sh, &mut ctx, &mut probs);
+                cpu::attention_into(q, k, v, sh, &mut ctx, Some(&mut probs));
                 (ctx, probs, None)
             }
             Some(out) => {
                 let pooled = self.pooled.as_deref().unwrap_or_default();
                 let mut ctx = vec![0f32; out.len() * d];
                 let mut probs = vec![0f32; out.len() * sh.heads * t];
-                train_ops::attention_rows_forward(q, k, v, sh, pooled, &mut ctx, &mut probs);
+                let q_at: Vec<usize> = out.iter().map(|r| r * 3 * d).collect();
+                cpu::attention_rows_into(q, &q_at, k, v, sh, pooled, &mut ctx, Some(&mut probs));
                 (ctx, probs, Some(cpu::gather_rows(x, d, &out)))
             }
         };

@@ -19,16 +19,6 @@ use rayon::prelude::*;
 use super::cpu;
 use super::train_ops;
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: f32 only")
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what}: contiguous input only"),
-    }
-}
-
 /// Whether `weights` can take the fused embedding ops: f32 CPU variables, inside a
 /// [`train_ops::with_direct_weight_grads`] pass (see [`super::train_block::applies`]).
 pub(crate) fn applies(weights: &[&Tensor]) -> bool {
@@ -57,7 +47,7 @@ impl CustomOp2 for TokenEmbedOp {
         is: &CpuStorage,
         il: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let table = f32s(ts, tl, "token embedding")?;
+        let table = train_ops::f32_slice(ts, tl, "token embedding")?;
         let (vocab, d) = tl.shape().dims2()?;
         let (b, t) = il.shape().dims2()?;
         let CpuStorage::U32(ids) = is else {
@@ -187,8 +177,8 @@ impl CustomOp2 for PatchEmbedOp {
         ps: &CpuStorage,
         pl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let kernel = f32s(ks, kl, "patch embedding")?;
-        let px = f32s(ps, pl, "patch embedding")?;
+        let kernel = train_ops::f32_slice(ks, kl, "patch embedding")?;
+        let px = train_ops::f32_slice(ps, pl, "patch embedding")?;
         let (d, c, p, p2) = kl.shape().dims4()?;
         let (b, c2, h, w) = pl.shape().dims4()?;
         if p != p2 || c != c2 || h != w || p == 0 || h % p != 0 {

@@ -5,14 +5,17 @@
 //! backward, each allocating a full activation-sized buffer; quick_gelu is three and five. These
 //! ops do each direction in one pass. Used in `Mode::Train` for f32 CPU tensors; other devices
 //! and dtypes keep the composed, differentiable versions. Each op's arithmetic is a slice kernel
-//! (`layer_norm_forward`, `linear_backward`, `attention_forward`, ...) that
+//! (`layer_norm_forward`, `linear_backward`, `attention_backward`, ...) that
 //! [`super::train_block`] and [`super::train_embed`] call too, so a training step computes the
 //! same values whichever of them runs it.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+
+pub(crate) use super::cpu::AttnShape;
 use rayon::prelude::*;
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+/// The f32 data of a contiguous CPU tensor's storage, as custom ops receive it.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{what}: f32 only")
     };
@@ -330,121 +333,7 @@ unsafe fn mm(
     );
 }
 
-/// Batch geometry of one attention call. Queries, keys and values are row-major matrices whose
-/// rows are `ld` apart (`d` for separate projections, `3 d` inside one fused QKV buffer).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct AttnShape {
-    pub batch: usize,
-    pub seq: usize,
-    pub heads: usize,
-    pub head_dim: usize,
-    pub scale: f32,
-    pub causal: bool,
-    pub ld: usize,
-}
-
-impl AttnShape {
-    /// The shape of attention over `[batch, seq, dim]` rows `ld` apart.
-    pub fn new(
-        (batch, seq, dim): (usize, usize, usize),
-        heads: usize,
-        scale: f32,
-        causal: bool,
-        ld: usize,
-    ) -> Result<Self> {
-        if heads == 0 || !dim.is_multiple_of(heads) {
-            candle_core::bail!("attention: {dim} is not divisible by {heads} heads");
-        }
-        Ok(Self {
-            batch,
-            seq,
-            heads,
-            head_dim: dim / heads,
-            scale,
-            causal,
-            ld,
-        })
-    }
-
-    fn d(&self) -> usize {
-        self.heads * self.head_dim
-    }
-
-    /// Keys a query at `pos` sees.
-    fn valid(&self, pos: usize) -> usize {
-        if self.causal {
-            pos + 1
-        } else {
-            self.seq
-        }
-    }
-}
-
-/// Attention over every query: writes the context `out` (`[batch * seq, d]`) and the
-/// probabilities `probs` (`[batch * heads, seq, seq]`, masked entries 0).
-pub(crate) fn attention_forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: AttnShape,
-    out: &mut [f32],
-    probs: &mut [f32],
-) {
-    let (t, d, hd, ld) = (s.seq, s.d(), s.head_dim, s.ld);
-    assert!(out.len() >= s.batch * t * d && probs.len() >= s.batch * s.heads * t * t);
-    assert!([q, k, v].iter().all(|m| m.len() + ld >= s.batch * t * ld));
-    let optr = SendPtr(out.as_mut_ptr());
-    probs
-        .par_chunks_mut(t * t)
-        .take(s.batch * s.heads)
-        .enumerate()
-        .for_each(|(bh, p)| {
-            let (item, h) = (bh / s.heads, bh % s.heads);
-            let (base, obase) = (item * t * ld + h * hd, item * t * d + h * hd);
-            let o = &optr;
-            // SAFETY: reads stay in this item's rows and head's columns (the asserts above
-            // bound them); the write covers this (item, head) block of `out` only.
-            unsafe {
-                mm(
-                    t,
-                    t,
-                    hd,
-                    p.as_mut_ptr(),
-                    t,
-                    q.as_ptr().add(base),
-                    ld,
-                    1,
-                    k.as_ptr().add(base),
-                    1,
-                    ld,
-                    s.scale,
-                    false,
-                );
-                for (i, row) in p.chunks_mut(t).enumerate() {
-                    let valid = s.valid(i);
-                    super::cpu::softmax_in_place(&mut row[..valid]);
-                    row[valid..].fill(0.0);
-                }
-                mm(
-                    t,
-                    hd,
-                    t,
-                    o.0.add(obase),
-                    d,
-                    p.as_ptr(),
-                    t,
-                    1,
-                    v.as_ptr().add(base),
-                    ld,
-                    1,
-                    1.0,
-                    false,
-                );
-            }
-        });
-}
-
-/// The backward pass of [`attention_forward`]: from the saved probabilities and the context's
+/// The backward pass of [`cpu::attention_into`](super::cpu::attention_into): from the saved probabilities and the context's
 /// gradient `dout` (`[batch * seq, d]`), writes dQ, dK and dV into `dqkv`, one `[batch * seq,
 /// 3 d]` buffer (columns `0..d`, `d..2d`, `2d..3d`).
 #[allow(clippy::too_many_arguments)]
@@ -542,46 +431,7 @@ pub(crate) fn attention_backward(
     );
 }
 
-/// Attention for the given query rows only (`rows[i]` = (item, position)), against every key of
-/// the item: the last block of a tower, whose other rows no output reads. Writes the context
-/// `out` (`[rows.len(), d]`) and the probabilities (`[rows.len(), heads, seq]`, masked 0).
-pub(crate) fn attention_rows_forward(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    s: AttnShape,
-    rows: &[(usize, usize)],
-    out: &mut [f32],
-    probs: &mut [f32],
-) {
-    let (t, d, hd, ld) = (s.seq, s.d(), s.head_dim, s.ld);
-    out.par_chunks_mut(d)
-        .zip(probs.par_chunks_mut(s.heads * t))
-        .zip(rows.par_iter())
-        .for_each(|((out, probs), &(item, pos))| {
-            let valid = s.valid(pos);
-            let qr = &q[(item * t + pos) * ld..];
-            for h in 0..s.heads {
-                let qh = &qr[h * hd..(h + 1) * hd];
-                let p = &mut probs[h * t..(h + 1) * t];
-                for (j, pj) in p[..valid].iter_mut().enumerate() {
-                    *pj = super::cpu::dot(qh, &k[(item * t + j) * ld + h * hd..][..hd]) * s.scale;
-                }
-                super::cpu::softmax_in_place(&mut p[..valid]);
-                p[valid..].fill(0.0);
-                let oh = &mut out[h * hd..(h + 1) * hd];
-                oh.fill(0.0);
-                for (j, pj) in p[..valid].iter().enumerate() {
-                    let vr = &v[(item * t + j) * ld + h * hd..][..hd];
-                    for (o, x) in oh.iter_mut().zip(vr) {
-                        *o += pj * x;
-                    }
-                }
-            }
-        });
-}
-
-/// The backward pass of [`attention_rows_forward`]: adds dQ (at the query rows), dK and dV into
+/// The backward pass of [`cpu::attention_rows_into`](super::cpu::attention_rows_into): adds dQ (at the query rows), dK and dV into
 /// `dqkv` (`[batch * seq, 3 d]`, as [`attention_backward`]). One task per item, so rows of one
 /// item never race.
 #[allow(clippy::too_many_arguments)]
@@ -676,7 +526,7 @@ impl CustomOp3 for AttentionOp {
         );
         let mut out = vec![0f32; q.len()];
         let mut probs = vec![0f32; sh.batch * sh.heads * sh.seq * sh.seq];
-        attention_forward(q, k, v, sh, &mut out, &mut probs);
+        super::cpu::attention_into(q, k, v, sh, &mut out, Some(&mut probs));
         *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(probs);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
@@ -707,7 +557,7 @@ impl CustomOp3 for AttentionOp {
                     // A second backward through the same graph: recompute.
                     let mut out = vec![0f32; n];
                     let mut p = vec![0f32; sh.batch * sh.heads * sh.seq * sh.seq];
-                    attention_forward(s[0], s[1], s[2], sh, &mut out, &mut p);
+                    super::cpu::attention_into(s[0], s[1], s[2], sh, &mut out, Some(&mut p));
                     p
                 }
             };
