@@ -54,7 +54,7 @@ pub enum RunsCommand {
         #[arg(long, env = "CLIPFT_JSON")]
         json: bool,
     },
-    /// Download the artifact as OUTPUT/<name>/.
+    /// Download the artifact as OUTPUT/NAME/ (the run's name).
     Artifact {
         name: String,
         #[arg(long, env = "CLIPFT_OUTPUT", default_value = "artifacts")]

@@ -2,8 +2,10 @@
 //!
 //! Every block takes a [`Mode`]. Candle's fused kernels (`layer_norm`, `softmax_last_dim`) record no
 //! backward, so a model built from them trains with silently missing gradients. Training therefore
-//! runs composed, differentiable ops; inference runs the fused kernels, which are faster. The
-//! weights and the module tree are the same in both modes: there is one model definition.
+//! runs composed, differentiable ops; inference runs the fused kernels, which are faster. On the
+//! CPU inside a training step ([`super::train_ops::with_direct_weight_grads`]), each encoder
+//! block is one differentiable op instead ([`super::train_block`]). The weights and the module
+//! tree are the same in every mode: there is one model definition.
 
 use candle_core::{DType, Result, Tensor, D};
 use candle_nn::VarBuilder;
