@@ -46,6 +46,11 @@ pub(crate) const WEIGHTS: [&str; 16] = [
 const LN1_W: usize = 0;
 const LN1_B: usize = 1;
 const Q_W: usize = 2;
+const Q_B: usize = 3;
+const K_W: usize = 4;
+const K_B: usize = 5;
+const V_W: usize = 6;
+const V_B: usize = 7;
 const OUT_W: usize = 8;
 const OUT_B: usize = 9;
 const LN2_W: usize = 10;
@@ -64,7 +69,7 @@ pub(crate) struct BlockShape {
     pub eps: f32,
 }
 
-/// What the forward pass keeps for the backward pass.
+/// What the forward pass keeps for the backward pass (which takes it).
 struct Saved {
     h1: Vec<f32>,
     wqkv: Vec<f32>,
@@ -138,8 +143,9 @@ impl BlockOp {
         let eps = self.shape.eps;
         let sh = self.attn_shape(b, t, d)?;
         let h1 = train_ops::layer_norm_forward(x, w[LN1_W], w[LN1_B], eps);
-        let wqkv = [w[Q_W], w[Q_W + 2], w[Q_W + 4]].concat();
-        let bqkv = [w[Q_W + 1], w[Q_W + 3], w[Q_W + 5]].concat();
+        // Stacked along the output dimension, so one product gives the rows [q | k | v].
+        let wqkv = [w[Q_W], w[K_W], w[V_W]].concat();
+        let bqkv = [w[Q_B], w[K_B], w[V_B]].concat();
         let qkv = train_ops::linear_forward(&h1, rows, d, &wqkv, 3 * d, Some(&bqkv), None);
         let (q, k, v) = (&qkv[..], &qkv[d..], &qkv[2 * d..]);
         let (ctx, probs, residual) = match self.out_rows(b, t)? {
@@ -293,9 +299,14 @@ impl CustomOp1 for BlockOp {
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (b, t, d) = arg.dims3()?;
         let (x, g) = (arg.contiguous()?, grad.contiguous()?);
-        let guard = self.saved.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(saved) = guard.as_ref() else {
-            candle_core::bail!("encoder block: backward without a forward pass")
+        // Taken, not borrowed: the activations are freed as soon as this block's backward has
+        // run instead of when the step's graph goes (lower peak memory during backward).
+        let taken = self.saved.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some(saved) = taken.as_ref() else {
+            candle_core::bail!(
+                "encoder block: backward without a forward pass (or a second backward pass \
+                 through the same step)"
+            )
         };
         let mut refs: Vec<&Tensor> = vec![&x, &g];
         refs.extend(self.weights.iter());

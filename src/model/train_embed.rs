@@ -119,7 +119,7 @@ pub(crate) struct PatchEmbedOp {
     pub ln_weight: Tensor,
     pub ln_bias: Tensor,
     pub eps: f32,
-    /// The unfolded patches and the layer norm's input, for the backward pass.
+    /// The unfolded patches and the layer norm's input, for the backward pass (which takes them).
     saved: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
 
@@ -229,9 +229,13 @@ impl CustomOp2 for PatchEmbedOp {
         let (b, _, h, _) = pixels.dims4()?;
         let (g, k) = (h / p, c * p * p);
         let t = g * g + 1;
-        let guard = self.saved.lock().unwrap_or_else(|p| p.into_inner());
-        let Some((patches, x)) = guard.as_ref() else {
-            candle_core::bail!("patch embedding: backward without a forward pass")
+        // Taken (freed after this backward), as the blocks' activations are.
+        let taken = self.saved.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let Some((patches, x)) = taken.as_ref() else {
+            candle_core::bail!(
+                "patch embedding: backward without a forward pass (or a second backward pass \
+                 through the same step)"
+            )
         };
         let (gr, kc) = (grad.contiguous()?, kernel.contiguous()?);
         let grads = cpu::with_slices(&[&gr, &kc, &self.ln_weight], |s| {
