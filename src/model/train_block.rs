@@ -323,14 +323,14 @@ impl CustomOp1 for BlockOp {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{DType, Device, Tensor, Var};
+    use candle_core::{DType, Device, Result, Tensor, Var};
     use candle_nn::{VarBuilder, VarMap};
 
     use crate::model::config::Activation;
     use crate::model::layers::{Encoder, EncoderShape, Mode};
 
     /// A random two-block encoder with biases and layer norms away from their defaults.
-    fn encoder(varmap: &VarMap, dim: usize) -> Encoder {
+    fn encoder(varmap: &VarMap, dim: usize) -> Result<Encoder> {
         let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
         let shape = EncoderShape {
             dim,
@@ -340,65 +340,62 @@ mod tests {
             act: Activation::QuickGelu,
             eps: 1e-5,
         };
-        let enc = Encoder::new(vb, shape).unwrap();
-        for (_, v) in varmap.data().lock().unwrap().iter() {
-            let r = Tensor::randn(0f32, 0.3, v.shape(), &Device::Cpu).unwrap();
-            v.set(&(v.as_tensor() + r).unwrap()).unwrap();
+        let enc = Encoder::new(vb, shape)?;
+        for v in varmap.all_vars() {
+            let r = Tensor::randn(0f32, 0.3, v.shape(), &Device::Cpu)?;
+            v.set(&(v.as_tensor() + r)?)?;
         }
-        enc
+        Ok(enc)
+    }
+
+    /// Largest difference relative to the largest magnitude of `a`.
+    fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        Ok(d / scale.max(1e-6))
     }
 
     /// `forward_pooled` through the block ops (inside `with_direct_weight_grads`) against the
     /// per-op path: several pooled rows per item, a repeated row, items without any, causal and
     /// not; outputs and the gradients of the input and every weight.
     #[test]
-    fn block_op_matches_per_op_path() {
+    fn block_op_matches_per_op_path() -> Result<()> {
         let (b, t, d) = (3, 7, 16);
         let pooled = [(0, 6), (0, 2), (2, 0), (2, 5), (0, 6)];
         for causal in [false, true] {
             let varmap = VarMap::new();
-            let enc = encoder(&varmap, d);
-            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, d), &Device::Cpu).unwrap())
-                .unwrap();
-            let probe = Tensor::randn(0f32, 1.0, (pooled.len(), d), &Device::Cpu).unwrap();
-            let run = || -> candle_core::Result<(Tensor, candle_core::backprop::GradStore)> {
+            let enc = encoder(&varmap, d)?;
+            let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, d), &Device::Cpu)?)?;
+            let probe = Tensor::randn(0f32, 1.0, (pooled.len(), d), &Device::Cpu)?;
+            let run = || -> Result<(Tensor, candle_core::backprop::GradStore)> {
                 let y = enc.forward_pooled(x.as_tensor(), causal, &pooled, Mode::Train)?;
                 let g = (&y * &probe)?.sum_all()?.backward()?;
                 Ok((y, g))
             };
-            let (y_plain, g_plain) = run().unwrap();
-            let (y_fused, g_fused) =
-                crate::model::train_ops::with_direct_weight_grads(run).unwrap();
-            let diff = |a: &Tensor, b: &Tensor| -> f32 {
-                let scale = a
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-                d.to_scalar::<f32>().unwrap() / scale.max(1e-6)
+            let (y_plain, g_plain) = run()?;
+            let (y_fused, g_fused) = crate::model::train_ops::with_direct_weight_grads(run)?;
+            assert!(
+                rel_diff(&y_plain, &y_fused)? < 1e-5,
+                "output (causal {causal})"
+            );
+            let mut tensors: Vec<(String, Tensor)> = {
+                let data = varmap.data().lock().expect("varmap lock");
+                data.iter()
+                    .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                    .collect()
             };
-            assert!(diff(&y_plain, &y_fused) < 1e-5, "output (causal {causal})");
-            let mut tensors: Vec<(String, Tensor)> = varmap
-                .data()
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-                .collect();
             tensors.push(("input".into(), x.as_tensor().clone()));
             assert_eq!(tensors.len(), 2 * 16 + 1);
             for (name, t) in tensors {
-                let (p, f) = (g_plain.get(&t), g_fused.get(&t));
-                let (p, f) = (p.expect("per-op gradient"), f.expect("fused gradient"));
+                let p = g_plain.get(&t).expect("per-op gradient");
+                let f = g_fused.get(&t).expect("fused gradient");
                 if name.ends_with("k_proj.bias") {
                     continue; // rounding noise on both sides (softmax ignores it)
                 }
-                let e = diff(p, f);
+                let e = rel_diff(p, f)?;
                 assert!(e < 1e-4, "{name} (causal {causal}): {e:.2e}");
             }
         }
+        Ok(())
     }
 }

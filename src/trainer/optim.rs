@@ -489,54 +489,49 @@ mod tests {
     /// With clipping, the first Adam step is unchanged (Adam normalises the gradient) but the
     /// moments are scaled: the second step differs from the unclipped one.
     #[test]
-    fn gradient_clipping_scales_the_gradient() {
-        let run = |clip: Option<f64>| {
-            let var = Var::new(&[3.0f32, -4.0], &Device::Cpu).unwrap();
+    fn gradient_clipping_scales_the_gradient() -> Result<()> {
+        let run = |clip: Option<f64>| -> Result<Vec<f32>> {
+            let var = Var::new(&[3.0f32, -4.0], &Device::Cpu)?;
             let mut opt = Optimizer::new(
                 vec![("w".into(), var.clone())],
                 OptimizerParams::new(OptimizerKind::AdamW, 0.1, 0.0),
-            )
-            .unwrap();
+            )?;
             opt.max_grad_norm = clip;
             for _ in 0..2 {
-                let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
-                opt.step(&loss.backward().unwrap()).unwrap();
+                let loss = var.as_tensor().sqr()?.sum_all()?;
+                opt.step(&loss.backward()?)?;
             }
-            let (m, _) = opt.moments("w").unwrap();
-            m
+            Ok(opt.moments("w").expect("moments of w").0)
         };
-        let (plain, clipped) = (run(None), run(Some(1.0)));
+        let (plain, clipped) = (run(None)?, run(Some(1.0))?);
         // The gradient [6, -8] (norm 10) is scaled to norm 1.
         assert!(
             clipped[0].abs() < plain[0].abs() / 5.0,
             "{clipped:?} vs {plain:?}"
         );
-        assert_eq!(run(Some(1e9)), plain);
+        assert_eq!(run(Some(1e9))?, plain);
+        Ok(())
     }
 
     /// Two steps on a quadratic, checked against the formulas computed by hand in f64, through
     /// the fused in-place pass (f32) and the tensor-op fallback (f64 parameters).
     #[test]
-    fn matches_torch_formulas() {
+    fn matches_torch_formulas() -> Result<()> {
         for (kind, dtype) in [
             (OptimizerKind::AdamW, candle_core::DType::F32),
             (OptimizerKind::Adam, candle_core::DType::F32),
             (OptimizerKind::AdamW, candle_core::DType::F64),
         ] {
-            let init = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let var = Var::from_tensor(&init).unwrap();
+            let init = Tensor::new(&[1.0f32, -2.0, 0.5], &Device::Cpu)?.to_dtype(dtype)?;
+            let var = Var::from_tensor(&init)?;
             let mut opt = Optimizer::new(
                 vec![("w".into(), var.clone())],
                 OptimizerParams::new(kind, 0.1, 0.01),
-            )
-            .unwrap();
+            )?;
             let (mut w, mut m, mut v) = ([1.0f64, -2.0, 0.5], [0f64; 3], [0f64; 3]);
             for t in 1..=2 {
-                let loss = var.as_tensor().sqr().unwrap().sum_all().unwrap();
-                opt.step(&loss.backward().unwrap()).unwrap();
+                let loss = var.as_tensor().sqr()?.sum_all()?;
+                opt.step(&loss.backward()?)?;
                 for i in 0..3 {
                     let mut g = 2.0 * w[i];
                     match kind {
@@ -551,10 +546,8 @@ mod tests {
             }
             let got = var
                 .as_tensor()
-                .to_dtype(candle_core::DType::F32)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
+                .to_dtype(candle_core::DType::F32)?
+                .to_vec1::<f32>()?;
             for (g, w) in got.iter().zip(w) {
                 assert!(
                     (*g as f64 - w).abs() < 1e-6 * w.abs().max(1.0),
@@ -562,45 +555,43 @@ mod tests {
                 );
             }
         }
+        Ok(())
     }
 
     /// f16 loss scaling: an overflowed step changes nothing and halves the scale; good steps
     /// unscale the gradient exactly and grow the scale after the interval.
     #[test]
-    fn loss_scaling_skips_overflow_and_unscales() {
-        let var = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+    fn loss_scaling_skips_overflow_and_unscales() -> Result<()> {
+        let var = Var::new(&[1.0f32, -2.0], &Device::Cpu)?;
         let mut opt = Optimizer::new(
             vec![("w".into(), var.clone())],
             OptimizerParams::new(OptimizerKind::Adam, 0.1, 0.0),
-        )
-        .unwrap();
+        )?;
         opt.loss_scale = Some(LossScale {
             scale: 8.0,
             growth_interval: 2,
             good_steps: 0,
         });
-        let inf = (var.as_tensor() * f64::INFINITY)
-            .unwrap()
-            .sum_all()
-            .unwrap();
-        assert!(!opt.step(&inf.backward().unwrap()).unwrap());
-        assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), [1.0, -2.0]);
+        let inf = (var.as_tensor() * f64::INFINITY)?.sum_all()?;
+        assert!(!opt.step(&inf.backward()?)?);
+        assert_eq!(var.as_tensor().to_vec1::<f32>()?, [1.0, -2.0]);
         assert_eq!(opt.loss_scale.map(|l| l.scale), Some(4.0));
         assert_eq!((opt.skipped, opt.step_count()), (1, 0));
         // Scaled by 4 then unscaled: the same first moment as the plain gradient 2w.
-        let scaled = (var.as_tensor().sqr().unwrap().sum_all().unwrap() * 4.0).unwrap();
-        assert!(opt.step(&scaled.backward().unwrap()).unwrap());
-        let (m, _) = opt.moments("w").unwrap();
+        let scaled = (var.as_tensor().sqr()?.sum_all()? * 4.0)?;
+        assert!(opt.step(&scaled.backward()?)?);
+        let (m, _) = opt.moments("w").expect("moments of w");
         assert!(
             (m[0] - 0.2).abs() < 1e-6 && (m[1] + 0.4).abs() < 1e-6,
             "{m:?}"
         );
-        let again = (var.as_tensor().sqr().unwrap().sum_all().unwrap() * 4.0).unwrap();
-        opt.step(&again.backward().unwrap()).unwrap();
+        let again = (var.as_tensor().sqr()?.sum_all()? * 4.0)?;
+        opt.step(&again.backward()?)?;
         assert_eq!(
             opt.loss_scale.map(|l| l.scale),
             Some(8.0),
             "grew after 2 good steps"
         );
+        Ok(())
     }
 }
