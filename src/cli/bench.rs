@@ -174,13 +174,7 @@ fn run_train(args: BenchArgs) -> anyhow::Result<()> {
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let rows = random_rows(&mut rng, b, t, m.tokenizer.pad_id());
-    let eos = m
-        .clip
-        .text
-        .as_ref()
-        .map(|t| t.config().eos_token_id)
-        .unwrap_or(2);
-    let text = crate::model::TextBatch::new(&rows, eos, &device)?;
+    let text = crate::model::TextBatch::new(&rows, m.eos_token_id(), &device)?;
     let (h, w) = m.images.output_size();
     let pixels = candle_core::Tensor::randn(0f32, 1.0, (b, 3, h, w), &device)?;
     let (iterations, seconds) = time_steps(args.seconds, || {

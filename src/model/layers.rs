@@ -356,9 +356,9 @@ pub struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    /// This block's tensors in [`train_block::WEIGHTS`] order, and its shape (not yet causal);
-    /// None for a linear layer without bias (no CLIP checkpoint has one).
-    fn block(&self) -> Option<(Vec<Tensor>, train_block::BlockShape)> {
+    /// This block's tensors in [`train_block::WEIGHTS`] order, and its shape; None for a linear
+    /// layer without bias (no CLIP checkpoint has one).
+    fn block(&self, causal: bool) -> Option<(Vec<Tensor>, train_block::BlockShape)> {
         let a = &self.self_attn;
         let ln = |n: &LayerNorm| [n.weight.clone(), n.bias.clone()];
         let mut w = Vec::with_capacity(train_block::WEIGHTS.len());
@@ -373,7 +373,7 @@ impl EncoderLayer {
         let shape = train_block::BlockShape {
             heads: a.heads,
             scale: a.scale as f32,
-            causal: false,
+            causal,
             eps: self.layer_norm1.eps as f32,
         };
         Some((w, shape))
@@ -481,7 +481,7 @@ impl Encoder {
         let Some(blocks) = self
             .layers
             .iter()
-            .map(EncoderLayer::block)
+            .map(|l| l.block(causal))
             .collect::<Option<Vec<_>>>()
         else {
             return Ok(None);
@@ -497,8 +497,7 @@ impl Encoder {
         }
         let last = blocks.len() - 1;
         let mut x = x.contiguous()?;
-        for (i, (weights, mut shape)) in blocks.into_iter().enumerate() {
-            shape.causal = causal;
+        for (i, (weights, shape)) in blocks.into_iter().enumerate() {
             let rows = (i == last).then(|| pooled.to_vec());
             x = x.apply_op1(train_block::BlockOp::new(weights, shape, rows))?;
         }

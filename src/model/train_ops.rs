@@ -289,8 +289,7 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// `dst[m, n] = beta * lhs[m, k] @ rhs[k, n]` with explicit (row, column) strides; with
-/// `accumulate`, added to what `dst` holds.
+/// `dst[m, n] = beta * lhs[m, k] @ rhs[k, n]` with explicit (row, column) strides.
 ///
 /// # Safety
 /// Every pointer must address the whole matrix its strides describe.
@@ -308,7 +307,6 @@ unsafe fn mm(
     rhs_rs: usize,
     rhs_cs: usize,
     beta: f32,
-    accumulate: bool,
 ) {
     gemm::gemm(
         m,
@@ -317,14 +315,14 @@ unsafe fn mm(
         dst,
         1,
         dst_rs as isize,
-        accumulate,
+        false,
         lhs,
         lhs_cs as isize,
         lhs_rs as isize,
         rhs,
         rhs_cs as isize,
         rhs_rs as isize,
-        1.0,
+        0.0,
         beta,
         false,
         false,
@@ -333,9 +331,9 @@ unsafe fn mm(
     );
 }
 
-/// The backward pass of [`cpu::attention_into`](super::cpu::attention_into): from the saved probabilities and the context's
-/// gradient `dout` (`[batch * seq, d]`), writes dQ, dK and dV into `dqkv`, one `[batch * seq,
-/// 3 d]` buffer (columns `0..d`, `d..2d`, `2d..3d`).
+/// The backward pass of [`cpu::attention_into`](super::cpu::attention_into): from the saved
+/// probabilities and the context's gradient `dout` (`[batch * seq, d]`), writes dQ, dK and dV
+/// into `dqkv`, one `[batch * seq, 3 d]` buffer (columns `0..d`, `d..2d`, `2d..3d`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_backward(
     q: &[f32],
@@ -371,23 +369,9 @@ pub(crate) fn attention_backward(
                 );
                 let (dq, dk, dv) = (g.0.add(dbase), g.0.add(dbase + d), g.0.add(dbase + 2 * d));
                 // dV = P^T dO
-                mm(t, hd, t, dv, 3 * d, p.as_ptr(), 1, t, gp, d, 1, 1.0, false);
+                mm(t, hd, t, dv, 3 * d, p.as_ptr(), 1, t, gp, d, 1, 1.0);
                 // dP = dO V^T
-                mm(
-                    t,
-                    t,
-                    hd,
-                    dp.as_mut_ptr(),
-                    t,
-                    gp,
-                    d,
-                    1,
-                    vp,
-                    1,
-                    ld,
-                    1.0,
-                    false,
-                );
+                mm(t, t, hd, dp.as_mut_ptr(), t, gp, d, 1, vp, 1, ld, 1.0);
                 // dS = P * (dP - rowsum(dP * P))
                 for (pr, dr) in p.chunks(t).zip(dp.chunks_mut(t)) {
                     let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
@@ -396,44 +380,16 @@ pub(crate) fn attention_backward(
                     }
                 }
                 // dQ = scale dS K;  dK = scale dS^T Q
-                mm(
-                    t,
-                    hd,
-                    t,
-                    dq,
-                    3 * d,
-                    dp.as_ptr(),
-                    t,
-                    1,
-                    kp,
-                    ld,
-                    1,
-                    s.scale,
-                    false,
-                );
-                mm(
-                    t,
-                    hd,
-                    t,
-                    dk,
-                    3 * d,
-                    dp.as_ptr(),
-                    1,
-                    t,
-                    qp,
-                    ld,
-                    1,
-                    s.scale,
-                    false,
-                );
+                mm(t, hd, t, dq, 3 * d, dp.as_ptr(), t, 1, kp, ld, 1, s.scale);
+                mm(t, hd, t, dk, 3 * d, dp.as_ptr(), 1, t, qp, ld, 1, s.scale);
             }
         },
     );
 }
 
-/// The backward pass of [`cpu::attention_rows_into`](super::cpu::attention_rows_into): adds dQ (at the query rows), dK and dV into
-/// `dqkv` (`[batch * seq, 3 d]`, as [`attention_backward`]). One task per item, so rows of one
-/// item never race.
+/// The backward pass of [`cpu::attention_rows_into`](super::cpu::attention_rows_into): adds dQ
+/// (at the query rows), dK and dV into `dqkv` (`[batch * seq, 3 d]`, as [`attention_backward`]).
+/// One task per item, so rows of one item never race.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_rows_backward(
     q: &[f32],
@@ -554,7 +510,7 @@ impl CustomOp3 for AttentionOp {
             let probs = match saved {
                 Some(p) => p,
                 None => {
-                    // A second backward through the same graph: recompute.
+                    // Taken by an earlier backward through the same graph: recompute.
                     let mut out = vec![0f32; n];
                     let mut p = vec![0f32; sh.batch * sh.heads * sh.seq * sh.seq];
                     super::cpu::attention_into(s[0], s[1], s[2], sh, &mut out, Some(&mut p));
@@ -562,7 +518,6 @@ impl CustomOp3 for AttentionOp {
                 }
             };
             attention_backward(s[0], s[1], s[2], sh, &probs, s[3], &mut dqkv);
-            *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(probs);
             Ok(())
         })?;
         let split = |c: usize| -> Result<Tensor> {

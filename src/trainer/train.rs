@@ -112,13 +112,16 @@ impl TrainModel {
     /// A text batch for the text tower: tokenized, padded to the longest caption.
     pub fn text_batch<S: AsRef<str>>(&self, captions: &[S]) -> Result<TextBatch, ModelError> {
         let rows = self.tokenizer.encode_batch(captions)?;
-        let eos = self
-            .clip
+        Ok(TextBatch::new(&rows, self.eos_token_id(), &self.device)?)
+    }
+
+    /// The text config's end-of-text id, which decides where a text is pooled.
+    pub fn eos_token_id(&self) -> u32 {
+        self.clip
             .text
             .as_ref()
             .map(|t| t.config().eos_token_id)
-            .unwrap_or(2);
-        Ok(TextBatch::new(&rows, eos, &self.device)?)
+            .unwrap_or(2)
     }
 
     /// Computes in `dtype` from now on (f32 weights kept; see the module doc).
