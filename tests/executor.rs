@@ -19,7 +19,7 @@ use clipft::protocol::jina::{
     jina_rpc_client::JinaRpcClient,
     jina_single_data_request_rpc_client::JinaSingleDataRequestRpcClient,
     jina_single_document_request_rpc_client::JinaSingleDocumentRequestRpcClient,
-    DataRequestListProto, DataRequestProto, HeaderProto, SingleDocumentRequestProto,
+    DataRequestListProto, DataRequestProto, HeaderProto, RouteProto, SingleDocumentRequestProto,
 };
 use clipft::protocol::{ndarray, params::to_struct};
 use prost_types::{value::Kind, Value};
@@ -533,11 +533,32 @@ async fn one_tower_executors_pass_the_other_modality_through() -> R {
         ServerConfig::default(),
     )
     .await?;
-    let r1 = text
+    // Straight from a client, the image cannot be embedded here: the request fails and says why
+    // (clip_client would otherwise only see "Empty embedding returned from the server").
+    let direct = text
         .single()
         .process_single_data(request("/encode", sent.clone(), vec![]))
         .await?
         .into_inner();
+    let (name, msg) = error_of(&direct).ok_or("a direct image to a text executor must fail")?;
+    assert_eq!(name, "BadDocumentError");
+    assert!(
+        msg.contains("docs[1]") && msg.contains("serves only clip-text"),
+        "{msg}"
+    );
+    // Behind a gateway (which writes its route first), another executor of the Flow may embed
+    // it: it passes through.
+    let mut via_gateway = request("/encode", sent.clone(), vec![]);
+    via_gateway.routes.push(RouteProto {
+        executor: "gateway".into(),
+        ..Default::default()
+    });
+    let r1 = text
+        .single()
+        .process_single_data(via_gateway)
+        .await?
+        .into_inner();
+    assert!(error_of(&r1).is_none());
     assert!(emb(&docs(&r1)[0]).is_some());
     assert_eq!(
         docs(&r1)[1],
@@ -550,6 +571,41 @@ async fn one_tower_executors_pass_the_other_modality_through() -> R {
     assert_eq!(routes, ["gateway", "clipft", "clipft"]);
     text.shutdown().await?;
     vision.shutdown().await
+}
+
+/// A few hundred bytes of PNG with an extreme aspect ratio: resizing the short side to 224
+/// before cropping would take 30 GB for 200000x1 (the process aborted); only the crop is
+/// resampled, so each is embedded like any other image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thin_strips_are_embedded_in_bounded_memory() -> R {
+    let served = Served::start(
+        Towers::VISION,
+        ExecutorOptions::default(),
+        ServerConfig::default(),
+    )
+    .await?;
+    let mut sent = Vec::new();
+    for (i, (w, h)) in [(200_000u32, 1u32), (1, 200_000), (16_000, 1), (2400, 40)]
+        .into_iter()
+        .enumerate()
+    {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x + y) % 7) as u8])
+        });
+        let mut png = Vec::new();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)?;
+        sent.push(blob_doc(&format!("strip{i}"), png));
+    }
+    let reply = served
+        .single()
+        .process_single_data(request("/encode", sent, vec![]))
+        .await?
+        .into_inner();
+    assert!(error_of(&reply).is_none(), "{:?}", error_of(&reply));
+    for d in docs(&reply) {
+        assert!(emb(d).is_some(), "{} has no embedding", d.id);
+    }
+    served.shutdown().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -95,7 +95,7 @@ fn check_images(model: &Path, reference: &Path, min_cos: f64) {
     for r in &refs {
         let bytes = std::fs::read(images.join(&r.file)).unwrap();
         let rgb = pre.decode(&bytes).unwrap();
-        let ours = pre.resize_and_crop(&rgb);
+        let ours = pre.resize_and_crop(&rgb).unwrap();
         let theirs = image::open(images.join(&r.pixels)).unwrap().to_rgb8();
         assert_eq!(ours.dimensions(), theirs.dimensions(), "{}", r.file);
         let max_diff = ours
@@ -153,6 +153,24 @@ fn both_towers_in_one_model() {
 }
 
 /// Full-size random ViT-B/32 (`python scripts/make_fixtures.py --full-size target/vit-b-32`).
+/// Panoramas, banners and strips (scripts/make_strip_fixtures.py): clipft resamples only the
+/// window the centre crop keeps, and must give transformers' pixels exactly, so the same
+/// embedding.
+#[test]
+fn extreme_aspect_ratios_match_transformers_pixels() {
+    let enc = load(&fixtures().join("clip-tiny"), Towers::VISION);
+    let pre = enc.image_preprocessor().unwrap();
+    let dir = fixtures().join("reference/strips");
+    for name in ["panorama_2400x40", "banner_36x1500", "strip_5000x2"] {
+        let bytes = std::fs::read(dir.join(format!("{name}.png"))).unwrap();
+        let ours = pre.resize_and_crop(&pre.decode(&bytes).unwrap()).unwrap();
+        let theirs = image::open(dir.join(format!("{name}.pixels.png")))
+            .unwrap()
+            .to_rgb8();
+        assert!(ours == theirs, "{name}: pixels differ from Pillow's");
+    }
+}
+
 fn full_size_dir() -> PathBuf {
     std::env::var_os("CLIPFT_FULL_MODEL")
         .map(PathBuf::from)

@@ -327,11 +327,7 @@ fn run_jobs(
             embed_batch(encoder, tower, taken)
         }))
         .unwrap_or_else(|panic| {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
+            let msg = super::status::panic_message(panic.as_ref());
             tracing::error!(tower = tower.name(), "model panicked: {msg}");
             Err(ExecutorError::Model(format!(
                 "internal error in the {} tower: {msg}",

@@ -106,6 +106,10 @@ struct Options {
     paths: AccessPaths,
     drop_image_content: bool,
     minibatch: Option<usize>,
+    /// The request came straight from a client (no gateway wrote a route before us). Then a
+    /// document none of our towers can embed fails the request with the reason; behind a
+    /// gateway it passes through, since another executor of the Flow may embed it.
+    direct: bool,
 }
 
 impl Core {
@@ -178,7 +182,7 @@ impl Core {
                 true
             }
         };
-        let now = SystemTime::now();
+        let (arrived, now) = whole_milliseconds(arrived, SystemTime::now());
         let status = req.header.as_ref().and_then(|h| h.status.clone());
         // A client that talks to us directly (clip_client without a gateway) reads routes[0] as
         // the gateway and routes[1] as the executor; a gateway replaces both with its own.
@@ -225,6 +229,7 @@ impl Core {
             paths,
             drop_image_content: p.bool("drop_image_content").map_err(bad)?.unwrap_or(false),
             minibatch: p.positive("minibatch_size").map_err(bad)?,
+            direct: req.routes.is_empty(),
         })
     }
 
@@ -239,7 +244,7 @@ impl Core {
             return Ok(0);
         };
         let addrs = opts.paths.select(docs);
-        let done = self.embed(docs, &addrs, opts.minibatch, wait).await?;
+        let done = self.embed(docs, &addrs, &opts, wait).await?;
         if opts.drop_image_content {
             for a in done
                 .iter()
@@ -274,7 +279,7 @@ impl Core {
             return Ok(0);
         };
         let addrs = opts.paths.select(docs);
-        let embedded = self.embed(docs, &addrs, opts.minibatch, wait).await?.len();
+        let embedded = self.embed(docs, &addrs, &opts, wait).await?.len();
         for (i, root) in docs.iter_mut().enumerate() {
             if root.matches.is_empty() {
                 continue;
@@ -330,11 +335,13 @@ impl Core {
         &self,
         docs: &mut [DocumentProto],
         addrs: &[Address],
-        minibatch: Option<usize>,
+        opts: &Options,
         wait: bool,
     ) -> Result<Vec<(Address, Tower)>, ExecutorError> {
+        let minibatch = opts.minibatch;
         let mut texts = Vec::new();
         let mut images = Vec::new();
+        let mut unservable = Vec::new();
         for a in addrs {
             let Some(d) = paths::get(docs, a) else {
                 continue;
@@ -344,10 +351,29 @@ impl Core {
                     texts.push((a.clone(), t.to_string()))
                 }
                 Some(Kind::Image(src)) if self.vision.is_some() => images.push((a.clone(), src)),
-                // Not for this executor's towers (a text-only executor passes images through),
-                // or nothing to embed.
-                _ => {}
+                Some(Kind::Text(_)) => unservable.push((a, "text", "clip-vision", "clip-text")),
+                Some(Kind::Image(_)) => unservable.push((a, "an image", "clip-text", "clip-vision")),
+                // Nothing to embed (an empty document, as clip_client's profile() sends).
+                None => {}
             }
+        }
+        if let Some(&(a, what, serves, needs)) = unservable.first() {
+            let id = paths::get(docs, a).map(|d| d.id.clone()).unwrap_or_default();
+            let reason = format!(
+                "the document holds {what}, but this executor serves only {serves}: send it to an executor serving {needs} (or start this one with --select-model all)"
+            );
+            metrics::counter!("clipft_unservable_documents_total", "direct" => opts.direct.to_string())
+                .increment(unservable.len() as u64);
+            if opts.direct {
+                tracing::info!(docs = unservable.len(), "refused: {} {reason}", describe(a));
+                return Err(bad_doc(a, &id, reason));
+            }
+            // Behind a gateway another executor of the Flow may embed it.
+            tracing::info!(
+                docs = unservable.len(),
+                "passed through without an embedding: {} {reason}",
+                describe(a)
+            );
         }
         let n = texts.len() + images.len();
         if n > self.max_request_docs {
@@ -479,12 +505,43 @@ impl Core {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, ExecutorError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.pool.spawn(move || {
-            let _ = tx.send(f());
-        });
-        rx.await.map_err(|_| ExecutorError::ShuttingDown)
+        run_on_pool(&self.pool, f).await
     }
+}
+
+/// Runs `f` on `pool` and awaits its result. A panic in `f` (a decoder bug on a crafted image,
+/// say) fails this request in-band instead of reaching rayon, whose default for a panicking
+/// spawned job is to abort the whole process.
+pub async fn run_on_pool<T: Send + 'static>(
+    pool: &rayon::ThreadPool,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ExecutorError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    pool.spawn(move || {
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+            let msg = status::panic_message(panic.as_ref());
+            tracing::error!("preprocessing panicked: {msg}");
+            ExecutorError::Internal(format!("preprocessing failed: {msg}"))
+        });
+        let _ = tx.send(out);
+    });
+    rx.await.map_err(|_| ExecutorError::ShuttingDown)?
+}
+
+/// The interval `[start, end]` widened outward to whole milliseconds, and at least one long.
+/// Jina's clients read route times with `Timestamp.ToMilliseconds()`, which truncates: an
+/// answer of 56 µs would read as 0 ms, and clip_client's `profile()` divides by it. The widened
+/// interval still contains the real one; it is the server's time at the resolution the client
+/// reads.
+fn whole_milliseconds(start: SystemTime, end: SystemTime) -> (SystemTime, SystemTime) {
+    use std::time::UNIX_EPOCH;
+    let ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() / 1_000_000;
+    let end = end.max(start);
+    let first = ms(start);
+    let end_ns = end.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let last = end_ns.div_ceil(1_000_000).max(first + 1);
+    let at = |m: u128| UNIX_EPOCH + Duration::from_millis(m as u64);
+    (at(first), at(last))
 }
 
 fn docs_mut(req: &mut DataRequestProto) -> Result<Option<&mut Vec<DocumentProto>>, ExecutorError> {
@@ -629,4 +686,40 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
         bb += y * y;
     }
     ab / (aa.sqrt() * bb.sqrt()).max(1e-12)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_times_are_whole_milliseconds_containing_the_interval() {
+        use std::time::UNIX_EPOCH;
+        let t = |ns: u64| UNIX_EPOCH + Duration::from_nanos(ns);
+        let ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap().as_millis();
+        // 56 µs inside one millisecond reads as one millisecond, not zero.
+        let (a, b) = whole_milliseconds(t(5_000_100_000), t(5_000_156_000));
+        assert_eq!((ms(a), ms(b)), (5000, 5001));
+        // Across a boundary: the enclosing milliseconds.
+        let (a, b) = whole_milliseconds(t(7_999_900_000), t(8_002_000_001));
+        assert_eq!((ms(a), ms(b)), (7999, 8003));
+        // Already whole: unchanged.
+        let (a, b) = whole_milliseconds(t(9_000_000_000), t(9_004_000_000));
+        assert_eq!((ms(a), ms(b)), (9000, 9004));
+    }
+
+    /// A panicking job fails its request with the panic's message; the pool and the process
+    /// go on (rayon would abort the process on an uncaught panic in a spawned job).
+    #[test]
+    fn a_panic_on_the_pool_is_an_error_for_that_request() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let err = rt
+            .block_on(run_on_pool(&pool, || -> u32 { panic!("decoder bug on image 3") }))
+            .unwrap_err();
+        assert!(matches!(err, ExecutorError::Internal(_)), "{err:?}");
+        assert!(err.to_string().contains("decoder bug on image 3"), "{err}");
+        assert!(!err.fails_call());
+        assert_eq!(rt.block_on(run_on_pool(&pool, || 7u32)).unwrap(), 7);
+    }
 }

@@ -37,6 +37,10 @@ pub enum ExecutorError {
     /// The model failed on a batch.
     #[error("model: {0}")]
     Model(String),
+    /// A bug on the request side (a panic while preprocessing): the request fails, the
+    /// executor goes on.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// The executor stopped while the request waited.
     #[error("the executor is shutting down")]
     ShuttingDown,
@@ -53,13 +57,14 @@ impl ExecutorError {
             Self::RankNeedsBothTowers(_) => "MissingTowerError",
             Self::QueueFull { .. } => "QueueFullError",
             Self::Model(_) => "ModelError",
+            Self::Internal(_) => "InternalError",
             Self::ShuttingDown => "ShuttingDownError",
         }
     }
 
     /// The in-band status Jina's worker writes into a failed request's header.
     pub fn to_status(&self) -> StatusProto {
-        let message = self.to_string();
+        let message = without_backtrace(&self.to_string());
         StatusProto {
             code: status_proto::StatusCode::Error as i32,
             description: format!("{}({message:?})", self.name()),
@@ -79,7 +84,7 @@ impl ExecutorError {
         match self {
             Self::QueueFull { .. } => tonic::Status::resource_exhausted(self.to_string()),
             Self::ShuttingDown => tonic::Status::unavailable(self.to_string()),
-            _ => tonic::Status::internal(self.to_string()),
+            _ => tonic::Status::internal(without_backtrace(&self.to_string())),
         }
     }
 
@@ -89,11 +94,73 @@ impl ExecutorError {
     }
 }
 
+/// The text of a caught panic's payload (`panic!` with a literal or a formatted message).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// An error message cut before a captured backtrace: clients get the reason, the executor's log
+/// keeps the rest. Backtraces reach messages through libraries that format them into their
+/// `Display` (candle does, when `RUST_BACKTRACE` is set); they reveal the server's build paths
+/// and mean nothing to a client.
+pub fn without_backtrace(message: &str) -> String {
+    let mut kept = Vec::new();
+    for line in message.lines() {
+        let t = line.trim_start();
+        let frame = t
+            .split_once(": ")
+            .is_some_and(|(n, _)| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if t.starts_with("stack backtrace:") || (frame && line.starts_with(' ')) {
+            break;
+        }
+        kept.push(line);
+    }
+    kept.join("\n").trim_end().to_string()
+}
+
 /// The success status.
 pub fn success() -> StatusProto {
     StatusProto {
         code: status_proto::StatusCode::Success as i32,
         description: String::new(),
         exception: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A candle error carrying a backtrace (as candle makes them under RUST_BACKTRACE=1) reaches
+    /// the client without it.
+    #[test]
+    fn statuses_carry_no_backtrace() {
+        let e = candle_core::Error::WithBacktrace {
+            inner: Box::new(candle_core::Error::Msg("shape mismatch in matmul".into())),
+            backtrace: Box::new(std::backtrace::Backtrace::force_capture()),
+        };
+        let err = ExecutorError::Model(crate::model::ModelError::Compute(e).to_string());
+        let status = err.to_status();
+        assert!(status.description.contains("shape mismatch in matmul"), "{}", status.description);
+        for text in [&status.description, &status.exception.as_ref().unwrap().args[0]] {
+            assert!(!text.contains("backtrace"), "{text}");
+            assert!(!text.contains(".rs:"), "{text}");
+            assert!(!text.contains('\n'), "{text}");
+        }
+        assert!(!err.to_grpc().message().contains(".rs:"));
+    }
+
+    #[test]
+    fn messages_keep_their_own_lines() {
+        assert_eq!(without_backtrace("a\nb: c"), "a\nb: c");
+        assert_eq!(
+            without_backtrace("boom\nstack backtrace:\n   0: f\n             at x.rs:1"),
+            "boom"
+        );
+        assert_eq!(without_backtrace("boom\n   0: std::backtrace\n   1: g"), "boom");
     }
 }

@@ -232,12 +232,12 @@ impl ImagePreprocessor {
             },
             other => other,
         })?;
-        Ok(self.preprocess_rgb(&rgb))
+        self.preprocess_rgb(&rgb)
     }
 
     /// Decodes and preprocesses encoded image bytes.
     pub fn preprocess_bytes(&self, bytes: &[u8]) -> Result<Vec<f32>, ModelError> {
-        Ok(self.preprocess_rgb(&self.decode(bytes)?))
+        self.preprocess_rgb(&self.decode(bytes)?)
     }
 
     /// An image given as a raw `[height, width, channels]` uint8 array (channels 1, 3 or 4), as
@@ -286,31 +286,69 @@ impl ImagePreprocessor {
                 msg: "tensor shape does not match data".into(),
             }
         })?;
-        Ok(self.preprocess_rgb(&img))
+        self.preprocess_rgb(&img)
     }
 
     /// Resized and cropped RGB pixels before rescaling/normalising (what the parity tests
     /// compare with Pillow's output).
-    pub fn resize_and_crop(&self, img: &RgbImage) -> RgbImage {
+    ///
+    /// Only the window that the centre crop keeps is resampled: Pillow's filters are separable
+    /// and each output pixel depends only on its own taps, so the window's pixels are the ones a
+    /// full resize followed by the crop gives, and the work is bounded by the crop size however
+    /// extreme the aspect ratio (a 200000x1 strip would otherwise be resized to 44.8 M x 224
+    /// pixels before 224x224 of them are kept).
+    pub fn resize_and_crop(&self, img: &RgbImage) -> Result<RgbImage, ModelError> {
         let c = &self.config;
         let (w, h) = img.dimensions();
-        let resized = if c.do_resize {
-            let (nh, nw) = resize_output_size(h, w, c.shortest_edge);
-            resize_bicubic(img, nw, nh)
+        let (nh, nw) = if c.do_resize {
+            resize_output_size(h, w, c.shortest_edge)
         } else {
-            img.clone()
+            (h as u64, w as u64)
         };
-        if c.do_center_crop {
-            center_crop(&resized, c.crop_height, c.crop_width)
+        let (crop_h, crop_w) = if c.do_center_crop {
+            (c.crop_height as u64, c.crop_width as u64)
         } else {
-            resized
+            (nh, nw)
+        };
+        // Without a crop the whole resized image is the output: hold it to the pixel limit.
+        if crop_h.saturating_mul(crop_w) > self.max_pixels
+            || crop_h > u32::MAX as u64
+            || crop_w > u32::MAX as u64
+        {
+            return Err(ModelError::Image {
+                msg: format!(
+                    "image of {w}x{h} would be resized to {nw}x{nh} = {} pixels, over the limit of {} pixels",
+                    nw.saturating_mul(nh),
+                    self.max_pixels
+                ),
+            });
         }
+        // transformers' `center_crop`: floor offsets, zero padding where the image is smaller.
+        let top = (nh as i128 - crop_h as i128).div_euclid(2);
+        let left = (nw as i128 - crop_w as i128).div_euclid(2);
+        let rows = Span::clip(top, crop_h, nh);
+        let cols = Span::clip(left, crop_w, nw);
+        let window = if c.do_resize {
+            resize_bicubic_window(img, (nw, nh), cols, rows)
+        } else {
+            copy_window(img, cols, rows)
+        };
+        if (cols.len, rows.len) == (crop_w, crop_h) {
+            return Ok(window);
+        }
+        // Padding: place the window where the crop puts it.
+        let mut out = RgbImage::new(crop_w as u32, crop_h as u32);
+        let (dx, dy) = ((cols.start as i128 - left) as u32, (rows.start as i128 - top) as u32);
+        for (x, y, p) in window.enumerate_pixels() {
+            out.put_pixel(x + dx, y + dy, *p);
+        }
+        Ok(out)
     }
 
     /// Channels-first normalised pixels, `[3, crop_h, crop_w]` flattened.
-    pub fn preprocess_rgb(&self, img: &RgbImage) -> Vec<f32> {
+    pub fn preprocess_rgb(&self, img: &RgbImage) -> Result<Vec<f32>, ModelError> {
         let c = &self.config;
-        let out = self.resize_and_crop(img);
+        let out = self.resize_and_crop(img)?;
         let (w, h) = out.dimensions();
         let plane = (w * h) as usize;
         let mut chw = vec![0f32; 3 * plane];
@@ -320,7 +358,7 @@ impl ImagePreprocessor {
                 chw[ch * plane + i] = (v - c.mean[ch]) / c.std[ch];
             }
         }
-        chw
+        Ok(chw)
     }
 }
 
@@ -360,19 +398,39 @@ fn on_white(c: u8, a: u8) -> u8 {
 }
 
 /// transformers' `get_resize_output_image_size(default_to_square=False)`: the short side becomes
-/// `shortest_edge`, the long side `int(shortest_edge * long / short)` (floored). Returns (h, w).
-pub fn resize_output_size(height: u32, width: u32, shortest_edge: u32) -> (u32, u32) {
+/// `shortest_edge`, the long side `int(shortest_edge * long / short)` (floored). Returns (h, w),
+/// in `u64` because a thin strip's long side can pass `u32::MAX` (only the crop is computed).
+pub fn resize_output_size(height: u32, width: u32, shortest_edge: u32) -> (u64, u64) {
     let (short, long) = if width <= height {
         (width, height)
     } else {
         (height, width)
     };
-    let new_short = shortest_edge;
-    let new_long = ((shortest_edge as u64 * long as u64) as f64 / short as f64) as u32;
+    let new_short = shortest_edge as u64;
+    let new_long = ((shortest_edge as u64 * long as u64) as f64 / short as f64) as u64;
     if width <= height {
         (new_long, new_short)
     } else {
         (new_short, new_long)
+    }
+}
+
+/// A run of indices `[start, start + len)` along one axis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub start: u64,
+    pub len: u64,
+}
+
+impl Span {
+    /// The part of `[offset, offset + len)` inside `[0, size)`.
+    fn clip(offset: i128, len: u64, size: u64) -> Self {
+        let start = offset.clamp(0, size as i128);
+        let end = (offset + len as i128).clamp(start, size as i128);
+        Self {
+            start: start as u64,
+            len: (end - start) as u64,
+        }
     }
 }
 
@@ -398,6 +456,13 @@ pub fn center_crop(img: &RgbImage, crop_h: u32, crop_w: u32) -> RgbImage {
     out
 }
 
+/// The pixels of `img` in the window (which lies inside it).
+fn copy_window(img: &RgbImage, cols: Span, rows: Span) -> RgbImage {
+    RgbImage::from_fn(cols.len as u32, rows.len as u32, |x, y| {
+        *img.get_pixel(cols.start as u32 + x, rows.start as u32 + y)
+    })
+}
+
 const PRECISION_BITS: u32 = 32 - 8 - 2;
 
 fn bicubic(x: f64) -> f64 {
@@ -419,15 +484,19 @@ struct Coeffs {
     ksize: usize,
 }
 
-fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
+/// Pillow's `precompute_coeffs` for the outputs `[window.start, window.start + window.len)` of a
+/// resize from `in_size` to `out_size`.
+fn precompute_coeffs(in_size: usize, out_size: u64, window: Span) -> Coeffs {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
     let support = 2.0 * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
-    let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i32; out_size * ksize];
+    let n = window.len as usize;
+    let mut bounds = Vec::with_capacity(n);
+    let mut weights = vec![0i32; n * ksize];
     let mut k = vec![0f64; ksize];
-    for xx in 0..out_size {
+    for i in 0..n {
+        let xx = window.start + i as u64;
         let center = (xx as f64 + 0.5) * scale;
         let ss = 1.0 / filterscale;
         // C's (int) cast truncates toward zero, as `as i64` does.
@@ -448,7 +517,7 @@ fn precompute_coeffs(in_size: usize, out_size: usize) -> Coeffs {
                 0.0
             };
             let scaled = v * (1u32 << PRECISION_BITS) as f64;
-            weights[xx * ksize + x] = if v < 0.0 {
+            weights[i * ksize + x] = if v < 0.0 {
                 (scaled - 0.5) as i32
             } else {
                 (scaled + 0.5) as i32
@@ -470,15 +539,46 @@ fn clip8(acc: i32) -> u8 {
 
 /// Pillow's bicubic `Image.resize` on an RGB image (no `reducing_gap`).
 pub fn resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
-    let (in_w, in_h) = img.dimensions();
-    let mut cur: Vec<u8> = img.as_raw().clone();
-    let (mut cw, ch) = (in_w as usize, in_h as usize);
-    if out_w != in_w {
-        let co = precompute_coeffs(cw, out_w as usize);
-        let ow = out_w as usize;
-        let mut next = vec![0u8; ow * ch * 3];
-        for y in 0..ch {
-            let row = &cur[y * cw * 3..(y + 1) * cw * 3];
+    let full = |len: u32| Span {
+        start: 0,
+        len: len as u64,
+    };
+    resize_bicubic_window(
+        img,
+        (out_w as u64, out_h as u64),
+        full(out_w),
+        full(out_h),
+    )
+}
+
+/// The window `cols` x `rows` (inside `out_w x out_h`) of Pillow's bicubic resize of `img` to
+/// `(out_w, out_h)`: the same pixels as the full resize, with work and memory bounded by the
+/// window. As Pillow does, the horizontal pass runs first (on just the input rows the vertical
+/// pass reads) into a uint8 intermediate.
+pub fn resize_bicubic_window(
+    img: &RgbImage,
+    (out_w, out_h): (u64, u64),
+    cols: Span,
+    rows: Span,
+) -> RgbImage {
+    let (in_w, in_h) = (img.width() as usize, img.height() as usize);
+    let src = img.as_raw();
+    // Input rows the vertical pass needs, and its coefficients relative to the first of them.
+    let (vert, first_row, n_rows) = if out_h != in_h as u64 {
+        let co = precompute_coeffs(in_h, out_h, rows);
+        let first = co.bounds.first().map_or(0, |b| b.0);
+        let end = co.bounds.iter().map(|b| b.0 + b.1).max().unwrap_or(first);
+        (Some(co), first, end - first)
+    } else {
+        (None, rows.start as usize, rows.len as usize)
+    };
+    let ow = cols.len as usize;
+    // Horizontal pass: `n_rows` rows from `first_row`, the window's columns.
+    let mut mid = vec![0u8; ow * n_rows * 3];
+    if out_w != in_w as u64 {
+        let co = precompute_coeffs(in_w, out_w, cols);
+        for y in 0..n_rows {
+            let row = &src[(first_row + y) * in_w * 3..(first_row + y + 1) * in_w * 3];
             for (xx, &(xmin, xmax)) in co.bounds.iter().enumerate() {
                 let k = &co.weights[xx * co.ksize..xx * co.ksize + xmax];
                 for c in 0..3 {
@@ -486,32 +586,34 @@ pub fn resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
                     for (x, &w) in k.iter().enumerate() {
                         acc += row[(xmin + x) * 3 + c] as i32 * w;
                     }
-                    next[(y * ow + xx) * 3 + c] = clip8(acc);
+                    mid[(y * ow + xx) * 3 + c] = clip8(acc);
                 }
             }
         }
-        cur = next;
-        cw = ow;
-    }
-    let mut chh = ch;
-    if out_h != in_h {
-        let co = precompute_coeffs(ch, out_h as usize);
-        let oh = out_h as usize;
-        let mut next = vec![0u8; cw * oh * 3];
-        for (yy, &(ymin, ymax)) in co.bounds.iter().enumerate() {
-            let k = &co.weights[yy * co.ksize..yy * co.ksize + ymax];
-            for x in 0..cw * 3 {
-                let mut acc: i32 = 1 << (PRECISION_BITS - 1);
-                for (y, &w) in k.iter().enumerate() {
-                    acc += cur[(ymin + y) * cw * 3 + x] as i32 * w;
-                }
-                next[yy * cw * 3 + x] = clip8(acc);
-            }
+    } else {
+        let x0 = cols.start as usize * 3;
+        for y in 0..n_rows {
+            let row = (first_row + y) * in_w * 3;
+            mid[y * ow * 3..(y + 1) * ow * 3].copy_from_slice(&src[row + x0..row + x0 + ow * 3]);
         }
-        cur = next;
-        chh = oh;
     }
-    RgbImage::from_raw(cw as u32, chh as u32, cur).expect("buffer sized to the image")
+    let Some(co) = vert else {
+        return RgbImage::from_raw(ow as u32, n_rows as u32, mid).expect("buffer sized to the window");
+    };
+    let oh = rows.len as usize;
+    let mut out = vec![0u8; ow * oh * 3];
+    for (yy, &(ymin, ymax)) in co.bounds.iter().enumerate() {
+        let k = &co.weights[yy * co.ksize..yy * co.ksize + ymax];
+        let base = ymin - first_row;
+        for x in 0..ow * 3 {
+            let mut acc: i32 = 1 << (PRECISION_BITS - 1);
+            for (y, &w) in k.iter().enumerate() {
+                acc += mid[(base + y) * ow * 3 + x] as i32 * w;
+            }
+            out[yy * ow * 3 + x] = clip8(acc);
+        }
+    }
+    RgbImage::from_raw(ow as u32, oh as u32, out).expect("buffer sized to the window")
 }
 
 #[cfg(test)]
@@ -524,6 +626,7 @@ mod tests {
         assert_eq!(resize_output_size(480, 64, 224), (1680, 224));
         assert_eq!(resize_output_size(333, 225, 224), (331, 224));
         assert_eq!(resize_output_size(224, 224, 224), (224, 224));
+        assert_eq!(resize_output_size(1, 64 << 20, 224), (224, 224 << 26));
     }
 
     #[test]
@@ -533,6 +636,77 @@ mod tests {
         let flat = RgbImage::from_pixel(37, 23, image::Rgb([200, 10, 77]));
         let out = resize_bicubic(&flat, 11, 50);
         assert!(out.pixels().all(|p| p.0 == [200, 10, 77]));
+    }
+
+    /// A deterministic image with detail everywhere, so a misplaced tap changes pixels.
+    fn noise(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            let v = x.wrapping_mul(2_654_435_761).wrapping_add(y.wrapping_mul(40_503));
+            image::Rgb([(v >> 3) as u8, (v >> 11) as u8, (v >> 19) as u8])
+        })
+    }
+
+    /// The cropped window must be exactly the crop of a full resize, for shrinking, enlarging,
+    /// odd sizes, both orientations, and crops larger than the resized image (padding).
+    #[test]
+    fn window_resize_equals_full_resize_then_crop() {
+        let configs = [
+            ImageConfig::default(),
+            ImageConfig {
+                shortest_edge: 30,
+                crop_height: 24,
+                crop_width: 17,
+                ..ImageConfig::default()
+            },
+            ImageConfig {
+                shortest_edge: 20,
+                crop_height: 26,
+                crop_width: 41,
+                ..ImageConfig::default()
+            },
+            ImageConfig {
+                do_resize: false,
+                crop_height: 9,
+                crop_width: 12,
+                ..ImageConfig::default()
+            },
+        ];
+        let shapes = [(640, 480), (225, 333), (48, 17), (17, 48), (300, 1), (1, 300), (7, 7)];
+        for c in configs {
+            let p = ImagePreprocessor::new(c.clone());
+            for (w, h) in shapes {
+                let img = noise(w, h);
+                let resized = if c.do_resize {
+                    let (nh, nw) = resize_output_size(h, w, c.shortest_edge);
+                    resize_bicubic(&img, nw as u32, nh as u32)
+                } else {
+                    img.clone()
+                };
+                let want = center_crop(&resized, c.crop_height, c.crop_width);
+                let got = p.resize_and_crop(&img).unwrap();
+                assert!(got == want, "{w}x{h} with {c:?}");
+            }
+        }
+    }
+
+    /// Thin strips are answered with the crop's work, not the full resize's: 200000x1 would be
+    /// resized to 44.8 M x 224 pixels (30 GB) before the crop.
+    #[test]
+    fn extreme_strips_cost_only_the_crop() {
+        let p = ImagePreprocessor::new(ImageConfig::default());
+        for (w, h) in [(200_000, 1), (1, 200_000), (16_000, 1), (60_000, 2)] {
+            let img = noise(w, h);
+            let out = p.preprocess_rgb(&img).unwrap();
+            assert_eq!(out.len(), 3 * 224 * 224, "{w}x{h}");
+            assert!(out.iter().all(|v| v.is_finite()));
+        }
+        // Without a crop the resized image is the output, held to the pixel limit.
+        let p = ImagePreprocessor::new(ImageConfig {
+            do_center_crop: false,
+            ..ImageConfig::default()
+        });
+        let e = p.resize_and_crop(&noise(200_000, 1)).unwrap_err().to_string();
+        assert!(e.contains("over the limit"), "{e}");
     }
 
     #[test]
@@ -549,7 +723,7 @@ mod tests {
             image::Rgb([(x * 6) as u8, (y * 8) as u8, ((x + y) * 3) as u8])
         });
         let p = ImagePreprocessor::new(ImageConfig::default());
-        let want = p.preprocess_rgb(&img);
+        let want = p.preprocess_rgb(&img).unwrap();
         assert_eq!(p.preprocess_hwc_u8(img.as_raw(), 30, 40, 3).unwrap(), want);
         let opaque: Vec<u8> = img.pixels().flat_map(|q| [q[0], q[1], q[2], 255]).collect();
         assert_eq!(p.preprocess_hwc_u8(&opaque, 30, 40, 4).unwrap(), want);
@@ -557,7 +731,7 @@ mod tests {
         let luma: Vec<u8> = (0..30).flat_map(|_| 0..40u8).collect();
         assert_eq!(
             p.preprocess_hwc_u8(&luma, 30, 40, 1).unwrap(),
-            p.preprocess_rgb(&grey)
+            p.preprocess_rgb(&grey).unwrap()
         );
     }
 

@@ -61,8 +61,20 @@ pub enum ModelError {
     InvalidInput { msg: String },
     #[error("{0} is not available in this model (it was loaded with --select-model {1})")]
     TowerMissing(&'static str, &'static str),
-    #[error("model computation failed: {0}")]
+    #[error("model computation failed: {}", candle_message(.0))]
     Compute(#[from] candle_core::Error),
+}
+
+/// A candle error's message without the backtrace candle appends to it under `RUST_BACKTRACE`
+/// (`Error::WithBacktrace`): the reason, not the frames, is what a caller can act on.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        candle_core::Error::Context { inner, context } => {
+            format!("{context}: {}", candle_message(inner))
+        }
+        other => other.to_string(),
+    }
 }
 
 impl ModelError {
@@ -81,7 +93,7 @@ impl ModelError {
             .join(", ");
         Self::Weights {
             files,
-            msg: e.to_string(),
+            msg: candle_message(&e),
         }
     }
 }
@@ -120,6 +132,8 @@ pub struct Encoder {
     pub source: String,
     /// Where the token embedding table is stored, for [`Encoder::release_for_serving`].
     token_rows: Option<load::TensorLocation>,
+    /// Keeps an unpacked artifact zip on disk while the model may read from it.
+    _unpacked: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
 impl Encoder {
@@ -128,7 +142,7 @@ impl Encoder {
         let vb = files.var_builder(opts.towers, opts.dtype, &opts.device)?;
         let clip = Clip::new(vb, &config, opts.towers).map_err(|e| ModelError::Weights {
             files: files.source.clone(),
-            msg: e.to_string(),
+            msg: candle_message(&e),
         })?;
         let tokenizer = match (&clip.text, &files.tokenizer) {
             (Some(t), Some(p)) => Some(
@@ -165,6 +179,7 @@ impl Encoder {
             dtype: opts.dtype,
             source: files.source.clone(),
             token_rows,
+            _unpacked: files.unpacked.clone(),
         })
     }
 
@@ -185,6 +200,7 @@ impl Encoder {
             dtype: DType::F32,
             source: source.to_string(),
             token_rows: None,
+            _unpacked: None,
         }
     }
 

@@ -84,6 +84,11 @@ np.testing.assert_allclose(scores, soft / soft.sum(), rtol=1e-4, atol=1e-6)
 
 # profile reads the gateway and executor routes' timestamps.
 c.profile(images[-1])
+# Its default request is one empty document, answered in microseconds: the routes' times (read
+# in whole milliseconds) must not be zero, or profile() divides by zero.
+for _ in range(20):
+    report = c.profile()
+    assert report['Server'] >= 1 and report['CLIP model'] >= 1, report
 
 # Keepalive pings as Jina's channels send them (every ~10 s; here every second, idle included)
 # are accepted: the channel stays usable after several pings.
