@@ -359,7 +359,8 @@ fn callbacks_best_model_early_stopping_and_wise_ft() {
             "best",
         ],
     ));
-    assert!(log.contains("Model improved"), "{log}");
+    assert!(log.contains("Model saved: first value"), "{log}");
+    assert!(!log.contains("inf"), "no 'improved from -inf': {log}");
     assert!(log.contains("Model did not improve"), "{log}");
     assert!(log.contains("holds epoch 1's weights"), "{log}");
     ok(fit(&out, &["--epochs", "1", "--run-name", "one"]));

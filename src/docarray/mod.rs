@@ -42,45 +42,144 @@ pub struct ImageRef {
 impl ImageRef {
     /// Decodes and preprocesses the image; errors name the dataset location.
     pub fn preprocess(&self, pre: &ImagePreprocessor) -> Result<Vec<f32>, DataError> {
-        let at = |e: ModelError| DataError::Image {
-            location: self.location.clone(),
-            msg: e.to_string(),
-        };
-        match &self.source {
-            ImageSource::Path(p) => {
-                let bytes = std::fs::read(p).map_err(|e| DataError::Image {
-                    location: self.location.clone(),
-                    msg: format!("cannot read {}: {e}", p.display()),
-                })?;
-                pre.preprocess_bytes(&bytes).map_err(at)
-            }
-            ImageSource::DataUri(uri) => pre
-                .preprocess_bytes(&decode_data_uri(uri).map_err(|msg| DataError::Image {
-                    location: self.location.clone(),
-                    msg,
-                })?)
-                .map_err(at),
-            ImageSource::Remote(uri) => pre
-                .preprocess_bytes(
-                    &fetch_http(uri, DATASET_HTTP_MAX_BYTES, DATASET_HTTP_TIMEOUT).map_err(
-                        |msg| DataError::Image {
-                            location: self.location.clone(),
-                            msg,
-                        },
-                    )?,
-                )
-                .map_err(at),
-            ImageSource::Blob(b) => pre.preprocess_bytes(b).map_err(at),
-            ImageSource::Pixels {
-                data,
-                height,
-                width,
-                channels,
-            } => pre
+        if let ImageSource::Pixels {
+            data,
+            height,
+            width,
+            channels,
+        } = &self.source
+        {
+            return pre
                 .preprocess_hwc_u8(data, *height, *width, *channels)
-                .map_err(at),
+                .map_err(|e| self.error(e));
+        }
+        pre.preprocess_bytes(&self.encoded()?)
+            .map_err(|e| self.error(e))
+    }
+
+    /// Checks that the image can be trained on (readable, decodable, within the pixel limit)
+    /// without resizing it, so a bad image is found before training instead of at its batch.
+    /// Remote URIs are checked when they are fetched for training.
+    pub fn check(&self, pre: &ImagePreprocessor) -> Result<(), DataError> {
+        match &self.source {
+            ImageSource::Remote(_) => Ok(()),
+            ImageSource::Pixels { .. } => self.preprocess(pre).map(drop),
+            _ => pre
+                .decode(&self.encoded()?)
+                .map(drop)
+                .map_err(|e| self.error(e)),
         }
     }
+
+    /// The encoded image bytes (not for `Pixels`, which are decoded already).
+    fn encoded(&self) -> Result<std::borrow::Cow<'_, [u8]>, DataError> {
+        let at = |msg: String| DataError::Image {
+            location: self.location.clone(),
+            msg,
+        };
+        match &self.source {
+            ImageSource::Path(p) => std::fs::read(p)
+                .map(Into::into)
+                .map_err(|e| at(format!("cannot read {}: {e}", p.display()))),
+            ImageSource::DataUri(uri) => decode_data_uri(uri).map(Into::into).map_err(at),
+            ImageSource::Remote(uri) => {
+                fetch_http(uri, DATASET_HTTP_MAX_BYTES, DATASET_HTTP_TIMEOUT)
+                    .map(Into::into)
+                    .map_err(at)
+            }
+            ImageSource::Blob(b) => Ok(b.as_slice().into()),
+            ImageSource::Pixels { .. } => Err(at("raw pixels have no encoded form".into())),
+        }
+    }
+
+    fn error(&self, e: ModelError) -> DataError {
+        let msg = match e {
+            // The location already says it is an image.
+            ModelError::Image { msg } => msg,
+            other => other.to_string(),
+        };
+        DataError::Image {
+            location: self.location.clone(),
+            msg,
+        }
+    }
+}
+
+/// Checks every image (in parallel) before any training or upload; the error is the first bad
+/// image in dataset order, with its file and line.
+pub fn check_images(images: &[&ImageRef], pre: &ImagePreprocessor) -> Result<(), DataError> {
+    use rayon::prelude::*;
+    match images.par_iter().find_map_first(|i| i.check(pre).err()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Header words a Finetuner-style CSV row would not hold as data.
+const HEADER_WORDS: &[&str] = &[
+    "text", "caption", "image", "img", "label", "query", "uri", "url", "path", "file",
+    "filename", "class", "category", "tag", "id",
+];
+
+/// Vets a whole dataset file before it is trained on or pushed, whatever role it will play:
+/// every row has the shape Finetuner's CSV has (two or three columns, no header row), and every
+/// image is readable and decodes within the pixel limit. Returns the number of rows (CSV) or
+/// documents (docarray). Errors name the file and line or document.
+pub fn validate_dataset(path: &Path, pre: &ImagePreprocessor) -> Result<u64, DataError> {
+    let mut images = Vec::new();
+    let mut items = 0u64;
+    if is_csv(path) {
+        let rows = csv::CsvRows::open(path)?;
+        let base = rows.base().to_path_buf();
+        let mut first: Option<(String, Vec<String>, bool)> = None;
+        for row in rows.rows() {
+            let (loc, fields) = row?;
+            let mut has_image = false;
+            for f in &fields {
+                if looks_like_image(f, &base) {
+                    has_image = true;
+                    images.push(ImageRef {
+                        source: image_source(f, &base),
+                        location: loc.clone(),
+                    });
+                }
+            }
+            match &first {
+                None => first = Some((loc, fields, has_image)),
+                Some((at, head, head_image)) => {
+                    let words = head
+                        .iter()
+                        .all(|h| HEADER_WORDS.contains(&h.trim().to_ascii_lowercase().as_str()));
+                    if items == 1 && ((has_image && !head_image) || words) {
+                        return Err(DataError::Malformed {
+                            location: at.clone(),
+                            msg: format!(
+                                "{head:?} looks like a header row; Finetuner-style CSVs have none: remove it"
+                            ),
+                        });
+                    }
+                }
+            }
+            items += 1;
+        }
+    } else {
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        for (i, doc) in file::DocReader::open(path)?.enumerate() {
+            let doc = doc?;
+            let loc = format!("{} document {i}", path.display());
+            for d in std::iter::once(&doc).chain(&doc.chunks) {
+                let image = file::doc_image(d, &base, &loc).map_err(|msg| DataError::Malformed {
+                    location: loc.clone(),
+                    msg,
+                })?;
+                images.extend(image);
+            }
+            items += 1;
+        }
+    }
+    let refs: Vec<&ImageRef> = images.iter().collect();
+    check_images(&refs, pre)?;
+    Ok(items)
 }
 
 /// The largest image a dataset's http(s) URI may return.

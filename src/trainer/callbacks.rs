@@ -126,15 +126,13 @@ impl BestModel {
         };
         let name = &self.monitor.name;
         if better {
-            let from = self
-                .best
-                .map_or("-inf/inf".to_string(), |b| format!("{b:.6}"));
+            let line = match self.best {
+                None => format!("Model saved: first value {cur:.6} ({name})"),
+                Some(b) => format!("Model improved from {b:.6} to {cur:.6} ({name})"),
+            };
             self.best = Some(cur);
             self.best_epoch = Some(epoch);
-            (
-                true,
-                format!("Model improved from {from} to {cur:.6} ({name})"),
-            )
+            (true, line)
         } else {
             (false, format!("Model did not improve ({name} {cur:.6})"))
         }

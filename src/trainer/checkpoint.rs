@@ -23,6 +23,10 @@ use super::callbacks::{BestModel, EarlyStopper};
 use super::optim::Optimizer;
 use crate::eval::Metrics;
 
+/// How often a run checkpoints when nothing says otherwise: at most this much training is lost
+/// to a crash or a kill (a graceful stop checkpoints where it is).
+pub const DEFAULT_CHECKPOINT_SECONDS: u64 = 300;
+
 /// Where the loop stands, in plain numbers.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct RunState {
@@ -42,6 +46,40 @@ pub struct RunState {
     pub best: Option<BestModel>,
     pub early: Option<EarlyStopper>,
     pub started_unix: u64,
+    /// The run's configuration as it started (FitConfig as JSON), so a resumption with other
+    /// settings is caught instead of silently mixing two runs.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+}
+
+/// Settings a resumed run may change: where and how often it saves, where it computes, how
+/// many matches the evaluation keeps. Everything else changes what is trained.
+const RESUMABLE_CHANGES: &[&str] = &["checkpoint_seconds", "zip", "device", "limit"];
+
+/// The settings of `now` that differ from those the checkpoint was made with, as
+/// `name: then -> now`; empty when the run may continue.
+pub fn config_changes(then: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+    let (Some(then), Some(now)) = (then.as_object(), now.as_object()) else {
+        return Vec::new();
+    };
+    let null = serde_json::Value::Null;
+    let mut keys: Vec<&String> = then.keys().chain(now.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| !RESUMABLE_CHANGES.contains(&k.as_str()))
+        .filter_map(|k| {
+            let (a, b) = (then.get(k).unwrap_or(&null), now.get(k).unwrap_or(&null));
+            (a != b).then(|| format!("{k}: {a} -> {b}"))
+        })
+        .collect()
+}
+
+/// Whether `work` holds a checkpoint to resume from.
+pub fn exists(work: &Path) -> bool {
+    [work.join("checkpoint"), work.join("checkpoint.old")]
+        .iter()
+        .any(|d| d.join(STATE).is_file())
 }
 
 /// A checkpoint read back.
@@ -120,6 +158,7 @@ pub fn save(
     for f in [&weights, &optimizer, &state_path] {
         sync(f)?;
     }
+    crate::artifact::apply_umask(&tmp).map_err(|e| err(&tmp, e))?;
     if cur.exists() {
         if old.exists() {
             std::fs::remove_dir_all(&old).map_err(|e| err(&old, e))?;
@@ -177,6 +216,7 @@ pub fn save_best(work: &Path, vars: &[(String, Var)]) -> Result<(), CheckpointEr
     let tmp = work.join("best.safetensors.tmp");
     candle_core::safetensors::save(&tensors(vars), &tmp).map_err(|e| err(&tmp, e))?;
     sync(&tmp)?;
+    crate::artifact::apply_umask(&tmp).map_err(|e| err(&tmp, e))?;
     let path = work.join(BEST);
     std::fs::rename(&tmp, &path).map_err(|e| err(&path, e))
 }

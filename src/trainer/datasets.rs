@@ -21,6 +21,7 @@ use crate::docarray::csv::CsvRows;
 use crate::docarray::file::DocReader;
 use crate::docarray::proto::DocumentProto;
 use crate::docarray::{image_source, looks_like_image, DataError, ImageSource};
+use crate::model::ImagePreprocessor;
 
 /// How a dataset is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +91,38 @@ impl DatasetStore {
             }
         }
         Ok(Self { root, max_bytes })
+    }
+
+    /// `msg` with this store's file paths told as dataset names: `<root>/NAME/data.csv:12`
+    /// reads `dataset NAME:12` and `<root>/NAME/images/3.png` reads `images/3.png`. Clients
+    /// see run failures; the trainer's disk layout is none of their business.
+    pub fn redact_paths(&self, msg: &str) -> String {
+        let prefix = format!("{}/", self.root.display());
+        let mut out = String::with_capacity(msg.len());
+        let mut rest = msg;
+        while let Some(at) = rest.find(&prefix) {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + prefix.len()..];
+            let name_end = after.find('/').unwrap_or(after.len());
+            let (name, tail) = (&after[..name_end], &after[name_end..]);
+            let tail = tail.strip_prefix('/').unwrap_or(tail);
+            let file_end = tail
+                .find(|c: char| c == ':' || c.is_whitespace())
+                .unwrap_or(tail.len());
+            let file = &tail[..file_end];
+            let is_data_file = self
+                .get(name)
+                .is_ok_and(|m| m.file == file);
+            if is_data_file || file.is_empty() {
+                out.push_str(&format!("dataset {name}"));
+                rest = &tail[file_end..];
+            } else {
+                out.push_str(&format!("{file} (dataset {name})"));
+                rest = &tail[file_end..];
+            }
+        }
+        out.push_str(rest);
+        out
     }
 
     fn dir(&self, name: &str) -> Result<PathBuf, DatasetError> {
@@ -253,15 +286,14 @@ impl Upload {
             name: self.name.clone(),
             msg: msg.replace(&self.tmp.display().to_string(), &self.name),
         };
+        // Every row's shape and every image are vetted now, so a run on this dataset cannot
+        // fail on them after hours of training (or with the trainer's paths in its message).
+        let vet = |p: &Path| {
+            crate::docarray::validate_dataset(p, &ImagePreprocessor::new(Default::default()))
+                .map_err(|e| invalid(e.to_string()))
+        };
         let (file, items) = match self.format {
-            Format::Docarray => {
-                let mut n = 0u64;
-                for doc in DocReader::open(&path).map_err(|e| invalid(e.to_string()))? {
-                    doc.map_err(|e| invalid(e.to_string()))?;
-                    n += 1;
-                }
-                (self.file.clone(), n)
-            }
+            Format::Docarray => (self.file.clone(), vet(&path)?),
             Format::CsvBundle => {
                 crate::artifact::extract_zip(&path, &self.tmp, self.max_bytes)
                     .map_err(|e| invalid(format!("bundle: {e}")))?;
@@ -270,7 +302,8 @@ impl Upload {
                 if !csv.is_file() {
                     return Err(invalid(format!("the bundle has no {BUNDLE_CSV}")));
                 }
-                (BUNDLE_CSV.to_string(), check_csv(&csv).map_err(invalid)?)
+                check_csv(&csv).map_err(invalid)?;
+                (BUNDLE_CSV.to_string(), vet(&csv)?)
             }
         };
         let meta = DatasetMeta {
@@ -307,11 +340,11 @@ impl Drop for Upload {
     }
 }
 
-/// Rows of a bundled CSV, each with its local images present.
-fn check_csv(csv: &Path) -> Result<u64, String> {
+/// Every local image of a bundled CSV is inside the bundle (not a path elsewhere on the
+/// trainer's disk).
+fn check_csv(csv: &Path) -> Result<(), String> {
     let rows = CsvRows::open(csv).map_err(|e| e.to_string())?;
     let base = rows.base().to_path_buf();
-    let mut n = 0;
     for row in rows.rows() {
         let (loc, fields) = row.map_err(|e| e.to_string())?;
         for f in &fields {
@@ -323,9 +356,8 @@ fn check_csv(csv: &Path) -> Result<u64, String> {
                 }
             }
         }
-        n += 1;
     }
-    Ok(n)
+    Ok(())
 }
 
 /// A dataset packed for pushing: the bytes to send, how the trainer must read them, and the
@@ -365,6 +397,8 @@ fn temp_file(suffix: &str) -> Result<(tempfile::NamedTempFile, PathBuf), DataErr
 
 /// Prepares the local dataset `path` for a push (see the module doc).
 pub fn pack(path: &Path) -> Result<Packed, DataError> {
+    // Refused here, with the user's own paths, rather than after the upload.
+    crate::docarray::validate_dataset(path, &ImagePreprocessor::new(Default::default()))?;
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())

@@ -180,6 +180,9 @@ pub enum FitEvent {
     /// A line for the run's log: callbacks' decisions, checkpoints, resumption.
     Log(String),
     Evaluating(&'static str),
+    /// The backbone's retrieval metrics, measured before the first step (or read back from the
+    /// checkpoint of a resumed run).
+    Before(Metrics),
     Step {
         epoch: usize,
         step: u64,
@@ -238,6 +241,45 @@ fn collate(
     let (h, w) = model.images.output_size();
     let pixels = Tensor::from_vec(px.concat(), (idx.len(), 3, h, w), &model.device)?;
     Ok((text, pixels))
+}
+
+/// The run's settings as config.yml records them: FitConfig plus the loss (CLIPLoss is the only
+/// one, but an artifact should say what it was trained with).
+fn artifact_config(cfg: &FitConfig) -> serde_json::Value {
+    let mut v = serde_json::to_value(cfg).unwrap_or_default();
+    if let Some(m) = v.as_object_mut() {
+        m.insert("loss".into(), "CLIPLoss".into());
+    }
+    v
+}
+
+/// `1 epoch`, `2 epochs`.
+pub fn plural(n: usize, noun: &str) -> String {
+    match n {
+        1 => format!("1 {noun}"),
+        n => format!("{n} {noun}s"),
+    }
+}
+
+/// Decodes every image the run will use before its first step: a missing or broken file on
+/// the last line fails now, naming it, instead of after hours of training.
+fn check_all_images(
+    pairs: &[Pair],
+    eval_pairs: &[Pair],
+    eval: Option<&EvalData>,
+) -> Result<(), FitError> {
+    let pre = crate::model::ImagePreprocessor::new(crate::model::image::ImageConfig::default());
+    let index = eval.into_iter().flat_map(|e| &e.index);
+    let images: Vec<&crate::docarray::ImageRef> = pairs
+        .iter()
+        .chain(eval_pairs)
+        .map(|p| &p.image)
+        .chain(index.filter_map(|l| match &l.item {
+            crate::docarray::Item::Image(i) => Some(i),
+            crate::docarray::Item::Text(_) => None,
+        }))
+        .collect();
+    Ok(crate::docarray::check_images(&images, &pre)?)
 }
 
 /// Labelled query and index items, read once per run.
@@ -392,6 +434,11 @@ pub fn fit(
 ) -> Result<FitReport, FitError> {
     let start = Instant::now();
     crate::artifact::validate_run_name(&cfg.run_name)?;
+    // A taken name would otherwise be found when the artifact is written, after training.
+    let dest = cfg.output.join(&cfg.run_name);
+    if dest.exists() {
+        return Err(crate::artifact::ArtifactError::Exists(dest).into());
+    }
     let dev = device::parse_device(&cfg.device)?;
     let files = ModelFiles::resolve(&cfg.model)?;
     let pairs: Vec<Pair> = open_pairs(&cfg.train_data)?.collect::<Result<_, _>>()?;
@@ -408,6 +455,7 @@ pub fn fit(
     };
     validate(cfg, eval_pairs.len() >= MIN_BATCH)?;
     let eval_data = EvalData::read(cfg)?;
+    check_all_images(&pairs, &eval_pairs, eval_data.as_ref())?;
     let per_epoch = batches(&(0..pairs.len()).collect::<Vec<_>>(), cfg.batch_size).len() as u64;
     let total = cfg.max_steps.map_or(per_epoch * cfg.epochs as u64, |m| {
         m.min(per_epoch * cfg.epochs as u64)
@@ -437,9 +485,20 @@ pub fn fit(
         true => checkpoint::load(&work, &dev)?,
         false => None,
     };
+    let cfg_json = serde_json::to_value(cfg).unwrap_or_default();
     let mut st = match resumed {
         Some(mut c) => {
             let src = work.join("checkpoint");
+            if let Some(then) = &c.state.config {
+                let changes = checkpoint::config_changes(then, &cfg_json);
+                if !changes.is_empty() {
+                    return Err(FitError::Config(format!(
+                        "run {} cannot resume with other settings ({}): give the ones it started with, or start a new run under another name",
+                        cfg.run_name,
+                        changes.join(", ")
+                    )));
+                }
+            }
             checkpoint::restore_vars(&vars, &c.weights, &src)?;
             opt.restore(c.optimizer_step, &mut c.moments)
                 .map_err(|msg| CheckpointError {
@@ -467,6 +526,7 @@ pub fn fit(
                     EarlyStopper::new(e.monitor.clone(), e.patience, e.min_delta, e.baseline)
                 }),
                 started_unix: unix_now(),
+                config: Some(cfg_json.clone()),
                 ..Default::default()
             }
         }
@@ -481,6 +541,9 @@ pub fn fit(
             progress(FitEvent::Evaluating("before"));
             st.before = Some(ev.evaluate_files(&files, &dev, cfg.limit)?);
         }
+    }
+    if let Some(b) = st.before {
+        progress(FitEvent::Before(b));
     }
 
     let checkpoint_every = cfg.checkpoint_seconds.map(std::time::Duration::from_secs);
@@ -590,11 +653,11 @@ pub fn fit(
         }
         if stop {
             progress(FitEvent::Log(format!(
-                "EarlyStopping: no improvement of {} for {} epochs; stopping after epoch {}",
+                "EarlyStopping: no improvement of {} for {}; stopping after epoch {}",
                 cfg.early_stopping
                     .as_ref()
                     .map_or("", |e| e.monitor.name.as_str()),
-                cfg.early_stopping.as_ref().map_or(0, |e| e.patience),
+                plural(cfg.early_stopping.as_ref().map_or(0, |e| e.patience), "epoch"),
                 epoch + 1
             )));
             stopped_early = Some(epoch);
@@ -626,7 +689,7 @@ pub fn fit(
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect(),
-        config: serde_json::to_value(cfg).unwrap_or_default(),
+        config: artifact_config(cfg),
         device: device::device_name(&dev),
         started_unix: st.started_unix,
     })?;
@@ -651,6 +714,7 @@ pub fn fit(
         eval_losses: &st.eval_losses,
         before: st.before.as_ref(),
         after: after.as_ref(),
+        epoch_metrics: &st.epoch_metrics,
     })?;
     if cfg.zip {
         crate::artifact::zip_artifact(&artifact)?;

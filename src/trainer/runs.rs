@@ -308,7 +308,7 @@ impl Registry {
 
     fn append_log(&self, e: &Entry, line: &str) {
         let path = self.run_dir(&e.rec.name).join("run.log");
-        let stamp = chrono_like(unix_now());
+        let stamp = crate::artifact::iso_utc(unix_now());
         let result = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -494,11 +494,37 @@ impl Registry {
             .join("runs")
             .join(format!(".deleted-{name}-{}", rand::random::<u32>()));
         std::fs::rename(&dir, &trash).map_err(io(&dir))?;
-        if let Some(e) = inner.runs.remove(name) {
+        let removed = inner.runs.remove(name);
+        // The datasets `fit --trainer` pushed for this run (`<run>-train`, ...) go with it,
+        // unless another run uses them: left behind, they would outlive the run and be
+        // replaced by the next run of the same name.
+        let pushed: Vec<String> = removed
+            .as_ref()
+            .map(|e| self.data_names(&e.rec.config))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|d| {
+                ["train", "eval", "query", "index"]
+                    .iter()
+                    .any(|role| *d == format!("{name}-{role}"))
+            })
+            .filter(|d| {
+                !inner
+                    .runs
+                    .values()
+                    .any(|e| self.data_names(&e.rec.config).contains(d))
+            })
+            .collect();
+        if let Some(e) = removed {
             e.log_len.send_replace(0);
         }
         self.publish_counts(&inner);
         drop(inner);
+        for d in pushed {
+            if let Err(e) = self.datasets.delete(&d) {
+                tracing::warn!("run {name} deleted, but not its dataset {d}: {e}");
+            }
+        }
         std::fs::remove_dir_all(&trash).map_err(io(&trash))
     }
 
@@ -704,6 +730,7 @@ impl Registry {
                     self.append_log(e, &e.rec.details.clone());
                 }
                 Err(msg) => {
+                    let msg = self.datasets.redact_paths(&msg);
                     e.rec.state = State::Failed;
                     e.rec.details = msg.clone();
                     e.rec.finished_unix = Some(unix_now());
@@ -734,6 +761,12 @@ impl Registry {
             }
             FitEvent::Log(l) => Some(l),
             FitEvent::Evaluating(w) => Some(format!("evaluating ({w})")),
+            FitEvent::Before(m) => {
+                e.rec.result.before = Some(m);
+                let rec = e.rec.clone();
+                self.persist(&rec);
+                None
+            }
             FitEvent::Step {
                 epoch,
                 step,
@@ -849,36 +882,3 @@ fn read_artifact_metrics(artifact: &Path) -> RunResult {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for log lines (UTC, no time-zone database needed).
-fn chrono_like(unix: i64) -> String {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        secs / 3600,
-        secs % 3600 / 60,
-        secs % 60
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps() {
-        assert_eq!(chrono_like(0), "1970-01-01T00:00:00Z");
-        assert_eq!(chrono_like(1_795_737_600), "2026-11-27T00:00:00Z");
-        assert_eq!(chrono_like(951_782_400 + 3661), "2000-02-29T01:01:01Z");
-    }
-}
