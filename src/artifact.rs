@@ -29,16 +29,32 @@ pub fn submodel_files_with_backbone(
     towers: Towers,
     backbone: Option<&str>,
 ) -> Result<ModelFiles, ModelError> {
+    if !artifact.exists() {
+        return Err(ModelError::NotFound {
+            what: artifact.display().to_string(),
+            msg: "does not exist".into(),
+        });
+    }
     let unzipped;
-    let artifact = if artifact.is_file() {
+    let (artifact, unpacked) = if artifact.is_file() {
         unzipped = unzip_artifact(artifact).map_err(|e| ModelError::NotFound {
             what: artifact.display().to_string(),
             msg: format!("is not a readable artifact zip: {e}"),
         })?;
-        unzipped.as_path()
+        (unzipped.top.as_path(), Some(unzipped.dir.clone()))
     } else {
-        artifact
+        (artifact, None)
     };
+    let mut files = submodel_files_in(artifact, towers, backbone)?;
+    files.unpacked = unpacked;
+    Ok(files)
+}
+
+fn submodel_files_in(
+    artifact: &Path,
+    towers: Towers,
+    backbone: Option<&str>,
+) -> Result<ModelFiles, ModelError> {
     let models = artifact.join("models");
     if !models.is_dir() {
         return Err(ModelError::NotFound {
@@ -208,6 +224,62 @@ pub struct RunOutput<'a> {
     pub started_unix: u64,
 }
 
+/// `YYYY-MM-DDTHH:MM:SSZ` (ISO 8601, UTC) for logs and artifact metadata, with no time-zone
+/// database needed.
+pub fn iso_utc(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs % 3600 / 60,
+        secs % 60
+    )
+}
+
+/// The process's umask, read without changing it (`umask(2)` can only be read by setting it,
+/// which would race with other threads creating files).
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
+/// Gives every file and folder under `root` the permissions a plain `create` would under the
+/// umask (0666 / 0777 masked). Files written through a temporary file (safetensors does) are
+/// 0600 otherwise, so an artifact or checkpoint made by one user, or by root in a container,
+/// could not be read by another user or by the non-root image.
+pub fn apply_umask(root: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mask = umask();
+    let meta = std::fs::symlink_metadata(root)?;
+    let want = if meta.is_dir() { 0o777 } else { 0o666 } & !mask;
+    if !meta.file_type().is_symlink() && meta.permissions().mode() & 0o777 != want {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(want))?;
+    }
+    if meta.is_dir() {
+        for e in std::fs::read_dir(root)? {
+            apply_umask(&e?.path())?;
+        }
+    }
+    Ok(())
+}
+
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -223,6 +295,8 @@ pub struct RunSummary<'a> {
     pub eval_losses: &'a [f64],
     pub before: Option<&'a crate::eval::Metrics>,
     pub after: Option<&'a crate::eval::Metrics>,
+    /// Retrieval metrics measured at the end of these epochs (0-based).
+    pub epoch_metrics: &'a [(usize, crate::eval::Metrics)],
 }
 
 /// An artifact being written in a temporary folder next to its destination; [`Staged::finish`]
@@ -253,6 +327,7 @@ impl Staged {
             "name": run.run_name,
             "backbone": run.files.source,
             "device": run.device,
+            "started": iso_utc(run.started_unix as i64),
             "started_unix": run.started_unix,
             "clipft_version": env!("CARGO_PKG_VERSION"),
         });
@@ -305,12 +380,20 @@ impl Staged {
 
     /// Writes metadata, metrics and report, then moves the artifact into place.
     pub fn finish(mut self, s: &RunSummary) -> Result<std::path::PathBuf, ArtifactError> {
-        self.metadata["finished_unix"] = now_unix().into();
+        let finished = now_unix();
+        self.metadata["finished"] = iso_utc(finished as i64).into();
+        self.metadata["finished_unix"] = finished.into();
         self.metadata["duration_seconds"] = serde_json::json!((s.seconds * 10.0).round() / 10.0);
         write_text(&self.tmp.join("metadata.yml"), &to_yaml(&self.metadata))?;
+        let per_epoch: Vec<_> = s
+            .epoch_metrics
+            .iter()
+            .map(|(e, m)| serde_json::json!({"epoch": e + 1, "metrics": m}))
+            .collect();
         let metrics = serde_json::json!({
             "before": s.before,
             "after": s.after,
+            "per_epoch": per_epoch,
             "train_loss_per_epoch": s.epoch_losses,
             "eval_loss_per_epoch": s.eval_losses,
             "train_loss_per_step": s.losses,
@@ -328,6 +411,7 @@ impl Staged {
             &self.tmp.join("report.md"),
             &report(&self.metadata, &self.config, s),
         )?;
+        apply_umask(&self.tmp).map_err(io_err(&self.tmp))?;
         std::fs::rename(&self.tmp, &self.dest).map_err(io_err(&self.dest))?;
         Ok(self.dest.clone())
     }
@@ -346,22 +430,57 @@ fn write_text(path: &Path, text: &str) -> Result<(), ArtifactError> {
     std::fs::write(path, text).map_err(io_err(path))
 }
 
-/// report.md: the before/after table in the layout of Finetuner's CLIP results, and the loss.
+/// report.md: a short model card (what was trained on what, how, with what result), the
+/// before/after table in the layout of Finetuner's CLIP results, and the loss.
 fn report(meta: &serde_json::Value, config: &serde_json::Value, s: &RunSummary) -> String {
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
     let mut out = format!(
-        "# {}\n\nFine-tuned `{}` with CLIPLoss on `{}` in {:.1} s on {}.\n\n",
-        meta["name"].as_str().unwrap_or(""),
-        meta["backbone"].as_str().unwrap_or(""),
-        config["train_data"].as_str().unwrap_or(""),
+        "# {}\n\nCLIP fine-tuned for text-to-image search with clipft {}.\n\n## Model\n\n\
+         - backbone: `{}`\n- submodels: `models/clip-text`, `models/clip-vision` (Hugging Face \
+         layout)\n- trained on {} from {} to {} ({:.1} s)\n\n## Data\n\n",
+        text(&meta["name"]),
+        text(&meta["clipft_version"]),
+        text(&meta["backbone"]),
+        text(&meta["device"]),
+        text(&meta["started"]),
+        text(&meta["finished"]),
         s.seconds,
-        meta["device"].as_str().unwrap_or(""),
     );
+    for (what, key) in [
+        ("training pairs", "train_data"),
+        ("validation pairs", "eval_data"),
+        ("queries", "query_data"),
+        ("index", "index_data"),
+    ] {
+        if !config[key].is_null() {
+            out.push_str(&format!("- {what}: `{}`\n", text(&config[key])));
+        }
+    }
+    out.push_str("\n## Training\n\n| setting | value |\n|---|---|\n");
+    for key in [
+        "loss", "epochs", "batch_size", "learning_rate", "optimizer", "weight_decay",
+        "scheduler", "warmup_steps", "max_steps", "seed", "shuffle", "dtype", "freeze",
+        "max_grad_norm", "best_model", "early_stopping", "wise_ft_alpha",
+    ] {
+        let v = &config[key];
+        let empty = v.is_null() || v.as_array().is_some_and(|a| a.is_empty());
+        if !empty {
+            out.push_str(&format!("| {key} | {} |\n", text(v)));
+        }
+    }
+    out.push_str("\n## Results\n\n");
     if let (Some(b), Some(a)) = (s.before, s.after) {
         out.push_str("| metric | before | after |\n|---|---|---|\n");
         for ((name, before), (_, after)) in b.named().into_iter().zip(a.named()) {
             out.push_str(&format!("| {name} | {before:.3} | {after:.3} |\n"));
         }
         out.push_str("\n![metrics before and after](metrics.svg)\n\n");
+    } else {
+        out.push_str("No retrieval metrics: the run had no query and index data.\n\n");
     }
     out.push_str("![loss](loss.svg)\n\n| epoch | train loss | eval loss |\n|---|---|---|\n");
     for (i, l) in s.epoch_losses.iter().enumerate() {
@@ -431,60 +550,91 @@ pub fn to_yaml(v: &serde_json::Value) -> String {
 /// Largest total size an artifact zip may unpack to (a guard against zip bombs).
 pub const MAX_UNZIPPED_BYTES: u64 = 64 << 30;
 
-/// Unpacks an artifact zip (one top folder, Finetuner's layout) into a cache folder under the
-/// system temp dir, keyed by the zip's size and modification time so a second load reuses it;
-/// returns the artifact folder inside.
-pub fn unzip_artifact(zip_path: &Path) -> Result<std::path::PathBuf, String> {
-    let meta = std::fs::metadata(zip_path).map_err(|e| e.to_string())?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs());
-    let stem = zip_path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("artifact");
-    let cache = std::env::temp_dir()
-        .join("clipft-artifacts")
-        .join(format!("{stem}-{}-{mtime}", meta.len()));
-    let find_top = |dir: &Path| -> Result<std::path::PathBuf, String> {
-        if dir.join("models").is_dir() {
-            return Ok(dir.to_path_buf());
-        }
-        let tops: Vec<_> = std::fs::read_dir(dir)
+/// An artifact zip unpacked for loading: removed when dropped (the loaded model keeps it
+/// alive through [`ModelFiles::unpacked`]).
+pub struct Unpacked {
+    pub dir: std::sync::Arc<tempfile::TempDir>,
+    /// The artifact folder inside (the one holding `models/`).
+    pub top: std::path::PathBuf,
+}
+
+/// Unpacks an artifact zip (one top folder, Finetuner's layout) into a fresh folder of its own
+/// under this user's private folder ([`private_temp_dir`]), named after this process so that
+/// folders left by a killed process are found and removed by the next unpack.
+pub fn unzip_artifact(zip_path: &Path) -> Result<Unpacked, String> {
+    let base = private_temp_dir().map_err(|e| e.to_string())?;
+    remove_orphans(&base);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("artifact-{}-", std::process::id()))
+        .tempdir_in(&base)
+        .map_err(|e| format!("{}: {e}", base.display()))?;
+    extract_zip(zip_path, dir.path(), MAX_UNZIPPED_BYTES)?;
+    let root = dir.path();
+    let top = if root.join("models").is_dir() {
+        root.to_path_buf()
+    } else {
+        let tops: Vec<_> = std::fs::read_dir(root)
             .map_err(|e| e.to_string())?
             .filter_map(Result::ok)
             .map(|e| e.path())
             .filter(|p| p.join("models").is_dir())
             .collect();
         match tops.as_slice() {
-            [one] => Ok(one.clone()),
-            _ => Err("expected one top folder holding models/".into()),
+            [one] => one.clone(),
+            _ => return Err("expected one top folder holding models/".into()),
         }
     };
-    if cache.join(".complete").exists() {
-        return find_top(&cache);
-    }
-    let tmp = cache.with_extension(format!("tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    if let Err(e) = extract_zip(zip_path, &tmp, MAX_UNZIPPED_BYTES) {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    std::fs::write(tmp.join(".complete"), b"").map_err(|e| e.to_string())?;
-    if let Some(parent) = cache.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-    }
-    match std::fs::rename(&tmp, &cache) {
+    Ok(Unpacked {
+        dir: std::sync::Arc::new(dir),
+        top,
+    })
+}
+
+/// `$TMPDIR/clipft-<uid>`, made readable by this user only. A folder of that name that another
+/// user owns or others can write is refused rather than used: what is unpacked there is loaded
+/// as a model.
+pub fn private_temp_dir() -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let dir = std::env::temp_dir().join(format!("clipft-{uid}"));
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
         Ok(()) => {}
-        // Another process unpacked the same zip first: use theirs.
-        Err(_) if cache.join(".complete").exists() => {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        Err(e) => return Err(e.to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
     }
-    find_top(&cache)
+    let meta = std::fs::symlink_metadata(&dir)?;
+    if !meta.is_dir() || meta.uid() != uid || meta.permissions().mode() & 0o077 != 0 {
+        return Err(std::io::Error::other(format!(
+            "{} is not a private folder of this user (uid {uid}); remove it",
+            dir.display()
+        )));
+    }
+    Ok(dir)
+}
+
+/// Removes unpacked artifacts whose process has ended (killed before it could clean up).
+fn remove_orphans(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("artifact-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks that the process exists; nothing is sent.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Unpacks `zip_path` into `dest`. Entry names that would leave `dest` (absolute, `..`) are
@@ -569,4 +719,33 @@ pub fn zip_artifact(dir: &Path) -> Result<std::path::PathBuf, ArtifactError> {
         source: e,
     })?;
     Ok(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(iso_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(iso_utc(1_795_737_600), "2026-11-27T00:00:00Z");
+        assert_eq!(iso_utc(951_782_400 + 3661), "2000-02-29T01:01:01Z");
+    }
+
+    /// Files written through a temporary file (0600) get what the umask gives a plain create.
+    #[test]
+    fn apply_umask_opens_private_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("models");
+        std::fs::create_dir(&sub).unwrap();
+        let f = sub.join("model.safetensors");
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        apply_umask(dir.path()).unwrap();
+        let mask = umask();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&f), 0o666 & !mask);
+        assert_eq!(mode(&sub), 0o777 & !mask);
+    }
 }

@@ -106,7 +106,7 @@ fn encode_input_file_and_output_file() {
     std::fs::write(
         &input,
         format!(
-            "a photo of a cat\n{}\nnot/an/image.png\n",
+            "a photo of a cat\n\n{}\n   \na caption ending in dog.png\n",
             image("tiny_30x20.png")
         ),
     )
@@ -121,11 +121,23 @@ fn encode_input_file_and_output_file() {
         .unwrap());
     assert!(stdout.is_empty());
     let l = lines(&std::fs::read_to_string(&output).unwrap());
+    // Blank lines are skipped, not embedded as empty texts.
     assert_eq!(l.len(), 3);
     assert_eq!(l[0]["text"], "a photo of a cat");
     assert_eq!(l[1]["image"], image("tiny_30x20.png"));
-    // A path that does not exist is a text, as PRODUCT.md says.
-    assert_eq!(l[2]["text"], "not/an/image.png");
+    assert_eq!(l[2]["text"], "a caption ending in dog.png");
+
+    // A mistyped image path is an error naming the line, not a text embedding.
+    std::fs::write(&input, "a photo of a cat\nnot/an/image.png\n").unwrap();
+    let e = err(bin()
+        .args(["encode", "--model", &tiny(), "--input"])
+        .arg(&input)
+        .output()
+        .unwrap());
+    assert!(
+        e.contains("line 2") && e.contains("not/an/image.png") && e.contains("no such file"),
+        "{e}"
+    );
 }
 
 #[test]

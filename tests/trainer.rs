@@ -133,7 +133,11 @@ fn ended(r: &pb::Run) -> bool {
 
 async fn log_of(c: &mut Client, name: &str) -> R<String> {
     let mut text = String::new();
-    client::stream_logs(c, name, false, &mut |chunk| text.push_str(&chunk.text)).await?;
+    client::stream_logs(c, name, false, &mut |chunk| {
+        text.push_str(&chunk.text);
+        std::ops::ControlFlow::Continue(())
+    })
+    .await?;
     Ok(text)
 }
 

@@ -23,7 +23,8 @@ pub struct BenchArgs {
     /// `items_per_second` counts pairs.
     #[arg(long, env = "CLIPFT_BENCH_TRAIN")]
     pub train: bool,
-    #[arg(long, env = "CLIPFT_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    /// Items per timed pass (pairs with --train).
+    #[arg(long, env = "CLIPFT_BENCH_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub batch_size: u64,
     /// Measure for at least this long, after one warm-up pass.
     #[arg(long, env = "CLIPFT_SECONDS", default_value_t = 20.0)]
@@ -82,14 +83,19 @@ fn time_steps(
     let budget = Duration::from_secs_f64(seconds.max(0.0));
     let start = Instant::now();
     let mut iterations = 0usize;
+    // A line every few seconds, not one per iteration (thousands over the default duration).
+    let mut last_report = start;
     while iterations < 2 || start.elapsed() < budget {
-        let t0 = Instant::now();
         step()?;
         iterations += 1;
-        eprintln!(
-            "iteration {iterations}: {:.3} s",
-            t0.elapsed().as_secs_f64()
-        );
+        if last_report.elapsed() >= Duration::from_secs(5) {
+            last_report = Instant::now();
+            let s = start.elapsed().as_secs_f64();
+            errln!(
+                "{iterations} iterations in {s:.0} s ({:.3} s each)",
+                s / iterations as f64
+            );
+        }
     }
     Ok((iterations, start.elapsed().as_secs_f64()))
 }
@@ -151,7 +157,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         cpu_matmul: cpu_matmul(),
         peak_rss_mib: peak_rss_mib(),
     };
-    println!("{}", serde_json::to_string(&result)?);
+    outln!("{}", serde_json::to_string(&result)?);
     Ok(())
 }
 
@@ -177,11 +183,12 @@ fn run_train(args: BenchArgs) -> anyhow::Result<()> {
     let text = crate::model::TextBatch::new(&rows, m.eos_token_id(), &device)?;
     let (h, w) = m.images.output_size();
     let pixels = candle_core::Tensor::randn(0f32, 1.0, (b, 3, h, w), &device)?;
+    let mut last_loss = f32::NAN;
     let (iterations, seconds) = time_steps(args.seconds, || {
-        let loss = m.train_step(&mut opt, &text, &pixels)?;
-        eprintln!("loss {loss:.4}");
+        last_loss = m.train_step(&mut opt, &text, &pixels)?;
         Ok(())
     })?;
+    errln!("last loss {last_loss:.4}");
     let result = BenchResult {
         tower: "clip",
         mode: "train",
@@ -195,6 +202,6 @@ fn run_train(args: BenchArgs) -> anyhow::Result<()> {
         cpu_matmul: cpu_matmul(),
         peak_rss_mib: peak_rss_mib(),
     };
-    println!("{}", serde_json::to_string(&result)?);
+    outln!("{}", serde_json::to_string(&result)?);
     Ok(())
 }

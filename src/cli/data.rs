@@ -21,7 +21,9 @@ pub struct DataArgs {
 pub enum DataCommand {
     /// Upload FILE (CSV or docarray v1) as dataset NAME.
     Push {
+        /// The dataset's name, which runs then use in place of a file.
         name: String,
+        /// The CSV or docarray v1 file; a CSV's local images travel with it.
         file: PathBuf,
         /// Replace a dataset of the same name.
         #[arg(long, env = "CLIPFT_OVERWRITE")]
@@ -30,7 +32,10 @@ pub enum DataCommand {
     /// Every dataset: name, format, items, size.
     List,
     /// Remove a dataset no unfinished run uses.
-    Delete { name: String },
+    Delete {
+        /// The dataset's name.
+        name: String,
+    },
 }
 
 pub fn run(args: DataArgs) -> anyhow::Result<()> {
@@ -43,7 +48,7 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                 overwrite,
             } => {
                 let d = client::push_dataset(&mut c, &name, &file, overwrite).await?;
-                println!("{} {} items {} bytes", d.name, d.items, d.bytes);
+                outln!("{} {} items {} bytes", d.name, d.items, d.bytes);
             }
             DataCommand::List => {
                 let list = c
@@ -51,7 +56,7 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                     .await?
                     .into_inner()
                     .datasets;
-                println!(
+                outln!(
                     "{:<32} {:<10} {:>9} {:>12}",
                     "name", "format", "items", "bytes"
                 );
@@ -60,7 +65,7 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                         Ok(pb::DatasetFormat::CsvBundle) => "csv",
                         _ => "docarray",
                     };
-                    println!(
+                    outln!(
                         "{:<32} {:<10} {:>9} {:>12}",
                         d.name, format, d.items, d.bytes
                     );
@@ -69,7 +74,7 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
             DataCommand::Delete { name } => {
                 c.delete_dataset(pb::DeleteDatasetRequest { name: name.clone() })
                     .await?;
-                println!("deleted {name}");
+                outln!("deleted {name}");
             }
         }
         Ok(())

@@ -47,7 +47,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     }
     let data = &args.data;
-    println!(
+    outln!(
         "clipft demo: fine-tune a small random-weight CLIP to search {} by caption",
         data.display()
     );
@@ -137,7 +137,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 let _ = stopped.await;
             },
         ));
-        println!(
+        outln!(
             "\nserving the artifact: clipft executor on grpc://{addr}; sending {} images and {} captions",
             images.len(),
             texts.len()
@@ -173,9 +173,9 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         embeddings: rows("q", captions.len(), &text_rows)?,
         dim,
     };
-    println!("\ntop {} matches of the fine-tuned model:", args.top);
+    outln!("\ntop {} matches of the fine-tuned model:", args.top);
     for (caption, top) in captions.iter().zip(rank(&cq, &x, args.top, false)?) {
-        println!("{caption:?}");
+        outln!("{caption:?}");
         for (i, score) in top {
             let file = match &index[i].item {
                 Item::Image(img) => match &img.source {
@@ -187,7 +187,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
                 },
                 Item::Text(_) => index[i].id.clone(),
             };
-            println!("    {score:.3}  {file:<40} ({})", index[i].label);
+            outln!("    {score:.3}  {file:<40} ({})", index[i].label);
         }
     }
     Ok(())

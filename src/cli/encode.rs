@@ -22,15 +22,17 @@ pub struct EncodeArgs {
     /// An image file to embed (repeatable).
     #[arg(long = "image", env = "CLIPFT_IMAGE")]
     pub image: Vec<PathBuf>,
-    /// A file with one input per line: an image path when the line names an existing image
-    /// file, a text otherwise.
+    /// A file with one input per line: an image path when the line ends in an image extension
+    /// (.jpg, .jpeg, .png, .webp, .gif, .bmp) and has no spaces, a text otherwise. Blank lines
+    /// are skipped; an image path that does not exist is an error, not a text.
     #[arg(long, env = "CLIPFT_INPUT")]
     pub input: Option<PathBuf>,
-    /// Where to write the JSON Lines (stdout by default).
-    #[arg(long, env = "CLIPFT_OUTPUT")]
+    /// Where to write the JSON Lines (stdout by default). Its variable names the command:
+    /// `CLIPFT_OUTPUT` is the artifacts folder of `fit`.
+    #[arg(long, env = "CLIPFT_ENCODE_OUTPUT")]
     pub output: Option<PathBuf>,
-    /// Inputs per forward pass.
-    #[arg(long, env = "CLIPFT_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    /// Inputs per forward pass (`CLIPFT_BATCH_SIZE` is the training batch of `fit`).
+    #[arg(long, env = "CLIPFT_ENCODE_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub batch_size: u64,
 }
 
@@ -43,6 +45,8 @@ pub enum Input {
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp"];
 
+/// Whether an `--input` line means an image file: an image extension and, unless the file
+/// exists, no whitespace (a caption such as "a photo of dog.jpg on a table" stays a text).
 fn is_image_path(line: &str) -> bool {
     let p = Path::new(line);
     let ext_ok = p
@@ -50,7 +54,7 @@ fn is_image_path(line: &str) -> bool {
         .and_then(|e| e.to_str())
         .map(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
         .unwrap_or(false);
-    ext_ok && p.is_file()
+    ext_ok && (p.is_file() || !line.chars().any(char::is_whitespace))
 }
 
 /// The inputs in command-line order (`--text` and `--image` interleaved as given), then the lines
@@ -83,11 +87,20 @@ fn collect_inputs(args: &EncodeArgs, matches: Option<&ArgMatches>) -> anyhow::Re
         for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
             let line = line.with_context(|| format!("{}: line {}", path.display(), n + 1))?;
             let line = line.strip_suffix('\r').unwrap_or(&line).to_string();
-            inputs.push(if is_image_path(&line) {
-                Input::Image(line.into())
+            if line.trim().is_empty() {
+                continue;
+            }
+            if !is_image_path(&line) {
+                inputs.push(Input::Text(line));
+            } else if Path::new(&line).is_file() {
+                inputs.push(Input::Image(line.into()));
             } else {
-                Input::Text(line)
-            });
+                anyhow::bail!(
+                    "{} line {}: {line} looks like an image path, but there is no such file",
+                    path.display(),
+                    n + 1
+                );
+            }
         }
     }
     Ok(inputs)

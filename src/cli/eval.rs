@@ -27,7 +27,9 @@ pub struct EvalArgs {
     /// Print one JSON object with the nine metrics.
     #[arg(long, env = "CLIPFT_JSON")]
     pub json: bool,
-    #[arg(long, env = "CLIPFT_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    /// Inputs per forward pass while embedding (`CLIPFT_BATCH_SIZE` is the training batch of
+    /// `fit`).
+    #[arg(long, env = "CLIPFT_EVAL_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub batch_size: u64,
 }
 
@@ -57,9 +59,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         b.finish_and_clear();
     }
     if args.json {
-        println!("{}", serde_json::to_string(&eval.mean)?);
+        outln!("{}", serde_json::to_string(&eval.mean)?);
     } else {
-        println!("{}", metrics_table(&[("value", &eval.mean)]));
+        outln!("{}", metrics_table(&[("value", &eval.mean)]));
     }
     Ok(())
 }
@@ -71,10 +73,15 @@ pub fn progress_bar(len: usize) -> Option<indicatif::ProgressBar> {
     }
     let bar = indicatif::ProgressBar::new(len as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg:>8} [{bar:40}] {pos}/{len} ({per_sec}, {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        indicatif::ProgressStyle::with_template("{msg:>8} [{bar:40}] {pos}/{len} ({rate}, {eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            // indicatif's own {per_sec} prints four decimals ("65.2001/s").
+            .with_key(
+                "rate",
+                |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.1}/s", s.per_sec());
+                },
+            )
         .progress_chars("=> "),
     );
     Some(bar)

@@ -23,9 +23,10 @@ pub struct ExecutorArgs {
     /// modality's documents through untouched, so a Flow can chain a text and a vision executor.
     #[arg(long, env = "CLIPFT_SELECT_MODEL", default_value = "all", value_parser = parse_towers)]
     pub select_model: Towers,
+    /// Address to listen on (0.0.0.0: every interface; 127.0.0.1: this machine only).
     #[arg(long, env = "CLIPFT_HOST", default_value = "0.0.0.0")]
     pub host: String,
-    /// 0 picks a free port (printed on stderr).
+    /// The gRPC port; 0 picks a free port (printed on stderr).
     #[arg(long, env = "CLIPFT_PORT", default_value_t = 8080)]
     pub port: u16,
     /// The route name, and the key of per-executor parameters (`<name>__key`).
@@ -217,13 +218,13 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
             match crate::telemetry::metrics::install(maddr) {
                 Ok(exporter) => {
                     tokio::spawn(exporter);
-                    eprintln!("clipft executor metrics on http://{maddr}/metrics");
+                    errln!("clipft executor metrics on http://{maddr}/metrics");
                 }
                 // The default port taken (a second executor on the same host): serve without
                 // metrics rather than not at all. A port the user asked for must work.
                 Err(e) if monitoring_port_defaulted => {
                     tracing::warn!("no metrics: {e} (set --port-monitoring to a free port, or 0)");
-                    eprintln!("clipft executor: no metrics, {e}");
+                    errln!("clipft executor: no metrics, {e}");
                 }
                 Err(e) => {
                     return Err(anyhow::anyhow!(
@@ -233,12 +234,12 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
                 }
             }
         }
-        eprintln!(
+        errln!(
             "clipft executor {:?} ({towers} of {source}) serving on {bound}",
             options.name
         );
         crate::executor::serve(core, server, listener, shutdown_signal()).await?;
-        eprintln!("clipft executor stopped");
+        errln!("clipft executor stopped");
         Ok(())
     });
     // After SIGTERM too: the spans of the drain go out before the process ends.

@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Args;
 
 use crate::trainer::callbacks::{Mode, Monitor};
-use crate::trainer::fit::{fit, EarlyStopping, FitConfig, FitControl, FitEvent};
+use crate::trainer::fit::{fit, EarlyStopping, FitConfig, FitControl, FitError, FitEvent};
 use crate::trainer::optim::OptimizerKind;
 use crate::trainer::schedule::Scheduler;
 
@@ -32,31 +32,42 @@ pub struct FitArgs {
     /// Name of the run and of its artifact folder; random and readable by default.
     #[arg(long, env = "CLIPFT_RUN_NAME")]
     pub run_name: Option<String>,
+    /// Passes over the training data.
     #[arg(long, env = "CLIPFT_EPOCHS", default_value_t = 5)]
     pub epochs: usize,
+    /// Pairs per training step; CLIPLoss contrasts each pair with the others in its batch, so
+    /// larger batches give it more negatives (at least 2).
     #[arg(long, env = "CLIPFT_BATCH_SIZE", default_value_t = 64)]
     pub batch_size: usize,
-    #[arg(long, env = "CLIPFT_LEARNING_RATE", default_value_t = 1e-5)]
+    /// The optimiser's learning rate (positive; 1e-5 to 1e-6 suits fine-tuning CLIP).
+    #[arg(long, env = "CLIPFT_LEARNING_RATE", default_value_t = 1e-5, value_parser = positive_f64)]
     pub learning_rate: f64,
     /// The loss; CLIPLoss is the one for CLIP.
     #[arg(long, env = "CLIPFT_LOSS", default_value = "CLIPLoss", value_parser = ["CLIPLoss"])]
     pub loss: String,
+    /// Adam (Finetuner's default) or AdamW (decoupled weight decay).
     #[arg(long, env = "CLIPFT_OPTIMIZER", value_enum, default_value = "Adam")]
     pub optimizer: OptimizerKind,
+    /// Weight decay (L2 for Adam, decoupled for AdamW).
     #[arg(long, env = "CLIPFT_WEIGHT_DECAY", default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// Learning-rate schedule after the warm-up.
     #[arg(long, env = "CLIPFT_SCHEDULER", value_enum, default_value = "constant")]
     pub scheduler: Scheduler,
+    /// Steps over which the learning rate rises linearly from 0.
     #[arg(long, env = "CLIPFT_WARMUP_STEPS", default_value_t = 0)]
     pub warmup_steps: u64,
     /// Stop after this many optimiser steps.
     #[arg(long, env = "CLIPFT_MAX_STEPS")]
     pub max_steps: Option<u64>,
+    /// Seeds the shuffling, so a run (and its resumption) sees the same batches.
     #[arg(long, env = "CLIPFT_SEED", default_value_t = 0)]
     pub seed: u64,
     /// Keep the file order instead of shuffling every epoch.
     #[arg(long, env = "CLIPFT_NO_SHUFFLE")]
     pub no_shuffle: bool,
+    /// `auto` (the first GPU when built with CUDA and one is present, else the CPU), `cpu`,
+    /// `cuda` or `cuda:N`.
     #[arg(long, env = "CLIPFT_DEVICE", default_value = "auto")]
     pub device: String,
     /// `--matmul-precision` for training (`highest` keeps every product plain f32); with `--trainer` the trainer's own setting applies.
@@ -90,6 +101,8 @@ pub struct FitArgs {
     /// val_loss, or a retrieval metric such as recall_at_k) instead of the last.
     #[arg(long, env = "CLIPFT_BEST_MODEL_MONITOR")]
     pub best_model_monitor: Option<String>,
+    /// Whether larger (max) or smaller (min) values of the monitor are better; auto: min for
+    /// losses, max for retrieval metrics.
     #[arg(
         long,
         env = "CLIPFT_BEST_MODEL_MODE",
@@ -101,6 +114,7 @@ pub struct FitArgs {
     /// epochs.
     #[arg(long, env = "CLIPFT_EARLY_STOPPING_MONITOR")]
     pub early_stopping_monitor: Option<String>,
+    /// As --best-model-mode, for the early-stopping monitor.
     #[arg(
         long,
         env = "CLIPFT_EARLY_STOPPING_MODE",
@@ -108,6 +122,7 @@ pub struct FitArgs {
         default_value = "auto"
     )]
     pub early_stopping_mode: Mode,
+    /// Epochs without improvement before the run stops.
     #[arg(long, env = "CLIPFT_EARLY_STOPPING_PATIENCE", default_value_t = 2)]
     pub early_stopping_patience: usize,
     /// Smallest change that counts as an improvement.
@@ -119,11 +134,14 @@ pub struct FitArgs {
     /// WiSE-FT: the artifact holds alpha * fine-tuned + (1 - alpha) * pretrained weights.
     #[arg(long, env = "CLIPFT_WISE_FT_ALPHA")]
     pub wise_ft_alpha: Option<f64>,
-    /// TrainingCheckpoint: a resumable checkpoint at every epoch end and every N seconds (in
-    /// `OUTPUT/.<run-name>.work/`; the trainer service always keeps one, every 300 s by default).
+    /// TrainingCheckpoint: a resumable checkpoint every N seconds, at every epoch end and when
+    /// Ctrl-C or SIGTERM stops the run (in `OUTPUT/.<run-name>.work/`, removed once the
+    /// artifact is written). 0 keeps none. Default 300 in process; with --trainer, the
+    /// trainer's --checkpoint-seconds.
     #[arg(long, env = "CLIPFT_CHECKPOINT_SECONDS")]
     pub checkpoint_seconds: Option<u64>,
-    /// Continue the run `--run-name` from its checkpoint (after a crash or Ctrl-C).
+    /// Continue the run `--run-name` from its checkpoint (after a crash, Ctrl-C or SIGTERM),
+    /// with the same settings it started with.
     #[arg(long, env = "CLIPFT_RESUME", requires = "run_name")]
     pub resume: bool,
     /// Where datasets named instead of given as files are found (the trainer's --data-dir).
@@ -141,6 +159,16 @@ pub struct FitArgs {
     /// The trainer's bearer token.
     #[arg(long, env = "CLIPFT_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+}
+
+/// A learning rate must be a positive, finite number: a negative one would train away from the
+/// data without a word.
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        Ok(v) => Err(format!("must be a positive number, not {v}")),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// A random, readable run name such as `brisk-heron-4821`.
@@ -206,7 +234,12 @@ impl FitArgs {
             ),
             wise_ft_alpha: self.wise_ft_alpha,
             dtype: self.dtype.clone(),
-            checkpoint_seconds: self.checkpoint_seconds,
+            checkpoint_seconds: match (self.checkpoint_seconds, &self.trainer) {
+                (Some(0), _) => None,
+                (Some(n), _) => Some(n),
+                (None, None) => Some(crate::trainer::checkpoint::DEFAULT_CHECKPOINT_SECONDS),
+                (None, Some(_)) => None,
+            },
         })
     }
 }
@@ -240,11 +273,11 @@ pub fn run_with_progress(
     let mut bar: Option<indicatif::ProgressBar> = None;
     let say = |bar: &Option<indicatif::ProgressBar>, line: String| match bar {
         Some(b) => b.println(line),
-        None => eprintln!("{line}"),
+        None => errln!("{line}"),
     };
     let report = fit(cfg, control, &mut |e| match e {
         FitEvent::Started { pairs, steps, done } => {
-            eprintln!("run {}: {pairs} pairs, {steps} steps", cfg.run_name);
+            errln!("run {}: {pairs} pairs, {steps} steps", cfg.run_name);
             bar = super::eval::progress_bar(steps as usize);
             if let Some(b) = &bar {
                 b.set_position(done);
@@ -252,6 +285,7 @@ pub fn run_with_progress(
         }
         FitEvent::Log(line) => say(&bar, line),
         FitEvent::Evaluating(when) => say(&bar, format!("evaluating ({when})")),
+        FitEvent::Before(_) => {}
         FitEvent::Step {
             epoch,
             step,
@@ -263,7 +297,7 @@ pub fn run_with_progress(
                 b.set_position(step);
             }
             None if step % 10 == 0 => {
-                eprintln!("epoch {} step {step} loss {loss:.4} lr {lr:.2e}", epoch + 1)
+                errln!("epoch {} step {step} loss {loss:.4} lr {lr:.2e}", epoch + 1)
             }
             None => {}
         },
@@ -290,12 +324,12 @@ pub fn run_with_progress(
         b.finish_and_clear();
     }
     if let (Some(b), Some(a)) = (&report.before, &report.after) {
-        println!(
+        outln!(
             "{}",
             super::eval::metrics_table(&[("before", b), ("after", a)])
         );
     }
-    println!("artifact: {}", report.artifact.display());
+    outln!("artifact: {}", report.artifact.display());
     Ok(report)
 }
 
@@ -311,13 +345,77 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
                     *slot = Some(resolve_local(p, &args.data_dir)?);
                 }
             }
+            let work = cfg.output.join(format!(".{}.work", cfg.run_name));
+            if args.resume && !crate::trainer::checkpoint::exists(&work) {
+                anyhow::bail!(
+                    "run {} has no checkpoint to resume in {}: run without --resume to start it",
+                    cfg.run_name,
+                    work.display()
+                );
+            }
             let control = FitControl {
                 resume: args.resume,
                 ..Default::default()
             };
-            run_with_progress(&cfg, &control).map(|_| ())
+            suspend_on_signals(control.suspend.clone())?;
+            match run_with_progress(&cfg, &control) {
+                Ok(_) => Ok(()),
+                Err(e) => match e.downcast_ref::<FitError>() {
+                    Some(FitError::Suspended(step)) => {
+                        match cfg.checkpoint_seconds {
+                            Some(_) => errln!(
+                                "stopped at step {step}; checkpoint saved in {}. Continue with the same command plus --resume --run-name {}",
+                                work.display(),
+                                cfg.run_name
+                            ),
+                            None => errln!(
+                                "stopped at step {step}; no checkpoint was kept (--checkpoint-seconds 0)"
+                            ),
+                        }
+                        Err(super::output::Interrupted.into())
+                    }
+                    _ => Err(e),
+                },
+            }
         }
     }
+}
+
+/// Makes Ctrl-C and SIGTERM stop a local run gracefully: the flag makes `fit` checkpoint before
+/// its next step and return. A second Ctrl-C quits at once (losing the steps since the last
+/// checkpoint), for a user who does not want to wait for the step to end.
+fn suspend_on_signals(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering;
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // Registered before returning, so a signal from now on is caught.
+    let (mut int, mut term) = {
+        let _entered = rt.enter();
+        (
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::terminate())?,
+        )
+    };
+    std::thread::Builder::new()
+        .name("clipft-signals".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                loop {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                    if flag.swap(true, Ordering::SeqCst) {
+                        errln!("stopping now, without a checkpoint");
+                        std::process::exit(130);
+                    }
+                    errln!("stopping after this step and saving a checkpoint (Ctrl-C again quits at once)");
+                }
+            })
+        })?;
+    Ok(())
 }
 
 /// Submits the run to a trainer; with --follow, waits for it and fetches the artifact.
@@ -343,11 +441,18 @@ async fn run_remote(args: &FitArgs, mut cfg: FitConfig, addr: &str) -> anyhow::R
         let Some(p) = slot.clone() else { continue };
         if p.is_file() {
             let ds = format!("{name}-{role}");
-            eprintln!("pushing {} as dataset {ds}", p.display());
+            let existing = c
+                .list_datasets(crate::protocol::trainer::ListDatasetsRequest {})
+                .await?
+                .into_inner();
+            if existing.datasets.iter().any(|d| d.name == ds) {
+                errln!("dataset {ds} exists (pushed for an earlier run {name}): replacing it");
+            }
+            errln!("pushing {} as dataset {ds}", p.display());
             let d = client::push_dataset(&mut c, &ds, &p, true)
                 .await
                 .with_context(|| format!("pushing {}", p.display()))?;
-            eprintln!("dataset {ds}: {} items, {} bytes", d.items, d.bytes);
+            errln!("dataset {ds}: {} items, {} bytes", d.items, d.bytes);
             *slot = Some(PathBuf::from(ds));
         }
         if role == "train" {
@@ -364,11 +469,22 @@ async fn run_remote(args: &FitArgs, mut cfg: FitConfig, addr: &str) -> anyhow::R
         })
         .await?
         .into_inner();
-    println!("run {} {}", run.name, client::state_word(run.state));
+    outln!("run {} {}", run.name, client::state_word(run.state));
     if !args.follow {
+        if args.zip {
+            errln!(
+                "--zip: the artifact is made on the trainer; download it with --follow, or later with `clipft runs artifact {} --zip`",
+                run.name
+            );
+        }
         return Ok(());
     }
-    follow_run(&mut c, &run.name, &args.output).await
+    let dir = follow_run(&mut c, &run.name, &args.output).await?;
+    if args.zip {
+        let zip = crate::artifact::zip_artifact(&dir)?;
+        outln!("zip: {}", zip.display());
+    }
+    Ok(())
 }
 
 /// Streams a run's log until it ends; prints the metrics and downloads the artifact when it
@@ -377,11 +493,11 @@ pub async fn follow_run(
     c: &mut crate::trainer::client::Client,
     name: &str,
     output: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<PathBuf> {
     use crate::protocol::trainer as pb;
     use crate::trainer::client;
     let mut bar: Option<indicatif::ProgressBar> = None;
-    client::stream_logs(c, name, true, &mut |chunk| {
+    let mut on_chunk = |chunk: &pb::LogChunk| {
         if let Some(p) = &chunk.progress {
             if bar.is_none() && p.total_steps > 0 {
                 bar = super::eval::progress_bar(p.total_steps as usize);
@@ -394,11 +510,13 @@ pub async fn follow_run(
         for line in chunk.text.lines() {
             match &bar {
                 Some(b) => b.println(line),
-                None => eprintln!("{line}"),
+                None => errln!("{line}"),
             }
         }
-    })
-    .await?;
+        std::ops::ControlFlow::Continue(())
+    };
+    let logs = client::stream_logs(c, name, true, &mut on_chunk);
+    super::output::follow_or_detach(name, async { Ok(logs.await?) }).await?;
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -421,12 +539,12 @@ pub async fn follow_run(
         client::metrics_from_map(&m.before),
         client::metrics_from_map(&m.after),
     ) {
-        println!(
+        outln!(
             "{}",
             super::eval::metrics_table(&[("before", &b), ("after", &a)])
         );
     }
     let dir = client::download_artifact(c, name, output, &mut |_, _| {}).await?;
-    println!("artifact: {}", dir.display());
-    Ok(())
+    outln!("artifact: {}", dir.display());
+    Ok(dir)
 }

@@ -1,6 +1,8 @@
 //! The command line: one module per subcommand. Each parses its flags (every flag also reads a
 //! `CLIPFT_*` environment variable), calls the library and prints; no logic a test needs lives here.
 
+#[macro_use]
+pub mod output;
 pub mod bench;
 pub mod data;
 pub mod demo;
@@ -236,7 +238,7 @@ impl TracingArgs {
             exporter_port: self.traces_exporter_port,
         })
         .context("--tracing")?;
-        eprintln!("clipft {what} traces to {} (OTLP/gRPC)", guard.endpoint());
+        errln!("clipft {what} traces to {} (OTLP/gRPC)", guard.endpoint());
         Ok(Some(guard))
     }
 }
@@ -261,6 +263,45 @@ pub fn socket_addr(host: &str, port: u16) -> anyhow::Result<std::net::SocketAddr
         .ok_or_else(|| anyhow::anyhow!("cannot resolve --host {host}"))
 }
 
+/// Makes the `CLIPFT_*` variables mean what a user expects before clap reads them: an empty
+/// variable is unset (`CLIPFT_TRAINER=` no longer names a trainer called ""), and a boolean
+/// flag's variable accepts 1/0, true/false, yes/no and on/off (clap's flags take only
+/// true/false). Runs before any thread starts, as changing the environment requires.
+fn normalise_env(cmd: &clap::Command) {
+    let mut flags = Vec::new();
+    env_flags(cmd, &mut flags);
+    for (key, value) in std::env::vars_os() {
+        let Some(key) = key.to_str().filter(|k| k.starts_with("CLIPFT_")) else {
+            continue;
+        };
+        if value.is_empty() {
+            std::env::remove_var(key);
+        } else if flags.iter().any(|f| f == key) {
+            let v = value.to_string_lossy().trim().to_ascii_lowercase();
+            match v.as_str() {
+                "1" | "true" | "yes" | "on" => std::env::set_var(key, "true"),
+                "0" | "false" | "no" | "off" => std::env::set_var(key, "false"),
+                // Anything else reaches clap, which names the variable and the values it takes.
+                _ => {}
+            }
+        }
+    }
+}
+
+/// The variables of every boolean flag of `cmd` and its subcommands.
+fn env_flags(cmd: &clap::Command, out: &mut Vec<String>) {
+    for arg in cmd.get_arguments() {
+        if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+            if let Some(env) = arg.get_env().and_then(|e| e.to_str()) {
+                out.push(env.to_string());
+            }
+        }
+    }
+    for sub in cmd.get_subcommands() {
+        env_flags(sub, out);
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     init_logging();
@@ -273,11 +314,12 @@ pub fn main() -> ExitCode {
         argv = match jina::translate(&argv) {
             Ok(a) => a,
             Err(e) => {
-                eprintln!("error: {e}");
+                errln!("error: {e}");
                 return ExitCode::FAILURE;
             }
         };
     }
+    normalise_env(&Cli::command());
     let matches = Cli::command().get_matches_from(argv);
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(c) => c,
@@ -306,9 +348,88 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<output::Interrupted>() => ExitCode::from(130),
+        // The reader of our output left (`| head`): end quietly, as other tools do.
+        Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            errln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Variables read by flags of several commands. Each was checked to mean the same thing in
+    /// all of them; a new sharing must be checked too, or the variable named after its command
+    /// (`CLIPFT_ENCODE_OUTPUT`), so that setting one for one command never changes another's
+    /// meaning (`CLIPFT_OUTPUT` for `fit` once made `encode` write into a folder).
+    const SHARED: &[&str] = &[
+        "CLIPFT_MODEL", "CLIPFT_ARTIFACT", "CLIPFT_DEVICE", "CLIPFT_DTYPE",
+        "CLIPFT_MAX_IMAGE_PIXELS", "CLIPFT_MATMUL_PRECISION", "CLIPFT_MAX_TEXT_BYTES",
+        "CLIPFT_SELECT_MODEL", "CLIPFT_HOST", "CLIPFT_PORT", "CLIPFT_PORT_MONITORING",
+        "CLIPFT_MAX_MESSAGE_BYTES", "CLIPFT_SHUTDOWN_TIMEOUT", "CLIPFT_TRACING",
+        "CLIPFT_TRACES_EXPORTER_HOST", "CLIPFT_TRACES_EXPORTER_PORT", "CLIPFT_TRAINER",
+        "CLIPFT_AUTH_TOKEN", "CLIPFT_OUTPUT", "CLIPFT_JSON", "CLIPFT_FOLLOW", "CLIPFT_EPOCHS",
+        "CLIPFT_QUERY_DATA", "CLIPFT_INDEX_DATA", "CLIPFT_LIMIT", "CLIPFT_DATA_DIR",
+        "CLIPFT_CHECKPOINT_SECONDS", "CLIPFT_SEED", "CLIPFT_NAME", "CLIPFT_TLS_CERT",
+        "CLIPFT_TLS_KEY", "CLIPFT_TLS_CA", "CLIPFT_LEARNING_RATE", "CLIPFT_BATCH_SIZE",
+        "CLIPFT_RUN_NAME", "CLIPFT_ZIP",
+    ];
+
+    fn env_users(cmd: &clap::Command, path: &str, out: &mut Vec<(String, String)>) {
+        for arg in cmd.get_arguments() {
+            if let Some(env) = arg.get_env().and_then(|e| e.to_str()) {
+                out.push((env.to_string(), path.to_string()));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            env_users(sub, &format!("{path} {}", sub.get_name()), out);
+        }
+    }
+
+    #[test]
+    fn variables_shared_between_commands_mean_one_thing() {
+        let mut users = Vec::new();
+        env_users(&Cli::command(), "clipft", &mut users);
+        let mut by_env: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+        for (env, path) in &users {
+            by_env.entry(env).or_default().push(path);
+        }
+        for (env, paths) in by_env {
+            let mut commands = paths.clone();
+            commands.sort();
+            commands.dedup();
+            assert!(
+                commands.len() == 1 || SHARED.contains(&env),
+                "{env} is read by {commands:?}: check it means the same in each and list it in SHARED, or name it after its command"
+            );
+        }
+    }
+
+    #[test]
+    fn every_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(format!("{path} {} (the command)", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "clipft", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
     }
 }

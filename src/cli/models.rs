@@ -52,15 +52,15 @@ pub const BACKBONES: &[Backbone] = &[
 
 pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     if args.json {
-        println!("{}", serde_json::to_string_pretty(BACKBONES)?);
+        outln!("{}", serde_json::to_string_pretty(BACKBONES)?);
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<36} {:<14} {:>10} {:<12} description",
         "name", "task", "output_dim", "architecture"
     );
     for b in BACKBONES {
-        println!(
+        outln!(
             "{:<36} {:<14} {:>10} {:<12} {}",
             b.name, b.task, b.output_dim, b.architecture, b.description
         );

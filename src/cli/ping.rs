@@ -45,7 +45,7 @@ pub fn run(args: PingArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
     match runtime.block_on(ping(&args.target, &args.service, timeout)) {
         Ok(true) => {
-            println!("{}: SERVING", args.target);
+            outln!("{}: SERVING", args.target);
             Ok(())
         }
         Ok(false) => anyhow::bail!("{}: NOT_SERVING", args.target),

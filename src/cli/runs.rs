@@ -11,6 +11,7 @@ use crate::trainer::client;
 /// Where the trainer is and how to authenticate; shared by `runs` and `data`.
 #[derive(Args, Debug, Clone)]
 pub struct TrainerAddr {
+    /// The trainer's address (`grpc://host:port`).
     #[arg(
         long,
         env = "CLIPFT_TRAINER",
@@ -18,6 +19,7 @@ pub struct TrainerAddr {
         global = true
     )]
     pub trainer: String,
+    /// The trainer's bearer token (its --auth-token).
     #[arg(long, env = "CLIPFT_AUTH_TOKEN", hide_env_values = true, global = true)]
     pub auth_token: Option<String>,
 }
@@ -41,29 +43,68 @@ pub enum RunsCommand {
     /// Every run: name, state, progress, details.
     List,
     /// The run's state word (CREATED, STARTED, FINISHED, FAILED, CANCELED), then its details.
-    Status { name: String },
+    Status {
+        /// The run's name.
+        name: String,
+    },
     /// The run's log; with --follow, until the run ends.
     Logs {
+        /// The run's name.
         name: String,
+        /// Keep printing as the run goes on, until it ends (Ctrl-C stops following, not the
+        /// run).
         #[arg(long, env = "CLIPFT_FOLLOW")]
         follow: bool,
     },
     /// Retrieval metrics before and after (and per epoch with --json).
     Metrics {
+        /// The run's name.
         name: String,
+        /// One JSON object (before, after, per epoch) instead of the table.
         #[arg(long, env = "CLIPFT_JSON")]
         json: bool,
     },
     /// Download the artifact as OUTPUT/NAME/ (the run's name).
     Artifact {
+        /// The run's name.
         name: String,
+        /// The folder the artifact lands in, as OUTPUT/NAME/.
         #[arg(long, env = "CLIPFT_OUTPUT", default_value = "artifacts")]
         output: PathBuf,
+        /// Also write it as OUTPUT/NAME.zip.
+        #[arg(long, env = "CLIPFT_ZIP")]
+        zip: bool,
     },
     /// Cancel a queued or running run.
-    Cancel { name: String },
+    Cancel {
+        /// The run's name.
+        name: String,
+    },
     /// Remove a run that is not running, with its logs and artifact.
-    Delete { name: String },
+    Delete {
+        /// The run's name.
+        name: String,
+    },
+}
+
+/// Why a run has no retrieval metrics to show: it has no query and index data, or it has not
+/// (or never) reached the point where they are measured.
+fn no_metrics_reason(run: &pb::Run) -> String {
+    let cfg: serde_json::Value = serde_json::from_str(&run.config_json).unwrap_or_default();
+    let has_data = !cfg["query_data"].is_null() && !cfg["index_data"].is_null();
+    let state = client::state_word(run.state);
+    let name = &run.name;
+    if !has_data {
+        return format!(
+            "run {name} has no retrieval metrics: it was created without query and index data"
+        );
+    }
+    match pb::RunState::try_from(run.state) {
+        Ok(pb::RunState::Created | pb::RunState::Started) => format!(
+            "run {name} has no retrieval metrics yet ({state}): they are measured before the first step, after each epoch and at the end"
+        ),
+        _ => format!("run {name} ended ({state}) before any retrieval metrics were measured"),
+    }
 }
 
 fn age(unix: i64) -> String {
@@ -84,13 +125,13 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
         match args.command {
             RunsCommand::List => {
                 let runs = c.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
-                println!(
+                outln!(
                     "{:<32} {:<9} {:>13} {:>10}  details",
                     "name", "state", "step", "created"
                 );
                 for r in runs {
                     let p = r.progress.unwrap_or_default();
-                    println!(
+                    outln!(
                         "{:<32} {:<9} {:>13} {:>10}  {}",
                         r.name,
                         client::state_word(r.state),
@@ -102,14 +143,26 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
             }
             RunsCommand::Status { name } => {
                 let r = c.get_run(pb::GetRunRequest { name }).await?.into_inner();
-                println!("{}", client::state_word(r.state));
-                println!("{}", r.details);
+                outln!("{}", client::state_word(r.state));
+                outln!("{}", r.details);
             }
             RunsCommand::Logs { name, follow } => {
-                client::stream_logs(&mut c, &name, follow, &mut |chunk| {
-                    print!("{}", chunk.text);
-                })
-                .await?;
+                let logs = async {
+                    client::stream_logs(&mut c, &name, follow, &mut |chunk| {
+                        super::output::out_raw(&chunk.text);
+                        // `| head` has what it wanted: stop reading quietly.
+                        match super::output::stdout_closed() {
+                            true => std::ops::ControlFlow::Break(()),
+                            false => std::ops::ControlFlow::Continue(()),
+                        }
+                    })
+                    .await
+                    .map_err(anyhow::Error::from)
+                };
+                match follow {
+                    true => super::output::follow_or_detach(&name, logs).await?,
+                    false => logs.await?,
+                }
             }
             RunsCommand::Metrics { name, json } => {
                 let m = c
@@ -126,7 +179,7 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
                         .iter()
                         .map(|e| serde_json::json!({"epoch": e.epoch, "metrics": e.metrics}))
                         .collect();
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({
                             "before": b, "after": a, "epochs": epochs,
@@ -134,36 +187,45 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
                         })
                     );
                 } else {
-                    match (b, a) {
-                        (Some(b), Some(a)) => println!(
-                            "{}",
-                            super::eval::metrics_table(&[("before", &b), ("after", &a)])
-                        ),
-                        (Some(b), None) => {
-                            println!("{}", super::eval::metrics_table(&[("before", &b)]))
+                    let mut columns: Vec<(String, crate::eval::Metrics)> = Vec::new();
+                    columns.extend(b.map(|b| ("before".to_string(), b)));
+                    for e in &m.epochs {
+                        if let Some(x) = client::metrics_from_map(&e.metrics) {
+                            columns.push((format!("epoch {}", e.epoch), x));
                         }
-                        _ => anyhow::bail!(
-                            "run {name} has no metrics yet (it needs query and index data)"
-                        ),
                     }
+                    columns.extend(a.map(|a| ("after".to_string(), a)));
+                    if columns.is_empty() {
+                        let run = c
+                            .get_run(pb::GetRunRequest { name: name.clone() })
+                            .await?
+                            .into_inner();
+                        anyhow::bail!("{}", no_metrics_reason(&run));
+                    }
+                    let refs: Vec<(&str, &crate::eval::Metrics)> =
+                        columns.iter().map(|(n, m)| (n.as_str(), m)).collect();
+                    outln!("{}", super::eval::metrics_table(&refs));
                 }
             }
-            RunsCommand::Artifact { name, output } => {
+            RunsCommand::Artifact { name, output, zip } => {
                 let dir = client::download_artifact(&mut c, &name, &output, &mut |_, _| {}).await?;
-                println!("{}", dir.display());
+                outln!("{}", dir.display());
+                if zip {
+                    outln!("{}", crate::artifact::zip_artifact(&dir)?.display());
+                }
             }
             RunsCommand::Cancel { name } => {
                 let r = c
                     .cancel_run(pb::CancelRunRequest { name })
                     .await?
                     .into_inner();
-                println!("{}", client::state_word(r.state));
-                println!("{}", r.details);
+                outln!("{}", client::state_word(r.state));
+                outln!("{}", r.details);
             }
             RunsCommand::Delete { name } => {
                 c.delete_run(pb::DeleteRunRequest { name: name.clone() })
                     .await?;
-                println!("deleted {name}");
+                outln!("deleted {name}");
             }
         }
         Ok(())

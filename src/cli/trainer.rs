@@ -15,8 +15,10 @@ pub const DEFAULT_DATA_DIR: &str = "clipft-data";
 
 #[derive(Args, Debug)]
 pub struct TrainerArgs {
+    /// Address to listen on (0.0.0.0: every interface; 127.0.0.1: this machine only).
     #[arg(long, env = "CLIPFT_HOST", default_value = "0.0.0.0")]
     pub host: String,
+    /// The gRPC port; 0 picks a free one (printed on stderr).
     #[arg(long, env = "CLIPFT_PORT", default_value_t = 8081)]
     pub port: u16,
     /// Datasets, runs, logs, checkpoints and artifacts; a restarted trainer continues from here.
@@ -86,10 +88,10 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
             let exporter = crate::telemetry::metrics::install(maddr)
                 .map_err(|e| anyhow::anyhow!("--port-monitoring {}: {e}", args.port_monitoring))?;
             tokio::spawn(exporter);
-            eprintln!("clipft trainer metrics on http://{maddr}/metrics");
+            errln!("clipft trainer metrics on http://{maddr}/metrics");
         }
         let runs = reg.list();
-        eprintln!(
+        errln!(
             "clipft trainer serving on {bound} (data in {}, {} runs, auth {})",
             args.data_dir.display(),
             runs.len(),
@@ -100,7 +102,7 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
             }
         );
         serve(reg, config, listener, super::executor::shutdown_signal()).await?;
-        eprintln!("clipft trainer stopped");
+        errln!("clipft trainer stopped");
         Ok(())
     });
     // The exporter runs on the runtime: flush before it goes.

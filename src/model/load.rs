@@ -26,6 +26,9 @@ pub struct ModelFiles {
     pub weights: WeightFiles,
     pub tokenizer: Option<PathBuf>,
     pub preprocessor: Option<PathBuf>,
+    /// The folder a zipped artifact was unpacked into, removed when the last holder (these
+    /// files, or an [`super::Encoder`] loaded from them) is dropped.
+    pub unpacked: Option<std::sync::Arc<tempfile::TempDir>>,
 }
 
 /// The checkpoint format found.
@@ -107,6 +110,7 @@ impl ModelFiles {
             weights,
             tokenizer: opt("tokenizer.json"),
             preprocessor: opt("preprocessor_config.json"),
+            unpacked: None,
         })
     }
 
@@ -134,6 +138,7 @@ impl ModelFiles {
             weights,
             tokenizer: hub.get("tokenizer.json")?,
             preprocessor: hub.get("preprocessor_config.json")?,
+            unpacked: None,
         })
     }
 

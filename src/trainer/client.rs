@@ -143,12 +143,13 @@ pub async fn push_dataset(
 }
 
 /// Follows a run's log from the start, calling `on_chunk` for each piece, until the run ends
-/// (with `follow`) or the log so far was read. Reconnects where a stream broke off.
+/// (with `follow`) or the log so far was read, or `on_chunk` says to stop. Reconnects where a
+/// stream broke off.
 pub async fn stream_logs(
     client: &mut Client,
     name: &str,
     follow: bool,
-    on_chunk: &mut dyn FnMut(&pb::LogChunk),
+    on_chunk: &mut dyn FnMut(&pb::LogChunk) -> std::ops::ControlFlow<()>,
 ) -> Result<(), ClientError> {
     let mut offset = 0;
     let mut retries = 0;
@@ -164,7 +165,9 @@ pub async fn stream_logs(
                 Ok(Some(c)) => {
                     offset = c.offset;
                     retries = 0;
-                    on_chunk(&c);
+                    if on_chunk(&c).is_break() {
+                        return Ok(());
+                    }
                 }
                 Ok(None) => break None,
                 Err(e) => break Some(e),
@@ -204,6 +207,12 @@ pub async fn download_artifact(
         ));
     }
     let zip_path = output.join(format!(".{name}.zip.part"));
+    // Whatever happens (a refused download, a broken stream, a bad zip, Ctrl-C dropping this
+    // future), the partial files go.
+    let _leftovers = Leftovers(vec![
+        zip_path.clone(),
+        output.join(format!(".{name}.unpacking")),
+    ]);
     let mut file = tokio::fs::File::create(&zip_path)
         .await
         .map_err(|e| local(&zip_path, &e))?;
@@ -242,6 +251,20 @@ pub async fn download_artifact(
     .map_err(|e| local(&zip_path, &e))?
     .map_err(|e| local(&zip_path, &e))?;
     Ok(unpacked)
+}
+
+/// Partial download files, removed when dropped.
+struct Leftovers(Vec<PathBuf>);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = match p.is_dir() {
+                true => std::fs::remove_dir_all(p),
+                false => std::fs::remove_file(p),
+            };
+        }
+    }
 }
 
 /// The state word of a run as `clipft runs status` prints it.
