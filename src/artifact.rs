@@ -462,9 +462,23 @@ fn report(meta: &serde_json::Value, config: &serde_json::Value, s: &RunSummary) 
     }
     out.push_str("\n## Training\n\n| setting | value |\n|---|---|\n");
     for key in [
-        "loss", "epochs", "batch_size", "learning_rate", "optimizer", "weight_decay",
-        "scheduler", "warmup_steps", "max_steps", "seed", "shuffle", "dtype", "freeze",
-        "max_grad_norm", "best_model", "early_stopping", "wise_ft_alpha",
+        "loss",
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "optimizer",
+        "weight_decay",
+        "scheduler",
+        "warmup_steps",
+        "max_steps",
+        "seed",
+        "shuffle",
+        "dtype",
+        "freeze",
+        "max_grad_norm",
+        "best_model",
+        "early_stopping",
+        "wise_ft_alpha",
     ] {
         let v = &config[key];
         let empty = v.is_null() || v.as_array().is_some_and(|a| a.is_empty());

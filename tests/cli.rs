@@ -229,6 +229,76 @@ fn flags_read_environment_variables() {
         .output()
         .unwrap());
     assert_eq!(lines(&out).len(), 1);
+
+    // One meaning per variable: fit's artifacts folder does not become encode's output file.
+    let dir = tempdir("env");
+    let out = ok(bin()
+        .args(["encode", "--model", &tiny(), "--text", "a cat"])
+        .env("CLIPFT_OUTPUT", &dir)
+        .env("CLIPFT_BATCH_SIZE", "64")
+        .output()
+        .unwrap());
+    assert_eq!(lines(&out).len(), 1);
+    // Booleans take 1/0; empty means unset.
+    let json = ok(bin()
+        .arg("models")
+        .env("CLIPFT_JSON", "1")
+        .output()
+        .unwrap());
+    assert!(json.trim_start().starts_with('['), "{json}");
+    let table = ok(bin()
+        .arg("models")
+        .env("CLIPFT_JSON", "0")
+        .output()
+        .unwrap());
+    assert!(!table.trim_start().starts_with('['), "{table}");
+    let out = ok(bin()
+        .args(["encode", "--model", &tiny(), "--text", "a cat"])
+        .env("CLIPFT_ENCODE_OUTPUT", "")
+        .env("CLIPFT_SELECT_MODEL", "")
+        .output()
+        .unwrap());
+    assert_eq!(lines(&out).len(), 1);
+    let e = err(bin()
+        .args(["runs", "list", "--trainer", "grpc://127.0.0.1:1"])
+        .env("CLIPFT_TRAINER", "")
+        .output()
+        .unwrap());
+    assert!(!e.contains("empty string"), "{e}");
+}
+
+/// A reader that leaves early (`| head`) ends the output quietly: no panic, no exit 101.
+#[test]
+fn a_closed_pipe_ends_output_quietly() {
+    use std::io::Read;
+    let dir = tempdir("pipe");
+    let input = dir.join("texts.txt");
+    let texts: String = (0..600).map(|i| format!("caption number {i}\n")).collect();
+    std::fs::write(&input, texts).unwrap();
+    let mut child = bin()
+        .args(["encode", "--model", &tiny(), "--input"])
+        .arg(&input)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 64];
+    stdout.read_exact(&mut first).unwrap();
+    drop(stdout);
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -286,6 +356,41 @@ fn text_only_artifact_loads_without_vision_weights() {
         .output()
         .unwrap());
     assert!(e.contains("clip-vision"), "{e}");
+
+    let e = err(bin()
+        .args(["encode", "--text", "x", "--artifact"])
+        .arg(dir.join("nosuch"))
+        .output()
+        .unwrap());
+    assert!(e.contains("does not exist"), "{e}");
+
+    // A zipped artifact unpacks into a private folder of this user, removed after use; what a
+    // killed process left there goes at the next unpack.
+    let zip = clipft::artifact::zip_artifact(&dir.join("run")).unwrap();
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    // SAFETY: getuid has no preconditions.
+    let private = tmp.join(format!("clipft-{}", unsafe { libc::getuid() }));
+    let orphan = private.join("artifact-999999999-left");
+    std::fs::create_dir_all(&orphan).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = ok(bin()
+        .args([
+            "encode",
+            "--select-model",
+            "clip-text",
+            "--text",
+            "a red striped dress",
+        ])
+        .arg("--artifact")
+        .arg(&zip)
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap());
+    assert_eq!(lines(&out).len(), 1);
+    let left: Vec<_> = std::fs::read_dir(&private).unwrap().collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 #[test]

@@ -188,6 +188,48 @@ fn bad_runs_fail_clearly_and_leave_nothing() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let e = err(fit(&out, &["--max-steps", "1", "--run-name", "once"]));
     assert!(e.contains("already exists"), "{e}");
+    assert!(
+        !e.contains("pairs,"),
+        "a taken name must fail before training: {e}"
+    );
+    // A missing or undecodable image on the last line fails before the first step, naming it.
+    let demo = std::fs::read_to_string("data/demo/train.csv").unwrap();
+    let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/demo");
+    let rewrite = |extra: &str| {
+        let mut text: String = demo
+            .lines()
+            .map(|l| {
+                let (caption, image) = l.rsplit_once(',').unwrap();
+                format!("{caption},{}\n", images.join(image).display())
+            })
+            .collect();
+        text.push_str(extra);
+        let p = out.join("late.csv");
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    std::fs::write(out.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let lines = demo.lines().count();
+    for (extra, what) in [
+        ("a last caption,missing.png\n", "missing.png"),
+        ("a last caption,broken.png\n", "broken.png"),
+    ] {
+        let csv = rewrite(extra);
+        let e = err(bin()
+            .args(["fit", "--model", "tests/fixtures/clip-tiny", "--output"])
+            .arg(&out)
+            .arg("--train-data")
+            .arg(&csv)
+            .output()
+            .unwrap());
+        assert!(e.contains(&format!("late.csv:{}", lines + 1)), "{e}");
+        assert!(e.contains(what) || e.contains("decode"), "{e}");
+        assert!(
+            !e.contains("pairs,"),
+            "bad data must fail before training: {e}"
+        );
+        assert!(!e.contains("image: image:"), "{e}");
+    }
     let names: Vec<String> = std::fs::read_dir(&out)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -470,4 +512,116 @@ fn bf16_and_f16_compute_keep_f32_weights() {
     assert!((epoch1[1] - epoch1[0]).abs() < 0.02, "bf16 {epoch1:?}");
     // f16 skips the first steps while the loss scale settles, as torch's GradScaler does.
     assert!((epoch1[2] - epoch1[0]).abs() < 0.2, "f16 {epoch1:?}");
+}
+
+/// Ctrl-C stops a local run after its current step with a checkpoint; `--resume` continues it
+/// to the artifact, and refuses other settings or a run without a checkpoint.
+#[test]
+fn interrupted_runs_checkpoint_and_resume() {
+    use std::io::{BufRead, BufReader};
+    let out = tempdir("interrupt");
+    let args = |lr: &str| -> Vec<String> {
+        [
+            "fit",
+            "--model",
+            "tests/fixtures/clip-tiny",
+            "--train-data",
+            "data/demo/train.csv",
+            "--batch-size",
+            "32",
+            "--optimizer",
+            "AdamW",
+            "--device",
+            "cpu",
+            "--epochs",
+            "20",
+            "--run-name",
+            "stopped",
+            "--learning-rate",
+            lr,
+            "--output",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([out.display().to_string()])
+        .collect()
+    };
+    let e = String::from_utf8(
+        bin()
+            .args(args("1e-4"))
+            .arg("--resume")
+            .output()
+            .unwrap()
+            .stderr,
+    )
+    .unwrap();
+    assert!(e.contains("no checkpoint to resume"), "{e}");
+
+    let mut child = bin()
+        .args(args("1e-4"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    // Plain log lines (not a terminal): one every 10 steps.
+    while stderr.read_line(&mut line).unwrap() > 0 {
+        seen.push_str(&line);
+        if line.contains("step 10 ") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(seen.contains("step 10 "), "{seen}");
+    // SAFETY: kill only sends SIGINT to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}{rest}");
+    assert!(rest.contains("checkpoint saved"), "{rest}");
+    assert!(rest.contains("--resume"), "{rest}");
+    assert!(out.join(".stopped.work/checkpoint/state.json").is_file());
+    assert!(!out.join("stopped").exists());
+
+    // Other settings are refused, naming what changed.
+    let o = bin().args(args("5e-4")).arg("--resume").output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("learning_rate"), "{e}");
+
+    let o = bin()
+        .args(args("1e-4"))
+        .args(["--resume", "--max-steps", "20"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("max_steps"), "{e}");
+
+    let o = bin().args(args("1e-4")).arg("--resume").output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("resumed from the checkpoint"), "{e}");
+    assert!(out
+        .join("stopped/models/clip-text/model.safetensors")
+        .is_file());
+    assert!(!out.join(".stopped.work").exists());
+
+    // Every file of the artifact has the permissions the umask gives, so other users (and the
+    // non-root image) can read it; safetensors alone writes 0600.
+    use std::os::unix::fs::PermissionsExt;
+    let umask = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Umask:"))
+        .map(|v| u32::from_str_radix(v.trim(), 8).unwrap())
+        .unwrap();
+    for sub in ["clip-text", "clip-vision"] {
+        let f = out
+            .join("stopped/models")
+            .join(sub)
+            .join("model.safetensors");
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask, "{}", f.display());
+    }
 }

@@ -252,6 +252,39 @@ async fn fit_follow_status_metrics_artifact_delete() -> R {
         &env,
     )?;
     assert_eq!(got.trim(), again.join("life").display().to_string());
+    // A download that fails leaves no partial files; --zip writes the zip beside the folder.
+    assert!(run_cli(
+        &[
+            "runs",
+            "artifact",
+            "nosuch",
+            "--output",
+            again.to_str().ok_or("path")?
+        ],
+        &env
+    )
+    .is_err());
+    let zipped = dir.join("zipped");
+    run_cli(
+        &[
+            "runs",
+            "artifact",
+            "life",
+            "--zip",
+            "--output",
+            zipped.to_str().ok_or("path")?,
+        ],
+        &env,
+    )?;
+    assert!(zipped.join("life.zip").is_file());
+    for d in [&again, &zipped] {
+        let hidden: Vec<_> = std::fs::read_dir(d)?
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with('.'))
+            .collect();
+        assert!(hidden.is_empty(), "{hidden:?}");
+    }
     let enc = |a: &Path| -> R<String> {
         run_cli(
             &[
@@ -295,6 +328,9 @@ async fn fit_follow_status_metrics_artifact_delete() -> R {
     let list = run_cli(&["runs", "list"], &env)?;
     assert!(!list.contains("life "), "{list}");
     assert!(!dir.join("state/runs/life").exists());
+    // The datasets fit pushed for the run went with it.
+    let data = run_cli(&["data", "list"], &env)?;
+    assert!(!data.contains("life-"), "{data}");
     Ok(())
 }
 
@@ -390,6 +426,68 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
         .await;
     assert_eq!(code(r), tonic::Code::InvalidArgument);
     assert!(!state.join("evil.csv").exists() && !dir.join("evil.csv").exists());
+    // A bundle whose image does not decode is refused at push, naming the dataset and line,
+    // not the trainer's own paths (a client skipping the local checks sends such a bundle).
+    let bundle = |csv: &str| -> R<Vec<u8>> {
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default();
+        zip.start_file("data.csv", opts)?;
+        std::io::Write::write_all(&mut zip, csv.as_bytes())?;
+        zip.start_file("images/0.png", opts)?;
+        std::io::Write::write_all(&mut zip, b"\x89PNG\r\n\x1a\nnot really a png")?;
+        zip.start_file("images/1.png", opts)?;
+        std::io::Write::write_all(
+            &mut zip,
+            &std::fs::read(demo("images/train_dress_red_plain_0.png"))?,
+        )?;
+        Ok(zip.finish()?.into_inner())
+    };
+    let r = c
+        .push_dataset(push_raw(
+            "broken",
+            pb::DatasetFormat::CsvBundle,
+            "b.csv",
+            bundle("a red dress,images/1.png\na broken image,images/0.png\n")?,
+        ))
+        .await;
+    let e = r.expect_err("an undecodable image accepted");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("broken") && e.message().contains(":2"),
+        "{}",
+        e.message()
+    );
+    assert!(
+        !e.message().contains(&state.display().to_string()),
+        "{}",
+        e.message()
+    );
+    // A header row is refused, on the trainer and before upload.
+    let r = c
+        .push_dataset(push_raw(
+            "headed",
+            pb::DatasetFormat::CsvBundle,
+            "h.csv",
+            bundle("text,image\na red dress,images/1.png\n")?,
+        ))
+        .await;
+    let e = r.expect_err("a header row accepted");
+    assert!(e.message().contains("header"), "{}", e.message());
+    let headed = dir.join("headed.csv");
+    std::fs::write(
+        &headed,
+        format!(
+            "text,image\na red dress,{}\n",
+            demo("images/train_dress_red_plain_0.png").display()
+        ),
+    )?;
+    let e = client::push_dataset(&mut c, "headed", &headed, false)
+        .await
+        .expect_err("a header row pushed");
+    assert!(
+        e.to_string().contains("header") && e.to_string().contains("headed.csv:1"),
+        "{e}"
+    );
     // Over the trainer's size limit.
     let r = c
         .push_dataset(push_raw(

@@ -58,7 +58,10 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                     .datasets;
                 outln!(
                     "{:<32} {:<10} {:>9} {:>12}",
-                    "name", "format", "items", "bytes"
+                    "name",
+                    "format",
+                    "items",
+                    "bytes"
                 );
                 for d in list {
                     let format = match pb::DatasetFormat::try_from(d.format) {
@@ -67,7 +70,10 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
                     };
                     outln!(
                         "{:<32} {:<10} {:>9} {:>12}",
-                        d.name, format, d.items, d.bytes
+                        d.name,
+                        format,
+                        d.items,
+                        d.bytes
                     );
                 }
             }

@@ -82,7 +82,7 @@ pub fn progress_bar(len: usize) -> Option<indicatif::ProgressBar> {
                     let _ = write!(w, "{:.1}/s", s.per_sec());
                 },
             )
-        .progress_chars("=> "),
+            .progress_chars("=> "),
     );
     Some(bar)
 }

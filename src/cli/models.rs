@@ -57,12 +57,19 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     }
     outln!(
         "{:<36} {:<14} {:>10} {:<12} description",
-        "name", "task", "output_dim", "architecture"
+        "name",
+        "task",
+        "output_dim",
+        "architecture"
     );
     for b in BACKBONES {
         outln!(
             "{:<36} {:<14} {:>10} {:<12} {}",
-            b.name, b.task, b.output_dim, b.architecture, b.description
+            b.name,
+            b.task,
+            b.output_dim,
+            b.architecture,
+            b.description
         );
     }
     Ok(())

@@ -127,7 +127,10 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
                 let runs = c.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
                 outln!(
                     "{:<32} {:<9} {:>13} {:>10}  details",
-                    "name", "state", "step", "created"
+                    "name",
+                    "state",
+                    "step",
+                    "created"
                 );
                 for r in runs {
                     let p = r.progress.unwrap_or_default();

@@ -117,8 +117,8 @@ pub fn check_images(images: &[&ImageRef], pre: &ImagePreprocessor) -> Result<(),
 
 /// Header words a Finetuner-style CSV row would not hold as data.
 const HEADER_WORDS: &[&str] = &[
-    "text", "caption", "image", "img", "label", "query", "uri", "url", "path", "file",
-    "filename", "class", "category", "tag", "id",
+    "text", "caption", "image", "img", "label", "query", "uri", "url", "path", "file", "filename",
+    "class", "category", "tag", "id",
 ];
 
 /// Vets a whole dataset file before it is trained on or pushed, whatever role it will play:
@@ -168,10 +168,11 @@ pub fn validate_dataset(path: &Path, pre: &ImagePreprocessor) -> Result<u64, Dat
             let doc = doc?;
             let loc = format!("{} document {i}", path.display());
             for d in std::iter::once(&doc).chain(&doc.chunks) {
-                let image = file::doc_image(d, &base, &loc).map_err(|msg| DataError::Malformed {
-                    location: loc.clone(),
-                    msg,
-                })?;
+                let image =
+                    file::doc_image(d, &base, &loc).map_err(|msg| DataError::Malformed {
+                        location: loc.clone(),
+                        msg,
+                    })?;
                 images.extend(image);
             }
             items += 1;

@@ -352,13 +352,17 @@ impl Core {
                 }
                 Some(Kind::Image(src)) if self.vision.is_some() => images.push((a.clone(), src)),
                 Some(Kind::Text(_)) => unservable.push((a, "text", "clip-vision", "clip-text")),
-                Some(Kind::Image(_)) => unservable.push((a, "an image", "clip-text", "clip-vision")),
+                Some(Kind::Image(_)) => {
+                    unservable.push((a, "an image", "clip-text", "clip-vision"))
+                }
                 // Nothing to embed (an empty document, as clip_client's profile() sends).
                 None => {}
             }
         }
         if let Some(&(a, what, serves, needs)) = unservable.first() {
-            let id = paths::get(docs, a).map(|d| d.id.clone()).unwrap_or_default();
+            let id = paths::get(docs, a)
+                .map(|d| d.id.clone())
+                .unwrap_or_default();
             let reason = format!(
                 "the document holds {what}, but this executor serves only {serves}: send it to an executor serving {needs} (or start this one with --select-model all)"
             );
@@ -535,10 +539,14 @@ pub async fn run_on_pool<T: Send + 'static>(
 /// reads.
 fn whole_milliseconds(start: SystemTime, end: SystemTime) -> (SystemTime, SystemTime) {
     use std::time::UNIX_EPOCH;
-    let ms = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() / 1_000_000;
+    let ms =
+        |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() / 1_000_000;
     let end = end.max(start);
     let first = ms(start);
-    let end_ns = end.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let end_ns = end
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
     let last = end_ns.div_ceil(1_000_000).max(first + 1);
     let at = |m: u128| UNIX_EPOCH + Duration::from_millis(m as u64);
     (at(first), at(last))
@@ -712,10 +720,17 @@ mod tests {
     /// go on (rayon would abort the process on an uncaught panic in a spawned job).
     #[test]
     fn a_panic_on_the_pool_is_an_error_for_that_request() {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let err = rt
-            .block_on(run_on_pool(&pool, || -> u32 { panic!("decoder bug on image 3") }))
+            .block_on(run_on_pool(&pool, || -> u32 {
+                panic!("decoder bug on image 3")
+            }))
             .unwrap_err();
         assert!(matches!(err, ExecutorError::Internal(_)), "{err:?}");
         assert!(err.to_string().contains("decoder bug on image 3"), "{err}");

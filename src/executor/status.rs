@@ -145,8 +145,15 @@ mod tests {
         };
         let err = ExecutorError::Model(crate::model::ModelError::Compute(e).to_string());
         let status = err.to_status();
-        assert!(status.description.contains("shape mismatch in matmul"), "{}", status.description);
-        for text in [&status.description, &status.exception.as_ref().unwrap().args[0]] {
+        assert!(
+            status.description.contains("shape mismatch in matmul"),
+            "{}",
+            status.description
+        );
+        for text in [
+            &status.description,
+            &status.exception.as_ref().unwrap().args[0],
+        ] {
             assert!(!text.contains("backtrace"), "{text}");
             assert!(!text.contains(".rs:"), "{text}");
             assert!(!text.contains('\n'), "{text}");
@@ -161,6 +168,9 @@ mod tests {
             without_backtrace("boom\nstack backtrace:\n   0: f\n             at x.rs:1"),
             "boom"
         );
-        assert_eq!(without_backtrace("boom\n   0: std::backtrace\n   1: g"), "boom");
+        assert_eq!(
+            without_backtrace("boom\n   0: std::backtrace\n   1: g"),
+            "boom"
+        );
     }
 }

@@ -338,7 +338,10 @@ impl ImagePreprocessor {
         }
         // Padding: place the window where the crop puts it.
         let mut out = RgbImage::new(crop_w as u32, crop_h as u32);
-        let (dx, dy) = ((cols.start as i128 - left) as u32, (rows.start as i128 - top) as u32);
+        let (dx, dy) = (
+            (cols.start as i128 - left) as u32,
+            (rows.start as i128 - top) as u32,
+        );
         for (x, y, p) in window.enumerate_pixels() {
             out.put_pixel(x + dx, y + dy, *p);
         }
@@ -543,12 +546,7 @@ pub fn resize_bicubic(img: &RgbImage, out_w: u32, out_h: u32) -> RgbImage {
         start: 0,
         len: len as u64,
     };
-    resize_bicubic_window(
-        img,
-        (out_w as u64, out_h as u64),
-        full(out_w),
-        full(out_h),
-    )
+    resize_bicubic_window(img, (out_w as u64, out_h as u64), full(out_w), full(out_h))
 }
 
 /// The window `cols` x `rows` (inside `out_w x out_h`) of Pillow's bicubic resize of `img` to
@@ -598,7 +596,8 @@ pub fn resize_bicubic_window(
         }
     }
     let Some(co) = vert else {
-        return RgbImage::from_raw(ow as u32, n_rows as u32, mid).expect("buffer sized to the window");
+        return RgbImage::from_raw(ow as u32, n_rows as u32, mid)
+            .expect("buffer sized to the window");
     };
     let oh = rows.len as usize;
     let mut out = vec![0u8; ow * oh * 3];
@@ -641,7 +640,9 @@ mod tests {
     /// A deterministic image with detail everywhere, so a misplaced tap changes pixels.
     fn noise(w: u32, h: u32) -> RgbImage {
         RgbImage::from_fn(w, h, |x, y| {
-            let v = x.wrapping_mul(2_654_435_761).wrapping_add(y.wrapping_mul(40_503));
+            let v = x
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(y.wrapping_mul(40_503));
             image::Rgb([(v >> 3) as u8, (v >> 11) as u8, (v >> 19) as u8])
         })
     }
@@ -671,7 +672,15 @@ mod tests {
                 ..ImageConfig::default()
             },
         ];
-        let shapes = [(640, 480), (225, 333), (48, 17), (17, 48), (300, 1), (1, 300), (7, 7)];
+        let shapes = [
+            (640, 480),
+            (225, 333),
+            (48, 17),
+            (17, 48),
+            (300, 1),
+            (1, 300),
+            (7, 7),
+        ];
         for c in configs {
             let p = ImagePreprocessor::new(c.clone());
             for (w, h) in shapes {
@@ -705,7 +714,10 @@ mod tests {
             do_center_crop: false,
             ..ImageConfig::default()
         });
-        let e = p.resize_and_crop(&noise(200_000, 1)).unwrap_err().to_string();
+        let e = p
+            .resize_and_crop(&noise(200_000, 1))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("over the limit"), "{e}");
     }
 

@@ -110,9 +110,7 @@ impl DatasetStore {
                 .find(|c: char| c == ':' || c.is_whitespace())
                 .unwrap_or(tail.len());
             let file = &tail[..file_end];
-            let is_data_file = self
-                .get(name)
-                .is_ok_and(|m| m.file == file);
+            let is_data_file = self.get(name).is_ok_and(|m| m.file == file);
             if is_data_file || file.is_empty() {
                 out.push_str(&format!("dataset {name}"));
                 rest = &tail[file_end..];

@@ -657,7 +657,10 @@ pub fn fit(
                 cfg.early_stopping
                     .as_ref()
                     .map_or("", |e| e.monitor.name.as_str()),
-                plural(cfg.early_stopping.as_ref().map_or(0, |e| e.patience), "epoch"),
+                plural(
+                    cfg.early_stopping.as_ref().map_or(0, |e| e.patience),
+                    "epoch"
+                ),
                 epoch + 1
             )));
             stopped_early = Some(epoch);

@@ -881,4 +881,3 @@ fn read_artifact_metrics(artifact: &Path) -> RunResult {
         ..Default::default()
     }
 }
-
