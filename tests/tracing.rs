@@ -461,7 +461,7 @@ async fn trainer_traces_calls_runs_and_epochs() -> R {
         .env("CLIPFT_LOG", "warn");
     let spawned = common::spawn_serving(cmd, Some("trainer"))?;
     let (mut child, port) = (spawned.child, spawned.port);
-    let mut c = clipft::trainer::client::connect(&format!("grpc://127.0.0.1:{port}"), None)
+    let mut c = clipft::trainer::client::connect(&format!("grpc://127.0.0.1:{port}"), None, None)
         .await
         .map_err(|e| e.to_string())?;
     let demo = common::root().join("data/demo/train.csv");

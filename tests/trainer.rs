@@ -60,7 +60,7 @@ impl Trainer {
     }
 
     async fn client(&self, token: Option<&str>) -> R<Client> {
-        Ok(client::connect(&self.addr(), token).await?)
+        Ok(client::connect(&self.addr(), token, None).await?)
     }
 
     fn kill(mut self) {

@@ -85,6 +85,8 @@ pub struct ExecutorArgs {
     pub port_monitoring: u16,
     #[command(flatten)]
     pub tracing: super::TracingArgs,
+    #[command(flatten)]
+    pub tls: super::TlsArgs,
 }
 
 /// True where the user did not set the flag (so `--uses` may).
@@ -183,7 +185,9 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
         max_message_bytes: args.max_message_bytes as usize,
         stream_concurrency: args.stream_concurrency as usize,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+        tls: args.tls.server_config()?,
     };
+    let tls = server.tls.is_some();
     let towers = match (encoder.clip.text.is_some(), encoder.clip.vision.is_some()) {
         (true, true) => "clip-text + clip-vision",
         (true, false) => "clip-text",
@@ -235,8 +239,13 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
             }
         }
         errln!(
-            "clipft executor {:?} ({towers} of {source}) serving on {bound}",
-            options.name
+            "clipft executor {:?} ({towers} of {source}) serving on {bound} ({})",
+            options.name,
+            if tls {
+                "TLS: grpcs://"
+            } else {
+                "plaintext: grpc://"
+            }
         );
         crate::executor::serve(core, server, listener, shutdown_signal()).await?;
         errln!("clipft executor stopped");

@@ -159,6 +159,9 @@ pub struct FitArgs {
     /// The trainer's bearer token.
     #[arg(long, env = "CLIPFT_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
+    /// A CA certificate (PEM) to trust for a grpcs:// trainer, besides the system's roots.
+    #[arg(long, env = "CLIPFT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 /// A learning rate must be a positive, finite number: a negative one would train away from the
@@ -421,7 +424,7 @@ fn suspend_on_signals(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> an
 /// Submits the run to a trainer; with --follow, waits for it and fetches the artifact.
 async fn run_remote(args: &FitArgs, mut cfg: FitConfig, addr: &str) -> anyhow::Result<()> {
     use crate::trainer::client;
-    let mut c = client::connect(addr, args.auth_token.as_deref()).await?;
+    let mut c = client::connect(addr, args.auth_token.as_deref(), args.tls_ca.as_deref()).await?;
     let name = cfg.run_name.clone();
     if c.get_run(crate::protocol::trainer::GetRunRequest { name: name.clone() })
         .await

@@ -243,6 +243,34 @@ impl TracingArgs {
     }
 }
 
+/// `--tls-cert` / `--tls-key`, for the executor and the trainer.
+#[derive(Args, Debug, Clone)]
+pub struct TlsArgs {
+    /// Serve TLS with this certificate chain (PEM), and refuse plaintext; needs --tls-key.
+    /// Clients then use grpcs://host:port.
+    #[arg(long, env = "CLIPFT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "CLIPFT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    /// The server's TLS settings, read now (a bad file stops start-up, not every handshake).
+    pub fn server_config(&self) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(
+                crate::protocol::transport::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }
+                .server_config()?,
+            )),
+            _ => Ok(None),
+        }
+    }
+}
+
 /// The async runtime of the client commands and the trainer.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -352,7 +380,7 @@ pub fn main() -> ExitCode {
         // The reader of our output left (`| head`): end quietly, as other tools do.
         Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            errln!("error: {e:#}");
+            errln!("error: {}", output::describe(&e));
             ExitCode::FAILURE
         }
     }

@@ -40,6 +40,23 @@ pub fn err(args: std::fmt::Arguments) {
     let _ = e.write_fmt(args).and_then(|_| e.write_all(b"\n"));
 }
 
+/// An error as the user reads it: each cause once, and a gRPC status as its message and code in
+/// words instead of tonic's debug dump (`status: NotFound, message: ..., details: [], ...`).
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let text = match cause.downcast_ref::<tonic::Status>() {
+            Some(s) => format!("{} ({})", s.message(), s.code().description()),
+            None => cause.to_string(),
+        };
+        // A cause already quoted by the error above it adds nothing.
+        if !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+    }
+    parts.join(": ")
+}
+
 /// Whether an error is a write to a pipe whose reader has gone: the command ends quietly.
 pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
     use std::io::ErrorKind::BrokenPipe;

@@ -7,7 +7,7 @@ use clap::Args;
 
 #[derive(Args, Debug)]
 pub struct PingArgs {
-    /// `grpc://host:port` or `host:port`.
+    /// `grpc://host:port`, `host:port`, or `grpcs://host:port` for a server with TLS.
     pub target: String,
     /// Give up after this many seconds.
     #[arg(long, env = "CLIPFT_PING_TIMEOUT", default_value_t = 3.0)]
@@ -15,21 +15,33 @@ pub struct PingArgs {
     /// The health service name to ask about ("" is the whole server).
     #[arg(long, env = "CLIPFT_PING_SERVICE", default_value = "")]
     pub service: String,
+    /// A CA certificate (PEM) to trust for grpcs://, besides the system's roots.
+    #[arg(long, env = "CLIPFT_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 /// Asks `target` for its health; Ok(true) when it is SERVING.
-pub async fn ping(target: &str, service: &str, timeout: Duration) -> anyhow::Result<bool> {
+pub async fn ping(
+    target: &str,
+    service: &str,
+    timeout: Duration,
+    ca: Option<&std::path::Path>,
+) -> anyhow::Result<bool> {
+    use crate::protocol::transport::{self, TransportError};
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
-    let rest = target.strip_prefix("grpc://").unwrap_or(target);
-    if rest.contains("://") {
-        anyhow::bail!("{target}: only grpc:// targets are supported (TLS is not)");
-    }
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{rest}"))?
+    let endpoint = transport::endpoint(target, ca)
+        .map_err(|e| match e {
+            TransportError::Address { msg, .. } => anyhow::anyhow!(msg),
+            other => other.into(),
+        })?
         .connect_timeout(timeout)
         .timeout(timeout);
-    let channel = tokio::time::timeout(timeout, endpoint.connect()).await??;
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {timeout:?}"))?
+        .map_err(|e| anyhow::anyhow!(transport::error_chain(&e)))?;
     let reply = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.to_string(),
@@ -43,12 +55,17 @@ pub fn run(args: PingArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let timeout = Duration::from_secs_f64(args.timeout.max(0.001));
-    match runtime.block_on(ping(&args.target, &args.service, timeout)) {
+    match runtime.block_on(ping(
+        &args.target,
+        &args.service,
+        timeout,
+        args.tls_ca.as_deref(),
+    )) {
         Ok(true) => {
             outln!("{}: SERVING", args.target);
             Ok(())
         }
         Ok(false) => anyhow::bail!("{}: NOT_SERVING", args.target),
-        Err(e) => anyhow::bail!("{}: {e:#}", args.target),
+        Err(e) => anyhow::bail!("{}: {}", args.target, super::output::describe(&e)),
     }
 }

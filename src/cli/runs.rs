@@ -22,11 +22,19 @@ pub struct TrainerAddr {
     /// The trainer's bearer token (its --auth-token).
     #[arg(long, env = "CLIPFT_AUTH_TOKEN", hide_env_values = true, global = true)]
     pub auth_token: Option<String>,
+    /// A CA certificate (PEM) to trust for a grpcs:// trainer, besides the system's roots.
+    #[arg(long, env = "CLIPFT_TLS_CA", global = true)]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl TrainerAddr {
     pub async fn connect(&self) -> anyhow::Result<client::Client> {
-        Ok(client::connect(&self.trainer, self.auth_token.as_deref()).await?)
+        Ok(client::connect(
+            &self.trainer,
+            self.auth_token.as_deref(),
+            self.tls_ca.as_deref(),
+        )
+        .await?)
     }
 }
 

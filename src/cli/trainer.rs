@@ -55,6 +55,8 @@ pub struct TrainerArgs {
     pub shutdown_timeout: f64,
     #[command(flatten)]
     pub tracing: super::TracingArgs,
+    #[command(flatten)]
+    pub tls: super::TlsArgs,
 }
 
 pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
@@ -71,6 +73,7 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
         auth_token: args.auth_token.clone(),
         max_message_bytes: args.max_message_bytes as usize,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
+        tls: args.tls.server_config()?,
     };
     args.tracing.warn_unused();
     let runtime = super::runtime()?;
@@ -91,16 +94,20 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
             errln!("clipft trainer metrics on http://{maddr}/metrics");
         }
         let runs = reg.list();
+        let auth = args.auth_token.as_deref().is_some_and(|t| !t.is_empty());
+        let tls = args.tls.tls_cert.is_some();
         errln!(
-            "clipft trainer serving on {bound} (data in {}, {} runs, auth {})",
+            "clipft trainer serving on {bound} (data in {}, {} runs, auth {}, {})",
             args.data_dir.display(),
             runs.len(),
-            if args.auth_token.as_deref().is_some_and(|t| !t.is_empty()) {
-                "on"
-            } else {
-                "off"
-            }
+            if auth { "on" } else { "off" },
+            if tls { "TLS: grpcs://" } else { "plaintext: grpc://" }
         );
+        if auth && !tls && !bound.ip().is_loopback() {
+            tracing::warn!(
+                "the bearer token travels in clear text: give --tls-cert and --tls-key so clients connect with grpcs://"
+            );
+        }
         serve(reg, config, listener, super::executor::shutdown_signal()).await?;
         errln!("clipft trainer stopped");
         Ok(())

@@ -54,6 +54,8 @@ pub struct ServerConfig {
     pub stream_concurrency: usize,
     /// How long in-flight requests may take to finish after a shutdown signal.
     pub shutdown_timeout: Duration,
+    /// Serve TLS only (plaintext connections fail their handshake).
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +64,7 @@ impl Default for ServerConfig {
             max_message_bytes: 256 << 20,
             stream_concurrency: 8,
             shutdown_timeout: Duration::from_secs(30),
+            tls: None,
         }
     }
 }
@@ -407,7 +410,11 @@ pub async fn serve(
                 .accept_compressed(CompressionEncoding::Deflate)
         };
     }
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = config.tls.clone() {
+        builder = builder.tls_config(tls)?;
+    }
+    let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Outermost, so a call's span also sees the `is-error` trailer added inside it.

@@ -1,11 +1,12 @@
 //! The wire: Jina's `jina.proto` and docarray v1's `docarray.proto` as generated types and gRPC
 //! services, plus what the executor needs to read and write them without touching tensors
 //! elsewhere: the ndarray codec ([`ndarray`]), docarray access paths ([`paths`]) and request
-//! parameters ([`params`]).
+//! parameters ([`params`]); and how peers connect, in the clear or over TLS ([`transport`]).
 
 pub mod ndarray;
 pub mod params;
 pub mod paths;
+pub mod transport;
 
 /// docarray v1's document model (package `docarray`).
 #[allow(clippy::all, missing_docs)]

@@ -15,12 +15,19 @@ use pb::trainer_client::TrainerClient;
 pub enum ClientError {
     #[error("trainer {addr}: {msg}")]
     Connect { addr: String, msg: String },
+    /// The trainer's answer; shown as its message alone (the gRPC code is in the value).
     #[error("{}", .0.message())]
-    Status(#[from] Status),
+    Status(Status),
     #[error(transparent)]
     Data(#[from] crate::docarray::DataError),
     #[error("{path}: {msg}")]
     Local { path: PathBuf, msg: String },
+}
+
+impl From<Status> for ClientError {
+    fn from(s: Status) -> Self {
+        Self::Status(s)
+    }
 }
 
 /// Adds `authorization: Bearer <token>` to every call.
@@ -39,31 +46,26 @@ impl tonic::service::Interceptor for WithToken {
 /// A connected trainer client.
 pub type Client = TrainerClient<InterceptedService<Channel, WithToken>>;
 
-/// `grpc://host:port` (or `host:port`, or http(s)://) as the URI tonic dials.
-pub fn endpoint_uri(addr: &str) -> String {
-    let rest = addr
-        .strip_prefix("grpc://")
-        .or_else(|| addr.strip_prefix("http://"))
-        .unwrap_or(addr);
-    if rest.starts_with("https://") || rest.starts_with("grpcs://") {
-        rest.replacen("grpcs://", "https://", 1)
-    } else {
-        format!("http://{rest}")
-    }
-}
-
-/// Connects to the trainer at `addr`.
-pub async fn connect(addr: &str, token: Option<&str>) -> Result<Client, ClientError> {
+/// Connects to the trainer at `addr` (`grpcs://` for TLS, trusting the system's roots and
+/// `ca`), sending `token` with every call.
+pub async fn connect(
+    addr: &str,
+    token: Option<&str>,
+    ca: Option<&Path>,
+) -> Result<Client, ClientError> {
     let err = |msg: String| ClientError::Connect {
         addr: addr.to_string(),
         msg,
     };
-    let channel = Channel::from_shared(endpoint_uri(addr))
-        .map_err(|e| err(e.to_string()))?
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .connect()
+    let channel = crate::protocol::transport::connect(addr, ca, std::time::Duration::from_secs(10))
         .await
-        .map_err(|e| err(format!("{e} (is `clipft trainer` running there?)")))?;
+        .map_err(|e| match e {
+            crate::protocol::transport::TransportError::Connect { msg, .. } => {
+                err(format!("{msg} (is `clipft trainer` running there?)"))
+            }
+            crate::protocol::transport::TransportError::Address { msg, .. } => err(msg),
+            other => err(other.to_string()),
+        })?;
     let token = match token.filter(|t| !t.is_empty()) {
         Some(t) => Some(
             format!("Bearer {t}")

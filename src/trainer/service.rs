@@ -431,6 +431,8 @@ pub struct TrainerServerConfig {
     pub max_message_bytes: usize,
     /// How long running runs get to write their checkpoint on shutdown.
     pub shutdown_timeout: Duration,
+    /// Serve TLS only; the bearer token then never travels in the clear.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 const SERVICE_NAME: &str = "clipft.trainer.v1.Trainer";
@@ -469,7 +471,11 @@ pub async fn serve(
         let _ = closing_tx.send(true);
         let _ = stop_tx.send(());
     });
-    let served = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = config.tls.clone() {
+        builder = builder.tls_config(tls)?;
+    }
+    let served = builder
         .layer(crate::telemetry::grpc::TraceLayer)
         .add_service(health_service)
         .add_service(svc)
