@@ -48,6 +48,9 @@ RUN ln -s clipft /usr/local/bin/jina \
     && useradd --create-home --uid 10001 clipft \
     && mkdir -p /home/clipft/.cache/huggingface /data \
     && chown -R clipft /home/clipft /data
+# Jina's Kubernetes export runs `jina executor --uses config.yml ...` in the working directory.
+WORKDIR /home/clipft
+COPY docker/config.yml /home/clipft/config.yml
 USER 10001
 ENV HF_HOME=/home/clipft/.cache/huggingface
 VOLUME ["/home/clipft/.cache/huggingface"]

@@ -118,6 +118,12 @@ fn manifests_keep_their_promises() -> R {
             strategy["rollingUpdate"]["maxUnavailable"].as_u64(),
             Some(0)
         );
+        // gRPC requests are balanced over replicas by the mesh's proxy, not by the Service.
+        assert_eq!(
+            dep["spec"]["template"]["metadata"]["annotations"]["linkerd.io/inject"].as_str(),
+            Some("enabled"),
+            "{variant}"
+        );
         let pod = &dep["spec"]["template"]["spec"];
         assert_eq!(pod["securityContext"]["runAsNonRoot"].as_bool(), Some(true));
         let c = &pod["containers"][0];
@@ -168,6 +174,10 @@ fn manifests_keep_their_promises() -> R {
             .iter()
             .any(|a| a.starts_with("--deployments-addresses=")
                 && a.contains("grpc://clipft-executor.clipft.svc:8080")));
+        assert_eq!(
+            gw[0]["spec"]["template"]["metadata"]["annotations"]["linkerd.io/inject"].as_str(),
+            Some("enabled")
+        );
     }
     Ok(())
 }

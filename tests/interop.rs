@@ -166,6 +166,46 @@ fn jina_flows_use_clipft_as_an_external_executor() -> R {
     )
 }
 
+/// Replicas share the load: a real Jina gateway in front of three executors (one Deployment
+/// with three addresses) spreads its requests over all three.
+#[test]
+fn a_jina_gateway_spreads_requests_over_replicas() -> R {
+    let py = python()?;
+    let mut replicas = Vec::new();
+    for _ in 0..3 {
+        let mport = free_port()?;
+        let ex = Executor::start(&["--name", "clip_t", "--port-monitoring", &mport.to_string()])?;
+        replicas.push((ex, mport));
+    }
+    let requests = 24;
+    run(
+        Command::new(py)
+            .arg(root().join("tests/interop/check_replicas.py"))
+            .args(replicas.iter().map(|(ex, _)| ex.port.to_string()))
+            .arg(requests.to_string())
+            .env("JINA_LOG_LEVEL", "ERROR")
+            .env("JINA_OPTOUT_TELEMETRY", "1"),
+        "check_replicas.py",
+    )?;
+    let mut served = Vec::new();
+    for (_, mport) in &replicas {
+        let text = scrape(*mport)?;
+        served.push(
+            sample(
+                &text,
+                "jina_document_processed_total{executor=\"CLIPEncoder\",executor_endpoint=\"/encode\",runtime_name=\"clip_t\"}",
+            )
+            .unwrap_or(0.0),
+        );
+    }
+    assert_eq!(served.iter().sum::<f64>(), requests as f64, "{served:?}");
+    assert!(
+        served.iter().all(|&n| n >= 1.0),
+        "a replica got nothing: {served:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn ping_uses_yaml_and_sigterm() -> R {
     let dir = tempdir("life")?;
@@ -291,35 +331,85 @@ fn jina_entry_point_runs_generated_kubernetes_command_lines() -> R {
     let dir = tempdir("jina")?;
     let jina = dir.join("jina");
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_clipft"), &jina)?;
-    let cfg = dir.join("config.yml");
-    std::fs::write(
-        &cfg,
-        format!("jtype: CLIPEncoder\nwith:\n  model: {}\n", tiny()),
+    // The YAML real Jina writes for the clipft image, with the model given as a user gives it.
+    let py = python()?;
+    let out = Command::new(&py)
+        .arg(root().join("tests/interop/make_k8s_yaml.py"))
+        .arg(dir.join("k8s"))
+        .arg(tiny())
+        .env("JINA_LOG_LEVEL", "ERROR")
+        .env("JINA_OPTOUT_TELEMETRY", "1")
+        // Jina's hub lookup goes nowhere: a closed port on this machine.
+        .env("HTTPS_PROXY", "http://127.0.0.1:9")
+        .env("HTTP_PROXY", "http://127.0.0.1:9")
+        .env("NO_PROXY", "")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The script's last line is the YAML's path (Jina prints its own lines before it).
+    let printed = String::from_utf8(out.stdout)?;
+    let yaml = std::fs::read_to_string(printed.lines().last().ok_or("no path printed")?.trim())?;
+    let mut container = None;
+    for doc in serde_yaml_ng::Deserializer::from_str(&yaml) {
+        let doc = <serde_yaml_ng::Value as serde::Deserialize>::deserialize(doc)?;
+        if doc["kind"].as_str() == Some("Deployment") {
+            container = Some(doc["spec"]["template"]["spec"]["containers"][0].clone());
+        }
+    }
+    let container = container.ok_or("no Deployment in Jina's YAML")?;
+    let words = |v: &serde_yaml_ng::Value| -> Vec<String> {
+        v.as_sequence()
+            .into_iter()
+            .flatten()
+            .filter_map(|w| w.as_str().map(String::from))
+            .collect()
+    };
+    assert_eq!(words(&container["command"]), ["jina"]);
+    let mut args = words(&container["args"]);
+    assert!(
+        args.windows(2).any(|w| w == ["--uses", "config.yml"]),
+        "{args:?}"
+    );
+    // The image's working directory holds the config.yml shipped in docker/ (Dockerfile).
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile"))?;
+    let workdir = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("WORKDIR "))
+        .last()
+        .ok_or("no WORKDIR")?
+        .trim()
+        .to_string();
+    assert!(
+        dockerfile.contains(&format!("COPY docker/config.yml {workdir}/config.yml")),
+        "the image must hold config.yml in {workdir}"
+    );
+    let image_dir = dir.join("workdir");
+    std::fs::create_dir_all(&image_dir)?;
+    std::fs::copy(
+        root().join("docker/config.yml"),
+        image_dir.join("config.yml"),
     )?;
+    // Only the ports change: this machine may have 8080 and 9090 taken.
     let port = free_port()?;
+    for (flag, value) in [
+        ("--port", port.to_string()),
+        ("--port-monitoring", "0".into()),
+    ] {
+        let at = args.iter().position(|a| a == flag).ok_or(flag)?;
+        args[at + 1] = value;
+    }
     let mut child = Command::new(&jina)
-        .args([
-            "executor",
-            "--name",
-            "clip",
-            "--k8s-namespace",
-            "ns",
-            "--uses",
-        ])
-        .arg(&cfg)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--port-monitoring",
-            "0",
-            "--uses-with",
-            "{\"minibatch_size\": 4}",
-            "--uses-metas",
-            "{}",
-            "--native",
-        ])
+        .args(&args)
+        .current_dir(&image_dir)
+        .env("HF_HUB_OFFLINE", "1")
         .stderr(Stdio::null())
         .spawn()?;
+    // `jina executor --help` prints help; it does not load a model.
+    let help = Command::new(&jina).args(["executor", "--help"]).output()?;
+    assert!(help.status.success() && String::from_utf8_lossy(&help.stdout).contains("--model"));
     let target = format!("grpc://127.0.0.1:{port}");
     let start = Instant::now();
     loop {

@@ -44,6 +44,17 @@ pub fn translate(args: &[OsString]) -> Result<Vec<OsString>, String> {
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     let mut out: Vec<OsString> = vec!["clipft".into()];
+    // `jina executor --help` shows clipft's help for the command, not a model loading.
+    if words.iter().any(|w| w == "--help" || w == "-h") {
+        out.extend(
+            words
+                .first()
+                .filter(|w| !w.starts_with('-'))
+                .map(OsString::from),
+        );
+        out.push("--help".into());
+        return Ok(out);
+    }
     match words.first().map(String::as_str) {
         Some("ping") => {
             // jina ping executor|gateway <url> [--timeout ms] (the liveness probe passes
@@ -153,6 +164,11 @@ mod tests {
                 "{}"
             ]
         );
+        assert_eq!(
+            t(&["jina", "executor", "--uses", "config.yml", "--help"])?,
+            ["clipft", "executor", "--help"]
+        );
+        assert_eq!(t(&["jina", "-h"])?, ["clipft", "--help"]);
         assert_eq!(
             t(&["jina", "ping", "executor", "grpc://127.0.0.1:8080"])?,
             ["clipft", "ping", "grpc://127.0.0.1:8080"]
