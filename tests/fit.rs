@@ -128,12 +128,34 @@ fn fine_tuning_improves_every_metric_and_writes_the_artifact() {
     ] {
         assert!(meta.contains(k), "{meta}");
     }
-    assert!(std::fs::read_to_string(run.join("config.yml"))
-        .unwrap()
-        .contains("learning_rate: 0.001"));
-    assert!(std::fs::read_to_string(run.join("report.md"))
-        .unwrap()
-        .contains("| metric | before | after |"));
+    // ISO times beside the Unix ones.
+    for k in ["started:", "finished:"] {
+        let line = meta.lines().find(|l| l.starts_with(k)).unwrap_or_else(|| panic!("{meta}"));
+        let v = line[k.len()..].trim().trim_matches('"');
+        assert!(v.len() == 20 && v.ends_with('Z') && v.as_bytes()[10] == b'T', "{line}");
+    }
+    let config = std::fs::read_to_string(run.join("config.yml")).unwrap();
+    assert!(config.contains("learning_rate: 0.001"), "{config}");
+    assert!(config.contains("loss: \"CLIPLoss\""), "{config}");
+    // The retrieval metrics of every epoch (measured with query and index data).
+    let parsed: serde_yaml_ng::Value = serde_yaml_ng::from_str(&metrics).unwrap();
+    let per_epoch = parsed["per_epoch"].as_sequence().unwrap();
+    assert_eq!(per_epoch.len(), 8, "{metrics}");
+    assert_eq!(per_epoch[7]["epoch"].as_u64(), Some(8));
+    assert!(per_epoch[7]["metrics"]["recall_at_k"].as_f64().is_some());
+    // A model card: backbone, data, hyperparameters, before/after.
+    let report = std::fs::read_to_string(run.join("report.md")).unwrap();
+    for want in [
+        "backbone: `tests/fixtures/clip-tiny`",
+        "training pairs: `data/demo/train.csv`",
+        "queries: `data/demo/query.csv`",
+        "| learning_rate | 0.001 |",
+        "| optimizer | AdamW |",
+        "| loss | CLIPLoss |",
+        "| metric | before | after |",
+    ] {
+        assert!(report.contains(want), "{want:?} not in report.md:\n{report}");
+    }
     // The artifact serves: one tower at a time.
     let e = bin()
         .args([

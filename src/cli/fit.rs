@@ -73,8 +73,8 @@ pub struct FitArgs {
     /// `--matmul-precision` for training (`highest` keeps every product plain f32); with `--trainer` the trainer's own setting applies.
     #[command(flatten)]
     pub matmul: super::MatmulArgs,
-    /// Compute dtype: auto (bf16 on a GPU, f32 on the CPU), f32, bf16 or f16 (with dynamic loss
-    /// scaling). Weights and optimiser state stay f32.
+    /// Training compute dtype: auto (bf16 on a GPU, f32 on the CPU; serving's auto is f16 on a
+    /// GPU), f32, bf16 or f16 (with dynamic loss scaling). Weights and optimiser state stay f32.
     #[arg(long, env = "CLIPFT_DTYPE", default_value = "auto", value_parser = ["auto", "f32", "bf16", "f16"])]
     pub dtype: String,
     /// Artifacts land in `OUTPUT/<run-name>/`.

@@ -74,7 +74,8 @@ pub struct ModelArgs {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[arg(long, env = "CLIPFT_DEVICE", default_value = "auto")]
     pub device: String,
-    /// `auto` (f32 on CPU, f16 on GPU), `f32`, `f16` or `bf16`.
+    /// Compute dtype for serving and encoding: `auto` is f16 on a GPU and f32 on the CPU (for
+    /// training, `fit --dtype auto` is bf16 on a GPU); or `f32`, `f16`, `bf16`.
     #[arg(long, env = "CLIPFT_DTYPE", default_value = "auto")]
     pub dtype: String,
     /// Images with more pixels than this are refused before decoding.
