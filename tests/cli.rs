@@ -608,3 +608,81 @@ fn finetuner_pt_artifacts_load() {
         .unwrap());
     assert!(e.contains("openai/clip-vit-base-patch32"), "{e}");
 }
+
+/// An executor serving a gelu checkpoint (OpenCLIP/LAION conversions) answers every request, on
+/// the AMX precision (which drops the f32 weights once packed) and on plain f32, with the
+/// embeddings `clipft encode` gives. The fused path used to refuse gelu after packing had freed
+/// the weights, failing every request with "unexpected rank".
+#[test]
+fn executors_serve_gelu_checkpoints_at_every_precision() {
+    let model = tempdir("gelu");
+    for e in std::fs::read_dir(root().join("tests/fixtures/clip-tiny")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), model.join(e.file_name())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(model.join("config.json")).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        cfg.replace("\"quick_gelu\"", "\"gelu\""),
+    )
+    .unwrap();
+    let png = std::fs::read(image("rgb_300x200.png")).unwrap();
+    for precision in ["high", "highest"] {
+        let reference = lines(&ok(bin()
+            .args(["encode", "--model"])
+            .arg(&model)
+            .args([
+                "--matmul-precision",
+                precision,
+                "--text",
+                "a red striped dress",
+            ])
+            .args(["--image", &image("rgb_300x200.png")])
+            .output()
+            .unwrap()));
+        let mut cmd = bin();
+        cmd.args(["executor", "--model"])
+            .arg(&model)
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--port-monitoring",
+                "0",
+            ])
+            .args(["--matmul-precision", precision])
+            .env("CLIPFT_LOG", "warn");
+        let mut served = common::spawn_serving(cmd, None).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let got = rt.block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(format!(
+                "http://127.0.0.1:{}",
+                served.port
+            ))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+            use clipft::executor::client::{encode, Input};
+            encode(
+                channel,
+                vec![
+                    ("t".into(), Input::Text("a red striped dress".into())),
+                    ("i".into(), Input::Image(png.clone())),
+                ],
+                8,
+            )
+            .await
+        });
+        let _ = served.child.kill();
+        let _ = served.child.wait();
+        let got = got.unwrap_or_else(|e| panic!("{precision}: {e:#}"));
+        for (id, line) in [("t", &reference[0]), ("i", &reference[1])] {
+            let want = emb(line);
+            let have = &got[id];
+            let c = cosine(&want, &have.iter().map(|v| *v as f64).collect::<Vec<_>>());
+            assert!(c > 0.99999, "{precision} {id}: cosine {c}");
+        }
+    }
+}

@@ -130,9 +130,15 @@ fn fine_tuning_improves_every_metric_and_writes_the_artifact() {
     }
     // ISO times beside the Unix ones.
     for k in ["started:", "finished:"] {
-        let line = meta.lines().find(|l| l.starts_with(k)).unwrap_or_else(|| panic!("{meta}"));
+        let line = meta
+            .lines()
+            .find(|l| l.starts_with(k))
+            .unwrap_or_else(|| panic!("{meta}"));
         let v = line[k.len()..].trim().trim_matches('"');
-        assert!(v.len() == 20 && v.ends_with('Z') && v.as_bytes()[10] == b'T', "{line}");
+        assert!(
+            v.len() == 20 && v.ends_with('Z') && v.as_bytes()[10] == b'T',
+            "{line}"
+        );
     }
     let config = std::fs::read_to_string(run.join("config.yml")).unwrap();
     assert!(config.contains("learning_rate: 0.001"), "{config}");
@@ -154,7 +160,10 @@ fn fine_tuning_improves_every_metric_and_writes_the_artifact() {
         "| loss | CLIPLoss |",
         "| metric | before | after |",
     ] {
-        assert!(report.contains(want), "{want:?} not in report.md:\n{report}");
+        assert!(
+            report.contains(want),
+            "{want:?} not in report.md:\n{report}"
+        );
     }
     // The artifact serves: one tower at a time.
     let e = bin()

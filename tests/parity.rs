@@ -234,6 +234,90 @@ fn inference_and_training_modes_agree() {
     }
 }
 
+/// The tiny model with `hidden_act: "gelu"` in both towers (as OpenCLIP/LAION conversions
+/// have it), in a folder of its own: the same weights, another activation.
+pub fn gelu_copy(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("clipft-gelu-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = fixtures().join("clip-tiny");
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    let cfg = std::fs::read_to_string(src.join("config.json")).unwrap();
+    assert_eq!(cfg.matches("\"quick_gelu\"").count(), 2);
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"quick_gelu\"", "\"gelu\""),
+    )
+    .unwrap();
+    dir
+}
+
+/// The fused inference kernels run gelu checkpoints too, with the values of candle's own ops
+/// (the training path); the activation is not quietly swapped for quick_gelu.
+#[test]
+fn gelu_checkpoints_run_fused_with_candles_values() {
+    use clipft::model::{Mode, TextBatch};
+    let enc = load(&gelu_copy("modes"), Towers::ALL);
+    let quick = load(&fixtures().join("clip-tiny"), Towers::ALL);
+    let rows = enc
+        .tokenizer()
+        .unwrap()
+        .encode_batch(&["a red striped dress", "3 blue shirts"])
+        .unwrap();
+    let batch = TextBatch::new(&rows, enc.eos_token_id().unwrap(), &enc.device).unwrap();
+    let text = |e: &Encoder, m| {
+        e.clip
+            .text_features(&batch, m)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    let pixels = candle_core::Tensor::randn(0f32, 1.0, (2, 3, 224, 224), &enc.device).unwrap();
+    let image = |e: &Encoder, m| {
+        e.clip
+            .image_features(&pixels, m)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    for (fused, reference, other) in [
+        (
+            text(&enc, Mode::Inference),
+            text(&enc, Mode::Train),
+            text(&quick, Mode::Inference),
+        ),
+        (
+            image(&enc, Mode::Inference),
+            image(&enc, Mode::Train),
+            image(&quick, Mode::Inference),
+        ),
+    ] {
+        let diff = |a: &[f32], b: &[f32]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        for ((x, y), q) in fused.iter().zip(&reference).zip(&other) {
+            assert!(
+                cosine(x, y) > 0.999999,
+                "fused gelu vs candle: {}",
+                cosine(x, y)
+            );
+            // The two activations are close; what separates them must dwarf rounding.
+            assert!(
+                diff(x, q) > 100.0 * diff(x, y),
+                "gelu gave quick_gelu's values: {} vs {}",
+                diff(x, q),
+                diff(x, y)
+            );
+        }
+    }
+}
+
 /// One contrastive step from a VarMap: every trainable tensor, `logit_scale` included, receives a
 /// non-zero gradient (candle's fused layer norm would silently drop most of them).
 #[test]

@@ -349,6 +349,18 @@ pub fn quick_gelu(x: &mut [f32]) {
     x.par_chunks_mut(4096).for_each(simd::quick_gelu);
 }
 
+/// `x * (1 + erf(x / sqrt 2)) / 2` in place: the exact GELU of OpenCLIP/LAION checkpoints
+/// (`hidden_act: "gelu"`), with candle's own `erf`, so it equals candle's `gelu_erf` op.
+pub fn gelu_erf(x: &mut [f32]) {
+    x.par_chunks_mut(4096).for_each(|c| {
+        for v in c {
+            *v = (candle_core::cpu::erf::erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2) + 1.0)
+                * 0.5
+                * *v;
+        }
+    });
+}
+
 struct SendPtr(*mut f32);
 // SAFETY: used only to hand disjoint output regions to rayon tasks (see `attention`).
 unsafe impl Send for SendPtr {}

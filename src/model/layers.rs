@@ -504,16 +504,12 @@ impl Encoder {
         Ok(Some(x))
     }
 
-    /// The fused kernels cover f32 on the CPU with quick_gelu (every OpenAI checkpoint); anything
-    /// else runs candle's ops. `CLIPFT_NO_FUSED=1` forces candle's ops (for comparisons).
+    /// The fused kernels cover f32 on the CPU with quick_gelu (every OpenAI checkpoint) and gelu
+    /// (OpenCLIP/LAION conversions); anything else runs candle's ops. This must agree with
+    /// [`Linear::release_packed`], which drops the f32 weights the other path needs.
+    /// `CLIPFT_NO_FUSED=1` forces candle's ops (for comparisons).
     fn fused_cpu_ok(&self, x: &Tensor) -> bool {
-        x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self
-                .layers
-                .iter()
-                .all(|l| l.mlp.act == Activation::QuickGelu)
-            && std::env::var_os("CLIPFT_NO_FUSED").is_none()
+        cpu::fused_ok(x)
     }
 
     fn forward_fused_cpu(
@@ -603,7 +599,10 @@ impl EncoderLayer {
         let h = ln(&self.layer_norm2, &x)?;
         let inter = self.mlp.fc1.dims.0;
         let mut m = lin(&self.mlp.fc1, &h, d, None)?;
-        cpu::quick_gelu(&mut m);
+        match self.mlp.act {
+            Activation::QuickGelu => cpu::quick_gelu(&mut m),
+            Activation::Gelu => cpu::gelu_erf(&mut m),
+        }
         lin(&self.mlp.fc2, &m, inter, Some(&x))
     }
 }
