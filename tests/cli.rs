@@ -326,18 +326,14 @@ fn text_only_artifact_loads_without_vision_weights() {
         )
         .unwrap();
     }
-    let out = ok(bin()
-        .args([
-            "encode",
-            "--select-model",
-            "clip-text",
-            "--text",
-            "a red striped dress",
-            "--artifact",
-        ])
-        .arg(dir.join("run"))
-        .output()
-        .unwrap());
+    let encode_text = |artifact: &std::path::Path| {
+        let mut cmd = bin();
+        cmd.args(["encode", "--select-model", "clip-text"])
+            .args(["--text", "a red striped dress", "--artifact"])
+            .arg(artifact);
+        cmd
+    };
+    let out = ok(encode_text(&dir.join("run")).output().unwrap());
     let c = cosine(
         &emb(&lines(&out)[0]),
         &reference_embedding("texts.json", "text", "a red striped dress"),
@@ -375,19 +371,7 @@ fn text_only_artifact_loads_without_vision_weights() {
     std::fs::create_dir_all(&orphan).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let out = ok(bin()
-        .args([
-            "encode",
-            "--select-model",
-            "clip-text",
-            "--text",
-            "a red striped dress",
-        ])
-        .arg("--artifact")
-        .arg(&zip)
-        .env("TMPDIR", &tmp)
-        .output()
-        .unwrap());
+    let out = ok(encode_text(&zip).env("TMPDIR", &tmp).output().unwrap());
     assert_eq!(lines(&out).len(), 1);
     let left: Vec<_> = std::fs::read_dir(&private).unwrap().collect();
     assert!(left.is_empty(), "{left:?}");

@@ -61,16 +61,7 @@ impl Executor {
     /// what it printed before.
     fn launch(args: &[&str]) -> R<(Self, Vec<String>)> {
         let mut cmd = bin();
-        cmd.args([
-            "executor",
-            "--model",
-            &tiny(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-        ])
-        .args(args);
+        cmd.args(common::tiny_executor_args()).args(args);
         let s = common::spawn_serving(cmd, None)?;
         Ok((
             Self {

@@ -77,19 +77,11 @@ fn executor_and_trainer_serve_tls_only() -> R {
     let (ca, cert, key) = certificates(&dir)?;
 
     let mut cmd = bin();
-    cmd.args([
-        "executor",
-        "--model",
-        &tiny(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-    ])
-    .args(["--port-monitoring", "0", "--tls-cert"])
-    .arg(&cert)
-    .arg("--tls-key")
-    .arg(&key);
+    cmd.args(common::tiny_executor_args())
+        .args(["--port-monitoring", "0", "--tls-cert"])
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key);
     let spawned = common::spawn_serving(cmd, None)?;
     let executor = Server(spawned.child);
     let port = spawned.port;

@@ -153,6 +153,22 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The arguments that start `clipft executor` on the tiny model and a free loopback port.
+pub fn tiny_executor_args() -> Vec<String> {
+    [
+        "executor",
+        "--model",
+        &tiny(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
 /// A server process (`clipft executor` / `clipft trainer`) that announced where it serves.
 pub struct Spawned {
     pub child: std::process::Child,
