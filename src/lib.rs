@@ -20,7 +20,9 @@
 //!   (`evaluator`), and `evaluate_model`, which embeds labelled queries and index with a model.
 //! - [`protocol`]: the wire: generated `jina.proto` / `docarray.proto` types and services
 //!   (`proto/`, compiled by protox, no system protoc), the ndarray codec (`ndarray`), docarray
-//!   access paths (`paths`) and Jina's parameter rules (`params`).
+//!   access paths (`paths`), Jina's parameter rules (`params`), and how peers connect
+//!   (`transport`: grpc:// in the clear or grpcs:// over TLS, one place for every client and
+//!   server).
 //! - [`executor`]: the Jina-compatible gRPC service: `server` (tonic: Jina's services, health,
 //!   reflection v1alpha + v1, limits, the `is-error` trailer, shutdown), `endpoints` (`Core`:
 //!   routing, parameters, document classification, preprocessing, writing embeddings and rank
@@ -42,7 +44,8 @@
 //!   --trainer`, `runs` and `data` use).
 //! - [`artifact`]: the artifact layout: staged writing and atomic rename, zips, submodel
 //!   selection, and loading Finetuner's own `model.pt` artifacts.
-//! - [`cli`]: one module per subcommand; parse flags, call the library, print.
+//! - [`cli`]: one module per subcommand; parse flags, call the library, print (through
+//!   `cli::output`, which ends quietly when the reader of a pipe has gone).
 //!
 //! # The encode path
 //! `cli::encode` -> [`model::ModelFiles::resolve`] (folder / hub cache) -> [`model::Encoder::load`]

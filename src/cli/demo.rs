@@ -57,7 +57,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         eval_data: Some(data.join("eval.csv")),
         query_data: Some(data.join("query.csv")),
         index_data: Some(data.join("index.csv")),
-        run_name: format!("demo-{}", super::fit::random_run_name()),
+        run_name: format!("demo-{}", crate::trainer::runs::random_run_name()),
         epochs: args.epochs,
         batch_size: 32,
         learning_rate: 1e-3,

@@ -174,27 +174,6 @@ fn positive_f64(s: &str) -> Result<f64, String> {
     }
 }
 
-/// A random, readable run name such as `brisk-heron-4821`.
-pub fn random_run_name() -> String {
-    use rand::seq::SliceRandom;
-    use rand::Rng;
-    const A: &[&str] = &[
-        "brisk", "calm", "eager", "gentle", "lucid", "nimble", "quiet", "sunny", "swift", "vivid",
-        "bold", "keen",
-    ];
-    const N: &[&str] = &[
-        "heron", "otter", "falcon", "maple", "comet", "river", "lynx", "cedar", "orbit", "willow",
-        "badger", "quartz",
-    ];
-    let mut rng = rand::thread_rng();
-    format!(
-        "{}-{}-{:04}",
-        A.choose(&mut rng).copied().unwrap_or("calm"),
-        N.choose(&mut rng).copied().unwrap_or("heron"),
-        rng.gen_range(0..10000)
-    )
-}
-
 impl FitArgs {
     pub fn config(&self) -> anyhow::Result<FitConfig> {
         let monitor = |name: &Option<String>, mode| -> anyhow::Result<Option<Monitor>> {
@@ -208,7 +187,10 @@ impl FitArgs {
             eval_data: self.eval_data.clone(),
             query_data: self.query_data.clone(),
             index_data: self.index_data.clone(),
-            run_name: self.run_name.clone().unwrap_or_else(random_run_name),
+            run_name: self
+                .run_name
+                .clone()
+                .unwrap_or_else(crate::trainer::runs::random_run_name),
             epochs: self.epochs,
             batch_size: self.batch_size,
             learning_rate: self.learning_rate,

@@ -22,8 +22,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::model::{device, LoadOptions, ModelError, ModelFiles, Towers};
 
-/// The default backbone, as in Finetuner and clip-as-service.
-pub const DEFAULT_MODEL: &str = "openai/clip-vit-base-patch32";
+pub use crate::model::DEFAULT_MODEL;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -428,12 +428,31 @@ pub fn attention_into(
     out: &mut [f32],
     probs: Option<&mut [f32]>,
 ) {
-    let (t, d, hd, ld) = (s.seq, s.d(), s.head_dim, s.ld);
-    assert!(out.len() >= s.batch * t * d);
-    assert!([q, k, v].iter().all(|m| m.len() + ld >= s.batch * t * ld));
-    let tasks = s.batch * s.heads;
+    let (t, hd, ld) = (s.seq, s.head_dim, s.ld);
+    // The extents the unsafe block below reads and writes, checked without overflow whatever
+    // the shape says: row r of q, k and v is read at [r * ld + h * hd, .. + hd) for every head h.
+    let overflow = "attention: the shape overflows usize";
+    let d = s.heads.checked_mul(hd).expect(overflow);
+    let rows = s.batch.checked_mul(t).expect(overflow);
+    let read = match rows {
+        0 => 0,
+        r => (r - 1)
+            .checked_mul(ld)
+            .and_then(|x| x.checked_add(d))
+            .expect(overflow),
+    };
+    assert!(
+        [q, k, v].iter().all(|m| m.len() >= read),
+        "attention: q, k and v need {read} values"
+    );
+    assert!(out.len() >= rows.checked_mul(d).expect(overflow));
+    let tasks = s.batch.checked_mul(s.heads).expect(overflow);
     let kept = probs.map(|p| {
-        assert!(p.len() >= tasks * t * t);
+        let need = t
+            .checked_mul(t)
+            .and_then(|tt| tt.checked_mul(tasks))
+            .expect(overflow);
+        assert!(p.len() >= need);
         SendPtr(p.as_mut_ptr())
     });
     let optr = SendPtr(out.as_mut_ptr());
@@ -443,9 +462,10 @@ pub fn attention_into(
             let (item, h) = (bh / s.heads, bh % s.heads);
             let (base, obase) = (item * t * ld + h * hd, item * t * d + h * hd);
             let (o, kept) = (&optr, &kept);
-            // SAFETY: reads stay in this item's rows and head's columns (the asserts above bound
-            // them); the writes cover this (item, head) block of `out` and of the kept
-            // probabilities only, which no other task touches.
+            // SAFETY: the reads are rows item * t .. item * t + t of q, k and v at columns
+            // h * hd .. h * hd + hd, inside `read` (asserted above, without overflow); the writes
+            // cover this (item, head) block of `out` (rows * d values, asserted) and of the kept
+            // probabilities (t * t per task, asserted), which no other task touches.
             unsafe {
                 let p: &mut [f32] = match kept {
                     Some(k) => std::slice::from_raw_parts_mut(k.0.add(bh * t * t), t * t),
@@ -571,6 +591,31 @@ mod tests {
         (0..n)
             .map(|i| (i as f32 * 0.37 + seed).sin() * 0.5)
             .collect()
+    }
+
+    /// q, k and v one head's width short of their last row (what the bound used to accept) are
+    /// refused before any read: a safe function must not read past its slices.
+    #[test]
+    fn attention_refuses_short_inputs() {
+        let (b, t, d, heads, ld) = (2, 3, 8, 2, 24);
+        let s = AttnShape::new((b, t, d), heads, 0.5, false, ld).unwrap();
+        let full = (b * t - 1) * ld + d;
+        let ok = seq(full, 0.1);
+        let mut out = vec![0f32; b * t * d];
+        attention_into(&ok, &ok, &ok, s, &mut out, None);
+        let short = seq(full - d, 0.2);
+        let r = std::panic::catch_unwind(|| {
+            let mut out = vec![0f32; b * t * d];
+            attention_into(&short, &ok, &ok, s, &mut out, None);
+        });
+        assert!(r.is_err(), "a short q was read");
+        // Fields set by hand cannot widen the reads past what is checked either.
+        let wide = AttnShape { head_dim: 64, ..s };
+        let r = std::panic::catch_unwind(|| {
+            let mut out = vec![0f32; b * t * 128];
+            attention_into(&ok, &ok, &ok, wide, &mut out, None);
+        });
+        assert!(r.is_err(), "a widened shape was read");
     }
 
     /// Both paths of `linear` (few rows: dot products; many rows: GEMM) against a plain loop,

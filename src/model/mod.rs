@@ -98,6 +98,9 @@ impl ModelError {
     }
 }
 
+/// The default backbone, as in Finetuner and clip-as-service.
+pub const DEFAULT_MODEL: &str = "openai/clip-vit-base-patch32";
+
 /// How to load: which towers, where, in which precision, with which input limits.
 #[derive(Debug, Clone)]
 pub struct LoadOptions {

@@ -83,7 +83,7 @@ fn one() -> usize {
 impl Default for FitConfig {
     fn default() -> Self {
         Self {
-            model: crate::cli::DEFAULT_MODEL.into(),
+            model: crate::model::DEFAULT_MODEL.into(),
             train_data: PathBuf::new(),
             eval_data: None,
             query_data: None,

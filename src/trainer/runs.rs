@@ -340,7 +340,7 @@ impl Registry {
     ) -> Result<RunRecord, RunError> {
         let name = match name.filter(|n| !n.is_empty()) {
             Some(n) => n,
-            None => crate::cli::fit::random_run_name(),
+            None => random_run_name(),
         };
         if !is_safe_name(&name) {
             return Err(RunError::BadName(name));
@@ -880,4 +880,25 @@ fn read_artifact_metrics(artifact: &Path) -> RunResult {
         after: m.and_then(|m| m.after),
         ..Default::default()
     }
+}
+
+/// A random, readable run name such as `brisk-heron-4821`.
+pub fn random_run_name() -> String {
+    use rand::seq::SliceRandom;
+    use rand::Rng;
+    const A: &[&str] = &[
+        "brisk", "calm", "eager", "gentle", "lucid", "nimble", "quiet", "sunny", "swift", "vivid",
+        "bold", "keen",
+    ];
+    const N: &[&str] = &[
+        "heron", "otter", "falcon", "maple", "comet", "river", "lynx", "cedar", "orbit", "willow",
+        "badger", "quartz",
+    ];
+    let mut rng = rand::thread_rng();
+    format!(
+        "{}-{}-{:04}",
+        A.choose(&mut rng).copied().unwrap_or("calm"),
+        N.choose(&mut rng).copied().unwrap_or("heron"),
+        rng.gen_range(0..10000)
+    )
 }

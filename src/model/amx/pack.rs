@@ -58,9 +58,9 @@ pub fn split_bf16(x: f32) -> (u16, u16) {
 /// hi line and (optionally) one lo line.
 #[inline(always)]
 fn convert_line(src: &[f32], hi: &mut Line, lo: Option<&mut Line>) {
-    if src.len() == TK {
-        // SAFETY: 32 readable f32; the crate targets AVX-512 BF16 machines
-        // (AMX implies AVX512-BF16; checked by `request_amx_permission`).
+    if src.len() == TK && avx512_bf16() {
+        // SAFETY: `src` holds 32 readable f32, and the CPU has the instructions
+        // `convert_line_avx512` is compiled for (checked just above).
         unsafe { convert_line_avx512(src.as_ptr(), hi, lo) };
         return;
     }
@@ -78,6 +78,17 @@ fn convert_line(src: &[f32], hi: &mut Line, lo: Option<&mut Line>) {
             }
         }
     }
+}
+
+/// Whether this CPU runs the AVX-512 BF16 conversions (checked once). Packing is public (weights
+/// can be packed on any machine); where this is false the scalar conversions run instead.
+pub fn avx512_bf16() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    })
 }
 
 /// AVX-512 version of the full-line conversion. VCVTNE2PS2BF16 rounds to
@@ -203,14 +214,20 @@ pub fn pack_bt_tile(
     mut lo: Option<&mut [Line]>,
 ) {
     debug_assert_eq!(hi.len(), TM);
+    assert!(
+        avx512_bf16(),
+        "packing a transposed operand needs AVX-512 BF16 (AMX machines have it)"
+    );
+    assert!(rows.checked_mul(cols).is_some_and(|n| n <= s.len()));
     let c0 = nt * TM;
     let width = cols.saturating_sub(c0).min(TM);
     // The rows' 16-column windows, or None past the last row (zero padding).
     let window = |row: usize| (row < rows && width > 0).then(|| s[row * cols + c0..].as_ptr());
     for r in 0..TM {
         let row = kc * TK + 2 * r;
-        // SAFETY: the crate only packs where AMX (and so AVX-512 BF16) is available; each
-        // window has `width` readable values (the masked loads read no more).
+        // SAFETY: the CPU has AVX-512 BF16 (asserted above); a window starts at row `row` <
+        // `rows`, column `c0` < `cols`, and has `width` <= `cols - c0` readable values inside
+        // `s` (asserted above), which the masked loads do not pass.
         unsafe {
             interleave_pair_avx512(
                 window(row),
