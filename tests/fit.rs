@@ -194,6 +194,15 @@ fn bad_runs_fail_clearly_and_leave_nothing() {
     assert!(e.contains("run name"), "{e}");
     let e = err(fit(&out, &["--epochs", "1", "--batch-size", "1"]));
     assert!(e.contains("batch-size"), "{e}");
+    for lr in ["-1e-5", "0", "nan"] {
+        let e = err(bin()
+            .args(["fit", "--model", "tests/fixtures/clip-tiny"])
+            .args(["--train-data", "data/demo/train.csv"])
+            .arg(format!("--learning-rate={lr}"))
+            .output()
+            .unwrap());
+        assert!(e.contains("learning-rate") && e.contains("positive"), "{e}");
+    }
     let e = err(bin()
         .args([
             "fit",
@@ -628,6 +637,31 @@ fn interrupted_runs_checkpoint_and_resume() {
         .unwrap();
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("max_steps"), "{e}");
+
+    // SIGTERM (a container stopping) stops the resumed run the same way.
+    let mut child = bin()
+        .args(args("1e-4"))
+        .arg("--resume")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    line.clear();
+    while stderr.read_line(&mut line).unwrap() > 0 {
+        seen.push_str(&line);
+        if line.contains("step 30 ") {
+            break;
+        }
+        line.clear();
+    }
+    assert!(seen.contains("resumed from the checkpoint"), "{seen}");
+    // SAFETY: kill only sends SIGTERM to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{seen}{rest}");
+    assert!(rest.contains("checkpoint saved"), "{rest}");
 
     let o = bin().args(args("1e-4")).arg("--resume").output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr);

@@ -196,6 +196,7 @@ async fn fit_follow_status_metrics_artifact_delete() -> R {
             "--run-name",
             "life",
             "--follow",
+            "--zip",
             "--output",
             out.to_str().ok_or("path")?,
         ],
@@ -203,6 +204,8 @@ async fn fit_follow_status_metrics_artifact_delete() -> R {
     )?;
     assert!(printed.contains("run life CREATED"), "{printed}");
     assert!(printed.contains("recall_at_k"), "{printed}");
+    // --zip with --trainer: the downloaded artifact is zipped locally too.
+    assert!(out.join("life.zip").is_file(), "{printed}");
     let artifact = out.join("life");
     for f in [
         "config.yml",

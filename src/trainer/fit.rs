@@ -350,6 +350,13 @@ fn validate(cfg: &FitConfig, has_eval_pairs: bool) -> Result<(), FitError> {
     if cfg.epochs == 0 {
         return Err(FitError::Config("--epochs must be at least 1".into()));
     }
+    // Configurations also arrive as JSON (the trainer), past the command line's own check.
+    if !(cfg.learning_rate > 0.0 && cfg.learning_rate.is_finite()) {
+        return Err(FitError::Config(format!(
+            "--learning-rate must be a positive number, not {}",
+            cfg.learning_rate
+        )));
+    }
     if let Some(a) = cfg.wise_ft_alpha {
         if !(0.0..=1.0).contains(&a) {
             return Err(FitError::Config(format!(
