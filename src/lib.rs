@@ -8,7 +8,9 @@
 //!   (Pillow-exact bicubic resize, centre crop, normalise), `device`, and the inference kernels:
 //!   `cpu` (fused f32 blocks: GEMM with bias/residual prefilled, in-place activation, one-pass
 //!   layer norm and attention, pooled buffers) and `amx` (bf16x3 products on Intel AMX tiles,
-//!   chosen by `--matmul-precision`), and for training `train_ops` (layer norm, quick_gelu,
+//!   chosen by `--matmul-precision`), `policy` (which kernels a loaded model runs, decided at
+//!   load and logged; the comparison switches read once), and for training `train_ops` (layer
+//!   norm, quick_gelu,
 //!   softmax, linear and attention as single CPU ops with their own backward), `train_block`
 //!   (a whole transformer block as one op, the last one computing only the pooled rows) and
 //!   `train_embed` (the embeddings as one op per tower). [`model::Encoder`] is the

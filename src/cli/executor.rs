@@ -194,6 +194,9 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
         _ => "clip-vision",
     };
     let source = encoder.source.clone();
+    if let Some(k) = &encoder.kernels {
+        errln!("clipft executor kernels: {k}");
+    }
     let core = Core::start(encoder, &options)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

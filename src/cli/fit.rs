@@ -46,13 +46,13 @@ pub struct FitArgs {
     #[arg(long, env = "CLIPFT_LOSS", default_value = "CLIPLoss", value_parser = ["CLIPLoss"])]
     pub loss: String,
     /// Adam (Finetuner's default) or AdamW (decoupled weight decay).
-    #[arg(long, env = "CLIPFT_OPTIMIZER", value_enum, default_value = "Adam")]
+    #[arg(long, env = "CLIPFT_OPTIMIZER", value_parser = super::choice(&OptimizerKind::CHOICES), default_value = "Adam")]
     pub optimizer: OptimizerKind,
     /// Weight decay (L2 for Adam, decoupled for AdamW).
     #[arg(long, env = "CLIPFT_WEIGHT_DECAY", default_value_t = 0.0)]
     pub weight_decay: f64,
     /// Learning-rate schedule after the warm-up.
-    #[arg(long, env = "CLIPFT_SCHEDULER", value_enum, default_value = "constant")]
+    #[arg(long, env = "CLIPFT_SCHEDULER", value_parser = super::choice(&Scheduler::CHOICES), default_value = "constant")]
     pub scheduler: Scheduler,
     /// Steps over which the learning rate rises linearly from 0.
     #[arg(long, env = "CLIPFT_WARMUP_STEPS", default_value_t = 0)]
@@ -106,7 +106,7 @@ pub struct FitArgs {
     #[arg(
         long,
         env = "CLIPFT_BEST_MODEL_MODE",
-        value_enum,
+        value_parser = super::choice(&Mode::CHOICES),
         default_value = "auto"
     )]
     pub best_model_mode: Mode,
@@ -118,7 +118,7 @@ pub struct FitArgs {
     #[arg(
         long,
         env = "CLIPFT_EARLY_STOPPING_MODE",
-        value_enum,
+        value_parser = super::choice(&Mode::CHOICES),
         default_value = "auto"
     )]
     pub early_stopping_mode: Mode,

@@ -97,7 +97,7 @@ pub struct MatmulArgs {
     #[arg(
         long,
         env = "CLIPFT_MATMUL_PRECISION",
-        value_enum,
+        value_parser = choice(&crate::model::cpu::MatmulPrecision::CHOICES),
         default_value = "high"
     )]
     pub matmul_precision: crate::model::cpu::MatmulPrecision,
@@ -129,6 +129,26 @@ impl ModelArgs {
         };
         Ok((files, opts))
     }
+}
+
+/// A flag taking one of a library type's named values (`T::CHOICES`): the library stays free of
+/// clap, and `--help` still lists the values with what each means.
+pub fn choice<T: Copy + Send + Sync + 'static>(
+    choices: &'static [(&'static str, &'static str, T)],
+) -> impl clap::builder::TypedValueParser<Value = T> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    PossibleValuesParser::new(
+        choices
+            .iter()
+            .map(|(name, help, _)| PossibleValue::new(*name).help(*help)),
+    )
+    .try_map(move |s: String| {
+        choices
+            .iter()
+            .find(|(name, _, _)| *name == s)
+            .map(|(_, _, v)| *v)
+            .ok_or_else(|| format!("unknown value {s:?}"))
+    })
 }
 
 /// Parses `--select-model`.

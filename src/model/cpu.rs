@@ -17,7 +17,7 @@ use super::amx;
 
 /// How f32 matrix products may be computed on the CPU, after PyTorch's
 /// `torch.set_float32_matmul_precision`: one process-wide choice, made before models run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MatmulPrecision {
     /// Plain f32 products (AVX-512 / AVX2).
@@ -26,6 +26,23 @@ pub enum MatmulPrecision {
     High,
     /// One bf16 pass on AMX (relative error ~2e-3), f32 elsewhere.
     Medium,
+}
+
+impl MatmulPrecision {
+    /// The names a user gives, with what each means (the command line lists them).
+    pub const CHOICES: [(&'static str, &'static str, Self); 3] = [
+        ("highest", "plain f32 products", Self::Highest),
+        (
+            "high",
+            "bf16x3 on AMX where the CPU has it (relative error ~4e-6), f32 elsewhere",
+            Self::High,
+        ),
+        (
+            "medium",
+            "one bf16 pass on AMX (relative error ~2e-3), f32 elsewhere",
+            Self::Medium,
+        ),
+    ];
 }
 
 static PRECISION: AtomicU8 = AtomicU8::new(1);
@@ -53,11 +70,9 @@ pub fn amx_precision() -> Option<amx::Precision> {
 }
 
 /// Whether the fused kernels apply to an activation: f32 on the CPU, unless `CLIPFT_NO_FUSED` is
-/// set (which forces candle's ops, for comparisons).
+/// set (which forces candle's ops, for comparisons; read once, see [`super::policy`]).
 pub fn fused_ok(x: &Tensor) -> bool {
-    x.device().is_cpu()
-        && x.dtype() == candle_core::DType::F32
-        && std::env::var_os("CLIPFT_NO_FUSED").is_none()
+    x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && super::policy::switches().fused
 }
 
 /// Borrows a contiguous f32 CPU tensor as a slice for the duration of `f`.

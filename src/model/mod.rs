@@ -18,6 +18,7 @@ pub mod device;
 pub mod image;
 pub mod layers;
 pub mod load;
+pub mod policy;
 pub mod text;
 pub mod tokenizer;
 pub mod train_block;
@@ -137,11 +138,15 @@ pub struct Encoder {
     token_rows: Option<load::TensorLocation>,
     /// Keeps an unpacked artifact zip on disk while the model may read from it.
     _unpacked: Option<std::sync::Arc<tempfile::TempDir>>,
+    /// The kernels chosen at load (None for an encoder over weights being trained).
+    pub kernels: Option<policy::KernelPolicy>,
 }
 
 impl Encoder {
     pub fn load(files: &ModelFiles, opts: &LoadOptions) -> Result<Self, ModelError> {
         let config = ClipConfig::from_file(&files.config)?;
+        let kernels = policy::KernelPolicy::decide(&opts.device, opts.dtype, &config);
+        tracing::info!("{}: {kernels}", files.source);
         let vb = files.var_builder(opts.towers, opts.dtype, &opts.device)?;
         let clip = Clip::new(vb, &config, opts.towers).map_err(|e| ModelError::Weights {
             files: files.source.clone(),
@@ -183,6 +188,7 @@ impl Encoder {
             source: files.source.clone(),
             token_rows,
             _unpacked: files.unpacked.clone(),
+            kernels: Some(kernels),
         })
     }
 
@@ -204,6 +210,7 @@ impl Encoder {
             source: source.to_string(),
             token_rows: None,
             _unpacked: None,
+            kernels: None,
         }
     }
 

@@ -104,7 +104,7 @@ pub(crate) fn applies(x: &Tensor, weights: &[Tensor]) -> bool {
         && weights
             .iter()
             .all(|w| w.is_variable() && w.device().is_cpu() && w.dtype() == candle_core::DType::F32)
-        && std::env::var_os("CLIPFT_NO_FUSED_BLOCK").is_none()
+        && super::policy::switches().fused_blocks
 }
 
 impl BlockOp {

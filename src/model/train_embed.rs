@@ -26,7 +26,7 @@ pub(crate) fn applies(weights: &[&Tensor]) -> bool {
         && weights
             .iter()
             .all(|w| train_ops::applies(w) && w.is_variable())
-        && std::env::var_os("CLIPFT_NO_FUSED_BLOCK").is_none()
+        && super::policy::switches().fused_blocks
 }
 
 /// `table[ids] + positions[..seq]`: applied as `table.apply_op2(ids)`, ids `[batch, seq]` u32,

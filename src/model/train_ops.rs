@@ -27,9 +27,7 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
 
 /// Whether `x` can take the fused training ops.
 pub fn applies(x: &Tensor) -> bool {
-    x.device().is_cpu()
-        && x.dtype() == candle_core::DType::F32
-        && std::env::var_os("CLIPFT_NO_FUSED").is_none()
+    super::cpu::fused_ok(x)
 }
 
 const ROWS_PER_TASK: usize = 8;

@@ -10,13 +10,26 @@ use crate::eval::Metrics;
 
 /// Which way is better for a monitored value; `auto` is min for losses and max for metrics
 /// (Finetuner's rule).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     #[default]
     Auto,
     Min,
     Max,
+}
+
+impl Mode {
+    /// The names a user gives, with what each means.
+    pub const CHOICES: [(&'static str, &'static str, Self); 3] = [
+        (
+            "auto",
+            "min for losses, max for retrieval metrics",
+            Self::Auto,
+        ),
+        ("min", "smaller is better", Self::Min),
+        ("max", "larger is better", Self::Max),
+    ];
 }
 
 /// A value watched at each epoch end: `train_loss`, `val_loss`, or one of the nine retrieval

@@ -12,16 +12,28 @@ use candle_core::{CpuStorage, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
 
 /// Which update rule.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum OptimizerKind {
     /// L2 weight decay added to the gradient (torch.optim.Adam).
-    #[value(name = "Adam")]
     Adam,
     /// Decoupled weight decay (torch.optim.AdamW).
-    #[value(name = "AdamW")]
     AdamW,
+}
+
+impl OptimizerKind {
+    /// Finetuner's names, with what each does (the command line lists them).
+    pub const CHOICES: [(&'static str, &'static str, Self); 2] = [
+        (
+            "Adam",
+            "L2 weight decay added to the gradient (torch.optim.Adam)",
+            Self::Adam,
+        ),
+        (
+            "AdamW",
+            "decoupled weight decay (torch.optim.AdamW)",
+            Self::AdamW,
+        ),
+    ];
 }
 
 /// Hyper-parameters, with torch's defaults for the betas and epsilon.

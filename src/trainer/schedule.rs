@@ -3,14 +3,25 @@
 //! them; `step` counts optimiser steps from 0, as `LambdaLR` does.
 
 /// Shape of the learning rate over training.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Scheduler {
     Constant,
     Linear,
     Cosine,
+}
+
+impl Scheduler {
+    /// The names a user gives, with what each does after the warm-up.
+    pub const CHOICES: [(&'static str, &'static str, Self); 3] = [
+        ("constant", "the learning rate stays", Self::Constant),
+        (
+            "linear",
+            "falls linearly to 0 at the last step",
+            Self::Linear,
+        ),
+        ("cosine", "falls along a half cosine to 0", Self::Cosine),
+    ];
 }
 
 /// The learning rate for optimiser step `step` (0-based) of `total`.
