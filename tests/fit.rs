@@ -554,11 +554,32 @@ fn bf16_and_f16_compute_keep_f32_weights() {
     assert!((epoch1[2] - epoch1[0]).abs() < 0.2, "f16 {epoch1:?}");
 }
 
+/// Runs `cmd` until its log shows `marker` (plain log lines, a line every 10 steps), sends
+/// `signal`, and returns the log before and after; the run must exit 130.
+fn interrupt(cmd: &mut Command, marker: &str, signal: i32) -> (String, String) {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let (mut seen, mut line) = (String::new(), String::new());
+    while stderr.read_line(&mut line).unwrap() > 0 {
+        seen.push_str(&line);
+        if line.contains(marker) {
+            break;
+        }
+        line.clear();
+    }
+    // SAFETY: kill only sends a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    let mut rest = String::new();
+    stderr.read_to_string(&mut rest).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(130), "{seen}{rest}");
+    (seen, rest)
+}
+
 /// Ctrl-C stops a local run after its current step with a checkpoint; `--resume` continues it
 /// to the artifact, and refuses other settings or a run without a checkpoint.
 #[test]
 fn interrupted_runs_checkpoint_and_resume() {
-    use std::io::{BufRead, BufReader};
     let out = tempdir("interrupt");
     let args = |lr: &str| -> Vec<String> {
         [
@@ -597,29 +618,8 @@ fn interrupted_runs_checkpoint_and_resume() {
     .unwrap();
     assert!(e.contains("no checkpoint to resume"), "{e}");
 
-    let mut child = bin()
-        .args(args("1e-4"))
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    let mut line = String::new();
-    // Plain log lines (not a terminal): one every 10 steps.
-    while stderr.read_line(&mut line).unwrap() > 0 {
-        seen.push_str(&line);
-        if line.contains("step 10 ") {
-            break;
-        }
-        line.clear();
-    }
+    let (seen, rest) = interrupt(bin().args(args("1e-4")), "step 10 ", libc::SIGINT);
     assert!(seen.contains("step 10 "), "{seen}");
-    // SAFETY: kill only sends SIGINT to our own child process.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{seen}{rest}");
     assert!(rest.contains("checkpoint saved"), "{rest}");
     assert!(rest.contains("--resume"), "{rest}");
     assert!(out.join(".stopped.work/checkpoint/state.json").is_file());
@@ -639,28 +639,12 @@ fn interrupted_runs_checkpoint_and_resume() {
     assert!(!o.status.success() && e.contains("max_steps"), "{e}");
 
     // SIGTERM (a container stopping) stops the resumed run the same way.
-    let mut child = bin()
-        .args(args("1e-4"))
-        .arg("--resume")
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    line.clear();
-    while stderr.read_line(&mut line).unwrap() > 0 {
-        seen.push_str(&line);
-        if line.contains("step 30 ") {
-            break;
-        }
-        line.clear();
-    }
+    let (seen, rest) = interrupt(
+        bin().args(args("1e-4")).arg("--resume"),
+        "step 30 ",
+        libc::SIGTERM,
+    );
     assert!(seen.contains("resumed from the checkpoint"), "{seen}");
-    // SAFETY: kill only sends SIGTERM to our own child process.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(130), "{seen}{rest}");
     assert!(rest.contains("checkpoint saved"), "{rest}");
 
     let o = bin().args(args("1e-4")).arg("--resume").output().unwrap();

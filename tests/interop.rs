@@ -453,17 +453,8 @@ fn a_taken_monitoring_port_is_fatal_only_when_asked_for() -> R {
         seen.join("\n")
     );
     let out = bin()
-        .args([
-            "executor",
-            "--model",
-            &tiny(),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--port-monitoring",
-            "9090",
-        ])
+        .args(common::tiny_executor_args())
+        .args(["--port-monitoring", "9090"])
         .output()?;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--port-monitoring 9090"));

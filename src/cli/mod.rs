@@ -398,7 +398,7 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.is::<output::Interrupted>() => ExitCode::from(130),
         // The reader of our output left (`| head`): end quietly, as other tools do.
-        Err(e) if output::is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) if output::is_closed_stdout(&e) => ExitCode::SUCCESS,
         Err(e) => {
             errln!("error: {}", output::describe(&e));
             ExitCode::FAILURE

@@ -57,8 +57,28 @@ pub fn describe(e: &anyhow::Error) -> String {
     parts.join(": ")
 }
 
-/// Whether an error is a write to a pipe whose reader has gone: the command ends quietly.
-pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+/// Whether an error is a write to our stdout after its reader has gone: the command then ends
+/// quietly. A broken pipe elsewhere (a network peer that closed) is an error like any other, so
+/// stdout itself must be the pipe that lost its reader.
+pub fn is_closed_stdout(e: &anyhow::Error) -> bool {
+    (stdout_closed() || stdout_reader_gone()) && is_broken_pipe(e)
+}
+
+/// Whether stdout is a pipe or socket whose reading end has closed (poll reports an error on
+/// the write end then).
+fn stdout_reader_gone() -> bool {
+    let mut fd = libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call, a zero timeout; poll only reads
+    // the descriptor's state.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n == 1 && fd.revents & libc::POLLERR != 0
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
     use std::io::ErrorKind::BrokenPipe;
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
