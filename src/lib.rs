@@ -4,17 +4,17 @@
 //! - [`model`]: CLIP itself, one definition for serving and training. `config` (HF config.json),
 //!   `layers`/`text`/`vision`/`clip` (the towers; differentiable in `Mode::Train`, fused kernels
 //!   in `Mode::Inference`), `load` (HF folder or hub repo id -> the selected towers' tensors,
-//!   read one by one), `tokenizer` (CLIP BPE, 77 tokens, pad to longest), `image`
-//!   (Pillow-exact bicubic resize, centre crop, normalise), `device`, and the inference kernels:
-//!   `cpu` (fused f32 blocks: GEMM with bias/residual prefilled, in-place activation, one-pass
-//!   layer norm and attention, pooled buffers) and `amx` (bf16x3 products on Intel AMX tiles,
-//!   chosen by `--matmul-precision`), `policy` (which kernels a loaded model runs, decided at
-//!   load and logged; the comparison switches read once), and for training `train_ops` (layer
-//!   norm, quick_gelu,
-//!   softmax, linear and attention as single CPU ops with their own backward), `train_block`
-//!   (a whole transformer block as one op, the last one computing only the pooled rows) and
-//!   `train_embed` (the embeddings as one op per tower). [`model::Encoder`] is the
-//!   object everything else uses to turn texts and images into embeddings.
+//!   read one by one), `preprocess` (`tokenizer`: CLIP BPE, 77 tokens, pad to longest; `image`:
+//!   Pillow-exact bicubic resize of the window the centre crop keeps, normalise), `device`,
+//!   `policy` (which kernels a loaded model runs, decided at load and logged). Apart from the
+//!   definition: `kernels` per device (`cpu`: fused f32 blocks, GEMM with bias/residual
+//!   prefilled, in-place activations, one-pass layer norm and attention, pooled buffers; `amx`
+//!   beside it: bf16x3 products on Intel AMX tiles, chosen by `--matmul-precision`) and `ops`,
+//!   the training graph's custom ops (`train_ops`: layer norm, quick_gelu, softmax, linear and
+//!   attention as single CPU ops with their own backward; `train_block`: a whole transformer
+//!   block as one op, the last one computing only the pooled rows; `train_embed`: the
+//!   embeddings as one op per tower). [`model::Encoder`] is the object everything else uses to
+//!   turn texts and images into embeddings.
 //! - [`docarray`]: datasets on disk, streamed: Finetuner-style CSV (`csv`), docarray v1 files in
 //!   both protocols and every compression (`file`, with the generated `proto` types); images are
 //!   lazy references decoded only when used.

@@ -2,29 +2,28 @@
 //!
 //! [`config`] reads `config.json`; [`layers`], [`text`], [`vision`] and [`clip`] are the one model
 //! definition (differentiable in [`Mode::Train`], fused kernels in [`Mode::Inference`]); [`load`]
-//! finds checkpoints; [`tokenizer`] and [`image`] turn raw inputs into tower inputs; [`device`]
-//! picks where and in which precision to run. [`Encoder`] ties them into the one object the CLI,
-//! the executor and the evaluator use to turn texts and images into embeddings.
+//! finds checkpoints; [`preprocess`] ([`tokenizer`], [`image`]) turns raw inputs into tower
+//! inputs; [`device`] picks where and in which precision to run, and [`policy`] which kernels a
+//! loaded model runs. The kernels live apart, per device, in [`kernels`] ([`cpu`], [`amx`]); the
+//! training graph's fused custom ops in [`ops`]. [`Encoder`] ties them into the one object the
+//! CLI, the executor and the evaluator use to turn texts and images into embeddings.
 
-#[cfg(target_arch = "x86_64")]
-pub mod amx;
-#[cfg(not(target_arch = "x86_64"))]
-#[path = "amx_none.rs"]
-pub mod amx;
 pub mod clip;
 pub mod config;
-pub mod cpu;
 pub mod device;
-pub mod image;
+pub mod kernels;
 pub mod layers;
 pub mod load;
+pub mod ops;
 pub mod policy;
+pub mod preprocess;
 pub mod text;
-pub mod tokenizer;
-pub mod train_block;
-pub mod train_embed;
-pub mod train_ops;
 pub mod vision;
+
+// The kernels, ops and preprocessing by their short names, as the rest of the crate uses them.
+pub use kernels::{amx, cpu};
+pub use ops::{train_block, train_embed, train_ops};
+pub use preprocess::{image, tokenizer};
 
 use std::path::{Path, PathBuf};
 

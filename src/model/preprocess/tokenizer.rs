@@ -8,7 +8,7 @@ use std::path::Path;
 
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
-use super::ModelError;
+use crate::model::ModelError;
 
 /// Default cap on one text's size in bytes before tokenization; anything longer is rejected
 /// rather than tokenized, since only the first 77 tokens would be used anyway.

@@ -70,9 +70,11 @@ pub fn amx_precision() -> Option<amx::Precision> {
 }
 
 /// Whether the fused kernels apply to an activation: f32 on the CPU, unless `CLIPFT_NO_FUSED` is
-/// set (which forces candle's ops, for comparisons; read once, see [`super::policy`]).
+/// set (which forces candle's ops, for comparisons; read once, see [`crate::model::policy`]).
 pub fn fused_ok(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == candle_core::DType::F32 && super::policy::switches().fused
+    x.device().is_cpu()
+        && x.dtype() == candle_core::DType::F32
+        && crate::model::policy::switches().fused
 }
 
 /// Borrows a contiguous f32 CPU tensor as a slice for the duration of `f`.

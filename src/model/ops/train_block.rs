@@ -20,8 +20,8 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
-use super::cpu;
 use super::train_ops::{self, AttnShape};
+use crate::model::cpu;
 
 /// The tensors of one block, in the order [`BlockOp`] reads them.
 pub(crate) const WEIGHTS: [&str; 16] = [
@@ -104,7 +104,7 @@ pub(crate) fn applies(x: &Tensor, weights: &[Tensor]) -> bool {
         && weights
             .iter()
             .all(|w| w.is_variable() && w.device().is_cpu() && w.dtype() == candle_core::DType::F32)
-        && super::policy::switches().fused_blocks
+        && crate::model::policy::switches().fused_blocks
 }
 
 impl BlockOp {

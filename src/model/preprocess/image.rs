@@ -16,7 +16,7 @@ use std::path::Path;
 use image::{DynamicImage, ImageReader, RgbImage};
 use serde::Deserialize;
 
-use super::ModelError;
+use crate::model::ModelError;
 
 /// Default cap on decoded pixels (width x height): PIL warns at 89 M and refuses at twice that;
 /// we refuse a little earlier, before allocating.

@@ -11,7 +11,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 
-pub(crate) use super::cpu::AttnShape;
+pub(crate) use crate::model::cpu::AttnShape;
 use rayon::prelude::*;
 
 /// The f32 data of a contiguous CPU tensor's storage, as custom ops receive it.
@@ -27,7 +27,7 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
 
 /// Whether `x` can take the fused training ops.
 pub fn applies(x: &Tensor) -> bool {
-    super::cpu::fused_ok(x)
+    crate::model::cpu::fused_ok(x)
 }
 
 const ROWS_PER_TASK: usize = 8;
@@ -79,7 +79,7 @@ impl CustomOp3 for LayerNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (x, w, g) = (x.contiguous()?, w.contiguous()?, grad.contiguous()?);
         let d = w.elem_count();
-        let (dx, dw, db) = super::cpu::with_slices(&[&x, &w, &g], |s| {
+        let (dx, dw, db) = crate::model::cpu::with_slices(&[&x, &w, &g], |s| {
             let mut dx = vec![0f32; s[0].len()];
             let (dw, db) = layer_norm_backward(s[0], s[1], s[2], self.eps, &mut dx, false);
             Ok((dx, dw, db))
@@ -181,7 +181,8 @@ impl CustomOp1 for QuickGeluOp {
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (x, g) = (arg.contiguous()?, grad.contiguous()?);
-        let dx = super::cpu::with_slices(&[&x, &g], |s| Ok(quick_gelu_backward(s[0], s[1])))?;
+        let dx =
+            crate::model::cpu::with_slices(&[&x, &g], |s| Ok(quick_gelu_backward(s[0], s[1])))?;
         Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
     }
 }
@@ -230,7 +231,7 @@ impl CustomOp1 for SoftmaxOp {
             .for_each(|(y, x)| {
                 for (y, x) in y.chunks_mut(d).zip(x.chunks(d)) {
                     y.copy_from_slice(x);
-                    super::cpu::softmax_in_place(y);
+                    crate::model::cpu::softmax_in_place(y);
                 }
             });
         Ok((CpuStorage::F32(y), l.shape().clone()))
@@ -239,8 +240,8 @@ impl CustomOp1 for SoftmaxOp {
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (y, g) = (res.contiguous()?, grad.contiguous()?);
         let d = y.dims().last().copied().unwrap_or(1).max(1);
-        let dx = super::cpu::with_slice(&y, |y| {
-            super::cpu::with_slice(&g, |g| {
+        let dx = crate::model::cpu::with_slice(&y, |y| {
+            crate::model::cpu::with_slice(&g, |g| {
                 let mut dx = vec![0f32; y.len()];
                 dx.par_chunks_mut(d * 64)
                     .zip(y.par_chunks(d * 64).zip(g.par_chunks(d * 64)))
@@ -329,7 +330,7 @@ unsafe fn mm(
     );
 }
 
-/// The backward pass of [`cpu::attention_into`](super::cpu::attention_into): from the saved
+/// The backward pass of [`cpu::attention_into`](crate::model::cpu::attention_into): from the saved
 /// probabilities and the context's gradient `dout` (`[batch * seq, d]`), writes dQ, dK and dV
 /// into `dqkv`, one `[batch * seq, 3 d]` buffer (columns `0..d`, `d..2d`, `2d..3d`).
 #[allow(clippy::too_many_arguments)]
@@ -385,7 +386,7 @@ pub(crate) fn attention_backward(
     );
 }
 
-/// The backward pass of [`cpu::attention_rows_into`](super::cpu::attention_rows_into): adds dQ
+/// The backward pass of [`cpu::attention_rows_into`](crate::model::cpu::attention_rows_into): adds dQ
 /// (at the query rows), dK and dV into `dqkv` (`[batch * seq, 3 d]`, as [`attention_backward`]).
 /// One task per item, so rows of one item never race.
 #[allow(clippy::too_many_arguments)]
@@ -423,7 +424,7 @@ pub(crate) fn attention_rows_backward(
                         for (x, y) in dv.iter_mut().zip(go) {
                             *x += p[j] * y;
                         }
-                        ds[j] = super::cpu::dot(go, &v[(item * t + j) * ld + col..][..hd]);
+                        ds[j] = crate::model::cpu::dot(go, &v[(item * t + j) * ld + col..][..hd]);
                     }
                     // dS = P * (dP - P . dP)
                     let dot: f32 = p.iter().zip(&ds[..valid]).map(|(a, b)| a * b).sum();
@@ -480,7 +481,7 @@ impl CustomOp3 for AttentionOp {
         );
         let mut out = vec![0f32; q.len()];
         let mut probs = vec![0f32; sh.batch * sh.heads * sh.seq * sh.seq];
-        super::cpu::attention_into(q, k, v, sh, &mut out, Some(&mut probs));
+        crate::model::cpu::attention_into(q, k, v, sh, &mut out, Some(&mut probs));
         *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(probs);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
     }
@@ -504,14 +505,14 @@ impl CustomOp3 for AttentionOp {
         let n = q.elem_count();
         let d = sh.d();
         let mut dqkv = vec![0f32; 3 * n];
-        super::cpu::with_slices(&[&q, &k, &v, &g], |s| {
+        crate::model::cpu::with_slices(&[&q, &k, &v, &g], |s| {
             let probs = match saved {
                 Some(p) => p,
                 None => {
                     // Taken by an earlier backward through the same graph: recompute.
                     let mut out = vec![0f32; n];
                     let mut p = vec![0f32; sh.batch * sh.heads * sh.seq * sh.seq];
-                    super::cpu::attention_into(s[0], s[1], s[2], sh, &mut out, Some(&mut p));
+                    crate::model::cpu::attention_into(s[0], s[1], s[2], sh, &mut out, Some(&mut p));
                     p
                 }
             };
@@ -548,7 +549,7 @@ fn gemm_par(
     // Not zeroed first: with `read_dst` false the GEMM writes every element without reading
     // any (zeroing a gradient-sized buffer per product was a measurable share of a step).
     let mut dst: Vec<f32> = Vec::with_capacity(m * n);
-    let par = super::cpu::parallelism_for(m * n * k);
+    let par = crate::model::cpu::parallelism_for(m * n * k);
     // SAFETY: the strides describe `lhs` and `rhs` exactly (callers pass their own shapes) and
     // `dst` has room for `m x n` row-major elements.
     unsafe {
@@ -650,12 +651,12 @@ fn divert_grad(t: &Tensor, g: Tensor) -> Option<Tensor> {
 /// call packs its operands: only products with every side at least 128 (32 rows) take AMX.
 /// Measured: every ViT-B/32 product gains; on the tiny fixture CLIP, sides from 64 up, or its
 /// patch embedding alone (1600 x 3072 x 64), were slower than f32.
-fn train_amx(m: usize, n: usize, k: usize) -> Option<super::amx::Precision> {
+fn train_amx(m: usize, n: usize, k: usize) -> Option<crate::model::amx::Precision> {
     const MIN_SIDE: usize = 128;
     if m < 32 || n < MIN_SIDE || k < MIN_SIDE {
         return None;
     }
-    super::cpu::amx_precision()
+    crate::model::cpu::amx_precision()
 }
 
 /// `t[n, m]` = `s[m, n]` transposed: each task fills 32 rows of `t`, reading a 32-wide column
@@ -679,11 +680,11 @@ fn transpose(s: &[f32], m: usize, n: usize) -> Vec<f32> {
 fn amx_product(
     a: &[f32],
     m: usize,
-    b: &super::amx::PackedB,
-    prec: super::amx::Precision,
+    b: &crate::model::amx::PackedB,
+    prec: crate::model::amx::Precision,
 ) -> Vec<f32> {
     let mut c = vec![0f32; m * b.n];
-    super::amx::matmul(a, m, b, &mut c, prec, false);
+    crate::model::amx::matmul(a, m, b, &mut c, prec, false);
     c
 }
 
@@ -697,9 +698,10 @@ pub(crate) fn linear_forward(
     b: Option<&[f32]>,
     residual: Option<&[f32]>,
 ) -> Vec<f32> {
-    let packed = train_amx(rows, n, k)
-        .map(|p| super::amx::PackedB::new(w, n, k, p == super::amx::Precision::Bf16x3));
-    super::cpu::linear(x, rows, k, w, n, b, residual, packed.as_ref()).into_vec()
+    let packed = train_amx(rows, n, k).map(|p| {
+        crate::model::amx::PackedB::new(w, n, k, p == crate::model::amx::Precision::Bf16x3)
+    });
+    crate::model::cpu::linear(x, rows, k, w, n, b, residual, packed.as_ref()).into_vec()
 }
 
 /// The gradients of [`linear_forward`] from `g` (`[m, n]`): `dx = g W` (when `want_dx`),
@@ -717,7 +719,7 @@ pub(crate) fn linear_backward(
 ) -> (Option<Vec<f32>>, Vec<f32>, Option<Vec<f32>>) {
     let (dx, dw) = match train_amx(m, n, k) {
         Some(p) => {
-            use super::amx::{PackedB, Precision};
+            use crate::model::amx::{PackedB, Precision};
             let lo = p == Precision::Bf16x3;
             // dx = g (W^T)^T;  dW = (g^T) (x^T)^T.
             let dx = want_dx.then(|| amx_product(g, m, &PackedB::from_transposed(w, n, k, lo), p));
@@ -775,7 +777,7 @@ impl LinearOp {
         let (m, k) = x.dims2()?;
         let n = w.dim(0)?;
         let dev = x.device().clone();
-        let (dx, dw, db) = super::cpu::with_slices(&[&x, &w, &g], |s| {
+        let (dx, dw, db) = crate::model::cpu::with_slices(&[&x, &w, &g], |s| {
             Ok(linear_backward(s[0], m, k, s[1], n, s[2], want_dx, bias))
         })?;
         Ok((

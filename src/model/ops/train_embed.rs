@@ -16,8 +16,8 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::cpu;
 use super::train_ops;
+use crate::model::cpu;
 
 /// Whether `weights` can take the fused embedding ops: f32 CPU variables, inside a
 /// [`train_ops::with_direct_weight_grads`] pass (see [`super::train_block::applies`]).
@@ -26,7 +26,7 @@ pub(crate) fn applies(weights: &[&Tensor]) -> bool {
         && weights
             .iter()
             .all(|w| train_ops::applies(w) && w.is_variable())
-        && super::policy::switches().fused_blocks
+        && crate::model::policy::switches().fused_blocks
 }
 
 /// `table[ids] + positions[..seq]`: applied as `table.apply_op2(ids)`, ids `[batch, seq]` u32,

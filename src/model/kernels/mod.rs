@@ -1,0 +1,12 @@
+//! Kernels, per device, apart from the model definition: [`cpu`] (fused f32 blocks, GEMM with
+//! bias and residual, layer norm, attention, activations, pooled buffers) and [`amx`] beside it
+//! (bf16x3 / bf16 products on Intel AMX tiles, `--matmul-precision`). Every kernel here is a
+//! slice function; the model reaches them through its layers and the ops in [`super::ops`].
+//! CUDA kernels go in a `cuda` module beside these (issue 13).
+
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
+#[cfg(not(target_arch = "x86_64"))]
+#[path = "amx_none.rs"]
+pub mod amx;
+pub mod cpu;
