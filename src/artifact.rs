@@ -280,11 +280,15 @@ pub fn apply_umask(root: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn now_unix() -> u64 {
+/// Seconds since the Unix epoch, as run records and artifacts store times.
+pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn now_unix() -> u64 {
+    unix_now().max(0) as u64
 }
 
 /// Losses and metrics of a finished run, for metrics.yml and report.md.

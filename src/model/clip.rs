@@ -8,37 +8,7 @@ use super::layers::{Linear, Mode};
 use super::text::{TextBatch, TextTower};
 use super::vision::VisionTower;
 
-/// Which towers to build. Serving one tower reads none of the other's weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Towers {
-    pub text: bool,
-    pub vision: bool,
-}
-
-impl Towers {
-    pub const ALL: Towers = Towers {
-        text: true,
-        vision: true,
-    };
-    pub const TEXT: Towers = Towers {
-        text: true,
-        vision: false,
-    };
-    pub const VISION: Towers = Towers {
-        text: false,
-        vision: true,
-    };
-
-    /// Parses Finetuner's submodel names: `clip-text`, `clip-vision`, or `all`.
-    pub fn from_select(s: &str) -> Option<Self> {
-        match s {
-            "clip-text" | "text" => Some(Self::TEXT),
-            "clip-vision" | "vision" => Some(Self::VISION),
-            "all" | "both" => Some(Self::ALL),
-            _ => None,
-        }
-    }
-}
+pub use super::config::Towers;
 
 /// One CLIP model definition, used for serving and for training.
 #[derive(Debug, Clone)]

@@ -254,6 +254,38 @@ impl ClipConfig {
     }
 }
 
+/// Which towers to build. Serving one tower reads none of the other's weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Towers {
+    pub text: bool,
+    pub vision: bool,
+}
+
+impl Towers {
+    pub const ALL: Towers = Towers {
+        text: true,
+        vision: true,
+    };
+    pub const TEXT: Towers = Towers {
+        text: true,
+        vision: false,
+    };
+    pub const VISION: Towers = Towers {
+        text: false,
+        vision: true,
+    };
+
+    /// Parses Finetuner's submodel names: `clip-text`, `clip-vision`, or `all`.
+    pub fn from_select(s: &str) -> Option<Self> {
+        match s {
+            "clip-text" | "text" => Some(Self::TEXT),
+            "clip-vision" | "vision" => Some(Self::VISION),
+            "all" | "both" => Some(Self::ALL),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::clip::Towers;
+use super::config::Towers;
 use super::ModelError;
 
 /// The files of one model on local disk.

@@ -310,7 +310,7 @@ impl Upload {
             file,
             bytes: self.bytes,
             items,
-            created_unix: crate::trainer::runs::unix_now(),
+            created_unix: crate::artifact::unix_now(),
         };
         let meta_path = self.tmp.join(META);
         let json = serde_json::to_vec_pretty(&meta).map_err(|e| invalid(e.to_string()))?;

@@ -28,11 +28,7 @@ use super::fit::{FitConfig, FitControl, FitError, FitEvent};
 use crate::artifact::is_safe_name;
 use crate::eval::Metrics;
 
-pub fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
+pub use crate::artifact::unix_now;
 
 /// Finetuner's run states, plus CANCELED.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
