@@ -184,6 +184,8 @@ pub struct Scratch {
 /// several rayon tasks.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+// SAFETY: the pointer is only dereferenced by tasks that each write their own disjoint column
+// range of C (or packed strip), while the buffer it points into outlives the parallel section.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
