@@ -210,6 +210,17 @@ pub fn validate_run_name(name: &str) -> Result<(), ArtifactError> {
     }
 }
 
+/// Checks that `run_name` may become the artifact folder `output/run_name`: a safe name, not
+/// taken.
+pub fn ensure_free(output: &Path, run_name: &str) -> Result<(), ArtifactError> {
+    validate_run_name(run_name)?;
+    let dest = output.join(run_name);
+    match dest.exists() {
+        true => Err(ArtifactError::Exists(dest)),
+        false => Ok(()),
+    }
+}
+
 /// What a run hands over to be written as an artifact.
 pub struct RunOutput<'a> {
     pub output: &'a Path,
@@ -315,12 +326,9 @@ pub struct Staged {
 impl Staged {
     /// Writes the models and configuration into a temporary folder.
     pub fn write(run: &RunOutput) -> Result<Self, ArtifactError> {
-        validate_run_name(run.run_name)?;
+        ensure_free(run.output, run.run_name)?;
         std::fs::create_dir_all(run.output).map_err(io_err(run.output))?;
         let dest = run.output.join(run.run_name);
-        if dest.exists() {
-            return Err(ArtifactError::Exists(dest));
-        }
         let tmp = run
             .output
             .join(format!(".{}.tmp-{}", run.run_name, std::process::id()));

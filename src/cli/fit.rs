@@ -330,7 +330,7 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
                     *slot = Some(resolve_local(p, &args.data_dir)?);
                 }
             }
-            let work = cfg.output.join(format!(".{}.work", cfg.run_name));
+            let work = crate::trainer::fit::local_work_dir(&cfg);
             if args.resume && !crate::trainer::checkpoint::exists(&work) {
                 anyhow::bail!(
                     "run {} has no checkpoint to resume in {}: run without --resume to start it",
@@ -421,16 +421,21 @@ async fn run_remote(args: &FitArgs, mut cfg: FitConfig, addr: &str) -> anyhow::R
         ("query", &mut cfg.query_data),
         ("index", &mut cfg.index_data),
     ];
+    // Datasets an earlier run of this name pushed (they are replaced, and the user is told).
+    let existing: Vec<String> = c
+        .list_datasets(crate::protocol::trainer::ListDatasetsRequest {})
+        .await?
+        .into_inner()
+        .datasets
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
     let mut train = None;
     for (role, slot) in roles {
         let Some(p) = slot.clone() else { continue };
         if p.is_file() {
             let ds = format!("{name}-{role}");
-            let existing = c
-                .list_datasets(crate::protocol::trainer::ListDatasetsRequest {})
-                .await?
-                .into_inner();
-            if existing.datasets.iter().any(|d| d.name == ds) {
+            if existing.contains(&ds) {
                 errln!("dataset {ds} exists (pushed for an earlier run {name}): replacing it");
             }
             errln!("pushing {} as dataset {ds}", p.display());

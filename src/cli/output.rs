@@ -40,21 +40,10 @@ pub fn err(args: std::fmt::Arguments) {
     let _ = e.write_fmt(args).and_then(|_| e.write_all(b"\n"));
 }
 
-/// An error as the user reads it: each cause once, and a gRPC status as its message and code in
-/// words instead of tonic's debug dump (`status: NotFound, message: ..., details: [], ...`).
+/// An error as the user reads it ([`crate::protocol::transport::error_chain`]: each cause once,
+/// a gRPC status as its message and code).
 pub fn describe(e: &anyhow::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for cause in e.chain() {
-        let text = match cause.downcast_ref::<tonic::Status>() {
-            Some(s) => format!("{} ({})", s.message(), s.code().description()),
-            None => cause.to_string(),
-        };
-        // A cause already quoted by the error above it adds nothing.
-        if !parts.last().is_some_and(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-    }
-    parts.join(": ")
+    crate::protocol::transport::error_chain(e.as_ref())
 }
 
 /// Whether an error is a write to our stdout after its reader has gone: the command then ends

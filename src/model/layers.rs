@@ -448,7 +448,10 @@ impl Encoder {
         if pooled.iter().any(|&(i, p)| i >= b || p >= t) {
             candle_core::bail!("pooled row outside the [{b}, {t}] batch");
         }
-        if mode == Mode::Inference && self.fused_cpu_ok(x) {
+        // The fused kernels cover f32 on the CPU, quick_gelu (OpenAI checkpoints) and gelu
+        // (OpenCLIP/LAION) alike; the condition is the one `Linear::release_packed` uses before
+        // it drops the f32 weights that candle's ops would need.
+        if mode == Mode::Inference && cpu::fused_ok(x) {
             return self.forward_fused_cpu(x, causal, pooled);
         }
         if mode == Mode::Train {
@@ -502,14 +505,6 @@ impl Encoder {
             x = x.apply_op1(train_block::BlockOp::new(weights, shape, rows))?;
         }
         Ok(Some(x))
-    }
-
-    /// The fused kernels cover f32 on the CPU with quick_gelu (every OpenAI checkpoint) and gelu
-    /// (OpenCLIP/LAION conversions); anything else runs candle's ops. This must agree with
-    /// [`Linear::release_packed`], which drops the f32 weights the other path needs.
-    /// `CLIPFT_NO_FUSED=1` forces candle's ops (for comparisons).
-    fn fused_cpu_ok(&self, x: &Tensor) -> bool {
-        cpu::fused_ok(x)
     }
 
     fn forward_fused_cpu(

@@ -139,12 +139,18 @@ pub async fn connect(
 }
 
 /// An error and its causes as one line, each cause once: tonic's transport errors repeat their
-/// source in their own message ("tcp connect error: tcp connect error: Connection refused").
+/// source in their own message ("tcp connect error: tcp connect error: Connection refused"). A
+/// gRPC status reads as its message and code in words, not tonic's debug dump (`status:
+/// NotFound, message: ..., details: [], ...`).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
+    let text = |e: &(dyn std::error::Error + 'static)| match e.downcast_ref::<tonic::Status>() {
+        Some(s) => format!("{} ({})", s.message(), s.code().description()),
+        None => e.to_string(),
+    };
+    let mut out = text(e);
     let mut source = e.source();
     while let Some(s) = source {
-        let text = s.to_string();
+        let text = text(s);
         if !text.is_empty() && !out.contains(&text) {
             // A cause that repeats the end of what is written adds nothing.
             out.push_str(": ");

@@ -433,6 +433,12 @@ fn training_encoder(model: &TrainModel) -> Encoder {
     )
 }
 
+/// Where an in-process run keeps its checkpoints when [`FitControl::work_dir`] names no other
+/// folder: `<output>/.<run-name>.work`, beside the artifact it becomes.
+pub fn local_work_dir(cfg: &FitConfig) -> PathBuf {
+    cfg.output.join(format!(".{}.work", cfg.run_name))
+}
+
 /// Runs training as configured and writes the artifact to `output/run_name`.
 pub fn fit(
     cfg: &FitConfig,
@@ -440,12 +446,8 @@ pub fn fit(
     progress: &mut dyn FnMut(FitEvent),
 ) -> Result<FitReport, FitError> {
     let start = Instant::now();
-    crate::artifact::validate_run_name(&cfg.run_name)?;
     // A taken name would otherwise be found when the artifact is written, after training.
-    let dest = cfg.output.join(&cfg.run_name);
-    if dest.exists() {
-        return Err(crate::artifact::ArtifactError::Exists(dest).into());
-    }
+    crate::artifact::ensure_free(&cfg.output, &cfg.run_name)?;
     let dev = device::parse_device(&cfg.device)?;
     let files = ModelFiles::resolve(&cfg.model)?;
     let pairs: Vec<Pair> = open_pairs(&cfg.train_data)?.collect::<Result<_, _>>()?;
@@ -470,7 +472,7 @@ pub fn fit(
     let work = control
         .work_dir
         .clone()
-        .unwrap_or_else(|| cfg.output.join(format!(".{}.work", cfg.run_name)));
+        .unwrap_or_else(|| local_work_dir(cfg));
     let needs_work = cfg.checkpoint_seconds.is_some() || cfg.best_model.is_some();
     if needs_work {
         std::fs::create_dir_all(&work).map_err(|e| CheckpointError {

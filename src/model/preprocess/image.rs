@@ -437,28 +437,6 @@ impl Span {
     }
 }
 
-/// transformers' `center_crop`: floor offsets, zero padding when the image is smaller.
-pub fn center_crop(img: &RgbImage, crop_h: u32, crop_w: u32) -> RgbImage {
-    let (w, h) = img.dimensions();
-    let top = (h as i64 - crop_h as i64).div_euclid(2);
-    let left = (w as i64 - crop_w as i64).div_euclid(2);
-    let mut out = RgbImage::new(crop_w, crop_h);
-    for y in 0..crop_h as i64 {
-        let sy = y + top;
-        if sy < 0 || sy >= h as i64 {
-            continue;
-        }
-        for x in 0..crop_w as i64 {
-            let sx = x + left;
-            if sx < 0 || sx >= w as i64 {
-                continue;
-            }
-            out.put_pixel(x as u32, y as u32, *img.get_pixel(sx as u32, sy as u32));
-        }
-    }
-    out
-}
-
 /// The pixels of `img` in the window (which lies inside it).
 fn copy_window(img: &RgbImage, cols: Span, rows: Span) -> RgbImage {
     RgbImage::from_fn(cols.len as u32, rows.len as u32, |x, y| {
@@ -618,6 +596,28 @@ pub fn resize_bicubic_window(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// transformers' `center_crop`: floor offsets, zero padding when the image is smaller.
+    fn center_crop(img: &RgbImage, crop_h: u32, crop_w: u32) -> RgbImage {
+        let (w, h) = img.dimensions();
+        let top = (h as i64 - crop_h as i64).div_euclid(2);
+        let left = (w as i64 - crop_w as i64).div_euclid(2);
+        let mut out = RgbImage::new(crop_w, crop_h);
+        for y in 0..crop_h as i64 {
+            let sy = y + top;
+            if sy < 0 || sy >= h as i64 {
+                continue;
+            }
+            for x in 0..crop_w as i64 {
+                let sx = x + left;
+                if sx < 0 || sx >= w as i64 {
+                    continue;
+                }
+                out.put_pixel(x as u32, y as u32, *img.get_pixel(sx as u32, sy as u32));
+            }
+        }
+        out
+    }
 
     #[test]
     fn output_sizes_floor_the_long_side() {
