@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Pillow's side of benches/preprocess.rs: transformers' PIL path on the same files, one image
-at a time on one thread. resize_crop: Image.resize (BICUBIC, short side to 224, long side
-int(224 * long / short)) then the centre crop; preprocess: open + convert('RGB') + resize + crop
+at a time on one thread. resize_crop: make_strip_fixtures.hf_pixels (Image.resize BICUBIC, short
+side to 224, long side int(224 * long / short), then the centre crop); preprocess: open + convert('RGB') + resize + crop
 + rescale and normalise to float32 CHW with numpy, as CLIPImageProcessorPil does.
 Prints one JSON line per file. argv: [SECONDS per measurement, default 1]"""
 import io
@@ -12,6 +12,9 @@ import time
 import numpy as np
 from PIL import Image
 
+# The same resize and crop that made the strips' reference pixels (transformers' PIL path).
+from make_strip_fixtures import hf_pixels as resize_crop
+
 FILES = [
     "tests/fixtures/reference/images/rgb_640x480.png",
     "tests/fixtures/reference/images/photo_500x375.jpg",
@@ -19,19 +22,8 @@ FILES = [
     "tests/fixtures/reference/strips/banner_36x1500.png",
     "tests/fixtures/reference/strips/strip_5000x2.png",
 ]
-SIZE = 224
 MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
-
-
-def resize_crop(img):
-    w, h = img.size
-    short, long = (w, h) if w <= h else (h, w)
-    new_long = int(SIZE * long / short)
-    size = (SIZE, new_long) if w <= h else (new_long, SIZE)
-    out = img.resize(size, resample=Image.BICUBIC)
-    left, top = (size[0] - SIZE) // 2, (size[1] - SIZE) // 2
-    return out.crop((left, top, left + SIZE, top + SIZE))
 
 
 def preprocess(data):
