@@ -9,46 +9,7 @@ pub struct ModelsArgs {
     pub json: bool,
 }
 
-/// A backbone clipft knows by name. Any other CLIP checkpoint in Hugging Face layout loads too.
-#[derive(Debug, serde::Serialize)]
-pub struct Backbone {
-    pub name: &'static str,
-    pub task: &'static str,
-    pub output_dim: usize,
-    pub architecture: &'static str,
-    pub description: &'static str,
-}
-
-pub const BACKBONES: &[Backbone] = &[
-    Backbone {
-        name: "openai/clip-vit-base-patch32",
-        task: "text-to-image",
-        output_dim: 512,
-        architecture: "transformer",
-        description: "CLIP ViT-B/32: the default; fast, 151M parameters",
-    },
-    Backbone {
-        name: "openai/clip-vit-base-patch16",
-        task: "text-to-image",
-        output_dim: 512,
-        architecture: "transformer",
-        description: "CLIP ViT-B/16: finer patches, about 4x the image compute of B/32",
-    },
-    Backbone {
-        name: "openai/clip-vit-large-patch14",
-        task: "text-to-image",
-        output_dim: 768,
-        architecture: "transformer",
-        description: "CLIP ViT-L/14: large, 428M parameters",
-    },
-    Backbone {
-        name: "openai/clip-vit-large-patch14-336",
-        task: "text-to-image",
-        output_dim: 768,
-        architecture: "transformer",
-        description: "CLIP ViT-L/14 at 336 pixels",
-    },
-];
+use crate::model::backbones::BACKBONES;
 
 pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     if args.json {

@@ -262,10 +262,18 @@ pub fn open_pairs(
 
 /// Labelled query (text) or index (image) items from a CSV or a docarray v1 file.
 pub fn read_labeled(path: &Path, want: Modality) -> Result<Vec<Labeled>, DataError> {
+    open_labeled(path, want)?.collect()
+}
+
+/// [`read_labeled`] one item at a time.
+pub fn open_labeled(
+    path: &Path,
+    want: Modality,
+) -> Result<Box<dyn Iterator<Item = Result<Labeled, DataError>>>, DataError> {
     if is_csv(path) {
-        csv::CsvRows::open(path)?.labeled(want).collect()
+        Ok(Box::new(csv::CsvRows::open(path)?.labeled(want)))
     } else {
-        file::labeled(path, want)?.collect()
+        Ok(Box::new(file::labeled(path, want)?))
     }
 }
 

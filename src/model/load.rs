@@ -64,7 +64,22 @@ fn tower_prefixes(towers: Towers) -> Vec<&'static str> {
 
 impl ModelFiles {
     /// Resolves `--model`: an existing folder, or else a hub repo id.
+    /// Finetuner's display names (`clip-base-en`) name their Hugging Face repo, unless a folder
+    /// of that name exists; open-clip names are refused with what to use instead.
     pub fn resolve(spec: &str) -> Result<Self, ModelError> {
+        let path = Path::new(spec);
+        if !path.exists() {
+            if let Some(msg) = super::backbones::unsupported(spec) {
+                return Err(ModelError::NotFound {
+                    what: spec.into(),
+                    msg,
+                });
+            }
+        }
+        let spec = match path.exists() {
+            true => spec,
+            false => super::backbones::canonical(spec),
+        };
         let path = Path::new(spec);
         if path.is_dir() {
             Self::from_dir(path)

@@ -8,6 +8,7 @@
 //! training graph's fused custom ops in [`ops`]. [`Encoder`] ties them into the one object the
 //! CLI, the executor and the evaluator use to turn texts and images into embeddings.
 
+pub mod backbones;
 pub mod clip;
 pub mod config;
 pub mod device;

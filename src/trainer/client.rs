@@ -151,7 +151,7 @@ pub async fn stream_logs(
     client: &mut Client,
     name: &str,
     follow: bool,
-    on_chunk: &mut dyn FnMut(&pb::LogChunk) -> std::ops::ControlFlow<()>,
+    on_chunk: &mut (dyn FnMut(&pb::LogChunk) -> std::ops::ControlFlow<()> + Send),
 ) -> Result<(), ClientError> {
     let mut offset = 0;
     let mut retries = 0;
@@ -186,14 +186,74 @@ pub async fn stream_logs(
     }
 }
 
+/// Streams a finished run's artifact zip into `part` (created or truncated).
+async fn fetch_zip(
+    client: &mut Client,
+    name: &str,
+    part: &Path,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<(), ClientError> {
+    use tokio::io::AsyncWriteExt;
+    let local = |e: std::io::Error| ClientError::Local {
+        path: part.to_path_buf(),
+        msg: e.to_string(),
+    };
+    let mut file = tokio::fs::File::create(part).await.map_err(local)?;
+    let mut stream = client
+        .download_artifact(pb::DownloadArtifactRequest {
+            name: name.to_string(),
+        })
+        .await?
+        .into_inner();
+    let mut got = 0u64;
+    while let Some(c) = stream.message().await? {
+        file.write_all(&c.data).await.map_err(local)?;
+        got += c.data.len() as u64;
+        progress(got, c.total_bytes);
+    }
+    file.flush().await.map_err(local)?;
+    file.sync_all().await.map_err(local)
+}
+
+/// Downloads a finished run's artifact as the zip `dest` (Finetuner's `save_artifact`), replacing
+/// an older copy only once the new one is complete.
+pub async fn download_artifact_zip(
+    client: &mut Client,
+    name: &str,
+    dest: &Path,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<PathBuf, ClientError> {
+    let local = |path: &Path, e: &dyn std::fmt::Display| ClientError::Local {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| local(&dir, &e))?;
+    let file_name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| local(dest, &"not a file name"))?;
+    let part = dir.join(format!(".{file_name}.part"));
+    let _leftovers = Leftovers(vec![part.clone()]);
+    fetch_zip(client, name, &part, progress).await?;
+    tokio::fs::rename(&part, dest)
+        .await
+        .map_err(|e| local(dest, &e))?;
+    Ok(dest.to_path_buf())
+}
+
 /// Downloads a finished run's artifact and unpacks it as `output/<run name>/`.
 pub async fn download_artifact(
     client: &mut Client,
     name: &str,
     output: &Path,
-    progress: &mut dyn FnMut(u64, u64),
+    progress: &mut (dyn FnMut(u64, u64) + Send),
 ) -> Result<PathBuf, ClientError> {
-    use tokio::io::AsyncWriteExt;
     let local = |path: &Path, e: &dyn std::fmt::Display| ClientError::Local {
         path: path.to_path_buf(),
         msg: e.to_string(),
@@ -215,25 +275,7 @@ pub async fn download_artifact(
         zip_path.clone(),
         output.join(format!(".{name}.unpacking")),
     ]);
-    let mut file = tokio::fs::File::create(&zip_path)
-        .await
-        .map_err(|e| local(&zip_path, &e))?;
-    let mut stream = client
-        .download_artifact(pb::DownloadArtifactRequest {
-            name: name.to_string(),
-        })
-        .await?
-        .into_inner();
-    let mut got = 0u64;
-    while let Some(c) = stream.message().await? {
-        file.write_all(&c.data)
-            .await
-            .map_err(|e| local(&zip_path, &e))?;
-        got += c.data.len() as u64;
-        progress(got, c.total_bytes);
-    }
-    file.flush().await.map_err(|e| local(&zip_path, &e))?;
-    drop(file);
+    fetch_zip(client, name, &zip_path, progress).await?;
     let (zp, out, n) = (zip_path.clone(), output.to_path_buf(), name.to_string());
     let unpacked = tokio::task::spawn_blocking(move || -> Result<PathBuf, String> {
         let tmp = out.join(format!(".{n}.unpacking"));

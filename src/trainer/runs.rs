@@ -347,6 +347,7 @@ impl Registry {
         for d in self.data_names(&config) {
             self.datasets.get(&d)?;
         }
+        self.check_shapes(&config)?;
         if config.model.trim().is_empty() {
             return Err(RunError::BadConfig("model is required".into()));
         }
@@ -396,6 +397,58 @@ impl Registry {
         drop(inner);
         self.wake.notify_one();
         Ok(rec)
+    }
+
+    /// The first item of each dataset has the shape its role needs (caption-image pairs for
+    /// train and eval, labelled texts for query, labelled images for index): a dataset given in
+    /// the wrong role is refused here, not when the run starts. Reads one item each.
+    fn check_shapes(&self, c: &FitConfig) -> Result<(), RunError> {
+        use crate::docarray::{open_labeled, open_pairs, DataError, Modality};
+        let bad = |role: &str, name: &Path, e: DataError| {
+            RunError::BadConfig(format!(
+                "{role}_data {}: {}",
+                name.display(),
+                self.datasets.redact_paths(&e.to_string())
+            ))
+        };
+        for (role, d) in [
+            ("train", Some(&c.train_data)),
+            ("eval", c.eval_data.as_ref()),
+        ] {
+            let Some(d) = d else { continue };
+            let file = self.datasets.data_file(&d.to_string_lossy())?;
+            match open_pairs(&file).map_err(|e| bad(role, d, e))?.next() {
+                Some(Err(e)) => return Err(bad(role, d, e)),
+                None => {
+                    return Err(RunError::BadConfig(format!(
+                        "{role}_data {} is empty",
+                        d.display()
+                    )))
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+        for (role, d, want) in [
+            ("query", c.query_data.as_ref(), Modality::Text),
+            ("index", c.index_data.as_ref(), Modality::Image),
+        ] {
+            let Some(d) = d else { continue };
+            let file = self.datasets.data_file(&d.to_string_lossy())?;
+            match open_labeled(&file, want)
+                .map_err(|e| bad(role, d, e))?
+                .next()
+            {
+                Some(Err(e)) => return Err(bad(role, d, e)),
+                None => {
+                    return Err(RunError::BadConfig(format!(
+                        "{role}_data {} is empty",
+                        d.display()
+                    )))
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+        Ok(())
     }
 
     fn data_names(&self, c: &FitConfig) -> Vec<String> {

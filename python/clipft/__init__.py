@@ -1,0 +1,639 @@
+"""clipft: Finetuner's Python API for CLIP, on clipft's Rust core.
+
+A Finetuner notebook runs with one changed line, ``import clipft as finetuner``:
+
+>>> import clipft as finetuner
+>>> finetuner.login()                      # runs train in this process
+>>> run = finetuner.fit(model='openai/clip-vit-base-patch32', train_data=train_da,
+...                     epochs=5, learning_rate=1e-5, loss='CLIPLoss')
+>>> for line in run.stream_logs(): print(line)
+>>> artifact = run.save_artifact('clip-model')
+>>> model = finetuner.get_model(artifact, select_model='clip-text')
+>>> finetuner.encode(model, test_da)       # fills test_da.embeddings
+
+Where runs go: ``login(trainer='grpc://host:8081', token=...)`` (or ``CLIPFT_TRAINER`` /
+``CLIPFT_AUTH_TOKEN``) sends them to a ``clipft trainer``; otherwise they train in this process,
+in the background, on the same trainer code, with their records in a run registry under the
+user's data folder (``CLIPFT_DATA_DIR`` or ``login(data_dir=...)``), so ``get_run`` finds them
+after Python restarts and an interrupted run resumes from its last checkpoint.
+"""
+
+import atexit
+import json
+import os
+import sys
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+from . import _native
+from ._data import image_item, is_documents, text_item, write_docarray
+from .callback import (
+    BestModelCheckpoint,
+    EarlyStopping,
+    EvaluationCallback,
+    TrainingCheckpoint,
+    WandBLogger,
+    WiSEFTCallback,
+)
+from .exception import (
+    AlreadyExistsError,
+    AuthenticationError,
+    ClipftError,
+    FinetunerServerError,
+    NoSuchModel,
+    NotFoundError,
+    RunFailedError,
+    RunInProgressError,
+    RunPreparingError,
+    SelectModelRequired,
+    TrainerError,
+    UserNotLoggedInError,
+)
+from .run import Run
+
+__version__ = _native.core_version()
+
+_session = None  # where runs go now
+_local = None  # the in-process trainer, once started (kept while Python runs)
+
+CLIP_MODELS = ("clip-text", "clip-vision")
+
+
+def _default_data_dir() -> str:
+    env = os.environ.get("CLIPFT_DATA_DIR")
+    if env:
+        return env
+    if sys.platform == "darwin":
+        base = os.path.expanduser("~/Library/Application Support")
+    else:
+        base = os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")
+    return os.path.join(base, "clipft")
+
+
+def _shutdown() -> None:
+    """At exit: running local runs write a checkpoint and resume in the next session."""
+    global _local
+    if _local is not None:
+        try:
+            timeout = float(os.environ.get("CLIPFT_SHUTDOWN_TIMEOUT", "60"))
+        except ValueError:
+            timeout = 60.0
+        _local.shutdown(timeout)
+        _local = None
+
+
+atexit.register(_shutdown)
+
+
+def login(
+    token: Optional[str] = None,
+    trainer: Optional[str] = None,
+    force: bool = False,
+    interactive: Optional[bool] = None,
+    data_dir: Optional[str] = None,
+    tls_ca: Optional[str] = None,
+) -> None:
+    """Chooses where runs go.
+
+    :param token: the trainer's bearer token (its ``--auth-token``); default ``CLIPFT_AUTH_TOKEN``.
+    :param trainer: a ``clipft trainer`` address (``grpc://host:8081``, ``grpcs://`` for TLS);
+        default ``CLIPFT_TRAINER``. Without one, runs train in this process.
+    :param force, interactive: accepted for Finetuner code; there is no browser login.
+    :param data_dir: the local run registry (default ``CLIPFT_DATA_DIR``, else the user's data
+        folder, ``~/.local/share/clipft`` on Linux).
+    :param tls_ca: a CA certificate to trust for a ``grpcs://`` trainer (``CLIPFT_TLS_CA``).
+    """
+    global _session, _local
+    trainer = trainer or os.environ.get("CLIPFT_TRAINER") or None
+    token = token or os.environ.get("CLIPFT_AUTH_TOKEN") or None
+    if trainer:
+        ca = tls_ca or os.environ.get("CLIPFT_TLS_CA") or None
+        _session = _native.Session.remote(trainer, token, ca)
+        print(f"clipft: runs go to the trainer at {trainer}", file=sys.stderr)
+        return
+    wanted = os.path.abspath(data_dir or _default_data_dir())
+    if _local is not None and os.path.abspath(_local.data_dir) != wanted:
+        # One registry per process: runs of the old one stop at a checkpoint and resume when
+        # that registry is opened again.
+        _local.shutdown(60.0)
+        _local = None
+    if _local is None:
+        _local = _native.Session.local(
+            wanted,
+            device="auto",
+            checkpoint_seconds=int(os.environ.get("CLIPFT_CHECKPOINT_SECONDS", "300")),
+        )
+    _session = _local
+    print(f"clipft: runs train in this process; records in {wanted}", file=sys.stderr)
+
+
+def _get_session():
+    if _session is None:
+        login()
+    return _session
+
+
+# ---------------------------------------------------------------------------------------------
+# fit
+
+
+def _device(device: Optional[str], cpu: Optional[bool]) -> str:
+    """Finetuner's ``device`` / ``cpu`` as the trainer's device. ``cuda`` (and ``cpu=False``)
+    asked Finetuner's cloud for a GPU; here they mean the GPU where there is one."""
+    if device is not None:
+        if device in ("cpu", "auto") or device.startswith("cuda:"):
+            return device
+        if device in ("cuda", "gpu"):
+            return "auto"
+        raise ValueError(f"device {device!r} is not supported: use 'cuda', 'cuda:N', 'cpu' or 'auto'")
+    if cpu is not None:
+        return "cpu" if cpu else "auto"
+    return "auto"
+
+
+def _refuse(what: str, value: Any, why: str) -> None:
+    if value not in (None, False, {}, [], 0, 0.0):
+        raise ValueError(f"{what}={value!r} is not supported: {why}")
+
+
+def _hyper_parameters(
+    optimizer: str,
+    optimizer_options: Optional[Dict[str, Any]],
+    learning_rate: Optional[float],
+    scheduler: Optional[str],
+    scheduler_options: Optional[Dict[str, Any]],
+) -> Dict[str, Any]:
+    names = {"adam": "Adam", "adamw": "AdamW"}
+    if not isinstance(optimizer, str) or optimizer.lower() not in names:
+        raise ValueError(f"optimizer {optimizer!r} is not supported: use 'Adam' or 'AdamW'")
+    cfg: Dict[str, Any] = {"optimizer": names[optimizer.lower()]}
+    opts = dict(optimizer_options or {})
+    wd = opts.pop("weight_decay", 0.0)
+    if not isinstance(wd, (int, float)) or wd < 0:
+        raise ValueError(f"optimizer_options weight_decay must be a number >= 0, got {wd!r}")
+    cfg["weight_decay"] = float(wd)
+    if opts:
+        raise ValueError(
+            f"optimizer_options {sorted(opts)} are not supported (weight_decay is)"
+        )
+    # Finetuner: without a learning rate the optimiser's own default applies (torch's Adam and
+    # AdamW: 1e-3).
+    lr = 1e-3 if learning_rate is None else learning_rate
+    if not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
+    cfg["learning_rate"] = float(lr)
+    schedulers = {None: "constant", "constant": "constant", "constant_with_warmup": "constant",
+                  "linear": "linear", "cosine": "cosine"}
+    if scheduler not in schedulers:
+        raise ValueError(
+            f"scheduler {scheduler!r} is not supported: use None, 'constant', "
+            "'constant_with_warmup', 'linear' or 'cosine'"
+        )
+    cfg["scheduler"] = schedulers[scheduler]
+    sopts = dict(scheduler_options or {})
+    warmup = sopts.pop("num_warmup_steps", 0)
+    if not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"scheduler_options num_warmup_steps must be an int >= 0, got {warmup!r}")
+    cfg["warmup_steps"] = warmup
+    if sopts.pop("num_training_steps", "auto") != "auto":
+        raise ValueError("scheduler_options num_training_steps: only 'auto' (the whole run) is supported")
+    if sopts.pop("scheduler_step", "batch") != "batch":
+        raise ValueError("scheduler_options scheduler_step: only 'batch' is supported")
+    if sopts:
+        raise ValueError(f"scheduler_options {sorted(sopts)} are not supported")
+    return cfg
+
+
+def _callbacks(callbacks: Optional[Sequence[Any]]) -> Dict[str, Any]:
+    """The callbacks as run settings; the data of an EvaluationCallback is returned under
+    ``query_data`` / ``index_data`` for pushing."""
+    out: Dict[str, Any] = {"eval_every": 1}
+    seen = set()
+    for cb in callbacks or []:
+        kind = type(cb).__name__
+        if kind in seen:
+            raise ValueError(f"callbacks: {kind} given twice")
+        seen.add(kind)
+        if isinstance(cb, EvaluationCallback):
+            if cb.distance != "cosine":
+                raise ValueError("EvaluationCallback distance: only 'cosine' is supported")
+            for attr, want in (("model", "clip-text"), ("index_model", "clip-vision")):
+                got = getattr(cb, attr)
+                if got not in (None, want):
+                    raise ValueError(
+                        f"EvaluationCallback {attr}={got!r}: clipft evaluates text queries "
+                        "(clip-text) against an image index (clip-vision)"
+                    )
+            if not isinstance(cb.limit, int) or cb.limit < 1:
+                raise ValueError(f"EvaluationCallback limit must be a positive int, got {cb.limit!r}")
+            out["query_data"] = cb.query_data
+            out["index_data"] = cb.index_data if cb.index_data is not None else cb.query_data
+            out["limit"] = cb.limit
+        elif isinstance(cb, BestModelCheckpoint):
+            out["best_model"] = {"name": cb.monitor, "mode": _mode(cb.mode)}
+        elif isinstance(cb, EarlyStopping):
+            if not isinstance(cb.patience, int) or cb.patience < 1:
+                raise ValueError(f"EarlyStopping patience must be an int >= 1, got {cb.patience!r}")
+            out["early_stopping"] = {
+                "monitor": {"name": cb.monitor, "mode": _mode(cb.mode)},
+                "patience": cb.patience,
+                "min_delta": float(cb.min_delta),
+                "baseline": cb.baseline,
+            }
+        elif isinstance(cb, TrainingCheckpoint):
+            if cb.checkpoint_seconds is not None:
+                out["checkpoint_seconds"] = int(cb.checkpoint_seconds)
+        elif isinstance(cb, WiSEFTCallback):
+            if not 0.0 <= float(cb.alpha) <= 1.0:
+                raise ValueError(f"WiSEFTCallback alpha must be within [0, 1], got {cb.alpha!r}")
+            if cb.keys_to_ignore:
+                raise ValueError("WiSEFTCallback keys_to_ignore is not supported")
+            out["wise_ft_alpha"] = float(cb.alpha)
+        elif isinstance(cb, WandBLogger):
+            raise ValueError("WandBLogger is not supported: follow runs with run.stream_logs() and the trainer's Prometheus metrics")
+        else:
+            raise ValueError(f"callback {cb!r} is not one of clipft.callback's")
+    for key in ("best_model", "early_stopping"):
+        monitor = out.get(key, {}).get("name") or out.get(key, {}).get("monitor", {}).get("name")
+        if monitor and monitor not in ("train_loss", "val_loss") and "query_data" not in out:
+            raise ValueError(f"{key} monitors {monitor!r}, a retrieval metric: add an EvaluationCallback")
+    return out
+
+
+def _mode(mode: str) -> str:
+    if mode not in ("auto", "min", "max"):
+        raise ValueError(f"mode {mode!r}: use 'auto', 'min' or 'max'")
+    return mode
+
+
+def _push(session, value: Any, role: str, run_name: str, pushed: List[str], names: List[str]) -> str:
+    """The dataset name for ``value``: a DocumentArray or a local file is pushed as
+    ``<run>-<role>``; any other string must name a dataset on the trainer."""
+    ds = f"{run_name}-{role}"
+    if is_documents(value):
+        with tempfile.TemporaryDirectory(prefix="clipft-") as tmp:
+            path = os.path.join(tmp, f"{role}.protobuf")
+            if write_docarray(value, path) == 0:
+                raise ValueError(f"{role}_data is an empty DocumentArray")
+            session.push_dataset(ds, path, True)
+        pushed.append(ds)
+        return ds
+    if isinstance(value, (str, os.PathLike)):
+        p = os.fspath(value)
+        if os.path.isfile(p):
+            session.push_dataset(ds, p, True)
+            pushed.append(ds)
+            return ds
+        if p in names:
+            return p
+        raise ValueError(
+            f"{role}_data {p!r} is neither a file nor a dataset on the trainer "
+            f"(datasets: {', '.join(names) or 'none'})"
+        )
+    raise TypeError(
+        f"{role}_data must be a DocumentArray, a CSV or docarray file path, or a dataset name; got {type(value).__name__}"
+    )
+
+
+def fit(
+    model: str,
+    train_data: Any,
+    eval_data: Any = None,
+    val_split: float = 0.0,
+    model_artifact: Optional[str] = None,
+    run_name: Optional[str] = None,
+    description: Optional[str] = None,
+    experiment_name: Optional[str] = None,
+    model_options: Optional[Dict[str, Any]] = None,
+    loss: str = "CLIPLoss",
+    miner: Optional[str] = None,
+    miner_options: Optional[Dict[str, Any]] = None,
+    optimizer: str = "Adam",
+    optimizer_options: Optional[Dict[str, Any]] = None,
+    learning_rate: Optional[float] = None,
+    epochs: int = 5,
+    batch_size: Optional[int] = 64,
+    callbacks: Optional[List[Any]] = None,
+    scheduler: Optional[str] = None,
+    scheduler_options: Optional[Dict[str, Any]] = None,
+    freeze: bool = False,
+    output_dim: Optional[int] = None,
+    cpu: Optional[bool] = None,
+    device: Optional[str] = None,
+    num_workers: int = 4,
+    to_onnx: bool = False,
+    csv_options: Any = None,
+    public: bool = False,
+    num_items_per_class: int = 4,
+    sampler: str = "auto",
+    loss_options: Optional[Dict[str, Any]] = None,
+    loss_optimizer: Optional[str] = None,
+    loss_optimizer_options: Optional[Dict[str, Any]] = None,
+    *,
+    seed: int = 0,
+    shuffle: bool = True,
+    max_steps: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
+    dtype: str = "auto",
+) -> Run:
+    """Fine-tunes CLIP with CLIPLoss and returns the :class:`Run` at once; it trains in the
+    background (in this process, or on the trainer given to :func:`login`).
+
+    Finetuner's arguments, defaults and meaning. ``train_data`` / ``eval_data`` (validation loss)
+    take a DocumentArray of parent Documents each holding a text chunk and an image chunk (blob,
+    tensor or uri), a CSV (caption, image path) or docarray file path, or a pushed dataset's name.
+    Without ``learning_rate`` the optimiser's default (1e-3) applies, as in Finetuner; CLIP is
+    usually tuned at 1e-6 to 1e-5. ``device='cuda'`` / ``cpu=False`` train on the GPU where there
+    is one. What clipft cannot honour (another loss, a miner, ONNX export, an output_dim head,
+    ...) raises ValueError before anything runs. Keyword-only extras: ``seed``, ``shuffle``,
+    ``max_steps``, ``max_grad_norm`` and ``dtype`` (``auto``: bf16 on a GPU, f32 on the CPU).
+    """
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError("model is required: a backbone name such as 'openai/clip-vit-base-patch32'")
+    why = _native.unsupported_backbone(model)
+    if why:
+        raise ValueError(why)
+    if loss != "CLIPLoss":
+        raise ValueError(f"loss {loss!r} is not supported: clipft fine-tunes CLIP with 'CLIPLoss'")
+    _refuse("loss_options", loss_options, "CLIPLoss takes no options")
+    _refuse("miner", miner, "CLIPLoss uses every in-batch pair; there is nothing to mine")
+    _refuse("miner_options", miner_options, "there is no miner")
+    _refuse("loss_optimizer", loss_optimizer, "CLIPLoss has no parameters of its own besides the logit scale")
+    _refuse("loss_optimizer_options", loss_optimizer_options, "there is no loss optimiser")
+    _refuse("model_artifact", model_artifact, "training starts from a backbone (give it as model)")
+    _refuse("model_options", model_options, "CLIP backbones take no options")
+    _refuse("output_dim", output_dim, "the artifact keeps CLIP's projection width")
+    _refuse("to_onnx", to_onnx, "artifacts hold safetensors; serve them with `clipft executor`")
+    _refuse("csv_options", csv_options, "CSVs are read as Finetuner's defaults read them (two columns, images by path or URL)")
+    _refuse("val_split", val_split, "give the validation pairs as eval_data")
+    if not isinstance(epochs, int) or not 1 <= epochs < 50:
+        raise ValueError(f"epochs must be an int in [1, 50), got {epochs!r}")
+    if batch_size is None:
+        batch_size = 64
+    if not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"batch_size must be an int >= 2, got {batch_size!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    if dtype not in ("auto", "f32", "bf16", "f16"):
+        raise ValueError(f"dtype {dtype!r}: use 'auto', 'f32', 'bf16' or 'f16'")
+    config: Dict[str, Any] = {"model": model, "epochs": epochs, "batch_size": batch_size}
+    config.update(_hyper_parameters(optimizer, optimizer_options, learning_rate, scheduler, scheduler_options))
+    config["device"] = _device(device, cpu)
+    config["freeze"] = ["backbone"] if freeze else []
+    config["seed"] = int(seed)
+    config["shuffle"] = bool(shuffle)
+    config["dtype"] = dtype
+    if max_steps is not None:
+        config["max_steps"] = int(max_steps)
+    if max_grad_norm is not None:
+        config["max_grad_norm"] = float(max_grad_norm)
+    cb = _callbacks(callbacks)
+    data = {"train": train_data, "eval": eval_data,
+            "query": cb.pop("query_data", None), "index": cb.pop("index_data", None)}
+    config.update(cb)
+    if eval_data is None:
+        for key in ("best_model", "early_stopping"):
+            m = config.get(key) or {}
+            if (m.get("name") or m.get("monitor", {}).get("name")) == "val_loss":
+                raise ValueError(f"{key} monitors 'val_loss', which needs eval_data (or monitor 'train_loss')")
+    if data["query"] is None:
+        config["eval_every"] = 0
+
+    session = _get_session()
+    if run_name is None:
+        run_name = _native.random_run_name()
+    if not _native.is_safe_name(run_name):
+        raise ValueError(
+            f"run_name {run_name!r}: use letters, digits, '-', '_' and '.', at most 128, not starting with '.'"
+        )
+    try:
+        session.get_run(run_name)
+    except NotFoundError:
+        pass
+    else:
+        raise AlreadyExistsError(f"run {run_name!r} already exists; choose another run_name or delete_run it")
+    names = [d["name"] for d in json.loads(session.list_datasets())]
+    pushed: List[str] = []
+    try:
+        for role, value in data.items():
+            if value is not None:
+                config[f"{role}_data"] = _push(session, value, role, run_name, pushed, names)
+        record = json.loads(session.create_run(run_name, json.dumps(config)))
+    except BaseException:
+        for ds in pushed:
+            try:
+                session.delete_dataset(ds)
+            except ClipftError:
+                pass
+        raise
+    return Run(session, record)
+
+
+create_run = fit
+create_training_run = fit
+
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+
+def get_run(run_name: str, experiment_name: Optional[str] = None) -> Run:
+    """The run called ``run_name`` (local runs of earlier Python sessions included)."""
+    session = _get_session()
+    return Run(session, json.loads(session.get_run(run_name)))
+
+
+def list_runs(experiment_name: Optional[str] = None, page: int = 1, size: int = 50) -> List[Run]:
+    """Every run, oldest first (``page`` / ``size`` as Finetuner 0.8 paged them)."""
+    session = _get_session()
+    runs = [Run(session, r) for r in json.loads(session.list_runs())]
+    if page < 1 or size < 1:
+        raise ValueError("page and size start at 1")
+    return runs[(page - 1) * size : page * size]
+
+
+def delete_run(run_name: str, experiment_name: Optional[str] = None) -> None:
+    """Deletes a run that is not training (cancel it first), with its logs and artifact."""
+    _get_session().delete_run(run_name)
+
+
+def delete_runs(experiment_name: Optional[str] = None) -> None:
+    """Deletes every run that is not training."""
+    session = _get_session()
+    for r in json.loads(session.list_runs()):
+        if r["status"] != "STARTED":
+            session.delete_run(r["name"])
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def list_models() -> List[str]:
+    """The backbones clipft knows by name (any CLIP checkpoint in Hugging Face layout loads)."""
+    return [b["name"] for b in _native.backbones()]
+
+
+def describe_models(task: Optional[str] = None) -> None:
+    """Prints the backbones: name, task, output_dim, architecture, description."""
+    rows = [b for b in _native.backbones() if task in (None, b["task"])]
+    title = "clipft backbones" + (f": {task}" if task else "")
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # pragma: no cover - rich comes with docarray
+        print(title)
+        for b in rows:
+            print(f"{b['name']:<36} {b['task']:<14} {b['output_dim']:>6} {b['architecture']:<12} {b['description']}")
+        return
+    table = Table(title=title)
+    for col in ("name", "task", "output_dim", "architecture", "description"):
+        table.add_column(col)
+    for b in rows:
+        desc = b["description"] + (f" (Finetuner: {b['display_name']})" if b["display_name"] else "")
+        table.add_row(b["name"], b["task"], str(b["output_dim"]), b["architecture"], desc)
+    Console().print(table)
+
+
+def list_callbacks() -> Dict[str, type]:
+    """The callback classes ``fit`` takes."""
+    return {c.__name__: c for c in (EvaluationCallback, BestModelCheckpoint, EarlyStopping,
+                                     TrainingCheckpoint, WiSEFTCallback)}
+
+
+class InferenceEngine:
+    """One submodel loaded for :func:`encode`: ``select_model``, ``batch_size``, ``device``."""
+
+    def __init__(self, native, batch_size: int):
+        self._native = native
+        self.batch_size = batch_size
+
+    @property
+    def select_model(self) -> str:
+        return self._native.select_model
+
+    @property
+    def device(self) -> str:
+        return self._native.device
+
+    @property
+    def output_dim(self) -> int:
+        return self._native.output_dim
+
+    def __repr__(self) -> str:
+        return f"InferenceEngine({self._native.source!r}, select_model={self.select_model!r}, device={self.device!r})"
+
+
+def _load(spec: str, select_model: Optional[str], batch_size: int, device: Optional[str],
+          is_onnx: bool, backbone: Optional[str] = None) -> InferenceEngine:
+    if is_onnx:
+        raise ValueError("is_onnx=True: clipft artifacts hold safetensors, not ONNX")
+    if select_model is None:
+        raise SelectModelRequired(
+            f"{spec} is a CLIP model with two submodels: pass select_model='clip-text' or 'clip-vision'"
+        )
+    if select_model not in CLIP_MODELS:
+        raise NoSuchModel(f"{spec} has no model {select_model!r}: it holds clip-text and clip-vision")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    dev = device or "auto"
+    native = _native.Model.load(os.fspath(spec), select_model, dev, "auto", backbone)
+    return InferenceEngine(native, batch_size)
+
+
+def get_model(
+    artifact: str,
+    token: Optional[str] = None,
+    batch_size: int = 32,
+    select_model: Optional[str] = None,
+    device: Optional[str] = None,
+    logging_level: str = "WARNING",
+    is_onnx: bool = False,
+    backbone: Optional[str] = None,
+) -> InferenceEngine:
+    """Loads one submodel for :func:`encode`: ``artifact`` is a ``save_artifact`` zip, an
+    artifact folder (clipft's or Finetuner's; ``backbone`` names the base model of a Finetuner
+    artifact whose metadata does not), a Hugging Face folder or a hub repo id. A CLIP model
+    needs ``select_model`` (``'clip-text'`` or ``'clip-vision'``). ``device``: None picks the
+    GPU where there is one, else the CPU."""
+    return _load(os.fspath(artifact), select_model, batch_size, device, is_onnx, backbone)
+
+
+def build_model(
+    name: str,
+    model_options: Optional[Dict[str, Any]] = None,
+    batch_size: int = 32,
+    select_model: Optional[str] = None,
+    device: Optional[str] = None,
+    is_onnx: bool = False,
+) -> InferenceEngine:
+    """The pre-trained backbone ``name`` (a zero-shot baseline), as :func:`get_model` loads it."""
+    _refuse("model_options", model_options, "CLIP backbones take no options")
+    why = _native.unsupported_backbone(name)
+    if why:
+        raise ValueError(why)
+    return _load(name, select_model, batch_size, device, is_onnx)
+
+
+def encode(model: InferenceEngine, data: Any, batch_size: Optional[int] = None):
+    """Embeds ``data`` with ``model``, ``batch_size`` items per forward pass (the model's own,
+    32, by default).
+
+    A DocumentArray (or list of Documents) is filled in place (``.embeddings``) and returned:
+    texts for ``clip-text``, images (tensor, blob or uri) for ``clip-vision``. A list of strings
+    gives a float32 ``np.ndarray``: texts, or image paths/URIs for ``clip-vision``. Computation
+    runs in the Rust core with the GIL released; Ctrl-C stops between batches."""
+    import numpy as np
+
+    if not isinstance(model, InferenceEngine):
+        raise TypeError("model must come from get_model or build_model")
+    bs = batch_size or model.batch_size
+    if not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"batch_size must be a positive int, got {bs!r}")
+    native = model._native
+    text = model.select_model == "clip-text"
+    docs = is_documents(data)
+    if not docs:
+        if isinstance(data, str) or not isinstance(data, (list, tuple)) or not all(isinstance(x, str) for x in data):
+            raise TypeError("data must be a DocumentArray, a list of Documents or a list of str")
+    n = len(data)
+    out = np.empty((n, model.output_dim), dtype=np.float32)
+    for start in range(0, n, bs):
+        part = data[start : start + bs]
+        if text:
+            items = [text_item(d, f"data[{start + i}]") for i, d in enumerate(part)] if docs else list(part)
+            raw, rows, dim = native.encode_texts(items)
+        else:
+            items = [image_item(d, f"data[{start + i}]") for i, d in enumerate(part)] if docs else [("uri", u) for u in part]
+            raw, rows, dim = native.encode_images(items)
+        out[start : start + rows] = np.frombuffer(raw, dtype="<f4").reshape(rows, dim)
+    if not docs:
+        return out
+    from docarray import DocumentArray
+
+    if isinstance(data, DocumentArray):
+        data.embeddings = out
+    else:
+        for d, e in zip(data, out):
+            d.embedding = e
+    return data
+
+
+def cos_sim(a, b) -> float:
+    """Cosine similarity of two vectors."""
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+__all__ = [
+    "login", "fit", "create_run", "create_training_run", "get_run", "list_runs", "delete_run",
+    "delete_runs", "list_models", "describe_models", "list_callbacks", "get_model", "build_model",
+    "encode", "cos_sim", "Run", "InferenceEngine",
+    "EvaluationCallback", "BestModelCheckpoint", "EarlyStopping", "TrainingCheckpoint",
+    "WiSEFTCallback", "WandBLogger",
+    "ClipftError", "TrainerError", "FinetunerServerError", "AuthenticationError", "NotFoundError",
+    "AlreadyExistsError", "RunPreparingError", "RunInProgressError", "RunFailedError",
+    "SelectModelRequired", "NoSuchModel", "UserNotLoggedInError",
+]

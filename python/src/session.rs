@@ -1,0 +1,393 @@
+//! A connection to a trainer: `clipft trainer` at an address, or the same service started in
+//! this process over a local run registry. Answers go to Python as JSON text (the Python layer
+//! turns them into Finetuner's dicts), so the wire types stay on this side.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pyo3::prelude::*;
+use serde_json::{json, Value};
+
+use clipft::protocol::trainer as pb;
+use clipft::trainer::client::{self, Client};
+use clipft::trainer::runs::{Registry, RunnerOptions};
+use clipft::trainer::service::{serve, TrainerServerConfig};
+
+use crate::{client_error, status_error, wait, ClipftError};
+
+/// The trainer service this process runs for local runs, and how to stop it.
+struct LocalTrainer {
+    data_dir: PathBuf,
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    served: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Where runs go: a trainer client, and the in-process trainer behind it when local.
+#[pyclass(module = "clipft._native", frozen)]
+pub struct Session {
+    client: Client,
+    address: String,
+    local: Option<Arc<LocalTrainer>>,
+}
+
+fn run_json(r: &pb::Run) -> Value {
+    let p = r.progress.unwrap_or_default();
+    let config: Value = serde_json::from_str(&r.config_json).unwrap_or(Value::Null);
+    json!({
+        "name": r.name,
+        "status": client::state_word(r.state),
+        "details": r.details,
+        "config": config,
+        "created_unix": r.created_unix,
+        "started_unix": (r.started_unix != 0).then_some(r.started_unix),
+        "finished_unix": (r.finished_unix != 0).then_some(r.finished_unix),
+        "progress": {
+            "step": p.step, "total_steps": p.total_steps, "epoch": p.epoch,
+            "epochs": p.epochs, "loss": p.loss,
+        },
+    })
+}
+
+fn dataset_json(d: &pb::Dataset) -> Value {
+    json!({"name": d.name, "bytes": d.bytes, "items": d.items, "created_unix": d.created_unix})
+}
+
+impl Session {
+    fn client(&self) -> Client {
+        self.client.clone()
+    }
+}
+
+#[pymethods]
+impl Session {
+    /// Starts the trainer service in this process over the run registry in `data_dir`
+    /// (created if missing), listening on a free loopback port with a random token, and
+    /// connects to it. Unfinished runs found there are queued and resume.
+    #[staticmethod]
+    #[pyo3(signature = (data_dir, device="auto", checkpoint_seconds=300, max_concurrent=1))]
+    fn local(
+        py: Python<'_>,
+        data_dir: PathBuf,
+        device: &str,
+        checkpoint_seconds: u64,
+        max_concurrent: usize,
+    ) -> PyResult<Self> {
+        std::fs::create_dir_all(&data_dir).map_err(|e| {
+            ClipftError::new_err(format!("run registry {}: {e}", data_dir.display()))
+        })?;
+        let opts = RunnerOptions {
+            data_dir: data_dir.clone(),
+            max_concurrent,
+            device: device.to_string(),
+            checkpoint_seconds,
+            max_dataset_bytes: 16 << 30,
+        };
+        let reg = py
+            .detach(|| Registry::open(opts))
+            .map_err(|e| match e {
+                clipft::trainer::runs::RunError::BadConfig(_) => ClipftError::new_err(format!(
+                    "the run registry {} is in use by another process (another Python session or a `clipft trainer --data-dir` there); \
+                     finish that one, pass login(data_dir=...) / CLIPFT_DATA_DIR, or send runs to that trainer with login(trainer=...)",
+                    data_dir.display()
+                )),
+                other => ClipftError::new_err(format!("run registry {}: {other}", data_dir.display())),
+            })?;
+        let token: String = {
+            use rand::Rng;
+            let mut rng = rand::thread_rng();
+            (0..32)
+                .map(|_| char::from(b"0123456789abcdef"[rng.gen_range(0..16)]))
+                .collect()
+        };
+        let listener = wait(py, tokio::net::TcpListener::bind("127.0.0.1:0"))?
+            .map_err(|e| ClipftError::new_err(format!("cannot listen on loopback: {e}")))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| ClipftError::new_err(e.to_string()))?
+            .port();
+        let config = TrainerServerConfig {
+            auth_token: Some(token.clone()),
+            max_message_bytes: 64 << 20,
+            shutdown_timeout: Duration::from_secs(60),
+            tls: None,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let rt = crate::runtime()?;
+        let served = rt.spawn(async move {
+            let stop = async move {
+                let _ = stop_rx.await;
+            };
+            if let Err(e) = serve(reg, config, listener, stop).await {
+                tracing::error!("the local trainer stopped: {e}");
+            }
+        });
+        let address = format!("grpc://127.0.0.1:{port}");
+        let client =
+            wait(py, client::connect(&address, Some(&token), None))?.map_err(client_error)?;
+        Ok(Self {
+            client,
+            address,
+            local: Some(Arc::new(LocalTrainer {
+                data_dir,
+                stop: Mutex::new(Some(stop_tx)),
+                served: Mutex::new(Some(served)),
+            })),
+        })
+    }
+
+    /// Connects to `clipft trainer` at `address` (`grpc://` or `grpcs://host:port`), sending
+    /// `token` as its bearer token and trusting `ca` besides the system roots for TLS.
+    #[staticmethod]
+    #[pyo3(signature = (address, token=None, ca=None))]
+    fn remote(
+        py: Python<'_>,
+        address: &str,
+        token: Option<String>,
+        ca: Option<PathBuf>,
+    ) -> PyResult<Self> {
+        let client = wait(
+            py,
+            client::connect(address, token.as_deref(), ca.as_deref()),
+        )?
+        .map_err(client_error)?;
+        let s = Self {
+            client,
+            address: address.to_string(),
+            local: None,
+        };
+        // A wrong token or a closed port shows at login, not at the first run.
+        let mut c = s.client();
+        wait(py, async move { c.list_runs(pb::ListRunsRequest {}).await })?
+            .map_err(|e| status_error(&e))?;
+        Ok(s)
+    }
+
+    /// The trainer's address (a loopback one for local runs).
+    #[getter]
+    fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// The local run registry's folder; None for a remote trainer.
+    #[getter]
+    fn data_dir(&self) -> Option<PathBuf> {
+        self.local.as_ref().map(|l| l.data_dir.clone())
+    }
+
+    /// Packs a local dataset file (CSV with its images, or a docarray file, local image URIs
+    /// inlined) and stores it on the trainer as `name`. Returns the dataset as JSON.
+    #[pyo3(signature = (name, path, overwrite=true))]
+    fn push_dataset(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        path: PathBuf,
+        overwrite: bool,
+    ) -> PyResult<String> {
+        let mut c = self.client();
+        let d = wait(py, async move {
+            client::push_dataset(&mut c, name, &path, overwrite).await
+        })?
+        .map_err(client_error)?;
+        Ok(dataset_json(&d).to_string())
+    }
+
+    /// The trainer's datasets as a JSON list.
+    fn list_datasets(&self, py: Python<'_>) -> PyResult<String> {
+        let mut c = self.client();
+        let r = wait(py, async move {
+            c.list_datasets(pb::ListDatasetsRequest {}).await
+        })?
+        .map_err(|e| status_error(&e))?;
+        Ok(Value::from_iter(r.into_inner().datasets.iter().map(dataset_json)).to_string())
+    }
+
+    fn delete_dataset(&self, py: Python<'_>, name: String) -> PyResult<()> {
+        let mut c = self.client();
+        wait(py, async move {
+            c.delete_dataset(pb::DeleteDatasetRequest { name }).await
+        })?
+        .map_err(|e| status_error(&e))?;
+        Ok(())
+    }
+
+    /// Queues a run; `config_json` holds `clipft fit`'s fields with data fields naming
+    /// datasets. Returns the run as JSON.
+    fn create_run(&self, py: Python<'_>, name: String, config_json: String) -> PyResult<String> {
+        let mut c = self.client();
+        let r = wait(py, async move {
+            c.create_run(pb::CreateRunRequest { name, config_json })
+                .await
+        })?
+        .map_err(|e| status_error(&e))?;
+        Ok(run_json(&r.into_inner()).to_string())
+    }
+
+    fn get_run(&self, py: Python<'_>, name: String) -> PyResult<String> {
+        let mut c = self.client();
+        let r = wait(
+            py,
+            async move { c.get_run(pb::GetRunRequest { name }).await },
+        )?
+        .map_err(|e| status_error(&e))?;
+        Ok(run_json(&r.into_inner()).to_string())
+    }
+
+    fn list_runs(&self, py: Python<'_>) -> PyResult<String> {
+        let mut c = self.client();
+        let r = wait(py, async move { c.list_runs(pb::ListRunsRequest {}).await })?
+            .map_err(|e| status_error(&e))?;
+        Ok(Value::from_iter(r.into_inner().runs.iter().map(run_json)).to_string())
+    }
+
+    fn cancel_run(&self, py: Python<'_>, name: String) -> PyResult<String> {
+        let mut c = self.client();
+        let r = wait(py, async move {
+            c.cancel_run(pb::CancelRunRequest { name }).await
+        })?
+        .map_err(|e| status_error(&e))?;
+        Ok(run_json(&r.into_inner()).to_string())
+    }
+
+    fn delete_run(&self, py: Python<'_>, name: String) -> PyResult<()> {
+        let mut c = self.client();
+        wait(py, async move {
+            c.delete_run(pb::DeleteRunRequest { name }).await
+        })?
+        .map_err(|e| status_error(&e))?;
+        Ok(())
+    }
+
+    /// The run's log from byte `offset` as far as it is written: `(text, next_offset)`.
+    #[pyo3(signature = (name, offset=0))]
+    fn read_logs(&self, py: Python<'_>, name: String, offset: u64) -> PyResult<(String, u64)> {
+        let mut c = self.client();
+        wait(py, async move {
+            let mut stream = c
+                .stream_logs(pb::StreamLogsRequest {
+                    name,
+                    follow: false,
+                    offset,
+                })
+                .await?
+                .into_inner();
+            let (mut text, mut at) = (String::new(), offset);
+            while let Some(chunk) = stream.message().await? {
+                text.push_str(&chunk.text);
+                at = chunk.offset;
+            }
+            Ok::<_, tonic::Status>((text, at))
+        })?
+        .map_err(|e| status_error(&e))
+    }
+
+    /// Follows the run's log from the start until the run ends: an iterator of
+    /// `(text, status word)` chunks of whole lines.
+    fn follow_logs(&self, name: String) -> PyResult<LogFollower> {
+        let mut c = self.client();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = crate::runtime()?.spawn(async move {
+            let mut on_chunk = |chunk: &pb::LogChunk| {
+                let item = Ok((
+                    chunk.text.clone(),
+                    client::state_word(chunk.state).to_string(),
+                ));
+                match tx.send(item) {
+                    Ok(()) => std::ops::ControlFlow::Continue(()),
+                    Err(_) => std::ops::ControlFlow::Break(()),
+                }
+            };
+            if let Err(e) = client::stream_logs(&mut c, &name, true, &mut on_chunk).await {
+                let _ = tx.send(Err(e));
+            }
+        });
+        Ok(LogFollower {
+            rx: tokio::sync::Mutex::new(rx),
+            task,
+        })
+    }
+
+    /// before/after/per-epoch retrieval metrics as JSON.
+    fn metrics(&self, py: Python<'_>, name: String) -> PyResult<String> {
+        let mut c = self.client();
+        let m = wait(py, async move {
+            c.get_metrics(pb::GetMetricsRequest { name }).await
+        })?
+        .map_err(|e| status_error(&e))?
+        .into_inner();
+        let epochs: Vec<Value> = m
+            .epochs
+            .iter()
+            .map(|e| json!({"epoch": e.epoch, "metrics": e.metrics}))
+            .collect();
+        Ok(json!({"before": m.before, "after": m.after, "epochs": epochs}).to_string())
+    }
+
+    /// Downloads the finished run's artifact as the zip `dest`; returns its path.
+    fn download_artifact(&self, py: Python<'_>, name: String, dest: PathBuf) -> PyResult<PathBuf> {
+        let mut c = self.client();
+        wait(py, async move {
+            client::download_artifact_zip(&mut c, &name, &dest, &mut |_, _| {}).await
+        })?
+        .map_err(client_error)
+    }
+
+    /// Stops the local trainer: running runs write a checkpoint (within `timeout` seconds) and
+    /// resume in the next session. Nothing for a remote trainer.
+    #[pyo3(signature = (timeout=60.0))]
+    fn shutdown(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let Some(local) = &self.local else {
+            return Ok(());
+        };
+        if let Some(stop) = local.stop.lock().ok().and_then(|mut s| s.take()) {
+            let _ = stop.send(());
+        }
+        let served = local.served.lock().ok().and_then(|mut s| s.take());
+        if let Some(h) = served {
+            let limit = Duration::from_secs_f64(timeout.max(0.0) + 5.0);
+            let _ = wait(py, async move { tokio::time::timeout(limit, h).await })?;
+        }
+        Ok(())
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.local {
+            Some(l) => format!("Session(local, {})", l.data_dir.display()),
+            None => format!("Session({})", self.address),
+        }
+    }
+}
+
+/// A followed log: `(text, status)` chunks until the run ends; dropping it stops following
+/// (the run goes on).
+#[pyclass(module = "clipft._native")]
+pub struct LogFollower {
+    rx: tokio::sync::Mutex<
+        tokio::sync::mpsc::UnboundedReceiver<Result<(String, String), client::ClientError>>,
+    >,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[pymethods]
+impl LogFollower {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<(String, String)>> {
+        let rx = &self.rx;
+        let next = wait(py, async move { rx.lock().await.recv().await })?;
+        match next {
+            None => Ok(None),
+            Some(Ok(item)) => Ok(Some(item)),
+            Some(Err(e)) => Err(client_error(e)),
+        }
+    }
+}
+
+impl Drop for LogFollower {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

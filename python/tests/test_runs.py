@@ -1,0 +1,165 @@
+"""Runs across sessions, interruption, and the error cases."""
+
+import os
+import signal
+import textwrap
+import time
+
+import pytest
+from docarray import Document, DocumentArray
+
+import clipft as finetuner
+from clipft.callback import EvaluationCallback
+
+from conftest import DEMO, TINY, run_python
+
+TRAIN = os.path.join(DEMO, "train.csv")
+
+
+def test_a_local_run_is_found_from_a_fresh_interpreter(tmp_path):
+    env = {"CLIPFT_DATA_DIR": str(tmp_path / "registry"), "CLIPFT_TRAINER": ""}
+    first = run_python(textwrap.dedent(f"""
+        import clipft as finetuner
+        run = finetuner.fit(model={TINY!r}, train_data={TRAIN!r}, epochs=1, learning_rate=1e-4,
+                            run_name="kept")
+        for line in run.stream_logs():
+            pass
+        print(run.status()["status"])
+    """), env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "FINISHED"
+    second = run_python(textwrap.dedent(f"""
+        import clipft as finetuner
+        run = finetuner.get_run("kept")
+        print(run.status()["status"], run.config["epochs"])
+        print(run.save_artifact({str(tmp_path / 'arts')!r}))
+    """), env)
+    assert second.returncode == 0, second.stderr
+    status, path = second.stdout.strip().splitlines()
+    assert status == "FINISHED 1"
+    assert os.path.isfile(path)
+
+
+def test_an_interrupted_local_run_resumes_in_the_next_session(tmp_path):
+    env = {"CLIPFT_DATA_DIR": str(tmp_path / "registry"), "CLIPFT_TRAINER": ""}
+    # The interpreter ends while the run trains: at exit the run writes a checkpoint.
+    first = run_python(textwrap.dedent(f"""
+        import clipft as finetuner
+        run = finetuner.fit(model={TINY!r}, train_data={TRAIN!r}, epochs=40, learning_rate=1e-4,
+                            run_name="long")
+        for line in run.stream_logs():
+            if " step " in line:
+                break
+        print(run.status()["status"])
+    """), env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "STARTED"
+    second = run_python(textwrap.dedent("""
+        import clipft as finetuner
+        run = finetuner.get_run("long")
+        lines = []
+        for line in run.stream_logs():
+            lines.append(line)
+            if "epoch 3:" in line:
+                break
+        text = "\\n".join(lines)
+        print("suspended at step" in text, "resuming" in text)
+        run.cancel()
+    """), env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == ["True", "True"]
+
+
+def test_ctrl_c_stops_stream_logs_not_the_run(tmp_path):
+    out = run_python(textwrap.dedent(f"""
+        import os, signal, threading
+        import clipft as finetuner
+        run = finetuner.fit(model={TINY!r}, train_data={TRAIN!r}, epochs=40, learning_rate=1e-4,
+                            run_name="watched")
+        threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        try:
+            for line in run.stream_logs():
+                pass
+            print("ended")
+        except KeyboardInterrupt:
+            print("interrupted", run.status()["status"])
+        run.cancel()
+    """), {"CLIPFT_DATA_DIR": str(tmp_path / "registry"), "CLIPFT_TRAINER": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "interrupted STARTED"
+    assert "goes on" in out.stderr
+
+
+def test_unsupported_settings_are_refused_before_anything_runs(registry):
+    for kwargs, words in [
+        ({"loss": "TripletMarginLoss"}, "CLIPLoss"),
+        ({"optimizer": "SGD"}, "Adam"),
+        ({"to_onnx": True}, "safetensors"),
+        ({"device": "tpu"}, "device"),
+        ({"scheduler": "polynomial"}, "scheduler"),
+        ({"optimizer_options": {"layer_wise_lr_decay": 0.98}}, "layer_wise_lr_decay"),
+        ({"epochs": 0}, "epochs"),
+        ({"callbacks": [EvaluationCallback(query_data="q", distance="euclidean")]}, "cosine"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            finetuner.fit(model=TINY, train_data=TRAIN, run_name="refused", **kwargs)
+    with pytest.raises(ValueError, match="open-clip"):
+        finetuner.fit(model="ViT-B-32::openai", train_data=TRAIN)
+    with pytest.raises(ValueError, match="neither a file nor a dataset"):
+        finetuner.fit(model=TINY, train_data="no-such-dataset")
+    with pytest.raises(ValueError, match="chunk|image|text"):
+        finetuner.fit(model=TINY, train_data=DocumentArray([Document(text="only text")]), run_name="bad-data")
+    assert finetuner.list_runs() == []
+    import json
+    assert json.loads(finetuner._get_session().list_datasets()) == []
+
+
+def test_select_model_is_required(registry):
+    with pytest.raises(finetuner.SelectModelRequired):
+        finetuner.get_model(TINY)
+    with pytest.raises(finetuner.NoSuchModel):
+        finetuner.get_model(TINY, select_model="clip-audio")
+    with pytest.raises(finetuner.SelectModelRequired):
+        finetuner.build_model(TINY)
+    model = finetuner.build_model(TINY, select_model="clip-text")
+    with pytest.raises(ValueError, match="no text"):
+        finetuner.encode(model, DocumentArray([Document(uri=os.path.join(DEMO, "images", "x.png"))]))
+    with pytest.raises(TypeError):
+        finetuner.encode(model, "a plain string")
+
+
+def test_unfinished_runs_have_no_artifact_and_queued_runs_no_logs(registry):
+    first = finetuner.fit(model=TINY, train_data=TRAIN, epochs=40, learning_rate=1e-4, run_name="first")
+    queued = finetuner.fit(model=TINY, train_data=TRAIN, epochs=1, learning_rate=1e-4, run_name="queued")
+    # One run trains at a time: the second waits.
+    assert queued.status()["status"] == "CREATED"
+    with pytest.raises(finetuner.RunPreparingError):
+        queued.logs()
+    with pytest.raises(finetuner.RunInProgressError):
+        queued.save_artifact()
+    with pytest.raises(finetuner.RunInProgressError):
+        first.save_artifact()
+    with pytest.raises(finetuner.AlreadyExistsError):
+        finetuner.fit(model=TINY, train_data=TRAIN, run_name="first")
+    queued.cancel()
+    first.cancel()
+    for _ in range(600):
+        if first.status()["status"] != "STARTED":
+            break
+        time.sleep(0.1)
+    assert first.status()["status"] == "CANCELED"
+    with pytest.raises(finetuner.RunFailedError):
+        first.save_artifact()
+    with pytest.raises(finetuner.NotFoundError):
+        finetuner.get_run("never-made")
+    finetuner.delete_run("first")
+    assert [r.name for r in finetuner.list_runs()] == ["queued"]
+
+
+def test_a_wrong_token_is_refused(trainer):
+    with pytest.raises(finetuner.AuthenticationError, match="token"):
+        finetuner.login(trainer=trainer.address, token="wrong")
+    with pytest.raises(finetuner.AuthenticationError):
+        finetuner.login(trainer=trainer.address)
+    finetuner.login(trainer=trainer.address, token=trainer.token)
+    assert finetuner.list_runs() == []
