@@ -70,16 +70,43 @@ def _default_data_dir() -> str:
     return os.path.join(base, "clipft")
 
 
+def _holds_registry(session) -> bool:
+    return session is not None and session.holder_pid == os.getpid()
+
+
+def _holder_alive(session) -> bool:
+    """Whether the Python process serving a shared local registry still runs."""
+    try:
+        os.kill(session.holder_pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _shutdown() -> None:
     """At exit: running local runs write a checkpoint and resume in the next session."""
     global _local
-    if _local is not None:
-        try:
-            timeout = float(os.environ.get("CLIPFT_SHUTDOWN_TIMEOUT", "60"))
-        except ValueError:
-            timeout = 60.0
-        _local.shutdown(timeout)
-        _local = None
+    if _local is None or not _holds_registry(_local):
+        return
+    try:
+        unfinished = [r["name"] for r in json.loads(_local.list_runs())
+                      if r["status"] in ("CREATED", "STARTED")]
+    except Exception:  # the registry is going away either way
+        unfinished = []
+    try:
+        timeout = float(os.environ.get("CLIPFT_SHUTDOWN_TIMEOUT", "60"))
+    except ValueError:
+        timeout = 60.0
+    _local.shutdown(timeout)
+    if unfinished:
+        print(
+            f"clipft: unfinished runs ({', '.join(unfinished)}) stopped at a checkpoint; they "
+            f"resume the next time Python uses the registry {_local.data_dir}",
+            file=sys.stderr,
+        )
+    _local = None
 
 
 atexit.register(_shutdown)
@@ -112,7 +139,10 @@ def login(
         print(f"clipft: runs go to the trainer at {trainer}", file=sys.stderr)
         return
     wanted = os.path.abspath(data_dir or _default_data_dir())
-    if _local is not None and os.path.abspath(_local.data_dir) != wanted:
+    if _local is not None and (
+        os.path.abspath(_local.data_dir) != wanted
+        or (not _holds_registry(_local) and not _holder_alive(_local))
+    ):
         # One registry per process: runs of the old one stop at a checkpoint and resume when
         # that registry is opened again.
         _local.shutdown(60.0)
@@ -124,12 +154,25 @@ def login(
             checkpoint_seconds=int(os.environ.get("CLIPFT_CHECKPOINT_SECONDS", "300")),
         )
     _session = _local
-    print(f"clipft: runs train in this process; records in {wanted}", file=sys.stderr)
+    if _holds_registry(_local):
+        print(f"clipft: runs train in this process; records in {wanted}", file=sys.stderr)
+    else:
+        # Another interpreter (a second notebook) holds the registry: runs go to its trainer
+        # and train there, until it exits.
+        print(
+            f"clipft: the registry {wanted} is held by Python process {_local.holder_pid}; "
+            "runs go to it and train there while it runs",
+            file=sys.stderr,
+        )
 
 
 def _get_session():
     if _session is None:
         login()
+    elif _session is _local and not _holds_registry(_local) and not _holder_alive(_local):
+        # The interpreter that held the local registry has gone: this one takes it over (its
+        # unfinished runs resume here).
+        login(data_dir=_local.data_dir)
     return _session
 
 

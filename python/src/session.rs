@@ -29,6 +29,55 @@ pub struct Session {
     client: Client,
     address: String,
     local: Option<Arc<LocalTrainer>>,
+    /// For a local registry: the process whose trainer serves it.
+    pid: Option<u32>,
+    /// The registry another Python session holds, when this one sends its runs there.
+    shared: Option<PathBuf>,
+}
+
+/// `<data-dir>/local-trainer.json`: where the Python session holding a registry serves it, so
+/// a second interpreter on the same registry sends its calls there instead of failing on the
+/// lock. Readable by the owner only (it holds the bearer token).
+const HOLDER_FILE: &str = "local-trainer.json";
+
+fn write_holder(data_dir: &std::path::Path, address: &str, token: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = data_dir.join(format!(".{HOLDER_FILE}.{}", std::process::id()));
+    let body = json!({"address": address, "token": token, "pid": std::process::id()});
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(body.to_string().as_bytes())?;
+    drop(f);
+    std::fs::rename(&tmp, data_dir.join(HOLDER_FILE))
+}
+
+/// Starts nothing: connects to the trainer of the Python session holding `data_dir`, if
+/// it says where it is and answers.
+fn join_holder(py: Python<'_>, data_dir: PathBuf) -> Option<Session> {
+    let raw = std::fs::read_to_string(data_dir.join(HOLDER_FILE)).ok()?;
+    let v: Value = serde_json::from_str(&raw).ok()?;
+    let (address, token) = (v["address"].as_str()?, v["token"].as_str()?);
+    let mut s = Session::remote(py, address, Some(token.to_string()), None).ok()?;
+    s.pid = v["pid"].as_u64().and_then(|p| u32::try_from(p).ok());
+    s.shared = Some(data_dir);
+    Some(s)
+}
+
+/// Removes the holder file if this process wrote it.
+fn remove_holder(data_dir: &std::path::Path) {
+    let path = data_dir.join(HOLDER_FILE);
+    let ours = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| serde_json::from_str::<Value>(&s).ok())
+        .is_some_and(|v| v["pid"] == json!(std::process::id()));
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 fn run_json(r: &pb::Run) -> Value {
@@ -83,16 +132,27 @@ impl Session {
             checkpoint_seconds,
             max_dataset_bytes: 16 << 30,
         };
-        let reg = py
-            .detach(|| Registry::open(opts))
-            .map_err(|e| match e {
-                clipft::trainer::runs::RunError::BadConfig(_) => ClipftError::new_err(format!(
-                    "the run registry {} is in use by another process (another Python session or a `clipft trainer --data-dir` there); \
-                     finish that one, pass login(data_dir=...) / CLIPFT_DATA_DIR, or send runs to that trainer with login(trainer=...)",
+        let reg = match py.detach(|| Registry::open(opts)) {
+            Ok(reg) => reg,
+            Err(clipft::trainer::runs::RunError::BadConfig(_)) => {
+                // Another process holds the registry. If it is a Python session, it said where
+                // its trainer listens: runs are sent there (they train in that process).
+                return match join_holder(py, data_dir.clone()) {
+                    Some(s) => Ok(s),
+                    None => Err(ClipftError::new_err(format!(
+                        "the run registry {} is in use by another process (a `clipft trainer --data-dir` there); \
+                         stop it, pass login(data_dir=...) / CLIPFT_DATA_DIR, or send runs to that trainer with login(trainer=...)",
+                        data_dir.display()
+                    ))),
+                };
+            }
+            Err(other) => {
+                return Err(ClipftError::new_err(format!(
+                    "run registry {}: {other}",
                     data_dir.display()
-                )),
-                other => ClipftError::new_err(format!("run registry {}: {other}", data_dir.display())),
-            })?;
+                )))
+            }
+        };
         let token: String = {
             use rand::Rng;
             let mut rng = rand::thread_rng();
@@ -125,6 +185,9 @@ impl Session {
         let address = format!("grpc://127.0.0.1:{port}");
         let client =
             wait(py, client::connect(&address, Some(&token), None))?.map_err(client_error)?;
+        if let Err(e) = write_holder(&data_dir, &address, &token) {
+            tracing::warn!("other Python sessions cannot share this registry: {e}");
+        }
         Ok(Self {
             client,
             address,
@@ -133,7 +196,16 @@ impl Session {
                 stop: Mutex::new(Some(stop_tx)),
                 served: Mutex::new(Some(served)),
             })),
+            pid: Some(std::process::id()),
+            shared: None,
         })
+    }
+
+    /// The process whose trainer serves the local registry (this one, or the Python session
+    /// that held it first); None for a remote trainer.
+    #[getter]
+    fn holder_pid(&self) -> Option<u32> {
+        self.pid
     }
 
     /// Connects to `clipft trainer` at `address` (`grpc://` or `grpcs://host:port`), sending
@@ -155,6 +227,8 @@ impl Session {
             client,
             address: address.to_string(),
             local: None,
+            pid: None,
+            shared: None,
         };
         // A wrong token or a closed port shows at login, not at the first run.
         let mut c = s.client();
@@ -172,7 +246,10 @@ impl Session {
     /// The local run registry's folder; None for a remote trainer.
     #[getter]
     fn data_dir(&self) -> Option<PathBuf> {
-        self.local.as_ref().map(|l| l.data_dir.clone())
+        match &self.local {
+            Some(l) => Some(l.data_dir.clone()),
+            None => self.shared.clone(),
+        }
     }
 
     /// Packs a local dataset file (CSV with its images, or a docarray file, local image URIs
@@ -340,6 +417,7 @@ impl Session {
         let Some(local) = &self.local else {
             return Ok(());
         };
+        remove_holder(&local.data_dir);
         if let Some(stop) = local.stop.lock().ok().and_then(|mut s| s.take()) {
             let _ = stop.send(());
         }
@@ -352,9 +430,14 @@ impl Session {
     }
 
     fn __repr__(&self) -> String {
-        match &self.local {
-            Some(l) => format!("Session(local, {})", l.data_dir.display()),
-            None => format!("Session({})", self.address),
+        match (&self.local, &self.shared) {
+            (Some(l), _) => format!("Session(local, {})", l.data_dir.display()),
+            (None, Some(d)) => format!(
+                "Session(local, {}, held by process {})",
+                d.display(),
+                self.pid.unwrap_or_default()
+            ),
+            (None, None) => format!("Session({})", self.address),
         }
     }
 }

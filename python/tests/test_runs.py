@@ -163,3 +163,44 @@ def test_a_wrong_token_is_refused(trainer):
         finetuner.login(trainer=trainer.address)
     finetuner.login(trainer=trainer.address, token=trainer.token)
     assert finetuner.list_runs() == []
+
+
+def test_a_second_interpreter_shares_a_held_registry(tmp_path, monkeypatch):
+    """A registry held by one Python session (a notebook still open) is used by another through
+    the first one's trainer; once the first exits, the second takes the registry over."""
+    import subprocess
+    import sys
+
+    data_dir = tmp_path / "registry"
+    monkeypatch.delenv("CLIPFT_TRAINER", raising=False)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            import clipft as finetuner
+            finetuner.login(data_dir={str(data_dir)!r})
+            finetuner.fit(model={TINY!r}, train_data={TRAIN!r}, epochs=40, learning_rate=1e-4,
+                          run_name="shared")
+            print("ready", flush=True)
+            sys.stdin.readline()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        finetuner.login(data_dir=str(data_dir))
+        session = finetuner._get_session()
+        assert session.holder_pid == holder.pid
+        run = finetuner.get_run("shared")
+        assert run.status()["status"] in ("CREATED", "STARTED")
+        run.cancel()
+        for _ in range(600):
+            if run.status()["status"] == "CANCELED":
+                break
+            time.sleep(0.1)
+        assert run.status()["status"] == "CANCELED"
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=120)
+    # The holder has gone: the next call opens the registry here.
+    assert finetuner.get_run("shared").status()["status"] == "CANCELED"
+    assert finetuner._get_session().holder_pid == os.getpid()
