@@ -551,6 +551,28 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
     let e = r.expect_err("unknown field accepted");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("epochz"), "{}", e.message());
+    // A dataset in the wrong role (labelled text queries as training pairs, pairs as the image
+    // index) is refused at creation, naming the dataset and not the trainer's files.
+    let queries = root().join("tests/fixtures/data/query.protobuf-array.none.bin");
+    client::push_dataset(&mut c, "queries", &queries, false).await?;
+    for (cfg, role) in [
+        (config("queries", serde_json::json!({})), "train_data queries"),
+        (
+            config("train", serde_json::json!({"query_data": "queries", "index_data": "train"})),
+            "index_data train",
+        ),
+    ] {
+        let e = c
+            .create_run(pb::CreateRunRequest {
+                name: "wrong-role".into(),
+                config_json: cfg,
+            })
+            .await
+            .expect_err("a dataset in the wrong role was accepted");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains(role), "{}", e.message());
+        assert!(!e.message().contains(&*state.to_string_lossy()), "{}", e.message());
+    }
     assert_eq!(
         code(
             c.get_run(pb::GetRunRequest {
