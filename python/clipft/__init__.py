@@ -443,6 +443,12 @@ def fit(
         config["eval_every"] = 0
 
     session = _get_session()
+    if session is _local and config["device"] != "auto":
+        # Local runs train on this machine with this build: a device it cannot open is refused
+        # now, not when the run starts.
+        problem = _native.device_problem(config["device"])
+        if problem:
+            raise ValueError(problem)
     if run_name is None:
         run_name = _native.random_run_name()
     if not _native.is_safe_name(run_name):

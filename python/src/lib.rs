@@ -157,6 +157,14 @@ fn random_run_name() -> String {
     clipft::trainer::runs::random_run_name()
 }
 
+/// Why this build cannot use the device `spec` (`cpu`, `auto`, `cuda`, `cuda:N`), or None.
+#[pyfunction]
+fn device_problem(py: Python<'_>, spec: &str) -> Option<String> {
+    let spec = spec.to_string();
+    py.detach(move || clipft::model::device::parse_device(&spec).err())
+        .map(|e| e.to_string())
+}
+
 /// Whether `name` may name a run or dataset.
 #[pyfunction]
 fn is_safe_name(name: &str) -> bool {
@@ -180,5 +188,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(unsupported_backbone, m)?)?;
     m.add_function(wrap_pyfunction!(random_run_name, m)?)?;
     m.add_function(wrap_pyfunction!(is_safe_name, m)?)?;
+    m.add_function(wrap_pyfunction!(device_problem, m)?)?;
     Ok(())
 }

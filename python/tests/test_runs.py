@@ -103,6 +103,9 @@ def test_unsupported_settings_are_refused_before_anything_runs(registry):
     ]:
         with pytest.raises(ValueError, match=words):
             finetuner.fit(model=TINY, train_data=TRAIN, run_name="refused", **kwargs)
+    if finetuner._native.device_problem("cuda:0"):  # a CPU build, as in CI
+        with pytest.raises(ValueError, match="cuda"):
+            finetuner.fit(model=TINY, train_data=TRAIN, run_name="refused", device="cuda:0")
     with pytest.raises(ValueError, match="open-clip"):
         finetuner.fit(model="ViT-B-32::openai", train_data=TRAIN)
     with pytest.raises(ValueError, match="neither a file nor a dataset"):
