@@ -159,3 +159,20 @@ def test_the_example_script_runs(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "FINISHED" in out.stdout and "reciprocal_rank" in out.stdout
     assert (tmp_path / "clip-model" / "clip-fashion.zip").is_file()
+
+
+def test_finetuner_artifacts_load(registry):
+    """An artifact Finetuner itself wrote (model.pt state dicts) loads; its backbone's config
+    and tokenizer come from `backbone` (the metadata names a hub model this offline test
+    cannot fetch). The numbers are the CLI's."""
+    art = os.path.join(REPO, "tests", "fixtures", "finetuner-artifact")
+    texts = ["a red striped dress", "a hat"]
+    image = os.path.join(REPO, "tests", "fixtures", "reference", "images", "rgb_300x200.png")
+    ours_t = finetuner.encode(finetuner.get_model(art, select_model="clip-text", backbone=TINY), texts)
+    ours_i = finetuner.encode(finetuner.get_model(art, select_model="clip-vision", backbone=TINY), [image])
+    cli_t = cli_embeddings(["--model", TINY, "--artifact", art, "--select-model", "clip-text",
+                            "--text", texts[0], "--text", texts[1]])
+    cli_i = cli_embeddings(["--model", TINY, "--artifact", art, "--select-model", "clip-vision",
+                            "--image", image])
+    np.testing.assert_array_equal(ours_t, cli_t)
+    np.testing.assert_array_equal(ours_i, cli_i)
