@@ -23,6 +23,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from . import _native
@@ -475,7 +476,13 @@ def fit(
             except ClipftError:
                 pass
         raise
-    return Run(session, record)
+    run = Run(session, record)
+    # A trainer with a free slot starts the run within milliseconds: wait that long, so that
+    # code calling run.logs() right after fit sees a STARTED run. A queued run stays CREATED.
+    deadline = time.monotonic() + 2.0
+    while run.status()["status"] == "CREATED" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return run
 
 
 create_run = fit
@@ -600,12 +607,25 @@ def get_model(
     is_onnx: bool = False,
     backbone: Optional[str] = None,
 ) -> InferenceEngine:
-    """Loads one submodel for :func:`encode`: ``artifact`` is a ``save_artifact`` zip, an
-    artifact folder (clipft's or Finetuner's; ``backbone`` names the base model of a Finetuner
+    """Loads one submodel for :func:`encode`: ``artifact`` is a ``save_artifact`` zip, a
+    finished run's ``artifact_id`` (its name), an artifact folder (clipft's or Finetuner's; ``backbone`` names the base model of a Finetuner
     artifact whose metadata does not), a Hugging Face folder or a hub repo id. A CLIP model
     needs ``select_model`` (``'clip-text'`` or ``'clip-vision'``). ``device``: None picks the
     GPU where there is one, else the CPU."""
-    return _load(os.fspath(artifact), select_model, batch_size, device, is_onnx, backbone)
+    spec = os.fspath(artifact)
+    if not os.path.exists(spec) and _native.is_safe_name(spec):
+        # Finetuner's `get_model(run.artifact_id)`: the artifact of a finished run, by name.
+        session = _get_session()
+        try:
+            finished = json.loads(session.get_run(spec))["status"] == "FINISHED"
+        except NotFoundError:
+            finished = False
+        if finished:
+            with tempfile.TemporaryDirectory(prefix="clipft-") as tmp:
+                zip_path = session.download_artifact(spec, os.path.join(tmp, f"{spec}.zip"))
+                # The loaded model keeps its own unpacked copy; the zip can go.
+                return _load(zip_path, select_model, batch_size, device, is_onnx, backbone)
+    return _load(spec, select_model, batch_size, device, is_onnx, backbone)
 
 
 def build_model(
