@@ -329,7 +329,8 @@ fn every_weight_gets_a_gradient() {
     let config = ClipConfig::from_file(&dir.join("config.json")).unwrap();
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-    let clip = Clip::new(vb, &config, Towers::ALL).unwrap();
+    let kernels = clipft::model::policy::Kernels::decide(&Device::Cpu, DType::F32);
+    let clip = Clip::new(vb, &config, Towers::ALL, kernels).unwrap();
     varmap.load(dir.join("model.safetensors")).unwrap();
     let enc = load(&dir, Towers::TEXT);
     let rows = enc

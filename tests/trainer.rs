@@ -556,9 +556,15 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
     let queries = root().join("tests/fixtures/data/query.protobuf-array.none.bin");
     client::push_dataset(&mut c, "queries", &queries, false).await?;
     for (cfg, role) in [
-        (config("queries", serde_json::json!({})), "train_data queries"),
         (
-            config("train", serde_json::json!({"query_data": "queries", "index_data": "train"})),
+            config("queries", serde_json::json!({})),
+            "train_data queries",
+        ),
+        (
+            config(
+                "train",
+                serde_json::json!({"query_data": "queries", "index_data": "train"}),
+            ),
             "index_data train",
         ),
     ] {
@@ -571,7 +577,11 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
             .expect_err("a dataset in the wrong role was accepted");
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().contains(role), "{}", e.message());
-        assert!(!e.message().contains(&*state.to_string_lossy()), "{}", e.message());
+        assert!(
+            !e.message().contains(&*state.to_string_lossy()),
+            "{}",
+            e.message()
+        );
     }
     assert_eq!(
         code(

@@ -176,14 +176,23 @@ pub fn rank(
     let (qn, xn) = (norms(queries), norms(index));
     let (qu, xu) = (unit_rows(queries, &qn), unit_rows(index, &xn));
     let (n, d) = (index.len(), index.dim);
-    let packed =
-        cpu::amx_precision().map(|p| amx::PackedB::new(&xu, n, d, p == amx::Precision::Bf16x3));
+    let prec = cpu::amx_precision();
+    let packed = prec.map(|p| amx::PackedB::new(&xu, n, d, p == amx::Precision::Bf16x3));
     let keep = (limit + RERANK_MARGIN + usize::from(exclude_self)).min(n);
     let mut out = Vec::with_capacity(queries.len());
     for start in (0..queries.len()).step_by(QUERY_BLOCK) {
         let rows = QUERY_BLOCK.min(queries.len() - start);
         let block = &qu[start * d..(start + rows) * d];
-        let scores = cpu::linear(block, rows, d, &xu, n, None, None, packed.as_ref());
+        let scores = cpu::linear(
+            block,
+            rows,
+            d,
+            &xu,
+            n,
+            None,
+            None,
+            packed.as_ref().zip(prec),
+        );
         let ranked: Vec<Vec<(usize, f64)>> = scores
             .par_chunks(n)
             .enumerate()

@@ -5,6 +5,7 @@ use candle_nn::VarBuilder;
 
 use super::config::ClipConfig;
 use super::layers::{Linear, Mode};
+use super::policy::Kernels;
 use super::text::{TextBatch, TextTower};
 use super::vision::VisionTower;
 
@@ -19,6 +20,8 @@ pub struct Clip {
     /// single-tower export) and it was not needed.
     pub logit_scale: Option<Tensor>,
     pub config: ClipConfig,
+    /// The kernels every layer was built to run (see [`Kernels`]).
+    pub kernels: Kernels,
 }
 
 impl Clip {
@@ -57,15 +60,22 @@ impl Clip {
 
     /// Builds the requested towers from `vb`. Missing configs for a requested tower are an error;
     /// `logit_scale` is read when present and otherwise initialised from the config, so that
-    /// training can start from a checkpoint that lacks it.
-    pub fn new(vb: VarBuilder, config: &ClipConfig, towers: Towers) -> Result<Self> {
+    /// training can start from a checkpoint that lacks it. `kernels` is decided by the caller
+    /// for `vb`'s device and dtype ([`Kernels::decide`]) and carried by every layer.
+    pub fn new(
+        vb: VarBuilder,
+        config: &ClipConfig,
+        towers: Towers,
+        kernels: Kernels,
+    ) -> Result<Self> {
+        let proj = config.projection_dim;
         let text = match (towers.text, &config.text) {
-            (true, Some(c)) => Some(TextTower::new(vb.clone(), c, config.projection_dim)?),
+            (true, Some(c)) => Some(TextTower::new(vb.clone(), c, proj, kernels)?),
             (true, None) => candle_core::bail!("the checkpoint's config has no text tower"),
             _ => None,
         };
         let vision = match (towers.vision, &config.vision) {
-            (true, Some(c)) => Some(VisionTower::new(vb.clone(), c, config.projection_dim)?),
+            (true, Some(c)) => Some(VisionTower::new(vb.clone(), c, proj, kernels)?),
             (true, None) => candle_core::bail!("the checkpoint's config has no vision tower"),
             _ => None,
         };
@@ -86,6 +96,7 @@ impl Clip {
             vision,
             logit_scale,
             config: config.clone(),
+            kernels,
         })
     }
 

@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use super::amx;
 use super::config::Activation;
 use super::cpu;
+use super::policy::Kernels;
 use super::train_block;
 
 /// Which kernels a forward pass may use.
@@ -35,9 +36,10 @@ pub struct Linear {
     /// `[out_dim, in_dim]`, kept apart from `weight` because a serving process may release the
     /// f32 weight once it is packed (see [`Linear::release_packed`]).
     dims: (usize, usize),
-    /// The weight in AMX tile layout, made on first use by the fused CPU path when an AMX
-    /// precision is chosen (see [`cpu::MatmulPrecision`]); shared by clones.
+    /// The weight in AMX tile layout, made on first use by the fused CPU path when the model's
+    /// kernels use AMX; shared by clones.
     packed: Arc<OnceLock<amx::PackedB>>,
+    kernels: Kernels,
 }
 
 impl std::fmt::Debug for Linear {
@@ -49,7 +51,13 @@ impl std::fmt::Debug for Linear {
 }
 
 impl Linear {
-    pub fn new(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        kernels: Kernels,
+    ) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias {
             Some(vb.get(out_dim, "bias")?)
@@ -61,18 +69,19 @@ impl Linear {
             bias,
             dims: (out_dim, in_dim),
             packed: Arc::default(),
+            kernels,
         })
     }
 
     /// For a process that only serves: packs the weight for AMX now and drops the f32 copy,
     /// which the AMX path never reads again (halving the weights' memory). Returns the bytes
-    /// released; 0 (and nothing changes) without an AMX precision or off the fused CPU path.
+    /// released; 0 (and nothing changes) unless the model's kernels multiply on AMX.
     /// Training or the composed path on this layer fails with a shape error afterwards.
     pub fn release_packed(&mut self) -> Result<usize> {
-        let Some(prec) = cpu::amx_precision() else {
+        let Some(prec) = self.kernels.amx else {
             return Ok(0);
         };
-        if !cpu::fused_ok(&self.weight) || self.weight.elem_count() == 0 {
+        if self.weight.elem_count() == 0 {
             return Ok(0);
         }
         let (n, k) = self.dims;
@@ -99,14 +108,15 @@ impl Linear {
         self.packed = Arc::default();
     }
 
-    /// The AMX-packed weight when the fused path should use AMX; `w` is this weight's data.
-    fn packed(&self, w: &[f32]) -> Option<&amx::PackedB> {
-        let prec = cpu::amx_precision()?;
+    /// The AMX-packed weight and its precision when the model's kernels use AMX; `w` is this
+    /// weight's data.
+    fn packed(&self, w: &[f32]) -> Option<(&amx::PackedB, amx::Precision)> {
+        let prec = self.kernels.amx?;
         let (n, k) = self.dims;
-        Some(
-            self.packed
-                .get_or_init(|| amx::PackedB::new(w, n, k, prec == amx::Precision::Bf16x3)),
-        )
+        let p = self
+            .packed
+            .get_or_init(|| amx::PackedB::new(w, n, k, prec == amx::Precision::Bf16x3));
+        Some((p, prec))
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -118,11 +128,14 @@ impl Linear {
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);
         let x2 = x.reshape((rows, in_dim))?;
-        let y = if super::train_ops::applies(&x2) {
+        let y = if self.kernels.fused_cpu {
             let x2 = x2.contiguous()?;
+            let op = super::train_ops::LinearOp {
+                amx: self.kernels.amx,
+            };
             match &self.bias {
-                Some(b) => x2.apply_op3(&self.weight, b, super::train_ops::LinearOp)?,
-                None => x2.apply_op2(&self.weight, super::train_ops::LinearOp)?,
+                Some(b) => x2.apply_op3(&self.weight, b, op)?,
+                None => x2.apply_op2(&self.weight, op)?,
             }
         } else {
             let y = x2.matmul(&self.weight.t()?)?;
@@ -138,19 +151,20 @@ impl Linear {
     }
 
     /// A linear map whose weight is given directly (the patch embedding's flattened kernel).
-    pub fn from_weight(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+    pub fn from_weight(weight: Tensor, bias: Option<Tensor>, kernels: Kernels) -> Result<Self> {
         let (n, k) = weight.dims2()?;
         Ok(Self {
             weight,
             bias,
             dims: (n, k),
             packed: Arc::default(),
+            kernels,
         })
     }
 
     /// [`Linear::forward`], through the fused CPU kernel (AMX where chosen) in inference mode.
     pub fn forward_t(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        if mode == Mode::Train || !cpu::fused_ok(x) {
+        if mode == Mode::Train || !self.kernels.fused_cpu {
             return self.forward(x);
         }
         let dims = x.dims();
@@ -180,14 +194,16 @@ pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
+    kernels: Kernels,
 }
 
 impl LayerNorm {
-    pub fn new(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+    pub fn new(vb: VarBuilder, dim: usize, eps: f64, kernels: Kernels) -> Result<Self> {
         Ok(Self {
             weight: vb.get(dim, "weight")?,
             bias: vb.get(dim, "bias")?,
             eps,
+            kernels,
         })
     }
 
@@ -204,7 +220,7 @@ impl LayerNorm {
                 &self.bias,
                 self.eps as f32,
             ),
-            Mode::Train if super::train_ops::applies(x) => x.contiguous()?.apply_op3(
+            Mode::Train if self.kernels.fused_cpu => x.contiguous()?.apply_op3(
                 &self.weight,
                 &self.bias,
                 super::train_ops::LayerNormOp {
@@ -228,22 +244,19 @@ impl LayerNorm {
     }
 }
 
-fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+/// `act(x)`; `fused`: through the fused CPU op (see [`Kernels::fused_cpu`]).
+fn activate(x: &Tensor, act: Activation, fused: bool) -> Result<Tensor> {
     match act {
-        Activation::QuickGelu if super::train_ops::applies(x) => {
-            x.contiguous()?.apply_op1(super::train_ops::QuickGeluOp)
-        }
+        Activation::QuickGelu if fused => x.contiguous()?.apply_op1(super::train_ops::QuickGeluOp),
         Activation::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
         Activation::Gelu => x.gelu_erf(),
     }
 }
 
-fn softmax_last(x: &Tensor, mode: Mode) -> Result<Tensor> {
+fn softmax_last(x: &Tensor, mode: Mode, fused: bool) -> Result<Tensor> {
     match mode {
         Mode::Inference => candle_nn::ops::softmax_last_dim(x),
-        Mode::Train if super::train_ops::applies(x) => {
-            x.contiguous()?.apply_op1(super::train_ops::SoftmaxOp)
-        }
+        Mode::Train if fused => x.contiguous()?.apply_op1(super::train_ops::SoftmaxOp),
         Mode::Train => candle_nn::ops::softmax(x, D::Minus1),
     }
 }
@@ -258,6 +271,7 @@ pub struct Attention {
     heads: usize,
     head_dim: usize,
     scale: f64,
+    kernels: Kernels,
 }
 
 impl Attention {
@@ -270,16 +284,18 @@ impl Attention {
         ]
     }
 
-    pub fn new(vb: VarBuilder, dim: usize, heads: usize) -> Result<Self> {
+    pub fn new(vb: VarBuilder, dim: usize, heads: usize, kernels: Kernels) -> Result<Self> {
         let head_dim = dim / heads;
+        let lin = |name: &str| Linear::new(vb.pp(name), dim, dim, true, kernels);
         Ok(Self {
-            q_proj: Linear::new(vb.pp("q_proj"), dim, dim, true)?,
-            k_proj: Linear::new(vb.pp("k_proj"), dim, dim, true)?,
-            v_proj: Linear::new(vb.pp("v_proj"), dim, dim, true)?,
-            out_proj: Linear::new(vb.pp("out_proj"), dim, dim, true)?,
+            q_proj: lin("q_proj")?,
+            k_proj: lin("k_proj")?,
+            v_proj: lin("v_proj")?,
+            out_proj: lin("out_proj")?,
             heads,
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
+            kernels,
         })
     }
 
@@ -287,7 +303,7 @@ impl Attention {
     /// and heads): the text tower's causal mask.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        if mode == Mode::Train && super::train_ops::applies(x) {
+        if mode == Mode::Train && self.kernels.fused_cpu {
             // One op with its own backward; the only mask used is the text tower's causal one.
             let op =
                 super::train_ops::AttentionOp::new(self.heads, self.scale as f32, mask.is_some());
@@ -313,7 +329,7 @@ impl Attention {
         if let Some(m) = mask {
             scores = scores.broadcast_add(m)?;
         }
-        let probs = softmax_last(&scores, mode)?;
+        let probs = softmax_last(&scores, mode, self.kernels.fused_cpu)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         self.out_proj.forward(&ctx)
     }
@@ -325,6 +341,7 @@ pub struct Mlp {
     fc1: Linear,
     fc2: Linear,
     act: Activation,
+    kernels: Kernels,
 }
 
 impl Mlp {
@@ -332,17 +349,24 @@ impl Mlp {
         [&mut self.fc1, &mut self.fc2]
     }
 
-    pub fn new(vb: VarBuilder, dim: usize, inter: usize, act: Activation) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        inter: usize,
+        act: Activation,
+        kernels: Kernels,
+    ) -> Result<Self> {
         Ok(Self {
-            fc1: Linear::new(vb.pp("fc1"), dim, inter, true)?,
-            fc2: Linear::new(vb.pp("fc2"), inter, dim, true)?,
+            fc1: Linear::new(vb.pp("fc1"), dim, inter, true, kernels)?,
+            fc2: Linear::new(vb.pp("fc2"), inter, dim, true, kernels)?,
             act,
+            kernels,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2
-            .forward(&activate(&self.fc1.forward(x)?, self.act)?)
+        let h = activate(&self.fc1.forward(x)?, self.act, self.kernels.fused_cpu)?;
+        self.fc2.forward(&h)
     }
 }
 
@@ -404,6 +428,7 @@ pub struct EncoderShape {
 #[derive(Debug, Clone)]
 pub struct Encoder {
     layers: Vec<EncoderLayer>,
+    kernels: Kernels,
 }
 
 impl Encoder {
@@ -417,20 +442,21 @@ impl Encoder {
         out
     }
 
-    pub fn new(vb: VarBuilder, s: EncoderShape) -> Result<Self> {
+    pub fn new(vb: VarBuilder, s: EncoderShape, kernels: Kernels) -> Result<Self> {
         let vb = vb.pp("layers");
         let layers = (0..s.layers)
             .map(|i| {
                 let vb = vb.pp(i);
+                let k = kernels;
                 Ok(EncoderLayer {
-                    layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), s.dim, s.eps)?,
-                    self_attn: Attention::new(vb.pp("self_attn"), s.dim, s.heads)?,
-                    layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), s.dim, s.eps)?,
-                    mlp: Mlp::new(vb.pp("mlp"), s.dim, s.inter, s.act)?,
+                    layer_norm1: LayerNorm::new(vb.pp("layer_norm1"), s.dim, s.eps, k)?,
+                    self_attn: Attention::new(vb.pp("self_attn"), s.dim, s.heads, k)?,
+                    layer_norm2: LayerNorm::new(vb.pp("layer_norm2"), s.dim, s.eps, k)?,
+                    mlp: Mlp::new(vb.pp("mlp"), s.dim, s.inter, s.act, k)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers })
+        Ok(Self { layers, kernels })
     }
 
     /// Runs every block over `x` `[batch, seq, dim]` and returns the hidden states of the rows
@@ -448,13 +474,13 @@ impl Encoder {
         if pooled.iter().any(|&(i, p)| i >= b || p >= t) {
             candle_core::bail!("pooled row outside the [{b}, {t}] batch");
         }
-        // The fused kernels cover f32 on the CPU, quick_gelu (OpenAI checkpoints) and gelu
-        // (OpenCLIP/LAION) alike; the condition is the one `Linear::release_packed` uses before
-        // it drops the f32 weights that candle's ops would need.
-        if mode == Mode::Inference && cpu::fused_ok(x) {
+        // The fused kernels cover quick_gelu (OpenAI checkpoints) and gelu (OpenCLIP/LAION)
+        // alike. The model's kernels decide, as they decide for `Linear::release_packed`, which
+        // drops the f32 weights that candle's ops would need.
+        if mode == Mode::Inference && self.kernels.fused_cpu {
             return self.forward_fused_cpu(x, causal, pooled);
         }
-        if mode == Mode::Train {
+        if mode == Mode::Train && self.kernels.train_blocks {
             if let Some(out) = self.forward_train_blocks(x, causal, pooled)? {
                 return Ok(out);
             }
@@ -502,7 +528,12 @@ impl Encoder {
         let mut x = x.contiguous()?;
         for (i, (weights, shape)) in blocks.into_iter().enumerate() {
             let rows = (i == last).then(|| pooled.to_vec());
-            x = x.apply_op1(train_block::BlockOp::new(weights, shape, rows))?;
+            x = x.apply_op1(train_block::BlockOp::new(
+                weights,
+                shape,
+                rows,
+                self.kernels.amx,
+            ))?;
         }
         Ok(Some(x))
     }

@@ -148,9 +148,11 @@ impl Encoder {
         let kernels = policy::KernelPolicy::decide(&opts.device, opts.dtype, &config);
         tracing::info!("{}: {kernels}", files.source);
         let vb = files.var_builder(opts.towers, opts.dtype, &opts.device)?;
-        let clip = Clip::new(vb, &config, opts.towers).map_err(|e| ModelError::Weights {
-            files: files.source.clone(),
-            msg: candle_message(&e),
+        let clip = Clip::new(vb, &config, opts.towers, kernels.kernels).map_err(|e| {
+            ModelError::Weights {
+                files: files.source.clone(),
+                msg: candle_message(&e),
+            }
         })?;
         let tokenizer = match (&clip.text, &files.tokenizer) {
             (Some(t), Some(p)) => Some(

@@ -1,8 +1,10 @@
-//! Which kernels a loaded model runs, decided once and said once. The comparison switches
-//! (`CLIPFT_NO_FUSED`: candle's ops instead of the fused CPU kernels, `CLIPFT_NO_FUSED_BLOCK`: the
-//! per-op training graph instead of one op per block) are read from the environment once per
-//! process, not on every call; [`KernelPolicy`] records, at load, what follows for a model from
-//! its device, dtype, activations and the matmul precision, and the encoder logs it.
+//! Which kernels a model runs, decided once when it is built and carried by its layers. The
+//! comparison switches (`CLIPFT_NO_FUSED`: candle's ops instead of the fused CPU kernels,
+//! `CLIPFT_NO_FUSED_BLOCK`: the per-op training graph instead of one op per block) are read from
+//! the environment once per process. [`Kernels`] is what follows for one model from its device,
+//! dtype, those switches and the matmul precision: [`super::Clip::new`] takes it and every layer
+//! keeps a copy, so no layer looks at tensors, globals or the environment to choose a path.
+//! [`KernelPolicy`] adds what a loaded model's log line and the executor's banner say.
 
 use std::sync::OnceLock;
 
@@ -29,13 +31,49 @@ pub fn switches() -> Switches {
     })
 }
 
+/// The kernel choices every layer of one model follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kernels {
+    /// f32 on the CPU with the fused kernels on: inference runs each block as [`cpu`]'s fused
+    /// passes, training runs the fused ops of [`super::train_ops`] (layer norm, linear,
+    /// attention, activation, softmax with their own backward). Otherwise candle's ops.
+    pub fused_cpu: bool,
+    /// With `fused_cpu`: a training pass runs each encoder block, and each tower's embeddings,
+    /// as one op ([`super::train_block`], [`super::train_embed`]).
+    pub train_blocks: bool,
+    /// With `fused_cpu`: f32 products on Intel AMX in this precision; None keeps plain f32.
+    pub amx: Option<super::amx::Precision>,
+}
+
+impl Kernels {
+    /// candle's ops only: what a model on a GPU or in half precision runs.
+    pub const CANDLE: Self = Self {
+        fused_cpu: false,
+        train_blocks: false,
+        amx: None,
+    };
+
+    /// The kernels for weights on `device` in `dtype`, under the process's switches and matmul
+    /// precision (`--matmul-precision`, set before models are built).
+    pub fn decide(device: &Device, dtype: DType) -> Self {
+        let sw = switches();
+        if !(device.is_cpu() && dtype == DType::F32 && sw.fused) {
+            return Self::CANDLE;
+        }
+        Self {
+            fused_cpu: true,
+            train_blocks: sw.fused_blocks,
+            amx: cpu::amx_precision(),
+        }
+    }
+}
+
 /// What a model was loaded to run on, and with which kernels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KernelPolicy {
     pub device: String,
     pub dtype: DType,
-    /// Inference runs each block as the fused CPU passes of [`cpu`] (f32 on the CPU).
-    pub fused_cpu: bool,
+    pub kernels: Kernels,
     /// How the fused path multiplies: "AMX bf16x3", "AMX bf16" or "f32".
     pub products: &'static str,
     pub text_activation: Option<Activation>,
@@ -46,16 +84,16 @@ impl KernelPolicy {
     /// The kernels `config`'s towers get on `device` in `dtype` under the current matmul
     /// precision.
     pub fn decide(device: &Device, dtype: DType, config: &ClipConfig) -> Self {
-        let fused_cpu = device.is_cpu() && dtype == DType::F32 && switches().fused;
-        let products = match (fused_cpu, cpu::amx_precision()) {
-            (true, Some(super::amx::Precision::Bf16x3)) => "AMX bf16x3",
-            (true, Some(super::amx::Precision::Bf16)) => "AMX bf16",
-            _ => "f32",
+        let kernels = Kernels::decide(device, dtype);
+        let products = match kernels.amx {
+            Some(super::amx::Precision::Bf16x3) => "AMX bf16x3",
+            Some(super::amx::Precision::Bf16) => "AMX bf16",
+            None => "f32",
         };
         Self {
             device: super::device::device_name(device),
             dtype,
-            fused_cpu,
+            kernels,
             products,
             text_activation: config.text.as_ref().map(|t| t.hidden_act),
             vision_activation: config.vision.as_ref().map(|v| v.hidden_act),
@@ -66,7 +104,7 @@ impl KernelPolicy {
 impl std::fmt::Display for KernelPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {:?}: ", self.device, self.dtype)?;
-        match self.fused_cpu {
+        match self.kernels.fused_cpu {
             true => write!(f, "fused CPU blocks, products in {}", self.products)?,
             false => write!(f, "candle's ops")?,
         }
@@ -93,7 +131,7 @@ mod tests {
         )
         .unwrap();
         let cpu = KernelPolicy::decide(&Device::Cpu, DType::F32, &cfg);
-        assert_eq!(cpu.fused_cpu, switches().fused);
+        assert_eq!(cpu.kernels.fused_cpu, switches().fused);
         assert_eq!(cpu.text_activation, Some(Activation::Gelu));
         assert_eq!(cpu.vision_activation, Some(Activation::QuickGelu));
         let said = cpu.to_string();
@@ -103,6 +141,7 @@ mod tests {
         );
         // Half precision on the CPU runs candle's ops, whatever the switches say.
         let half = KernelPolicy::decide(&Device::Cpu, DType::F16, &cfg);
-        assert!(!half.fused_cpu && half.to_string().contains("candle's ops"));
+        assert!(!half.kernels.fused_cpu && half.to_string().contains("candle's ops"));
+        assert_eq!(half.kernels, Kernels::CANDLE);
     }
 }

@@ -6,6 +6,7 @@ use candle_nn::{Embedding, Module, VarBuilder};
 
 use super::config::TextConfig;
 use super::layers::{Encoder, EncoderShape, LayerNorm, Linear, Mode};
+use super::policy::Kernels;
 
 /// A tokenized batch ready for the tower: ids padded to the longest row, and the position whose
 /// hidden state each row is pooled from.
@@ -134,6 +135,7 @@ pub struct TextTower {
     final_layer_norm: LayerNorm,
     projection: Linear,
     config: TextConfig,
+    kernels: Kernels,
 }
 
 impl TextTower {
@@ -145,7 +147,12 @@ impl TextTower {
     }
 
     /// `vb` is rooted at the checkpoint's top level (where `text_model.` and `text_projection.` live).
-    pub fn new(vb: VarBuilder, c: &TextConfig, projection_dim: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        c: &TextConfig,
+        projection_dim: usize,
+        kernels: Kernels,
+    ) -> Result<Self> {
         let m = vb.pp("text_model");
         let e = m.pp("embeddings");
         let token_embedding =
@@ -164,19 +171,22 @@ impl TextTower {
         Ok(Self {
             token_embedding: TokenEmbedding::Loaded(token_embedding),
             position_embedding,
-            encoder: Encoder::new(m.pp("encoder"), shape)?,
+            encoder: Encoder::new(m.pp("encoder"), shape, kernels)?,
             final_layer_norm: LayerNorm::new(
                 m.pp("final_layer_norm"),
                 c.hidden_size,
                 c.layer_norm_eps,
+                kernels,
             )?,
             projection: Linear::new(
                 vb.pp("text_projection"),
                 c.hidden_size,
                 projection_dim,
                 false,
+                kernels,
             )?,
             config: c.clone(),
+            kernels,
         })
     }
 
@@ -244,6 +254,7 @@ impl TextTower {
         let x = match &self.token_embedding {
             TokenEmbedding::Loaded(e)
                 if mode == Mode::Train
+                    && self.kernels.train_blocks
                     && super::train_embed::applies(&[e.embeddings(), &self.position_embedding]) =>
             {
                 // Token and position embeddings in one op (see `train_embed`).

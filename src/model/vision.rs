@@ -6,6 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
 use super::layers::{Encoder, EncoderShape, LayerNorm, Linear, Mode};
+use super::policy::Kernels;
 
 /// `vision_model.*` plus `visual_projection`.
 #[derive(Debug, Clone)]
@@ -25,6 +26,7 @@ pub struct VisionTower {
     post_layernorm: LayerNorm,
     projection: Linear,
     config: VisionConfig,
+    kernels: Kernels,
 }
 
 impl VisionTower {
@@ -42,7 +44,12 @@ impl VisionTower {
         self.patch_kernel = None;
     }
 
-    pub fn new(vb: VarBuilder, c: &VisionConfig, projection_dim: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        c: &VisionConfig,
+        projection_dim: usize,
+        kernels: Kernels,
+    ) -> Result<Self> {
         let m = vb.pp("vision_model");
         let e = m.pp("embeddings");
         let p = c.patch_size;
@@ -60,26 +67,34 @@ impl VisionTower {
             eps: c.layer_norm_eps,
         };
         Ok(Self {
-            patch_embedding: Linear::from_weight(patch_weight, None)?,
+            patch_embedding: Linear::from_weight(patch_weight, None, kernels)?,
             patch_kernel: Some(patch_kernel),
             class_embedding: e.get(c.hidden_size, "class_embedding")?,
             position_embedding: e
                 .pp("position_embedding")
                 .get((positions, c.hidden_size), "weight")?,
-            pre_layrnorm: LayerNorm::new(m.pp("pre_layrnorm"), c.hidden_size, c.layer_norm_eps)?,
-            encoder: Encoder::new(m.pp("encoder"), shape)?,
+            pre_layrnorm: LayerNorm::new(
+                m.pp("pre_layrnorm"),
+                c.hidden_size,
+                c.layer_norm_eps,
+                kernels,
+            )?,
+            encoder: Encoder::new(m.pp("encoder"), shape, kernels)?,
             post_layernorm: LayerNorm::new(
                 m.pp("post_layernorm"),
                 c.hidden_size,
                 c.layer_norm_eps,
+                kernels,
             )?,
             projection: Linear::new(
                 vb.pp("visual_projection"),
                 c.hidden_size,
                 projection_dim,
                 false,
+                kernels,
             )?,
             config: c.clone(),
+            kernels,
         })
     }
 
@@ -105,6 +120,7 @@ impl VisionTower {
         let (lnw, lnb, eps) = self.pre_layrnorm.parts();
         let fused = self.patch_kernel.as_ref().filter(|k| {
             mode == Mode::Train
+                && self.kernels.train_blocks
                 && super::train_embed::applies(&[
                     k,
                     &self.class_embedding,
@@ -121,6 +137,7 @@ impl VisionTower {
                 lnw.clone(),
                 lnb.clone(),
                 eps as f32,
+                self.kernels.amx,
             );
             kernel.apply_op2(&x.contiguous()?, op)?
         } else {

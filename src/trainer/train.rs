@@ -48,7 +48,8 @@ impl TrainModel {
         let config = ClipConfig::from_file(&files.config)?;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let clip = Clip::new(vb, &config, Towers::ALL)?;
+        let kernels = crate::model::policy::Kernels::decide(device, DType::F32);
+        let clip = Clip::new(vb, &config, Towers::ALL, kernels)?;
         let weights = files.var_builder(Towers::ALL, DType::F32, device)?;
         {
             let vars = varmap.data().lock().map_err(|_| ModelError::InvalidInput {
@@ -140,10 +141,12 @@ impl TrainModel {
             cast.insert(name, var.as_tensor().to_dtype(self.compute)?);
         }
         let vb = VarBuilder::from_tensors(cast, self.compute, &self.device);
+        let kernels = crate::model::policy::Kernels::decide(&self.device, self.compute);
         Ok(std::borrow::Cow::Owned(Clip::new(
             vb,
             &self.config,
             Towers::ALL,
+            kernels,
         )?))
     }
 

@@ -6,11 +6,14 @@ pub enum Precision {
     Bf16x3,
 }
 
-pub struct PackedB;
+pub struct PackedB {
+    pub n: usize,
+    pub k: usize,
+}
 
 impl PackedB {
-    pub fn new(_w: &[f32], _n: usize, _k: usize, _with_lo: bool) -> Self {
-        PackedB
+    pub fn new(_w: &[f32], n: usize, k: usize, _with_lo: bool) -> Self {
+        PackedB { n, k }
     }
     pub fn has_lo(&self) -> bool {
         false

@@ -59,22 +59,22 @@ pub fn matmul_precision() -> MatmulPrecision {
     }
 }
 
-/// The AMX kernel to use for f32 products now, if any.
-pub fn amx_precision() -> Option<amx::Precision> {
-    let p = match matmul_precision() {
-        MatmulPrecision::Highest => return None,
-        MatmulPrecision::High => amx::Precision::Bf16x3,
-        MatmulPrecision::Medium => amx::Precision::Bf16,
-    };
-    amx::available().then_some(p)
+impl MatmulPrecision {
+    /// The AMX kernel this precision means on this CPU, if any.
+    pub fn amx(self) -> Option<amx::Precision> {
+        let p = match self {
+            MatmulPrecision::Highest => return None,
+            MatmulPrecision::High => amx::Precision::Bf16x3,
+            MatmulPrecision::Medium => amx::Precision::Bf16,
+        };
+        amx::available().then_some(p)
+    }
 }
 
-/// Whether the fused kernels apply to an activation: f32 on the CPU, unless `CLIPFT_NO_FUSED` is
-/// set (which forces candle's ops, for comparisons; read once, see [`crate::model::policy`]).
-pub fn fused_ok(x: &Tensor) -> bool {
-    x.device().is_cpu()
-        && x.dtype() == candle_core::DType::F32
-        && crate::model::policy::switches().fused
+/// The AMX kernel the process's matmul precision means, if any: what models built from now on
+/// take into their [`crate::model::policy::Kernels`].
+pub fn amx_precision() -> Option<amx::Precision> {
+    matmul_precision().amx()
 }
 
 /// Borrows a contiguous f32 CPU tensor as a slice for the duration of `f`.
@@ -224,7 +224,11 @@ const ROW_CHUNK: usize = 16;
 
 /// `out[rows, n] = x[rows, k] W^T (+ bias) (+ residual)` with `W` laid out `[n, k]` as in a
 /// PyTorch Linear. Bias and residual are written first and the GEMM accumulates onto them. With
-/// `packed` (W in AMX tile layout) and an AMX precision chosen, the product runs on AMX.
+/// `amx` (W in AMX tile layout and the precision the model's [`crate::model::policy::Kernels`]
+/// chose) the product runs on AMX; `w` may then be empty (released after packing).
+///
+/// Panics when the slices do not have the sizes the shape says (a caller bug; the products
+/// read through raw pointers, so a wrong size is refused rather than read past).
 #[allow(clippy::too_many_arguments)]
 pub fn linear(
     x: &[f32],
@@ -234,10 +238,26 @@ pub fn linear(
     n: usize,
     bias: Option<&[f32]>,
     residual: Option<&[f32]>,
-    packed: Option<&amx::PackedB>,
+    amx: Option<(&amx::PackedB, amx::Precision)>,
 ) -> Buf {
-    debug_assert_eq!(x.len(), rows * k);
-    debug_assert!(w.len() == n * k || packed.is_some());
+    assert_eq!(
+        Some(x.len()),
+        rows.checked_mul(k),
+        "linear: x is not [rows, k]"
+    );
+    assert!(bias.is_none_or(|b| b.len() == n), "linear: bias is not [n]");
+    assert!(
+        residual.is_none_or(|r| Some(r.len()) == rows.checked_mul(n)),
+        "linear: residual is not [rows, n]"
+    );
+    // AMX runs when the packed copy can give the precision asked for (bf16x3 needs the low
+    // halves); otherwise the f32 weight is read.
+    let amx = amx
+        .filter(|(p, prec)| p.n == n && p.k == k && (*prec == amx::Precision::Bf16 || p.has_lo()));
+    assert!(
+        amx.is_some() || Some(w.len()) == n.checked_mul(k),
+        "linear: W is not [n, k] and no usable packed copy was given"
+    );
     let mut out = Buf::new(rows * n);
     let prefill = bias.is_some() || residual.is_some();
     if prefill {
@@ -259,16 +279,13 @@ pub fn linear(
                 }
             });
     }
-    let amx = packed.zip(amx_precision());
-    if amx.is_none() && rows <= small_m_rows() {
-        small_m_linear(x, rows, k, w, n, &mut out, prefill);
+    if let Some((p, prec)) = amx {
+        amx::matmul(x, rows, p, &mut out, prec, prefill);
         return out;
     }
-    if let Some((p, prec)) = amx {
-        if prec == amx::Precision::Bf16 || p.has_lo() {
-            amx::matmul(x, rows, p, &mut out, prec, prefill);
-            return out;
-        }
+    if rows <= small_m_rows() {
+        small_m_linear(x, rows, k, w, n, &mut out, prefill);
+        return out;
     }
     // SAFETY: the pointers, sizes and strides describe the slices above exactly: x is
     // [rows, k] row-major, W^T is read from W [n, k] row-major (element (kk, j) at j*k + kk),

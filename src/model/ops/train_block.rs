@@ -88,23 +88,21 @@ pub(crate) struct BlockOp {
     weights: Vec<Tensor>,
     shape: BlockShape,
     pooled: Option<Vec<(usize, usize)>>,
+    /// The model's AMX precision for the block's products.
+    amx: Option<crate::model::amx::Precision>,
     saved: Mutex<Option<Saved>>,
 }
 
-/// Whether a block over `x` with these weights can run as a [`BlockOp`]: f32 CPU tensors, `x`
+/// Whether a block over `x` with these weights can run as a [`BlockOp`] in this pass, for a
+/// model whose kernels chose block ops ([`crate::model::policy::Kernels::train_blocks`]): `x`
 /// part of the graph (or candle records no op), every weight a variable (their gradients go to
-/// the store directly, which only works for variables),
-/// inside a [`train_ops::with_direct_weight_grads`] pass. `CLIPFT_NO_FUSED_BLOCK` turns it off
-/// (for comparisons).
+/// the store directly, which only works for variables), inside a
+/// [`train_ops::with_direct_weight_grads`] pass.
 pub(crate) fn applies(x: &Tensor, weights: &[Tensor]) -> bool {
-    train_ops::applies(x)
-        && x.track_op()
+    x.track_op()
         && train_ops::direct_grads_active()
         && weights.len() == WEIGHTS.len()
-        && weights
-            .iter()
-            .all(|w| w.is_variable() && w.device().is_cpu() && w.dtype() == candle_core::DType::F32)
-        && crate::model::policy::switches().fused_blocks
+        && weights.iter().all(|w| w.is_variable())
 }
 
 impl BlockOp {
@@ -112,11 +110,13 @@ impl BlockOp {
         weights: Vec<Tensor>,
         shape: BlockShape,
         pooled: Option<Vec<(usize, usize)>>,
+        amx: Option<crate::model::amx::Precision>,
     ) -> Self {
         Self {
             weights,
             shape,
             pooled,
+            amx,
             saved: Mutex::new(None),
         }
     }
@@ -146,7 +146,8 @@ impl BlockOp {
         // Stacked along the output dimension, so one product gives the rows [q | k | v].
         let wqkv = [w[Q_W], w[K_W], w[V_W]].concat();
         let bqkv = [w[Q_B], w[K_B], w[V_B]].concat();
-        let qkv = train_ops::linear_forward(&h1, rows, d, &wqkv, 3 * d, Some(&bqkv), None);
+        let qkv =
+            train_ops::linear_forward(&h1, rows, d, &wqkv, 3 * d, Some(&bqkv), None, self.amx);
         let (q, k, v) = (&qkv[..], &qkv[d..], &qkv[2 * d..]);
         let (ctx, probs, residual) = match self.out_rows(b, t)? {
             None => {
@@ -166,11 +167,30 @@ impl BlockOp {
         };
         let n = ctx.len() / d;
         let residual = residual.as_deref().unwrap_or(x);
-        let x2 = train_ops::linear_forward(&ctx, n, d, w[OUT_W], d, Some(w[OUT_B]), Some(residual));
+        let x2 = train_ops::linear_forward(
+            &ctx,
+            n,
+            d,
+            w[OUT_W],
+            d,
+            Some(w[OUT_B]),
+            Some(residual),
+            self.amx,
+        );
         let h2 = train_ops::layer_norm_forward(&x2, w[LN2_W], w[LN2_B], eps);
-        let m = train_ops::linear_forward(&h2, n, d, w[FC1_W], inter, Some(w[FC1_B]), None);
+        let m =
+            train_ops::linear_forward(&h2, n, d, w[FC1_W], inter, Some(w[FC1_B]), None, self.amx);
         let a = train_ops::quick_gelu_forward(&m);
-        let y = train_ops::linear_forward(&a, n, inter, w[FC2_W], d, Some(w[FC2_B]), Some(&x2));
+        let y = train_ops::linear_forward(
+            &a,
+            n,
+            inter,
+            w[FC2_W],
+            d,
+            Some(w[FC2_B]),
+            Some(&x2),
+            self.amx,
+        );
         *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(Saved {
             h1,
             wqkv,
@@ -203,9 +223,9 @@ impl BlockOp {
         let sh = self.attn_shape(b, t, d)?;
         let n = dy.len() / d;
         let lin = train_ops::linear_backward;
-        let (da, dw2, db2) = lin(&s.a, n, inter, w[FC2_W], d, dy, true, true);
+        let (da, dw2, db2) = lin(&s.a, n, inter, w[FC2_W], d, dy, true, true, self.amx);
         let dm = train_ops::quick_gelu_backward(&s.m, &da.unwrap_or_default());
-        let (dh2, dw1, db1) = lin(&s.h2, n, d, w[FC1_W], inter, &dm, true, true);
+        let (dh2, dw1, db1) = lin(&s.h2, n, d, w[FC1_W], inter, &dm, true, true, self.amx);
         let mut dx2 = dy.to_vec();
         let (dln2w, dln2b) = train_ops::layer_norm_backward(
             &s.x2,
@@ -215,7 +235,7 @@ impl BlockOp {
             &mut dx2,
             true,
         );
-        let (dctx, dwo, dbo) = lin(&s.ctx, n, d, w[OUT_W], d, &dx2, true, true);
+        let (dctx, dwo, dbo) = lin(&s.ctx, n, d, w[OUT_W], d, &dx2, true, true, self.amx);
         let dctx = dctx.unwrap_or_default();
         let (q, k, v) = (&s.qkv[..], &s.qkv[d..], &s.qkv[2 * d..]);
         let mut dqkv = vec![0f32; rows * 3 * d];
@@ -236,7 +256,7 @@ impl BlockOp {
                 dx
             }
         };
-        let (dh1, dwqkv, dbqkv) = lin(&s.h1, rows, d, &s.wqkv, 3 * d, &dqkv, true, true);
+        let (dh1, dwqkv, dbqkv) = lin(&s.h1, rows, d, &s.wqkv, 3 * d, &dqkv, true, true, self.amx);
         let (dln1w, dln1b) = train_ops::layer_norm_backward(
             x,
             w[LN1_W],
@@ -328,6 +348,7 @@ mod tests {
 
     use crate::model::config::Activation;
     use crate::model::layers::{Encoder, EncoderShape, Mode};
+    use crate::model::policy::Kernels;
 
     /// A random two-block encoder with biases and layer norms away from their defaults.
     fn encoder(varmap: &VarMap, dim: usize) -> Result<Encoder> {
@@ -340,7 +361,7 @@ mod tests {
             act: Activation::QuickGelu,
             eps: 1e-5,
         };
-        let enc = Encoder::new(vb, shape)?;
+        let enc = Encoder::new(vb, shape, Kernels::decide(&Device::Cpu, DType::F32))?;
         for v in varmap.all_vars() {
             let r = Tensor::randn(0f32, 0.3, v.shape(), &Device::Cpu)?;
             v.set(&(v.as_tensor() + r)?)?;

@@ -19,14 +19,11 @@ use rayon::prelude::*;
 use super::train_ops;
 use crate::model::cpu;
 
-/// Whether `weights` can take the fused embedding ops: f32 CPU variables, inside a
+/// Whether `weights` can take the fused embedding ops in this pass, for a model whose kernels
+/// chose them ([`crate::model::policy::Kernels::train_blocks`]): variables, inside a
 /// [`train_ops::with_direct_weight_grads`] pass (see [`super::train_block::applies`]).
 pub(crate) fn applies(weights: &[&Tensor]) -> bool {
-    train_ops::direct_grads_active()
-        && weights
-            .iter()
-            .all(|w| train_ops::applies(w) && w.is_variable())
-        && crate::model::policy::switches().fused_blocks
+    train_ops::direct_grads_active() && weights.iter().all(|w| w.is_variable())
 }
 
 /// `table[ids] + positions[..seq]`: applied as `table.apply_op2(ids)`, ids `[batch, seq]` u32,
@@ -119,6 +116,8 @@ pub(crate) struct PatchEmbedOp {
     pub ln_weight: Tensor,
     pub ln_bias: Tensor,
     pub eps: f32,
+    /// The model's AMX precision for the patch product.
+    pub amx: Option<crate::model::amx::Precision>,
     /// The unfolded patches and the layer norm's input, for the backward pass (which takes them).
     saved: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
 }
@@ -130,6 +129,7 @@ impl PatchEmbedOp {
         ln_weight: Tensor,
         ln_bias: Tensor,
         eps: f32,
+        amx: Option<crate::model::amx::Precision>,
     ) -> Self {
         Self {
             class,
@@ -137,6 +137,7 @@ impl PatchEmbedOp {
             ln_weight,
             ln_bias,
             eps,
+            amx,
             saved: Mutex::new(None),
         }
     }
@@ -189,7 +190,7 @@ impl CustomOp2 for PatchEmbedOp {
         let (g, k) = (h / p, c * p * p);
         let t = g * g + 1;
         let patches = unfold(px, b, c, h, p);
-        let y = train_ops::linear_forward(&patches, b * g * g, k, kernel, d, None, None);
+        let y = train_ops::linear_forward(&patches, b * g * g, k, kernel, d, None, None, self.amx);
         let [cls, pos, lnw, lnb] = self.others();
         let (x, out) = cpu::with_slices(&[cls, pos, lnw, lnb], |s| {
             let (cls, pos) = (s[0], s[1]);
@@ -259,8 +260,17 @@ impl CustomOp2 for PatchEmbedOp {
                     }
                 }
             }
-            let (_, dk, _) =
-                train_ops::linear_backward(patches, b * g * g, k, s[1], d, &dpatch, false, false);
+            let (_, dk, _) = train_ops::linear_backward(
+                patches,
+                b * g * g,
+                k,
+                s[1],
+                d,
+                &dpatch,
+                false,
+                false,
+                self.amx,
+            );
             Ok([dk, dcls, dpos, dlnw, dlnb])
         })?;
         let targets = [

@@ -25,11 +25,6 @@ pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result
     }
 }
 
-/// Whether `x` can take the fused training ops.
-pub fn applies(x: &Tensor) -> bool {
-    crate::model::cpu::fused_ok(x)
-}
-
 const ROWS_PER_TASK: usize = 8;
 
 /// `LayerNorm(x) * w + b` over the last dimension.
@@ -532,8 +527,11 @@ impl CustomOp3 for AttentionOp {
 
 /// `y = x W^T + b` for `x` `[rows, in]`, `W` `[out, in]` (bias optional): forward through the
 /// fused CPU linear, backward as two strided GEMMs and a column sum, without the transposed
-/// copies candle's matmul backward makes.
-pub struct LinearOp;
+/// copies candle's matmul backward makes. `amx`: the model's AMX precision for its products
+/// (see [`crate::model::policy::Kernels`]).
+pub struct LinearOp {
+    pub amx: Option<crate::model::amx::Precision>,
+}
 
 /// `dst[m, n] = lhs[m, k] @ rhs[k, n]` with explicit strides, multi-threaded.
 fn gemm_par(
@@ -646,17 +644,22 @@ fn divert_grad(t: &Tensor, g: Tensor) -> Option<Tensor> {
 }
 
 /// The AMX kernel a training product of `m` rows, `n` outputs and inner size `k` runs on, if
-/// any: `--matmul-precision` decides as for inference (by default bf16x3, PyTorch's "high"
+/// any: the model's `amx` (from `--matmul-precision`, as for inference) (by default bf16x3, PyTorch's "high"
 /// float32 matmul precision; `highest` keeps plain f32). Weights change every step, so each
 /// call packs its operands: only products with every side at least 128 (32 rows) take AMX.
 /// Measured: every ViT-B/32 product gains; on the tiny fixture CLIP, sides from 64 up, or its
 /// patch embedding alone (1600 x 3072 x 64), were slower than f32.
-fn train_amx(m: usize, n: usize, k: usize) -> Option<crate::model::amx::Precision> {
+fn train_amx(
+    m: usize,
+    n: usize,
+    k: usize,
+    amx: Option<crate::model::amx::Precision>,
+) -> Option<crate::model::amx::Precision> {
     const MIN_SIDE: usize = 128;
     if m < 32 || n < MIN_SIDE || k < MIN_SIDE {
         return None;
     }
-    crate::model::cpu::amx_precision()
+    amx
 }
 
 /// `t[n, m]` = `s[m, n]` transposed: each task fills 32 rows of `t`, reading a 32-wide column
@@ -689,6 +692,7 @@ fn amx_product(
 }
 
 /// `y[rows, n] = x[rows, k] W^T (+ b) (+ residual)`, on AMX where [`train_amx`] says so.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn linear_forward(
     x: &[f32],
     rows: usize,
@@ -697,11 +701,14 @@ pub(crate) fn linear_forward(
     n: usize,
     b: Option<&[f32]>,
     residual: Option<&[f32]>,
+    amx: Option<crate::model::amx::Precision>,
 ) -> Vec<f32> {
-    let packed = train_amx(rows, n, k).map(|p| {
+    let prec = train_amx(rows, n, k, amx);
+    let packed = prec.map(|p| {
         crate::model::amx::PackedB::new(w, n, k, p == crate::model::amx::Precision::Bf16x3)
     });
-    crate::model::cpu::linear(x, rows, k, w, n, b, residual, packed.as_ref()).into_vec()
+    let amx = packed.as_ref().zip(prec);
+    crate::model::cpu::linear(x, rows, k, w, n, b, residual, amx).into_vec()
 }
 
 /// The gradients of [`linear_forward`] from `g` (`[m, n]`): `dx = g W` (when `want_dx`),
@@ -716,8 +723,9 @@ pub(crate) fn linear_backward(
     g: &[f32],
     want_dx: bool,
     bias: bool,
+    amx: Option<crate::model::amx::Precision>,
 ) -> (Option<Vec<f32>>, Vec<f32>, Option<Vec<f32>>) {
-    let (dx, dw) = match train_amx(m, n, k) {
+    let (dx, dw) = match train_amx(m, n, k, amx) {
         Some(p) => {
             use crate::model::amx::{PackedB, Precision};
             let lo = p == Precision::Bf16x3;
@@ -749,6 +757,7 @@ fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
 
 impl LinearOp {
     fn forward(
+        &self,
         x: &[f32],
         xl: &Layout,
         w: &[f32],
@@ -760,13 +769,14 @@ impl LinearOp {
         if k != k2 {
             candle_core::bail!("linear: input has {k} features, weight expects {k2}");
         }
-        let y = linear_forward(x, rows, k, w, n, b, None);
+        let y = linear_forward(x, rows, k, w, n, b, None, self.amx);
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
     }
 
     /// `dx` is None when `x` needs no gradient (the patch embedding's pixels): its product is
     /// the largest one of a small model's step.
     fn backward(
+        &self,
         x: &Tensor,
         w: &Tensor,
         g: &Tensor,
@@ -778,7 +788,9 @@ impl LinearOp {
         let n = w.dim(0)?;
         let dev = x.device().clone();
         let (dx, dw, db) = crate::model::cpu::with_slices(&[&x, &w, &g], |s| {
-            Ok(linear_backward(s[0], m, k, s[1], n, s[2], want_dx, bias))
+            Ok(linear_backward(
+                s[0], m, k, s[1], n, s[2], want_dx, bias, self.amx,
+            ))
         })?;
         Ok((
             dx.map(|dx| Tensor::from_vec(dx, (m, k), &dev))
@@ -803,7 +815,7 @@ impl CustomOp3 for LinearOp {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Self::forward(
+        self.forward(
             f32_slice(xs, xl, "linear")?,
             xl,
             f32_slice(ws, wl, "linear")?,
@@ -820,7 +832,7 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = Self::backward(x, w, g, true)?;
+        let (dx, dw, db) = self.backward(x, w, g, true)?;
         Ok((dx, divert_grad(w, dw), db.and_then(|db| divert_grad(b, db))))
     }
 }
@@ -837,7 +849,7 @@ impl candle_core::CustomOp2 for LinearOp {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Self::forward(
+        self.forward(
             f32_slice(xs, xl, "linear")?,
             xl,
             f32_slice(ws, wl, "linear")?,
@@ -853,7 +865,7 @@ impl candle_core::CustomOp2 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = Self::backward(x, w, g, false)?;
+        let (dx, dw, _) = self.backward(x, w, g, false)?;
         Ok((dx, divert_grad(w, dw)))
     }
 }
@@ -861,6 +873,9 @@ impl candle_core::CustomOp2 for LinearOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The linear op on plain f32 products.
+    const LINEAR: LinearOp = LinearOp { amx: None };
     use candle_core::{Device, Var, D};
 
     type R = Result<()>;
@@ -924,7 +939,7 @@ mod tests {
             let b = var(Tensor::randn(0f32, 0.2, 40, &dev)?)?;
             let probe = Tensor::randn(0f32, 1.0, (rows, 40), &dev)?;
             let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
-            let fused = xt.apply_op3(wt, bt, LinearOp)?;
+            let fused = xt.apply_op3(wt, bt, LINEAR)?;
             let plain = xt.matmul(&wt.t()?)?.broadcast_add(bt)?;
             assert!(max_diff(&fused, &plain)? < 1e-4, "{rows} rows: output");
             let (gf, gp) = (grads(&fused, &probe)?, grads(&plain, &probe)?);
@@ -932,7 +947,7 @@ mod tests {
                 let d = max_diff(grad(&gf, v), grad(&gp, v))?;
                 assert!(d < 1e-4, "{what} ({rows} rows): max diff {d}");
             }
-            let nb = xt.apply_op2(wt, LinearOp)?;
+            let nb = xt.apply_op2(wt, LINEAR)?;
             assert!(
                 max_diff(&nb, &xt.matmul(&wt.t()?)?)? < 1e-4,
                 "no-bias output"
@@ -946,7 +961,7 @@ mod tests {
     /// `--matmul-precision highest` the same op runs plain f32.
     #[test]
     fn linear_on_amx_matches_composed() -> R {
-        use crate::model::cpu::{matmul_precision, set_matmul_precision, MatmulPrecision};
+        use crate::model::cpu::MatmulPrecision;
         let dev = Device::Cpu;
         let (rows, k, n) = (100, 200, 160);
         let x = var(Tensor::randn(0f32, 1.0, (rows, k), &dev)?)?;
@@ -956,15 +971,12 @@ mod tests {
         let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
         let plain = xt.matmul(&wt.t()?)?.broadcast_add(bt)?;
         let gp = grads(&plain, &probe)?;
-        let before = matmul_precision();
         for (prec, tol) in [
             (MatmulPrecision::High, 2e-4),
             (MatmulPrecision::Highest, 2e-5),
         ] {
-            set_matmul_precision(prec);
-            let fused = xt.apply_op3(wt, bt, LinearOp)?;
+            let fused = xt.apply_op3(wt, bt, LinearOp { amx: prec.amx() })?;
             let gf = grads(&fused, &probe)?;
-            set_matmul_precision(before);
             let rel = |a: &Tensor, b: &Tensor| -> Result<f32> {
                 Ok(max_diff(a, b)? / b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
             };
@@ -988,7 +1000,7 @@ mod tests {
         let b = var(Tensor::randn(0f32, 0.2, 40, &dev)?)?;
         let probe = Tensor::randn(0f32, 1.0, (6, 40), &dev)?;
         let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
-        let y = (xt.apply_op3(wt, bt, LinearOp)? + xt.apply_op2(wt, LinearOp)?)?;
+        let y = (xt.apply_op3(wt, bt, LINEAR)? + xt.apply_op2(wt, LINEAR)?)?;
         let loss = (&y * &probe)?.sum_all()?;
         let plain = loss.backward()?;
         let direct = with_direct_weight_grads(|| Result::Ok(((), loss.backward()?)))?.1;
@@ -998,10 +1010,10 @@ mod tests {
         }
         // A constant input (the patch embedding's pixels): no dx, the same dW.
         let c = xt.detach();
-        let loss = (c.apply_op3(wt, bt, LinearOp)? * &probe)?.sum_all()?;
+        let loss = (c.apply_op3(wt, bt, LINEAR)? * &probe)?.sum_all()?;
         let g = with_direct_weight_grads(|| Result::Ok(((), loss.backward()?)))?.1;
         assert!(g.get(&c).is_none());
-        let once = (xt.apply_op3(wt, bt, LinearOp)? * &probe)?
+        let once = (xt.apply_op3(wt, bt, LINEAR)? * &probe)?
             .sum_all()?
             .backward()?;
         assert!(max_diff(grad(&g, &w), grad(&once, &w))? <= 1e-6);
