@@ -6,10 +6,13 @@
 //!   in `Mode::Inference`), `load` (HF folder or hub repo id -> the selected towers' tensors,
 //!   read one by one), `preprocess` (`tokenizer`: CLIP BPE, 77 tokens, pad to longest; `image`:
 //!   Pillow-exact bicubic resize of the window the centre crop keeps, normalise), `device`,
-//!   `policy` (which kernels a loaded model runs, decided at load and logged). Apart from the
-//!   definition: `kernels` per device (`cpu`: fused f32 blocks, GEMM with bias/residual
-//!   prefilled, in-place activations, one-pass layer norm and attention, pooled buffers; `amx`
-//!   beside it: bf16x3 products on Intel AMX tiles, chosen by `--matmul-precision`) and `ops`,
+//!   `backbones` (the named backbones, Finetuner's display names), `policy` (`Kernels`: which
+//!   kernels a model runs, decided once from device, dtype and `--matmul-precision` when a
+//!   `Clip` is built, and carried by every layer; logged at load). Apart from the definition:
+//!   `kernels` per device (`cpu`: GEMM with bias/residual prefilled, in-place activations,
+//!   one-pass layer norm and attention, pooled buffers; `cpu_block`: a whole encoder block from
+//!   those over weights the layers lend as slices; `amx` beside them: bf16x3 products on Intel
+//!   AMX tiles) and `ops`,
 //!   the training graph's custom ops (`train_ops`: layer norm, quick_gelu, softmax, linear and
 //!   attention as single CPU ops with their own backward; `train_block`: a whole transformer
 //!   block as one op, the last one computing only the pooled rows; `train_embed`: the

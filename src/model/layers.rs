@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use super::amx;
 use super::config::Activation;
 use super::cpu;
+use super::kernels::cpu_block;
 use super::policy::Kernels;
 use super::train_block;
 
@@ -538,6 +539,7 @@ impl Encoder {
         Ok(Some(x))
     }
 
+    /// Inference through [`cpu_block::block`], one block at a time.
     fn forward_fused_cpu(
         &self,
         x: &Tensor,
@@ -550,86 +552,75 @@ impl Encoder {
             let rows: Vec<usize> = pooled.iter().map(|&(i, p)| i * t + p).collect();
             return cpu::to_tensor(&cpu::gather_rows(&h, d, &rows), &[pooled.len(), d]);
         };
-        let shape = Shape { b, t, d, causal };
+        let g = cpu_block::Geometry { b, t, d, causal };
         for layer in rest {
-            h = layer.forward_fused_cpu(h, shape, None)?;
+            h = layer.with_block_weights(|w| cpu_block::block(h, g, w, None))?;
         }
-        let out = last.forward_fused_cpu(h, shape, Some(pooled))?;
+        let out = last.with_block_weights(|w| cpu_block::block(h, g, w, Some(pooled)))?;
         cpu::to_tensor(&out, &[pooled.len(), d])
     }
 }
 
-/// Batch geometry for the fused path.
-#[derive(Clone, Copy)]
-struct Shape {
-    b: usize,
-    t: usize,
-    d: usize,
-    causal: bool,
-}
-
 impl EncoderLayer {
-    /// The same block as [`EncoderLayer::forward`], computed with [`cpu`]'s fused kernels. With
-    /// `pooled`, only those rows are computed past the keys and values, and returned.
-    fn forward_fused_cpu(
+    /// This block's weights as the CPU block kernel takes them, borrowed for `f` (packing the
+    /// linear weights for AMX on first use where the model multiplies on AMX).
+    fn with_block_weights<R>(
         &self,
-        x: cpu::Buf,
-        s: Shape,
-        pooled: Option<&[(usize, usize)]>,
-    ) -> Result<cpu::Buf> {
-        let Shape { b, t, d, causal } = s;
+        f: impl FnOnce(&cpu_block::BlockWeights) -> Result<R>,
+    ) -> Result<R> {
         let a = &self.self_attn;
-        let ln = |n: &LayerNorm, x: &[f32]| {
-            cpu::with_slice(&n.weight, |w| {
-                cpu::with_slice(&n.bias, |bias| {
-                    Ok(cpu::layer_norm(x, d, w, bias, n.eps as f32))
-                })
-            })
-        };
-        let lin = |l: &Linear, x: &[f32], k: usize, residual: Option<&[f32]>| {
-            let n = l.dims.0;
-            let rows = x.len() / k;
-            cpu::with_slice(&l.weight, |w| {
-                let packed = l.packed(w);
-                match &l.bias {
-                    Some(bt) => cpu::with_slice(bt, |bias| {
-                        Ok(cpu::linear(x, rows, k, w, n, Some(bias), residual, packed))
-                    }),
-                    None => Ok(cpu::linear(x, rows, k, w, n, None, residual, packed)),
-                }
-            })
-        };
-        let h = ln(&self.layer_norm1, &x)?;
-        let k = lin(&a.k_proj, &h, d, None)?;
-        let v = lin(&a.v_proj, &h, d, None)?;
-        let sh = cpu::AttnShape::new((b, t, d), a.heads, a.scale as f32, causal, d)?;
-        let (ctx, x) = match pooled {
-            None => {
-                let q = lin(&a.q_proj, &h, d, None)?;
-                let mut ctx = cpu::Buf::new(b * t * d);
-                cpu::attention_into(&q, &k, &v, sh, &mut ctx, None);
-                (ctx, x)
-            }
-            Some(rows) => {
-                let idx: Vec<usize> = rows.iter().map(|&(i, p)| i * t + p).collect();
-                let q = lin(&a.q_proj, &cpu::gather_rows(&h, d, &idx), d, None)?;
-                // q holds only the pooled rows, one after the other.
-                let q_at: Vec<usize> = (0..rows.len()).map(|i| i * d).collect();
-                let mut ctx = cpu::Buf::new(rows.len() * d);
-                cpu::attention_rows_into(&q, &q_at, &k, &v, sh, rows, &mut ctx, None);
-                (ctx, cpu::gather_rows(&x, d, &idx))
-            }
-        };
-        drop((h, k, v));
-        let x = lin(&a.out_proj, &ctx, d, Some(&x))?;
-        let h = ln(&self.layer_norm2, &x)?;
-        let inter = self.mlp.fc1.dims.0;
-        let mut m = lin(&self.mlp.fc1, &h, d, None)?;
-        match self.mlp.act {
-            Activation::QuickGelu => cpu::quick_gelu(&mut m),
-            Activation::Gelu => cpu::gelu_erf(&mut m),
+        let linears = [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.out_proj,
+            &self.mlp.fc1,
+            &self.mlp.fc2,
+        ];
+        let norms = [&self.layer_norm1, &self.layer_norm2];
+        // Every tensor in one list: norms' weight and bias, then each linear's weight and bias
+        // (a bias-less linear lends its weight twice and reads no bias).
+        let mut ts: Vec<&Tensor> = Vec::with_capacity(16);
+        for n in norms {
+            ts.extend([&n.weight, &n.bias]);
         }
-        lin(&self.mlp.fc2, &m, inter, Some(&x))
+        for l in linears {
+            ts.extend([&l.weight, l.bias.as_ref().unwrap_or(&l.weight)]);
+        }
+        cpu::with_slices(&ts, |s| {
+            let norm = |i: usize| cpu_block::NormWeights {
+                w: s[2 * i],
+                b: s[2 * i + 1],
+                eps: norms[i].eps as f32,
+            };
+            let lin = |i: usize| {
+                let l = linears[i];
+                let w = s[4 + 2 * i];
+                cpu_block::LinearWeights {
+                    w,
+                    b: l.bias.as_ref().map(|_| s[5 + 2 * i]),
+                    n: l.dims.0,
+                    amx: l.packed(w),
+                }
+            };
+            let act: fn(&mut [f32]) = match self.mlp.act {
+                Activation::QuickGelu => cpu::quick_gelu,
+                Activation::Gelu => cpu::gelu_erf,
+            };
+            f(&cpu_block::BlockWeights {
+                ln1: norm(0),
+                q: lin(0),
+                k: lin(1),
+                v: lin(2),
+                out: lin(3),
+                ln2: norm(1),
+                fc1: lin(4),
+                fc2: lin(5),
+                act,
+                heads: a.heads,
+                scale: a.scale as f32,
+            })
+        })
     }
 }
 

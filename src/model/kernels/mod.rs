@@ -1,6 +1,7 @@
-//! Kernels, per device, apart from the model definition: [`cpu`] (fused f32 blocks, GEMM with
-//! bias and residual, layer norm, attention, activations, pooled buffers) and [`amx`] beside it
-//! (bf16x3 / bf16 products on Intel AMX tiles, `--matmul-precision`). Every kernel here is a
+//! Kernels, per device, apart from the model definition: [`cpu`] (GEMM with bias and residual,
+//! layer norm, attention, activations, pooled buffers), [`cpu_block`] (a whole encoder block
+//! from those, over weights the layers describe as slices) and [`amx`] beside them (bf16x3 /
+//! bf16 products on Intel AMX tiles, `--matmul-precision`). Every kernel here is a
 //! slice function; the model reaches them through its layers and the ops in [`super::ops`].
 //! CUDA kernels go in a `cuda` module beside these (issue 13).
 
@@ -10,3 +11,4 @@ pub mod amx;
 #[path = "amx_none.rs"]
 pub mod amx;
 pub mod cpu;
+pub mod cpu_block;
