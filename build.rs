@@ -1,6 +1,7 @@
 //! Generates the protobuf types and gRPC services from `proto/` with protox (a protobuf compiler
 //! in Rust), so no system `protoc` is needed. The compiled descriptor set is also written out:
-//! server reflection (which the Jina gateway requires) serves it.
+//! server reflection (which the Jina gateway requires) serves it. With the `cuda` feature it also
+//! compiles the CUDA kernels (`src/model/kernels/cuda/*.cu`) to PTX with nvcc.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -26,5 +27,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // prost's codec plus `decode` / `encode` spans when traces are exported.
         .codec_path("crate::telemetry::grpc::TracedCodec")
         .compile_fds_with_config(fds, config)?;
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        cuda_ptx(&out)?;
+    }
+    Ok(())
+}
+
+/// `attention.cu` -> `$OUT_DIR/attention.ptx`, for `CUDA_COMPUTE_CAP` (as candle's kernels;
+/// default 90), with nvcc from `CUDA_HOME`/`CUDA_PATH` or `PATH`. PTX for the virtual
+/// architecture: the driver compiles it for the GPU it runs on at first load.
+fn cuda_ptx(out: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
+    let nvcc = ["CUDA_HOME", "CUDA_PATH"]
+        .iter()
+        .filter_map(std::env::var_os)
+        .map(|home| std::path::PathBuf::from(home).join("bin").join("nvcc"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| "nvcc".into());
+    for name in ["attention"] {
+        let src = format!("src/model/kernels/cuda/{name}.cu");
+        println!("cargo:rerun-if-changed={src}");
+        let status = std::process::Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17"])
+            .arg(format!("-arch=compute_{cap}"))
+            .arg(&src)
+            .arg("-o")
+            .arg(out.join(format!("{name}.ptx")))
+            .status()
+            .map_err(|e| {
+                format!(
+                    "{}: {e} (set CUDA_HOME or put nvcc on PATH)",
+                    nvcc.display()
+                )
+            })?;
+        if !status.success() {
+            return Err(format!("nvcc failed on {src} ({status})").into());
+        }
+    }
     Ok(())
 }

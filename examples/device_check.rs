@@ -101,6 +101,27 @@ fn main() -> anyhow::Result<()> {
             .contiguous()?;
         i[0].matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
     })?;
+    // clipft's fused attention: the CUDA kernel on the device, its CPU twin on the CPU.
+    let qkv: Vec<Tensor> = (0..3)
+        .map(|_| Tensor::randn(0f32, 1.0, (b, 77, d), &cpu))
+        .collect::<candle_core::Result<_>>()?;
+    for dt in [DType::F32, DType::F16, DType::BF16] {
+        for (seq, causal) in [(t, false), (77, true)] {
+            let name = format!("fused attention {dt:?} t={seq} causal={causal}");
+            let op = clipft::model::ops::fused_attention::FusedAttention {
+                heads: h,
+                scale: ((d / h) as f32).powf(-0.5),
+                causal,
+            };
+            check(&name, &dev, &[&qkv[0], &qkv[1], &qkv[2]], |i| {
+                let c: Vec<Tensor> = i
+                    .iter()
+                    .map(|x| x.narrow(1, 0, seq)?.contiguous()?.to_dtype(dt))
+                    .collect::<candle_core::Result<_>>()?;
+                c[0].apply_op3_no_bwd(&c[1], &c[2], &op)
+            })?;
+        }
+    }
     check("quick_gelu", &dev, &[&x], |i| {
         &i[0] * candle_nn::ops::sigmoid(&(&i[0] * 1.702)?)?
     })?;

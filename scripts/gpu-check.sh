@@ -2,7 +2,11 @@
 # Every GPU check of BENCHMARKS.md's GPU section in one run, for a lent GPU machine (one H100 or
 # H200, minutes of time): the CUDA binary against PyTorch on the same machine and weights.
 #
-#   scripts/gpu-check.sh [CLIPFT_BINARY] [OUT_DIR]
+#   scripts/gpu-check.sh [CLIPFT_BINARY | PACKED_DIR] [OUT_DIR]
+#
+# PACKED_DIR is what scripts/pack-gpu.sh wrote (.gpu/: the binary, device_check and the library's
+# CUDA unit tests, xz-compressed): they are unpacked, the CUDA kernels are tested against their
+# CPU twins and device_check runs before the checks below.
 #
 # Needs python3 with torch + transformers + safetensors + pyyaml (the GPU image's), the binary from
 # scripts/build-cuda.sh and the repository's fixtures. Writes OUT_DIR/summary.txt (one line per
@@ -17,6 +21,14 @@ set -u
 cd "$(dirname "$0")/.."
 BIN="$(realpath "${1:-target/cuda/release/clipft}")"
 OUTDIR="${2:-${OUT:-target/gpu-check}}"
+if [ -d "$BIN" ]; then
+  PACKED="$BIN" BIN="$(mktemp -d)/clipft"
+  for f in clipft device_check lib_tests; do
+    xz -d -c "$PACKED/$f.xz" >"$(dirname "$BIN")/$f" && chmod +x "$(dirname "$BIN")/$f"
+  done
+  DEVICE_CHECK="${DEVICE_CHECK:-$(dirname "$BIN")/device_check}"
+  LIB_TESTS="$(dirname "$BIN")/lib_tests"
+fi
 PY="${PYTHON:-python3}"
 # DEVICE_CHECK=PATH runs that build of examples/device_check first (op-by-op CPU vs GPU, then
 # where the time of a batch of 256 goes); QUICK=1 leaves out the demo fine-tune and the sdpa peer.
@@ -47,6 +59,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$SUM"
 ldd "$BIN" | grep -E "not found|cublas|cuda" >>"$SUM"
 
+# The CUDA kernels against their CPU twins (the library's unit tests of a CUDA build).
+[ -z "${LIB_TESTS:-}" ] || step kernel-tests 120 "$LIB_TESTS" cuda_kernel --nocapture
 [ -f "$VIT/model.safetensors" ] || step fixtures 240 "$PY" scripts/make_fixtures.py --full-size "$VIT"
 if [ -n "${DEVICE_CHECK:-}" ]; then
   DEVICE_CHECK_TIMING=1 step device-check 180 "$DEVICE_CHECK" "$VIT"

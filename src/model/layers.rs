@@ -273,6 +273,9 @@ pub struct Attention {
     head_dim: usize,
     scale: f64,
     kernels: Kernels,
+    /// Inference through [`super::ops::fused_attention`]: the kernels ask for it and the
+    /// kernel takes this head width.
+    fused: bool,
 }
 
 impl Attention {
@@ -297,6 +300,7 @@ impl Attention {
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
             kernels,
+            fused: kernels.fused_attention && super::kernels::cuda::attention_supports(head_dim),
         })
     }
 
@@ -304,6 +308,20 @@ impl Attention {
     /// and heads): the text tower's causal mask.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
+        if mode == Mode::Inference && self.fused {
+            // The only mask used is the text tower's causal one.
+            let op = super::ops::fused_attention::FusedAttention {
+                heads: self.heads,
+                scale: self.scale as f32,
+                causal: mask.is_some(),
+            };
+            let (q, k, v) = (
+                self.q_proj.forward(x)?.contiguous()?,
+                self.k_proj.forward(x)?.contiguous()?,
+                self.v_proj.forward(x)?.contiguous()?,
+            );
+            return self.out_proj.forward(&q.apply_op3_no_bwd(&k, &v, &op)?);
+        }
         if mode == Mode::Train && self.kernels.fused_cpu {
             // One op with its own backward; the only mask used is the text tower's causal one.
             let op =

@@ -43,6 +43,9 @@ pub struct Kernels {
     pub train_blocks: bool,
     /// With `fused_cpu`: f32 products on Intel AMX in this precision; None keeps plain f32.
     pub amx: Option<super::amx::Precision>,
+    /// On a GPU: inference attention as one fused op ([`super::ops::fused_attention`]) where
+    /// the head width allows, instead of candle's per-head ops.
+    pub fused_attention: bool,
 }
 
 impl Kernels {
@@ -51,12 +54,19 @@ impl Kernels {
         fused_cpu: false,
         train_blocks: false,
         amx: None,
+        fused_attention: false,
     };
 
     /// The kernels for weights on `device` in `dtype`, under the process's switches and matmul
     /// precision (`--matmul-precision`, set before models are built).
     pub fn decide(device: &Device, dtype: DType) -> Self {
         let sw = switches();
+        if device.is_cuda() && sw.fused {
+            return Self {
+                fused_attention: true,
+                ..Self::CANDLE
+            };
+        }
         if !(device.is_cpu() && dtype == DType::F32 && sw.fused) {
             return Self::CANDLE;
         }
@@ -64,6 +74,7 @@ impl Kernels {
             fused_cpu: true,
             train_blocks: sw.fused_blocks,
             amx: cpu::amx_precision(),
+            fused_attention: false,
         }
     }
 }
@@ -104,9 +115,10 @@ impl KernelPolicy {
 impl std::fmt::Display for KernelPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {:?}: ", self.device, self.dtype)?;
-        match self.kernels.fused_cpu {
-            true => write!(f, "fused CPU blocks, products in {}", self.products)?,
-            false => write!(f, "candle's ops")?,
+        match (self.kernels.fused_cpu, self.kernels.fused_attention) {
+            (true, _) => write!(f, "fused CPU blocks, products in {}", self.products)?,
+            (false, true) => write!(f, "candle's ops, fused attention")?,
+            (false, false) => write!(f, "candle's ops")?,
         }
         for (tower, act) in [
             ("text", self.text_activation),

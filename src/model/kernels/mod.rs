@@ -3,7 +3,8 @@
 //! from those, over weights the layers describe as slices) and [`amx`] beside them (bf16x3 /
 //! bf16 products on Intel AMX tiles, `--matmul-precision`). Every kernel here is a
 //! slice function; the model reaches them through its layers and the ops in [`super::ops`].
-//! CUDA kernels go in a `cuda` module beside these (issue 13).
+//! [`cuda`]: the CUDA kernels (`.cu`, compiled to PTX under the `cuda` feature), each with the
+//! CPU twin the normal test suite runs.
 
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
@@ -12,3 +13,4 @@ pub mod amx;
 pub mod amx;
 pub mod cpu;
 pub mod cpu_block;
+pub mod cuda;

@@ -1,9 +1,12 @@
-//! The training graph's fused operations, as candle custom ops with their own backward:
+//! Fused operations as candle custom ops. [`fused_attention`]: inference attention as one op
+//! (the CUDA kernel on a GPU, its CPU twin elsewhere). The training graph's, with their own
+//! backward:
 //! [`train_ops`] (linear, layer norm, quick_gelu, softmax, attention as single ops),
 //! [`train_block`] (a whole transformer block as one op, the last one computing only the pooled
 //! rows) and [`train_embed`] (each tower's embedding as one op). They run the kernels of
 //! [`super::kernels`]; where they do not apply, the layers run candle's own ops.
 
+pub mod fused_attention;
 pub mod train_block;
 pub mod train_embed;
 pub mod train_ops;
