@@ -33,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// `attention.cu` -> `$OUT_DIR/attention.ptx`, for `CUDA_COMPUTE_CAP` (as candle's kernels;
+/// `<name>.cu` -> `$OUT_DIR/<name>.ptx` for each kernel file, for `CUDA_COMPUTE_CAP` (as candle's kernels;
 /// default 90), with nvcc from `CUDA_HOME`/`CUDA_PATH` or `PATH`. PTX for the virtual
 /// architecture: the driver compiles it for the GPU it runs on at first load.
 fn cuda_ptx(out: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
@@ -47,7 +47,7 @@ fn cuda_ptx(out: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
         .map(|home| std::path::PathBuf::from(home).join("bin").join("nvcc"))
         .find(|p| p.is_file())
         .unwrap_or_else(|| "nvcc".into());
-    for name in ["attention"] {
+    for name in ["attention", "elementwise"] {
         let src = format!("src/model/kernels/cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");
         let status = std::process::Command::new(&nvcc)

@@ -122,6 +122,32 @@ fn main() -> anyhow::Result<()> {
             })?;
         }
     }
+    // clipft's fused linear tails: the CUDA kernels on the device, their twins on the CPU.
+    {
+        use clipft::model::kernels::cuda::elementwise::Act;
+        use clipft::model::ops::fused_tail::{BiasAct, BiasResidual};
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            for act in [Act::QuickGelu, Act::Gelu] {
+                let name = format!("fused bias + {act:?} {dt:?}");
+                check(&name, &dev, &[&x, &ln_b], |i| {
+                    i[0].to_dtype(dt)?
+                        .apply_op2_no_bwd(&i[1].to_dtype(dt)?, &BiasAct { act })
+                })?;
+            }
+            check(
+                &format!("fused bias + residual {dt:?}"),
+                &dev,
+                &[&x, &ln_b, &x],
+                |i| {
+                    i[0].to_dtype(dt)?.apply_op3_no_bwd(
+                        &i[1].to_dtype(dt)?,
+                        &i[2].to_dtype(dt)?,
+                        &BiasResidual,
+                    )
+                },
+            )?;
+        }
+    }
     check("quick_gelu", &dev, &[&x], |i| {
         &i[0] * candle_nn::ops::sigmoid(&(&i[0] * 1.702)?)?
     })?;

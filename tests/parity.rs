@@ -453,3 +453,66 @@ fn half_precision_weights_agree() {
         );
     }
 }
+
+/// The GPU inference path of the layers (fused attention and fused linear tails), run on the CPU
+/// through the kernels' twins, gives the embeddings of candle's composed ops and of the fused
+/// CPU blocks: the layer plumbing a GPU runs is checked here, not only the kernels. Text (causal)
+/// and image towers, quick_gelu and gelu checkpoints.
+#[test]
+fn the_gpu_layer_path_matches_on_the_cpu() {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+    use clipft::model::policy::Kernels;
+    use clipft::model::{Clip, ClipConfig, Mode, TextBatch};
+    // The fixture's heads are 8 and 16 wide; the fused attention kernel takes 32 and 64, so a
+    // copy with fewer, wider heads (the same weights: q/k/v are [dim, dim] whatever the heads)
+    // runs it too.
+    let wide = gelu_copy("gpu-path-wide");
+    let cfg = std::fs::read_to_string(wide.join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    json["text_config"]["num_attention_heads"] = 1.into();
+    json["vision_config"]["num_attention_heads"] = 2.into();
+    std::fs::write(wide.join("config.json"), json.to_string()).unwrap();
+    for dir in [fixtures().join("clip-tiny"), gelu_copy("gpu-path"), wide] {
+        let config = ClipConfig::from_file(&dir.join("config.json")).unwrap();
+        let build = |kernels: Kernels| {
+            // SAFETY: the fixture is not modified while the test maps it.
+            let vb = unsafe {
+                VarBuilder::from_mmaped_safetensors(
+                    &[dir.join("model.safetensors")],
+                    DType::F32,
+                    &Device::Cpu,
+                )
+            }
+            .unwrap();
+            Clip::new(vb, &config, Towers::ALL, kernels).unwrap()
+        };
+        let gpu_path = build(Kernels {
+            fused_gpu: true,
+            ..Kernels::CANDLE
+        });
+        let candle = build(Kernels::CANDLE);
+        let cpu_fused = build(Kernels::decide(&Device::Cpu, DType::F32));
+        let enc = load(&dir, Towers::TEXT);
+        let rows = enc
+            .tokenizer()
+            .unwrap()
+            .encode_batch(&["a red striped dress", "3 blue shirts on a chair", "hat"])
+            .unwrap();
+        let batch = TextBatch::new(&rows, enc.eos_token_id().unwrap(), &Device::Cpu).unwrap();
+        let pixels = Tensor::randn(0f32, 1.0, (2, 3, 224, 224), &Device::Cpu).unwrap();
+        let features = |c: &Clip| {
+            let t = c.text_features(&batch, Mode::Inference).unwrap();
+            let i = c.image_features(&pixels, Mode::Inference).unwrap();
+            (t.to_vec2::<f32>().unwrap(), i.to_vec2::<f32>().unwrap())
+        };
+        let (gt, gi) = features(&gpu_path);
+        for other in [&candle, &cpu_fused] {
+            let (ot, oi) = features(other);
+            for (a, b) in gt.iter().zip(&ot).chain(gi.iter().zip(&oi)) {
+                let c = cosine(a, b);
+                assert!(c > 0.999999, "{}: cosine {c}", dir.display());
+            }
+        }
+    }
+}

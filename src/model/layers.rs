@@ -151,6 +151,43 @@ impl Linear {
         y.reshape(out_dims)
     }
 
+    /// `x W^T` over the last dimension, without the bias.
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let in_dim = dims[dims.len() - 1];
+        let rows = x.elem_count() / in_dim.max(1);
+        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
+        let mut out_dims = dims.to_vec();
+        let last = out_dims.len() - 1;
+        out_dims[last] = self.dims.0;
+        y.reshape(out_dims)
+    }
+
+    /// `act(x W^T + b)` for GPU inference: the product, then bias and activation in one
+    /// [`super::ops::fused_tail::BiasAct`]; composed where the kernels do not fuse.
+    fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        match (&self.bias, self.kernels.fused_gpu) {
+            (Some(b), true) => {
+                let op = super::ops::fused_tail::BiasAct { act: tail_act(act) };
+                self.product(x)?.apply_op2_no_bwd(b, &op)
+            }
+            _ => activate(&self.forward(x)?, act, self.kernels.fused_cpu),
+        }
+    }
+
+    /// `x W^T + b + residual` for GPU inference: the product, then bias and residual in one
+    /// [`super::ops::fused_tail::BiasResidual`]; composed where the kernels do not fuse.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match (&self.bias, self.kernels.fused_gpu) {
+            (Some(b), true) => self.product(x)?.apply_op3_no_bwd(
+                b,
+                &residual.contiguous()?,
+                &super::ops::fused_tail::BiasResidual,
+            ),
+            _ => self.forward(x)? + residual,
+        }
+    }
+
     /// A linear map whose weight is given directly (the patch embedding's flattened kernel).
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>, kernels: Kernels) -> Result<Self> {
         let (n, k) = weight.dims2()?;
@@ -245,6 +282,15 @@ impl LayerNorm {
     }
 }
 
+/// The fused tail's code for an activation.
+fn tail_act(act: Activation) -> super::kernels::cuda::elementwise::Act {
+    use super::kernels::cuda::elementwise::Act;
+    match act {
+        Activation::QuickGelu => Act::QuickGelu,
+        Activation::Gelu => Act::Gelu,
+    }
+}
+
 /// `act(x)`; `fused`: through the fused CPU op (see [`Kernels::fused_cpu`]).
 fn activate(x: &Tensor, act: Activation, fused: bool) -> Result<Tensor> {
     match act {
@@ -300,13 +346,18 @@ impl Attention {
             head_dim,
             scale: (head_dim as f64).powf(-0.5),
             kernels,
-            fused: kernels.fused_attention && super::kernels::cuda::attention_supports(head_dim),
+            fused: kernels.fused_gpu && super::kernels::cuda::attention_supports(head_dim),
         })
     }
 
     /// `mask`, when given, is added to the attention scores (shape `[T, T]`, broadcast over batch
     /// and heads): the text tower's causal mask.
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+        self.out_proj.forward(&self.context(x, mask, mode)?)
+    }
+
+    /// The attention's output before `out_proj`: `[batch, seq, dim]`, heads concatenated.
+    fn context(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         if mode == Mode::Inference && self.fused {
             // The only mask used is the text tower's causal one.
@@ -320,7 +371,7 @@ impl Attention {
                 self.k_proj.forward(x)?.contiguous()?,
                 self.v_proj.forward(x)?.contiguous()?,
             );
-            return self.out_proj.forward(&q.apply_op3_no_bwd(&k, &v, &op)?);
+            return q.apply_op3_no_bwd(&k, &v, &op);
         }
         if mode == Mode::Train && self.kernels.fused_cpu {
             // One op with its own backward; the only mask used is the text tower's causal one.
@@ -331,10 +382,9 @@ impl Attention {
                 self.k_proj.forward(x)?,
                 self.v_proj.forward(x)?,
             );
-            let ctx = q
+            return q
                 .contiguous()?
-                .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?;
-            return self.out_proj.forward(&ctx);
+                .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
         }
         let split = |y: Tensor| -> Result<Tensor> {
             y.reshape((b, t, self.heads, self.head_dim))?
@@ -349,8 +399,7 @@ impl Attention {
             scores = scores.broadcast_add(m)?;
         }
         let probs = softmax_last(&scores, mode, self.kernels.fused_cpu)?;
-        let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        self.out_proj.forward(&ctx)
+        probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
     }
 }
 
@@ -423,6 +472,15 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+        if mode == Mode::Inference && self.mlp.kernels.fused_gpu {
+            // Each residual branch closes inside its last linear's fused tail.
+            let a = &self.self_attn;
+            let ctx = a.context(&self.layer_norm1.forward(x, mode)?, mask, mode)?;
+            let x = a.out_proj.forward_residual(&ctx, x)?;
+            let h = self.layer_norm2.forward(&x, mode)?;
+            let m = self.mlp.fc1.forward_act(&h, self.mlp.act)?;
+            return self.mlp.fc2.forward_residual(&m, &x);
+        }
         let h = self
             .self_attn
             .forward(&self.layer_norm1.forward(x, mode)?, mask, mode)?;

@@ -43,9 +43,10 @@ pub struct Kernels {
     pub train_blocks: bool,
     /// With `fused_cpu`: f32 products on Intel AMX in this precision; None keeps plain f32.
     pub amx: Option<super::amx::Precision>,
-    /// On a GPU: inference attention as one fused op ([`super::ops::fused_attention`]) where
-    /// the head width allows, instead of candle's per-head ops.
-    pub fused_attention: bool,
+    /// On a GPU: inference through clipft's CUDA kernels: attention as one op
+    /// ([`super::ops::fused_attention`], where the head width allows) and each linear layer's
+    /// bias + activation or bias + residual as one op ([`super::ops::fused_tail`]).
+    pub fused_gpu: bool,
 }
 
 impl Kernels {
@@ -54,7 +55,7 @@ impl Kernels {
         fused_cpu: false,
         train_blocks: false,
         amx: None,
-        fused_attention: false,
+        fused_gpu: false,
     };
 
     /// The kernels for weights on `device` in `dtype`, under the process's switches and matmul
@@ -63,7 +64,7 @@ impl Kernels {
         let sw = switches();
         if device.is_cuda() && sw.fused {
             return Self {
-                fused_attention: true,
+                fused_gpu: true,
                 ..Self::CANDLE
             };
         }
@@ -74,7 +75,7 @@ impl Kernels {
             fused_cpu: true,
             train_blocks: sw.fused_blocks,
             amx: cpu::amx_precision(),
-            fused_attention: false,
+            fused_gpu: false,
         }
     }
 }
@@ -115,9 +116,9 @@ impl KernelPolicy {
 impl std::fmt::Display for KernelPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {:?}: ", self.device, self.dtype)?;
-        match (self.kernels.fused_cpu, self.kernels.fused_attention) {
+        match (self.kernels.fused_cpu, self.kernels.fused_gpu) {
             (true, _) => write!(f, "fused CPU blocks, products in {}", self.products)?,
-            (false, true) => write!(f, "candle's ops, fused attention")?,
+            (false, true) => write!(f, "fused CUDA attention and linear tails, candle's ops")?,
             (false, false) => write!(f, "candle's ops")?,
         }
         for (tower, act) in [

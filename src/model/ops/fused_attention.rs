@@ -117,7 +117,7 @@ impl CustomOp3 for FusedAttention {
                 let q = qs.as_cuda_slice::<$t>()?.slice(ql.start_offset()..);
                 let k = ks.as_cuda_slice::<$t>()?.slice(kl.start_offset()..);
                 let v = vs.as_cuda_slice::<$t>()?.slice(vl.start_offset()..);
-                let out = cuda::attention::<$t>($name, &dev, &q, &k, &v, s)?;
+                let out = cuda::attention::launch::<$t>($name, &dev, &q, &k, &v, s)?;
                 candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }

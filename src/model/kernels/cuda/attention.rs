@@ -1,0 +1,290 @@
+//! The CPU twin and the launcher of `attention.cu` (see its header for the algorithm).
+
+use candle_core::{bail, Result};
+
+/// Keys per shared-memory tile in `attention.cu`.
+pub const ATTENTION_TILE: usize = 64;
+/// The head dimensions `attention.cu` takes.
+pub fn attention_supports(head_dim: usize) -> bool {
+    head_dim == 32 || head_dim == 64
+}
+
+/// The geometry of one attention call: `batch` items of `seq` rows; queries, keys and values
+/// are row-major with rows `ld` apart, head `h` at columns `h * head_dim`; the output is
+/// `[batch * seq, heads * head_dim]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    pub ld: usize,
+    pub scale: f32,
+    pub causal: bool,
+}
+
+impl AttentionShape {
+    /// Values a q, k or v buffer must hold, and the output's; errors on overflow or a head
+    /// width the kernel does not take.
+    pub fn sizes(&self) -> Result<(usize, usize)> {
+        if !attention_supports(self.head_dim) {
+            bail!(
+                "fused attention takes head_dim 32 or 64, not {}",
+                self.head_dim
+            );
+        }
+        let d = self.heads * self.head_dim;
+        if self.ld < d {
+            bail!(
+                "fused attention: rows {} apart hold fewer than {d} values",
+                self.ld
+            );
+        }
+        let rows = self.batch.checked_mul(self.seq);
+        let input = rows.and_then(|r| match r {
+            0 => Some(0),
+            r => (r - 1).checked_mul(self.ld)?.checked_add(d),
+        });
+        let output = rows.and_then(|r| r.checked_mul(d));
+        match (input, output) {
+            (Some(i), Some(o)) if i32::try_from(self.seq.max(self.ld)).is_ok() => Ok((i, o)),
+            _ => bail!("fused attention: the shape overflows"),
+        }
+    }
+}
+
+/// The CPU twin of `attention.cu`: for each (item, head, query row), keys in tiles of
+/// [`ATTENTION_TILE`], scores of the pre-scaled query, and the online softmax update of the
+/// running maximum, sum and output; the output is the sum over the row's last value.
+pub fn attention_twin(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Result<Vec<f32>> {
+    let (need, out_len) = s.sizes()?;
+    if [q, k, v].iter().any(|m| m.len() < need) {
+        bail!("fused attention: q, k and v need {need} values");
+    }
+    let (t, hd, ld) = (s.seq, s.head_dim, s.ld);
+    let d = s.heads * hd;
+    let mut out = vec![0f32; out_len];
+    let mut scores = vec![0f32; ATTENTION_TILE];
+    let mut qr = vec![0f32; hd];
+    let mut o = vec![0f32; hd];
+    for item in 0..s.batch {
+        let base = item * t;
+        for h in 0..s.heads {
+            for row in 0..t {
+                for (c, x) in qr.iter_mut().enumerate() {
+                    *x = q[(base + row) * ld + h * hd + c] * s.scale;
+                }
+                let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+                o.fill(0.0);
+                // The keys this row sees, tile by tile.
+                let kend = if s.causal { row + 1 } else { t };
+                for k0 in (0..kend).step_by(ATTENTION_TILE) {
+                    let kn = ATTENTION_TILE.min(kend - k0);
+                    let mut tmax = f32::NEG_INFINITY;
+                    for (j, sj) in scores[..kn].iter_mut().enumerate() {
+                        let kr = &k[(base + k0 + j) * ld + h * hd..][..hd];
+                        *sj = qr.iter().zip(kr).fold(0f32, |a, (x, y)| x.mul_add(*y, a));
+                        tmax = tmax.max(*sj);
+                    }
+                    let mnew = m.max(tmax);
+                    let a = (m - mnew).exp();
+                    let mut psum = 0f32;
+                    for sj in &mut scores[..kn] {
+                        *sj = (*sj - mnew).exp();
+                        psum += *sj;
+                    }
+                    l = a * l + psum;
+                    m = mnew;
+                    for x in o.iter_mut() {
+                        *x *= a;
+                    }
+                    for (j, p) in scores[..kn].iter().enumerate() {
+                        let vr = &v[(base + k0 + j) * ld + h * hd..][..hd];
+                        for (x, y) in o.iter_mut().zip(vr) {
+                            *x = p.mul_add(*y, *x);
+                        }
+                    }
+                }
+                let dst = &mut out[(base + row) * d + h * hd..][..hd];
+                for (x, y) in dst.iter_mut().zip(&o) {
+                    *x = y / l;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaDevice, Result};
+
+    use super::AttentionShape;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
+    const WARPS: u32 = 4;
+    const ROWS: u32 = 4;
+
+    /// Shared memory `attention.cu` asks for at `head_dim`: K and V tiles with padded rows, and
+    /// the block's scaled queries.
+    fn smem_bytes(head_dim: usize) -> u32 {
+        let tile = super::ATTENTION_TILE * (head_dim + 1);
+        ((2 * tile + (WARPS * ROWS) as usize * head_dim) * 4) as u32
+    }
+
+    /// Runs `attention.cu`'s kernel `name` (for the element type `T`) on the device.
+    pub fn launch<T: DeviceRepr>(
+        name: &str,
+        dev: &CudaDevice,
+        q: &CudaView<'_, T>,
+        k: &CudaView<'_, T>,
+        v: &CudaView<'_, T>,
+        s: AttentionShape,
+    ) -> Result<CudaSlice<T>> {
+        let (need, out_len) = s.sizes()?;
+        if [q.len(), k.len(), v.len()].iter().any(|&n| n < need) {
+            candle_core::bail!("fused attention: q, k and v need {need} values");
+        }
+        let func = dev.get_or_load_custom_func(name, "clipft_attention", PTX)?;
+        // SAFETY: every element is written by the kernel below (each (item, head, row) of
+        // the output is one warp's row; rows past `seq` are not part of the buffer).
+        let out = unsafe { dev.alloc::<T>(out_len)? };
+        let groups = (s.seq as u32).div_ceil(WARPS * ROWS);
+        let cfg = LaunchConfig {
+            grid_dim: ((s.batch * s.heads) as u32, groups.max(1), 1),
+            block_dim: (WARPS * 32, 1, 1),
+            shared_mem_bytes: smem_bytes(s.head_dim),
+        };
+        let (seq, heads, hd, ld) = (s.seq as i32, s.heads as i32, s.head_dim as i32, s.ld as i32);
+        let causal = i32::from(s.causal);
+        let mut b = func.builder();
+        b.arg(q);
+        b.arg(k);
+        b.arg(v);
+        b.arg(&out);
+        b.arg(&seq);
+        b.arg(&heads);
+        b.arg(&hd);
+        b.arg(&ld);
+        b.arg(&s.scale);
+        b.arg(&causal);
+        if s.batch * s.seq > 0 {
+            // SAFETY: the kernel reads rows `item * seq + r` of q, k and v at columns
+            // `h * hd .. h * hd + hd` (within `need`, checked above), writes `out_len` values
+            // of `out`, and takes its arguments in this order and these types (attention.cu).
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use gpu::launch;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Plain attention, row by row: softmax over the visible keys of the scaled scores.
+    fn reference(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f32> {
+        let (t, hd, ld) = (s.seq, s.head_dim, s.ld);
+        let d = s.heads * hd;
+        let mut out = vec![0f32; s.batch * t * d];
+        for item in 0..s.batch {
+            for h in 0..s.heads {
+                for row in 0..t {
+                    let at = |m: &[f32], r: usize| -> Vec<f64> {
+                        m[(item * t + r) * ld + h * hd..][..hd]
+                            .iter()
+                            .map(|&x| x as f64)
+                            .collect()
+                    };
+                    let qr = at(q, row);
+                    let n = if s.causal { row + 1 } else { t };
+                    let sc: Vec<f64> = (0..n)
+                        .map(|j| {
+                            at(k, j).iter().zip(&qr).map(|(a, b)| a * b).sum::<f64>()
+                                * s.scale as f64
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for c in 0..hd {
+                        let y: f64 = (0..n).map(|j| e[j] / z * at(v, j)[c]).sum();
+                        out[(item * t + row) * d + h * hd + c] = y as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (i as f32 * 0.731 + seed).sin() * 1.3)
+            .collect()
+    }
+
+    /// Text (77 causal), image (50) and a sequence over several tiles (130, both masks), with
+    /// separate projections (ld = d) and one stacked QKV buffer (ld = 3 d).
+    #[test]
+    fn twin_matches_plain_attention() -> Result<()> {
+        for (batch, seq, heads, head_dim, causal) in [
+            (2, 77, 4, 64, true),
+            (3, 50, 2, 64, false),
+            (1, 130, 2, 32, true),
+            (1, 130, 2, 32, false),
+        ] {
+            let d = heads * head_dim;
+            for ld in [d, 3 * d] {
+                let s = AttentionShape {
+                    batch,
+                    seq,
+                    heads,
+                    head_dim,
+                    ld,
+                    scale: (head_dim as f32).powf(-0.5),
+                    causal,
+                };
+                let n = (batch * seq - 1) * ld + d;
+                let (q, k, v) = (values(n, 0.1), values(n, 0.7), values(n, 1.9));
+                let got = attention_twin(&q, &k, &v, s)?;
+                let want = reference(&q, &k, &v, s);
+                let err = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(err < 1e-5, "{s:?}: max diff {err}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn twin_refuses_what_the_kernel_cannot_take() {
+        let s = AttentionShape {
+            batch: 1,
+            seq: 4,
+            heads: 1,
+            head_dim: 48,
+            ld: 48,
+            scale: 1.0,
+            causal: false,
+        };
+        assert!(attention_twin(&[0.0; 192], &[0.0; 192], &[0.0; 192], s).is_err());
+        let s = AttentionShape {
+            head_dim: 32,
+            ld: 32,
+            ..s
+        };
+        // One value short of the last row.
+        assert!(attention_twin(&[0.0; 127], &[0.0; 128], &[0.0; 128], s).is_err());
+        assert!(attention_twin(&[0.0; 128], &[0.0; 128], &[0.0; 128], s).is_ok());
+    }
+}

@@ -1,0 +1,65 @@
+// The element-wise tails of a linear layer in inference, each one pass over the GEMM's output
+// instead of candle's separate bias, activation and residual kernels (quick_gelu alone is three
+// of them). Rows of `cols` values; f32 arithmetic for every element type.
+//   bias_act:      y = act(x + b[col])      act: 0 identity, 1 quick_gelu, 2 gelu (erf)
+//   bias_residual: y = x + b[col] + r
+// The CPU twins are in mod.rs (`bias_act_twin`, `bias_residual_twin`).
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+namespace {
+
+__device__ __forceinline__ float load(float v) { return v; }
+__device__ __forceinline__ float load(__half v) { return __half2float(v); }
+__device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T store(float v);
+template <> __device__ __forceinline__ float store<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half store<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) {
+    return __float2bfloat16_rn(v);
+}
+
+__device__ __forceinline__ float activate(float v, int act) {
+    switch (act) {
+        case 1: return v / (1.0f + expf(-1.702f * v));                 // x * sigmoid(1.702 x)
+        case 2: return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        default: return v;
+    }
+}
+
+template <typename T>
+__device__ void bias_act(const T* __restrict__ x, const T* __restrict__ b, T* __restrict__ y,
+                         long long n, int cols, int act) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        y[i] = store<T>(activate(load(x[i]) + load(b[i % cols]), act));
+    }
+}
+
+template <typename T>
+__device__ void bias_residual(const T* __restrict__ x, const T* __restrict__ b,
+                              const T* __restrict__ r, T* __restrict__ y, long long n, int cols) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        y[i] = store<T>(load(x[i]) + load(b[i % cols]) + load(r[i]));
+    }
+}
+
+}  // namespace
+
+#define ELEMENTWISE(SUFFIX, T)                                                                \
+    extern "C" __global__ void clipft_bias_act_##SUFFIX(const T* x, const T* b, T* y,         \
+                                                        long long n, int cols, int act) {     \
+        bias_act<T>(x, b, y, n, cols, act);                                                   \
+    }                                                                                         \
+    extern "C" __global__ void clipft_bias_residual_##SUFFIX(const T* x, const T* b,          \
+                                                             const T* r, T* y, long long n,   \
+                                                             int cols) {                      \
+        bias_residual<T>(x, b, r, y, n, cols);                                                \
+    }
+
+ELEMENTWISE(f32, float)
+ELEMENTWISE(f16, __half)
+ELEMENTWISE(bf16, __nv_bfloat16)

@@ -1,0 +1,184 @@
+//! The CPU twins and launchers of `elementwise.cu`: a linear layer's tail (bias + activation,
+//! bias + residual) in one pass over its output.
+
+use candle_core::{bail, Result};
+
+/// The activation `bias_act` applies (the kernel's `act` argument).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Act {
+    Identity = 0,
+    /// `x * sigmoid(1.702 x)` (OpenAI CLIP).
+    QuickGelu = 1,
+    /// `0.5 x (1 + erf(x / sqrt 2))` (OpenCLIP/LAION).
+    Gelu = 2,
+}
+
+impl Act {
+    /// The kernel's formula for one value.
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            Act::Identity => v,
+            Act::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
+            Act::Gelu => 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)),
+        }
+    }
+}
+
+/// erf in f32 as candle's CPU `gelu_erf` computes it (CUDA's `erff` agrees within rounding).
+fn erf(x: f32) -> f32 {
+    candle_core::cpu::erf::erf_f32(x)
+}
+
+/// Checks a rows x `cols` problem: `x` holds whole rows, `b` one per column.
+fn check(x: usize, b: usize, cols: usize) -> Result<()> {
+    if cols == 0 || b != cols || !x.is_multiple_of(cols) {
+        bail!("bias over {cols} columns: {x} values and a bias of {b}");
+    }
+    if i32::try_from(cols).is_err() {
+        bail!("bias over {cols} columns: too wide");
+    }
+    Ok(())
+}
+
+/// `act(x + b[col])`, as `clipft_bias_act_*` computes it.
+pub fn bias_act_twin(x: &[f32], b: &[f32], act: Act) -> Result<Vec<f32>> {
+    check(x.len(), b.len(), b.len())?;
+    Ok(x.chunks(b.len())
+        .flat_map(|row| row.iter().zip(b).map(move |(v, c)| act.apply(v + c)))
+        .collect())
+}
+
+/// `x + b[col] + r`, as `clipft_bias_residual_*` computes it.
+pub fn bias_residual_twin(x: &[f32], b: &[f32], r: &[f32]) -> Result<Vec<f32>> {
+    check(x.len(), b.len(), b.len())?;
+    if r.len() != x.len() {
+        bail!(
+            "bias + residual: {} values and a residual of {}",
+            x.len(),
+            r.len()
+        );
+    }
+    Ok(x.chunks(b.len())
+        .zip(r.chunks(b.len()))
+        .flat_map(|(row, res)| row.iter().zip(b).zip(res).map(|((v, c), r)| v + c + r))
+        .collect())
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaDevice, Result};
+
+    use super::Act;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
+
+    fn config(n: usize) -> LaunchConfig {
+        // A grid-stride loop: enough blocks to fill an H100 several times over.
+        let blocks = n.div_ceil(256).clamp(1, 132 * 32) as u32;
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// `clipft_bias_act_<suffix>` over `x` (whole rows of `b.len()`).
+    pub fn bias_act<T: DeviceRepr>(
+        suffix: &str,
+        dev: &CudaDevice,
+        x: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        act: Act,
+    ) -> Result<CudaSlice<T>> {
+        super::check(x.len(), b.len(), b.len())?;
+        let name = format!("clipft_bias_act_{suffix}");
+        let func = dev.get_or_load_custom_func(&name, "clipft_elementwise", PTX)?;
+        // SAFETY: the kernel writes every one of the x.len() values.
+        let y = unsafe { dev.alloc::<T>(x.len())? };
+        let (n, cols, act) = (x.len() as i64, b.len() as i32, act as i32);
+        let mut l = func.builder();
+        l.arg(x);
+        l.arg(b);
+        l.arg(&y);
+        l.arg(&n);
+        l.arg(&cols);
+        l.arg(&act);
+        if n > 0 {
+            // SAFETY: reads x[0..n] and b[0..cols] (x holds whole rows of cols, checked), writes
+            // y[0..n]; the arguments match `clipft_bias_act_*` in order and type.
+            unsafe { l.launch(config(x.len())) }.w()?;
+        }
+        Ok(y)
+    }
+
+    /// `clipft_bias_residual_<suffix>` over `x` and `r` (whole rows of `b.len()`).
+    pub fn bias_residual<T: DeviceRepr>(
+        suffix: &str,
+        dev: &CudaDevice,
+        x: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        r: &CudaView<'_, T>,
+    ) -> Result<CudaSlice<T>> {
+        super::check(x.len(), b.len(), b.len())?;
+        if r.len() != x.len() {
+            candle_core::bail!(
+                "bias + residual: {} values and a residual of {}",
+                x.len(),
+                r.len()
+            );
+        }
+        let name = format!("clipft_bias_residual_{suffix}");
+        let func = dev.get_or_load_custom_func(&name, "clipft_elementwise", PTX)?;
+        // SAFETY: the kernel writes every one of the x.len() values.
+        let y = unsafe { dev.alloc::<T>(x.len())? };
+        let (n, cols) = (x.len() as i64, b.len() as i32);
+        let mut l = func.builder();
+        l.arg(x);
+        l.arg(b);
+        l.arg(r);
+        l.arg(&y);
+        l.arg(&n);
+        l.arg(&cols);
+        if n > 0 {
+            // SAFETY: reads x[0..n], r[0..n] (same length, checked) and b[0..cols], writes
+            // y[0..n]; the arguments match `clipft_bias_residual_*` in order and type.
+            unsafe { l.launch(config(x.len())) }.w()?;
+        }
+        Ok(y)
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use gpu::{bias_act, bias_residual};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twins_compute_the_formulas() -> Result<()> {
+        let x = [-3.0f32, -0.5, 0.0, 0.7, 2.5, 10.0];
+        let b = [0.25f32, -0.25, 1.0];
+        let y = bias_act_twin(&x, &b, Act::QuickGelu)?;
+        for (i, v) in y.iter().enumerate() {
+            let z = (x[i] + b[i % 3]) as f64;
+            let want = z / (1.0 + (-1.702 * z).exp());
+            assert!((*v as f64 - want).abs() < 1e-6, "{i}: {v} vs {want}");
+        }
+        let y = bias_act_twin(&x, &b, Act::Gelu)?;
+        // gelu(1) = 0.8413447, gelu(-0.75) = -0.1699705
+        assert!((y[2] - 0.841_344_7).abs() < 1e-6, "{}", y[2]);
+        assert!((y[1] + 0.169_970_5).abs() < 1e-6, "{}", y[1]);
+        assert_eq!(bias_act_twin(&x, &b, Act::Identity)?[0], -2.75);
+        let r = [1.0f32; 6];
+        assert_eq!(bias_residual_twin(&x, &b, &r)?[5], 12.0);
+        assert!(bias_act_twin(&x[..5], &b, Act::Gelu).is_err());
+        assert!(bias_residual_twin(&x, &b, &r[..3]).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,262 @@
+//! A linear layer's tail in inference as one op over the product `x W^T`: [`BiasAct`]
+//! (`act(y + b)`, the MLP's first layer) and [`BiasResidual`] (`y + b + r`, the layers that
+//! close a residual branch). On a GPU each is one kernel of `kernels/cuda/elementwise.cu`
+//! instead of candle's bias, activation (three kernels for quick_gelu) and residual kernels; on
+//! the CPU they run the kernels' twins. No backward: training runs the composed ops.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
+
+use crate::model::kernels::cuda::elementwise::{bias_act_twin, bias_residual_twin, Act};
+
+/// `act(y + b)` over the last dimension.
+#[derive(Debug, Clone, Copy)]
+pub struct BiasAct {
+    pub act: Act,
+}
+
+/// `y + b + r` over the last dimension (`r` shaped as `y`).
+#[derive(Debug, Clone, Copy)]
+pub struct BiasResidual;
+
+/// The f32 values of a contiguous CPU input (converted from half types).
+fn values(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("fused tail: contiguous inputs only".into()))?;
+    Ok(match s {
+        CpuStorage::F32(v) => v[a..b].to_vec(),
+        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        _ => candle_core::bail!("fused tail: f32, f16 or bf16 only"),
+    })
+}
+
+/// `out` in the storage type of `like`.
+fn stored(like: &CpuStorage, out: Vec<f32>) -> CpuStorage {
+    match like {
+        CpuStorage::F16(_) => CpuStorage::F16(out.into_iter().map(half::f16::from_f32).collect()),
+        CpuStorage::BF16(_) => {
+            CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
+        }
+        _ => CpuStorage::F32(out),
+    }
+}
+
+/// The bias must match the last dimension of `y`; inputs contiguous.
+fn check(ls: &[&Layout]) -> Result<()> {
+    let (y, b) = (ls[0], ls[1]);
+    let cols = y.shape().dims().last().copied().unwrap_or(0);
+    if b.shape().dims() != [cols] {
+        candle_core::bail!("fused tail: bias {:?} for rows of {cols}", b.shape());
+    }
+    if ls.iter().any(|l| !l.is_contiguous()) {
+        candle_core::bail!("fused tail: contiguous inputs only");
+    }
+    if let Some(r) = ls.get(2) {
+        if r.shape() != y.shape() {
+            candle_core::bail!("fused tail: residual {:?} for {:?}", r.shape(), y.shape());
+        }
+    }
+    Ok(())
+}
+
+/// Runs a launcher for the element type of the CUDA storage `$s`, viewing each `(storage,
+/// layout)` from its offset.
+#[cfg(feature = "cuda")]
+macro_rules! by_dtype {
+    ($s:expr, |$t:ident, $suffix:ident| $body:expr) => {{
+        use candle_core::backend::BackendStorage;
+        match $s.dtype() {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                let $suffix = "f32";
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $t = half::f16;
+                let $suffix = "f16";
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $t = half::bf16;
+                let $suffix = "bf16";
+                $body
+            }
+            dt => candle_core::bail!("fused tail: f32, f16 or bf16 only, not {dt:?}"),
+        }
+    }};
+}
+
+impl CustomOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "clipft-bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check(&[yl, bl])?;
+        let out = bias_act_twin(&values(ys, yl)?, &values(bs, bl)?, self.act)?;
+        Ok((stored(ys, out), yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::model::kernels::cuda::elementwise;
+        check(&[yl, bl])?;
+        let dev = ys.device.clone();
+        let out = by_dtype!(ys, |T, suffix| {
+            let y = ys.as_cuda_slice::<T>()?.slice(yl.start_offset()..);
+            let b = bs.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+            let y = y.slice(..yl.shape().elem_count());
+            let b = b.slice(..bl.shape().elem_count());
+            let out = elementwise::bias_act::<T>(suffix, &dev, &y, &b, self.act)?;
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((out, yl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for BiasResidual {
+    fn name(&self) -> &'static str {
+        "clipft-bias-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check(&[yl, bl, rl])?;
+        let out = bias_residual_twin(&values(ys, yl)?, &values(bs, bl)?, &values(rs, rl)?)?;
+        Ok((stored(ys, out), yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+        rs: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::model::kernels::cuda::elementwise;
+        check(&[yl, bl, rl])?;
+        let dev = ys.device.clone();
+        let out = by_dtype!(ys, |T, suffix| {
+            let n = yl.shape().elem_count();
+            let y = ys.as_cuda_slice::<T>()?.slice(yl.start_offset()..);
+            let b = bs.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+            let r = rs.as_cuda_slice::<T>()?.slice(rl.start_offset()..);
+            let (y, r) = (y.slice(..n), r.slice(..n));
+            let b = b.slice(..bl.shape().elem_count());
+            let out = elementwise::bias_residual::<T>(suffix, &dev, &y, &b, &r)?;
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((out, yl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+
+    /// The ops (on the CPU: the kernels' twins) equal candle's composed ops, in three dtypes.
+    #[test]
+    fn ops_match_composed() -> Result<()> {
+        let dev = Device::Cpu;
+        let y = Tensor::randn(0f32, 2.0, (3, 5, 24), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 24, &dev)?;
+        let r = Tensor::randn(0f32, 1.0, (3, 5, 24), &dev)?;
+        let z = y.broadcast_add(&b)?;
+        let want = [
+            (
+                Act::QuickGelu,
+                (&z * candle_nn::ops::sigmoid(&(&z * 1.702)?)?)?,
+            ),
+            (Act::Gelu, z.gelu_erf()?),
+            (Act::Identity, z.clone()),
+        ];
+        let residual = (&z + &r)?;
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::F16, 2e-2), (DType::BF16, 1e-1)] {
+            let (yd, bd, rd) = (y.to_dtype(dt)?, b.to_dtype(dt)?, r.to_dtype(dt)?);
+            for (act, w) in &want {
+                let got = yd.apply_op2_no_bwd(&bd, &BiasAct { act: *act })?;
+                let err = (got.to_dtype(DType::F32)? - w)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                assert!(err < tol, "{dt:?} {act:?}: {err}");
+            }
+            let got = yd.apply_op3_no_bwd(&bd, &rd, &BiasResidual)?;
+            let err = (got.to_dtype(DType::F32)? - &residual)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(err < tol, "{dt:?} residual: {err}");
+        }
+        let bad = Tensor::zeros(23, DType::F32, &dev)?;
+        assert!(y
+            .apply_op2_no_bwd(&bad, &BiasAct { act: Act::Gelu })
+            .is_err());
+        Ok(())
+    }
+
+    /// On a GPU (CUDA builds): each kernel against its twin, every dtype. Without a GPU it says
+    /// so and checks nothing.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_kernel_tails_match_their_twins() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("cuda_kernel_tails_match_their_twins: skipped, no GPU");
+            return Ok(());
+        };
+        let y = Tensor::randn(0f32, 2.0, (256, 50, 3072), &Device::Cpu)?;
+        let b = Tensor::randn(0f32, 1.0, 3072, &Device::Cpu)?;
+        // Both sides compute in f32 from the same inputs and round once: at most a unit in the
+        // last place apart (exp and erf differ in their last bits), relative to the value.
+        let rel = |got: Tensor, twin: Tensor| -> Result<f32> {
+            let scale = twin.abs()?.maximum(1f32)?;
+            ((got - twin)?.abs()? / scale)?
+                .max_all()?
+                .to_scalar::<f32>()
+        };
+        for (dt, tol) in [(DType::F32, 1e-5), (DType::F16, 1e-3), (DType::BF16, 8e-3)] {
+            let (yc, bc) = (y.to_dtype(dt)?, b.to_dtype(dt)?);
+            let (yg, bg) = (yc.to_device(&gpu)?, bc.to_device(&gpu)?);
+            for act in [Act::QuickGelu, Act::Gelu, Act::Identity] {
+                let op = BiasAct { act };
+                let twin = yc.apply_op2_no_bwd(&bc, &op)?.to_dtype(DType::F32)?;
+                let got = yg.apply_op2_no_bwd(&bg, &op)?;
+                let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let err = rel(got, twin)?;
+                assert!(err <= tol, "{dt:?} {act:?}: {err}");
+            }
+            let twin = yc
+                .apply_op3_no_bwd(&bc, &yc, &BiasResidual)?
+                .to_dtype(DType::F32)?;
+            let got = yg.apply_op3_no_bwd(&bg, &yg, &BiasResidual)?;
+            let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            let err = rel(got, twin)?;
+            assert!(err <= tol, "{dt:?} residual: {err}");
+        }
+        Ok(())
+    }
+}
