@@ -12,8 +12,10 @@
 //!   `kernels` per device (`cpu`: GEMM with bias/residual prefilled, in-place activations,
 //!   one-pass layer norm and attention, pooled buffers; `cpu_block`: a whole encoder block from
 //!   those over weights the layers lend as slices; `amx` beside them: bf16x3 products on Intel
-//!   AMX tiles) and `ops`,
-//!   the training graph's custom ops (`train_ops`: layer norm, quick_gelu, softmax, linear and
+//!   AMX tiles; `cuda`: CUDA kernels compiled to PTX under the `cuda` feature, attention and
+//!   linear tails for GPU inference, each beside the CPU twin the test suite runs) and `ops`
+//!   (`fused_attention`, `fused_tail`: those kernels as inference ops;
+//!   the training graph's custom ops, `train_ops`: layer norm, quick_gelu, softmax, linear and
 //!   attention as single CPU ops with their own backward; `train_block`: a whole transformer
 //!   block as one op, the last one computing only the pooled rows; `train_embed`: the
 //!   embeddings as one op per tower). [`model::Encoder`] is the object everything else uses to

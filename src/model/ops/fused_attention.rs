@@ -52,19 +52,6 @@ impl FusedAttention {
     }
 }
 
-/// The f32 values of a contiguous CPU input from its offset (converted from half types).
-fn f32_values(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused attention: contiguous input only".into()))?;
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].to_vec(),
-        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-        _ => candle_core::bail!("fused attention: f32, f16 or bf16 only"),
-    })
-}
-
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "clipft-fused-attention"
@@ -81,20 +68,12 @@ impl CustomOp3 for FusedAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let (s, shape) = self.shape([ql, kl, vl])?;
         let out = attention_twin(
-            &f32_values(qs, ql)?,
-            &f32_values(ks, kl)?,
-            &f32_values(vs, vl)?,
+            &super::twin_input(qs, ql, self.name())?,
+            &super::twin_input(ks, kl, self.name())?,
+            &super::twin_input(vs, vl, self.name())?,
             s,
         )?;
-        let out = match qs {
-            CpuStorage::F16(_) => {
-                CpuStorage::F16(out.into_iter().map(half::f16::from_f32).collect())
-            }
-            CpuStorage::BF16(_) => {
-                CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
-            }
-            _ => CpuStorage::F32(out),
-        };
+        let out = super::twin_output(qs, out);
         Ok((out, shape))
     }
 

@@ -18,30 +18,6 @@ pub struct BiasAct {
 #[derive(Debug, Clone, Copy)]
 pub struct BiasResidual;
 
-/// The f32 values of a contiguous CPU input (converted from half types).
-fn values(s: &CpuStorage, l: &Layout) -> Result<Vec<f32>> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("fused tail: contiguous inputs only".into()))?;
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].to_vec(),
-        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-        _ => candle_core::bail!("fused tail: f32, f16 or bf16 only"),
-    })
-}
-
-/// `out` in the storage type of `like`.
-fn stored(like: &CpuStorage, out: Vec<f32>) -> CpuStorage {
-    match like {
-        CpuStorage::F16(_) => CpuStorage::F16(out.into_iter().map(half::f16::from_f32).collect()),
-        CpuStorage::BF16(_) => {
-            CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
-        }
-        _ => CpuStorage::F32(out),
-    }
-}
-
 /// The bias must match the last dimension of `y`; inputs contiguous.
 fn check(ls: &[&Layout]) -> Result<()> {
     let (y, b) = (ls[0], ls[1]);
@@ -100,8 +76,12 @@ impl CustomOp2 for BiasAct {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         check(&[yl, bl])?;
-        let out = bias_act_twin(&values(ys, yl)?, &values(bs, bl)?, self.act)?;
-        Ok((stored(ys, out), yl.shape().clone()))
+        let out = bias_act_twin(
+            &super::twin_input(ys, yl, self.name())?,
+            &super::twin_input(bs, bl, self.name())?,
+            self.act,
+        )?;
+        Ok((super::twin_output(ys, out), yl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -142,8 +122,12 @@ impl CustomOp3 for BiasResidual {
         rl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         check(&[yl, bl, rl])?;
-        let out = bias_residual_twin(&values(ys, yl)?, &values(bs, bl)?, &values(rs, rl)?)?;
-        Ok((stored(ys, out), yl.shape().clone()))
+        let out = bias_residual_twin(
+            &super::twin_input(ys, yl, self.name())?,
+            &super::twin_input(bs, bl, self.name())?,
+            &super::twin_input(rs, rl, self.name())?,
+        )?;
+        Ok((super::twin_output(ys, out), yl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]

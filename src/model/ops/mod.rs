@@ -12,3 +12,37 @@ pub mod fused_tail;
 pub mod train_block;
 pub mod train_embed;
 pub mod train_ops;
+
+/// The values of a contiguous CPU input of a GPU inference op, as f32 (converted from f16 and
+/// bf16): what the kernels' CPU twins compute on. `op` names the op in errors.
+pub(crate) fn twin_input(
+    s: &candle_core::CpuStorage,
+    l: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<Vec<f32>> {
+    use candle_core::CpuStorage;
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{op}: contiguous inputs only")))?;
+    Ok(match s {
+        CpuStorage::F32(v) => v[a..b].to_vec(),
+        CpuStorage::F16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
+        _ => candle_core::bail!("{op}: f32, f16 or bf16 only"),
+    })
+}
+
+/// A twin's f32 output in the storage type of the op's first input (rounded once).
+pub(crate) fn twin_output(
+    like: &candle_core::CpuStorage,
+    out: Vec<f32>,
+) -> candle_core::CpuStorage {
+    use candle_core::CpuStorage;
+    match like {
+        CpuStorage::F16(_) => CpuStorage::F16(out.into_iter().map(half::f16::from_f32).collect()),
+        CpuStorage::BF16(_) => {
+            CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect())
+        }
+        _ => CpuStorage::F32(out),
+    }
+}
