@@ -47,6 +47,7 @@ fn cuda_ptx(out: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
         .map(|home| std::path::PathBuf::from(home).join("bin").join("nvcc"))
         .find(|p| p.is_file())
         .unwrap_or_else(|| "nvcc".into());
+    println!("cargo:rerun-if-changed=src/model/kernels/cuda/common.cuh");
     for name in ["attention", "elementwise"] {
         let src = format!("src/model/kernels/cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");

@@ -8,17 +8,10 @@ from typing import Any, Dict, Iterator, Optional
 
 from .exception import RunFailedError, RunInProgressError, RunPreparingError
 
-METRIC_NAMES = (
-    "average_precision",
-    "dcg_at_k",
-    "f1_score_at_k",
-    "hit_at_k",
-    "ndcg_at_k",
-    "precision_at_k",
-    "r_precision",
-    "recall_at_k",
-    "reciprocal_rank",
-)
+from ._native import metric_names
+
+#: The nine retrieval metrics, in Finetuner's order (the core's list).
+METRIC_NAMES = tuple(metric_names())
 
 
 class Run:

@@ -145,6 +145,12 @@ fn backbones(py: Python<'_>) -> PyResult<Vec<Bound<'_, pyo3::types::PyDict>>> {
         .collect()
 }
 
+/// The nine retrieval metrics' names, in Finetuner's order.
+#[pyfunction]
+fn metric_names() -> Vec<&'static str> {
+    clipft::eval::Metrics::NAMES.to_vec()
+}
+
 /// Why clipft cannot train the backbone `name`, or None.
 #[pyfunction]
 fn unsupported_backbone(name: &str) -> Option<String> {
@@ -185,6 +191,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<model::Model>()?;
     m.add_function(wrap_pyfunction!(core_version, m)?)?;
     m.add_function(wrap_pyfunction!(backbones, m)?)?;
+    m.add_function(wrap_pyfunction!(metric_names, m)?)?;
     m.add_function(wrap_pyfunction!(unsupported_backbone, m)?)?;
     m.add_function(wrap_pyfunction!(random_run_name, m)?)?;
     m.add_function(wrap_pyfunction!(is_safe_name, m)?)?;

@@ -16,27 +16,18 @@
 //
 // Limits: head_dim 32 or 64 (OpenAI CLIP: 64 everywhere); any sequence length.
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "common.cuh"
 
 namespace {
+
+using clipft::load;
+using clipft::store;
 
 constexpr int TILE = 64;        // keys per shared-memory tile
 constexpr int WARPS = 4;        // warps per block
 constexpr int ROWS = 4;         // query rows per warp
 constexpr int MAX_HD = 64;      // largest head dimension
 constexpr int PER_LANE = MAX_HD / 32;
-
-__device__ __forceinline__ float load(float v) { return v; }
-__device__ __forceinline__ float load(__half v) { return __half2float(v); }
-__device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T store(float v);
-template <> __device__ __forceinline__ float store<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half store<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
 
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -5,21 +5,12 @@
 //   bias_residual: y = x + b[col] + r
 // The CPU twins are in mod.rs (`bias_act_twin`, `bias_residual_twin`).
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
+#include "common.cuh"
 
 namespace {
 
-__device__ __forceinline__ float load(float v) { return v; }
-__device__ __forceinline__ float load(__half v) { return __half2float(v); }
-__device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T store(float v);
-template <> __device__ __forceinline__ float store<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half store<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
+using clipft::load;
+using clipft::store;
 
 __device__ __forceinline__ float activate(float v, int act) {
     switch (act) {
