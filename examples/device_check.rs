@@ -101,37 +101,78 @@ fn main() -> anyhow::Result<()> {
             .contiguous()?;
         i[0].matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))
     })?;
-    // clipft's fused attention: the CUDA kernel on the device, its CPU twin on the CPU.
-    let qkv: Vec<Tensor> = (0..3)
-        .map(|_| Tensor::randn(0f32, 1.0, (b, 77, d), &cpu))
-        .collect::<candle_core::Result<_>>()?;
+    // clipft's fused attention over the stacked projection, forward and backward: the CUDA
+    // kernels on the device, their CPU twins on the CPU.
+    let qkv = Tensor::randn(0f32, 1.0, (b, 77, 3 * d), &cpu)?;
+    let dout = Tensor::randn(0f32, 1.0, (b, 77, d), &cpu)?;
     for dt in [DType::F32, DType::F16, DType::BF16] {
         for (seq, causal) in [(t, false), (77, true)] {
-            let name = format!("fused attention {dt:?} t={seq} causal={causal}");
             let op = clipft::model::ops::fused_attention::FusedAttention {
                 heads: h,
                 scale: ((d / h) as f32).powf(-0.5),
                 causal,
             };
-            check(&name, &dev, &[&qkv[0], &qkv[1], &qkv[2]], |i| {
-                let c: Vec<Tensor> = i
-                    .iter()
-                    .map(|x| x.narrow(1, 0, seq)?.contiguous()?.to_dtype(dt))
-                    .collect::<candle_core::Result<_>>()?;
-                c[0].apply_op3_no_bwd(&c[1], &c[2], &op)
+            let cut = |x: &Tensor| x.narrow(1, 0, seq)?.contiguous()?.to_dtype(dt);
+            let name = format!("fused attention {dt:?} t={seq} causal={causal}");
+            check(&name, &dev, &[&qkv], |i| cut(&i[0])?.apply_op1_no_bwd(&op))?;
+            let name = format!("fused attention backward {dt:?} t={seq} causal={causal}");
+            check(&name, &dev, &[&qkv, &dout], |i| {
+                let x = cut(&i[0])?;
+                let o = x.apply_op1_no_bwd(&op)?;
+                let back = clipft::model::ops::fused_attention::AttentionBackward(op);
+                x.apply_op3_no_bwd(&o, &cut(&i[1])?, &back)
             })?;
+        }
+    }
+    // clipft's layer norm with its backward.
+    {
+        use clipft::model::ops::fused_norm::{FusedLayerNorm, LayerNormBackward};
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let c = |x: &Tensor| x.to_dtype(dt);
+            check(
+                &format!("fused layer norm {dt:?}"),
+                &dev,
+                &[&x, &ln_w, &ln_b],
+                |i| {
+                    c(&i[0])?.apply_op3_no_bwd(
+                        &c(&i[1])?,
+                        &c(&i[2])?,
+                        &FusedLayerNorm { eps: 1e-5 },
+                    )
+                },
+            )?;
+            check(
+                &format!("fused layer norm backward {dt:?}"),
+                &dev,
+                &[&x, &ln_w, &x],
+                |i| {
+                    c(&i[0])?.apply_op3_no_bwd(
+                        &c(&i[1])?,
+                        &c(&i[2])?,
+                        &LayerNormBackward { eps: 1e-5 },
+                    )
+                },
+            )?;
         }
     }
     // clipft's fused linear tails: the CUDA kernels on the device, their twins on the CPU.
     {
         use clipft::model::kernels::cuda::elementwise::Act;
-        use clipft::model::ops::fused_tail::{BiasAct, BiasResidual};
+        use clipft::model::ops::fused_tail::{BiasAct, BiasActBackward, BiasResidual};
         for dt in [DType::F32, DType::F16, DType::BF16] {
             for act in [Act::QuickGelu, Act::Gelu] {
                 let name = format!("fused bias + {act:?} {dt:?}");
                 check(&name, &dev, &[&x, &ln_b], |i| {
                     i[0].to_dtype(dt)?
                         .apply_op2_no_bwd(&i[1].to_dtype(dt)?, &BiasAct { act })
+                })?;
+                let name = format!("fused bias + {act:?} backward {dt:?}");
+                check(&name, &dev, &[&x, &ln_b, &x], |i| {
+                    i[0].to_dtype(dt)?.apply_op3_no_bwd(
+                        &i[1].to_dtype(dt)?,
+                        &i[2].to_dtype(dt)?,
+                        &BiasActBackward { act },
+                    )
                 })?;
             }
             check(

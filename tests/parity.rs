@@ -516,3 +516,144 @@ fn the_gpu_layer_path_matches_on_the_cpu() {
         }
     }
 }
+
+/// The GPU training path (attention over the stacked projection, layer norm and linear tails
+/// as ops with their own backward, the last block on the pooled rows), run on the CPU through
+/// the kernels' twins, gives candle's loss and every weight's gradient: the backward a GPU
+/// runs is checked here, kernels' algorithms and plumbing, not only the forward.
+#[test]
+fn the_gpu_training_path_matches_on_the_cpu() {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::{VarBuilder, VarMap};
+    use clipft::model::policy::Kernels;
+    use clipft::model::{Clip, ClipConfig, Mode, TextBatch};
+    let wide = gelu_copy("gpu-train-wide");
+    let cfg = std::fs::read_to_string(wide.join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    json["text_config"]["num_attention_heads"] = 1.into();
+    json["vision_config"]["num_attention_heads"] = 2.into();
+    std::fs::write(wide.join("config.json"), json.to_string()).unwrap();
+    let pixels = Tensor::randn(0f32, 1.0, (3, 3, 224, 224), &Device::Cpu).unwrap();
+    for dir in [fixtures().join("clip-tiny"), wide] {
+        let config = ClipConfig::from_file(&dir.join("config.json")).unwrap();
+        let enc = load(&dir, Towers::TEXT);
+        let rows = enc
+            .tokenizer()
+            .unwrap()
+            .encode_batch(&["a red striped dress", "3 blue shirts on a chair", "hat"])
+            .unwrap();
+        let batch = TextBatch::new(&rows, enc.eos_token_id().unwrap(), &Device::Cpu).unwrap();
+        let step = |kernels: Kernels| {
+            let mut varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+            let clip = Clip::new(vb, &config, Towers::ALL, kernels).unwrap();
+            varmap.load(dir.join("model.safetensors")).unwrap();
+            let t = clip.text_features(&batch, Mode::Train).unwrap();
+            let i = clip.image_features(&pixels, Mode::Train).unwrap();
+            let scale = clip.logit_scale.clone().unwrap();
+            let loss = clipft::trainer::loss::clip_loss(&t, &i, &scale).unwrap();
+            let grads = loss.backward().unwrap();
+            let vars = varmap.data().lock().unwrap();
+            let mut out: Vec<(String, Option<Tensor>)> = vars
+                .iter()
+                .map(|(n, v)| (n.clone(), grads.get(v.as_tensor()).cloned()))
+                .collect();
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            (loss.to_scalar::<f32>().unwrap(), out)
+        };
+        let (gpu_loss, gpu) = step(Kernels {
+            fused_gpu: true,
+            ..Kernels::CANDLE
+        });
+        let (loss, candle) = step(Kernels::CANDLE);
+        assert!(
+            (gpu_loss - loss).abs() <= 1e-5 * loss.abs(),
+            "{}: loss {gpu_loss} on the GPU path, {loss} with candle's ops",
+            dir.display()
+        );
+        let norm = |t: &Tensor| {
+            t.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt()
+        };
+        for ((name, g), (_, c)) in gpu.iter().zip(&candle) {
+            let c = c
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}: no gradient from candle"));
+            let g = g
+                .as_ref()
+                .unwrap_or_else(|| panic!("{name}: no gradient on the GPU path"));
+            // A key bias's gradient is rounding noise on both sides (softmax ignores it).
+            if name.ends_with("k_proj.bias") {
+                assert!(norm(g) < 1e-4, "{name}: {}", norm(g));
+                continue;
+            }
+            let rel = norm(&(g - c).unwrap()) / norm(c).max(1e-12);
+            assert!(rel < 1e-4, "{}: {name} off by {rel:.2e}", dir.display());
+        }
+    }
+}
+
+/// On the GPU path inference multiplies by a stacked copy of the q, k and v weights, made on
+/// first use. A model whose variables changed since (training between evaluations) must not
+/// serve the stale copy once `with_fresh_packing` was asked for.
+#[test]
+fn stacked_projections_follow_weight_updates() {
+    use candle_core::{DType, Device};
+    use candle_nn::{VarBuilder, VarMap};
+    use clipft::model::policy::Kernels;
+    use clipft::model::{Clip, ClipConfig, Mode, TextBatch};
+    let dir = gelu_copy("stacked-fresh");
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    json["text_config"]["num_attention_heads"] = 1.into();
+    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+    let config = ClipConfig::from_file(&dir.join("config.json")).unwrap();
+    let mut varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let kernels = Kernels {
+        fused_gpu: true,
+        ..Kernels::CANDLE
+    };
+    let clip = Clip::new(vb, &config, Towers::TEXT, kernels).unwrap();
+    varmap.load(dir.join("model.safetensors")).unwrap();
+    let enc = load(&dir, Towers::TEXT);
+    let rows = enc
+        .tokenizer()
+        .unwrap()
+        .encode_batch(&["a red dress", "a hat"])
+        .unwrap();
+    let batch = TextBatch::new(&rows, enc.eos_token_id().unwrap(), &Device::Cpu).unwrap();
+    let features = |c: &Clip| {
+        c.text_features(&batch, Mode::Inference)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    let before = features(&clip);
+    {
+        let vars = varmap.data().lock().unwrap();
+        let q = &vars["text_model.encoder.layers.0.self_attn.q_proj.weight"];
+        q.set(&(q.as_tensor() * 3.0).unwrap()).unwrap();
+    }
+    let stale = features(&clip);
+    let fresh = features(&clip.with_fresh_packing());
+    let built = Clip::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        &config,
+        Towers::TEXT,
+        kernels,
+    )
+    .unwrap();
+    let want = features(&built);
+    // The clone kept its copy (nothing recomputed per call); the fresh one follows the update.
+    assert_eq!(stale, before);
+    for (a, b) in fresh.iter().zip(&want) {
+        assert!(cosine(a, b) > 0.999999, "{}", cosine(a, b));
+    }
+    assert!(cosine(&fresh[0], &before[0]) < 0.9999, "the update changed nothing");
+}

@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::ClipConfig;
-use super::layers::{Linear, Mode};
+use super::layers::Mode;
 use super::policy::Kernels;
 use super::text::{TextBatch, TextTower};
 use super::vision::VisionTower;
@@ -45,15 +45,16 @@ impl Clip {
             .try_reduce(|| 0, |a, b| Ok(a + b))
     }
 
-    /// A copy sharing the weights but not the packed copies the fused path made of them, so it
-    /// sees weights changed in place since (training updates them between evaluations).
+    /// A copy sharing the weights but not the copies the fused paths made of them (AMX
+    /// packing, stacked projections), so it sees weights changed in place since (training
+    /// updates them between evaluations).
     pub fn with_fresh_packing(&self) -> Self {
         let mut c = self.clone();
         if let Some(t) = &mut c.text {
-            t.linears_mut().into_iter().for_each(Linear::forget_packed);
+            t.forget_derived();
         }
         if let Some(v) = &mut c.vision {
-            v.linears_mut().into_iter().for_each(Linear::forget_packed);
+            v.forget_derived();
         }
         c
     }

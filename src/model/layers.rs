@@ -163,27 +163,36 @@ impl Linear {
         y.reshape(out_dims)
     }
 
-    /// `act(x W^T + b)` for GPU inference: the product, then bias and activation in one
-    /// [`super::ops::fused_tail::BiasAct`]; composed where the kernels do not fuse.
-    fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+    /// `act(x W^T + b)` on the GPU path: the product, then bias and activation in one
+    /// [`super::ops::fused_tail::BiasAct`] (with its backward in training); composed where
+    /// the kernels do not fuse.
+    fn forward_act(&self, x: &Tensor, act: Activation, mode: Mode) -> Result<Tensor> {
         match (&self.bias, self.kernels.fused_gpu) {
             (Some(b), true) => {
                 let op = super::ops::fused_tail::BiasAct { act: tail_act(act) };
-                self.product(x)?.apply_op2_no_bwd(b, &op)
+                let y = self.product(x)?;
+                match mode {
+                    Mode::Inference => y.apply_op2_no_bwd(b, &op),
+                    Mode::Train => y.apply_op2(b, op),
+                }
             }
             _ => activate(&self.forward(x)?, act, self.kernels.fused_cpu),
         }
     }
 
-    /// `x W^T + b + residual` for GPU inference: the product, then bias and residual in one
-    /// [`super::ops::fused_tail::BiasResidual`]; composed where the kernels do not fuse.
-    fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    /// `x W^T + b + residual` on the GPU path: the product, then bias and residual in one
+    /// [`super::ops::fused_tail::BiasResidual`] (with its backward in training); composed
+    /// where the kernels do not fuse.
+    fn forward_residual(&self, x: &Tensor, residual: &Tensor, mode: Mode) -> Result<Tensor> {
+        use super::ops::fused_tail::BiasResidual;
         match (&self.bias, self.kernels.fused_gpu) {
-            (Some(b), true) => self.product(x)?.apply_op3_no_bwd(
-                b,
-                &residual.contiguous()?,
-                &super::ops::fused_tail::BiasResidual,
-            ),
+            (Some(b), true) => {
+                let (y, r) = (self.product(x)?, residual.contiguous()?);
+                match mode {
+                    Mode::Inference => y.apply_op3_no_bwd(b, &r, &BiasResidual),
+                    Mode::Train => y.apply_op3(b, &r, BiasResidual),
+                }
+            }
             _ => self.forward(x)? + residual,
         }
     }
@@ -226,13 +235,16 @@ impl Linear {
     }
 }
 
-/// Layer normalisation over the last dimension, fused for inference and composed for training.
+/// Layer normalisation over the last dimension: candle's fused kernel for inference; for
+/// training the fused CPU op, the GPU path's op, or composed ops, each with its backward.
 #[derive(Debug, Clone)]
 pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
     kernels: Kernels,
+    /// Training through [`super::ops::fused_norm`]: the GPU path, and a width it takes.
+    gpu_op: bool,
 }
 
 impl LayerNorm {
@@ -242,6 +254,7 @@ impl LayerNorm {
             bias: vb.get(dim, "bias")?,
             eps,
             kernels,
+            gpu_op: kernels.fused_gpu && super::kernels::cuda::layernorm::norm_supports(dim),
         })
     }
 
@@ -257,6 +270,13 @@ impl LayerNorm {
                 &self.weight,
                 &self.bias,
                 self.eps as f32,
+            ),
+            Mode::Train if self.gpu_op => x.contiguous()?.apply_op3(
+                &self.weight,
+                &self.bias,
+                super::ops::fused_norm::FusedLayerNorm {
+                    eps: self.eps as f32,
+                },
             ),
             Mode::Train if self.kernels.fused_cpu => x.contiguous()?.apply_op3(
                 &self.weight,
@@ -319,9 +339,13 @@ pub struct Attention {
     head_dim: usize,
     scale: f64,
     kernels: Kernels,
-    /// Inference through [`super::ops::fused_attention`]: the kernels ask for it and the
-    /// kernel takes this head width.
+    /// Through [`super::ops::fused_attention`] (inference and training): the kernels ask for
+    /// it, the kernel takes this head width and every projection has its bias.
     fused: bool,
+    /// The three input projections stacked (`[3 d, d]` weight, `[3 d]` bias) for inference on
+    /// the fused path: one GEMM instead of three. Made on first use, shared by clones,
+    /// forgotten with [`Attention::forget_stacked`]; training stacks the variables each pass.
+    stacked: Arc<OnceLock<(Tensor, Tensor)>>,
 }
 
 impl Attention {
@@ -347,7 +371,50 @@ impl Attention {
             scale: (head_dim as f64).powf(-0.5),
             kernels,
             fused: kernels.fused_gpu && super::kernels::cuda::attention_supports(head_dim),
+            stacked: Arc::default(),
         })
+    }
+
+    /// Forgets the stacked projection (in this clone only), for weights changed since.
+    pub(crate) fn forget_stacked(&mut self) {
+        self.stacked = Arc::default();
+    }
+
+    /// The q, k and v projections' weights and biases stacked, differentiable in the
+    /// variables; None if a projection has no bias.
+    fn stack(&self) -> Result<Option<(Tensor, Tensor)>> {
+        let ps = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let Some(biases) = ps
+            .iter()
+            .map(|l| l.bias.clone())
+            .collect::<Option<Vec<_>>>()
+        else {
+            return Ok(None);
+        };
+        let weights: Vec<&Tensor> = ps.iter().map(|l| &l.weight).collect();
+        Ok(Some((Tensor::cat(&weights, 0)?, Tensor::cat(&biases, 0)?)))
+    }
+
+    /// `[batch, seq, 3 d]`: the q, k and v projections of `x` as one product.
+    fn qkv(&self, x: &Tensor, mode: Mode) -> Result<Option<Tensor>> {
+        let (w, b) = match (mode, self.stacked.get()) {
+            (Mode::Inference, Some(s)) => s.clone(),
+            _ => match self.stack()? {
+                Some(s) => {
+                    if mode == Mode::Inference {
+                        let _ = self.stacked.set(s.clone());
+                    }
+                    s
+                }
+                None => return Ok(None),
+            },
+        };
+        let (bsz, t, d) = x.dims3()?;
+        let y = x
+            .reshape((bsz * t, d))?
+            .matmul(&w.t()?)?
+            .broadcast_add(&b)?;
+        Ok(Some(y.reshape((bsz, t, 3 * d))?))
     }
 
     /// `mask`, when given, is added to the attention scores (shape `[T, T]`, broadcast over batch
@@ -359,19 +426,19 @@ impl Attention {
     /// The attention's output before `out_proj`: `[batch, seq, dim]`, heads concatenated.
     fn context(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
-        if mode == Mode::Inference && self.fused {
-            // The only mask used is the text tower's causal one.
-            let op = super::ops::fused_attention::FusedAttention {
-                heads: self.heads,
-                scale: self.scale as f32,
-                causal: mask.is_some(),
-            };
-            let (q, k, v) = (
-                self.q_proj.forward(x)?.contiguous()?,
-                self.k_proj.forward(x)?.contiguous()?,
-                self.v_proj.forward(x)?.contiguous()?,
-            );
-            return q.apply_op3_no_bwd(&k, &v, &op);
+        if self.fused {
+            if let Some(qkv) = self.qkv(x, mode)? {
+                // The only mask used is the text tower's causal one.
+                let op = super::ops::fused_attention::FusedAttention {
+                    heads: self.heads,
+                    scale: self.scale as f32,
+                    causal: mask.is_some(),
+                };
+                return match mode {
+                    Mode::Inference => qkv.apply_op1_no_bwd(&op),
+                    Mode::Train => qkv.apply_op1(op),
+                };
+            }
         }
         if mode == Mode::Train && self.kernels.fused_cpu {
             // One op with its own backward; the only mask used is the text tower's causal one.
@@ -472,14 +539,8 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
-        if mode == Mode::Inference && self.mlp.kernels.fused_gpu {
-            // Each residual branch closes inside its last linear's fused tail.
-            let a = &self.self_attn;
-            let ctx = a.context(&self.layer_norm1.forward(x, mode)?, mask, mode)?;
-            let x = a.out_proj.forward_residual(&ctx, x)?;
-            let h = self.layer_norm2.forward(&x, mode)?;
-            let m = self.mlp.fc1.forward_act(&h, self.mlp.act)?;
-            return self.mlp.fc2.forward_residual(&m, &x);
+        if self.mlp.kernels.fused_gpu {
+            return self.forward_gpu(x, mask, mode, None);
         }
         let h = self
             .self_attn
@@ -487,6 +548,35 @@ impl EncoderLayer {
         let x = (x + h)?;
         let h = self.mlp.forward(&self.layer_norm2.forward(&x, mode)?)?;
         x + h
+    }
+}
+
+impl EncoderLayer {
+    /// The GPU path: attention as one op over the stacked projection, each residual branch
+    /// closed inside its last linear's fused tail. `rows` (flat indices into `[batch * seq]`):
+    /// only those rows leave the block, `[rows, dim]`, and only they go through the output
+    /// projection and the MLP (the last block of a tower, which pools one row per item).
+    fn forward_gpu(
+        &self,
+        x: &Tensor,
+        mask: Option<&Tensor>,
+        mode: Mode,
+        rows: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let a = &self.self_attn;
+        let ctx = a.context(&self.layer_norm1.forward(x, mode)?, mask, mode)?;
+        let (ctx, x) = match rows {
+            Some(idx) => {
+                let (b, t, d) = x.dims3()?;
+                let pick = |y: &Tensor| y.reshape((b * t, d))?.index_select(idx, 0);
+                (pick(&ctx)?, pick(x)?)
+            }
+            None => (ctx, x.clone()),
+        };
+        let x = a.out_proj.forward_residual(&ctx, &x, mode)?;
+        let h = self.layer_norm2.forward(&x, mode)?;
+        let m = self.mlp.fc1.forward_act(&h, self.mlp.act, mode)?;
+        self.mlp.fc2.forward_residual(&m, &x, mode)
     }
 }
 
@@ -509,6 +599,13 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// Forgets the attention layers' stacked projections (in this clone only).
+    pub(crate) fn forget_stacked(&mut self) {
+        for l in &mut self.layers {
+            l.self_attn.forget_stacked();
+        }
+    }
+
     /// Every linear layer, for [`Linear::release_packed`].
     pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut out = Vec::new();
@@ -567,12 +664,20 @@ impl Encoder {
         } else {
             None
         };
+        let idx: Vec<u32> = pooled.iter().map(|&(i, p)| (i * t + p) as u32).collect();
+        let idx = Tensor::from_vec(idx, pooled.len(), x.device())?;
         let mut x = x.clone();
+        if self.kernels.fused_gpu {
+            if let Some((last, rest)) = self.layers.split_last() {
+                for layer in rest {
+                    x = layer.forward(&x, mask.as_ref(), mode)?;
+                }
+                return last.forward_gpu(&x, mask.as_ref(), mode, Some(&idx));
+            }
+        }
         for layer in &self.layers {
             x = layer.forward(&x, mask.as_ref(), mode)?;
         }
-        let idx: Vec<u32> = pooled.iter().map(|&(i, p)| (i * t + p) as u32).collect();
-        let idx = Tensor::from_vec(idx, pooled.len(), x.device())?;
         x.reshape((b * t, d))?.index_select(&idx, 0)
     }
 

@@ -30,6 +30,15 @@ pub struct VisionTower {
 }
 
 impl VisionTower {
+    /// Forgets every copy made of the weights (AMX packing of every linear layer, the
+    /// encoder's stacked projections), in this clone only: for weights changed in place since.
+    pub(crate) fn forget_derived(&mut self) {
+        self.encoder.forget_stacked();
+        self.linears_mut()
+            .into_iter()
+            .for_each(Linear::forget_packed);
+    }
+
     /// Every linear layer, for [`Linear::release_packed`].
     pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut out = self.encoder.linears_mut();

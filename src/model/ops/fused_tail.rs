@@ -1,12 +1,15 @@
-//! A linear layer's tail in inference as one op over the product `x W^T`: [`BiasAct`]
-//! (`act(y + b)`, the MLP's first layer) and [`BiasResidual`] (`y + b + r`, the layers that
-//! close a residual branch). On a GPU each is one kernel of `kernels/cuda/elementwise.cu`
-//! instead of candle's bias, activation (three kernels for quick_gelu) and residual kernels; on
-//! the CPU they run the kernels' twins. No backward: training runs the composed ops.
+//! A linear layer's tail as one op over the product `x W^T`: [`BiasAct`] (`act(y + b)`, the
+//! MLP's first layer) and [`BiasResidual`] (`y + b + r`, the layers that close a residual
+//! branch). On a GPU each is one kernel of `kernels/cuda/elementwise.cu` instead of candle's
+//! bias, activation (three kernels for quick_gelu) and residual kernels; on the CPU they run the
+//! kernels' twins. Both carry a backward made of ops, so it runs where the tensors are:
+//! [`BiasActBackward`] (one kernel) plus the bias's column sum; the residual's is the identity.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
-use crate::model::kernels::cuda::elementwise::{bias_act_twin, bias_residual_twin, Act};
+use crate::model::kernels::cuda::elementwise::{
+    bias_act_backward_twin, bias_act_twin, bias_residual_twin, Act,
+};
 
 /// `act(y + b)` over the last dimension.
 #[derive(Debug, Clone, Copy)]
@@ -14,9 +17,26 @@ pub struct BiasAct {
     pub act: Act,
 }
 
+/// The gradient of [`BiasAct`]'s pre-activation, `dy * act'(y + b)`, from `y`, `b` and `dy`.
+#[derive(Debug, Clone, Copy)]
+pub struct BiasActBackward {
+    pub act: Act,
+}
+
 /// `y + b + r` over the last dimension (`r` shaped as `y`).
 #[derive(Debug, Clone, Copy)]
 pub struct BiasResidual;
+
+/// A bias's gradient: the column sums of `g` over every row, accumulated in f32 whatever
+/// `g` holds, in `g`'s dtype.
+fn bias_grad(g: &Tensor) -> Result<Tensor> {
+    let cols = g.dims().last().copied().unwrap_or(0);
+    let rows = g.elem_count() / cols.max(1);
+    g.reshape((rows, cols))?
+        .to_dtype(DType::F32)?
+        .sum(0)?
+        .to_dtype(g.dtype())
+}
 
 /// The bias must match the last dimension of `y`; inputs contiguous.
 fn check(ls: &[&Layout]) -> Result<()> {
@@ -105,6 +125,69 @@ impl CustomOp2 for BiasAct {
         });
         Ok((out, yl.shape().clone()))
     }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dz = y.apply_op3_no_bwd(b, &grad.contiguous()?, &BiasActBackward { act: self.act })?;
+        let db = bias_grad(&dz)?;
+        Ok((Some(dz), Some(db)))
+    }
+}
+
+impl CustomOp3 for BiasActBackward {
+    fn name(&self) -> &'static str {
+        "clipft-bias-act-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check(&[yl, bl, gl])?;
+        let out = bias_act_backward_twin(
+            &super::twin_input(ys, yl, self.name())?,
+            &super::twin_input(bs, bl, self.name())?,
+            &super::twin_input(gs, gl, self.name())?,
+            self.act,
+        )?;
+        Ok((super::twin_output(ys, out), yl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::model::kernels::cuda::elementwise;
+        check(&[yl, bl, gl])?;
+        let dev = ys.device.clone();
+        let out = by_dtype!(ys, |T, suffix| {
+            let n = yl.shape().elem_count();
+            let y = ys.as_cuda_slice::<T>()?.slice(yl.start_offset()..);
+            let b = bs.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
+            let g = gs.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
+            let (y, g) = (y.slice(..n), g.slice(..n));
+            let b = b.slice(..bl.shape().elem_count());
+            let out = elementwise::bias_act_backward::<T>(suffix, &dev, &y, &b, &g, self.act)?;
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((out, yl.shape().clone()))
+    }
 }
 
 impl CustomOp3 for BiasResidual {
@@ -155,6 +238,21 @@ impl CustomOp3 for BiasResidual {
         });
         Ok((out, yl.shape().clone()))
     }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        _b: &Tensor,
+        _r: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok((
+            Some(grad.clone()),
+            Some(bias_grad(grad)?),
+            Some(grad.clone()),
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -203,6 +301,55 @@ mod tests {
         Ok(())
     }
 
+    /// The ops' backward gives candle's autograd gradients of the composed ops: product, bias
+    /// and residual, each activation.
+    #[test]
+    fn backward_matches_autograd() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let y = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 5, 24), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1.0, 24, &dev)?)?;
+        let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 5, 24), &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, (3, 5, 24), &dev)?;
+        let vars = [&y, &b, &r];
+        let grads = |loss: Tensor| -> Result<Vec<Tensor>> {
+            let g = loss.mul(&w)?.sum_all()?.backward()?;
+            vars.iter()
+                .map(|v| match g.get(v.as_tensor()) {
+                    Some(t) => Ok(t.clone()),
+                    None => v.zeros_like(),
+                })
+                .collect()
+        };
+        let z = || y.as_tensor().broadcast_add(b.as_tensor());
+        for act in [Act::QuickGelu, Act::Gelu, Act::Identity] {
+            let want = match act {
+                Act::QuickGelu => {
+                    let z = z()?;
+                    (&z * candle_nn::ops::sigmoid(&(&z * 1.702)?)?)?
+                }
+                Act::Gelu => z()?.gelu_erf()?,
+                Act::Identity => z()?,
+            };
+            let want = grads(want)?;
+            let got = grads(y.as_tensor().apply_op2(b.as_tensor(), BiasAct { act })?)?;
+            for (g, w) in got.iter().zip(&want) {
+                let err = (g - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert!(err < 1e-4, "{act:?}: {err}");
+            }
+        }
+        let want = grads((z()? + r.as_tensor())?)?;
+        let got = grads(
+            y.as_tensor()
+                .apply_op3(b.as_tensor(), r.as_tensor(), BiasResidual)?,
+        )?;
+        for (g, w) in got.iter().zip(&want) {
+            let err = (g - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-5, "residual: {err}");
+        }
+        Ok(())
+    }
+
     /// On a GPU (CUDA builds): each kernel against its twin, every dtype. Without a GPU it says
     /// so and checks nothing.
     #[cfg(feature = "cuda")]
@@ -232,6 +379,14 @@ mod tests {
                 let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
                 let err = rel(got, twin)?;
                 assert!(err <= tol, "{dt:?} {act:?}: {err}");
+            }
+            for act in [Act::QuickGelu, Act::Gelu] {
+                let op = BiasActBackward { act };
+                let twin = yc.apply_op3_no_bwd(&bc, &yc, &op)?.to_dtype(DType::F32)?;
+                let got = yg.apply_op3_no_bwd(&bg, &yg, &op)?;
+                let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                let err = rel(got, twin)?;
+                assert!(err <= tol, "{dt:?} {act:?} backward: {err}");
             }
             let twin = yc
                 .apply_op3_no_bwd(&bc, &yc, &BiasResidual)?

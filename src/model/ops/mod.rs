@@ -1,13 +1,15 @@
-//! Fused operations as candle custom ops. For inference on a GPU (CUDA kernels there, their
-//! CPU twins elsewhere): [`fused_attention`] (attention as one op) and [`fused_tail`] (a linear
-//! layer's bias + activation or bias + residual as one op). The training graph's, with their own
-//! backward:
+//! Fused operations as candle custom ops. The GPU path's, for inference and training (CUDA
+//! kernels there, their CPU twins elsewhere), each with a backward that is itself an op:
+//! [`fused_attention`] (attention over the stacked QKV projection), [`fused_norm`] (layer
+//! norm) and [`fused_tail`] (a linear layer's bias + activation or bias + residual). The CPU
+//! training graph's, with their own backward:
 //! [`train_ops`] (linear, layer norm, quick_gelu, softmax, attention as single ops),
 //! [`train_block`] (a whole transformer block as one op, the last one computing only the pooled
 //! rows) and [`train_embed`] (each tower's embedding as one op). They run the kernels of
 //! [`super::kernels`]; where they do not apply, the layers run candle's own ops.
 
 pub mod fused_attention;
+pub mod fused_norm;
 pub mod fused_tail;
 pub mod train_block;
 pub mod train_embed;
@@ -45,4 +47,14 @@ pub(crate) fn twin_output(
         }
         _ => CpuStorage::F32(out),
     }
+}
+
+/// A contiguous CUDA input of an op, viewed from its layout's offset for its own length.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
+    s: &'a candle_core::CudaStorage,
+    l: &candle_core::Layout,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+    let v = s.as_cuda_slice::<T>()?.slice(l.start_offset()..);
+    Ok(v.slice(..l.shape().elem_count()))
 }

@@ -14,6 +14,19 @@
 //   l = a * l + sum_j p_j;   o = a * o + sum_j p_j v_j
 // and at the end writes o / l. Accumulation is f32 for every input type.
 //
+// Backward, for training, over the stacked projection qkv [batch * seq, ld] (queries at column 0,
+// keys at d, values at 2 d) and writing d qkv in the same layout, as two kernels that each
+// recompute what they need instead of keeping the score matrix (FlashAttention-2's split):
+//   attention_dq, per (item, head, 16 query rows), like the forward: the row's running maximum
+//     and sum again over the key tiles, lse = m + ln l, D = dO . O; then per key
+//     p = exp(s - lse), dp = dO . v, ds = p (dp - D), dq += ds k (times scale at the end).
+//     Writes dq and each row's lse and D (f32 scratch) for the second kernel.
+//   attention_dkv, per (item, head, 16 key rows): queries and output gradients go through
+//     shared memory in tiles of 64 (from the first tile that sees the block's keys under the
+//     mask); lane i takes query i and i + 32 of the tile, computes p and ds, and the warp
+//     accumulates dv += p dO and dk += ds q_scaled with lane c owning dimensions c and c + 32.
+// No atomics: each output value is one warp's, so the result is deterministic.
+//
 // Limits: head_dim 32 or 64 (OpenAI CLIP: 64 everywhere); any sequence length.
 
 #include "common.cuh"
@@ -147,6 +160,272 @@ __device__ void attention(const T* __restrict__ q, const T* __restrict__ k,
     }
 }
 
+// Backward pass 1: dq, and each row's lse and D. grid (batch * heads, ceil(seq / 16)), block
+// WARPS * 32, dynamic shared memory attention_dq_smem_bytes(hd).
+template <typename T>
+__device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ o,
+                             const T* __restrict__ dout, T* __restrict__ dqkv,
+                             float* __restrict__ lse, float* __restrict__ dsum, int seq, int heads,
+                             int hd, int ld, float scale, int causal) {
+    extern __shared__ float smem[];
+    const int stride = hd + 1;
+    float* ks = smem;
+    float* vs = ks + TILE * stride;
+    float* qs = vs + TILE * stride;      // [WARPS * ROWS][hd], scaled queries
+    float* gs = qs + WARPS * ROWS * hd;  // [WARPS * ROWS][hd], output gradients
+
+    const int item = blockIdx.x / heads, h = blockIdx.x % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int first = blockIdx.y * WARPS * ROWS;
+    const int d = heads * hd;
+    const size_t base = (size_t)item * seq;
+    const int lanes_hd = hd / 32;
+
+    for (int i = threadIdx.x; i < WARPS * ROWS * hd; i += blockDim.x) {
+        const int r = i / hd, c = i % hd, row = first + r;
+        const bool in = row < seq;
+        qs[i] = in ? load(qkv[(base + row) * ld + h * hd + c]) * scale : 0.0f;
+        gs[i] = in ? load(dout[(base + row) * d + h * hd + c]) : 0.0f;
+    }
+    __syncthreads();
+
+    float dr[ROWS], m[ROWS], l[ROWS], dq[ROWS][PER_LANE];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int row = first + warp * ROWS + r;
+        float acc = 0.0f;
+#pragma unroll
+        for (int c = 0; c < PER_LANE; ++c) {
+            dq[r][c] = 0.0f;
+            if (row < seq && c < lanes_hd)
+                acc = fmaf(gs[(warp * ROWS + r) * hd + lane + 32 * c],
+                           load(o[(base + row) * d + h * hd + lane + 32 * c]), acc);
+        }
+        dr[r] = warp_sum(acc);
+        m[r] = -INFINITY;
+        l[r] = 0.0f;
+    }
+
+    const int last = min(seq, first + WARPS * ROWS);
+    const int kend = causal ? last : seq;
+
+    // The softmax statistics, as the forward computes them.
+    for (int k0 = 0; k0 < kend; k0 += TILE) {
+        const int kn = min(TILE, kend - k0);
+        __syncthreads();
+        for (int i = threadIdx.x; i < kn * hd; i += blockDim.x) {
+            const int j = i / hd, c = i % hd;
+            ks[j * stride + c] = load(qkv[(base + k0 + j) * ld + d + h * hd + c]);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int row = first + warp * ROWS + r;
+            if (row >= seq) continue;  // warp-uniform
+            const int jend = causal ? min(kn, row + 1 - k0) : kn;
+            if (jend <= 0) continue;  // warp-uniform
+            const float* qr = qs + (warp * ROWS + r) * hd;
+            float s[TILE / 32];
+            float tmax = -INFINITY;
+#pragma unroll
+            for (int t = 0; t < TILE / 32; ++t) {
+                const int j = lane + 32 * t;
+                float acc = -INFINITY;
+                if (j < jend) {
+                    acc = 0.0f;
+                    const float* kr = ks + j * stride;
+                    for (int c = 0; c < hd; ++c) acc = fmaf(qr[c], kr[c], acc);
+                }
+                s[t] = acc;
+                tmax = fmaxf(tmax, acc);
+            }
+            const float mnew = fmaxf(m[r], warp_max(tmax));
+            float psum = 0.0f;
+#pragma unroll
+            for (int t = 0; t < TILE / 32; ++t) psum += __expf(s[t] - mnew);
+            l[r] = __expf(m[r] - mnew) * l[r] + warp_sum(psum);
+            m[r] = mnew;
+        }
+    }
+    float lr[ROWS];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) lr[r] = m[r] + __logf(l[r]);
+
+    // dq = scale * sum_j p_j (dp_j - D) k_j.
+    for (int k0 = 0; k0 < kend; k0 += TILE) {
+        const int kn = min(TILE, kend - k0);
+        __syncthreads();
+        for (int i = threadIdx.x; i < kn * hd; i += blockDim.x) {
+            const int j = i / hd, c = i % hd;
+            const size_t src = (base + k0 + j) * ld + h * hd + c;
+            ks[j * stride + c] = load(qkv[src + d]);
+            vs[j * stride + c] = load(qkv[src + 2 * d]);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int row = first + warp * ROWS + r;
+            if (row >= seq) continue;  // warp-uniform
+            const int jend = causal ? min(kn, row + 1 - k0) : kn;
+            if (jend <= 0) continue;  // warp-uniform
+            const float* qr = qs + (warp * ROWS + r) * hd;
+            const float* gr = gs + (warp * ROWS + r) * hd;
+            float ds[TILE / 32];
+#pragma unroll
+            for (int t = 0; t < TILE / 32; ++t) {
+                const int j = lane + 32 * t;
+                float g = 0.0f;
+                if (j < jend) {
+                    const float* kr = ks + j * stride;
+                    const float* vr = vs + j * stride;
+                    float sc = 0.0f, dp = 0.0f;
+                    for (int c = 0; c < hd; ++c) {
+                        sc = fmaf(qr[c], kr[c], sc);
+                        dp = fmaf(gr[c], vr[c], dp);
+                    }
+                    g = __expf(sc - lr[r]) * (dp - dr[r]);
+                }
+                ds[t] = g;
+            }
+#pragma unroll
+            for (int t = 0; t < TILE / 32; ++t) {
+                const int jn = min(32, jend - 32 * t);  // warp-uniform
+                for (int jj = 0; jj < jn; ++jj) {
+                    const float g = __shfl_sync(0xffffffffu, ds[t], jj);
+                    const float* kr = ks + (32 * t + jj) * stride;
+#pragma unroll
+                    for (int c = 0; c < PER_LANE; ++c)
+                        if (c < lanes_hd) dq[r][c] = fmaf(g, kr[lane + 32 * c], dq[r][c]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int row = first + warp * ROWS + r;
+        if (row >= seq) continue;
+#pragma unroll
+        for (int c = 0; c < PER_LANE; ++c)
+            if (c < lanes_hd)
+                dqkv[(base + row) * ld + h * hd + lane + 32 * c] = store<T>(dq[r][c] * scale);
+        if (lane == 0) {
+            lse[(size_t)blockIdx.x * seq + row] = lr[r];
+            dsum[(size_t)blockIdx.x * seq + row] = dr[r];
+        }
+    }
+}
+
+// Backward pass 2: dk and dv. grid (batch * heads, ceil(seq / 16)), block WARPS * 32, dynamic
+// shared memory attention_dkv_smem_bytes(hd). Runs after attention_dq (its lse and D).
+template <typename T>
+__device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ dout,
+                              const float* __restrict__ lse, const float* __restrict__ dsum,
+                              T* __restrict__ dqkv, int seq, int heads, int hd, int ld,
+                              float scale, int causal) {
+    extern __shared__ float smem[];
+    const int stride = hd + 1;
+    float* qs = smem;                        // [TILE][stride], scaled queries
+    float* gs = qs + TILE * stride;          // [TILE][stride], output gradients
+    float* kb = gs + TILE * stride;          // [WARPS * ROWS][hd], the block's keys
+    float* vb = kb + WARPS * ROWS * hd;      // [WARPS * ROWS][hd], the block's values
+    float* ls = vb + WARPS * ROWS * hd;      // [TILE], the tile's lse
+    float* dm = ls + TILE;                   // [TILE], the tile's D
+
+    const int item = blockIdx.x / heads, h = blockIdx.x % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int first = blockIdx.y * WARPS * ROWS;
+    const int d = heads * hd;
+    const size_t base = (size_t)item * seq;
+    const size_t stats = (size_t)blockIdx.x * seq;
+    const int lanes_hd = hd / 32;
+
+    for (int i = threadIdx.x; i < WARPS * ROWS * hd; i += blockDim.x) {
+        const int r = i / hd, c = i % hd, key = first + r;
+        const bool in = key < seq;
+        const size_t src = (base + key) * ld + h * hd + c;
+        kb[i] = in ? load(qkv[src + d]) : 0.0f;
+        vb[i] = in ? load(qkv[src + 2 * d]) : 0.0f;
+    }
+
+    float dk[ROWS][PER_LANE], dv[ROWS][PER_LANE];
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r)
+#pragma unroll
+        for (int c = 0; c < PER_LANE; ++c) dk[r][c] = dv[r][c] = 0.0f;
+
+    // Under the mask, queries before the block's first key do not see it.
+    const int q0 = causal ? (first / TILE) * TILE : 0;
+    for (int i0 = q0; i0 < seq; i0 += TILE) {
+        const int in_tile = min(TILE, seq - i0);
+        __syncthreads();
+        for (int i = threadIdx.x; i < in_tile * hd; i += blockDim.x) {
+            const int r = i / hd, c = i % hd;
+            const size_t row = base + i0 + r;
+            qs[r * stride + c] = load(qkv[row * ld + h * hd + c]) * scale;
+            gs[r * stride + c] = load(dout[row * d + h * hd + c]);
+        }
+        for (int i = threadIdx.x; i < in_tile; i += blockDim.x) {
+            ls[i] = lse[stats + i0 + i];
+            dm[i] = dsum[stats + i0 + i];
+        }
+        __syncthreads();
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) {
+            const int key = first + warp * ROWS + r;
+            if (key >= seq) continue;  // warp-uniform
+            const float* kr = kb + (warp * ROWS + r) * hd;
+            const float* vr = vb + (warp * ROWS + r) * hd;
+            float p[TILE / 32], ds[TILE / 32];
+#pragma unroll
+            for (int t = 0; t < TILE / 32; ++t) {
+                const int i = lane + 32 * t;
+                float pv = 0.0f, g = 0.0f;
+                if (i < in_tile && (!causal || i0 + i >= key)) {
+                    const float* qr = qs + i * stride;
+                    const float* gr = gs + i * stride;
+                    float sc = 0.0f, dp = 0.0f;
+                    for (int c = 0; c < hd; ++c) {
+                        sc = fmaf(qr[c], kr[c], sc);
+                        dp = fmaf(gr[c], vr[c], dp);
+                    }
+                    pv = __expf(sc - ls[i]);
+                    g = pv * (dp - dm[i]);
+                }
+                p[t] = pv;
+                ds[t] = g;
+            }
+#pragma unroll
+            for (int t = 0; t < TILE / 32; ++t) {
+                const int jn = min(32, in_tile - 32 * t);  // warp-uniform
+                for (int jj = 0; jj < jn; ++jj) {
+                    const float pj = __shfl_sync(0xffffffffu, p[t], jj);
+                    const float gj = __shfl_sync(0xffffffffu, ds[t], jj);
+                    const float* qr = qs + (32 * t + jj) * stride;
+                    const float* gr = gs + (32 * t + jj) * stride;
+#pragma unroll
+                    for (int c = 0; c < PER_LANE; ++c)
+                        if (c < lanes_hd) {
+                            dv[r][c] = fmaf(pj, gr[lane + 32 * c], dv[r][c]);
+                            dk[r][c] = fmaf(gj, qr[lane + 32 * c], dk[r][c]);
+                        }
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+        const int key = first + warp * ROWS + r;
+        if (key >= seq) continue;
+#pragma unroll
+        for (int c = 0; c < PER_LANE; ++c)
+            if (c < lanes_hd) {
+                const size_t dst = (base + key) * ld + h * hd + lane + 32 * c;
+                dqkv[dst + d] = store<T>(dk[r][c]);
+                dqkv[dst + 2 * d] = store<T>(dv[r][c]);
+            }
+    }
+}
+
 }  // namespace
 
 #define ATTENTION(NAME, T)                                                                  \
@@ -159,3 +438,19 @@ __device__ void attention(const T* __restrict__ q, const T* __restrict__ k,
 ATTENTION(clipft_attention_f32, float)
 ATTENTION(clipft_attention_f16, __half)
 ATTENTION(clipft_attention_bf16, __nv_bfloat16)
+
+#define ATTENTION_BACKWARD(SUFFIX, T)                                                          \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) clipft_attention_dq_##SUFFIX(      \
+        const T* qkv, const T* o, const T* dout, T* dqkv, float* lse, float* dsum, int seq,     \
+        int heads, int hd, int ld, float scale, int causal) {                                   \
+        attention_dq<T>(qkv, o, dout, dqkv, lse, dsum, seq, heads, hd, ld, scale, causal);      \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) clipft_attention_dkv_##SUFFIX(     \
+        const T* qkv, const T* dout, const float* lse, const float* dsum, T* dqkv, int seq,     \
+        int heads, int hd, int ld, float scale, int causal) {                                   \
+        attention_dkv<T>(qkv, dout, lse, dsum, dqkv, seq, heads, hd, ld, scale, causal);        \
+    }
+
+ATTENTION_BACKWARD(f32, float)
+ATTENTION_BACKWARD(f16, __half)
+ATTENTION_BACKWARD(bf16, __nv_bfloat16)

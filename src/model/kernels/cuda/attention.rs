@@ -115,10 +115,130 @@ pub fn attention_twin(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Res
     Ok(out)
 }
 
+/// The geometry of a backward call over one stacked projection `qkv` `[batch * seq, ld]`
+/// (queries at column 0, keys at `d`, values at `2 d`, `d = heads * head_dim`, `ld >= 3 d`):
+/// the values `qkv` must hold, and the forward output's / its gradient's (`[batch * seq, d]`).
+fn backward_sizes(s: &AttentionShape) -> Result<(usize, usize)> {
+    let d = s.heads * s.head_dim;
+    if s.ld < 3 * d {
+        bail!(
+            "attention backward: rows {} apart cannot hold q, k and v of {d}",
+            s.ld
+        );
+    }
+    let (_, out) = s.sizes()?;
+    let need = s.batch.checked_mul(s.seq).and_then(|r| r.checked_mul(s.ld));
+    match need {
+        Some(n) => Ok((n, out)),
+        None => bail!("attention backward: the shape overflows"),
+    }
+}
+
+/// The CPU twin of `attention.cu`'s backward, `d qkv` from the stacked projection `qkv`, the
+/// forward's output `o` and its gradient `d_o` (layouts in [`AttentionShape`]; queries at
+/// column 0 of `qkv`, keys at `d`, values at `2 d`). Two passes, as the two kernels:
+/// - per query row (`clipft_attention_dq_*`): the row's softmax statistics again (running
+///   maximum and sum over key tiles, as the forward), `lse = m + ln l`, `D = dO . O`; then per
+///   key `p = exp(s - lse)`, `dp = dO . v`, `ds = p (dp - D)` and `dq += ds k`, scaled at the
+///   end. `lse` and `D` are kept per row for the second pass.
+/// - per key row (`clipft_attention_dkv_*`): over the queries that see it, the same `p` and
+///   `ds` from the kept statistics, `dv += p dO` and `dk += ds q_scaled`.
+///
+/// The result has `qkv`'s layout; columns past `3 d` are zero.
+pub fn attention_backward_twin(
+    qkv: &[f32],
+    o: &[f32],
+    d_o: &[f32],
+    s: AttentionShape,
+) -> Result<Vec<f32>> {
+    let (need, out_len) = backward_sizes(&s)?;
+    if qkv.len() < need || o.len() < out_len || d_o.len() < out_len {
+        bail!("attention backward: qkv needs {need} values, o and its gradient {out_len}");
+    }
+    let (t, hd, ld) = (s.seq, s.head_dim, s.ld);
+    let d = s.heads * hd;
+    let mut grad = vec![0f32; need];
+    let stats = s.batch * s.heads * t;
+    let (mut lse, mut dsum) = (vec![0f32; stats], vec![0f32; stats]);
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |acc, (x, y)| x.mul_add(*y, acc));
+    let mut qr = vec![0f32; hd];
+    let mut acc = vec![0f32; hd];
+    let mut dk = vec![0f32; hd];
+    let mut scores = vec![0f32; ATTENTION_TILE];
+    for item in 0..s.batch {
+        let base = item * t;
+        for h in 0..s.heads {
+            let col = |r: usize, part: usize| (base + r) * ld + part * d + h * hd;
+            let stat = |r: usize| (item * s.heads + h) * t + r;
+            // Pass 1: dq per query row.
+            for row in 0..t {
+                for (c, x) in qr.iter_mut().enumerate() {
+                    *x = qkv[col(row, 0) + c] * s.scale;
+                }
+                let orow = &o[(base + row) * d + h * hd..][..hd];
+                let grow = &d_o[(base + row) * d + h * hd..][..hd];
+                let dr = dot(grow, orow);
+                let kend = if s.causal { row + 1 } else { t };
+                let (mut m, mut l) = (f32::NEG_INFINITY, 0f32);
+                for k0 in (0..kend).step_by(ATTENTION_TILE) {
+                    let kn = ATTENTION_TILE.min(kend - k0);
+                    let mut tmax = f32::NEG_INFINITY;
+                    for (j, sj) in scores[..kn].iter_mut().enumerate() {
+                        *sj = dot(&qr, &qkv[col(k0 + j, 1)..][..hd]);
+                        tmax = tmax.max(*sj);
+                    }
+                    let mnew = m.max(tmax);
+                    let psum: f32 = scores[..kn].iter().map(|sj| (sj - mnew).exp()).sum();
+                    l = (m - mnew).exp() * l + psum;
+                    m = mnew;
+                }
+                let lr = m + l.ln();
+                acc.fill(0.0);
+                for j in 0..kend {
+                    let kr = &qkv[col(j, 1)..][..hd];
+                    let p = (dot(&qr, kr) - lr).exp();
+                    let ds = p * (dot(grow, &qkv[col(j, 2)..][..hd]) - dr);
+                    for (a, k) in acc.iter_mut().zip(kr) {
+                        *a = ds.mul_add(*k, *a);
+                    }
+                }
+                for (g, a) in grad[col(row, 0)..][..hd].iter_mut().zip(&acc) {
+                    *g = a * s.scale;
+                }
+                lse[stat(row)] = lr;
+                dsum[stat(row)] = dr;
+            }
+            // Pass 2: dk and dv per key row, over the queries that see it.
+            for key in 0..t {
+                let kr = &qkv[col(key, 1)..][..hd];
+                let vr = &qkv[col(key, 2)..][..hd];
+                dk.fill(0.0);
+                acc.fill(0.0); // dv
+                let first = if s.causal { key } else { 0 };
+                for row in first..t {
+                    for (c, x) in qr.iter_mut().enumerate() {
+                        *x = qkv[col(row, 0) + c] * s.scale;
+                    }
+                    let grow = &d_o[(base + row) * d + h * hd..][..hd];
+                    let p = (dot(&qr, kr) - lse[stat(row)]).exp();
+                    let ds = p * (dot(grow, vr) - dsum[stat(row)]);
+                    for c in 0..hd {
+                        acc[c] = p.mul_add(grow[c], acc[c]);
+                        dk[c] = ds.mul_add(qr[c], dk[c]);
+                    }
+                }
+                grad[col(key, 1)..][..hd].copy_from_slice(&dk);
+                grad[col(key, 2)..][..hd].copy_from_slice(&acc);
+            }
+        }
+    }
+    Ok(grad)
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, Result};
@@ -180,10 +300,105 @@ mod gpu {
         }
         Ok(out)
     }
+
+    /// Shared memory of the backward kernels at `head_dim`: two tiles with padded rows and two
+    /// rows per query (dq) or key (dkv) of the block, plus the dkv kernel's per-query
+    /// statistics.
+    fn backward_smem_bytes(head_dim: usize) -> (u32, u32) {
+        let tile = super::ATTENTION_TILE * (head_dim + 1);
+        let rows = 2 * (WARPS * ROWS) as usize * head_dim;
+        let dq = (2 * tile + rows) * 4;
+        let dkv = dq + 2 * super::ATTENTION_TILE * 4;
+        (dq as u32, dkv as u32)
+    }
+
+    /// Runs `attention.cu`'s backward (`clipft_attention_dq_<suffix>`, then
+    /// `clipft_attention_dkv_<suffix>`): `d qkv` in `qkv`'s layout from the stacked projection,
+    /// the forward's output `o` and its gradient `dout` (`[batch * seq, d]`).
+    pub fn launch_backward<T: DeviceRepr + ValidAsZeroBits>(
+        suffix: &str,
+        dev: &CudaDevice,
+        qkv: &CudaView<'_, T>,
+        o: &CudaView<'_, T>,
+        dout: &CudaView<'_, T>,
+        s: AttentionShape,
+    ) -> Result<CudaSlice<T>> {
+        let (need, out_len) = super::backward_sizes(&s)?;
+        if qkv.len() < need || o.len() < out_len || dout.len() < out_len {
+            candle_core::bail!(
+                "attention backward: qkv needs {need} values, o and its gradient {out_len}"
+            );
+        }
+        let load = |name: &str| {
+            dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "clipft_attention", PTX)
+        };
+        let (dq, dkv) = (load("clipft_attention_dq")?, load("clipft_attention_dkv")?);
+        let d = s.heads * s.head_dim;
+        let grad = if s.ld == 3 * d {
+            // SAFETY: with rows exactly 3 d wide, the two kernels write every value: the dq
+            // columns of every (item, head, row) in the first, dk and dv in the second.
+            unsafe { dev.alloc::<T>(need)? }
+        } else {
+            dev.alloc_zeros::<T>(need)?
+        };
+        let stats = s.batch * s.heads * s.seq;
+        if stats == 0 {
+            return Ok(grad);
+        }
+        // SAFETY: the first kernel writes lse and D of every (item, head, row) before the
+        // second, on the same stream, reads them.
+        let (lse, dsum) = unsafe { (dev.alloc::<f32>(stats)?, dev.alloc::<f32>(stats)?) };
+        let (smem_dq, smem_dkv) = backward_smem_bytes(s.head_dim);
+        let cfg = |smem| LaunchConfig {
+            grid_dim: (
+                (s.batch * s.heads) as u32,
+                (s.seq as u32).div_ceil(WARPS * ROWS),
+                1,
+            ),
+            block_dim: (WARPS * 32, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let (seq, heads, hd, ld) = (s.seq as i32, s.heads as i32, s.head_dim as i32, s.ld as i32);
+        let causal = i32::from(s.causal);
+        let mut b = dq.builder();
+        b.arg(qkv);
+        b.arg(o);
+        b.arg(dout);
+        b.arg(&grad);
+        b.arg(&lse);
+        b.arg(&dsum);
+        b.arg(&seq);
+        b.arg(&heads);
+        b.arg(&hd);
+        b.arg(&ld);
+        b.arg(&s.scale);
+        b.arg(&causal);
+        // SAFETY: reads rows `item * seq + r` of qkv at columns below 3 d <= ld (within
+        // `need`, checked above) and of o and dout at columns below d (within `out_len`);
+        // writes the dq columns of `grad` and `stats` values of lse and dsum; arguments in the
+        // kernel's order and types (attention.cu).
+        unsafe { b.launch(cfg(smem_dq)) }.w()?;
+        let mut b = dkv.builder();
+        b.arg(qkv);
+        b.arg(dout);
+        b.arg(&lse);
+        b.arg(&dsum);
+        b.arg(&grad);
+        b.arg(&seq);
+        b.arg(&heads);
+        b.arg(&hd);
+        b.arg(&ld);
+        b.arg(&s.scale);
+        b.arg(&causal);
+        // SAFETY: as above for qkv and dout; reads the `stats` values of lse and dsum the
+        // first kernel wrote; writes the dk and dv columns of `grad`.
+        unsafe { b.launch(cfg(smem_dkv)) }.w()?;
+        Ok(grad)
+    }
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::launch;
+pub use gpu::{launch, launch_backward};
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,5 @@
 //! The CPU twins and launchers of `elementwise.cu`: a linear layer's tail (bias + activation,
-//! bias + residual) in one pass over its output.
+//! its backward, bias + residual) in one pass over its output.
 
 use candle_core::{bail, Result};
 
@@ -21,6 +21,23 @@ impl Act {
             Act::Identity => v,
             Act::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
             Act::Gelu => 0.5 * v * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2)),
+        }
+    }
+
+    /// The kernel's formula for the derivative at one value.
+    pub fn derivative(self, v: f32) -> f32 {
+        match self {
+            Act::Identity => 1.0,
+            Act::QuickGelu => {
+                let sg = 1.0 / (1.0 + (-1.702 * v).exp());
+                sg + 1.702 * v * sg * (1.0 - sg)
+            }
+            Act::Gelu => {
+                // 1 / sqrt(2 pi)
+                const INV_SQRT_2PI: f32 = 0.398_942_3;
+                0.5 * (1.0 + erf(v * std::f32::consts::FRAC_1_SQRT_2))
+                    + v * INV_SQRT_2PI * (-0.5 * v * v).exp()
+            }
         }
     }
 }
@@ -46,6 +63,27 @@ pub fn bias_act_twin(x: &[f32], b: &[f32], act: Act) -> Result<Vec<f32>> {
     check(x.len(), b.len(), b.len())?;
     Ok(x.chunks(b.len())
         .flat_map(|row| row.iter().zip(b).map(move |(v, c)| act.apply(v + c)))
+        .collect())
+}
+
+/// `dy * act'(x + b[col])`, as `clipft_bias_act_backward_*` computes it.
+pub fn bias_act_backward_twin(x: &[f32], b: &[f32], dy: &[f32], act: Act) -> Result<Vec<f32>> {
+    check(x.len(), b.len(), b.len())?;
+    if dy.len() != x.len() {
+        bail!(
+            "bias + activation backward: {} values and a gradient of {}",
+            x.len(),
+            dy.len()
+        );
+    }
+    Ok(x.chunks(b.len())
+        .zip(dy.chunks(b.len()))
+        .flat_map(|(row, g)| {
+            row.iter()
+                .zip(b)
+                .zip(g)
+                .map(move |((v, c), g)| g * act.derivative(v + c))
+        })
         .collect())
 }
 
@@ -116,6 +154,45 @@ mod gpu {
         Ok(y)
     }
 
+    /// `clipft_bias_act_backward_<suffix>` over `x` and `dy` (whole rows of `b.len()`).
+    pub fn bias_act_backward<T: DeviceRepr>(
+        suffix: &str,
+        dev: &CudaDevice,
+        x: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        dy: &CudaView<'_, T>,
+        act: Act,
+    ) -> Result<CudaSlice<T>> {
+        super::check(x.len(), b.len(), b.len())?;
+        if dy.len() != x.len() {
+            candle_core::bail!(
+                "bias + activation backward: {} values and a gradient of {}",
+                x.len(),
+                dy.len()
+            );
+        }
+        let name = format!("clipft_bias_act_backward_{suffix}");
+        let func = dev.get_or_load_custom_func(&name, "clipft_elementwise", PTX)?;
+        // SAFETY: the kernel writes every one of the x.len() values.
+        let dz = unsafe { dev.alloc::<T>(x.len())? };
+        let (n, cols, act) = (x.len() as i64, b.len() as i32, act as i32);
+        let mut l = func.builder();
+        l.arg(x);
+        l.arg(b);
+        l.arg(dy);
+        l.arg(&dz);
+        l.arg(&n);
+        l.arg(&cols);
+        l.arg(&act);
+        if n > 0 {
+            // SAFETY: reads x[0..n], dy[0..n] (same length, checked) and b[0..cols] (x holds
+            // whole rows of cols), writes dz[0..n]; the arguments match
+            // `clipft_bias_act_backward_*` in order and type.
+            unsafe { l.launch(config(x.len())) }.w()?;
+        }
+        Ok(dz)
+    }
+
     /// `clipft_bias_residual_<suffix>` over `x` and `r` (whole rows of `b.len()`).
     pub fn bias_residual<T: DeviceRepr>(
         suffix: &str,
@@ -154,7 +231,7 @@ mod gpu {
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{bias_act, bias_residual};
+pub use gpu::{bias_act, bias_act_backward, bias_residual};
 
 #[cfg(test)]
 mod tests {
@@ -178,6 +255,28 @@ mod tests {
         let r = [1.0f32; 6];
         assert_eq!(bias_residual_twin(&x, &b, &r)?[5], 12.0);
         assert!(bias_act_twin(&x[..5], &b, Act::Gelu).is_err());
+        // The derivatives against central differences in f64 of the same formulas.
+        for act in [Act::QuickGelu, Act::Gelu, Act::Identity] {
+            let dy = [0.5f32, -2.0, 1.0, 3.0, -1.0, 0.25];
+            let got = bias_act_backward_twin(&x, &b, &dy, act)?;
+            for i in 0..x.len() {
+                let z = x[i] as f64 + b[i % 3] as f64;
+                let f = |v: f64| match act {
+                    Act::QuickGelu => v / (1.0 + (-1.702 * v).exp()),
+                    Act::Gelu => Act::Gelu.apply(v as f32) as f64,
+                    Act::Identity => v,
+                };
+                let h = if act == Act::Gelu { 1e-2 } else { 1e-5 };
+                let want = dy[i] as f64 * (f(z + h) - f(z - h)) / (2.0 * h);
+                let tol = if act == Act::Gelu { 2e-3 } else { 1e-5 };
+                assert!(
+                    (got[i] as f64 - want).abs() < tol * (1.0 + want.abs()),
+                    "{act:?} {i}: {} vs {want}",
+                    got[i]
+                );
+            }
+        }
+        assert!(bias_act_backward_twin(&x, &b, &r[..3], Act::Gelu).is_err());
         assert!(bias_residual_twin(&x, &b, &r[..3]).is_err());
         Ok(())
     }

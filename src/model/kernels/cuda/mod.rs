@@ -5,12 +5,16 @@
 //! to PTX by `build.rs` under the `cuda` feature (nvcc from `CUDA_HOME` or `PATH`, for
 //! `CUDA_COMPUTE_CAP`), loaded once per device on first use.
 //!
-//! - [`attention`] (`attention.cu`): multi-head attention for CLIP's short sequences,
-//!   inference forward, one kernel reading the projections' rows in place.
-//! - [`elementwise`] (`elementwise.cu`): a linear layer's tail in one pass: bias + activation,
-//!   bias + residual.
+//! - [`attention`] (`attention.cu`): multi-head attention for CLIP's short sequences, one
+//!   forward kernel reading the projections' rows in place, and a two-kernel backward over
+//!   the stacked QKV projection.
+//! - [`elementwise`] (`elementwise.cu`): a linear layer's tail in one pass: bias + activation
+//!   and its backward, bias + residual.
+//! - [`layernorm`] (`layernorm.cu`): layer norm forward, and backward with the weight's and
+//!   bias's gradients summed deterministically (per block, then over blocks).
 
 pub mod attention;
 pub mod elementwise;
+pub mod layernorm;
 
 pub use attention::{attention_supports, attention_twin, AttentionShape, ATTENTION_TILE};

@@ -1,0 +1,297 @@
+//! The CPU twins and launchers of `layernorm.cu`: layer normalisation over rows, forward and
+//! backward (the input's gradient, and the weight's and bias's summed over rows).
+
+use candle_core::{bail, Result};
+
+/// Rows per block of the backward: `NWARPS * RPW` in `layernorm.cu`.
+const BACKWARD_ROWS: usize = 4 * 8;
+/// The widest row the backward's shared-memory partial sums hold.
+pub const NORM_MAX_COLS: usize = 1024;
+
+/// Whether `layernorm.cu` takes rows of `cols` values.
+pub fn norm_supports(cols: usize) -> bool {
+    (1..=NORM_MAX_COLS).contains(&cols)
+}
+
+/// Checks rows of `cols` over `x` (whole rows) and per-column `w` (and `b`); returns the rows.
+fn check(x: usize, w: usize, cols: usize) -> Result<usize> {
+    if !norm_supports(cols) || w != cols || !x.is_multiple_of(cols) {
+        bail!("layer norm over {cols} columns: {x} values and a weight of {w}");
+    }
+    match i32::try_from(x / cols) {
+        Ok(_) => Ok(x / cols),
+        Err(_) => bail!("layer norm: {} rows are too many", x / cols),
+    }
+}
+
+/// The row's mean and `1 / sqrt(var + eps)`, two passes as the kernel.
+fn stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row
+        .iter()
+        .fold(0f32, |a, x| (x - mean).mul_add(x - mean, a))
+        / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// `(x - mean) rstd w + b` per row, as `clipft_layernorm_*` computes it.
+pub fn layer_norm_twin(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Result<Vec<f32>> {
+    let cols = w.len();
+    check(x.len(), w.len(), cols)?;
+    if b.len() != cols {
+        bail!("layer norm: a bias of {} for rows of {cols}", b.len());
+    }
+    let mut y = vec![0f32; x.len()];
+    for (xr, yr) in x.chunks(cols).zip(y.chunks_mut(cols)) {
+        let (mean, rstd) = stats(xr, eps);
+        for (((y, x), w), b) in yr.iter_mut().zip(xr).zip(w).zip(b) {
+            *y = ((x - mean) * rstd).mul_add(*w, *b);
+        }
+    }
+    Ok(y)
+}
+
+/// The backward of [`layer_norm_twin`] as `clipft_layernorm_backward_*` and `_sum_*` compute it:
+/// `rows + 2` rows of `cols`, the input's gradient, then the weight's and the bias's (summed
+/// per block of rows, then over blocks, in order).
+pub fn layer_norm_backward_twin(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> Result<Vec<f32>> {
+    let cols = w.len();
+    let rows = check(x.len(), w.len(), cols)?;
+    if dy.len() != x.len() {
+        bail!(
+            "layer norm backward: {} values and a gradient of {}",
+            x.len(),
+            dy.len()
+        );
+    }
+    let n = cols as f32;
+    let mut out = vec![0f32; (rows + 2) * cols];
+    let (dx, sums) = out.split_at_mut(rows * cols);
+    let mut block = vec![0f32; 2 * cols];
+    let blocks = rows.div_ceil(BACKWARD_ROWS);
+    for blk in 0..blocks {
+        block.fill(0.0);
+        for row in blk * BACKWARD_ROWS..rows.min((blk + 1) * BACKWARD_ROWS) {
+            let xr = &x[row * cols..][..cols];
+            let gr = &dy[row * cols..][..cols];
+            let (mean, rstd) = stats(xr, eps);
+            let (mut sg, mut sgx) = (0f32, 0f32);
+            for c in 0..cols {
+                let g = gr[c] * w[c];
+                sg += g;
+                sgx = g.mul_add((xr[c] - mean) * rstd, sgx);
+            }
+            let (mg, mgx) = (sg / n, sgx / n);
+            for c in 0..cols {
+                let xh = (xr[c] - mean) * rstd;
+                dx[row * cols + c] = rstd * (gr[c] * w[c] - mg - xh * mgx);
+                block[c] = gr[c].mul_add(xh, block[c]);
+                block[cols + c] += gr[c];
+            }
+        }
+        for (s, p) in sums.iter_mut().zip(&block) {
+            *s += p;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaDevice, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/layernorm.ptx"));
+    const NWARPS: u32 = 4;
+
+    /// `clipft_layernorm_<suffix>` over `x` (whole rows of `w.len()`).
+    pub fn layer_norm<T: DeviceRepr>(
+        suffix: &str,
+        dev: &CudaDevice,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        eps: f32,
+    ) -> Result<CudaSlice<T>> {
+        let cols = w.len();
+        let rows = super::check(x.len(), cols, cols)?;
+        if b.len() != cols {
+            candle_core::bail!("layer norm: a bias of {} for rows of {cols}", b.len());
+        }
+        let name = format!("clipft_layernorm_{suffix}");
+        let func = dev.get_or_load_custom_func(&name, "clipft_layernorm", PTX)?;
+        // SAFETY: the kernel writes every row (one warp each).
+        let y = unsafe { dev.alloc::<T>(x.len())? };
+        if rows == 0 {
+            return Ok(y);
+        }
+        let (r, c) = (rows as i32, cols as i32);
+        let mut l = func.builder();
+        l.arg(x);
+        l.arg(w);
+        l.arg(b);
+        l.arg(&y);
+        l.arg(&r);
+        l.arg(&c);
+        l.arg(&eps);
+        let cfg = LaunchConfig {
+            grid_dim: ((rows as u32).div_ceil(NWARPS), 1, 1),
+            block_dim: (NWARPS * 32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: reads rows x cols of x (whole rows, checked) and cols of w and b, writes the
+        // same of y; the arguments match `clipft_layernorm_*` in order and type.
+        unsafe { l.launch(cfg) }.w()?;
+        Ok(y)
+    }
+
+    /// `clipft_layernorm_backward_<suffix>`, then `_sum_<suffix>`: `rows + 2` rows of `cols`,
+    /// the input's gradient, then the weight's and the bias's.
+    pub fn layer_norm_backward<T: DeviceRepr + ValidAsZeroBits>(
+        suffix: &str,
+        dev: &CudaDevice,
+        x: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        dy: &CudaView<'_, T>,
+        eps: f32,
+    ) -> Result<CudaSlice<T>> {
+        let cols = w.len();
+        let rows = super::check(x.len(), cols, cols)?;
+        if dy.len() != x.len() {
+            candle_core::bail!(
+                "layer norm backward: {} values and a gradient of {}",
+                x.len(),
+                dy.len()
+            );
+        }
+        let back = dev.get_or_load_custom_func(
+            &format!("clipft_layernorm_backward_{suffix}"),
+            "clipft_layernorm",
+            PTX,
+        )?;
+        let sum = dev.get_or_load_custom_func(
+            &format!("clipft_layernorm_backward_sum_{suffix}"),
+            "clipft_layernorm",
+            PTX,
+        )?;
+        let blocks = rows.div_ceil(super::BACKWARD_ROWS).max(1);
+        let mut out = dev.alloc_zeros::<T>((rows + 2) * cols)?;
+        // SAFETY: the backward kernel writes all 2 cols partial sums of each of its blocks
+        // (zeros for rows it does not have) before the sum kernel, on the same stream, reads
+        // them.
+        let partial = unsafe { dev.alloc::<f32>(blocks * 2 * cols)? };
+        let (r, c, nb) = (rows as i32, cols as i32, blocks as i32);
+        let smem = (NWARPS as usize * 2 * cols * 4) as u32;
+        {
+            let mut l = back.builder();
+            l.arg(x);
+            l.arg(w);
+            l.arg(dy);
+            l.arg(&out);
+            l.arg(&partial);
+            l.arg(&r);
+            l.arg(&c);
+            l.arg(&eps);
+            let cfg = LaunchConfig {
+                grid_dim: (blocks as u32, 1, 1),
+                block_dim: (NWARPS * 32, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            // SAFETY: reads rows x cols of x and dy (checked) and cols of w; writes the first
+            // rows x cols values of `out` (which holds rows + 2 rows) and blocks x 2 cols of
+            // `partial`; arguments in the kernel's order and types; cols <= 1024 keeps the
+            // shared memory at 32 KB.
+            unsafe { l.launch(cfg) }.w()?;
+        }
+        let mut tail = out.slice_mut(rows * cols..);
+        let mut l = sum.builder();
+        l.arg(&partial);
+        l.arg(&mut tail);
+        l.arg(&nb);
+        l.arg(&c);
+        let cfg = LaunchConfig {
+            grid_dim: ((2 * cols as u32).div_ceil(256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: reads blocks x 2 cols of `partial`, writes the 2 cols values of `tail` (the
+        // last two rows of `out`); arguments in the kernel's order and types.
+        unsafe { l.launch(cfg) }.w()?;
+        drop(tail);
+        Ok(out)
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub use gpu::{layer_norm, layer_norm_backward};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// f64 layer norm and its gradients by the textbook formulas.
+    fn reference(x: &[f32], w: &[f32], b: &[f32], dy: &[f32], eps: f64) -> (Vec<f64>, Vec<f64>) {
+        let cols = w.len();
+        let rows = x.len() / cols;
+        let mut y = vec![0f64; x.len()];
+        let mut grads = vec![0f64; (rows + 2) * cols];
+        for r in 0..rows {
+            let xr: Vec<f64> = x[r * cols..][..cols].iter().map(|&v| v as f64).collect();
+            let mean = xr.iter().sum::<f64>() / cols as f64;
+            let var = xr.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / cols as f64;
+            let rstd = 1.0 / (var + eps).sqrt();
+            let xh: Vec<f64> = xr.iter().map(|v| (v - mean) * rstd).collect();
+            let g: Vec<f64> = (0..cols)
+                .map(|c| dy[r * cols + c] as f64 * w[c] as f64)
+                .collect();
+            let mg = g.iter().sum::<f64>() / cols as f64;
+            let mgx = g.iter().zip(&xh).map(|(a, b)| a * b).sum::<f64>() / cols as f64;
+            for c in 0..cols {
+                y[r * cols + c] = xh[c] * w[c] as f64 + b[c] as f64;
+                grads[r * cols + c] = rstd * (g[c] - mg - xh[c] * mgx);
+                grads[rows * cols + c] += dy[r * cols + c] as f64 * xh[c];
+                grads[(rows + 1) * cols + c] += dy[r * cols + c] as f64;
+            }
+        }
+        (y, grads)
+    }
+
+    fn values(n: usize, seed: f32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (i as f32 * 0.377 + seed).sin() * 2.0 + 0.3)
+            .collect()
+    }
+
+    /// Both twins against f64, over more rows than one backward block and a row width that is
+    /// not a multiple of 32.
+    #[test]
+    fn twins_match_the_formulas() -> Result<()> {
+        for (rows, cols) in [(70, 96), (5, 50)] {
+            let (x, dy) = (values(rows * cols, 0.1), values(rows * cols, 2.3));
+            let (w, b) = (values(cols, 1.1), values(cols, 0.4));
+            let (y, g) = reference(&x, &w, &b, &dy, 1e-5);
+            let got = layer_norm_twin(&x, &w, &b, 1e-5)?;
+            let err = got
+                .iter()
+                .zip(&y)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0f64, f64::max);
+            assert!(err < 1e-5, "forward {rows}x{cols}: {err}");
+            let got = layer_norm_backward_twin(&x, &w, &dy, 1e-5)?;
+            for (i, (a, b)) in got.iter().zip(&g).enumerate() {
+                assert!(
+                    (*a as f64 - b).abs() < 2e-4 * (1.0 + b.abs()),
+                    "backward {i}: {a} vs {b}"
+                );
+            }
+        }
+        assert!(layer_norm_twin(&[0.0; 10], &[1.0; 4], &[0.0; 4], 1e-5).is_err());
+        assert!(layer_norm_backward_twin(&[0.0; 8], &[1.0; 4], &[0.0; 4], 1e-5).is_err());
+        assert!(layer_norm_twin(&[0.0; 2048], &[1.0; 2048], &[0.0; 2048], 1e-5).is_err());
+        Ok(())
+    }
+}

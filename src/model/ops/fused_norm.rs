@@ -1,0 +1,300 @@
+//! Layer normalisation as one op with its backward, for training on the GPU: candle's fused
+//! `layer_norm` records no gradient (a model trained through it silently loses the norms'
+//! gradients and everything below them), and the composed form is a dozen kernels each way.
+//! On a GPU the forward and backward are `kernels/cuda/layernorm.cu`; on the CPU they run the
+//! kernels' twins, which the normal test suite checks. The backward ([`LayerNormBackward`]) is
+//! an op itself, so the gradient stays on the device.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use crate::model::kernels::cuda::layernorm::{layer_norm_backward_twin, layer_norm_twin};
+
+/// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension of `x`.
+#[derive(Debug, Clone, Copy)]
+pub struct FusedLayerNorm {
+    pub eps: f32,
+}
+
+/// From `x`, `w` and the output's gradient: `[rows + 2, cols]`, the gradient of `x` (rows
+/// flattened), then of `w`, then of `b`.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerNormBackward {
+    pub eps: f32,
+}
+
+/// Columns of `x` and the checks every input shares: `w` (and the third input, a bias or the
+/// gradient) per column or shaped as `x`, everything contiguous.
+fn check(ls: [&Layout; 3], third_like_x: bool) -> Result<usize> {
+    let [x, w, t] = ls;
+    let cols = x.shape().dims().last().copied().unwrap_or(0);
+    if w.shape().dims() != [cols] {
+        candle_core::bail!("layer norm: weight {:?} for rows of {cols}", w.shape());
+    }
+    let want = if third_like_x {
+        x.shape().dims()
+    } else {
+        w.shape().dims()
+    };
+    if t.shape().dims() != want {
+        candle_core::bail!("layer norm: {:?} where {want:?} was expected", t.shape());
+    }
+    if ls.iter().any(|l| !l.is_contiguous()) {
+        candle_core::bail!("layer norm: contiguous inputs only");
+    }
+    Ok(cols)
+}
+
+#[cfg(feature = "cuda")]
+macro_rules! by_dtype {
+    ($s:expr, |$t:ident, $suffix:ident| $body:expr) => {{
+        use candle_core::backend::BackendStorage;
+        match $s.dtype() {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                let $suffix = "f32";
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $t = half::f16;
+                let $suffix = "f16";
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $t = half::bf16;
+                let $suffix = "bf16";
+                $body
+            }
+            dt => candle_core::bail!("layer norm: f32, f16 or bf16 only, not {dt:?}"),
+        }
+    }};
+}
+
+impl CustomOp3 for FusedLayerNorm {
+    fn name(&self) -> &'static str {
+        "clipft-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check([xl, wl, bl], false)?;
+        let y = layer_norm_twin(
+            &super::twin_input(xs, xl, self.name())?,
+            &super::twin_input(ws, wl, self.name())?,
+            &super::twin_input(bs, bl, self.name())?,
+            self.eps,
+        )?;
+        Ok((super::twin_output(xs, y), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::model::kernels::cuda::layernorm;
+        check([xl, wl, bl], false)?;
+        let dev = xs.device.clone();
+        let out = by_dtype!(xs, |T, suffix| {
+            let (x, w, b) = (
+                super::cuda_view::<T>(xs, xl)?,
+                super::cuda_view::<T>(ws, wl)?,
+                super::cuda_view::<T>(bs, bl)?,
+            );
+            let y = layernorm::layer_norm::<T>(suffix, &dev, &x, &w, &b, self.eps)?;
+            candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone())
+        });
+        Ok((out, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let all =
+            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
+        let rows = all.dim(0)? - 2;
+        let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
+        let dw = all.get(rows)?;
+        let db = all.get(rows + 1)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+impl CustomOp3 for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "clipft-layer-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = check([xl, wl, gl], true)?;
+        let out = layer_norm_backward_twin(
+            &super::twin_input(xs, xl, self.name())?,
+            &super::twin_input(ws, wl, self.name())?,
+            &super::twin_input(gs, gl, self.name())?,
+            self.eps,
+        )?;
+        let rows = out.len() / cols;
+        Ok((super::twin_output(xs, out), Shape::from((rows, cols))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::model::kernels::cuda::layernorm;
+        let cols = check([xl, wl, gl], true)?;
+        let rows = xl.shape().elem_count() / cols.max(1);
+        let dev = xs.device.clone();
+        let out = by_dtype!(xs, |T, suffix| {
+            let (x, w, g) = (
+                super::cuda_view::<T>(xs, xl)?,
+                super::cuda_view::<T>(ws, wl)?,
+                super::cuda_view::<T>(gs, gl)?,
+            );
+            let out = layernorm::layer_norm_backward::<T>(suffix, &dev, &x, &w, &g, self.eps)?;
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((out, Shape::from((rows + 2, cols))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var, D};
+
+    /// What the layers compute without the op.
+    fn composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let c = x.broadcast_sub(&mean)?;
+        let var = c.sqr()?.mean_keepdim(D::Minus1)?;
+        c.broadcast_div(&(var + eps)?.sqrt()?)?
+            .broadcast_mul(w)?
+            .broadcast_add(b)
+    }
+
+    /// Forward and gradients (input, weight, bias) equal candle's autograd over the composed
+    /// ops, over more rows than one backward block.
+    #[test]
+    fn op_matches_composed_with_gradients() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, (3, 25, 96), &dev)? + 0.5)?)?;
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 96, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 96, &dev)?)?;
+        let weights = Tensor::randn(0f32, 1.0, (3, 25, 96), &dev)?;
+        let (xt, wt, bt) = (x.as_tensor(), w.as_tensor(), b.as_tensor());
+        let want = composed(xt, wt, bt, 1e-5)?;
+        let got = xt.apply_op3(wt, bt, FusedLayerNorm { eps: 1e-5 })?;
+        let err = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(err < 1e-5, "forward: {err}");
+        let gw = want.mul(&weights)?.sum_all()?.backward()?;
+        let gg = got.mul(&weights)?.sum_all()?.backward()?;
+        for (name, v) in [("x", xt), ("w", wt), ("b", bt)] {
+            let (a, e) = (
+                gg.get(v).expect("op grad"),
+                gw.get(v).expect("composed grad"),
+            );
+            let scale = e.abs()?.max_all()?.to_scalar::<f32>()?;
+            let err = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(err < 1e-4 * scale.max(1.0), "{name}: {err} of {scale}");
+        }
+        // Half precision in, f32 statistics: close to the f32 result.
+        for dt in [DType::F16, DType::BF16] {
+            let got = xt.to_dtype(dt)?.apply_op3_no_bwd(
+                &wt.to_dtype(dt)?,
+                &bt.to_dtype(dt)?,
+                &FusedLayerNorm { eps: 1e-5 },
+            )?;
+            let err = (got.to_dtype(DType::F32)? - &want)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(err < 0.1, "{dt:?}: {err}");
+        }
+        let bad = Tensor::zeros(95, DType::F32, &dev)?;
+        assert!(xt
+            .apply_op3_no_bwd(&bad, bt, &FusedLayerNorm { eps: 1e-5 })
+            .is_err());
+        Ok(())
+    }
+
+    /// On a GPU (CUDA builds): both kernels against their twins, every dtype, CLIP's widths.
+    /// Without a GPU it says so and checks nothing.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_kernels_match_their_twins() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("cuda_kernels_match_their_twins: skipped, no GPU");
+            return Ok(());
+        };
+        for (rows, cols) in [(256 * 50, 768), (256 * 77, 512), (37, 1024)] {
+            let x = (Tensor::randn(0f32, 2.0, (rows, cols), &Device::Cpu)? + 0.5)?;
+            let w = Tensor::randn(1f32, 0.3, cols, &Device::Cpu)?;
+            let b = Tensor::randn(0f32, 0.3, cols, &Device::Cpu)?;
+            let g = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu)?;
+            for (dt, tol) in [(DType::F32, 1e-4), (DType::F16, 1e-2), (DType::BF16, 5e-2)] {
+                let c: Vec<Tensor> = [&x, &w, &b, &g]
+                    .iter()
+                    .map(|t| t.to_dtype(dt))
+                    .collect::<Result<_>>()?;
+                let d: Vec<Tensor> = c.iter().map(|t| t.to_device(&gpu)).collect::<Result<_>>()?;
+                let op = FusedLayerNorm { eps: 1e-5 };
+                let back = LayerNormBackward { eps: 1e-5 };
+                let pairs = [
+                    (
+                        c[0].apply_op3_no_bwd(&c[1], &c[2], &op)?,
+                        d[0].apply_op3_no_bwd(&d[1], &d[2], &op)?,
+                    ),
+                    (
+                        c[0].apply_op3_no_bwd(&c[1], &c[3], &back)?,
+                        d[0].apply_op3_no_bwd(&d[1], &d[3], &back)?,
+                    ),
+                ];
+                for (i, (twin, got)) in pairs.into_iter().enumerate() {
+                    let twin = twin.to_dtype(DType::F32)?;
+                    let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+                    let scale = twin.abs()?.maximum(1f32)?;
+                    let err = ((got - &twin)?.abs()? / scale)?
+                        .max_all()?
+                        .to_scalar::<f32>()?;
+                    assert!(
+                        err < tol,
+                        "{dt:?} {rows}x{cols} {}: {err}",
+                        ["forward", "backward"][i]
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
