@@ -655,5 +655,8 @@ fn stacked_projections_follow_weight_updates() {
     for (a, b) in fresh.iter().zip(&want) {
         assert!(cosine(a, b) > 0.999999, "{}", cosine(a, b));
     }
-    assert!(cosine(&fresh[0], &before[0]) < 0.9999, "the update changed nothing");
+    assert!(
+        cosine(&fresh[0], &before[0]) < 0.9999,
+        "the update changed nothing"
+    );
 }

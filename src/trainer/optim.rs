@@ -1,15 +1,20 @@
 //! Adam and AdamW as torch.optim computes them, updating parameters in place.
 //!
 //! candle's stock AdamW runs about ten element-wise tensor ops per parameter per step, each
-//! allocating a new tensor (about 5 s per step on ViT-B/32 on two cores). Here the moments live
-//! in plain buffers owned by the optimiser and one fused pass per parameter updates weight and
-//! moments together, in place (a candle in-place op on the variable's own storage), with no
-//! allocation. Other devices fall back to tensor ops with the same arithmetic.
+//! allocating a new tensor (about 5 s per step on ViT-B/32 on two cores; on a GPU a dozen
+//! launches per parameter, thousands per step). Here the moments live in buffers owned by the
+//! optimiser (host memory for CPU parameters, device memory for CUDA ones) and one fused pass
+//! per parameter updates weight and moments together, in place (a candle in-place op on the
+//! variable's own storage), with no allocation: [`crate::model::kernels::adam`] on the CPU,
+//! its CUDA twin on the GPU (the same bits). Other devices, and `CLIPFT_NO_FUSED`, use tensor
+//! ops with the same arithmetic.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, Layout, Result, Tensor, Var};
 use rayon::prelude::*;
+
+use crate::model::kernels::adam::{adam_update, AdamScalars};
 
 /// Which update rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -60,16 +65,46 @@ impl OptimizerParams {
     }
 }
 
-/// First and second moments: plain buffers for the fused CPU pass, f32 tensors on the
-/// parameter's device otherwise (a GPU's moments never travel to the host during training).
-struct Moments {
-    m: Vec<f32>,
-    v: Vec<f32>,
-    on_device: Option<(Tensor, Tensor)>,
+/// Where a parameter's update runs, decided from its device and dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// The fused pass over host buffers ([`adam_update`]).
+    Cpu,
+    /// The fused CUDA kernel over device buffers.
+    #[cfg(feature = "cuda")]
+    Cuda,
+    /// Tensor ops on the parameter's device.
+    Tensors,
 }
 
-fn fused_cpu(var: &Var) -> bool {
-    var.device().is_cpu() && var.dtype() == candle_core::DType::F32
+fn pass(var: &Var) -> Pass {
+    let f32 = var.dtype() == candle_core::DType::F32;
+    if var.device().is_cpu() && f32 {
+        return Pass::Cpu;
+    }
+    #[cfg(feature = "cuda")]
+    if var.device().is_cuda() && f32 && crate::model::policy::switches().fused {
+        return Pass::Cuda;
+    }
+    Pass::Tensors
+}
+
+/// First and second moments, where the parameter's pass reads them. A GPU's moments never
+/// travel to the host during training (only for checkpoints).
+enum Moments {
+    Host {
+        m: Vec<f32>,
+        v: Vec<f32>,
+    },
+    #[cfg(feature = "cuda")]
+    Cuda {
+        m: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+        v: candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>,
+    },
+    Tensors {
+        m: Tensor,
+        v: Tensor,
+    },
 }
 
 /// `n` zeros, written rather than `calloc`ed. A large `calloc` returns untouched pages; the
@@ -86,44 +121,59 @@ fn written_zeros(n: usize) -> Vec<f32> {
 impl Moments {
     fn zeros(var: &Var) -> Result<Self> {
         let n = var.elem_count();
-        if fused_cpu(var) {
-            return Ok(Self {
+        match pass(var) {
+            Pass::Cpu => Ok(Self::Host {
                 m: written_zeros(n),
                 v: written_zeros(n),
-                on_device: None,
-            });
+            }),
+            #[cfg(feature = "cuda")]
+            Pass::Cuda => {
+                let dev = var.device().as_cuda_device()?;
+                Ok(Self::Cuda {
+                    m: dev.alloc_zeros::<f32>(n)?,
+                    v: dev.alloc_zeros::<f32>(n)?,
+                })
+            }
+            Pass::Tensors => {
+                let z = Tensor::zeros(var.shape(), candle_core::DType::F32, var.device())?;
+                Ok(Self::Tensors { m: z.clone(), v: z })
+            }
         }
-        let z = Tensor::zeros(var.shape(), candle_core::DType::F32, var.device())?;
-        Ok(Self {
-            m: Vec::new(),
-            v: Vec::new(),
-            on_device: Some((z.clone(), z)),
-        })
     }
 
     fn from_host(var: &Var, m: Vec<f32>, v: Vec<f32>) -> Result<Self> {
-        if fused_cpu(var) {
-            return Ok(Self {
-                m,
-                v,
-                on_device: None,
-            });
+        match pass(var) {
+            Pass::Cpu => Ok(Self::Host { m, v }),
+            #[cfg(feature = "cuda")]
+            Pass::Cuda => {
+                let dev = var.device().as_cuda_device()?;
+                Ok(Self::Cuda {
+                    m: dev.clone_htod(&m)?,
+                    v: dev.clone_htod(&v)?,
+                })
+            }
+            Pass::Tensors => {
+                let t = |x: Vec<f32>| Tensor::from_vec(x, var.shape(), var.device());
+                Ok(Self::Tensors { m: t(m)?, v: t(v)? })
+            }
         }
-        let t = |x: Vec<f32>| Tensor::from_vec(x, var.shape(), var.device());
-        Ok(Self {
-            m: Vec::new(),
-            v: Vec::new(),
-            on_device: Some((t(m)?, t(v)?)),
-        })
     }
 
-    fn to_host(&self) -> Result<(Vec<f32>, Vec<f32>)> {
-        match &self.on_device {
-            Some((m, v)) => Ok((
-                m.flatten_all()?.to_vec1::<f32>()?,
-                v.flatten_all()?.to_vec1::<f32>()?,
-            )),
-            None => Ok((self.m.clone(), self.v.clone())),
+    fn to_host(&self, var: &Var) -> Result<(Vec<f32>, Vec<f32>)> {
+        match self {
+            Self::Host { m, v } => Ok((m.clone(), v.clone())),
+            #[cfg(feature = "cuda")]
+            Self::Cuda { m, v } => {
+                let dev = var.device().as_cuda_device()?;
+                Ok((dev.clone_dtoh(m)?, dev.clone_dtoh(v)?))
+            }
+            Self::Tensors { m, v } => {
+                let _ = var;
+                Ok((
+                    m.flatten_all()?.to_vec1::<f32>()?,
+                    v.flatten_all()?.to_vec1::<f32>()?,
+                ))
+            }
         }
     }
 }
@@ -183,28 +233,6 @@ impl LossScale {
     }
 }
 
-/// The scalars of one step, shared by every parameter.
-#[derive(Clone, Copy)]
-/// Scalars are formed in f64 and rounded once to f32, as torch passes Python floats to its f32
-/// kernels (so `1 - beta2` is f32(0.001), not 1 - f32(0.999)).
-struct StepScalars {
-    /// 1 - lr * weight_decay (AdamW's decoupled decay factor)
-    decay: f32,
-    /// weight_decay (Adam's L2 term)
-    wd: f32,
-    one_minus_beta1: f32,
-    beta2: f32,
-    one_minus_beta2: f32,
-    eps: f32,
-    kind: OptimizerKind,
-    /// Gradient multiplier from norm clipping (1 when off).
-    grad_scale: f32,
-    /// lr / (1 - beta1^t)
-    step_size: f32,
-    /// sqrt(1 - beta2^t)
-    bc2_sqrt: f32,
-}
-
 impl Optimizer {
     pub fn new(vars: Vec<(String, Var)>, hp: OptimizerParams) -> Result<Self> {
         let params = vars
@@ -242,14 +270,27 @@ impl Optimizer {
         let unscale = self.loss_scale.map_or(1.0, |l| 1.0 / l.scale);
         let sum_sq = || -> Result<f64> {
             let mut sq = 0f64;
+            // Off the CPU: each gradient's sum of squares stays on its device (f32, as torch's
+            // clip_grad_norm_ over f32 gradients) and the step waits for the device once.
+            let mut on_device = Vec::new();
             for p in &self.params {
                 if let Some(g) = grads.get(p.var.as_tensor()) {
-                    sq += g
-                        .to_dtype(candle_core::DType::F64)?
-                        .sqr()?
-                        .sum_all()?
-                        .to_scalar::<f64>()?;
+                    if g.device().is_cpu() {
+                        sq += g
+                            .to_dtype(candle_core::DType::F64)?
+                            .sqr()?
+                            .sum_all()?
+                            .to_scalar::<f64>()?;
+                    } else {
+                        on_device.push(g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?);
+                    }
                 }
+            }
+            if !on_device.is_empty() {
+                sq += Tensor::stack(&on_device, 0)?
+                    .to_dtype(candle_core::DType::F64)?
+                    .sum_all()?
+                    .to_scalar::<f64>()?;
             }
             Ok(sq)
         };
@@ -274,14 +315,14 @@ impl Optimizer {
             (Some(max), Some(sq)) => unscale * (max / (sq.sqrt() * unscale + 1e-6)).min(1.0),
             _ => unscale,
         };
-        let s = StepScalars {
+        let s = AdamScalars {
+            decoupled: hp.kind == OptimizerKind::AdamW,
             decay: (1.0 - hp.lr * hp.weight_decay) as f32,
             wd: hp.weight_decay as f32,
             one_minus_beta1: (1.0 - hp.beta1) as f32,
             beta2: hp.beta2 as f32,
             one_minus_beta2: (1.0 - hp.beta2) as f32,
             eps: hp.eps as f32,
-            kind: hp.kind,
             grad_scale: grad_scale as f32,
             step_size: (hp.lr / (1.0 - hp.beta1.powi(t))) as f32,
             bc2_sqrt: (1.0 - hp.beta2.powi(t)).sqrt() as f32,
@@ -290,8 +331,8 @@ impl Optimizer {
             let Some(g) = grads.get(p.var.as_tensor()) else {
                 continue;
             };
-            if fused_cpu(&p.var) {
-                let g = g.contiguous()?;
+            if pass(&p.var) != Pass::Tensors {
+                let g = g.to_dtype(candle_core::DType::F32)?.contiguous()?;
                 p.var.as_tensor().inplace_op2(
                     &g,
                     &AdamStep {
@@ -310,7 +351,7 @@ impl Optimizer {
     pub fn moments(&self, name: &str) -> Option<(Vec<f32>, Vec<f32>)> {
         let p = self.params.iter().find(|p| p.name == name)?;
         let m = p.moments.lock().ok()?;
-        m.to_host().ok()
+        m.to_host(&p.var).ok()
     }
 
     /// Continues from a checkpoint: the step count (bias correction depends on it) and every
@@ -341,8 +382,9 @@ impl Optimizer {
     }
 }
 
+/// The fused update of one parameter as a candle in-place op on the variable's storage.
 struct AdamStep<'a> {
-    s: StepScalars,
+    s: AdamScalars,
     moments: &'a Mutex<Moments>,
 }
 
@@ -364,8 +406,10 @@ impl candle_core::InplaceOp2 for AdamStep<'_> {
             .moments
             .lock()
             .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-        let Moments { m, v, .. } = &mut *mom;
-        if m.len() != w.len() || g.len() != w.len() {
+        let Moments::Host { m, v } = &mut *mom else {
+            candle_core::bail!("adam-step: the moments are not in host memory")
+        };
+        if m.len() != w.len() || v.len() != w.len() || g.len() != w.len() {
             candle_core::bail!("adam-step: size mismatch");
         }
         let s = self.s;
@@ -373,77 +417,61 @@ impl candle_core::InplaceOp2 for AdamStep<'_> {
         w.par_chunks_mut(CHUNK)
             .zip(g.par_chunks(CHUNK))
             .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
-            .for_each(|((w, g), (m, v))| update(w, g, m, v, s));
+            .for_each(|((w, g), (m, v))| adam_update(w, g, m, v, s));
         Ok(())
     }
-}
 
-/// One chunk of the AdamW pass, in 16-wide AVX-512 where the CPU has it (the same IEEE
-/// operations in the same order, so the same bits as the portable loop, at a quarter of the
-/// instructions of the SSE2 baseline build).
-fn update(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: StepScalars) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, checked just above.
-        return unsafe { update_avx512(w, g, m, v, s) };
-    }
-    update_portable(w, g, m, v, s)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn update_avx512(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: StepScalars) {
-    update_portable(w, g, m, v, s)
-}
-
-#[inline(always)]
-fn update_portable(w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: StepScalars) {
-    let n = w.len();
-    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
-    for i in 0..n {
-        let mut grad = g[i] * s.grad_scale;
-        match s.kind {
-            OptimizerKind::AdamW => w[i] *= s.decay,
-            OptimizerKind::Adam => grad += s.wd * w[i],
-        }
-        // torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(grad, grad, 1 - beta2)
-        m[i] += (grad - m[i]) * s.one_minus_beta1;
-        v[i] = v[i] * s.beta2 + s.one_minus_beta2 * grad * grad;
-        let denom = v[i].sqrt() / s.bc2_sqrt + s.eps;
-        w[i] -= s.step_size * m[i] / denom;
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        w: &mut candle_core::CudaStorage,
+        lw: &Layout,
+        g: &candle_core::CudaStorage,
+        lg: &Layout,
+    ) -> Result<()> {
+        use candle_core::backend::BackendStorage;
+        let (Some((w0, w1)), Some((g0, g1))) = (lw.contiguous_offsets(), lg.contiguous_offsets())
+        else {
+            candle_core::bail!("adam-step: contiguous parameters only")
+        };
+        let dev = w.device().clone();
+        let mut mom = self
+            .moments
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
+        let Moments::Cuda { m, v } = &mut *mom else {
+            candle_core::bail!("adam-step: the moments are not on the GPU")
+        };
+        let g = g.as_cuda_slice::<f32>()?.slice(g0..g1);
+        let mut w = w.as_cuda_slice_mut::<f32>()?.slice_mut(w0..w1);
+        crate::model::kernels::cuda::adam::adam_step(&dev, &mut w, &g, m, v, self.s)
     }
 }
 
 /// The same update with tensor ops, for devices the fused pass does not cover.
-fn generic_step(p: &ParamState, g: &Tensor, s: StepScalars) -> Result<()> {
+fn generic_step(p: &ParamState, g: &Tensor, s: AdamScalars) -> Result<()> {
     let mut mom = p
         .moments
         .lock()
         .map_err(|_| candle_core::Error::Msg("poisoned".into()))?;
-    let dev = p.var.device();
-    let shape = p.var.shape().clone();
     let dtype = p.var.dtype();
     let w = p.var.as_tensor().to_dtype(candle_core::DType::F32)?;
-    let (m, v) = match &mom.on_device {
-        Some((m, v)) => (m.clone(), v.clone()),
-        None => (
-            Tensor::from_slice(&mom.m, &shape, dev)?,
-            Tensor::from_slice(&mom.v, &shape, dev)?,
-        ),
+    let Moments::Tensors { m, v } = &*mom else {
+        candle_core::bail!("adam step: {} keeps its moments elsewhere", p.name)
     };
+    let (m, v) = (m.clone(), v.clone());
     let mut grad = (g.to_dtype(candle_core::DType::F32)? * s.grad_scale as f64)?;
-    let mut w = match s.kind {
-        OptimizerKind::AdamW => (w * s.decay as f64)?,
-        OptimizerKind::Adam => {
-            grad = (grad + (&w * s.wd as f64)?)?;
-            w
-        }
+    let mut w = if s.decoupled {
+        (w * s.decay as f64)?
+    } else {
+        grad = (grad + (&w * s.wd as f64)?)?;
+        w
     };
     let m = (&m + ((&grad - &m)? * s.one_minus_beta1 as f64)?)?;
     let v = ((v * s.beta2 as f64)? + (grad.sqr()? * s.one_minus_beta2 as f64)?)?;
     let denom = ((v.sqrt()? / s.bc2_sqrt as f64)? + s.eps as f64)?;
     w = (w - ((&m / denom)? * s.step_size as f64)?)?;
-    mom.on_device = Some((m, v));
+    *mom = Moments::Tensors { m, v };
     p.var.set(&w.to_dtype(dtype)?)
 }
 
@@ -451,52 +479,6 @@ fn generic_step(p: &ParamState, g: &Tensor, s: StepScalars) -> Result<()> {
 mod tests {
     use super::*;
     use candle_core::Device;
-
-    /// The AVX-512 build of the update gives the portable loop's bits (no fused multiply-adds,
-    /// the same operations in the same order), for both kinds and a ragged tail.
-    #[test]
-    fn vectorised_update_is_bit_identical() {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if !std::arch::is_x86_feature_detected!("avx512f") {
-                eprintln!("skipped: no AVX-512 here");
-                return;
-            }
-            let n = 1000 + 7;
-            let val =
-                |i: usize, s: u32| ((i as u32).wrapping_mul(2_654_435_761) ^ s) as f32 / 4e9 - 0.5;
-            for kind in [OptimizerKind::AdamW, OptimizerKind::Adam] {
-                let s = StepScalars {
-                    decay: 0.9999,
-                    wd: 0.01,
-                    one_minus_beta1: 0.1,
-                    beta2: 0.999,
-                    one_minus_beta2: 0.001,
-                    eps: 1e-8,
-                    kind,
-                    grad_scale: 0.5,
-                    step_size: 1e-3,
-                    bc2_sqrt: 0.0447,
-                };
-                let g: Vec<f32> = (0..n).map(|i| val(i, 1)).collect();
-                let start = |seed| (0..n).map(|i| val(i, seed)).collect::<Vec<f32>>();
-                let (mut w1, mut m1, mut v1) = (
-                    start(2),
-                    start(3),
-                    start(4).iter().map(|x| x.abs()).collect::<Vec<_>>(),
-                );
-                let (mut w2, mut m2, mut v2) = (w1.clone(), m1.clone(), v1.clone());
-                update_portable(&mut w1, &g, &mut m1, &mut v1, s);
-                // SAFETY: AVX-512F checked above.
-                unsafe { update_avx512(&mut w2, &g, &mut m2, &mut v2, s) };
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert!(
-                    bits(&w1) == bits(&w2) && bits(&m1) == bits(&m2) && bits(&v1) == bits(&v2),
-                    "{kind:?}"
-                );
-            }
-        }
-    }
 
     /// With clipping, the first Adam step is unchanged (Adam normalises the gradient) but the
     /// moments are scaled: the second step differs from the unclipped one.

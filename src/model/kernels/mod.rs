@@ -3,9 +3,11 @@
 //! from those, over weights the layers describe as slices) and [`amx`] beside them (bf16x3 /
 //! bf16 products on Intel AMX tiles, `--matmul-precision`). Every kernel here is a
 //! slice function; the model reaches them through its layers and the ops in [`super::ops`].
+//! [`adam`]: the optimiser's update over one parameter's buffers (the trainer runs it).
 //! [`cuda`]: the CUDA kernels (`.cu`, compiled to PTX under the `cuda` feature), each with the
 //! CPU twin the normal test suite runs.
 
+pub mod adam;
 #[cfg(target_arch = "x86_64")]
 pub mod amx;
 #[cfg(not(target_arch = "x86_64"))]

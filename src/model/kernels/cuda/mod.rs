@@ -5,6 +5,8 @@
 //! to PTX by `build.rs` under the `cuda` feature (nvcc from `CUDA_HOME` or `PATH`, for
 //! `CUDA_COMPUTE_CAP`), loaded once per device on first use.
 //!
+//! - [`adam`] (`adam.cu`): the optimiser step over one f32 parameter, giving its CPU twin's
+//!   bits.
 //! - [`attention`] (`attention.cu`): multi-head attention for CLIP's short sequences, one
 //!   forward kernel reading the projections' rows in place, and a two-kernel backward over
 //!   the stacked QKV projection.
@@ -13,6 +15,7 @@
 //! - [`layernorm`] (`layernorm.cu`): layer norm forward, and backward with the weight's and
 //!   bias's gradients summed deterministically (per block, then over blocks).
 
+pub mod adam;
 pub mod attention;
 pub mod elementwise;
 pub mod layernorm;
