@@ -41,6 +41,8 @@ fn cuda_ptx(out: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let cap: String = cap.chars().filter(char::is_ascii_digit).collect();
+    // Opening a GPU compares its capability with this (model::device).
+    println!("cargo:rustc-env=CLIPFT_CUDA_CAP={cap}");
     let nvcc = ["CUDA_HOME", "CUDA_PATH"]
         .iter()
         .filter_map(std::env::var_os)

@@ -14,8 +14,9 @@
 #  1. a random ViT-B/32 with PyTorch references (scripts/make_fixtures.py --full-size)
 #  2. embeddings on the GPU vs PyTorch's f32 CPU references, f32 / f16 / bf16
 #  3. step parity: `clipft fit` (tiny CLIP, 6 AdamW steps) on the GPU vs PyTorch's losses
-#  4. inference throughput: clipft bench vs scripts/bench_peers.py (torch), f16, batch 256
+#  4. inference throughput: clipft bench vs scripts/bench_peers.py (torch), f16, batch 256 and 1
 #  5. training throughput: clipft bench --train vs scripts/bench_train_peer.py, batch 256, bf16, f32
+#     (and clipft with its CUDA kernels off, CLIPFT_NO_FUSED=1)
 #  6. the demo's fine-tune on the GPU (bf16): after-metrics vs before
 set -u
 cd "$(dirname "$0")/.."
@@ -59,8 +60,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$SUM"
 ldd "$BIN" | grep -E "not found|cublas|cuda" >>"$SUM"
 
-# The CUDA kernels against their CPU twins (the library's unit tests of a CUDA build).
-[ -z "${LIB_TESTS:-}" ] || step kernel-tests 120 "$LIB_TESTS" cuda_kernel --nocapture
+# The CUDA kernels against their CPU twins, the optimiser step and the staged upload (the
+# library's unit tests of a CUDA build whose names start with cuda_).
+[ -z "${LIB_TESTS:-}" ] || step kernel-tests 120 "$LIB_TESTS" cuda_ --nocapture
 [ -f "$VIT/model.safetensors" ] || step fixtures 240 "$PY" scripts/make_fixtures.py --full-size "$VIT"
 if [ -n "${DEVICE_CHECK:-}" ]; then
   DEVICE_CHECK_TIMING=1 step device-check 180 "$DEVICE_CHECK" "$VIT"
@@ -86,10 +88,13 @@ print(json.dumps({\"steps\": len(got), \"max_rel_diff\": max(abs(g - w) / abs(w)
 for tower in clip-text clip-vision; do
   step "bench-$tower-f16" 120 "$BIN" bench --model "$VIT" --select-model "$tower" --device "$DEV" \
     --dtype f16 --batch-size "$BATCH" --seconds "$SECS"
+  # Batch 1: items/s is 1 / latency.
+  step "bench-$tower-f16-b1" 60 "$BIN" bench --model "$VIT" --select-model "$tower" --device "$DEV" \
+    --dtype f16 --batch-size 1 --seconds "$((SECS / 2 + 1))"
 done
 step bench-peer-torch-f16 240 "$PY" scripts/bench_peers.py --model "$VIT" --peers torch --device "$DEV" \
-  --dtype f16 --batch-sizes "$BATCH" --text-tokens 77 --seconds "$SECS"
-grep '"peer"' "$LOG" | tail -n 2 >>"$SUM"
+  --dtype f16 --batch-sizes "1,$BATCH" --text-tokens 77 --seconds "$SECS"
+grep '"peer"' "$LOG" | tail -n 4 >>"$SUM"
 
 for dt in bf16 f32; do
   step "train-clipft-$dt" 150 "$BIN" bench --train --model "$VIT" --device "$DEV" --dtype "$dt" \
@@ -97,6 +102,9 @@ for dt in bf16 f32; do
   step "train-torch-$dt" 150 "$PY" scripts/bench_train_peer.py --model "$VIT" --device "$DEV" \
     --dtype "$dt" --batch "$BATCH" --steps 10
 done
+# The same step with clipft's CUDA kernels off (candle's ops): what the kernels bring.
+[ -n "${QUICK:-}" ] || CLIPFT_NO_FUSED=1 step train-clipft-bf16-candle-ops 150 "$BIN" bench --train \
+  --model "$VIT" --device "$DEV" --dtype bf16 --batch-size "$BATCH" --seconds "$SECS"
 [ -n "${QUICK:-}" ] || step train-torch-bf16-sdpa 150 "$PY" scripts/bench_train_peer.py --model "$VIT" --device "$DEV" \
   --dtype bf16 --attn sdpa --batch "$BATCH" --steps 10
 

@@ -10,7 +10,16 @@ pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
     let bad = |msg: String| ModelError::InvalidInput { msg };
     match spec {
         "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::cuda_if_available(0).unwrap_or(Device::Cpu)),
+        "auto" => match Device::cuda_if_available(0) {
+            Ok(d @ Device::Cuda(_)) => match gpu_supported(&d, "cuda:0") {
+                Ok(()) => Ok(d),
+                Err(msg) => {
+                    tracing::warn!("{msg}; running on the CPU");
+                    Ok(Device::Cpu)
+                }
+            },
+            _ => Ok(Device::Cpu),
+        },
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal = match s.strip_prefix("cuda:") {
                 None => 0,
@@ -23,12 +32,51 @@ pub fn parse_device(spec: &str) -> Result<Device, ModelError> {
                     "device {s} asked for, but this clipft was built without the `cuda` feature"
                 )));
             }
-            Device::new_cuda(ordinal).map_err(|e| bad(format!("cannot open {s}: {e}")))
+            let d = Device::new_cuda(ordinal).map_err(|e| bad(format!("cannot open {s}: {e}")))?;
+            gpu_supported(&d, s).map_err(bad)?;
+            Ok(d)
         }
         other => Err(bad(format!(
             "unknown device {other:?}: use auto, cpu or cuda:N"
         ))),
     }
+}
+
+/// Whether this build's kernels (clipft's and candle's, compiled for one compute capability,
+/// `CUDA_COMPUTE_CAP` at build time) run on the GPU `d`: the driver compiles their PTX for the
+/// GPU at hand, which needs the GPU to be at least that capability. Said at start-up, instead
+/// of a driver error at the first kernel.
+fn gpu_supported(d: &Device, name: &str) -> Result<(), String> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = d {
+        let ctx = dev.cuda_stream().context().clone();
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| format!("cannot read {name}'s compute capability: {e}"))?;
+        let gpu = ctx.name().unwrap_or_else(|_| "a GPU".into());
+        let built = env!("CLIPFT_CUDA_CAP").parse::<u32>().unwrap_or(0);
+        return check_capability(built, (major, minor), &format!("{name} ({gpu})"));
+    }
+    let _ = (d, name);
+    Ok(())
+}
+
+/// The rule of [`gpu_supported`]: the GPU's capability `(major, minor)` must reach the build's
+/// (`built`, as `CUDA_COMPUTE_CAP` writes it: 90 for 9.0).
+pub fn check_capability(built: u32, gpu: (i32, i32), what: &str) -> Result<(), String> {
+    let have = (gpu.0.max(0) as u32) * 10 + gpu.1.max(0) as u32;
+    if have >= built {
+        return Ok(());
+    }
+    Err(format!(
+        "{what} has compute capability {}.{}; this clipft's CUDA kernels were built for {}.{} \
+         and need at least that: rebuild with `scripts/build-cuda.sh {have}` \
+         (CUDA_COMPUTE_CAP={have}), or run with --device cpu",
+        gpu.0,
+        gpu.1,
+        built / 10,
+        built % 10
+    ))
 }
 
 /// Parses `auto`, `f32`, `f16` or `bf16`; `auto` is f32 on the CPU (half precision is slower
@@ -68,5 +116,24 @@ impl Ordinal for Device {
             candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
             _ => 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn older_gpus_than_the_build_are_refused_clearly() {
+        assert!(check_capability(90, (9, 0), "cuda:0").is_ok());
+        assert!(check_capability(90, (10, 0), "cuda:0").is_ok());
+        assert!(check_capability(80, (8, 6), "cuda:0").is_ok());
+        let e = check_capability(90, (8, 0), "cuda:0 (NVIDIA A100)").unwrap_err();
+        assert!(
+            e.contains("compute capability 8.0")
+                && e.contains("built for 9.0")
+                && e.contains("scripts/build-cuda.sh 80"),
+            "{e}"
+        );
     }
 }

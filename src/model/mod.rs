@@ -3,8 +3,8 @@
 //! [`config`] reads `config.json`; [`layers`], [`text`], [`vision`] and [`clip`] are the one model
 //! definition (differentiable in [`Mode::Train`], fused kernels in [`Mode::Inference`]); [`load`]
 //! finds checkpoints; [`preprocess`] ([`tokenizer`], [`image`]) turns raw inputs into tower
-//! inputs; [`device`] picks where and in which precision to run, and [`policy`] which kernels a
-//! loaded model runs. The kernels live apart, per device, in [`kernels`] ([`cpu`], [`amx`]); the
+//! inputs and [`upload`] moves image batches to the device; [`device`] picks where and in which
+//! precision to run, and [`policy`] which kernels a loaded model runs. The kernels live apart, per device, in [`kernels`] ([`cpu`], [`amx`]); the
 //! training graph's fused custom ops in [`ops`]. [`Encoder`] ties them into the one object the
 //! CLI, the executor and the evaluator use to turn texts and images into embeddings.
 
@@ -19,6 +19,7 @@ pub mod ops;
 pub mod policy;
 pub mod preprocess;
 pub mod text;
+pub mod upload;
 pub mod vision;
 
 // The kernels, ops and preprocessing by their short names, as the rest of the crate uses them.
@@ -140,6 +141,8 @@ pub struct Encoder {
     _unpacked: Option<std::sync::Arc<tempfile::TempDir>>,
     /// The kernels chosen at load (None for an encoder over weights being trained).
     pub kernels: Option<policy::KernelPolicy>,
+    /// How image batches reach the device.
+    uploads: upload::PixelUpload,
 }
 
 impl Encoder {
@@ -190,6 +193,7 @@ impl Encoder {
             source: files.source.clone(),
             token_rows,
             _unpacked: files.unpacked.clone(),
+            uploads: upload::PixelUpload::default(),
             kernels: Some(kernels),
         })
     }
@@ -212,6 +216,7 @@ impl Encoder {
             source: source.to_string(),
             token_rows: None,
             _unpacked: None,
+            uploads: upload::PixelUpload::default(),
             kernels: None,
         }
     }
@@ -254,8 +259,17 @@ impl Encoder {
 
     /// Embeddings of already tokenized rows (padded to the same length).
     pub fn embed_token_rows(&self, rows: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let batch = TextBatch::new(rows, self.eos_token_id()?, &self.device)?;
-        let features = self.clip.text_features(&batch, Mode::Inference)?;
+        self.embed_text_batch(&self.text_batch(rows)?)
+    }
+
+    /// Tokenized rows (padded to the same length) as a batch on the model's device.
+    pub fn text_batch(&self, rows: &[Vec<u32>]) -> Result<TextBatch, ModelError> {
+        Ok(TextBatch::new(rows, self.eos_token_id()?, &self.device)?)
+    }
+
+    /// Embeddings of a batch already on the device (the model's work alone: `bench`).
+    pub fn embed_text_batch(&self, batch: &TextBatch) -> Result<Vec<Vec<f32>>, ModelError> {
+        let features = self.clip.text_features(batch, Mode::Inference)?;
         Ok(features.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
 
@@ -331,32 +345,19 @@ impl Encoder {
         if images.is_empty() {
             return Ok(Vec::new());
         }
-        let (h, w) = self.image_preprocessor()?.output_size();
-        let per = 3 * h * w;
-        if let Some(bad) = images.iter().position(|i| i.len() != per) {
-            return Err(ModelError::InvalidInput {
-                msg: format!(
-                    "image {bad} has {} values, expected {per}",
-                    images[bad].len()
-                ),
-            });
-        }
-        let pixels = if self.device.is_cpu() {
-            let mut flat = Vec::with_capacity(images.len() * per);
-            for image in images {
-                flat.extend_from_slice(image);
-            }
-            Tensor::from_vec(flat, (images.len(), 3, h, w), &self.device)?
-        } else {
-            // One upload per image and a copy on the device: no host-side batch buffer to fill
-            // first (a batch of 256 is 154 MB of f32).
-            let each = images
-                .iter()
-                .map(|i| Tensor::from_slice(i, (3, h, w), &self.device))
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::stack(&each, 0)?
-        };
-        let features = self.clip.image_features(&pixels, Mode::Inference)?;
+        self.embed_pixel_batch(&self.pixel_batch(images)?)
+    }
+
+    /// Preprocessed images as one `[n, 3, H, W]` batch on the model's device, in its dtype
+    /// (through a page-locked staging buffer on a GPU: [`upload::PixelUpload`]).
+    pub fn pixel_batch(&self, images: &[Vec<f32>]) -> Result<Tensor, ModelError> {
+        let size = self.image_preprocessor()?.output_size();
+        self.uploads.batch(images, size, &self.device, self.dtype)
+    }
+
+    /// Embeddings of a pixel batch already on the device (the model's work alone: `bench`).
+    pub fn embed_pixel_batch(&self, pixels: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+        let features = self.clip.image_features(pixels, Mode::Inference)?;
         Ok(features.to_dtype(DType::F32)?.to_vec2::<f32>()?)
     }
 }

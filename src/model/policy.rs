@@ -43,9 +43,12 @@ pub struct Kernels {
     pub train_blocks: bool,
     /// With `fused_cpu`: f32 products on Intel AMX in this precision; None keeps plain f32.
     pub amx: Option<super::amx::Precision>,
-    /// On a GPU: inference through clipft's CUDA kernels: attention as one op
-    /// ([`super::ops::fused_attention`], where the head width allows) and each linear layer's
-    /// bias + activation or bias + residual as one op ([`super::ops::fused_tail`]).
+    /// On a GPU: inference and training through clipft's CUDA kernels, each op with its
+    /// backward: attention as one op over the stacked QKV projection
+    /// ([`super::ops::fused_attention`], where the head width allows), layer norm in training
+    /// ([`super::ops::fused_norm`]; inference keeps candle's fused kernel), each linear layer's
+    /// bias + activation or bias + residual as one op ([`super::ops::fused_tail`]), and the
+    /// last block on the pooled rows only.
     pub fused_gpu: bool,
 }
 
@@ -118,7 +121,10 @@ impl std::fmt::Display for KernelPolicy {
         write!(f, "{} {:?}: ", self.device, self.dtype)?;
         match (self.kernels.fused_cpu, self.kernels.fused_gpu) {
             (true, _) => write!(f, "fused CPU blocks, products in {}", self.products)?,
-            (false, true) => write!(f, "fused CUDA attention and linear tails, candle's ops")?,
+            (false, true) => write!(
+                f,
+                "CUDA kernels: attention on stacked QKV, layer norm, linear tails; candle's GEMMs"
+            )?,
             (false, false) => write!(f, "candle's ops")?,
         }
         for (tower, act) in [
