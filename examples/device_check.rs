@@ -104,6 +104,7 @@ fn main() -> anyhow::Result<()> {
     // clipft's fused attention over the stacked projection, forward and backward: the CUDA
     // kernels on the device, their CPU twins on the CPU.
     let qkv = Tensor::randn(0f32, 1.0, (b, 77, 3 * d), &cpu)?;
+    let qkv_bias = Tensor::randn(0f32, 0.5, 3 * d, &cpu)?;
     let dout = Tensor::randn(0f32, 1.0, (b, 77, d), &cpu)?;
     for dt in [DType::F32, DType::F16, DType::BF16] {
         for (seq, causal) in [(t, false), (77, true)] {
@@ -114,13 +115,15 @@ fn main() -> anyhow::Result<()> {
             };
             let cut = |x: &Tensor| x.narrow(1, 0, seq)?.contiguous()?.to_dtype(dt);
             let name = format!("fused attention {dt:?} t={seq} causal={causal}");
-            check(&name, &dev, &[&qkv], |i| cut(&i[0])?.apply_op1_no_bwd(&op))?;
+            check(&name, &dev, &[&qkv, &qkv_bias], |i| {
+                cut(&i[0])?.apply_op2_no_bwd(&i[1].to_dtype(dt)?, &op)
+            })?;
             let name = format!("fused attention backward {dt:?} t={seq} causal={causal}");
-            check(&name, &dev, &[&qkv, &dout], |i| {
-                let x = cut(&i[0])?;
-                let o = x.apply_op1_no_bwd(&op)?;
-                let back = clipft::model::ops::fused_attention::AttentionBackward(op);
-                x.apply_op3_no_bwd(&o, &cut(&i[1])?, &back)
+            check(&name, &dev, &[&qkv, &qkv_bias, &dout], |i| {
+                let (x, bias) = (cut(&i[0])?, i[1].to_dtype(dt)?);
+                let o = x.apply_op2_no_bwd(&bias, &op)?;
+                let back = clipft::model::ops::fused_attention::AttentionBackward { op, bias };
+                x.apply_op3_no_bwd(&o, &cut(&i[2])?, &back)
             })?;
         }
     }

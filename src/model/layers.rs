@@ -395,8 +395,9 @@ impl Attention {
         Ok(Some((Tensor::cat(&weights, 0)?, Tensor::cat(&biases, 0)?)))
     }
 
-    /// `[batch, seq, 3 d]`: the q, k and v projections of `x` as one product.
-    fn qkv(&self, x: &Tensor, mode: Mode) -> Result<Option<Tensor>> {
+    /// `[batch, seq, 3 d]`: the q, k and v products of `x` (without their biases, which the
+    /// attention op adds as it loads them) as one GEMM, and the stacked bias.
+    fn qkv(&self, x: &Tensor, mode: Mode) -> Result<Option<(Tensor, Tensor)>> {
         let (w, b) = match (mode, self.stacked.get()) {
             (Mode::Inference, Some(s)) => s.clone(),
             _ => match self.stack()? {
@@ -410,11 +411,8 @@ impl Attention {
             },
         };
         let (bsz, t, d) = x.dims3()?;
-        let y = x
-            .reshape((bsz * t, d))?
-            .matmul(&w.t()?)?
-            .broadcast_add(&b)?;
-        Ok(Some(y.reshape((bsz, t, 3 * d))?))
+        let y = x.reshape((bsz * t, d))?.matmul(&w.t()?)?;
+        Ok(Some((y.reshape((bsz, t, 3 * d))?, b)))
     }
 
     /// `mask`, when given, is added to the attention scores (shape `[T, T]`, broadcast over batch
@@ -427,7 +425,7 @@ impl Attention {
     fn context(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         if self.fused {
-            if let Some(qkv) = self.qkv(x, mode)? {
+            if let Some((qkv, bias)) = self.qkv(x, mode)? {
                 // The only mask used is the text tower's causal one.
                 let op = super::ops::fused_attention::FusedAttention {
                     heads: self.heads,
@@ -435,8 +433,8 @@ impl Attention {
                     causal: mask.is_some(),
                 };
                 return match mode {
-                    Mode::Inference => qkv.apply_op1_no_bwd(&op),
-                    Mode::Train => qkv.apply_op1(op),
+                    Mode::Inference => qkv.apply_op2_no_bwd(&bias, &op),
+                    Mode::Train => qkv.apply_op2(&bias, op),
                 };
             }
         }

@@ -1,18 +1,21 @@
-//! Attention as one op over the stacked projection `qkv` `[batch, seq, 3 d]` (queries, keys,
-//! values side by side, as one GEMM with the three weights stacked makes them), the context
-//! `[batch, seq, d]` out (heads concatenated, ready for `out_proj`). On a GPU the forward is the
-//! single kernel of `kernels/cuda/attention.cu` in place of candle's head transposes, two
-//! batched products, mask, softmax and merge copies, and the backward ([`AttentionBackward`],
-//! an op itself, so the gradient stays on the device) is that file's two backward kernels,
-//! giving `d qkv` in one buffer; on the CPU both run the kernels' twins, which is what the
-//! normal test suite checks.
+//! Attention as one op over the stacked projection: the product `qkv` `[batch, seq, 3 d]`
+//! (queries, keys, values side by side, as one GEMM with the three weights stacked makes them)
+//! and the stacked bias `[3 d]` in, the context `[batch, seq, d]` out (heads concatenated,
+//! ready for `out_proj`). On a GPU the forward is the single kernel of
+//! `kernels/cuda/attention.cu`, which adds the bias as it loads q, k and v (the projection
+//! writes no biased copy), in place of candle's bias add, head transposes, two batched products,
+//! mask, softmax and merge copies; the backward ([`AttentionBackward`], an op itself, so the
+//! gradient stays on the device) is that file's two backward kernels, giving `d qkv` in one
+//! buffer, and the bias's gradient is its column sum. On the CPU both run the kernels' twins
+//! (on the product with the bias added in f32 first, the same sums the kernels make as they
+//! load), which is what the normal test suite checks.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::model::kernels::cuda::attention::attention_backward_twin;
 use crate::model::kernels::cuda::{attention_twin, AttentionShape};
 
-/// `softmax(q k^T * scale [+ causal mask]) v` per head, from `qkv`.
+/// `softmax(q k^T * scale [+ causal mask]) v` per head, from `qkv` and its bias.
 #[derive(Debug, Clone, Copy)]
 pub struct FusedAttention {
     pub heads: usize,
@@ -20,17 +23,22 @@ pub struct FusedAttention {
     pub causal: bool,
 }
 
-/// The gradient of [`FusedAttention`] with respect to `qkv`, from `qkv`, the forward's output
-/// and that output's gradient.
-#[derive(Debug, Clone, Copy)]
-pub struct AttentionBackward(pub FusedAttention);
+/// The gradient of [`FusedAttention`] with respect to `qkv` (and so to its bias, summed over
+/// rows), from `qkv`, the forward's output and that output's gradient; `bias` is the stacked
+/// bias the forward added.
+#[derive(Debug, Clone)]
+pub struct AttentionBackward {
+    pub op: FusedAttention,
+    pub bias: Tensor,
+}
 
 impl FusedAttention {
-    /// The kernel's geometry for a stacked projection of layout `l` (contiguous, `[batch, seq,
-    /// 3 d]`, `d` divisible by the heads), and the context's shape.
-    fn shape(&self, l: &Layout) -> Result<(AttentionShape, Shape)> {
-        if !l.is_contiguous() {
-            candle_core::bail!("fused attention: a contiguous qkv only");
+    /// The kernel's geometry for a stacked product of layout `l` (contiguous, `[batch, seq,
+    /// 3 d]`, `d` divisible by the heads) and a bias of layout `bl` (`[3 d]`, contiguous), and
+    /// the context's shape.
+    fn shape(&self, l: &Layout, bl: &Layout) -> Result<(AttentionShape, Shape)> {
+        if !l.is_contiguous() || !bl.is_contiguous() {
+            candle_core::bail!("fused attention: a contiguous qkv and bias only");
         }
         let (batch, seq, w) = l.shape().dims3()?;
         if self.heads == 0 || !w.is_multiple_of(3 * self.heads) {
@@ -38,6 +46,9 @@ impl FusedAttention {
                 "fused attention: qkv rows of {w} are not 3 x {} heads",
                 self.heads
             );
+        }
+        if bl.shape().dims() != [w] {
+            candle_core::bail!("fused attention: a bias {:?} for rows of {w}", bl.shape());
         }
         let d = w / 3;
         let s = AttentionShape {
@@ -53,21 +64,34 @@ impl FusedAttention {
     }
 }
 
-impl CustomOp1 for FusedAttention {
+/// `qkv` with its bias added, in f32: what the twins compute on.
+fn biased(qkv: &[f32], bias: &[f32]) -> Vec<f32> {
+    let w = bias.len().max(1);
+    qkv.chunks(w)
+        .flat_map(|row| row.iter().zip(bias).map(|(x, b)| x + b))
+        .collect()
+}
+
+impl CustomOp2 for FusedAttention {
     fn name(&self) -> &'static str {
         "clipft-fused-attention"
     }
 
-    fn cpu_fwd(&self, qs: &CpuStorage, ql: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (s, shape) = self.shape(ql)?;
-        let qkv = super::twin_input(qs, ql, self.name())?;
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (s, shape) = self.shape(ql, bl)?;
+        let qkv = biased(
+            &super::twin_input(qs, ql, self.name())?,
+            &super::twin_input(bs, bl, self.name())?,
+        );
         let d = s.heads * s.head_dim;
-        let out = attention_twin(
-            &qkv,
-            &qkv[d.min(qkv.len())..],
-            &qkv[(2 * d).min(qkv.len())..],
-            s,
-        )?;
+        let (k, v) = (&qkv[d.min(qkv.len())..], &qkv[(2 * d).min(qkv.len())..]);
+        let out = attention_twin(&qkv, k, v, s)?;
         Ok((super::twin_output(qs, out), shape))
     }
 
@@ -76,18 +100,22 @@ impl CustomOp1 for FusedAttention {
         &self,
         qs: &candle_core::CudaStorage,
         ql: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use crate::model::kernels::cuda;
         use candle_core::backend::BackendStorage;
-        let (s, shape) = self.shape(ql)?;
+        let (s, shape) = self.shape(ql, bl)?;
         let dev = qs.device().clone();
         let d = s.heads * s.head_dim;
         macro_rules! run {
             ($t:ty, $name:literal) => {{
-                let qkv = qs.as_cuda_slice::<$t>()?.slice(ql.start_offset()..);
-                let qkv = qkv.slice(..ql.shape().elem_count());
+                let qkv = super::cuda_view::<$t>(qs, ql)?;
+                let b = super::cuda_view::<$t>(bs, bl)?;
                 let (q, k, v) = (qkv.slice(0..), qkv.slice(d..), qkv.slice(2 * d..));
-                let out = cuda::attention::launch::<$t>($name, &dev, &q, &k, &v, s)?;
+                let (bq, bk, bv) = (b.slice(0..), b.slice(d..), b.slice(2 * d..));
+                let out =
+                    cuda::attention::launch::<$t>($name, &dev, &q, &k, &v, [&bq, &bk, &bv], s)?;
                 candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
@@ -100,20 +128,27 @@ impl CustomOp1 for FusedAttention {
         Ok((out, shape))
     }
 
-    fn bwd(&self, qkv: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let grad = qkv.apply_op3_no_bwd(
-            &res.contiguous()?,
-            &grad_res.contiguous()?,
-            &AttentionBackward(*self),
-        )?;
-        Ok(Some(grad))
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let back = AttentionBackward {
+            op: *self,
+            bias: bias.contiguous()?,
+        };
+        let grad = qkv.apply_op3_no_bwd(&res.contiguous()?, &grad_res.contiguous()?, &back)?;
+        let bias_grad = super::bias_grad(&grad)?;
+        Ok((Some(grad), Some(bias_grad)))
     }
 }
 
 impl AttentionBackward {
     /// The geometry, checking that the output and its gradient are `[batch, seq, d]` of `qkv`.
     fn shape(&self, ls: [&Layout; 3]) -> Result<AttentionShape> {
-        let (s, out) = self.0.shape(ls[0])?;
+        let (s, out) = self.op.shape(ls[0], self.bias.layout())?;
         for l in &ls[1..] {
             if l.shape() != &out || !l.is_contiguous() {
                 candle_core::bail!(
@@ -141,8 +176,16 @@ impl CustomOp3 for AttentionBackward {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let s = self.shape([ql, ol, gl])?;
-        let grad = attention_backward_twin(
+        let (bias, bl) = self.bias.storage_and_layout();
+        let candle_core::Storage::Cpu(bias) = &*bias else {
+            candle_core::bail!("attention backward: the bias is not on the CPU")
+        };
+        let qkv = biased(
             &super::twin_input(qs, ql, self.name())?,
+            &super::twin_input(bias, bl, self.name())?,
+        );
+        let grad = attention_backward_twin(
+            &qkv,
             &super::twin_input(os, ol, self.name())?,
             &super::twin_input(gs, gl, self.name())?,
             s,
@@ -164,11 +207,17 @@ impl CustomOp3 for AttentionBackward {
         use candle_core::backend::BackendStorage;
         let s = self.shape([ql, ol, gl])?;
         let dev = qs.device().clone();
+        let (bias, bl) = self.bias.storage_and_layout();
+        let candle_core::Storage::Cuda(bias) = &*bias else {
+            candle_core::bail!("attention backward: the bias is not on the GPU")
+        };
         macro_rules! run {
             ($t:ty, $suffix:literal) => {{
                 let view = super::cuda_view::<$t>;
-                let (qkv, o, g) = (view(qs, ql)?, view(os, ol)?, view(gs, gl)?);
-                let grad = cuda::attention::launch_backward::<$t>($suffix, &dev, &qkv, &o, &g, s)?;
+                let (qkv, b) = (view(qs, ql)?, view(bias, bl)?);
+                let (o, g) = (view(os, ol)?, view(gs, gl)?);
+                let grad =
+                    cuda::attention::launch_backward::<$t>($suffix, &dev, &qkv, &b, &o, &g, s)?;
                 candle_core::CudaStorage::wrap_cuda_slice(grad, dev.clone())
             }};
         }
@@ -187,9 +236,10 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Tensor, Var, D};
 
-    /// What the layers compute without the op: q, k, v split from the stacked projection,
-    /// heads split, scaled scores, mask, softmax, product with v, heads merged.
-    fn composed(qkv: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    /// What the layers compute without the op: the bias added, q, k, v split from the stacked
+    /// projection, heads split, scaled scores, mask, softmax, product with v, heads merged.
+    fn composed(qkv: &Tensor, bias: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+        let qkv = qkv.broadcast_add(bias)?;
         let (b, t, w) = qkv.dims3()?;
         let d = w / 3;
         let split = |i: usize| {
@@ -232,9 +282,12 @@ mod tests {
         let dev = Device::Cpu;
         for (b, t, heads, causal) in [(2, 77, 8, true), (3, 50, 12, false)] {
             let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * 64), &dev)?;
-            let want = composed(&qkv, heads, causal)?;
+            let bias = Tensor::randn(0f32, 0.5, 3 * heads * 64, &dev)?;
+            let want = composed(&qkv, &bias, heads, causal)?;
             for (dt, tol) in [(DType::F32, 1e-5), (DType::F16, 2e-2), (DType::BF16, 6e-2)] {
-                let got = qkv.to_dtype(dt)?.apply_op1_no_bwd(&op(heads, causal))?;
+                let got = qkv
+                    .to_dtype(dt)?
+                    .apply_op2_no_bwd(&bias.to_dtype(dt)?, &op(heads, causal))?;
                 let err = max_diff(&got, &want)?;
                 assert!(
                     err < tol,
@@ -245,33 +298,39 @@ mod tests {
         Ok(())
     }
 
-    /// The op's backward (the backward kernels' twin) gives candle's autograd gradient of the
-    /// composed attention, for text (causal, 77: two key tiles), image (50) and a sequence of
-    /// three tiles, with a loss that weighs every output differently.
+    /// The op's backward (the backward kernels' twin, and the bias's column sum) gives candle's
+    /// autograd gradients of the composed attention, for text (causal, 77: two key tiles),
+    /// image (50) and a sequence of three tiles, with a loss that weighs every output
+    /// differently.
     #[test]
     fn backward_matches_autograd() -> Result<()> {
         let dev = Device::Cpu;
         for (b, t, heads, causal) in [(2, 77, 4, true), (2, 50, 3, false), (1, 130, 2, true)] {
             let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, 3 * heads * 64), &dev)?)?;
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, 3 * heads * 64, &dev)?)?;
             let weights = Tensor::randn(0f32, 1.0, (b, t, heads * 64), &dev)?;
-            let want = composed(qkv.as_tensor(), heads, causal)?
+            let (x, bt) = (qkv.as_tensor(), bias.as_tensor());
+            let want = composed(x, bt, heads, causal)?
                 .mul(&weights)?
                 .sum_all()?
                 .backward()?;
-            let want = want.get(qkv.as_tensor()).expect("composed gradient");
-            let got = qkv
-                .as_tensor()
-                .apply_op1(op(heads, causal))?
+            let got = x
+                .apply_op2(bt, op(heads, causal))?
                 .mul(&weights)?
                 .sum_all()?
                 .backward()?;
-            let got = got.get(qkv.as_tensor()).expect("op gradient");
-            let scale = want.abs()?.max_all()?.to_scalar::<f32>()?;
-            let err = max_diff(got, want)?;
-            assert!(
-                err < 2e-5 * scale.max(1.0),
-                "b{b} t{t} causal {causal}: {err} of {scale}"
-            );
+            for (name, v) in [("qkv", x), ("bias", bt)] {
+                let (g, w) = (
+                    got.get(v).expect("op gradient"),
+                    want.get(v).expect("composed"),
+                );
+                let scale = w.abs()?.max_all()?.to_scalar::<f32>()?;
+                let err = max_diff(g, w)?;
+                assert!(
+                    err < 2e-5 * scale.max(1.0),
+                    "{name} b{b} t{t} causal {causal}: {err} of {scale}"
+                );
+            }
         }
         Ok(())
     }
@@ -279,19 +338,26 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_take() -> Result<()> {
         let dev = Device::Cpu;
+        let bias = |w: usize| Tensor::zeros(w, DType::F32, &dev);
         // Rows that are not three blocks of whole heads.
         let bad = Tensor::zeros((1, 4, 3 * 64 + 1), DType::F32, &dev)?;
-        assert!(bad.apply_op1_no_bwd(&op(1, false)).is_err());
+        assert!(bad
+            .apply_op2_no_bwd(&bias(3 * 64 + 1)?, &op(1, false))
+            .is_err());
         // A head width the kernel does not take (48).
         let bad = Tensor::zeros((1, 4, 3 * 48), DType::F32, &dev)?;
-        assert!(bad.apply_op1_no_bwd(&op(1, false)).is_err());
-        // An output gradient of another shape.
+        assert!(bad.apply_op2_no_bwd(&bias(3 * 48)?, &op(1, false)).is_err());
+        // A bias of the wrong width.
         let qkv = Tensor::zeros((1, 4, 3 * 64), DType::F32, &dev)?;
+        assert!(qkv.apply_op2_no_bwd(&bias(64)?, &op(1, false)).is_err());
+        // An output gradient of another shape.
         let o = Tensor::zeros((1, 4, 64), DType::F32, &dev)?;
         let g = Tensor::zeros((1, 3, 64), DType::F32, &dev)?;
-        assert!(qkv
-            .apply_op3_no_bwd(&o, &g, &AttentionBackward(op(1, false)))
-            .is_err());
+        let back = AttentionBackward {
+            op: op(1, false),
+            bias: bias(3 * 64)?,
+        };
+        assert!(qkv.apply_op3_no_bwd(&o, &g, &back).is_err());
         Ok(())
     }
 
@@ -308,25 +374,29 @@ mod tests {
             let d = heads * 64;
             let op = op(heads, causal);
             let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * d), &Device::Cpu)?;
+            let bias = Tensor::randn(0f32, 0.5, 3 * d, &Device::Cpu)?;
             let dout = Tensor::randn(0f32, 1.0, (b, t, d), &Device::Cpu)?;
             for (dt, tol, gtol) in [
                 (DType::F32, 1e-4, 1e-4),
                 (DType::F16, 5e-3, 2e-2),
                 (DType::BF16, 3e-2, 1e-1),
             ] {
-                let (c, g) = (qkv.to_dtype(dt)?, dout.to_dtype(dt)?);
-                let twin = c.apply_op1_no_bwd(&op)?;
-                let (cg, gg) = (c.to_device(&gpu)?, g.to_device(&gpu)?);
-                let got = cg.apply_op1_no_bwd(&op)?;
+                let (c, cb, g) = (qkv.to_dtype(dt)?, bias.to_dtype(dt)?, dout.to_dtype(dt)?);
+                let twin = c.apply_op2_no_bwd(&cb, &op)?;
+                let (cg, bg, gg) = (c.to_device(&gpu)?, cb.to_device(&gpu)?, g.to_device(&gpu)?);
+                let got = cg.apply_op2_no_bwd(&bg, &op)?;
                 let err = max_diff(&got.to_device(&Device::Cpu)?, &twin)?;
                 assert!(
                     err < tol,
                     "{dt:?} b{b} t{t} causal {causal}: max diff {err}"
                 );
                 // The backward from the same output on both sides.
-                let back = AttentionBackward(op);
-                let twin = c.apply_op3_no_bwd(&twin, &g, &back)?;
-                let got = cg.apply_op3_no_bwd(&got, &gg, &back)?;
+                let back = |bias: &Tensor| AttentionBackward {
+                    op,
+                    bias: bias.clone(),
+                };
+                let twin = c.apply_op3_no_bwd(&twin, &g, &back(&cb))?;
+                let got = cg.apply_op3_no_bwd(&got, &gg, &back(&bg))?;
                 let scale = twin
                     .to_dtype(DType::F32)?
                     .abs()?

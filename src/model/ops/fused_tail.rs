@@ -5,7 +5,9 @@
 //! kernels' twins. Both carry a backward made of ops, so it runs where the tensors are:
 //! [`BiasActBackward`] (one kernel) plus the bias's column sum; the residual's is the identity.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::bias_grad;
 
 use crate::model::kernels::cuda::elementwise::{
     bias_act_backward_twin, bias_act_twin, bias_residual_twin, Act,
@@ -26,17 +28,6 @@ pub struct BiasActBackward {
 /// `y + b + r` over the last dimension (`r` shaped as `y`).
 #[derive(Debug, Clone, Copy)]
 pub struct BiasResidual;
-
-/// A bias's gradient: the column sums of `g` over every row, accumulated in f32 whatever
-/// `g` holds, in `g`'s dtype.
-fn bias_grad(g: &Tensor) -> Result<Tensor> {
-    let cols = g.dims().last().copied().unwrap_or(0);
-    let rows = g.elem_count() / cols.max(1);
-    g.reshape((rows, cols))?
-        .to_dtype(DType::F32)?
-        .sum(0)?
-        .to_dtype(g.dtype())
-}
 
 /// The bias must match the last dimension of `y`; inputs contiguous.
 fn check(ls: &[&Layout]) -> Result<()> {

@@ -58,3 +58,14 @@ pub(crate) fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
     let v = s.as_cuda_slice::<T>()?.slice(l.start_offset()..);
     Ok(v.slice(..l.shape().elem_count()))
 }
+
+/// A bias's gradient: the column sums of `g` over every row, accumulated in f32 whatever `g`
+/// holds, returned in `g`'s dtype.
+pub(crate) fn bias_grad(g: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    let cols = g.dims().last().copied().unwrap_or(0);
+    let rows = g.elem_count() / cols.max(1);
+    g.reshape((rows, cols))?
+        .to_dtype(candle_core::DType::F32)?
+        .sum(0)?
+        .to_dtype(g.dtype())
+}

@@ -1,7 +1,8 @@
 // Multi-head scaled dot-product attention for CLIP's short sequences (77 text tokens under the
 // causal mask, 50 to 577 image tokens), inference forward, as one kernel per (item, head, group
 // of 16 queries). Queries, keys and values are read straight from the projections' row-major
-// [batch * seq, ld] outputs (head h at columns h * hd), and the context is written as
+// [batch * seq, ld] products (head h at columns h * hd), each projection's bias added as it is
+// loaded (so the projection GEMM writes no biased copy), and the context is written as
 // [batch * seq, heads * hd], ready for the output projection: no head transposes, no score
 // matrix in global memory, no separate mask, softmax or copy kernels.
 //
@@ -14,8 +15,9 @@
 //   l = a * l + sum_j p_j;   o = a * o + sum_j p_j v_j
 // and at the end writes o / l. Accumulation is f32 for every input type.
 //
-// Backward, for training, over the stacked projection qkv [batch * seq, ld] (queries at column 0,
-// keys at d, values at 2 d) and writing d qkv in the same layout, as two kernels that each
+// Backward, for training, over the stacked product qkv [batch * seq, ld] (queries at column 0,
+// keys at d, values at 2 d; the stacked bias added on load) and writing d qkv in the same layout
+// (also the bias's gradient, summed over rows), as two kernels that each
 // recompute what they need instead of keeping the score matrix (FlashAttention-2's split):
 //   attention_dq, per (item, head, 16 query rows), like the forward: the row's running maximum
 //     and sum again over the key tiles, lse = m + ln l, D = dO . O; then per key
@@ -56,8 +58,9 @@ __device__ __forceinline__ float warp_sum(float v) {
 // memory attention_smem_bytes(hd).
 template <typename T>
 __device__ void attention(const T* __restrict__ q, const T* __restrict__ k,
-                          const T* __restrict__ v, T* __restrict__ out, int seq, int heads,
-                          int hd, int ld, float scale, int causal) {
+                          const T* __restrict__ v, const T* __restrict__ bq,
+                          const T* __restrict__ bk, const T* __restrict__ bv, T* __restrict__ out,
+                          int seq, int heads, int hd, int ld, float scale, int causal) {
     extern __shared__ float smem[];
     const int stride = hd + 1;  // padded rows: lanes reading one column of many rows hit
                                 // different banks
@@ -74,7 +77,8 @@ __device__ void attention(const T* __restrict__ q, const T* __restrict__ k,
     // This block's query rows, scaled, into shared memory.
     for (int i = threadIdx.x; i < WARPS * ROWS * hd; i += blockDim.x) {
         const int r = i / hd, c = i % hd, row = first + r;
-        qs[i] = row < seq ? load(q[(base + row) * ld + h * hd + c]) * scale : 0.0f;
+        qs[i] = row < seq ? (load(q[(base + row) * ld + h * hd + c]) + load(bq[h * hd + c])) * scale
+                          : 0.0f;
     }
 
     float m[ROWS], l[ROWS], o[ROWS][PER_LANE];
@@ -97,8 +101,8 @@ __device__ void attention(const T* __restrict__ q, const T* __restrict__ k,
         for (int i = threadIdx.x; i < kn * hd; i += blockDim.x) {
             const int j = i / hd, c = i % hd;
             const size_t src = (base + k0 + j) * ld + h * hd + c;
-            ks[j * stride + c] = load(k[src]);
-            vs[j * stride + c] = load(v[src]);
+            ks[j * stride + c] = load(k[src]) + load(bk[h * hd + c]);
+            vs[j * stride + c] = load(v[src]) + load(bv[h * hd + c]);
         }
         __syncthreads();
 #pragma unroll
@@ -163,8 +167,9 @@ __device__ void attention(const T* __restrict__ q, const T* __restrict__ k,
 // Backward pass 1: dq, and each row's lse and D. grid (batch * heads, ceil(seq / 16)), block
 // WARPS * 32, dynamic shared memory attention_dq_smem_bytes(hd).
 template <typename T>
-__device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ o,
-                             const T* __restrict__ dout, T* __restrict__ dqkv,
+__device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ bias,
+                             const T* __restrict__ o, const T* __restrict__ dout,
+                             T* __restrict__ dqkv,
                              float* __restrict__ lse, float* __restrict__ dsum, int seq, int heads,
                              int hd, int ld, float scale, int causal) {
     extern __shared__ float smem[];
@@ -184,7 +189,8 @@ __device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ o,
     for (int i = threadIdx.x; i < WARPS * ROWS * hd; i += blockDim.x) {
         const int r = i / hd, c = i % hd, row = first + r;
         const bool in = row < seq;
-        qs[i] = in ? load(qkv[(base + row) * ld + h * hd + c]) * scale : 0.0f;
+        qs[i] = in ? (load(qkv[(base + row) * ld + h * hd + c]) + load(bias[h * hd + c])) * scale
+                   : 0.0f;
         gs[i] = in ? load(dout[(base + row) * d + h * hd + c]) : 0.0f;
     }
     __syncthreads();
@@ -215,7 +221,8 @@ __device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ o,
         __syncthreads();
         for (int i = threadIdx.x; i < kn * hd; i += blockDim.x) {
             const int j = i / hd, c = i % hd;
-            ks[j * stride + c] = load(qkv[(base + k0 + j) * ld + d + h * hd + c]);
+            ks[j * stride + c] =
+                load(qkv[(base + k0 + j) * ld + d + h * hd + c]) + load(bias[d + h * hd + c]);
         }
         __syncthreads();
 #pragma unroll
@@ -258,8 +265,8 @@ __device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ o,
         for (int i = threadIdx.x; i < kn * hd; i += blockDim.x) {
             const int j = i / hd, c = i % hd;
             const size_t src = (base + k0 + j) * ld + h * hd + c;
-            ks[j * stride + c] = load(qkv[src + d]);
-            vs[j * stride + c] = load(qkv[src + 2 * d]);
+            ks[j * stride + c] = load(qkv[src + d]) + load(bias[d + h * hd + c]);
+            vs[j * stride + c] = load(qkv[src + 2 * d]) + load(bias[2 * d + h * hd + c]);
         }
         __syncthreads();
 #pragma unroll
@@ -318,7 +325,8 @@ __device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ o,
 // Backward pass 2: dk and dv. grid (batch * heads, ceil(seq / 16)), block WARPS * 32, dynamic
 // shared memory attention_dkv_smem_bytes(hd). Runs after attention_dq (its lse and D).
 template <typename T>
-__device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ dout,
+__device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ bias,
+                              const T* __restrict__ dout,
                               const float* __restrict__ lse, const float* __restrict__ dsum,
                               T* __restrict__ dqkv, int seq, int heads, int hd, int ld,
                               float scale, int causal) {
@@ -343,8 +351,8 @@ __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ d
         const int r = i / hd, c = i % hd, key = first + r;
         const bool in = key < seq;
         const size_t src = (base + key) * ld + h * hd + c;
-        kb[i] = in ? load(qkv[src + d]) : 0.0f;
-        vb[i] = in ? load(qkv[src + 2 * d]) : 0.0f;
+        kb[i] = in ? load(qkv[src + d]) + load(bias[d + h * hd + c]) : 0.0f;
+        vb[i] = in ? load(qkv[src + 2 * d]) + load(bias[2 * d + h * hd + c]) : 0.0f;
     }
 
     float dk[ROWS][PER_LANE], dv[ROWS][PER_LANE];
@@ -361,7 +369,7 @@ __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ d
         for (int i = threadIdx.x; i < in_tile * hd; i += blockDim.x) {
             const int r = i / hd, c = i % hd;
             const size_t row = base + i0 + r;
-            qs[r * stride + c] = load(qkv[row * ld + h * hd + c]) * scale;
+            qs[r * stride + c] = (load(qkv[row * ld + h * hd + c]) + load(bias[h * hd + c])) * scale;
             gs[r * stride + c] = load(dout[row * d + h * hd + c]);
         }
         for (int i = threadIdx.x; i < in_tile; i += blockDim.x) {
@@ -430,9 +438,9 @@ __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ d
 
 #define ATTENTION(NAME, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                \
-        NAME(const T* q, const T* k, const T* v, T* out, int seq, int heads, int hd, int ld, \
-             float scale, int causal) {                                                     \
-        attention<T>(q, k, v, out, seq, heads, hd, ld, scale, causal);                      \
+        NAME(const T* q, const T* k, const T* v, const T* bq, const T* bk, const T* bv, T* out,  \
+             int seq, int heads, int hd, int ld, float scale, int causal) {                     \
+        attention<T>(q, k, v, bq, bk, bv, out, seq, heads, hd, ld, scale, causal);              \
     }
 
 ATTENTION(clipft_attention_f32, float)
@@ -441,14 +449,15 @@ ATTENTION(clipft_attention_bf16, __nv_bfloat16)
 
 #define ATTENTION_BACKWARD(SUFFIX, T)                                                          \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) clipft_attention_dq_##SUFFIX(      \
-        const T* qkv, const T* o, const T* dout, T* dqkv, float* lse, float* dsum, int seq,     \
-        int heads, int hd, int ld, float scale, int causal) {                                   \
-        attention_dq<T>(qkv, o, dout, dqkv, lse, dsum, seq, heads, hd, ld, scale, causal);      \
+        const T* qkv, const T* bias, const T* o, const T* dout, T* dqkv, float* lse,            \
+        float* dsum, int seq, int heads, int hd, int ld, float scale, int causal) {             \
+        attention_dq<T>(qkv, bias, o, dout, dqkv, lse, dsum, seq, heads, hd, ld, scale,         \
+                        causal);                                                                \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) clipft_attention_dkv_##SUFFIX(     \
-        const T* qkv, const T* dout, const float* lse, const float* dsum, T* dqkv, int seq,     \
-        int heads, int hd, int ld, float scale, int causal) {                                   \
-        attention_dkv<T>(qkv, dout, lse, dsum, dqkv, seq, heads, hd, ld, scale, causal);        \
+        const T* qkv, const T* bias, const T* dout, const float* lse, const float* dsum,        \
+        T* dqkv, int seq, int heads, int hd, int ld, float scale, int causal) {                 \
+        attention_dkv<T>(qkv, bias, dout, lse, dsum, dqkv, seq, heads, hd, ld, scale, causal);  \
     }
 
 ATTENTION_BACKWARD(f32, float)

@@ -256,18 +256,24 @@ mod gpu {
         ((2 * tile + (WARPS * ROWS) as usize * head_dim) * 4) as u32
     }
 
-    /// Runs `attention.cu`'s kernel `name` (for the element type `T`) on the device.
+    /// Runs `attention.cu`'s kernel `name` (for the element type `T`) on the device; `bias`:
+    /// the q, k and v projections' biases, added as the kernel loads them.
     pub fn launch<T: DeviceRepr>(
         name: &str,
         dev: &CudaDevice,
         q: &CudaView<'_, T>,
         k: &CudaView<'_, T>,
         v: &CudaView<'_, T>,
+        bias: [&CudaView<'_, T>; 3],
         s: AttentionShape,
     ) -> Result<CudaSlice<T>> {
         let (need, out_len) = s.sizes()?;
         if [q.len(), k.len(), v.len()].iter().any(|&n| n < need) {
             candle_core::bail!("fused attention: q, k and v need {need} values");
+        }
+        let d = s.heads * s.head_dim;
+        if bias.iter().any(|b| b.len() < d) {
+            candle_core::bail!("fused attention: each bias needs {d} values");
         }
         let func = dev.get_or_load_custom_func(name, "clipft_attention", PTX)?;
         // SAFETY: every element is written by the kernel below (each (item, head, row) of
@@ -285,6 +291,9 @@ mod gpu {
         b.arg(q);
         b.arg(k);
         b.arg(v);
+        for x in bias {
+            b.arg(x);
+        }
         b.arg(&out);
         b.arg(&seq);
         b.arg(&heads);
@@ -294,8 +303,9 @@ mod gpu {
         b.arg(&causal);
         if s.batch * s.seq > 0 {
             // SAFETY: the kernel reads rows `item * seq + r` of q, k and v at columns
-            // `h * hd .. h * hd + hd` (within `need`, checked above), writes `out_len` values
-            // of `out`, and takes its arguments in this order and these types (attention.cu).
+            // `h * hd .. h * hd + hd` (within `need`, checked above) and the first d values of
+            // each bias, writes `out_len` values of `out`, and takes its arguments in this
+            // order and these types (attention.cu).
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok(out)
@@ -313,27 +323,31 @@ mod gpu {
     }
 
     /// Runs `attention.cu`'s backward (`clipft_attention_dq_<suffix>`, then
-    /// `clipft_attention_dkv_<suffix>`): `d qkv` in `qkv`'s layout from the stacked projection,
-    /// the forward's output `o` and its gradient `dout` (`[batch * seq, d]`).
+    /// `clipft_attention_dkv_<suffix>`): `d qkv` in `qkv`'s layout from the stacked product,
+    /// its stacked bias (`3 d`), the forward's output `o` and its gradient `dout`
+    /// (`[batch * seq, d]`).
     pub fn launch_backward<T: DeviceRepr + ValidAsZeroBits>(
         suffix: &str,
         dev: &CudaDevice,
         qkv: &CudaView<'_, T>,
+        bias: &CudaView<'_, T>,
         o: &CudaView<'_, T>,
         dout: &CudaView<'_, T>,
         s: AttentionShape,
     ) -> Result<CudaSlice<T>> {
         let (need, out_len) = super::backward_sizes(&s)?;
-        if qkv.len() < need || o.len() < out_len || dout.len() < out_len {
+        let d = s.heads * s.head_dim;
+        if qkv.len() < need || o.len() < out_len || dout.len() < out_len || bias.len() < 3 * d {
             candle_core::bail!(
-                "attention backward: qkv needs {need} values, o and its gradient {out_len}"
+                "attention backward: qkv needs {need} values, o and its gradient {out_len}, \
+                 the bias {}",
+                3 * d
             );
         }
         let load = |name: &str| {
             dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "clipft_attention", PTX)
         };
         let (dq, dkv) = (load("clipft_attention_dq")?, load("clipft_attention_dkv")?);
-        let d = s.heads * s.head_dim;
         let grad = if s.ld == 3 * d {
             // SAFETY: with rows exactly 3 d wide, the two kernels write every value: the dq
             // columns of every (item, head, row) in the first, dk and dv in the second.
@@ -362,6 +376,7 @@ mod gpu {
         let causal = i32::from(s.causal);
         let mut b = dq.builder();
         b.arg(qkv);
+        b.arg(bias);
         b.arg(o);
         b.arg(dout);
         b.arg(&grad);
@@ -374,12 +389,14 @@ mod gpu {
         b.arg(&s.scale);
         b.arg(&causal);
         // SAFETY: reads rows `item * seq + r` of qkv at columns below 3 d <= ld (within
-        // `need`, checked above) and of o and dout at columns below d (within `out_len`);
+        // `need`, checked above), 3 d values of the bias, and rows of o and dout at columns
+        // below d (within `out_len`);
         // writes the dq columns of `grad` and `stats` values of lse and dsum; arguments in the
         // kernel's order and types (attention.cu).
         unsafe { b.launch(cfg(smem_dq)) }.w()?;
         let mut b = dkv.builder();
         b.arg(qkv);
+        b.arg(bias);
         b.arg(dout);
         b.arg(&lse);
         b.arg(&dsum);
@@ -390,7 +407,7 @@ mod gpu {
         b.arg(&ld);
         b.arg(&s.scale);
         b.arg(&causal);
-        // SAFETY: as above for qkv and dout; reads the `stats` values of lse and dsum the
+        // SAFETY: as above for qkv, the bias and dout; reads the `stats` values of lse and dsum the
         // first kernel wrote; writes the dk and dv columns of `grad`.
         unsafe { b.launch(cfg(smem_dkv)) }.w()?;
         Ok(grad)
