@@ -6,16 +6,19 @@
 //!   in `Mode::Inference`), `load` (HF folder or hub repo id -> the selected towers' tensors,
 //!   read one by one), `preprocess` (`tokenizer`: CLIP BPE, 77 tokens, pad to longest; `image`:
 //!   Pillow-exact bicubic resize of the window the centre crop keeps, normalise), `device`,
-//!   `backbones` (the named backbones, Finetuner's display names), `policy` (`Kernels`: which
+//!   `backbones` (the named backbones, Finetuner's display names), `upload` (image batches to
+//!   the device: a page-locked staging buffer on a GPU), `policy` (`Kernels`: which
 //!   kernels a model runs, decided once from device, dtype and `--matmul-precision` when a
 //!   `Clip` is built, and carried by every layer; logged at load). Apart from the definition:
 //!   `kernels` per device (`cpu`: GEMM with bias/residual prefilled, in-place activations,
 //!   one-pass layer norm and attention, pooled buffers; `cpu_block`: a whole encoder block from
 //!   those over weights the layers lend as slices; `amx` beside them: bf16x3 products on Intel
-//!   AMX tiles; `cuda`: CUDA kernels compiled to PTX under the `cuda` feature, attention and
-//!   linear tails for GPU inference, each beside the CPU twin the test suite runs) and `ops`
-//!   (`fused_attention`, `fused_tail`: those kernels as inference ops;
-//!   the training graph's custom ops, `train_ops`: layer norm, quick_gelu, softmax, linear and
+//!   AMX tiles; `adam`: the optimiser's update over one parameter; `cuda`: CUDA kernels
+//!   compiled to PTX under the `cuda` feature, forward and backward side by side (attention on
+//!   the stacked QKV projection, layer norm, linear tails, the Adam step), each beside the CPU
+//!   twin the test suite runs) and `ops` (`fused_attention`, `fused_norm`, `fused_tail`: those
+//!   kernels as the GPU path's ops, each with a backward that is itself an op;
+//!   the CPU training graph's custom ops, `train_ops`: layer norm, quick_gelu, softmax, linear and
 //!   attention as single CPU ops with their own backward; `train_block`: a whole transformer
 //!   block as one op, the last one computing only the pooled rows; `train_embed`: the
 //!   embeddings as one op per tower). [`model::Encoder`] is the object everything else uses to

@@ -61,7 +61,7 @@ fn gpu_supported(d: &Device, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The rule of [`gpu_supported`]: the GPU's capability `(major, minor)` must reach the build's
+/// The rule `parse_device` applies when it opens a GPU: the GPU's capability `(major, minor)` must reach the build's
 /// (`built`, as `CUDA_COMPUTE_CAP` writes it: 90 for 9.0).
 pub fn check_capability(built: u32, gpu: (i32, i32), what: &str) -> Result<(), String> {
     let have = (gpu.0.max(0) as u32) * 10 + gpu.1.max(0) as u32;
