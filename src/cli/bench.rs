@@ -54,6 +54,10 @@ pub struct BenchResult {
     /// The CPU matmul kernel actually used: `f32`, `amx-bf16x3` or `amx-bf16`.
     pub cpu_matmul: &'static str,
     pub peak_rss_mib: Option<f64>,
+    /// `--train`: where a step's time goes, mean seconds per phase over a few extra steps
+    /// each waited for on the device (not part of `items_per_second`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phases: Option<crate::trainer::train::StepPhases>,
 }
 
 /// Peak resident memory of this process, from /proc (Linux).
@@ -165,6 +169,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         dtype: format!("{:?}", opts.dtype).to_lowercase(),
         cpu_matmul: cpu_matmul(),
         peak_rss_mib: peak_rss_mib(),
+        phases: None,
     };
     outln!("{}", serde_json::to_string(&result)?);
     Ok(())
@@ -198,6 +203,20 @@ fn run_train(args: BenchArgs) -> anyhow::Result<()> {
         Ok(())
     })?;
     errln!("last loss {last_loss:.4}");
+    // A few more steps, phase by phase.
+    const PROFILED: usize = 3;
+    let mut sum = [0f64; 3];
+    for _ in 0..PROFILED {
+        let (_, p) = m.train_step_timed(&mut opt, &text, &pixels)?;
+        for (s, v) in sum.iter_mut().zip([p.forward, p.backward, p.optimizer]) {
+            *s += v / PROFILED as f64;
+        }
+    }
+    let phases = crate::trainer::train::StepPhases {
+        forward: sum[0],
+        backward: sum[1],
+        optimizer: sum[2],
+    };
     let result = BenchResult {
         tower: "clip",
         mode: "train",
@@ -210,6 +229,7 @@ fn run_train(args: BenchArgs) -> anyhow::Result<()> {
         dtype: format!("{dtype:?}").to_lowercase(),
         cpu_matmul: cpu_matmul(),
         peak_rss_mib: peak_rss_mib(),
+        phases: Some(phases),
     };
     outln!("{}", serde_json::to_string(&result)?);
     Ok(())

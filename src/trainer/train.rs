@@ -30,6 +30,17 @@ pub fn training_dtype(spec: &str, dev: &Device) -> Result<DType, ModelError> {
     }
 }
 
+/// Seconds of one training step's phases, each waited for on the device.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct StepPhases {
+    /// Both towers, the embeddings and the loss.
+    pub forward: f64,
+    /// Every gradient.
+    pub backward: f64,
+    /// Gradient norm and loss-scale checks where asked for, and the update of every weight.
+    pub optimizer: f64,
+}
+
 /// A CLIP whose weights are variables, with its input processing.
 pub struct TrainModel {
     pub clip: Clip,
@@ -206,15 +217,60 @@ impl TrainModel {
         text: &TextBatch,
         pixels: &Tensor,
     ) -> Result<f32, ModelError> {
+        self.step(opt, text, pixels, &mut || Ok(()))
+    }
+
+    /// [`TrainModel::train_step`], waiting for the device after the forward pass (with the
+    /// loss), after the backward pass and after the optimiser step, and timing each: where a
+    /// step's time goes (`clipft bench --train`). The waits keep the phases from overlapping,
+    /// so the three add up to a little more than an unobserved step.
+    pub fn train_step_timed(
+        &self,
+        opt: &mut Optimizer,
+        text: &TextBatch,
+        pixels: &Tensor,
+    ) -> Result<(f32, StepPhases), ModelError> {
+        self.device.synchronize()?;
+        let mut marks = vec![std::time::Instant::now()];
+        let loss = self.step(opt, text, pixels, &mut || {
+            self.device.synchronize()?;
+            marks.push(std::time::Instant::now());
+            Ok(())
+        })?;
+        let secs = |i: usize| match (marks.get(i), marks.get(i + 1)) {
+            (Some(a), Some(b)) => b.duration_since(*a).as_secs_f64(),
+            _ => f64::NAN,
+        };
+        Ok((
+            loss,
+            StepPhases {
+                forward: secs(0),
+                backward: secs(1),
+                optimizer: secs(2),
+            },
+        ))
+    }
+
+    /// The step; `mark` is called after the forward pass, the backward pass and the update.
+    fn step(
+        &self,
+        opt: &mut Optimizer,
+        text: &TextBatch,
+        pixels: &Tensor,
+        mark: &mut dyn FnMut() -> candle_core::Result<()>,
+    ) -> Result<f32, ModelError> {
         let (loss, grads) = crate::model::train_ops::with_direct_weight_grads(|| {
             let loss = self.loss(text, pixels)?;
+            mark()?;
             let grads = match opt.loss_scale {
                 Some(ls) => (&loss * ls.scale)?.backward()?,
                 None => loss.backward()?,
             };
+            mark()?;
             Ok::<_, ModelError>((loss, grads))
         })?;
         opt.step(&grads)?;
+        mark()?;
         if let Some(ls) = &self.clip.logit_scale {
             let v = ls.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !(0.0..=MAX_LOGIT_SCALE).contains(&v) {
