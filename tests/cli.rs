@@ -424,6 +424,11 @@ fn bench_train_measures_training_steps() {
     assert_eq!(last["dtype"], "f32");
     assert!(last["iterations"].as_u64().unwrap() >= 2);
     assert!(last["items_per_second"].as_f64().unwrap() > 0.0);
+    // Where a step's time goes, phase by phase.
+    for phase in ["forward", "backward", "optimizer"] {
+        let s = last["phases"][phase].as_f64().unwrap_or(f64::NAN);
+        assert!(s > 0.0, "{phase}: {}", last["phases"]);
+    }
     // It trains both towers, so a tower choice is a mistake, not something to ignore.
     let e = err(bin()
         .args([
