@@ -178,6 +178,10 @@ fn main() -> anyhow::Result<()> {
                     )
                 })?;
             }
+            check(&format!("column sum {dt:?}"), &dev, &[&x], |i| {
+                i[0].to_dtype(dt)?
+                    .apply_op1_no_bwd(&clipft::model::ops::fused_tail::ColumnSum)
+            })?;
             check(
                 &format!("fused bias + residual {dt:?}"),
                 &dev,

@@ -10,7 +10,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use super::bias_grad;
 
 use crate::model::kernels::cuda::elementwise::{
-    bias_act_backward_twin, bias_act_twin, bias_residual_twin, Act,
+    bias_act_backward_twin, bias_act_twin, bias_residual_twin, column_sum_twin, Act,
 };
 
 /// `act(y + b)` over the last dimension.
@@ -24,6 +24,11 @@ pub struct BiasAct {
 pub struct BiasActBackward {
     pub act: Act,
 }
+
+/// The sum over every row of each column of the last dimension (a bias's gradient): one
+/// column-sum kernel in the input's dtype with f32 accumulation on a GPU, its twin on the CPU.
+#[derive(Debug, Clone, Copy)]
+pub struct ColumnSum;
 
 /// `y + b + r` over the last dimension (`r` shaped as `y`).
 #[derive(Debug, Clone, Copy)]
@@ -178,6 +183,38 @@ impl CustomOp3 for BiasActBackward {
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((out, yl.shape().clone()))
+    }
+}
+
+impl candle_core::CustomOp1 for ColumnSum {
+    fn name(&self) -> &'static str {
+        "clipft-column-sum"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let cols = gl.shape().dims().last().copied().unwrap_or(0);
+        let sums = column_sum_twin(&super::twin_input(gs, gl, self.name())?, cols)?;
+        Ok((super::twin_output(gs, sums), Shape::from(cols)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::model::kernels::cuda::elementwise;
+        if !gl.is_contiguous() {
+            candle_core::bail!("column sum: a contiguous input only");
+        }
+        let cols = gl.shape().dims().last().copied().unwrap_or(0);
+        let dev = gs.device.clone();
+        let out = by_dtype!(gs, |T, suffix| {
+            let g = super::cuda_view::<T>(gs, gl)?;
+            let out = elementwise::column_sum::<T>(suffix, &dev, &g, cols)?;
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((out, Shape::from(cols)))
     }
 }
 
@@ -379,6 +416,13 @@ mod tests {
                 let err = rel(got, twin)?;
                 assert!(err <= tol, "{dt:?} {act:?} backward: {err}");
             }
+            // A bias's gradient over 12800 rows: f32 sums in a different order on each side.
+            let twin = yc.apply_op1_no_bwd(&ColumnSum)?.to_dtype(DType::F32)?;
+            let got = yg.apply_op1_no_bwd(&ColumnSum)?;
+            let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            let scale = twin.abs()?.max_all()?.to_scalar::<f32>()?.max(1.0);
+            let err = (got - &twin)?.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+            assert!(err <= tol.max(1e-4), "{dt:?} column sum: {err}");
             let twin = yc
                 .apply_op3_no_bwd(&bc, &yc, &BiasResidual)?
                 .to_dtype(DType::F32)?;

@@ -60,12 +60,22 @@ pub(crate) fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
 }
 
 /// A bias's gradient: the column sums of `g` over every row, accumulated in f32 whatever `g`
-/// holds, returned in `g`'s dtype.
+/// holds, returned in `g`'s dtype. On the GPU path one [`fused_tail::ColumnSum`] over `g` as
+/// it is (no f32 copy of the gradient); candle's ops where that does not take `g`.
 pub(crate) fn bias_grad(g: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    use crate::model::kernels::cuda::elementwise::column_sum_supports;
     let cols = g.dims().last().copied().unwrap_or(0);
     let rows = g.elem_count() / cols.max(1);
-    g.reshape((rows, cols))?
-        .to_dtype(candle_core::DType::F32)?
+    let g2 = g.reshape((rows, cols))?;
+    let ours = matches!(
+        g.dtype(),
+        candle_core::DType::F32 | candle_core::DType::F16 | candle_core::DType::BF16
+    ) && cols > 0
+        && column_sum_supports(rows);
+    if ours {
+        return g2.contiguous()?.apply_op1_no_bwd(&fused_tail::ColumnSum);
+    }
+    g2.to_dtype(candle_core::DType::F32)?
         .sum(0)?
         .to_dtype(g.dtype())
 }

@@ -5,6 +5,11 @@
 //   bias_act_backward: dz = dy * act'(x + b[col]), the gradient of the pre-activation (which is
 //                      the product's gradient; the bias's is its column sum)
 //   bias_residual:     y = x + b[col] + r        (its backward is the identity: no kernel)
+//   column_sum:        a bias's gradient, sum over rows of g[row][col], read in g's own type
+//                      and accumulated in f32 (no f32 copy of g): per chunk of COLSUM_ROWS rows
+//                      a partial per column (threads own consecutive columns, so every row
+//                      is read coalesced), then the partials added in chunk order, so the
+//                      result is deterministic.
 // The CPU twins are in elementwise.rs.
 
 #include "common.cuh"
@@ -63,6 +68,32 @@ __device__ void bias_residual(const T* __restrict__ x, const T* __restrict__ b,
     }
 }
 
+constexpr int COLSUM_ROWS = 64;  // rows per chunk
+
+// grid (ceil(cols / 256), ceil(rows / COLSUM_ROWS)), block 256.
+template <typename T>
+__device__ void column_sum_partial(const T* __restrict__ g, float* __restrict__ partial,
+                                   long long rows, int cols) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= cols) return;
+    const long long first = (long long)blockIdx.y * COLSUM_ROWS;
+    const long long last = min(rows, first + COLSUM_ROWS);
+    float s = 0.0f;
+    for (long long r = first; r < last; ++r) s += load(g[r * cols + col]);
+    partial[(size_t)blockIdx.y * cols + col] = s;
+}
+
+// grid ceil(cols / 256), block 256.
+template <typename T>
+__device__ void column_sum_total(const float* __restrict__ partial, T* __restrict__ out,
+                                 int chunks, int cols) {
+    const int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= cols) return;
+    float s = 0.0f;
+    for (int c = 0; c < chunks; ++c) s += partial[(size_t)c * cols + col];
+    out[col] = store<T>(s);
+}
+
 }  // namespace
 
 #define ELEMENTWISE(SUFFIX, T)                                                                \
@@ -78,6 +109,14 @@ __device__ void bias_residual(const T* __restrict__ x, const T* __restrict__ b,
                                                              const T* r, T* y, long long n,   \
                                                              int cols) {                      \
         bias_residual<T>(x, b, r, y, n, cols);                                                \
+    }                                                                                         \
+    extern "C" __global__ void clipft_column_sum_partial_##SUFFIX(                            \
+        const T* g, float* partial, long long rows, int cols) {                               \
+        column_sum_partial<T>(g, partial, rows, cols);                                        \
+    }                                                                                         \
+    extern "C" __global__ void clipft_column_sum_total_##SUFFIX(const float* partial, T* out, \
+                                                                int chunks, int cols) {       \
+        column_sum_total<T>(partial, out, chunks, cols);                                      \
     }
 
 ELEMENTWISE(f32, float)

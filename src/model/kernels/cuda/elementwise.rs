@@ -87,6 +87,35 @@ pub fn bias_act_backward_twin(x: &[f32], b: &[f32], dy: &[f32], act: Act) -> Res
         .collect())
 }
 
+/// Rows per partial sum of `clipft_column_sum_partial_*`.
+pub const COLSUM_ROWS: usize = 64;
+
+/// Whether the column sum takes `rows` rows (its grid has one row of blocks per 64 rows, at
+/// most 65535).
+pub fn column_sum_supports(rows: usize) -> bool {
+    rows.div_ceil(COLSUM_ROWS) <= 65_535
+}
+
+/// The sum over rows of each of `cols` columns of `g` (whole rows), as
+/// `clipft_column_sum_partial_*` and `_total_*` compute it: a partial per chunk of
+/// [`COLSUM_ROWS`] rows, then the partials in chunk order.
+pub fn column_sum_twin(g: &[f32], cols: usize) -> Result<Vec<f32>> {
+    check(g.len(), cols, cols)?;
+    let mut total = vec![0f32; cols];
+    for chunk in g.chunks(COLSUM_ROWS * cols) {
+        let mut partial = vec![0f32; cols];
+        for row in chunk.chunks(cols) {
+            for (p, v) in partial.iter_mut().zip(row) {
+                *p += v;
+            }
+        }
+        for (t, p) in total.iter_mut().zip(&partial) {
+            *t += p;
+        }
+    }
+    Ok(total)
+}
+
 /// `x + b[col] + r`, as `clipft_bias_residual_*` computes it.
 pub fn bias_residual_twin(x: &[f32], b: &[f32], r: &[f32]) -> Result<Vec<f32>> {
     check(x.len(), b.len(), b.len())?;
@@ -193,6 +222,62 @@ mod gpu {
         Ok(dz)
     }
 
+    /// `clipft_column_sum_partial_<suffix>`, then `_total_<suffix>`: the column sums of `g`
+    /// (whole rows of `cols`), in `g`'s type.
+    pub fn column_sum<T: DeviceRepr>(
+        suffix: &str,
+        dev: &CudaDevice,
+        g: &CudaView<'_, T>,
+        cols: usize,
+    ) -> Result<CudaSlice<T>> {
+        super::check(g.len(), cols, cols)?;
+        let rows = g.len() / cols;
+        if !super::column_sum_supports(rows) {
+            candle_core::bail!("column sum: {rows} rows are too many");
+        }
+        let load = |name: &str| {
+            dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "clipft_elementwise", PTX)
+        };
+        let (part, total) = (
+            load("clipft_column_sum_partial")?,
+            load("clipft_column_sum_total")?,
+        );
+        let chunks = rows.div_ceil(super::COLSUM_ROWS).max(1);
+        // SAFETY: the first kernel writes a partial for every (chunk, column) (zero for a
+        // chunk without rows) before the second, on the same stream, reads them; the second
+        // writes every column of `out`.
+        let (partial, out) = unsafe { (dev.alloc::<f32>(chunks * cols)?, dev.alloc::<T>(cols)?) };
+        let tiles = (cols as u32).div_ceil(256);
+        let (r, c, k) = (rows as i64, cols as i32, chunks as i32);
+        let mut l = part.builder();
+        l.arg(g);
+        l.arg(&partial);
+        l.arg(&r);
+        l.arg(&c);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles, chunks as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: reads rows x cols of g (whole rows, checked), writes chunks x cols of
+        // `partial`; arguments in the kernel's order and types; chunks <= 65535 (checked).
+        unsafe { l.launch(cfg) }.w()?;
+        let mut l = total.builder();
+        l.arg(&partial);
+        l.arg(&out);
+        l.arg(&k);
+        l.arg(&c);
+        let cfg = LaunchConfig {
+            grid_dim: (tiles, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: reads chunks x cols of `partial`, writes cols of `out`; arguments in the
+        // kernel's order and types.
+        unsafe { l.launch(cfg) }.w()?;
+        Ok(out)
+    }
+
     /// `clipft_bias_residual_<suffix>` over `x` and `r` (whole rows of `b.len()`).
     pub fn bias_residual<T: DeviceRepr>(
         suffix: &str,
@@ -231,7 +316,7 @@ mod gpu {
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{bias_act, bias_act_backward, bias_residual};
+pub use gpu::{bias_act, bias_act_backward, bias_residual, column_sum};
 
 #[cfg(test)]
 mod tests {
@@ -277,6 +362,15 @@ mod tests {
             }
         }
         assert!(bias_act_backward_twin(&x, &b, &r[..3], Act::Gelu).is_err());
+        // Column sums over more rows than one chunk.
+        let rows = 2 * COLSUM_ROWS + 5;
+        let g: Vec<f32> = (0..rows * 3).map(|i| (i % 7) as f32 - 3.0).collect();
+        let sums = column_sum_twin(&g, 3)?;
+        for (c, s) in sums.iter().enumerate() {
+            let want: f32 = (0..rows).map(|r| g[r * 3 + c]).sum();
+            assert_eq!(*s, want, "column {c}");
+        }
+        assert!(column_sum_twin(&g[..7], 3).is_err());
         assert!(bias_residual_twin(&x, &b, &r[..3]).is_err());
         Ok(())
     }
