@@ -415,14 +415,13 @@ impl Attention {
         Ok(Some((y.reshape((bsz, t, 3 * d))?, b)))
     }
 
-    /// `mask`, when given, is added to the attention scores (shape `[T, T]`, broadcast over batch
-    /// and heads): the text tower's causal mask.
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+    /// `mask`: the text tower's causal mask, or none (vision).
+    fn forward(&self, x: &Tensor, mask: &Mask, mode: Mode) -> Result<Tensor> {
         self.out_proj.forward(&self.context(x, mask, mode)?)
     }
 
     /// The attention's output before `out_proj`: `[batch, seq, dim]`, heads concatenated.
-    fn context(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+    fn context(&self, x: &Tensor, mask: &Mask, mode: Mode) -> Result<Tensor> {
         let (b, t, d) = x.dims3()?;
         if self.fused {
             if let Some((qkv, bias)) = self.qkv(x, mode)? {
@@ -430,7 +429,7 @@ impl Attention {
                 let op = super::ops::fused_attention::FusedAttention {
                     heads: self.heads,
                     scale: self.scale as f32,
-                    causal: mask.is_some(),
+                    causal: mask.causal(),
                 };
                 return match mode {
                     Mode::Inference => qkv.apply_op2_no_bwd(&bias, &op),
@@ -441,7 +440,7 @@ impl Attention {
         if mode == Mode::Train && self.kernels.fused_cpu {
             // One op with its own backward; the only mask used is the text tower's causal one.
             let op =
-                super::train_ops::AttentionOp::new(self.heads, self.scale as f32, mask.is_some());
+                super::train_ops::AttentionOp::new(self.heads, self.scale as f32, mask.causal());
             let (q, k, v) = (
                 self.q_proj.forward(x)?,
                 self.k_proj.forward(x)?,
@@ -460,7 +459,7 @@ impl Attention {
         let k = split(self.k_proj.forward(x)?)?;
         let v = split(self.v_proj.forward(x)?)?;
         let mut scores = q.matmul(&k.t()?)?;
-        if let Some(m) = mask {
+        if let Some(m) = mask.tensor()? {
             scores = scores.broadcast_add(m)?;
         }
         let probs = softmax_last(&scores, mode, self.kernels.fused_cpu)?;
@@ -536,7 +535,7 @@ impl EncoderLayer {
         Some((w, shape))
     }
 
-    fn forward(&self, x: &Tensor, mask: Option<&Tensor>, mode: Mode) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &Mask, mode: Mode) -> Result<Tensor> {
         if self.mlp.kernels.fused_gpu {
             return self.forward_gpu(x, mask, mode, None);
         }
@@ -557,7 +556,7 @@ impl EncoderLayer {
     fn forward_gpu(
         &self,
         x: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &Mask,
         mode: Mode,
         rows: Option<&Tensor>,
     ) -> Result<Tensor> {
@@ -657,24 +656,20 @@ impl Encoder {
                 return Ok(out);
             }
         }
-        let mask = if causal {
-            Some(causal_mask(t, x.dtype(), x.device())?)
-        } else {
-            None
-        };
+        let mask = Mask::new(causal, t, x.dtype(), x.device());
         let idx: Vec<u32> = pooled.iter().map(|&(i, p)| (i * t + p) as u32).collect();
         let idx = Tensor::from_vec(idx, pooled.len(), x.device())?;
         let mut x = x.clone();
         if self.kernels.fused_gpu {
             if let Some((last, rest)) = self.layers.split_last() {
                 for layer in rest {
-                    x = layer.forward(&x, mask.as_ref(), mode)?;
+                    x = layer.forward(&x, &mask, mode)?;
                 }
-                return last.forward_gpu(&x, mask.as_ref(), mode, Some(&idx));
+                return last.forward_gpu(&x, &mask, mode, Some(&idx));
             }
         }
         for layer in &self.layers {
-            x = layer.forward(&x, mask.as_ref(), mode)?;
+            x = layer.forward(&x, &mask, mode)?;
         }
         x.reshape((b * t, d))?.index_select(&idx, 0)
     }
@@ -800,6 +795,46 @@ impl EncoderLayer {
                 scale: a.scale as f32,
             })
         })
+    }
+}
+
+/// The text tower's causal mask for one pass: the flag the fused attention ops take, and the
+/// additive `[t, t]` tensor candle's composed attention adds to its scores, made (and uploaded
+/// to the device) only if a layer asks for it.
+struct Mask {
+    causal: bool,
+    t: usize,
+    dtype: DType,
+    device: candle_core::Device,
+    tensor: OnceLock<Tensor>,
+}
+
+impl Mask {
+    fn new(causal: bool, t: usize, dtype: DType, device: &candle_core::Device) -> Self {
+        Self {
+            causal,
+            t,
+            dtype,
+            device: device.clone(),
+            tensor: OnceLock::new(),
+        }
+    }
+
+    fn causal(&self) -> bool {
+        self.causal
+    }
+
+    /// The additive mask; None without one (vision).
+    fn tensor(&self) -> Result<Option<&Tensor>> {
+        if !self.causal {
+            return Ok(None);
+        }
+        if self.tensor.get().is_none() {
+            let _ = self
+                .tensor
+                .set(causal_mask(self.t, self.dtype, &self.device)?);
+        }
+        Ok(self.tensor.get())
     }
 }
 
