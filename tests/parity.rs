@@ -660,3 +660,112 @@ fn stacked_projections_follow_weight_updates() {
         "the update changed nothing"
     );
 }
+
+/// The GPU training path in bf16, the dtype a GPU trains in by default, run on the CPU through
+/// the kernels' twins: its loss and gradients agree with candle's ops in bf16 and with f32 to
+/// bf16's precision (the twins round each op's output to bf16 as the kernels do).
+#[test]
+fn the_gpu_training_path_in_bf16_matches_on_the_cpu() {
+    use candle_core::{DType, Device, Tensor, Var};
+    use candle_nn::VarBuilder;
+    use clipft::model::policy::Kernels;
+    use clipft::model::{Clip, ClipConfig, Mode, TextBatch};
+    let dir = gelu_copy("gpu-train-bf16");
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    json["text_config"]["num_attention_heads"] = 1.into();
+    json["vision_config"]["num_attention_heads"] = 2.into();
+    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+    let config = ClipConfig::from_file(&dir.join("config.json")).unwrap();
+    let weights =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let enc = load(&dir, Towers::TEXT);
+    let rows = enc
+        .tokenizer()
+        .unwrap()
+        .encode_batch(&["a red striped dress", "3 blue shirts on a chair", "hat"])
+        .unwrap();
+    let batch = TextBatch::new(&rows, enc.eos_token_id().unwrap(), &Device::Cpu).unwrap();
+    let pixels = Tensor::randn(0f32, 1.0, (3, 3, 224, 224), &Device::Cpu).unwrap();
+    // The loss and each weight's gradient (as f32, by name) of one pass in `dtype`.
+    let step = |kernels: Kernels, dtype: DType| {
+        let vars: Vec<(String, Var)> = weights
+            .iter()
+            .map(|(n, t)| {
+                (
+                    n.clone(),
+                    Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap(),
+                )
+            })
+            .collect();
+        let tensors = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let vb = VarBuilder::from_tensors(tensors, dtype, &Device::Cpu);
+        let clip = Clip::new(vb, &config, Towers::ALL, kernels).unwrap();
+        let t = clip.text_features(&batch, Mode::Train).unwrap();
+        let i = clip.image_features(&pixels, Mode::Train).unwrap();
+        let scale = clip.logit_scale.clone().unwrap();
+        let loss = clipft::trainer::loss::clip_loss(&t, &i, &scale).unwrap();
+        let grads = loss.backward().unwrap();
+        let mut out: Vec<(String, Tensor)> = vars
+            .iter()
+            .filter_map(|(n, v)| {
+                let g = grads.get(v.as_tensor())?;
+                Some((n.clone(), g.to_dtype(DType::F32).unwrap()))
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        let loss = loss
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        (loss, out)
+    };
+    let gpu = Kernels {
+        fused_gpu: true,
+        ..Kernels::CANDLE
+    };
+    let (gpu_loss, gpu_grads) = step(gpu, DType::BF16);
+    let (candle_loss, candle_grads) = step(Kernels::CANDLE, DType::BF16);
+    let (f32_loss, f32_grads) = step(Kernels::CANDLE, DType::F32);
+    for (what, other) in [("candle bf16", candle_loss), ("f32", f32_loss)] {
+        assert!(
+            (gpu_loss - other).abs() <= 3e-2 * other.abs().max(1.0),
+            "loss {gpu_loss} on the GPU path in bf16, {other} with {what}"
+        );
+    }
+    let names: Vec<&String> = f32_grads.iter().map(|(n, _)| n).collect();
+    assert_eq!(gpu_grads.len(), f32_grads.len(), "gradients for {names:?}");
+    let cos = |a: &Tensor, b: &Tensor| {
+        let dot = (a * b)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let n = |x: &Tensor| {
+            x.sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt()
+        };
+        dot / (n(a) * n(b)).max(1e-20)
+    };
+    for (((name, g), (_, c)), (_, f)) in gpu_grads.iter().zip(&candle_grads).zip(&f32_grads) {
+        // A key bias's gradient is rounding noise everywhere (softmax ignores it).
+        if name.ends_with("k_proj.bias") {
+            continue;
+        }
+        let (to_candle, to_f32) = (cos(g, c), cos(g, f));
+        assert!(
+            to_candle > 0.99 && to_f32 > 0.99,
+            "{name}: cosine {to_candle} to candle's bf16 gradient, {to_f32} to f32's"
+        );
+    }
+}
