@@ -258,3 +258,64 @@ fn clipft_fit_takes_the_same_steps_as_pytorch() {
             .unwrap();
     assert_matches_torch(&reference, &before, &got, &after);
 }
+
+/// Mixed precision as `--dtype bf16` trains (the GPU default): each step computes in bf16
+/// casts of the f32 weights and updates the f32 weights. Same losses as f32 to bf16's
+/// precision, the weights stay f32, and they move the way f32 training moves them.
+#[test]
+fn bf16_compute_trains_the_f32_weights() {
+    use candle_core::DType;
+    let files = ModelFiles::from_dir(&root().join("tests/fixtures/clip-tiny")).unwrap();
+    let f32_model = TrainModel::load(&files, &Device::Cpu).unwrap();
+    let bf16_model = TrainModel::load(&files, &Device::Cpu)
+        .unwrap()
+        .with_compute_dtype(DType::BF16);
+    let pairs: Vec<_> = open_pairs(&root().join("data/demo/train.csv"))
+        .unwrap()
+        .take(8)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let captions: Vec<&str> = pairs.iter().map(|p| p.caption.as_str()).collect();
+    let text = f32_model.text_batch(&captions).unwrap();
+    let px: Vec<f32> = pairs
+        .iter()
+        .flat_map(|p| p.image.preprocess(&f32_model.images).unwrap())
+        .collect();
+    let pixels = Tensor::from_vec(px, (pairs.len(), 3, 224, 224), &Device::Cpu).unwrap();
+    let snapshot = |m: &TrainModel| -> HashMap<String, Tensor> {
+        m.named_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().copy().unwrap()))
+            .collect()
+    };
+    let before = snapshot(&f32_model);
+    let hp = OptimizerParams::new(OptimizerKind::AdamW, 1e-3, 0.01);
+    let (mut o32, mut o16) = (
+        f32_model.optimizer(hp).unwrap(),
+        bf16_model.optimizer(hp).unwrap(),
+    );
+    for step in 0..4 {
+        let a = f32_model.train_step(&mut o32, &text, &pixels).unwrap();
+        let b = bf16_model.train_step(&mut o16, &text, &pixels).unwrap();
+        assert!(
+            (a - b).abs() <= 3e-2 * a.abs().max(1.0),
+            "step {step}: loss {a} in f32, {b} in bf16"
+        );
+    }
+    let (w32, w16) = (snapshot(&f32_model), snapshot(&bf16_model));
+    // The whole update, every weight end to end, points the same way.
+    let (mut dot, mut n32, mut n16) = (0f64, 0f64, 0f64);
+    for (name, start) in &before {
+        assert_eq!(w16[name].dtype(), DType::F32, "{name}");
+        let d32 = (&w32[name] - start).unwrap().flatten_all().unwrap();
+        let d16 = (&w16[name] - start).unwrap().flatten_all().unwrap();
+        let (d32, d16) = (d32.to_vec1::<f32>().unwrap(), d16.to_vec1::<f32>().unwrap());
+        for (x, y) in d32.iter().zip(&d16) {
+            dot += (*x as f64) * (*y as f64);
+            n32 += (*x as f64).powi(2);
+            n16 += (*y as f64).powi(2);
+        }
+    }
+    let cos = dot / (n32.sqrt() * n16.sqrt());
+    assert!(n16 > 0.0 && cos > 0.97, "update cosine {cos}");
+}
