@@ -769,3 +769,65 @@ fn the_gpu_training_path_in_bf16_matches_on_the_cpu() {
         );
     }
 }
+
+/// Serving on the GPU path releases the separate q, k and v weights once they are stacked
+/// (they would double in GPU memory), and the embeddings do not change.
+#[test]
+fn serving_releases_the_separate_projections_on_the_gpu_path() {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+    use clipft::model::policy::Kernels;
+    use clipft::model::{Clip, ClipConfig, Mode, TextBatch};
+    let dir = gelu_copy("gpu-release");
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    json["text_config"]["num_attention_heads"] = 1.into();
+    json["vision_config"]["num_attention_heads"] = 2.into();
+    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+    let config = ClipConfig::from_file(&dir.join("config.json")).unwrap();
+    // SAFETY: the fixture is not modified while the test maps it.
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+    .unwrap();
+    let kernels = Kernels {
+        fused_gpu: true,
+        ..Kernels::CANDLE
+    };
+    let mut clip = Clip::new(vb, &config, Towers::ALL, kernels).unwrap();
+    let enc = load(&dir, Towers::TEXT);
+    let rows = enc
+        .tokenizer()
+        .unwrap()
+        .encode_batch(&["a red dress", "two hats"])
+        .unwrap();
+    let batch = TextBatch::new(&rows, enc.eos_token_id().unwrap(), &Device::Cpu).unwrap();
+    let pixels = Tensor::randn(0f32, 1.0, (2, 3, 224, 224), &Device::Cpu).unwrap();
+    let features = |c: &Clip| {
+        (
+            c.text_features(&batch, Mode::Inference)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+            c.image_features(&pixels, Mode::Inference)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap(),
+        )
+    };
+    let before = features(&clip);
+    let released = clip.release_packed_weights().unwrap();
+    // Every layer's q, k and v weights and biases, both towers, f32.
+    let (t, v) = (
+        config.text.as_ref().unwrap(),
+        config.vision.as_ref().unwrap(),
+    );
+    let per = |d: usize, layers: usize| layers * 3 * (d * d + d) * 4;
+    let want = per(t.hidden_size, t.num_hidden_layers) + per(v.hidden_size, v.num_hidden_layers);
+    assert_eq!(released, want);
+    assert_eq!(features(&clip), before);
+}

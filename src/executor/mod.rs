@@ -36,7 +36,8 @@ pub struct ExecutorOptions {
     pub queue_depth: usize,
     /// Documents one request may ask to embed.
     pub max_request_docs: usize,
-    /// Drop the f32 weights once they are packed for AMX, and read token embedding rows from the
+    /// Drop the f32 weights once they are packed for AMX (on a GPU, the separate q, k and v
+    /// weights once stacked), and read token embedding rows from the
     /// checkpoint file instead of keeping the table (the executor never trains): see
     /// [`Encoder::release_for_serving`].
     pub release_packed_weights: bool,
@@ -72,7 +73,7 @@ impl Core {
             if bytes > 0 {
                 crate::model::cpu::trim_heap();
                 tracing::info!(
-                    "serving-only weights: released {} MiB (f32 copies of packed weights, token table)",
+                    "serving-only weights: released {} MiB (f32 copies of AMX-packed weights, separate q/k/v of stacked GPU projections, token table)",
                     bytes >> 20
                 );
             }

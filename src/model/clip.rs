@@ -26,10 +26,18 @@ pub struct Clip {
 
 impl Clip {
     /// For serving only: packs every linear weight for AMX and releases the f32 copies (see
-    /// [`super::layers::Linear::release_packed`]). Returns the bytes released; 0 without AMX.
-    /// The model can no longer be trained afterwards.
+    /// [`super::layers::Linear::release_packed`]); on the fused GPU path, stacks the attention
+    /// projections and releases the separate ones. Returns the bytes released; 0 where neither
+    /// applies. The model can no longer be trained afterwards.
     pub fn release_packed_weights(&mut self) -> candle_core::Result<usize> {
         use rayon::prelude::*;
+        let mut stacked = 0;
+        if let Some(t) = &mut self.text {
+            stacked += t.release_stacked()?;
+        }
+        if let Some(v) = &mut self.vision {
+            stacked += v.release_stacked()?;
+        }
         let mut linears = Vec::new();
         if let Some(t) = &mut self.text {
             linears.extend(t.linears_mut());
@@ -39,10 +47,11 @@ impl Clip {
             linears.extend(v.linears_mut());
         }
         // Packing is a pass over every weight: spread it over the cores (startup time).
-        linears
+        let packed = linears
             .into_par_iter()
             .map(|l| l.release_packed())
-            .try_reduce(|| 0, |a, b| Ok(a + b))
+            .try_reduce(|| 0, |a, b| Ok(a + b))?;
+        Ok(stacked + packed)
     }
 
     /// A copy sharing the weights but not the copies the fused paths made of them (AMX

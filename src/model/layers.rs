@@ -380,6 +380,31 @@ impl Attention {
         self.stacked = Arc::default();
     }
 
+    /// For a process that only serves, on the fused path: stacks the projections now and
+    /// drops the separate q, k and v weights and biases, which that path never reads again
+    /// (the stacked copy would otherwise double them in GPU memory). Returns the bytes
+    /// released; 0 (and nothing changes) off the fused path. Training, the composed path or
+    /// [`Attention::forget_stacked`] on this layer fail afterwards.
+    pub(crate) fn release_stacked(&mut self) -> Result<usize> {
+        if !self.fused {
+            return Ok(0);
+        }
+        if self.stacked.get().is_none() {
+            let Some(s) = self.stack()? else {
+                return Ok(0);
+            };
+            let _ = self.stacked.set(s);
+        }
+        let mut bytes = 0;
+        for l in [&mut self.q_proj, &mut self.k_proj, &mut self.v_proj] {
+            let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+            bytes += size(&l.weight) + l.bias.as_ref().map_or(0, size);
+            l.weight = Tensor::zeros(0, l.weight.dtype(), l.weight.device())?;
+            l.bias = None;
+        }
+        Ok(bytes)
+    }
+
     /// The q, k and v projections' weights and biases stacked, differentiable in the
     /// variables; None if a projection has no bias.
     fn stack(&self) -> Result<Option<(Tensor, Tensor)>> {
@@ -596,6 +621,15 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// [`Attention::release_stacked`] for every layer; the bytes released.
+    pub(crate) fn release_stacked(&mut self) -> Result<usize> {
+        let mut bytes = 0;
+        for l in &mut self.layers {
+            bytes += l.self_attn.release_stacked()?;
+        }
+        Ok(bytes)
+    }
+
     /// Forgets the attention layers' stacked projections (in this clone only).
     pub(crate) fn forget_stacked(&mut self) {
         for l in &mut self.layers {

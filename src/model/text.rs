@@ -148,6 +148,12 @@ impl TextTower {
             .for_each(Linear::forget_packed);
     }
 
+    /// The encoder's separate q, k and v weights, for serving on the fused GPU path
+    /// ([`super::layers::Attention::release_stacked`]); the bytes released.
+    pub(crate) fn release_stacked(&mut self) -> Result<usize> {
+        self.encoder.release_stacked()
+    }
+
     /// Every linear layer, for [`Linear::release_packed`].
     pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
         let mut out = self.encoder.linears_mut();
