@@ -255,6 +255,19 @@ pub fn gelu_copy(name: &str) -> PathBuf {
     dir
 }
 
+/// [`gelu_copy`] with fewer, wider heads (1 in the text tower, 2 in the vision tower): the same
+/// weights (q/k/v are `[dim, dim]` whatever the heads), heads 32 and 64 wide instead of the
+/// fixture's 8 and 16, which the fused attention kernel takes, so the GPU path runs it.
+pub fn wide_heads_copy(name: &str) -> PathBuf {
+    let dir = gelu_copy(name);
+    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&cfg).unwrap();
+    json["text_config"]["num_attention_heads"] = 1.into();
+    json["vision_config"]["num_attention_heads"] = 2.into();
+    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+    dir
+}
+
 /// The fused inference kernels run gelu checkpoints too, with the values of candle's own ops
 /// (the training path); the activation is not quietly swapped for quick_gelu.
 #[test]
@@ -464,15 +477,9 @@ fn the_gpu_layer_path_matches_on_the_cpu() {
     use candle_nn::VarBuilder;
     use clipft::model::policy::Kernels;
     use clipft::model::{Clip, ClipConfig, Mode, TextBatch};
-    // The fixture's heads are 8 and 16 wide; the fused attention kernel takes 32 and 64, so a
-    // copy with fewer, wider heads (the same weights: q/k/v are [dim, dim] whatever the heads)
-    // runs it too.
-    let wide = gelu_copy("gpu-path-wide");
-    let cfg = std::fs::read_to_string(wide.join("config.json")).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&cfg).unwrap();
-    json["text_config"]["num_attention_heads"] = 1.into();
-    json["vision_config"]["num_attention_heads"] = 2.into();
-    std::fs::write(wide.join("config.json"), json.to_string()).unwrap();
+    // The fixture's heads are 8 and 16 wide, too narrow for the fused attention kernel; the
+    // wide-heads copy runs it too.
+    let wide = wide_heads_copy("gpu-path-wide");
     for dir in [fixtures().join("clip-tiny"), gelu_copy("gpu-path"), wide] {
         let config = ClipConfig::from_file(&dir.join("config.json")).unwrap();
         let build = |kernels: Kernels| {
@@ -527,12 +534,7 @@ fn the_gpu_training_path_matches_on_the_cpu() {
     use candle_nn::{VarBuilder, VarMap};
     use clipft::model::policy::Kernels;
     use clipft::model::{Clip, ClipConfig, Mode, TextBatch};
-    let wide = gelu_copy("gpu-train-wide");
-    let cfg = std::fs::read_to_string(wide.join("config.json")).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&cfg).unwrap();
-    json["text_config"]["num_attention_heads"] = 1.into();
-    json["vision_config"]["num_attention_heads"] = 2.into();
-    std::fs::write(wide.join("config.json"), json.to_string()).unwrap();
+    let wide = wide_heads_copy("gpu-train-wide");
     let pixels = Tensor::randn(0f32, 1.0, (3, 3, 224, 224), &Device::Cpu).unwrap();
     for dir in [fixtures().join("clip-tiny"), wide] {
         let config = ClipConfig::from_file(&dir.join("config.json")).unwrap();
@@ -607,11 +609,7 @@ fn stacked_projections_follow_weight_updates() {
     use candle_nn::{VarBuilder, VarMap};
     use clipft::model::policy::Kernels;
     use clipft::model::{Clip, ClipConfig, Mode, TextBatch};
-    let dir = gelu_copy("stacked-fresh");
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&cfg).unwrap();
-    json["text_config"]["num_attention_heads"] = 1.into();
-    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+    let dir = wide_heads_copy("stacked-fresh");
     let config = ClipConfig::from_file(&dir.join("config.json")).unwrap();
     let mut varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
@@ -670,12 +668,7 @@ fn the_gpu_training_path_in_bf16_matches_on_the_cpu() {
     use candle_nn::VarBuilder;
     use clipft::model::policy::Kernels;
     use clipft::model::{Clip, ClipConfig, Mode, TextBatch};
-    let dir = gelu_copy("gpu-train-bf16");
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&cfg).unwrap();
-    json["text_config"]["num_attention_heads"] = 1.into();
-    json["vision_config"]["num_attention_heads"] = 2.into();
-    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+    let dir = wide_heads_copy("gpu-train-bf16");
     let config = ClipConfig::from_file(&dir.join("config.json")).unwrap();
     let weights =
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
@@ -778,12 +771,7 @@ fn serving_releases_the_separate_projections_on_the_gpu_path() {
     use candle_nn::VarBuilder;
     use clipft::model::policy::Kernels;
     use clipft::model::{Clip, ClipConfig, Mode, TextBatch};
-    let dir = gelu_copy("gpu-release");
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    let mut json: serde_json::Value = serde_json::from_str(&cfg).unwrap();
-    json["text_config"]["num_attention_heads"] = 1.into();
-    json["vision_config"]["num_attention_heads"] = 2.into();
-    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+    let dir = wide_heads_copy("gpu-release");
     let config = ClipConfig::from_file(&dir.join("config.json")).unwrap();
     // SAFETY: the fixture is not modified while the test maps it.
     let vb = unsafe {

@@ -108,23 +108,17 @@ impl CustomOp2 for FusedAttention {
         let (s, shape) = self.shape(ql, bl)?;
         let dev = qs.device().clone();
         let d = s.heads * s.head_dim;
-        macro_rules! run {
-            ($t:ty, $name:literal) => {{
-                let qkv = super::cuda_view::<$t>(qs, ql)?;
-                let b = super::cuda_view::<$t>(bs, bl)?;
-                let (q, k, v) = (qkv.slice(0..), qkv.slice(d..), qkv.slice(2 * d..));
-                let (bq, bk, bv) = (b.slice(0..), b.slice(d..), b.slice(2 * d..));
-                let out =
-                    cuda::attention::launch::<$t>($name, &dev, &q, &k, &v, [&bq, &bk, &bv], s)?;
-                candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        let out = match qs.dtype() {
-            candle_core::DType::F32 => run!(f32, "clipft_attention_f32"),
-            candle_core::DType::F16 => run!(half::f16, "clipft_attention_f16"),
-            candle_core::DType::BF16 => run!(half::bf16, "clipft_attention_bf16"),
-            dt => candle_core::bail!("fused attention: f32, f16 or bf16 only, not {dt:?}"),
-        };
+        let out = by_dtype!(qs, self.name(), |T, suffix| {
+            let (qkv, b) = (
+                super::cuda_view::<T>(qs, ql)?,
+                super::cuda_view::<T>(bs, bl)?,
+            );
+            let (q, k, v) = (qkv.slice(0..), qkv.slice(d..), qkv.slice(2 * d..));
+            let (bq, bk, bv) = (b.slice(0..), b.slice(d..), b.slice(2 * d..));
+            let name = format!("clipft_attention_{suffix}");
+            let out = cuda::attention::launch::<T>(&name, &dev, &q, &k, &v, [&bq, &bk, &bv], s)?;
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
         Ok((out, shape))
     }
 
@@ -211,22 +205,13 @@ impl CustomOp3 for AttentionBackward {
         let candle_core::Storage::Cuda(bias) = &*bias else {
             candle_core::bail!("attention backward: the bias is not on the GPU")
         };
-        macro_rules! run {
-            ($t:ty, $suffix:literal) => {{
-                let view = super::cuda_view::<$t>;
-                let (qkv, b) = (view(qs, ql)?, view(bias, bl)?);
-                let (o, g) = (view(os, ol)?, view(gs, gl)?);
-                let grad =
-                    cuda::attention::launch_backward::<$t>($suffix, &dev, &qkv, &b, &o, &g, s)?;
-                candle_core::CudaStorage::wrap_cuda_slice(grad, dev.clone())
-            }};
-        }
-        let out = match qs.dtype() {
-            candle_core::DType::F32 => run!(f32, "f32"),
-            candle_core::DType::F16 => run!(half::f16, "f16"),
-            candle_core::DType::BF16 => run!(half::bf16, "bf16"),
-            dt => candle_core::bail!("attention backward: f32, f16 or bf16 only, not {dt:?}"),
-        };
+        let out = by_dtype!(qs, self.name(), |T, suffix| {
+            let view = super::cuda_view::<T>;
+            let (qkv, b) = (view(qs, ql)?, view(bias, bl)?);
+            let (o, g) = (view(os, ol)?, view(gs, gl)?);
+            let grad = cuda::attention::launch_backward::<T>(suffix, &dev, &qkv, &b, &o, &g, s)?;
+            candle_core::CudaStorage::wrap_cuda_slice(grad, dev.clone())
+        });
         Ok((out, ql.shape().clone()))
     }
 }

@@ -44,31 +44,6 @@ fn check(ls: [&Layout; 3], third_like_x: bool) -> Result<usize> {
     Ok(cols)
 }
 
-#[cfg(feature = "cuda")]
-macro_rules! by_dtype {
-    ($s:expr, |$t:ident, $suffix:ident| $body:expr) => {{
-        use candle_core::backend::BackendStorage;
-        match $s.dtype() {
-            candle_core::DType::F32 => {
-                type $t = f32;
-                let $suffix = "f32";
-                $body
-            }
-            candle_core::DType::F16 => {
-                type $t = half::f16;
-                let $suffix = "f16";
-                $body
-            }
-            candle_core::DType::BF16 => {
-                type $t = half::bf16;
-                let $suffix = "bf16";
-                $body
-            }
-            dt => candle_core::bail!("layer norm: f32, f16 or bf16 only, not {dt:?}"),
-        }
-    }};
-}
-
 impl CustomOp3 for FusedLayerNorm {
     fn name(&self) -> &'static str {
         "clipft-layer-norm"
@@ -106,7 +81,7 @@ impl CustomOp3 for FusedLayerNorm {
         use crate::model::kernels::cuda::layernorm;
         check([xl, wl, bl], false)?;
         let dev = xs.device.clone();
-        let out = by_dtype!(xs, |T, suffix| {
+        let out = by_dtype!(xs, self.name(), |T, suffix| {
             let (x, w, b) = (
                 super::cuda_view::<T>(xs, xl)?,
                 super::cuda_view::<T>(ws, wl)?,
@@ -175,7 +150,7 @@ impl CustomOp3 for LayerNormBackward {
         let cols = check([xl, wl, gl], true)?;
         let rows = xl.shape().elem_count() / cols.max(1);
         let dev = xs.device.clone();
-        let out = by_dtype!(xs, |T, suffix| {
+        let out = by_dtype!(xs, self.name(), |T, suffix| {
             let (x, w, g) = (
                 super::cuda_view::<T>(xs, xl)?,
                 super::cuda_view::<T>(ws, wl)?,

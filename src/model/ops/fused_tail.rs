@@ -52,33 +52,6 @@ fn check(ls: &[&Layout]) -> Result<()> {
     Ok(())
 }
 
-/// Runs a launcher for the element type of the CUDA storage `$s`, viewing each `(storage,
-/// layout)` from its offset.
-#[cfg(feature = "cuda")]
-macro_rules! by_dtype {
-    ($s:expr, |$t:ident, $suffix:ident| $body:expr) => {{
-        use candle_core::backend::BackendStorage;
-        match $s.dtype() {
-            candle_core::DType::F32 => {
-                type $t = f32;
-                let $suffix = "f32";
-                $body
-            }
-            candle_core::DType::F16 => {
-                type $t = half::f16;
-                let $suffix = "f16";
-                $body
-            }
-            candle_core::DType::BF16 => {
-                type $t = half::bf16;
-                let $suffix = "bf16";
-                $body
-            }
-            dt => candle_core::bail!("fused tail: f32, f16 or bf16 only, not {dt:?}"),
-        }
-    }};
-}
-
 impl CustomOp2 for BiasAct {
     fn name(&self) -> &'static str {
         "clipft-bias-act"
@@ -111,11 +84,11 @@ impl CustomOp2 for BiasAct {
         use crate::model::kernels::cuda::elementwise;
         check(&[yl, bl])?;
         let dev = ys.device.clone();
-        let out = by_dtype!(ys, |T, suffix| {
-            let y = ys.as_cuda_slice::<T>()?.slice(yl.start_offset()..);
-            let b = bs.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
-            let y = y.slice(..yl.shape().elem_count());
-            let b = b.slice(..bl.shape().elem_count());
+        let out = by_dtype!(ys, self.name(), |T, suffix| {
+            let (y, b) = (
+                super::cuda_view::<T>(ys, yl)?,
+                super::cuda_view::<T>(bs, bl)?,
+            );
             let out = elementwise::bias_act::<T>(suffix, &dev, &y, &b, self.act)?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
@@ -172,13 +145,9 @@ impl CustomOp3 for BiasActBackward {
         use crate::model::kernels::cuda::elementwise;
         check(&[yl, bl, gl])?;
         let dev = ys.device.clone();
-        let out = by_dtype!(ys, |T, suffix| {
-            let n = yl.shape().elem_count();
-            let y = ys.as_cuda_slice::<T>()?.slice(yl.start_offset()..);
-            let b = bs.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
-            let g = gs.as_cuda_slice::<T>()?.slice(gl.start_offset()..);
-            let (y, g) = (y.slice(..n), g.slice(..n));
-            let b = b.slice(..bl.shape().elem_count());
+        let out = by_dtype!(ys, self.name(), |T, suffix| {
+            let view = super::cuda_view::<T>;
+            let (y, b, g) = (view(ys, yl)?, view(bs, bl)?, view(gs, gl)?);
             let out = elementwise::bias_act_backward::<T>(suffix, &dev, &y, &b, &g, self.act)?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
@@ -209,7 +178,7 @@ impl candle_core::CustomOp1 for ColumnSum {
         }
         let cols = gl.shape().dims().last().copied().unwrap_or(0);
         let dev = gs.device.clone();
-        let out = by_dtype!(gs, |T, suffix| {
+        let out = by_dtype!(gs, self.name(), |T, suffix| {
             let g = super::cuda_view::<T>(gs, gl)?;
             let out = elementwise::column_sum::<T>(suffix, &dev, &g, cols)?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
@@ -254,13 +223,9 @@ impl CustomOp3 for BiasResidual {
         use crate::model::kernels::cuda::elementwise;
         check(&[yl, bl, rl])?;
         let dev = ys.device.clone();
-        let out = by_dtype!(ys, |T, suffix| {
-            let n = yl.shape().elem_count();
-            let y = ys.as_cuda_slice::<T>()?.slice(yl.start_offset()..);
-            let b = bs.as_cuda_slice::<T>()?.slice(bl.start_offset()..);
-            let r = rs.as_cuda_slice::<T>()?.slice(rl.start_offset()..);
-            let (y, r) = (y.slice(..n), r.slice(..n));
-            let b = b.slice(..bl.shape().elem_count());
+        let out = by_dtype!(ys, self.name(), |T, suffix| {
+            let view = super::cuda_view::<T>;
+            let (y, b, r) = (view(ys, yl)?, view(bs, bl)?, view(rs, rl)?);
             let out = elementwise::bias_residual::<T>(suffix, &dev, &y, &b, &r)?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });

@@ -8,6 +8,34 @@
 //! rows) and [`train_embed`] (each tower's embedding as one op). They run the kernels of
 //! [`super::kernels`]; where they do not apply, the layers run candle's own ops.
 
+/// Runs `$body` for the element type of the CUDA storage `$s`, with `$t` the Rust type and
+/// `$suffix` the kernels' name suffix (`f32`, `f16`, `bf16`); other dtypes are an error naming
+/// `$op`. Shared by the GPU path's ops (defined before their modules, which use it).
+#[cfg(feature = "cuda")]
+macro_rules! by_dtype {
+    ($s:expr, $op:expr, |$t:ident, $suffix:ident| $body:expr) => {{
+        use candle_core::backend::BackendStorage;
+        match $s.dtype() {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                let $suffix = "f32";
+                $body
+            }
+            candle_core::DType::F16 => {
+                type $t = half::f16;
+                let $suffix = "f16";
+                $body
+            }
+            candle_core::DType::BF16 => {
+                type $t = half::bf16;
+                let $suffix = "bf16";
+                $body
+            }
+            dt => candle_core::bail!("{}: f32, f16 or bf16 only, not {dt:?}", $op),
+        }
+    }};
+}
+
 pub mod fused_attention;
 pub mod fused_norm;
 pub mod fused_tail;

@@ -100,7 +100,7 @@ pub fn layer_norm_backward_twin(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> R
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, Result};
@@ -151,7 +151,7 @@ mod gpu {
 
     /// `clipft_layernorm_backward_<suffix>`, then `_sum_<suffix>`: `rows + 2` rows of `cols`,
     /// the input's gradient, then the weight's and the bias's.
-    pub fn layer_norm_backward<T: DeviceRepr + ValidAsZeroBits>(
+    pub fn layer_norm_backward<T: DeviceRepr>(
         suffix: &str,
         dev: &CudaDevice,
         x: &CudaView<'_, T>,
@@ -179,11 +179,16 @@ mod gpu {
             PTX,
         )?;
         let blocks = rows.div_ceil(super::BACKWARD_ROWS).max(1);
-        let mut out = dev.alloc_zeros::<T>((rows + 2) * cols)?;
-        // SAFETY: the backward kernel writes all 2 cols partial sums of each of its blocks
-        // (zeros for rows it does not have) before the sum kernel, on the same stream, reads
-        // them.
-        let partial = unsafe { dev.alloc::<f32>(blocks * 2 * cols)? };
+        // SAFETY: every value is written before anything reads it: the backward kernel writes
+        // all rows x cols values of the input's gradient (one warp per row) and all 2 cols
+        // partial sums of each of its blocks (zeros for rows it does not have); the sum kernel,
+        // after it on the same stream, reads the partials and writes the last 2 cols values.
+        let (mut out, partial) = unsafe {
+            (
+                dev.alloc::<T>((rows + 2) * cols)?,
+                dev.alloc::<f32>(blocks * 2 * cols)?,
+            )
+        };
         let (r, c, nb) = (rows as i32, cols as i32, blocks as i32);
         let smem = (NWARPS as usize * 2 * cols * 4) as u32;
         {
