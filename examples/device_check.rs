@@ -106,23 +106,39 @@ fn main() -> anyhow::Result<()> {
     let qkv = Tensor::randn(0f32, 1.0, (b, 77, 3 * d), &cpu)?;
     let qkv_bias = Tensor::randn(0f32, 0.5, 3 * d, &cpu)?;
     let dout = Tensor::randn(0f32, 1.0, (b, 77, d), &cpu)?;
+    // Packed captions: lengths from 1 to 77 end to end (the text tower's layout).
+    let lens: Vec<usize> = (0..b).map(|i| [77, 9, 1, 40, 64, 17][i % 6]).collect();
+    let packing = clipft::model::kernels::seqs::Packing::from_lens(&lens)?;
+    let packed = std::sync::Arc::new(clipft::model::ops::packed::PackedSeqs::new(packing));
     for dt in [DType::F32, DType::F16, DType::BF16] {
-        for (seq, causal) in [(t, false), (77, true)] {
+        for (seq, causal, packed) in [(t, false, None), (77, true, None), (77, true, Some(&packed))] {
             let op = clipft::model::ops::fused_attention::FusedAttention {
                 heads: h,
                 scale: ((d / h) as f32).powf(-0.5),
                 causal,
+                packed: packed.cloned(),
             };
-            let cut = |x: &Tensor| x.narrow(1, 0, seq)?.contiguous()?.to_dtype(dt);
-            let name = format!("fused attention {dt:?} t={seq} causal={causal}");
+            let cut = |x: &Tensor| match packed {
+                Some(p) => {
+                    let w = x.dim(2)?;
+                    x.reshape((x.elem_count() / w, w))?.narrow(0, 0, p.rows())?.to_dtype(dt)
+                }
+                None => x.narrow(1, 0, seq)?.contiguous()?.to_dtype(dt),
+            };
+            let packed_name = if packed.is_some() { " packed" } else { "" };
+            let name = format!("fused attention {dt:?} t={seq} causal={causal}{packed_name}");
             check(&name, &dev, &[&qkv, &qkv_bias], |i| {
                 cut(&i[0])?.apply_op2_no_bwd(&i[1].to_dtype(dt)?, &op)
             })?;
-            let name = format!("fused attention backward {dt:?} t={seq} causal={causal}");
+            let name =
+                format!("fused attention backward {dt:?} t={seq} causal={causal}{packed_name}");
             check(&name, &dev, &[&qkv, &qkv_bias, &dout], |i| {
                 let (x, bias) = (cut(&i[0])?, i[1].to_dtype(dt)?);
                 let o = x.apply_op2_no_bwd(&bias, &op)?;
-                let back = clipft::model::ops::fused_attention::AttentionBackward { op, bias };
+                let back = clipft::model::ops::fused_attention::AttentionBackward {
+                    op: op.clone(),
+                    bias,
+                };
                 x.apply_op3_no_bwd(&o, &cut(&i[2])?, &back)
             })?;
         }

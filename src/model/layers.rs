@@ -14,6 +14,8 @@ use std::sync::{Arc, OnceLock};
 
 use super::amx;
 use super::config::Activation;
+use super::kernels::seqs::Seqs;
+use super::ops::packed::PackedSeqs;
 use super::cpu;
 use super::kernels::cpu_block;
 use super::policy::Kernels;
@@ -420,8 +422,17 @@ impl Attention {
         Ok(Some((Tensor::cat(&weights, 0)?, Tensor::cat(&biases, 0)?)))
     }
 
-    /// `[batch, seq, 3 d]`: the q, k and v products of `x` (without their biases, which the
-    /// attention op adds as it loads them) as one GEMM, and the stacked bias.
+    /// Whether this layer runs the fused attention op (which also takes packed sequences):
+    /// the kernels ask for it and the projections can be stacked.
+    fn runs_fused(&self) -> bool {
+        let biased = [&self.q_proj, &self.k_proj, &self.v_proj]
+            .iter()
+            .all(|l| l.bias.is_some());
+        self.fused && (biased || self.stacked.get().is_some())
+    }
+
+    /// `[.., 3 d]` (`x`'s leading dimensions): the q, k and v products of `x` (without their
+    /// biases, which the attention op adds as it loads them) as one GEMM, and the stacked bias.
     fn qkv(&self, x: &Tensor, mode: Mode) -> Result<Option<(Tensor, Tensor)>> {
         let (w, b) = match (mode, self.stacked.get()) {
             (Mode::Inference, Some(s)) => s.clone(),
@@ -435,9 +446,14 @@ impl Attention {
                 None => return Ok(None),
             },
         };
-        let (bsz, t, d) = x.dims3()?;
-        let y = x.reshape((bsz * t, d))?.matmul(&w.t()?)?;
-        Ok(Some((y.reshape((bsz, t, 3 * d))?, b)))
+        let mut dims = x.dims().to_vec();
+        let Some(d) = dims.pop() else {
+            candle_core::bail!("attention: a scalar input");
+        };
+        let rows = x.elem_count() / d.max(1);
+        let y = x.reshape((rows, d))?.matmul(&w.t()?)?;
+        dims.push(3 * d);
+        Ok(Some((y.reshape(dims)?, b)))
     }
 
     /// `mask`: the text tower's causal mask, or none (vision).
@@ -445,9 +461,9 @@ impl Attention {
         self.out_proj.forward(&self.context(x, mask, mode)?)
     }
 
-    /// The attention's output before `out_proj`: `[batch, seq, dim]`, heads concatenated.
+    /// The attention's output before `out_proj`: `x`'s shape (`[batch, seq, dim]`, or
+    /// `[rows, dim]` for packed sequences), heads concatenated.
     fn context(&self, x: &Tensor, mask: &Mask, mode: Mode) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
         if self.fused {
             if let Some((qkv, bias)) = self.qkv(x, mode)? {
                 // The only mask used is the text tower's causal one.
@@ -455,6 +471,7 @@ impl Attention {
                     heads: self.heads,
                     scale: self.scale as f32,
                     causal: mask.causal(),
+                    packed: mask.packed.clone(),
                 };
                 return match mode {
                     Mode::Inference => qkv.apply_op2_no_bwd(&bias, &op),
@@ -464,8 +481,12 @@ impl Attention {
         }
         if mode == Mode::Train && self.kernels.fused_cpu {
             // One op with its own backward; the only mask used is the text tower's causal one.
-            let op =
-                super::train_ops::AttentionOp::new(self.heads, self.scale as f32, mask.causal());
+            let op = super::train_ops::AttentionOp::new(
+                self.heads,
+                self.scale as f32,
+                mask.causal(),
+                mask.packed.clone(),
+            );
             let (q, k, v) = (
                 self.q_proj.forward(x)?,
                 self.k_proj.forward(x)?,
@@ -475,6 +496,10 @@ impl Attention {
                 .contiguous()?
                 .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
         }
+        if mask.packed.is_some() {
+            candle_core::bail!("packed sequences need clipft's attention kernels, not candle's ops");
+        }
+        let (b, t, d) = x.dims3()?;
         let split = |y: Tensor| -> Result<Tensor> {
             y.reshape((b, t, self.heads, self.head_dim))?
                 .transpose(1, 2)?
@@ -589,8 +614,9 @@ impl EncoderLayer {
         let ctx = a.context(&self.layer_norm1.forward(x, mode)?, mask, mode)?;
         let (ctx, x) = match rows {
             Some(idx) => {
-                let (b, t, d) = x.dims3()?;
-                let pick = |y: &Tensor| y.reshape((b * t, d))?.index_select(idx, 0);
+                let d = x.dim(D::Minus1)?;
+                let n = x.elem_count() / d.max(1);
+                let pick = |y: &Tensor| y.reshape((n, d))?.index_select(idx, 0);
                 (pick(&ctx)?, pick(x)?)
             }
             None => (ctx, x.clone()),
@@ -664,34 +690,58 @@ impl Encoder {
         Ok(Self { layers, kernels })
     }
 
-    /// Runs every block over `x` `[batch, seq, dim]` and returns the hidden states of the rows
-    /// `pooled` names (`(batch, position)` pairs), `[pooled.len(), dim]`: the towers only use one
-    /// row per item, so the fused path computes the last block's queries, attention output and
-    /// MLP for those rows alone. `causal` masks later positions (text).
+    /// Whether [`Encoder::forward_pooled`] takes packed sequences in this model: every path it
+    /// may run then goes through clipft's attention kernels, which honour them (the fused CPU
+    /// kernels and training ops, or the GPU path's attention op on every layer); candle's
+    /// composed attention takes only uniform batches.
+    pub fn takes_packed(&self) -> bool {
+        self.kernels.fused_cpu
+            || (self.kernels.fused_gpu && self.layers.iter().all(|l| l.self_attn.runs_fused()))
+    }
+
+    /// Runs every block over `x` and returns the hidden states of the rows `pooled` names
+    /// (`(item, position)` pairs), `[pooled.len(), dim]`: the towers only use one row per item,
+    /// so the fused paths compute the last block's queries, attention output and MLP for those
+    /// rows alone. `x` is `[batch, seq, dim]`, or with `packed` (where
+    /// [`Encoder::takes_packed`]) `[rows, dim]` holding those sequences end to end. `causal`
+    /// masks later positions (text).
     pub fn forward_pooled(
         &self,
         x: &Tensor,
         causal: bool,
         pooled: &[(usize, usize)],
+        packed: Option<&Arc<PackedSeqs>>,
         mode: Mode,
     ) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
-        if pooled.iter().any(|&(i, p)| i >= b || p >= t) {
-            candle_core::bail!("pooled row outside the [{b}, {t}] batch");
-        }
+        let (seqs, d) = match packed {
+            Some(p) => {
+                let (rows, d) = x.dims2()?;
+                if rows != p.rows() {
+                    candle_core::bail!("{rows} rows for a packed batch of {}", p.rows());
+                }
+                (p.seqs(), d)
+            }
+            None => {
+                let (batch, seq, d) = x.dims3()?;
+                (Seqs::Uniform { batch, seq }, d)
+            }
+        };
+        let idx = pooled
+            .iter()
+            .map(|&(i, p)| seqs.row(i, p).map(|r| r as u32))
+            .collect::<Result<Vec<u32>>>()?;
         // The fused kernels cover quick_gelu (OpenAI checkpoints) and gelu (OpenCLIP/LAION)
         // alike. The model's kernels decide, as they decide for `Linear::release_packed`, which
         // drops the f32 weights that candle's ops would need.
         if mode == Mode::Inference && self.kernels.fused_cpu {
-            return self.forward_fused_cpu(x, causal, pooled);
+            return self.forward_fused_cpu(x, seqs, d, causal, pooled);
         }
         if mode == Mode::Train && self.kernels.train_blocks {
-            if let Some(out) = self.forward_train_blocks(x, causal, pooled)? {
+            if let Some(out) = self.forward_train_blocks(x, causal, pooled, packed)? {
                 return Ok(out);
             }
         }
-        let mask = Mask::new(causal, t, x.dtype(), x.device());
-        let idx: Vec<u32> = pooled.iter().map(|&(i, p)| (i * t + p) as u32).collect();
+        let mask = Mask::new(causal, seqs.max_len(), x.dtype(), x.device(), packed);
         let idx = Tensor::from_vec(idx, pooled.len(), x.device())?;
         let mut x = x.clone();
         if self.kernels.fused_gpu {
@@ -705,7 +755,8 @@ impl Encoder {
         for layer in &self.layers {
             x = layer.forward(&x, &mask, mode)?;
         }
-        x.reshape((b * t, d))?.index_select(&idx, 0)
+        let rows = x.elem_count() / d.max(1);
+        x.reshape((rows, d))?.index_select(&idx, 0)
     }
 
     /// Training through one [`train_block::BlockOp`] per block, the last one computing only the
@@ -715,6 +766,7 @@ impl Encoder {
         x: &Tensor,
         causal: bool,
         pooled: &[(usize, usize)],
+        packed: Option<&Arc<PackedSeqs>>,
     ) -> Result<Option<Tensor>> {
         let Some(blocks) = self
             .layers
@@ -741,6 +793,7 @@ impl Encoder {
                 weights,
                 shape,
                 rows,
+                packed.cloned(),
                 self.kernels.amx,
             ))?;
         }
@@ -751,16 +804,20 @@ impl Encoder {
     fn forward_fused_cpu(
         &self,
         x: &Tensor,
+        seqs: Seqs,
+        d: usize,
         causal: bool,
         pooled: &[(usize, usize)],
     ) -> Result<Tensor> {
-        let (b, t, d) = x.dims3()?;
         let mut h = cpu::to_buf(x)?;
         let Some((last, rest)) = self.layers.split_last() else {
-            let rows: Vec<usize> = pooled.iter().map(|&(i, p)| i * t + p).collect();
+            let rows = pooled
+                .iter()
+                .map(|&(i, p)| seqs.row(i, p))
+                .collect::<Result<Vec<usize>>>()?;
             return cpu::to_tensor(&cpu::gather_rows(&h, d, &rows), &[pooled.len(), d]);
         };
-        let g = cpu_block::Geometry { b, t, d, causal };
+        let g = cpu_block::Geometry { seqs, d, causal };
         for layer in rest {
             h = layer.with_block_weights(|w| cpu_block::block(h, g, w, None))?;
         }
@@ -832,25 +889,34 @@ impl EncoderLayer {
     }
 }
 
-/// The text tower's causal mask for one pass: the flag the fused attention ops take, and the
-/// additive `[t, t]` tensor candle's composed attention adds to its scores, made (and uploaded
-/// to the device) only if a layer asks for it.
+/// Which keys each query sees in one pass: the text tower's causal flag the fused attention ops
+/// take, and the additive `[t, t]` tensor candle's composed attention adds to its scores, made
+/// (and uploaded to the device) only if a layer asks for it; for packed sequences, their
+/// offsets (a query sees only its own sequence).
 struct Mask {
     causal: bool,
     t: usize,
     dtype: DType,
     device: candle_core::Device,
     tensor: OnceLock<Tensor>,
+    packed: Option<Arc<PackedSeqs>>,
 }
 
 impl Mask {
-    fn new(causal: bool, t: usize, dtype: DType, device: &candle_core::Device) -> Self {
+    fn new(
+        causal: bool,
+        t: usize,
+        dtype: DType,
+        device: &candle_core::Device,
+        packed: Option<&Arc<PackedSeqs>>,
+    ) -> Self {
         Self {
             causal,
             t,
             dtype,
             device: device.clone(),
             tensor: OnceLock::new(),
+            packed: packed.cloned(),
         }
     }
 

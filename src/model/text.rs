@@ -1,21 +1,39 @@
 //! The text tower: token + position embeddings, a causal pre-LN encoder, the final layer norm,
 //! pooling at the end-of-text token and the text projection.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Result, Tensor};
 use candle_nn::{Embedding, Module, VarBuilder};
 
 use super::config::TextConfig;
+use super::kernels::seqs::Packing;
 use super::layers::{Encoder, EncoderShape, LayerNorm, Linear, Mode};
+use super::ops::packed::PackedSeqs;
 use super::policy::Kernels;
 
-/// A tokenized batch ready for the tower: ids padded to the longest row, and the position whose
-/// hidden state each row is pooled from.
+/// A tokenized batch ready for the tower: ids padded to the longest row, the position whose
+/// hidden state each row is pooled from, and the same rows packed.
 #[derive(Debug, Clone)]
 pub struct TextBatch {
     /// `[batch, seq]`, u32.
     pub input_ids: Tensor,
     /// One position per row, computed on the host from the ids (no device round-trip).
     pub pool_positions: Vec<usize>,
+    packed: PackedIds,
+}
+
+/// Each row only up to its pooled token, the rows end to end: under the causal mask the tokens
+/// after it cannot change the pooled output, so a tower whose kernels take packed sequences
+/// ([`Encoder::takes_packed`]) computes these alone.
+#[derive(Debug, Clone)]
+struct PackedIds {
+    /// `[rows]`, u32.
+    ids: Tensor,
+    /// Each row's position in its caption, `[rows]`, u32, and the same on the host.
+    positions: Tensor,
+    host_positions: Vec<u32>,
+    seqs: Arc<PackedSeqs>,
 }
 
 impl TextBatch {
@@ -31,14 +49,34 @@ impl TextBatch {
         }
         let flat: Vec<u32> = rows.iter().flatten().copied().collect();
         let input_ids = Tensor::from_vec(flat, (rows.len(), seq), device)?;
-        let pool_positions = rows
+        let pool_positions: Vec<usize> = rows
             .iter()
             .map(|r| pool_position(r, eos_token_id))
             .collect();
+        let lens: Vec<usize> = pool_positions.iter().map(|p| p + 1).collect();
+        let ids: Vec<u32> = rows
+            .iter()
+            .zip(&lens)
+            .flat_map(|(r, &n)| r[..n].iter().copied())
+            .collect();
+        let host_positions: Vec<u32> = lens.iter().flat_map(|&n| 0..n as u32).collect();
+        let n = ids.len();
+        let packed = PackedIds {
+            ids: Tensor::from_vec(ids, n, device)?,
+            positions: Tensor::new(host_positions.as_slice(), device)?,
+            host_positions,
+            seqs: Arc::new(PackedSeqs::new(Packing::from_lens(&lens)?)),
+        };
         Ok(Self {
             input_ids,
             pool_positions,
+            packed,
         })
+    }
+
+    /// The tokens the packed batch holds, for a benchmark's tokens per second.
+    pub fn packed_tokens(&self) -> usize {
+        self.packed.host_positions.len()
     }
 }
 
@@ -265,42 +303,79 @@ impl TextTower {
                 self.config.max_position_embeddings
             );
         }
-        let positions = || self.position_embedding.narrow(0, 0, t);
-        let x = match &self.token_embedding {
-            TokenEmbedding::Loaded(e)
-                if mode == Mode::Train
-                    && self.kernels.train_blocks
-                    && super::train_embed::applies(&[e.embeddings(), &self.position_embedding]) =>
-            {
-                // Token and position embeddings in one op (see `train_embed`).
-                let op = super::train_embed::TokenEmbedOp {
-                    positions: self.position_embedding.clone(),
-                };
-                e.embeddings()
-                    .apply_op2(&batch.input_ids.contiguous()?, op)?
-            }
-            TokenEmbedding::Loaded(e) => {
-                e.forward(&batch.input_ids)?.broadcast_add(&positions()?)?
-            }
-            TokenEmbedding::FileRows(rows) => {
-                if mode == Mode::Train {
-                    candle_core::bail!(
-                        "a model serving token rows from its file cannot be trained"
-                    );
-                }
-                let (b, _) = batch.input_ids.dims2()?;
-                let ids = batch.input_ids.flatten_all()?.to_vec1::<u32>()?;
-                let data = rows.gather(&ids)?;
-                Tensor::from_vec(data, (b, t, rows.hidden), batch.input_ids.device())?
-                    .broadcast_add(&positions()?)?
-            }
+        let packed = self.encoder.takes_packed().then_some(&batch.packed);
+        let x = match packed {
+            Some(p) => self.embed_packed(p, mode)?,
+            None => self.embed_padded(&batch.input_ids, t, mode)?,
         };
         // Layer norm is per position, so normalising only the pooled rows equals transformers'
         // normalise-everything-then-pool, at a fraction of the cost.
         let rows: Vec<(usize, usize)> = batch.pool_positions.iter().copied().enumerate().collect();
-        let pooled = self.encoder.forward_pooled(&x, true, &rows, mode)?;
+        let seqs = packed.map(|p| &p.seqs);
+        let pooled = self.encoder.forward_pooled(&x, true, &rows, seqs, mode)?;
         let pooled = self.final_layer_norm.forward(&pooled, mode)?;
         self.projection.forward_t(&pooled, mode)
+    }
+
+    /// Token and position embeddings of the padded ids `[batch, t]`: `[batch, t, hidden]`.
+    fn embed_padded(&self, input_ids: &Tensor, t: usize, mode: Mode) -> Result<Tensor> {
+        let positions = || self.position_embedding.narrow(0, 0, t);
+        match &self.token_embedding {
+            TokenEmbedding::Loaded(e) if self.fused_embedding(e, mode) => {
+                // Token and position embeddings in one op (see `train_embed`).
+                let op = super::train_embed::TokenEmbedOp {
+                    positions: self.position_embedding.clone(),
+                    row_positions: None,
+                };
+                e.embeddings().apply_op2(&input_ids.contiguous()?, op)
+            }
+            TokenEmbedding::Loaded(e) => e.forward(input_ids)?.broadcast_add(&positions()?),
+            TokenEmbedding::FileRows(rows) => {
+                Self::refuse_training_from_file(mode)?;
+                let (b, _) = input_ids.dims2()?;
+                let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
+                let data = rows.gather(&ids)?;
+                Tensor::from_vec(data, (b, t, rows.hidden), input_ids.device())?
+                    .broadcast_add(&positions()?)
+            }
+        }
+    }
+
+    /// Token and position embeddings of the packed rows: `[rows, hidden]`.
+    fn embed_packed(&self, p: &PackedIds, mode: Mode) -> Result<Tensor> {
+        match &self.token_embedding {
+            TokenEmbedding::Loaded(e) if self.fused_embedding(e, mode) => {
+                let op = super::train_embed::TokenEmbedOp {
+                    positions: self.position_embedding.clone(),
+                    row_positions: Some(p.host_positions.clone()),
+                };
+                e.embeddings().apply_op2(&p.ids, op)
+            }
+            TokenEmbedding::Loaded(e) => {
+                e.forward(&p.ids)? + self.position_embedding.index_select(&p.positions, 0)?
+            }
+            TokenEmbedding::FileRows(rows) => {
+                Self::refuse_training_from_file(mode)?;
+                let ids = p.ids.to_vec1::<u32>()?;
+                let data = rows.gather(&ids)?;
+                Tensor::from_vec(data, (ids.len(), rows.hidden), p.ids.device())?
+                    + self.position_embedding.index_select(&p.positions, 0)?
+            }
+        }
+    }
+
+    /// Whether training embeds through the fused op (see `train_embed`).
+    fn fused_embedding(&self, e: &Embedding, mode: Mode) -> bool {
+        mode == Mode::Train
+            && self.kernels.train_blocks
+            && super::train_embed::applies(&[e.embeddings(), &self.position_embedding])
+    }
+
+    fn refuse_training_from_file(mode: Mode) -> Result<()> {
+        if mode == Mode::Train {
+            candle_core::bail!("a model serving token rows from its file cannot be trained");
+        }
+        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::amx;
+pub use super::seqs::Seqs;
 
 /// How f32 matrix products may be computed on the CPU, after PyTorch's
 /// `torch.set_float32_matmul_precision`: one process-wide choice, made before models run.
@@ -400,12 +401,12 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// Batch geometry of one attention call. Queries, keys and values are row-major matrices whose
-/// rows are `ld` apart (`d` for separate projections, `3 d` inside one fused QKV buffer).
+/// Geometry of one attention call: the batch's sequences ([`Seqs`]: uniform, or packed end to
+/// end), and queries, keys and values as row-major matrices whose rows are `ld` apart (`d` for
+/// separate projections, `3 d` inside one fused QKV buffer).
 #[derive(Clone, Copy, Debug)]
-pub struct AttnShape {
-    pub batch: usize,
-    pub seq: usize,
+pub struct AttnShape<'a> {
+    pub seqs: Seqs<'a>,
     pub heads: usize,
     pub head_dim: usize,
     pub scale: f32,
@@ -413,10 +414,11 @@ pub struct AttnShape {
     pub ld: usize,
 }
 
-impl AttnShape {
-    /// The shape of attention over `[batch, seq, dim]` rows `ld` apart.
+impl<'a> AttnShape<'a> {
+    /// The shape of attention over `seqs` of `dim`-wide rows `ld` apart.
     pub fn new(
-        (batch, seq, dim): (usize, usize, usize),
+        seqs: Seqs<'a>,
+        dim: usize,
         heads: usize,
         scale: f32,
         causal: bool,
@@ -426,8 +428,7 @@ impl AttnShape {
             bail!("attention: {dim} is not divisible by {heads} heads");
         }
         Ok(Self {
-            batch,
-            seq,
+            seqs,
             heads,
             head_dim: dim / heads,
             scale,
@@ -440,20 +441,51 @@ impl AttnShape {
         self.heads * self.head_dim
     }
 
-    /// Keys a query at `pos` sees.
-    pub fn valid(&self, pos: usize) -> usize {
+    /// Keys a query at `pos` of sequence `item` sees.
+    pub fn valid(&self, item: usize, pos: usize) -> usize {
         if self.causal {
             pos + 1
         } else {
-            self.seq
+            self.seqs.len(item)
         }
+    }
+
+    /// Checks that `q`, `k` and `v` hold every row the shape reads (row `r` at
+    /// `[r * ld + h * hd, .. + hd)` for every head `h`), without overflow whatever the fields
+    /// say; returns the rows and `d`. Panics otherwise: a safe kernel must not read past them.
+    pub(crate) fn check_inputs(&self, q: &[f32], k: &[f32], v: &[f32]) -> (usize, usize) {
+        let overflow = "attention: the shape overflows usize";
+        let d = self.heads.checked_mul(self.head_dim).expect(overflow);
+        let rows = self.seqs.rows().expect(overflow);
+        let read = match rows {
+            0 => 0,
+            r => (r - 1)
+                .checked_mul(self.ld)
+                .and_then(|x| x.checked_add(d))
+                .expect(overflow),
+        };
+        assert!(
+            [q, k, v].iter().all(|m| m.len() >= read),
+            "attention: q, k and v need {read} values"
+        );
+        (rows, d)
+    }
+
+    /// Values of the per-(item, head) probability blocks, `max_len`-square each.
+    pub(crate) fn probs_len(&self) -> usize {
+        let t = self.seqs.max_len();
+        t.checked_mul(t)
+            .and_then(|tt| tt.checked_mul(self.seqs.items()))
+            .and_then(|x| x.checked_mul(self.heads))
+            .expect("attention: the shape overflows usize")
     }
 }
 
 /// Multi-head scaled dot-product attention over every query: writes the context `out`
-/// (`[batch * seq, d]`, heads concatenated, ready for `out_proj`) and, for a training step's
-/// backward pass, the probabilities (`[batch * heads, seq, seq]`, masked entries 0). `causal`
-/// masks out keys after the query's position (the text tower).
+/// (`[rows, d]`, heads concatenated, ready for `out_proj`) and, for a training step's backward
+/// pass, the probabilities (one `max_len`-square block per (item, head), row-major with stride
+/// `max_len`; masked entries 0, entries past a shorter sequence untouched). `causal` masks out
+/// keys after the query's position (the text tower); a query sees only its own sequence's keys.
 pub fn attention_into(
     q: &[f32],
     k: &[f32],
@@ -462,31 +494,13 @@ pub fn attention_into(
     out: &mut [f32],
     probs: Option<&mut [f32]>,
 ) {
-    let (t, hd, ld) = (s.seq, s.head_dim, s.ld);
-    // The extents the unsafe block below reads and writes, checked without overflow whatever
-    // the shape says: row r of q, k and v is read at [r * ld + h * hd, .. + hd) for every head h.
-    let overflow = "attention: the shape overflows usize";
-    let d = s.heads.checked_mul(hd).expect(overflow);
-    let rows = s.batch.checked_mul(t).expect(overflow);
-    let read = match rows {
-        0 => 0,
-        r => (r - 1)
-            .checked_mul(ld)
-            .and_then(|x| x.checked_add(d))
-            .expect(overflow),
-    };
-    assert!(
-        [q, k, v].iter().all(|m| m.len() >= read),
-        "attention: q, k and v need {read} values"
-    );
-    assert!(out.len() >= rows.checked_mul(d).expect(overflow));
-    let tasks = s.batch.checked_mul(s.heads).expect(overflow);
+    let (t, hd, ld) = (s.seqs.max_len(), s.head_dim, s.ld);
+    // The extents the unsafe block below reads and writes, checked without overflow.
+    let (rows, d) = s.check_inputs(q, k, v);
+    assert!(out.len() >= rows.checked_mul(d).expect("attention: the shape overflows usize"));
+    let tasks = s.seqs.items() * s.heads;
     let kept = probs.map(|p| {
-        let need = t
-            .checked_mul(t)
-            .and_then(|tt| tt.checked_mul(tasks))
-            .expect(overflow);
-        assert!(p.len() >= need);
+        assert!(p.len() >= s.probs_len());
         SendPtr(p.as_mut_ptr())
     });
     let optr = SendPtr(out.as_mut_ptr());
@@ -494,20 +508,22 @@ pub fn attention_into(
         || vec![0f32; if kept.is_some() { 0 } else { t * t }],
         |scratch, bh| {
             let (item, h) = (bh / s.heads, bh % s.heads);
-            let (base, obase) = (item * t * ld + h * hd, item * t * d + h * hd);
+            let (start, n) = (s.seqs.start(item), s.seqs.len(item));
+            let (base, obase) = (start * ld + h * hd, start * d + h * hd);
             let (o, kept) = (&optr, &kept);
-            // SAFETY: the reads are rows item * t .. item * t + t of q, k and v at columns
-            // h * hd .. h * hd + hd, inside `read` (asserted above, without overflow); the writes
-            // cover this (item, head) block of `out` (rows * d values, asserted) and of the kept
-            // probabilities (t * t per task, asserted), which no other task touches.
+            // SAFETY: the reads are rows start .. start + n (n <= t, inside the `rows` the
+            // sequences cover) of q, k and v at columns h * hd .. h * hd + hd, inside what
+            // `check_inputs` asserted; the writes cover this (item, head) block of `out` (rows * d
+            // values, asserted) and of the kept probabilities (t * t per task, asserted), which
+            // no other task touches.
             unsafe {
                 let p: &mut [f32] = match kept {
                     Some(k) => std::slice::from_raw_parts_mut(k.0.add(bh * t * t), t * t),
                     None => scratch,
                 };
                 gemm::gemm(
-                    t,
-                    t,
+                    n,
+                    n,
                     hd,
                     p.as_mut_ptr(),
                     1,
@@ -526,15 +542,15 @@ pub fn attention_into(
                     false,
                     Parallelism::None,
                 );
-                for (i, row) in p.chunks_mut(t).enumerate() {
-                    let valid = s.valid(i);
+                for (i, row) in p.chunks_mut(t).take(n).enumerate() {
+                    let valid = s.valid(item, i);
                     simd::softmax_row(&mut row[..valid]);
-                    row[valid..].fill(0.0);
+                    row[valid..n].fill(0.0);
                 }
                 gemm::gemm(
-                    t,
+                    n,
                     hd,
-                    t,
+                    n,
                     o.0.add(obase),
                     1,
                     d as isize,
@@ -572,22 +588,28 @@ pub fn attention_rows_into(
     out: &mut [f32],
     probs: Option<&mut [f32]>,
 ) {
-    let (t, d, hd, ld) = (s.seq, s.d(), s.head_dim, s.ld);
+    let (t, d, hd, ld) = (s.seqs.max_len(), s.d(), s.head_dim, s.ld);
+    assert!(
+        rows.iter()
+            .all(|&(item, pos)| item < s.seqs.items() && pos < s.seqs.len(item)),
+        "attention: a selected row is outside the batch"
+    );
     let row = |(out, probs): (&mut [f32], &mut [f32]), (&(item, pos), &at): (_, &usize)| {
-        let valid = s.valid(pos);
+        let valid = s.valid(item, pos);
+        let start = s.seqs.start(item);
         let qr = &q[at..];
         for h in 0..s.heads {
             let qh = &qr[h * hd..(h + 1) * hd];
             let p = &mut probs[h * t..(h + 1) * t];
             for (j, pj) in p[..valid].iter_mut().enumerate() {
-                *pj = simd::dot_f32(qh, &k[(item * t + j) * ld + h * hd..][..hd]) * s.scale;
+                *pj = simd::dot_f32(qh, &k[(start + j) * ld + h * hd..][..hd]) * s.scale;
             }
             simd::softmax_row(&mut p[..valid]);
             p[valid..].fill(0.0);
             let oh = &mut out[h * hd..(h + 1) * hd];
             oh.fill(0.0);
             for (j, pj) in p[..valid].iter().enumerate() {
-                let vr = &v[(item * t + j) * ld + h * hd..][..hd];
+                let vr = &v[(start + j) * ld + h * hd..][..hd];
                 for (o, x) in oh.iter_mut().zip(vr) {
                     *o += pj * x;
                 }
@@ -632,7 +654,7 @@ mod tests {
     #[test]
     fn attention_refuses_short_inputs() {
         let (b, t, d, heads, ld) = (2, 3, 8, 2, 24);
-        let s = AttnShape::new((b, t, d), heads, 0.5, false, ld).unwrap();
+        let s = AttnShape::new(Seqs::Uniform { batch: b, seq: t }, d, heads, 0.5, false, ld).unwrap();
         let full = (b * t - 1) * ld + d;
         let ok = seq(full, 0.1);
         let mut out = vec![0f32; b * t * d];

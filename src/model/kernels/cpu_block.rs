@@ -8,6 +8,7 @@ use candle_core::Result;
 
 use super::amx;
 use super::cpu::{self, Buf};
+use super::seqs::Seqs;
 
 /// A linear layer's weight `[n, k]`, bias `[n]` and, where the model multiplies on AMX, its
 /// packed copy with the precision (the f32 weight may then be empty: released after packing).
@@ -50,43 +51,51 @@ pub struct BlockWeights<'a> {
     pub scale: f32,
 }
 
-/// Batch geometry: `b` items of `t` positions of width `d`; `causal` masks later positions.
+/// Batch geometry: the sequences ([`Seqs`]: `b` items of `t` positions, or packed) of
+/// `d`-wide rows; `causal` masks later positions.
 #[derive(Debug, Clone, Copy)]
-pub struct Geometry {
-    pub b: usize,
-    pub t: usize,
+pub struct Geometry<'a> {
+    pub seqs: Seqs<'a>,
     pub d: usize,
     pub causal: bool,
 }
 
-/// One block over `x` (`[b * t, d]`). With `pooled` ((item, position) pairs), only those rows are
-/// computed past the keys and values, and returned (`[pooled.len(), d]`).
+/// One block over `x` (`[rows, d]`, the rows `g.seqs` covers). With `pooled` ((item, position)
+/// pairs), only those rows are computed past the keys and values, and returned
+/// (`[pooled.len(), d]`).
 pub fn block(
     x: Buf,
     g: Geometry,
     w: &BlockWeights,
     pooled: Option<&[(usize, usize)]>,
 ) -> Result<Buf> {
-    let Geometry { b, t, d, causal } = g;
+    let Geometry { seqs, d, causal } = g;
+    let rows = seqs.rows().unwrap_or(usize::MAX);
+    if x.len() != rows.saturating_mul(d) {
+        candle_core::bail!("encoder block: {} values are not {rows} rows of {d}", x.len());
+    }
     let ln = |n: &NormWeights, x: &[f32]| cpu::layer_norm(x, d, n.w, n.b, n.eps);
     let h = ln(&w.ln1, &x);
     let k = w.k.apply(&h, d, None);
     let v = w.v.apply(&h, d, None);
-    let sh = cpu::AttnShape::new((b, t, d), w.heads, w.scale, causal, d)?;
+    let sh = cpu::AttnShape::new(seqs, d, w.heads, w.scale, causal, d)?;
     let (ctx, x) = match pooled {
         None => {
             let q = w.q.apply(&h, d, None);
-            let mut ctx = Buf::new(b * t * d);
+            let mut ctx = Buf::new(rows * d);
             cpu::attention_into(&q, &k, &v, sh, &mut ctx, None);
             (ctx, x)
         }
-        Some(rows) => {
-            let idx: Vec<usize> = rows.iter().map(|&(i, p)| i * t + p).collect();
+        Some(picked) => {
+            let idx = picked
+                .iter()
+                .map(|&(i, p)| seqs.row(i, p))
+                .collect::<Result<Vec<usize>>>()?;
             let q = w.q.apply(&cpu::gather_rows(&h, d, &idx), d, None);
             // q holds only the pooled rows, one after the other.
-            let q_at: Vec<usize> = (0..rows.len()).map(|i| i * d).collect();
-            let mut ctx = Buf::new(rows.len() * d);
-            cpu::attention_rows_into(&q, &q_at, &k, &v, sh, rows, &mut ctx, None);
+            let q_at: Vec<usize> = (0..picked.len()).map(|i| i * d).collect();
+            let mut ctx = Buf::new(picked.len() * d);
+            cpu::attention_rows_into(&q, &q_at, &k, &v, sh, picked, &mut ctx, None);
             (ctx, cpu::gather_rows(&x, d, &idx))
         }
     };

@@ -3,6 +3,8 @@
 //! from those, over weights the layers describe as slices) and [`amx`] beside them (bf16x3 /
 //! bf16 products on Intel AMX tiles, `--matmul-precision`). Every kernel here is a
 //! slice function; the model reaches them through its layers and the ops in [`super::ops`].
+//! [`seqs`]: where a batch's sequences lie in its rows (uniform, or packed end to end), for the
+//! attention kernels.
 //! [`adam`]: the optimiser's update over one parameter's buffers (the trainer runs it).
 //! [`cuda`]: the CUDA kernels (`.cu`, compiled to PTX under the `cuda` feature), each with the
 //! CPU twin the normal test suite runs.
@@ -16,3 +18,4 @@ pub mod amx;
 pub mod cpu;
 pub mod cpu_block;
 pub mod cuda;
+pub mod seqs;

@@ -10,17 +10,25 @@
 //! (on the product with the bias added in f32 first, the same sums the kernels make as they
 //! load), which is what the normal test suite checks.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::packed::PackedSeqs;
+use crate::model::kernels::seqs::Seqs;
 
 use crate::model::kernels::cuda::attention::attention_backward_twin;
 use crate::model::kernels::cuda::{attention_twin, AttentionShape};
 
-/// `softmax(q k^T * scale [+ causal mask]) v` per head, from `qkv` and its bias.
-#[derive(Debug, Clone, Copy)]
+/// `softmax(q k^T * scale [+ causal mask]) v` per head, from `qkv` and its bias. With
+/// `packed`, `qkv` is `[rows, 3 d]` holding those sequences end to end (each query sees only its
+/// own sequence's keys) and the context `[rows, d]`.
+#[derive(Debug, Clone)]
 pub struct FusedAttention {
     pub heads: usize,
     pub scale: f32,
     pub causal: bool,
+    pub packed: Option<Arc<PackedSeqs>>,
 }
 
 /// The gradient of [`FusedAttention`] with respect to `qkv` (and so to its bias, summed over
@@ -34,13 +42,25 @@ pub struct AttentionBackward {
 
 impl FusedAttention {
     /// The kernel's geometry for a stacked product of layout `l` (contiguous, `[batch, seq,
-    /// 3 d]`, `d` divisible by the heads) and a bias of layout `bl` (`[3 d]`, contiguous), and
-    /// the context's shape.
-    fn shape(&self, l: &Layout, bl: &Layout) -> Result<(AttentionShape, Shape)> {
+    /// 3 d]`, or `[rows, 3 d]` packed; `d` divisible by the heads) and a bias of layout `bl`
+    /// (`[3 d]`, contiguous), and the context's shape.
+    fn shape(&self, l: &Layout, bl: &Layout) -> Result<(AttentionShape<'_>, Shape)> {
         if !l.is_contiguous() || !bl.is_contiguous() {
             candle_core::bail!("fused attention: a contiguous qkv and bias only");
         }
-        let (batch, seq, w) = l.shape().dims3()?;
+        let (seqs, w, lead) = match &self.packed {
+            Some(p) => {
+                let (rows, w) = l.shape().dims2()?;
+                if rows != p.rows() {
+                    candle_core::bail!("fused attention: {rows} rows for a packed batch of {}", p.rows());
+                }
+                (p.seqs(), w, vec![rows])
+            }
+            None => {
+                let (batch, seq, w) = l.shape().dims3()?;
+                (Seqs::Uniform { batch, seq }, w, vec![batch, seq])
+            }
+        };
         if self.heads == 0 || !w.is_multiple_of(3 * self.heads) {
             candle_core::bail!(
                 "fused attention: qkv rows of {w} are not 3 x {} heads",
@@ -52,15 +72,16 @@ impl FusedAttention {
         }
         let d = w / 3;
         let s = AttentionShape {
-            batch,
-            seq,
+            seqs,
             heads: self.heads,
             head_dim: d / self.heads,
             ld: w,
             scale: self.scale,
             causal: self.causal,
         };
-        Ok((s, Shape::from((batch, seq, d))))
+        let mut out = lead;
+        out.push(d);
+        Ok((s, Shape::from(out)))
     }
 }
 
@@ -116,7 +137,12 @@ impl CustomOp2 for FusedAttention {
             let (q, k, v) = (qkv.slice(0..), qkv.slice(d..), qkv.slice(2 * d..));
             let (bq, bk, bv) = (b.slice(0..), b.slice(d..), b.slice(2 * d..));
             let name = format!("clipft_attention_{suffix}");
-            let out = cuda::attention::launch::<T>(&name, &dev, &q, &k, &v, [&bq, &bk, &bv], s)?;
+            let offsets = match &self.packed {
+                Some(p) => Some(p.device_offsets(&dev)?),
+                None => None,
+            };
+            let biases = [&bq, &bk, &bv];
+            let out = cuda::attention::launch::<T>(&name, &dev, &q, &k, &v, biases, s, offsets)?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((out, shape))
@@ -130,7 +156,7 @@ impl CustomOp2 for FusedAttention {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let back = AttentionBackward {
-            op: *self,
+            op: self.clone(),
             bias: bias.contiguous()?,
         };
         let grad = qkv.apply_op3_no_bwd(&res.contiguous()?, &grad_res.contiguous()?, &back)?;
@@ -141,7 +167,7 @@ impl CustomOp2 for FusedAttention {
 
 impl AttentionBackward {
     /// The geometry, checking that the output and its gradient are `[batch, seq, d]` of `qkv`.
-    fn shape(&self, ls: [&Layout; 3]) -> Result<AttentionShape> {
+    fn shape(&self, ls: [&Layout; 3]) -> Result<AttentionShape<'_>> {
         let (s, out) = self.op.shape(ls[0], self.bias.layout())?;
         for l in &ls[1..] {
             if l.shape() != &out || !l.is_contiguous() {
@@ -209,7 +235,12 @@ impl CustomOp3 for AttentionBackward {
             let view = super::cuda_view::<T>;
             let (qkv, b) = (view(qs, ql)?, view(bias, bl)?);
             let (o, g) = (view(os, ol)?, view(gs, gl)?);
-            let grad = cuda::attention::launch_backward::<T>(suffix, &dev, &qkv, &b, &o, &g, s)?;
+            let offsets = match &self.op.packed {
+                Some(p) => Some(p.device_offsets(&dev)?),
+                None => None,
+            };
+            let grad =
+                cuda::attention::launch_backward::<T>(suffix, &dev, &qkv, &b, &o, &g, s, offsets)?;
             candle_core::CudaStorage::wrap_cuda_slice(grad, dev.clone())
         });
         Ok((out, ql.shape().clone()))
@@ -250,6 +281,7 @@ mod tests {
             heads,
             scale: 64f32.powf(-0.5),
             causal,
+            packed: None,
         }
     }
 
@@ -377,7 +409,7 @@ mod tests {
                 );
                 // The backward from the same output on both sides.
                 let back = |bias: &Tensor| AttentionBackward {
-                    op,
+                    op: op.clone(),
                     bias: bias.clone(),
                 };
                 let twin = c.apply_op3_no_bwd(&twin, &g, &back(&cb))?;

@@ -5,7 +5,8 @@
 //! training graph's, with their own backward:
 //! [`train_ops`] (linear, layer norm, quick_gelu, softmax, attention as single ops),
 //! [`train_block`] (a whole transformer block as one op, the last one computing only the pooled
-//! rows) and [`train_embed`] (each tower's embedding as one op). They run the kernels of
+//! rows) and [`train_embed`] (each tower's embedding as one op). [`packed`]: a batch of
+//! sequences laid end to end, as the attention ops and the block op take it. They run the kernels of
 //! [`super::kernels`]; where they do not apply, the layers run candle's own ops.
 
 /// Runs `$body` for the element type of the CUDA storage `$s`, with `$t` the Rust type and
@@ -37,6 +38,7 @@ macro_rules! by_dtype {
 }
 
 pub mod fused_attention;
+pub mod packed;
 pub mod fused_norm;
 pub mod fused_tail;
 pub mod train_block;

@@ -21,6 +21,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use super::train_ops::{self, AttnShape};
+use crate::model::kernels::seqs::Seqs;
 use crate::model::cpu;
 
 /// The tensors of one block, in the order [`BlockOp`] reads them.
@@ -82,12 +83,14 @@ struct Saved {
     a: Vec<f32>,
 }
 
-/// `x -> x + attn(ln1(x)); x + mlp(ln2(x))` (quick_gelu MLP) over `[batch, seq, dim]`; with
-/// `pooled`, only those (item, position) rows are returned (`[pooled.len(), dim]`).
+/// `x -> x + attn(ln1(x)); x + mlp(ln2(x))` (quick_gelu MLP) over `[batch, seq, dim]`, or over
+/// `[rows, dim]` holding the sequences of `packing` end to end; with `pooled`, only those
+/// (item, position) rows are returned (`[pooled.len(), dim]`).
 pub(crate) struct BlockOp {
     weights: Vec<Tensor>,
     shape: BlockShape,
     pooled: Option<Vec<(usize, usize)>>,
+    packing: Option<std::sync::Arc<super::packed::PackedSeqs>>,
     /// The model's AMX precision for the block's products.
     amx: Option<crate::model::amx::Precision>,
     saved: Mutex<Option<Saved>>,
@@ -110,38 +113,55 @@ impl BlockOp {
         weights: Vec<Tensor>,
         shape: BlockShape,
         pooled: Option<Vec<(usize, usize)>>,
+        packing: Option<std::sync::Arc<super::packed::PackedSeqs>>,
         amx: Option<crate::model::amx::Precision>,
     ) -> Self {
         Self {
             weights,
             shape,
             pooled,
+            packing,
             amx,
             saved: Mutex::new(None),
         }
     }
 
-    fn attn_shape(&self, b: usize, t: usize, d: usize) -> Result<AttnShape> {
-        let s = self.shape;
-        AttnShape::new((b, t, d), s.heads, s.scale, s.causal, 3 * d)
+    /// The input's sequences and width: `[batch, seq, dim]`, or `[rows, dim]` packed.
+    fn geometry(&self, shape: &Shape) -> Result<(Seqs<'_>, usize)> {
+        match &self.packing {
+            Some(p) => {
+                let (rows, d) = shape.dims2()?;
+                if rows != p.rows() {
+                    candle_core::bail!("encoder block: {rows} rows do not hold the packed batch");
+                }
+                Ok((p.seqs(), d))
+            }
+            None => {
+                let (batch, seq, d) = shape.dims3()?;
+                Ok((Seqs::Uniform { batch, seq }, d))
+            }
+        }
     }
 
-    /// Row indices (into `[batch * seq]`) of the block's output rows, or None for all.
-    fn out_rows(&self, b: usize, t: usize) -> Result<Option<Vec<usize>>> {
+    fn attn_shape<'s>(&self, seqs: Seqs<'s>, d: usize) -> Result<AttnShape<'s>> {
+        let s = self.shape;
+        AttnShape::new(seqs, d, s.heads, s.scale, s.causal, 3 * d)
+    }
+
+    /// Row indices of the block's output rows, or None for all.
+    fn out_rows(&self, seqs: Seqs) -> Result<Option<Vec<usize>>> {
         let Some(p) = &self.pooled else {
             return Ok(None);
         };
-        if p.iter().any(|&(i, pos)| i >= b || pos >= t) {
-            candle_core::bail!("pooled row outside the [{b}, {t}] batch");
-        }
-        Ok(Some(p.iter().map(|&(i, pos)| i * t + pos).collect()))
+        let rows = p.iter().map(|&(i, pos)| seqs.row(i, pos));
+        Ok(Some(rows.collect::<Result<Vec<usize>>>()?))
     }
 
-    fn forward(&self, x: &[f32], b: usize, t: usize, d: usize, w: &[&[f32]]) -> Result<Vec<f32>> {
-        let rows = b * t;
+    fn forward(&self, x: &[f32], seqs: Seqs, d: usize, w: &[&[f32]]) -> Result<Vec<f32>> {
+        let rows = x.len() / d.max(1);
         let inter = w[FC1_B].len();
         let eps = self.shape.eps;
-        let sh = self.attn_shape(b, t, d)?;
+        let sh = self.attn_shape(seqs, d)?;
         let h1 = train_ops::layer_norm_forward(x, w[LN1_W], w[LN1_B], eps);
         // Stacked along the output dimension, so one product gives the rows [q | k | v].
         let wqkv = [w[Q_W], w[K_W], w[V_W]].concat();
@@ -149,17 +169,17 @@ impl BlockOp {
         let qkv =
             train_ops::linear_forward(&h1, rows, d, &wqkv, 3 * d, Some(&bqkv), None, self.amx);
         let (q, k, v) = (&qkv[..], &qkv[d..], &qkv[2 * d..]);
-        let (ctx, probs, residual) = match self.out_rows(b, t)? {
+        let (ctx, probs, residual) = match self.out_rows(seqs)? {
             None => {
                 let mut ctx = vec![0f32; rows * d];
-                let mut probs = vec![0f32; b * sh.heads * t * t];
+                let mut probs = vec![0f32; sh.probs_len()];
                 cpu::attention_into(q, k, v, sh, &mut ctx, Some(&mut probs));
                 (ctx, probs, None)
             }
             Some(out) => {
                 let pooled = self.pooled.as_deref().unwrap_or_default();
                 let mut ctx = vec![0f32; out.len() * d];
-                let mut probs = vec![0f32; out.len() * sh.heads * t];
+                let mut probs = vec![0f32; out.len() * sh.heads * seqs.max_len()];
                 let q_at: Vec<usize> = out.iter().map(|r| r * 3 * d).collect();
                 cpu::attention_rows_into(q, &q_at, k, v, sh, pooled, &mut ctx, Some(&mut probs));
                 (ctx, probs, Some(cpu::gather_rows(x, d, &out)))
@@ -212,15 +232,14 @@ impl BlockOp {
         s: &Saved,
         x: &[f32],
         dy: &[f32],
-        b: usize,
-        t: usize,
+        seqs: Seqs,
         d: usize,
         w: &[&[f32]],
     ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
-        let rows = b * t;
+        let rows = x.len() / d.max(1);
         let inter = w[FC1_B].len();
         let eps = self.shape.eps;
-        let sh = self.attn_shape(b, t, d)?;
+        let sh = self.attn_shape(seqs, d)?;
         let n = dy.len() / d;
         let lin = train_ops::linear_backward;
         let (da, dw2, db2) = lin(&s.a, n, inter, w[FC2_W], d, dy, true, true, self.amx);
@@ -239,7 +258,7 @@ impl BlockOp {
         let dctx = dctx.unwrap_or_default();
         let (q, k, v) = (&s.qkv[..], &s.qkv[d..], &s.qkv[2 * d..]);
         let mut dqkv = vec![0f32; rows * 3 * d];
-        let mut dx = match self.out_rows(b, t)? {
+        let mut dx = match self.out_rows(seqs)? {
             None => {
                 train_ops::attention_backward(q, k, v, sh, &s.probs, &dctx, &mut dqkv);
                 dx2
@@ -295,7 +314,7 @@ impl CustomOp1 for BlockOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (b, t, d) = l.shape().dims3()?;
+        let (seqs, d) = self.geometry(l.shape())?;
         let CpuStorage::F32(v) = s else {
             candle_core::bail!("encoder block: f32 only")
         };
@@ -307,17 +326,17 @@ impl CustomOp1 for BlockOp {
             if w[LN1_W].len() != d || w[Q_W].len() != d * d || w[FC2_W].len() != w[FC1_W].len() {
                 candle_core::bail!("encoder block: weights do not fit a {d}-wide input");
             }
-            self.forward(&v[start..end], b, t, d, w)
+            self.forward(&v[start..end], seqs, d, w)
         })?;
         let shape = match &self.pooled {
             Some(p) => Shape::from((p.len(), d)),
-            None => Shape::from((b, t, d)),
+            None => l.shape().clone(),
         };
         Ok((CpuStorage::F32(y), shape))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (b, t, d) = arg.dims3()?;
+        let (seqs, d) = self.geometry(arg.shape())?;
         let (x, g) = (arg.contiguous()?, grad.contiguous()?);
         // Taken, not borrowed: the activations are freed as soon as this block's backward has
         // run instead of when the step's graph goes (lower peak memory during backward).
@@ -331,13 +350,13 @@ impl CustomOp1 for BlockOp {
         let mut refs: Vec<&Tensor> = vec![&x, &g];
         refs.extend(self.weights.iter());
         let (dx, grads) = cpu::with_slices(&refs, |s| {
-            self.backward(saved, s[0], s[1], b, t, d, &s[2..])
+            self.backward(saved, s[0], s[1], seqs, d, &s[2..])
         })?;
         for (wt, g) in self.weights.iter().zip(grads) {
             let g = Tensor::from_vec(g, wt.shape(), wt.device())?;
             train_ops::push_direct_grad(wt, g)?;
         }
-        Ok(Some(Tensor::from_vec(dx, (b, t, d), arg.device())?))
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
 
@@ -389,7 +408,7 @@ mod tests {
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, d), &Device::Cpu)?)?;
             let probe = Tensor::randn(0f32, 1.0, (pooled.len(), d), &Device::Cpu)?;
             let run = || -> Result<(Tensor, candle_core::backprop::GradStore)> {
-                let y = enc.forward_pooled(x.as_tensor(), causal, &pooled, Mode::Train)?;
+                let y = enc.forward_pooled(x.as_tensor(), causal, &pooled, None, Mode::Train)?;
                 let g = (&y * &probe)?.sum_all()?.backward()?;
                 Ok((y, g))
             };

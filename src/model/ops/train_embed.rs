@@ -27,9 +27,22 @@ pub(crate) fn applies(weights: &[&Tensor]) -> bool {
 }
 
 /// `table[ids] + positions[..seq]`: applied as `table.apply_op2(ids)`, ids `[batch, seq]` u32,
-/// result `[batch, seq, hidden]`.
+/// result `[batch, seq, hidden]`; or, with `row_positions` (packed captions), ids `[rows]` and
+/// row `r` at position `row_positions[r]`, result `[rows, hidden]`.
 pub(crate) struct TokenEmbedOp {
     pub positions: Tensor,
+    pub row_positions: Option<Vec<u32>>,
+}
+
+impl TokenEmbedOp {
+    /// The position of each of `n` ids, laid out as `[_, t]` (uniform) or packed.
+    fn position_of(&self, n: usize, t: usize) -> Result<Vec<usize>> {
+        match &self.row_positions {
+            Some(p) if p.len() == n => Ok(p.iter().map(|&x| x as usize).collect()),
+            Some(p) => candle_core::bail!("token embedding: {} positions for {n} ids", p.len()),
+            None => Ok((0..n).map(|r| r % t.max(1)).collect()),
+        }
+    }
 }
 
 impl CustomOp2 for TokenEmbedOp {
@@ -46,7 +59,11 @@ impl CustomOp2 for TokenEmbedOp {
     ) -> Result<(CpuStorage, Shape)> {
         let table = train_ops::f32_slice(ts, tl, "token embedding")?;
         let (vocab, d) = tl.shape().dims2()?;
-        let (b, t) = il.shape().dims2()?;
+        let t = match &self.row_positions {
+            Some(_) => il.shape().dims1()?,
+            None => il.shape().dims2()?.1,
+        };
+        let n = il.shape().elem_count();
         let CpuStorage::U32(ids) = is else {
             candle_core::bail!("token embedding: ids must be u32")
         };
@@ -57,20 +74,24 @@ impl CustomOp2 for TokenEmbedOp {
         if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
         }
+        let at = self.position_of(n, t)?;
         let y = cpu::with_slice(&self.positions, |pos| {
-            if pos.len() < t * d {
-                candle_core::bail!("{t} tokens but {} positions", pos.len() / d.max(1));
+            let table_rows = pos.len() / d.max(1);
+            if let Some(bad) = at.iter().find(|&&p| p >= table_rows) {
+                candle_core::bail!("token position {bad} but {table_rows} positions");
             }
-            let mut y = vec![0f32; b * t * d];
-            for (r, (row, &id)) in y.chunks_mut(d).zip(ids).enumerate() {
-                let (e, p) = (&table[id as usize * d..][..d], &pos[(r % t) * d..][..d]);
+            let mut y = vec![0f32; n * d];
+            for ((row, &id), &p) in y.chunks_mut(d).zip(ids).zip(&at) {
+                let (e, p) = (&table[id as usize * d..][..d], &pos[p * d..][..d]);
                 for ((o, e), p) in row.iter_mut().zip(e).zip(p) {
                     *o = e + p;
                 }
             }
             Ok(y)
         })?;
-        Ok((CpuStorage::F32(y), Shape::from((b, t, d))))
+        let mut shape = il.shape().dims().to_vec();
+        shape.push(d);
+        Ok((CpuStorage::F32(y), Shape::from(shape)))
     }
 
     fn bwd(
@@ -81,18 +102,19 @@ impl CustomOp2 for TokenEmbedOp {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (vocab, d) = table.dims2()?;
-        let (_, t) = ids.dims2()?;
+        let t = ids.dims().last().copied().unwrap_or(1);
         let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+        let at = self.position_of(ids.len(), t)?;
         let g = grad.contiguous()?;
         let (dtable, dpos) = cpu::with_slice(&g, |g| {
             // Dense, as torch's nn.Embedding gives AdamW: rows without tokens are 0.
             let mut dtable = vec![0f32; vocab * d];
             let mut dpos = vec![0f32; self.positions.elem_count()];
-            for (r, (g, &id)) in g.chunks(d).zip(&ids).enumerate() {
+            for ((g, &id), &p) in g.chunks(d).zip(&ids).zip(&at) {
                 for (o, v) in dtable[id as usize * d..][..d].iter_mut().zip(g) {
                     *o += v;
                 }
-                for (o, v) in dpos[(r % t) * d..][..d].iter_mut().zip(g) {
+                for (o, v) in dpos[p * d..][..d].iter_mut().zip(g) {
                     *o += v;
                 }
             }

@@ -263,16 +263,24 @@ pub struct AttentionOp {
     pub heads: usize,
     pub scale: f32,
     pub causal: bool,
+    /// q, k and v are `[rows, d]` holding these sequences end to end (else `[batch, seq, d]`).
+    pub packed: Option<std::sync::Arc<super::packed::PackedSeqs>>,
     /// The forward pass's probabilities, taken by the backward pass.
     pub saved: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl AttentionOp {
-    pub fn new(heads: usize, scale: f32, causal: bool) -> Self {
+    pub fn new(
+        heads: usize,
+        scale: f32,
+        causal: bool,
+        packed: Option<std::sync::Arc<super::packed::PackedSeqs>>,
+    ) -> Self {
         Self {
             heads,
             scale,
             causal,
+            packed,
             saved: std::sync::Mutex::new(None),
         }
     }
@@ -338,22 +346,23 @@ pub(crate) fn attention_backward(
     dout: &[f32],
     dqkv: &mut [f32],
 ) {
-    let (t, d, hd, ld) = (s.seq, s.d(), s.head_dim, s.ld);
-    let rows = s.batch * t;
+    let (t, hd, ld) = (s.seqs.max_len(), s.head_dim, s.ld);
+    let (rows, d) = s.check_inputs(q, k, v);
     assert!(dqkv.len() >= rows * 3 * d && dout.len() >= rows * d);
-    assert!(probs.len() >= s.batch * s.heads * t * t);
-    assert!([q, k, v].iter().all(|m| m.len() + ld >= rows * ld));
+    assert!(probs.len() >= s.probs_len());
     let gptr = SendPtr(dqkv.as_mut_ptr());
-    (0..s.batch * s.heads).into_par_iter().for_each_init(
+    (0..s.seqs.items() * s.heads).into_par_iter().for_each_init(
         || vec![0f32; t * t],
         |dp, bh| {
             let (item, h) = (bh / s.heads, bh % s.heads);
-            let (base, gbase) = (item * t * ld + h * hd, item * t * d + h * hd);
-            let dbase = item * t * 3 * d + h * hd;
+            let (start, n) = (s.seqs.start(item), s.seqs.len(item));
+            let (base, gbase) = (start * ld + h * hd, start * d + h * hd);
+            let dbase = start * 3 * d + h * hd;
             let p = &probs[bh * t * t..(bh + 1) * t * t];
             let g = &gptr;
-            // SAFETY: reads as in the forward pass; each task writes only its own (item, head)
-            // block of the three gradient column ranges.
+            // SAFETY: reads as in the forward pass (rows start .. start + n, checked by
+            // `check_inputs`); each task writes only its own (item, head) block of the three
+            // gradient column ranges (rows * 3 d values, asserted).
             unsafe {
                 let (qp, kp, vp, gp) = (
                     q.as_ptr().add(base),
@@ -363,19 +372,20 @@ pub(crate) fn attention_backward(
                 );
                 let (dq, dk, dv) = (g.0.add(dbase), g.0.add(dbase + d), g.0.add(dbase + 2 * d));
                 // dV = P^T dO
-                mm(t, hd, t, dv, 3 * d, p.as_ptr(), 1, t, gp, d, 1, 1.0);
+                mm(n, hd, n, dv, 3 * d, p.as_ptr(), 1, t, gp, d, 1, 1.0);
                 // dP = dO V^T
-                mm(t, t, hd, dp.as_mut_ptr(), t, gp, d, 1, vp, 1, ld, 1.0);
+                mm(n, n, hd, dp.as_mut_ptr(), t, gp, d, 1, vp, 1, ld, 1.0);
                 // dS = P * (dP - rowsum(dP * P))
-                for (pr, dr) in p.chunks(t).zip(dp.chunks_mut(t)) {
+                for (pr, dr) in p.chunks(t).zip(dp.chunks_mut(t)).take(n) {
+                    let (pr, dr) = (&pr[..n], &mut dr[..n]);
                     let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
                     for (x, y) in dr.iter_mut().zip(pr) {
                         *x = y * (*x - dot);
                     }
                 }
                 // dQ = scale dS K;  dK = scale dS^T Q
-                mm(t, hd, t, dq, 3 * d, dp.as_ptr(), t, 1, kp, ld, 1, s.scale);
-                mm(t, hd, t, dk, 3 * d, dp.as_ptr(), 1, t, qp, ld, 1, s.scale);
+                mm(n, hd, n, dq, 3 * d, dp.as_ptr(), t, 1, kp, ld, 1, s.scale);
+                mm(n, hd, n, dk, 3 * d, dp.as_ptr(), 1, t, qp, ld, 1, s.scale);
             }
         },
     );
@@ -395,20 +405,37 @@ pub(crate) fn attention_rows_backward(
     dout: &[f32],
     dqkv: &mut [f32],
 ) {
-    let (t, d, hd, ld) = (s.seq, s.d(), s.head_dim, s.ld);
-    let mut by_item: Vec<Vec<usize>> = vec![Vec::new(); s.batch];
+    let (t, hd, ld) = (s.seqs.max_len(), s.head_dim, s.ld);
+    let (rows_total, d) = s.check_inputs(q, k, v);
+    assert!(dqkv.len() >= rows_total * 3 * d);
+    assert!(
+        rows.iter()
+            .all(|&(item, pos)| item < s.seqs.items() && pos < s.seqs.len(item)),
+        "attention backward: a selected row is outside the batch"
+    );
+    let mut by_item: Vec<Vec<usize>> = vec![Vec::new(); s.seqs.items()];
     for (i, &(item, _)) in rows.iter().enumerate() {
         by_item[item].push(i);
     }
-    dqkv.par_chunks_mut(t * 3 * d)
+    // Each item's rows of the gradient, apart, so the items run in parallel.
+    let mut grads: Vec<&mut [f32]> = Vec::with_capacity(by_item.len());
+    let mut rest = &mut dqkv[..rows_total * 3 * d];
+    for item in 0..by_item.len() {
+        let (mine, later) = rest.split_at_mut(s.seqs.len(item) * 3 * d);
+        grads.push(mine);
+        rest = later;
+    }
+    grads
+        .into_par_iter()
         .zip(by_item.par_iter())
         .enumerate()
         .for_each(|(item, (g, mine))| {
+            let start = s.seqs.start(item);
             let mut ds = vec![0f32; t];
             for &i in mine {
                 let pos = rows[i].1;
-                let valid = s.valid(pos);
-                let qr = &q[(item * t + pos) * ld..];
+                let valid = s.valid(item, pos);
+                let qr = &q[(start + pos) * ld..];
                 for h in 0..s.heads {
                     let p = &probs[(i * s.heads + h) * t..][..valid];
                     let go = &dout[i * d + h * hd..][..hd];
@@ -419,7 +446,7 @@ pub(crate) fn attention_rows_backward(
                         for (x, y) in dv.iter_mut().zip(go) {
                             *x += p[j] * y;
                         }
-                        ds[j] = crate::model::cpu::dot(go, &v[(item * t + j) * ld + col..][..hd]);
+                        ds[j] = crate::model::cpu::dot(go, &v[(start + j) * ld + col..][..hd]);
                     }
                     // dS = P * (dP - P . dP)
                     let dot: f32 = p.iter().zip(&ds[..valid]).map(|(a, b)| a * b).sum();
@@ -429,7 +456,7 @@ pub(crate) fn attention_rows_backward(
                     // dQ += dS K;  dK_j += dS_j Q
                     let qh = &qr[col..col + hd];
                     for j in 0..valid {
-                        let kr = &k[(item * t + j) * ld + col..][..hd];
+                        let kr = &k[(start + j) * ld + col..][..hd];
                         let dq = &mut g[pos * 3 * d + col..][..hd];
                         for (x, y) in dq.iter_mut().zip(kr) {
                             *x += ds[j] * y;
@@ -445,9 +472,21 @@ pub(crate) fn attention_rows_backward(
 }
 
 impl AttentionOp {
-    fn shape(&self, l: &Layout) -> Result<AttnShape> {
-        let dims = l.shape().dims3()?;
-        AttnShape::new(dims, self.heads, self.scale, self.causal, dims.2)
+    fn shape(&self, l: &Layout) -> Result<AttnShape<'_>> {
+        let (seqs, d) = match &self.packed {
+            Some(p) => {
+                let (rows, d) = l.shape().dims2()?;
+                if rows != p.rows() {
+                    candle_core::bail!("attention: {rows} rows for a packed batch of {}", p.rows());
+                }
+                (p.seqs(), d)
+            }
+            None => {
+                let (batch, seq, d) = l.shape().dims3()?;
+                (crate::model::cpu::Seqs::Uniform { batch, seq }, d)
+            }
+        };
+        AttnShape::new(seqs, d, self.heads, self.scale, self.causal, d)
     }
 }
 
@@ -475,7 +514,7 @@ impl CustomOp3 for AttentionOp {
             f32_slice(vs, vl, "attention")?,
         );
         let mut out = vec![0f32; q.len()];
-        let mut probs = vec![0f32; sh.batch * sh.heads * sh.seq * sh.seq];
+        let mut probs = vec![0f32; sh.probs_len()];
         crate::model::cpu::attention_into(q, k, v, sh, &mut out, Some(&mut probs));
         *self.saved.lock().unwrap_or_else(|p| p.into_inner()) = Some(probs);
         Ok((CpuStorage::F32(out), ql.shape().clone()))
@@ -506,7 +545,7 @@ impl CustomOp3 for AttentionOp {
                 None => {
                     // Taken by an earlier backward through the same graph: recompute.
                     let mut out = vec![0f32; n];
-                    let mut p = vec![0f32; sh.batch * sh.heads * sh.seq * sh.seq];
+                    let mut p = vec![0f32; sh.probs_len()];
                     crate::model::cpu::attention_into(s[0], s[1], s[2], sh, &mut out, Some(&mut p));
                     p
                 }
@@ -1034,7 +1073,7 @@ mod tests {
                 var(Tensor::randn(0f32, 1.0, (b, t, d), &dev)?)?,
             );
             let probe = Tensor::randn(0f32, 1.0, (b, t, d), &dev)?;
-            let op = AttentionOp::new(h, scale as f32, causal);
+            let op = AttentionOp::new(h, scale as f32, causal, None);
             let fused = q.as_tensor().apply_op3(k.as_tensor(), v.as_tensor(), op)?;
             let split = |x: &Tensor| x.reshape((b, t, h, hd))?.transpose(1, 2)?.contiguous();
             let qs = split(&(q.as_tensor() * scale)?)?;

@@ -29,6 +29,12 @@
 //     accumulates dv += p dO and dk += ds q_scaled with lane c owning dimensions c and c + 32.
 // No atomics: each output value is one warp's, so the result is deterministic.
 //
+// Packed batches: with `offsets` (items + 1 row offsets), item i is rows offsets[i] ..
+// offsets[i + 1] and a query sees only its own sequence's keys (the text tower stops each
+// caption at its end-of-text token); `seq` is then the longest sequence (the grid's extent and
+// the statistics' stride) and blocks past a shorter sequence return at once. Without offsets
+// (null), item i is rows i * seq .. (i + 1) * seq.
+//
 // Limits: head_dim 32 or 64 (OpenAI CLIP: 64 everywhere); any sequence length.
 
 #include "common.cuh"
@@ -54,13 +60,26 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// Where sequence `item` lies in the rows: packed end to end (`offsets`, items + 1 of them) or,
+// with no offsets, `seq` rows per item.
+struct Span {
+    size_t base;
+    int len;
+};
+
+__device__ __forceinline__ Span span(const unsigned* offsets, int item, int seq) {
+    if (offsets == nullptr) return {(size_t)item * seq, seq};
+    return {(size_t)offsets[item], (int)(offsets[item + 1] - offsets[item])};
+}
+
 // grid (batch * heads, ceil(seq / (WARPS * ROWS))), block WARPS * 32 threads, dynamic shared
 // memory attention_smem_bytes(hd).
 template <typename T>
 __device__ void attention(const T* __restrict__ q, const T* __restrict__ k,
                           const T* __restrict__ v, const T* __restrict__ bq,
                           const T* __restrict__ bk, const T* __restrict__ bv, T* __restrict__ out,
-                          int seq, int heads, int hd, int ld, float scale, int causal) {
+                          const unsigned* __restrict__ offsets, int seq, int heads, int hd,
+                          int ld, float scale, int causal) {
     extern __shared__ float smem[];
     const int stride = hd + 1;  // padded rows: lanes reading one column of many rows hit
                                 // different banks
@@ -72,12 +91,15 @@ __device__ void attention(const T* __restrict__ q, const T* __restrict__ k,
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int first = blockIdx.y * WARPS * ROWS;
     const int d = heads * hd;
-    const size_t base = (size_t)item * seq;
+    const Span sp = span(offsets, item, seq);
+    const size_t base = sp.base;
+    const int len = sp.len;
+    if (first >= len) return;  // the whole block: past a shorter packed sequence
 
     // This block's query rows, scaled, into shared memory.
     for (int i = threadIdx.x; i < WARPS * ROWS * hd; i += blockDim.x) {
         const int r = i / hd, c = i % hd, row = first + r;
-        qs[i] = row < seq ? (load(q[(base + row) * ld + h * hd + c]) + load(bq[h * hd + c])) * scale
+        qs[i] = row < len ? (load(q[(base + row) * ld + h * hd + c]) + load(bq[h * hd + c])) * scale
                           : 0.0f;
     }
 
@@ -90,9 +112,10 @@ __device__ void attention(const T* __restrict__ q, const T* __restrict__ k,
         for (int c = 0; c < PER_LANE; ++c) o[r][c] = 0.0f;
     }
 
-    // Keys the block's rows can see: all of them, or up to its last row under the mask.
-    const int last = min(seq, first + WARPS * ROWS);
-    const int kend = causal ? last : seq;
+    // Keys the block's rows can see: all of the sequence's, or up to its last row under the
+    // mask.
+    const int last = min(len, first + WARPS * ROWS);
+    const int kend = causal ? last : len;
     const int lanes_hd = hd / 32;
 
     for (int k0 = 0; k0 < kend; k0 += TILE) {
@@ -108,7 +131,7 @@ __device__ void attention(const T* __restrict__ q, const T* __restrict__ k,
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const int row = first + warp * ROWS + r;
-            if (row >= seq) continue;  // warp-uniform
+            if (row >= len) continue;  // warp-uniform
             // Keys of this tile the row sees: j < jend.
             const int jend = causal ? min(kn, row + 1 - k0) : kn;
             if (jend <= 0) continue;  // warp-uniform
@@ -155,7 +178,7 @@ __device__ void attention(const T* __restrict__ q, const T* __restrict__ k,
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
         const int row = first + warp * ROWS + r;
-        if (row >= seq) continue;
+        if (row >= len) continue;
         const float inv = 1.0f / l[r];
 #pragma unroll
         for (int c = 0; c < PER_LANE; ++c)
@@ -170,8 +193,9 @@ template <typename T>
 __device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ bias,
                              const T* __restrict__ o, const T* __restrict__ dout,
                              T* __restrict__ dqkv,
-                             float* __restrict__ lse, float* __restrict__ dsum, int seq, int heads,
-                             int hd, int ld, float scale, int causal) {
+                             float* __restrict__ lse, float* __restrict__ dsum,
+                             const unsigned* __restrict__ offsets, int seq, int heads, int hd,
+                             int ld, float scale, int causal) {
     extern __shared__ float smem[];
     const int stride = hd + 1;
     float* ks = smem;
@@ -183,12 +207,15 @@ __device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ bi
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int first = blockIdx.y * WARPS * ROWS;
     const int d = heads * hd;
-    const size_t base = (size_t)item * seq;
+    const Span sp = span(offsets, item, seq);
+    const size_t base = sp.base;
+    const int len = sp.len;
     const int lanes_hd = hd / 32;
+    if (first >= len) return;  // the whole block: past a shorter packed sequence
 
     for (int i = threadIdx.x; i < WARPS * ROWS * hd; i += blockDim.x) {
         const int r = i / hd, c = i % hd, row = first + r;
-        const bool in = row < seq;
+        const bool in = row < len;
         qs[i] = in ? (load(qkv[(base + row) * ld + h * hd + c]) + load(bias[h * hd + c])) * scale
                    : 0.0f;
         gs[i] = in ? load(dout[(base + row) * d + h * hd + c]) : 0.0f;
@@ -203,7 +230,7 @@ __device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ bi
 #pragma unroll
         for (int c = 0; c < PER_LANE; ++c) {
             dq[r][c] = 0.0f;
-            if (row < seq && c < lanes_hd)
+            if (row < len && c < lanes_hd)
                 acc = fmaf(gs[(warp * ROWS + r) * hd + lane + 32 * c],
                            load(o[(base + row) * d + h * hd + lane + 32 * c]), acc);
         }
@@ -212,8 +239,8 @@ __device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ bi
         l[r] = 0.0f;
     }
 
-    const int last = min(seq, first + WARPS * ROWS);
-    const int kend = causal ? last : seq;
+    const int last = min(len, first + WARPS * ROWS);
+    const int kend = causal ? last : len;
 
     // The softmax statistics, as the forward computes them.
     for (int k0 = 0; k0 < kend; k0 += TILE) {
@@ -228,7 +255,7 @@ __device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ bi
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const int row = first + warp * ROWS + r;
-            if (row >= seq) continue;  // warp-uniform
+            if (row >= len) continue;  // warp-uniform
             const int jend = causal ? min(kn, row + 1 - k0) : kn;
             if (jend <= 0) continue;  // warp-uniform
             const float* qr = qs + (warp * ROWS + r) * hd;
@@ -272,7 +299,7 @@ __device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ bi
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const int row = first + warp * ROWS + r;
-            if (row >= seq) continue;  // warp-uniform
+            if (row >= len) continue;  // warp-uniform
             const int jend = causal ? min(kn, row + 1 - k0) : kn;
             if (jend <= 0) continue;  // warp-uniform
             const float* qr = qs + (warp * ROWS + r) * hd;
@@ -310,7 +337,7 @@ __device__ void attention_dq(const T* __restrict__ qkv, const T* __restrict__ bi
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
         const int row = first + warp * ROWS + r;
-        if (row >= seq) continue;
+        if (row >= len) continue;
 #pragma unroll
         for (int c = 0; c < PER_LANE; ++c)
             if (c < lanes_hd)
@@ -328,8 +355,8 @@ template <typename T>
 __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ bias,
                               const T* __restrict__ dout,
                               const float* __restrict__ lse, const float* __restrict__ dsum,
-                              T* __restrict__ dqkv, int seq, int heads, int hd, int ld,
-                              float scale, int causal) {
+                              T* __restrict__ dqkv, const unsigned* __restrict__ offsets,
+                              int seq, int heads, int hd, int ld, float scale, int causal) {
     extern __shared__ float smem[];
     const int stride = hd + 1;
     float* qs = smem;                        // [TILE][stride], scaled queries
@@ -343,13 +370,16 @@ __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ b
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int first = blockIdx.y * WARPS * ROWS;
     const int d = heads * hd;
-    const size_t base = (size_t)item * seq;
+    const Span sp = span(offsets, item, seq);
+    const size_t base = sp.base;
+    const int len = sp.len;
     const size_t stats = (size_t)blockIdx.x * seq;
     const int lanes_hd = hd / 32;
+    if (first >= len) return;  // the whole block: past a shorter packed sequence
 
     for (int i = threadIdx.x; i < WARPS * ROWS * hd; i += blockDim.x) {
         const int r = i / hd, c = i % hd, key = first + r;
-        const bool in = key < seq;
+        const bool in = key < len;
         const size_t src = (base + key) * ld + h * hd + c;
         kb[i] = in ? load(qkv[src + d]) + load(bias[d + h * hd + c]) : 0.0f;
         vb[i] = in ? load(qkv[src + 2 * d]) + load(bias[2 * d + h * hd + c]) : 0.0f;
@@ -363,8 +393,8 @@ __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ b
 
     // Under the mask, queries before the block's first key do not see it.
     const int q0 = causal ? (first / TILE) * TILE : 0;
-    for (int i0 = q0; i0 < seq; i0 += TILE) {
-        const int in_tile = min(TILE, seq - i0);
+    for (int i0 = q0; i0 < len; i0 += TILE) {
+        const int in_tile = min(TILE, len - i0);
         __syncthreads();
         for (int i = threadIdx.x; i < in_tile * hd; i += blockDim.x) {
             const int r = i / hd, c = i % hd;
@@ -380,7 +410,7 @@ __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ b
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) {
             const int key = first + warp * ROWS + r;
-            if (key >= seq) continue;  // warp-uniform
+            if (key >= len) continue;  // warp-uniform
             const float* kr = kb + (warp * ROWS + r) * hd;
             const float* vr = vb + (warp * ROWS + r) * hd;
             float p[TILE / 32], ds[TILE / 32];
@@ -423,7 +453,7 @@ __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ b
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
         const int key = first + warp * ROWS + r;
-        if (key >= seq) continue;
+        if (key >= len) continue;
 #pragma unroll
         for (int c = 0; c < PER_LANE; ++c)
             if (c < lanes_hd) {
@@ -439,8 +469,9 @@ __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ b
 #define ATTENTION(NAME, T)                                                                  \
     extern "C" __global__ void __launch_bounds__(WARPS * 32)                                \
         NAME(const T* q, const T* k, const T* v, const T* bq, const T* bk, const T* bv, T* out,  \
-             int seq, int heads, int hd, int ld, float scale, int causal) {                     \
-        attention<T>(q, k, v, bq, bk, bv, out, seq, heads, hd, ld, scale, causal);              \
+             const unsigned* offsets, int seq, int heads, int hd, int ld, float scale,           \
+             int causal) {                                                                       \
+        attention<T>(q, k, v, bq, bk, bv, out, offsets, seq, heads, hd, ld, scale, causal);     \
     }
 
 ATTENTION(clipft_attention_f32, float)
@@ -450,14 +481,17 @@ ATTENTION(clipft_attention_bf16, __nv_bfloat16)
 #define ATTENTION_BACKWARD(SUFFIX, T)                                                          \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) clipft_attention_dq_##SUFFIX(      \
         const T* qkv, const T* bias, const T* o, const T* dout, T* dqkv, float* lse,            \
-        float* dsum, int seq, int heads, int hd, int ld, float scale, int causal) {             \
-        attention_dq<T>(qkv, bias, o, dout, dqkv, lse, dsum, seq, heads, hd, ld, scale,         \
-                        causal);                                                                \
+        float* dsum, const unsigned* offsets, int seq, int heads, int hd, int ld, float scale,   \
+        int causal) {                                                                           \
+        attention_dq<T>(qkv, bias, o, dout, dqkv, lse, dsum, offsets, seq, heads, hd, ld,       \
+                        scale, causal);                                                         \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) clipft_attention_dkv_##SUFFIX(     \
         const T* qkv, const T* bias, const T* dout, const float* lse, const float* dsum,        \
-        T* dqkv, int seq, int heads, int hd, int ld, float scale, int causal) {                 \
-        attention_dkv<T>(qkv, bias, dout, lse, dsum, dqkv, seq, heads, hd, ld, scale, causal);  \
+        T* dqkv, const unsigned* offsets, int seq, int heads, int hd, int ld, float scale,       \
+        int causal) {                                                                           \
+        attention_dkv<T>(qkv, bias, dout, lse, dsum, dqkv, offsets, seq, heads, hd, ld, scale,  \
+                         causal);                                                               \
     }
 
 ATTENTION_BACKWARD(f32, float)

@@ -2,6 +2,8 @@
 
 use candle_core::{bail, Result};
 
+use crate::model::kernels::seqs::Seqs;
+
 /// Keys per shared-memory tile in `attention.cu`.
 pub const ATTENTION_TILE: usize = 64;
 /// The head dimensions `attention.cu` takes.
@@ -9,13 +11,12 @@ pub fn attention_supports(head_dim: usize) -> bool {
     head_dim == 32 || head_dim == 64
 }
 
-/// The geometry of one attention call: `batch` items of `seq` rows; queries, keys and values
-/// are row-major with rows `ld` apart, head `h` at columns `h * head_dim`; the output is
-/// `[batch * seq, heads * head_dim]`.
+/// The geometry of one attention call: the batch's sequences (uniform, or packed end to end: a
+/// query sees only its own sequence's keys); queries, keys and values are row-major with rows
+/// `ld` apart, head `h` at columns `h * head_dim`; the output is `[rows, heads * head_dim]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct AttentionShape {
-    pub batch: usize,
-    pub seq: usize,
+pub struct AttentionShape<'a> {
+    pub seqs: Seqs<'a>,
     pub heads: usize,
     pub head_dim: usize,
     pub ld: usize,
@@ -23,7 +24,7 @@ pub struct AttentionShape {
     pub causal: bool,
 }
 
-impl AttentionShape {
+impl AttentionShape<'_> {
     /// Values a q, k or v buffer must hold, and the output's; errors on overflow or a head
     /// width the kernel does not take.
     pub fn sizes(&self) -> Result<(usize, usize)> {
@@ -40,14 +41,20 @@ impl AttentionShape {
                 self.ld
             );
         }
-        let rows = self.batch.checked_mul(self.seq);
+        let rows = self.seqs.rows();
         let input = rows.and_then(|r| match r {
             0 => Some(0),
             r => (r - 1).checked_mul(self.ld)?.checked_add(d),
         });
         let output = rows.and_then(|r| r.checked_mul(d));
+        let fits = |x: usize| i32::try_from(x).is_ok();
         match (input, output) {
-            (Some(i), Some(o)) if i32::try_from(self.seq.max(self.ld)).is_ok() => Ok((i, o)),
+            // The kernels index rows and statistics with 32-bit sequence lengths and offsets.
+            (Some(i), Some(o))
+                if fits(self.seqs.max_len().max(self.ld)) && rows.is_some_and(|r| fits(r)) =>
+            {
+                Ok((i, o))
+            }
             _ => bail!("fused attention: the shape overflows"),
         }
     }
@@ -61,14 +68,14 @@ pub fn attention_twin(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Res
     if [q, k, v].iter().any(|m| m.len() < need) {
         bail!("fused attention: q, k and v need {need} values");
     }
-    let (t, hd, ld) = (s.seq, s.head_dim, s.ld);
+    let (hd, ld) = (s.head_dim, s.ld);
     let d = s.heads * hd;
     let mut out = vec![0f32; out_len];
     let mut scores = vec![0f32; ATTENTION_TILE];
     let mut qr = vec![0f32; hd];
     let mut o = vec![0f32; hd];
-    for item in 0..s.batch {
-        let base = item * t;
+    for item in 0..s.seqs.items() {
+        let (base, t) = (s.seqs.start(item), s.seqs.len(item));
         for h in 0..s.heads {
             for row in 0..t {
                 for (c, x) in qr.iter_mut().enumerate() {
@@ -127,7 +134,7 @@ fn backward_sizes(s: &AttentionShape) -> Result<(usize, usize)> {
         );
     }
     let (_, out) = s.sizes()?;
-    let need = s.batch.checked_mul(s.seq).and_then(|r| r.checked_mul(s.ld));
+    let need = s.seqs.rows().and_then(|r| r.checked_mul(s.ld));
     match need {
         Some(n) => Ok((n, out)),
         None => bail!("attention backward: the shape overflows"),
@@ -155,21 +162,23 @@ pub fn attention_backward_twin(
     if qkv.len() < need || o.len() < out_len || d_o.len() < out_len {
         bail!("attention backward: qkv needs {need} values, o and its gradient {out_len}");
     }
-    let (t, hd, ld) = (s.seq, s.head_dim, s.ld);
+    let (hd, ld) = (s.head_dim, s.ld);
     let d = s.heads * hd;
     let mut grad = vec![0f32; need];
-    let stats = s.batch * s.heads * t;
+    // Per (item, head), `max_len` statistics, as the kernels lay them out.
+    let stride = s.seqs.max_len();
+    let stats = s.seqs.items() * s.heads * stride;
     let (mut lse, mut dsum) = (vec![0f32; stats], vec![0f32; stats]);
     let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).fold(0f32, |acc, (x, y)| x.mul_add(*y, acc));
     let mut qr = vec![0f32; hd];
     let mut acc = vec![0f32; hd];
     let mut dk = vec![0f32; hd];
     let mut scores = vec![0f32; ATTENTION_TILE];
-    for item in 0..s.batch {
-        let base = item * t;
+    for item in 0..s.seqs.items() {
+        let (base, t) = (s.seqs.start(item), s.seqs.len(item));
         for h in 0..s.heads {
             let col = |r: usize, part: usize| (base + r) * ld + part * d + h * hd;
-            let stat = |r: usize| (item * s.heads + h) * t + r;
+            let stat = |r: usize| (item * s.heads + h) * stride + r;
             // Pass 1: dq per query row.
             for row in 0..t {
                 for (c, x) in qr.iter_mut().enumerate() {
@@ -244,6 +253,55 @@ mod gpu {
     use candle_core::{CudaDevice, Result};
 
     use super::AttentionShape;
+    use crate::model::kernels::seqs::{Packing, Seqs};
+
+    /// A packed batch's row offsets on a device, made from (and kept with) the host's, so a
+    /// launch can check that the offsets the kernel reads are the ones its bounds were checked
+    /// against.
+    pub struct DeviceOffsets {
+        host: Packing,
+        dev: CudaSlice<u32>,
+    }
+
+    impl std::fmt::Debug for DeviceOffsets {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("DeviceOffsets")
+                .field("host", &self.host)
+                .finish()
+        }
+    }
+
+    impl DeviceOffsets {
+        /// Copies the offsets to `dev` (32-bit: the kernels' row indices).
+        pub fn upload(dev: &CudaDevice, packing: &Packing) -> Result<Self> {
+            let offsets = packing
+                .offsets()
+                .iter()
+                .map(|&o| i32::try_from(o).map(|o| o as u32))
+                .collect::<std::result::Result<Vec<u32>, _>>()
+                .map_err(|_| candle_core::Error::Msg("packed batch over 2^31 rows".into()))?;
+            Ok(Self {
+                host: packing.clone(),
+                dev: dev.clone_htod(&offsets)?,
+            })
+        }
+    }
+
+    /// The device offsets the kernels take for `s`'s sequences: those of a packed batch (which
+    /// must be the ones `offsets` holds), none (a null pointer) for a uniform one.
+    fn offsets_arg<'o>(
+        s: &AttentionShape,
+        offsets: Option<&'o DeviceOffsets>,
+    ) -> Result<Option<&'o CudaSlice<u32>>> {
+        match (s.seqs, offsets) {
+            (Seqs::Uniform { .. }, None) => Ok(None),
+            (Seqs::Packed(p), Some(o)) if *p == o.host => Ok(Some(&o.dev)),
+            _ => candle_core::bail!("fused attention: device offsets that are not the batch's"),
+        }
+    }
+
+    /// What the kernels read as "no offsets": a null device pointer.
+    const NULL: u64 = 0;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
     const WARPS: u32 = 4;
@@ -266,6 +324,7 @@ mod gpu {
         v: &CudaView<'_, T>,
         bias: [&CudaView<'_, T>; 3],
         s: AttentionShape,
+        offsets: Option<&DeviceOffsets>,
     ) -> Result<CudaSlice<T>> {
         let (need, out_len) = s.sizes()?;
         if [q.len(), k.len(), v.len()].iter().any(|&n| n < need) {
@@ -275,17 +334,19 @@ mod gpu {
         if bias.iter().any(|b| b.len() < d) {
             candle_core::bail!("fused attention: each bias needs {d} values");
         }
+        let offs = offsets_arg(&s, offsets)?;
         let func = dev.get_or_load_custom_func(name, "clipft_attention", PTX)?;
         // SAFETY: every element is written by the kernel below (each (item, head, row) of
-        // the output is one warp's row; rows past `seq` are not part of the buffer).
+        // the output is one warp's row, and the sequences cover every row).
         let out = unsafe { dev.alloc::<T>(out_len)? };
-        let groups = (s.seq as u32).div_ceil(WARPS * ROWS);
+        let seq = s.seqs.max_len();
+        let groups = (seq as u32).div_ceil(WARPS * ROWS);
         let cfg = LaunchConfig {
-            grid_dim: ((s.batch * s.heads) as u32, groups.max(1), 1),
+            grid_dim: ((s.seqs.items() * s.heads) as u32, groups.max(1), 1),
             block_dim: (WARPS * 32, 1, 1),
             shared_mem_bytes: smem_bytes(s.head_dim),
         };
-        let (seq, heads, hd, ld) = (s.seq as i32, s.heads as i32, s.head_dim as i32, s.ld as i32);
+        let (seq, heads, hd, ld) = (seq as i32, s.heads as i32, s.head_dim as i32, s.ld as i32);
         let causal = i32::from(s.causal);
         let mut b = func.builder();
         b.arg(q);
@@ -295,17 +356,22 @@ mod gpu {
             b.arg(x);
         }
         b.arg(&out);
+        match offs {
+            Some(o) => b.arg(o),
+            None => b.arg(&NULL),
+        };
         b.arg(&seq);
         b.arg(&heads);
         b.arg(&hd);
         b.arg(&ld);
         b.arg(&s.scale);
         b.arg(&causal);
-        if s.batch * s.seq > 0 {
-            // SAFETY: the kernel reads rows `item * seq + r` of q, k and v at columns
-            // `h * hd .. h * hd + hd` (within `need`, checked above) and the first d values of
-            // each bias, writes `out_len` values of `out`, and takes its arguments in this
-            // order and these types (attention.cu).
+        if out_len > 0 {
+            // SAFETY: the kernel reads the rows of each sequence (item * seq + r, or from the
+            // device offsets, which are the checked host offsets: `offsets_arg`) of q, k and v
+            // at columns `h * hd .. h * hd + hd` (within `need`, checked above) and the first d
+            // values of each bias, writes `out_len` values of `out`, and takes its arguments in
+            // this order and these types (attention.cu).
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok(out)
@@ -334,8 +400,10 @@ mod gpu {
         o: &CudaView<'_, T>,
         dout: &CudaView<'_, T>,
         s: AttentionShape,
+        offsets: Option<&DeviceOffsets>,
     ) -> Result<CudaSlice<T>> {
         let (need, out_len) = super::backward_sizes(&s)?;
+        let offs = offsets_arg(&s, offsets)?;
         let d = s.heads * s.head_dim;
         if qkv.len() < need || o.len() < out_len || dout.len() < out_len || bias.len() < 3 * d {
             candle_core::bail!(
@@ -355,24 +423,26 @@ mod gpu {
         } else {
             dev.alloc_zeros::<T>(need)?
         };
-        let stats = s.batch * s.heads * s.seq;
-        if stats == 0 {
+        let seq = s.seqs.max_len();
+        let stats = s.seqs.items() * s.heads * seq;
+        if stats == 0 || out_len == 0 {
             return Ok(grad);
         }
         // SAFETY: the first kernel writes lse and D of every (item, head, row) before the
-        // second, on the same stream, reads them.
+        // second, on the same stream, reads them (rows past a shorter sequence are neither
+        // written nor read).
         let (lse, dsum) = unsafe { (dev.alloc::<f32>(stats)?, dev.alloc::<f32>(stats)?) };
         let (smem_dq, smem_dkv) = backward_smem_bytes(s.head_dim);
         let cfg = |smem| LaunchConfig {
             grid_dim: (
-                (s.batch * s.heads) as u32,
-                (s.seq as u32).div_ceil(WARPS * ROWS),
+                (s.seqs.items() * s.heads) as u32,
+                (seq as u32).div_ceil(WARPS * ROWS),
                 1,
             ),
             block_dim: (WARPS * 32, 1, 1),
             shared_mem_bytes: smem,
         };
-        let (seq, heads, hd, ld) = (s.seq as i32, s.heads as i32, s.head_dim as i32, s.ld as i32);
+        let (seq, heads, hd, ld) = (seq as i32, s.heads as i32, s.head_dim as i32, s.ld as i32);
         let causal = i32::from(s.causal);
         let mut b = dq.builder();
         b.arg(qkv);
@@ -382,14 +452,18 @@ mod gpu {
         b.arg(&grad);
         b.arg(&lse);
         b.arg(&dsum);
+        match offs {
+            Some(o) => b.arg(o),
+            None => b.arg(&NULL),
+        };
         b.arg(&seq);
         b.arg(&heads);
         b.arg(&hd);
         b.arg(&ld);
         b.arg(&s.scale);
         b.arg(&causal);
-        // SAFETY: reads rows `item * seq + r` of qkv at columns below 3 d <= ld (within
-        // `need`, checked above), 3 d values of the bias, and rows of o and dout at columns
+        // SAFETY: reads the rows of each sequence (as in `launch`) of qkv at columns below
+        // 3 d <= ld (within `need`, checked above), 3 d values of the bias, and rows of o and dout at columns
         // below d (within `out_len`);
         // writes the dq columns of `grad` and `stats` values of lse and dsum; arguments in the
         // kernel's order and types (attention.cu).
@@ -401,6 +475,10 @@ mod gpu {
         b.arg(&lse);
         b.arg(&dsum);
         b.arg(&grad);
+        match offs {
+            Some(o) => b.arg(o),
+            None => b.arg(&NULL),
+        };
         b.arg(&seq);
         b.arg(&heads);
         b.arg(&hd);
@@ -415,22 +493,24 @@ mod gpu {
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{launch, launch_backward};
+pub use gpu::{launch, launch_backward, DeviceOffsets};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::kernels::seqs::Packing;
 
     /// Plain attention, row by row: softmax over the visible keys of the scaled scores.
     fn reference(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Vec<f32> {
-        let (t, hd, ld) = (s.seq, s.head_dim, s.ld);
+        let (hd, ld) = (s.head_dim, s.ld);
         let d = s.heads * hd;
-        let mut out = vec![0f32; s.batch * t * d];
-        for item in 0..s.batch {
+        let mut out = vec![0f32; s.seqs.rows().unwrap_or(0) * d];
+        for item in 0..s.seqs.items() {
+            let (base, t) = (s.seqs.start(item), s.seqs.len(item));
             for h in 0..s.heads {
                 for row in 0..t {
                     let at = |m: &[f32], r: usize| -> Vec<f64> {
-                        m[(item * t + r) * ld + h * hd..][..hd]
+                        m[(base + r) * ld + h * hd..][..hd]
                             .iter()
                             .map(|&x| x as f64)
                             .collect()
@@ -448,7 +528,7 @@ mod tests {
                     let z: f64 = e.iter().sum();
                     for c in 0..hd {
                         let y: f64 = (0..n).map(|j| e[j] / z * at(v, j)[c]).sum();
-                        out[(item * t + row) * d + h * hd + c] = y as f32;
+                        out[(base + row) * d + h * hd + c] = y as f32;
                     }
                 }
             }
@@ -462,28 +542,31 @@ mod tests {
             .collect()
     }
 
-    /// Text (77 causal), image (50) and a sequence over several tiles (130, both masks), with
-    /// separate projections (ld = d) and one stacked QKV buffer (ld = 3 d).
+    /// Text (77 causal), image (50), a sequence over several tiles (130, both masks) and packed
+    /// captions of several lengths (a query sees only its own caption), with separate
+    /// projections (ld = d) and one stacked QKV buffer (ld = 3 d).
     #[test]
     fn twin_matches_plain_attention() -> Result<()> {
-        for (batch, seq, heads, head_dim, causal) in [
-            (2, 77, 4, 64, true),
-            (3, 50, 2, 64, false),
-            (1, 130, 2, 32, true),
-            (1, 130, 2, 32, false),
+        let packing = Packing::from_lens(&[5, 77, 1, 70, 33])?;
+        for (seqs, heads, head_dim, causal) in [
+            (Seqs::Uniform { batch: 2, seq: 77 }, 4, 64, true),
+            (Seqs::Uniform { batch: 3, seq: 50 }, 2, 64, false),
+            (Seqs::Uniform { batch: 1, seq: 130 }, 2, 32, true),
+            (Seqs::Uniform { batch: 1, seq: 130 }, 2, 32, false),
+            (Seqs::Packed(&packing), 2, 64, true),
+            (Seqs::Packed(&packing), 2, 32, false),
         ] {
             let d = heads * head_dim;
             for ld in [d, 3 * d] {
                 let s = AttentionShape {
-                    batch,
-                    seq,
+                    seqs,
                     heads,
                     head_dim,
                     ld,
                     scale: (head_dim as f32).powf(-0.5),
                     causal,
                 };
-                let n = (batch * seq - 1) * ld + d;
+                let n = (seqs.rows().unwrap_or(0) - 1) * ld + d;
                 let (q, k, v) = (values(n, 0.1), values(n, 0.7), values(n, 1.9));
                 let got = attention_twin(&q, &k, &v, s)?;
                 let want = reference(&q, &k, &v, s);
@@ -501,8 +584,7 @@ mod tests {
     #[test]
     fn twin_refuses_what_the_kernel_cannot_take() {
         let s = AttentionShape {
-            batch: 1,
-            seq: 4,
+            seqs: Seqs::Uniform { batch: 1, seq: 4 },
             heads: 1,
             head_dim: 48,
             ld: 48,

@@ -21,3 +21,5 @@ pub mod elementwise;
 pub mod layernorm;
 
 pub use attention::{attention_supports, attention_twin, AttentionShape, ATTENTION_TILE};
+#[cfg(feature = "cuda")]
+pub use attention::DeviceOffsets;
