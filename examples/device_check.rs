@@ -111,7 +111,11 @@ fn main() -> anyhow::Result<()> {
     let packing = clipft::model::kernels::seqs::Packing::from_lens(&lens)?;
     let packed = std::sync::Arc::new(clipft::model::ops::packed::PackedSeqs::new(packing));
     for dt in [DType::F32, DType::F16, DType::BF16] {
-        for (seq, causal, packed) in [(t, false, None), (77, true, None), (77, true, Some(&packed))] {
+        for (seq, causal, packed) in [
+            (t, false, None),
+            (77, true, None),
+            (77, true, Some(&packed)),
+        ] {
             let op = clipft::model::ops::fused_attention::FusedAttention {
                 heads: h,
                 scale: ((d / h) as f32).powf(-0.5),
@@ -121,7 +125,9 @@ fn main() -> anyhow::Result<()> {
             let cut = |x: &Tensor| match packed {
                 Some(p) => {
                     let w = x.dim(2)?;
-                    x.reshape((x.elem_count() / w, w))?.narrow(0, 0, p.rows())?.to_dtype(dt)
+                    x.reshape((x.elem_count() / w, w))?
+                        .narrow(0, 0, p.rows())?
+                        .to_dtype(dt)
                 }
                 None => x.narrow(1, 0, seq)?.contiguous()?.to_dtype(dt),
             };

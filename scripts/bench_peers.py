@@ -69,11 +69,21 @@ class VisionFeatures(torch.nn.Module):
         return _features(self.model.get_image_features(pixel_values=pixel_values))
 
 
-def make_ids(batch, tokens, gen):
+def caption_lengths(batch, tokens, tokens_min=None):
+    """Row i's length: every row `tokens` long, or spread evenly from `tokens_min` as
+    `clipft bench --text-tokens-min` spreads them (the same rows on both sides)."""
+    lo = tokens if tokens_min is None else tokens_min
+    return [lo + (i * (tokens - lo)) // (batch - 1) if batch > 1 else lo for i in range(batch)]
+
+
+def make_ids(batch, tokens, gen, tokens_min=None):
+    """Random rows of `caption_lengths`, padded with end-of-text to the longest, as a tokenizer
+    pads a batch (HF pools at the first end-of-text)."""
     assert tokens >= 2
     ids = torch.randint(0, BOS_ID, (batch, tokens), generator=gen, dtype=torch.long)
     ids[:, 0] = BOS_ID
-    ids[:, -1] = EOS_ID
+    for i, n in enumerate(caption_lengths(batch, tokens, tokens_min)):
+        ids[i, n - 1:] = EOS_ID
     return ids
 
 
@@ -152,6 +162,8 @@ def main():
     ap.add_argument("--tower", choices=["text", "vision", "both"], default="both")
     ap.add_argument("--batch-sizes", default="1,8,32")
     ap.add_argument("--text-tokens", default="16,77")
+    ap.add_argument("--text-tokens-min", type=int, default=None,
+                    help="captions of mixed lengths, as clipft bench --text-tokens-min makes them")
     ap.add_argument("--seconds", type=float, default=20.0, help="minimum timed seconds per config (after warm-up)")
     ap.add_argument("--peers", default="torch,onnxruntime")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -216,7 +228,8 @@ def main():
         for tower in towers:
             for b in batch_sizes:
                 for t in text_tokens if tower == "text" else [None]:
-                    x = make_ids(b, t, gen) if tower == "text" else make_pixels(b, image_size, gen)
+                    x = (make_ids(b, t, gen, args.text_tokens_min) if tower == "text"
+                         else make_pixels(b, image_size, gen))
                     if peer == "torch":
                         f = feats[tower]
                         x = x.to(dev) if tower == "text" else x.to(dev, wdtype)
@@ -241,6 +254,7 @@ def main():
                                 "tower": TOWERS[tower],
                                 "batch_size": b,
                                 "text_tokens": t,
+                                "text_tokens_min": args.text_tokens_min if tower == "text" else None,
                                 "items_per_second": round(ips, 3),
                                 "device": args.device,
                                 "dtype": args.dtype,

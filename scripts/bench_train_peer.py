@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """PyTorch peer of `clipft bench --train`: the same CLIPLoss + AdamW steps on the same model
-folder, random 77-token texts and random pixels. Prints pairs/second as one JSON line.
+folder, random texts (77 tokens, or --text-tokens / --text-tokens-min as clipft bench makes them)
+and random pixels. Prints pairs/second as one JSON line.
 
     python scripts/bench_train_peer.py --model target/vit-b-32 --batch 8 --steps 5
     python scripts/bench_train_peer.py --model target/vit-b-32 --batch 256 --device cuda --dtype bf16
@@ -35,6 +36,9 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["f32", "bf16", "f16"], default="f32")
     ap.add_argument("--attn", choices=["eager", "sdpa"], default="eager")
+    ap.add_argument("--text-tokens", type=int, default=77)
+    ap.add_argument("--text-tokens-min", type=int, default=None,
+                    help="captions of mixed lengths, as clipft bench --text-tokens-min makes them")
     ap.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default="highest",
                     help="torch.set_float32_matmul_precision (clipft's default is high)")
     a = ap.parse_args()
@@ -46,8 +50,14 @@ def main():
     dev = torch.device(a.device)
     model = CLIPModel.from_pretrained(a.model, attn_implementation=a.attn).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
-    ids = torch.randint(1, 49400, (a.batch, 77))
-    ids[:, 0], ids[:, -1] = 49406, 49407
+    t = a.text_tokens
+    lo = t if a.text_tokens_min is None else a.text_tokens_min
+    ids = torch.randint(1, 49400, (a.batch, t))
+    ids[:, 0] = 49406
+    for i in range(a.batch):
+        # clipft bench's spread; padded with end-of-text to the longest, as a tokenizer pads
+        n = lo + (i * (t - lo)) // (a.batch - 1) if a.batch > 1 else lo
+        ids[i, n - 1:] = 49407
     ids = ids.to(dev)
     size = model.config.vision_config.image_size
     pixels = torch.randn(a.batch, 3, size, size).to(dev)
@@ -80,7 +90,8 @@ def main():
     for _ in range(a.steps):
         step()
     secs = time.perf_counter() - start
-    out = {"peer": "torch", "batch_size": a.batch, "steps": a.steps, "text_tokens": 77,
+    out = {"peer": "torch", "batch_size": a.batch, "steps": a.steps, "text_tokens": t,
+           "text_tokens_min": a.text_tokens_min,
            "device": a.device, "dtype": a.dtype, "attn": a.attn,
            "matmul_precision": a.matmul_precision,
            "pairs_per_second": round(a.batch * a.steps / secs, 3)}

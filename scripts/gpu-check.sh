@@ -17,6 +17,9 @@
 #  4. inference throughput: clipft bench vs scripts/bench_peers.py (torch), f16, batch 256 and 1
 #  5. training throughput: clipft bench --train vs scripts/bench_train_peer.py, batch 256, bf16, f32
 #     (and clipft with its CUDA kernels off, CLIPFT_NO_FUSED=1)
+#  5b. captions of mixed lengths (8 to 32 tokens, as a tokenizer pads a batch): text inference
+#     and bf16 training, clipft's packed captions against torch padded to the batch's longest
+#     (and clipft padded too, CLIPFT_NO_PACKED_TEXT=1)
 #  6. the demo's fine-tune on the GPU (bf16): after-metrics vs before
 set -u
 cd "$(dirname "$0")/.."
@@ -107,6 +110,19 @@ done
   --model "$VIT" --device "$DEV" --dtype bf16 --batch-size "$BATCH" --seconds "$SECS"
 [ -n "${QUICK:-}" ] || step train-torch-bf16-sdpa 150 "$PY" scripts/bench_train_peer.py --model "$VIT" --device "$DEV" \
   --dtype bf16 --attn sdpa --batch "$BATCH" --steps 10
+
+# Captions of mixed lengths: clipft packs each caption up to its end-of-text token.
+MIXED="--text-tokens 32 --text-tokens-min 8"
+step bench-clip-text-f16-mixed 120 "$BIN" bench --model "$VIT" --select-model clip-text --device "$DEV" \
+  --dtype f16 --batch-size "$BATCH" --seconds "$SECS" $MIXED
+step bench-peer-torch-text-f16-mixed 120 "$PY" scripts/bench_peers.py --model "$VIT" --peers torch \
+  --tower text --device "$DEV" --dtype f16 --batch-sizes "$BATCH" --seconds "$SECS" $MIXED
+step train-clipft-bf16-mixed 150 "$BIN" bench --train --model "$VIT" --device "$DEV" --dtype bf16 \
+  --batch-size "$BATCH" --seconds "$SECS" $MIXED
+[ -n "${QUICK:-}" ] || CLIPFT_NO_PACKED_TEXT=1 step train-clipft-bf16-mixed-padded 150 "$BIN" bench --train \
+  --model "$VIT" --device "$DEV" --dtype bf16 --batch-size "$BATCH" --seconds "$SECS" $MIXED
+step train-torch-bf16-sdpa-mixed 150 "$PY" scripts/bench_train_peer.py --model "$VIT" --device "$DEV" \
+  --dtype bf16 --attn sdpa --batch "$BATCH" --steps 10 $MIXED
 
 [ -n "${QUICK:-}" ] || step demo-fit-bf16 150 bash -c "'$BIN' fit --model tests/fixtures/clip-tiny --train-data data/demo/train.csv \
   --eval-data data/demo/eval.csv --query-data data/demo/query.csv --index-data data/demo/index.csv \

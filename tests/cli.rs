@@ -408,6 +408,29 @@ fn bench_prints_json_last_line() {
         .output()
         .unwrap());
     assert!(e.contains("one tower"), "{e}");
+    // Captions of mixed lengths: echoed in the result; a shortest over the longest is refused.
+    let mixed = |min: &str| {
+        bin()
+            .args(["bench", "--model", &tiny(), "--select-model", "clip-text"])
+            .args(["--batch-size", "3", "--seconds", "0", "--text-tokens", "16"])
+            .args(["--text-tokens-min", min])
+            .output()
+            .unwrap()
+    };
+    let out = ok(mixed("4"));
+    let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (
+            last["text_tokens"].as_u64(),
+            last["text_tokens_min"].as_u64()
+        ),
+        (Some(16), Some(4))
+    );
+    let e = err(mixed("17"));
+    assert!(
+        e.contains("--text-tokens-min 17 is over --text-tokens 16"),
+        "{e}"
+    );
 }
 
 #[test]

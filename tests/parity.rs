@@ -496,6 +496,7 @@ fn the_gpu_layer_path_matches_on_the_cpu() {
         };
         let gpu_path = build(Kernels {
             fused_gpu: true,
+            packed_text: true,
             ..Kernels::CANDLE
         });
         let candle = build(Kernels::CANDLE);
@@ -565,6 +566,7 @@ fn the_gpu_training_path_matches_on_the_cpu() {
         };
         let (gpu_loss, gpu) = step(Kernels {
             fused_gpu: true,
+            packed_text: true,
             ..Kernels::CANDLE
         });
         let (loss, candle) = step(Kernels::CANDLE);
@@ -615,6 +617,7 @@ fn stacked_projections_follow_weight_updates() {
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
     let kernels = Kernels {
         fused_gpu: true,
+        packed_text: true,
         ..Kernels::CANDLE
     };
     let clip = Clip::new(vb, &config, Towers::TEXT, kernels).unwrap();
@@ -719,6 +722,7 @@ fn the_gpu_training_path_in_bf16_matches_on_the_cpu() {
     };
     let gpu = Kernels {
         fused_gpu: true,
+        packed_text: true,
         ..Kernels::CANDLE
     };
     let (gpu_loss, gpu_grads) = step(gpu, DType::BF16);
@@ -784,6 +788,7 @@ fn serving_releases_the_separate_projections_on_the_gpu_path() {
     .unwrap();
     let kernels = Kernels {
         fused_gpu: true,
+        packed_text: true,
         ..Kernels::CANDLE
     };
     let mut clip = Clip::new(vb, &config, Towers::ALL, kernels).unwrap();

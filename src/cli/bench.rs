@@ -35,6 +35,40 @@ pub struct BenchArgs {
     /// Tokens per text, start and end-of-text included.
     #[arg(long, env = "CLIPFT_TEXT_TOKENS", default_value_t = 77, value_parser = clap::value_parser!(u64).range(2..=4096))]
     pub text_tokens: u64,
+    /// Captions of mixed lengths: row i of a batch of b has
+    /// `min + i * (text_tokens - min) / (b - 1)` tokens (evenly spread; the peers' scripts make
+    /// the same rows), padded with end-of-text to the longest, as a tokenizer pads a batch.
+    /// Default: every row `--text-tokens` long.
+    #[arg(long, env = "CLIPFT_TEXT_TOKENS_MIN", value_parser = clap::value_parser!(u64).range(2..=4096))]
+    pub text_tokens_min: Option<u64>,
+}
+
+impl BenchArgs {
+    /// Token rows for a batch of `b`: every row `--text-tokens` long, or spread from
+    /// `--text-tokens-min`; checked against the model's context.
+    fn text_rows(
+        &self,
+        rng: &mut impl Rng,
+        b: usize,
+        ctx: usize,
+        eos: u32,
+    ) -> anyhow::Result<Vec<Vec<u32>>> {
+        let t = self.text_tokens as usize;
+        if t > ctx {
+            anyhow::bail!("--text-tokens {t} is over the model's context of {ctx}");
+        }
+        let min = self.text_tokens_min.map_or(t, |m| m as usize);
+        if min > t {
+            anyhow::bail!("--text-tokens-min {min} is over --text-tokens {t}");
+        }
+        let lens: Vec<usize> = (0..b)
+            .map(|i| min + (i * (t - min)).checked_div(b - 1).unwrap_or(0))
+            .collect();
+        Ok(crate::model::tokenizer::pad_rows(
+            random_rows(rng, &lens, eos),
+            eos,
+        ))
+    }
 }
 
 /// One benchmark result, printed as the last line.
@@ -47,6 +81,9 @@ pub struct BenchResult {
     pub batch_size: usize,
     pub items_per_second: f64,
     pub text_tokens: Option<usize>,
+    /// `--text-tokens-min`: the shortest caption of the spread.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub text_tokens_min: Option<usize>,
     pub iterations: usize,
     pub seconds: f64,
     pub device: String,
@@ -68,12 +105,12 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-/// Random token rows of `tokens` tokens each: start of text, ids below it, end of text.
-fn random_rows(rng: &mut impl Rng, batch: usize, tokens: usize, eos: u32) -> Vec<Vec<u32>> {
-    (0..batch)
-        .map(|_| {
+/// Random token rows of these lengths: start of text, ids below it, end of text.
+fn random_rows(rng: &mut impl Rng, lens: &[usize], eos: u32) -> Vec<Vec<u32>> {
+    lens.iter()
+        .map(|&tokens| {
             let mut r = vec![eos - 1];
-            r.extend((0..tokens - 2).map(|_| rng.gen_range(1..eos - 2)));
+            r.extend((0..tokens.saturating_sub(2)).map(|_| rng.gen_range(1..eos - 2)));
             r.push(eos);
             r
         })
@@ -128,12 +165,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let b = args.batch_size as usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
     let step: Box<dyn FnMut() -> anyhow::Result<()>> = if towers.text {
-        let t = args.text_tokens as usize;
-        let ctx = enc.tokenizer()?.context_length();
-        if t > ctx {
-            anyhow::bail!("--text-tokens {t} is over the model's context of {ctx}");
-        }
-        let rows = random_rows(&mut rng, b, t, enc.tokenizer()?.pad_id());
+        let tok = enc.tokenizer()?;
+        let rows = args.text_rows(&mut rng, b, tok.context_length(), tok.pad_id())?;
         let batch = enc.text_batch(&rows)?;
         Box::new(move || enc.embed_text_batch(&batch).map(|_| ()).map_err(Into::into))
     } else {
@@ -163,6 +196,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         batch_size: b,
         items_per_second: (iterations * b) as f64 / seconds,
         text_tokens: towers.text.then_some(args.text_tokens as usize),
+        text_tokens_min: args
+            .text_tokens_min
+            .filter(|_| towers.text)
+            .map(|m| m as usize),
         iterations,
         seconds,
         device: device_name(&opts.device),
@@ -188,12 +225,13 @@ fn run_train(args: BenchArgs) -> anyhow::Result<()> {
     let mut opt = m.optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-5, 0.01))?;
     let b = args.batch_size as usize;
     let t = args.text_tokens as usize;
-    let ctx = m.tokenizer.context_length();
-    if t > ctx {
-        anyhow::bail!("--text-tokens {t} is over the model's context of {ctx}");
-    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-    let rows = random_rows(&mut rng, b, t, m.tokenizer.pad_id());
+    let rows = args.text_rows(
+        &mut rng,
+        b,
+        m.tokenizer.context_length(),
+        m.tokenizer.pad_id(),
+    )?;
     let text = crate::model::TextBatch::new(&rows, m.eos_token_id(), &device)?;
     let (h, w) = m.images.output_size();
     let pixels = candle_core::Tensor::randn(0f32, 1.0, (b, 3, h, w), &device)?;
@@ -223,6 +261,7 @@ fn run_train(args: BenchArgs) -> anyhow::Result<()> {
         batch_size: b,
         items_per_second: (iterations * b) as f64 / seconds,
         text_tokens: Some(t),
+        text_tokens_min: args.text_tokens_min.map(|m| m as usize),
         iterations,
         seconds,
         device: device_name(&device),

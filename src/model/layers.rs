@@ -14,10 +14,10 @@ use std::sync::{Arc, OnceLock};
 
 use super::amx;
 use super::config::Activation;
-use super::kernels::seqs::Seqs;
-use super::ops::packed::PackedSeqs;
 use super::cpu;
 use super::kernels::cpu_block;
+use super::kernels::seqs::Seqs;
+use super::ops::packed::PackedSeqs;
 use super::policy::Kernels;
 use super::train_block;
 
@@ -497,7 +497,9 @@ impl Attention {
                 .apply_op3(&k.contiguous()?, &v.contiguous()?, op);
         }
         if mask.packed.is_some() {
-            candle_core::bail!("packed sequences need clipft's attention kernels, not candle's ops");
+            candle_core::bail!(
+                "packed sequences need clipft's attention kernels, not candle's ops"
+            );
         }
         let (b, t, d) = x.dims3()?;
         let split = |y: Tensor| -> Result<Tensor> {
@@ -690,13 +692,16 @@ impl Encoder {
         Ok(Self { layers, kernels })
     }
 
-    /// Whether [`Encoder::forward_pooled`] takes packed sequences in this model: every path it
+    /// Whether [`Encoder::forward_pooled`] takes packed sequences in this model: the kernels
+    /// ask for packed captions ([`Kernels::packed_text`]) and every path it
     /// may run then goes through clipft's attention kernels, which honour them (the fused CPU
     /// kernels and training ops, or the GPU path's attention op on every layer); candle's
     /// composed attention takes only uniform batches.
     pub fn takes_packed(&self) -> bool {
-        self.kernels.fused_cpu
-            || (self.kernels.fused_gpu && self.layers.iter().all(|l| l.self_attn.runs_fused()))
+        let k = &self.kernels;
+        k.packed_text
+            && (k.fused_cpu
+                || (k.fused_gpu && self.layers.iter().all(|l| l.self_attn.runs_fused())))
     }
 
     /// Runs every block over `x` and returns the hidden states of the rows `pooled` names

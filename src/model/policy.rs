@@ -1,7 +1,8 @@
 //! Which kernels a model runs, decided once when it is built and carried by its layers. The
 //! comparison switches (`CLIPFT_NO_FUSED`: candle's ops instead of the fused CPU kernels,
 //! `CLIPFT_NO_FUSED_BLOCK`: the per-op training graph instead of one op per block) are read from
-//! the environment once per process. [`Kernels`] is what follows for one model from its device,
+//! the environment once per process, as is `CLIPFT_NO_PACKED_TEXT` (captions padded to the
+//! batch's longest instead of packed up to their end-of-text tokens). [`Kernels`] is what follows for one model from its device,
 //! dtype, those switches and the matmul precision: [`super::Clip::new`] takes it and every layer
 //! keeps a copy, so no layer looks at tensors, globals or the environment to choose a path.
 //! [`KernelPolicy`] adds what a loaded model's log line and the executor's banner say.
@@ -20,6 +21,8 @@ pub struct Switches {
     pub fused: bool,
     /// The whole-block and embedding training ops.
     pub fused_blocks: bool,
+    /// Packed captions where the kernels take them.
+    pub packed_text: bool,
 }
 
 /// The process's switches, read once.
@@ -28,6 +31,7 @@ pub fn switches() -> Switches {
     *S.get_or_init(|| Switches {
         fused: std::env::var_os("CLIPFT_NO_FUSED").is_none(),
         fused_blocks: std::env::var_os("CLIPFT_NO_FUSED_BLOCK").is_none(),
+        packed_text: std::env::var_os("CLIPFT_NO_PACKED_TEXT").is_none(),
     })
 }
 
@@ -50,6 +54,10 @@ pub struct Kernels {
     /// bias + activation or bias + residual as one op ([`super::ops::fused_tail`]), and the
     /// last block on the pooled rows only.
     pub fused_gpu: bool,
+    /// With `fused_cpu` or `fused_gpu`: the text tower computes each caption only up to its
+    /// end-of-text token, the captions packed end to end ([`super::kernels::seqs`]), where every
+    /// attention layer runs clipft's kernels (which take packed sequences).
+    pub packed_text: bool,
 }
 
 impl Kernels {
@@ -59,6 +67,7 @@ impl Kernels {
         train_blocks: false,
         amx: None,
         fused_gpu: false,
+        packed_text: false,
     };
 
     /// The kernels for weights on `device` in `dtype`, under the process's switches and matmul
@@ -68,6 +77,7 @@ impl Kernels {
         if device.is_cuda() && sw.fused {
             return Self {
                 fused_gpu: true,
+                packed_text: sw.packed_text,
                 ..Self::CANDLE
             };
         }
@@ -79,6 +89,7 @@ impl Kernels {
             train_blocks: sw.fused_blocks,
             amx: cpu::amx_precision(),
             fused_gpu: false,
+            packed_text: sw.packed_text,
         }
     }
 }
@@ -126,6 +137,9 @@ impl std::fmt::Display for KernelPolicy {
                 "CUDA kernels: attention on stacked QKV, layer norm, linear tails; candle's GEMMs"
             )?,
             (false, false) => write!(f, "candle's ops")?,
+        }
+        if self.kernels.packed_text && self.text_activation.is_some() {
+            write!(f, ", packed captions")?;
         }
         for (tower, act) in [
             ("text", self.text_activation),

@@ -175,7 +175,9 @@ impl VisionTower {
             self.pre_layrnorm.forward(&x, mode)?
         };
         let cls_rows: Vec<(usize, usize)> = (0..b).map(|i| (i, 0)).collect();
-        let pooled = self.encoder.forward_pooled(&x, false, &cls_rows, None, mode)?;
+        let pooled = self
+            .encoder
+            .forward_pooled(&x, false, &cls_rows, None, mode)?;
         let pooled = self.post_layernorm.forward(&pooled, mode)?;
         self.projection.forward_t(&pooled, mode)
     }

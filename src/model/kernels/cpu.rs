@@ -497,7 +497,12 @@ pub fn attention_into(
     let (t, hd, ld) = (s.seqs.max_len(), s.head_dim, s.ld);
     // The extents the unsafe block below reads and writes, checked without overflow.
     let (rows, d) = s.check_inputs(q, k, v);
-    assert!(out.len() >= rows.checked_mul(d).expect("attention: the shape overflows usize"));
+    assert!(
+        out.len()
+            >= rows
+                .checked_mul(d)
+                .expect("attention: the shape overflows usize")
+    );
     let tasks = s.seqs.items() * s.heads;
     let kept = probs.map(|p| {
         assert!(p.len() >= s.probs_len());
@@ -654,7 +659,8 @@ mod tests {
     #[test]
     fn attention_refuses_short_inputs() {
         let (b, t, d, heads, ld) = (2, 3, 8, 2, 24);
-        let s = AttnShape::new(Seqs::Uniform { batch: b, seq: t }, d, heads, 0.5, false, ld).unwrap();
+        let s =
+            AttnShape::new(Seqs::Uniform { batch: b, seq: t }, d, heads, 0.5, false, ld).unwrap();
         let full = (b * t - 1) * ld + d;
         let ok = seq(full, 0.1);
         let mut out = vec![0f32; b * t * d];

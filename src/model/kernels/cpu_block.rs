@@ -72,7 +72,10 @@ pub fn block(
     let Geometry { seqs, d, causal } = g;
     let rows = seqs.rows().unwrap_or(usize::MAX);
     if x.len() != rows.saturating_mul(d) {
-        candle_core::bail!("encoder block: {} values are not {rows} rows of {d}", x.len());
+        candle_core::bail!(
+            "encoder block: {} values are not {rows} rows of {d}",
+            x.len()
+        );
     }
     let ln = |n: &NormWeights, x: &[f32]| cpu::layer_norm(x, d, n.w, n.b, n.eps);
     let h = ln(&w.ln1, &x);

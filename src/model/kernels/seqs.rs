@@ -132,7 +132,10 @@ mod tests {
         assert!(Packing::from_lens(&[2, 0]).is_err());
         assert!(Packing::from_lens(&[usize::MAX, 1]).is_err());
         let u = Seqs::Uniform { batch: 2, seq: 4 };
-        assert_eq!((u.start(1), u.len(1), u.rows(), u.row(1, 3)?), (4, 4, Some(8), 7));
+        assert_eq!(
+            (u.start(1), u.len(1), u.rows(), u.row(1, 3)?),
+            (4, 4, Some(8), 7)
+        );
         Ok(())
     }
 }

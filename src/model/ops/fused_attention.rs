@@ -52,7 +52,10 @@ impl FusedAttention {
             Some(p) => {
                 let (rows, w) = l.shape().dims2()?;
                 if rows != p.rows() {
-                    candle_core::bail!("fused attention: {rows} rows for a packed batch of {}", p.rows());
+                    candle_core::bail!(
+                        "fused attention: {rows} rows for a packed batch of {}",
+                        p.rows()
+                    );
                 }
                 (p.seqs(), w, vec![rows])
             }

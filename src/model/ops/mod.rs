@@ -38,9 +38,9 @@ macro_rules! by_dtype {
 }
 
 pub mod fused_attention;
-pub mod packed;
 pub mod fused_norm;
 pub mod fused_tail;
+pub mod packed;
 pub mod train_block;
 pub mod train_embed;
 pub mod train_ops;

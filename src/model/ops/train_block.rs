@@ -21,8 +21,8 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use super::train_ops::{self, AttnShape};
-use crate::model::kernels::seqs::Seqs;
 use crate::model::cpu;
+use crate::model::kernels::seqs::Seqs;
 
 /// The tensors of one block, in the order [`BlockOp`] reads them.
 pub(crate) const WEIGHTS: [&str; 16] = [

@@ -913,6 +913,121 @@ impl candle_core::CustomOp2 for LinearOp {
 mod tests {
     use super::*;
 
+    /// Packed sequences (end to end, of lengths 5, 1, 9 and 3) give each sequence what it gets
+    /// alone, through every attention kernel the CPU runs: all queries and selected ones,
+    /// forward (context and probabilities) and backward; a query never sees another sequence.
+    #[test]
+    fn packed_attention_is_each_sequence_alone() -> R {
+        use crate::model::cpu::{attention_into, attention_rows_into, Seqs};
+        use crate::model::kernels::seqs::Packing;
+        let lens = [5usize, 1, 9, 3];
+        let (heads, d) = (2, 8);
+        let ld = 3 * d;
+        let packing = Packing::from_lens(&lens)?;
+        let rows: usize = lens.iter().sum();
+        let wave = |n: usize, s: f32| -> Vec<f32> {
+            (0..n).map(|i| (i as f32 * 0.61 + s).sin()).collect()
+        };
+        let (qkv, dout) = (wave(rows * ld, 0.3), wave(rows * d, 1.7));
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            let e = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            assert!(a.len() == b.len() && e < 1e-5, "{what}: {e}");
+        };
+        for causal in [true, false] {
+            let shape = |seqs| AttnShape::new(seqs, d, heads, 0.5, causal, ld);
+            let sh = shape(Seqs::Packed(&packing))?;
+            let (q, k, v) = (&qkv[..], &qkv[d..], &qkv[2 * d..]);
+            let mut out = vec![0f32; rows * d];
+            let mut probs = vec![0f32; sh.probs_len()];
+            attention_into(q, k, v, sh, &mut out, Some(&mut probs));
+            let mut dqkv = vec![0f32; rows * ld];
+            attention_backward(q, k, v, sh, &probs, &dout, &mut dqkv);
+            // The last row of each sequence, and the first of the longest.
+            let mut picked: Vec<(usize, usize)> =
+                lens.iter().enumerate().map(|(i, &n)| (i, n - 1)).collect();
+            picked.push((2, 0));
+            let starts = packing.offsets();
+            let q_at: Vec<usize> = picked.iter().map(|&(i, p)| (starts[i] + p) * ld).collect();
+            let mut picked_out = vec![0f32; picked.len() * d];
+            let mut picked_probs = vec![0f32; picked.len() * heads * sh.seqs.max_len()];
+            attention_rows_into(
+                q,
+                &q_at,
+                k,
+                v,
+                sh,
+                &picked,
+                &mut picked_out,
+                Some(&mut picked_probs),
+            );
+            let picked_dout = wave(picked.len() * d, 2.9);
+            let mut picked_grad = vec![0f32; rows * ld];
+            attention_rows_backward(
+                q,
+                k,
+                v,
+                sh,
+                &picked,
+                &picked_probs,
+                &picked_dout,
+                &mut picked_grad,
+            );
+            for (i, &n) in lens.iter().enumerate() {
+                let (r0, r1) = (starts[i], starts[i + 1]);
+                let one = shape(Seqs::Uniform { batch: 1, seq: n })?;
+                let x = &qkv[r0 * ld..r1 * ld];
+                let (q1, k1, v1) = (&x[..], &x[d..], &x[2 * d..]);
+                let mut o1 = vec![0f32; n * d];
+                let mut p1 = vec![0f32; one.probs_len()];
+                attention_into(q1, k1, v1, one, &mut o1, Some(&mut p1));
+                close(
+                    &out[r0 * d..r1 * d],
+                    &o1,
+                    &format!("context of {i} (causal {causal})"),
+                );
+                let mut g1 = vec![0f32; n * ld];
+                attention_backward(q1, k1, v1, one, &p1, &dout[r0 * d..r1 * d], &mut g1);
+                close(
+                    &dqkv[r0 * ld..r1 * ld],
+                    &g1,
+                    &format!("d qkv of {i} (causal {causal})"),
+                );
+                // The selected rows of this sequence, alone.
+                let mine: Vec<usize> = (0..picked.len()).filter(|&j| picked[j].0 == i).collect();
+                let rows1: Vec<(usize, usize)> = mine.iter().map(|&j| (0, picked[j].1)).collect();
+                let at1: Vec<usize> = rows1.iter().map(|&(_, p)| p * ld).collect();
+                let mut o1 = vec![0f32; mine.len() * d];
+                let mut p1 = vec![0f32; mine.len() * heads * n];
+                attention_rows_into(q1, &at1, k1, v1, one, &rows1, &mut o1, Some(&mut p1));
+                let want: Vec<f32> = mine
+                    .iter()
+                    .flat_map(|&j| picked_out[j * d..][..d].to_vec())
+                    .collect();
+                close(
+                    &want,
+                    &o1,
+                    &format!("selected rows of {i} (causal {causal})"),
+                );
+                let g_in: Vec<f32> = mine
+                    .iter()
+                    .flat_map(|&j| picked_dout[j * d..][..d].to_vec())
+                    .collect();
+                let mut g1 = vec![0f32; n * ld];
+                attention_rows_backward(q1, k1, v1, one, &rows1, &p1, &g_in, &mut g1);
+                close(
+                    &picked_grad[r0 * ld..r1 * ld],
+                    &g1,
+                    &format!("selected d qkv of {i} (causal {causal})"),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The linear op on plain f32 products.
     const LINEAR: LinearOp = LinearOp { amx: None };
     use candle_core::{Device, Var, D};

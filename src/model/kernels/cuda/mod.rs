@@ -20,6 +20,6 @@ pub mod attention;
 pub mod elementwise;
 pub mod layernorm;
 
-pub use attention::{attention_supports, attention_twin, AttentionShape, ATTENTION_TILE};
 #[cfg(feature = "cuda")]
 pub use attention::DeviceOffsets;
+pub use attention::{attention_supports, attention_twin, AttentionShape, ATTENTION_TILE};
