@@ -2,7 +2,12 @@
 # Every GPU check of BENCHMARKS.md's GPU section in one run, for a lent GPU machine (one H100 or
 # H200, minutes of time): the CUDA binary against PyTorch on the same machine and weights.
 #
-#   scripts/gpu-check.sh [CLIPFT_BINARY | PACKED_DIR] [OUT_DIR]
+#   scripts/gpu-check.sh [CLIPFT_BINARY | PACKED_DIR] [OUT_DIR] [PART]
+#
+# PART: all (default), 1 (kernel tests, parity, inference; steps 1-4 and 5b's inference, about 6
+# minutes on an H100) or 2 (training, 5b's training, the demo; about 5 minutes). A lent machine
+# runs one command for at most 10 minutes: run part 1, then part 2 at once (the machine stays warm
+# for 30 s), each with its own OUT_DIR. The ViT-B/32 fixtures stay in /tmp between the two.
 #
 # PACKED_DIR is what scripts/pack-gpu.sh wrote (.gpu/: the binary, device_check and the library's
 # CUDA unit tests, xz-compressed): they are unpacked, the CUDA kernels are tested against their
@@ -25,6 +30,9 @@ set -u
 cd "$(dirname "$0")/.."
 BIN="$(realpath "${1:-target/cuda/release/clipft}")"
 OUTDIR="${2:-${OUT:-target/gpu-check}}"
+PART="${3:-all}"
+# part N: whether this run includes part N.
+part() { [ "$PART" = all ] || [ "$PART" = "$1" ]; }
 if [ -d "$BIN" ]; then
   PACKED="$BIN" BIN="$(mktemp -d)/clipft"
   for f in clipft device_check lib_tests; do
@@ -37,7 +45,7 @@ PY="${PYTHON:-python3}"
 # DEVICE_CHECK=PATH runs that build of examples/device_check first (op-by-op CPU vs GPU, then
 # where the time of a batch of 256 goes); QUICK=1 leaves out the demo fine-tune and the sdpa peer.
 # Knobs for a dry run elsewhere (DEVICE=cpu BATCH=2 SECS=0 EPOCHS=1 VIT=target/vit-b-32).
-DEV="${DEVICE:-cuda}" BATCH="${BATCH:-256}" SECS="${SECS:-10}" EPOCHS="${EPOCHS:-30}"
+DEV="${DEVICE:-cuda}" BATCH="${BATCH:-256}" SECS="${SECS:-8}" EPOCHS="${EPOCHS:-30}"
 mkdir -p "$OUTDIR"
 SUM="$OUTDIR/summary.txt" LOG="$OUTDIR/log.txt"
 : >"$SUM"; : >"$LOG"
@@ -46,7 +54,7 @@ SP="$("$PY" -c 'import site; print(site.getsitepackages()[0])')"
 LD_LIBRARY_PATH="$(ls -d "$SP"/nvidia/*/lib "$SP"/nvidia/cu13/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 WORK="$(mktemp -d)"
-VIT="${VIT:-$WORK/vit-b-32}"
+VIT="${VIT:-/tmp/clipft-gpu-check-vit-b-32}"
 
 # step NAME TIMEOUT COMMAND...: runs one check; its last stdout line goes to the summary.
 step() {
@@ -59,14 +67,17 @@ step() {
   echo "$name rc=$rc $((SECONDS - t0))s: $(tail -n 1 "$WORK/out")" | tee -a "$SUM"
 }
 
+echo "part $PART" | tee -a "$SUM"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$SUM"
 "$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' | tee -a "$SUM"
 ldd "$BIN" | grep -E "not found|cublas|cuda" >>"$SUM"
+[ -f "$VIT/model.safetensors" ] || step fixtures 240 "$PY" scripts/make_fixtures.py --full-size "$VIT"
+MIXED="--text-tokens 32 --text-tokens-min 8"
 
+if part 1; then
 # The CUDA kernels against their CPU twins, the optimiser step and the staged upload (the
 # library's unit tests of a CUDA build whose names start with cuda_).
 [ -z "${LIB_TESTS:-}" ] || step kernel-tests 120 "$LIB_TESTS" cuda_ --nocapture
-[ -f "$VIT/model.safetensors" ] || step fixtures 240 "$PY" scripts/make_fixtures.py --full-size "$VIT"
 if [ -n "${DEVICE_CHECK:-}" ]; then
   DEVICE_CHECK_TIMING=1 step device-check 180 "$DEVICE_CHECK" "$VIT"
   cat "$WORK/out" >>"$SUM"
@@ -98,6 +109,14 @@ done
 step bench-peer-torch-f16 240 "$PY" scripts/bench_peers.py --model "$VIT" --peers torch --device "$DEV" \
   --dtype f16 --batch-sizes "1,$BATCH" --text-tokens 77 --seconds "$SECS"
 grep '"peer"' "$LOG" | tail -n 4 >>"$SUM"
+# Captions of mixed lengths (5b): clipft packs each caption up to its end-of-text token.
+step bench-clip-text-f16-mixed 120 "$BIN" bench --model "$VIT" --select-model clip-text --device "$DEV" \
+  --dtype f16 --batch-size "$BATCH" --seconds "$SECS" $MIXED
+step bench-peer-torch-text-f16-mixed 120 "$PY" scripts/bench_peers.py --model "$VIT" --peers torch \
+  --tower text --device "$DEV" --dtype f16 --batch-sizes "$BATCH" --seconds "$SECS" $MIXED
+fi
+
+if part 2; then
 
 for dt in bf16 f32; do
   step "train-clipft-$dt" 150 "$BIN" bench --train --model "$VIT" --device "$DEV" --dtype "$dt" \
@@ -111,12 +130,7 @@ done
 [ -n "${QUICK:-}" ] || step train-torch-bf16-sdpa 150 "$PY" scripts/bench_train_peer.py --model "$VIT" --device "$DEV" \
   --dtype bf16 --attn sdpa --batch "$BATCH" --steps 10
 
-# Captions of mixed lengths: clipft packs each caption up to its end-of-text token.
-MIXED="--text-tokens 32 --text-tokens-min 8"
-step bench-clip-text-f16-mixed 120 "$BIN" bench --model "$VIT" --select-model clip-text --device "$DEV" \
-  --dtype f16 --batch-size "$BATCH" --seconds "$SECS" $MIXED
-step bench-peer-torch-text-f16-mixed 120 "$PY" scripts/bench_peers.py --model "$VIT" --peers torch \
-  --tower text --device "$DEV" --dtype f16 --batch-sizes "$BATCH" --seconds "$SECS" $MIXED
+# Captions of mixed lengths (5b), training.
 step train-clipft-bf16-mixed 150 "$BIN" bench --train --model "$VIT" --device "$DEV" --dtype bf16 \
   --batch-size "$BATCH" --seconds "$SECS" $MIXED
 [ -n "${QUICK:-}" ] || CLIPFT_NO_PACKED_TEXT=1 step train-clipft-bf16-mixed-padded 150 "$BIN" bench --train \
@@ -128,4 +142,5 @@ step train-torch-bf16-sdpa-mixed 150 "$PY" scripts/bench_train_peer.py --model "
   --eval-data data/demo/eval.csv --query-data data/demo/query.csv --index-data data/demo/index.csv \
   --epochs $EPOCHS --batch-size 32 --learning-rate 1e-3 --scheduler cosine --warmup-steps 10 --eval-every 0 \
   --device '$DEV' --dtype bf16 --run-name demo --output '$WORK/demo' 2>&1 | tail -n 16 | tr '\n' ' '"
+fi
 rm -rf "$WORK"

@@ -13,11 +13,14 @@
 //!   `kernels` per device (`cpu`: GEMM with bias/residual prefilled, in-place activations,
 //!   one-pass layer norm and attention, pooled buffers; `cpu_block`: a whole encoder block from
 //!   those over weights the layers lend as slices; `amx` beside them: bf16x3 products on Intel
-//!   AMX tiles; `adam`: the optimiser's update over one parameter; `cuda`: CUDA kernels
+//!   AMX tiles; `adam`: the optimiser's update over one parameter; `seqs`: where a batch's
+//!   sequences lie in its rows, uniform or packed end to end (the text tower computes each
+//!   caption only up to its end-of-text token); `cuda`: CUDA kernels
 //!   compiled to PTX under the `cuda` feature, forward and backward side by side (attention on
 //!   the stacked QKV projection, layer norm, linear tails, the Adam step), each beside the CPU
 //!   twin the test suite runs) and `ops` (`fused_attention`, `fused_norm`, `fused_tail`: those
-//!   kernels as the GPU path's ops, each with a backward that is itself an op;
+//!   kernels as the GPU path's ops, each with a backward that is itself an op; `packed`: a
+//!   packed batch's offsets as the ops share them, on the device once per pass;
 //!   the CPU training graph's custom ops, `train_ops`: layer norm, quick_gelu, softmax, linear and
 //!   attention as single CPU ops with their own backward; `train_block`: a whole transformer
 //!   block as one op, the last one computing only the pooled rows; `train_embed`: the
