@@ -1,13 +1,13 @@
 //! CLIPLoss: the symmetric contrastive loss over a batch of matching text-image pairs.
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 
-fn l2_normalize(x: &Tensor) -> Result<Tensor> {
-    x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)
-}
+use crate::model::ops::clip_loss::{ClipCe, RowNorm};
 
 /// `(CE(logits, diag) + CE(logits^T, diag)) / 2` with `logits = exp(logit_scale) * t @ i^T` over
-/// L2-normalised features: pair `k` is the right answer for row and column `k`.
+/// L2-normalised features: pair `k` is the right answer for row and column `k`. In f32 whatever
+/// the features hold, as three ops with their own backward (`model::ops::clip_loss`: the row
+/// norms, the similarity GEMM, the cross-entropy) instead of two dozen small ones each way.
 pub fn clip_loss(text: &Tensor, image: &Tensor, logit_scale: &Tensor) -> Result<Tensor> {
     let b = text.dim(0)?;
     if image.dim(0)? != b {
@@ -16,14 +16,10 @@ pub fn clip_loss(text: &Tensor, image: &Tensor, logit_scale: &Tensor) -> Result<
             image.dim(0)?
         );
     }
-    let t = l2_normalize(&text.to_dtype(candle_core::DType::F32)?)?;
-    let i = l2_normalize(&image.to_dtype(candle_core::DType::F32)?)?;
-    let scale = logit_scale.to_dtype(candle_core::DType::F32)?.exp()?;
-    let logits = t.matmul(&i.t()?)?.broadcast_mul(&scale)?;
-    let labels = Tensor::arange(0u32, b as u32, text.device())?;
-    let a = candle_nn::loss::cross_entropy(&logits, &labels)?;
-    let c = candle_nn::loss::cross_entropy(&logits.t()?, &labels)?;
-    (a + c)? / 2.0
+    let t = text.contiguous()?.apply_op1(RowNorm)?;
+    let i = image.contiguous()?.apply_op1(RowNorm)?;
+    let similarities = t.matmul(&i.t()?)?;
+    similarities.apply_op2(&logit_scale.to_dtype(DType::F32)?.contiguous()?, ClipCe)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Fused operations as candle custom ops. The GPU path's, for inference and training (CUDA
 //! kernels there, their CPU twins elsewhere), each with a backward that is itself an op:
-//! [`fused_attention`] (attention over the stacked QKV projection), [`fused_norm`] (layer
+//! [`fused_attention`] (attention over the stacked QKV projection), [`clip_loss`] (the
+//! training loss: row norms and the symmetric cross-entropy), [`fused_norm`] (layer
 //! norm) and [`fused_tail`] (a linear layer's bias + activation or bias + residual). The CPU
 //! training graph's, with their own backward:
 //! [`train_ops`] (linear, layer norm, quick_gelu, softmax, attention as single ops),
@@ -37,6 +38,7 @@ macro_rules! by_dtype {
     }};
 }
 
+pub mod clip_loss;
 pub mod fused_attention;
 pub mod fused_norm;
 pub mod fused_tail;

@@ -10,6 +10,8 @@
 //! - [`attention`] (`attention.cu`): multi-head attention for CLIP's short sequences, one
 //!   forward kernel reading the projections' rows in place, and a two-kernel backward over
 //!   the stacked QKV projection.
+//! - [`clip_loss`] (`clip_loss.cu`): CLIPLoss's row normalisation and symmetric
+//!   cross-entropy, forward and backward, with deterministic sums.
 //! - [`elementwise`] (`elementwise.cu`): a linear layer's tail in one pass: bias + activation
 //!   and its backward, bias + residual.
 //! - [`layernorm`] (`layernorm.cu`): layer norm forward, and backward with the weight's and
@@ -17,6 +19,7 @@
 
 pub mod adam;
 pub mod attention;
+pub mod clip_loss;
 pub mod elementwise;
 pub mod layernorm;
 
