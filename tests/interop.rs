@@ -368,8 +368,8 @@ fn jina_entry_point_runs_generated_kubernetes_command_lines() -> R {
     let dockerfile = std::fs::read_to_string(root().join("Dockerfile"))?;
     let workdir = dockerfile
         .lines()
-        .filter_map(|l| l.strip_prefix("WORKDIR "))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix("WORKDIR "))
         .ok_or("no WORKDIR")?
         .trim()
         .to_string();

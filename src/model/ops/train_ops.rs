@@ -980,7 +980,7 @@ mod tests {
                 let (r0, r1) = (starts[i], starts[i + 1]);
                 let one = shape(Seqs::Uniform { batch: 1, seq: n })?;
                 let x = &qkv[r0 * ld..r1 * ld];
-                let (q1, k1, v1) = (&x[..], &x[d..], &x[2 * d..]);
+                let (q1, k1, v1) = (x, &x[d..], &x[2 * d..]);
                 let mut o1 = vec![0f32; n * d];
                 let mut p1 = vec![0f32; one.probs_len()];
                 attention_into(q1, k1, v1, one, &mut o1, Some(&mut p1));

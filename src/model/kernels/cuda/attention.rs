@@ -51,7 +51,7 @@ impl AttentionShape<'_> {
         match (input, output) {
             // The kernels index rows and statistics with 32-bit sequence lengths and offsets.
             (Some(i), Some(o))
-                if fits(self.seqs.max_len().max(self.ld)) && rows.is_some_and(|r| fits(r)) =>
+                if fits(self.seqs.max_len().max(self.ld)) && rows.is_some_and(fits) =>
             {
                 Ok((i, o))
             }
@@ -316,6 +316,7 @@ mod gpu {
 
     /// Runs `attention.cu`'s kernel `name` (for the element type `T`) on the device; `bias`:
     /// the q, k and v projections' biases, added as the kernel loads them.
+    #[allow(clippy::too_many_arguments)]
     pub fn launch<T: DeviceRepr>(
         name: &str,
         dev: &CudaDevice,
@@ -392,6 +393,7 @@ mod gpu {
     /// `clipft_attention_dkv_<suffix>`): `d qkv` in `qkv`'s layout from the stacked product,
     /// its stacked bias (`3 d`), the forward's output `o` and its gradient `dout`
     /// (`[batch * seq, d]`).
+    #[allow(clippy::too_many_arguments)]
     pub fn launch_backward<T: DeviceRepr + ValidAsZeroBits>(
         suffix: &str,
         dev: &CudaDevice,

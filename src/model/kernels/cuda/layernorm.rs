@@ -212,21 +212,22 @@ mod gpu {
             // shared memory at 32 KB.
             unsafe { l.launch(cfg) }.w()?;
         }
-        let mut tail = out.slice_mut(rows * cols..);
-        let mut l = sum.builder();
-        l.arg(&partial);
-        l.arg(&mut tail);
-        l.arg(&nb);
-        l.arg(&c);
-        let cfg = LaunchConfig {
-            grid_dim: ((2 * cols as u32).div_ceil(256), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: reads blocks x 2 cols of `partial`, writes the 2 cols values of `tail` (the
-        // last two rows of `out`); arguments in the kernel's order and types.
-        unsafe { l.launch(cfg) }.w()?;
-        drop(tail);
+        {
+            let mut tail = out.slice_mut(rows * cols..);
+            let mut l = sum.builder();
+            l.arg(&partial);
+            l.arg(&mut tail);
+            l.arg(&nb);
+            l.arg(&c);
+            let cfg = LaunchConfig {
+                grid_dim: ((2 * cols as u32).div_ceil(256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: reads blocks x 2 cols of `partial`, writes the 2 cols values of `tail`
+            // (the last two rows of `out`); arguments in the kernel's order and types.
+            unsafe { l.launch(cfg) }.w()?;
+        }
         Ok(out)
     }
 }
