@@ -121,6 +121,7 @@ fn main() -> anyhow::Result<()> {
                 scale: ((d / h) as f32).powf(-0.5),
                 causal,
                 packed: packed.cloned(),
+                tensor_cores: false,
             };
             let cut = |x: &Tensor| match packed {
                 Some(p) => {

@@ -497,6 +497,7 @@ fn the_gpu_layer_path_matches_on_the_cpu() {
         let gpu_path = build(Kernels {
             fused_gpu: true,
             packed_text: true,
+            tc_attention: true,
             ..Kernels::CANDLE
         });
         let candle = build(Kernels::CANDLE);
@@ -567,6 +568,7 @@ fn the_gpu_training_path_matches_on_the_cpu() {
         let (gpu_loss, gpu) = step(Kernels {
             fused_gpu: true,
             packed_text: true,
+            tc_attention: true,
             ..Kernels::CANDLE
         });
         let (loss, candle) = step(Kernels::CANDLE);
@@ -618,6 +620,7 @@ fn stacked_projections_follow_weight_updates() {
     let kernels = Kernels {
         fused_gpu: true,
         packed_text: true,
+        tc_attention: true,
         ..Kernels::CANDLE
     };
     let clip = Clip::new(vb, &config, Towers::TEXT, kernels).unwrap();
@@ -723,6 +726,7 @@ fn the_gpu_training_path_in_bf16_matches_on_the_cpu() {
     let gpu = Kernels {
         fused_gpu: true,
         packed_text: true,
+        tc_attention: true,
         ..Kernels::CANDLE
     };
     let (gpu_loss, gpu_grads) = step(gpu, DType::BF16);
@@ -789,6 +793,7 @@ fn serving_releases_the_separate_projections_on_the_gpu_path() {
     let kernels = Kernels {
         fused_gpu: true,
         packed_text: true,
+        tc_attention: true,
         ..Kernels::CANDLE
     };
     let mut clip = Clip::new(vb, &config, Towers::ALL, kernels).unwrap();

@@ -472,6 +472,7 @@ impl Attention {
                     scale: self.scale as f32,
                     causal: mask.causal(),
                     packed: mask.packed.clone(),
+                    tensor_cores: self.kernels.tc_attention,
                 };
                 return match mode {
                     Mode::Inference => qkv.apply_op2_no_bwd(&bias, &op),

@@ -2,7 +2,8 @@
 //! comparison switches (`CLIPFT_NO_FUSED`: candle's ops instead of the fused CPU kernels,
 //! `CLIPFT_NO_FUSED_BLOCK`: the per-op training graph instead of one op per block) are read from
 //! the environment once per process, as is `CLIPFT_NO_PACKED_TEXT` (captions padded to the
-//! batch's longest instead of packed up to their end-of-text tokens). [`Kernels`] is what follows for one model from its device,
+//! batch's longest instead of packed up to their end-of-text tokens) and `CLIPFT_NO_TC_ATTENTION`
+//! (the GPU path's attention forward on CUDA cores only). [`Kernels`] is what follows for one model from its device,
 //! dtype, those switches and the matmul precision: [`super::Clip::new`] takes it and every layer
 //! keeps a copy, so no layer looks at tensors, globals or the environment to choose a path.
 //! [`KernelPolicy`] adds what a loaded model's log line and the executor's banner say.
@@ -23,6 +24,8 @@ pub struct Switches {
     pub fused_blocks: bool,
     /// Packed captions where the kernels take them.
     pub packed_text: bool,
+    /// The GPU path's f16/bf16 attention forward on tensor cores.
+    pub tc_attention: bool,
 }
 
 /// The process's switches, read once.
@@ -32,6 +35,7 @@ pub fn switches() -> Switches {
         fused: std::env::var_os("CLIPFT_NO_FUSED").is_none(),
         fused_blocks: std::env::var_os("CLIPFT_NO_FUSED_BLOCK").is_none(),
         packed_text: std::env::var_os("CLIPFT_NO_PACKED_TEXT").is_none(),
+        tc_attention: std::env::var_os("CLIPFT_NO_TC_ATTENTION").is_none(),
     })
 }
 
@@ -58,6 +62,10 @@ pub struct Kernels {
     /// end-of-text token, the captions packed end to end ([`super::kernels::seqs`]), where every
     /// attention layer runs clipft's kernels (which take packed sequences).
     pub packed_text: bool,
+    /// With `fused_gpu`: the attention forward in f16 and bf16 on tensor cores (wmma) where
+    /// the head width is 64 and sequences have at most 128 rows; the CUDA-core kernel
+    /// otherwise (`CLIPFT_NO_TC_ATTENTION=1`: always).
+    pub tc_attention: bool,
 }
 
 impl Kernels {
@@ -68,6 +76,7 @@ impl Kernels {
         amx: None,
         fused_gpu: false,
         packed_text: false,
+        tc_attention: false,
     };
 
     /// The kernels for weights on `device` in `dtype`, under the process's switches and matmul
@@ -78,6 +87,7 @@ impl Kernels {
             return Self {
                 fused_gpu: true,
                 packed_text: sw.packed_text,
+                tc_attention: sw.tc_attention,
                 ..Self::CANDLE
             };
         }
@@ -90,6 +100,7 @@ impl Kernels {
             amx: cpu::amx_precision(),
             fused_gpu: false,
             packed_text: sw.packed_text,
+            tc_attention: false,
         }
     }
 }

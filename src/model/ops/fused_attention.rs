@@ -17,7 +17,9 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use super::packed::PackedSeqs;
 use crate::model::kernels::seqs::Seqs;
 
-use crate::model::kernels::cuda::attention::attention_backward_twin;
+use crate::model::kernels::cuda::attention::{
+    attention_backward_twin, attention_tc_twin, tc_supports,
+};
 use crate::model::kernels::cuda::{attention_twin, AttentionShape};
 
 /// `softmax(q k^T * scale [+ causal mask]) v` per head, from `qkv` and its bias. With
@@ -29,6 +31,10 @@ pub struct FusedAttention {
     pub scale: f32,
     pub causal: bool,
     pub packed: Option<Arc<PackedSeqs>>,
+    /// f16 and bf16 forward on tensor cores where the shape allows
+    /// ([`crate::model::kernels::cuda::attention::tc_supports`]), the model's kernels decide
+    /// ([`crate::model::policy::Kernels::tc_attention`]); on the CPU its twin.
+    pub tensor_cores: bool,
 }
 
 /// The gradient of [`FusedAttention`] with respect to `qkv` (and so to its bias, summed over
@@ -115,7 +121,17 @@ impl CustomOp2 for FusedAttention {
         );
         let d = s.heads * s.head_dim;
         let (k, v) = (&qkv[d.min(qkv.len())..], &qkv[(2 * d).min(qkv.len())..]);
-        let out = attention_twin(&qkv, k, v, s)?;
+        let round: Option<fn(f32) -> f32> = match qs {
+            CpuStorage::F16(_) => Some(|x| half::f16::from_f32(x).to_f32()),
+            CpuStorage::BF16(_) => Some(|x| half::bf16::from_f32(x).to_f32()),
+            _ => None,
+        };
+        let out = match round {
+            Some(round) if self.tensor_cores && tc_supports(&s) => {
+                attention_tc_twin(&qkv, k, v, s, round)?
+            }
+            _ => attention_twin(&qkv, k, v, s)?,
+        };
         Ok((super::twin_output(qs, out), shape))
     }
 
@@ -139,13 +155,17 @@ impl CustomOp2 for FusedAttention {
             );
             let (q, k, v) = (qkv.slice(0..), qkv.slice(d..), qkv.slice(2 * d..));
             let (bq, bk, bv) = (b.slice(0..), b.slice(d..), b.slice(2 * d..));
-            let name = format!("clipft_attention_{suffix}");
             let offsets = match &self.packed {
                 Some(p) => Some(p.device_offsets(&dev)?),
                 None => None,
             };
             let biases = [&bq, &bk, &bv];
-            let out = cuda::attention::launch::<T>(&name, &dev, &q, &k, &v, biases, s, offsets)?;
+            let out = if self.tensor_cores && suffix != "f32" && tc_supports(&s) {
+                cuda::attention::launch_tc::<T>(suffix, &dev, &q, &k, &v, biases, s, offsets)?
+            } else {
+                let name = format!("clipft_attention_{suffix}");
+                cuda::attention::launch::<T>(&name, &dev, &q, &k, &v, biases, s, offsets)?
+            };
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((out, shape))
@@ -285,6 +305,7 @@ mod tests {
             scale: 64f32.powf(-0.5),
             causal,
             packed: None,
+            tensor_cores: false,
         }
     }
 
@@ -355,6 +376,54 @@ mod tests {
         Ok(())
     }
 
+    /// The tensor-core forward's twin (f16 and bf16 roundings of q, k, v and the
+    /// probabilities) stays within those dtypes' precision of the composed attention, for
+    /// text (causal), image and packed captions.
+    #[test]
+    fn tensor_core_twin_matches_composed_attention() -> Result<()> {
+        let dev = Device::Cpu;
+        let packing = crate::model::kernels::seqs::Packing::from_lens(&[77, 5, 1, 40])?;
+        let packed = Arc::new(PackedSeqs::new(packing));
+        for (b, t, heads, causal) in [(2, 77, 4, true), (3, 50, 2, false)] {
+            let qkv = Tensor::randn(0f32, 1.0, (b, t, 3 * heads * 64), &dev)?;
+            let bias = Tensor::randn(0f32, 0.5, 3 * heads * 64, &dev)?;
+            let want = composed(&qkv, &bias, heads, causal)?;
+            for (dt, tol) in [(DType::F16, 2e-2), (DType::BF16, 8e-2)] {
+                let tc = FusedAttention {
+                    tensor_cores: true,
+                    ..op(heads, causal)
+                };
+                let got = qkv
+                    .to_dtype(dt)?
+                    .apply_op2_no_bwd(&bias.to_dtype(dt)?, &tc)?;
+                let err = max_diff(&got, &want)?;
+                assert!(
+                    err < tol,
+                    "{dt:?} b{b} t{t} causal {causal}: max diff {err}"
+                );
+            }
+        }
+        // Packed: each caption alone through the same twin.
+        let heads = 2;
+        let rows = packed.rows();
+        let qkv = Tensor::randn(0f32, 1.0, (rows, 3 * heads * 64), &dev)?.to_dtype(DType::F16)?;
+        let bias = Tensor::randn(0f32, 0.5, 3 * heads * 64, &dev)?.to_dtype(DType::F16)?;
+        let tc = |packed: Option<Arc<PackedSeqs>>| FusedAttention {
+            tensor_cores: true,
+            packed,
+            ..op(heads, true)
+        };
+        let all = qkv.apply_op2_no_bwd(&bias, &tc(Some(packed.clone())))?;
+        let offsets = packed.packing().offsets().to_vec();
+        for w in offsets.windows(2) {
+            let one = qkv.narrow(0, w[0], w[1] - w[0])?.unsqueeze(0)?;
+            let alone = one.apply_op2_no_bwd(&bias, &tc(None))?.squeeze(0)?;
+            let err = max_diff(&all.narrow(0, w[0], w[1] - w[0])?, &alone)?;
+            assert!(err == 0.0, "caption at {}: {err}", w[0]);
+        }
+        Ok(())
+    }
+
     #[test]
     fn refuses_what_it_cannot_take() -> Result<()> {
         let dev = Device::Cpu;
@@ -378,6 +447,69 @@ mod tests {
             bias: bias(3 * 64)?,
         };
         assert!(qkv.apply_op3_no_bwd(&o, &g, &back).is_err());
+        Ok(())
+    }
+
+    /// On a GPU (CUDA builds): the tensor-core forward against its twin (the same roundings),
+    /// f16 and bf16, text (causal), image and packed captions. Without a GPU it says so and
+    /// checks nothing. `scripts/gpu-check.sh` runs it on its own and turns the tensor-core
+    /// path off (`CLIPFT_NO_TC_ATTENTION=1`) for the benchmarks if it fails.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_tc_attention_matches_its_twin() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("cuda_tc_attention_matches_its_twin: skipped, no GPU");
+            return Ok(());
+        };
+        let packing = crate::model::kernels::seqs::Packing::from_lens(&[77, 5, 1, 40, 16, 17])?;
+        let packed = Arc::new(PackedSeqs::new(packing));
+        let cases = [
+            (
+                Tensor::randn(0f32, 1.0, (4, 77, 3 * 8 * 64), &Device::Cpu)?,
+                8,
+                true,
+                None,
+            ),
+            (
+                Tensor::randn(0f32, 1.0, (4, 50, 3 * 12 * 64), &Device::Cpu)?,
+                12,
+                false,
+                None,
+            ),
+            (
+                Tensor::randn(0f32, 1.0, (1, 128, 3 * 2 * 64), &Device::Cpu)?,
+                2,
+                true,
+                None,
+            ),
+            (
+                Tensor::randn(0f32, 1.0, (packed.rows(), 3 * 8 * 64), &Device::Cpu)?,
+                8,
+                true,
+                Some(packed.clone()),
+            ),
+        ];
+        for (qkv, heads, causal, packed) in cases {
+            let bias = Tensor::randn(0f32, 0.5, 3 * heads * 64, &Device::Cpu)?;
+            let op = FusedAttention {
+                tensor_cores: true,
+                packed,
+                ..op(heads, causal)
+            };
+            for (dt, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
+                let (c, cb) = (qkv.to_dtype(dt)?, bias.to_dtype(dt)?);
+                let twin = c.apply_op2_no_bwd(&cb, &op)?;
+                let got = c
+                    .to_device(&gpu)?
+                    .apply_op2_no_bwd(&cb.to_device(&gpu)?, &op)?;
+                let err = max_diff(&got.to_device(&Device::Cpu)?, &twin)?;
+                assert!(
+                    err < tol,
+                    "{dt:?} {:?} causal {causal}: max diff {err}",
+                    qkv.shape()
+                );
+            }
+        }
         Ok(())
     }
 

@@ -39,6 +39,8 @@
 
 #include "common.cuh"
 
+#include <mma.h>
+
 namespace {
 
 using clipft::load;
@@ -467,6 +469,125 @@ __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ b
     }
 }
 
+
+// Tensor-core forward for f16 / bf16, head_dim 64, sequences of at most TC_MAX rows (CLIP's 77
+// text and 50 image tokens): one block of TC_WARPS warps per (item, head). The block's keys and
+// values (bias added, rounded to T) go to shared memory once; each warp takes 16-query tiles
+// in turn: S = Q K^T on tensor cores (wmma 16x16x16, f32 accumulation, only the key tiles the
+// tile sees under the mask), the row softmax in f32 over the visible keys, P rounded to T, and
+// O = P V on tensor cores, written as T. Q is pre-scaled and rounded to T, as the projections'
+// outputs are. Its CPU twin is attention_tc_twin (the same roundings).
+constexpr int TC_WARPS = 4;
+constexpr int TC_HD = 64;
+constexpr int TC_LDH = TC_HD + 8;  // rows of K, V and Q in shared memory (T elements)
+
+template <typename T>
+__device__ void attention_tc(const T* __restrict__ q, const T* __restrict__ k,
+                             const T* __restrict__ v, const T* __restrict__ bq,
+                             const T* __restrict__ bk, const T* __restrict__ bv,
+                             T* __restrict__ out, const unsigned* __restrict__ offsets, int seq,
+                             int heads, int ld, float scale, int causal) {
+    using namespace nvcuda;
+    extern __shared__ __align__(32) unsigned char tc_smem[];
+    // Sized by the launcher for the longest sequence: tp = seq rounded up to 16.
+    const int tp = (seq + 15) / 16 * 16;
+    const int lds = max(tp, TC_HD) + 4;  // f32 scratch rows
+    const int ldp = tp + 8;              // P rows (T elements)
+    T* ks = reinterpret_cast<T*>(tc_smem);
+    T* vs = ks + tp * TC_LDH;
+    T* qw_all = vs + tp * TC_LDH;                                     // [warps][16][TC_LDH]
+    float* sw_all = reinterpret_cast<float*>(qw_all + TC_WARPS * 16 * TC_LDH);  // [warps][16][lds]
+    T* pw_all = reinterpret_cast<T*>(sw_all + TC_WARPS * 16 * lds);   // [warps][16][ldp]
+
+    const int item = blockIdx.x / heads, h = blockIdx.x % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int d = heads * TC_HD;
+    const Span sp = span(offsets, item, seq);
+    const size_t base = sp.base;
+    const int len = sp.len;
+    const int tiles = (len + 15) / 16;
+    const int rows = tiles * 16;
+
+    for (int i = threadIdx.x; i < rows * TC_HD; i += blockDim.x) {
+        const int j = i / TC_HD, c = i % TC_HD;
+        float kv = 0.0f, vv = 0.0f;
+        if (j < len) {
+            const size_t src = (base + j) * ld + h * TC_HD + c;
+            kv = load(k[src]) + load(bk[h * TC_HD + c]);
+            vv = load(v[src]) + load(bv[h * TC_HD + c]);
+        }
+        ks[j * TC_LDH + c] = store<T>(kv);
+        vs[j * TC_LDH + c] = store<T>(vv);
+    }
+    __syncthreads();
+
+    T* qw = qw_all + warp * 16 * TC_LDH;
+    float* sw = sw_all + warp * 16 * lds;
+    T* pw = pw_all + warp * 16 * ldp;
+    for (int qt = warp; qt < tiles; qt += TC_WARPS) {
+        for (int i = lane; i < 16 * TC_HD; i += 32) {
+            const int r = i / TC_HD, c = i % TC_HD, row = qt * 16 + r;
+            const float x =
+                row < len ? (load(q[(base + row) * ld + h * TC_HD + c]) + load(bq[h * TC_HD + c])) *
+                                scale
+                          : 0.0f;
+            qw[r * TC_LDH + c] = store<T>(x);
+        }
+        __syncwarp();
+        // Key tiles this query tile sees.
+        const int nk = causal ? qt + 1 : tiles;
+        for (int kt = 0; kt < nk; ++kt) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (int kk = 0; kk < TC_HD / 16; ++kk) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+                wmma::load_matrix_sync(a, qw + kk * 16, TC_LDH);
+                wmma::load_matrix_sync(b, ks + kt * 16 * TC_LDH + kk * 16, TC_LDH);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            wmma::store_matrix_sync(sw + kt * 16, acc, lds, wmma::mem_row_major);
+        }
+        __syncwarp();
+        // Row softmax over the visible keys, in f32; P rounded to T (zero where masked).
+        const int ncols = nk * 16;
+        for (int r = 0; r < 16; ++r) {
+            const int row = qt * 16 + r;
+            const int visible = row >= len ? 0 : (causal ? row + 1 : len);
+            float m = -INFINITY;
+            for (int j = lane; j < visible; j += 32) m = fmaxf(m, sw[r * lds + j]);
+            m = warp_max(m);
+            float sum = 0.0f;
+            for (int j = lane; j < visible; j += 32) sum += __expf(sw[r * lds + j] - m);
+            sum = warp_sum(sum);
+            const float inv = visible > 0 ? 1.0f / sum : 0.0f;
+            for (int j = lane; j < ncols; j += 32) {
+                const float p = j < visible ? __expf(sw[r * lds + j] - m) * inv : 0.0f;
+                pw[r * ldp + j] = store<T>(p);
+            }
+        }
+        __syncwarp();
+        // O = P V, 16 columns at a time, into the f32 scratch.
+        for (int ct = 0; ct < TC_HD / 16; ++ct) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (int kt = 0; kt < nk; ++kt) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+                wmma::load_matrix_sync(a, pw + kt * 16, ldp);
+                wmma::load_matrix_sync(b, vs + kt * 16 * TC_LDH + ct * 16, TC_LDH);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            wmma::store_matrix_sync(sw + ct * 16, acc, lds, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (int i = lane; i < 16 * TC_HD; i += 32) {
+            const int r = i / TC_HD, c = i % TC_HD, row = qt * 16 + r;
+            if (row < len) out[(base + row) * d + h * TC_HD + c] = store<T>(sw[r * lds + c]);
+        }
+        __syncwarp();
+    }
+}
 }  // namespace
 
 #define ATTENTION(NAME, T)                                                                  \
@@ -480,6 +601,16 @@ __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ b
 ATTENTION(clipft_attention_f32, float)
 ATTENTION(clipft_attention_f16, __half)
 ATTENTION(clipft_attention_bf16, __nv_bfloat16)
+
+#define ATTENTION_TC(NAME, T)                                                                   \
+    extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)                                 \
+        NAME(const T* q, const T* k, const T* v, const T* bq, const T* bk, const T* bv, T* out,  \
+             const unsigned* offsets, int seq, int heads, int ld, float scale, int causal) {     \
+        attention_tc<T>(q, k, v, bq, bk, bv, out, offsets, seq, heads, ld, scale, causal);      \
+    }
+
+ATTENTION_TC(clipft_attention_tc_f16, __half)
+ATTENTION_TC(clipft_attention_tc_bf16, __nv_bfloat16)
 
 #define ATTENTION_BACKWARD(SUFFIX, T)                                                          \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) clipft_attention_dq_##SUFFIX(      \

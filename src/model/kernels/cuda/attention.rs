@@ -122,6 +122,71 @@ pub fn attention_twin(q: &[f32], k: &[f32], v: &[f32], s: AttentionShape) -> Res
     Ok(out)
 }
 
+/// The longest sequence `attention.cu`'s tensor-core forward takes (its shared memory holds
+/// the whole sequence's keys, values and score rows).
+pub const TC_MAX_LEN: usize = 128;
+
+/// Whether the tensor-core forward (`clipft_attention_tc_*`, f16 and bf16) takes `s`: head
+/// width 64, sequences of at most [`TC_MAX_LEN`] rows.
+pub fn tc_supports(s: &AttentionShape) -> bool {
+    s.head_dim == 64 && s.seqs.max_len() <= TC_MAX_LEN
+}
+
+/// The CPU twin of `clipft_attention_tc_*`: the same math as [`attention_twin`] with the
+/// kernel's roundings through `round` (to f16 or bf16): the pre-scaled queries, keys and
+/// values, the probabilities before the product with V, and the output; scores, softmax and
+/// both products in f32 (a tensor core's accumulation), the softmax over the whole row.
+pub fn attention_tc_twin(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttentionShape,
+    round: fn(f32) -> f32,
+) -> Result<Vec<f32>> {
+    let (need, out_len) = s.sizes()?;
+    if !tc_supports(&s) {
+        bail!("tensor-core attention: head_dim 64 and sequences of at most {TC_MAX_LEN}");
+    }
+    if [q, k, v].iter().any(|m| m.len() < need) {
+        bail!("fused attention: q, k and v need {need} values");
+    }
+    let (hd, ld) = (s.head_dim, s.ld);
+    let d = s.heads * hd;
+    let mut out = vec![0f32; out_len];
+    for item in 0..s.seqs.items() {
+        let (base, t) = (s.seqs.start(item), s.seqs.len(item));
+        for h in 0..s.heads {
+            let rows = |m: &[f32], sc: f32| -> Vec<f32> {
+                (0..t)
+                    .flat_map(|r| m[(base + r) * ld + h * hd..][..hd].to_vec())
+                    .map(|x| round(x * sc))
+                    .collect()
+            };
+            let (qh, kh, vh) = (rows(q, s.scale), rows(k, 1.0), rows(v, 1.0));
+            for row in 0..t {
+                let visible = if s.causal { row + 1 } else { t };
+                let qr = &qh[row * hd..][..hd];
+                let sc: Vec<f32> = (0..visible)
+                    .map(|j| qr.iter().zip(&kh[j * hd..][..hd]).map(|(a, b)| a * b).sum())
+                    .collect();
+                let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = sc.iter().map(|x| (x - m).exp()).collect();
+                let inv = 1.0 / e.iter().sum::<f32>();
+                let dst = &mut out[(base + row) * d + h * hd..][..hd];
+                for (c, o) in dst.iter_mut().enumerate() {
+                    let acc: f32 = e
+                        .iter()
+                        .enumerate()
+                        .map(|(j, p)| round(p * inv) * vh[j * hd + c])
+                        .sum();
+                    *o = round(acc);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The geometry of a backward call over one stacked projection `qkv` `[batch * seq, ld]`
 /// (queries at column 0, keys at `d`, values at `2 d`, `d = heads * head_dim`, `ld >= 3 d`):
 /// the values `qkv` must hold, and the forward output's / its gradient's (`[batch * seq, d]`).
@@ -378,6 +443,91 @@ mod gpu {
         Ok(out)
     }
 
+    /// Shared memory `clipft_attention_tc_*` asks for with sequences of up to `seq` rows (the
+    /// layout at the top of the kernel: keys, values, and per warp a query tile, an f32 score
+    /// tile and a probability tile).
+    fn tc_smem_bytes(seq: usize) -> u32 {
+        const WARPS: usize = 4;
+        const LDH: usize = 64 + 8;
+        let tp = seq.div_ceil(16) * 16;
+        let (lds, ldp) = (tp.max(64) + 4, tp + 8);
+        let halves = 2 * tp * LDH + WARPS * 16 * LDH + WARPS * 16 * ldp;
+        (halves * 2 + WARPS * 16 * lds * 4) as u32
+    }
+
+    /// Runs `clipft_attention_tc_<suffix>` (f16 or bf16; [`super::tc_supports`] shapes): as
+    /// [`launch`], on tensor cores.
+    #[allow(clippy::too_many_arguments)]
+    pub fn launch_tc<T: DeviceRepr>(
+        suffix: &str,
+        dev: &CudaDevice,
+        q: &CudaView<'_, T>,
+        k: &CudaView<'_, T>,
+        v: &CudaView<'_, T>,
+        bias: [&CudaView<'_, T>; 3],
+        s: AttentionShape,
+        offsets: Option<&DeviceOffsets>,
+    ) -> Result<CudaSlice<T>> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+        let (need, out_len) = s.sizes()?;
+        if !super::tc_supports(&s) || !matches!(suffix, "f16" | "bf16") {
+            candle_core::bail!("tensor-core attention: f16 or bf16, head_dim 64, at most 128 rows");
+        }
+        if [q.len(), k.len(), v.len()].iter().any(|&n| n < need) {
+            candle_core::bail!("fused attention: q, k and v need {need} values");
+        }
+        let d = s.heads * s.head_dim;
+        if bias.iter().any(|b| b.len() < d) {
+            candle_core::bail!("fused attention: each bias needs {d} values");
+        }
+        let offs = offsets_arg(&s, offsets)?;
+        let name = format!("clipft_attention_tc_{suffix}");
+        let func = dev.get_or_load_custom_func(&name, "clipft_attention", PTX)?;
+        let seq = s.seqs.max_len();
+        let smem = tc_smem_bytes(seq);
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+        // SAFETY: every element is written by the kernel below (each (item, head) block writes
+        // every row of its sequence, and the sequences cover every row).
+        let out = unsafe { dev.alloc::<T>(out_len)? };
+        let cfg = LaunchConfig {
+            grid_dim: ((s.seqs.items() * s.heads) as u32, 1, 1),
+            block_dim: (4 * 32, 1, 1),
+            shared_mem_bytes: smem,
+        };
+        let (seq, heads, ld) = (seq as i32, s.heads as i32, s.ld as i32);
+        let causal = i32::from(s.causal);
+        let mut b = func.builder();
+        b.arg(q);
+        b.arg(k);
+        b.arg(v);
+        for x in bias {
+            b.arg(x);
+        }
+        b.arg(&out);
+        match offs {
+            Some(o) => b.arg(o),
+            None => b.arg(&NULL),
+        };
+        b.arg(&seq);
+        b.arg(&heads);
+        b.arg(&ld);
+        b.arg(&s.scale);
+        b.arg(&causal);
+        if out_len > 0 {
+            // SAFETY: as in `launch`: the kernel reads the rows of each sequence of q, k and v
+            // at columns `h * 64 .. h * 64 + 64` (within `need`, checked) and 64 values per
+            // head of each bias, writes `out_len` values of `out`; its shared memory is the
+            // `smem` bytes it is launched with (sized for the longest sequence, at most 128
+            // rows, checked); arguments in the kernel's order and types (attention.cu).
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(out)
+    }
+
     /// Shared memory of the backward kernels at `head_dim`: two tiles with padded rows and two
     /// rows per query (dq) or key (dkv) of the block, plus the dkv kernel's per-query
     /// statistics.
@@ -495,7 +645,7 @@ mod gpu {
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{launch, launch_backward, DeviceOffsets};
+pub use gpu::{launch, launch_backward, launch_tc, DeviceOffsets};
 
 #[cfg(test)]
 mod tests {
