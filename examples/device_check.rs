@@ -148,6 +148,18 @@ fn main() -> anyhow::Result<()> {
                 };
                 x.apply_op3_no_bwd(&o, &cut(&i[2])?, &back)
             })?;
+            if dt != DType::F32 {
+                // The tensor-core forward (f16, bf16) against its twin.
+                let tc = clipft::model::ops::fused_attention::FusedAttention {
+                    tensor_cores: true,
+                    ..op.clone()
+                };
+                let name =
+                    format!("tensor-core attention {dt:?} t={seq} causal={causal}{packed_name}");
+                check(&name, &dev, &[&qkv, &qkv_bias], |i| {
+                    cut(&i[0])?.apply_op2_no_bwd(&i[1].to_dtype(dt)?, &tc)
+                })?;
+            }
         }
     }
     // clipft's layer norm with its backward.

@@ -22,6 +22,8 @@
 #  4. inference throughput: clipft bench vs scripts/bench_peers.py (torch), f16, batch 256 and 1
 #  5. training throughput: clipft bench --train vs scripts/bench_train_peer.py, batch 256, bf16, f32
 #     (and clipft with its CUDA kernels off, CLIPFT_NO_FUSED=1)
+#  (the tensor-core attention's own test runs first in each part; if it fails, both parts run
+#  with CLIPFT_NO_TC_ATTENTION=1 and say so)
 #  5b. captions of mixed lengths (8 to 32 tokens, as a tokenizer pads a batch): text inference
 #     and bf16 training, clipft's packed captions against torch padded to the batch's longest
 #     (and clipft padded too, CLIPFT_NO_PACKED_TEXT=1)
@@ -73,6 +75,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 ldd "$BIN" | grep -E "not found|cublas|cuda" >>"$SUM"
 [ -f "$VIT/model.safetensors" ] || step fixtures 240 "$PY" scripts/make_fixtures.py --full-size "$VIT"
 MIXED="--text-tokens 32 --text-tokens-min 8"
+
+# The tensor-core attention forward against its twin, first: if it fails, every benchmark below
+# runs the CUDA-core kernel instead (CLIPFT_NO_TC_ATTENTION=1), and the summary says so.
+if [ -n "${LIB_TESTS:-}" ]; then
+  step tc-attention-test 60 "$LIB_TESTS" cuda_tc_attention --nocapture
+  if ! grep -q "test result: ok. 1 passed" "$WORK/out"; then
+    export CLIPFT_NO_TC_ATTENTION=1
+    echo "tensor-core attention failed its test: CLIPFT_NO_TC_ATTENTION=1 from here on" | tee -a "$SUM"
+  fi
+fi
 
 if part 1; then
 # The CUDA kernels against their CPU twins, the optimiser step and the staged upload (the
