@@ -6,8 +6,9 @@
 #
 #   scripts/build-cuda.sh && scripts/pack-gpu.sh
 #
-# On the GPU machine, from the repository root:
-#   scripts/gpu-check.sh .gpu "$OUT"
+# On the GPU machine, from the repository root, in two calls (each under the 10-minute limit):
+#   scripts/gpu-check.sh .gpu "$OUT" 1
+#   scripts/gpu-check.sh .gpu "$OUT" 2
 # (gpu-check.sh unpacks .gpu/*.xz itself and runs the kernel tests and device_check first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
