@@ -485,6 +485,8 @@ mod gpu {
         let func = dev.get_or_load_custom_func(&name, "clipft_attention", PTX)?;
         let seq = s.seqs.max_len();
         let smem = tc_smem_bytes(seq);
+        // Above 48 KB a launch needs the function's opt-in, set with its context current.
+        dev.cuda_stream().context().bind_to_thread().w()?;
         func.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             smem as i32,
