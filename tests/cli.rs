@@ -402,6 +402,7 @@ fn bench_prints_json_last_line() {
         assert_eq!(last["tower"], tower);
         assert_eq!(last["batch_size"], 2);
         assert!(last["items_per_second"].as_f64().unwrap() > 0.0);
+        assert!(last["model_tflops"].as_f64().unwrap() > 0.0, "{last}");
     }
     let e = err(bin()
         .args(["bench", "--model", &tiny(), "--select-model", "all"])
@@ -447,6 +448,7 @@ fn bench_train_measures_training_steps() {
     assert_eq!(last["dtype"], "f32");
     assert!(last["iterations"].as_u64().unwrap() >= 2);
     assert!(last["items_per_second"].as_f64().unwrap() > 0.0);
+    assert!(last["model_tflops"].as_f64().unwrap() > 0.0, "{last}");
     // Where a step's time goes, phase by phase.
     for phase in ["forward", "backward", "optimizer"] {
         let s = last["phases"][phase].as_f64().unwrap_or(f64::NAN);

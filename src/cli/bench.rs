@@ -91,6 +91,11 @@ pub struct BenchResult {
     /// The CPU matmul kernel actually used: `f32`, `amx-bf16x3` or `amx-bf16`.
     pub cpu_matmul: &'static str,
     pub peak_rss_mib: Option<f64>,
+    /// Model FLOPs per second, in TFLOP/s: the forward passes' products (each caption up to its
+    /// end-of-text token, every block in full; `--train` counts the backward as twice the
+    /// forward), the same useful work whoever computes it; divided by the GPU's peak, the
+    /// fraction of it reached.
+    pub model_tflops: f64,
     /// `--train`: where a step's time goes, mean seconds per phase over a few extra steps
     /// each waited for on the device (not part of `items_per_second`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -103,6 +108,19 @@ pub fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// The text tower's model FLOPs over `batch`: each caption up to its end-of-text token.
+fn text_flops(
+    t: &crate::model::config::TextConfig,
+    batch: &crate::model::TextBatch,
+    proj: usize,
+) -> f64 {
+    batch
+        .pool_positions
+        .iter()
+        .map(|p| t.forward_flops(p + 1, proj))
+        .sum()
 }
 
 /// Random token rows of these lengths: start of text, ids below it, end of text.
@@ -164,10 +182,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let enc = Encoder::load(&files, &opts)?;
     let b = args.batch_size as usize;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let config = &enc.clip.config;
+    let proj = config.projection_dim;
+    // Model FLOPs of one timed pass.
+    let mut flops = 0f64;
     let step: Box<dyn FnMut() -> anyhow::Result<()>> = if towers.text {
         let tok = enc.tokenizer()?;
         let rows = args.text_rows(&mut rng, b, tok.context_length(), tok.pad_id())?;
         let batch = enc.text_batch(&rows)?;
+        if let Some(t) = &config.text {
+            flops = text_flops(t, &batch, proj);
+        }
         Box::new(move || enc.embed_text_batch(&batch).map(|_| ()).map_err(Into::into))
     } else {
         let (h, w) = enc.image_preprocessor()?.output_size();
@@ -179,6 +204,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             })
             .collect();
         let pixels = enc.pixel_batch(&images)?;
+        if let Some(v) = &config.vision {
+            flops = b as f64 * v.forward_flops(proj);
+        }
         Box::new(move || {
             enc.embed_pixel_batch(&pixels)
                 .map(|_| ())
@@ -206,6 +234,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         dtype: format!("{:?}", opts.dtype).to_lowercase(),
         cpu_matmul: cpu_matmul(),
         peak_rss_mib: peak_rss_mib(),
+        model_tflops: flops * iterations as f64 / seconds / 1e12,
         phases: None,
     };
     outln!("{}", serde_json::to_string(&result)?);
@@ -233,6 +262,17 @@ fn run_train(args: BenchArgs) -> anyhow::Result<()> {
         m.tokenizer.pad_id(),
     )?;
     let text = crate::model::TextBatch::new(&rows, m.eos_token_id(), &device)?;
+    // Model FLOPs of one step: forward, and the backward as twice the forward.
+    let (cfg, proj) = (&m.config, m.config.projection_dim);
+    let forward = cfg
+        .text
+        .as_ref()
+        .map_or(0.0, |t| text_flops(t, &text, proj))
+        + cfg
+            .vision
+            .as_ref()
+            .map_or(0.0, |v| b as f64 * v.forward_flops(proj));
+    let flops = 3.0 * forward;
     let (h, w) = m.images.output_size();
     let pixels = candle_core::Tensor::randn(0f32, 1.0, (b, 3, h, w), &device)?;
     let mut last_loss = f32::NAN;
@@ -268,6 +308,7 @@ fn run_train(args: BenchArgs) -> anyhow::Result<()> {
         dtype: format!("{dtype:?}").to_lowercase(),
         cpu_matmul: cpu_matmul(),
         peak_rss_mib: peak_rss_mib(),
+        model_tflops: flops * iterations as f64 / seconds / 1e12,
         phases: Some(phases),
     };
     outln!("{}", serde_json::to_string(&result)?);

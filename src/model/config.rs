@@ -132,6 +132,46 @@ impl VisionConfig {
     pub fn grid(&self) -> usize {
         self.image_size / self.patch_size
     }
+
+    /// Floating-point operations of one image's forward pass to its projected features: the
+    /// patch product, every block over every token, the projection (2 per multiply-add;
+    /// norms, softmax and activations not counted, as model-FLOP utilisation counts them).
+    pub fn forward_flops(&self, projection_dim: usize) -> f64 {
+        let (g, p, d) = (
+            self.grid() as f64,
+            self.patch_size as f64,
+            self.hidden_size as f64,
+        );
+        let patches = 2.0 * g * g * (self.num_channels as f64 * p * p) * d;
+        let blocks = encoder_flops(
+            g * g + 1.0,
+            d,
+            self.intermediate_size as f64,
+            self.num_hidden_layers,
+        );
+        patches + blocks + 2.0 * d * projection_dim as f64
+    }
+}
+
+impl TextConfig {
+    /// Floating-point operations of one caption's forward pass over `tokens` tokens (up to its
+    /// end-of-text token) to its projected features, counted as [`VisionConfig::forward_flops`].
+    pub fn forward_flops(&self, tokens: usize, projection_dim: usize) -> f64 {
+        let d = self.hidden_size as f64;
+        let blocks = encoder_flops(
+            tokens as f64,
+            d,
+            self.intermediate_size as f64,
+            self.num_hidden_layers,
+        );
+        blocks + 2.0 * d * projection_dim as f64
+    }
+}
+
+/// `layers` pre-LN blocks over `n` tokens of width `d` with an MLP of `inter`: the four
+/// attention projections and two MLP products per token, and the two attention products.
+fn encoder_flops(n: f64, d: f64, inter: f64, layers: usize) -> f64 {
+    layers as f64 * (2.0 * n * (4.0 * d * d + 2.0 * d * inter) + 4.0 * n * n * d)
 }
 
 /// A whole CLIP configuration. Either tower may be absent when the file describes one tower only.
@@ -289,6 +329,19 @@ impl Towers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// ViT-B/32's known costs: 4.4 G multiply-adds per image, 2.98 G per 77-token caption.
+    #[test]
+    fn forward_flops_of_vit_b_32() {
+        let c = ClipConfig::from_json_str("{}").unwrap();
+        let (t, v) = (c.text.unwrap(), c.vision.unwrap());
+        let image = v.forward_flops(c.projection_dim);
+        let text = t.forward_flops(77, c.projection_dim);
+        assert!((image / 1e9 - 8.818).abs() < 0.01, "{image}");
+        assert!((text / 1e9 - 5.960).abs() < 0.01, "{text}");
+        // Attention grows with the square of the tokens, the rest linearly.
+        assert!(t.forward_flops(20, 512) < text * 20.0 / 77.0);
+    }
 
     #[test]
     fn empty_full_config_is_vit_b_32() {
