@@ -694,10 +694,10 @@ impl Encoder {
     }
 
     /// Whether [`Encoder::forward_pooled`] takes packed sequences in this model: the kernels
-    /// ask for packed captions ([`Kernels::packed_text`]) and every path it
-    /// may run then goes through clipft's attention kernels, which honour them (the fused CPU
-    /// kernels and training ops, or the GPU path's attention op on every layer); candle's
-    /// composed attention takes only uniform batches.
+    /// ask for packed captions ([`Kernels::packed_text`]) and every path it may run goes
+    /// through clipft's attention kernels, which honour them (the fused CPU kernels and
+    /// training ops, or the GPU path's attention op on every layer); candle's composed
+    /// attention takes only uniform batches.
     pub fn takes_packed(&self) -> bool {
         let k = &self.kernels;
         k.packed_text
