@@ -470,7 +470,7 @@ __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ b
 }
 
 
-// Tensor-core forward for f16 / bf16, head_dim 64, sequences of at most TC_MAX rows (CLIP's 77
+// Tensor-core forward for f16 / bf16, head_dim 64, sequences of at most 128 rows (CLIP's 77
 // text and 50 image tokens): one block of TC_WARPS warps per (item, head). The block's keys and
 // values (bias added, rounded to T) go to shared memory once; each warp takes 16-query tiles
 // in turn: S = Q K^T on tensor cores (wmma 16x16x16, f32 accumulation, only the key tiles the
