@@ -118,6 +118,10 @@ for tower in clip-text clip-vision; do
   step "bench-$tower-f16-b1" 60 "$BIN" bench --model "$VIT" --select-model "$tower" --device "$DEV" \
     --dtype f16 --batch-size 1 --seconds "$((SECS / 2 + 1))"
 done
+# The image tower with the attention forward on CUDA cores: what the tensor-core kernel brings.
+[ -n "${QUICK:-}" ] || [ -n "${CLIPFT_NO_TC_ATTENTION:-}" ] || CLIPFT_NO_TC_ATTENTION=1 step \
+  bench-clip-vision-f16-cuda-cores 120 "$BIN" bench --model "$VIT" --select-model clip-vision \
+  --device "$DEV" --dtype f16 --batch-size "$BATCH" --seconds "$SECS"
 step bench-peer-torch-f16 240 "$PY" scripts/bench_peers.py --model "$VIT" --peers torch --device "$DEV" \
   --dtype f16 --batch-sizes "1,$BATCH" --text-tokens 77 --seconds "$SECS"
 grep '"peer"' "$LOG" | tail -n 4 >>"$SUM"
