@@ -30,9 +30,10 @@ pub struct TextBatch {
 struct PackedIds {
     /// `[rows]`, u32.
     ids: Tensor,
-    /// Each row's position in its caption, `[rows]`, u32, and the same on the host.
+    /// Each row's position in its caption, `[rows]`, u32, and the same on the host (shared
+    /// with the fused training embedding, not copied per pass).
     positions: Tensor,
-    host_positions: Vec<u32>,
+    host_positions: Arc<[u32]>,
     seqs: Arc<PackedSeqs>,
 }
 
@@ -59,11 +60,11 @@ impl TextBatch {
             .zip(&lens)
             .flat_map(|(r, &n)| r[..n].iter().copied())
             .collect();
-        let host_positions: Vec<u32> = lens.iter().flat_map(|&n| 0..n as u32).collect();
+        let host_positions: Arc<[u32]> = lens.iter().flat_map(|&n| 0..n as u32).collect();
         let n = ids.len();
         let packed = PackedIds {
             ids: Tensor::from_vec(ids, n, device)?,
-            positions: Tensor::new(host_positions.as_slice(), device)?,
+            positions: Tensor::new(&host_positions[..], device)?,
             host_positions,
             seqs: Arc::new(PackedSeqs::new(Packing::from_lens(&lens)?)),
         };
@@ -72,11 +73,6 @@ impl TextBatch {
             pool_positions,
             packed,
         })
-    }
-
-    /// The tokens the packed batch holds, for a benchmark's tokens per second.
-    pub fn packed_tokens(&self) -> usize {
-        self.packed.host_positions.len()
     }
 }
 

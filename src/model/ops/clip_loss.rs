@@ -7,6 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::train_ops::f32_slice;
 use crate::model::kernels::cuda::clip_loss as k;
 
 /// `x / |x|` over the last dimension of a `[rows, cols]` input, in f32 whatever `x` holds.
@@ -35,14 +36,6 @@ fn cols_of(l: &Layout, op: &str) -> Result<usize> {
     Ok(l.shape().dims2()?.1)
 }
 
-/// The f32 values of a contiguous CPU input.
-fn f32_input<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("{op}: a contiguous f32 input only"),
-    }
-}
-
 /// Checks a `[b, b]` f32 similarity layout and a one-value scale.
 fn check_ce(xl: &Layout, sl: &Layout) -> Result<usize> {
     let (b, c) = xl.shape().dims2()?;
@@ -54,15 +47,6 @@ fn check_ce(xl: &Layout, sl: &Layout) -> Result<usize> {
         );
     }
     Ok(b)
-}
-
-/// The `f32` views a CUDA op takes.
-#[cfg(feature = "cuda")]
-fn f32_view<'a>(
-    s: &'a candle_core::CudaStorage,
-    l: &Layout,
-) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
-    super::cuda_view::<f32>(s, l)
 }
 
 impl CustomOp1 for RowNorm {
@@ -122,7 +106,7 @@ impl CustomOp2 for RowNormBackward {
         }
         let dx = k::row_norm_backward_twin(
             &super::twin_input(xs, xl, self.name())?,
-            f32_input(gs, gl, self.name())?,
+            f32_slice(gs, gl, self.name())?,
             cols,
         )?;
         Ok((super::twin_output(xs, dx), xl.shape().clone()))
@@ -146,7 +130,7 @@ impl CustomOp2 for RowNormBackward {
             );
         }
         let dev = xs.device.clone();
-        let g = f32_view(gs, gl)?;
+        let g = super::cuda_view::<f32>(gs, gl)?;
         let out = by_dtype!(xs, self.name(), |T, suffix| {
             let x = super::cuda_view::<T>(xs, xl)?;
             let dx = k::row_norm_backward::<T>(suffix, &dev, &x, &g, cols)?;
@@ -169,8 +153,8 @@ impl CustomOp2 for ClipCe {
         sl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         check_ce(xl, sl)?;
-        let scale = f32_input(ss, sl, self.name())?[0];
-        let loss = k::clip_ce_twin(f32_input(xs, xl, self.name())?, scale)?;
+        let scale = f32_slice(ss, sl, self.name())?[0];
+        let loss = k::clip_ce_twin(f32_slice(xs, xl, self.name())?, scale)?;
         Ok((CpuStorage::F32(vec![loss]), Shape::from(())))
     }
 
@@ -184,7 +168,11 @@ impl CustomOp2 for ClipCe {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         check_ce(xl, sl)?;
         let dev = xs.device.clone();
-        let loss = k::clip_ce(&dev, &f32_view(xs, xl)?, &f32_view(ss, sl)?)?;
+        let loss = k::clip_ce(
+            &dev,
+            &super::cuda_view::<f32>(xs, xl)?,
+            &super::cuda_view::<f32>(ss, sl)?,
+        )?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(loss, dev),
             Shape::from(()),
@@ -222,12 +210,12 @@ impl CustomOp3 for ClipCeBackward {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let b = check_ce(xl, sl)?;
-        let scale = f32_input(ss, sl, self.name())?[0];
-        let g = match f32_input(gs, gl, self.name())? {
+        let scale = f32_slice(ss, sl, self.name())?[0];
+        let g = match f32_slice(gs, gl, self.name())? {
             [g] => *g,
             g => candle_core::bail!("{}: one upstream gradient, not {}", self.name(), g.len()),
         };
-        let out = k::clip_ce_backward_twin(f32_input(xs, xl, self.name())?, scale, g)?;
+        let out = k::clip_ce_backward_twin(f32_slice(xs, xl, self.name())?, scale, g)?;
         Ok((CpuStorage::F32(out), Shape::from(b * b + 1)))
     }
 
@@ -243,7 +231,11 @@ impl CustomOp3 for ClipCeBackward {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let b = check_ce(xl, sl)?;
         let dev = xs.device.clone();
-        let (x, s, g) = (f32_view(xs, xl)?, f32_view(ss, sl)?, f32_view(gs, gl)?);
+        let (x, s, g) = (
+            super::cuda_view::<f32>(xs, xl)?,
+            super::cuda_view::<f32>(ss, sl)?,
+            super::cuda_view::<f32>(gs, gl)?,
+        );
         let out = k::clip_ce_backward(&dev, &x, &s, &g)?;
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev),

@@ -160,12 +160,9 @@ impl CustomOp2 for FusedAttention {
                 None => None,
             };
             let biases = [&bq, &bk, &bv];
-            let out = if self.tensor_cores && suffix != "f32" && tc_supports(&s) {
-                cuda::attention::launch_tc::<T>(suffix, &dev, &q, &k, &v, biases, s, offsets)?
-            } else {
-                let name = format!("clipft_attention_{suffix}");
-                cuda::attention::launch::<T>(&name, &dev, &q, &k, &v, biases, s, offsets)?
-            };
+            let tc = self.tensor_cores && suffix != "f32" && tc_supports(&s);
+            let out =
+                cuda::attention::launch::<T>(suffix, &dev, &q, &k, &v, biases, s, offsets, tc)?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((out, shape))

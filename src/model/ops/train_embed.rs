@@ -31,7 +31,7 @@ pub(crate) fn applies(weights: &[&Tensor]) -> bool {
 /// row `r` at position `row_positions[r]`, result `[rows, hidden]`.
 pub(crate) struct TokenEmbedOp {
     pub positions: Tensor,
-    pub row_positions: Option<Vec<u32>>,
+    pub row_positions: Option<std::sync::Arc<[u32]>>,
 }
 
 impl TokenEmbedOp {

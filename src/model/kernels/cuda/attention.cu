@@ -487,6 +487,7 @@ __device__ void attention_tc(const T* __restrict__ q, const T* __restrict__ k,
                              const T* __restrict__ bk, const T* __restrict__ bv,
                              T* __restrict__ out, const unsigned* __restrict__ offsets, int seq,
                              int heads, int ld, float scale, int causal) {
+    // head_dim is TC_HD (64): the launcher checks it.
     using namespace nvcuda;
     extern __shared__ __align__(32) unsigned char tc_smem[];
     // Sized by the launcher for the longest sequence: tp = seq rounded up to 16.
@@ -602,10 +603,13 @@ ATTENTION(clipft_attention_f32, float)
 ATTENTION(clipft_attention_f16, __half)
 ATTENTION(clipft_attention_bf16, __nv_bfloat16)
 
+// The same arguments as the CUDA-core forward (hd, always 64 here, included), so one launcher
+// serves both.
 #define ATTENTION_TC(NAME, T)                                                                   \
     extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)                                 \
         NAME(const T* q, const T* k, const T* v, const T* bq, const T* bk, const T* bv, T* out,  \
-             const unsigned* offsets, int seq, int heads, int ld, float scale, int causal) {     \
+             const unsigned* offsets, int seq, int heads, int hd, int ld, float scale,           \
+             int causal) {                                                                       \
         attention_tc<T>(q, k, v, bq, bk, bv, out, offsets, seq, heads, ld, scale, causal);      \
     }
 

@@ -379,11 +379,26 @@ mod gpu {
         ((2 * tile + (WARPS * ROWS) as usize * head_dim) * 4) as u32
     }
 
-    /// Runs `attention.cu`'s kernel `name` (for the element type `T`) on the device; `bias`:
-    /// the q, k and v projections' biases, added as the kernel loads them.
+    /// Shared memory `clipft_attention_tc_*` asks for with sequences of up to `seq` rows (the
+    /// layout at the top of the kernel: keys, values, and per warp a query tile, an f32 score
+    /// tile and a probability tile).
+    fn tc_smem_bytes(seq: usize) -> u32 {
+        const WARPS: usize = 4;
+        const LDH: usize = 64 + 8;
+        let tp = seq.div_ceil(16) * 16;
+        let (lds, ldp) = (tp.max(64) + 4, tp + 8);
+        let halves = 2 * tp * LDH + WARPS * 16 * LDH + WARPS * 16 * ldp;
+        (halves * 2 + WARPS * 16 * lds * 4) as u32
+    }
+
+    /// Runs `attention.cu`'s forward for the element type `T` (kernel suffix `suffix`) on the
+    /// device: `clipft_attention_<suffix>` on CUDA cores, or with `tensor_cores`
+    /// `clipft_attention_tc_<suffix>` (f16 or bf16, [`super::tc_supports`] shapes). `bias`: the
+    /// q, k and v projections' biases, added as the kernel loads them. Both kernels take the
+    /// same arguments.
     #[allow(clippy::too_many_arguments)]
     pub fn launch<T: DeviceRepr>(
-        name: &str,
+        suffix: &str,
         dev: &CudaDevice,
         q: &CudaView<'_, T>,
         k: &CudaView<'_, T>,
@@ -391,8 +406,13 @@ mod gpu {
         bias: [&CudaView<'_, T>; 3],
         s: AttentionShape,
         offsets: Option<&DeviceOffsets>,
+        tensor_cores: bool,
     ) -> Result<CudaSlice<T>> {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
         let (need, out_len) = s.sizes()?;
+        if tensor_cores && (!super::tc_supports(&s) || !matches!(suffix, "f16" | "bf16")) {
+            candle_core::bail!("tensor-core attention: f16 or bf16, head_dim 64, at most 128 rows");
+        }
         if [q.len(), k.len(), v.len()].iter().any(|&n| n < need) {
             candle_core::bail!("fused attention: q, k and v need {need} values");
         }
@@ -401,17 +421,37 @@ mod gpu {
             candle_core::bail!("fused attention: each bias needs {d} values");
         }
         let offs = offsets_arg(&s, offsets)?;
-        let func = dev.get_or_load_custom_func(name, "clipft_attention", PTX)?;
-        // SAFETY: every element is written by the kernel below (each (item, head, row) of
-        // the output is one warp's row, and the sequences cover every row).
-        let out = unsafe { dev.alloc::<T>(out_len)? };
         let seq = s.seqs.max_len();
-        let groups = (seq as u32).div_ceil(WARPS * ROWS);
-        let cfg = LaunchConfig {
-            grid_dim: ((s.seqs.items() * s.heads) as u32, groups.max(1), 1),
-            block_dim: (WARPS * 32, 1, 1),
-            shared_mem_bytes: smem_bytes(s.head_dim),
+        let (name, cfg) = if tensor_cores {
+            let smem = tc_smem_bytes(seq);
+            let cfg = LaunchConfig {
+                grid_dim: ((s.seqs.items() * s.heads) as u32, 1, 1),
+                block_dim: (4 * 32, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            (format!("clipft_attention_tc_{suffix}"), cfg)
+        } else {
+            let groups = (seq as u32).div_ceil(WARPS * ROWS);
+            let cfg = LaunchConfig {
+                grid_dim: ((s.seqs.items() * s.heads) as u32, groups.max(1), 1),
+                block_dim: (WARPS * 32, 1, 1),
+                shared_mem_bytes: smem_bytes(s.head_dim),
+            };
+            (format!("clipft_attention_{suffix}"), cfg)
         };
+        let func = dev.get_or_load_custom_func(&name, "clipft_attention", PTX)?;
+        if tensor_cores {
+            // Above 48 KB a launch needs the function's opt-in, set with its context current.
+            dev.cuda_stream().context().bind_to_thread().w()?;
+            func.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                cfg.shared_mem_bytes as i32,
+            )
+            .w()?;
+        }
+        // SAFETY: every element is written by the kernel below (each (item, head, row) of
+        // the output is written once, and the sequences cover every row).
+        let out = unsafe { dev.alloc::<T>(out_len)? };
         let (seq, heads, hd, ld) = (seq as i32, s.heads as i32, s.head_dim as i32, s.ld as i32);
         let causal = i32::from(s.causal);
         let mut b = func.builder();
@@ -437,94 +477,9 @@ mod gpu {
             // device offsets, which are the checked host offsets: `offsets_arg`) of q, k and v
             // at columns `h * hd .. h * hd + hd` (within `need`, checked above) and the first d
             // values of each bias, writes `out_len` values of `out`, and takes its arguments in
-            // this order and these types (attention.cu).
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        Ok(out)
-    }
-
-    /// Shared memory `clipft_attention_tc_*` asks for with sequences of up to `seq` rows (the
-    /// layout at the top of the kernel: keys, values, and per warp a query tile, an f32 score
-    /// tile and a probability tile).
-    fn tc_smem_bytes(seq: usize) -> u32 {
-        const WARPS: usize = 4;
-        const LDH: usize = 64 + 8;
-        let tp = seq.div_ceil(16) * 16;
-        let (lds, ldp) = (tp.max(64) + 4, tp + 8);
-        let halves = 2 * tp * LDH + WARPS * 16 * LDH + WARPS * 16 * ldp;
-        (halves * 2 + WARPS * 16 * lds * 4) as u32
-    }
-
-    /// Runs `clipft_attention_tc_<suffix>` (f16 or bf16; [`super::tc_supports`] shapes): as
-    /// [`launch`], on tensor cores.
-    #[allow(clippy::too_many_arguments)]
-    pub fn launch_tc<T: DeviceRepr>(
-        suffix: &str,
-        dev: &CudaDevice,
-        q: &CudaView<'_, T>,
-        k: &CudaView<'_, T>,
-        v: &CudaView<'_, T>,
-        bias: [&CudaView<'_, T>; 3],
-        s: AttentionShape,
-        offsets: Option<&DeviceOffsets>,
-    ) -> Result<CudaSlice<T>> {
-        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-        let (need, out_len) = s.sizes()?;
-        if !super::tc_supports(&s) || !matches!(suffix, "f16" | "bf16") {
-            candle_core::bail!("tensor-core attention: f16 or bf16, head_dim 64, at most 128 rows");
-        }
-        if [q.len(), k.len(), v.len()].iter().any(|&n| n < need) {
-            candle_core::bail!("fused attention: q, k and v need {need} values");
-        }
-        let d = s.heads * s.head_dim;
-        if bias.iter().any(|b| b.len() < d) {
-            candle_core::bail!("fused attention: each bias needs {d} values");
-        }
-        let offs = offsets_arg(&s, offsets)?;
-        let name = format!("clipft_attention_tc_{suffix}");
-        let func = dev.get_or_load_custom_func(&name, "clipft_attention", PTX)?;
-        let seq = s.seqs.max_len();
-        let smem = tc_smem_bytes(seq);
-        // Above 48 KB a launch needs the function's opt-in, set with its context current.
-        dev.cuda_stream().context().bind_to_thread().w()?;
-        func.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .w()?;
-        // SAFETY: every element is written by the kernel below (each (item, head) block writes
-        // every row of its sequence, and the sequences cover every row).
-        let out = unsafe { dev.alloc::<T>(out_len)? };
-        let cfg = LaunchConfig {
-            grid_dim: ((s.seqs.items() * s.heads) as u32, 1, 1),
-            block_dim: (4 * 32, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        let (seq, heads, ld) = (seq as i32, s.heads as i32, s.ld as i32);
-        let causal = i32::from(s.causal);
-        let mut b = func.builder();
-        b.arg(q);
-        b.arg(k);
-        b.arg(v);
-        for x in bias {
-            b.arg(x);
-        }
-        b.arg(&out);
-        match offs {
-            Some(o) => b.arg(o),
-            None => b.arg(&NULL),
-        };
-        b.arg(&seq);
-        b.arg(&heads);
-        b.arg(&ld);
-        b.arg(&s.scale);
-        b.arg(&causal);
-        if out_len > 0 {
-            // SAFETY: as in `launch`: the kernel reads the rows of each sequence of q, k and v
-            // at columns `h * 64 .. h * 64 + 64` (within `need`, checked) and 64 values per
-            // head of each bias, writes `out_len` values of `out`; its shared memory is the
-            // `smem` bytes it is launched with (sized for the longest sequence, at most 128
-            // rows, checked); arguments in the kernel's order and types (attention.cu).
+            // this order and these types (attention.cu); the tensor-core kernel's shared memory
+            // is the `cfg` bytes it is launched with, sized for the longest sequence (at most
+            // 128 rows, checked).
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok(out)
@@ -647,7 +602,7 @@ mod gpu {
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{launch, launch_backward, launch_tc, DeviceOffsets};
+pub use gpu::{launch, launch_backward, DeviceOffsets};
 
 #[cfg(test)]
 mod tests {
