@@ -1,14 +1,44 @@
 //! The launcher of `adam.cu`, the optimiser step over one parameter on the GPU. Its CPU twin
 //! is [`crate::model::kernels::adam::adam_update`] (the same update, the same bits).
 
+use super::call::Call;
+use crate::model::kernels::adam::AdamScalars;
+
+/// `clipft_adam` over the first `n` values of `w`, `g`, `m` and `v`.
+pub fn adam_call<'a, I: ?Sized, O: ?Sized>(
+    w: &'a mut O,
+    g: &'a I,
+    m: &'a mut O,
+    v: &'a mut O,
+    n: usize,
+    s: &AdamScalars,
+) -> Call<'a, I, O> {
+    // A grid-stride loop: enough blocks to fill an H100 several times over.
+    let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
+    Call::new("clipft_adam", (blocks, 1, 1), 256)
+        .output(w)
+        .input(g)
+        .output(m)
+        .output(v)
+        .i64(n as i64)
+        .i32(i32::from(s.decoupled))
+        .f32(s.decay)
+        .f32(s.wd)
+        .f32(s.one_minus_beta1)
+        .f32(s.beta2)
+        .f32(s.one_minus_beta2)
+        .f32(s.eps)
+        .f32(s.grad_scale)
+        .f32(s.step_size)
+        .f32(s.bc2_sqrt)
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, CudaViewMut, LaunchConfig, PushKernelArg,
-    };
-    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
     use candle_core::{CudaDevice, Result};
 
+    use super::super::call::{self, CudaIn, CudaOut};
     use crate::model::kernels::adam::AdamScalars;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adam.ptx"));
@@ -34,45 +64,55 @@ mod gpu {
         if n == 0 {
             return Ok(());
         }
-        let func = dev.get_or_load_custom_func("clipft_adam", "clipft_adam", PTX)?;
-        let n = n as i64;
-        let decoupled = i32::from(s.decoupled);
-        let mut l = func.builder();
-        l.arg(w);
-        l.arg(g);
-        l.arg(m);
-        l.arg(v);
-        l.arg(&n);
-        l.arg(&decoupled);
-        for x in [
-            &s.decay,
-            &s.wd,
-            &s.one_minus_beta1,
-            &s.beta2,
-            &s.one_minus_beta2,
-            &s.eps,
-            &s.grad_scale,
-            &s.step_size,
-            &s.bc2_sqrt,
-        ] {
-            l.arg(x);
-        }
-        // A grid-stride loop: enough blocks to fill an H100 several times over.
-        let blocks = (n as usize).div_ceil(256).clamp(1, 132 * 16) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let call = super::adam_call::<dyn CudaIn + '_, dyn CudaOut + '_>(w, g, m, v, n, &s);
         // SAFETY: the kernel reads and writes the first n values of w, m and v and reads n of
-        // g (all n long, checked above); the arguments match `clipft_adam` in order and type.
-        unsafe { l.launch(cfg) }.w()?;
-        Ok(())
+        // g (all n long, checked above).
+        unsafe { call::run(dev, "clipft_adam", PTX, call) }
     }
 }
 
 #[cfg(feature = "cuda")]
 pub use gpu::adam_step;
+
+/// `adam.cu` itself, run by the CPU emulator with the launcher's grid and arguments: it gives
+/// its twin's bits, both kinds, a ragged length, several grid-stride rounds.
+#[cfg(test)]
+mod emu_tests {
+    use clipft_cuda_emu::Buffer;
+
+    use super::super::call::emu::{self, EmuArg};
+    use crate::model::kernels::adam::adam_update;
+    use crate::model::kernels::adam::tests::{scalars, val};
+
+    #[test]
+    fn emulated_kernel_gives_the_twins_bits() {
+        // Over 132 * 16 blocks of 256, so threads loop.
+        let n = 132 * 16 * 256 + 777;
+        for decoupled in [true, false] {
+            let s = scalars(decoupled);
+            let start = |seed| (0..n).map(|i| val(i, seed)).collect::<Vec<f32>>();
+            let (mut w, g, mut m) = (start(2), start(1), start(3));
+            let mut v: Vec<f32> = start(4).iter().map(|x| x.abs()).collect();
+            let mut dw = Buffer::from_slice(&w);
+            let dg = Buffer::from_slice(&g);
+            let (mut dm, mut dv) = (Buffer::from_slice(&m), Buffer::from_slice(&v));
+            adam_update(&mut w, &g, &mut m, &mut v, s);
+            let call = super::adam_call::<dyn EmuArg, dyn EmuArg>(
+                &mut dw, &dg, &mut dm, &mut dv, n, &s,
+            );
+            // SAFETY: all four buffers hold n values, what the kernel indexes.
+            unsafe { emu::run(call) }.unwrap();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for (name, host, dev) in [("w", &w, &dw), ("m", &m, &dm), ("v", &v, &dv)] {
+                dev.check().unwrap();
+                assert!(
+                    bits(host) == bits(dev.values()),
+                    "decoupled {decoupled}: {name} differs"
+                );
+            }
+        }
+    }
+}
 
 #[cfg(all(test, feature = "cuda"))]
 mod tests {

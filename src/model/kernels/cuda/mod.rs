@@ -19,6 +19,7 @@
 
 pub mod adam;
 pub mod attention;
+pub mod call;
 pub mod clip_loss;
 pub mod elementwise;
 pub mod layernorm;
