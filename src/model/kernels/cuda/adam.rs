@@ -97,9 +97,8 @@ mod emu_tests {
             let dg = Buffer::from_slice(&g);
             let (mut dm, mut dv) = (Buffer::from_slice(&m), Buffer::from_slice(&v));
             adam_update(&mut w, &g, &mut m, &mut v, s);
-            let call = super::adam_call::<dyn EmuArg, dyn EmuArg>(
-                &mut dw, &dg, &mut dm, &mut dv, n, &s,
-            );
+            let call =
+                super::adam_call::<dyn EmuArg, dyn EmuArg>(&mut dw, &dg, &mut dm, &mut dv, n, &s);
             // SAFETY: all four buffers hold n values, what the kernel indexes.
             unsafe { emu::run(call) }.unwrap();
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();

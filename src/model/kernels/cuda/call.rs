@@ -200,18 +200,147 @@ pub mod emu {
 
     use super::{Arg, Call};
 
-    /// A host buffer as an emulated kernel argument.
+    /// A host buffer as an emulated kernel argument, and what the tests read back from it.
     pub trait EmuArg {
         fn arg(&self) -> e::Arg;
         fn arg_mut(&mut self) -> e::Arg;
+        /// The values, as f32.
+        fn to_f32(&self) -> Vec<f32>;
+        /// Whether the kernel wrote outside the buffer.
+        fn check(&self) -> Result<(), String>;
+        /// Indices the kernel left unwritten (still poison).
+        fn unwritten(&self) -> Vec<usize>;
     }
 
-    impl<T: e::Element> EmuArg for e::Buffer<T> {
-        fn arg(&self) -> e::Arg {
-            e::Buffer::arg(self)
+    macro_rules! emu_arg {
+        ($t:ty, $to:expr) => {
+            impl EmuArg for e::Buffer<$t> {
+                fn arg(&self) -> e::Arg {
+                    e::Buffer::arg(self)
+                }
+                fn arg_mut(&mut self) -> e::Arg {
+                    e::Buffer::arg_mut(self)
+                }
+                fn to_f32(&self) -> Vec<f32> {
+                    self.values().iter().map(|&v| $to(v)).collect()
+                }
+                fn check(&self) -> Result<(), String> {
+                    e::Buffer::check(self)
+                }
+                fn unwritten(&self) -> Vec<usize> {
+                    e::Buffer::unwritten(self)
+                }
+            }
+        };
+    }
+    emu_arg!(f32, |v: f32| v);
+    emu_arg!(u32, |v: u32| v as f32);
+    emu_arg!(e::F16Bits, |v: e::F16Bits| half::f16::from_bits(v.0)
+        .to_f32());
+    emu_arg!(e::Bf16Bits, |v: e::Bf16Bits| half::bf16::from_bits(v.0)
+        .to_f32());
+
+    /// The element types the kernels come in (their name suffixes).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Dt {
+        F32,
+        F16,
+        Bf16,
+    }
+
+    impl Dt {
+        pub const ALL: [Dt; 3] = [Dt::F32, Dt::F16, Dt::Bf16];
+
+        pub fn suffix(self) -> &'static str {
+            match self {
+                Dt::F32 => "f32",
+                Dt::F16 => "f16",
+                Dt::Bf16 => "bf16",
+            }
         }
-        fn arg_mut(&mut self) -> e::Arg {
-            e::Buffer::arg_mut(self)
+
+        /// `v` rounded to this type (to nearest even) and back.
+        pub fn round(self, v: f32) -> f32 {
+            match self {
+                Dt::F32 => v,
+                Dt::F16 => half::f16::from_f32(v).to_f32(),
+                Dt::Bf16 => half::bf16::from_f32(v).to_f32(),
+            }
+        }
+
+        pub fn round_all(self, v: &[f32]) -> Vec<f32> {
+            v.iter().map(|&x| self.round(x)).collect()
+        }
+
+        /// A buffer of `v` rounded to this type.
+        pub fn buffer(self, v: &[f32]) -> Box<dyn EmuArg> {
+            match self {
+                Dt::F32 => Box::new(e::Buffer::from_slice(v)),
+                Dt::F16 => Box::new(e::Buffer::from_slice(
+                    &v.iter()
+                        .map(|&x| e::F16Bits(half::f16::from_f32(x).to_bits()))
+                        .collect::<Vec<_>>(),
+                )),
+                Dt::Bf16 => Box::new(e::Buffer::from_slice(
+                    &v.iter()
+                        .map(|&x| e::Bf16Bits(half::bf16::from_f32(x).to_bits()))
+                        .collect::<Vec<_>>(),
+                )),
+            }
+        }
+
+        /// `n` poisoned values of this type.
+        pub fn poisoned(self, n: usize) -> Box<dyn EmuArg> {
+            match self {
+                Dt::F32 => Box::new(e::Buffer::<f32>::poisoned(n)),
+                Dt::F16 => Box::new(e::Buffer::<e::F16Bits>::poisoned(n)),
+                Dt::Bf16 => Box::new(e::Buffer::<e::Bf16Bits>::poisoned(n)),
+            }
+        }
+
+        /// The relative tolerance of a kernel's output in this type against its twin's
+        /// (rounded to the type): a few units in the last place, for sums in another order and
+        /// the GPU's approximate intrinsics.
+        pub fn tol(self) -> f32 {
+            match self {
+                Dt::F32 => 2e-5,
+                Dt::F16 => 2e-3,
+                Dt::Bf16 => 1.6e-2,
+            }
+        }
+    }
+
+    /// Reproducible values in [-2.5, 2.5).
+    pub fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 2000) as f32 / 400.0 - 2.5)
+            .collect()
+    }
+
+    /// An output the kernel wrote whole and only: every value written, nothing outside.
+    pub fn written(what: &str, b: &dyn EmuArg) -> Vec<f32> {
+        if let Err(e) = b.check() {
+            panic!("{what}: {e}");
+        }
+        let missing = b.unwritten();
+        assert!(
+            missing.is_empty(),
+            "{what}: {} values unwritten, from index {}",
+            missing.len(),
+            missing[0]
+        );
+        b.to_f32()
+    }
+
+    /// `got` within `tol` of `want`, relative to the larger of 1 and the largest |want|.
+    pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= tol * scale,
+                "{what}[{i}]: {g} against {w} (tolerance {tol} x {scale})"
+            );
         }
     }
 
@@ -237,7 +366,10 @@ pub mod emu {
             })
             .collect();
         if call.smem > 227 * 1024 {
-            return Err(format!("{}: {} bytes of shared memory", call.kernel, call.smem));
+            return Err(format!(
+                "{}: {} bytes of shared memory",
+                call.kernel, call.smem
+            ));
         }
         let dims = e::Dims {
             grid: [call.grid.0, call.grid.1, call.grid.2],

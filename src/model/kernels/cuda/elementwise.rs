@@ -3,6 +3,8 @@
 
 use candle_core::{bail, Result};
 
+use super::call::Call;
+
 /// The activation `bias_act` applies (the kernel's `act` argument).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(i32)]
@@ -132,27 +134,136 @@ pub fn bias_residual_twin(x: &[f32], b: &[f32], r: &[f32]) -> Result<Vec<f32>> {
         .collect())
 }
 
+/// Grid of a grid-stride loop over `n` values: enough blocks of 256 to fill an H100 several
+/// times over.
+fn grid_stride(n: usize) -> (u32, u32, u32) {
+    (n.div_ceil(256).clamp(1, 132 * 32) as u32, 1, 1)
+}
+
+/// `clipft_bias_act_<suffix>`: `y = act(x + b[col])` over the `n` values of `x` (rows of
+/// `cols`).
+#[allow(clippy::too_many_arguments)]
+pub fn bias_act_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    x: &'a I,
+    b: &'a I,
+    y: &'a mut O,
+    n: usize,
+    cols: usize,
+    act: Act,
+) -> Call<'a, I, O> {
+    Call::new(format!("clipft_bias_act_{suffix}"), grid_stride(n), 256)
+        .input(x)
+        .input(b)
+        .output(y)
+        .i64(n as i64)
+        .i32(cols as i32)
+        .i32(act as i32)
+}
+
+/// `clipft_bias_act_backward_<suffix>`: `dz = dy * act'(x + b[col])`.
+#[allow(clippy::too_many_arguments)]
+pub fn bias_act_backward_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    x: &'a I,
+    b: &'a I,
+    dy: &'a I,
+    dz: &'a mut O,
+    n: usize,
+    cols: usize,
+    act: Act,
+) -> Call<'a, I, O> {
+    Call::new(
+        format!("clipft_bias_act_backward_{suffix}"),
+        grid_stride(n),
+        256,
+    )
+    .input(x)
+    .input(b)
+    .input(dy)
+    .output(dz)
+    .i64(n as i64)
+    .i32(cols as i32)
+    .i32(act as i32)
+}
+
+/// `clipft_bias_residual_<suffix>`: `y = x + b[col] + r`.
+pub fn bias_residual_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    x: &'a I,
+    b: &'a I,
+    r: &'a I,
+    y: &'a mut O,
+    n: usize,
+    cols: usize,
+) -> Call<'a, I, O> {
+    Call::new(
+        format!("clipft_bias_residual_{suffix}"),
+        grid_stride(n),
+        256,
+    )
+    .input(x)
+    .input(b)
+    .input(r)
+    .output(y)
+    .i64(n as i64)
+    .i32(cols as i32)
+}
+
+/// Chunks of [`COLSUM_ROWS`] rows in a column sum over `rows` (at least one): the length of
+/// its partial sums is `chunks * cols`.
+pub fn column_sum_chunks(rows: usize) -> usize {
+    rows.div_ceil(COLSUM_ROWS).max(1)
+}
+
+/// `clipft_column_sum_partial_<suffix>`: a partial sum per chunk of rows and column of `g`
+/// into `partial`.
+pub fn column_sum_partial_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    g: &'a I,
+    partial: &'a mut O,
+    rows: usize,
+    cols: usize,
+) -> Call<'a, I, O> {
+    let grid = (
+        (cols as u32).div_ceil(256),
+        column_sum_chunks(rows) as u32,
+        1,
+    );
+    Call::new(format!("clipft_column_sum_partial_{suffix}"), grid, 256)
+        .input(g)
+        .output(partial)
+        .i64(rows as i64)
+        .i32(cols as i32)
+}
+
+/// `clipft_column_sum_total_<suffix>`: the partials of [`column_sum_partial_call`] added in
+/// chunk order into `out` (one value per column).
+pub fn column_sum_total_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    partial: &'a I,
+    out: &'a mut O,
+    rows: usize,
+    cols: usize,
+) -> Call<'a, I, O> {
+    let grid = ((cols as u32).div_ceil(256), 1, 1);
+    Call::new(format!("clipft_column_sum_total_{suffix}"), grid, 256)
+        .input(partial)
+        .output(out)
+        .i32(column_sum_chunks(rows) as i32)
+        .i32(cols as i32)
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-    };
-    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
     use candle_core::{CudaDevice, Result};
 
+    use super::super::call::{self, CudaIn, CudaOut};
     use super::Act;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
-
-    fn config(n: usize) -> LaunchConfig {
-        // A grid-stride loop: enough blocks to fill an H100 several times over.
-        let blocks = n.div_ceil(256).clamp(1, 132 * 32) as u32;
-        LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
+    const MODULE: &str = "clipft_elementwise";
 
     /// `clipft_bias_act_<suffix>` over `x` (whole rows of `b.len()`).
     pub fn bias_act<T: DeviceRepr>(
@@ -163,22 +274,21 @@ mod gpu {
         act: Act,
     ) -> Result<CudaSlice<T>> {
         super::check(x.len(), b.len(), b.len())?;
-        let name = format!("clipft_bias_act_{suffix}");
-        let func = dev.get_or_load_custom_func(&name, "clipft_elementwise", PTX)?;
         // SAFETY: the kernel writes every one of the x.len() values.
-        let y = unsafe { dev.alloc::<T>(x.len())? };
-        let (n, cols, act) = (x.len() as i64, b.len() as i32, act as i32);
-        let mut l = func.builder();
-        l.arg(x);
-        l.arg(b);
-        l.arg(&y);
-        l.arg(&n);
-        l.arg(&cols);
-        l.arg(&act);
-        if n > 0 {
+        let mut y = unsafe { dev.alloc::<T>(x.len())? };
+        if !x.is_empty() {
+            let call = super::bias_act_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+                suffix,
+                x,
+                b,
+                &mut y,
+                x.len(),
+                b.len(),
+                act,
+            );
             // SAFETY: reads x[0..n] and b[0..cols] (x holds whole rows of cols, checked), writes
-            // y[0..n]; the arguments match `clipft_bias_act_*` in order and type.
-            unsafe { l.launch(config(x.len())) }.w()?;
+            // y[0..n].
+            unsafe { call::run(dev, MODULE, PTX, call) }?;
         }
         Ok(y)
     }
@@ -200,24 +310,22 @@ mod gpu {
                 dy.len()
             );
         }
-        let name = format!("clipft_bias_act_backward_{suffix}");
-        let func = dev.get_or_load_custom_func(&name, "clipft_elementwise", PTX)?;
         // SAFETY: the kernel writes every one of the x.len() values.
-        let dz = unsafe { dev.alloc::<T>(x.len())? };
-        let (n, cols, act) = (x.len() as i64, b.len() as i32, act as i32);
-        let mut l = func.builder();
-        l.arg(x);
-        l.arg(b);
-        l.arg(dy);
-        l.arg(&dz);
-        l.arg(&n);
-        l.arg(&cols);
-        l.arg(&act);
-        if n > 0 {
+        let mut dz = unsafe { dev.alloc::<T>(x.len())? };
+        if !x.is_empty() {
+            let call = super::bias_act_backward_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+                suffix,
+                x,
+                b,
+                dy,
+                &mut dz,
+                x.len(),
+                b.len(),
+                act,
+            );
             // SAFETY: reads x[0..n], dy[0..n] (same length, checked) and b[0..cols] (x holds
-            // whole rows of cols), writes dz[0..n]; the arguments match
-            // `clipft_bias_act_backward_*` in order and type.
-            unsafe { l.launch(config(x.len())) }.w()?;
+            // whole rows of cols), writes dz[0..n].
+            unsafe { call::run(dev, MODULE, PTX, call) }?;
         }
         Ok(dz)
     }
@@ -235,46 +343,27 @@ mod gpu {
         if !super::column_sum_supports(rows) {
             candle_core::bail!("column sum: {rows} rows are too many");
         }
-        let load = |name: &str| {
-            dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "clipft_elementwise", PTX)
-        };
-        let (part, total) = (
-            load("clipft_column_sum_partial")?,
-            load("clipft_column_sum_total")?,
-        );
-        let chunks = rows.div_ceil(super::COLSUM_ROWS).max(1);
+        let chunks = super::column_sum_chunks(rows);
         // SAFETY: the first kernel writes a partial for every (chunk, column) (zero for a
         // chunk without rows) before the second, on the same stream, reads them; the second
         // writes every column of `out`.
-        let (partial, out) = unsafe { (dev.alloc::<f32>(chunks * cols)?, dev.alloc::<T>(cols)?) };
-        let tiles = (cols as u32).div_ceil(256);
-        let (r, c, k) = (rows as i64, cols as i32, chunks as i32);
-        let mut l = part.builder();
-        l.arg(g);
-        l.arg(&partial);
-        l.arg(&r);
-        l.arg(&c);
-        let cfg = LaunchConfig {
-            grid_dim: (tiles, chunks as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (mut partial, mut out) =
+            unsafe { (dev.alloc::<f32>(chunks * cols)?, dev.alloc::<T>(cols)?) };
+        let call = super::column_sum_partial_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            suffix,
+            g,
+            &mut partial,
+            rows,
+            cols,
+        );
         // SAFETY: reads rows x cols of g (whole rows, checked), writes chunks x cols of
-        // `partial`; arguments in the kernel's order and types; chunks <= 65535 (checked).
-        unsafe { l.launch(cfg) }.w()?;
-        let mut l = total.builder();
-        l.arg(&partial);
-        l.arg(&out);
-        l.arg(&k);
-        l.arg(&c);
-        let cfg = LaunchConfig {
-            grid_dim: (tiles, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: reads chunks x cols of `partial`, writes cols of `out`; arguments in the
-        // kernel's order and types.
-        unsafe { l.launch(cfg) }.w()?;
+        // `partial`; chunks <= 65535 (checked).
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
+        let call = super::column_sum_total_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            suffix, &partial, &mut out, rows, cols,
+        );
+        // SAFETY: reads chunks x cols of `partial`, writes cols of `out`.
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
         Ok(out)
     }
 
@@ -294,22 +383,21 @@ mod gpu {
                 r.len()
             );
         }
-        let name = format!("clipft_bias_residual_{suffix}");
-        let func = dev.get_or_load_custom_func(&name, "clipft_elementwise", PTX)?;
         // SAFETY: the kernel writes every one of the x.len() values.
-        let y = unsafe { dev.alloc::<T>(x.len())? };
-        let (n, cols) = (x.len() as i64, b.len() as i32);
-        let mut l = func.builder();
-        l.arg(x);
-        l.arg(b);
-        l.arg(r);
-        l.arg(&y);
-        l.arg(&n);
-        l.arg(&cols);
-        if n > 0 {
+        let mut y = unsafe { dev.alloc::<T>(x.len())? };
+        if !x.is_empty() {
+            let call = super::bias_residual_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+                suffix,
+                x,
+                b,
+                r,
+                &mut y,
+                x.len(),
+                b.len(),
+            );
             // SAFETY: reads x[0..n], r[0..n] (same length, checked) and b[0..cols], writes
-            // y[0..n]; the arguments match `clipft_bias_residual_*` in order and type.
-            unsafe { l.launch(config(x.len())) }.w()?;
+            // y[0..n].
+            unsafe { call::run(dev, MODULE, PTX, call) }?;
         }
         Ok(y)
     }
@@ -317,6 +405,114 @@ mod gpu {
 
 #[cfg(feature = "cuda")]
 pub use gpu::{bias_act, bias_act_backward, bias_residual, column_sum};
+
+/// `elementwise.cu` itself, run by the CPU emulator with the launchers' grids and arguments,
+/// in each type, against the twins (inputs rounded to the type, outputs too).
+#[cfg(test)]
+mod emu_tests {
+    use super::super::call::emu::{self, assert_close, values, written, Dt, EmuArg};
+    use super::*;
+
+    #[test]
+    fn emulated_kernels_match_their_twins() {
+        // Three chunks of rows for the column sum, two tiles of 256 columns.
+        let (rows, cols) = (2 * COLSUM_ROWS + 3, 300);
+        let n = rows * cols;
+        for dt in Dt::ALL {
+            let x = dt.round_all(&values(n, 1));
+            let b = dt.round_all(&values(cols, 2));
+            let r = dt.round_all(&values(n, 3));
+            let (dx, db, dr) = (dt.buffer(&x), dt.buffer(&b), dt.buffer(&r));
+            for act in [Act::Identity, Act::QuickGelu, Act::Gelu] {
+                let what = format!("{dt:?} {act:?}");
+                let mut y = dt.poisoned(n);
+                let call = bias_act_call::<dyn EmuArg, dyn EmuArg>(
+                    dt.suffix(),
+                    &*dx,
+                    &*db,
+                    &mut *y,
+                    n,
+                    cols,
+                    act,
+                );
+                // SAFETY: x and y hold n values, whole rows of cols; b holds cols.
+                unsafe { emu::run(call) }.unwrap();
+                let want = dt.round_all(&bias_act_twin(&x, &b, act).unwrap());
+                assert_close(
+                    &format!("bias_act {what}"),
+                    &written("y", &*y),
+                    &want,
+                    dt.tol(),
+                );
+
+                let mut dz = dt.poisoned(n);
+                let call = bias_act_backward_call::<dyn EmuArg, dyn EmuArg>(
+                    dt.suffix(),
+                    &*dx,
+                    &*db,
+                    &*dr,
+                    &mut *dz,
+                    n,
+                    cols,
+                    act,
+                );
+                // SAFETY: x, dy (r) and dz hold n values, whole rows of cols; b holds cols.
+                unsafe { emu::run(call) }.unwrap();
+                let want = dt.round_all(&bias_act_backward_twin(&x, &b, &r, act).unwrap());
+                let got = written("dz", &*dz);
+                assert_close(&format!("bias_act_backward {what}"), &got, &want, dt.tol());
+            }
+            let mut y = dt.poisoned(n);
+            let call = bias_residual_call::<dyn EmuArg, dyn EmuArg>(
+                dt.suffix(),
+                &*dx,
+                &*db,
+                &*dr,
+                &mut *y,
+                n,
+                cols,
+            );
+            // SAFETY: x, r and y hold n values, whole rows of cols; b holds cols.
+            unsafe { emu::run(call) }.unwrap();
+            let want = dt.round_all(&bias_residual_twin(&x, &b, &r).unwrap());
+            assert_close(
+                &format!("bias_residual {dt:?}"),
+                &written("y", &*y),
+                &want,
+                dt.tol(),
+            );
+
+            let mut partial = Dt::F32.poisoned(column_sum_chunks(rows) * cols);
+            let call = column_sum_partial_call::<dyn EmuArg, dyn EmuArg>(
+                dt.suffix(),
+                &*dx,
+                &mut *partial,
+                rows,
+                cols,
+            );
+            // SAFETY: g (x) holds rows x cols values, partial chunks x cols.
+            unsafe { emu::run(call) }.unwrap();
+            written("partial", &*partial);
+            let mut sums = dt.poisoned(cols);
+            let call = column_sum_total_call::<dyn EmuArg, dyn EmuArg>(
+                dt.suffix(),
+                &*partial,
+                &mut *sums,
+                rows,
+                cols,
+            );
+            // SAFETY: partial holds chunks x cols values, sums cols.
+            unsafe { emu::run(call) }.unwrap();
+            let want = dt.round_all(&column_sum_twin(&x, cols).unwrap());
+            assert_close(
+                &format!("column_sum {dt:?}"),
+                &written("sums", &*sums),
+                &want,
+                dt.tol(),
+            );
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -3,6 +3,8 @@
 
 use candle_core::{bail, Result};
 
+use super::call::Call;
+
 /// Rows per block of the backward: `NWARPS * RPW` in `layernorm.cu`.
 const BACKWARD_ROWS: usize = 4 * 8;
 /// The widest row the backward's shared-memory partial sums hold.
@@ -97,16 +99,96 @@ pub fn layer_norm_backward_twin(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> R
     Ok(out)
 }
 
+/// Warps per block of both kernels: `NWARPS` in `layernorm.cu`.
+const NWARPS: u32 = 4;
+
+/// `clipft_layernorm_<suffix>`: `y` from `x`, `rows` rows of `cols`, one warp per row.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    x: &'a I,
+    w: &'a I,
+    b: &'a I,
+    y: &'a mut O,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Call<'a, I, O> {
+    let grid = ((rows as u32).div_ceil(NWARPS), 1, 1);
+    Call::new(format!("clipft_layernorm_{suffix}"), grid, NWARPS * 32)
+        .input(x)
+        .input(w)
+        .input(b)
+        .output(y)
+        .i32(rows as i32)
+        .i32(cols as i32)
+        .f32(eps)
+}
+
+/// Blocks of the backward over `rows` (at least one): the partial sums hold `blocks * 2 *
+/// cols` values.
+pub fn backward_blocks(rows: usize) -> usize {
+    rows.div_ceil(BACKWARD_ROWS).max(1)
+}
+
+/// `clipft_layernorm_backward_<suffix>`: the input's gradient into the first `rows * cols`
+/// values of `dx`, and each block's partial sums of the weight's and bias's gradients into
+/// `partial`. Its shared memory holds 2 `cols` floats per warp.
+#[allow(clippy::too_many_arguments)]
+pub fn layer_norm_backward_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    x: &'a I,
+    w: &'a I,
+    dy: &'a I,
+    dx: &'a mut O,
+    partial: &'a mut O,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Call<'a, I, O> {
+    let grid = (backward_blocks(rows) as u32, 1, 1);
+    Call::new(
+        format!("clipft_layernorm_backward_{suffix}"),
+        grid,
+        NWARPS * 32,
+    )
+    .smem(NWARPS * 2 * cols as u32 * 4)
+    .input(x)
+    .input(w)
+    .input(dy)
+    .output(dx)
+    .output(partial)
+    .i32(rows as i32)
+    .i32(cols as i32)
+    .f32(eps)
+}
+
+/// `clipft_layernorm_backward_sum_<suffix>`: the blocks' partial sums added in order into the
+/// `2 cols` values of `out` (the weight's gradient, then the bias's).
+pub fn layer_norm_backward_sum_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    partial: &'a I,
+    out: &'a mut O,
+    rows: usize,
+    cols: usize,
+) -> Call<'a, I, O> {
+    let grid = ((2 * cols as u32).div_ceil(256), 1, 1);
+    Call::new(format!("clipft_layernorm_backward_sum_{suffix}"), grid, 256)
+        .input(partial)
+        .output(out)
+        .i32(backward_blocks(rows) as i32)
+        .i32(cols as i32)
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-    };
-    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
     use candle_core::{CudaDevice, Result};
 
+    use super::super::call::{self, CudaIn, CudaOut};
+
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/layernorm.ptx"));
-    const NWARPS: u32 = 4;
+    const MODULE: &str = "clipft_layernorm";
 
     /// `clipft_layernorm_<suffix>` over `x` (whole rows of `w.len()`).
     pub fn layer_norm<T: DeviceRepr>(
@@ -122,30 +204,17 @@ mod gpu {
         if b.len() != cols {
             candle_core::bail!("layer norm: a bias of {} for rows of {cols}", b.len());
         }
-        let name = format!("clipft_layernorm_{suffix}");
-        let func = dev.get_or_load_custom_func(&name, "clipft_layernorm", PTX)?;
         // SAFETY: the kernel writes every row (one warp each).
-        let y = unsafe { dev.alloc::<T>(x.len())? };
+        let mut y = unsafe { dev.alloc::<T>(x.len())? };
         if rows == 0 {
             return Ok(y);
         }
-        let (r, c) = (rows as i32, cols as i32);
-        let mut l = func.builder();
-        l.arg(x);
-        l.arg(w);
-        l.arg(b);
-        l.arg(&y);
-        l.arg(&r);
-        l.arg(&c);
-        l.arg(&eps);
-        let cfg = LaunchConfig {
-            grid_dim: ((rows as u32).div_ceil(NWARPS), 1, 1),
-            block_dim: (NWARPS * 32, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let call = super::layer_norm_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            suffix, x, w, b, &mut y, rows, cols, eps,
+        );
         // SAFETY: reads rows x cols of x (whole rows, checked) and cols of w and b, writes the
-        // same of y; the arguments match `clipft_layernorm_*` in order and type.
-        unsafe { l.launch(cfg) }.w()?;
+        // same of y.
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
         Ok(y)
     }
 
@@ -168,72 +237,128 @@ mod gpu {
                 dy.len()
             );
         }
-        let back = dev.get_or_load_custom_func(
-            &format!("clipft_layernorm_backward_{suffix}"),
-            "clipft_layernorm",
-            PTX,
-        )?;
-        let sum = dev.get_or_load_custom_func(
-            &format!("clipft_layernorm_backward_sum_{suffix}"),
-            "clipft_layernorm",
-            PTX,
-        )?;
-        let blocks = rows.div_ceil(super::BACKWARD_ROWS).max(1);
+        let blocks = super::backward_blocks(rows);
         // SAFETY: every value is written before anything reads it: the backward kernel writes
         // all rows x cols values of the input's gradient (one warp per row) and all 2 cols
         // partial sums of each of its blocks (zeros for rows it does not have); the sum kernel,
         // after it on the same stream, reads the partials and writes the last 2 cols values.
-        let (mut out, partial) = unsafe {
+        let (mut out, mut partial) = unsafe {
             (
                 dev.alloc::<T>((rows + 2) * cols)?,
                 dev.alloc::<f32>(blocks * 2 * cols)?,
             )
         };
-        let (r, c, nb) = (rows as i32, cols as i32, blocks as i32);
-        let smem = (NWARPS as usize * 2 * cols * 4) as u32;
-        {
-            let mut l = back.builder();
-            l.arg(x);
-            l.arg(w);
-            l.arg(dy);
-            l.arg(&out);
-            l.arg(&partial);
-            l.arg(&r);
-            l.arg(&c);
-            l.arg(&eps);
-            let cfg = LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (NWARPS * 32, 1, 1),
-                shared_mem_bytes: smem,
-            };
-            // SAFETY: reads rows x cols of x and dy (checked) and cols of w; writes the first
-            // rows x cols values of `out` (which holds rows + 2 rows) and blocks x 2 cols of
-            // `partial`; arguments in the kernel's order and types; cols <= 1024 keeps the
-            // shared memory at 32 KB.
-            unsafe { l.launch(cfg) }.w()?;
-        }
-        {
-            let mut tail = out.slice_mut(rows * cols..);
-            let mut l = sum.builder();
-            l.arg(&partial);
-            l.arg(&mut tail);
-            l.arg(&nb);
-            l.arg(&c);
-            let cfg = LaunchConfig {
-                grid_dim: ((2 * cols as u32).div_ceil(256), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: reads blocks x 2 cols of `partial`, writes the 2 cols values of `tail`
-            // (the last two rows of `out`); arguments in the kernel's order and types.
-            unsafe { l.launch(cfg) }.w()?;
-        }
+        let call = super::layer_norm_backward_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            suffix,
+            x,
+            w,
+            dy,
+            &mut out,
+            &mut partial,
+            rows,
+            cols,
+            eps,
+        );
+        // SAFETY: reads rows x cols of x and dy (checked) and cols of w; writes the first
+        // rows x cols values of `out` (which holds rows + 2 rows) and blocks x 2 cols of
+        // `partial`; cols <= 1024 keeps the shared memory at 32 KB.
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
+        let mut tail = out.slice_mut(rows * cols..);
+        let call = super::layer_norm_backward_sum_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            suffix, &partial, &mut tail, rows, cols,
+        );
+        // SAFETY: reads blocks x 2 cols of `partial`, writes the 2 cols values of `tail` (the
+        // last two rows of `out`).
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
         Ok(out)
     }
 }
 
 #[cfg(feature = "cuda")]
 pub use gpu::{layer_norm, layer_norm_backward};
+
+/// `layernorm.cu` itself, run by the CPU emulator with the launchers' grids, shared memory and
+/// arguments, in each type, against the twins.
+#[cfg(test)]
+mod emu_tests {
+    use super::super::call::emu::{self, assert_close, values, written, Dt, EmuArg};
+    use super::*;
+
+    #[test]
+    fn emulated_kernels_match_their_twins() {
+        // Two blocks of the backward and a ragged last one; the widest rows, and narrow ones
+        // that leave lanes idle.
+        for (rows, cols) in [(2 * BACKWARD_ROWS + 5, 40), (7, NORM_MAX_COLS)] {
+            for dt in Dt::ALL {
+                let what = format!("{dt:?} {rows}x{cols}");
+                let x = dt.round_all(&values(rows * cols, 1));
+                let w = dt.round_all(&values(cols, 2));
+                let b = dt.round_all(&values(cols, 3));
+                let dy = dt.round_all(&values(rows * cols, 4));
+                let (dx_, dw, db, ddy) =
+                    (dt.buffer(&x), dt.buffer(&w), dt.buffer(&b), dt.buffer(&dy));
+                let mut y = dt.poisoned(rows * cols);
+                let call = layer_norm_call::<dyn EmuArg, dyn EmuArg>(
+                    dt.suffix(),
+                    &*dx_,
+                    &*dw,
+                    &*db,
+                    &mut *y,
+                    rows,
+                    cols,
+                    1e-5,
+                );
+                // SAFETY: x and y hold rows x cols values, w and b cols.
+                unsafe { emu::run(call) }.unwrap();
+                let want = dt.round_all(&layer_norm_twin(&x, &w, &b, 1e-5).unwrap());
+                assert_close(
+                    &format!("layer norm {what}"),
+                    &written("y", &*y),
+                    &want,
+                    dt.tol(),
+                );
+
+                let mut grad = dt.poisoned(rows * cols);
+                let mut partial = Dt::F32.poisoned(backward_blocks(rows) * 2 * cols);
+                let call = layer_norm_backward_call::<dyn EmuArg, dyn EmuArg>(
+                    dt.suffix(),
+                    &*dx_,
+                    &*dw,
+                    &*ddy,
+                    &mut *grad,
+                    &mut *partial,
+                    rows,
+                    cols,
+                    1e-5,
+                );
+                // SAFETY: x, dy and the gradient hold rows x cols values, w cols, partial
+                // blocks x 2 cols.
+                unsafe { emu::run(call) }.unwrap();
+                written("partial", &*partial);
+                let mut sums = dt.poisoned(2 * cols);
+                let call = layer_norm_backward_sum_call::<dyn EmuArg, dyn EmuArg>(
+                    dt.suffix(),
+                    &*partial,
+                    &mut *sums,
+                    rows,
+                    cols,
+                );
+                // SAFETY: partial holds blocks x 2 cols values, sums 2 cols.
+                unsafe { emu::run(call) }.unwrap();
+                let want = dt.round_all(&layer_norm_backward_twin(&x, &w, &dy, 1e-5).unwrap());
+                let (want_dx, want_sums) = want.split_at(rows * cols);
+                assert_close(
+                    &format!("dx {what}"),
+                    &written("dx", &*grad),
+                    want_dx,
+                    dt.tol(),
+                );
+                let got = written("sums", &*sums);
+                assert_close(&format!("dw, db {what}"), &got, want_sums, dt.tol());
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
