@@ -111,7 +111,10 @@ fn dynamic_shared(src: &str) -> Result<String, Error> {
     let mut rest = src;
     while let Some(at) = rest.find(KEY) {
         out.push_str(&rest[..at]);
-        let end = rest[at..].find(';').ok_or("extern __shared__ without ';'")? + at;
+        let end = rest[at..]
+            .find(';')
+            .ok_or("extern __shared__ without ';'")?
+            + at;
         let decl = rest[at + KEY.len()..end].trim();
         let decl = match decl.strip_prefix("__align__(") {
             Some(d) => d.split_once(')').ok_or("__align__(")?.1.trim(),
@@ -156,4 +159,3 @@ fn kernel_names(expanded: &str) -> Vec<String> {
     }
     names
 }
-

@@ -66,8 +66,14 @@ fn shared_memory_is_poisoned_and_bounded() {
 fn arguments_are_checked_against_the_signature() {
     let out = Buffer::<f32>::poisoned(1);
     // SAFETY: refused before it runs (wrong arguments).
-    let e = unsafe { launch("emu_selftest_block_sum", dims(32, 0), &[out.arg(), Arg::I32(1)]) }
-        .expect_err("arguments");
+    let e = unsafe {
+        launch(
+            "emu_selftest_block_sum",
+            dims(32, 0),
+            &[out.arg(), Arg::I32(1)],
+        )
+    }
+    .expect_err("arguments");
     assert!(e.contains("takes arguments *f*f, given *fi"), "{e}");
     // SAFETY: refused before it runs (no such kernel).
     let e = unsafe { launch("no_such_kernel", dims(32, 0), &[]) }.expect_err("name");
@@ -80,15 +86,28 @@ fn buffers_report_writes_outside_them_and_values_left_unwritten() {
     // into its guard zone of 64 elements.
     let mut short = Buffer::<f32>::poisoned(8);
     // SAFETY: writes 64 floats from the start of `short`: its 8 and 56 of its 64-element guard.
-    unsafe { launch("emu_selftest_smem_uninit", dims(64, 256), &[short.arg_mut()]) }.unwrap();
+    unsafe {
+        launch(
+            "emu_selftest_smem_uninit",
+            dims(64, 256),
+            &[short.arg_mut()],
+        )
+    }
+    .unwrap();
     let e = short.check().expect_err("overrun");
     assert!(e.contains("past the buffer's end"), "{e}");
 
     let input = Buffer::from_slice(&[1.0f32; 32]);
     let mut out = Buffer::<f32>::poisoned(4);
     // SAFETY: reads 32 values of `input`, writes out[0].
-    unsafe { launch("emu_selftest_block_sum", dims(32, 0), &[input.arg(), out.arg_mut()]) }
-        .unwrap();
+    unsafe {
+        launch(
+            "emu_selftest_block_sum",
+            dims(32, 0),
+            &[input.arg(), out.arg_mut()],
+        )
+    }
+    .unwrap();
     assert_eq!(out.values()[0], 32.0);
     assert_eq!(out.unwritten(), vec![1, 2, 3]);
     out.check().unwrap();

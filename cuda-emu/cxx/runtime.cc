@@ -6,6 +6,7 @@
 
 #include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -28,6 +29,40 @@ constexpr unsigned char POISON = 0xff;  // NaN in f32, f16 and bf16
 
 enum class St { Run, Warp, Block, Done, Failed };
 
+// Dynamic shared memory: the launch's bytes and GUARD poisoned ones after them, between two
+// inaccessible pages, so a write far outside faults where it happens and a write just past
+// the end is found by the guard check.
+class SharedMem {
+  public:
+    bool init(size_t bytes) {
+        page_ = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+        size_ = bytes + GUARD;
+        const size_t body = (size_ + page_ - 1) / page_ * page_;
+        len_ = body + 2 * page_;
+        void* m = mmap(nullptr, len_, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) return false;
+        base_ = static_cast<unsigned char*>(m);
+        if (mprotect(base_ + page_, body, PROT_READ | PROT_WRITE) != 0) return false;
+        // The end of the guard bytes meets the inaccessible page after them.
+        data_ = base_ + page_ + (body - size_);
+        data_ = reinterpret_cast<unsigned char*>(reinterpret_cast<uintptr_t>(data_) & ~uintptr_t{63});
+        return true;
+    }
+    ~SharedMem() {
+        if (base_ != nullptr) munmap(base_, len_);
+    }
+    unsigned char* data() { return data_; }
+    unsigned char* begin() { return data_; }
+    unsigned char* end() { return data_ + size_; }
+    size_t size() const { return size_; }
+    unsigned char operator[](size_t i) const { return data_[i]; }
+
+  private:
+    unsigned char* base_ = nullptr;
+    unsigned char* data_ = nullptr;
+    size_t len_ = 0, size_ = 0, page_ = 0;
+};
+
 struct Fiber {
     ucontext_t ctx;
     St st;
@@ -45,7 +80,7 @@ struct Launch {
     unsigned cur = 0;
     std::vector<uint64_t> slots;  // [warp][parity][lane]
     std::vector<unsigned> warp_gen;
-    std::vector<unsigned char> smem;  // dynamic shared memory, then GUARD poisoned bytes
+    SharedMem smem;
     size_t smem_bytes = 0;
     std::string error;
 };
@@ -305,10 +340,11 @@ extern "C" int clipft_emu_launch(const char* name, const char* tags, const uint6
     l.threads = threads;
     l.warps = (threads + 31) / 32;
     l.fibers.resize(threads);
+
     l.slots.assign((size_t)l.warps * 2 * 32, 0);
     l.warp_gen.assign(l.warps, 0);
     l.smem_bytes = smem;
-    l.smem.assign(smem + GUARD, POISON);
+    if (!l.smem.init(smem)) return report("no memory for the shared memory");
     void* stacks = mmap(nullptr, (size_t)threads * STACK, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (stacks == MAP_FAILED) return report("no memory for the fibers' stacks");

@@ -177,33 +177,83 @@ impl Element for Bf16Bits {
     }
 }
 
-/// Elements of poison on each side of a [`Buffer`].
+/// Elements of poison right before and after a [`Buffer`]'s values (more lie before them, up
+/// to a page boundary).
 const GUARD: usize = 64;
 
-/// A kernel's buffer in host memory with poisoned guard zones on both sides, so that
-/// [`Buffer::check`] can tell whether a kernel wrote outside it.
+/// A kernel's buffer in host memory between poisoned guard zones and, beyond them,
+/// inaccessible pages: a write just outside the buffer is found by [`Buffer::check`], one far
+/// outside faults where it happens instead of corrupting the test's heap.
 pub struct Buffer<T: Element> {
-    data: Vec<T>,
+    /// The mapping: an inaccessible page, the readable body, an inaccessible page.
+    map: *mut u8,
+    map_len: usize,
+    /// The body: poison, the values, GUARD elements of poison that end at the last page.
+    body: *mut T,
+    body_len: usize,
+    /// Where the values start in the body.
+    start: usize,
     len: usize,
 }
 
 impl<T: Element> Buffer<T> {
+    fn with_len(len: usize) -> Self {
+        // SAFETY: sysconf has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let size = std::mem::size_of::<T>();
+        let bytes = (len + 2 * GUARD) * size;
+        let body_bytes = bytes.div_ceil(page) * page;
+        let map_len = body_bytes + 2 * page;
+        // SAFETY: an anonymous private mapping of map_len bytes, no address hint.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert!(map != libc::MAP_FAILED, "emulator buffer: mmap failed");
+        let map = map.cast::<u8>();
+        // SAFETY: page .. page + body_bytes lies inside the mapping just made.
+        let rc = unsafe {
+            libc::mprotect(
+                map.add(page).cast(),
+                body_bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        assert_eq!(rc, 0, "emulator buffer: mprotect failed");
+        let body_len = body_bytes / size;
+        // SAFETY: the body starts at a page boundary inside the mapping (so is aligned for
+        // T, whose size divides the page) and holds body_len elements.
+        let body = unsafe { map.add(page) }.cast::<T>();
+        for i in 0..body_len {
+            // SAFETY: i < body_len, inside the readable body.
+            unsafe { body.add(i).write(T::POISON) };
+        }
+        Self {
+            map,
+            map_len,
+            body,
+            body_len,
+            start: body_len - GUARD - len,
+            len,
+        }
+    }
+
     /// A buffer holding `values`.
     pub fn from_slice(values: &[T]) -> Self {
-        let mut data = vec![T::POISON; values.len() + 2 * GUARD];
-        data[GUARD..GUARD + values.len()].copy_from_slice(values);
-        Self {
-            data,
-            len: values.len(),
-        }
+        let mut b = Self::with_len(values.len());
+        b.values_mut().copy_from_slice(values);
+        b
     }
 
     /// `len` poisoned elements: what a kernel leaves unwritten stays poison.
     pub fn poisoned(len: usize) -> Self {
-        Self {
-            data: vec![T::POISON; len + 2 * GUARD],
-            len,
-        }
+        Self::with_len(len)
     }
 
     pub fn len(&self) -> usize {
@@ -214,34 +264,46 @@ impl<T: Element> Buffer<T> {
         self.len == 0
     }
 
+    fn body(&self) -> &[T] {
+        // SAFETY: the body is body_len initialised elements, alive while self is, and written
+        // only through `&mut self` (or by a kernel during `launch`, which holds the borrow).
+        unsafe { std::slice::from_raw_parts(self.body, self.body_len) }
+    }
+
     pub fn values(&self) -> &[T] {
-        &self.data[GUARD..GUARD + self.len]
+        &self.body()[self.start..self.start + self.len]
+    }
+
+    fn values_mut(&mut self) -> &mut [T] {
+        // SAFETY: as `body`, borrowed mutably through `&mut self`.
+        let body = unsafe { std::slice::from_raw_parts_mut(self.body, self.body_len) };
+        &mut body[self.start..self.start + self.len]
     }
 
     /// This buffer as an argument the kernel only reads (the address of its first element).
     pub fn arg(&self) -> Arg {
-        Arg::Ptr(T::ELEM, self.data[GUARD..].as_ptr() as usize)
+        Arg::Ptr(T::ELEM, self.values().as_ptr() as usize)
     }
 
     /// This buffer as an argument the kernel writes.
     pub fn arg_mut(&mut self) -> Arg {
-        Arg::Ptr(T::ELEM, self.data[GUARD..].as_mut_ptr() as usize)
+        Arg::Ptr(T::ELEM, self.values_mut().as_mut_ptr() as usize)
     }
 
-    /// Whether both guard zones are still poison (nothing written outside the buffer).
+    /// Whether everything around the values is still poison (nothing written outside).
     pub fn check(&self) -> Result<(), String> {
-        let (before, rest) = self.data.split_at(GUARD);
+        let body = self.body();
+        let (before, rest) = body.split_at(self.start);
         let after = &rest[self.len..];
-        match before
-            .iter()
-            .rposition(|v| !v.same_bits(T::POISON))
-            .map(|i| GUARD - i)
-        {
-            Some(n) => Err(format!("a write {n} elements before the buffer")),
-            None => match after.iter().position(|v| !v.same_bits(T::POISON)) {
-                Some(i) => Err(format!("a write {i} elements past the buffer's end")),
-                None => Ok(()),
-            },
+        if let Some(i) = before.iter().rposition(|v| !v.same_bits(T::POISON)) {
+            return Err(format!(
+                "a write {} elements before the buffer",
+                self.start - i
+            ));
+        }
+        match after.iter().position(|v| !v.same_bits(T::POISON)) {
+            Some(i) => Err(format!("a write {i} elements past the buffer's end")),
+            None => Ok(()),
         }
     }
 
@@ -253,5 +315,12 @@ impl<T: Element> Buffer<T> {
             .filter(|(_, v)| v.same_bits(T::POISON))
             .map(|(i, _)| i)
             .collect()
+    }
+}
+
+impl<T: Element> Drop for Buffer<T> {
+    fn drop(&mut self) {
+        // SAFETY: the mapping this buffer made, unmapped once.
+        unsafe { libc::munmap(self.map.cast(), self.map_len) };
     }
 }

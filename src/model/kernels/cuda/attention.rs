@@ -2,6 +2,7 @@
 
 use candle_core::{bail, Result};
 
+use super::call::Call;
 use crate::model::kernels::seqs::Seqs;
 
 /// Keys per shared-memory tile in `attention.cu`.
@@ -309,14 +310,185 @@ pub fn attention_backward_twin(
     Ok(grad)
 }
 
+/// Warps per block and query (or key) rows per warp of the CUDA-core kernels: `WARPS` and
+/// `ROWS` in `attention.cu`.
+const WARPS: u32 = 4;
+const ROWS: u32 = 4;
+
+/// Shared memory the CUDA-core forward asks for at `head_dim`: K and V tiles with padded rows,
+/// and the block's scaled queries.
+fn smem_bytes(head_dim: usize) -> u32 {
+    let tile = ATTENTION_TILE * (head_dim + 1);
+    ((2 * tile + (WARPS * ROWS) as usize * head_dim) * 4) as u32
+}
+
+/// Shared memory the tensor-core forward asks for with sequences of up to `seq` rows (the
+/// layout at the top of the kernel: keys, values, and per warp a query tile, an f32 score tile
+/// and a probability tile, in 2-byte elements but the scores).
+fn tc_smem_bytes(seq: usize) -> u32 {
+    const WARPS: usize = 4;
+    const LDH: usize = 64 + 8;
+    let tp = seq.div_ceil(16) * 16;
+    let (lds, ldp) = (tp.max(64) + 4, tp + 8);
+    let halves = 2 * tp * LDH + WARPS * 16 * LDH + WARPS * 16 * ldp;
+    (halves * 2 + WARPS * 16 * lds * 4) as u32
+}
+
+/// Shared memory of the backward kernels at `head_dim`: two tiles with padded rows and two
+/// rows per query (dq) or key (dkv) of the block, plus the dkv kernel's per-query statistics.
+fn backward_smem_bytes(head_dim: usize) -> (u32, u32) {
+    let tile = ATTENTION_TILE * (head_dim + 1);
+    let rows = 2 * (WARPS * ROWS) as usize * head_dim;
+    let dq = (2 * tile + rows) * 4;
+    let dkv = dq + 2 * ATTENTION_TILE * 4;
+    (dq as u32, dkv as u32)
+}
+
+/// The statistics (`lse` and `D`) the backward keeps between its two kernels: one per
+/// (item, head, row of the longest sequence).
+pub fn backward_stats(s: &AttentionShape) -> usize {
+    s.seqs.items() * s.heads * s.seqs.max_len()
+}
+
+/// The forward, `clipft_attention_<suffix>` on CUDA cores or with `tensor_cores`
+/// `clipft_attention_tc_<suffix>` (the same arguments): `out` from `q`, `k`, `v` and their
+/// biases, the sequences' row offsets for a packed batch (`offsets`, null for a uniform one).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    q: &'a I,
+    k: &'a I,
+    v: &'a I,
+    bias: [&'a I; 3],
+    out: &'a mut O,
+    offsets: Option<&'a I>,
+    s: &AttentionShape,
+    tensor_cores: bool,
+) -> Call<'a, I, O> {
+    let seq = s.seqs.max_len();
+    let blocks = (s.seqs.items() * s.heads) as u32;
+    let call = if tensor_cores {
+        Call::new(
+            format!("clipft_attention_tc_{suffix}"),
+            (blocks, 1, 1),
+            4 * 32,
+        )
+        .smem(tc_smem_bytes(seq))
+    } else {
+        let groups = (seq as u32).div_ceil(WARPS * ROWS).max(1);
+        Call::new(
+            format!("clipft_attention_{suffix}"),
+            (blocks, groups, 1),
+            WARPS * 32,
+        )
+        .smem(smem_bytes(s.head_dim))
+    };
+    shape_args(
+        call.input(q)
+            .input(k)
+            .input(v)
+            .input(bias[0])
+            .input(bias[1])
+            .input(bias[2])
+            .output(out)
+            .input_or_null(offsets),
+        s,
+    )
+}
+
+/// The arguments every attention kernel ends with: `seq, heads, hd, ld, scale, causal`.
+fn shape_args<'a, I: ?Sized, O: ?Sized>(
+    call: Call<'a, I, O>,
+    s: &AttentionShape,
+) -> Call<'a, I, O> {
+    call.i32(s.seqs.max_len() as i32)
+        .i32(s.heads as i32)
+        .i32(s.head_dim as i32)
+        .i32(s.ld as i32)
+        .f32(s.scale)
+        .i32(i32::from(s.causal))
+}
+
+/// The grid of both backward kernels: (item, head) by groups of 16 rows.
+fn backward_grid(s: &AttentionShape) -> (u32, u32, u32) {
+    (
+        (s.seqs.items() * s.heads) as u32,
+        (s.seqs.max_len() as u32).div_ceil(WARPS * ROWS).max(1),
+        1,
+    )
+}
+
+/// The backward's first kernel, `clipft_attention_dq_<suffix>`: the query columns of `dqkv`,
+/// and each row's `lse` and `D` ([`backward_stats`] each), from the stacked projection `qkv`,
+/// its stacked bias (`3 d`), the forward's output `o` and its gradient `dout`.
+#[allow(clippy::too_many_arguments)]
+pub fn dq_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    qkv: &'a I,
+    bias: &'a I,
+    o: &'a I,
+    dout: &'a I,
+    dqkv: &'a mut O,
+    lse: &'a mut O,
+    dsum: &'a mut O,
+    offsets: Option<&'a I>,
+    s: &AttentionShape,
+) -> Call<'a, I, O> {
+    let call = Call::new(
+        format!("clipft_attention_dq_{suffix}"),
+        backward_grid(s),
+        WARPS * 32,
+    )
+    .smem(backward_smem_bytes(s.head_dim).0)
+    .input(qkv)
+    .input(bias)
+    .input(o)
+    .input(dout)
+    .output(dqkv)
+    .output(lse)
+    .output(dsum)
+    .input_or_null(offsets);
+    shape_args(call, s)
+}
+
+/// The backward's second kernel, `clipft_attention_dkv_<suffix>`: the key and value columns
+/// of `dqkv`, from the statistics the first wrote.
+#[allow(clippy::too_many_arguments)]
+pub fn dkv_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    qkv: &'a I,
+    bias: &'a I,
+    dout: &'a I,
+    lse: &'a I,
+    dsum: &'a I,
+    dqkv: &'a mut O,
+    offsets: Option<&'a I>,
+    s: &AttentionShape,
+) -> Call<'a, I, O> {
+    let call = Call::new(
+        format!("clipft_attention_dkv_{suffix}"),
+        backward_grid(s),
+        WARPS * 32,
+    )
+    .smem(backward_smem_bytes(s.head_dim).1)
+    .input(qkv)
+    .input(bias)
+    .input(dout)
+    .input(lse)
+    .input(dsum)
+    .output(dqkv)
+    .input_or_null(offsets);
+    shape_args(call, s)
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+        CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits,
     };
-    use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaDevice, Result};
 
+    use super::super::call::{self, CudaIn, CudaOut};
     use super::AttentionShape;
     use crate::model::kernels::seqs::{Packing, Seqs};
 
@@ -365,37 +537,13 @@ mod gpu {
         }
     }
 
-    /// What the kernels read as "no offsets": a null device pointer.
-    const NULL: u64 = 0;
-
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-    const WARPS: u32 = 4;
-    const ROWS: u32 = 4;
-
-    /// Shared memory `attention.cu` asks for at `head_dim`: K and V tiles with padded rows, and
-    /// the block's scaled queries.
-    fn smem_bytes(head_dim: usize) -> u32 {
-        let tile = super::ATTENTION_TILE * (head_dim + 1);
-        ((2 * tile + (WARPS * ROWS) as usize * head_dim) * 4) as u32
-    }
-
-    /// Shared memory `clipft_attention_tc_*` asks for with sequences of up to `seq` rows (the
-    /// layout at the top of the kernel: keys, values, and per warp a query tile, an f32 score
-    /// tile and a probability tile).
-    fn tc_smem_bytes(seq: usize) -> u32 {
-        const WARPS: usize = 4;
-        const LDH: usize = 64 + 8;
-        let tp = seq.div_ceil(16) * 16;
-        let (lds, ldp) = (tp.max(64) + 4, tp + 8);
-        let halves = 2 * tp * LDH + WARPS * 16 * LDH + WARPS * 16 * ldp;
-        (halves * 2 + WARPS * 16 * lds * 4) as u32
-    }
+    const MODULE: &str = "clipft_attention";
 
     /// Runs `attention.cu`'s forward for the element type `T` (kernel suffix `suffix`) on the
     /// device: `clipft_attention_<suffix>` on CUDA cores, or with `tensor_cores`
     /// `clipft_attention_tc_<suffix>` (f16 or bf16, [`super::tc_supports`] shapes). `bias`: the
-    /// q, k and v projections' biases, added as the kernel loads them. Both kernels take the
-    /// same arguments.
+    /// q, k and v projections' biases, added as the kernel loads them.
     #[allow(clippy::too_many_arguments)]
     pub fn launch<T: DeviceRepr>(
         suffix: &str,
@@ -408,7 +556,6 @@ mod gpu {
         offsets: Option<&DeviceOffsets>,
         tensor_cores: bool,
     ) -> Result<CudaSlice<T>> {
-        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
         let (need, out_len) = s.sizes()?;
         if tensor_cores && (!super::tc_supports(&s) || !matches!(suffix, "f16" | "bf16")) {
             candle_core::bail!("tensor-core attention: f16 or bf16, head_dim 64, at most 128 rows");
@@ -421,79 +568,31 @@ mod gpu {
             candle_core::bail!("fused attention: each bias needs {d} values");
         }
         let offs = offsets_arg(&s, offsets)?;
-        let seq = s.seqs.max_len();
-        let (name, cfg) = if tensor_cores {
-            let smem = tc_smem_bytes(seq);
-            let cfg = LaunchConfig {
-                grid_dim: ((s.seqs.items() * s.heads) as u32, 1, 1),
-                block_dim: (4 * 32, 1, 1),
-                shared_mem_bytes: smem,
-            };
-            (format!("clipft_attention_tc_{suffix}"), cfg)
-        } else {
-            let groups = (seq as u32).div_ceil(WARPS * ROWS);
-            let cfg = LaunchConfig {
-                grid_dim: ((s.seqs.items() * s.heads) as u32, groups.max(1), 1),
-                block_dim: (WARPS * 32, 1, 1),
-                shared_mem_bytes: smem_bytes(s.head_dim),
-            };
-            (format!("clipft_attention_{suffix}"), cfg)
-        };
-        let func = dev.get_or_load_custom_func(&name, "clipft_attention", PTX)?;
-        if tensor_cores {
-            // Above 48 KB a launch needs the function's opt-in, set with its context current.
-            dev.cuda_stream().context().bind_to_thread().w()?;
-            func.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                cfg.shared_mem_bytes as i32,
-            )
-            .w()?;
-        }
         // SAFETY: every element is written by the kernel below (each (item, head, row) of
         // the output is written once, and the sequences cover every row).
-        let out = unsafe { dev.alloc::<T>(out_len)? };
-        let (seq, heads, hd, ld) = (seq as i32, s.heads as i32, s.head_dim as i32, s.ld as i32);
-        let causal = i32::from(s.causal);
-        let mut b = func.builder();
-        b.arg(q);
-        b.arg(k);
-        b.arg(v);
-        for x in bias {
-            b.arg(x);
-        }
-        b.arg(&out);
-        match offs {
-            Some(o) => b.arg(o),
-            None => b.arg(&NULL),
-        };
-        b.arg(&seq);
-        b.arg(&heads);
-        b.arg(&hd);
-        b.arg(&ld);
-        b.arg(&s.scale);
-        b.arg(&causal);
+        let mut out = unsafe { dev.alloc::<T>(out_len)? };
         if out_len > 0 {
+            let bias: [&(dyn CudaIn + '_); 3] = [bias[0], bias[1], bias[2]];
+            let call = super::forward_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+                suffix,
+                q,
+                k,
+                v,
+                bias,
+                &mut out,
+                offs.map(|o| o as &dyn CudaIn),
+                &s,
+                tensor_cores,
+            );
             // SAFETY: the kernel reads the rows of each sequence (item * seq + r, or from the
             // device offsets, which are the checked host offsets: `offsets_arg`) of q, k and v
             // at columns `h * hd .. h * hd + hd` (within `need`, checked above) and the first d
-            // values of each bias, writes `out_len` values of `out`, and takes its arguments in
-            // this order and these types (attention.cu); the tensor-core kernel's shared memory
-            // is the `cfg` bytes it is launched with, sized for the longest sequence (at most
-            // 128 rows, checked).
-            unsafe { b.launch(cfg) }.w()?;
+            // values of each bias, writes `out_len` values of `out`; the tensor-core kernel's
+            // shared memory is the call's, sized for the longest sequence (at most 128 rows,
+            // checked).
+            unsafe { call::run(dev, MODULE, PTX, call) }?;
         }
         Ok(out)
-    }
-
-    /// Shared memory of the backward kernels at `head_dim`: two tiles with padded rows and two
-    /// rows per query (dq) or key (dkv) of the block, plus the dkv kernel's per-query
-    /// statistics.
-    fn backward_smem_bytes(head_dim: usize) -> (u32, u32) {
-        let tile = super::ATTENTION_TILE * (head_dim + 1);
-        let rows = 2 * (WARPS * ROWS) as usize * head_dim;
-        let dq = (2 * tile + rows) * 4;
-        let dkv = dq + 2 * super::ATTENTION_TILE * 4;
-        (dq as u32, dkv as u32)
     }
 
     /// Runs `attention.cu`'s backward (`clipft_attention_dq_<suffix>`, then
@@ -521,88 +620,222 @@ mod gpu {
                 3 * d
             );
         }
-        let load = |name: &str| {
-            dev.get_or_load_custom_func(&format!("{name}_{suffix}"), "clipft_attention", PTX)
-        };
-        let (dq, dkv) = (load("clipft_attention_dq")?, load("clipft_attention_dkv")?);
-        let grad = if s.ld == 3 * d {
+        let mut grad = if s.ld == 3 * d {
             // SAFETY: with rows exactly 3 d wide, the two kernels write every value: the dq
             // columns of every (item, head, row) in the first, dk and dv in the second.
             unsafe { dev.alloc::<T>(need)? }
         } else {
             dev.alloc_zeros::<T>(need)?
         };
-        let seq = s.seqs.max_len();
-        let stats = s.seqs.items() * s.heads * seq;
+        let stats = super::backward_stats(&s);
         if stats == 0 || out_len == 0 {
             return Ok(grad);
         }
         // SAFETY: the first kernel writes lse and D of every (item, head, row) before the
         // second, on the same stream, reads them (rows past a shorter sequence are neither
         // written nor read).
-        let (lse, dsum) = unsafe { (dev.alloc::<f32>(stats)?, dev.alloc::<f32>(stats)?) };
-        let (smem_dq, smem_dkv) = backward_smem_bytes(s.head_dim);
-        let cfg = |smem| LaunchConfig {
-            grid_dim: (
-                (s.seqs.items() * s.heads) as u32,
-                (seq as u32).div_ceil(WARPS * ROWS),
-                1,
-            ),
-            block_dim: (WARPS * 32, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        let (seq, heads, hd, ld) = (seq as i32, s.heads as i32, s.head_dim as i32, s.ld as i32);
-        let causal = i32::from(s.causal);
-        let mut b = dq.builder();
-        b.arg(qkv);
-        b.arg(bias);
-        b.arg(o);
-        b.arg(dout);
-        b.arg(&grad);
-        b.arg(&lse);
-        b.arg(&dsum);
-        match offs {
-            Some(o) => b.arg(o),
-            None => b.arg(&NULL),
-        };
-        b.arg(&seq);
-        b.arg(&heads);
-        b.arg(&hd);
-        b.arg(&ld);
-        b.arg(&s.scale);
-        b.arg(&causal);
+        let (mut lse, mut dsum) = unsafe { (dev.alloc::<f32>(stats)?, dev.alloc::<f32>(stats)?) };
+        let offs = offs.map(|o| o as &dyn CudaIn);
+        let call = super::dq_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            suffix, qkv, bias, o, dout, &mut grad, &mut lse, &mut dsum, offs, &s,
+        );
         // SAFETY: reads the rows of each sequence (as in `launch`) of qkv at columns below
-        // 3 d <= ld (within `need`, checked above), 3 d values of the bias, and rows of o and dout at columns
-        // below d (within `out_len`);
-        // writes the dq columns of `grad` and `stats` values of lse and dsum; arguments in the
-        // kernel's order and types (attention.cu).
-        unsafe { b.launch(cfg(smem_dq)) }.w()?;
-        let mut b = dkv.builder();
-        b.arg(qkv);
-        b.arg(bias);
-        b.arg(dout);
-        b.arg(&lse);
-        b.arg(&dsum);
-        b.arg(&grad);
-        match offs {
-            Some(o) => b.arg(o),
-            None => b.arg(&NULL),
-        };
-        b.arg(&seq);
-        b.arg(&heads);
-        b.arg(&hd);
-        b.arg(&ld);
-        b.arg(&s.scale);
-        b.arg(&causal);
-        // SAFETY: as above for qkv, the bias and dout; reads the `stats` values of lse and dsum the
-        // first kernel wrote; writes the dk and dv columns of `grad`.
-        unsafe { b.launch(cfg(smem_dkv)) }.w()?;
+        // 3 d <= ld (within `need`, checked above), 3 d values of the bias, and rows of o and
+        // dout at columns below d (within `out_len`); writes the dq columns of `grad` and
+        // `stats` values of lse and dsum.
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
+        let call = super::dkv_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            suffix, qkv, bias, dout, &lse, &dsum, &mut grad, offs, &s,
+        );
+        // SAFETY: as above for qkv, the bias and dout; reads the `stats` values of lse and dsum
+        // the first kernel wrote; writes the dk and dv columns of `grad`.
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
         Ok(grad)
     }
 }
 
 #[cfg(feature = "cuda")]
 pub use gpu::{launch, launch_backward, DeviceOffsets};
+
+/// `attention.cu` itself, run by the CPU emulator with the launchers' grids, shared memory and
+/// arguments, in each type, uniform and packed, against the twins: the CUDA-core forward, the
+/// tensor-core forward (f16, bf16) and both backward kernels.
+#[cfg(test)]
+mod emu_tests {
+    use super::super::call::emu::{self, assert_close, values, written, Dt, EmuArg};
+    use super::*;
+    use crate::model::kernels::seqs::Packing;
+
+    /// `m` with `bias` added to the first `bias.len()` columns of each row of `ld`, in f32 (as
+    /// the kernels add it on load).
+    fn biased(m: &[f32], bias: &[f32], ld: usize) -> Vec<f32> {
+        m.iter()
+            .enumerate()
+            .map(|(i, x)| x + bias.get(i % ld).copied().unwrap_or(0.0))
+            .collect()
+    }
+
+    fn offsets_of(s: &AttentionShape) -> Option<Box<dyn EmuArg>> {
+        match s.seqs {
+            Seqs::Uniform { .. } => None,
+            Seqs::Packed(p) => {
+                let o: Vec<u32> = p.offsets().iter().map(|&o| o as u32).collect();
+                Some(Box::new(clipft_cuda_emu::Buffer::from_slice(&o)))
+            }
+        }
+    }
+
+    fn round_f16(x: f32) -> f32 {
+        Dt::F16.round(x)
+    }
+
+    fn round_bf16(x: f32) -> f32 {
+        Dt::Bf16.round(x)
+    }
+
+    #[test]
+    fn emulated_kernels_match_their_twins() {
+        let packing = Packing::from_lens(&[5, 77, 1, 40]).unwrap();
+        let shapes = [
+            // text: causal, two tiles of keys for the last rows
+            (Seqs::Uniform { batch: 2, seq: 77 }, 2, 64, true),
+            // image: one tile
+            (Seqs::Uniform { batch: 2, seq: 50 }, 2, 64, false),
+            // packed captions, a one-token one among them
+            (Seqs::Packed(&packing), 2, 64, true),
+            (Seqs::Packed(&packing), 1, 32, false),
+            // three tiles, narrow heads
+            (Seqs::Uniform { batch: 1, seq: 130 }, 3, 32, true),
+        ];
+        for (seqs, heads, head_dim, causal) in shapes {
+            let d = heads * head_dim;
+            let s = AttentionShape {
+                seqs,
+                heads,
+                head_dim,
+                ld: 3 * d,
+                scale: (head_dim as f32).powf(-0.5),
+                causal,
+            };
+            let (need, out_len) = s.sizes().unwrap();
+            let offsets = offsets_of(&s);
+            for dt in Dt::ALL {
+                let what = format!("{dt:?} {seqs:?} heads {heads} x {head_dim} causal {causal}");
+                let (q, k, v) = (
+                    dt.round_all(&values(need, 11)),
+                    dt.round_all(&values(need, 12)),
+                    dt.round_all(&values(need, 13)),
+                );
+                let bias: Vec<Vec<f32>> =
+                    (0..3).map(|i| dt.round_all(&values(d, 20 + i))).collect();
+                let (dq_, dk_, dv_) = (dt.buffer(&q), dt.buffer(&k), dt.buffer(&v));
+                let dbias: Vec<Box<dyn EmuArg>> = bias.iter().map(|b| dt.buffer(b)).collect();
+                let (qb, kb, vb) = (
+                    biased(&q, &bias[0], s.ld),
+                    biased(&k, &bias[1], s.ld),
+                    biased(&v, &bias[2], s.ld),
+                );
+                let mut kinds = vec![false];
+                if dt != Dt::F32 && tc_supports(&s) {
+                    kinds.push(true);
+                }
+                for tensor_cores in kinds {
+                    let mut out = dt.poisoned(out_len);
+                    let call = forward_call::<dyn EmuArg, dyn EmuArg>(
+                        dt.suffix(),
+                        &*dq_,
+                        &*dk_,
+                        &*dv_,
+                        [&*dbias[0], &*dbias[1], &*dbias[2]],
+                        &mut *out,
+                        offsets.as_deref(),
+                        &s,
+                        tensor_cores,
+                    );
+                    // SAFETY: q, k and v hold `need` values, each bias d, out `out_len`, the
+                    // offsets the packing's (what `launch` checks).
+                    unsafe { emu::run(call) }.unwrap();
+                    let want = if tensor_cores {
+                        let round = if dt == Dt::F16 { round_f16 } else { round_bf16 };
+                        attention_tc_twin(&qb, &kb, &vb, s, round).unwrap()
+                    } else {
+                        dt.round_all(&attention_twin(&qb, &kb, &vb, s).unwrap())
+                    };
+                    let got = written("out", &*out);
+                    let what = format!("forward {what} tensor cores {tensor_cores}");
+                    assert_close(&what, &got, &want, dt.tol());
+                }
+
+                // The backward over one stacked projection (queries, keys and values of the
+                // forward above side by side in each row).
+                let (need, _) = backward_sizes(&s).unwrap();
+                let (q, k, v) = (
+                    dt.round_all(&values(need, 11)),
+                    dt.round_all(&values(need, 12)),
+                    dt.round_all(&values(need, 13)),
+                );
+                let qkv: Vec<f32> = (0..need)
+                    .map(|i| match (i % s.ld) / d {
+                        0 => q[i],
+                        1 => k[i],
+                        _ => v[i],
+                    })
+                    .collect();
+                let stacked: Vec<f32> = bias.concat();
+                let (qb, kb, vb) = (
+                    biased(&q, &bias[0], s.ld),
+                    biased(&k, &bias[1], s.ld),
+                    biased(&v, &bias[2], s.ld),
+                );
+                let o = dt.round_all(&attention_twin(&qb, &kb, &vb, s).unwrap());
+                let dout = dt.round_all(&values(out_len, 14));
+                let (dqkv_, dstacked, do_, ddout) = (
+                    dt.buffer(&qkv),
+                    dt.buffer(&stacked),
+                    dt.buffer(&o),
+                    dt.buffer(&dout),
+                );
+                let stats = backward_stats(&s);
+                let mut grad = dt.poisoned(need);
+                let (mut lse, mut dsum) = (Dt::F32.poisoned(stats), Dt::F32.poisoned(stats));
+                let call = dq_call::<dyn EmuArg, dyn EmuArg>(
+                    dt.suffix(),
+                    &*dqkv_,
+                    &*dstacked,
+                    &*do_,
+                    &*ddout,
+                    &mut *grad,
+                    &mut *lse,
+                    &mut *dsum,
+                    offsets.as_deref(),
+                    &s,
+                );
+                // SAFETY: qkv and the gradient hold `need` values (ld = 3 d), the bias 3 d, o
+                // and dout `out_len`, lse and dsum `stats`.
+                unsafe { emu::run(call) }.unwrap();
+                lse.check().unwrap();
+                dsum.check().unwrap();
+                let call = dkv_call::<dyn EmuArg, dyn EmuArg>(
+                    dt.suffix(),
+                    &*dqkv_,
+                    &*dstacked,
+                    &*ddout,
+                    &*lse,
+                    &*dsum,
+                    &mut *grad,
+                    offsets.as_deref(),
+                    &s,
+                );
+                // SAFETY: as above; lse and dsum as the first kernel wrote them.
+                unsafe { emu::run(call) }.unwrap();
+                let want = attention_backward_twin(&biased(&qkv, &stacked, s.ld), &o, &dout, s);
+                let want = dt.round_all(&want.unwrap());
+                let got = written("d qkv", &*grad);
+                assert_close(&format!("backward {what}"), &got, &want, dt.tol());
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,8 @@
 
 use candle_core::{bail, Result};
 
+use super::call::Call;
+
 /// `v` summed as a warp of 32 lanes sums it: lane `l` takes elements `l, l + 32, ...`, then the
 /// butterfly (`v[l] + v[l ^ o]` for o = 16, 8, 4, 2, 1).
 fn warp_sum(v: impl Iterator<Item = f32>) -> f32 {
@@ -142,24 +144,110 @@ pub fn clip_ce_backward_twin(x: &[f32], log_scale: f32, g: f32) -> Result<Vec<f3
     Ok(out)
 }
 
+/// Warps per block of the one-warp-per-row kernels: `WARPS` in `clip_loss.cu`.
+const WARPS: u32 = 4;
+
+/// The grid of a one-warp-per-row kernel over `n` rows.
+fn warps(n: usize) -> (u32, u32, u32) {
+    ((n as u32).div_ceil(WARPS).max(1), 1, 1)
+}
+
+/// `clipft_row_norm_<suffix>`: `y = x / |x|` (f32) over `rows` rows of `cols`.
+pub fn row_norm_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    x: &'a I,
+    y: &'a mut O,
+    rows: usize,
+    cols: usize,
+) -> Call<'a, I, O> {
+    Call::new(format!("clipft_row_norm_{suffix}"), warps(rows), WARPS * 32)
+        .input(x)
+        .output(y)
+        .i32(rows as i32)
+        .i32(cols as i32)
+}
+
+/// `clipft_row_norm_backward_<suffix>`: `dx` (in x's type) from `dy` (f32).
+pub fn row_norm_backward_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    x: &'a I,
+    dy: &'a I,
+    dx: &'a mut O,
+    rows: usize,
+    cols: usize,
+) -> Call<'a, I, O> {
+    let name = format!("clipft_row_norm_backward_{suffix}");
+    Call::new(name, warps(rows), WARPS * 32)
+        .input(x)
+        .input(dy)
+        .output(dx)
+        .i32(rows as i32)
+        .i32(cols as i32)
+}
+
+/// `clipft_clip_ce_lse`: the log-sum-exp of each row and column of the `b x b` similarities
+/// `x` scaled by `exp(log_scale[0])`, and each one's term of the loss (`2 b` values each).
+pub fn clip_ce_lse_call<'a, I: ?Sized, O: ?Sized>(
+    x: &'a I,
+    log_scale: &'a I,
+    lse: &'a mut O,
+    terms: &'a mut O,
+    b: usize,
+) -> Call<'a, I, O> {
+    Call::new("clipft_clip_ce_lse", warps(2 * b), WARPS * 32)
+        .input(x)
+        .input(log_scale)
+        .output(lse)
+        .output(terms)
+        .i32(b as i32)
+}
+
+/// `clipft_clip_ce_sum`: `out[0] = factor * sum(v[0..n])`, one block.
+pub fn clip_ce_sum_call<'a, I: ?Sized, O: ?Sized>(
+    v: &'a I,
+    out: &'a mut O,
+    n: usize,
+    factor: f32,
+) -> Call<'a, I, O> {
+    Call::new("clipft_clip_ce_sum", (1, 1, 1), 256)
+        .input(v)
+        .output(out)
+        .i32(n as i32)
+        .f32(factor)
+}
+
+/// `clipft_clip_ce_backward`: the similarities' gradient into the first `b * b` values of
+/// `dx` and each row's share of the logit scale's into `partial` (`b`), for the loss's
+/// gradient `g[0]`, from the rows' and columns' `lse`.
+#[allow(clippy::too_many_arguments)]
+pub fn clip_ce_backward_call<'a, I: ?Sized, O: ?Sized>(
+    x: &'a I,
+    log_scale: &'a I,
+    lse: &'a I,
+    g: &'a I,
+    dx: &'a mut O,
+    partial: &'a mut O,
+    b: usize,
+) -> Call<'a, I, O> {
+    Call::new("clipft_clip_ce_backward", warps(b), WARPS * 32)
+        .input(x)
+        .input(log_scale)
+        .input(lse)
+        .input(g)
+        .output(dx)
+        .output(partial)
+        .i32(b as i32)
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
-    use candle_core::cuda_backend::cudarc::driver::{
-        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
-    };
-    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
     use candle_core::{CudaDevice, Result};
 
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/clip_loss.ptx"));
-    const WARPS: u32 = 4;
+    use super::super::call::{self, CudaIn, CudaOut};
 
-    fn warps(n: usize) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(WARPS).max(1), 1, 1),
-            block_dim: (WARPS * 32, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/clip_loss.ptx"));
+    const MODULE: &str = "clipft_clip_loss";
 
     /// `clipft_row_norm_<suffix>`: `x / |x|` per row of `cols`, in f32.
     pub fn row_norm<T: DeviceRepr>(
@@ -169,22 +257,16 @@ mod gpu {
         cols: usize,
     ) -> Result<CudaSlice<f32>> {
         let rows = super::rows_of(x.len(), cols)?;
-        let name = format!("clipft_row_norm_{suffix}");
-        let func = dev.get_or_load_custom_func(&name, "clipft_clip_loss", PTX)?;
         // SAFETY: the kernel writes every value (one warp per row, every column).
-        let y = unsafe { dev.alloc::<f32>(x.len())? };
+        let mut y = unsafe { dev.alloc::<f32>(x.len())? };
         if rows == 0 {
             return Ok(y);
         }
-        let (r, c) = (rows as i32, cols as i32);
-        let mut l = func.builder();
-        l.arg(x);
-        l.arg(&y);
-        l.arg(&r);
-        l.arg(&c);
-        // SAFETY: reads and writes rows x cols values (whole rows, checked); arguments in the
-        // kernel's order and types.
-        unsafe { l.launch(warps(rows)) }.w()?;
+        let call = super::row_norm_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            suffix, x, &mut y, rows, cols,
+        );
+        // SAFETY: reads and writes rows x cols values (whole rows, checked).
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
         Ok(y)
     }
 
@@ -204,23 +286,16 @@ mod gpu {
                 dy.len()
             );
         }
-        let name = format!("clipft_row_norm_backward_{suffix}");
-        let func = dev.get_or_load_custom_func(&name, "clipft_clip_loss", PTX)?;
         // SAFETY: the kernel writes every value (one warp per row, every column).
-        let dx = unsafe { dev.alloc::<T>(x.len())? };
+        let mut dx = unsafe { dev.alloc::<T>(x.len())? };
         if rows == 0 {
             return Ok(dx);
         }
-        let (r, c) = (rows as i32, cols as i32);
-        let mut l = func.builder();
-        l.arg(x);
-        l.arg(dy);
-        l.arg(&dx);
-        l.arg(&r);
-        l.arg(&c);
-        // SAFETY: reads rows x cols values of x and dy (checked), writes as many of dx;
-        // arguments in the kernel's order and types.
-        unsafe { l.launch(warps(rows)) }.w()?;
+        let call = super::row_norm_backward_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            suffix, x, dy, &mut dx, rows, cols,
+        );
+        // SAFETY: reads rows x cols values of x and dy (checked), writes as many of dx.
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
         Ok(dx)
     }
 
@@ -231,19 +306,14 @@ mod gpu {
         log_scale: &CudaView<'_, f32>,
         b: usize,
     ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
-        let func = dev.get_or_load_custom_func("clipft_clip_ce_lse", "clipft_clip_loss", PTX)?;
         // SAFETY: the kernel writes all 2 b values of both (one warp per row and column).
-        let (lse, terms) = unsafe { (dev.alloc::<f32>(2 * b)?, dev.alloc::<f32>(2 * b)?) };
-        let bi = b as i32;
-        let mut l = func.builder();
-        l.arg(x);
-        l.arg(log_scale);
-        l.arg(&lse);
-        l.arg(&terms);
-        l.arg(&bi);
+        let (mut lse, mut terms) = unsafe { (dev.alloc::<f32>(2 * b)?, dev.alloc::<f32>(2 * b)?) };
+        let call = super::clip_ce_lse_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            x, log_scale, &mut lse, &mut terms, b,
+        );
         // SAFETY: reads b x b values of x and one of log_scale (checked by the callers),
-        // writes 2 b of lse and terms; arguments in the kernel's order and types.
-        unsafe { l.launch(warps(2 * b)) }.w()?;
+        // writes 2 b of lse and terms.
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
         Ok((lse, terms))
     }
 
@@ -254,22 +324,10 @@ mod gpu {
         out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, f32>,
         factor: f32,
     ) -> Result<()> {
-        let func = dev.get_or_load_custom_func("clipft_clip_ce_sum", "clipft_clip_loss", PTX)?;
-        let n = v.len() as i32;
-        let mut l = func.builder();
-        l.arg(v);
-        l.arg(out);
-        l.arg(&n);
-        l.arg(&factor);
-        let cfg = LaunchConfig {
-            grid_dim: (1, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: reads the n values of v, writes out[0] (callers pass at least one value);
-        // arguments in the kernel's order and types.
-        unsafe { l.launch(cfg) }.w()?;
-        Ok(())
+        let call =
+            super::clip_ce_sum_call::<dyn CudaIn + '_, dyn CudaOut + '_>(v, out, v.len(), factor);
+        // SAFETY: reads the n values of v, writes out[0] (callers pass at least one value).
+        unsafe { call::run(dev, MODULE, PTX, call) }
     }
 
     fn checked(x: &CudaView<'_, f32>, log_scale: &CudaView<'_, f32>) -> Result<usize> {
@@ -305,26 +363,22 @@ mod gpu {
             candle_core::bail!("CLIPLoss backward: one upstream gradient, not {}", g.len());
         }
         let (lse, _) = lse(dev, x, log_scale, b)?;
-        let func =
-            dev.get_or_load_custom_func("clipft_clip_ce_backward", "clipft_clip_loss", PTX)?;
         // SAFETY: the backward kernel writes the first b * b values and all b partials, the sum
         // kernel after it (same stream) the last value.
-        let (mut out, partial) = unsafe { (dev.alloc::<f32>(b * b + 1)?, dev.alloc::<f32>(b)?) };
-        let bi = b as i32;
-        {
-            let mut l = func.builder();
-            l.arg(x);
-            l.arg(log_scale);
-            l.arg(&lse);
-            l.arg(g);
-            l.arg(&out);
-            l.arg(&partial);
-            l.arg(&bi);
-            // SAFETY: reads b x b of x, 2 b of lse, one value of log_scale and g (checked);
-            // writes the first b x b values of out and b of partial; arguments in the kernel's
-            // order and types.
-            unsafe { l.launch(warps(b)) }.w()?;
-        }
+        let (mut out, mut partial) =
+            unsafe { (dev.alloc::<f32>(b * b + 1)?, dev.alloc::<f32>(b)?) };
+        let call = super::clip_ce_backward_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            x,
+            log_scale,
+            &lse,
+            g,
+            &mut out,
+            &mut partial,
+            b,
+        );
+        // SAFETY: reads b x b of x, 2 b of lse, one value of log_scale and g (checked); writes
+        // the first b x b values of out and b of partial.
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
         sum(dev, &partial, &mut out.slice_mut(b * b..), 1.0)?;
         Ok(out)
     }
@@ -332,6 +386,121 @@ mod gpu {
 
 #[cfg(feature = "cuda")]
 pub use gpu::{clip_ce, clip_ce_backward, row_norm, row_norm_backward};
+
+/// `clip_loss.cu` itself, run by the CPU emulator with the launchers' grids and arguments,
+/// against the twins (which follow its summation order).
+#[cfg(test)]
+mod emu_tests {
+    use super::super::call::emu::{self, assert_close, values, written, Dt, EmuArg};
+    use super::*;
+
+    #[test]
+    fn emulated_row_norms_match_their_twins() {
+        // Rows narrower and wider than a warp, a ragged last block.
+        for (rows, cols) in [(7, 20), (6, 512)] {
+            for dt in Dt::ALL {
+                let what = format!("{dt:?} {rows}x{cols}");
+                let x = dt.round_all(&values(rows * cols, 5));
+                let dy = values(rows * cols, 6);
+                let (dx_, ddy) = (dt.buffer(&x), Dt::F32.buffer(&dy));
+                let mut y = Dt::F32.poisoned(rows * cols);
+                let call = row_norm_call::<dyn EmuArg, dyn EmuArg>(
+                    dt.suffix(),
+                    &*dx_,
+                    &mut *y,
+                    rows,
+                    cols,
+                );
+                // SAFETY: x and y hold rows x cols values.
+                unsafe { emu::run(call) }.unwrap();
+                let want = row_norm_twin(&x, cols).unwrap();
+                assert_close(&format!("row norm {what}"), &written("y", &*y), &want, 2e-6);
+                let mut dx = dt.poisoned(rows * cols);
+                let call = row_norm_backward_call::<dyn EmuArg, dyn EmuArg>(
+                    dt.suffix(),
+                    &*dx_,
+                    &*ddy,
+                    &mut *dx,
+                    rows,
+                    cols,
+                );
+                // SAFETY: x, dy and dx hold rows x cols values.
+                unsafe { emu::run(call) }.unwrap();
+                let want = dt.round_all(&row_norm_backward_twin(&x, &dy, cols).unwrap());
+                assert_close(
+                    &format!("row norm backward {what}"),
+                    &written("dx", &*dx),
+                    &want,
+                    dt.tol(),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn emulated_cross_entropy_matches_its_twin() {
+        // A batch that is not a multiple of the warps, over one warp wide; the sum's 256
+        // threads with values left over.
+        for b in [37usize, 300] {
+            let x: Vec<f32> = values(b * b, 7).iter().map(|v| v / 2.5).collect();
+            let log_scale = 20f32.ln();
+            let (dx_, dscale, dg) = (
+                Dt::F32.buffer(&x),
+                Dt::F32.buffer(&[log_scale]),
+                Dt::F32.buffer(&[0.75]),
+            );
+            let (mut lse, mut terms) = (Dt::F32.poisoned(2 * b), Dt::F32.poisoned(2 * b));
+            let call = clip_ce_lse_call::<dyn EmuArg, dyn EmuArg>(
+                &*dx_,
+                &*dscale,
+                &mut *lse,
+                &mut *terms,
+                b,
+            );
+            // SAFETY: x holds b x b values, lse and terms 2 b, the scale one.
+            unsafe { emu::run(call) }.unwrap();
+            let (want_lse, want_terms) = clip_ce_lse_twin(&x, log_scale).unwrap();
+            assert_close("lse", &written("lse", &*lse), &want_lse, 2e-6);
+            assert_close("terms", &written("terms", &*terms), &want_terms, 2e-6);
+            let mut loss = Dt::F32.poisoned(1);
+            let factor = 1.0 / (2 * b) as f32;
+            let call =
+                clip_ce_sum_call::<dyn EmuArg, dyn EmuArg>(&*terms, &mut *loss, 2 * b, factor);
+            // SAFETY: terms holds 2 b values, loss one.
+            unsafe { emu::run(call) }.unwrap();
+            let want = clip_ce_twin(&x, log_scale).unwrap();
+            assert_close("loss", &written("loss", &*loss), &[want], 2e-6);
+
+            let mut grad = Dt::F32.poisoned(b * b);
+            let mut partial = Dt::F32.poisoned(b);
+            let call = clip_ce_backward_call::<dyn EmuArg, dyn EmuArg>(
+                &*dx_,
+                &*dscale,
+                &*lse,
+                &*dg,
+                &mut *grad,
+                &mut *partial,
+                b,
+            );
+            // SAFETY: x and the gradient hold b x b values, lse 2 b, partial b, the scale and g
+            // one each.
+            unsafe { emu::run(call) }.unwrap();
+            let mut dscale_out = Dt::F32.poisoned(1);
+            let call =
+                clip_ce_sum_call::<dyn EmuArg, dyn EmuArg>(&*partial, &mut *dscale_out, b, 1.0);
+            // SAFETY: partial holds b values, the output one.
+            unsafe { emu::run(call) }.unwrap();
+            let want = clip_ce_backward_twin(&x, log_scale, 0.75).unwrap();
+            assert_close("dx", &written("dx", &*grad), &want[..b * b], 2e-6);
+            assert_close(
+                "d log_scale",
+                &written("d scale", &*dscale_out),
+                &want[b * b..],
+                2e-6,
+            );
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -5,6 +5,15 @@
 //! to PTX by `build.rs` under the `cuda` feature (nvcc from `CUDA_HOME` or `PATH`, for
 //! `CUDA_COMPUTE_CAP`), loaded once per device on first use.
 //!
+//! Each launch (grid, shared memory, arguments in the kernel's order) is written once, as a
+//! [`call::Call`] built by the kernel file's `*_call` functions; the GPU launchers run it with
+//! [`call::run`], and the `emu_tests` in each file run the same call on the CPU emulator
+//! (`cuda-emu/`), which executes the `.cu` source itself (every CUDA thread a fiber, barriers,
+//! shuffles and wmma emulated, launches checked against the kernel's C++ signature). So without
+//! a GPU the normal test suite checks each kernel's indexing, synchronisation and launch, not
+//! only its twin's algorithm. To add a kernel: the `.cu` function, its twin, a `*_call`
+//! builder, the GPU launcher over it, and an emulator test against the twin.
+//!
 //! - [`adam`] (`adam.cu`): the optimiser step over one f32 parameter, giving its CPU twin's
 //!   bits.
 //! - [`attention`] (`attention.cu`): multi-head attention for CLIP's short sequences, one
@@ -19,6 +28,7 @@
 
 pub mod adam;
 pub mod attention;
+/// Launch descriptions shared by the GPU and the emulator.
 pub mod call;
 pub mod clip_loss;
 pub mod elementwise;
