@@ -227,9 +227,15 @@ bool run_block() {
     }
     std::fill(g->warp_gen.begin(), g->warp_gen.end(), 0u);
     std::fill(g->smem.begin(), g->smem.end(), POISON);
+    // Odd blocks run their threads last to first: a missing barrier then shows whichever
+    // way the data flows between threads (a reader that runs before its writer reads poison
+    // or stale values).
+    const unsigned linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const bool reverse = linear % 2 == 1;
     for (;;) {
         bool ran = false;
-        for (unsigned t = 0; t < g->threads; ++t) {
+        for (unsigned i = 0; i < g->threads; ++i) {
+            const unsigned t = reverse ? g->threads - 1 - i : i;
             if (g->fibers[t].st != St::Run) continue;
             g->cur = t;
             set_thread(t);
