@@ -140,6 +140,10 @@ for dt in bf16 f32; do
   step "train-torch-$dt" 150 "$PY" scripts/bench_train_peer.py --model "$VIT" --device "$DEV" \
     --dtype "$dt" --batch "$BATCH" --steps 10
 done
+# The same step with the attention on CUDA cores: what the tensor-core forward and backward bring.
+[ -n "${QUICK:-}" ] || [ -n "${CLIPFT_NO_TC_ATTENTION:-}" ] || CLIPFT_NO_TC_ATTENTION=1 step \
+  train-clipft-bf16-cuda-cores 150 "$BIN" bench --train --model "$VIT" --device "$DEV" --dtype bf16 \
+  --batch-size "$BATCH" --seconds "$SECS"
 # The same step with clipft's CUDA kernels off (candle's ops): what the kernels bring.
 [ -n "${QUICK:-}" ] || CLIPFT_NO_FUSED=1 step train-clipft-bf16-candle-ops 150 "$BIN" bench --train \
   --model "$VIT" --device "$DEV" --dtype bf16 --batch-size "$BATCH" --seconds "$SECS"

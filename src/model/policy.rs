@@ -24,7 +24,7 @@ pub struct Switches {
     pub fused_blocks: bool,
     /// Packed captions where the kernels take them.
     pub packed_text: bool,
-    /// The GPU path's f16/bf16 attention forward on tensor cores.
+    /// The GPU path's f16/bf16 attention, forward and backward, on tensor cores.
     pub tc_attention: bool,
 }
 
@@ -62,9 +62,9 @@ pub struct Kernels {
     /// end-of-text token, the captions packed end to end ([`super::kernels::seqs`]), where every
     /// attention layer runs clipft's kernels (which take packed sequences).
     pub packed_text: bool,
-    /// With `fused_gpu`: the attention forward in f16 and bf16 on tensor cores (wmma) where
-    /// the head width is 64 and sequences have at most 128 rows; the CUDA-core kernel
-    /// otherwise (`CLIPFT_NO_TC_ATTENTION=1`: always).
+    /// With `fused_gpu`: the attention forward and backward in f16 and bf16 on tensor cores
+    /// (wmma) where the head width is 64 and sequences have at most 128 rows; the CUDA-core
+    /// kernels otherwise (`CLIPFT_NO_TC_ATTENTION=1`: always).
     pub tc_attention: bool,
 }
 

@@ -5,8 +5,9 @@
 //! `kernels/cuda/attention.cu`, which adds the bias as it loads q, k and v (the projection
 //! writes no biased copy), in place of candle's bias add, head transposes, two batched products,
 //! mask, softmax and merge copies; the backward ([`AttentionBackward`], an op itself, so the
-//! gradient stays on the device) is that file's two backward kernels, giving `d qkv` in one
-//! buffer, and the bias's gradient is its column sum. On the CPU both run the kernels' twins
+//! gradient stays on the device) is that file's two backward kernels (or, in f16 and bf16 with
+//! `tensor_cores`, its one tensor-core backward kernel), giving `d qkv` in one buffer, and the
+//! bias's gradient is its column sum. On the CPU both run the kernels' twins
 //! (on the product with the bias added in f32 first, the same sums the kernels make as they
 //! load), which is what the normal test suite checks.
 
@@ -18,7 +19,7 @@ use super::packed::PackedSeqs;
 use crate::model::kernels::seqs::Seqs;
 
 use crate::model::kernels::cuda::attention::{
-    attention_backward_twin, attention_tc_twin, tc_supports,
+    attention_backward_twin, attention_tc_backward_twin, attention_tc_twin, tc_supports,
 };
 use crate::model::kernels::cuda::{attention_twin, AttentionShape};
 
@@ -31,7 +32,7 @@ pub struct FusedAttention {
     pub scale: f32,
     pub causal: bool,
     pub packed: Option<Arc<PackedSeqs>>,
-    /// f16 and bf16 forward on tensor cores where the shape allows
+    /// f16 and bf16 forward and backward on tensor cores where the shape allows
     /// ([`crate::model::kernels::cuda::attention::tc_supports`]), the model's kernels decide
     /// ([`crate::model::policy::Kernels::tc_attention`]); on the CPU its twin.
     pub tensor_cores: bool,
@@ -94,6 +95,21 @@ impl FusedAttention {
     }
 }
 
+impl FusedAttention {
+    /// On the CPU: the rounding of the tensor-core twins, when the GPU would run the
+    /// tensor-core kernels for `storage`'s dtype and `s` (f16 or bf16, a shape they take).
+    fn tc_rounding(&self, storage: &CpuStorage, s: &AttentionShape) -> Option<fn(f32) -> f32> {
+        if !self.tensor_cores || !tc_supports(s) {
+            return None;
+        }
+        match storage {
+            CpuStorage::F16(_) => Some(|x| half::f16::from_f32(x).to_f32()),
+            CpuStorage::BF16(_) => Some(|x| half::bf16::from_f32(x).to_f32()),
+            _ => None,
+        }
+    }
+}
+
 /// `qkv` with its bias added, in f32: what the twins compute on.
 fn biased(qkv: &[f32], bias: &[f32]) -> Vec<f32> {
     let w = bias.len().max(1);
@@ -121,15 +137,8 @@ impl CustomOp2 for FusedAttention {
         );
         let d = s.heads * s.head_dim;
         let (k, v) = (&qkv[d.min(qkv.len())..], &qkv[(2 * d).min(qkv.len())..]);
-        let round: Option<fn(f32) -> f32> = match qs {
-            CpuStorage::F16(_) => Some(|x| half::f16::from_f32(x).to_f32()),
-            CpuStorage::BF16(_) => Some(|x| half::bf16::from_f32(x).to_f32()),
-            _ => None,
-        };
-        let out = match round {
-            Some(round) if self.tensor_cores && tc_supports(&s) => {
-                attention_tc_twin(&qkv, k, v, s, round)?
-            }
+        let out = match self.tc_rounding(qs, &s) {
+            Some(round) => attention_tc_twin(&qkv, k, v, s, round)?,
             _ => attention_twin(&qkv, k, v, s)?,
         };
         Ok((super::twin_output(qs, out), shape))
@@ -224,12 +233,14 @@ impl CustomOp3 for AttentionBackward {
             &super::twin_input(qs, ql, self.name())?,
             &super::twin_input(bias, bl, self.name())?,
         );
-        let grad = attention_backward_twin(
-            &qkv,
-            &super::twin_input(os, ol, self.name())?,
-            &super::twin_input(gs, gl, self.name())?,
-            s,
-        )?;
+        let (o, g) = (
+            super::twin_input(os, ol, self.name())?,
+            super::twin_input(gs, gl, self.name())?,
+        );
+        let grad = match self.op.tc_rounding(qs, &s) {
+            Some(round) => attention_tc_backward_twin(&qkv, &o, &g, s, round)?,
+            None => attention_backward_twin(&qkv, &o, &g, s)?,
+        };
         Ok((super::twin_output(qs, grad), ql.shape().clone()))
     }
 
@@ -259,8 +270,10 @@ impl CustomOp3 for AttentionBackward {
                 Some(p) => Some(p.device_offsets(&dev)?),
                 None => None,
             };
-            let grad =
-                cuda::attention::launch_backward::<T>(suffix, &dev, &qkv, &b, &o, &g, s, offsets)?;
+            let tc = self.op.tensor_cores && suffix != "f32" && tc_supports(&s);
+            let grad = cuda::attention::launch_backward::<T>(
+                suffix, &dev, &qkv, &b, &o, &g, s, offsets, tc,
+            )?;
             candle_core::CudaStorage::wrap_cuda_slice(grad, dev.clone())
         });
         Ok((out, ql.shape().clone()))
@@ -421,6 +434,74 @@ mod tests {
         Ok(())
     }
 
+    /// The tensor-core backward's twin (f16 and bf16 roundings of q, k, v, the output
+    /// gradient, P and dS) stays within those dtypes' precision of candle's autograd gradients
+    /// of the composed attention in f32, for text (causal) and image shapes; packed captions
+    /// get exactly what each caption gets alone.
+    #[test]
+    fn tensor_core_backward_matches_autograd() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, t, heads, causal) in [(2, 77, 2, true), (2, 50, 3, false)] {
+            let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, 3 * heads * 64), &dev)?)?;
+            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, 3 * heads * 64, &dev)?)?;
+            let weights = Tensor::randn(0f32, 1.0, (b, t, heads * 64), &dev)?;
+            let (x, bt) = (qkv.as_tensor(), bias.as_tensor());
+            let want = composed(x, bt, heads, causal)?
+                .mul(&weights)?
+                .sum_all()?
+                .backward()?;
+            let w = want.get(x).expect("composed");
+            let scale = w.abs()?.max_all()?.to_scalar::<f32>()?;
+            let tc = FusedAttention {
+                tensor_cores: true,
+                ..op(heads, causal)
+            };
+            for (dt, tol) in [(DType::F16, 1e-2), (DType::BF16, 6e-2)] {
+                let (xd, bd) = (x.to_dtype(dt)?, bt.to_dtype(dt)?);
+                let out = xd.apply_op2_no_bwd(&bd, &tc)?;
+                let g = weights.to_dtype(dt)?;
+                let back = AttentionBackward {
+                    op: tc.clone(),
+                    bias: bd.clone(),
+                };
+                let got = xd.apply_op3_no_bwd(&out, &g, &back)?;
+                let err = max_diff(&got, w)?;
+                assert!(
+                    err < tol * scale.max(1.0),
+                    "{dt:?} b{b} t{t} causal {causal}: {err} of {scale}"
+                );
+            }
+        }
+        let packing = crate::model::kernels::seqs::Packing::from_lens(&[77, 5, 1, 40])?;
+        let packed = Arc::new(PackedSeqs::new(packing));
+        let heads = 2;
+        let rows = packed.rows();
+        let bf = |t: Tensor| t.to_dtype(DType::BF16);
+        let qkv = bf(Tensor::randn(0f32, 1.0, (rows, 3 * heads * 64), &dev)?)?;
+        let bias = bf(Tensor::randn(0f32, 0.5, 3 * heads * 64, &dev)?)?;
+        let g = bf(Tensor::randn(0f32, 1.0, (rows, heads * 64), &dev)?)?;
+        let tc = |packed: Option<Arc<PackedSeqs>>| FusedAttention {
+            tensor_cores: true,
+            packed,
+            ..op(heads, true)
+        };
+        let back = |op: FusedAttention| AttentionBackward {
+            op,
+            bias: bias.clone(),
+        };
+        let out = qkv.apply_op2_no_bwd(&bias, &tc(Some(packed.clone())))?;
+        let all = qkv.apply_op3_no_bwd(&out, &g, &back(tc(Some(packed.clone()))))?;
+        let offsets = packed.packing().offsets().to_vec();
+        for w in offsets.windows(2) {
+            let cut =
+                |t: &Tensor| -> Result<Tensor> { t.narrow(0, w[0], w[1] - w[0])?.unsqueeze(0) };
+            let alone = cut(&qkv)?.apply_op3_no_bwd(&cut(&out)?, &cut(&g)?, &back(tc(None)))?;
+            let err = max_diff(&all.narrow(0, w[0], w[1] - w[0])?, &alone.squeeze(0)?)?;
+            assert!(err == 0.0, "caption at {}: {err}", w[0]);
+        }
+        Ok(())
+    }
+
     #[test]
     fn refuses_what_it_cannot_take() -> Result<()> {
         let dev = Device::Cpu;
@@ -447,8 +528,8 @@ mod tests {
         Ok(())
     }
 
-    /// On a GPU (CUDA builds): the tensor-core forward against its twin (the same roundings),
-    /// f16 and bf16, text (causal), image and packed captions. Without a GPU it says so and
+    /// On a GPU (CUDA builds): the tensor-core forward and backward against their twins (the
+    /// same roundings), f16 and bf16, text (causal), image and packed captions. Without a GPU it says so and
     /// checks nothing. `scripts/gpu-check.sh` runs it on its own and turns the tensor-core
     /// path off (`CLIPFT_NO_TC_ATTENTION=1`) for the benchmarks if it fails.
     #[cfg(feature = "cuda")]
@@ -493,16 +574,39 @@ mod tests {
                 packed,
                 ..op(heads, causal)
             };
-            for (dt, tol) in [(DType::F16, 4e-3), (DType::BF16, 3e-2)] {
-                let (c, cb) = (qkv.to_dtype(dt)?, bias.to_dtype(dt)?);
+            let dout = Tensor::randn(0f32, 1.0, (qkv.elem_count() / 3,), &Device::Cpu)?;
+            let mut out_shape = qkv.dims().to_vec();
+            if let Some(w) = out_shape.last_mut() {
+                *w /= 3;
+            }
+            let dout = dout.reshape(out_shape)?;
+            for (dt, tol, gtol) in [(DType::F16, 4e-3, 2e-2), (DType::BF16, 3e-2, 1e-1)] {
+                let (c, cb, g) = (qkv.to_dtype(dt)?, bias.to_dtype(dt)?, dout.to_dtype(dt)?);
                 let twin = c.apply_op2_no_bwd(&cb, &op)?;
-                let got = c
-                    .to_device(&gpu)?
-                    .apply_op2_no_bwd(&cb.to_device(&gpu)?, &op)?;
+                let (cg, bg, gg) = (c.to_device(&gpu)?, cb.to_device(&gpu)?, g.to_device(&gpu)?);
+                let got = cg.apply_op2_no_bwd(&bg, &op)?;
                 let err = max_diff(&got.to_device(&Device::Cpu)?, &twin)?;
                 assert!(
                     err < tol,
                     "{dt:?} {:?} causal {causal}: max diff {err}",
+                    qkv.shape()
+                );
+                // The tensor-core backward from the same output on both sides.
+                let back = |bias: &Tensor| AttentionBackward {
+                    op: op.clone(),
+                    bias: bias.clone(),
+                };
+                let twin = c.apply_op3_no_bwd(&twin, &g, &back(&cb))?;
+                let got = cg.apply_op3_no_bwd(&got, &gg, &back(&bg))?;
+                let scale = twin
+                    .to_dtype(DType::F32)?
+                    .abs()?
+                    .max_all()?
+                    .to_scalar::<f32>()?;
+                let err = max_diff(&got.to_device(&Device::Cpu)?, &twin)?;
+                assert!(
+                    err < gtol * scale.max(1.0),
+                    "{dt:?} {:?} causal {causal} backward: max diff {err} of {scale}",
                     qkv.shape()
                 );
             }

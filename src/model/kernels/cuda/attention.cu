@@ -29,6 +29,10 @@
 //     accumulates dv += p dO and dk += ds q_scaled with lane c owning dimensions c and c + 32.
 // No atomics: each output value is one warp's, so the result is deterministic.
 //
+// Tensor cores (f16 and bf16, head_dim 64, at most 128 rows): attention_tc, the forward, and
+// attention_tc_backward, the whole backward in one kernel; one block per (item, head) holds the
+// sequence in shared memory (see each kernel's comment).
+//
 // Packed batches: with `offsets` (items + 1 row offsets), item i is rows offsets[i] ..
 // offsets[i + 1] and a query sees only its own sequence's keys (the text tower stops each
 // caption at its end-of-text token); `seq` is then the longest sequence (the grid's extent and
@@ -589,6 +593,189 @@ __device__ void attention_tc(const T* __restrict__ q, const T* __restrict__ k,
         __syncwarp();
     }
 }
+
+// Tensor-core backward for f16 / bf16, head_dim 64, sequences of at most 128 rows: one block
+// of TC_WARPS warps per (item, head) over the stacked projection, writing d qkv like the
+// CUDA-core pair but in one kernel. The whole sequence's scaled queries, keys, values and
+// output gradients go to shared memory once (rounded to T, zero past the sequence); each warp
+// takes 16-query tiles in turn: S = Q K^T and the row softmax P (as the tensor-core forward),
+// dP = dO V^T, dS = P (dP - D) with D = dO . O, and dQ = scale dS K; P and dS stay in shared
+// memory (rounded to T), and after a barrier each warp takes 16-key tiles: dV = P^T dO and
+// dK = dS^T Q over the query tiles that see them. Products on tensor cores (wmma 16x16x16, f32
+// accumulation); every output value is one warp's, so the result is deterministic. Its CPU
+// twin is attention_tc_backward_twin (the same roundings).
+template <typename T>
+__device__ void attention_tc_backward(const T* __restrict__ qkv, const T* __restrict__ bias,
+                                      const T* __restrict__ o, const T* __restrict__ dout,
+                                      T* __restrict__ dqkv, const unsigned* __restrict__ offsets,
+                                      int seq, int heads, int ld, float scale, int causal) {
+    // head_dim is TC_HD (64): the launcher checks it.
+    using namespace nvcuda;
+    extern __shared__ __align__(32) unsigned char tc_smem[];
+    // Sized by the launcher for the longest sequence: tp = seq rounded up to 16.
+    const int tp = (seq + 15) / 16 * 16;
+    const int ldp = tp + 8;              // P and dS rows (T elements)
+    const int lds = max(tp, TC_HD) + 4;  // f32 scratch rows
+    T* qs = reinterpret_cast<T*>(tc_smem);  // [tp][TC_LDH] scaled queries
+    T* ks = qs + tp * TC_LDH;               // keys
+    T* vs = ks + tp * TC_LDH;               // values
+    T* gs = vs + tp * TC_LDH;               // output gradients
+    T* ps = gs + tp * TC_LDH;               // [tp][ldp] P
+    T* dss = ps + tp * ldp;                 // [tp][ldp] dS
+    float* sw_all = reinterpret_cast<float*>(dss + tp * ldp);  // [warps][16][lds]
+    float* dd = sw_all + TC_WARPS * 16 * lds;                  // [tp] D per row
+
+    const int item = blockIdx.x / heads, h = blockIdx.x % heads;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int d = heads * TC_HD;
+    const Span sp = span(offsets, item, seq);
+    const size_t base = sp.base;
+    const int len = sp.len;
+    const int tiles = (len + 15) / 16;
+    const int rows = tiles * 16;
+
+    for (int i = threadIdx.x; i < rows * TC_HD; i += blockDim.x) {
+        const int j = i / TC_HD, c = i % TC_HD;
+        float qv = 0.0f, kv = 0.0f, vv = 0.0f, gv = 0.0f;
+        if (j < len) {
+            const size_t src = (base + j) * ld + h * TC_HD + c;
+            qv = (load(qkv[src]) + load(bias[h * TC_HD + c])) * scale;
+            kv = load(qkv[src + d]) + load(bias[d + h * TC_HD + c]);
+            vv = load(qkv[src + 2 * d]) + load(bias[2 * d + h * TC_HD + c]);
+            gv = load(dout[(base + j) * d + h * TC_HD + c]);
+        }
+        qs[j * TC_LDH + c] = store<T>(qv);
+        ks[j * TC_LDH + c] = store<T>(kv);
+        vs[j * TC_LDH + c] = store<T>(vv);
+        gs[j * TC_LDH + c] = store<T>(gv);
+    }
+    // D = dO . O, one warp per row (zero past the sequence).
+    for (int j = warp; j < rows; j += TC_WARPS) {
+        float acc = 0.0f;
+        if (j < len)
+            for (int c = lane; c < TC_HD; c += 32) {
+                const size_t at = (base + j) * d + h * TC_HD + c;
+                acc = fmaf(load(dout[at]), load(o[at]), acc);
+            }
+        acc = warp_sum(acc);
+        if (lane == 0) dd[j] = acc;
+    }
+    __syncthreads();
+
+    float* sw = sw_all + warp * 16 * lds;
+    for (int qt = warp; qt < tiles; qt += TC_WARPS) {
+        const T* qw = qs + qt * 16 * TC_LDH;
+        const T* gw = gs + qt * 16 * TC_LDH;
+        // Key tiles this query tile sees.
+        const int nk = causal ? qt + 1 : tiles;
+        for (int kt = 0; kt < nk; ++kt) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (int kk = 0; kk < TC_HD / 16; ++kk) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+                wmma::load_matrix_sync(a, qw + kk * 16, TC_LDH);
+                wmma::load_matrix_sync(b, ks + kt * 16 * TC_LDH + kk * 16, TC_LDH);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            wmma::store_matrix_sync(sw + kt * 16, acc, lds, wmma::mem_row_major);
+        }
+        __syncwarp();
+        // P over the visible keys, rounded to T; zero elsewhere in the row (every key tile's
+        // column, for the dK and dV pass).
+        for (int r = 0; r < 16; ++r) {
+            const int row = qt * 16 + r;
+            const int visible = row >= len ? 0 : (causal ? row + 1 : len);
+            float m = -INFINITY;
+            for (int j = lane; j < visible; j += 32) m = fmaxf(m, sw[r * lds + j]);
+            m = warp_max(m);
+            float sum = 0.0f;
+            for (int j = lane; j < visible; j += 32) sum += __expf(sw[r * lds + j] - m);
+            sum = warp_sum(sum);
+            const float inv = visible > 0 ? 1.0f / sum : 0.0f;
+            for (int j = lane; j < rows; j += 32) {
+                const float p = j < visible ? __expf(sw[r * lds + j] - m) * inv : 0.0f;
+                ps[row * ldp + j] = store<T>(p);
+            }
+        }
+        __syncwarp();
+        // dP = dO V^T, over the scores in the scratch.
+        for (int kt = 0; kt < nk; ++kt) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (int kk = 0; kk < TC_HD / 16; ++kk) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
+                wmma::load_matrix_sync(a, gw + kk * 16, TC_LDH);
+                wmma::load_matrix_sync(b, vs + kt * 16 * TC_LDH + kk * 16, TC_LDH);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            wmma::store_matrix_sync(sw + kt * 16, acc, lds, wmma::mem_row_major);
+        }
+        __syncwarp();
+        // dS = P (dP - D), rounded to T (zero where P is).
+        for (int r = 0; r < 16; ++r) {
+            const int row = qt * 16 + r;
+            const float dr = dd[row];
+            for (int j = lane; j < rows; j += 32) {
+                const float g = j < nk * 16 ? load(ps[row * ldp + j]) * (sw[r * lds + j] - dr) : 0.0f;
+                dss[row * ldp + j] = store<T>(g);
+            }
+        }
+        __syncwarp();
+        // dQ = scale dS K, 16 columns at a time.
+        for (int ct = 0; ct < TC_HD / 16; ++ct) {
+            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+            wmma::fill_fragment(acc, 0.0f);
+            for (int kt = 0; kt < nk; ++kt) {
+                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+                wmma::load_matrix_sync(a, dss + qt * 16 * ldp + kt * 16, ldp);
+                wmma::load_matrix_sync(b, ks + kt * 16 * TC_LDH + ct * 16, TC_LDH);
+                wmma::mma_sync(acc, a, b, acc);
+            }
+            wmma::store_matrix_sync(sw + ct * 16, acc, lds, wmma::mem_row_major);
+        }
+        __syncwarp();
+        for (int i = lane; i < 16 * TC_HD; i += 32) {
+            const int r = i / TC_HD, c = i % TC_HD, row = qt * 16 + r;
+            if (row < len)
+                dqkv[(base + row) * ld + h * TC_HD + c] = store<T>(sw[r * lds + c] * scale);
+        }
+        __syncwarp();
+    }
+    __syncthreads();
+    // Per 16-key tile: dV = P^T dO (part 0) and dK = dS^T Q (part 1), over the query tiles
+    // that see the keys.
+    for (int kt = warp; kt < tiles; kt += TC_WARPS) {
+        const int q0 = causal ? kt : 0;
+        for (int part = 0; part < 2; ++part) {
+            const T* left = part == 0 ? ps : dss;
+            const T* right = part == 0 ? gs : qs;
+            for (int ct = 0; ct < TC_HD / 16; ++ct) {
+                wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+                wmma::fill_fragment(acc, 0.0f);
+                for (int qt = q0; qt < tiles; ++qt) {
+                    // The transposed tile: element (key, query) at left[query][key].
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
+                    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
+                    wmma::load_matrix_sync(a, left + qt * 16 * ldp + kt * 16, ldp);
+                    wmma::load_matrix_sync(b, right + qt * 16 * TC_LDH + ct * 16, TC_LDH);
+                    wmma::mma_sync(acc, a, b, acc);
+                }
+                wmma::store_matrix_sync(sw + ct * 16, acc, lds, wmma::mem_row_major);
+            }
+            __syncwarp();
+            const int at = part == 0 ? 2 * d : d;
+            for (int i = lane; i < 16 * TC_HD; i += 32) {
+                const int r = i / TC_HD, c = i % TC_HD, key = kt * 16 + r;
+                if (key < len)
+                    dqkv[(base + key) * ld + at + h * TC_HD + c] = store<T>(sw[r * lds + c]);
+            }
+            __syncwarp();
+        }
+    }
+}
 }  // namespace
 
 #define ATTENTION(NAME, T)                                                                  \
@@ -631,6 +818,19 @@ ATTENTION_TC(clipft_attention_tc_bf16, __nv_bfloat16)
         attention_dkv<T>(qkv, bias, dout, lse, dsum, dqkv, offsets, seq, heads, hd, ld, scale,  \
                          causal);                                                               \
     }
+
+// The CUDA-core backward's arguments less its statistics (lse, D): this kernel recomputes them.
+#define ATTENTION_TC_BACKWARD(NAME, T)                                                          \
+    extern "C" __global__ void __launch_bounds__(TC_WARPS * 32)                                 \
+        NAME(const T* qkv, const T* bias, const T* o, const T* dout, T* dqkv,                   \
+             const unsigned* offsets, int seq, int heads, int hd, int ld, float scale,          \
+             int causal) {                                                                       \
+        attention_tc_backward<T>(qkv, bias, o, dout, dqkv, offsets, seq, heads, ld, scale,       \
+                                 causal);                                                        \
+    }
+
+ATTENTION_TC_BACKWARD(clipft_attention_tc_backward_f16, __half)
+ATTENTION_TC_BACKWARD(clipft_attention_tc_backward_bf16, __nv_bfloat16)
 
 ATTENTION_BACKWARD(f32, float)
 ATTENTION_BACKWARD(f16, __half)

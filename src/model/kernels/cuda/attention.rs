@@ -310,6 +310,78 @@ pub fn attention_backward_twin(
     Ok(grad)
 }
 
+/// The CPU twin of `clipft_attention_tc_backward_*`: the same gradients as
+/// [`attention_backward_twin`] with the kernel's roundings through `round` (to f16 or bf16):
+/// the scaled queries, keys, values and output gradients, the probabilities `P`, `dS = P (dP -
+/// D)` and each output; the products in f32, the softmax over the whole visible row, `D = dO .
+/// O` from the unrounded output.
+pub fn attention_tc_backward_twin(
+    qkv: &[f32],
+    o: &[f32],
+    d_o: &[f32],
+    s: AttentionShape,
+    round: fn(f32) -> f32,
+) -> Result<Vec<f32>> {
+    let (need, out_len) = backward_sizes(&s)?;
+    if !tc_supports(&s) {
+        bail!("tensor-core attention: head_dim 64 and sequences of at most {TC_MAX_LEN}");
+    }
+    if qkv.len() < need || o.len() < out_len || d_o.len() < out_len {
+        bail!("attention backward: qkv needs {need} values, o and its gradient {out_len}");
+    }
+    let (hd, ld) = (s.head_dim, s.ld);
+    let d = s.heads * hd;
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let mut grad = vec![0f32; need];
+    for item in 0..s.seqs.items() {
+        let (base, t) = (s.seqs.start(item), s.seqs.len(item));
+        for h in 0..s.heads {
+            let col = |r: usize, part: usize| (base + r) * ld + part * d + h * hd;
+            let out = |r: usize| (base + r) * d + h * hd;
+            let part = |p: usize, sc: f32| -> Vec<f32> {
+                (0..t)
+                    .flat_map(|r| qkv[col(r, p)..][..hd].iter().map(move |x| round(x * sc)))
+                    .collect()
+            };
+            let (qh, kh, vh) = (part(0, s.scale), part(1, 1.0), part(2, 1.0));
+            let gh: Vec<f32> = (0..t)
+                .flat_map(|r| d_o[out(r)..][..hd].iter().map(|&x| round(x)))
+                .collect();
+            let (mut p, mut ds) = (vec![0f32; t * t], vec![0f32; t * t]);
+            for row in 0..t {
+                let visible = if s.causal { row + 1 } else { t };
+                let qr = &qh[row * hd..][..hd];
+                let sc: Vec<f32> = (0..visible).map(|j| dot(qr, &kh[j * hd..][..hd])).collect();
+                let m = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let e: Vec<f32> = sc.iter().map(|x| (x - m).exp()).collect();
+                let inv = 1.0 / e.iter().sum::<f32>();
+                let dr = dot(&d_o[out(row)..][..hd], &o[out(row)..][..hd]);
+                let gr = &gh[row * hd..][..hd];
+                for (j, ej) in e.iter().enumerate() {
+                    let pj = round(ej * inv);
+                    p[row * t + j] = pj;
+                    ds[row * t + j] = round(pj * (dot(gr, &vh[j * hd..][..hd]) - dr));
+                }
+            }
+            for row in 0..t {
+                for c in 0..hd {
+                    let acc: f32 = (0..t).map(|j| ds[row * t + j] * kh[j * hd + c]).sum();
+                    grad[col(row, 0) + c] = round(acc * s.scale);
+                }
+            }
+            for key in 0..t {
+                for c in 0..hd {
+                    let dk: f32 = (0..t).map(|i| ds[i * t + key] * qh[i * hd + c]).sum();
+                    let dv: f32 = (0..t).map(|i| p[i * t + key] * gh[i * hd + c]).sum();
+                    grad[col(key, 1) + c] = round(dk);
+                    grad[col(key, 2) + c] = round(dv);
+                }
+            }
+        }
+    }
+    Ok(grad)
+}
+
 /// Warps per block and query (or key) rows per warp of the CUDA-core kernels: `WARPS` and
 /// `ROWS` in `attention.cu`.
 const WARPS: u32 = 4;
@@ -332,6 +404,18 @@ fn tc_smem_bytes(seq: usize) -> u32 {
     let (lds, ldp) = (tp.max(64) + 4, tp + 8);
     let halves = 2 * tp * LDH + WARPS * 16 * LDH + WARPS * 16 * ldp;
     (halves * 2 + WARPS * 16 * lds * 4) as u32
+}
+
+/// Shared memory the tensor-core backward asks for with sequences of up to `seq` rows (the
+/// layout at the top of the kernel: queries, keys, values and output gradients, P and dS, in
+/// 2-byte elements; per warp an f32 scratch tile, and D per row).
+fn tc_backward_smem_bytes(seq: usize) -> u32 {
+    const WARPS: usize = 4;
+    const LDH: usize = 64 + 8;
+    let tp = seq.div_ceil(16) * 16;
+    let (lds, ldp) = (tp.max(64) + 4, tp + 8);
+    let halves = 4 * tp * LDH + 2 * tp * ldp;
+    (halves * 2 + (WARPS * 16 * lds + tp) * 4) as u32
 }
 
 /// Shared memory of the backward kernels at `head_dim`: two tiles with padded rows and two
@@ -416,6 +500,36 @@ fn backward_grid(s: &AttentionShape) -> (u32, u32, u32) {
         (s.seqs.max_len() as u32).div_ceil(WARPS * ROWS).max(1),
         1,
     )
+}
+
+/// The tensor-core backward, `clipft_attention_tc_backward_<suffix>` (f16 or bf16,
+/// [`tc_supports`] shapes): all of `dqkv` (dq, dk and dv columns) in one kernel, from the same
+/// inputs as [`dq_call`] without the statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn tc_backward_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    qkv: &'a I,
+    bias: &'a I,
+    o: &'a I,
+    dout: &'a I,
+    dqkv: &'a mut O,
+    offsets: Option<&'a I>,
+    s: &AttentionShape,
+) -> Call<'a, I, O> {
+    let blocks = (s.seqs.items() * s.heads) as u32;
+    let call = Call::new(
+        format!("clipft_attention_tc_backward_{suffix}"),
+        (blocks, 1, 1),
+        4 * 32,
+    )
+    .smem(tc_backward_smem_bytes(s.seqs.max_len()))
+    .input(qkv)
+    .input(bias)
+    .input(o)
+    .input(dout)
+    .output(dqkv)
+    .input_or_null(offsets);
+    shape_args(call, s)
 }
 
 /// The backward's first kernel, `clipft_attention_dq_<suffix>`: the query columns of `dqkv`,
@@ -596,9 +710,10 @@ mod gpu {
     }
 
     /// Runs `attention.cu`'s backward (`clipft_attention_dq_<suffix>`, then
-    /// `clipft_attention_dkv_<suffix>`): `d qkv` in `qkv`'s layout from the stacked product,
-    /// its stacked bias (`3 d`), the forward's output `o` and its gradient `dout`
-    /// (`[batch * seq, d]`).
+    /// `clipft_attention_dkv_<suffix>`; or with `tensor_cores` the one kernel
+    /// `clipft_attention_tc_backward_<suffix>`, f16 or bf16, [`super::tc_supports`] shapes):
+    /// `d qkv` in `qkv`'s layout from the stacked product, its stacked bias (`3 d`), the
+    /// forward's output `o` and its gradient `dout` (`[batch * seq, d]`).
     #[allow(clippy::too_many_arguments)]
     pub fn launch_backward<T: DeviceRepr + ValidAsZeroBits>(
         suffix: &str,
@@ -609,8 +724,12 @@ mod gpu {
         dout: &CudaView<'_, T>,
         s: AttentionShape,
         offsets: Option<&DeviceOffsets>,
+        tensor_cores: bool,
     ) -> Result<CudaSlice<T>> {
         let (need, out_len) = super::backward_sizes(&s)?;
+        if tensor_cores && (!super::tc_supports(&s) || !matches!(suffix, "f16" | "bf16")) {
+            candle_core::bail!("tensor-core attention: f16 or bf16, head_dim 64, at most 128 rows");
+        }
         let offs = offsets_arg(&s, offsets)?;
         let d = s.heads * s.head_dim;
         if qkv.len() < need || o.len() < out_len || dout.len() < out_len || bias.len() < 3 * d {
@@ -631,11 +750,23 @@ mod gpu {
         if stats == 0 || out_len == 0 {
             return Ok(grad);
         }
+        let offs = offs.map(|o| o as &dyn CudaIn);
+        if tensor_cores {
+            let call = super::tc_backward_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+                suffix, qkv, bias, o, dout, &mut grad, offs, &s,
+            );
+            // SAFETY: reads the rows of each sequence (as in `launch`) of qkv at columns below
+            // 3 d <= ld (within `need`, checked above), 3 d values of the bias, and rows of o
+            // and dout at columns below d (within `out_len`); writes the dq, dk and dv columns
+            // of those rows of `grad`; its shared memory is the call's, sized for the longest
+            // sequence (at most 128 rows, checked).
+            unsafe { call::run(dev, MODULE, PTX, call) }?;
+            return Ok(grad);
+        }
         // SAFETY: the first kernel writes lse and D of every (item, head, row) before the
         // second, on the same stream, reads them (rows past a shorter sequence are neither
         // written nor read).
         let (mut lse, mut dsum) = unsafe { (dev.alloc::<f32>(stats)?, dev.alloc::<f32>(stats)?) };
-        let offs = offs.map(|o| o as &dyn CudaIn);
         let call = super::dq_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
             suffix, qkv, bias, o, dout, &mut grad, &mut lse, &mut dsum, offs, &s,
         );
@@ -828,10 +959,35 @@ mod emu_tests {
                 );
                 // SAFETY: as above; lse and dsum as the first kernel wrote them.
                 unsafe { emu::run(call) }.unwrap();
-                let want = attention_backward_twin(&biased(&qkv, &stacked, s.ld), &o, &dout, s);
-                let want = dt.round_all(&want.unwrap());
+                let qkv_b = biased(&qkv, &stacked, s.ld);
+                let want = dt.round_all(&attention_backward_twin(&qkv_b, &o, &dout, s).unwrap());
                 let got = written("d qkv", &*grad);
                 assert_close(&format!("backward {what}"), &got, &want, dt.tol());
+
+                if dt != Dt::F32 && tc_supports(&s) {
+                    let mut grad = dt.poisoned(need);
+                    let call = tc_backward_call::<dyn EmuArg, dyn EmuArg>(
+                        dt.suffix(),
+                        &*dqkv_,
+                        &*dstacked,
+                        &*do_,
+                        &*ddout,
+                        &mut *grad,
+                        offsets.as_deref(),
+                        &s,
+                    );
+                    // SAFETY: as the dq call, without statistics.
+                    unsafe { emu::run(call) }.unwrap();
+                    let round = if dt == Dt::F16 { round_f16 } else { round_bf16 };
+                    let want = attention_tc_backward_twin(&qkv_b, &o, &dout, s, round).unwrap();
+                    let got = written("d qkv", &*grad);
+                    assert_close(
+                        &format!("tensor-core backward {what}"),
+                        &got,
+                        &want,
+                        dt.tol(),
+                    );
+                }
             }
         }
     }
