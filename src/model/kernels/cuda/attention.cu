@@ -485,6 +485,52 @@ constexpr int TC_WARPS = 4;
 constexpr int TC_HD = 64;
 constexpr int TC_LDH = TC_HD + 8;  // rows of K, V and Q in shared memory (T elements)
 
+// One warp: a 16 x TC_HD tile `a` (rows TC_LDH apart) times the transpose of `nk` 16-row
+// tiles of `b` (rows TC_LDH apart), 16 x 16 f32 results side by side in `out` (rows `ldo`
+// apart): the scores Q K^T, or dO V^T.
+template <typename T>
+__device__ __forceinline__ void tc_times_transposed(const T* a, const T* b, int nk, float* out,
+                                                    int ldo) {
+    using namespace nvcuda;
+    for (int kt = 0; kt < nk; ++kt) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.0f);
+        for (int kk = 0; kk < TC_HD / 16; ++kk) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+            wmma::load_matrix_sync(fa, a + kk * 16, TC_LDH);
+            wmma::load_matrix_sync(fb, b + kt * 16 * TC_LDH + kk * 16, TC_LDH);
+            wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(out + kt * 16, acc, ldo, wmma::mem_row_major);
+    }
+}
+
+// One warp: the softmax of the 16 score rows in `sw` (rows `lds` apart) of the query tile
+// starting at sequence row `row0`, over each row's visible keys (none past the sequence's
+// `len` rows, under `causal` the row's own and earlier ones), rounded to T into `p` (rows `ldp`
+// apart), `ncols` values per row, zero past the visible keys.
+template <typename T>
+__device__ __forceinline__ void tc_softmax(const float* sw, int lds, int row0, int len,
+                                           int causal, T* p, int ldp, int ncols) {
+    const int lane = threadIdx.x % 32;
+    for (int r = 0; r < 16; ++r) {
+        const int row = row0 + r;
+        const int visible = row >= len ? 0 : (causal ? row + 1 : len);
+        float m = -INFINITY;
+        for (int j = lane; j < visible; j += 32) m = fmaxf(m, sw[r * lds + j]);
+        m = warp_max(m);
+        float sum = 0.0f;
+        for (int j = lane; j < visible; j += 32) sum += __expf(sw[r * lds + j] - m);
+        sum = warp_sum(sum);
+        const float inv = visible > 0 ? 1.0f / sum : 0.0f;
+        for (int j = lane; j < ncols; j += 32) {
+            const float pj = j < visible ? __expf(sw[r * lds + j] - m) * inv : 0.0f;
+            p[r * ldp + j] = store<T>(pj);
+        }
+    }
+}
+
 template <typename T>
 __device__ void attention_tc(const T* __restrict__ q, const T* __restrict__ k,
                              const T* __restrict__ v, const T* __restrict__ bq,
@@ -541,36 +587,10 @@ __device__ void attention_tc(const T* __restrict__ q, const T* __restrict__ k,
         __syncwarp();
         // Key tiles this query tile sees.
         const int nk = causal ? qt + 1 : tiles;
-        for (int kt = 0; kt < nk; ++kt) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (int kk = 0; kk < TC_HD / 16; ++kk) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-                wmma::load_matrix_sync(a, qw + kk * 16, TC_LDH);
-                wmma::load_matrix_sync(b, ks + kt * 16 * TC_LDH + kk * 16, TC_LDH);
-                wmma::mma_sync(acc, a, b, acc);
-            }
-            wmma::store_matrix_sync(sw + kt * 16, acc, lds, wmma::mem_row_major);
-        }
+        tc_times_transposed(qw, ks, nk, sw, lds);
         __syncwarp();
         // Row softmax over the visible keys, in f32; P rounded to T (zero where masked).
-        const int ncols = nk * 16;
-        for (int r = 0; r < 16; ++r) {
-            const int row = qt * 16 + r;
-            const int visible = row >= len ? 0 : (causal ? row + 1 : len);
-            float m = -INFINITY;
-            for (int j = lane; j < visible; j += 32) m = fmaxf(m, sw[r * lds + j]);
-            m = warp_max(m);
-            float sum = 0.0f;
-            for (int j = lane; j < visible; j += 32) sum += __expf(sw[r * lds + j] - m);
-            sum = warp_sum(sum);
-            const float inv = visible > 0 ? 1.0f / sum : 0.0f;
-            for (int j = lane; j < ncols; j += 32) {
-                const float p = j < visible ? __expf(sw[r * lds + j] - m) * inv : 0.0f;
-                pw[r * ldp + j] = store<T>(p);
-            }
-        }
+        tc_softmax(sw, lds, qt * 16, len, causal, pw, ldp, nk * 16);
         __syncwarp();
         // O = P V, 16 columns at a time, into the f32 scratch.
         for (int ct = 0; ct < TC_HD / 16; ++ct) {
@@ -668,50 +688,14 @@ __device__ void attention_tc_backward(const T* __restrict__ qkv, const T* __rest
         const T* gw = gs + qt * 16 * TC_LDH;
         // Key tiles this query tile sees.
         const int nk = causal ? qt + 1 : tiles;
-        for (int kt = 0; kt < nk; ++kt) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (int kk = 0; kk < TC_HD / 16; ++kk) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-                wmma::load_matrix_sync(a, qw + kk * 16, TC_LDH);
-                wmma::load_matrix_sync(b, ks + kt * 16 * TC_LDH + kk * 16, TC_LDH);
-                wmma::mma_sync(acc, a, b, acc);
-            }
-            wmma::store_matrix_sync(sw + kt * 16, acc, lds, wmma::mem_row_major);
-        }
+        tc_times_transposed(qw, ks, nk, sw, lds);
         __syncwarp();
         // P over the visible keys, rounded to T; zero elsewhere in the row (every key tile's
         // column, for the dK and dV pass).
-        for (int r = 0; r < 16; ++r) {
-            const int row = qt * 16 + r;
-            const int visible = row >= len ? 0 : (causal ? row + 1 : len);
-            float m = -INFINITY;
-            for (int j = lane; j < visible; j += 32) m = fmaxf(m, sw[r * lds + j]);
-            m = warp_max(m);
-            float sum = 0.0f;
-            for (int j = lane; j < visible; j += 32) sum += __expf(sw[r * lds + j] - m);
-            sum = warp_sum(sum);
-            const float inv = visible > 0 ? 1.0f / sum : 0.0f;
-            for (int j = lane; j < rows; j += 32) {
-                const float p = j < visible ? __expf(sw[r * lds + j] - m) * inv : 0.0f;
-                ps[row * ldp + j] = store<T>(p);
-            }
-        }
+        tc_softmax(sw, lds, qt * 16, len, causal, ps + qt * 16 * ldp, ldp, rows);
         __syncwarp();
         // dP = dO V^T, over the scores in the scratch.
-        for (int kt = 0; kt < nk; ++kt) {
-            wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-            wmma::fill_fragment(acc, 0.0f);
-            for (int kk = 0; kk < TC_HD / 16; ++kk) {
-                wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
-                wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b;
-                wmma::load_matrix_sync(a, gw + kk * 16, TC_LDH);
-                wmma::load_matrix_sync(b, vs + kt * 16 * TC_LDH + kk * 16, TC_LDH);
-                wmma::mma_sync(acc, a, b, acc);
-            }
-            wmma::store_matrix_sync(sw + kt * 16, acc, lds, wmma::mem_row_major);
-        }
+        tc_times_transposed(gw, vs, nk, sw, lds);
         __syncwarp();
         // dS = P (dP - D), rounded to T (zero where P is).
         for (int r = 0; r < 16; ++r) {
