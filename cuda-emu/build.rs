@@ -60,14 +60,15 @@ fn main() -> Result<(), Error> {
             src.display()
         );
         std::fs::write(&tu, &text)?;
-        let expanded = String::from_utf8(base().file(&tu).expand())?;
+        let expanded =
+            String::from_utf8(base().define("CLIPFT_EMU_SCAN", None).file(&tu).expand())?;
         let names = kernel_names(&expanded);
         if names.is_empty() {
             return Err(format!("no extern \"C\" kernels in {}", src.display()).into());
         }
         let entries: Vec<String> = names
             .iter()
-            .map(|k| format!("CLIPFT_EMU_ENTRY({k})"))
+            .map(|(k, bound)| format!("CLIPFT_EMU_ENTRY({k}, {bound})"))
             .collect();
         let table = format!(
             "{text}\nextern \"C\" const clipft_emu::Entry* clipft_emu_table_{stem}(size_t* n) {{\n    \
@@ -137,24 +138,46 @@ fn dynamic_shared(src: &str) -> Result<String, Error> {
 }
 
 /// The `clipft_*` (and the self-tests' `emu_selftest_*`) functions the preprocessed source
-/// defines as `extern "C" void`.
-fn kernel_names(expanded: &str) -> Vec<String> {
-    let mut names = Vec::new();
+/// defines as `extern "C" void`, each with its `__launch_bounds__` expression (`1024`, CUDA's
+/// most, without one).
+fn kernel_names(expanded: &str) -> Vec<(String, String)> {
+    const BOUNDS: &str = "CLIPFT_EMU_LAUNCH_BOUNDS";
+    let ident = |s: &str| -> String {
+        s.chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect()
+    };
+    let mut names: Vec<(String, String)> = Vec::new();
     let mut rest = expanded;
     while let Some(at) = rest.find("extern \"C\"") {
         rest = &rest[at + 10..];
-        let head = rest.trim_start();
-        let Some(after) = head.strip_prefix("void") else {
+        let Some(mut after) = rest.trim_start().strip_prefix("void") else {
             continue;
         };
-        let name: String = after
-            .trim_start()
-            .chars()
-            .take_while(|c| c.is_alphanumeric() || *c == '_')
-            .collect();
+        after = after.trim_start();
+        let mut bound = "1024".to_owned();
+        if let Some(b) = after.strip_prefix(BOUNDS) {
+            let b = b.trim_start();
+            let Some(open) = b.strip_prefix('(') else {
+                continue;
+            };
+            let mut depth = 1;
+            let end = open.char_indices().find_map(|(i, c)| {
+                depth += match c {
+                    '(' => 1,
+                    ')' => -1,
+                    _ => 0,
+                };
+                (depth == 0).then_some(i)
+            });
+            let Some(end) = end else { continue };
+            bound = format!("({})", &open[..end]);
+            after = open[end + 1..].trim_start();
+        }
+        let name = ident(after);
         let ours = name.starts_with("clipft_") || name.starts_with("emu_selftest_");
-        if ours && !names.contains(&name) {
-            names.push(name);
+        if ours && !names.iter().any(|(n, _)| *n == name) {
+            names.push((name, bound));
         }
     }
     names

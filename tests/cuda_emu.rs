@@ -75,6 +75,16 @@ fn arguments_are_checked_against_the_signature() {
     }
     .expect_err("arguments");
     assert!(e.contains("takes arguments *f*f, given *fi"), "{e}");
+    let mut out = Buffer::<f32>::poisoned(128);
+    // SAFETY: writes out[0..64].
+    unsafe { launch("emu_selftest_bounded", dims(64, 0), &[out.arg_mut()]) }.unwrap();
+    // SAFETY: refused before it runs (over the kernel's __launch_bounds__).
+    let e = unsafe { launch("emu_selftest_bounded", dims(128, 0), &[out.arg_mut()]) }
+        .expect_err("bounds");
+    assert!(
+        e.contains("1 to 64 threads (its __launch_bounds__), not 128"),
+        "{e}"
+    );
     // SAFETY: refused before it runs (no such kernel).
     let e = unsafe { launch("no_such_kernel", dims(32, 0), &[]) }.expect_err("name");
     assert!(e.contains("no kernel named"), "{e}");

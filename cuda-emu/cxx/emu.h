@@ -18,7 +18,13 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#ifdef CLIPFT_EMU_SCAN
+// build.rs's scan of the preprocessed source: the bound stays beside the kernel's name, and
+// the kernel's table entry keeps it (a launch over it is refused, as on a GPU).
+#define __launch_bounds__(...) CLIPFT_EMU_LAUNCH_BOUNDS(__VA_ARGS__)
+#else
 #define __launch_bounds__(...)
+#endif
 // Static __shared__ arrays become function statics: one per kernel instantiation, shared by the
 // fibers of the block (blocks run one after another). Dynamic (`extern __shared__`) arrays are
 // rewritten by build.rs into pointers to the launch's shared-memory buffer.
@@ -59,6 +65,8 @@ struct Entry {
     std::string (*tags)();
     void (*invoke)(void* fn, const uint64_t* args);
     void* fn;
+    // Threads per block the kernel's __launch_bounds__ allows (1024 without one).
+    unsigned max_threads;
 };
 
 template <class T> struct Tag;
@@ -106,13 +114,13 @@ template <class... P> void invoke(void* fn, const uint64_t* args) {
     call(reinterpret_cast<void (*)(P...)>(fn), args, std::index_sequence_for<P...>{});
 }
 
-template <class... P> Entry entry(const char* name, void (*f)(P...)) {
-    return Entry{name, &tags_of<P...>, &invoke<P...>, reinterpret_cast<void*>(f)};
+template <class... P> Entry entry(const char* name, void (*f)(P...), unsigned max_threads) {
+    return Entry{name, &tags_of<P...>, &invoke<P...>, reinterpret_cast<void*>(f), max_threads};
 }
 
 }  // namespace clipft_emu
 
-#define CLIPFT_EMU_ENTRY(k) clipft_emu::entry(#k, &k)
+#define CLIPFT_EMU_ENTRY(k, bound) clipft_emu::entry(#k, &k, (bound))
 
 inline void __syncthreads() { clipft_emu::block_sync(); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {

@@ -339,7 +339,9 @@ extern "C" int clipft_emu_launch(const char* name, const char* tags, const uint6
     if (!tags_match(tags, want))
         return report(std::string(name) + " takes arguments " + want + ", given " + tags);
     const unsigned threads = block[0] * block[1] * block[2];
-    if (threads == 0 || threads > 1024) return report("blocks of 1 to 1024 threads");
+    if (threads == 0 || threads > e->max_threads)
+        return report(std::string(name) + ": blocks of 1 to " + std::to_string(e->max_threads) +
+                      " threads (its __launch_bounds__), not " + std::to_string(threads));
     Launch l;
     l.entry = e;
     l.args = args;

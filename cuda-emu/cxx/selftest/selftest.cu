@@ -55,3 +55,8 @@ extern "C" __global__ void emu_selftest_smem_uninit(float* out) {
     extern __shared__ float buf[];
     out[threadIdx.x] = buf[threadIdx.x];
 }
+
+// Declares at most 64 threads per block.
+extern "C" __global__ void __launch_bounds__(64) emu_selftest_bounded(float* out) {
+    out[threadIdx.x] = 1.0f;
+}
