@@ -604,9 +604,11 @@ fn the_gpu_training_path_matches_on_the_cpu() {
     }
 }
 
-/// On the GPU path inference multiplies by a stacked copy of the q, k and v weights, made on
-/// first use. A model whose variables changed since (training between evaluations) must not
-/// serve the stale copy once `with_fresh_packing` was asked for.
+/// On the GPU path inference multiplies by a stacked copy of the q, k and v weights, and closes
+/// each residual branch with copies of the closing bias and the next layer norm's weights
+/// (the residual-norm kernel's parameters), all made on first use. A model whose variables
+/// changed since (training between evaluations) must not serve the stale copies once
+/// `with_fresh_packing` was asked for.
 #[test]
 fn stacked_projections_follow_weight_updates() {
     use candle_core::{DType, Device};
@@ -641,8 +643,14 @@ fn stacked_projections_follow_weight_updates() {
     let before = features(&clip);
     {
         let vars = varmap.data().lock().unwrap();
-        let q = &vars["text_model.encoder.layers.0.self_attn.q_proj.weight"];
-        q.set(&(q.as_tensor() * 3.0).unwrap()).unwrap();
+        for (name, by) in [
+            ("text_model.encoder.layers.0.self_attn.q_proj.weight", 3.0),
+            ("text_model.encoder.layers.0.layer_norm2.weight", 0.5),
+            ("text_model.encoder.layers.1.layer_norm1.weight", 2.0),
+        ] {
+            let v = &vars[name];
+            v.set(&(v.as_tensor() * by).unwrap()).unwrap();
+        }
     }
     let stale = features(&clip);
     let fresh = features(&clip.with_fresh_packing());

@@ -199,6 +199,22 @@ impl Linear {
         }
     }
 
+    /// `x W^T + b + residual` and its layer norm on the GPU path in inference: the product,
+    /// then one [`super::ops::fused_norm::ResidualNorm`] with `tail` (this layer's bias and
+    /// the norm's weight and bias, `[3, cols]`); the residual stream and the normed rows.
+    fn forward_residual_norm(
+        &self,
+        x: &Tensor,
+        residual: &Tensor,
+        tail: &Tensor,
+        eps: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let (y, r) = (self.product(x)?, residual.contiguous()?);
+        let op = super::ops::fused_norm::ResidualNorm { eps: eps as f32 };
+        let out = y.apply_op3_no_bwd(&r, tail, &op)?;
+        Ok((out.get(0)?, out.get(1)?))
+    }
+
     /// A linear map whose weight is given directly (the patch embedding's flattened kernel).
     pub fn from_weight(weight: Tensor, bias: Option<Tensor>, kernels: Kernels) -> Result<Self> {
         let (n, k) = weight.dims2()?;
@@ -590,7 +606,7 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor, mask: &Mask, mode: Mode) -> Result<Tensor> {
         if self.mlp.kernels.fused_gpu {
-            return self.forward_gpu(x, mask, mode, None);
+            return Ok(self.forward_gpu(x, None, mask, mode, None, None)?.0);
         }
         let h = self
             .self_attn
@@ -606,15 +622,26 @@ impl EncoderLayer {
     /// closed inside its last linear's fused tail. `rows` (flat indices into `[batch * seq]`):
     /// only those rows leave the block, `[rows, dim]`, and only they go through the output
     /// projection and the MLP (the last block of a tower, which pools one row per item).
+    ///
+    /// With `tails` (inference, [`Encoder::norm_tails`]) each residual add and the layer norm
+    /// after it are one kernel: the attention branch's with `layer_norm2`, the MLP branch's
+    /// with the next block's `layer_norm1` (`next_eps`), whose result is returned beside the
+    /// block's output and taken here as `normed` (this block's `layer_norm1` of `x`).
     fn forward_gpu(
         &self,
         x: &Tensor,
+        normed: Option<Tensor>,
         mask: &Mask,
         mode: Mode,
         rows: Option<&Tensor>,
-    ) -> Result<Tensor> {
+        tails: Option<(&LayerTails, Option<f64>)>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let a = &self.self_attn;
-        let ctx = a.context(&self.layer_norm1.forward(x, mode)?, mask, mode)?;
+        let h1 = match normed {
+            Some(h) => h,
+            None => self.layer_norm1.forward(x, mode)?,
+        };
+        let ctx = a.context(&h1, mask, mode)?;
         let (ctx, x) = match rows {
             Some(idx) => {
                 let d = x.dim(D::Minus1)?;
@@ -624,10 +651,25 @@ impl EncoderLayer {
             }
             None => (ctx, x.clone()),
         };
-        let x = a.out_proj.forward_residual(&ctx, &x, mode)?;
-        let h = self.layer_norm2.forward(&x, mode)?;
+        let (x, h) = match tails {
+            Some((t, _)) => {
+                let eps = self.layer_norm2.eps;
+                a.out_proj.forward_residual_norm(&ctx, &x, &t.attn, eps)?
+            }
+            None => {
+                let x = a.out_proj.forward_residual(&ctx, &x, mode)?;
+                let h = self.layer_norm2.forward(&x, mode)?;
+                (x, h)
+            }
+        };
         let m = self.mlp.fc1.forward_act(&h, self.mlp.act, mode)?;
-        self.mlp.fc2.forward_residual(&m, &x, mode)
+        match tails {
+            Some((LayerTails { mlp: Some(t), .. }, Some(eps))) => {
+                let (x, n) = self.mlp.fc2.forward_residual_norm(&m, &x, t, eps)?;
+                Ok((x, Some(n)))
+            }
+            _ => Ok((self.mlp.fc2.forward_residual(&m, &x, mode)?, None)),
+        }
     }
 }
 
@@ -642,14 +684,67 @@ pub struct EncoderShape {
     pub eps: f64,
 }
 
+/// One block's parameters for [`super::ops::fused_norm::ResidualNorm`], `[3, dim]` each: the
+/// output projection's bias with `layer_norm2`'s weight and bias, and (all blocks but the
+/// last) `fc2`'s bias with the next block's `layer_norm1`.
+#[derive(Debug, Clone)]
+struct LayerTails {
+    attn: Tensor,
+    mlp: Option<Tensor>,
+}
+
 /// The stack of transformer blocks, `encoder.layers.N.*` in transformers' names.
 #[derive(Debug, Clone)]
 pub struct Encoder {
     layers: Vec<EncoderLayer>,
     kernels: Kernels,
+    /// [`LayerTails`] per block for inference on the GPU path, made on first use (copies of
+    /// the weights: forgotten with [`Encoder::forget_stacked`]); empty where they do not apply.
+    tails: Arc<OnceLock<Vec<LayerTails>>>,
 }
 
 impl Encoder {
+    /// The residual-norm parameters of every block, for inference on the GPU path where the
+    /// kernel takes the width and every closing linear has a bias; None elsewhere.
+    fn norm_tails(&self) -> Result<Option<&[LayerTails]>> {
+        let Some(first) = self.layers.first() else {
+            return Ok(None);
+        };
+        let dim = first.layer_norm1.weight.dim(0)?;
+        if !self.kernels.fused_gpu || !super::kernels::cuda::layernorm::norm_supports(dim) {
+            return Ok(None);
+        }
+        if let Some(t) = self.tails.get() {
+            return Ok((!t.is_empty()).then_some(t.as_slice()));
+        }
+        let stack = |b: &Option<Tensor>, n: &LayerNorm| -> Result<Option<Tensor>> {
+            match b {
+                Some(b) => Ok(Some(Tensor::stack(&[b, &n.weight, &n.bias], 0)?)),
+                None => Ok(None),
+            }
+        };
+        let mut tails = Vec::with_capacity(self.layers.len());
+        for (i, l) in self.layers.iter().enumerate() {
+            let Some(attn) = stack(&l.self_attn.out_proj.bias, &l.layer_norm2)? else {
+                tails.clear();
+                break;
+            };
+            let mlp = match self.layers.get(i + 1) {
+                Some(next) => match stack(&l.mlp.fc2.bias, &next.layer_norm1)? {
+                    Some(t) => Some(t),
+                    None => {
+                        tails.clear();
+                        break;
+                    }
+                },
+                None => None,
+            };
+            tails.push(LayerTails { attn, mlp });
+        }
+        let t = self.tails.get_or_init(|| tails);
+        Ok((!t.is_empty()).then_some(t.as_slice()))
+    }
+
     /// [`Attention::release_stacked`] for every layer; the bytes released.
     pub(crate) fn release_stacked(&mut self) -> Result<usize> {
         let mut bytes = 0;
@@ -659,11 +754,13 @@ impl Encoder {
         Ok(bytes)
     }
 
-    /// Forgets the attention layers' stacked projections (in this clone only).
+    /// Forgets the attention layers' stacked projections and the residual-norm parameters
+    /// (in this clone only).
     pub(crate) fn forget_stacked(&mut self) {
         for l in &mut self.layers {
             l.self_attn.forget_stacked();
         }
+        self.tails = Arc::default();
     }
 
     /// Every linear layer, for [`Linear::release_packed`].
@@ -690,7 +787,11 @@ impl Encoder {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, kernels })
+        Ok(Self {
+            layers,
+            kernels,
+            tails: Arc::default(),
+        })
     }
 
     /// Whether [`Encoder::forward_pooled`] takes packed sequences in this model: the kernels
@@ -751,11 +852,18 @@ impl Encoder {
         let idx = Tensor::from_vec(idx, pooled.len(), x.device())?;
         let mut x = x.clone();
         if self.kernels.fused_gpu {
+            let tails = match mode {
+                Mode::Inference => self.norm_tails()?,
+                Mode::Train => None,
+            };
             if let Some((last, rest)) = self.layers.split_last() {
-                for layer in rest {
-                    x = layer.forward(&x, &mask, mode)?;
+                let mut normed = None;
+                for (i, layer) in rest.iter().enumerate() {
+                    let t = tails.map(|t| (&t[i], Some(self.layers[i + 1].layer_norm1.eps)));
+                    (x, normed) = layer.forward_gpu(&x, normed, &mask, mode, None, t)?;
                 }
-                return last.forward_gpu(&x, &mask, mode, Some(&idx));
+                let t = tails.and_then(|t| t.last()).map(|t| (t, None));
+                return Ok(last.forward_gpu(&x, normed, &mask, mode, Some(&idx), t)?.0);
             }
         }
         for layer in &self.layers {

@@ -7,7 +7,9 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use crate::model::kernels::cuda::layernorm::{layer_norm_backward_twin, layer_norm_twin};
+use crate::model::kernels::cuda::layernorm::{
+    layer_norm_backward_twin, layer_norm_twin, residual_layer_norm_twin,
+};
 
 /// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension of `x`.
 #[derive(Debug, Clone, Copy)]
@@ -20,6 +22,109 @@ pub struct FusedLayerNorm {
 #[derive(Debug, Clone, Copy)]
 pub struct LayerNormBackward {
     pub eps: f32,
+}
+
+/// The residual add that closes a block's branch and the layer norm after it, for inference on
+/// the GPU path: from the product `y`, the residual `r` (shaped as `y`) and `params` (`[3,
+/// cols]`: the closing linear's bias, the norm's weight and bias), `[2, ..y's shape]`: the
+/// residual stream `y + b + r`, then its layer norm. One kernel
+/// (`clipft_residual_layernorm_*`) instead of the residual kernel and the norm's pass over
+/// what it wrote; on the CPU the kernel's twin. No backward: training keeps the two ops.
+#[derive(Debug, Clone, Copy)]
+pub struct ResidualNorm {
+    pub eps: f32,
+}
+
+impl ResidualNorm {
+    /// Columns, checking `r` is shaped as `y`, `params` is `[3, cols]`, all contiguous.
+    fn check(yl: &Layout, rl: &Layout, pl: &Layout) -> Result<usize> {
+        let cols = yl.shape().dims().last().copied().unwrap_or(0);
+        if rl.shape() != yl.shape() || pl.shape().dims() != [3, cols] {
+            candle_core::bail!(
+                "residual norm: a residual {:?} and parameters {:?} for {:?}",
+                rl.shape(),
+                pl.shape(),
+                yl.shape()
+            );
+        }
+        if [yl, rl, pl].iter().any(|l| !l.is_contiguous()) {
+            candle_core::bail!("residual norm: contiguous inputs only");
+        }
+        Ok(cols)
+    }
+
+    fn out_shape(yl: &Layout) -> Shape {
+        let mut dims = vec![2];
+        dims.extend_from_slice(yl.shape().dims());
+        Shape::from(dims)
+    }
+}
+
+impl CustomOp3 for ResidualNorm {
+    fn name(&self) -> &'static str {
+        "clipft-residual-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ys: &CpuStorage,
+        yl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = Self::check(yl, rl, pl)?;
+        let p = super::twin_input(ps, pl, self.name())?;
+        let (b, rest) = p.split_at(cols);
+        let (w, lb) = rest.split_at(cols);
+        let round: fn(f32) -> f32 = match ys {
+            CpuStorage::F16(_) => |x| half::f16::from_f32(x).to_f32(),
+            CpuStorage::BF16(_) => |x| half::bf16::from_f32(x).to_f32(),
+            _ => |x| x,
+        };
+        let out = residual_layer_norm_twin(
+            &super::twin_input(ys, yl, self.name())?,
+            b,
+            &super::twin_input(rs, rl, self.name())?,
+            w,
+            lb,
+            self.eps,
+            round,
+        )?;
+        Ok((super::twin_output(ys, out), Self::out_shape(yl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        rs: &candle_core::CudaStorage,
+        rl: &Layout,
+        ps: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::model::kernels::cuda::layernorm;
+        let cols = Self::check(yl, rl, pl)?;
+        let dev = ys.device.clone();
+        let out = by_dtype!(ys, self.name(), |T, suffix| {
+            let (y, r, p) = (
+                super::cuda_view::<T>(ys, yl)?,
+                super::cuda_view::<T>(rs, rl)?,
+                super::cuda_view::<T>(ps, pl)?,
+            );
+            let (b, w, lb) = (
+                p.slice(..cols),
+                p.slice(cols..2 * cols),
+                p.slice(2 * cols..),
+            );
+            let out =
+                layernorm::residual_layer_norm::<T>(suffix, &dev, &y, &b, &r, &w, &lb, self.eps)?;
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((out, Self::out_shape(yl)))
+    }
 }
 
 /// Columns of `x` and the checks every input shares: `w` (and the third input, a bias or the
@@ -223,8 +328,42 @@ mod tests {
         Ok(())
     }
 
-    /// On a GPU (CUDA builds): both kernels against their twins, every dtype, CLIP's widths.
-    /// Without a GPU it says so and checks nothing.
+    /// The residual norm gives exactly what the two ops it replaces give (the residual tail,
+    /// then the norm over its rounded output), in each dtype, and refuses mismatched inputs.
+    #[test]
+    fn residual_norm_is_the_two_ops() -> Result<()> {
+        use crate::model::ops::fused_tail::BiasResidual;
+        let dev = Device::Cpu;
+        let (rows, cols) = (7, 96);
+        let y = Tensor::randn(0f32, 1.0, (rows, cols), &dev)?;
+        let r = Tensor::randn(0f32, 1.0, (rows, cols), &dev)?;
+        let b = Tensor::randn(0f32, 0.5, cols, &dev)?;
+        let w = Tensor::randn(1f32, 0.2, cols, &dev)?;
+        let lb = Tensor::randn(0f32, 0.2, cols, &dev)?;
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let [y, r, b, w, lb] = [&y, &r, &b, &w, &lb].map(|t| t.to_dtype(dt).unwrap());
+            let params = Tensor::stack(&[&b, &w, &lb], 0)?;
+            let out = y.apply_op3_no_bwd(&r, &params, &ResidualNorm { eps: 1e-5 })?;
+            let h = y.apply_op3_no_bwd(&b, &r, &BiasResidual)?;
+            let n = h.apply_op3_no_bwd(&w, &lb, &FusedLayerNorm { eps: 1e-5 })?;
+            let diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+                (a - b)?.abs()?.max_all()?.to_scalar::<f32>()
+            };
+            assert_eq!(diff(&out.get(0)?, &h)?, 0.0, "{dt:?} residual");
+            assert_eq!(diff(&out.get(1)?, &n)?, 0.0, "{dt:?} norm");
+            assert!(y
+                .apply_op3_no_bwd(&r.narrow(0, 0, 3)?, &params, &ResidualNorm { eps: 1e-5 })
+                .is_err());
+            assert!(y
+                .apply_op3_no_bwd(&r, &params.narrow(0, 0, 2)?, &ResidualNorm { eps: 1e-5 })
+                .is_err());
+        }
+        Ok(())
+    }
+
+    /// On a GPU (CUDA builds): the forward, backward and residual-norm kernels against their
+    /// twins, every dtype, CLIP's widths. Without a GPU it says so and checks nothing.
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_kernels_match_their_twins() -> Result<()> {
@@ -245,6 +384,9 @@ mod tests {
                 let d: Vec<Tensor> = c.iter().map(|t| t.to_device(&gpu)).collect::<Result<_>>()?;
                 let op = FusedLayerNorm { eps: 1e-5 };
                 let back = LayerNormBackward { eps: 1e-5 };
+                let res = ResidualNorm { eps: 1e-5 };
+                // The residual norm's parameters: a bias (b), the norm's weight and bias (w, b).
+                let params = |t: &[Tensor]| Tensor::stack(&[&t[2], &t[1], &t[2]], 0);
                 let pairs = [
                     (
                         c[0].apply_op3_no_bwd(&c[1], &c[2], &op)?,
@@ -253,6 +395,10 @@ mod tests {
                     (
                         c[0].apply_op3_no_bwd(&c[1], &c[3], &back)?,
                         d[0].apply_op3_no_bwd(&d[1], &d[3], &back)?,
+                    ),
+                    (
+                        c[0].apply_op3_no_bwd(&c[3], &params(&c)?, &res)?,
+                        d[0].apply_op3_no_bwd(&d[3], &params(&d)?, &res)?,
                     ),
                 ];
                 for (i, (twin, got)) in pairs.into_iter().enumerate() {
@@ -265,7 +411,7 @@ mod tests {
                     assert!(
                         err < tol,
                         "{dt:?} {rows}x{cols} {}: {err}",
-                        ["forward", "backward"][i]
+                        ["forward", "backward", "residual norm"][i]
                     );
                 }
             }

@@ -62,6 +62,31 @@ __device__ void layernorm(const T* __restrict__ x, const T* __restrict__ w,
         yr[c] = store<T>(fmaf((load(xr[c]) - mean) * rstd, load(w[c]), load(b[c])));
 }
 
+// The residual add that closes a block's branch and the layer norm after it, in one pass:
+// h = x + b[col] + r (rounded to T: the residual stream), y = layernorm(h) with the
+// statistics of the rounded h, as the separate kernels compute them. One warp per row, each
+// lane over the same columns in both passes (so it reads back only its own writes). grid
+// ceil(rows / NWARPS), block NWARPS * 32. Inference only: training keeps the two ops, whose
+// backward candle's autograd can follow.
+template <typename T>
+__device__ void residual_layernorm(const T* __restrict__ x, const T* __restrict__ b,
+                                   const T* __restrict__ r, const T* __restrict__ w,
+                                   const T* __restrict__ lb, T* __restrict__ h,
+                                   T* __restrict__ y, int rows, int cols, float eps) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row = blockIdx.x * NWARPS + warp;
+    if (row >= rows) return;
+    const size_t at = (size_t)row * cols;
+    T* hr = h + at;
+    for (int c = lane; c < cols; c += 32)
+        hr[c] = store<T>(load(x[at + c]) + load(b[c]) + load(r[at + c]));
+    float mean, rstd;
+    stats(hr, cols, eps, lane, mean, rstd);
+    T* yr = y + at;
+    for (int c = lane; c < cols; c += 32)
+        yr[c] = store<T>(fmaf((load(hr[c]) - mean) * rstd, load(w[c]), load(lb[c])));
+}
+
 // grid ceil(rows / (NWARPS * RPW)), block NWARPS * 32, dynamic shared memory
 // NWARPS * 2 * cols floats. Writes dx and the block's partial sums partial[block][2][cols]
 // (the weight's, then the bias's).
@@ -129,6 +154,12 @@ __device__ void layernorm_backward_sum(const float* __restrict__ partial, T* __r
         clipft_layernorm_backward_##SUFFIX(const T* x, const T* w, const T* dy, T* dx,         \
                                            float* partial, int rows, int cols, float eps) {    \
         layernorm_backward<T>(x, w, dy, dx, partial, rows, cols, eps);                         \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(NWARPS * 32)                                  \
+        clipft_residual_layernorm_##SUFFIX(const T* x, const T* b, const T* r, const T* w,     \
+                                           const T* lb, T* h, T* y, int rows, int cols,        \
+                                           float eps) {                                        \
+        residual_layernorm<T>(x, b, r, w, lb, h, y, rows, cols, eps);                          \
     }                                                                                          \
     extern "C" __global__ void clipft_layernorm_backward_sum_##SUFFIX(                         \
         const float* partial, T* out, int blocks, int cols) {                                  \

@@ -54,6 +54,38 @@ pub fn layer_norm_twin(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Result<Vec<
     Ok(y)
 }
 
+/// `h = x + b[col] + r` rounded by `round` (to the kernel's element type), then
+/// [`layer_norm_twin`] of `h` with `w` and `lb`: `clipft_residual_layernorm_*`'s two outputs,
+/// `h` then `y`, side by side.
+pub fn residual_layer_norm_twin(
+    x: &[f32],
+    b: &[f32],
+    r: &[f32],
+    w: &[f32],
+    lb: &[f32],
+    eps: f32,
+    round: fn(f32) -> f32,
+) -> Result<Vec<f32>> {
+    let cols = w.len();
+    check(x.len(), cols, cols)?;
+    if b.len() != cols || r.len() != x.len() {
+        bail!(
+            "residual layer norm: a bias of {} and a residual of {} for {} values in rows of {cols}",
+            b.len(),
+            r.len(),
+            x.len()
+        );
+    }
+    let mut out: Vec<f32> = x
+        .chunks(cols)
+        .zip(r.chunks(cols))
+        .flat_map(|(xr, rr)| xr.iter().zip(b).zip(rr).map(|((x, b), r)| round(x + b + r)))
+        .collect();
+    let y = layer_norm_twin(&out, w, lb, eps)?;
+    out.extend(y);
+    Ok(out)
+}
+
 /// The backward of [`layer_norm_twin`] as `clipft_layernorm_backward_*` and `_sum_*` compute it:
 /// `rows + 2` rows of `cols`, the input's gradient, then the weight's and the bias's (summed
 /// per block of rows, then over blocks, in order).
@@ -123,6 +155,36 @@ pub fn layer_norm_call<'a, I: ?Sized, O: ?Sized>(
         .i32(rows as i32)
         .i32(cols as i32)
         .f32(eps)
+}
+
+/// `clipft_residual_layernorm_<suffix>`: the residual stream `h = x + b + r` and its layer
+/// norm `y` (weight `w`, bias `lb`), `rows` rows of `cols`, one warp per row.
+#[allow(clippy::too_many_arguments)]
+pub fn residual_layer_norm_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    [x, b, r, w, lb]: [&'a I; 5],
+    h: &'a mut O,
+    y: &'a mut O,
+    rows: usize,
+    cols: usize,
+    eps: f32,
+) -> Call<'a, I, O> {
+    let grid = ((rows as u32).div_ceil(NWARPS), 1, 1);
+    Call::new(
+        format!("clipft_residual_layernorm_{suffix}"),
+        grid,
+        NWARPS * 32,
+    )
+    .input(x)
+    .input(b)
+    .input(r)
+    .input(w)
+    .input(lb)
+    .output(h)
+    .output(y)
+    .i32(rows as i32)
+    .i32(cols as i32)
+    .f32(eps)
 }
 
 /// Blocks of the backward over `rows` (at least one): the partial sums hold `blocks * 2 *
@@ -218,6 +280,54 @@ mod gpu {
         Ok(y)
     }
 
+    /// `clipft_residual_layernorm_<suffix>` over `x` and `r` (whole rows of `w.len()`): `2 x
+    /// len` values, the residual stream `x + b + r`, then its layer norm with `w` and `lb`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn residual_layer_norm<T: DeviceRepr>(
+        suffix: &str,
+        dev: &CudaDevice,
+        x: &CudaView<'_, T>,
+        b: &CudaView<'_, T>,
+        r: &CudaView<'_, T>,
+        w: &CudaView<'_, T>,
+        lb: &CudaView<'_, T>,
+        eps: f32,
+    ) -> Result<CudaSlice<T>> {
+        let cols = w.len();
+        let rows = super::check(x.len(), cols, cols)?;
+        if b.len() != cols || lb.len() != cols || r.len() != x.len() {
+            candle_core::bail!(
+                "residual layer norm: biases of {} and {}, a residual of {}, for {} values in \
+                 rows of {cols}",
+                b.len(),
+                lb.len(),
+                r.len(),
+                x.len()
+            );
+        }
+        // SAFETY: the kernel writes every row of both halves (one warp each).
+        let mut out = unsafe { dev.alloc::<T>(2 * x.len())? };
+        if rows == 0 {
+            return Ok(out);
+        }
+        let Some((mut h, mut y)) = out.try_split_at_mut(x.len()) else {
+            candle_core::bail!("residual layer norm: an output of {} values", 2 * x.len());
+        };
+        let call = super::residual_layer_norm_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            suffix,
+            [x, b, r, w, lb],
+            &mut h,
+            &mut y,
+            rows,
+            cols,
+            eps,
+        );
+        // SAFETY: reads rows x cols of x and r (whole rows, checked) and cols of b, w and lb;
+        // writes rows x cols values of h and of y, the two halves of `out`.
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
+        Ok(out)
+    }
+
     /// `clipft_layernorm_backward_<suffix>`, then `_sum_<suffix>`: `rows + 2` rows of `cols`,
     /// the input's gradient, then the weight's and the bias's.
     pub fn layer_norm_backward<T: DeviceRepr>(
@@ -275,7 +385,7 @@ mod gpu {
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{layer_norm, layer_norm_backward};
+pub use gpu::{layer_norm, layer_norm_backward, residual_layer_norm};
 
 /// `layernorm.cu` itself, run by the CPU emulator with the launchers' grids, shared memory and
 /// arguments, in each type, against the twins.
@@ -283,6 +393,41 @@ pub use gpu::{layer_norm, layer_norm_backward};
 mod emu_tests {
     use super::super::call::emu::{self, assert_close, values, written, Dt, EmuArg};
     use super::*;
+
+    #[test]
+    fn emulated_residual_norm_matches_its_twin() {
+        for (rows, cols) in [(9, 40), (6, 768)] {
+            for dt in Dt::ALL {
+                let what = format!("{dt:?} {rows}x{cols}");
+                let n = rows * cols;
+                let (x, r) = (dt.round_all(&values(n, 1)), dt.round_all(&values(n, 2)));
+                let [b, w, lb] = [3, 4, 5].map(|s| dt.round_all(&values(cols, s)));
+                let ins = [&x, &b, &r, &w, &lb].map(|v| dt.buffer(v));
+                let (mut h, mut y) = (dt.poisoned(n), dt.poisoned(n));
+                let call = residual_layer_norm_call::<dyn EmuArg, dyn EmuArg>(
+                    dt.suffix(),
+                    [&*ins[0], &*ins[1], &*ins[2], &*ins[3], &*ins[4]],
+                    &mut *h,
+                    &mut *y,
+                    rows,
+                    cols,
+                    1e-5,
+                );
+                // SAFETY: x, r, h and y hold rows x cols values, b, w and lb cols.
+                unsafe { emu::run(call) }.unwrap();
+                let round = match dt {
+                    Dt::F32 => |v: f32| v,
+                    Dt::F16 => |v: f32| Dt::F16.round(v),
+                    Dt::Bf16 => |v: f32| Dt::Bf16.round(v),
+                };
+                let want = residual_layer_norm_twin(&x, &b, &r, &w, &lb, 1e-5, round).unwrap();
+                let (want_h, want_y) = want.split_at(n);
+                assert_close(&format!("h {what}"), &written("h", &*h), want_h, 1e-6);
+                let want_y = dt.round_all(want_y);
+                assert_close(&format!("y {what}"), &written("y", &*y), &want_y, dt.tol());
+            }
+        }
+    }
 
     #[test]
     fn emulated_kernels_match_their_twins() {
