@@ -122,6 +122,10 @@ done
 [ -n "${QUICK:-}" ] || [ -n "${CLIPFT_NO_TC_ATTENTION:-}" ] || CLIPFT_NO_TC_ATTENTION=1 step \
   bench-clip-vision-f16-cuda-cores 120 "$BIN" bench --model "$VIT" --select-model clip-vision \
   --device "$DEV" --dtype f16 --batch-size "$BATCH" --seconds "$SECS"
+# And with the residual add and the layer norm as two kernels: what their fusion brings.
+[ -n "${QUICK:-}" ] || CLIPFT_NO_RESIDUAL_NORM=1 step bench-clip-vision-f16-two-pass-norm 120 \
+  "$BIN" bench --model "$VIT" --select-model clip-vision --device "$DEV" --dtype f16 \
+  --batch-size "$BATCH" --seconds "$SECS"
 step bench-peer-torch-f16 240 "$PY" scripts/bench_peers.py --model "$VIT" --peers torch --device "$DEV" \
   --dtype f16 --batch-sizes "1,$BATCH" --text-tokens 77 --seconds "$SECS"
 grep '"peer"' "$LOG" | tail -n 4 >>"$SUM"

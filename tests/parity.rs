@@ -498,6 +498,7 @@ fn the_gpu_layer_path_matches_on_the_cpu() {
             fused_gpu: true,
             packed_text: true,
             tc_attention: true,
+            residual_norm: true,
             ..Kernels::CANDLE
         });
         let candle = build(Kernels::CANDLE);
@@ -569,6 +570,7 @@ fn the_gpu_training_path_matches_on_the_cpu() {
             fused_gpu: true,
             packed_text: true,
             tc_attention: true,
+            residual_norm: true,
             ..Kernels::CANDLE
         });
         let (loss, candle) = step(Kernels::CANDLE);
@@ -623,6 +625,7 @@ fn stacked_projections_follow_weight_updates() {
         fused_gpu: true,
         packed_text: true,
         tc_attention: true,
+        residual_norm: true,
         ..Kernels::CANDLE
     };
     let clip = Clip::new(vb, &config, Towers::TEXT, kernels).unwrap();
@@ -735,6 +738,7 @@ fn the_gpu_training_path_in_bf16_matches_on_the_cpu() {
         fused_gpu: true,
         packed_text: true,
         tc_attention: true,
+        residual_norm: true,
         ..Kernels::CANDLE
     };
     let (gpu_loss, gpu_grads) = step(gpu, DType::BF16);
@@ -802,6 +806,7 @@ fn serving_releases_the_separate_projections_on_the_gpu_path() {
         fused_gpu: true,
         packed_text: true,
         tc_attention: true,
+        residual_norm: true,
         ..Kernels::CANDLE
     };
     let mut clip = Clip::new(vb, &config, Towers::ALL, kernels).unwrap();

@@ -705,13 +705,15 @@ pub struct Encoder {
 
 impl Encoder {
     /// The residual-norm parameters of every block, for inference on the GPU path where the
-    /// kernel takes the width and every closing linear has a bias; None elsewhere.
+    /// kernels use it ([`Kernels::residual_norm`]), the kernel takes the width and every
+    /// closing linear has a bias; None elsewhere.
     fn norm_tails(&self) -> Result<Option<&[LayerTails]>> {
         let Some(first) = self.layers.first() else {
             return Ok(None);
         };
         let dim = first.layer_norm1.weight.dim(0)?;
-        if !self.kernels.fused_gpu || !super::kernels::cuda::layernorm::norm_supports(dim) {
+        let k = &self.kernels;
+        if !k.fused_gpu || !k.residual_norm || !super::kernels::cuda::layernorm::norm_supports(dim) {
             return Ok(None);
         }
         if let Some(t) = self.tails.get() {

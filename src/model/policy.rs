@@ -2,8 +2,9 @@
 //! comparison switches (`CLIPFT_NO_FUSED`: candle's ops instead of the fused CPU kernels,
 //! `CLIPFT_NO_FUSED_BLOCK`: the per-op training graph instead of one op per block) are read from
 //! the environment once per process, as is `CLIPFT_NO_PACKED_TEXT` (captions padded to the
-//! batch's longest instead of packed up to their end-of-text tokens) and `CLIPFT_NO_TC_ATTENTION`
-//! (the GPU path's attention forward on CUDA cores only). [`Kernels`] is what follows for one model from its device,
+//! batch's longest instead of packed up to their end-of-text tokens), `CLIPFT_NO_TC_ATTENTION`
+//! (the GPU path's attention on CUDA cores only) and `CLIPFT_NO_RESIDUAL_NORM` (the GPU path's
+//! residual add and layer norm as two kernels in inference). [`Kernels`] is what follows for one model from its device,
 //! dtype, those switches and the matmul precision: [`super::Clip::new`] takes it and every layer
 //! keeps a copy, so no layer looks at tensors, globals or the environment to choose a path.
 //! [`KernelPolicy`] adds what a loaded model's log line and the executor's banner say.
@@ -26,6 +27,8 @@ pub struct Switches {
     pub packed_text: bool,
     /// The GPU path's f16/bf16 attention, forward and backward, on tensor cores.
     pub tc_attention: bool,
+    /// The GPU path's residual add and layer norm as one kernel in inference.
+    pub residual_norm: bool,
 }
 
 /// The process's switches, read once.
@@ -36,6 +39,7 @@ pub fn switches() -> Switches {
         fused_blocks: std::env::var_os("CLIPFT_NO_FUSED_BLOCK").is_none(),
         packed_text: std::env::var_os("CLIPFT_NO_PACKED_TEXT").is_none(),
         tc_attention: std::env::var_os("CLIPFT_NO_TC_ATTENTION").is_none(),
+        residual_norm: std::env::var_os("CLIPFT_NO_RESIDUAL_NORM").is_none(),
     })
 }
 
@@ -54,9 +58,9 @@ pub struct Kernels {
     /// On a GPU: inference and training through clipft's CUDA kernels, each op with its
     /// backward: attention as one op over the stacked QKV projection
     /// ([`super::ops::fused_attention`], where the head width allows), layer norm in training
-    /// ([`super::ops::fused_norm`]; inference keeps candle's fused kernel), each linear layer's
-    /// bias + activation or bias + residual as one op ([`super::ops::fused_tail`]), and the
-    /// last block on the pooled rows only.
+    /// ([`super::ops::fused_norm`]; inference keeps candle's fused kernel where `residual_norm`
+    /// does not apply), each linear layer's bias + activation or bias + residual as one op
+    /// ([`super::ops::fused_tail`]), and the last block on the pooled rows only.
     pub fused_gpu: bool,
     /// With `fused_cpu` or `fused_gpu`: the text tower computes each caption only up to its
     /// end-of-text token, the captions packed end to end ([`super::kernels::seqs`]), where every
@@ -66,6 +70,10 @@ pub struct Kernels {
     /// (wmma) where the head width is 64 and sequences have at most 128 rows; the CUDA-core
     /// kernels otherwise (`CLIPFT_NO_TC_ATTENTION=1`: always).
     pub tc_attention: bool,
+    /// With `fused_gpu`, in inference: each residual add and the layer norm after it as one
+    /// kernel ([`super::ops::fused_norm::ResidualNorm`]); two otherwise
+    /// (`CLIPFT_NO_RESIDUAL_NORM=1`).
+    pub residual_norm: bool,
 }
 
 impl Kernels {
@@ -77,6 +85,7 @@ impl Kernels {
         fused_gpu: false,
         packed_text: false,
         tc_attention: false,
+        residual_norm: false,
     };
 
     /// The kernels for weights on `device` in `dtype`, under the process's switches and matmul
@@ -88,6 +97,7 @@ impl Kernels {
                 fused_gpu: true,
                 packed_text: sw.packed_text,
                 tc_attention: sw.tc_attention,
+                residual_norm: sw.residual_norm,
                 ..Self::CANDLE
             };
         }
@@ -101,6 +111,7 @@ impl Kernels {
             fused_gpu: false,
             packed_text: sw.packed_text,
             tc_attention: false,
+            residual_norm: false,
         }
     }
 }
