@@ -713,7 +713,8 @@ impl Encoder {
         };
         let dim = first.layer_norm1.weight.dim(0)?;
         let k = &self.kernels;
-        if !k.fused_gpu || !k.residual_norm || !super::kernels::cuda::layernorm::norm_supports(dim) {
+        if !k.fused_gpu || !k.residual_norm || !super::kernels::cuda::layernorm::norm_supports(dim)
+        {
             return Ok(None);
         }
         if let Some(t) = self.tails.get() {

@@ -528,6 +528,44 @@ mod tests {
         Ok(())
     }
 
+    /// `op` on the GPU against its twin on the CPU from the same inputs (`qkv`, its bias and
+    /// an output gradient, in the dtype under test): the forward within `tol`, the backward
+    /// (from each side's own output) within `gtol` of the largest gradient.
+    #[cfg(feature = "cuda")]
+    fn gpu_matches_twin(
+        gpu: &Device,
+        op: &FusedAttention,
+        inputs: [Result<Tensor>; 3],
+        tol: f32,
+        gtol: f32,
+        what: &str,
+    ) -> Result<()> {
+        let [c, cb, g] = inputs;
+        let (c, cb, g) = (c?, cb?, g?);
+        let twin = c.apply_op2_no_bwd(&cb, op)?;
+        let (cg, bg, gg) = (c.to_device(gpu)?, cb.to_device(gpu)?, g.to_device(gpu)?);
+        let got = cg.apply_op2_no_bwd(&bg, op)?;
+        let err = max_diff(&got.to_device(&Device::Cpu)?, &twin)?;
+        assert!(err < tol, "{what}: max diff {err}");
+        let back = |bias: &Tensor| AttentionBackward {
+            op: op.clone(),
+            bias: bias.clone(),
+        };
+        let twin = c.apply_op3_no_bwd(&twin, &g, &back(&cb))?;
+        let got = cg.apply_op3_no_bwd(&got, &gg, &back(&bg))?;
+        let scale = twin
+            .to_dtype(DType::F32)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        let err = max_diff(&got.to_device(&Device::Cpu)?, &twin)?;
+        assert!(
+            err < gtol * scale.max(1.0),
+            "{what} backward: max diff {err} of {scale}"
+        );
+        Ok(())
+    }
+
     /// On a GPU (CUDA builds): the tensor-core forward and backward against their twins (the
     /// same roundings), f16 and bf16, text (causal), image and packed captions. Without a GPU it says so and
     /// checks nothing. `scripts/gpu-check.sh` runs it on its own and turns the tensor-core
@@ -581,34 +619,9 @@ mod tests {
             }
             let dout = dout.reshape(out_shape)?;
             for (dt, tol, gtol) in [(DType::F16, 4e-3, 2e-2), (DType::BF16, 3e-2, 1e-1)] {
-                let (c, cb, g) = (qkv.to_dtype(dt)?, bias.to_dtype(dt)?, dout.to_dtype(dt)?);
-                let twin = c.apply_op2_no_bwd(&cb, &op)?;
-                let (cg, bg, gg) = (c.to_device(&gpu)?, cb.to_device(&gpu)?, g.to_device(&gpu)?);
-                let got = cg.apply_op2_no_bwd(&bg, &op)?;
-                let err = max_diff(&got.to_device(&Device::Cpu)?, &twin)?;
-                assert!(
-                    err < tol,
-                    "{dt:?} {:?} causal {causal}: max diff {err}",
-                    qkv.shape()
-                );
-                // The tensor-core backward from the same output on both sides.
-                let back = |bias: &Tensor| AttentionBackward {
-                    op: op.clone(),
-                    bias: bias.clone(),
-                };
-                let twin = c.apply_op3_no_bwd(&twin, &g, &back(&cb))?;
-                let got = cg.apply_op3_no_bwd(&got, &gg, &back(&bg))?;
-                let scale = twin
-                    .to_dtype(DType::F32)?
-                    .abs()?
-                    .max_all()?
-                    .to_scalar::<f32>()?;
-                let err = max_diff(&got.to_device(&Device::Cpu)?, &twin)?;
-                assert!(
-                    err < gtol * scale.max(1.0),
-                    "{dt:?} {:?} causal {causal} backward: max diff {err} of {scale}",
-                    qkv.shape()
-                );
+                let inputs = [&qkv, &bias, &dout].map(|t| t.to_dtype(dt));
+                let what = format!("{dt:?} {:?} causal {causal}", qkv.shape());
+                gpu_matches_twin(&gpu, &op, inputs, tol, gtol, &what)?;
             }
         }
         Ok(())
@@ -634,32 +647,9 @@ mod tests {
                 (DType::F16, 5e-3, 2e-2),
                 (DType::BF16, 3e-2, 1e-1),
             ] {
-                let (c, cb, g) = (qkv.to_dtype(dt)?, bias.to_dtype(dt)?, dout.to_dtype(dt)?);
-                let twin = c.apply_op2_no_bwd(&cb, &op)?;
-                let (cg, bg, gg) = (c.to_device(&gpu)?, cb.to_device(&gpu)?, g.to_device(&gpu)?);
-                let got = cg.apply_op2_no_bwd(&bg, &op)?;
-                let err = max_diff(&got.to_device(&Device::Cpu)?, &twin)?;
-                assert!(
-                    err < tol,
-                    "{dt:?} b{b} t{t} causal {causal}: max diff {err}"
-                );
-                // The backward from the same output on both sides.
-                let back = |bias: &Tensor| AttentionBackward {
-                    op: op.clone(),
-                    bias: bias.clone(),
-                };
-                let twin = c.apply_op3_no_bwd(&twin, &g, &back(&cb))?;
-                let got = cg.apply_op3_no_bwd(&got, &gg, &back(&bg))?;
-                let scale = twin
-                    .to_dtype(DType::F32)?
-                    .abs()?
-                    .max_all()?
-                    .to_scalar::<f32>()?;
-                let err = max_diff(&got.to_device(&Device::Cpu)?, &twin)?;
-                assert!(
-                    err < gtol * scale.max(1.0),
-                    "{dt:?} b{b} t{t} causal {causal} backward: max diff {err} of {scale}"
-                );
+                let inputs = [&qkv, &bias, &dout].map(|t| t.to_dtype(dt));
+                let what = format!("{dt:?} b{b} t{t} causal {causal}");
+                gpu_matches_twin(&gpu, &op, inputs, tol, gtol, &what)?;
             }
         }
         Ok(())
