@@ -349,22 +349,34 @@ mod tests {
         Ok(())
     }
 
+    /// Random `qkv` `[b, t, 3 d]` and bias variables for `heads` of width 64, per-output loss
+    /// weights, and candle's autograd gradients of the composed attention's weighted sum.
+    fn autograd_case(
+        b: usize,
+        t: usize,
+        heads: usize,
+        causal: bool,
+    ) -> Result<(Var, Var, Tensor, candle_core::backprop::GradStore)> {
+        let dev = Device::Cpu;
+        let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, 3 * heads * 64), &dev)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, 3 * heads * 64, &dev)?)?;
+        let weights = Tensor::randn(0f32, 1.0, (b, t, heads * 64), &dev)?;
+        let want = composed(qkv.as_tensor(), bias.as_tensor(), heads, causal)?
+            .mul(&weights)?
+            .sum_all()?
+            .backward()?;
+        Ok((qkv, bias, weights, want))
+    }
+
     /// The op's backward (the backward kernels' twin, and the bias's column sum) gives candle's
     /// autograd gradients of the composed attention, for text (causal, 77: two key tiles),
     /// image (50) and a sequence of three tiles, with a loss that weighs every output
     /// differently.
     #[test]
     fn backward_matches_autograd() -> Result<()> {
-        let dev = Device::Cpu;
         for (b, t, heads, causal) in [(2, 77, 4, true), (2, 50, 3, false), (1, 130, 2, true)] {
-            let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, 3 * heads * 64), &dev)?)?;
-            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, 3 * heads * 64, &dev)?)?;
-            let weights = Tensor::randn(0f32, 1.0, (b, t, heads * 64), &dev)?;
+            let (qkv, bias, weights, want) = autograd_case(b, t, heads, causal)?;
             let (x, bt) = (qkv.as_tensor(), bias.as_tensor());
-            let want = composed(x, bt, heads, causal)?
-                .mul(&weights)?
-                .sum_all()?
-                .backward()?;
             let got = x
                 .apply_op2(bt, op(heads, causal))?
                 .mul(&weights)?
@@ -442,14 +454,8 @@ mod tests {
     fn tensor_core_backward_matches_autograd() -> Result<()> {
         let dev = Device::Cpu;
         for (b, t, heads, causal) in [(2, 77, 2, true), (2, 50, 3, false)] {
-            let qkv = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, 3 * heads * 64), &dev)?)?;
-            let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, 3 * heads * 64, &dev)?)?;
-            let weights = Tensor::randn(0f32, 1.0, (b, t, heads * 64), &dev)?;
+            let (qkv, bias, weights, want) = autograd_case(b, t, heads, causal)?;
             let (x, bt) = (qkv.as_tensor(), bias.as_tensor());
-            let want = composed(x, bt, heads, causal)?
-                .mul(&weights)?
-                .sum_all()?
-                .backward()?;
             let w = want.get(x).expect("composed");
             let scale = w.abs()?.max_all()?.to_scalar::<f32>()?;
             let tc = FusedAttention {
