@@ -201,17 +201,18 @@ impl Linear {
 
     /// `x W^T + b + residual` and its layer norm on the GPU path in inference: the product,
     /// then one [`super::ops::fused_norm::ResidualNorm`] with `tail` (this layer's bias and
-    /// the norm's weight and bias, `[3, cols]`); the residual stream and the normed rows.
+    /// the norm's weight, bias and epsilon); the residual stream and the normed rows.
     fn forward_residual_norm(
         &self,
         x: &Tensor,
         residual: &Tensor,
-        tail: &Tensor,
-        eps: f64,
+        tail: &NormTail,
     ) -> Result<(Tensor, Tensor)> {
         let (y, r) = (self.product(x)?, residual.contiguous()?);
-        let op = super::ops::fused_norm::ResidualNorm { eps: eps as f32 };
-        let out = y.apply_op3_no_bwd(&r, tail, &op)?;
+        let op = super::ops::fused_norm::ResidualNorm {
+            eps: tail.eps as f32,
+        };
+        let out = y.apply_op3_no_bwd(&r, &tail.params, &op)?;
         Ok((out.get(0)?, out.get(1)?))
     }
 
@@ -625,8 +626,8 @@ impl EncoderLayer {
     ///
     /// With `tails` (inference, [`Encoder::norm_tails`]) each residual add and the layer norm
     /// after it are one kernel: the attention branch's with `layer_norm2`, the MLP branch's
-    /// with the next block's `layer_norm1` (`next_eps`), whose result is returned beside the
-    /// block's output and taken here as `normed` (this block's `layer_norm1` of `x`).
+    /// with the next block's `layer_norm1`, whose result is returned beside the block's output
+    /// and taken by the next block as `normed` (its `layer_norm1` of `x`).
     fn forward_gpu(
         &self,
         x: &Tensor,
@@ -634,7 +635,7 @@ impl EncoderLayer {
         mask: &Mask,
         mode: Mode,
         rows: Option<&Tensor>,
-        tails: Option<(&LayerTails, Option<f64>)>,
+        tails: Option<&LayerTails>,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let a = &self.self_attn;
         let h1 = match normed {
@@ -652,10 +653,7 @@ impl EncoderLayer {
             None => (ctx, x.clone()),
         };
         let (x, h) = match tails {
-            Some((t, _)) => {
-                let eps = self.layer_norm2.eps;
-                a.out_proj.forward_residual_norm(&ctx, &x, &t.attn, eps)?
-            }
+            Some(t) => a.out_proj.forward_residual_norm(&ctx, &x, &t.attn)?,
             None => {
                 let x = a.out_proj.forward_residual(&ctx, &x, mode)?;
                 let h = self.layer_norm2.forward(&x, mode)?;
@@ -663,9 +661,9 @@ impl EncoderLayer {
             }
         };
         let m = self.mlp.fc1.forward_act(&h, self.mlp.act, mode)?;
-        match tails {
-            Some((LayerTails { mlp: Some(t), .. }, Some(eps))) => {
-                let (x, n) = self.mlp.fc2.forward_residual_norm(&m, &x, t, eps)?;
+        match tails.and_then(|t| t.mlp.as_ref()) {
+            Some(t) => {
+                let (x, n) = self.mlp.fc2.forward_residual_norm(&m, &x, t)?;
                 Ok((x, Some(n)))
             }
             _ => Ok((self.mlp.fc2.forward_residual(&m, &x, mode)?, None)),
@@ -684,13 +682,32 @@ pub struct EncoderShape {
     pub eps: f64,
 }
 
-/// One block's parameters for [`super::ops::fused_norm::ResidualNorm`], `[3, dim]` each: the
-/// output projection's bias with `layer_norm2`'s weight and bias, and (all blocks but the
-/// last) `fc2`'s bias with the next block's `layer_norm1`.
+/// One residual branch's closing for [`super::ops::fused_norm::ResidualNorm`]: the closing
+/// linear's bias stacked with the following layer norm's weight and bias (`[3, dim]`), and that
+/// norm's epsilon.
+#[derive(Debug, Clone)]
+struct NormTail {
+    params: Tensor,
+    eps: f64,
+}
+
+impl NormTail {
+    /// None where the closing linear has no bias (no CLIP checkpoint lacks one).
+    fn new(bias: &Option<Tensor>, norm: &LayerNorm) -> Result<Option<Self>> {
+        let Some(b) = bias else { return Ok(None) };
+        Ok(Some(Self {
+            params: Tensor::stack(&[b, &norm.weight, &norm.bias], 0)?,
+            eps: norm.eps,
+        }))
+    }
+}
+
+/// A block's two closings: the attention branch's with its `layer_norm2`, and (all blocks but
+/// the last) the MLP branch's with the next block's `layer_norm1`.
 #[derive(Debug, Clone)]
 struct LayerTails {
-    attn: Tensor,
-    mlp: Option<Tensor>,
+    attn: NormTail,
+    mlp: Option<NormTail>,
 }
 
 /// The stack of transformer blocks, `encoder.layers.N.*` in transformers' names.
@@ -720,30 +737,21 @@ impl Encoder {
         if let Some(t) = self.tails.get() {
             return Ok((!t.is_empty()).then_some(t.as_slice()));
         }
-        let stack = |b: &Option<Tensor>, n: &LayerNorm| -> Result<Option<Tensor>> {
-            match b {
-                Some(b) => Ok(Some(Tensor::stack(&[b, &n.weight, &n.bias], 0)?)),
-                None => Ok(None),
-            }
-        };
-        let mut tails = Vec::with_capacity(self.layers.len());
-        for (i, l) in self.layers.iter().enumerate() {
-            let Some(attn) = stack(&l.self_attn.out_proj.bias, &l.layer_norm2)? else {
-                tails.clear();
-                break;
-            };
-            let mlp = match self.layers.get(i + 1) {
-                Some(next) => match stack(&l.mlp.fc2.bias, &next.layer_norm1)? {
-                    Some(t) => Some(t),
-                    None => {
-                        tails.clear();
-                        break;
-                    }
-                },
-                None => None,
-            };
-            tails.push(LayerTails { attn, mlp });
-        }
+        let l = &self.layers;
+        let tails = (0..l.len())
+            .map(|i| {
+                let attn = NormTail::new(&l[i].self_attn.out_proj.bias, &l[i].layer_norm2)?;
+                // None: a closing that cannot be fused; Some(None): the last block's MLP.
+                let mlp = match l.get(i + 1) {
+                    Some(next) => NormTail::new(&l[i].mlp.fc2.bias, &next.layer_norm1)?.map(Some),
+                    None => Some(None),
+                };
+                Ok(attn.zip(mlp).map(|(attn, mlp)| LayerTails { attn, mlp }))
+            })
+            .collect::<Result<Vec<Option<LayerTails>>>>()?
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default();
         let t = self.tails.get_or_init(|| tails);
         Ok((!t.is_empty()).then_some(t.as_slice()))
     }
@@ -862,10 +870,10 @@ impl Encoder {
             if let Some((last, rest)) = self.layers.split_last() {
                 let mut normed = None;
                 for (i, layer) in rest.iter().enumerate() {
-                    let t = tails.map(|t| (&t[i], Some(self.layers[i + 1].layer_norm1.eps)));
+                    let t = tails.map(|t| &t[i]);
                     (x, normed) = layer.forward_gpu(&x, normed, &mask, mode, None, t)?;
                 }
-                let t = tails.and_then(|t| t.last()).map(|t| (t, None));
+                let t = tails.and_then(|t| t.last());
                 return Ok(last.forward_gpu(&x, normed, &mask, mode, Some(&idx), t)?.0);
             }
         }

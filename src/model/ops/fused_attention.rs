@@ -93,9 +93,7 @@ impl FusedAttention {
         out.push(d);
         Ok((s, Shape::from(out)))
     }
-}
 
-impl FusedAttention {
     /// On the CPU: the rounding of the tensor-core twins, when the GPU would run the
     /// tensor-core kernels for `storage`'s dtype and `s` (f16 or bf16, a shape they take).
     fn tc_rounding(&self, storage: &CpuStorage, s: &AttentionShape) -> Option<fn(f32) -> f32> {
