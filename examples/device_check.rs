@@ -391,7 +391,7 @@ fn timing(files: &ModelFiles, dev: &Device) -> anyhow::Result<()> {
     }
     drop(enc);
     for dt in [DType::BF16, DType::F32] {
-        let m = TrainModel::load(files, dev)?.with_compute_dtype(dt);
+        let m = TrainModel::load(files, dev)?.with_compute_dtype(dt)?;
         let mut opt = m.optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-5, 0.01))?;
         let pixels = on_dev.to_dtype(DType::F32)?;
         println!("timing, batch {b}, training step, {dt:?} compute:");

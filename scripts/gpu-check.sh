@@ -22,9 +22,9 @@
 #  4. inference throughput: clipft bench vs scripts/bench_peers.py (torch), f16, batch 256 and 1
 #  5. training throughput: clipft bench --train vs scripts/bench_train_peer.py, batch 256, bf16, f32
 #     (and clipft with its CUDA kernels off, CLIPFT_NO_FUSED=1)
-#  (the tensor-core attention's and the residual norm's own tests run first in each part; if one
-#  fails, both parts run without it, CLIPFT_NO_TC_ATTENTION=1 or CLIPFT_NO_RESIDUAL_NORM=1, and
-#  say so)
+#  (the tensor-core attention's, the residual norm's and the one-launch Adam's own tests run
+#  first in each part; if one fails, both parts run without it, CLIPFT_NO_TC_ATTENTION=1,
+#  CLIPFT_NO_RESIDUAL_NORM=1 or CLIPFT_NO_MULTI_TENSOR_ADAM=1, and say so)
 #  5b. captions of mixed lengths (8 to 32 tokens, as a tokenizer pads a batch): text inference
 #     and bf16 training, clipft's packed captions against torch padded to the batch's longest
 #     (and clipft padded too, CLIPFT_NO_PACKED_TEXT=1)
@@ -94,6 +94,16 @@ if [ -n "${LIB_TESTS:-}" ]; then
   if ! grep -q "test result: ok. 1 passed" "$WORK/out"; then
     export CLIPFT_NO_RESIDUAL_NORM=1
     echo "residual norm failed its test: CLIPFT_NO_RESIDUAL_NORM=1 from here on" | tee -a "$SUM"
+  fi
+fi
+
+# And for the optimiser's one-launch step over every parameter: if it fails, training runs one
+# launch per parameter (CLIPFT_NO_MULTI_TENSOR_ADAM=1).
+if [ -n "${LIB_TESTS:-}" ]; then
+  step multi-adam-test 60 "$LIB_TESTS" cuda_multi_tensor_step --nocapture
+  if ! grep -q "test result: ok. 1 passed" "$WORK/out"; then
+    export CLIPFT_NO_MULTI_TENSOR_ADAM=1
+    echo "one-launch Adam failed its test: CLIPFT_NO_MULTI_TENSOR_ADAM=1 from here on" | tee -a "$SUM"
   fi
 fi
 

@@ -260,7 +260,7 @@ fn clipft_fit_takes_the_same_steps_as_pytorch() {
 }
 
 /// Mixed precision as `--dtype bf16` trains (the GPU default): each step computes in bf16
-/// casts of the f32 weights and updates the f32 weights. Same losses as f32 to bf16's
+/// copies of the f32 weights and updates the f32 weights. Same losses as f32 to bf16's
 /// precision, the weights stay f32, and they move the way f32 training moves them.
 #[test]
 fn bf16_compute_trains_the_f32_weights() {
@@ -269,7 +269,8 @@ fn bf16_compute_trains_the_f32_weights() {
     let f32_model = TrainModel::load(&files, &Device::Cpu).unwrap();
     let bf16_model = TrainModel::load(&files, &Device::Cpu)
         .unwrap()
-        .with_compute_dtype(DType::BF16);
+        .with_compute_dtype(DType::BF16)
+        .unwrap();
     let pairs: Vec<_> = open_pairs(&root().join("data/demo/train.csv"))
         .unwrap()
         .take(8)
@@ -318,4 +319,125 @@ fn bf16_compute_trains_the_f32_weights() {
     }
     let cos = dot / (n32.sqrt() * n16.sqrt());
     assert!(n16 > 0.0 && cos > 0.97, "update cosine {cos}");
+}
+
+/// The bf16 compute copies give exactly what casting the f32 weights every step gives: the
+/// same loss, and each weight's gradient (its copy's) bit for bit the gradient that flows
+/// through a cast; after each step every copy is its new f32 weight rounded to nearest even,
+/// and weights set from outside reach the copies through `sync_compute_copies`.
+#[test]
+fn compute_copies_match_casting_the_weights() {
+    use candle_core::DType;
+    use clipft::model::{policy::Kernels, Clip, Mode, Towers};
+    let dev = Device::Cpu;
+    let files = ModelFiles::from_dir(&root().join("tests/fixtures/clip-tiny")).unwrap();
+    let model = TrainModel::load(&files, &dev)
+        .unwrap()
+        .with_compute_dtype(DType::BF16)
+        .unwrap();
+    let pairs: Vec<_> = open_pairs(&root().join("data/demo/train.csv"))
+        .unwrap()
+        .take(4)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let captions: Vec<&str> = pairs.iter().map(|p| p.caption.as_str()).collect();
+    let text = model.text_batch(&captions).unwrap();
+    let px: Vec<f32> = pairs
+        .iter()
+        .flat_map(|p| p.image.preprocess(&model.images).unwrap())
+        .collect();
+    let pixels = Tensor::from_vec(px, (pairs.len(), 3, 224, 224), &dev)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
+    let mut opt = model
+        .optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-3, 0.01))
+        .unwrap();
+    let copied = opt.params.iter().filter(|p| p.copy.is_some()).count();
+    assert_eq!(copied, opt.params.len() - 1, "every weight but logit_scale");
+    let bits = |t: &Tensor| -> Vec<u32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    let start: Vec<Vec<u32>> = opt.params.iter().map(|p| bits(p.var.as_tensor())).collect();
+    for step in 0..2 {
+        // The reference: the model over casts of the f32 variables, as before copies.
+        let casts: HashMap<String, Tensor> = model
+            .named_vars()
+            .into_iter()
+            .map(|(n, v)| {
+                let t = match n.as_str() {
+                    "logit_scale" => v.as_tensor().clone(),
+                    _ => v.as_tensor().to_dtype(DType::BF16).unwrap(),
+                };
+                (n, t)
+            })
+            .collect();
+        let vb = candle_nn::VarBuilder::from_tensors(casts, DType::BF16, &dev);
+        let mut cast = Clip::new(
+            vb,
+            &model.config,
+            Towers::ALL,
+            Kernels::decide(&dev, DType::BF16),
+        )
+        .unwrap();
+        cast.logit_scale = model.clip.logit_scale.clone();
+        let loss_of = |clip: &Clip| {
+            let t = clip.text_features(&text, Mode::Train).unwrap();
+            let i = clip.image_features(&pixels, Mode::Train).unwrap();
+            clipft::trainer::loss::clip_loss(&t, &i, clip.logit_scale.as_ref().unwrap()).unwrap()
+        };
+        let want_loss = loss_of(&cast);
+        let want = want_loss.backward().unwrap();
+        let got_loss = model.loss(&text, &pixels).unwrap();
+        assert_eq!(bits(&got_loss), bits(&want_loss), "step {step}: loss");
+        let got = got_loss.backward().unwrap();
+        for p in &opt.params {
+            let want_g = want
+                .get(p.var.as_tensor())
+                .expect("a gradient through the cast");
+            let got_g = match &p.copy {
+                Some(c) => got.get(c.as_tensor()),
+                None => got.get(p.var.as_tensor()),
+            }
+            .expect("a gradient");
+            assert_eq!(want_g.dtype(), DType::F32);
+            assert!(
+                bits(got_g) == bits(want_g),
+                "step {step}: the gradient of {}",
+                p.name
+            );
+        }
+        opt.step(&got).unwrap();
+        for p in &opt.params {
+            if let Some(c) = &p.copy {
+                let rounded = p.var.as_tensor().to_dtype(DType::BF16).unwrap();
+                assert!(
+                    bits(c.as_tensor()) == bits(&rounded),
+                    "step {step}: copy of {}",
+                    p.name
+                );
+            }
+        }
+    }
+    // Every weight moved (decoupled weight decay alone moves each one).
+    for (p, start) in opt.params.iter().zip(&start) {
+        assert!(bits(p.var.as_tensor()) != *start, "{} did not move", p.name);
+    }
+    let p = &opt.params[1];
+    p.var.set(&p.var.as_tensor().ones_like().unwrap()).unwrap();
+    model.sync_compute_copies().unwrap();
+    let copy = p.copy.as_ref().unwrap().as_tensor();
+    assert!(
+        bits(copy) == bits(&copy.ones_like().unwrap()),
+        "{} synced",
+        p.name
+    );
 }

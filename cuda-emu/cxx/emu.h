@@ -77,6 +77,7 @@ template <> struct Tag<float> { static constexpr const char* s = "F"; };
 template <class T> struct Elem;
 template <> struct Elem<float> { static constexpr const char* s = "f"; };
 template <> struct Elem<unsigned> { static constexpr const char* s = "u"; };
+template <> struct Elem<unsigned long long> { static constexpr const char* s = "q"; };
 
 template <class T> struct Tag<T*> {
     static std::string str() { return std::string("*") + Elem<std::remove_cv_t<T>>::s; }

@@ -21,6 +21,8 @@ pub enum Elem {
     F16,
     Bf16,
     U32,
+    /// `unsigned long long`: tables of device addresses and lengths.
+    U64,
 }
 
 impl Elem {
@@ -30,6 +32,7 @@ impl Elem {
             Elem::F16 => 'h',
             Elem::Bf16 => 'b',
             Elem::U32 => 'u',
+            Elem::U64 => 'q',
         }
     }
 }
@@ -145,6 +148,14 @@ impl Element for f32 {
 impl Element for u32 {
     const ELEM: Elem = Elem::U32;
     const POISON: Self = 0xdead_beef;
+    fn same_bits(self, other: Self) -> bool {
+        self == other
+    }
+}
+
+impl Element for u64 {
+    const ELEM: Elem = Elem::U64;
+    const POISON: Self = 0xdead_beef_dead_beef;
     fn same_bits(self, other: Self) -> bool {
         self == other
     }

@@ -250,7 +250,7 @@ fn run_train(args: BenchArgs) -> anyhow::Result<()> {
     let (files, opts) = args.model.resolve(Towers::ALL)?;
     let device = opts.device;
     let dtype = training_dtype(&args.model.dtype, &device)?;
-    let m = TrainModel::load(&files, &device)?.with_compute_dtype(dtype);
+    let m = TrainModel::load(&files, &device)?.with_compute_dtype(dtype)?;
     let mut opt = m.optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-5, 0.01))?;
     let b = args.batch_size as usize;
     let t = args.text_tokens as usize;

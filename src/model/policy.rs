@@ -3,8 +3,9 @@
 //! `CLIPFT_NO_FUSED_BLOCK`: the per-op training graph instead of one op per block) are read from
 //! the environment once per process, as is `CLIPFT_NO_PACKED_TEXT` (captions padded to the
 //! batch's longest instead of packed up to their end-of-text tokens), `CLIPFT_NO_TC_ATTENTION`
-//! (the GPU path's attention on CUDA cores only) and `CLIPFT_NO_RESIDUAL_NORM` (the GPU path's
-//! residual add and layer norm as two kernels in inference). [`Kernels`] is what follows for one model from its device,
+//! (the GPU path's attention on CUDA cores only), `CLIPFT_NO_RESIDUAL_NORM` (the GPU path's
+//! residual add and layer norm as two kernels in inference) and `CLIPFT_NO_MULTI_TENSOR_ADAM`
+//! (the GPU's optimiser step one launch per parameter). [`Kernels`] is what follows for one model from its device,
 //! dtype, those switches and the matmul precision: [`super::Clip::new`] takes it and every layer
 //! keeps a copy, so no layer looks at tensors, globals or the environment to choose a path.
 //! [`KernelPolicy`] adds what a loaded model's log line and the executor's banner say.
@@ -29,6 +30,9 @@ pub struct Switches {
     pub tc_attention: bool,
     /// The GPU path's residual add and layer norm as one kernel in inference.
     pub residual_norm: bool,
+    /// The GPU's optimiser step as one launch over every parameter (otherwise one per
+    /// parameter, and the compute copies cast after it).
+    pub multi_tensor_adam: bool,
 }
 
 /// The process's switches, read once.
@@ -40,6 +44,7 @@ pub fn switches() -> Switches {
         packed_text: std::env::var_os("CLIPFT_NO_PACKED_TEXT").is_none(),
         tc_attention: std::env::var_os("CLIPFT_NO_TC_ATTENTION").is_none(),
         residual_norm: std::env::var_os("CLIPFT_NO_RESIDUAL_NORM").is_none(),
+        multi_tensor_adam: std::env::var_os("CLIPFT_NO_MULTI_TENSOR_ADAM").is_none(),
     })
 }
 

@@ -419,7 +419,7 @@ fn apply_wise_ft(
             })?;
         var.set(&super::callbacks::wise_ft(var.as_tensor(), &p, alpha)?)?;
     }
-    Ok(())
+    Ok(model.sync_compute_copies()?)
 }
 
 /// The encoder view of the weights being trained, for evaluation between epochs.
@@ -482,7 +482,7 @@ pub fn fit(
     }
 
     let model = TrainModel::load(&files, &dev)?
-        .with_compute_dtype(super::train::training_dtype(&cfg.dtype, &dev)?);
+        .with_compute_dtype(super::train::training_dtype(&cfg.dtype, &dev)?)?;
     let vars = model.named_vars();
     let mut opt: Optimizer = model.optimizer_with_frozen(
         OptimizerParams::new(cfg.optimizer, cfg.learning_rate, cfg.weight_decay),
@@ -509,6 +509,7 @@ pub fn fit(
                 }
             }
             checkpoint::restore_vars(&vars, &c.weights, &src)?;
+            model.sync_compute_copies()?;
             opt.restore(c.optimizer_step, &mut c.moments)
                 .map_err(|msg| CheckpointError {
                     path: src.clone(),
@@ -680,6 +681,7 @@ pub fn fit(
     let best_epoch = st.best.as_ref().and_then(|b| b.best_epoch);
     if let Some(e) = best_epoch {
         checkpoint::restore_vars(&vars, &checkpoint::load_best(&work, &dev)?, &work)?;
+        model.sync_compute_copies()?;
         progress(FitEvent::Log(format!(
             "BestModelCheckpoint: the artifact holds epoch {}'s weights",
             e + 1

@@ -8,6 +8,13 @@
 //! variable's own storage), with no allocation: [`crate::model::kernels::adam`] on the CPU,
 //! its CUDA twin on the GPU (the same bits). Other devices, and `CLIPFT_NO_FUSED`, use tensor
 //! ops with the same arithmetic.
+//!
+//! Mixed precision: a parameter may have a compute copy ([`Optimizer::with_compute_copies`]),
+//! the bf16/f16 variable the forward and backward passes ran on. Its gradient is then the
+//! copy's, and the copy is rewritten from the updated f32 weight after every update. On the GPU
+//! every parameter's update, and the refresh of its copy, is one launch for the whole model
+//! ([`crate::model::kernels::cuda::adam`]'s multi-tensor kernel; `CLIPFT_NO_MULTI_TENSOR_ADAM`
+//! keeps one launch per parameter).
 
 use std::sync::Mutex;
 
@@ -181,8 +188,32 @@ impl Moments {
 /// One parameter with its moments.
 pub struct ParamState {
     pub name: String,
+    /// The f32 weight the update applies to (the master weight under mixed precision).
     pub var: Var,
+    /// The compute-dtype variable the passes ran on, if any: its gradient is the one read, and
+    /// it follows `var` after every update.
+    pub copy: Option<Var>,
     moments: Mutex<Moments>,
+}
+
+impl ParamState {
+    /// The gradient this parameter's update reads: its compute copy's where the passes ran on
+    /// one, its own otherwise.
+    fn grad<'g>(&self, grads: &'g candle_core::backprop::GradStore) -> Option<&'g Tensor> {
+        self.copy
+            .as_ref()
+            .and_then(|c| grads.get(c.as_tensor()))
+            .or_else(|| grads.get(self.var.as_tensor()))
+    }
+
+    /// Rewrites the compute copy from the weight (rounded to nearest even), where the update
+    /// did not.
+    fn refresh_copy(&self) -> Result<()> {
+        match &self.copy {
+            Some(c) => c.set(&self.var.as_tensor().to_dtype(c.dtype())?),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Adam / AdamW over a fixed list of parameters.
@@ -242,9 +273,14 @@ impl Optimizer {
                     moments: Mutex::new(Moments::zeros(&var)?),
                     name,
                     var,
+                    copy: None,
                 })
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<_>>>()?;
+        let mut ids = std::collections::HashSet::new();
+        if let Some(p) = params.iter().find(|p| !ids.insert(p.var.as_tensor().id())) {
+            candle_core::bail!("optimiser: {} is listed twice", p.name)
+        }
         Ok(Self {
             params,
             hp,
@@ -253,6 +289,45 @@ impl Optimizer {
             skipped: 0,
             step: 0,
         })
+    }
+
+    /// Mixed precision: the passes run on `copies` (by parameter name, each of its weight's
+    /// shape, on its device, in a 16-bit dtype), so the update reads their gradients and
+    /// rewrites them from the f32 weights. A parameter without a copy keeps its own gradient.
+    pub fn with_compute_copies(
+        mut self,
+        copies: &std::collections::HashMap<String, Var>,
+    ) -> Result<Self> {
+        for p in &mut self.params {
+            let Some(c) = copies.get(&p.name) else {
+                continue;
+            };
+            if c.shape() != p.var.shape()
+                || !c.device().same_device(p.var.device())
+                || !matches!(
+                    c.dtype(),
+                    candle_core::DType::F16 | candle_core::DType::BF16
+                )
+                || p.var.dtype() != candle_core::DType::F32
+            {
+                candle_core::bail!(
+                    "optimiser: the compute copy of {} ({:?} {:?}) does not fit its weight ({:?} {:?})",
+                    p.name,
+                    c.dtype(),
+                    c.shape(),
+                    p.var.dtype(),
+                    p.var.shape()
+                )
+            }
+            p.copy = Some(c.clone());
+        }
+        Ok(self)
+    }
+
+    /// Rewrites every compute copy from its weight: after the weights were set from outside
+    /// (a checkpoint restored, weights mixed).
+    pub fn refresh_copies(&self) -> Result<()> {
+        self.params.iter().try_for_each(ParamState::refresh_copy)
     }
 
     pub fn set_learning_rate(&mut self, lr: f64) {
@@ -274,7 +349,7 @@ impl Optimizer {
             // clip_grad_norm_ over f32 gradients) and the step waits for the device once.
             let mut on_device = Vec::new();
             for p in &self.params {
-                if let Some(g) = grads.get(p.var.as_tensor()) {
+                if let Some(g) = p.grad(grads) {
                     if g.device().is_cpu() {
                         sq += g
                             .to_dtype(candle_core::DType::F64)?
@@ -327,23 +402,34 @@ impl Optimizer {
             step_size: (hp.lr / (1.0 - hp.beta1.powi(t))) as f32,
             bc2_sqrt: (1.0 - hp.beta2.powi(t)).sqrt() as f32,
         };
+        #[cfg(feature = "cuda")]
+        let mut one_launch = Vec::new();
         for p in &self.params {
-            let Some(g) = grads.get(p.var.as_tensor()) else {
+            let Some(g) = p.grad(grads) else {
                 continue;
             };
-            if pass(&p.var) != Pass::Tensors {
-                let g = g.to_dtype(candle_core::DType::F32)?.contiguous()?;
-                p.var.as_tensor().inplace_op2(
-                    &g,
-                    &AdamStep {
-                        s,
-                        moments: &p.moments,
-                    },
-                )?;
-            } else {
-                generic_step(p, g, s)?;
+            match pass(&p.var) {
+                #[cfg(feature = "cuda")]
+                Pass::Cuda if crate::model::policy::switches().multi_tensor_adam => {
+                    one_launch.push((p, g.contiguous()?));
+                    continue;
+                }
+                Pass::Tensors => generic_step(p, g, s)?,
+                _ => {
+                    let g = g.to_dtype(candle_core::DType::F32)?.contiguous()?;
+                    p.var.as_tensor().inplace_op2(
+                        &g,
+                        &AdamStep {
+                            s,
+                            moments: &p.moments,
+                        },
+                    )?;
+                }
             }
+            p.refresh_copy()?;
         }
+        #[cfg(feature = "cuda")]
+        multi::step(&one_launch, s)?;
         Ok(true)
     }
 
@@ -445,6 +531,226 @@ impl candle_core::InplaceOp2 for AdamStep<'_> {
         let g = g.as_cuda_slice::<f32>()?.slice(g0..g1);
         let mut w = w.as_cuda_slice_mut::<f32>()?.slice_mut(w0..w1);
         crate::model::kernels::cuda::adam::adam_step(&dev, &mut w, &g, m, v, self.s)
+    }
+}
+
+/// The GPU's update of many parameters in one launch per gradient dtype
+/// ([`crate::model::kernels::cuda::adam::adam_multi_step`]).
+#[cfg(feature = "cuda")]
+mod multi {
+    use std::cell::RefCell;
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Storage, Tensor};
+
+    use super::{Moments, ParamState};
+    use crate::model::kernels::adam::AdamScalars;
+    use crate::model::kernels::cuda::adam::{adam_multi_step, MultiEntry};
+
+    /// Updates every `(parameter, contiguous gradient)` of `batch` (all on one GPU, f32 weights
+    /// with their moments on it) and refreshes their compute copies.
+    pub(super) fn step(batch: &[(&ParamState, Tensor)], s: AdamScalars) -> Result<()> {
+        let mut dtypes: Vec<DType> = batch.iter().map(|(_, g)| g.dtype()).collect();
+        dtypes.sort_by_key(|d| d.as_str());
+        dtypes.dedup();
+        for dtype in dtypes {
+            let group: Vec<&(&ParamState, Tensor)> =
+                batch.iter().filter(|(_, g)| g.dtype() == dtype).collect();
+            launch(&group, dtype, s)?;
+            // A copy of another dtype than the gradient (its weight's own gradient was read)
+            // is not written by the launch.
+            for (p, _) in &group {
+                if p.copy.as_ref().is_some_and(|c| c.dtype() != dtype) {
+                    p.refresh_copy()?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One launch over `group`, whose gradients are all `dtype`.
+    fn launch(group: &[&(&ParamState, Tensor)], dtype: DType, s: AdamScalars) -> Result<()> {
+        let Some((first, _)) = group.first() else {
+            return Ok(());
+        };
+        let dev = first.var.device().as_cuda_device()?.clone();
+        // The moments: every parameter's lock held until the launch is queued.
+        let mut moments = group
+            .iter()
+            .map(|(p, _)| {
+                p.moments
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("poisoned optimiser state".into()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let stream = dev.cuda_stream();
+        let mut mv = Vec::with_capacity(group.len());
+        for ((p, _), mom) in group.iter().zip(moments.iter_mut()) {
+            let Moments::Cuda { m, v } = &mut **mom else {
+                candle_core::bail!("adam step: the moments of {} are not on the GPU", p.name)
+            };
+            if m.len() != p.var.elem_count() || v.len() != p.var.elem_count() {
+                candle_core::bail!("adam step: the moments of {} are of another size", p.name)
+            }
+            let (m, _) = m.device_ptr_mut(&stream);
+            let (v, _) = v.device_ptr_mut(&stream);
+            mv.push((m, v));
+        }
+        // The gradients, read-locked until the launch is queued.
+        let grads = group
+            .iter()
+            .map(|(p, g)| {
+                if g.shape() != p.var.shape() || !g.device().same_device(p.var.device()) {
+                    candle_core::bail!("adam step: the gradient of {} does not fit it", p.name)
+                }
+                Ok(g.storage_and_layout())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let g_addr = grads
+            .iter()
+            .map(|(storage, layout)| match &**storage {
+                Storage::Cuda(cs) => address(cs, layout),
+                _ => candle_core::bail!("adam step: a gradient is not on the GPU"),
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        // The weights and the copies this launch writes, write-locked until it is queued.
+        let copies: Vec<bool> = group
+            .iter()
+            .map(|(p, _)| p.copy.as_ref().is_some_and(|c| c.dtype() == dtype))
+            .collect();
+        let mut written: Vec<&Tensor> = group.iter().map(|(p, _)| p.var.as_tensor()).collect();
+        written.extend(
+            group
+                .iter()
+                .zip(&copies)
+                .filter(|(_, &c)| c)
+                .filter_map(|((p, _), _)| p.copy.as_ref().map(|c| c.as_tensor())),
+        );
+        with_addresses_mut(&written, &mut |addr| {
+            let (w_addr, mut copy_addr) = addr.split_at(group.len());
+            let mut entries = Vec::with_capacity(group.len());
+            for (i, (p, _)) in group.iter().enumerate() {
+                let copy = match copies[i] {
+                    true => {
+                        let Some((&c, rest)) = copy_addr.split_first() else {
+                            candle_core::bail!("adam step: a compute copy went missing")
+                        };
+                        copy_addr = rest;
+                        c
+                    }
+                    false => 0,
+                };
+                entries.push(MultiEntry {
+                    w: w_addr[i],
+                    g: g_addr[i],
+                    m: mv[i].0,
+                    v: mv[i].1,
+                    copy,
+                    len: p.var.elem_count(),
+                });
+            }
+            // SAFETY: each entry's buffers are on `dev` and hold len values of their types:
+            // the weight (f32, checked contiguous by its address), the gradient (`dtype`,
+            // contiguous, of the weight's shape, checked above), the moments (f32, len each,
+            // checked above) and the copy (`dtype`, the weight's shape, as `with_compute_copies`
+            // checked). The written buffers are distinct storages (distinct variables, the
+            // optimiser's own moments), none shared with a gradient. Every one is locked
+            // until the launch is queued on the stream all of candle's work uses.
+            unsafe { adam_multi_step(&dev, &entries, dtype, s) }
+        })?;
+        drop(grads);
+        drop(moments);
+        Ok(())
+    }
+
+    /// The device address of the first element `layout` takes from `cs`, which must be
+    /// contiguous there.
+    fn address(cs: &CudaStorage, layout: &Layout) -> Result<u64> {
+        let Some((start, _)) = layout.contiguous_offsets() else {
+            candle_core::bail!("adam step: a non-contiguous tensor")
+        };
+        let stream = cs.device().cuda_stream();
+        let (base, size) = match cs.dtype() {
+            DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
+            DType::F16 => (cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0, 2),
+            DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
+            d => candle_core::bail!("adam step: a {d:?} tensor"),
+        };
+        Ok(base + (start * size) as u64)
+    }
+
+    /// Calls `f` with the device address of each of `ts`' first elements, every one of their
+    /// storages write-locked for the whole call: each through a candle in-place op nested in
+    /// the previous one's, the only way candle lends a storage mutably. `ts` must be distinct
+    /// storages (a second lock on one would never be granted).
+    fn with_addresses_mut(ts: &[&Tensor], f: &mut Then<'_>) -> Result<()> {
+        let mut got = Vec::with_capacity(ts.len());
+        nest(ts, &mut got, f)
+    }
+
+    /// What [`with_addresses_mut`] calls with the addresses.
+    type Then<'b> = dyn FnMut(&[u64]) -> Result<()> + 'b;
+
+    fn nest(ts: &[&Tensor], got: &mut Vec<u64>, f: &mut Then<'_>) -> Result<()> {
+        match ts.split_first() {
+            None => f(got),
+            Some((t, rest)) => t.inplace_op1(&Lock {
+                rest,
+                got: RefCell::new(got),
+                f: RefCell::new(f),
+            }),
+        }
+    }
+
+    /// One level of [`with_addresses_mut`]: records its storage's address, then locks the rest.
+    struct Lock<'a, 'b> {
+        rest: &'a [&'a Tensor],
+        got: RefCell<&'b mut Vec<u64>>,
+        f: RefCell<&'b mut Then<'b>>,
+    }
+
+    impl candle_core::InplaceOp1 for Lock<'_, '_> {
+        fn name(&self) -> &'static str {
+            "adam-step-lock"
+        }
+
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+            candle_core::bail!("adam step: the one-launch update takes GPU tensors only")
+        }
+
+        fn cuda_fwd(&self, cs: &mut CudaStorage, layout: &Layout) -> Result<()> {
+            let addr = address_mut(cs, layout)?;
+            let mut got = self.got.borrow_mut();
+            got.push(addr);
+            let mut f = self.f.borrow_mut();
+            nest(self.rest, &mut got, &mut **f)
+        }
+    }
+
+    /// [`address`] through the mutable borrow a writer holds.
+    fn address_mut(cs: &mut CudaStorage, layout: &Layout) -> Result<u64> {
+        let Some((start, _)) = layout.contiguous_offsets() else {
+            candle_core::bail!("adam step: a non-contiguous tensor")
+        };
+        let stream = cs.device().cuda_stream();
+        let (base, size) = match cs.dtype() {
+            DType::F32 => (cs.as_cuda_slice_mut::<f32>()?.device_ptr_mut(&stream).0, 4),
+            DType::F16 => (
+                cs.as_cuda_slice_mut::<half::f16>()?
+                    .device_ptr_mut(&stream)
+                    .0,
+                2,
+            ),
+            DType::BF16 => (
+                cs.as_cuda_slice_mut::<half::bf16>()?
+                    .device_ptr_mut(&stream)
+                    .0,
+                2,
+            ),
+            d => candle_core::bail!("adam step: a {d:?} tensor"),
+        };
+        Ok(base + (start * size) as u64)
     }
 }
 
@@ -586,6 +892,101 @@ mod tests {
             Some(8.0),
             "grew after 2 good steps"
         );
+        Ok(())
+    }
+
+    /// A parameter after some steps: its weight, first and second moments, and compute copy
+    /// (empty without one).
+    type After = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+    /// Three steps over parameters with bf16 compute copies (their gradients the copies') and
+    /// one without, of sizes around the GPU's chunk: every weight, moment and copy after them.
+    fn steps_with_copies(dev: &Device) -> Result<Vec<After>> {
+        use candle_core::DType;
+        let sizes = [5usize, 4099, 300];
+        let val = |n: usize, seed: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919 + seed * 104_729) % 2000) as f32 / 1000.0 - 0.9995)
+                .collect()
+        };
+        let mut vars = Vec::new();
+        let mut copies = std::collections::HashMap::new();
+        let mut targets = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let name = format!("p{i}");
+            let var = Var::from_tensor(&Tensor::from_vec(val(n, i), n, dev)?)?;
+            let target = Tensor::from_vec(val(n, i + 10), n, dev)?;
+            // The last parameter has no copy: its own f32 gradient, in its own launch.
+            if i + 1 < sizes.len() {
+                let copy = Var::from_tensor(&var.as_tensor().to_dtype(DType::BF16)?)?;
+                copies.insert(name.clone(), copy);
+                targets.push(target.to_dtype(DType::BF16)?);
+            } else {
+                targets.push(target);
+            }
+            vars.push((name, var));
+        }
+        let mut opt = Optimizer::new(vars, OptimizerParams::new(OptimizerKind::AdamW, 1e-2, 0.1))?
+            .with_compute_copies(&copies)?;
+        for _ in 0..3 {
+            // Linear in each weight: the gradients are the targets (none zero), exactly, on
+            // every device.
+            let mut loss = Tensor::new(0f32, dev)?;
+            for (p, t) in opt.params.iter().zip(&targets) {
+                let w = p.copy.as_ref().unwrap_or(&p.var).as_tensor();
+                loss = (loss + (w * t)?.to_dtype(DType::F32)?.sum_all()?)?;
+            }
+            assert!(opt.step(&loss.backward()?)?);
+        }
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.to_vec1::<f32>();
+        opt.params
+            .iter()
+            .map(|p| {
+                let (m, v) = opt.moments(&p.name).expect("moments");
+                let copy = match &p.copy {
+                    Some(c) => f32s(c.as_tensor())?,
+                    None => Vec::new(),
+                };
+                Ok((f32s(p.var.as_tensor())?, m, v, copy))
+            })
+            .collect()
+    }
+
+    /// On the CPU: each compute copy is its weight rounded after every step, and the weights
+    /// moved.
+    #[test]
+    fn compute_copies_follow_their_weights() -> Result<()> {
+        for (w, m, _, copy) in steps_with_copies(&Device::Cpu)? {
+            assert!(m.iter().all(|&x| x != 0.0), "every value was updated");
+            if !copy.is_empty() {
+                let rounded: Vec<f32> = w
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_f32())
+                    .collect();
+                assert_eq!(copy, rounded);
+            }
+        }
+        Ok(())
+    }
+
+    /// On a GPU (CUDA builds): the one-launch update (bf16 gradients and copies in one launch,
+    /// the f32 parameter in another) gives the CPU's bits for every weight, moment and copy.
+    /// Without a GPU it says so and checks nothing.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_multi_tensor_step_matches_the_cpu() -> Result<()> {
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("cuda_multi_tensor_step_matches_the_cpu: skipped, no GPU");
+            return Ok(());
+        };
+        let (want, got) = (steps_with_copies(&Device::Cpu)?, steps_with_copies(&gpu)?);
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+            assert!(bits(&a.0) == bits(&b.0), "p{i}: weight differs");
+            assert!(bits(&a.1) == bits(&b.1), "p{i}: first moment differs");
+            assert!(bits(&a.2) == bits(&b.2), "p{i}: second moment differs");
+            assert!(bits(&a.3) == bits(&b.3), "p{i}: copy differs");
+        }
         Ok(())
     }
 }

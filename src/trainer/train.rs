@@ -3,9 +3,13 @@
 //! step in place, and `logit_scale` clamped to [0, ln 100] as OpenCLIP and Finetuner do.
 //!
 //! Mixed precision (`--dtype bf16|f16`, the default on GPUs): the variables stay f32 (the master
-//! weights the optimiser updates); each step computes through bf16/f16 casts of them, so the
-//! gradients arrive in f32 through the casts' backward. The loss and `logit_scale` stay f32;
-//! f16 adds dynamic loss scaling ([`super::optim::LossScale`]).
+//! weights the optimiser updates, checkpoints and artifacts hold); the passes run on compute
+//! copies of them in bf16/f16, variables themselves, made once ([`ComputeCopies`]). Their
+//! gradients are what the optimiser reads, and its update rewrites them from the f32 weights
+//! (on the GPU in the same launch), so a step casts no weight and no gradient: llm.c's
+//! layout. The values are those of casting the f32 weights every step (the same rounding, the
+//! same gradients). The loss and `logit_scale` stay f32; f16 adds dynamic loss scaling
+//! ([`super::optim::LossScale`]).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -41,6 +45,15 @@ pub struct StepPhases {
     pub optimizer: f64,
 }
 
+/// The bf16/f16 copies of the f32 weights that mixed-precision passes run on, and the model
+/// over them. The optimiser rewrites them after each update; whoever sets the f32 weights
+/// otherwise calls [`TrainModel::sync_compute_copies`].
+struct ComputeCopies {
+    /// By weight name; every weight but `logit_scale`, which the loss reads in f32.
+    vars: std::collections::HashMap<String, candle_core::Var>,
+    clip: Clip,
+}
+
 /// A CLIP whose weights are variables, with its input processing.
 pub struct TrainModel {
     pub clip: Clip,
@@ -48,6 +61,8 @@ pub struct TrainModel {
     pub config: ClipConfig,
     /// The dtype the forward and backward passes compute in (weights stay f32).
     pub compute: DType,
+    /// With a 16-bit `compute`: what the passes run on.
+    copies: Option<ComputeCopies>,
     pub tokenizer: ClipTokenizer,
     pub images: ImagePreprocessor,
     pub device: Device,
@@ -105,6 +120,7 @@ impl TrainModel {
             varmap,
             config,
             compute: DType::F32,
+            copies: None,
             tokenizer,
             images,
             device: device.clone(),
@@ -136,35 +152,56 @@ impl TrainModel {
             .unwrap_or(2)
     }
 
-    /// Computes in `dtype` from now on (f32 weights kept; see the module doc).
-    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+    /// Computes in `dtype` from now on (f32 weights kept; see the module doc): for a 16-bit
+    /// dtype, makes the compute copies of the weights as they are now.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Result<Self, ModelError> {
         self.compute = dtype;
-        self
+        self.copies = None;
+        if dtype == DType::F32 {
+            return Ok(self);
+        }
+        let mut vars = std::collections::HashMap::new();
+        let mut tensors = std::collections::HashMap::new();
+        for (name, var) in self.named_vars() {
+            if name == "logit_scale" {
+                tensors.insert(name, var.as_tensor().clone());
+                continue;
+            }
+            let copy = candle_core::Var::from_tensor(&var.as_tensor().to_dtype(dtype)?)?;
+            tensors.insert(name.clone(), copy.as_tensor().clone());
+            vars.insert(name, copy);
+        }
+        let vb = VarBuilder::from_tensors(tensors, dtype, &self.device);
+        let kernels = crate::model::policy::Kernels::decide(&self.device, dtype);
+        let mut clip = Clip::new(vb, &self.config, Towers::ALL, kernels)?;
+        // The loss reads the f32 variable itself (no stale cast of it anywhere).
+        clip.logit_scale = self.clip.logit_scale.clone();
+        self.copies = Some(ComputeCopies { vars, clip });
+        Ok(self)
     }
 
-    /// The model the forward pass runs: the variables themselves in f32, or their casts.
-    fn compute_clip(&self) -> Result<std::borrow::Cow<'_, Clip>, ModelError> {
-        if self.compute == DType::F32 {
-            return Ok(std::borrow::Cow::Borrowed(&self.clip));
-        }
-        let mut cast = std::collections::HashMap::new();
+    /// Rewrites the compute copies from the f32 weights, which were set from outside the
+    /// optimiser (a checkpoint restored, weights mixed): the next pass sees them.
+    pub fn sync_compute_copies(&self) -> Result<(), ModelError> {
+        let Some(c) = &self.copies else {
+            return Ok(());
+        };
         for (name, var) in self.named_vars() {
-            cast.insert(name, var.as_tensor().to_dtype(self.compute)?);
+            if let Some(copy) = c.vars.get(&name) {
+                copy.set(&var.as_tensor().to_dtype(copy.dtype())?)?;
+            }
         }
-        let vb = VarBuilder::from_tensors(cast, self.compute, &self.device);
-        let kernels = crate::model::policy::Kernels::decide(&self.device, self.compute);
-        Ok(std::borrow::Cow::Owned(Clip::new(
-            vb,
-            &self.config,
-            Towers::ALL,
-            kernels,
-        )?))
+        Ok(())
+    }
+
+    /// The model the passes run on: the variables themselves in f32, or the compute copies.
+    fn compute_clip(&self) -> &Clip {
+        self.copies.as_ref().map_or(&self.clip, |c| &c.clip)
     }
 
     /// The loss of one batch, with the graph kept for backward.
     pub fn loss(&self, text: &TextBatch, pixels: &Tensor) -> Result<Tensor, ModelError> {
-        let clip = self.compute_clip()?;
-        self.loss_of(&clip, Mode::Train, text, pixels)
+        self.loss_of(self.compute_clip(), Mode::Train, text, pixels)
     }
 
     /// A model for passes without gradients (validation loss): the same weights (cast to the
@@ -172,7 +209,7 @@ impl TrainModel {
     /// next step would make stale. Make one per pass, not per batch (packing is a pass over
     /// every weight).
     pub fn frozen(&self) -> Result<Clip, ModelError> {
-        Ok(self.compute_clip()?.with_fresh_packing())
+        Ok(self.compute_clip().with_fresh_packing())
     }
 
     /// The loss of one batch on `frozen`'s model through the inference kernels: no graph, a
@@ -294,7 +331,15 @@ impl TrainModel {
 
     /// An optimiser over every variable.
     pub fn optimizer(&self, hp: OptimizerParams) -> Result<Optimizer, ModelError> {
-        let mut opt = Optimizer::new(self.named_vars(), hp)?;
+        self.with_copies(Optimizer::new(self.named_vars(), hp)?)
+    }
+
+    /// `opt` reading the compute copies' gradients and refreshing them, with f16's loss
+    /// scaling.
+    fn with_copies(&self, mut opt: Optimizer) -> Result<Optimizer, ModelError> {
+        if let Some(c) = &self.copies {
+            opt = opt.with_compute_copies(&c.vars)?;
+        }
         if self.compute == DType::F16 {
             opt.loss_scale = Some(Default::default());
         }
@@ -327,10 +372,9 @@ impl TrainModel {
                 }
             })
         };
-        let mut opt = Optimizer::new(vars.into_iter().filter(|(n, _)| !frozen(n)).collect(), hp)?;
-        if self.compute == DType::F16 {
-            opt.loss_scale = Some(Default::default());
-        }
-        Ok(opt)
+        self.with_copies(Optimizer::new(
+            vars.into_iter().filter(|(n, _)| !frozen(n)).collect(),
+            hp,
+        )?)
     }
 }

@@ -1,8 +1,84 @@
-//! The launcher of `adam.cu`, the optimiser step over one parameter on the GPU. Its CPU twin
-//! is [`crate::model::kernels::adam::adam_update`] (the same update, the same bits).
+//! The launchers of `adam.cu`, the optimiser step on the GPU: over one parameter
+//! (`clipft_adam`), or over all of a model's parameters in one launch (`clipft_adam_multi_*`,
+//! addresses from a table, each gradient in the compute dtype and its compute copy refreshed in
+//! the same pass). Their CPU twin is [`crate::model::kernels::adam::adam_update`] (the same
+//! update, the same bits), followed for a compute copy by rounding to nearest even.
 
 use super::call::Call;
 use crate::model::kernels::adam::AdamScalars;
+
+/// Elements of one tensor a block of the multi-tensor step updates per table lookup
+/// (`kChunk` in `adam.cu`): large enough that the lookup is noise, small enough that a
+/// model's smallest tensors (biases) do not leave blocks idle.
+pub const CHUNK: usize = 4096;
+
+/// 64-bit words per tensor in the multi-tensor table (`kTableWords` in `adam.cu`).
+pub const TABLE_WORDS: usize = 8;
+
+/// Most blocks a step launches: each loops over chunks, and this fills an H100 several times
+/// over.
+pub const MAX_BLOCKS: usize = 132 * 16;
+
+/// One tensor of a multi-tensor step: device addresses (host addresses in the emulator) and
+/// its length in elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MultiEntry {
+    /// The f32 weight, updated in place.
+    pub w: u64,
+    /// The gradient, in the launch's dtype.
+    pub g: u64,
+    /// The f32 moments, updated in place.
+    pub m: u64,
+    pub v: u64,
+    /// The compute copy in the launch's dtype, rewritten from the new weight; 0 for none.
+    pub copy: u64,
+    pub len: usize,
+}
+
+/// The table `clipft_adam_multi_*` reads for `entries` (tensors without elements left out),
+/// and the number of chunks it covers.
+pub fn multi_table(entries: &[MultiEntry]) -> (Vec<u64>, usize) {
+    let mut table = Vec::with_capacity(entries.len() * TABLE_WORDS);
+    let mut chunks = 0usize;
+    for e in entries.iter().filter(|e| e.len > 0) {
+        table.extend_from_slice(&[e.w, e.g, e.m, e.v, e.copy, e.len as u64, chunks as u64, 0]);
+        chunks += e.len.div_ceil(CHUNK);
+    }
+    (table, chunks)
+}
+
+/// `clipft_adam_multi_<suffix>` over `table` (from [`multi_table`]: `tensors` tensors, `chunks`
+/// chunks) on at most `max_blocks` blocks ([`MAX_BLOCKS`] on the GPU; tests pass fewer to make
+/// blocks loop).
+pub fn adam_multi_call<'a, I: ?Sized, O: ?Sized>(
+    table: &'a I,
+    tensors: usize,
+    chunks: usize,
+    suffix: &str,
+    s: &AdamScalars,
+    max_blocks: usize,
+) -> Call<'a, I, O> {
+    let blocks = chunks.clamp(1, max_blocks.max(1)) as u32;
+    let call = Call::new(format!("clipft_adam_multi_{suffix}"), (blocks, 1, 1), 256)
+        .input(table)
+        .i32(tensors as i32)
+        .i32(chunks as i32);
+    with_scalars(call, s)
+}
+
+/// The update's scalars, the last arguments of every Adam kernel.
+fn with_scalars<'a, I: ?Sized, O: ?Sized>(call: Call<'a, I, O>, s: &AdamScalars) -> Call<'a, I, O> {
+    call.i32(i32::from(s.decoupled))
+        .f32(s.decay)
+        .f32(s.wd)
+        .f32(s.one_minus_beta1)
+        .f32(s.beta2)
+        .f32(s.one_minus_beta2)
+        .f32(s.eps)
+        .f32(s.grad_scale)
+        .f32(s.step_size)
+        .f32(s.bc2_sqrt)
+}
 
 /// `clipft_adam` over the first `n` values of `w`, `g`, `m` and `v`.
 pub fn adam_call<'a, I: ?Sized, O: ?Sized>(
@@ -14,23 +90,14 @@ pub fn adam_call<'a, I: ?Sized, O: ?Sized>(
     s: &AdamScalars,
 ) -> Call<'a, I, O> {
     // A grid-stride loop: enough blocks to fill an H100 several times over.
-    let blocks = n.div_ceil(256).clamp(1, 132 * 16) as u32;
-    Call::new("clipft_adam", (blocks, 1, 1), 256)
+    let blocks = n.div_ceil(256).clamp(1, MAX_BLOCKS) as u32;
+    let call = Call::new("clipft_adam", (blocks, 1, 1), 256)
         .output(w)
         .input(g)
         .output(m)
         .output(v)
-        .i64(n as i64)
-        .i32(i32::from(s.decoupled))
-        .f32(s.decay)
-        .f32(s.wd)
-        .f32(s.one_minus_beta1)
-        .f32(s.beta2)
-        .f32(s.one_minus_beta2)
-        .f32(s.eps)
-        .f32(s.grad_scale)
-        .f32(s.step_size)
-        .f32(s.bc2_sqrt)
+        .i64(n as i64);
+    with_scalars(call, s)
 }
 
 #[cfg(feature = "cuda")]
@@ -69,10 +136,53 @@ mod gpu {
         // g (all n long, checked above).
         unsafe { call::run(dev, "clipft_adam", PTX, call) }
     }
+
+    /// One step over every tensor of `entries` in one launch, their gradients and compute
+    /// copies in `dtype` (f32, f16 or bf16).
+    ///
+    /// # Safety
+    /// Each entry's addresses must be `dev`'s memory holding `len` values (f32 for `w`, `m` and
+    /// `v`, `dtype` for `g` and a non-zero `copy`), no buffer an entry writes may overlap
+    /// another buffer of the launch, and nothing may use them outside `dev`'s stream until the
+    /// launch is done.
+    pub unsafe fn adam_multi_step(
+        dev: &CudaDevice,
+        entries: &[super::MultiEntry],
+        dtype: candle_core::DType,
+        s: AdamScalars,
+    ) -> Result<()> {
+        let suffix = match dtype {
+            candle_core::DType::F32 => "f32",
+            candle_core::DType::F16 => "f16",
+            candle_core::DType::BF16 => "bf16",
+            d => candle_core::bail!("adam step: no kernel for {d:?} gradients"),
+        };
+        let (table, chunks) = super::multi_table(entries);
+        if chunks == 0 {
+            return Ok(());
+        }
+        let tensors = table.len() / super::TABLE_WORDS;
+        if chunks > i32::MAX as usize {
+            candle_core::bail!("adam step: {chunks} chunks, more than one launch indexes");
+        }
+        let table = dev.clone_htod(&table)?;
+        let call = super::adam_multi_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            &table,
+            tensors,
+            chunks,
+            suffix,
+            &s,
+            super::MAX_BLOCKS,
+        );
+        // SAFETY: the kernel reads the table (tensors x TABLE_WORDS words, as uploaded) and,
+        // for each chunk it covers, elements below the entry's len of the entry's buffers,
+        // which the caller guarantees.
+        unsafe { call::run(dev, "clipft_adam", PTX, call) }
+    }
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::adam_step;
+pub use gpu::{adam_multi_step, adam_step};
 
 /// `adam.cu` itself, run by the CPU emulator with the launcher's grid and arguments: it gives
 /// its twin's bits, both kinds, a ragged length, several grid-stride rounds.
@@ -108,6 +218,99 @@ mod emu_tests {
                     bits(host) == bits(dev.values()),
                     "decoupled {decoupled}: {name} differs"
                 );
+            }
+        }
+    }
+}
+
+/// `adam.cu`'s one-launch step in the emulator: see the test.
+#[cfg(test)]
+mod emu_multi_tests {
+    use clipft_cuda_emu::{self as e, Buffer};
+
+    use super::super::call::emu::{self, Dt, EmuArg};
+    use super::{adam_multi_call, multi_table, MultiEntry, CHUNK};
+    use crate::model::kernels::adam::adam_update;
+    use crate::model::kernels::adam::tests::{scalars, val};
+
+    fn addr(a: e::Arg) -> u64 {
+        match a {
+            e::Arg::Ptr(_, at) => at as u64,
+            other => panic!("not a buffer: {other:?}"),
+        }
+    }
+
+    /// Tensors of one element, a chunk's edges, several chunks and none, on fewer blocks than
+    /// chunks (so blocks loop and look tensors up again): each weight and its moments get the
+    /// twin's bits from the gradient in the launch's dtype, each compute copy is its new
+    /// weight rounded to nearest even, written whole; f32 gradients run without copies.
+    #[test]
+    fn emulated_multi_tensor_step_gives_the_twins_bits() {
+        let lens = [1, CHUNK - 1, 0, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 7];
+        for dt in Dt::ALL {
+            for decoupled in [true, false] {
+                let s = scalars(decoupled);
+                let start = |n: usize, seed: u32| (0..n).map(|i| val(i, seed)).collect::<Vec<_>>();
+                let mut host = Vec::new();
+                let mut dev = Vec::new();
+                for (t, &n) in lens.iter().enumerate() {
+                    let seed = 10 * t as u32;
+                    let g = dt.round_all(&start(n, seed + 1));
+                    let (w, m) = (start(n, seed + 2), start(n, seed + 3));
+                    let v: Vec<f32> = start(n, seed + 4).iter().map(|x| x.abs()).collect();
+                    dev.push((
+                        Buffer::from_slice(&w),
+                        dt.buffer(&g),
+                        Buffer::from_slice(&m),
+                        Buffer::from_slice(&v),
+                        (dt != Dt::F32).then(|| dt.poisoned(n)),
+                    ));
+                    host.push((w, g, m, v));
+                }
+                let entries: Vec<MultiEntry> = dev
+                    .iter_mut()
+                    .zip(&lens)
+                    .map(|((w, g, m, v, copy), &len)| MultiEntry {
+                        w: addr(w.arg_mut()),
+                        g: addr(g.arg()),
+                        m: addr(m.arg_mut()),
+                        v: addr(v.arg_mut()),
+                        copy: copy.as_mut().map_or(0, |c| addr(c.arg_mut())),
+                        len,
+                    })
+                    .collect();
+                let (table, chunks) = multi_table(&entries);
+                assert_eq!(chunks, 1 + 1 + 1 + 2 + 4 + 1, "chunks");
+                let table = Buffer::from_slice(&table);
+                let tensors = lens.iter().filter(|&&n| n > 0).count();
+                let call = adam_multi_call::<dyn EmuArg, dyn EmuArg>(
+                    &table,
+                    tensors,
+                    chunks,
+                    dt.suffix(),
+                    &s,
+                    3,
+                );
+                assert_eq!(call.grid, (3, 1, 1));
+                // SAFETY: every table entry names live buffers of its len values, f32 for the
+                // weight and moments and the launch's dtype for the gradient and copy; none
+                // is borrowed elsewhere during the launch.
+                unsafe { emu::run(call) }.unwrap();
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                for (t, ((w, g, m, v), (dw, _, dm, dv, copy))) in
+                    host.iter_mut().zip(&dev).enumerate()
+                {
+                    adam_update(w, g, m, v, s);
+                    let what = format!("{dt:?}, decoupled {decoupled}, tensor {t}");
+                    for (name, want, got) in [("w", &*w, dw), ("m", &*m, dm), ("v", &*v, dv)] {
+                        got.check().unwrap();
+                        assert!(bits(want) == bits(got.values()), "{what}: {name} differs");
+                    }
+                    if let Some(copy) = copy {
+                        let got = emu::written(&format!("{what}: copy"), copy.as_ref());
+                        assert!(bits(&got) == bits(&dt.round_all(w)), "{what}: copy differs");
+                    }
+                }
             }
         }
     }

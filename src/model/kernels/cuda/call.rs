@@ -235,6 +235,7 @@ pub mod emu {
     }
     emu_arg!(f32, |v: f32| v);
     emu_arg!(u32, |v: u32| v as f32);
+    emu_arg!(u64, |v: u64| v as f32);
     emu_arg!(e::F16Bits, |v: e::F16Bits| half::f16::from_bits(v.0)
         .to_f32());
     emu_arg!(e::Bf16Bits, |v: e::Bf16Bits| half::bf16::from_bits(v.0)
