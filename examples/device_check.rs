@@ -187,7 +187,10 @@ fn main() -> anyhow::Result<()> {
                     c(&i[0])?.apply_op3_no_bwd(
                         &c(&i[1])?,
                         &c(&i[2])?,
-                        &LayerNormBackward { eps: 1e-5 },
+                        &LayerNormBackward {
+                            eps: 1e-5,
+                            residual: None,
+                        },
                     )
                 },
             )?;

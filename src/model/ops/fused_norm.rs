@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::model::kernels::cuda::layernorm::{
-    layer_norm_backward_twin, layer_norm_twin, residual_layer_norm_twin,
+    add_residual_grad, layer_norm_backward_twin, layer_norm_twin, residual_layer_norm_twin,
 };
 
 /// `(x - mean) / sqrt(var + eps) * w + b` over the last dimension of `x`.
@@ -18,10 +18,30 @@ pub struct FusedLayerNorm {
 }
 
 /// From `x`, `w` and the output's gradient: `[rows + 2, cols]`, the gradient of `x` (rows
-/// flattened), then of `w`, then of `b`.
-#[derive(Debug, Clone, Copy)]
+/// flattened), then of `w`, then of `b`. With `residual` (shaped as `x`: the gradient that
+/// reaches `x` directly, past the norm, in a pre-LN block), `x`'s gradient is the sum of the
+/// two, added in the kernel's pass instead of a separate one (the same values).
+#[derive(Debug, Clone)]
 pub struct LayerNormBackward {
     pub eps: f32,
+    pub residual: Option<Tensor>,
+}
+
+/// The gradients of a [`FusedLayerNorm`] of `x` with weight `w` for the output's gradient
+/// `grad`: `x`'s (plus `residual` where given, see [`LayerNormBackward`]), `w`'s and the
+/// bias's.
+pub fn layer_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    eps: f32,
+    residual: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let residual = residual.map(Tensor::contiguous).transpose()?;
+    let all = x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps, residual })?;
+    let rows = all.dim(0)? - 2;
+    let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
+    Ok((dx, all.get(rows)?, all.get(rows + 1)?))
 }
 
 /// The residual add that closes a block's branch and the layer norm after it, for inference on
@@ -206,12 +226,7 @@ impl CustomOp3 for FusedLayerNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let all =
-            x.apply_op3_no_bwd(w, &grad.contiguous()?, &LayerNormBackward { eps: self.eps })?;
-        let rows = all.dim(0)? - 2;
-        let dx = all.narrow(0, 0, rows)?.reshape(x.shape())?;
-        let dw = all.get(rows)?;
-        let db = all.get(rows + 1)?;
+        let (dx, dw, db) = layer_norm_backward(x, w, grad, self.eps, None)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
@@ -231,12 +246,29 @@ impl CustomOp3 for LayerNormBackward {
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let cols = check([xl, wl, gl], true)?;
-        let out = layer_norm_backward_twin(
+        let mut out = layer_norm_backward_twin(
             &super::twin_input(xs, xl, self.name())?,
             &super::twin_input(ws, wl, self.name())?,
             &super::twin_input(gs, gl, self.name())?,
             self.eps,
         )?;
+        if let Some(r) = &self.residual {
+            let (rs, rl) = r.storage_and_layout();
+            let candle_core::Storage::Cpu(rs) = &*rs else {
+                candle_core::bail!("layer norm backward: the residual gradient is not on the CPU")
+            };
+            let dres = super::twin_input(rs, rl, self.name())?;
+            let n = xl.shape().elem_count();
+            if dres.len() != n || r.dtype() != candle_core::backend::BackendStorage::dtype(xs) {
+                candle_core::bail!("layer norm backward: a residual gradient unlike the input");
+            }
+            let round = |v: f32| match xs {
+                CpuStorage::F16(_) => half::f16::from_f32(v).to_f32(),
+                CpuStorage::BF16(_) => half::bf16::from_f32(v).to_f32(),
+                _ => v,
+            };
+            add_residual_grad(&mut out[..n], &dres, round);
+        }
         let rows = out.len() / cols;
         Ok((super::twin_output(xs, out), Shape::from((rows, cols))))
     }
@@ -255,13 +287,35 @@ impl CustomOp3 for LayerNormBackward {
         let cols = check([xl, wl, gl], true)?;
         let rows = xl.shape().elem_count() / cols.max(1);
         let dev = xs.device.clone();
+        use candle_core::backend::BackendStorage;
+        let residual = self.residual.as_ref().map(|r| r.storage_and_layout());
+        let residual = match &residual {
+            Some((rs, rl)) => match &**rs {
+                candle_core::Storage::Cuda(rs) if rs.dtype() == xs.dtype() => Some((rs, *rl)),
+                _ => candle_core::bail!(
+                    "layer norm backward: the residual gradient is not on the GPU in the input's type"
+                ),
+            },
+            None => None,
+        };
         let out = by_dtype!(xs, self.name(), |T, suffix| {
             let (x, w, g) = (
                 super::cuda_view::<T>(xs, xl)?,
                 super::cuda_view::<T>(ws, wl)?,
                 super::cuda_view::<T>(gs, gl)?,
             );
-            let out = layernorm::layer_norm_backward::<T>(suffix, &dev, &x, &w, &g, self.eps)?;
+            let r = residual
+                .map(|(rs, rl)| super::cuda_view::<T>(rs, rl))
+                .transpose()?;
+            let out = layernorm::layer_norm_backward::<T>(
+                suffix,
+                &dev,
+                &x,
+                &w,
+                &g,
+                r.as_ref(),
+                self.eps,
+            )?;
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((out, Shape::from((rows + 2, cols))))
@@ -383,7 +437,16 @@ mod tests {
                     .collect::<Result<_>>()?;
                 let d: Vec<Tensor> = c.iter().map(|t| t.to_device(&gpu)).collect::<Result<_>>()?;
                 let op = FusedLayerNorm { eps: 1e-5 };
-                let back = LayerNormBackward { eps: 1e-5 };
+                let back = LayerNormBackward {
+                    eps: 1e-5,
+                    residual: None,
+                };
+                // With a residual stream's gradient added (the input's own, as any tensor
+                // shaped like it).
+                let with_res = |t: &Tensor| LayerNormBackward {
+                    eps: 1e-5,
+                    residual: Some(t.clone()),
+                };
                 let pairs = [
                     (
                         c[0].apply_op3_no_bwd(&c[1], &c[2], &op)?,
@@ -392,6 +455,10 @@ mod tests {
                     (
                         c[0].apply_op3_no_bwd(&c[1], &c[3], &back)?,
                         d[0].apply_op3_no_bwd(&d[1], &d[3], &back)?,
+                    ),
+                    (
+                        c[0].apply_op3_no_bwd(&c[1], &c[3], &with_res(&c[0]))?,
+                        d[0].apply_op3_no_bwd(&d[1], &d[3], &with_res(&d[0]))?,
                     ),
                 ];
                 for (i, (twin, got)) in pairs.into_iter().enumerate() {

@@ -12,7 +12,9 @@
 // and the weight's and bias's gradients, sum over rows of dy xh and of dy, without atomics:
 // each warp adds its rows into its own shared-memory row of partial sums, the block adds its
 // warps' rows in order into one partial per block, and a second kernel adds the blocks'
-// partials in order. The result is deterministic.
+// partials in order. The result is deterministic. With `dres` (a residual stream's gradient
+// arriving beside the norm's, as in a pre-LN block), dx is rounded to T and dres added to it
+// in the same pass, the sum rounded again: what the norm's gradient and a separate add give.
 //
 // Limits: the backward keeps 2 cols floats per warp in shared memory: cols <= 1024.
 
@@ -88,11 +90,12 @@ __device__ void residual_layernorm(const T* __restrict__ x, const T* __restrict_
 }
 
 // grid ceil(rows / (NWARPS * RPW)), block NWARPS * 32, dynamic shared memory
-// NWARPS * 2 * cols floats. Writes dx and the block's partial sums partial[block][2][cols]
+// NWARPS * 2 * cols floats; dres may be null. Writes dx and the block's partial sums partial[block][2][cols]
 // (the weight's, then the bias's).
 template <typename T>
 __device__ void layernorm_backward(const T* __restrict__ x, const T* __restrict__ w,
-                                   const T* __restrict__ dy, T* __restrict__ dx,
+                                   const T* __restrict__ dy, const T* __restrict__ dres,
+                                   T* __restrict__ dx,
                                    float* __restrict__ partial, int rows, int cols, float eps) {
     extern __shared__ float acc[];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -115,10 +118,13 @@ __device__ void layernorm_backward(const T* __restrict__ x, const T* __restrict_
         }
         const float mg = warp_sum(sg) / cols, mgx = warp_sum(sgx) / cols;
         T* dr = dx + (size_t)row * cols;
+        const T* rr = dres == nullptr ? nullptr : dres + (size_t)row * cols;
         for (int c = lane; c < cols; c += 32) {
             const float xh = (load(xr[c]) - mean) * rstd;
             const float d = load(gr[c]);
-            dr[c] = store<T>(rstd * (d * load(w[c]) - mg - xh * mgx));
+            float v = rstd * (d * load(w[c]) - mg - xh * mgx);
+            if (rr != nullptr) v = load(store<T>(v)) + load(rr[c]);
+            dr[c] = store<T>(v);
             mine[c] = fmaf(d, xh, mine[c]);
             mine[cols + c] += d;
         }
@@ -151,9 +157,10 @@ __device__ void layernorm_backward_sum(const float* __restrict__ partial, T* __r
         layernorm<T>(x, w, b, y, rows, cols, eps);                                             \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(NWARPS * 32)                                  \
-        clipft_layernorm_backward_##SUFFIX(const T* x, const T* w, const T* dy, T* dx,         \
-                                           float* partial, int rows, int cols, float eps) {    \
-        layernorm_backward<T>(x, w, dy, dx, partial, rows, cols, eps);                         \
+        clipft_layernorm_backward_##SUFFIX(const T* x, const T* w, const T* dy, const T* dres, \
+                                           T* dx, float* partial, int rows, int cols,          \
+                                           float eps) {                                        \
+        layernorm_backward<T>(x, w, dy, dres, dx, partial, rows, cols, eps);                   \
     }                                                                                          \
     extern "C" __global__ void __launch_bounds__(NWARPS * 32)                                  \
         clipft_residual_layernorm_##SUFFIX(const T* x, const T* b, const T* r, const T* w,     \

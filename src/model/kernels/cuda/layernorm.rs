@@ -131,6 +131,16 @@ pub fn layer_norm_backward_twin(x: &[f32], w: &[f32], dy: &[f32], eps: f32) -> R
     Ok(out)
 }
 
+/// A residual stream's gradient `dres` added to the norm's input gradient `dx` (the first
+/// `dres.len()` values of a [`layer_norm_backward_twin`] output) as `clipft_layernorm_backward_*`
+/// adds it: `dx` rounded to the element type (`round`), then the sum (which the caller rounds
+/// again when it stores it), as the gradient and a separate add give.
+pub fn add_residual_grad(dx: &mut [f32], dres: &[f32], round: impl Fn(f32) -> f32) {
+    for (d, r) in dx.iter_mut().zip(dres) {
+        *d = round(*d) + r;
+    }
+}
+
 /// Warps per block of both kernels: `NWARPS` in `layernorm.cu`.
 const NWARPS: u32 = 4;
 
@@ -193,15 +203,17 @@ pub fn backward_blocks(rows: usize) -> usize {
     rows.div_ceil(BACKWARD_ROWS).max(1)
 }
 
-/// `clipft_layernorm_backward_<suffix>`: the input's gradient into the first `rows * cols`
-/// values of `dx`, and each block's partial sums of the weight's and bias's gradients into
-/// `partial`. Its shared memory holds 2 `cols` floats per warp.
+/// `clipft_layernorm_backward_<suffix>`: the input's gradient (plus `dres`, a residual
+/// stream's gradient, where given) into the first `rows * cols` values of `dx`, and each
+/// block's partial sums of the weight's and bias's gradients into `partial`. Its shared memory
+/// holds 2 `cols` floats per warp.
 #[allow(clippy::too_many_arguments)]
 pub fn layer_norm_backward_call<'a, I: ?Sized, O: ?Sized>(
     suffix: &str,
     x: &'a I,
     w: &'a I,
     dy: &'a I,
+    dres: Option<&'a I>,
     dx: &'a mut O,
     partial: &'a mut O,
     rows: usize,
@@ -218,6 +230,7 @@ pub fn layer_norm_backward_call<'a, I: ?Sized, O: ?Sized>(
     .input(x)
     .input(w)
     .input(dy)
+    .input_or_null(dres)
     .output(dx)
     .output(partial)
     .i32(rows as i32)
@@ -329,22 +342,24 @@ mod gpu {
     }
 
     /// `clipft_layernorm_backward_<suffix>`, then `_sum_<suffix>`: `rows + 2` rows of `cols`,
-    /// the input's gradient, then the weight's and the bias's.
+    /// the input's gradient (plus `dres` where given), then the weight's and the bias's.
+    #[allow(clippy::too_many_arguments)]
     pub fn layer_norm_backward<T: DeviceRepr>(
         suffix: &str,
         dev: &CudaDevice,
         x: &CudaView<'_, T>,
         w: &CudaView<'_, T>,
         dy: &CudaView<'_, T>,
+        dres: Option<&CudaView<'_, T>>,
         eps: f32,
     ) -> Result<CudaSlice<T>> {
         let cols = w.len();
         let rows = super::check(x.len(), cols, cols)?;
-        if dy.len() != x.len() {
+        let given = [Some(dy.len()), dres.map(|r| r.len())];
+        if let Some(n) = given.into_iter().flatten().find(|&n| n != x.len()) {
             candle_core::bail!(
-                "layer norm backward: {} values and a gradient of {}",
-                x.len(),
-                dy.len()
+                "layer norm backward: {} values and a gradient of {n}",
+                x.len()
             );
         }
         let blocks = super::backward_blocks(rows);
@@ -358,18 +373,20 @@ mod gpu {
                 dev.alloc::<f32>(blocks * 2 * cols)?,
             )
         };
+        let dres = dres.map(|r| r as &dyn CudaIn);
         let call = super::layer_norm_backward_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
             suffix,
             x,
             w,
             dy,
+            dres,
             &mut out,
             &mut partial,
             rows,
             cols,
             eps,
         );
-        // SAFETY: reads rows x cols of x and dy (checked) and cols of w; writes the first
+        // SAFETY: reads rows x cols of x, dy and dres (checked) and cols of w; writes the first
         // rows x cols values of `out` (which holds rows + 2 rows) and blocks x 2 cols of
         // `partial`; cols <= 1024 keeps the shared memory at 32 KB.
         unsafe { call::run(dev, MODULE, PTX, call) }?;
@@ -463,43 +480,54 @@ mod emu_tests {
                     dt.tol(),
                 );
 
-                let mut grad = dt.poisoned(rows * cols);
-                let mut partial = Dt::F32.poisoned(backward_blocks(rows) * 2 * cols);
-                let call = layer_norm_backward_call::<dyn EmuArg, dyn EmuArg>(
-                    dt.suffix(),
-                    &*dx_,
-                    &*dw,
-                    &*ddy,
-                    &mut *grad,
-                    &mut *partial,
-                    rows,
-                    cols,
-                    1e-5,
-                );
-                // SAFETY: x, dy and the gradient hold rows x cols values, w cols, partial
-                // blocks x 2 cols.
-                unsafe { emu::run(call) }.unwrap();
-                written("partial", &*partial);
-                let mut sums = dt.poisoned(2 * cols);
-                let call = layer_norm_backward_sum_call::<dyn EmuArg, dyn EmuArg>(
-                    dt.suffix(),
-                    &*partial,
-                    &mut *sums,
-                    rows,
-                    cols,
-                );
-                // SAFETY: partial holds blocks x 2 cols values, sums 2 cols.
-                unsafe { emu::run(call) }.unwrap();
-                let want = dt.round_all(&layer_norm_backward_twin(&x, &w, &dy, 1e-5).unwrap());
-                let (want_dx, want_sums) = want.split_at(rows * cols);
-                assert_close(
-                    &format!("dx {what}"),
-                    &written("dx", &*grad),
-                    want_dx,
-                    dt.tol(),
-                );
-                let got = written("sums", &*sums);
-                assert_close(&format!("dw, db {what}"), &got, want_sums, dt.tol());
+                // The input's gradient alone, and with a residual stream's gradient added.
+                let res = dt.round_all(&values(rows * cols, 5));
+                for with_res in [false, true] {
+                    let dres = with_res.then(|| dt.buffer(&res));
+                    let mut grad = dt.poisoned(rows * cols);
+                    let mut partial = Dt::F32.poisoned(backward_blocks(rows) * 2 * cols);
+                    let call = layer_norm_backward_call::<dyn EmuArg, dyn EmuArg>(
+                        dt.suffix(),
+                        &*dx_,
+                        &*dw,
+                        &*ddy,
+                        dres.as_deref(),
+                        &mut *grad,
+                        &mut *partial,
+                        rows,
+                        cols,
+                        1e-5,
+                    );
+                    // SAFETY: x, dy and the gradient hold rows x cols values, w cols, partial
+                    // blocks x 2 cols.
+                    unsafe { emu::run(call) }.unwrap();
+                    written("partial", &*partial);
+                    let mut sums = dt.poisoned(2 * cols);
+                    let call = layer_norm_backward_sum_call::<dyn EmuArg, dyn EmuArg>(
+                        dt.suffix(),
+                        &*partial,
+                        &mut *sums,
+                        rows,
+                        cols,
+                    );
+                    // SAFETY: partial holds blocks x 2 cols values, sums 2 cols.
+                    unsafe { emu::run(call) }.unwrap();
+                    let mut want = layer_norm_backward_twin(&x, &w, &dy, 1e-5).unwrap();
+                    if with_res {
+                        let (dx, _) = want.split_at_mut(rows * cols);
+                        add_residual_grad(dx, &res, |v| dt.round(v));
+                    }
+                    let want = dt.round_all(&want);
+                    let (want_dx, want_sums) = want.split_at(rows * cols);
+                    assert_close(
+                        &format!("dx {what}, residual {with_res}"),
+                        &written("dx", &*grad),
+                        want_dx,
+                        dt.tol(),
+                    );
+                    let got = written("sums", &*sums);
+                    assert_close(&format!("dw, db {what}"), &got, want_sums, dt.tol());
+                }
             }
         }
     }
