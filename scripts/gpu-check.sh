@@ -169,6 +169,10 @@ done
 [ -n "${QUICK:-}" ] || [ -n "${CLIPFT_NO_TC_ATTENTION:-}" ] || CLIPFT_NO_TC_ATTENTION=1 step \
   train-clipft-bf16-cuda-cores 150 "$BIN" bench --train --model "$VIT" --device "$DEV" --dtype bf16 \
   --batch-size "$BATCH" --seconds "$SECS"
+# The same step op by op (each encoder block twenty nodes of candle's graph instead of one):
+# what the block nodes bring.
+[ -n "${QUICK:-}" ] || CLIPFT_NO_FUSED_BLOCK=1 step train-clipft-bf16-per-op 150 "$BIN" bench --train \
+  --model "$VIT" --device "$DEV" --dtype bf16 --batch-size "$BATCH" --seconds "$SECS"
 # The same step with clipft's CUDA kernels off (candle's ops): what the kernels bring.
 [ -n "${QUICK:-}" ] || CLIPFT_NO_FUSED=1 step train-clipft-bf16-candle-ops 150 "$BIN" bench --train \
   --model "$VIT" --device "$DEV" --dtype bf16 --batch-size "$BATCH" --seconds "$SECS"

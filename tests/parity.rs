@@ -528,8 +528,9 @@ fn the_gpu_layer_path_matches_on_the_cpu() {
 }
 
 /// The GPU training path (attention over the stacked projection, layer norm and linear tails
-/// as ops with their own backward, the last block on the pooled rows), run on the CPU through
-/// the kernels' twins, gives candle's loss and every weight's gradient: the backward a GPU
+/// as ops with their own backward, the last block on the pooled rows; op by op, and each block
+/// as one node), run on the CPU through the kernels' twins, gives candle's loss and every
+/// weight's gradient: the backward a GPU
 /// runs is checked here, kernels' algorithms and plumbing, not only the forward.
 #[test]
 fn the_gpu_training_path_matches_on_the_cpu() {
@@ -553,11 +554,16 @@ fn the_gpu_training_path_matches_on_the_cpu() {
             let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
             let clip = Clip::new(vb, &config, Towers::ALL, kernels).unwrap();
             varmap.load(dir.join("model.safetensors")).unwrap();
-            let t = clip.text_features(&batch, Mode::Train).unwrap();
-            let i = clip.image_features(&pixels, Mode::Train).unwrap();
-            let scale = clip.logit_scale.clone().unwrap();
-            let loss = clipft::trainer::loss::clip_loss(&t, &i, &scale).unwrap();
-            let grads = loss.backward().unwrap();
+            // As a training step runs (the GPU path's block nodes need it).
+            let (loss, grads) = clipft::model::train_ops::with_direct_weight_grads(|| {
+                let t = clip.text_features(&batch, Mode::Train)?;
+                let i = clip.image_features(&pixels, Mode::Train)?;
+                let scale = clip.logit_scale.clone().unwrap();
+                let loss = clipft::trainer::loss::clip_loss(&t, &i, &scale)?;
+                let grads = loss.backward()?;
+                Ok::<_, candle_core::Error>((loss, grads))
+            })
+            .unwrap();
             let vars = varmap.data().lock().unwrap();
             let mut out: Vec<(String, Option<Tensor>)> = vars
                 .iter()
@@ -566,42 +572,47 @@ fn the_gpu_training_path_matches_on_the_cpu() {
             out.sort_by(|a, b| a.0.cmp(&b.0));
             (loss.to_scalar::<f32>().unwrap(), out)
         };
-        let (gpu_loss, gpu) = step(Kernels {
+        let gpu_path = |train_blocks| Kernels {
             fused_gpu: true,
+            train_blocks,
             packed_text: true,
             tc_attention: true,
             residual_norm: true,
             ..Kernels::CANDLE
-        });
-        let (loss, candle) = step(Kernels::CANDLE);
-        assert!(
-            (gpu_loss - loss).abs() <= 1e-5 * loss.abs(),
-            "{}: loss {gpu_loss} on the GPU path, {loss} with candle's ops",
-            dir.display()
-        );
-        let norm = |t: &Tensor| {
-            t.sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt()
         };
-        for ((name, g), (_, c)) in gpu.iter().zip(&candle) {
-            let c = c
-                .as_ref()
-                .unwrap_or_else(|| panic!("{name}: no gradient from candle"));
-            let g = g
-                .as_ref()
-                .unwrap_or_else(|| panic!("{name}: no gradient on the GPU path"));
-            // A key bias's gradient is rounding noise on both sides (softmax ignores it).
-            if name.ends_with("k_proj.bias") {
-                assert!(norm(g) < 1e-4, "{name}: {}", norm(g));
-                continue;
+        let (loss, candle) = step(Kernels::CANDLE);
+        // Op by op, and each block as one node.
+        for train_blocks in [false, true] {
+            let (gpu_loss, gpu) = step(gpu_path(train_blocks));
+            let what = format!("{} (blocks as nodes: {train_blocks})", dir.display());
+            assert!(
+                (gpu_loss - loss).abs() <= 1e-5 * loss.abs(),
+                "{what}: loss {gpu_loss} on the GPU path, {loss} with candle's ops"
+            );
+            let norm = |t: &Tensor| {
+                t.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    .sqrt()
+            };
+            for ((name, g), (_, c)) in gpu.iter().zip(&candle) {
+                let c = c
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{name}: no gradient from candle"));
+                let g = g
+                    .as_ref()
+                    .unwrap_or_else(|| panic!("{name}: no gradient on the GPU path"));
+                // A key bias's gradient is rounding noise on both sides (softmax ignores it).
+                if name.ends_with("k_proj.bias") {
+                    assert!(norm(g) < 1e-4, "{name}: {}", norm(g));
+                    continue;
+                }
+                let rel = norm(&(g - c).unwrap()) / norm(c).max(1e-12);
+                assert!(rel < 1e-4, "{what}: {name} off by {rel:.2e}");
             }
-            let rel = norm(&(g - c).unwrap()) / norm(c).max(1e-12);
-            assert!(rel < 1e-4, "{}: {name} off by {rel:.2e}", dir.display());
         }
     }
 }

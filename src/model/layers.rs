@@ -17,6 +17,7 @@ use super::config::Activation;
 use super::cpu;
 use super::kernels::cpu_block;
 use super::kernels::seqs::Seqs;
+use super::ops::gpu_block;
 use super::ops::packed::PackedSeqs;
 use super::policy::Kernels;
 use super::train_block;
@@ -637,6 +638,11 @@ impl EncoderLayer {
         rows: Option<&Tensor>,
         tails: Option<&LayerTails>,
     ) -> Result<(Tensor, Option<Tensor>)> {
+        if mode == Mode::Train && self.mlp.kernels.train_blocks && normed.is_none() {
+            if let Some(block) = self.gpu_block(mask).filter(|b| b.applies(x)) {
+                return Ok((block.forward(x, rows)?, None));
+            }
+        }
         let a = &self.self_attn;
         let h1 = match normed {
             Some(h) => h,
@@ -668,6 +674,50 @@ impl EncoderLayer {
             }
             _ => Ok((self.mlp.fc2.forward_residual(&m, &x, mode)?, None)),
         }
+    }
+}
+
+impl EncoderLayer {
+    /// This block's parts for [`gpu_block::GpuBlock`], the GPU path's block as one training
+    /// node; None where a part would not run through the GPU path's ops (a layer norm width
+    /// or head width the kernels do not take, a projection without bias).
+    fn gpu_block(&self, mask: &Mask) -> Option<gpu_block::GpuBlock> {
+        let a = &self.self_attn;
+        let norm = |n: &LayerNorm| {
+            n.gpu_op.then(|| gpu_block::Norm {
+                weight: n.weight.clone(),
+                bias: n.bias.clone(),
+                eps: n.eps as f32,
+            })
+        };
+        let affine = |l: &Linear| {
+            Some(gpu_block::Affine {
+                weight: l.weight.clone(),
+                bias: l.bias.clone()?,
+            })
+        };
+        if !a.fused || !self.mlp.kernels.fused_gpu {
+            return None;
+        }
+        Some(gpu_block::GpuBlock {
+            ln1: norm(&self.layer_norm1)?,
+            qkv: [affine(&a.q_proj)?, affine(&a.k_proj)?, affine(&a.v_proj)?],
+            attention: super::ops::fused_attention::FusedAttention {
+                heads: a.heads,
+                scale: a.scale as f32,
+                causal: mask.causal(),
+                packed: mask.packed.clone(),
+                tensor_cores: a.kernels.tc_attention,
+            },
+            out: affine(&a.out_proj)?,
+            ln2: norm(&self.layer_norm2)?,
+            fc1: affine(&self.mlp.fc1)?,
+            act: super::ops::fused_tail::BiasAct {
+                act: tail_act(self.mlp.act),
+            },
+            fc2: affine(&self.mlp.fc2)?,
+            residual_norm: self.mlp.kernels.residual_norm,
+        })
     }
 }
 
@@ -854,7 +904,7 @@ impl Encoder {
         if mode == Mode::Inference && self.kernels.fused_cpu {
             return self.forward_fused_cpu(x, seqs, d, causal, pooled);
         }
-        if mode == Mode::Train && self.kernels.train_blocks {
+        if mode == Mode::Train && self.kernels.fused_cpu && self.kernels.train_blocks {
             if let Some(out) = self.forward_train_blocks(x, causal, pooled, packed)? {
                 return Ok(out);
             }

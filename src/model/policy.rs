@@ -56,7 +56,9 @@ pub struct Kernels {
     /// attention, activation, softmax with their own backward). Otherwise candle's ops.
     pub fused_cpu: bool,
     /// With `fused_cpu`: a training pass runs each encoder block, and each tower's embeddings,
-    /// as one op ([`super::train_block`], [`super::train_embed`]).
+    /// as one op ([`super::train_block`], [`super::train_embed`]). With `fused_gpu`: each
+    /// encoder block as one node over the GPU path's ops ([`super::ops::gpu_block`]).
+    /// `CLIPFT_NO_FUSED_BLOCK` turns both off.
     pub train_blocks: bool,
     /// With `fused_cpu`: f32 products on Intel AMX in this precision; None keeps plain f32.
     pub amx: Option<super::amx::Precision>,
@@ -100,6 +102,7 @@ impl Kernels {
         if device.is_cuda() && sw.fused {
             return Self {
                 fused_gpu: true,
+                train_blocks: sw.fused_blocks,
                 packed_text: sw.packed_text,
                 tc_attention: sw.tc_attention,
                 residual_norm: sw.residual_norm,

@@ -2,7 +2,8 @@
 //! kernels there, their CPU twins elsewhere), each with a backward that is itself an op:
 //! [`fused_attention`] (attention over the stacked QKV projection), [`clip_loss`] (the
 //! training loss: row norms and the symmetric cross-entropy), [`fused_norm`] (layer
-//! norm) and [`fused_tail`] (a linear layer's bias + activation or bias + residual). The CPU
+//! norm) and [`fused_tail`] (a linear layer's bias + activation or bias + residual), and
+//! [`gpu_block`] (a whole block of those as one training node). The CPU
 //! training graph's, with their own backward:
 //! [`train_ops`] (linear, layer norm, quick_gelu, softmax, attention as single ops),
 //! [`train_block`] (a whole transformer block as one op, the last one computing only the pooled
@@ -42,6 +43,7 @@ pub mod clip_loss;
 pub mod fused_attention;
 pub mod fused_norm;
 pub mod fused_tail;
+pub mod gpu_block;
 pub mod packed;
 pub mod train_block;
 pub mod train_embed;
