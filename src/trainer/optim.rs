@@ -534,16 +534,127 @@ impl candle_core::InplaceOp2 for AdamStep<'_> {
     }
 }
 
+/// Many variables' storages held mutably at once, for the one-launch update
+/// ([`multi`]), which writes every weight and compute copy of a model in one kernel.
+#[cfg(any(test, feature = "cuda"))]
+mod locks {
+    use std::cell::RefCell;
+
+    use candle_core::{CpuStorage, Layout, Result, Tensor};
+
+    /// Calls `f` with the address of each of `ts`' first elements (device addresses on a GPU),
+    /// every one of their storages write-locked for the whole call: each through a candle
+    /// in-place op nested in the previous one's, the only way candle lends a storage mutably.
+    /// `ts` must be distinct storages (a second lock on one would never be granted).
+    pub(super) fn with_addresses_mut(ts: &[&Tensor], f: &mut Then<'_>) -> Result<()> {
+        let mut got = Vec::with_capacity(ts.len());
+        nest(ts, &mut got, f)
+    }
+
+    /// What [`with_addresses_mut`] calls with the addresses.
+    pub(super) type Then<'b> = dyn FnMut(&[u64]) -> Result<()> + 'b;
+
+    fn nest(ts: &[&Tensor], got: &mut Vec<u64>, f: &mut Then<'_>) -> Result<()> {
+        match ts.split_first() {
+            None => f(got),
+            Some((t, rest)) => t.inplace_op1(&Lock {
+                rest,
+                got: RefCell::new(got),
+                f: RefCell::new(f),
+            }),
+        }
+    }
+
+    /// One level of [`with_addresses_mut`]: records its storage's address, then locks the rest.
+    struct Lock<'a, 'b> {
+        rest: &'a [&'a Tensor],
+        got: RefCell<&'b mut Vec<u64>>,
+        f: RefCell<&'b mut Then<'b>>,
+    }
+
+    impl candle_core::InplaceOp1 for Lock<'_, '_> {
+        fn name(&self) -> &'static str {
+            "adam-step-lock"
+        }
+
+        /// Host addresses: what the tests check the nesting with.
+        fn cpu_fwd(&self, cs: &mut CpuStorage, layout: &Layout) -> Result<()> {
+            let Some((start, _)) = layout.contiguous_offsets() else {
+                candle_core::bail!("adam step: a non-contiguous tensor")
+            };
+            let addr = match cs {
+                CpuStorage::F32(v) => v[start..].as_ptr() as u64,
+                CpuStorage::F16(v) => v[start..].as_ptr() as u64,
+                CpuStorage::BF16(v) => v[start..].as_ptr() as u64,
+                _ => candle_core::bail!("adam step: an f32, f16 or bf16 tensor only"),
+            };
+            self.then(addr)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(&self, cs: &mut candle_core::CudaStorage, layout: &Layout) -> Result<()> {
+            self.then(super::multi::address_mut(cs, layout)?)
+        }
+    }
+
+    impl Lock<'_, '_> {
+        /// Records this level's address, then locks the rest (or calls `f`).
+        fn then(&self, addr: u64) -> Result<()> {
+            let mut got = self.got.borrow_mut();
+            got.push(addr);
+            let mut f = self.f.borrow_mut();
+            nest(self.rest, &mut got, &mut **f)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use candle_core::{DType, Device, Tensor};
+
+        /// The addresses come in the tensors' order, from each one's first element (a view's
+        /// offset included), and `f` runs once, inside every lock.
+        #[test]
+        fn addresses_in_order_and_f_once() -> candle_core::Result<()> {
+            let dev = Device::Cpu;
+            let a = Tensor::zeros(5, DType::F32, &dev)?;
+            let b = Tensor::zeros((2, 3), DType::BF16, &dev)?;
+            let c = Tensor::zeros(8, DType::F32, &dev)?.narrow(0, 3, 4)?;
+            let want: Vec<u64> = [(&a, 4), (&b, 2), (&c, 4)]
+                .iter()
+                .map(|(t, size)| {
+                    let (s, l) = t.storage_and_layout();
+                    let base = match &*s {
+                        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
+                            v.as_ptr() as u64
+                        }
+                        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
+                            v.as_ptr() as u64
+                        }
+                        _ => unreachable!("the test's dtypes"),
+                    };
+                    base + (l.start_offset() * size) as u64
+                })
+                .collect();
+            let mut calls = Vec::new();
+            super::with_addresses_mut(&[&a, &b, &c], &mut |got| {
+                calls.push(got.to_vec());
+                Ok(())
+            })?;
+            assert_eq!(calls, vec![want]);
+            Ok(())
+        }
+    }
+}
+
 /// The GPU's update of many parameters in one launch per gradient dtype
 /// ([`crate::model::kernels::cuda::adam::adam_multi_step`]).
 #[cfg(feature = "cuda")]
 mod multi {
-    use std::cell::RefCell;
-
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
-    use candle_core::{CpuStorage, CudaStorage, DType, Layout, Result, Storage, Tensor};
+    use candle_core::{CudaStorage, DType, Layout, Result, Storage, Tensor};
 
+    use super::locks::with_addresses_mut;
     use super::{Moments, ParamState};
     use crate::model::kernels::adam::AdamScalars;
     use crate::model::kernels::cuda::adam::{adam_multi_step, MultiEntry};
@@ -680,56 +791,8 @@ mod multi {
         Ok(base + (start * size) as u64)
     }
 
-    /// Calls `f` with the device address of each of `ts`' first elements, every one of their
-    /// storages write-locked for the whole call: each through a candle in-place op nested in
-    /// the previous one's, the only way candle lends a storage mutably. `ts` must be distinct
-    /// storages (a second lock on one would never be granted).
-    fn with_addresses_mut(ts: &[&Tensor], f: &mut Then<'_>) -> Result<()> {
-        let mut got = Vec::with_capacity(ts.len());
-        nest(ts, &mut got, f)
-    }
-
-    /// What [`with_addresses_mut`] calls with the addresses.
-    type Then<'b> = dyn FnMut(&[u64]) -> Result<()> + 'b;
-
-    fn nest(ts: &[&Tensor], got: &mut Vec<u64>, f: &mut Then<'_>) -> Result<()> {
-        match ts.split_first() {
-            None => f(got),
-            Some((t, rest)) => t.inplace_op1(&Lock {
-                rest,
-                got: RefCell::new(got),
-                f: RefCell::new(f),
-            }),
-        }
-    }
-
-    /// One level of [`with_addresses_mut`]: records its storage's address, then locks the rest.
-    struct Lock<'a, 'b> {
-        rest: &'a [&'a Tensor],
-        got: RefCell<&'b mut Vec<u64>>,
-        f: RefCell<&'b mut Then<'b>>,
-    }
-
-    impl candle_core::InplaceOp1 for Lock<'_, '_> {
-        fn name(&self) -> &'static str {
-            "adam-step-lock"
-        }
-
-        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
-            candle_core::bail!("adam step: the one-launch update takes GPU tensors only")
-        }
-
-        fn cuda_fwd(&self, cs: &mut CudaStorage, layout: &Layout) -> Result<()> {
-            let addr = address_mut(cs, layout)?;
-            let mut got = self.got.borrow_mut();
-            got.push(addr);
-            let mut f = self.f.borrow_mut();
-            nest(self.rest, &mut got, &mut **f)
-        }
-    }
-
     /// [`address`] through the mutable borrow a writer holds.
-    fn address_mut(cs: &mut CudaStorage, layout: &Layout) -> Result<u64> {
+    pub(super) fn address_mut(cs: &mut CudaStorage, layout: &Layout) -> Result<u64> {
         let Some((start, _)) = layout.contiguous_offsets() else {
             candle_core::bail!("adam step: a non-contiguous tensor")
         };
