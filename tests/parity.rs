@@ -39,6 +39,17 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb)
 }
 
+/// The L2 norm of every value of `t` (f32).
+fn l2_norm(t: &candle_core::Tensor) -> f32 {
+    t.sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .sqrt()
+}
+
 fn read_json<T: for<'de> Deserialize<'de>>(p: &Path) -> T {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
 }
@@ -589,15 +600,6 @@ fn the_gpu_training_path_matches_on_the_cpu() {
                 (gpu_loss - loss).abs() <= 1e-5 * loss.abs(),
                 "{what}: loss {gpu_loss} on the GPU path, {loss} with candle's ops"
             );
-            let norm = |t: &Tensor| {
-                t.sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    .sqrt()
-            };
             for ((name, g), (_, c)) in gpu.iter().zip(&candle) {
                 let c = c
                     .as_ref()
@@ -607,10 +609,10 @@ fn the_gpu_training_path_matches_on_the_cpu() {
                     .unwrap_or_else(|| panic!("{name}: no gradient on the GPU path"));
                 // A key bias's gradient is rounding noise on both sides (softmax ignores it).
                 if name.ends_with("k_proj.bias") {
-                    assert!(norm(g) < 1e-4, "{name}: {}", norm(g));
+                    assert!(l2_norm(g) < 1e-4, "{name}: {}", l2_norm(g));
                     continue;
                 }
-                let rel = norm(&(g - c).unwrap()) / norm(c).max(1e-12);
+                let rel = l2_norm(&(g - c).unwrap()) / l2_norm(c).max(1e-12);
                 assert!(rel < 1e-4, "{what}: {name} off by {rel:.2e}");
             }
         }
@@ -770,16 +772,7 @@ fn the_gpu_training_path_in_bf16_matches_on_the_cpu() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        let n = |x: &Tensor| {
-            x.sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt()
-        };
-        dot / (n(a) * n(b)).max(1e-20)
+        dot / (l2_norm(a) * l2_norm(b)).max(1e-20)
     };
     for (((name, g), (_, c)), (_, f)) in gpu_grads.iter().zip(&candle_grads).zip(&f32_grads) {
         // A key bias's gradient is rounding noise everywhere (softmax ignores it).

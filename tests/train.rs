@@ -16,6 +16,24 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
 }
 
+/// The first `n` demo pairs as one batch for `model`: captions tokenized, images preprocessed
+/// (f32 pixels).
+fn demo_batch(model: &TrainModel, n: usize) -> (clipft::model::TextBatch, Tensor) {
+    let pairs: Vec<_> = open_pairs(&root().join("data/demo/train.csv"))
+        .unwrap()
+        .take(n)
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let captions: Vec<&str> = pairs.iter().map(|p| p.caption.as_str()).collect();
+    let text = model.text_batch(&captions).unwrap();
+    let px: Vec<f32> = pairs
+        .iter()
+        .flat_map(|p| p.image.preprocess(&model.images).unwrap())
+        .collect();
+    let pixels = Tensor::from_vec(px, (pairs.len(), 3, 224, 224), &Device::Cpu).unwrap();
+    (text, pixels)
+}
+
 #[test]
 fn six_adamw_steps_match_pytorch() {
     let reference: Value = serde_json::from_str(
@@ -271,18 +289,7 @@ fn bf16_compute_trains_the_f32_weights() {
         .unwrap()
         .with_compute_dtype(DType::BF16)
         .unwrap();
-    let pairs: Vec<_> = open_pairs(&root().join("data/demo/train.csv"))
-        .unwrap()
-        .take(8)
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let captions: Vec<&str> = pairs.iter().map(|p| p.caption.as_str()).collect();
-    let text = f32_model.text_batch(&captions).unwrap();
-    let px: Vec<f32> = pairs
-        .iter()
-        .flat_map(|p| p.image.preprocess(&f32_model.images).unwrap())
-        .collect();
-    let pixels = Tensor::from_vec(px, (pairs.len(), 3, 224, 224), &Device::Cpu).unwrap();
+    let (text, pixels) = demo_batch(&f32_model, 8);
     let snapshot = |m: &TrainModel| -> HashMap<String, Tensor> {
         m.named_vars()
             .into_iter()
@@ -335,21 +342,8 @@ fn compute_copies_match_casting_the_weights() {
         .unwrap()
         .with_compute_dtype(DType::BF16)
         .unwrap();
-    let pairs: Vec<_> = open_pairs(&root().join("data/demo/train.csv"))
-        .unwrap()
-        .take(4)
-        .collect::<Result<_, _>>()
-        .unwrap();
-    let captions: Vec<&str> = pairs.iter().map(|p| p.caption.as_str()).collect();
-    let text = model.text_batch(&captions).unwrap();
-    let px: Vec<f32> = pairs
-        .iter()
-        .flat_map(|p| p.image.preprocess(&model.images).unwrap())
-        .collect();
-    let pixels = Tensor::from_vec(px, (pairs.len(), 3, 224, 224), &dev)
-        .unwrap()
-        .to_dtype(DType::BF16)
-        .unwrap();
+    let (text, pixels) = demo_batch(&model, 4);
+    let pixels = pixels.to_dtype(DType::BF16).unwrap();
     let mut opt = model
         .optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-3, 0.01))
         .unwrap();
