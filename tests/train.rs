@@ -435,3 +435,92 @@ fn compute_copies_match_casting_the_weights() {
         p.name
     );
 }
+
+/// `freeze(["backbone"])` (Finetuner's `freeze=True`), in f32 and with bf16 compute copies: the
+/// passes compute gradients for the projections and `logit_scale` only, the same ones as with
+/// nothing frozen (the heads' gradients do not depend on the backbone's), the optimiser holds
+/// only them, and a step leaves every other weight as it was.
+#[test]
+fn a_frozen_backbone_gets_no_gradients() {
+    use candle_core::DType;
+    let files = ModelFiles::from_dir(&root().join("tests/fixtures/clip-tiny")).unwrap();
+    let heads = |n: &str| {
+        ["text_projection.", "visual_projection.", "logit_scale"]
+            .iter()
+            .any(|h| n.starts_with(h))
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let load = || {
+            TrainModel::load(&files, &Device::Cpu)
+                .unwrap()
+                .with_compute_dtype(dtype)
+                .unwrap()
+        };
+        let (full, frozen) = (load(), load().freeze(&["backbone".into()]).unwrap());
+        let (text, pixels) = demo_batch(&frozen, 4);
+        let pixels = pixels.to_dtype(dtype).unwrap();
+        let hp = OptimizerParams::new(OptimizerKind::AdamW, 1e-3, 0.01);
+        let (opt_full, mut opt) = (full.optimizer(hp).unwrap(), frozen.optimizer(hp).unwrap());
+        let g_full = full.loss(&text, &pixels).unwrap().backward().unwrap();
+        let g = frozen.loss(&text, &pixels).unwrap().backward().unwrap();
+        assert!(opt.params.iter().all(|p| heads(&p.name)), "{dtype:?}");
+        assert_eq!(
+            opt.params.len(),
+            3,
+            "{dtype:?}: the two projections and logit_scale"
+        );
+        // A parameter's gradient is its compute copy's, where it has one.
+        let grad = |o: &clipft::trainer::optim::Optimizer,
+                    name: &str,
+                    g: &candle_core::backprop::GradStore| {
+            let p = o.params.iter().find(|p| p.name == name)?;
+            let t = p.copy.as_ref().unwrap_or(&p.var);
+            g.get(t.as_tensor())
+                .map(|t| t.to_dtype(DType::F32).unwrap())
+        };
+        for p in &opt_full.params {
+            let full_g = grad(&opt_full, &p.name, &g_full).expect("every weight trains unfrozen");
+            match grad(&opt, &p.name, &g) {
+                Some(got) => {
+                    let diff = (&got - &full_g).unwrap().abs().unwrap().max_all().unwrap();
+                    let scale = full_g.abs().unwrap().max_all().unwrap();
+                    let (diff, scale) = (
+                        diff.to_scalar::<f32>().unwrap(),
+                        scale.to_scalar::<f32>().unwrap(),
+                    );
+                    assert!(
+                        diff <= 1e-2 * scale.max(1e-6),
+                        "{dtype:?}: {} off by {diff}",
+                        p.name
+                    );
+                }
+                None => assert!(!heads(&p.name), "{dtype:?}: no gradient for {}", p.name),
+            }
+        }
+        // Frozen weights, and the towers below them, are not in the graph at all: the backward
+        // pass reaches a handful of tensors instead of every one of the towers'.
+        let (reached, reached_full) = (g.get_ids().count(), g_full.get_ids().count());
+        assert!(
+            reached * 5 < reached_full,
+            "{dtype:?}: {reached} tensors got gradients frozen, {reached_full} not"
+        );
+        let masters: HashMap<String, candle_core::Var> = frozen.named_vars().into_iter().collect();
+        for (n, v) in &masters {
+            assert_eq!(
+                g.get(v.as_tensor()).is_some(),
+                n == "logit_scale" || (heads(n) && dtype == DType::F32),
+                "{dtype:?}: {n}"
+            );
+        }
+        let before: HashMap<String, Vec<f32>> = frozen
+            .named_vars()
+            .into_iter()
+            .map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()))
+            .collect();
+        frozen.train_step(&mut opt, &text, &pixels).unwrap();
+        for (n, v) in frozen.named_vars() {
+            let now: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(heads(&n), now != before[&n], "{dtype:?}: {n}");
+        }
+    }
+}

@@ -41,6 +41,11 @@ pub struct BenchArgs {
     /// Default: every row `--text-tokens` long.
     #[arg(long, env = "CLIPFT_TEXT_TOKENS_MIN", value_parser = clap::value_parser!(u64).range(2..=4096))]
     pub text_tokens_min: Option<u64>,
+    /// With `--train`: weights left out of training, as `clipft fit --freeze` (name prefixes, or
+    /// `backbone`), so the step of a frozen fine-tune is measured (`model_tflops` still counts
+    /// a whole step's products, so it compares with an unfrozen step's items/s).
+    #[arg(long, env = "CLIPFT_FREEZE", requires = "train", value_delimiter = ',')]
+    pub freeze: Vec<String>,
 }
 
 impl BenchArgs {
@@ -250,7 +255,9 @@ fn run_train(args: BenchArgs) -> anyhow::Result<()> {
     let (files, opts) = args.model.resolve(Towers::ALL)?;
     let device = opts.device;
     let dtype = training_dtype(&args.model.dtype, &device)?;
-    let m = TrainModel::load(&files, &device)?.with_compute_dtype(dtype)?;
+    let m = TrainModel::load(&files, &device)?
+        .with_compute_dtype(dtype)?
+        .freeze(&args.freeze)?;
     let mut opt = m.optimizer(OptimizerParams::new(OptimizerKind::AdamW, 1e-5, 0.01))?;
     let b = args.batch_size as usize;
     let t = args.text_tokens as usize;

@@ -482,12 +482,14 @@ pub fn fit(
     }
 
     let model = TrainModel::load(&files, &dev)?
-        .with_compute_dtype(super::train::training_dtype(&cfg.dtype, &dev)?)?;
+        .with_compute_dtype(super::train::training_dtype(&cfg.dtype, &dev)?)?
+        .freeze(&cfg.freeze)?;
     let vars = model.named_vars();
-    let mut opt: Optimizer = model.optimizer_with_frozen(
-        OptimizerParams::new(cfg.optimizer, cfg.learning_rate, cfg.weight_decay),
-        &cfg.freeze,
-    )?;
+    let mut opt: Optimizer = model.optimizer(OptimizerParams::new(
+        cfg.optimizer,
+        cfg.learning_rate,
+        cfg.weight_decay,
+    ))?;
     opt.max_grad_norm = cfg.max_grad_norm;
 
     let resumed = match control.resume {

@@ -4,7 +4,7 @@
 //!
 //! Mixed precision (`--dtype bf16|f16`, the default on GPUs): the variables stay f32 (the master
 //! weights the optimiser updates, checkpoints and artifacts hold); the passes run on compute
-//! copies of them in bf16/f16, variables themselves, made once ([`ComputeCopies`]). Their
+//! copies of them in bf16/f16, variables themselves, made once ([`PassModel`]). Their
 //! gradients are what the optimiser reads, and its update rewrites them from the f32 weights
 //! (on the GPU in the same launch), so a step casts no weight and no gradient: llm.c's
 //! layout. The values are those of casting the f32 weights every step (the same rounding, the
@@ -45,12 +45,16 @@ pub struct StepPhases {
     pub optimizer: f64,
 }
 
-/// The bf16/f16 copies of the f32 weights that mixed-precision passes run on, and the model
-/// over them. The optimiser rewrites them after each update; whoever sets the f32 weights
-/// otherwise calls [`TrainModel::sync_compute_copies`].
-struct ComputeCopies {
-    /// By weight name; every weight but `logit_scale`, which the loss reads in f32.
-    vars: std::collections::HashMap<String, candle_core::Var>,
+/// The model the training passes run on, where it is not [`TrainModel::clip`] itself: over the
+/// bf16/f16 copies of the f32 weights (mixed precision), and with the frozen weights as plain
+/// tensors, so candle computes no gradient for them (nor, below a frozen backbone, any
+/// backward at all). The optimiser rewrites the copies after each update; whoever sets the f32
+/// weights otherwise calls [`TrainModel::sync_compute_copies`].
+struct PassModel {
+    /// The 16-bit copies by weight name (none in f32): every weight but `logit_scale`, which
+    /// the loss reads in f32. Frozen ones too (variables, so they can be synced), though the
+    /// model reads them detached.
+    copies: std::collections::HashMap<String, candle_core::Var>,
     clip: Clip,
 }
 
@@ -61,8 +65,10 @@ pub struct TrainModel {
     pub config: ClipConfig,
     /// The dtype the forward and backward passes compute in (weights stay f32).
     pub compute: DType,
-    /// With a 16-bit `compute`: what the passes run on.
-    copies: Option<ComputeCopies>,
+    /// With a 16-bit `compute` or frozen weights: what the passes run on.
+    pass: Option<PassModel>,
+    /// Name prefixes (or `backbone`) of the weights training leaves alone ([`TrainModel::freeze`]).
+    freeze: Vec<String>,
     pub tokenizer: ClipTokenizer,
     pub images: ImagePreprocessor,
     pub device: Device,
@@ -120,7 +126,8 @@ impl TrainModel {
             varmap,
             config,
             compute: DType::F32,
-            copies: None,
+            pass: None,
+            freeze: Vec::new(),
             tokenizer,
             images,
             device: device.clone(),
@@ -156,47 +163,91 @@ impl TrainModel {
     /// dtype, makes the compute copies of the weights as they are now.
     pub fn with_compute_dtype(mut self, dtype: DType) -> Result<Self, ModelError> {
         self.compute = dtype;
-        self.copies = None;
-        if dtype == DType::F32 {
-            return Ok(self);
+        self.rebuild_pass_model()?;
+        Ok(self)
+    }
+
+    /// Leaves the weights `freeze` names out of training: each entry is a name prefix
+    /// (`text_model`, `vision_model.encoder.layers.0`, ...) or `backbone`, which freezes every
+    /// layer except the projections and `logit_scale` (Finetuner's `freeze=True`). Frozen
+    /// weights are not variables of the passes: no gradient is computed for them, and none
+    /// flows below the lowest trainable weight (with `backbone`, the towers run forward only).
+    pub fn freeze(mut self, freeze: &[String]) -> Result<Self, ModelError> {
+        let vars = self.named_vars();
+        for f in freeze {
+            if f != "backbone" && !vars.iter().any(|(n, _)| n.starts_with(f.as_str())) {
+                return Err(ModelError::InvalidInput {
+                    msg: format!("--freeze {f:?} matches no weight (use a name prefix such as text_model or vision_model.encoder.layers.0, or backbone)"),
+                });
+            }
         }
-        let mut vars = std::collections::HashMap::new();
+        self.freeze = freeze.to_vec();
+        self.rebuild_pass_model()?;
+        Ok(self)
+    }
+
+    /// Whether `--freeze` leaves the weight `name` out of training.
+    fn is_frozen(&self, name: &str) -> bool {
+        const HEADS: [&str; 3] = ["text_projection.", "visual_projection.", "logit_scale"];
+        self.freeze.iter().any(|f| match f.as_str() {
+            "backbone" => !HEADS.iter().any(|h| name.starts_with(h)),
+            f => name.starts_with(f),
+        })
+    }
+
+    /// [`PassModel`] for the compute dtype and the frozen weights (keeping compute copies made
+    /// before), or none where the passes run on [`TrainModel::clip`] itself.
+    fn rebuild_pass_model(&mut self) -> Result<(), ModelError> {
+        let old = self.pass.take().map(|p| p.copies).unwrap_or_default();
+        if self.compute == DType::F32 && self.freeze.is_empty() {
+            return Ok(());
+        }
+        let mut copies = std::collections::HashMap::new();
         let mut tensors = std::collections::HashMap::new();
         for (name, var) in self.named_vars() {
-            if name == "logit_scale" {
-                tensors.insert(name, var.as_tensor().clone());
-                continue;
-            }
-            let copy = candle_core::Var::from_tensor(&var.as_tensor().to_dtype(dtype)?)?;
-            tensors.insert(name.clone(), copy.as_tensor().clone());
-            vars.insert(name, copy);
+            let t = if self.compute == DType::F32 || name == "logit_scale" {
+                var.as_tensor().clone()
+            } else {
+                let copy = match old.get(&name) {
+                    Some(c) if c.dtype() == self.compute => c.clone(),
+                    _ => candle_core::Var::from_tensor(&var.as_tensor().to_dtype(self.compute)?)?,
+                };
+                let t = copy.as_tensor().clone();
+                copies.insert(name.clone(), copy);
+                t
+            };
+            let t = if self.is_frozen(&name) { t.detach() } else { t };
+            tensors.insert(name, t);
         }
-        let vb = VarBuilder::from_tensors(tensors, dtype, &self.device);
-        let kernels = crate::model::policy::Kernels::decide(&self.device, dtype);
+        let scale = tensors.get("logit_scale").cloned();
+        let vb = VarBuilder::from_tensors(tensors, self.compute, &self.device);
+        let kernels = crate::model::policy::Kernels::decide(&self.device, self.compute);
         let mut clip = Clip::new(vb, &self.config, Towers::ALL, kernels)?;
-        // The loss reads the f32 variable itself (no stale cast of it anywhere).
-        clip.logit_scale = self.clip.logit_scale.clone();
-        self.copies = Some(ComputeCopies { vars, clip });
-        Ok(self)
+        // The loss reads the f32 variable itself (no cast of it anywhere).
+        if scale.is_some() {
+            clip.logit_scale = scale;
+        }
+        self.pass = Some(PassModel { copies, clip });
+        Ok(())
     }
 
     /// Rewrites the compute copies from the f32 weights, which were set from outside the
     /// optimiser (a checkpoint restored, weights mixed): the next pass sees them.
     pub fn sync_compute_copies(&self) -> Result<(), ModelError> {
-        let Some(c) = &self.copies else {
+        let Some(p) = &self.pass else {
             return Ok(());
         };
         for (name, var) in self.named_vars() {
-            if let Some(copy) = c.vars.get(&name) {
+            if let Some(copy) = p.copies.get(&name) {
                 copy.set(&var.as_tensor().to_dtype(copy.dtype())?)?;
             }
         }
         Ok(())
     }
 
-    /// The model the passes run on: the variables themselves in f32, or the compute copies.
+    /// The model the passes run on: the variables themselves in f32, or [`PassModel`]'s.
     fn compute_clip(&self) -> &Clip {
-        self.copies.as_ref().map_or(&self.clip, |c| &c.clip)
+        self.pass.as_ref().map_or(&self.clip, |p| &p.clip)
     }
 
     /// The loss of one batch, with the graph kept for backward.
@@ -233,13 +284,9 @@ impl TrainModel {
     ) -> Result<Tensor, ModelError> {
         let t = clip.text_features(text, mode)?;
         let i = clip.image_features(pixels, mode)?;
-        let scale = self
-            .clip
-            .logit_scale
-            .as_ref()
-            .ok_or(ModelError::InvalidInput {
-                msg: "model has no logit_scale".into(),
-            })?;
+        let scale = clip.logit_scale.as_ref().ok_or(ModelError::InvalidInput {
+            msg: "model has no logit_scale".into(),
+        })?;
         let scale = match mode {
             Mode::Train => scale.clone(),
             Mode::Inference => scale.detach(),
@@ -329,52 +376,21 @@ impl TrainModel {
         Ok(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?)
     }
 
-    /// An optimiser over every variable.
+    /// An optimiser over every variable [`TrainModel::freeze`] leaves trainable, reading the
+    /// compute copies' gradients and refreshing them, with f16's loss scaling.
     pub fn optimizer(&self, hp: OptimizerParams) -> Result<Optimizer, ModelError> {
-        self.with_copies(Optimizer::new(self.named_vars(), hp)?)
-    }
-
-    /// `opt` reading the compute copies' gradients and refreshing them, with f16's loss
-    /// scaling.
-    fn with_copies(&self, mut opt: Optimizer) -> Result<Optimizer, ModelError> {
-        if let Some(c) = &self.copies {
-            opt = opt.with_compute_copies(&c.vars)?;
+        let vars = self
+            .named_vars()
+            .into_iter()
+            .filter(|(n, _)| !self.is_frozen(n))
+            .collect();
+        let mut opt = Optimizer::new(vars, hp)?;
+        if let Some(p) = &self.pass {
+            opt = opt.with_compute_copies(&p.copies)?;
         }
         if self.compute == DType::F16 {
             opt.loss_scale = Some(Default::default());
         }
         Ok(opt)
-    }
-
-    /// An optimiser over the variables `freeze` leaves trainable. Each entry is a name prefix
-    /// (`text_model`, `vision_model.encoder.layers.0`, ...) or `backbone`, which freezes every
-    /// layer except the projections and `logit_scale` (Finetuner's `freeze=True`).
-    pub fn optimizer_with_frozen(
-        &self,
-        hp: OptimizerParams,
-        freeze: &[String],
-    ) -> Result<Optimizer, ModelError> {
-        let heads = ["text_projection.", "visual_projection.", "logit_scale"];
-        let vars = self.named_vars();
-        for f in freeze {
-            if f != "backbone" && !vars.iter().any(|(n, _)| n.starts_with(f.as_str())) {
-                return Err(ModelError::InvalidInput {
-                    msg: format!("--freeze {f:?} matches no weight (use a name prefix such as text_model or vision_model.encoder.layers.0, or backbone)"),
-                });
-            }
-        }
-        let frozen = |n: &str| {
-            freeze.iter().any(|f| {
-                if f == "backbone" {
-                    !heads.iter().any(|h| n.starts_with(h))
-                } else {
-                    n.starts_with(f.as_str())
-                }
-            })
-        };
-        self.with_copies(Optimizer::new(
-            vars.into_iter().filter(|(n, _)| !frozen(n)).collect(),
-            hp,
-        )?)
     }
 }
