@@ -44,7 +44,12 @@ pub struct BenchArgs {
     /// With `--train`: weights left out of training, as `clipft fit --freeze` (name prefixes, or
     /// `backbone`), so the step of a frozen fine-tune is measured (`model_tflops` still counts
     /// a whole step's products, so it compares with an unfrozen step's items/s).
-    #[arg(long, env = "CLIPFT_FREEZE", requires = "train", value_delimiter = ',')]
+    #[arg(
+        long,
+        env = "CLIPFT_BENCH_FREEZE",
+        requires = "train",
+        value_delimiter = ','
+    )]
     pub freeze: Vec<String>,
 }
 

@@ -638,7 +638,7 @@ impl EncoderLayer {
         rows: Option<&Tensor>,
         tails: Option<&LayerTails>,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        if mode == Mode::Train && self.mlp.kernels.train_blocks && normed.is_none() {
+        if mode == Mode::Train && self.mlp.kernels.gpu_train_blocks() && normed.is_none() {
             if let Some(block) = self.gpu_block(mask).filter(|b| b.applies(x)) {
                 return Ok((block.forward(x, rows)?, None));
             }
@@ -904,7 +904,7 @@ impl Encoder {
         if mode == Mode::Inference && self.kernels.fused_cpu {
             return self.forward_fused_cpu(x, seqs, d, causal, pooled);
         }
-        if mode == Mode::Train && self.kernels.fused_cpu && self.kernels.train_blocks {
+        if mode == Mode::Train && self.kernels.cpu_train_blocks() {
             if let Some(out) = self.forward_train_blocks(x, causal, pooled, packed)? {
                 return Ok(out);
             }

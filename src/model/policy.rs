@@ -84,6 +84,18 @@ pub struct Kernels {
 }
 
 impl Kernels {
+    /// Whether a training pass runs the CPU's whole-block and embedding ops
+    /// ([`super::train_block`], [`super::train_embed`]), which have no GPU form.
+    pub fn cpu_train_blocks(&self) -> bool {
+        self.fused_cpu && self.train_blocks
+    }
+
+    /// Whether a training pass runs each encoder block as one node over the GPU path's ops
+    /// ([`super::ops::gpu_block`]).
+    pub fn gpu_train_blocks(&self) -> bool {
+        self.fused_gpu && self.train_blocks
+    }
+
     /// candle's ops only: what a model on a GPU or in half precision runs.
     pub const CANDLE: Self = Self {
         fused_cpu: false,

@@ -363,7 +363,7 @@ impl TextTower {
     /// Whether training embeds through the fused op (see `train_embed`).
     fn fused_embedding(&self, e: &Embedding, mode: Mode) -> bool {
         mode == Mode::Train
-            && self.kernels.train_blocks
+            && self.kernels.cpu_train_blocks()
             && super::train_embed::applies(&[e.embeddings(), &self.position_embedding])
     }
 

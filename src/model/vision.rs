@@ -135,7 +135,7 @@ impl VisionTower {
         let (lnw, lnb, eps) = self.pre_layrnorm.parts();
         let fused = self.patch_kernel.as_ref().filter(|k| {
             mode == Mode::Train
-                && self.kernels.train_blocks
+                && self.kernels.cpu_train_blocks()
                 && super::train_embed::applies(&[
                     k,
                     &self.class_embedding,
