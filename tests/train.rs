@@ -338,7 +338,7 @@ fn compute_copies_match_casting_the_weights() {
     use clipft::model::{policy::Kernels, Clip, Mode, Towers};
     let dev = Device::Cpu;
     let files = ModelFiles::from_dir(&root().join("tests/fixtures/clip-tiny")).unwrap();
-    let model = TrainModel::load(&files, &dev)
+    let mut model = TrainModel::load(&files, &dev)
         .unwrap()
         .with_compute_dtype(DType::BF16)
         .unwrap();
@@ -438,8 +438,9 @@ fn compute_copies_match_casting_the_weights() {
 
 /// `freeze(["backbone"])` (Finetuner's `freeze=True`), in f32 and with bf16 compute copies: the
 /// passes compute gradients for the projections and `logit_scale` only, the same ones as with
-/// nothing frozen (the heads' gradients do not depend on the backbone's), the optimiser holds
-/// only them, and a step leaves every other weight as it was.
+/// nothing frozen (the heads' gradients do not depend on the backbone's; the frozen towers run
+/// the inference kernels, so in bf16 to its rounding), the optimiser holds only them, and a
+/// step leaves every other weight as it was.
 #[test]
 fn a_frozen_backbone_gets_no_gradients() {
     use candle_core::DType;
@@ -488,8 +489,10 @@ fn a_frozen_backbone_gets_no_gradients() {
                         diff.to_scalar::<f32>().unwrap(),
                         scale.to_scalar::<f32>().unwrap(),
                     );
+                    // The frozen towers run the inference kernels: bf16 rounds differently.
+                    let tol = if dtype == DType::F32 { 1e-4 } else { 5e-2 };
                     assert!(
-                        diff <= 1e-2 * scale.max(1e-6),
+                        diff <= tol * scale.max(1e-6),
                         "{dtype:?}: {} off by {diff}",
                         p.name
                     );

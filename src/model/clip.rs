@@ -115,15 +115,31 @@ impl Clip {
     }
 
     pub fn text_features(&self, batch: &TextBatch, mode: Mode) -> Result<Tensor> {
+        self.text_features_modes(batch, mode, mode)
+    }
+
+    pub fn image_features(&self, pixel_values: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.image_features_modes(pixel_values, mode, mode)
+    }
+
+    /// The text features with the tower in `body` mode and its projection in `head` mode
+    /// (training with a frozen text tower: `body` inference).
+    pub fn text_features_modes(&self, batch: &TextBatch, body: Mode, head: Mode) -> Result<Tensor> {
         match &self.text {
-            Some(t) => t.forward(batch, mode),
+            Some(t) => t.forward_modes(batch, body, head),
             None => candle_core::bail!("this model was loaded without its text tower"),
         }
     }
 
-    pub fn image_features(&self, pixel_values: &Tensor, mode: Mode) -> Result<Tensor> {
+    /// The image features with the tower in `body` mode and its projection in `head` mode.
+    pub fn image_features_modes(
+        &self,
+        pixel_values: &Tensor,
+        body: Mode,
+        head: Mode,
+    ) -> Result<Tensor> {
         match &self.vision {
-            Some(v) => v.forward(pixel_values, mode),
+            Some(v) => v.forward_modes(pixel_values, body, head),
             None => candle_core::bail!("this model was loaded without its vision tower"),
         }
     }

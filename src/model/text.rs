@@ -292,6 +292,14 @@ impl TextTower {
 
     /// The projected (not normalised) text features, `[batch, projection_dim]`.
     pub fn forward(&self, batch: &TextBatch, mode: Mode) -> Result<Tensor> {
+        self.forward_modes(batch, mode, mode)
+    }
+
+    /// [`TextTower::forward`] with the tower (embeddings, encoder, final norm) in `body` mode
+    /// and the projection in `head` mode: training with a frozen tower runs its body through
+    /// the inference kernels, which keep no graph.
+    pub fn forward_modes(&self, batch: &TextBatch, body: Mode, head: Mode) -> Result<Tensor> {
+        let mode = body;
         let (_, t) = batch.input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -310,7 +318,7 @@ impl TextTower {
         let seqs = packed.map(|p| &p.seqs);
         let pooled = self.encoder.forward_pooled(&x, true, &rows, seqs, mode)?;
         let pooled = self.final_layer_norm.forward(&pooled, mode)?;
-        self.projection.forward_t(&pooled, mode)
+        self.projection.forward_t(&pooled, head)
     }
 
     /// Token and position embeddings of the padded ids `[batch, t]`: `[batch, t, hidden]`.

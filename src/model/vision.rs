@@ -120,6 +120,13 @@ impl VisionTower {
     /// `pixel_values` is `[batch, channels, size, size]`, already normalised; returns the projected
     /// (not normalised) image features `[batch, projection_dim]`.
     pub fn forward(&self, pixel_values: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_modes(pixel_values, mode, mode)
+    }
+
+    /// [`VisionTower::forward`] with the tower (embeddings, encoder, norms) in `body` mode and
+    /// the projection in `head` mode (see `TextTower::forward_modes`).
+    pub fn forward_modes(&self, pixel_values: &Tensor, body: Mode, head: Mode) -> Result<Tensor> {
+        let mode = body;
         let c = &self.config;
         let (b, ch, h, w) = pixel_values.dims4()?;
         if ch != c.num_channels || h != c.image_size || w != c.image_size {
@@ -179,6 +186,6 @@ impl VisionTower {
             .encoder
             .forward_pooled(&x, false, &cls_rows, None, mode)?;
         let pooled = self.post_layernorm.forward(&pooled, mode)?;
-        self.projection.forward_t(&pooled, mode)
+        self.projection.forward_t(&pooled, head)
     }
 }

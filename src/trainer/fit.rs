@@ -400,7 +400,7 @@ fn eval_loss(model: &TrainModel, pairs: &[Pair], batch: usize) -> Result<Option<
 
 /// Replaces every weight by WiSE-FT's mix with the pretrained one.
 fn apply_wise_ft(
-    model: &TrainModel,
+    model: &mut TrainModel,
     files: &ModelFiles,
     alpha: f64,
     dev: &Device,
@@ -481,7 +481,7 @@ pub fn fit(
         })?;
     }
 
-    let model = TrainModel::load(&files, &dev)?
+    let mut model = TrainModel::load(&files, &dev)?
         .with_compute_dtype(super::train::training_dtype(&cfg.dtype, &dev)?)?
         .freeze(&cfg.freeze)?;
     let vars = model.named_vars();
@@ -690,7 +690,7 @@ pub fn fit(
         )));
     }
     if let Some(alpha) = cfg.wise_ft_alpha {
-        apply_wise_ft(&model, &files, alpha, &dev)?;
+        apply_wise_ft(&mut model, &files, alpha, &dev)?;
         progress(FitEvent::Log(format!(
             "WiSE-FT: weights = {alpha} * fine-tuned + {} * pretrained",
             1.0 - alpha

@@ -69,6 +69,9 @@ pub struct TrainModel {
     pass: Option<PassModel>,
     /// Name prefixes (or `backbone`) of the weights training leaves alone ([`TrainModel::freeze`]).
     freeze: Vec<String>,
+    /// Whether every weight of the text tower, and of the vision tower, below its projection is
+    /// frozen: the training passes then run that tower's body through the inference kernels.
+    frozen_bodies: [bool; 2],
     pub tokenizer: ClipTokenizer,
     pub images: ImagePreprocessor,
     pub device: Device,
@@ -128,6 +131,7 @@ impl TrainModel {
             compute: DType::F32,
             pass: None,
             freeze: Vec::new(),
+            frozen_bodies: [false; 2],
             tokenizer,
             images,
             device: device.clone(),
@@ -182,6 +186,10 @@ impl TrainModel {
             }
         }
         self.freeze = freeze.to_vec();
+        self.frozen_bodies = ["text_model.", "vision_model."].map(|body| {
+            let mut names = vars.iter().map(|(n, _)| n).filter(|n| n.starts_with(body));
+            names.clone().next().is_some() && names.all(|n| self.is_frozen(n))
+        });
         self.rebuild_pass_model()?;
         Ok(self)
     }
@@ -233,15 +241,18 @@ impl TrainModel {
 
     /// Rewrites the compute copies from the f32 weights, which were set from outside the
     /// optimiser (a checkpoint restored, weights mixed): the next pass sees them.
-    pub fn sync_compute_copies(&self) -> Result<(), ModelError> {
-        let Some(p) = &self.pass else {
+    pub fn sync_compute_copies(&mut self) -> Result<(), ModelError> {
+        let vars = self.named_vars();
+        let Some(p) = &mut self.pass else {
             return Ok(());
         };
-        for (name, var) in self.named_vars() {
+        for (name, var) in vars {
             if let Some(copy) = p.copies.get(&name) {
                 copy.set(&var.as_tensor().to_dtype(copy.dtype())?)?;
             }
         }
+        // A frozen tower's inference kernels keep packed copies of its weights.
+        p.clip = p.clip.with_fresh_packing();
         Ok(())
     }
 
@@ -282,8 +293,13 @@ impl TrainModel {
         text: &TextBatch,
         pixels: &Tensor,
     ) -> Result<Tensor, ModelError> {
-        let t = clip.text_features(text, mode)?;
-        let i = clip.image_features(pixels, mode)?;
+        // A frozen tower's body keeps no graph either way: the inference kernels are faster.
+        let body = |frozen: bool| match mode {
+            Mode::Train if frozen => Mode::Inference,
+            m => m,
+        };
+        let t = clip.text_features_modes(text, body(self.frozen_bodies[0]), mode)?;
+        let i = clip.image_features_modes(pixels, body(self.frozen_bodies[1]), mode)?;
         let scale = clip.logit_scale.as_ref().ok_or(ModelError::InvalidInput {
             msg: "model has no logit_scale".into(),
         })?;
