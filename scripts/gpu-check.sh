@@ -22,9 +22,10 @@
 #  4. inference throughput: clipft bench vs scripts/bench_peers.py (torch), f16, batch 256 and 1
 #  5. training throughput: clipft bench --train vs scripts/bench_train_peer.py, batch 256, bf16, f32
 #     (and clipft with its CUDA kernels off, CLIPFT_NO_FUSED=1)
-#  (the tensor-core attention's, the residual norm's and the one-launch Adam's own tests run
-#  first in each part; if one fails, both parts run without it, CLIPFT_NO_TC_ATTENTION=1,
-#  CLIPFT_NO_RESIDUAL_NORM=1 or CLIPFT_NO_MULTI_TENSOR_ADAM=1, and say so)
+#  (the tensor-core attention's, the residual norm's, the one-launch Adam's and the block
+#  nodes' own tests run first in each part; if one fails, both parts run without it,
+#  CLIPFT_NO_TC_ATTENTION=1, CLIPFT_NO_RESIDUAL_NORM=1, CLIPFT_NO_MULTI_TENSOR_ADAM=1 or
+#  CLIPFT_NO_FUSED_BLOCK=1, and say so)
 #  5b. captions of mixed lengths (8 to 32 tokens, as a tokenizer pads a batch): text inference
 #     and bf16 training, clipft's packed captions against torch padded to the batch's longest
 #     (and clipft padded too, CLIPFT_NO_PACKED_TEXT=1)
@@ -107,6 +108,16 @@ if [ -n "${LIB_TESTS:-}" ]; then
   fi
 fi
 
+# And for each encoder block as one training node: if it fails, training runs op by op
+# (CLIPFT_NO_FUSED_BLOCK=1).
+if [ -n "${LIB_TESTS:-}" ]; then
+  step gpu-block-test 90 "$LIB_TESTS" cuda_gpu_block --nocapture
+  if ! grep -q "test result: ok. 1 passed" "$WORK/out"; then
+    export CLIPFT_NO_FUSED_BLOCK=1
+    echo "block nodes failed their test: CLIPFT_NO_FUSED_BLOCK=1 from here on" | tee -a "$SUM"
+  fi
+fi
+
 if part 1; then
 # The CUDA kernels against their CPU twins, the optimiser step and the staged upload (the
 # library's unit tests of a CUDA build whose names start with cuda_).
@@ -171,7 +182,8 @@ done
   --batch-size "$BATCH" --seconds "$SECS"
 # The same step op by op (each encoder block twenty nodes of candle's graph instead of one):
 # what the block nodes bring.
-[ -n "${QUICK:-}" ] || CLIPFT_NO_FUSED_BLOCK=1 step train-clipft-bf16-per-op 150 "$BIN" bench --train \
+[ -n "${QUICK:-}" ] || [ -n "${CLIPFT_NO_FUSED_BLOCK:-}" ] || CLIPFT_NO_FUSED_BLOCK=1 step \
+  train-clipft-bf16-per-op 150 "$BIN" bench --train \
   --model "$VIT" --device "$DEV" --dtype bf16 --batch-size "$BATCH" --seconds "$SECS"
 # The same step with clipft's CUDA kernels off (candle's ops): what the kernels bring.
 [ -n "${QUICK:-}" ] || CLIPFT_NO_FUSED=1 step train-clipft-bf16-candle-ops 150 "$BIN" bench --train \

@@ -329,13 +329,32 @@ mod tests {
     /// only the pooled rows; causal or not, quick_gelu and gelu, f32 and bf16.
     #[test]
     fn one_node_gives_the_op_by_op_gradients() -> Result<()> {
-        let dev = Device::Cpu;
-        for (dtype, tol) in [(DType::F32, 2e-5), (DType::BF16, 2e-2)] {
+        node_against_ops(&Device::Cpu, 64, [2e-5, 2e-2])
+    }
+
+    /// On a GPU (CUDA builds), the same with heads 64 wide (the tensor-core attention in bf16):
+    /// gpu-check runs it first and trains op by op if it fails. Without a GPU it says so and
+    /// checks nothing.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_gpu_block_matches_op_by_op() -> Result<()> {
+        let Ok(dev) = Device::new_cuda(0) else {
+            eprintln!("cuda_gpu_block_matches_op_by_op: skipped, no GPU");
+            return Ok(());
+        };
+        node_against_ops(&dev, 128, [1e-4, 3e-2])
+    }
+
+    /// [`one_node_gives_the_op_by_op_gradients`] on `dev`, blocks `dim` wide (two heads), with
+    /// these tolerances in f32 and bf16.
+    fn node_against_ops(dev: &Device, dim: usize, tols: [f32; 2]) -> Result<()> {
+        let dev = dev.clone();
+        for (dtype, tol) in [(DType::F32, tols[0]), (DType::BF16, tols[1])] {
             for (causal, act) in [(false, Activation::QuickGelu), (true, Activation::Gelu)] {
                 let varmap = VarMap::new();
                 let shape = EncoderShape {
-                    dim: 64,
-                    inter: 128,
+                    dim,
+                    inter: 2 * dim,
                     heads: 2,
                     layers: 2,
                     act,
@@ -360,9 +379,9 @@ mod tests {
                     v.set(&(if one { (r + 1.0)? } else { r }).to_dtype(dtype)?)?;
                 }
                 let x = Var::from_tensor(
-                    &Tensor::randn(0f32, 1.0, (2, 5, 64), &dev)?.to_dtype(dtype)?,
+                    &Tensor::randn(0f32, 1.0, (2, 5, dim), &dev)?.to_dtype(dtype)?,
                 )?;
-                let r = Tensor::randn(0f32, 1.0, (2, 64), &dev)?.to_dtype(dtype)?;
+                let r = Tensor::randn(0f32, 1.0, (2, dim), &dev)?.to_dtype(dtype)?;
                 let run = |enc: &Encoder| {
                     with_direct_weight_grads(|| {
                         let out = enc.forward_pooled(
