@@ -78,45 +78,23 @@ ldd "$BIN" | grep -E "not found|cublas|cuda" >>"$SUM"
 [ -f "$VIT/model.safetensors" ] || step fixtures 240 "$PY" scripts/make_fixtures.py --full-size "$VIT"
 MIXED="--text-tokens 32 --text-tokens-min 8"
 
-# The tensor-core attention forward against its twin, first: if it fails, every benchmark below
-# runs the CUDA-core kernel instead (CLIPFT_NO_TC_ATTENTION=1), and the summary says so.
-if [ -n "${LIB_TESTS:-}" ]; then
-  step tc-attention-test 60 "$LIB_TESTS" cuda_tc_attention --nocapture
+# A feature's own GPU test, first: if it fails, every check below runs without the feature
+# (SWITCH=1, exported) and the summary says so. gate NAME SECONDS FILTER SWITCH WHAT
+gate() {
+  [ -n "${LIB_TESTS:-}" ] || return 0
+  step "$1" "$2" "$LIB_TESTS" "$3" --nocapture
   if ! grep -q "test result: ok. 1 passed" "$WORK/out"; then
-    export CLIPFT_NO_TC_ATTENTION=1
-    echo "tensor-core attention failed its test: CLIPFT_NO_TC_ATTENTION=1 from here on" | tee -a "$SUM"
+    export "$4=1"
+    echo "$5 failed its test: $4=1 from here on" | tee -a "$SUM"
   fi
-fi
-
-# The same for the residual add fused with the layer norm (inference): if it fails, the
-# benchmarks run the two kernels instead (CLIPFT_NO_RESIDUAL_NORM=1).
-if [ -n "${LIB_TESTS:-}" ]; then
-  step residual-norm-test 60 "$LIB_TESTS" cuda_residual_norm --nocapture
-  if ! grep -q "test result: ok. 1 passed" "$WORK/out"; then
-    export CLIPFT_NO_RESIDUAL_NORM=1
-    echo "residual norm failed its test: CLIPFT_NO_RESIDUAL_NORM=1 from here on" | tee -a "$SUM"
-  fi
-fi
-
-# And for the optimiser's one-launch step over every parameter: if it fails, training runs one
-# launch per parameter (CLIPFT_NO_MULTI_TENSOR_ADAM=1).
-if [ -n "${LIB_TESTS:-}" ]; then
-  step multi-adam-test 60 "$LIB_TESTS" cuda_multi_tensor_step --nocapture
-  if ! grep -q "test result: ok. 1 passed" "$WORK/out"; then
-    export CLIPFT_NO_MULTI_TENSOR_ADAM=1
-    echo "one-launch Adam failed its test: CLIPFT_NO_MULTI_TENSOR_ADAM=1 from here on" | tee -a "$SUM"
-  fi
-fi
-
-# And for each encoder block as one training node: if it fails, training runs op by op
-# (CLIPFT_NO_FUSED_BLOCK=1).
-if [ -n "${LIB_TESTS:-}" ]; then
-  step gpu-block-test 90 "$LIB_TESTS" cuda_gpu_block --nocapture
-  if ! grep -q "test result: ok. 1 passed" "$WORK/out"; then
-    export CLIPFT_NO_FUSED_BLOCK=1
-    echo "block nodes failed their test: CLIPFT_NO_FUSED_BLOCK=1 from here on" | tee -a "$SUM"
-  fi
-fi
+}
+# The tensor-core attention (else the CUDA-core kernels), the residual add fused with the layer
+# norm (else two kernels), the optimiser's one launch over every parameter (else one per
+# parameter), each encoder block as one training node (else op by op).
+gate tc-attention-test 60 cuda_tc_attention CLIPFT_NO_TC_ATTENTION "tensor-core attention"
+gate residual-norm-test 60 cuda_residual_norm CLIPFT_NO_RESIDUAL_NORM "residual norm"
+gate multi-adam-test 60 cuda_multi_tensor_step CLIPFT_NO_MULTI_TENSOR_ADAM "one-launch Adam"
+gate gpu-block-test 90 cuda_gpu_block CLIPFT_NO_FUSED_BLOCK "block nodes"
 
 if part 1; then
 # The CUDA kernels against their CPU twins, the optimiser step and the staged upload (the
