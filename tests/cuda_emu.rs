@@ -30,6 +30,52 @@ fn shuffles_and_barriers_compute_a_block_sum() {
     out.check().unwrap();
 }
 
+/// A barrier missing between one phase's reader and the next phase's writer (a shared slot
+/// reused in a loop, with warp shuffles between) shows: odd blocks run each warp ahead as far
+/// as it goes, so a later warp overwrites its slot before thread 0 has read it.
+#[test]
+fn a_missing_barrier_before_a_slot_is_reused_shows() {
+    let (threads, rounds) = (128usize, 3usize);
+    let values: Vec<f32> = (0..threads * rounds).map(|i| (i % 97) as f32).collect();
+    let want: Vec<f32> = values
+        .chunks(threads)
+        .map(|c| c.iter().sum::<f32>())
+        .collect();
+    let input = Buffer::from_slice(&values);
+    let run = |guarded: i32| {
+        let mut out = Buffer::<f32>::poisoned(2 * rounds);
+        let dims = Dims {
+            grid: [2, 1, 1],
+            block: [threads as u32, 1, 1],
+            smem: 0,
+        };
+        let args = [
+            input.arg(),
+            out.arg_mut(),
+            Arg::I32(rounds as i32),
+            Arg::I32(guarded),
+        ];
+        // SAFETY: the kernel reads threads x rounds values of `input` and writes 2 x rounds
+        // values of `out`.
+        unsafe { launch("emu_selftest_block_sums", dims, &args) }.unwrap();
+        out.check().unwrap();
+        out.values().to_vec()
+    };
+    let both = [want.clone(), want].concat();
+    assert_eq!(run(1), both);
+    let unguarded = run(0);
+    assert_eq!(
+        unguarded[..rounds],
+        both[..rounds],
+        "the even block runs in step"
+    );
+    assert_ne!(
+        unguarded[rounds..],
+        both[rounds..],
+        "the odd block shows the race"
+    );
+}
+
 /// Runs a one-argument self-test kernel on 64 threads and returns its error.
 fn error_of(kernel: &str, smem: usize) -> String {
     let mut out = Buffer::<f32>::poisoned(64);

@@ -149,17 +149,17 @@ std::string states() {
     return s;
 }
 
-// Releases what can be released; false if nothing could.
-bool release() {
-    bool any = false;
-    for (unsigned w = 0; w < g->warps; ++w) {
+// Releases warp w's lanes from a warp operation all of them (that have not exited) wait at:
+// 1 if it did, 0 if the warp is not there, -1 with g->error set on a synchronisation error.
+int release_warp(unsigned w) {
+    {
         const unsigned begin = w * 32, end = std::min(g->threads, begin + 32);
         unsigned waiting = 0, done = 0;
         for (unsigned t = begin; t < end; ++t) {
             waiting += g->fibers[t].st == St::Warp;
             done += g->fibers[t].st == St::Done;
         }
-        if (waiting == 0 || waiting + done != end - begin) continue;
+        if (waiting == 0 || waiting + done != end - begin) return 0;
         Sync kind = Sync::SyncWarp;
         unsigned mask = 0;
         for (unsigned t = begin; t < end; ++t)
@@ -175,12 +175,12 @@ bool release() {
                 g->error = where() + ": the lanes of warp " + std::to_string(w) +
                            " wait at different warp operations (" + sync_name(kind) + ", " +
                            sync_name(f.kind) + ")" + states();
-                return false;
+                return -1;
             }
             if (f.mask != mask) {
                 g->error = where() + ": the lanes of warp " + std::to_string(w) +
                            " name different masks at " + sync_name(kind);
-                return false;
+                return -1;
             }
         }
         const unsigned full = end - begin == 32 ? 0xffffffffu : (1u << (end - begin)) - 1u;
@@ -191,13 +191,23 @@ bool release() {
             if (mask & exited) {
                 g->error = where() + ": " + sync_name(kind) + " in warp " + std::to_string(w) +
                            " names lanes that have exited" + states();
-                return false;
+                return -1;
             }
         }
         for (unsigned t = begin; t < end; ++t)
             if (g->fibers[t].st == St::Warp) g->fibers[t].st = St::Run;
         g->warp_gen[w] += 1;
-        any = true;
+        return 1;
+    }
+}
+
+// Releases what can be released; false if nothing could.
+bool release() {
+    bool any = false;
+    for (unsigned w = 0; w < g->warps; ++w) {
+        const int r = release_warp(w);
+        if (r < 0) return false;
+        any |= r > 0;
     }
     if (any) return true;
     unsigned waiting = 0, done = 0;
@@ -227,21 +237,44 @@ bool run_block() {
     }
     std::fill(g->warp_gen.begin(), g->warp_gen.end(), 0u);
     std::fill(g->smem.begin(), g->smem.end(), POISON);
-    // Odd blocks run their threads last to first: a missing barrier then shows whichever
-    // way the data flows between threads (a reader that runs before its writer reads poison
-    // or stale values).
+    // Even blocks run their threads first to last, all warps in step (each warp operation
+    // waits for every warp to reach its own). Odd blocks run them last to first, each warp as
+    // far as it can go (through its warp operations) before the next: a missing barrier then
+    // shows whichever way the data flows between threads (a reader that runs before its
+    // writer reads poison or stale values; a writer of the next phase that runs before the
+    // last phase's reader overwrites what it reads).
     const unsigned linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     const bool reverse = linear % 2 == 1;
+    // Runs thread t until it waits or ends; false on a kernel error.
+    auto step = [](unsigned t) {
+        g->cur = t;
+        set_thread(t);
+        swapcontext(&g->sched, &g->fibers[t].ctx);
+        return g->fibers[t].st != St::Failed;
+    };
     for (;;) {
         bool ran = false;
-        for (unsigned i = 0; i < g->threads; ++i) {
-            const unsigned t = reverse ? g->threads - 1 - i : i;
-            if (g->fibers[t].st != St::Run) continue;
-            g->cur = t;
-            set_thread(t);
-            swapcontext(&g->sched, &g->fibers[t].ctx);
-            if (g->fibers[t].st == St::Failed) return false;
-            ran = true;
+        if (reverse) {
+            for (unsigned wi = 0; wi < g->warps; ++wi) {
+                const unsigned w = g->warps - 1 - wi;
+                const unsigned begin = w * 32, end = std::min(g->threads, begin + 32);
+                for (;;) {
+                    for (unsigned t = end; t-- > begin;) {
+                        if (g->fibers[t].st != St::Run) continue;
+                        if (!step(t)) return false;
+                        ran = true;
+                    }
+                    const int r = release_warp(w);
+                    if (r < 0) return false;
+                    if (r == 0) break;
+                }
+            }
+        } else {
+            for (unsigned t = 0; t < g->threads; ++t) {
+                if (g->fibers[t].st != St::Run) continue;
+                if (!step(t)) return false;
+                ran = true;
+            }
         }
         bool finished = true;
         for (const Fiber& f : g->fibers) finished &= f.st == St::Done;

@@ -357,12 +357,30 @@ impl Optimizer {
                             .sum_all()?
                             .to_scalar::<f64>()?;
                     } else {
-                        on_device.push(g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?);
+                        on_device.push(g);
                     }
                 }
             }
-            if !on_device.is_empty() {
-                sq += Tensor::stack(&on_device, 0)?
+            #[cfg(feature = "cuda")]
+            if crate::model::policy::switches().multi_tensor_adam
+                && on_device.iter().all(|g| {
+                    use candle_core::DType::{BF16, F16, F32};
+                    g.device().is_cuda() && matches!(g.dtype(), F32 | F16 | BF16)
+                })
+            {
+                // One launch per gradient dtype over every gradient (the update's table).
+                let contiguous = on_device
+                    .iter()
+                    .map(|g| g.contiguous())
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(sq + multi::sum_squares(&contiguous)?);
+            }
+            let per_tensor = on_device
+                .iter()
+                .map(|g| g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all())
+                .collect::<Result<Vec<_>>>()?;
+            if !per_tensor.is_empty() {
+                sq += Tensor::stack(&per_tensor, 0)?
                     .to_dtype(candle_core::DType::F64)?
                     .sum_all()?
                     .to_scalar::<f64>()?;
@@ -657,7 +675,51 @@ mod multi {
     use super::locks::with_addresses_mut;
     use super::{Moments, ParamState};
     use crate::model::kernels::adam::AdamScalars;
-    use crate::model::kernels::cuda::adam::{adam_multi_step, MultiEntry};
+    use crate::model::kernels::cuda::adam::{adam_multi_step, sum_squares_multi, MultiEntry};
+
+    /// The sum of squares of every value of `grads` (contiguous, on one GPU), one launch per
+    /// dtype.
+    pub(super) fn sum_squares(grads: &[Tensor]) -> Result<f64> {
+        let Some(first) = grads.first() else {
+            return Ok(0.0);
+        };
+        let dev = first.device().as_cuda_device()?.clone();
+        let mut dtypes: Vec<DType> = grads.iter().map(|g| g.dtype()).collect();
+        dtypes.sort_by_key(|d| d.as_str());
+        dtypes.dedup();
+        let mut sq = 0f64;
+        for dtype in dtypes {
+            let group: Vec<&Tensor> = grads.iter().filter(|g| g.dtype() == dtype).collect();
+            // Read-locked until the launch is queued.
+            let guards: Vec<_> = group.iter().map(|g| g.storage_and_layout()).collect();
+            let entries = guards
+                .iter()
+                .zip(&group)
+                .map(|((storage, layout), g)| {
+                    let Storage::Cuda(cs) = &**storage else {
+                        candle_core::bail!("gradient norm: a gradient is not on the GPU")
+                    };
+                    if !g.device().same_device(first.device()) {
+                        candle_core::bail!("gradient norm: gradients on two GPUs")
+                    }
+                    Ok(MultiEntry {
+                        w: 0,
+                        g: address(cs, layout)?,
+                        m: 0,
+                        v: 0,
+                        copy: 0,
+                        len: g.elem_count(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // SAFETY: each entry's gradient is on `dev`, contiguous (`address` checks) and
+            // holds len values of `dtype`, read-locked until the launch is queued on the stream
+            // all of candle's work uses.
+            sq += unsafe { sum_squares_multi(&dev, &entries, dtype) }?;
+            drop(guards);
+        }
+        Ok(sq)
+    }
 
     /// Updates every `(parameter, contiguous gradient)` of `batch` (all on one GPU, f32 weights
     /// with their moments on it) and refreshes their compute copies.
@@ -1029,6 +1091,34 @@ mod tests {
                 assert_eq!(copy, rounded);
             }
         }
+        Ok(())
+    }
+
+    /// On a GPU (CUDA builds): the gradients' sum of squares in one launch per dtype (f32 and
+    /// bf16 tensors around the chunk size) is the CPU's f64 sum of the same values, to f32's
+    /// rounding of the chunks' partial sums. Without a GPU it says so and checks nothing.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_multi_tensor_norm_matches_the_cpu() -> Result<()> {
+        use candle_core::DType;
+        let Ok(gpu) = Device::new_cuda(0) else {
+            eprintln!("cuda_multi_tensor_norm_matches_the_cpu: skipped, no GPU");
+            return Ok(());
+        };
+        let mut grads = Vec::new();
+        let mut want = 0f64;
+        for (i, n) in [5usize, 4099, 300, 12_289].into_iter().enumerate() {
+            let dtype = if i % 2 == 0 { DType::BF16 } else { DType::F32 };
+            let t = Tensor::randn(0f32, 1.0, n, &Device::Cpu)?.to_dtype(dtype)?;
+            want += t
+                .to_dtype(DType::F64)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f64>()?;
+            grads.push(t.to_device(&gpu)?);
+        }
+        let got = super::multi::sum_squares(&grads)?;
+        assert!((got - want).abs() <= 1e-5 * want, "{got} against {want}");
         Ok(())
     }
 

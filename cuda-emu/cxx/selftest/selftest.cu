@@ -60,3 +60,24 @@ extern "C" __global__ void emu_selftest_smem_uninit(float* out) {
 extern "C" __global__ void __launch_bounds__(64) emu_selftest_bounded(float* out) {
     out[threadIdx.x] = 1.0f;
 }
+
+// `rounds` block sums in a row through one shared slot per warp: out[block * rounds + r] = sum
+// of in[r * blockDim.x ..][..blockDim.x]. Without `guarded`, the barrier after thread 0 reads
+// the slots is missing: a warp running ahead into the next round overwrites its slot first.
+extern "C" __global__ void emu_selftest_block_sums(const float* in, float* out, int rounds,
+                                                   int guarded) {
+    __shared__ float part[32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int r = 0; r < rounds; ++r) {
+        float v = in[r * blockDim.x + threadIdx.x];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) part[warp] = v;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float s = 0.0f;
+            for (int w = 0; w < (int)(blockDim.x / 32); ++w) s += part[w];
+            out[blockIdx.x * rounds + r] = s;
+        }
+        if (guarded) __syncthreads();
+    }
+}

@@ -9,7 +9,9 @@
 // addresses and length come from a table, its gradient may be f16/bf16 (the gradient of the
 // compute copy that mixed precision runs on), and the same pass refreshes that compute copy
 // from the updated f32 weight, so a mixed-precision step needs no casts of weights or
-// gradients at all.
+// gradients at all. `clipft_sum_squares_multi_*` reads the same table for the gradients' sum
+// of squares (gradient clipping, f16's overflow check): one partial sum per chunk, added on
+// the host in order.
 
 #include "common.cuh"
 
@@ -51,21 +53,27 @@ enum : int { kW = 0, kG, kM, kV, kCopy, kLen, kFirstChunk, kTableWords = 8 };
 // Elements of one tensor a block updates per table lookup (kernels/cuda/adam.rs: CHUNK).
 constexpr long long kChunk = 4096;
 
+// The table entry of the tensor chunk c belongs to: the last one whose first chunk is at or
+// before c.
+__device__ __forceinline__ const unsigned long long* entry_of(
+    const unsigned long long* __restrict__ table, int tensors, int c) {
+    int lo = 0, hi = tensors - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if ((long long)table[mid * kTableWords + kFirstChunk] <= c) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    return table + lo * kTableWords;
+}
+
 template <typename T>
 __device__ void adam_multi(const unsigned long long* __restrict__ table, int tensors,
                            int chunks, const AdamScalars s) {
     for (int c = blockIdx.x; c < chunks; c += gridDim.x) {
-        // The last tensor whose first chunk is at or before c.
-        int lo = 0, hi = tensors - 1;
-        while (lo < hi) {
-            const int mid = (lo + hi + 1) / 2;
-            if ((long long)table[mid * kTableWords + kFirstChunk] <= c) {
-                lo = mid;
-            } else {
-                hi = mid - 1;
-            }
-        }
-        const unsigned long long* e = table + lo * kTableWords;
+        const unsigned long long* e = entry_of(table, tensors, c);
         float* w = reinterpret_cast<float*>(e[kW]);
         const T* g = reinterpret_cast<const T*>(e[kG]);
         float* m = reinterpret_cast<float*>(e[kM]);
@@ -80,6 +88,38 @@ __device__ void adam_multi(const unsigned long long* __restrict__ table, int ten
                 copy[i] = clipft::store<T>(wi);
             }
         }
+    }
+}
+
+// partial[c] = the sum of g^2 over chunk c (f32), for every chunk; only kG, kLen and
+// kFirstChunk of the table are read. block kSumThreads.
+constexpr int kSumThreads = 256;
+
+template <typename T>
+__device__ void sum_squares_multi(const unsigned long long* __restrict__ table, int tensors,
+                                  int chunks, float* __restrict__ partial) {
+    __shared__ float warp_sums[kSumThreads / 32];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    for (int c = blockIdx.x; c < chunks; c += gridDim.x) {  // block-uniform
+        const unsigned long long* e = entry_of(table, tensors, c);
+        const T* g = reinterpret_cast<const T*>(e[kG]);
+        const long long n = (long long)e[kLen];
+        const long long start = (c - (long long)e[kFirstChunk]) * kChunk;
+        const long long end = min(start + kChunk, n);
+        float sum = 0.0f;
+        for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+            const float v = clipft::load(g[i]);
+            sum = fmaf(v, v, sum);
+        }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        if (lane == 0) warp_sums[warp] = sum;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float total = 0.0f;
+            for (int w = 0; w < kSumThreads / 32; ++w) total += warp_sums[w];
+            partial[c] = total;
+        }
+        __syncthreads();  // warp_sums is rewritten by the next chunk
     }
 }
 
@@ -112,3 +152,14 @@ extern "C" __global__ void clipft_adam(float* __restrict__ w, const float* __res
 CLIPFT_ADAM_MULTI(f32, float)
 CLIPFT_ADAM_MULTI(f16, __half)
 CLIPFT_ADAM_MULTI(bf16, __nv_bfloat16)
+
+#define CLIPFT_SUM_SQUARES_MULTI(suffix, T)                                                    \
+    extern "C" __global__ void __launch_bounds__(kSumThreads)                                 \
+        clipft_sum_squares_multi_##suffix(const unsigned long long* __restrict__ table,       \
+                                          int tensors, int chunks, float* __restrict__ partial) { \
+        sum_squares_multi<T>(table, tensors, chunks, partial);                                 \
+    }
+
+CLIPFT_SUM_SQUARES_MULTI(f32, float)
+CLIPFT_SUM_SQUARES_MULTI(f16, __half)
+CLIPFT_SUM_SQUARES_MULTI(bf16, __nv_bfloat16)

@@ -66,6 +66,32 @@ pub fn adam_multi_call<'a, I: ?Sized, O: ?Sized>(
     with_scalars(call, s)
 }
 
+/// Threads per block of `clipft_sum_squares_multi_*` (`kSumThreads` in `adam.cu`).
+pub const SUM_THREADS: u32 = 256;
+
+/// `clipft_sum_squares_multi_<suffix>` over `table` (from [`multi_table`]; only each entry's
+/// gradient and length are read): `partial[c]`, the sum of squares of chunk `c`, for each of
+/// the `chunks` chunks, on at most `max_blocks` blocks.
+pub fn sum_squares_call<'a, I: ?Sized, O: ?Sized>(
+    table: &'a I,
+    tensors: usize,
+    chunks: usize,
+    suffix: &str,
+    partial: &'a mut O,
+    max_blocks: usize,
+) -> Call<'a, I, O> {
+    let blocks = chunks.clamp(1, max_blocks.max(1)) as u32;
+    Call::new(
+        format!("clipft_sum_squares_multi_{suffix}"),
+        (blocks, 1, 1),
+        SUM_THREADS,
+    )
+    .input(table)
+    .i32(tensors as i32)
+    .i32(chunks as i32)
+    .output(partial)
+}
+
 /// The update's scalars, the last arguments of every Adam kernel.
 fn with_scalars<'a, I: ?Sized, O: ?Sized>(call: Call<'a, I, O>, s: &AdamScalars) -> Call<'a, I, O> {
     call.i32(i32::from(s.decoupled))
@@ -179,10 +205,55 @@ mod gpu {
         // which the caller guarantees.
         unsafe { call::run(dev, "clipft_adam", PTX, call) }
     }
+
+    /// The sum of squares of every gradient of `entries` (their `g` and `len`; the other
+    /// addresses are not read), in `dtype`: one partial sum per chunk on the GPU, added here in
+    /// order in f64.
+    ///
+    /// # Safety
+    /// Each entry's `g` must be `dev`'s memory holding `len` values of `dtype`, not written
+    /// until the launch is done.
+    pub unsafe fn sum_squares_multi(
+        dev: &CudaDevice,
+        entries: &[super::MultiEntry],
+        dtype: candle_core::DType,
+    ) -> Result<f64> {
+        let suffix = match dtype {
+            candle_core::DType::F32 => "f32",
+            candle_core::DType::F16 => "f16",
+            candle_core::DType::BF16 => "bf16",
+            d => candle_core::bail!("sum of squares: no kernel for {d:?} gradients"),
+        };
+        let (table, chunks) = super::multi_table(entries);
+        if chunks == 0 {
+            return Ok(0.0);
+        }
+        if chunks > i32::MAX as usize {
+            candle_core::bail!("sum of squares: {chunks} chunks, more than one launch indexes");
+        }
+        let tensors = table.len() / super::TABLE_WORDS;
+        let table = dev.clone_htod(&table)?;
+        // SAFETY: the kernel writes every one of the chunks values (each chunk's block) before
+        // they are read back below.
+        let mut partial = unsafe { dev.alloc::<f32>(chunks)? };
+        let call = super::sum_squares_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            &table,
+            tensors,
+            chunks,
+            suffix,
+            &mut partial,
+            super::MAX_BLOCKS,
+        );
+        // SAFETY: the kernel reads the table as uploaded, for each chunk the entry's gradient
+        // below its len (the caller's guarantee), and writes partial[0..chunks].
+        unsafe { call::run(dev, "clipft_adam", PTX, call) }?;
+        let partial = dev.clone_dtoh(&partial)?;
+        Ok(partial.iter().map(|&p| f64::from(p)).sum())
+    }
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{adam_multi_step, adam_step};
+pub use gpu::{adam_multi_step, adam_step, sum_squares_multi};
 
 /// `adam.cu` itself, run by the CPU emulator with the launcher's grid and arguments: it gives
 /// its twin's bits, both kinds, a ragged length, several grid-stride rounds.
@@ -226,6 +297,82 @@ mod emu_tests {
 /// `adam.cu`'s one-launch step in the emulator: see the test.
 #[cfg(test)]
 mod emu_multi_tests {
+    /// What `clipft_sum_squares_multi_*` computes for one chunk's values, in its order: each
+    /// of 256 threads accumulates its strided elements with fused multiply-adds, each warp adds
+    /// its lanes by the xor butterfly, and the warps' sums are added in order.
+    fn chunk_sum_squares_twin(values: &[f32]) -> f32 {
+        let threads = super::SUM_THREADS as usize;
+        let mut acc = vec![0f32; threads];
+        for (i, v) in values.iter().enumerate() {
+            acc[i % threads] = v.mul_add(*v, acc[i % threads]);
+        }
+        let mut total = 0f32;
+        for warp in acc.chunks(32) {
+            let mut lanes = warp.to_vec();
+            for o in [16, 8, 4, 2, 1] {
+                let before = lanes.clone();
+                for (l, v) in lanes.iter_mut().enumerate() {
+                    *v = before[l] + before[l ^ o];
+                }
+            }
+            total += lanes[0];
+        }
+        total
+    }
+
+    /// The sum of squares over the same kind of table: every chunk's partial sum is its twin's
+    /// bits, in each dtype, on fewer blocks than chunks; the Adam-only words of the table are
+    /// not read (they are zero here).
+    #[test]
+    fn emulated_sum_of_squares_gives_the_twins_bits() {
+        let lens = [1, CHUNK - 1, 0, CHUNK, CHUNK + 1, 3 * CHUNK + 5, 7];
+        for dt in Dt::ALL {
+            let grads: Vec<Vec<f32>> = lens
+                .iter()
+                .enumerate()
+                .map(|(t, &n)| dt.round_all(&emu::values(n, 7 + t as u32)))
+                .collect();
+            let bufs: Vec<Box<dyn EmuArg>> = grads.iter().map(|g| dt.buffer(g)).collect();
+            let entries: Vec<MultiEntry> = bufs
+                .iter()
+                .zip(&lens)
+                .map(|(b, &len)| MultiEntry {
+                    w: 0,
+                    g: addr(b.arg()),
+                    m: 0,
+                    v: 0,
+                    copy: 0,
+                    len,
+                })
+                .collect();
+            let (table, chunks) = multi_table(&entries);
+            let tensors = lens.iter().filter(|&&n| n > 0).count();
+            let table = Buffer::from_slice(&table);
+            let mut partial = Dt::F32.poisoned(chunks);
+            let call = super::sum_squares_call::<dyn EmuArg, dyn EmuArg>(
+                &table,
+                tensors,
+                chunks,
+                dt.suffix(),
+                &mut *partial,
+                3,
+            );
+            // SAFETY: every table entry names a live gradient buffer of its len values of the
+            // launch's dtype; partial holds one value per chunk.
+            unsafe { emu::run(call) }.unwrap();
+            let got = emu::written("partial", &*partial);
+            let want: Vec<f32> = grads
+                .iter()
+                .flat_map(|g| g.chunks(CHUNK).map(chunk_sum_squares_twin))
+                .collect();
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert!(
+                bits(&got) == bits(&want),
+                "{dt:?}: {got:?} against {want:?}"
+            );
+        }
+    }
+
     use clipft_cuda_emu::{self as e, Buffer};
 
     use super::super::call::emu::{self, Dt, EmuArg};
