@@ -5,7 +5,7 @@
 //! batch's longest instead of packed up to their end-of-text tokens), `CLIPFT_NO_TC_ATTENTION`
 //! (the GPU path's attention on CUDA cores only), `CLIPFT_NO_RESIDUAL_NORM` (the GPU path's
 //! residual add and layer norm as two kernels in inference) and `CLIPFT_NO_MULTI_TENSOR_ADAM`
-//! (the GPU's optimiser step one launch per parameter). [`Kernels`] is what follows for one model from its device,
+//! (the GPU's optimiser step and gradient norm launched per parameter). [`Kernels`] is what follows for one model from its device,
 //! dtype, those switches and the matmul precision: [`super::Clip::new`] takes it and every layer
 //! keeps a copy, so no layer looks at tensors, globals or the environment to choose a path.
 //! [`KernelPolicy`] adds what a loaded model's log line and the executor's banner say.
@@ -30,8 +30,8 @@ pub struct Switches {
     pub tc_attention: bool,
     /// The GPU path's residual add and layer norm as one kernel in inference.
     pub residual_norm: bool,
-    /// The GPU's optimiser step as one launch over every parameter (otherwise one per
-    /// parameter, and the compute copies cast after it).
+    /// The GPU's optimiser step, and the gradients' sum of squares, as one launch over every
+    /// parameter (otherwise one or more per parameter, and the compute copies cast after it).
     pub multi_tensor_adam: bool,
 }
 
