@@ -684,12 +684,8 @@ mod multi {
             return Ok(0.0);
         };
         let dev = first.device().as_cuda_device()?.clone();
-        let mut dtypes: Vec<DType> = grads.iter().map(|g| g.dtype()).collect();
-        dtypes.sort_by_key(|d| d.as_str());
-        dtypes.dedup();
         let mut sq = 0f64;
-        for dtype in dtypes {
-            let group: Vec<&Tensor> = grads.iter().filter(|g| g.dtype() == dtype).collect();
+        for (dtype, group) in by_dtype(grads, |g| g) {
             // Read-locked until the launch is queued.
             let guards: Vec<_> = group.iter().map(|g| g.storage_and_layout()).collect();
             let entries = guards
@@ -724,12 +720,7 @@ mod multi {
     /// Updates every `(parameter, contiguous gradient)` of `batch` (all on one GPU, f32 weights
     /// with their moments on it) and refreshes their compute copies.
     pub(super) fn step(batch: &[(&ParamState, Tensor)], s: AdamScalars) -> Result<()> {
-        let mut dtypes: Vec<DType> = batch.iter().map(|(_, g)| g.dtype()).collect();
-        dtypes.sort_by_key(|d| d.as_str());
-        dtypes.dedup();
-        for dtype in dtypes {
-            let group: Vec<&(&ParamState, Tensor)> =
-                batch.iter().filter(|(_, g)| g.dtype() == dtype).collect();
+        for (dtype, group) in by_dtype(batch, |(_, g)| g) {
             launch(&group, dtype, s)?;
             // A copy of another dtype than the gradient (its weight's own gradient was read)
             // is not written by the launch.
@@ -837,45 +828,61 @@ mod multi {
         Ok(())
     }
 
-    /// The device address of the first element `layout` takes from `cs`, which must be
+    /// `items` in groups of one gradient dtype (each `grad` of), in a fixed order of dtypes.
+    fn by_dtype<T>(items: &[T], grad: impl Fn(&T) -> &Tensor) -> Vec<(DType, Vec<&T>)> {
+        let mut groups: Vec<(DType, Vec<&T>)> = Vec::new();
+        for item in items {
+            let dtype = grad(item).dtype();
+            match groups.iter_mut().find(|(d, _)| *d == dtype) {
+                Some((_, group)) => group.push(item),
+                None => groups.push((dtype, vec![item])),
+            }
+        }
+        groups.sort_by_key(|(d, _)| d.as_str());
+        groups
+    }
+
+    /// Bytes from a storage's start to the first element `layout` takes, which must be
     /// contiguous there.
-    fn address(cs: &CudaStorage, layout: &Layout) -> Result<u64> {
+    fn offset_bytes(dtype: DType, layout: &Layout) -> Result<u64> {
         let Some((start, _)) = layout.contiguous_offsets() else {
             candle_core::bail!("adam step: a non-contiguous tensor")
         };
+        Ok((start * dtype.size_in_bytes()) as u64)
+    }
+
+    /// The device address of the first element `layout` takes from `cs`, which must be
+    /// contiguous there.
+    fn address(cs: &CudaStorage, layout: &Layout) -> Result<u64> {
         let stream = cs.device().cuda_stream();
-        let (base, size) = match cs.dtype() {
-            DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
-            DType::F16 => (cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0, 2),
-            DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
+        let base = match cs.dtype() {
+            DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+            DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+            DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
             d => candle_core::bail!("adam step: a {d:?} tensor"),
         };
-        Ok(base + (start * size) as u64)
+        Ok(base + offset_bytes(cs.dtype(), layout)?)
     }
 
     /// [`address`] through the mutable borrow a writer holds.
     pub(super) fn address_mut(cs: &mut CudaStorage, layout: &Layout) -> Result<u64> {
-        let Some((start, _)) = layout.contiguous_offsets() else {
-            candle_core::bail!("adam step: a non-contiguous tensor")
-        };
         let stream = cs.device().cuda_stream();
-        let (base, size) = match cs.dtype() {
-            DType::F32 => (cs.as_cuda_slice_mut::<f32>()?.device_ptr_mut(&stream).0, 4),
-            DType::F16 => (
+        let dtype = cs.dtype();
+        let base = match dtype {
+            DType::F32 => cs.as_cuda_slice_mut::<f32>()?.device_ptr_mut(&stream).0,
+            DType::F16 => {
                 cs.as_cuda_slice_mut::<half::f16>()?
                     .device_ptr_mut(&stream)
-                    .0,
-                2,
-            ),
-            DType::BF16 => (
+                    .0
+            }
+            DType::BF16 => {
                 cs.as_cuda_slice_mut::<half::bf16>()?
                     .device_ptr_mut(&stream)
-                    .0,
-                2,
-            ),
+                    .0
+            }
             d => candle_core::bail!("adam step: a {d:?} tensor"),
         };
-        Ok(base + (start * size) as u64)
+        Ok(base + offset_bytes(dtype, layout)?)
     }
 }
 

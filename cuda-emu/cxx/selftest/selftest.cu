@@ -1,19 +1,24 @@
 // Kernels that exercise the emulator itself (tests/cuda_emu.rs): one correct use of each
 // barrier kind, and one of each bug the emulator must report rather than hide.
 
-// One block: out[0] = sum of in[0 .. blockDim.x) by warp shuffles, then shared memory.
-extern "C" __global__ void emu_selftest_block_sum(const float* in, float* out) {
-    __shared__ float part[32];
+// The block's sum of v, in thread 0 (the others return 0): warp shuffles, then each warp's
+// sum through `part` (one slot per warp), which the caller may reuse only after a barrier.
+__device__ float block_sum(float v, float* part) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-    float v = in[threadIdx.x];
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     if (lane == 0) part[warp] = v;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        float s = 0.0f;
+    float s = 0.0f;
+    if (threadIdx.x == 0)
         for (int w = 0; w < (int)(blockDim.x / 32); ++w) s += part[w];
-        out[0] = s;
-    }
+    return s;
+}
+
+// One block: out[0] = sum of in[0 .. blockDim.x) by warp shuffles, then shared memory.
+extern "C" __global__ void emu_selftest_block_sum(const float* in, float* out) {
+    __shared__ float part[32];
+    const float s = block_sum(in[threadIdx.x], part);
+    if (threadIdx.x == 0) out[0] = s;
 }
 
 // Half of each warp leaves, the other half shuffles with it.
@@ -67,17 +72,9 @@ extern "C" __global__ void __launch_bounds__(64) emu_selftest_bounded(float* out
 extern "C" __global__ void emu_selftest_block_sums(const float* in, float* out, int rounds,
                                                    int guarded) {
     __shared__ float part[32];
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     for (int r = 0; r < rounds; ++r) {
-        float v = in[r * blockDim.x + threadIdx.x];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-        if (lane == 0) part[warp] = v;
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            float s = 0.0f;
-            for (int w = 0; w < (int)(blockDim.x / 32); ++w) s += part[w];
-            out[blockIdx.x * rounds + r] = s;
-        }
+        const float s = block_sum(in[r * blockDim.x + threadIdx.x], part);
+        if (threadIdx.x == 0) out[blockIdx.x * rounds + r] = s;
         if (guarded) __syncthreads();
     }
 }

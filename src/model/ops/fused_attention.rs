@@ -100,11 +100,8 @@ impl FusedAttention {
         if !self.tensor_cores || !tc_supports(s) {
             return None;
         }
-        match storage {
-            CpuStorage::F16(_) => Some(|x| half::f16::from_f32(x).to_f32()),
-            CpuStorage::BF16(_) => Some(|x| half::bf16::from_f32(x).to_f32()),
-            _ => None,
-        }
+        matches!(storage, CpuStorage::F16(_) | CpuStorage::BF16(_))
+            .then(|| super::twin_rounding(storage))
     }
 }
 

@@ -98,11 +98,7 @@ impl CustomOp3 for ResidualNorm {
         let p = super::twin_input(ps, pl, self.name())?;
         let (b, rest) = p.split_at(cols);
         let (w, lb) = rest.split_at(cols);
-        let round: fn(f32) -> f32 = match ys {
-            CpuStorage::F16(_) => |x| half::f16::from_f32(x).to_f32(),
-            CpuStorage::BF16(_) => |x| half::bf16::from_f32(x).to_f32(),
-            _ => |x| x,
-        };
+        let round = super::twin_rounding(ys);
         let out = residual_layer_norm_twin(
             &super::twin_input(ys, yl, self.name())?,
             b,
@@ -262,12 +258,7 @@ impl CustomOp3 for LayerNormBackward {
             if dres.len() != n || r.dtype() != candle_core::backend::BackendStorage::dtype(xs) {
                 candle_core::bail!("layer norm backward: a residual gradient unlike the input");
             }
-            let round = |v: f32| match xs {
-                CpuStorage::F16(_) => half::f16::from_f32(v).to_f32(),
-                CpuStorage::BF16(_) => half::bf16::from_f32(v).to_f32(),
-                _ => v,
-            };
-            add_residual_grad(&mut out[..n], &dres, round);
+            add_residual_grad(&mut out[..n], &dres, super::twin_rounding(xs));
         }
         let rows = out.len() / cols;
         Ok((super::twin_output(xs, out), Shape::from((rows, cols))))

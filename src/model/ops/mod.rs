@@ -83,6 +83,17 @@ pub(crate) fn twin_output(
     }
 }
 
+/// Rounding to the element type of `like` (to nearest even) and back: what storing a twin's
+/// f32 value in a tensor of that type does.
+pub(crate) fn twin_rounding(like: &candle_core::CpuStorage) -> fn(f32) -> f32 {
+    use candle_core::CpuStorage;
+    match like {
+        CpuStorage::F16(_) => |x| half::f16::from_f32(x).to_f32(),
+        CpuStorage::BF16(_) => |x| half::bf16::from_f32(x).to_f32(),
+        _ => |x| x,
+    }
+}
+
 /// A contiguous CUDA input of an op, viewed from its layout's offset for its own length.
 #[cfg(feature = "cuda")]
 pub(crate) fn cuda_view<'a, T: candle_core::cuda_backend::CudaDType>(
