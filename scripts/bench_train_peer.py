@@ -11,6 +11,8 @@ with a GradScaler), as clipft's mixed precision does; f32 on a GPU allows TF32 n
 in clipft. --attn eager (default, the same math clipft runs) or sdpa (PyTorch's fused attention).
 --matmul-precision high is torch.set_float32_matmul_precision("high"), the setting that allows
 what clipft's default --matmul-precision high does on the CPU (bf16x3 on AMX).
+--freeze backbone trains only the projections and logit_scale (requires_grad off elsewhere,
+Finetuner's freeze=True), as clipft bench --train --freeze backbone does.
 """
 import argparse
 import json
@@ -41,6 +43,8 @@ def main():
                     help="captions of mixed lengths, as clipft bench --text-tokens-min makes them")
     ap.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default="highest",
                     help="torch.set_float32_matmul_precision (clipft's default is high)")
+    ap.add_argument("--freeze", choices=["backbone"], default=None,
+                    help="train only the projections and logit_scale")
     a = ap.parse_args()
     torch.set_float32_matmul_precision(a.matmul_precision)
     torch.set_num_threads(a.threads)
@@ -49,7 +53,12 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     dev = torch.device(a.device)
     model = CLIPModel.from_pretrained(a.model, attn_implementation=a.attn).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    if a.freeze == "backbone":
+        heads = ("text_projection.", "visual_projection.", "logit_scale")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(heads))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-5, weight_decay=0.01)
     t = a.text_tokens
     lo = t if a.text_tokens_min is None else a.text_tokens_min
     ids = torch.randint(1, 49400, (a.batch, t))
@@ -93,7 +102,7 @@ def main():
     out = {"peer": "torch", "batch_size": a.batch, "steps": a.steps, "text_tokens": t,
            "text_tokens_min": a.text_tokens_min,
            "device": a.device, "dtype": a.dtype, "attn": a.attn,
-           "matmul_precision": a.matmul_precision,
+           "matmul_precision": a.matmul_precision, "freeze": a.freeze,
            "pairs_per_second": round(a.batch * a.steps / secs, 3)}
     if dev.type == "cuda":
         out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
