@@ -50,7 +50,14 @@ fn cuda_ptx(out: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
         .find(|p| p.is_file())
         .unwrap_or_else(|| "nvcc".into());
     println!("cargo:rerun-if-changed=src/model/kernels/cuda/common.cuh");
-    for name in ["adam", "attention", "clip_loss", "elementwise", "layernorm"] {
+    for name in [
+        "adam",
+        "attention",
+        "clip_loss",
+        "elementwise",
+        "embed",
+        "layernorm",
+    ] {
         let src = format!("src/model/kernels/cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");
         let status = std::process::Command::new(&nvcc)

@@ -22,10 +22,11 @@
 #  4. inference throughput: clipft bench vs scripts/bench_peers.py (torch), f16, batch 256 and 1
 #  5. training throughput: clipft bench --train vs scripts/bench_train_peer.py, batch 256, bf16, f32
 #     (and clipft with its CUDA kernels off, CLIPFT_NO_FUSED=1)
-#  (the tensor-core attention's, the residual norm's, the one-launch Adam's and the block
-#  nodes' own tests run first in each part; if one fails, both parts run without it,
-#  CLIPFT_NO_TC_ATTENTION=1, CLIPFT_NO_RESIDUAL_NORM=1, CLIPFT_NO_MULTI_TENSOR_ADAM=1 or
-#  CLIPFT_NO_FUSED_BLOCK=1, and say so)
+#  (the embedding ops', the tensor-core attention's, the residual norm's, the one-launch
+#  Adam's and the block nodes' own tests run first in each part; if one fails, both parts run
+#  without it,
+#  CLIPFT_NO_TC_ATTENTION=1, CLIPFT_NO_RESIDUAL_NORM=1, CLIPFT_NO_MULTI_TENSOR_ADAM=1,
+#  CLIPFT_NO_FUSED_BLOCK=1 or CLIPFT_NO_FUSED_EMBED=1, and say so)
 #  5b. captions of mixed lengths (8 to 32 tokens, as a tokenizer pads a batch): text inference
 #     and bf16 training, clipft's packed captions against torch padded to the batch's longest
 #     (and clipft padded too, CLIPFT_NO_PACKED_TEXT=1)
@@ -90,7 +91,9 @@ gate() {
 }
 # The tensor-core attention (else the CUDA-core kernels), the residual add fused with the layer
 # norm (else two kernels), the optimiser's one launch over every parameter (else one per
-# parameter), each encoder block as one training node (else op by op).
+# parameter), each encoder block as one training node (else op by op), each tower's embedding
+# as one op (else candle's gathers, concatenation and adds).
+gate embed-test 60 cuda_embeddings CLIPFT_NO_FUSED_EMBED "embedding ops"
 gate tc-attention-test 60 cuda_tc_attention CLIPFT_NO_TC_ATTENTION "tensor-core attention"
 gate residual-norm-test 60 cuda_residual_norm CLIPFT_NO_RESIDUAL_NORM "residual norm"
 gate multi-adam-test 60 cuda_multi_tensor_step CLIPFT_NO_MULTI_TENSOR_ADAM "one-launch Adam"

@@ -478,7 +478,8 @@ fn half_precision_weights_agree() {
     }
 }
 
-/// The GPU inference path of the layers (fused attention and fused linear tails), run on the CPU
+/// The GPU inference path of the layers (fused attention, fused linear tails, the embeddings as
+/// one op each), run on the CPU
 /// through the kernels' twins, gives the embeddings of candle's composed ops and of the fused
 /// CPU blocks: the layer plumbing a GPU runs is checked here, not only the kernels. Text (causal)
 /// and image towers, quick_gelu and gelu checkpoints.
@@ -510,6 +511,7 @@ fn the_gpu_layer_path_matches_on_the_cpu() {
             packed_text: true,
             tc_attention: true,
             residual_norm: true,
+            embed: true,
             ..Kernels::CANDLE
         });
         let candle = build(Kernels::CANDLE);
@@ -538,8 +540,9 @@ fn the_gpu_layer_path_matches_on_the_cpu() {
     }
 }
 
-/// The GPU training path (attention over the stacked projection, layer norm and linear tails
-/// as ops with their own backward, the last block on the pooled rows; op by op, and each block
+/// The GPU training path (attention over the stacked projection, layer norm, linear tails and
+/// the embeddings as ops with their own backward, the last block on the pooled rows; op by op,
+/// and each block
 /// as one node), run on the CPU through the kernels' twins, gives candle's loss and every
 /// weight's gradient: the backward a GPU
 /// runs is checked here, kernels' algorithms and plumbing, not only the forward.
@@ -589,6 +592,7 @@ fn the_gpu_training_path_matches_on_the_cpu() {
             packed_text: true,
             tc_attention: true,
             residual_norm: true,
+            embed: true,
             ..Kernels::CANDLE
         };
         let (loss, candle) = step(Kernels::CANDLE);
@@ -639,6 +643,7 @@ fn stacked_projections_follow_weight_updates() {
         packed_text: true,
         tc_attention: true,
         residual_norm: true,
+        embed: true,
         ..Kernels::CANDLE
     };
     let clip = Clip::new(vb, &config, Towers::TEXT, kernels).unwrap();
@@ -752,6 +757,7 @@ fn the_gpu_training_path_in_bf16_matches_on_the_cpu() {
         packed_text: true,
         tc_attention: true,
         residual_norm: true,
+        embed: true,
         ..Kernels::CANDLE
     };
     let (gpu_loss, gpu_grads) = step(gpu, DType::BF16);
@@ -811,6 +817,7 @@ fn serving_releases_the_separate_projections_on_the_gpu_path() {
         packed_text: true,
         tc_attention: true,
         residual_norm: true,
+        embed: true,
         ..Kernels::CANDLE
     };
     let mut clip = Clip::new(vb, &config, Towers::ALL, kernels).unwrap();

@@ -4,8 +4,10 @@
 //! the environment once per process, as is `CLIPFT_NO_PACKED_TEXT` (captions padded to the
 //! batch's longest instead of packed up to their end-of-text tokens), `CLIPFT_NO_TC_ATTENTION`
 //! (the GPU path's attention on CUDA cores only), `CLIPFT_NO_RESIDUAL_NORM` (the GPU path's
-//! residual add and layer norm as two kernels in inference) and `CLIPFT_NO_MULTI_TENSOR_ADAM`
-//! (the GPU's optimiser step and gradient norm launched per parameter). [`Kernels`] is what follows for one model from its device,
+//! residual add and layer norm as two kernels in inference), `CLIPFT_NO_MULTI_TENSOR_ADAM`
+//! (the GPU's optimiser step and gradient norm launched per parameter) and
+//! `CLIPFT_NO_FUSED_EMBED` (the GPU path's embeddings as candle's gathers, concatenation and
+//! adds). [`Kernels`] is what follows for one model from its device,
 //! dtype, those switches and the matmul precision: [`super::Clip::new`] takes it and every layer
 //! keeps a copy, so no layer looks at tensors, globals or the environment to choose a path.
 //! [`KernelPolicy`] adds what a loaded model's log line and the executor's banner say.
@@ -33,6 +35,8 @@ pub struct Switches {
     /// The GPU's optimiser step, and the gradients' sum of squares, as one launch over every
     /// parameter (otherwise one or more per parameter, and the compute copies cast after it).
     pub multi_tensor_adam: bool,
+    /// The GPU path's embeddings as one op per tower.
+    pub embed: bool,
 }
 
 /// The process's switches, read once.
@@ -45,6 +49,7 @@ pub fn switches() -> Switches {
         tc_attention: std::env::var_os("CLIPFT_NO_TC_ATTENTION").is_none(),
         residual_norm: std::env::var_os("CLIPFT_NO_RESIDUAL_NORM").is_none(),
         multi_tensor_adam: std::env::var_os("CLIPFT_NO_MULTI_TENSOR_ADAM").is_none(),
+        embed: std::env::var_os("CLIPFT_NO_FUSED_EMBED").is_none(),
     })
 }
 
@@ -81,6 +86,11 @@ pub struct Kernels {
     /// kernel ([`super::ops::fused_norm::ResidualNorm`]); two otherwise
     /// (`CLIPFT_NO_RESIDUAL_NORM=1`).
     pub residual_norm: bool,
+    /// With `fused_gpu`: each tower's embedding as one op ([`super::ops::embed`]): token +
+    /// position rows, and the class token + positions over the patch product (with the
+    /// pre-layer-norm in inference); candle's gathers, concatenation and adds otherwise
+    /// (`CLIPFT_NO_FUSED_EMBED=1`).
+    pub embed: bool,
 }
 
 impl Kernels {
@@ -105,6 +115,7 @@ impl Kernels {
         packed_text: false,
         tc_attention: false,
         residual_norm: false,
+        embed: false,
     };
 
     /// The kernels for weights on `device` in `dtype`, under the process's switches and matmul
@@ -118,6 +129,7 @@ impl Kernels {
                 packed_text: sw.packed_text,
                 tc_attention: sw.tc_attention,
                 residual_norm: sw.residual_norm,
+                embed: sw.embed,
                 ..Self::CANDLE
             };
         }
@@ -132,6 +144,7 @@ impl Kernels {
             packed_text: sw.packed_text,
             tc_attention: false,
             residual_norm: false,
+            embed: false,
         }
     }
 }
@@ -174,10 +187,16 @@ impl std::fmt::Display for KernelPolicy {
         write!(f, "{} {:?}: ", self.device, self.dtype)?;
         match (self.kernels.fused_cpu, self.kernels.fused_gpu) {
             (true, _) => write!(f, "fused CPU blocks, products in {}", self.products)?,
-            (false, true) => write!(
-                f,
-                "CUDA kernels: attention on stacked QKV, layer norm, linear tails; candle's GEMMs"
-            )?,
+            (false, true) => {
+                write!(
+                    f,
+                    "CUDA kernels: attention on stacked QKV, layer norm, linear tails"
+                )?;
+                if self.kernels.embed {
+                    write!(f, ", embeddings")?;
+                }
+                write!(f, "; candle's GEMMs")?;
+            }
             (false, false) => write!(f, "candle's ops")?,
         }
         if self.kernels.packed_text && self.text_activation.is_some() {

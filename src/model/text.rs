@@ -20,6 +20,8 @@ pub struct TextBatch {
     pub input_ids: Tensor,
     /// One position per row, computed on the host from the ids (no device round-trip).
     pub pool_positions: Vec<usize>,
+    /// `input_ids` on the host, for the GPU path's embedding op (which checks them there).
+    host_ids: Arc<[u32]>,
     packed: PackedIds,
 }
 
@@ -28,8 +30,9 @@ pub struct TextBatch {
 /// ([`Encoder::takes_packed`]) computes these alone.
 #[derive(Debug, Clone)]
 struct PackedIds {
-    /// `[rows]`, u32.
+    /// `[rows]`, u32, and the same on the host.
     ids: Tensor,
+    host_ids: Arc<[u32]>,
     /// Each row's position in its caption, `[rows]`, u32, and the same on the host (shared
     /// with the fused training embedding, not copied per pass).
     positions: Tensor,
@@ -48,22 +51,22 @@ impl TextBatch {
         if rows.iter().any(|r| r.len() != seq) {
             candle_core::bail!("text batch rows must be padded to the same length");
         }
-        let flat: Vec<u32> = rows.iter().flatten().copied().collect();
-        let input_ids = Tensor::from_vec(flat, (rows.len(), seq), device)?;
+        let host_ids: Arc<[u32]> = rows.iter().flatten().copied().collect();
+        let input_ids = Tensor::from_slice(&host_ids, (rows.len(), seq), device)?;
         let pool_positions: Vec<usize> = rows
             .iter()
             .map(|r| pool_position(r, eos_token_id))
             .collect();
         let lens: Vec<usize> = pool_positions.iter().map(|p| p + 1).collect();
-        let ids: Vec<u32> = rows
+        let ids: Arc<[u32]> = rows
             .iter()
             .zip(&lens)
             .flat_map(|(r, &n)| r[..n].iter().copied())
             .collect();
         let host_positions: Arc<[u32]> = lens.iter().flat_map(|&n| 0..n as u32).collect();
-        let n = ids.len();
         let packed = PackedIds {
-            ids: Tensor::from_vec(ids, n, device)?,
+            ids: Tensor::new(&ids[..], device)?,
+            host_ids: ids,
             positions: Tensor::new(&host_positions[..], device)?,
             host_positions,
             seqs: Arc::new(PackedSeqs::new(Packing::from_lens(&lens)?)),
@@ -71,6 +74,7 @@ impl TextBatch {
         Ok(Self {
             input_ids,
             pool_positions,
+            host_ids,
             packed,
         })
     }
@@ -310,7 +314,7 @@ impl TextTower {
         let packed = self.encoder.takes_packed().then_some(&batch.packed);
         let x = match packed {
             Some(p) => self.embed_packed(p, mode)?,
-            None => self.embed_padded(&batch.input_ids, t, mode)?,
+            None => self.embed_padded(batch, t, mode)?,
         };
         // Layer norm is per position, so normalising only the pooled rows equals transformers'
         // normalise-everything-then-pool, at a fraction of the cost.
@@ -322,9 +326,16 @@ impl TextTower {
     }
 
     /// Token and position embeddings of the padded ids `[batch, t]`: `[batch, t, hidden]`.
-    fn embed_padded(&self, input_ids: &Tensor, t: usize, mode: Mode) -> Result<Tensor> {
+    fn embed_padded(&self, batch: &TextBatch, t: usize, mode: Mode) -> Result<Tensor> {
+        let input_ids = &batch.input_ids;
         let positions = || self.position_embedding.narrow(0, 0, t);
         match &self.token_embedding {
+            TokenEmbedding::Loaded(e) if self.kernels.fused_gpu && self.kernels.embed => {
+                let b = input_ids.dim(0)?;
+                let at: Arc<[u32]> = (0..b).flat_map(|_| 0..t as u32).collect();
+                self.embed_gpu_path(e, batch.host_ids.clone(), at)?
+                    .reshape((b, t, self.config.hidden_size))
+            }
             TokenEmbedding::Loaded(e) if self.fused_embedding(e, mode) => {
                 // Token and position embeddings in one op (see `train_embed`).
                 let op = super::train_embed::TokenEmbedOp {
@@ -355,6 +366,9 @@ impl TextTower {
                 };
                 e.embeddings().apply_op2(&p.ids, op)
             }
+            TokenEmbedding::Loaded(e) if self.kernels.fused_gpu && self.kernels.embed => {
+                self.embed_gpu_path(e, p.host_ids.clone(), p.host_positions.clone())
+            }
             TokenEmbedding::Loaded(e) => {
                 e.forward(&p.ids)? + self.position_embedding.index_select(&p.positions, 0)?
             }
@@ -366,6 +380,18 @@ impl TextTower {
                     + self.position_embedding.index_select(&p.positions, 0)?
             }
         }
+    }
+
+    /// Token and position embeddings of `ids` at `positions` as the GPU path's one op (see
+    /// [`super::ops::embed`]), in training and inference: `[rows, hidden]`.
+    fn embed_gpu_path(
+        &self,
+        e: &Embedding,
+        ids: Arc<[u32]>,
+        positions: Arc<[u32]>,
+    ) -> Result<Tensor> {
+        let op = super::ops::embed::TokenPositions { ids, positions };
+        e.embeddings().apply_op2(&self.position_embedding, op)
     }
 
     /// Whether training embeds through the fused op (see `train_embed`).

@@ -6,6 +6,8 @@ use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
 use super::layers::{Encoder, EncoderShape, LayerNorm, Linear, Mode};
+use super::ops::embed::ClassPositions;
+use super::ops::gpu_block::Norm;
 use super::policy::Kernels;
 
 /// `vision_model.*` plus `visual_projection`.
@@ -174,12 +176,34 @@ impl VisionTower {
                 self.patch_embedding
                     .forward_t(&patches, mode)?
                     .reshape((b, g * g, d))?;
-            let cls = self
-                .class_embedding
-                .reshape((1, 1, d))?
-                .broadcast_as((b, 1, d))?;
-            let x = Tensor::cat(&[&cls, &embedded], 1)?.broadcast_add(&self.position_embedding)?;
-            self.pre_layrnorm.forward(&x, mode)?
+            if self.kernels.fused_gpu && self.kernels.embed {
+                // Class token and positions as one op, with the pre-LN in inference (see
+                // `ops::embed`).
+                let (cls, pos) = (&self.class_embedding, &self.position_embedding);
+                match mode {
+                    Mode::Train => {
+                        let op = ClassPositions { norm: None };
+                        self.pre_layrnorm
+                            .forward(&embedded.apply_op3(cls, pos, op)?, mode)?
+                    }
+                    Mode::Inference => {
+                        let norm = Norm {
+                            weight: lnw.clone(),
+                            bias: lnb.clone(),
+                            eps: eps as f32,
+                        };
+                        embedded.apply_op3_no_bwd(cls, pos, &ClassPositions { norm: Some(norm) })?
+                    }
+                }
+            } else {
+                let cls = self
+                    .class_embedding
+                    .reshape((1, 1, d))?
+                    .broadcast_as((b, 1, d))?;
+                let x =
+                    Tensor::cat(&[&cls, &embedded], 1)?.broadcast_add(&self.position_embedding)?;
+                self.pre_layrnorm.forward(&x, mode)?
+            }
         };
         let cls_rows: Vec<(usize, usize)> = (0..b).map(|i| (i, 0)).collect();
         let pooled = self

@@ -2,7 +2,8 @@
 //! kernels there, their CPU twins elsewhere), each with a backward that is itself an op:
 //! [`fused_attention`] (attention over the stacked QKV projection), [`clip_loss`] (the
 //! training loss: row norms and the symmetric cross-entropy), [`fused_norm`] (layer
-//! norm) and [`fused_tail`] (a linear layer's bias + activation or bias + residual), and
+//! norm) and [`fused_tail`] (a linear layer's bias + activation or bias + residual), [`embed`] (each
+//! tower's embedding: token + position rows, class token + positions), and
 //! [`gpu_block`] (a whole block of those as one training node). The CPU
 //! training graph's, with their own backward:
 //! [`train_ops`] (linear, layer norm, quick_gelu, softmax, attention as single ops),
@@ -40,6 +41,7 @@ macro_rules! by_dtype {
 }
 
 pub mod clip_loss;
+pub mod embed;
 pub mod fused_attention;
 pub mod fused_norm;
 pub mod fused_tail;

@@ -669,7 +669,7 @@ pub(crate) fn push_direct_grad(t: &Tensor, g: Tensor) -> Result<()> {
 }
 
 /// `g`, unless a [`with_direct_weight_grads`] pass takes it for the variable `t`.
-fn divert_grad(t: &Tensor, g: Tensor) -> Option<Tensor> {
+pub(crate) fn divert_grad(t: &Tensor, g: Tensor) -> Option<Tensor> {
     if !t.is_variable() {
         return Some(g);
     }

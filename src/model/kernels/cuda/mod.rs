@@ -21,6 +21,9 @@
 //!   the stacked QKV projection.
 //! - [`clip_loss`] (`clip_loss.cu`): CLIPLoss's row normalisation and symmetric
 //!   cross-entropy, forward and backward, with deterministic sums.
+//! - [`embed`] (`embed.cu`): the towers' embeddings: token + position rows and their
+//!   backward (rows summed per table row, deterministic), the class token and positions over
+//!   the patch product (with the pre-layer-norm in inference) and their backward.
 //! - [`elementwise`] (`elementwise.cu`): a linear layer's tail in one pass: bias + activation
 //!   and its backward, bias + residual.
 //! - [`layernorm`] (`layernorm.cu`): layer norm forward, and backward with the weight's and
@@ -32,6 +35,7 @@ pub mod attention;
 pub mod call;
 pub mod clip_loss;
 pub mod elementwise;
+pub mod embed;
 pub mod layernorm;
 
 #[cfg(feature = "cuda")]
