@@ -75,7 +75,7 @@ fn six_adamw_steps_match_pytorch() {
         .iter()
         .zip(reference["procedure"]["batches"].as_array().unwrap())
     {
-        let ids: Vec<Vec<u32>> = b.0.input_ids.to_vec2().unwrap();
+        let ids: Vec<Vec<u32>> = b.0.input_ids().unwrap().to_vec2().unwrap();
         let want: Vec<Vec<u32>> = serde_json::from_value(want["input_ids"].clone()).unwrap();
         assert_eq!(ids, want);
     }

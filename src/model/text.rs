@@ -16,12 +16,14 @@ use super::policy::Kernels;
 /// hidden state each row is pooled from, and the same rows packed.
 #[derive(Debug, Clone)]
 pub struct TextBatch {
-    /// `[batch, seq]`, u32.
-    pub input_ids: Tensor,
     /// One position per row, computed on the host from the ids (no device round-trip).
     pub pool_positions: Vec<usize>,
-    /// `input_ids` on the host, for the GPU path's embedding op (which checks them there).
+    /// The padded ids, `[batch, seq]` row-major, on the host: the GPU path's embedding op takes
+    /// them from here (checked and uploaded with its launch); the other paths upload them as
+    /// [`TextBatch::input_ids`] when they need them, so no path uploads what it does not read.
     host_ids: Arc<[u32]>,
+    seq: usize,
+    device: Device,
     packed: PackedIds,
 }
 
@@ -30,14 +32,24 @@ pub struct TextBatch {
 /// ([`Encoder::takes_packed`]) computes these alone.
 #[derive(Debug, Clone)]
 struct PackedIds {
-    /// `[rows]`, u32, and the same on the host.
-    ids: Tensor,
+    /// The rows' ids, on the host.
     host_ids: Arc<[u32]>,
-    /// Each row's position in its caption, `[rows]`, u32, and the same on the host (shared
-    /// with the fused training embedding, not copied per pass).
-    positions: Tensor,
+    /// Each row's position in its caption, on the host (shared with the fused embedding ops,
+    /// not copied per pass).
     host_positions: Arc<[u32]>,
     seqs: Arc<PackedSeqs>,
+}
+
+impl PackedIds {
+    /// The ids as a `[rows]` u32 tensor on `device`.
+    fn ids(&self, device: &Device) -> Result<Tensor> {
+        Tensor::new(&self.host_ids[..], device)
+    }
+
+    /// The positions as a `[rows]` u32 tensor on `device`.
+    fn positions(&self, device: &Device) -> Result<Tensor> {
+        Tensor::new(&self.host_positions[..], device)
+    }
 }
 
 impl TextBatch {
@@ -52,7 +64,6 @@ impl TextBatch {
             candle_core::bail!("text batch rows must be padded to the same length");
         }
         let host_ids: Arc<[u32]> = rows.iter().flatten().copied().collect();
-        let input_ids = Tensor::from_slice(&host_ids, (rows.len(), seq), device)?;
         let pool_positions: Vec<usize> = rows
             .iter()
             .map(|r| pool_position(r, eos_token_id))
@@ -65,18 +76,27 @@ impl TextBatch {
             .collect();
         let host_positions: Arc<[u32]> = lens.iter().flat_map(|&n| 0..n as u32).collect();
         let packed = PackedIds {
-            ids: Tensor::new(&ids[..], device)?,
             host_ids: ids,
-            positions: Tensor::new(&host_positions[..], device)?,
             host_positions,
             seqs: Arc::new(PackedSeqs::new(Packing::from_lens(&lens)?)),
         };
         Ok(Self {
-            input_ids,
             pool_positions,
             host_ids,
+            seq,
+            device: device.clone(),
             packed,
         })
+    }
+
+    /// Rows and the padded length.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.pool_positions.len(), self.seq)
+    }
+
+    /// The padded ids as a `[batch, seq]` u32 tensor on the batch's device (uploaded per call).
+    pub fn input_ids(&self) -> Result<Tensor> {
+        Tensor::from_slice(&self.host_ids, self.dims(), &self.device)
     }
 }
 
@@ -304,7 +324,7 @@ impl TextTower {
     /// the inference kernels, which keep no graph.
     pub fn forward_modes(&self, batch: &TextBatch, body: Mode, head: Mode) -> Result<Tensor> {
         let mode = body;
-        let (_, t) = batch.input_ids.dims2()?;
+        let (_, t) = batch.dims();
         if t > self.config.max_position_embeddings {
             candle_core::bail!(
                 "sequence of {t} tokens is longer than the model's {} positions",
@@ -313,7 +333,7 @@ impl TextTower {
         }
         let packed = self.encoder.takes_packed().then_some(&batch.packed);
         let x = match packed {
-            Some(p) => self.embed_packed(p, mode)?,
+            Some(p) => self.embed_packed(p, &batch.device, mode)?,
             None => self.embed_padded(batch, t, mode)?,
         };
         // Layer norm is per position, so normalising only the pooled rows equals transformers'
@@ -327,11 +347,10 @@ impl TextTower {
 
     /// Token and position embeddings of the padded ids `[batch, t]`: `[batch, t, hidden]`.
     fn embed_padded(&self, batch: &TextBatch, t: usize, mode: Mode) -> Result<Tensor> {
-        let input_ids = &batch.input_ids;
+        let (b, _) = batch.dims();
         let positions = || self.position_embedding.narrow(0, 0, t);
         match &self.token_embedding {
             TokenEmbedding::Loaded(e) if self.kernels.fused_gpu && self.kernels.embed => {
-                let b = input_ids.dim(0)?;
                 let at: Arc<[u32]> = (0..b).flat_map(|_| 0..t as u32).collect();
                 self.embed_gpu_path(e, batch.host_ids.clone(), at)?
                     .reshape((b, t, self.config.hidden_size))
@@ -342,42 +361,46 @@ impl TextTower {
                     positions: self.position_embedding.clone(),
                     row_positions: None,
                 };
-                e.embeddings().apply_op2(&input_ids.contiguous()?, op)
+                e.embeddings().apply_op2(&batch.input_ids()?, op)
             }
-            TokenEmbedding::Loaded(e) => e.forward(input_ids)?.broadcast_add(&positions()?),
+            TokenEmbedding::Loaded(e) => {
+                e.forward(&batch.input_ids()?)?.broadcast_add(&positions()?)
+            }
             TokenEmbedding::FileRows(rows) => {
                 Self::refuse_training_from_file(mode)?;
-                let (b, _) = input_ids.dims2()?;
-                let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
-                let data = rows.gather(&ids)?;
-                Tensor::from_vec(data, (b, t, rows.hidden), input_ids.device())?
+                let data = rows.gather(&batch.host_ids)?;
+                Tensor::from_vec(data, (b, t, rows.hidden), &batch.device)?
                     .broadcast_add(&positions()?)
             }
         }
     }
 
     /// Token and position embeddings of the packed rows: `[rows, hidden]`.
-    fn embed_packed(&self, p: &PackedIds, mode: Mode) -> Result<Tensor> {
+    fn embed_packed(&self, p: &PackedIds, device: &Device, mode: Mode) -> Result<Tensor> {
         match &self.token_embedding {
             TokenEmbedding::Loaded(e) if self.fused_embedding(e, mode) => {
                 let op = super::train_embed::TokenEmbedOp {
                     positions: self.position_embedding.clone(),
                     row_positions: Some(p.host_positions.clone()),
                 };
-                e.embeddings().apply_op2(&p.ids, op)
+                e.embeddings().apply_op2(&p.ids(device)?, op)
             }
             TokenEmbedding::Loaded(e) if self.kernels.fused_gpu && self.kernels.embed => {
                 self.embed_gpu_path(e, p.host_ids.clone(), p.host_positions.clone())
             }
             TokenEmbedding::Loaded(e) => {
-                e.forward(&p.ids)? + self.position_embedding.index_select(&p.positions, 0)?
+                e.forward(&p.ids(device)?)?
+                    + self
+                        .position_embedding
+                        .index_select(&p.positions(device)?, 0)?
             }
             TokenEmbedding::FileRows(rows) => {
                 Self::refuse_training_from_file(mode)?;
-                let ids = p.ids.to_vec1::<u32>()?;
-                let data = rows.gather(&ids)?;
-                Tensor::from_vec(data, (ids.len(), rows.hidden), p.ids.device())?
-                    + self.position_embedding.index_select(&p.positions, 0)?
+                let data = rows.gather(&p.host_ids)?;
+                Tensor::from_vec(data, (p.host_ids.len(), rows.hidden), device)?
+                    + self
+                        .position_embedding
+                        .index_select(&p.positions(device)?, 0)?
             }
         }
     }
