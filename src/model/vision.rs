@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::config::VisionConfig;
 use super::layers::{Encoder, EncoderShape, LayerNorm, Linear, Mode};
-use super::ops::embed::ClassPositions;
+use super::ops::embed::{ClassPositions, UnfoldPatches};
 use super::ops::gpu_block::Norm;
 use super::policy::Kernels;
 
@@ -165,18 +165,23 @@ impl VisionTower {
             );
             kernel.apply_op2(&x.contiguous()?, op)?
         } else {
-            // [b, c, g, p, g, p] -> [b, g, g, c, p, p]: each row is one patch in the kernel's
-            // layout.
-            let patches = x
-                .reshape((b, ch, g, p, g, p))?
-                .permute((0, 2, 4, 1, 3, 5))?
-                .contiguous()?
-                .reshape((b * g * g, ch * p * p))?;
+            let ours = self.kernels.fused_gpu && self.kernels.embed;
+            let patches = if ours {
+                x.contiguous()?
+                    .apply_op1_no_bwd(&UnfoldPatches { patch: p })?
+            } else {
+                // [b, c, g, p, g, p] -> [b, g, g, c, p, p]: each row is one patch in the
+                // kernel's layout.
+                x.reshape((b, ch, g, p, g, p))?
+                    .permute((0, 2, 4, 1, 3, 5))?
+                    .contiguous()?
+                    .reshape((b * g * g, ch * p * p))?
+            };
             let embedded =
                 self.patch_embedding
                     .forward_t(&patches, mode)?
                     .reshape((b, g * g, d))?;
-            if self.kernels.fused_gpu && self.kernels.embed {
+            if ours {
                 // Class token and positions as one op, with the pre-LN in inference (see
                 // `ops::embed`).
                 let (cls, pos) = (&self.class_embedding, &self.position_embedding);

@@ -22,8 +22,8 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, S
 use super::gpu_block::Norm;
 use super::train_ops::divert_grad;
 use crate::model::kernels::cuda::embed::{
-    class_positions_backward_twin, class_positions_twin, rows_sum_twin, token_positions_twin,
-    RowGroups,
+    check_unfold, class_positions_backward_twin, class_positions_twin, rows_sum_twin,
+    token_positions_twin, unfold_patches_twin, RowGroups,
 };
 use crate::model::kernels::cuda::layernorm::layer_norm_twin;
 
@@ -178,6 +178,63 @@ impl CustomOp1 for RowsSum {
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
         });
         Ok((out, Shape::from((self.out_rows, d))))
+    }
+}
+
+/// Images `[items, channels, size, size]` as rows of patches `[items * (size / patch)^2,
+/// channels * patch^2]`, each in the patch convolution's kernel order, for the patch product:
+/// one launch (candle's strided copy of the 6-d permuted view is one too, after uploading its
+/// dims and strides). Pixels take no gradient, so no backward: apply it with
+/// `apply_op1_no_bwd`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UnfoldPatches {
+    pub patch: usize,
+}
+
+impl UnfoldPatches {
+    /// `[items, channels, size, patch]`, checking the images' shape and that patches tile it.
+    fn dims(&self, l: &Layout) -> Result<[usize; 4]> {
+        let (items, channels, h, w) = l.shape().dims4()?;
+        if h != w || !l.is_contiguous() {
+            candle_core::bail!("unfold: contiguous square images only, not {:?}", l.shape());
+        }
+        check_unfold(l.shape().elem_count(), items, channels, h, self.patch)?;
+        Ok([items, channels, h, self.patch])
+    }
+
+    fn out_shape([items, channels, size, p]: [usize; 4]) -> Shape {
+        let g = size / p;
+        Shape::from((items * g * g, channels * p * p))
+    }
+}
+
+impl CustomOp1 for UnfoldPatches {
+    fn name(&self) -> &'static str {
+        "clipft-unfold-patches"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let dims @ [items, channels, size, p] = self.dims(l)?;
+        let px = super::twin_input(s, l, self.name())?;
+        let out = unfold_patches_twin(&px, items, channels, size, p);
+        Ok((super::twin_output(s, out), Self::out_shape(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use crate::model::kernels::cuda::embed;
+        let dims = self.dims(l)?;
+        let dev = s.device.clone();
+        let out = by_dtype!(s, self.name(), |T, suffix| {
+            let px = super::cuda_view::<T>(s, l)?;
+            let out = embed::unfold_patches::<T>(suffix, &dev, &px, dims)?;
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+        });
+        Ok((out, Self::out_shape(dims)))
     }
 }
 
@@ -494,6 +551,35 @@ mod tests {
         assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     }
 
+    /// The unfolded patches are candle's permuted copy, in every dtype; a patch that does not
+    /// tile the image is an error.
+    #[test]
+    fn unfold_is_the_permuted_copy() {
+        let (b, c, size, p) = (2, 3, 12, 4);
+        let g = size / p;
+        for dt in [DType::F32, DType::F16, DType::BF16] {
+            let px = values(&[b, c, size, size], 0.2).to_dtype(dt).unwrap();
+            let ours = px.apply_op1_no_bwd(&UnfoldPatches { patch: p }).unwrap();
+            let theirs = px
+                .reshape((b, c, g, p, g, p))
+                .unwrap()
+                .permute((0, 2, 4, 1, 3, 5))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((b * g * g, c * p * p))
+                .unwrap();
+            close(
+                &format!("{dt:?}"),
+                &ours,
+                &theirs.to_dtype(DType::F32).unwrap(),
+                0.0,
+            );
+        }
+        let px = values(&[1, 3, 10, 10], 0.2);
+        assert!(px.apply_op1_no_bwd(&UnfoldPatches { patch: 4 }).is_err());
+    }
+
     /// The vision op against candle's concatenation and broadcast add in f32, forward and the
     /// three gradients, in f32 and bf16; with the norm, against candle's layer norm after them.
     #[test]
@@ -600,6 +686,9 @@ mod tests {
             "token positions gradient".to_string(),
             back(g.get(&pos).unwrap()),
         ));
+        let px = on(values(&[2, 3, 64, 64], 0.35)).as_tensor().detach();
+        let rows = px.apply_op1_no_bwd(&UnfoldPatches { patch: 16 }).unwrap();
+        out.push(("unfolded patches".to_string(), back(&rows)));
         let (items, t, d) = (3, 50, 160);
         let [e, cls, pos] = [
             values(&[items, t - 1, d], 0.4),
@@ -671,7 +760,7 @@ mod tests {
     fn the_cpu_results_are_whole() {
         for dt in [DType::F32, DType::F16, DType::BF16] {
             let r = all_results(&Device::Cpu, dt);
-            assert_eq!(r.len(), 8);
+            assert_eq!(r.len(), 9);
             for (what, t) in r {
                 let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
                 assert!(

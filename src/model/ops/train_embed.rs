@@ -14,10 +14,10 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
 use super::train_ops;
 use crate::model::cpu;
+use crate::model::kernels::cuda::embed::unfold_patches_twin;
 
 /// Whether `weights` can take the fused embedding ops in this pass, for a model whose kernels
 /// chose them ([`crate::model::policy::Kernels::train_blocks`]): variables, inside a
@@ -170,24 +170,6 @@ impl PatchEmbedOp {
     }
 }
 
-/// `[batch * grid^2, channels * patch^2]` rows of patches, each in the kernel's (channel, y, x)
-/// order.
-fn unfold(px: &[f32], b: usize, c: usize, size: usize, p: usize) -> Vec<f32> {
-    let g = size / p;
-    let k = c * p * p;
-    let mut out = vec![0f32; b * g * g * k];
-    out.par_chunks_mut(k).enumerate().for_each(|(r, row)| {
-        let (bi, gy, gx) = (r / (g * g), (r / g) % g, r % g);
-        for ch in 0..c {
-            for py in 0..p {
-                let src = ((bi * c + ch) * size + gy * p + py) * size + gx * p;
-                row[(ch * p + py) * p..][..p].copy_from_slice(&px[src..src + p]);
-            }
-        }
-    });
-    out
-}
-
 impl CustomOp2 for PatchEmbedOp {
     fn name(&self) -> &'static str {
         "clipft-patch-embedding"
@@ -211,7 +193,7 @@ impl CustomOp2 for PatchEmbedOp {
         }
         let (g, k) = (h / p, c * p * p);
         let t = g * g + 1;
-        let patches = unfold(px, b, c, h, p);
+        let patches = unfold_patches_twin(px, b, c, h, p);
         let y = train_ops::linear_forward(&patches, b * g * g, k, kernel, d, None, None, self.amx);
         let [cls, pos, lnw, lnb] = self.others();
         let (x, out) = cpu::with_slices(&[cls, pos, lnw, lnb], |s| {

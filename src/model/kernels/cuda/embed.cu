@@ -12,6 +12,9 @@
 //   (token id or position) in the group's order, one thread per column, no atomics: the
 //   result is deterministic. The host sorts the rows into groups; rows no group targets keep
 //   the zeros the launcher fills them with.
+// - unfold_patches: the pixels [items][channels][size][size] as rows of patches, row (item,
+//   gy, gx) holding the patch's values in the convolution kernel's (channel, y, x) order, so
+//   the patch embedding is one product; one thread per value, consecutive threads along a row.
 // - class_positions: x[b][j] = (j == 0 ? cls : e[b][j - 1]) + pos[j] for the patch product e,
 //   one warp per row; class_positions_norm: the layer norm of those x (each rounded to T
 //   first, as the stored sum is) with w and lb, in one pass, without storing x (inference).
@@ -70,6 +73,21 @@ __device__ void rows_sum(const T* __restrict__ g, const unsigned* __restrict__ s
         if (r < (unsigned)n) s += load(g[(size_t)r * d + c]);
     }
     out[(size_t)t * d + c] = store<T>(s);
+}
+
+// grid ceil(total / 256), block 256; total = items * grid^2 * channels * p^2 values.
+template <typename T>
+__device__ void unfold_patches(const T* __restrict__ px, T* __restrict__ out, int items,
+                               int channels, int size, int p) {
+    const int g = size / p, k = channels * p * p;
+    const size_t total = (size_t)items * g * g * k;
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= total) return;
+    const size_t r = i / k;
+    const int col = (int)(i % k);
+    const int item = (int)(r / ((size_t)g * g)), gy = (int)(r / g % g), gx = (int)(r % g);
+    const int ch = col / (p * p), py = col / p % p, pxi = col % p;
+    out[i] = px[(((size_t)item * channels + ch) * size + gy * p + py) * size + gx * p + pxi];
 }
 
 // Column c of row `row` (item row / t, position row % t) of x, rounded to T as stored.
@@ -150,6 +168,10 @@ __device__ void class_positions_backward(const T* __restrict__ dx, T* __restrict
         const T* g, const unsigned* start, const unsigned* rows, const unsigned* target,        \
         T* out, int groups, int n, int d, int out_rows) {                                       \
         rows_sum<T>(g, start, rows, target, out, groups, n, d, out_rows);                       \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(256) clipft_unfold_patches_##SUFFIX(           \
+        const T* px, T* out, int items, int channels, int size, int p) {                        \
+        unfold_patches<T>(px, out, items, channels, size, p);                                   \
     }                                                                                           \
     extern "C" __global__ void __launch_bounds__(NWARPS * 32) clipft_class_positions_##SUFFIX(  \
         const T* e, const T* cls, const T* pos, T* x, int rows, int t, int d) {                 \

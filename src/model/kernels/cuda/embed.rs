@@ -1,7 +1,7 @@
 //! The CPU twins and launchers of `embed.cu`: the text tower's token + position embedding and
-//! its backward (rows summed per target, deterministic), the vision tower's class token +
-//! positions over the patch product (alone for training, with the pre-layer-norm for
-//! inference) and its backward.
+//! its backward (rows summed per target, deterministic), the vision tower's patches unfolded
+//! for its product, and its class token + positions over that product (alone for training,
+//! with the pre-layer-norm for inference) and their backward.
 
 use candle_core::{bail, Result};
 
@@ -56,6 +56,51 @@ impl RowGroups {
     pub fn groups(&self) -> usize {
         self.target.len()
     }
+}
+
+/// The patches of `items` images (`[items, channels, size, size]`) as `items * (size / p)^2`
+/// rows of `channels * p * p`, each in the convolution kernel's (channel, y, x) order:
+/// `clipft_unfold_patches_*` (a copy, exact). The CPU training path's embedding runs it too
+/// (in parallel over rows).
+pub fn unfold_patches_twin(
+    px: &[f32],
+    items: usize,
+    channels: usize,
+    size: usize,
+    p: usize,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let g = size / p.max(1);
+    let k = channels * p * p;
+    let mut out = vec![0f32; items * g * g * k];
+    out.par_chunks_mut(k.max(1))
+        .enumerate()
+        .for_each(|(r, row)| {
+            let (item, gy, gx) = (r / (g * g), (r / g) % g, r % g);
+            for ch in 0..channels {
+                for py in 0..p {
+                    let src = ((item * channels + ch) * size + gy * p + py) * size + gx * p;
+                    row[(ch * p + py) * p..][..p].copy_from_slice(&px[src..src + p]);
+                }
+            }
+        });
+    out
+}
+
+/// Checks `len` pixel values are `items` images of `channels x size x size` that patches of `p`
+/// tile; returns the unfolded values' count.
+pub fn check_unfold(
+    len: usize,
+    items: usize,
+    channels: usize,
+    size: usize,
+    p: usize,
+) -> Result<usize> {
+    if p == 0 || !size.is_multiple_of(p) || len != items * channels * size * size {
+        bail!("unfold: {len} values are not {items} images of {channels}x{size}x{size} in patches of {p}");
+    }
+    int(len, "unfolded patch values")?;
+    Ok(len)
 }
 
 /// `out[r] = table[ids[r]] + pos[positions[r]]` (rows of `d`), each value rounded by `round`
@@ -226,6 +271,24 @@ pub fn token_positions_call<'a, I: ?Sized, O: ?Sized>(
     .i32(positions as i32)
 }
 
+/// `clipft_unfold_patches_<suffix>`: every one of the `items` images' values into `out`.
+pub fn unfold_patches_call<'a, I: ?Sized, O: ?Sized>(
+    suffix: &str,
+    px: &'a I,
+    out: &'a mut O,
+    [items, channels, size, p]: [usize; 4],
+) -> Call<'a, I, O> {
+    let total = items * channels * size * size;
+    let grid = ((total as u32).div_ceil(256), 1, 1);
+    Call::new(format!("clipft_unfold_patches_{suffix}"), grid, 256)
+        .input(px)
+        .output(out)
+        .i32(items as i32)
+        .i32(channels as i32)
+        .i32(size as i32)
+        .i32(p as i32)
+}
+
 /// `clipft_rows_sum_<suffix>`: `groups` groups of the `n` rows of `g` summed into their target
 /// rows of `out` (`out_rows` rows of `d`).
 #[allow(clippy::too_many_arguments)]
@@ -385,6 +448,30 @@ mod gpu {
         Ok(out)
     }
 
+    /// `clipft_unfold_patches_<suffix>`: the patches of `items` images of `channels x size x
+    /// size` (`px`) as rows, [`super::unfold_patches_twin`]'s layout.
+    pub fn unfold_patches<T: DeviceRepr>(
+        suffix: &str,
+        dev: &CudaDevice,
+        px: &CudaView<'_, T>,
+        dims: [usize; 4],
+    ) -> Result<CudaSlice<T>> {
+        let [items, channels, size, p] = dims;
+        let n = super::check_unfold(px.len(), items, channels, size, p)?;
+        // SAFETY: the kernel writes every value (one thread each).
+        let mut out = unsafe { dev.alloc::<T>(n)? };
+        if n == 0 {
+            return Ok(out);
+        }
+        let call = super::unfold_patches_call::<dyn CudaIn + '_, dyn CudaOut + '_>(
+            suffix, px, &mut out, dims,
+        );
+        // SAFETY: px holds items x channels x size x size values and out as many (checked, and
+        // p tiles size), so every source and destination index lies within them.
+        unsafe { call::run(dev, MODULE, PTX, call) }?;
+        Ok(out)
+    }
+
     /// `clipft_rows_sum_<suffix>`: `out_rows` rows of `d`, each group of `g`'s rows summed
     /// into its target, the others zero.
     pub fn rows_sum<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(
@@ -524,7 +611,9 @@ mod gpu {
 }
 
 #[cfg(feature = "cuda")]
-pub use gpu::{class_positions, class_positions_backward, rows_sum, token_positions};
+pub use gpu::{
+    class_positions, class_positions_backward, rows_sum, token_positions, unfold_patches,
+};
 
 /// `embed.cu` itself, run by the CPU emulator with the launchers' grids and arguments, in each
 /// type, against the twins.
@@ -605,6 +694,34 @@ mod emu_tests {
                     let want = dt.round_all(&rows_sum_twin(&g, &groups, d, out_rows).unwrap());
                     assert_close(&format!("sum {what}"), &written("out", &*out), &want, 0.0);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn emulated_unfold_matches_its_twin() {
+        // Two images of 3 channels, 8 x 8 in patches of 4, and one in patches of 2.
+        for (items, size, p) in [(2, 8, 4), (1, 6, 2)] {
+            let n = items * 3 * size * size;
+            for dt in Dt::ALL {
+                let px = dt.round_all(&values(n, 7));
+                let input = dt.buffer(&px);
+                let mut out = dt.poisoned(n);
+                let call = unfold_patches_call::<dyn EmuArg, dyn EmuArg>(
+                    dt.suffix(),
+                    &*input,
+                    &mut *out,
+                    [items, 3, size, p],
+                );
+                // SAFETY: both buffers hold n values.
+                unsafe { emu::run(call) }.unwrap();
+                let want = unfold_patches_twin(&px, items, 3, size, p);
+                assert_close(
+                    &format!("unfold {dt:?}"),
+                    &written("out", &*out),
+                    &want,
+                    0.0,
+                );
             }
         }
     }
