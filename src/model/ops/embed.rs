@@ -483,6 +483,14 @@ mod tests {
         }
     }
 
+    /// The inference form of [`ClassPositions`]: with the pre-layer-norm `norm`.
+    fn normed(e: &Var, cls: &Var, pos: &Var, norm: Norm) -> Tensor {
+        let op = ClassPositions { norm: Some(norm) };
+        e.as_tensor()
+            .apply_op3_no_bwd(cls.as_tensor(), pos.as_tensor(), &op)
+            .unwrap()
+    }
+
     /// Relative tolerance of an op's output in `dt` against f32: the output's rounding.
     fn tol(dt: DType) -> f32 {
         if dt == DType::F32 {
@@ -638,14 +646,7 @@ mod tests {
                 bias: b.to_dtype(dt).unwrap(),
                 eps: 1e-5,
             };
-            let normed = e
-                .as_tensor()
-                .apply_op3_no_bwd(
-                    cls.as_tensor(),
-                    pos.as_tensor(),
-                    &ClassPositions { norm: Some(norm) },
-                )
-                .unwrap();
+            let normed = normed(&e, &cls, &pos, norm);
             // The norm's statistics over the rounded sums: a little more than the output's
             // rounding in bf16.
             let tol = if dt == DType::F32 { 1e-5 } else { 2e-2 };
@@ -720,14 +721,7 @@ mod tests {
             bias: on(values(&[d], 0.9)).as_tensor().detach(),
             eps: 1e-5,
         };
-        let y = e
-            .as_tensor()
-            .apply_op3_no_bwd(
-                cls.as_tensor(),
-                pos.as_tensor(),
-                &ClassPositions { norm: Some(norm) },
-            )
-            .unwrap();
+        let y = normed(&e, &cls, &pos, norm);
         out.push(("class positions normed".to_string(), back(&y)));
         out
     }

@@ -49,22 +49,14 @@ namespace {
 
 using clipft::load;
 using clipft::store;
+using clipft::warp_max;
+using clipft::warp_sum;
 
 constexpr int TILE = 64;        // keys per shared-memory tile
 constexpr int WARPS = 4;        // warps per block
 constexpr int ROWS = 4;         // query rows per warp
 constexpr int MAX_HD = 64;      // largest head dimension
 constexpr int PER_LANE = MAX_HD / 32;
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 
 // Where sequence `item` lies in the rows: packed end to end (`offsets`, items + 1 of them) or,
 // with no offsets, `seq` rows per item.
@@ -472,7 +464,6 @@ __device__ void attention_dkv(const T* __restrict__ qkv, const T* __restrict__ b
             }
     }
 }
-
 
 // Tensor-core forward for f16 / bf16, head_dim 64, sequences of at most 128 rows (CLIP's 77
 // text and 50 image tokens): one block of TC_WARPS warps per (item, head). The block's keys and

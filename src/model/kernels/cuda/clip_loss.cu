@@ -21,16 +21,8 @@ namespace {
 
 using clipft::load;
 using clipft::store;
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
+using clipft::warp_max;
+using clipft::warp_sum;
 
 constexpr int WARPS = 4;
 

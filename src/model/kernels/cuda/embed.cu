@@ -30,14 +30,10 @@ namespace {
 
 using clipft::load;
 using clipft::store;
+using clipft::warp_sum;
 
 constexpr int NWARPS = 4;  // warps per block of the row kernels
 constexpr int COLS = 128;  // threads per block of the column kernels
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 
 // grid ceil(n / NWARPS), block NWARPS * 32. at holds n (id, position) pairs.
 template <typename T>

@@ -24,14 +24,10 @@ namespace {
 
 using clipft::load;
 using clipft::store;
+using clipft::warp_sum;
 
 constexpr int NWARPS = 4;  // warps per block, both kernels
 constexpr int RPW = 8;     // rows per warp in the backward
-
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
 
 // The row's mean and 1 / sqrt(var + eps), in every lane.
 template <typename T>
