@@ -49,15 +49,18 @@ fn cuda_ptx(out: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
         .map(|home| std::path::PathBuf::from(home).join("bin").join("nvcc"))
         .find(|p| p.is_file())
         .unwrap_or_else(|| "nvcc".into());
+    // Every `.cu` file of the folder (a new kernel file needs no entry here); the folder's
+    // listing reruns this when a file is added.
+    let dir = std::path::Path::new("src/model/kernels/cuda");
+    println!("cargo:rerun-if-changed={}", dir.display());
     println!("cargo:rerun-if-changed=src/model/kernels/cuda/common.cuh");
-    for name in [
-        "adam",
-        "attention",
-        "clip_loss",
-        "elementwise",
-        "embed",
-        "layernorm",
-    ] {
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .filter_map(|p| Some(p.file_stem()?.to_str()?.to_string()))
+        .collect();
+    names.sort();
+    for name in names {
         let src = format!("src/model/kernels/cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");
         let status = std::process::Command::new(&nvcc)

@@ -17,10 +17,10 @@
 //!   sequences lie in its rows, uniform or packed end to end (the text tower computes each
 //!   caption only up to its end-of-text token); `cuda`: CUDA kernels
 //!   compiled to PTX under the `cuda` feature, forward and backward side by side (attention on
-//!   the stacked QKV projection, layer norm, linear tails, the Adam step over every parameter at
-//!   once), each beside the CPU
-//!   twin the test suite runs) and `ops` (`fused_attention`, `fused_norm`, `fused_tail`: those
-//!   kernels as the GPU path's ops, each with a backward that is itself an op; `gpu_block`: a
+//!   the stacked QKV projection, layer norm, linear tails, the towers' embeddings, CLIPLoss, the
+//!   Adam step over every parameter at once), each beside the CPU twin the test suite runs and
+//!   run by it on a CPU emulator of CUDA threads (`cuda-emu/`)) and `ops` (`fused_attention`, `fused_norm`, `fused_tail`, `embed`:
+//!   those kernels as the GPU path's ops, each with a backward that is itself an op; `gpu_block`: a
 //!   whole block of those as one training node, their backward run straight through; `packed`: a
 //!   packed batch's offsets as the ops share them, on the device once per pass;
 //!   the CPU training graph's custom ops, `train_ops`: layer norm, quick_gelu, softmax, linear and

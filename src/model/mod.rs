@@ -4,8 +4,9 @@
 //! definition (differentiable in [`Mode::Train`], fused kernels in [`Mode::Inference`]); [`load`]
 //! finds checkpoints; [`preprocess`] ([`tokenizer`], [`image`]) turns raw inputs into tower
 //! inputs and [`upload`] moves image batches to the device; [`device`] picks where and in which
-//! precision to run, and [`policy`] which kernels a loaded model runs. The kernels live apart, per device, in [`kernels`] ([`cpu`], [`amx`]); the
-//! training graph's fused custom ops in [`ops`]. [`Encoder`] ties them into the one object the
+//! precision to run, and [`policy`] which kernels a loaded model runs. The kernels live apart, per device, in
+//! [`kernels`] ([`cpu`], [`amx`], `cuda`); the fused custom ops that run them, inference and
+//! training, in [`ops`]. [`Encoder`] ties them into the one object the
 //! CLI, the executor and the evaluator use to turn texts and images into embeddings.
 
 pub mod backbones;

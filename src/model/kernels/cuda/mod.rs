@@ -11,8 +11,25 @@
 //! (`cuda-emu/`), which executes the `.cu` source itself (every CUDA thread a fiber, barriers,
 //! shuffles and wmma emulated, launches checked against the kernel's C++ signature). So without
 //! a GPU the normal test suite checks each kernel's indexing, synchronisation and launch, not
-//! only its twin's algorithm. To add a kernel: the `.cu` function, its twin, a `*_call`
-//! builder, the GPU launcher over it, and an emulator test against the twin.
+//! only its twin's algorithm.
+//!
+//! To add a kernel (`embed.cu` with [`embed`] and [`crate::model::ops::embed`] is a small,
+//! complete example):
+//! 1. the `extern "C"` kernel per element type in a `.cu` file here (`build.rs` compiles every
+//!    one; `common.cuh` has the loads, rounded stores and warp reductions);
+//! 2. beside it in the `.rs` file: its CPU twin (the same steps in Rust), a `*_call` builder
+//!    that writes the launch once, the GPU launcher over it (`mod gpu`, under the `cuda`
+//!    feature; it checks every length the kernel's indexing relies on, which its `SAFETY`
+//!    comment names), and an `emu_tests` test that runs the call on the emulator against the
+//!    twin;
+//! 3. the op that uses it in [`crate::model::ops`]: a candle custom op whose `cpu_fwd` runs the
+//!    twin and `cuda_fwd` the launcher, with a backward made of such ops, tested against
+//!    candle's composed ops on the CPU;
+//! 4. the choice in [`crate::model::policy::Kernels`] (a field and its `CLIPFT_NO_*` switch),
+//!    read by the layer or tower that applies the op, and the towers' CPU parity tests
+//!    (`tests/parity.rs`) with the field on;
+//! 5. a `cuda_*` test that compares the op on a GPU with the CPU (it skips without one), and a
+//!    `gate` line in `scripts/gpu-check.sh` that runs it first and sets the switch if it fails.
 //!
 //! - [`adam`] (`adam.cu`): the optimiser step over one f32 parameter, giving its CPU twin's
 //!   bits.
