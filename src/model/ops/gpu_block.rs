@@ -15,6 +15,10 @@
 //! `ln2` are one kernel forward ([`super::fused_norm::ResidualNorm`]), as in inference: the
 //! issue's residual add fused with the layer norm, forward and backward.
 //!
+//! Frozen weights (`--freeze` by name prefix, detached in the pass's model) get no gradient
+//! and their weight products are skipped, so a block with some of them still runs as one
+//! node.
+//!
 //! The node's own forward is the block's last op, the MLP's bias + residual
 //! ([`super::fused_tail::BiasResidual`]), so no output is copied. The last block of a tower can
 //! take `rows`, the pooled rows: only they leave the block and go through the output projection
@@ -75,12 +79,16 @@ impl GpuBlock {
 
     /// Whether this block over `x` can run as one node in this pass: `x` part of the graph
     /// (else the node would never be asked for its backward), every weight a variable (their
-    /// gradients go to the store directly, which only works for variables), inside a
+    /// gradients go to the store directly, which only works for variables) or frozen (out of
+    /// the graph: it gets no gradient, and its weight product is skipped), inside a
     /// [`train_ops::with_direct_weight_grads`] pass.
     pub fn applies(&self, x: &Tensor) -> bool {
         x.track_op()
             && train_ops::direct_grads_active()
-            && self.tensors().iter().all(|t| t.is_variable())
+            && self
+                .tensors()
+                .iter()
+                .all(|t| t.is_variable() || !t.track_op())
     }
 
     /// `x -> x + attn(ln1(x)); x + mlp(ln2(x))` as one node of the graph over `x`
@@ -169,12 +177,26 @@ fn flat(t: &Tensor) -> Result<Tensor> {
 }
 
 /// The backward of [`product`] for its output's gradient `g`: the input's gradient (shaped as
-/// `x`) and the weight's, `g^T x`.
-fn product_backward(g: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
-    let (g2, x2) = (flat(g)?, flat(x)?);
+/// `x`) and, where `weight` is trained, the weight's, `g^T x` (a frozen weight's product is
+/// skipped).
+fn product_backward(
+    g: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    weight: &Tensor,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let g2 = flat(g)?;
     let dx = g2.matmul(w)?.reshape(x.shape())?;
-    let dw = g2.t()?.matmul(&x2)?;
+    let dw = match trained(weight) {
+        true => Some(g2.t()?.matmul(&flat(x)?)?),
+        false => None,
+    };
     Ok((dx, dw))
+}
+
+/// Whether a block's weight takes a gradient: a variable (a frozen weight is a detached copy).
+fn trained(t: &Tensor) -> bool {
+    t.is_variable()
 }
 
 /// What the forward pass keeps for the backward pass.
@@ -249,27 +271,32 @@ impl CustomOp3 for BlockNode {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, s) = (&self.block, &self.saved);
         let d = |t: &Tensor| t.detach();
-        let mut out = Vec::with_capacity(16);
+        // The weights' gradients, None for frozen weights.
+        let mut out: Vec<(&Tensor, Option<Tensor>)> = Vec::with_capacity(16);
         // out = y2 + fc2.bias + x2
         let g = grad.contiguous()?;
-        out.push((&b.fc2.bias, super::bias_grad(&g)?));
-        let (dm, dw2) = product_backward(&g, &s.m, &d(&b.fc2.weight))?;
+        let bias_grad = |bias: &Tensor, g: &Tensor| -> Result<Option<Tensor>> {
+            trained(bias).then(|| super::bias_grad(g)).transpose()
+        };
+        out.push((&b.fc2.bias, bias_grad(&b.fc2.bias, &g)?));
+        let (dm, dw2) = product_backward(&g, &s.m, &d(&b.fc2.weight), &b.fc2.weight)?;
         out.push((&b.fc2.weight, dw2));
         // m = act(y1 + fc1.bias)
         let (dy1, db1) = b.act.bwd(&s.y1, &d(&b.fc1.bias), &s.m, &dm)?;
         let (Some(dy1), Some(db1)) = (dy1, db1) else {
             candle_core::bail!("gpu block: the activation gave no gradient")
         };
-        out.push((&b.fc1.bias, db1));
-        let (dh2, dw1) = product_backward(&dy1, &s.h2, &d(&b.fc1.weight))?;
+        out.push((&b.fc1.bias, Some(db1)));
+        let (dh2, dw1) = product_backward(&dy1, &s.h2, &d(&b.fc1.weight), &b.fc1.weight)?;
         out.push((&b.fc1.weight, dw1));
         // h2 = ln2(x2); x2 also reaches the output directly (added in the norm's pass).
         let ln2 = &b.ln2;
         let (dx2, dw, db) = layer_norm_backward(&s.x2, &d(&ln2.weight), &dh2, ln2.eps, Some(&g))?;
-        out.extend([(&ln2.weight, dw), (&ln2.bias, db)]);
+        out.extend([(&ln2.weight, Some(dw)), (&ln2.bias, Some(db))]);
         // x2 = ctx_rows out^T + out.bias + x_rows
-        out.push((&b.out.bias, super::bias_grad(&dx2)?));
-        let (dctx_rows, dwo) = product_backward(&dx2, &s.ctx_rows, &d(&b.out.weight))?;
+        out.push((&b.out.bias, bias_grad(&b.out.bias, &dx2)?));
+        let (dctx_rows, dwo) =
+            product_backward(&dx2, &s.ctx_rows, &d(&b.out.weight), &b.out.weight)?;
         out.push((&b.out.weight, dwo));
         // The rows the block kept, back in place among all of them.
         let (dctx, dx_res) = match &self.rows {
@@ -288,20 +315,26 @@ impl CustomOp3 for BlockNode {
         let (Some(dqkv), Some(dbqkv)) = (dqkv, dbqkv) else {
             candle_core::bail!("gpu block: the attention gave no gradient")
         };
-        let (dh1, dwqkv) = product_backward(&dqkv, &s.h1, &s.w_qkv)?;
+        // The stacked product's weight gradient unless all three are frozen (then skipped).
+        let any_qkv = b.qkv.iter().find(|a| trained(&a.weight));
+        let weight = any_qkv.map_or(&b.qkv[0].weight, |a| &a.weight);
+        let (dh1, dwqkv) = product_backward(&dqkv, &s.h1, &s.w_qkv, weight)?;
         let dim = b.out.weight.dim(0)?;
         for (i, a) in b.qkv.iter().enumerate() {
-            out.push((&a.weight, dwqkv.narrow(0, i * dim, dim)?));
-            out.push((&a.bias, dbqkv.narrow(0, i * dim, dim)?));
+            let part = |g: &Tensor| g.narrow(0, i * dim, dim);
+            out.push((&a.weight, dwqkv.as_ref().map(part).transpose()?));
+            out.push((&a.bias, Some(part(&dbqkv)?)));
         }
         // h1 = ln1(x); x also reaches x2 directly (added in the norm's pass).
         let ln1 = &b.ln1;
         let x_in = d(x).contiguous()?;
         let (dx, dw, db) =
             layer_norm_backward(&x_in, &d(&ln1.weight), &dh1, ln1.eps, Some(&dx_res))?;
-        out.extend([(&ln1.weight, dw), (&ln1.bias, db)]);
+        out.extend([(&ln1.weight, Some(dw)), (&ln1.bias, Some(db))]);
         for (t, g) in out {
-            train_ops::push_direct_grad(t, g)?;
+            if let (true, Some(g)) = (trained(t), g) {
+                train_ops::push_direct_grad(t, g)?;
+            }
         }
         Ok((Some(dx), None, None))
     }
@@ -326,7 +359,9 @@ mod tests {
     /// A two-block encoder on the GPU path (run here through the kernels' twins), trained one
     /// step as one node per block (with the residual norm and without) and op by op: the same
     /// output and the same gradient for the input and every weight, the last block computing
-    /// only the pooled rows; causal or not, quick_gelu and gelu, f32 and bf16.
+    /// only the pooled rows; causal or not, quick_gelu and gelu, f32 and bf16. With some
+    /// weights frozen the blocks still run as nodes, the others' gradients are the same, and
+    /// the frozen ones get none.
     #[test]
     fn one_node_gives_the_op_by_op_gradients() -> Result<()> {
         node_against_ops(&Device::Cpu, 64, [2e-5, 2e-2])
@@ -446,6 +481,72 @@ mod tests {
                         };
                         close(name, a, b)?;
                     }
+                }
+                // Some weights frozen (detached, as `TrainModel::freeze` passes them): the
+                // blocks still run as nodes, and the trained weights' and the input's gradients
+                // are the op-by-op ones.
+                let frozen = [
+                    "layers.0.self_attn.q_proj.weight",
+                    "layers.0.mlp.fc1.weight",
+                    "layers.0.mlp.fc1.bias",
+                    "layers.1.self_attn.out_proj.weight",
+                    "layers.1.layer_norm2.weight",
+                ];
+                let mut trained = vec![("input".to_string(), x.as_tensor().clone())];
+                let mut detached = Vec::new();
+                let mut tensors = std::collections::HashMap::new();
+                for (name, v) in varmap.data().lock().expect("varmap").iter() {
+                    let t = v.as_tensor();
+                    match frozen.contains(&name.as_str()) {
+                        true => {
+                            let f = t.detach();
+                            detached.push((name.clone(), f.clone()));
+                            tensors.insert(name.clone(), f)
+                        }
+                        false => {
+                            trained.push((name.clone(), t.clone()));
+                            tensors.insert(name.clone(), t.clone())
+                        }
+                    };
+                }
+                assert_eq!(tensors.len(), trained.len() - 1 + frozen.len());
+                let vb = VarBuilder::from_tensors(tensors, dtype, &dev);
+                let (out_ops, g_ops) =
+                    run(&Encoder::new(vb.clone(), shape, kernels(false, true))?)?;
+                let at = FORWARDS.with(|c| c.get());
+                let (out_node, g_node) = run(&Encoder::new(vb, shape, kernels(true, true))?)?;
+                assert_eq!(
+                    FORWARDS.with(|c| c.get()),
+                    at + 2,
+                    "frozen weights: one node per block"
+                );
+                let what = format!("{dtype:?}, causal {causal}, frozen weights");
+                let err = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                    let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+                    let scale = b
+                        .abs()?
+                        .flatten_all()?
+                        .max(0)?
+                        .to_scalar::<f32>()?
+                        .max(1e-6);
+                    Ok((&a - &b)?
+                        .abs()?
+                        .flatten_all()?
+                        .max(0)?
+                        .to_scalar::<f32>()?
+                        / scale)
+                };
+                assert!(err(&out_node, &out_ops)? <= tol, "{what}: output");
+                for (name, t) in &trained {
+                    let (Some(a), Some(b)) = (g_node.get(t), g_ops.get(t)) else {
+                        panic!("{what}: no gradient for {name}");
+                    };
+                    assert!(err(a, b)? <= tol, "{what}: {name}");
+                }
+                // The frozen weights' products were skipped: nothing reached the store for them.
+                for (name, t) in &detached {
+                    let none = !g_node.get_ids().any(|id| *id == t.id());
+                    assert!(none, "{what}: a gradient for the frozen {name}");
                 }
             }
         }
