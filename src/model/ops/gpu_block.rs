@@ -17,7 +17,8 @@
 //!
 //! Frozen weights (`--freeze` by name prefix, detached in the pass's model) get no gradient
 //! and their weight products are skipped, so a block with some of them still runs as one
-//! node.
+//! node; so does a block whose input is out of the graph (the layers below it frozen), the
+//! node then hanging off one of its trained weights.
 //!
 //! The node's own forward is the block's last op, the MLP's bias + residual
 //! ([`super::fused_tail::BiasResidual`]), so no output is copied. The last block of a tower can
@@ -77,18 +78,16 @@ impl GpuBlock {
         t
     }
 
-    /// Whether this block over `x` can run as one node in this pass: `x` part of the graph
-    /// (else the node would never be asked for its backward), every weight a variable (their
+    /// Whether this block over `x` can run as one node in this pass: `x` or a weight part of
+    /// the graph (else there is nothing to train through it), every weight a variable (their
     /// gradients go to the store directly, which only works for variables) or frozen (out of
     /// the graph: it gets no gradient, and its weight product is skipped), inside a
     /// [`train_ops::with_direct_weight_grads`] pass.
     pub fn applies(&self, x: &Tensor) -> bool {
-        x.track_op()
-            && train_ops::direct_grads_active()
-            && self
-                .tensors()
-                .iter()
-                .all(|t| t.is_variable() || !t.track_op())
+        let tensors = self.tensors();
+        train_ops::direct_grads_active()
+            && tensors.iter().all(|t| t.is_variable() || !t.track_op())
+            && (x.track_op() || tensors.iter().any(|t| t.is_variable()))
     }
 
     /// `x -> x + attn(ln1(x)); x + mlp(ln2(x))` as one node of the graph over `x`
@@ -131,10 +130,21 @@ impl GpuBlock {
         let y1 = product(&h2, &d(&self.fc1.weight))?;
         let m = y1.apply_op2_no_bwd(&d(&self.fc1.bias), &self.act)?;
         let y2 = product(&m, &d(&self.fc2.weight))?;
+        // The node hangs off `x`; with `x` out of the graph (the layers below frozen), off a
+        // trained weight instead, so candle still asks it for the weights' gradients.
+        let anchor = match x.track_op() {
+            true => Some(x),
+            false => self.tensors().into_iter().find(|t| t.is_variable()),
+        };
+        let Some(anchor) = anchor else {
+            candle_core::bail!("gpu block: neither the input nor a weight is trained")
+        };
         let node = BlockNode {
             block: self.clone(),
             rows: rows.cloned(),
+            input_trained: x.track_op(),
             saved: Saved {
+                x_in,
                 h1,
                 w_qkv,
                 b_qkv,
@@ -147,7 +157,7 @@ impl GpuBlock {
                 m,
             },
         };
-        x.apply_op3(&y2, &x2, node)
+        anchor.apply_op3(&y2, &x2, node)
     }
 }
 
@@ -201,6 +211,8 @@ fn trained(t: &Tensor) -> bool {
 
 /// What the forward pass keeps for the backward pass.
 struct Saved {
+    /// The block's input (detached, contiguous).
+    x_in: Tensor,
     h1: Tensor,
     w_qkv: Tensor,
     b_qkv: Tensor,
@@ -213,11 +225,15 @@ struct Saved {
     m: Tensor,
 }
 
-/// The block's node: inputs `x`, the last product `y2` and the residual stream `x2` (both
-/// detached); forward `y2 + fc2.bias + x2`, backward through the whole block to `x`.
+/// The block's node: inputs `x` (or a trained weight, see [`GpuBlock::forward`]), the last
+/// product `y2` and the residual stream `x2` (both detached); forward `y2 + fc2.bias + x2`,
+/// backward through the whole block to `x`.
 struct BlockNode {
     block: GpuBlock,
     rows: Option<Tensor>,
+    /// Whether the first input is the block's input (whose gradient the node returns) rather
+    /// than a trained weight it hangs off (see [`GpuBlock::forward`]).
+    input_trained: bool,
     saved: Saved,
 }
 
@@ -263,7 +279,7 @@ impl CustomOp3 for BlockNode {
 
     fn bwd(
         &self,
-        x: &Tensor,
+        _anchor: &Tensor,
         _y2: &Tensor,
         _x2: &Tensor,
         _res: &Tensor,
@@ -306,7 +322,7 @@ impl CustomOp3 for BlockNode {
                         .index_add(idx, g, 0)?
                         .reshape(like.shape())
                 };
-                (spread(&dctx_rows, &s.ctx)?, spread(&dx2, x)?)
+                (spread(&dctx_rows, &s.ctx)?, spread(&dx2, &s.x_in)?)
             }
             None => (dctx_rows, dx2),
         };
@@ -327,16 +343,15 @@ impl CustomOp3 for BlockNode {
         }
         // h1 = ln1(x); x also reaches x2 directly (added in the norm's pass).
         let ln1 = &b.ln1;
-        let x_in = d(x).contiguous()?;
         let (dx, dw, db) =
-            layer_norm_backward(&x_in, &d(&ln1.weight), &dh1, ln1.eps, Some(&dx_res))?;
+            layer_norm_backward(&s.x_in, &d(&ln1.weight), &dh1, ln1.eps, Some(&dx_res))?;
         out.extend([(&ln1.weight, Some(dw)), (&ln1.bias, Some(db))]);
         for (t, g) in out {
             if let (true, Some(g)) = (trained(t), g) {
                 train_ops::push_direct_grad(t, g)?;
             }
         }
-        Ok((Some(dx), None, None))
+        Ok((self.input_trained.then_some(dx), None, None))
     }
 }
 
@@ -417,10 +432,10 @@ mod tests {
                     &Tensor::randn(0f32, 1.0, (2, 5, dim), &dev)?.to_dtype(dtype)?,
                 )?;
                 let r = Tensor::randn(0f32, 1.0, (2, dim), &dev)?.to_dtype(dtype)?;
-                let run = |enc: &Encoder| {
+                let run_on = |enc: &Encoder, input: &Tensor| {
                     with_direct_weight_grads(|| {
                         let out = enc.forward_pooled(
-                            x.as_tensor(),
+                            input,
                             causal,
                             &[(0, 4), (1, 2)],
                             None,
@@ -431,6 +446,7 @@ mod tests {
                         Ok::<_, candle_core::Error>((out, grads))
                     })
                 };
+                let run = |enc: &Encoder| run_on(enc, x.as_tensor());
                 let before = FORWARDS.with(|c| c.get());
                 let (out_ops, g_ops) = run(&ops)?;
                 assert_eq!(
@@ -511,16 +527,8 @@ mod tests {
                 }
                 assert_eq!(tensors.len(), trained.len() - 1 + frozen.len());
                 let vb = VarBuilder::from_tensors(tensors, dtype, &dev);
-                let (out_ops, g_ops) =
-                    run(&Encoder::new(vb.clone(), shape, kernels(false, true))?)?;
-                let at = FORWARDS.with(|c| c.get());
-                let (out_node, g_node) = run(&Encoder::new(vb, shape, kernels(true, true))?)?;
-                assert_eq!(
-                    FORWARDS.with(|c| c.get()),
-                    at + 2,
-                    "frozen weights: one node per block"
-                );
-                let what = format!("{dtype:?}, causal {causal}, frozen weights");
+                let ops = Encoder::new(vb.clone(), shape, kernels(false, true))?;
+                let node = Encoder::new(vb, shape, kernels(true, true))?;
                 let err = |a: &Tensor, b: &Tensor| -> Result<f32> {
                     let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
                     let scale = b
@@ -536,17 +544,35 @@ mod tests {
                         .to_scalar::<f32>()?
                         / scale)
                 };
-                assert!(err(&out_node, &out_ops)? <= tol, "{what}: output");
-                for (name, t) in &trained {
-                    let (Some(a), Some(b)) = (g_node.get(t), g_ops.get(t)) else {
-                        panic!("{what}: no gradient for {name}");
-                    };
-                    assert!(err(a, b)? <= tol, "{what}: {name}");
-                }
-                // The frozen weights' products were skipped: nothing reached the store for them.
-                for (name, t) in &detached {
-                    let none = !g_node.get_ids().any(|id| *id == t.id());
-                    assert!(none, "{what}: a gradient for the frozen {name}");
+                // The input trained, and frozen too (the layers below frozen): then the first
+                // block's node hangs off a trained weight.
+                for input in [x.as_tensor().clone(), x.as_tensor().detach()] {
+                    let (out_ops, g_ops) = run_on(&ops, &input)?;
+                    let at = FORWARDS.with(|c| c.get());
+                    let (out_node, grads) = run_on(&node, &input)?;
+                    let input_trained = input.track_op();
+                    let what = format!(
+                        "{dtype:?}, causal {causal}, frozen weights, input trained {input_trained}"
+                    );
+                    assert_eq!(
+                        FORWARDS.with(|c| c.get()),
+                        at + 2,
+                        "{what}: one node per block"
+                    );
+                    assert!(err(&out_node, &out_ops)? <= tol, "{what}: output");
+                    for (name, t) in &trained {
+                        match (grads.get(t), g_ops.get(t)) {
+                            (Some(a), Some(b)) => assert!(err(a, b)? <= tol, "{what}: {name}"),
+                            (None, None) if name == "input" && !input_trained => {}
+                            _ => panic!("{what}: a gradient for {name} on one side only"),
+                        }
+                    }
+                    // The frozen weights' products were skipped: nothing reached the store
+                    // for them.
+                    for (name, t) in &detached {
+                        let none = !grads.get_ids().any(|id| *id == t.id());
+                        assert!(none, "{what}: a gradient for the frozen {name}");
+                    }
                 }
             }
         }
