@@ -4,7 +4,7 @@
 //!
 //! Mixed precision (`--dtype bf16|f16`, the default on GPUs): the variables stay f32 (the master
 //! weights the optimiser updates, checkpoints and artifacts hold); the passes run on compute
-//! copies of them in bf16/f16, variables themselves, made once ([`PassModel`]). Their
+//! copies of them in bf16/f16, variables themselves, made once (`PassModel`). Their
 //! gradients are what the optimiser reads, and its update rewrites them from the f32 weights
 //! (on the GPU in the same launch), so a step casts no weight and no gradient: llm.c's
 //! layout. The values are those of casting the f32 weights every step (the same rounding, the

@@ -5,8 +5,8 @@
 //! embedding after its patch product a concatenation with the class token, a broadcast add of
 //! the positions and the pre-layer-norm: four or five launches forward, and in backward a
 //! zero-filled buffer per edge, a reduction over the batch and copies for the concatenation.
-//! Here [`TokenPositions`] is one launch (its backward one per table, summing each table row's
-//! gathered rows in a fixed order), and [`ClassPositions`] one launch in inference (with the
+//! Here `TokenPositions` is one launch (its backward one per table, summing each table row's
+//! gathered rows in a fixed order), and `ClassPositions` one launch in inference (with the
 //! pre-layer-norm) and in training (without it: the norm stays
 //! [`super::fused_norm::FusedLayerNorm`], whose backward the op's own follows with one
 //! launch for the patches', positions' and class token's gradients).

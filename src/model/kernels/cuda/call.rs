@@ -1,8 +1,8 @@
 //! A kernel launch described apart from the device that runs it: the kernel's name, its grid,
 //! block and dynamic shared memory, and its arguments in the `.cu` signature's order. Each
-//! kernel file builds its launches here once (`*_call` functions, generic over the buffer type);
-//! the CUDA launchers run them on the GPU ([`run`]), and the tests run the very same
-//! descriptions through the CPU emulator (`clipft-cuda-emu`), which executes the `.cu` source
+//! kernel file builds its launches here once (`*_call` functions, generic over the buffer
+//! type); the CUDA launchers run them on the GPU (`run`, with the `cuda` feature), and the tests
+//! run the very same descriptions through the CPU emulator (`clipft-cuda-emu`), which executes the `.cu` source
 //! and checks the arguments against the kernel's C++ signature. So a launch's geometry and
 //! argument order are written once and tested without a GPU.
 
@@ -23,7 +23,7 @@ pub enum Arg<'a, I: ?Sized, O: ?Sized> {
 /// Dynamic shared memory a block may use without the function's opt-in attribute.
 pub const SMEM_DEFAULT: u32 = 48 * 1024;
 
-/// One launch: what [`run`] (or the emulator) needs to start `kernel`.
+/// One launch: what `run` (or the emulator) needs to start `kernel`.
 pub struct Call<'a, I: ?Sized, O: ?Sized> {
     pub kernel: String,
     pub grid: (u32, u32, u32),

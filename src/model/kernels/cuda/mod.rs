@@ -7,7 +7,7 @@
 //!
 //! Each launch (grid, shared memory, arguments in the kernel's order) is written once, as a
 //! [`call::Call`] built by the kernel file's `*_call` functions; the GPU launchers run it with
-//! [`call::run`], and the `emu_tests` in each file run the same call on the CPU emulator
+//! `call::run`, and the `emu_tests` in each file run the same call on the CPU emulator
 //! (`cuda-emu/`), which executes the `.cu` source itself (every CUDA thread a fiber, barriers,
 //! shuffles and wmma emulated, launches checked against the kernel's C++ signature). So without
 //! a GPU the normal test suite checks each kernel's indexing, synchronisation and launch, not
