@@ -2,8 +2,8 @@
 //! block and dynamic shared memory, and its arguments in the `.cu` signature's order. Each
 //! kernel file builds its launches here once (`*_call` functions, generic over the buffer
 //! type); the CUDA launchers run them on the GPU (`run`, with the `cuda` feature), and the tests
-//! run the very same descriptions through the CPU emulator (`clipft-cuda-emu`), which executes the `.cu` source
-//! and checks the arguments against the kernel's C++ signature. So a launch's geometry and
+//! run the very same descriptions through the CPU emulator (`clipft-cuda-emu`), which executes
+//! the `.cu` source and checks the arguments against the kernel's C++ signature. So a launch's geometry and
 //! argument order are written once and tested without a GPU.
 
 /// One kernel argument. `I` and `O` are the device's buffer types for inputs and outputs
