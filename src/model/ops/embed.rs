@@ -483,6 +483,11 @@ mod tests {
         }
     }
 
+    /// The gradients of `sum(y * up)`: each input's gradient for the upstream gradient `up`.
+    fn grads_of(y: &Tensor, up: &Tensor) -> candle_core::backprop::GradStore {
+        (y * up).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     /// The inference form of [`ClassPositions`]: with the pre-layer-norm `norm`.
     fn normed(e: &Var, cls: &Var, pos: &Var, norm: Norm) -> Tensor {
         let op = ClassPositions { norm: Some(norm) };
@@ -519,12 +524,7 @@ mod tests {
         let theirs = (table32.as_tensor().index_select(&ti, 0).unwrap()
             + pos32.as_tensor().index_select(&pi, 0).unwrap())
         .unwrap();
-        let g_theirs = (&theirs * &up32)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_theirs = grads_of(&theirs, &up32);
         let op = TokenPositions {
             ids: ids.clone(),
             positions: positions.clone(),
@@ -537,7 +537,7 @@ mod tests {
                 .apply_op2(pos.as_tensor(), op.clone())
                 .unwrap();
             close(&format!("{dt:?} forward"), &ours, &theirs, tol(dt));
-            let g_ours = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g_ours = grads_of(&ours, &up);
             for (what, v, v32) in [("table", &table, &table32), ("positions", &pos, &pos32)] {
                 let (a, b) = (g_ours.get(v).unwrap(), g_theirs.get(v32).unwrap());
                 close(&format!("{dt:?} {what} gradient"), a, b, tol(dt));
@@ -545,7 +545,7 @@ mod tests {
             // Frozen positions: only the table's gradient is computed.
             let frozen = pos.as_tensor().detach();
             let y = table.as_tensor().apply_op2(&frozen, op.clone()).unwrap();
-            let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+            let g = grads_of(&y, &up);
             assert!(g.get(table.as_tensor()).is_some() && g.get(&frozen).is_none());
         }
         // Ids past the table are an error, not a read out of bounds.
@@ -607,12 +607,7 @@ mod tests {
             .unwrap()
             .broadcast_add(pos32.as_tensor())
             .unwrap();
-        let g_theirs = (&theirs * &up32)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g_theirs = grads_of(&theirs, &up32);
         let (w, b) = (values(&[d], 0.4), values(&[d], 0.5));
         let normed32 = candle_nn::ops::layer_norm(&theirs, &w, &b, 1e-5).unwrap();
         for dt in [DType::F32, DType::BF16] {
@@ -627,12 +622,7 @@ mod tests {
                 )
                 .unwrap();
             close(&format!("{dt:?} forward"), &ours, &theirs, tol(dt));
-            let g_ours = (&ours * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g_ours = grads_of(&ours, &up);
             for (what, v, v32) in [
                 ("patches", &e, &e32),
                 ("class", &cls, &cls32),
@@ -672,12 +662,7 @@ mod tests {
         };
         let y = table.as_tensor().apply_op2(pos.as_tensor(), op).unwrap();
         let up = on(values(&[8, 72], 0.3));
-        let g = (&y * up.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = grads_of(&y, up.as_tensor());
         out.push(("token rows".to_string(), back(&y)));
         out.push((
             "token table gradient".to_string(),
@@ -706,12 +691,7 @@ mod tests {
             )
             .unwrap();
         let up = on(values(&[items, t, d], 0.7));
-        let g = (&x * up.as_tensor())
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = grads_of(&x, up.as_tensor());
         out.push(("class positions".to_string(), back(&x)));
         for (what, v) in [("patches", &e), ("class", &cls), ("positions", &pos)] {
             out.push((format!("{what} gradient"), back(g.get(v).unwrap())));
