@@ -956,7 +956,7 @@ impl Encoder {
                 .layers
                 .iter()
                 .all(|l| l.mlp.act == Activation::QuickGelu)
-            && blocks.iter().all(|(w, _)| train_block::applies(x, w));
+            && blocks.iter().all(|(w, _)| train_block::applies(w));
         if !usable {
             return Ok(None);
         }
@@ -964,13 +964,8 @@ impl Encoder {
         let mut x = x.contiguous()?;
         for (i, (weights, shape)) in blocks.into_iter().enumerate() {
             let rows = (i == last).then(|| pooled.to_vec());
-            x = x.apply_op1(train_block::BlockOp::new(
-                weights,
-                shape,
-                rows,
-                packed.cloned(),
-                self.kernels.amx,
-            ))?;
+            x = train_block::BlockOp::new(weights, shape, rows, packed.cloned(), self.kernels.amx)
+                .apply(&x)?;
         }
         Ok(Some(x))
     }

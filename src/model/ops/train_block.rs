@@ -18,7 +18,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::train_ops::{self, AttnShape};
 use crate::model::cpu;
@@ -96,14 +96,14 @@ pub(crate) struct BlockOp {
     saved: Mutex<Option<Saved>>,
 }
 
-/// Whether a block over `x` with these weights can run as a [`BlockOp`] in this pass, for a
-/// model whose kernels chose block ops ([`crate::model::policy::Kernels::train_blocks`]): `x`
-/// part of the graph (or candle records no op), every weight a variable (their gradients go to
-/// the store directly, which only works for variables), inside a
-/// [`train_ops::with_direct_weight_grads`] pass.
-pub(crate) fn applies(x: &Tensor, weights: &[Tensor]) -> bool {
-    x.track_op()
-        && train_ops::direct_grads_active()
+/// Whether a block with these weights can run as a [`BlockOp`] in this pass, for a model whose
+/// kernels chose block ops ([`crate::model::policy::Kernels::train_blocks`]): every weight a
+/// variable (their gradients go to the store directly, which only works for variables), inside
+/// a [`train_ops::with_direct_weight_grads`] pass. The input may be out of the graph (the
+/// embeddings frozen): the op is applied to its input and the block's first weight, so candle
+/// records it either way (see [`BlockOp::apply`]).
+pub(crate) fn applies(weights: &[Tensor]) -> bool {
+    train_ops::direct_grads_active()
         && weights.len() == WEIGHTS.len()
         && weights.iter().all(|w| w.is_variable())
 }
@@ -124,6 +124,18 @@ impl BlockOp {
             amx,
             saved: Mutex::new(None),
         }
+    }
+
+    /// The block over `x`: the op applied to `x` and the block's first weight (a variable), so
+    /// that candle records it, and asks it for the weights' gradients, even where `x` is out of
+    /// the graph; it returns `x`'s gradient only where `x` is in it.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(test)]
+        tests::APPLIED.with(|c| c.set(c.get() + 1));
+        let Some(anchor) = self.weights.first().cloned() else {
+            candle_core::bail!("encoder block: no weights")
+        };
+        x.apply_op2(&anchor, self)
     }
 
     /// The input's sequences and width: `[batch, seq, dim]`, or `[rows, dim]` packed.
@@ -308,12 +320,18 @@ impl BlockOp {
     }
 }
 
-impl CustomOp1 for BlockOp {
+impl CustomOp2 for BlockOp {
     fn name(&self) -> &'static str {
         "clipft-encoder-block"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        _anchor: &CpuStorage,
+        _al: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (seqs, d) = self.geometry(l.shape())?;
         let CpuStorage::F32(v) = s else {
             candle_core::bail!("encoder block: f32 only")
@@ -335,7 +353,13 @@ impl CustomOp1 for BlockOp {
         Ok((CpuStorage::F32(y), shape))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        arg: &Tensor,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (seqs, d) = self.geometry(arg.shape())?;
         let (x, g) = (arg.contiguous()?, grad.contiguous()?);
         // Taken, not borrowed: the activations are freed as soon as this block's backward has
@@ -356,7 +380,11 @@ impl CustomOp1 for BlockOp {
             let g = Tensor::from_vec(g, wt.shape(), wt.device())?;
             train_ops::push_direct_grad(wt, g)?;
         }
-        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+        let dx = match arg.track_op() {
+            true => Some(Tensor::from_vec(dx, arg.shape(), arg.device())?),
+            false => None,
+        };
+        Ok((dx, None))
     }
 }
 
@@ -395,25 +423,38 @@ mod tests {
         Ok(d / scale.max(1e-6))
     }
 
+    thread_local! {
+        /// Block ops this thread applied (so a test knows they ran).
+        pub(super) static APPLIED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
     /// `forward_pooled` through the block ops (inside `with_direct_weight_grads`) against the
     /// per-op path: several pooled rows per item, a repeated row, items without any, causal and
-    /// not; outputs and the gradients of the input and every weight.
+    /// not; outputs and the gradients of the input and every weight. With the input out of the
+    /// graph (the embeddings frozen) the blocks still run as ops and the weights' gradients are
+    /// the same.
     #[test]
     fn block_op_matches_per_op_path() -> Result<()> {
         let (b, t, d) = (3, 7, 16);
         let pooled = [(0, 6), (0, 2), (2, 0), (2, 5), (0, 6)];
-        for causal in [false, true] {
+        for (causal, input_trained) in [(false, true), (true, true), (true, false)] {
             let varmap = VarMap::new();
             let enc = encoder(&varmap, d)?;
             let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, t, d), &Device::Cpu)?)?;
+            let input = match input_trained {
+                true => x.as_tensor().clone(),
+                false => x.as_tensor().detach(),
+            };
             let probe = Tensor::randn(0f32, 1.0, (pooled.len(), d), &Device::Cpu)?;
             let run = || -> Result<(Tensor, candle_core::backprop::GradStore)> {
-                let y = enc.forward_pooled(x.as_tensor(), causal, &pooled, None, Mode::Train)?;
+                let y = enc.forward_pooled(&input, causal, &pooled, None, Mode::Train)?;
                 let g = (&y * &probe)?.sum_all()?.backward()?;
                 Ok((y, g))
             };
             let (y_plain, g_plain) = run()?;
+            let before = APPLIED.with(|c| c.get());
             let (y_fused, g_fused) = crate::model::train_ops::with_direct_weight_grads(run)?;
+            assert_eq!(APPLIED.with(|c| c.get()), before + 2, "one op per block");
             assert!(
                 rel_diff(&y_plain, &y_fused)? < 1e-5,
                 "output (causal {causal})"
@@ -424,8 +465,13 @@ mod tests {
                     .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
                     .collect()
             };
-            tensors.push(("input".into(), x.as_tensor().clone()));
-            assert_eq!(tensors.len(), 2 * 16 + 1);
+            if input_trained {
+                tensors.push(("input".into(), x.as_tensor().clone()));
+            } else {
+                let none = [&g_plain, &g_fused].map(|g| g.get(x.as_tensor()).is_none());
+                assert_eq!(none, [true, true], "a gradient for the frozen input");
+            }
+            assert_eq!(tensors.len(), 2 * 16 + usize::from(input_trained));
             for (name, t) in tensors {
                 let p = g_plain.get(&t).expect("per-op gradient");
                 let f = g_fused.get(&t).expect("fused gradient");
