@@ -83,8 +83,9 @@ pub struct FitArgs {
     /// Matches per query in the before/after evaluation.
     #[arg(long, env = "CLIPFT_LIMIT", default_value_t = 20)]
     pub limit: usize,
-    /// Weights not to train: name prefixes (`text_model`, `vision_model.encoder.layers.0`, ...)
-    /// or `backbone` (everything but the projections and logit_scale). Repeatable.
+    /// Weights not to train: name prefixes of whole components (`text_model`,
+    /// `vision_model.encoder.layers.0`, ...) or `backbone` (everything but the projections and
+    /// logit_scale). Repeatable.
     #[arg(long, env = "CLIPFT_FREEZE", value_delimiter = ',')]
     pub freeze: Vec<String>,
     /// Clip the global gradient norm (off by default, as in Finetuner).

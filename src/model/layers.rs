@@ -905,7 +905,8 @@ impl Encoder {
             return self.forward_fused_cpu(x, seqs, d, causal, pooled);
         }
         if mode == Mode::Train && self.kernels.cpu_train_blocks() {
-            if let Some(out) = self.forward_train_blocks(x, causal, pooled, packed)? {
+            let g = cpu_block::Geometry { seqs, d, causal };
+            if let Some(out) = self.forward_train_blocks(x, g, pooled, packed)? {
                 return Ok(out);
             }
         }
@@ -936,15 +937,30 @@ impl Encoder {
 
     /// Training through one [`train_block::BlockOp`] per block, the last one computing only the
     /// pooled rows; None where the block op does not apply (see [`train_block::applies`]).
+    /// Leading blocks that are frozen over an input out of the graph (`--freeze` of the
+    /// embeddings and the lower layers) train nothing and pass no gradient: they run as in
+    /// inference, through the fused CPU blocks, keeping nothing for the backward pass.
     fn forward_train_blocks(
         &self,
         x: &Tensor,
-        causal: bool,
+        g: cpu_block::Geometry,
         pooled: &[(usize, usize)],
         packed: Option<&Arc<PackedSeqs>>,
     ) -> Result<Option<Tensor>> {
-        let Some(blocks) = self
-            .layers
+        let causal = g.causal;
+        let frozen = match x.track_op() {
+            true => 0,
+            false => self
+                .layers
+                .iter()
+                .take_while(|l| {
+                    l.block(causal)
+                        .is_some_and(|(w, _)| w.iter().all(|t| !t.track_op()))
+                })
+                .count(),
+        };
+        let (below, trained) = self.layers.split_at(frozen);
+        let Some(blocks) = trained
             .iter()
             .map(|l| l.block(causal))
             .collect::<Option<Vec<_>>>()
@@ -952,16 +968,20 @@ impl Encoder {
             return Ok(None);
         };
         let usable = !blocks.is_empty()
-            && self
-                .layers
-                .iter()
-                .all(|l| l.mlp.act == Activation::QuickGelu)
+            && trained.iter().all(|l| l.mlp.act == Activation::QuickGelu)
             && blocks.iter().all(|(w, _)| train_block::applies(w));
         if !usable {
             return Ok(None);
         }
         let last = blocks.len() - 1;
         let mut x = x.contiguous()?;
+        if !below.is_empty() {
+            let mut h = cpu::to_buf(&x)?;
+            for layer in below {
+                h = layer.with_block_weights(|w| cpu_block::block(h, g, w, None))?;
+            }
+            x = cpu::to_tensor(&h, x.dims())?;
+        }
         for (i, (weights, shape)) in blocks.into_iter().enumerate() {
             let rows = (i == last).then(|| pooled.to_vec());
             x = train_block::BlockOp::new(weights, shape, rows, packed.cloned(), self.kernels.amx)

@@ -171,15 +171,16 @@ impl TrainModel {
         Ok(self)
     }
 
-    /// Leaves the weights `freeze` names out of training: each entry is a name prefix
-    /// (`text_model`, `vision_model.encoder.layers.0`, ...) or `backbone`, which freezes every
+    /// Leaves the weights `freeze` names out of training: each entry is a name prefix of whole
+    /// components (`text_model`, `vision_model.encoder.layers.1`, which is layer 1 and not 10
+    /// or 11, ...) or `backbone`, which freezes every
     /// layer except the projections and `logit_scale` (Finetuner's `freeze=True`). Frozen
     /// weights are not variables of the passes: no gradient is computed for them, and none
     /// flows below the lowest trainable weight (with `backbone`, the towers run forward only).
     pub fn freeze(mut self, freeze: &[String]) -> Result<Self, ModelError> {
         let vars = self.named_vars();
         for f in freeze {
-            if f != "backbone" && !vars.iter().any(|(n, _)| n.starts_with(f.as_str())) {
+            if f != "backbone" && !vars.iter().any(|(n, _)| under_prefix(n, f)) {
                 return Err(ModelError::InvalidInput {
                     msg: format!("--freeze {f:?} matches no weight (use a name prefix such as text_model or vision_model.encoder.layers.0, or backbone)"),
                 });
@@ -199,7 +200,7 @@ impl TrainModel {
         const HEADS: [&str; 3] = ["text_projection.", "visual_projection.", "logit_scale"];
         self.freeze.iter().any(|f| match f.as_str() {
             "backbone" => !HEADS.iter().any(|h| name.starts_with(h)),
-            f => name.starts_with(f),
+            f => under_prefix(name, f),
         })
     }
 
@@ -408,5 +409,30 @@ impl TrainModel {
             opt.loss_scale = Some(Default::default());
         }
         Ok(opt)
+    }
+}
+/// Whether the weight `name` lies under the `--freeze` prefix `prefix`, whole name components
+/// only: `vision_model.encoder.layers.1` is layer 1's weights, not layers 10 and 11 too (a
+/// trailing dot is allowed).
+fn under_prefix(name: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('.');
+    name.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::under_prefix;
+
+    #[test]
+    fn freeze_prefixes_match_whole_name_components() {
+        let name = "vision_model.encoder.layers.10.mlp.fc1.weight";
+        assert!(under_prefix(name, "vision_model"));
+        assert!(under_prefix(name, "vision_model.encoder.layers.10"));
+        assert!(under_prefix(name, "vision_model.encoder.layers.10."));
+        assert!(under_prefix(name, name));
+        assert!(!under_prefix(name, "vision_model.encoder.layers.1"));
+        assert!(!under_prefix(name, "vision_mod"));
+        assert!(!under_prefix("logit_scale", "logit"));
     }
 }

@@ -484,4 +484,72 @@ mod tests {
         }
         Ok(())
     }
+
+    /// With the input and the first block frozen (`--freeze` of the embeddings and layer 0),
+    /// the first block runs as in inference and only the second as a block op; the output and
+    /// the second block's gradients are the per-op path's, and the frozen block gets none.
+    #[test]
+    fn frozen_lower_blocks_run_as_inference() -> Result<()> {
+        let (b, t, d) = (2, 6, 16);
+        let pooled = [(0, 5), (1, 3)];
+        let varmap = VarMap::new();
+        encoder(&varmap, d)?;
+        let (mut tensors, mut trained, mut frozen) =
+            (std::collections::HashMap::new(), Vec::new(), Vec::new());
+        for (name, v) in varmap.data().lock().expect("varmap lock").iter() {
+            let t = match name.starts_with("layers.0.") {
+                true => {
+                    let f = v.as_tensor().detach();
+                    frozen.push(f.clone());
+                    f
+                }
+                false => {
+                    trained.push((name.clone(), v.as_tensor().clone()));
+                    v.as_tensor().clone()
+                }
+            };
+            tensors.insert(name.clone(), t);
+        }
+        assert_eq!((trained.len(), frozen.len()), (16, 16));
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        let shape = EncoderShape {
+            dim: d,
+            inter: 2 * d,
+            heads: 4,
+            layers: 2,
+            act: Activation::QuickGelu,
+            eps: 1e-5,
+        };
+        let enc = Encoder::new(vb, shape, Kernels::decide(&Device::Cpu, DType::F32))?;
+        let x = Tensor::randn(0f32, 1.0, (b, t, d), &Device::Cpu)?;
+        let probe = Tensor::randn(0f32, 1.0, (pooled.len(), d), &Device::Cpu)?;
+        let run = || -> Result<(Tensor, candle_core::backprop::GradStore)> {
+            let y = enc.forward_pooled(&x, true, &pooled, None, Mode::Train)?;
+            let g = (&y * &probe)?.sum_all()?.backward()?;
+            Ok((y, g))
+        };
+        let (y_plain, g_plain) = run()?;
+        let before = APPLIED.with(|c| c.get());
+        let (y_fused, g_fused) = crate::model::train_ops::with_direct_weight_grads(run)?;
+        assert_eq!(
+            APPLIED.with(|c| c.get()),
+            before + 1,
+            "one block op, for layer 1"
+        );
+        assert!(rel_diff(&y_plain, &y_fused)? < 1e-5, "output");
+        for (name, t) in &trained {
+            let p = g_plain.get(t).expect("per-op gradient");
+            let f = g_fused.get(t).expect("fused gradient");
+            if !name.ends_with("k_proj.bias") {
+                assert!(rel_diff(p, f)? < 1e-4, "{name}");
+            }
+        }
+        for t in &frozen {
+            assert!(
+                !g_fused.get_ids().any(|id| *id == t.id()),
+                "a frozen gradient"
+            );
+        }
+        Ok(())
+    }
 }
