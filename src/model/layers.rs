@@ -947,26 +947,23 @@ impl Encoder {
         pooled: &[(usize, usize)],
         packed: Option<&Arc<PackedSeqs>>,
     ) -> Result<Option<Tensor>> {
-        let causal = g.causal;
-        let frozen = match x.track_op() {
-            true => 0,
-            false => self
-                .layers
-                .iter()
-                .take_while(|l| {
-                    l.block(causal)
-                        .is_some_and(|(w, _)| w.iter().all(|t| !t.track_op()))
-                })
-                .count(),
-        };
-        let (below, trained) = self.layers.split_at(frozen);
-        let Some(blocks) = trained
+        let Some(mut blocks) = self
+            .layers
             .iter()
-            .map(|l| l.block(causal))
+            .map(|l| l.block(g.causal))
             .collect::<Option<Vec<_>>>()
         else {
             return Ok(None);
         };
+        let frozen = match x.track_op() {
+            true => 0,
+            false => blocks
+                .iter()
+                .take_while(|(w, _)| w.iter().all(|t| !t.track_op()))
+                .count(),
+        };
+        let (below, trained) = self.layers.split_at(frozen);
+        blocks.drain(..frozen);
         let usable = !blocks.is_empty()
             && trained.iter().all(|l| l.mlp.act == Activation::QuickGelu)
             && blocks.iter().all(|(w, _)| train_block::applies(w));

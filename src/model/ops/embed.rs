@@ -270,15 +270,6 @@ impl ClassPositions {
     }
 }
 
-/// A CPU tensor's values as f32 (for an op's twin).
-fn cpu_values(t: &Tensor, op: &str) -> Result<Vec<f32>> {
-    let (s, l) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(s) = &*s else {
-        candle_core::bail!("{op}: a weight is not on the CPU")
-    };
-    super::twin_input(s, l, op)
-}
-
 impl CustomOp3 for ClassPositions {
     fn name(&self) -> &'static str {
         "clipft-class-positions"
@@ -304,8 +295,8 @@ impl CustomOp3 for ClassPositions {
         let out = match &self.norm {
             Some(n) => {
                 let (w, b) = (
-                    cpu_values(&n.weight, self.name())?,
-                    cpu_values(&n.bias, self.name())?,
+                    super::twin_tensor(&n.weight, self.name())?,
+                    super::twin_tensor(&n.bias, self.name())?,
                 );
                 layer_norm_twin(&x, &w, &b, n.eps)?
             }

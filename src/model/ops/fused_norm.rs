@@ -249,11 +249,7 @@ impl CustomOp3 for LayerNormBackward {
             self.eps,
         )?;
         if let Some(r) = &self.residual {
-            let (rs, rl) = r.storage_and_layout();
-            let candle_core::Storage::Cpu(rs) = &*rs else {
-                candle_core::bail!("layer norm backward: the residual gradient is not on the CPU")
-            };
-            let dres = super::twin_input(rs, rl, self.name())?;
+            let dres = super::twin_tensor(r, self.name())?;
             let n = xl.shape().elem_count();
             if dres.len() != n || r.dtype() != candle_core::backend::BackendStorage::dtype(xs) {
                 candle_core::bail!("layer norm backward: a residual gradient unlike the input");

@@ -70,6 +70,16 @@ pub(crate) fn twin_input(
     })
 }
 
+/// A CPU tensor an op holds besides its inputs (a weight, a residual gradient), as
+/// [`twin_input`] reads an input: its values as f32. `op` names the op in errors.
+pub(crate) fn twin_tensor(t: &candle_core::Tensor, op: &str) -> candle_core::Result<Vec<f32>> {
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*s else {
+        candle_core::bail!("{op}: a tensor the op holds is not on the CPU")
+    };
+    twin_input(s, l, op)
+}
+
 /// A twin's f32 output in the storage type of the op's first input (rounded once).
 pub(crate) fn twin_output(
     like: &candle_core::CpuStorage,

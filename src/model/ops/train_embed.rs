@@ -17,7 +17,9 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 
 use super::train_ops;
 use crate::model::cpu;
-use crate::model::kernels::cuda::embed::unfold_patches_twin;
+use crate::model::kernels::cuda::embed::{
+    rows_sum_twin, token_positions_twin, unfold_patches_twin, RowGroups,
+};
 
 /// Whether `weights` can take the fused embedding ops in this pass, for a model whose kernels
 /// chose them ([`crate::model::policy::Kernels::train_blocks`]): variables, inside a
@@ -36,11 +38,11 @@ pub(crate) struct TokenEmbedOp {
 
 impl TokenEmbedOp {
     /// The position of each of `n` ids, laid out as `[_, t]` (uniform) or packed.
-    fn position_of(&self, n: usize, t: usize) -> Result<Vec<usize>> {
+    fn position_of(&self, n: usize, t: usize) -> Result<Vec<u32>> {
         match &self.row_positions {
-            Some(p) if p.len() == n => Ok(p.iter().map(|&x| x as usize).collect()),
+            Some(p) if p.len() == n => Ok(p.to_vec()),
             Some(p) => candle_core::bail!("token embedding: {} positions for {n} ids", p.len()),
-            None => Ok((0..n).map(|r| r % t.max(1)).collect()),
+            None => Ok((0..n).map(|r| (r % t.max(1)) as u32).collect()),
         }
     }
 }
@@ -58,7 +60,7 @@ impl CustomOp2 for TokenEmbedOp {
         il: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let table = train_ops::f32_slice(ts, tl, "token embedding")?;
-        let (vocab, d) = tl.shape().dims2()?;
+        let (_, d) = tl.shape().dims2()?;
         let t = match &self.row_positions {
             Some(_) => il.shape().dims1()?,
             None => il.shape().dims2()?.1,
@@ -70,24 +72,11 @@ impl CustomOp2 for TokenEmbedOp {
         let Some((i0, i1)) = il.contiguous_offsets() else {
             candle_core::bail!("token embedding: contiguous ids only")
         };
-        let ids = &ids[i0..i1];
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            candle_core::bail!("token id {bad} is outside the vocabulary of {vocab}");
-        }
         let at = self.position_of(n, t)?;
+        // The GPU path's twin is this op's arithmetic (f32: no rounding); it checks the ids and
+        // positions against the tables.
         let y = cpu::with_slice(&self.positions, |pos| {
-            let table_rows = pos.len() / d.max(1);
-            if let Some(bad) = at.iter().find(|&&p| p >= table_rows) {
-                candle_core::bail!("token position {bad} but {table_rows} positions");
-            }
-            let mut y = vec![0f32; n * d];
-            for ((row, &id), &p) in y.chunks_mut(d).zip(ids).zip(&at) {
-                let (e, p) = (&table[id as usize * d..][..d], &pos[p * d..][..d]);
-                for ((o, e), p) in row.iter_mut().zip(e).zip(p) {
-                    *o = e + p;
-                }
-            }
-            Ok(y)
+            token_positions_twin(table, pos, &ids[i0..i1], &at, d, |v| v)
         })?;
         let mut shape = il.shape().dims().to_vec();
         shape.push(d);
@@ -106,23 +95,18 @@ impl CustomOp2 for TokenEmbedOp {
         let ids = ids.flatten_all()?.to_vec1::<u32>()?;
         let at = self.position_of(ids.len(), t)?;
         let g = grad.contiguous()?;
+        let pos = &self.positions;
+        let pos_rows = pos.dim(0)?;
+        // Dense, as torch's nn.Embedding gives AdamW: rows without tokens are 0. Each row's
+        // gathered rows summed in order (the GPU path's twin).
         let (dtable, dpos) = cpu::with_slice(&g, |g| {
-            // Dense, as torch's nn.Embedding gives AdamW: rows without tokens are 0.
-            let mut dtable = vec![0f32; vocab * d];
-            let mut dpos = vec![0f32; self.positions.elem_count()];
-            for ((g, &id), &p) in g.chunks(d).zip(&ids).zip(&at) {
-                for (o, v) in dtable[id as usize * d..][..d].iter_mut().zip(g) {
-                    *o += v;
-                }
-                for (o, v) in dpos[p * d..][..d].iter_mut().zip(g) {
-                    *o += v;
-                }
-            }
-            Ok((dtable, dpos))
+            Ok((
+                rows_sum_twin(g, &RowGroups::by_target(&ids)?, d, vocab)?,
+                rows_sum_twin(g, &RowGroups::by_target(&at)?, d, pos_rows)?,
+            ))
         })?;
         let dev = table.device();
         train_ops::push_direct_grad(table, Tensor::from_vec(dtable, (vocab, d), dev)?)?;
-        let pos = &self.positions;
         train_ops::push_direct_grad(pos, Tensor::from_vec(dpos, pos.shape(), dev)?)?;
         Ok((None, None))
     }
