@@ -97,15 +97,16 @@ pub(crate) struct BlockOp {
 }
 
 /// Whether a block with these weights can run as a [`BlockOp`] in this pass, for a model whose
-/// kernels chose block ops ([`crate::model::policy::Kernels::train_blocks`]): every weight a
-/// variable (their gradients go to the store directly, which only works for variables), inside
-/// a [`train_ops::with_direct_weight_grads`] pass. The input may be out of the graph (the
-/// embeddings frozen): the op is applied to its input and the block's first weight, so candle
-/// records it either way (see [`BlockOp::apply`]).
+/// kernels chose block ops ([`crate::model::policy::Kernels::train_blocks`]): inside a
+/// [`train_ops::with_direct_weight_grads`] pass, every weight either a variable (its gradient
+/// goes to the store directly, which only works for variables) or frozen (out of the graph,
+/// `--freeze`: it gets no gradient and its product in the backward pass is skipped). The input
+/// may be out of the graph (the embeddings frozen): the op is applied to its input and a
+/// trained weight, so candle records it either way (see [`BlockOp::apply`]).
 pub(crate) fn applies(weights: &[Tensor]) -> bool {
     train_ops::direct_grads_active()
         && weights.len() == WEIGHTS.len()
-        && weights.iter().all(|w| w.is_variable())
+        && weights.iter().all(|w| w.is_variable() || !w.track_op())
 }
 
 impl BlockOp {
@@ -126,13 +127,15 @@ impl BlockOp {
         }
     }
 
-    /// The block over `x`: the op applied to `x` and the block's first weight (a variable), so
-    /// that candle records it, and asks it for the weights' gradients, even where `x` is out of
-    /// the graph; it returns `x`'s gradient only where `x` is in it.
+    /// The block over `x`: the op applied to `x` and the block's first trained weight, so that
+    /// candle records it, and asks it for the weights' gradients, even where `x` is out of the
+    /// graph; it returns `x`'s gradient only where `x` is in it. A block with every weight
+    /// frozen is recorded through `x` alone (a gradient crossing it to the trained layers below).
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         #[cfg(test)]
         tests::APPLIED.with(|c| c.set(c.get() + 1));
-        let Some(anchor) = self.weights.first().cloned() else {
+        let anchor = self.weights.iter().find(|w| w.is_variable());
+        let Some(anchor) = anchor.or(self.weights.first()).cloned() else {
             candle_core::bail!("encoder block: no weights")
         };
         x.apply_op2(&anchor, self)
@@ -237,7 +240,11 @@ impl BlockOp {
         Ok(y)
     }
 
-    /// The gradient of the block's input, and of every weight (in [`WEIGHTS`] order).
+    /// The gradient of the block's input (where `want_dx`), and of every weight that `trained`
+    /// marks (in [`WEIGHTS`] order; None for a frozen one). A frozen weight's product is
+    /// skipped, and so is the gradient of any activation below which nothing trains: the
+    /// weights are in forward order, so the gradient reaching weight `i`'s input is needed
+    /// exactly when the block's input or a weight before `i` is.
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
@@ -247,27 +254,50 @@ impl BlockOp {
         seqs: Seqs,
         d: usize,
         w: &[&[f32]],
-    ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        trained: &[bool],
+        want_dx: bool,
+    ) -> Result<(Option<Vec<f32>>, Vec<Option<Vec<f32>>>)> {
         let rows = x.len() / d.max(1);
         let inter = w[FC1_B].len();
         let eps = self.shape.eps;
         let sh = self.attn_shape(seqs, d)?;
         let n = dy.len() / d;
-        let lin = train_ops::linear_backward;
-        let (da, dw2, db2) = lin(&s.a, n, inter, w[FC2_W], d, dy, true, true, self.amx);
-        let dm = train_ops::quick_gelu_backward(&s.m, &da.unwrap_or_default());
-        let (dh2, dw1, db1) = lin(&s.h2, n, d, w[FC1_W], inter, &dm, true, true, self.amx);
+        let below = |i: usize| want_dx || trained[..i].iter().any(|&t| t);
+        let wants = |wi: usize, bi: usize| train_ops::Wants {
+            dx: below(wi),
+            dw: trained[wi],
+            db: trained[bi],
+        };
+        let lin = |x: &[f32], m: usize, k: usize, wi: usize, n: usize, g: &[f32]| {
+            train_ops::linear_backward(x, m, k, w[wi], n, g, wants(wi, wi + 1), self.amx)
+        };
+        let mut grads: Vec<Option<Vec<f32>>> = vec![None; WEIGHTS.len()];
+        let ln_grads =
+            |grads: &mut [Option<Vec<f32>>], wi: usize, (dw, db): (Vec<f32>, Vec<f32>)| {
+                grads[wi] = trained[wi].then_some(dw);
+                grads[wi + 1] = trained[wi + 1].then_some(db);
+            };
+        // The MLP branch.
+        let (da, dw2, db2) = lin(&s.a, n, inter, FC2_W, d, dy);
+        (grads[FC2_W], grads[FC2_B]) = (dw2, db2);
+        let Some(da) = da else {
+            return Ok((None, grads));
+        };
+        let dm = train_ops::quick_gelu_backward(&s.m, &da);
+        let (dh2, dw1, db1) = lin(&s.h2, n, d, FC1_W, inter, &dm);
+        (grads[FC1_W], grads[FC1_B]) = (dw1, db1);
+        let Some(dh2) = dh2 else {
+            return Ok((None, grads));
+        };
         let mut dx2 = dy.to_vec();
-        let (dln2w, dln2b) = train_ops::layer_norm_backward(
-            &s.x2,
-            w[LN2_W],
-            &dh2.unwrap_or_default(),
-            eps,
-            &mut dx2,
-            true,
-        );
-        let (dctx, dwo, dbo) = lin(&s.ctx, n, d, w[OUT_W], d, &dx2, true, true, self.amx);
-        let dctx = dctx.unwrap_or_default();
+        let ln2 = train_ops::layer_norm_backward(&s.x2, w[LN2_W], &dh2, eps, &mut dx2, true);
+        ln_grads(&mut grads, LN2_W, ln2);
+        // The attention branch.
+        let (dctx, dwo, dbo) = lin(&s.ctx, n, d, OUT_W, d, &dx2);
+        (grads[OUT_W], grads[OUT_B]) = (dwo, dbo);
+        let Some(dctx) = dctx else {
+            return Ok((None, grads));
+        };
         let (q, k, v) = (&s.qkv[..], &s.qkv[d..], &s.qkv[2 * d..]);
         let mut dqkv = vec![0f32; rows * 3 * d];
         let mut dx = match self.out_rows(seqs)? {
@@ -287,36 +317,25 @@ impl BlockOp {
                 dx
             }
         };
-        let (dh1, dwqkv, dbqkv) = lin(&s.h1, rows, d, &s.wqkv, 3 * d, &dqkv, true, true, self.amx);
-        let (dln1w, dln1b) = train_ops::layer_norm_backward(
-            x,
-            w[LN1_W],
-            &dh1.unwrap_or_default(),
-            eps,
-            &mut dx,
-            true,
-        );
-        let dbqkv = dbqkv.unwrap_or_default();
-        let part = |v: &[f32], i: usize, len: usize| v[i * len..(i + 1) * len].to_vec();
-        let grads = vec![
-            dln1w,
-            dln1b,
-            part(&dwqkv, 0, d * d),
-            part(&dbqkv, 0, d),
-            part(&dwqkv, 1, d * d),
-            part(&dbqkv, 1, d),
-            part(&dwqkv, 2, d * d),
-            part(&dbqkv, 2, d),
-            dwo,
-            dbo.unwrap_or_default(),
-            dln2w,
-            dln2b,
-            dw1,
-            db1.unwrap_or_default(),
-            dw2,
-            db2.unwrap_or_default(),
-        ];
-        Ok((dx, grads))
+        // The three projections as one product against the stacked weight.
+        let want = train_ops::Wants {
+            dx: below(Q_W),
+            dw: [Q_W, K_W, V_W].iter().any(|&i| trained[i]),
+            db: [Q_B, K_B, V_B].iter().any(|&i| trained[i]),
+        };
+        let lin = train_ops::linear_backward;
+        let (dh1, dwqkv, dbqkv) = lin(&s.h1, rows, d, &s.wqkv, 3 * d, &dqkv, want, self.amx);
+        for (j, (wi, bi)) in [(Q_W, Q_B), (K_W, K_B), (V_W, V_B)].into_iter().enumerate() {
+            let part =
+                |v: &Option<Vec<f32>>, len: usize| v.as_ref().map(|v| v[j * len..][..len].to_vec());
+            grads[wi] = part(&dwqkv, d * d).filter(|_| trained[wi]);
+            grads[bi] = part(&dbqkv, d).filter(|_| trained[bi]);
+        }
+        if let Some(dh1) = dh1 {
+            let ln1 = train_ops::layer_norm_backward(x, w[LN1_W], &dh1, eps, &mut dx, true);
+            ln_grads(&mut grads, LN1_W, ln1);
+        }
+        Ok((want_dx.then_some(dx), grads))
     }
 }
 
@@ -371,19 +390,21 @@ impl CustomOp2 for BlockOp {
                  through the same step)"
             )
         };
+        let trained: Vec<bool> = self.weights.iter().map(|w| w.is_variable()).collect();
+        let want_dx = arg.track_op();
         let mut refs: Vec<&Tensor> = vec![&x, &g];
         refs.extend(self.weights.iter());
         let (dx, grads) = cpu::with_slices(&refs, |s| {
-            self.backward(saved, s[0], s[1], seqs, d, &s[2..])
+            self.backward(saved, s[0], s[1], seqs, d, &s[2..], &trained, want_dx)
         })?;
         for (wt, g) in self.weights.iter().zip(grads) {
-            let g = Tensor::from_vec(g, wt.shape(), wt.device())?;
-            train_ops::push_direct_grad(wt, g)?;
+            if let Some(g) = g {
+                train_ops::push_direct_grad(wt, Tensor::from_vec(g, wt.shape(), wt.device())?)?;
+            }
         }
-        let dx = match arg.track_op() {
-            true => Some(Tensor::from_vec(dx, arg.shape(), arg.device())?),
-            false => None,
-        };
+        let dx = dx
+            .map(|dx| Tensor::from_vec(dx, arg.shape(), arg.device()))
+            .transpose()?;
         Ok((dx, None))
     }
 }
@@ -485,22 +506,22 @@ mod tests {
         Ok(())
     }
 
-    /// With the input and the first block frozen (`--freeze` of the embeddings and layer 0),
-    /// the first block runs as in inference and only the second as a block op; the output and
-    /// the second block's gradients are the per-op path's, and the frozen block gets none.
-    #[test]
-    fn frozen_lower_blocks_run_as_inference() -> Result<()> {
-        let (b, t, d) = (2, 6, 16);
-        let pooled = [(0, 5), (1, 3)];
+    /// A random two-block encoder whose tensors that `frozen` names are out of the graph (as
+    /// `--freeze` leaves them); the trained ones by name, and the frozen ones.
+    #[allow(clippy::type_complexity)]
+    fn partly_frozen(
+        d: usize,
+        frozen: impl Fn(&str) -> bool,
+    ) -> Result<(Encoder, Vec<(String, Tensor)>, Vec<Tensor>)> {
         let varmap = VarMap::new();
         encoder(&varmap, d)?;
-        let (mut tensors, mut trained, mut frozen) =
+        let (mut tensors, mut trained, mut detached) =
             (std::collections::HashMap::new(), Vec::new(), Vec::new());
         for (name, v) in varmap.data().lock().expect("varmap lock").iter() {
-            let t = match name.starts_with("layers.0.") {
+            let t = match frozen(name) {
                 true => {
                     let f = v.as_tensor().detach();
-                    frozen.push(f.clone());
+                    detached.push(f.clone());
                     f
                 }
                 false => {
@@ -510,7 +531,6 @@ mod tests {
             };
             tensors.insert(name.clone(), t);
         }
-        assert_eq!((trained.len(), frozen.len()), (16, 16));
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         let shape = EncoderShape {
             dim: d,
@@ -521,35 +541,90 @@ mod tests {
             eps: 1e-5,
         };
         let enc = Encoder::new(vb, shape, Kernels::decide(&Device::Cpu, DType::F32))?;
-        let x = Tensor::randn(0f32, 1.0, (b, t, d), &Device::Cpu)?;
-        let probe = Tensor::randn(0f32, 1.0, (pooled.len(), d), &Device::Cpu)?;
+        Ok((enc, trained, detached))
+    }
+
+    /// Runs `enc` on `x` through the per-op path and through the block ops, checks that
+    /// `ops` block ops ran, that the outputs agree, that every trained tensor (and the input,
+    /// when `x` is a variable) gets the per-op gradient and that no frozen one gets any.
+    fn check_against_per_op(
+        enc: &Encoder,
+        x: &Tensor,
+        trained: &[(String, Tensor)],
+        frozen: &[Tensor],
+        ops: usize,
+    ) -> Result<()> {
+        let pooled = [(0, 5), (1, 3)];
+        let probe = Tensor::randn(0f32, 1.0, (pooled.len(), x.dim(2)?), &Device::Cpu)?;
         let run = || -> Result<(Tensor, candle_core::backprop::GradStore)> {
-            let y = enc.forward_pooled(&x, true, &pooled, None, Mode::Train)?;
+            let y = enc.forward_pooled(x, true, &pooled, None, Mode::Train)?;
             let g = (&y * &probe)?.sum_all()?.backward()?;
             Ok((y, g))
         };
         let (y_plain, g_plain) = run()?;
         let before = APPLIED.with(|c| c.get());
         let (y_fused, g_fused) = crate::model::train_ops::with_direct_weight_grads(run)?;
-        assert_eq!(
-            APPLIED.with(|c| c.get()),
-            before + 1,
-            "one block op, for layer 1"
-        );
+        assert_eq!(APPLIED.with(|c| c.get()), before + ops, "block ops");
         assert!(rel_diff(&y_plain, &y_fused)? < 1e-5, "output");
-        for (name, t) in &trained {
+        let input = x.is_variable().then(|| ("input".to_string(), x.clone()));
+        for (name, t) in trained.iter().chain(&input) {
             let p = g_plain.get(t).expect("per-op gradient");
             let f = g_fused.get(t).expect("fused gradient");
             if !name.ends_with("k_proj.bias") {
                 assert!(rel_diff(p, f)? < 1e-4, "{name}");
             }
         }
-        for t in &frozen {
+        for t in frozen {
             assert!(
                 !g_fused.get_ids().any(|id| *id == t.id()),
                 "a frozen gradient"
             );
         }
         Ok(())
+    }
+
+    /// With the input and the first block frozen (`--freeze` of the embeddings and layer 0),
+    /// the first block runs as in inference and only the second as a block op; the output and
+    /// the second block's gradients are the per-op path's, and the frozen block gets none.
+    #[test]
+    fn frozen_lower_blocks_run_as_inference() -> Result<()> {
+        let (enc, trained, frozen) = partly_frozen(16, |n| n.starts_with("layers.0."))?;
+        assert_eq!((trained.len(), frozen.len()), (16, 16));
+        let x = Tensor::randn(0f32, 1.0, (2, 6, 16), &Device::Cpu)?;
+        check_against_per_op(&enc, &x, &trained, &frozen, 1)
+    }
+
+    /// Frozen weights inside the block ops: a wholly frozen block that the input's gradient
+    /// crosses, and blocks with single frozen tensors (a projection of the stacked three, a
+    /// layer norm's weight, an MLP bias), over a trained input and a frozen one. Each block
+    /// still runs as one op, the trained tensors get the per-op gradients, the frozen none.
+    /// Over a frozen input with everything below `fc2` frozen, the backward pass stops after
+    /// `fc2`'s products.
+    #[test]
+    fn frozen_weights_inside_block_ops() -> Result<()> {
+        let d = 16;
+        let some = |n: &str| {
+            n.starts_with("layers.0.")
+                || [
+                    "layers.1.self_attn.k_proj.weight",
+                    "layers.1.layer_norm2.weight",
+                    "layers.1.mlp.fc1.bias",
+                ]
+                .contains(&n)
+        };
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 6, d), &Device::Cpu)?)?;
+        let (enc, trained, frozen) = partly_frozen(d, some)?;
+        assert_eq!((trained.len(), frozen.len()), (13, 19));
+        check_against_per_op(&enc, x.as_tensor(), &trained, &frozen, 2)?;
+        let x = x.as_tensor().detach();
+        let layer0 = |n: &str| {
+            n.starts_with("layers.0.self_attn.q_proj") || n == "layers.0.layer_norm1.bias"
+        };
+        let (enc, trained, frozen) = partly_frozen(d, layer0)?;
+        check_against_per_op(&enc, &x, &trained, &frozen, 2)?;
+        let only_fc2 = |n: &str| !n.contains("mlp.fc2");
+        let (enc, trained, frozen) = partly_frozen(d, only_fc2)?;
+        assert_eq!(trained.len(), 4);
+        check_against_per_op(&enc, &x, &trained, &frozen, 2)
     }
 }

@@ -248,18 +248,14 @@ impl CustomOp2 for PatchEmbedOp {
                     }
                 }
             }
-            let (_, dk, _) = train_ops::linear_backward(
-                patches,
-                b * g * g,
-                k,
-                s[1],
-                d,
-                &dpatch,
-                false,
-                false,
-                self.amx,
-            );
-            Ok([dk, dcls, dpos, dlnw, dlnb])
+            let want = train_ops::Wants {
+                dx: false,
+                dw: true,
+                db: false,
+            };
+            let (_, dk, _) =
+                train_ops::linear_backward(patches, b * g * g, k, s[1], d, &dpatch, want, self.amx);
+            Ok([dk.unwrap_or_default(), dcls, dpos, dlnw, dlnb])
         })?;
         let targets = [
             kernel,

@@ -750,8 +750,17 @@ pub(crate) fn linear_forward(
     crate::model::cpu::linear(x, rows, k, w, n, b, residual, amx).into_vec()
 }
 
-/// The gradients of [`linear_forward`] from `g` (`[m, n]`): `dx = g W` (when `want_dx`),
-/// `dW = g^T x`, `db` = column sums of `g` (when `bias`).
+/// Which gradients a [`linear_backward`] computes: a frozen weight's product is skipped, and so
+/// is the input's where nothing below it trains.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Wants {
+    pub dx: bool,
+    pub dw: bool,
+    pub db: bool,
+}
+
+/// The gradients of [`linear_forward`] from `g` (`[m, n]`), each where `want` asks for it:
+/// `dx = g W`, `dW = g^T x`, `db` = column sums of `g`.
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub(crate) fn linear_backward(
     x: &[f32],
@@ -760,26 +769,29 @@ pub(crate) fn linear_backward(
     w: &[f32],
     n: usize,
     g: &[f32],
-    want_dx: bool,
-    bias: bool,
+    want: Wants,
     amx: Option<crate::model::amx::Precision>,
-) -> (Option<Vec<f32>>, Vec<f32>, Option<Vec<f32>>) {
+) -> (Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>) {
     let (dx, dw) = match train_amx(m, n, k, amx) {
         Some(p) => {
             use crate::model::amx::{PackedB, Precision};
             let lo = p == Precision::Bf16x3;
             // dx = g (W^T)^T;  dW = (g^T) (x^T)^T.
-            let dx = want_dx.then(|| amx_product(g, m, &PackedB::from_transposed(w, n, k, lo), p));
-            let gt = transpose(g, m, n);
-            let dw = amx_product(&gt, n, &PackedB::from_transposed(x, m, k, lo), p);
+            let dx = want
+                .dx
+                .then(|| amx_product(g, m, &PackedB::from_transposed(w, n, k, lo), p));
+            let dw = want.dw.then(|| {
+                let gt = transpose(g, m, n);
+                amx_product(&gt, n, &PackedB::from_transposed(x, m, k, lo), p)
+            });
             (dx, dw)
         }
         None => (
-            want_dx.then(|| gemm_par(m, k, n, (g, n, 1), (w, k, 1))),
-            gemm_par(n, k, m, (g, 1, n), (x, k, 1)),
+            want.dx.then(|| gemm_par(m, k, n, (g, n, 1), (w, k, 1))),
+            want.dw.then(|| gemm_par(n, k, m, (g, 1, n), (x, k, 1))),
         ),
     };
-    let db = bias.then(|| column_sums(g, n));
+    let db = want.db.then(|| column_sums(g, n));
     (dx, dw, db)
 }
 
@@ -813,28 +825,32 @@ impl LinearOp {
     }
 
     /// `dx` is None when `x` needs no gradient (the patch embedding's pixels): its product is
-    /// the largest one of a small model's step.
+    /// the largest one of a small model's step. `dw` (`db`) is None for a frozen weight (bias),
+    /// which candle would drop anyway: a frozen layer that a gradient crosses costs one product.
     fn backward(
         &self,
         x: &Tensor,
         w: &Tensor,
+        b: Option<&Tensor>,
         g: &Tensor,
-        bias: bool,
-    ) -> Result<(Option<Tensor>, Tensor, Option<Tensor>)> {
-        let want_dx = x.track_op();
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let want = Wants {
+            dx: x.track_op(),
+            dw: w.track_op(),
+            db: b.is_some_and(|b| b.track_op()),
+        };
         let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
         let (m, k) = x.dims2()?;
         let n = w.dim(0)?;
         let dev = x.device().clone();
         let (dx, dw, db) = crate::model::cpu::with_slices(&[&x, &w, &g], |s| {
-            Ok(linear_backward(
-                s[0], m, k, s[1], n, s[2], want_dx, bias, self.amx,
-            ))
+            Ok(linear_backward(s[0], m, k, s[1], n, s[2], want, self.amx))
         })?;
         Ok((
             dx.map(|dx| Tensor::from_vec(dx, (m, k), &dev))
                 .transpose()?,
-            Tensor::from_vec(dw, (n, k), &dev)?,
+            dw.map(|dw| Tensor::from_vec(dw, (n, k), &dev))
+                .transpose()?,
             db.map(|d| Tensor::from_vec(d, n, &dev)).transpose()?,
         ))
     }
@@ -871,8 +887,12 @@ impl CustomOp3 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, db) = self.backward(x, w, g, true)?;
-        Ok((dx, divert_grad(w, dw), db.and_then(|db| divert_grad(b, db))))
+        let (dx, dw, db) = self.backward(x, w, Some(b), g)?;
+        Ok((
+            dx,
+            dw.and_then(|dw| divert_grad(w, dw)),
+            db.and_then(|db| divert_grad(b, db)),
+        ))
     }
 }
 
@@ -904,8 +924,8 @@ impl candle_core::CustomOp2 for LinearOp {
         _res: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.backward(x, w, g, false)?;
-        Ok((dx, divert_grad(w, dw)))
+        let (dx, dw, _) = self.backward(x, w, None, g)?;
+        Ok((dx, dw.and_then(|dw| divert_grad(w, dw))))
     }
 }
 
