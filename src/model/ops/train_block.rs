@@ -70,6 +70,10 @@ pub(crate) struct BlockShape {
     pub eps: f32,
 }
 
+/// A block's backward result: the input's gradient (None where the input is out of the graph)
+/// and each weight's, in [`WEIGHTS`] order (None for a frozen one).
+type BlockGrads = (Option<Vec<f32>>, Vec<Option<Vec<f32>>>);
+
 /// What the forward pass keeps for the backward pass (which takes it).
 struct Saved {
     h1: Vec<f32>,
@@ -256,7 +260,7 @@ impl BlockOp {
         w: &[&[f32]],
         trained: &[bool],
         want_dx: bool,
-    ) -> Result<(Option<Vec<f32>>, Vec<Option<Vec<f32>>>)> {
+    ) -> Result<BlockGrads> {
         let rows = x.len() / d.max(1);
         let inter = w[FC1_B].len();
         let eps = self.shape.eps;
