@@ -700,3 +700,93 @@ fn executors_serve_gelu_checkpoints_at_every_precision() {
         }
     }
 }
+
+/// A `DataRequestProto` whose `data` (field 4) is given as raw wire bytes, so a test can send
+/// millions of empty documents without building them.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawDataRequest {
+    #[prost(bytes = "vec", tag = "4")]
+    data: Vec<u8>,
+}
+
+/// Any reply (its fields are not read).
+#[derive(Clone, PartialEq, prost::Message)]
+struct AnyReply {}
+
+/// `data` holding `n` empty documents: `DataContentProto { docs: DocumentArrayProto { docs } }`.
+fn empty_docs(n: usize) -> Vec<u8> {
+    let len_prefix = |out: &mut Vec<u8>, mut v: usize| loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            break;
+        }
+        out.push(b | 0x80);
+    };
+    let mut docs = Vec::with_capacity(2 * n + 8);
+    docs.extend(std::iter::repeat_n([0x0a, 0x00], n).flatten());
+    let mut data = vec![0x0a];
+    len_prefix(&mut data, docs.len());
+    data.extend(docs);
+    data
+}
+
+/// A request of empty documents, two bytes each on the wire and hundreds decoded, is refused
+/// before decoding (RESOURCE_EXHAUSTED naming `--max-decoded-bytes`), at the flag's value and
+/// at the default (where 1.5 million of them, 3 MB, used to take gigabytes and could take the
+/// executor down); the executor then serves the next request.
+#[test]
+fn requests_over_the_decode_budget_are_refused_before_decoding() {
+    for (flag, docs) in [(Some("1000000"), 2_000), (None, 1_500_000)] {
+        let mut cmd = bin();
+        cmd.args(["executor", "--model"])
+            .arg(root().join("tests/fixtures/clip-tiny"))
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--port-monitoring",
+                "0",
+            ])
+            .env("CLIPFT_LOG", "warn");
+        if let Some(v) = flag {
+            cmd.args(["--max-decoded-bytes", v]);
+        }
+        let mut served = common::spawn_serving(cmd, None).unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (refused, after) = rt.block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(format!(
+                "http://127.0.0.1:{}",
+                served.port
+            ))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+            let mut grpc = tonic::client::Grpc::new(channel.clone());
+            grpc.ready().await.unwrap();
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/jina.JinaSingleDataRequestRPC/process_single_data",
+            );
+            let raw = RawDataRequest {
+                data: empty_docs(docs),
+            };
+            let codec = tonic_prost::ProstCodec::<RawDataRequest, AnyReply>::default();
+            let refused = grpc.unary(tonic::Request::new(raw), path, codec).await;
+            use clipft::executor::client::{encode, Input};
+            let text = vec![("t".into(), Input::Text("a red dress".into()))];
+            (refused, encode(channel, text, 8).await)
+        });
+        let _ = served.child.kill();
+        let _ = served.child.wait();
+        let status = refused.expect_err("the request should be refused");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(
+            status.message().contains("--max-decoded-bytes"),
+            "{status:?}"
+        );
+        assert_eq!(after.expect("the next request")["t"].len(), 32, "{flag:?}");
+    }
+}

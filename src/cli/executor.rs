@@ -54,6 +54,11 @@ pub struct ExecutorArgs {
     /// Largest gRPC message received or sent.
     #[arg(long, env = "CLIPFT_MAX_MESSAGE_BYTES", default_value_t = 256 << 20, value_parser = clap::value_parser!(u64).range(1024..=4_294_967_295))]
     pub max_message_bytes: u64,
+    /// The memory one request may take once decoded, estimated from its wire form before
+    /// decoding: an empty document is two bytes on the wire but hundreds once decoded, so the
+    /// message size alone would let a small request take gigabytes. Over it, RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CLIPFT_MAX_DECODED_BYTES", default_value_t = crate::protocol::budget::DEFAULT_LIMIT, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_decoded_bytes: u64,
     /// Requests of one stream processed at once: enough to fill a minibatch from one client,
     /// few enough that a long stream does not queue ahead of everyone else (at 8, a clip_client
     /// stream at its defaults keeps 64 documents in flight).
@@ -134,6 +139,7 @@ impl ExecutorArgs {
                 "preprocess_threads" => self.preprocess_threads = num(value)? as usize,
                 "queue_depth" => self.queue_depth = num(value)?.max(1),
                 "max_request_docs" => self.max_request_docs = num(value)?.max(1),
+                "max_decoded_bytes" => self.max_decoded_bytes = num(value)?.max(1024),
                 "max_image_pixels" => self.model.max_image_pixels = num(value)?,
                 "max_text_bytes" => self.model.max_text_bytes = num(value)? as usize,
                 "image_root" => self.image_root = Some(value.into()),
@@ -183,6 +189,7 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
     };
     let server = ServerConfig {
         max_message_bytes: args.max_message_bytes as usize,
+        max_decoded_bytes: args.max_decoded_bytes,
         stream_concurrency: args.stream_concurrency as usize,
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         tls: args.tls.server_config()?,

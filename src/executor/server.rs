@@ -49,6 +49,10 @@ pub struct ServerConfig {
     /// Largest request or reply message (Jina has none; a limit keeps one client from taking
     /// the memory of all).
     pub max_message_bytes: usize,
+    /// The memory a request may take once decoded, estimated from its wire bytes before it is
+    /// decoded ([`crate::protocol::budget`]): empty documents are two bytes on the wire and
+    /// hundreds decoded, so the message size alone does not bound the memory.
+    pub max_decoded_bytes: u64,
     /// Requests of one `Call` stream processed at once (so one clip_client with prefetch feeds
     /// the batcher with many requests).
     pub stream_concurrency: usize,
@@ -62,6 +66,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             max_message_bytes: 256 << 20,
+            max_decoded_bytes: crate::protocol::budget::DEFAULT_LIMIT,
             stream_concurrency: 8,
             shutdown_timeout: Duration::from_secs(30),
             tls: None,
@@ -401,6 +406,7 @@ pub async fn serve(
         stream_concurrency: config.stream_concurrency,
     };
     let limit = config.max_message_bytes;
+    crate::protocol::budget::set_limit(config.max_decoded_bytes);
     macro_rules! limited {
         ($server:expr) => {
             $server

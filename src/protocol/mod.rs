@@ -1,8 +1,9 @@
 //! The wire: Jina's `jina.proto` and docarray v1's `docarray.proto` as generated types and gRPC
 //! services, plus what the executor needs to read and write them without touching tensors
-//! elsewhere: the ndarray codec ([`ndarray`]), docarray access paths ([`paths`]) and request
+//! elsewhere: what a request costs decoded, checked before decoding ([`budget`]), the ndarray codec ([`ndarray`]), docarray access paths ([`paths`]) and request
 //! parameters ([`params`]); and how peers connect, in the clear or over TLS ([`transport`]).
 
+pub mod budget;
 pub mod ndarray;
 pub mod params;
 pub mod paths;

@@ -246,15 +246,34 @@ impl<T: prost::Message> Encoder for TracedEncoder<T> {
     }
 }
 
+/// A request refused before decoding: over the budget is RESOURCE_EXHAUSTED (as a message over
+/// the size limit is), malformed is INVALID_ARGUMENT.
+fn budget_status(e: crate::protocol::budget::BudgetError) -> Status {
+    use crate::protocol::budget::BudgetError;
+    metrics::counter!("clipft_requests_over_decode_budget_total").increment(1);
+    match e {
+        BudgetError::OverBudget { .. } => Status::resource_exhausted(e.to_string()),
+        BudgetError::Malformed(_) => Status::invalid_argument(e.to_string()),
+    }
+}
+
 /// [`TracedCodec`]'s decoder.
 #[derive(Debug)]
 pub struct TracedDecoder<U>(ProstDecoder<U>);
 
-impl<U: prost::Message + Default> Decoder for TracedDecoder<U> {
+impl<U: prost::Message + Default + 'static> Decoder for TracedDecoder<U> {
     type Item = U;
     type Error = Status;
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        // A request that carries documents is checked against the decode budget first: prost
+        // would otherwise build every message before anything could count them.
+        if let Some(root) = crate::protocol::budget::Root::of::<U>() {
+            let buf = bytes::Buf::chunk(src);
+            if buf.len() == bytes::Buf::remaining(src) {
+                crate::protocol::budget::check(root, buf).map_err(budget_status)?;
+            }
+        }
         if !in_traced_call() {
             return self.0.decode(src);
         }
