@@ -465,6 +465,25 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
         "{}",
         e.message()
     );
+    // A CSV cell that climbs out of the bundle to an image elsewhere on the trainer's disk
+    // (it starts with the bundle's folder as written, and used to be read and trained on).
+    let outside = demo("images/train_dress_red_plain_0.png").canonicalize()?;
+    let climb = format!(
+        "images/{}{}",
+        "../".repeat(64),
+        outside.display().to_string().trim_start_matches('/')
+    );
+    let r = c
+        .push_dataset(push_raw(
+            "climb",
+            pb::DatasetFormat::CsvBundle,
+            "c.csv",
+            bundle(&format!("a red dress,images/1.png\na red dress,{climb}\n"))?,
+        ))
+        .await;
+    let e = r.expect_err("an image outside the bundle accepted");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("not in the bundle"), "{}", e.message());
     // A header row is refused, on the trainer and before upload.
     let r = c
         .push_dataset(push_raw(

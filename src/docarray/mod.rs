@@ -53,7 +53,7 @@ impl ImageRef {
                 .preprocess_hwc_u8(data, *height, *width, *channels)
                 .map_err(|e| self.error(e));
         }
-        pre.preprocess_bytes(&self.encoded()?)
+        pre.preprocess_bytes(&self.encoded(pre)?)
             .map_err(|e| self.error(e))
     }
 
@@ -65,20 +65,22 @@ impl ImageRef {
             ImageSource::Remote(_) => Ok(()),
             ImageSource::Pixels { .. } => self.preprocess(pre).map(drop),
             _ => pre
-                .decode(&self.encoded()?)
+                .decode(&self.encoded(pre)?)
                 .map(drop)
                 .map_err(|e| self.error(e)),
         }
     }
 
-    /// The encoded image bytes (not for `Pixels`, which are decoded already).
-    fn encoded(&self) -> Result<std::borrow::Cow<'_, [u8]>, DataError> {
+    /// The encoded image bytes (not for `Pixels`, which are decoded already); a file only when
+    /// it is a regular file within what `pre`'s pixel limit allows.
+    fn encoded(&self, pre: &ImagePreprocessor) -> Result<std::borrow::Cow<'_, [u8]>, DataError> {
         let at = |msg: String| DataError::Image {
             location: self.location.clone(),
             msg,
         };
         match &self.source {
-            ImageSource::Path(p) => std::fs::read(p)
+            ImageSource::Path(p) => pre
+                .read_file(p)
                 .map(Into::into)
                 .map_err(|e| at(format!("cannot read {}: {e}", p.display()))),
             ImageSource::DataUri(uri) => decode_data_uri(uri).map(Into::into).map_err(at),

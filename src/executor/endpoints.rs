@@ -624,13 +624,20 @@ pub fn load_image(
             let (data, h, w, c) = ndarray::image_pixels(t)?;
             pre.preprocess_hwc_u8(&data, h, w, c).map_err(e)
         }
-        ImageData::Uri(uri) => pre.preprocess_bytes(&fetch_uri(uri, policy)?).map_err(e),
+        ImageData::Uri(uri) => pre
+            .preprocess_bytes(&fetch_uri(uri, policy, pre)?)
+            .map_err(e),
     }
 }
 
 /// The bytes behind an image URI: `data:` always; local files only below the configured root;
-/// http(s) only when enabled, within the size and time limits.
-pub fn fetch_uri(uri: &str, policy: &ImagePolicy) -> Result<Vec<u8>, String> {
+/// http(s) only when enabled, within the size and time limits. A local file is read only when
+/// it is a regular file no bigger than an image within `pre`'s pixel limit can be.
+pub fn fetch_uri(
+    uri: &str,
+    policy: &ImagePolicy,
+    pre: &ImagePreprocessor,
+) -> Result<Vec<u8>, String> {
     if uri.starts_with("data:") {
         return decode_data_uri(uri);
     }
@@ -670,7 +677,9 @@ pub fn fetch_uri(uri: &str, policy: &ImagePolicy) -> Result<Vec<u8>, String> {
             root.display()
         ));
     }
-    std::fs::read(&canon).map_err(|e| format!("cannot read {uri}: {e}"))
+    let max = crate::model::preprocess::image::max_file_bytes(pre.max_pixels);
+    crate::model::preprocess::image::read_file(&canon, max)
+        .map_err(|e| format!("cannot read {uri}: {e}"))
 }
 
 fn fetch_http(uri: &str, policy: &ImagePolicy) -> Result<Vec<u8>, String> {

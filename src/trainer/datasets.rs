@@ -343,12 +343,19 @@ impl Drop for Upload {
 fn check_csv(csv: &Path) -> Result<(), String> {
     let rows = CsvRows::open(csv).map_err(|e| e.to_string())?;
     let base = rows.base().to_path_buf();
+    // Compared resolved: `images/../../../etc/hostname` starts with the bundle's folder as
+    // written, and would have had the trainer read (and train on) any file on its disk.
+    let root = base.canonicalize().map_err(|e| e.to_string())?;
+    let inside = |p: &Path| {
+        p.canonicalize()
+            .is_ok_and(|c| c.starts_with(&root) && c.is_file())
+    };
     for row in rows.rows() {
         let (loc, fields) = row.map_err(|e| e.to_string())?;
         for f in &fields {
             if looks_like_image(f, &base) {
                 if let ImageSource::Path(p) = image_source(f, &base) {
-                    if !p.starts_with(&base) || !p.is_file() {
+                    if !inside(&p) {
                         return Err(format!("{loc}: image {f:?} is not in the bundle"));
                     }
                 }
@@ -356,6 +363,13 @@ fn check_csv(csv: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Reads a local image for a bundle: a regular file within what the default pixel limit allows
+/// (a FIFO or `/dev/zero` behind a CSV cell would hang or exhaust the client).
+fn read_image_file(p: &Path) -> std::io::Result<Vec<u8>> {
+    use crate::model::preprocess::image::{max_file_bytes, read_file, DEFAULT_MAX_PIXELS};
+    read_file(p, max_file_bytes(DEFAULT_MAX_PIXELS))
 }
 
 /// A dataset packed for pushing: the bytes to send, how the trainer must read them, and the
@@ -441,7 +455,7 @@ pub fn pack(path: &Path) -> Result<Packed, DataError> {
         let inline = |d: &mut DocumentProto, loc: &str| -> Result<(), DataError> {
             if local_uri(d) {
                 if let ImageSource::Path(p) = image_source(&d.uri, &base) {
-                    let bytes = std::fs::read(&p).map_err(|e| DataError::Malformed {
+                    let bytes = read_image_file(&p).map_err(|e| DataError::Malformed {
                         location: loc.to_string(),
                         msg: format!("image {}: {e}", p.display()),
                     })?;
@@ -525,7 +539,7 @@ fn pack_csv(path: &Path, file_name: String) -> Result<Packed, DataError> {
             let rel = match seen.get(&p) {
                 Some(r) => r.clone(),
                 None => {
-                    let bytes = std::fs::read(&p).map_err(|e| DataError::Malformed {
+                    let bytes = read_image_file(&p).map_err(|e| DataError::Malformed {
                         location: loc.clone(),
                         msg: format!("image {}: {e}", p.display()),
                     })?;

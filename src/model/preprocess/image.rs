@@ -22,6 +22,50 @@ use crate::model::ModelError;
 /// we refuse a little earlier, before allocating.
 pub const DEFAULT_MAX_PIXELS: u64 = 64 * 1024 * 1024;
 
+/// The largest file an image within `max_pixels` can be stored in: eight bytes a pixel (16-bit
+/// RGBA, uncompressed) plus room for headers and metadata. A bigger file cannot decode within
+/// the pixel limit, so it is refused before it is read.
+pub fn max_file_bytes(max_pixels: u64) -> u64 {
+    max_pixels.saturating_mul(8).saturating_add(16 << 20)
+}
+
+/// Reads an image file of at most `max_bytes`. Only a regular file is read: a FIFO would block
+/// the reading thread forever and a device (`/dev/zero`) never ends. The file is opened without
+/// blocking (opening a FIFO with no writer would block) and checked on the opened handle, so a
+/// path swapped after a check cannot slip through; the read stops at the limit whatever the
+/// size claimed.
+pub fn read_file(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        open.custom_flags(libc::O_NONBLOCK);
+    }
+    let file = open.open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let over = |n: u64| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("{n} bytes, over the {max_bytes} bytes an image within the pixel limit can take (--max-image-pixels)"),
+        )
+    };
+    if meta.len() > max_bytes {
+        return Err(over(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(over(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
 /// The preprocessing parameters, from `preprocessor_config.json`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageConfig {
@@ -223,9 +267,15 @@ impl ImagePreprocessor {
         Ok(())
     }
 
+    /// Reads an image file, no bigger than an image within the pixel limit can be
+    /// ([`read_file`]).
+    pub fn read_file(&self, path: &Path) -> Result<Vec<u8>, ModelError> {
+        read_file(path, max_file_bytes(self.max_pixels)).map_err(|e| ModelError::io(path, e))
+    }
+
     /// Reads and preprocesses an image file.
     pub fn preprocess_file(&self, path: &Path) -> Result<Vec<f32>, ModelError> {
-        let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+        let bytes = self.read_file(path)?;
         let rgb = self.decode(&bytes).map_err(|e| match e {
             ModelError::Image { msg } => ModelError::Image {
                 msg: format!("{}: {msg}", path.display()),
@@ -775,5 +825,32 @@ mod tests {
         assert!(p.decode(b"definitely not an image").is_err());
         assert!(p.preprocess_hwc_u8(&[0; 10], 2, 2, 3).is_err());
         assert!(p.preprocess_hwc_u8(&[0; 8], 2, 2, 2).is_err());
+    }
+
+    /// Only a regular file within the limit is read: a FIFO is refused at once (it used to
+    /// block a preprocess thread forever), `/dev/zero` too (it never ends), a file over the
+    /// limit before its bytes are read, and a file at the limit is read whole.
+    #[test]
+    fn read_file_takes_regular_files_within_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a.png");
+        std::fs::write(&file, vec![7u8; 1000]).expect("write");
+        assert_eq!(read_file(&file, 1000).expect("read").len(), 1000);
+        let e = read_file(&file, 999).expect_err("over the limit");
+        assert!(e.to_string().contains("--max-image-pixels"), "{e}");
+        let e = read_file(Path::new("/dev/zero"), 1 << 20).expect_err("a device");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        let e = read_file(dir.path(), 1 << 20).expect_err("a folder");
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        #[cfg(unix)]
+        {
+            let fifo = dir.path().join("fifo.png");
+            let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+            // SAFETY: `c` is a NUL-terminated path that outlives the call.
+            assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+            let e = read_file(&fifo, 1 << 20).expect_err("a FIFO");
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
+        assert!(max_file_bytes(DEFAULT_MAX_PIXELS) > 8 * DEFAULT_MAX_PIXELS);
     }
 }
