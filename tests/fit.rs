@@ -232,6 +232,18 @@ fn bad_runs_fail_clearly_and_leave_nothing() {
         !e.contains("pairs,"),
         "a taken name must fail before training: {e}"
     );
+    // A learning rate that blows the weights up fails the run at the first NaN loss, naming
+    // the step, instead of finishing with NaN weights as its artifact.
+    let e = err(bin()
+        .args(["fit", "--model", "tests/fixtures/clip-tiny", "--output"])
+        .arg(&out)
+        .args(["--train-data", "data/demo/train.csv", "--device", "cpu"])
+        .args(["--learning-rate", "1e30", "--max-steps", "6"])
+        .args(["--run-name", "diverges"])
+        .output()
+        .unwrap());
+    assert!(e.contains("diverged at step") && e.contains("NaN"), "{e}");
+    assert!(!out.join("diverges").exists(), "{e}");
     // A missing or undecodable image on the last line fails before the first step, naming it.
     let demo = std::fs::read_to_string("data/demo/train.csv").unwrap();
     let images = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/demo");

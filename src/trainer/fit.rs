@@ -160,6 +160,10 @@ pub enum FitError {
     Canceled,
     #[error("suspended at step {0}")]
     Suspended(u64),
+    /// The loss stopped being a number and the step was taken: the weights are ruined, so the
+    /// run stops instead of training on (and handing out) NaN weights.
+    #[error("training diverged at step {step}: the loss is {loss} (try a lower --learning-rate)")]
+    Diverged { step: u64, loss: f32 },
 }
 
 impl From<candle_core::Error> for FitError {
@@ -600,6 +604,15 @@ pub fn fit(
             let (text, pixels) = collate(&model, &pairs, idx)?;
             let skipped = opt.skipped;
             let loss = model.train_step(&mut opt, &text, &pixels)?;
+            // Under f16 loss scaling a non-finite step is skipped and the weights are intact.
+            if !loss.is_finite() && opt.skipped == skipped {
+                // Its checkpoints would resume into the same divergence: nothing to keep.
+                remove_work_dir(&work);
+                return Err(FitError::Diverged {
+                    step: st.step + 1,
+                    loss,
+                });
+            }
             if opt.skipped > skipped {
                 progress(FitEvent::Log(format!(
                     "f16: the gradients overflowed, step skipped; loss scale now {}",

@@ -74,7 +74,23 @@ pub struct Progress {
     /// 1-based; 0 before the first step.
     pub epoch: u32,
     pub epochs: u32,
+    /// NaN is written as `null` (JSON has no NaN); read back as NaN.
+    #[serde(deserialize_with = "nan_if_null")]
     pub loss: f32,
+}
+
+/// A float that JSON may hold as `null` (serde_json writes NaN and infinities so): a run.json
+/// with one must still load, or the run would vanish at a restart, its name taken for good.
+fn nan_if_null<'de, D: serde::Deserializer<'de>, F: Deserialize<'de> + From<f32>>(
+    d: D,
+) -> Result<F, D::Error> {
+    Ok(Option::<F>::deserialize(d)?.unwrap_or_else(|| F::from(f32::NAN)))
+}
+
+/// [`nan_if_null`] for each element.
+fn nans_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<f64>, D::Error> {
+    let v = Vec::<Option<f64>>::deserialize(d)?;
+    Ok(v.into_iter().map(|x| x.unwrap_or(f64::NAN)).collect())
 }
 
 /// What a run measured.
@@ -83,7 +99,9 @@ pub struct RunResult {
     pub before: Option<Metrics>,
     pub after: Option<Metrics>,
     pub epoch_metrics: Vec<(usize, Metrics)>,
+    #[serde(deserialize_with = "nans_if_null")]
     pub epoch_losses: Vec<f64>,
+    #[serde(deserialize_with = "nans_if_null")]
     pub eval_losses: Vec<f64>,
 }
 
@@ -950,4 +968,32 @@ pub fn random_run_name() -> String {
         N.choose(&mut rng).copied().unwrap_or("heron"),
         rng.gen_range(0..10000)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// serde_json writes a NaN loss as `null`; it reads back as NaN, so a run whose loss went
+    /// NaN still loads after a restart (it used to be skipped, its name taken for good).
+    #[test]
+    fn nan_losses_survive_a_round_trip() {
+        let p = Progress {
+            loss: f32::NAN,
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&p).expect("write");
+        assert!(json.contains("null"), "{json}");
+        let back: Progress = serde_json::from_str(&json).expect("read");
+        assert!(back.loss.is_nan());
+        let r = RunResult {
+            epoch_losses: vec![f64::NAN, 1.5],
+            eval_losses: vec![f64::INFINITY],
+            ..Default::default()
+        };
+        let back: RunResult =
+            serde_json::from_str(&serde_json::to_string(&r).expect("write")).expect("read");
+        assert!(back.epoch_losses[0].is_nan() && back.epoch_losses[1] == 1.5);
+        assert!(back.eval_losses[0].is_nan());
+    }
 }
