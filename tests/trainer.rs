@@ -484,6 +484,56 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
     let e = r.expect_err("an image outside the bundle accepted");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("not in the bundle"), "{}", e.message());
+    // Zeros that compress a thousandfold: an entry no row names is not unpacked (it used to
+    // be, whatever its size), and one a row names counts against --max-dataset-bytes as
+    // unpacked, not as sent.
+    let with_zeros = |csv: &str| -> R<Vec<u8>> {
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        zip.start_file("data.csv", opts)?;
+        std::io::Write::write_all(&mut zip, csv.as_bytes())?;
+        zip.start_file("images/1.png", opts)?;
+        std::io::Write::write_all(
+            &mut zip,
+            &std::fs::read(demo("images/train_dress_red_plain_0.png"))?,
+        )?;
+        zip.start_file("images/zeros.png", opts)?;
+        std::io::Write::write_all(&mut zip, &vec![0u8; 4 << 20])?;
+        Ok(zip.finish()?.into_inner())
+    };
+    let sent = with_zeros("a red dress,images/1.png\n")?;
+    assert!(sent.len() < 200_000, "{}", sent.len());
+    let meta = c
+        .push_dataset(push_raw(
+            "unnamed",
+            pb::DatasetFormat::CsvBundle,
+            "u.csv",
+            sent,
+        ))
+        .await?
+        .into_inner();
+    assert!(meta.bytes < 200_000, "{meta:?}");
+    let held = state.join("datasets/unnamed/images");
+    assert!(held.join("1.png").is_file() && !held.join("zeros.png").exists());
+    c.delete_dataset(pb::DeleteDatasetRequest {
+        name: "unnamed".into(),
+    })
+    .await?;
+    let r = c
+        .push_dataset(push_raw(
+            "named",
+            pb::DatasetFormat::CsvBundle,
+            "n.csv",
+            with_zeros("a red dress,images/1.png\nzeros,images/zeros.png\n")?,
+        ))
+        .await;
+    let e = r.expect_err("4 MiB unpacked accepted under a 200 kB limit");
+    assert!(
+        e.message().contains("--max-dataset-bytes"),
+        "{}",
+        e.message()
+    );
     // A header row is refused, on the trainer and before upload.
     let r = c
         .push_dataset(push_raw(

@@ -293,9 +293,11 @@ impl Upload {
         let (file, items) = match self.format {
             Format::Docarray => (self.file.clone(), vet(&path)?),
             Format::CsvBundle => {
-                crate::artifact::extract_zip(&path, &self.tmp, self.max_bytes)
+                let unpacked = extract_bundle(&path, &self.tmp, self.max_bytes)
                     .map_err(|e| invalid(format!("bundle: {e}")))?;
                 std::fs::remove_file(&path).map_err(io(&path))?;
+                // What the dataset holds on disk (`data list`), not what was sent.
+                self.bytes = unpacked;
                 let csv = self.tmp.join(BUNDLE_CSV);
                 if !csv.is_file() {
                     return Err(invalid(format!("the bundle has no {BUNDLE_CSV}")));
@@ -336,6 +338,69 @@ impl Drop for Upload {
             let _ = std::fs::remove_dir_all(&self.tmp);
         }
     }
+}
+
+/// Unpacks a CSV bundle into `dest`: `data.csv`, then only the entries its cells name, each no
+/// bigger than an image within the default pixel limit can be, all of them within `max_bytes`;
+/// returns the bytes written. Unpacking every entry let a 4 MB upload of zeros write 4 GiB
+/// that no row would ever read.
+fn extract_bundle(zip_path: &Path, dest: &Path, max_bytes: u64) -> Result<u64, String> {
+    use crate::model::preprocess::image::{max_file_bytes, DEFAULT_MAX_PIXELS};
+    use std::io::Read;
+    let file = std::fs::File::open(zip_path).map_err(|e| e.to_string())?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dest).map_err(|e| e.to_string())?;
+    let mut total = 0u64;
+    let mut unpack = |entry: &mut zip::read::ZipFile<'_, std::fs::File>,
+                      rel: &Path,
+                      cap: u64|
+     -> Result<(), String> {
+        let out = dest.join(rel);
+        if let Some(parent) = out.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        let mut w = std::fs::File::create(&out).map_err(|e| e.to_string())?;
+        let cap = cap.min(max_bytes.saturating_sub(total));
+        let n = std::io::copy(&mut entry.take(cap.saturating_add(1)), &mut w)
+            .map_err(|e| e.to_string())?;
+        total += n;
+        if n > cap {
+            return Err(match total > max_bytes {
+                true => format!("unpacks to more than {max_bytes} bytes (--max-dataset-bytes)"),
+                false => format!(
+                    "{} unpacks to more than {cap} bytes, more than an image within the pixel limit can take",
+                    rel.display()
+                ),
+            });
+        }
+        Ok(())
+    };
+    {
+        let mut csv = archive
+            .by_name(BUNDLE_CSV)
+            .map_err(|_| format!("the bundle has no {BUNDLE_CSV}"))?;
+        unpack(&mut csv, Path::new(BUNDLE_CSV), max_bytes)?;
+    }
+    let rows = CsvRows::open(&dest.join(BUNDLE_CSV)).map_err(|e| e.to_string())?;
+    let mut named = std::collections::HashSet::new();
+    for row in rows.rows() {
+        let (_, fields) = row.map_err(|e| e.to_string())?;
+        named.extend(fields.into_iter().map(|f| {
+            let f = f.trim();
+            PathBuf::from(f.strip_prefix("./").unwrap_or(f))
+        }));
+    }
+    for i in 0..archive.len() {
+        let mut entry = archive.by_index(i).map_err(|e| e.to_string())?;
+        let Some(rel) = entry.enclosed_name() else {
+            return Err(format!("unsafe entry name {:?}", entry.name()));
+        };
+        if entry.is_dir() || rel == Path::new(BUNDLE_CSV) || !named.contains(&rel) {
+            continue;
+        }
+        unpack(&mut entry, &rel, max_file_bytes(DEFAULT_MAX_PIXELS))?;
+    }
+    Ok(total)
 }
 
 /// Every local image of a bundled CSV is inside the bundle (not a path elsewhere on the
