@@ -211,10 +211,11 @@ fn prepare(
                 || lower.starts_with("http://")
                 || lower.starts_with("https://")
             {
-                fetch_uri(uri, policy)?
+                fetch_uri(uri, policy, pre)?
             } else {
                 let path = uri.strip_prefix("file://").unwrap_or(uri);
-                std::fs::read(path).map_err(|e| format!("{path}: {e}"))?
+                pre.read_file(std::path::Path::new(path))
+                    .map_err(|e| e.to_string())?
             }
         }
     };
