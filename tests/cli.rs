@@ -1,6 +1,6 @@
 //! The `clipft` binary driven as users drive it: encode, bench, models, and their errors.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
@@ -654,30 +654,10 @@ fn executors_serve_gelu_checkpoints_at_every_precision() {
             .args(["--image", &image("rgb_300x200.png")])
             .output()
             .unwrap()));
-        let mut cmd = bin();
-        cmd.args(["executor", "--model"])
-            .arg(&model)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--port-monitoring",
-                "0",
-            ])
-            .args(["--matmul-precision", precision])
-            .env("CLIPFT_LOG", "warn");
-        let mut served = common::spawn_serving(cmd, None).unwrap();
+        let mut served = spawn_executor(&model, &["--matmul-precision", precision]);
         let rt = tokio::runtime::Runtime::new().unwrap();
         let got = rt.block_on(async {
-            let channel = tonic::transport::Endpoint::from_shared(format!(
-                "http://127.0.0.1:{}",
-                served.port
-            ))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+            let channel = connect(served.port).await;
             use clipft::executor::client::{encode, Input};
             encode(
                 channel,
@@ -699,6 +679,33 @@ fn executors_serve_gelu_checkpoints_at_every_precision() {
             assert!(c > 0.99999, "{precision} {id}: cosine {c}");
         }
     }
+}
+
+/// `clipft executor` serving `model` on a free local port, with `extra` flags.
+fn spawn_executor(model: &Path, extra: &[&str]) -> common::Spawned {
+    let mut cmd = bin();
+    cmd.args(["executor", "--model"])
+        .arg(model)
+        .args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--port-monitoring",
+            "0",
+        ])
+        .args(extra)
+        .env("CLIPFT_LOG", "warn");
+    common::spawn_serving(cmd, None).unwrap()
+}
+
+/// A channel to the executor on `port`.
+async fn connect(port: u16) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 /// A `DataRequestProto` whose `data` (field 4) is given as raw wire bytes, so a test can send
@@ -739,32 +746,14 @@ fn empty_docs(n: usize) -> Vec<u8> {
 #[test]
 fn requests_over_the_decode_budget_are_refused_before_decoding() {
     for (flag, docs) in [(Some("1000000"), 2_000), (None, 1_500_000)] {
-        let mut cmd = bin();
-        cmd.args(["executor", "--model"])
-            .arg(root().join("tests/fixtures/clip-tiny"))
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--port-monitoring",
-                "0",
-            ])
-            .env("CLIPFT_LOG", "warn");
-        if let Some(v) = flag {
-            cmd.args(["--max-decoded-bytes", v]);
-        }
-        let mut served = common::spawn_serving(cmd, None).unwrap();
+        let extra: &[&str] = match flag {
+            Some(v) => &["--max-decoded-bytes", v],
+            None => &[],
+        };
+        let mut served = spawn_executor(&root().join("tests/fixtures/clip-tiny"), extra);
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (refused, after) = rt.block_on(async {
-            let channel = tonic::transport::Endpoint::from_shared(format!(
-                "http://127.0.0.1:{}",
-                served.port
-            ))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+            let channel = connect(served.port).await;
             let mut grpc = tonic::client::Grpc::new(channel.clone());
             grpc.ready().await.unwrap();
             let path = tonic::codegen::http::uri::PathAndQuery::from_static(

@@ -20,7 +20,7 @@ enum ImageInput {
     /// A path (relative to the current folder), `file://`, `data:` or `http(s)://` URI.
     Uri(String),
     /// A numpy array's bytes: `[H, W]` or `[H, W, C]`, dtype as numpy's `dtype.str`.
-    Tensor(NdArrayProto),
+    Tensor(Box<NdArrayProto>),
 }
 
 fn model_error(e: ModelError) -> PyErr {
@@ -236,14 +236,14 @@ fn image_input(t: &Bound<'_, PyTuple>) -> Result<ImageInput, String> {
             let buffer = bytes_of(&item(1)?)?;
             let shape = item(2)?.extract::<Vec<u32>>().map_err(|e| e.to_string())?;
             let dtype = item(3)?.extract::<String>().map_err(|e| e.to_string())?;
-            ImageInput::Tensor(NdArrayProto {
+            ImageInput::Tensor(Box::new(NdArrayProto {
                 content: Some(nd_array_proto::Content::Dense(DenseNdArrayProto {
                     buffer: buffer.into(),
                     shape,
                     dtype,
                 })),
                 ..Default::default()
-            })
+            }))
         }
         other => return Err(format!("unknown image kind {other:?}")),
     };
