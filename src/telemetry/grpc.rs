@@ -267,7 +267,9 @@ impl<U: prost::Message + Default + 'static> Decoder for TracedDecoder<U> {
 
     fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
         // A request that carries documents is checked against the decode budget first: prost
-        // would otherwise build every message before anything could count them.
+        // would otherwise build every message before anything could count them. tonic hands
+        // the decoder the whole message as one contiguous buffer (its `DecodeBuf` is a window
+        // on one `BytesMut`), so `chunk` is all of it.
         if let Some(root) = crate::protocol::budget::Root::of::<U>() {
             let buf = bytes::Buf::chunk(src);
             if buf.len() == bytes::Buf::remaining(src) {
