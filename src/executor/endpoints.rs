@@ -417,7 +417,7 @@ impl Core {
             let t0 = std::time::Instant::now();
             let tok = self.tokenizer.clone();
             let inputs = self
-                .on_pool(move || {
+                .on_pool(move |_| {
                     let tok = tok
                         .as_ref()
                         .ok_or(ExecutorError::Model("no tokenizer".into()))?;
@@ -461,7 +461,7 @@ impl Core {
             let policy = self.policy.clone();
             let pool = self.pool.clone();
             let inputs = self
-                .on_pool(move || {
+                .on_pool(move |gone| {
                     use rayon::prelude::*;
                     let pre = pre
                         .as_ref()
@@ -471,6 +471,10 @@ impl Core {
                             .par_iter()
                             .zip(&image_ids)
                             .map(|((a, src), id)| {
+                                // A request whose client went away decodes nothing more.
+                                if gone() {
+                                    return Err(ExecutorError::Abandoned);
+                                }
                                 load_image(src, &policy, pre)
                                     .map(Input::Pixels)
                                     .map_err(|e| bad_doc(a, id, e))
@@ -507,22 +511,29 @@ impl Core {
     /// Runs blocking preprocessing on the pool, off the async runtime.
     async fn on_pool<T: Send + 'static>(
         &self,
-        f: impl FnOnce() -> T + Send + 'static,
+        f: impl FnOnce(&Gone) -> T + Send + 'static,
     ) -> Result<T, ExecutorError> {
         run_on_pool(&self.pool, f).await
     }
 }
 
-/// Runs `f` on `pool` and awaits its result. A panic in `f` (a decoder bug on a crafted image,
-/// say) fails this request in-band instead of reaching rayon, whose default for a panicking
-/// spawned job is to abort the whole process.
+/// Tells a pool job whether the request it works for was abandoned (its client disconnected
+/// or cancelled, so tonic dropped the call): then the job can stop early instead of decoding
+/// a request's remaining images for nobody, while other clients' images wait behind them.
+pub type Gone<'a> = dyn Fn() -> bool + Sync + 'a;
+
+/// Runs `f` on `pool` and awaits its result; `f` gets a [`Gone`] probe. A panic in `f` (a
+/// decoder bug on a crafted image, say) fails this request in-band instead of reaching rayon,
+/// whose default for a panicking spawned job is to abort the whole process.
 pub async fn run_on_pool<T: Send + 'static>(
     pool: &rayon::ThreadPool,
-    f: impl FnOnce() -> T + Send + 'static,
+    f: impl FnOnce(&Gone) -> T + Send + 'static,
 ) -> Result<T, ExecutorError> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     pool.spawn(move || {
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let gone = || tx.is_closed();
+        let job = || f(&gone);
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).map_err(|panic| {
             let msg = status::panic_message(panic.as_ref());
             tracing::error!("preprocessing panicked: {msg}");
             ExecutorError::Internal(format!("preprocessing failed: {msg}"))
@@ -737,13 +748,48 @@ mod tests {
             .build()
             .unwrap();
         let err = rt
-            .block_on(run_on_pool(&pool, || -> u32 {
+            .block_on(run_on_pool(&pool, |_| -> u32 {
                 panic!("decoder bug on image 3")
             }))
             .unwrap_err();
         assert!(matches!(err, ExecutorError::Internal(_)), "{err:?}");
         assert!(err.to_string().contains("decoder bug on image 3"), "{err}");
         assert!(!err.fails_call());
-        assert_eq!(rt.block_on(run_on_pool(&pool, || 7u32)).unwrap(), 7);
+        assert_eq!(rt.block_on(run_on_pool(&pool, |_| 7u32)).unwrap(), 7);
+    }
+
+    /// A job learns that its caller stopped waiting (the call was dropped, as tonic drops a
+    /// call whose client went away), so it can stop; while the caller waits, it is not told so.
+    #[test]
+    fn a_pool_job_sees_its_caller_go() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        assert!(!rt.block_on(run_on_pool(&pool, |gone| gone())).unwrap());
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let call = run_on_pool(&pool, move |gone| {
+            let _ = started_tx.send(());
+            // At most 10 s, however slow the machine, then report what it saw.
+            for _ in 0..2000 {
+                if gone() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            let _ = seen_tx.send(gone());
+        });
+        rt.block_on(async {
+            tokio::pin!(call);
+            // Poll the call once so the job is spawned, then wait until it runs and drop it.
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(1), &mut call).await;
+            started_rx.recv().unwrap();
+        });
+        assert!(seen_rx.recv().unwrap(), "the job never saw its caller go");
     }
 }
