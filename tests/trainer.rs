@@ -786,9 +786,13 @@ async fn killed_trainer_resumes_runs_after_restart() -> R {
     let d = client::push_dataset(&mut c, "pairs", &file, false).await?;
     assert!(d.items >= 4, "{d:?}");
     client::push_dataset(&mut c, "train", &demo("train.csv"), false).await?;
+    // Batches of 2 (240 steps an epoch), so an epoch outlasts --checkpoint-seconds 1 and a
+    // mid-epoch checkpoint is written on a fast, idle machine too: at 32 (and at 8) an epoch of
+    // the tiny model took under a second run alone, and the test only passed while other tests
+    // slowed it down.
     let cfg = config(
         "train",
-        serde_json::json!({"epochs": 5, "seed": 7, "eval_data": "pairs"}),
+        serde_json::json!({"epochs": 5, "seed": 7, "eval_data": "pairs", "batch_size": 2}),
     );
     create(&mut c, "interrupted", cfg.clone()).await?;
     create(
@@ -812,6 +816,14 @@ async fn killed_trainer_resumes_runs_after_restart() -> R {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     t.kill();
+    // A run whose run.json no longer parses is moved aside at the restart, kept, its name
+    // free again (it used to stay taken while the API could not see the run).
+    let runs = dir.join("runs");
+    std::fs::create_dir_all(runs.join("garbled"))?;
+    std::fs::write(
+        runs.join("garbled/run.json"),
+        b"{\"name\": \"garbled\", trunc",
+    )?;
 
     let t = Trainer::start(&dir, &args)?;
     let mut c = t.client(None).await?;
@@ -824,6 +836,15 @@ async fn killed_trainer_resumes_runs_after_restart() -> R {
         .map(|r| r.name)
         .collect();
     assert_eq!(names, ["interrupted", "queued"]);
+    let aside: Vec<String> = std::fs::read_dir(&runs)?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("garbled"))
+        .collect();
+    assert!(
+        aside.len() == 1 && aside[0].starts_with(".unreadable-garbled-"),
+        "{aside:?}"
+    );
     let r = wait_for(&mut c, "interrupted", ended).await?;
     assert_eq!(client::state_word(r.state), "FINISHED", "{r:?}");
     let log = log_of(&mut c, "interrupted").await?;

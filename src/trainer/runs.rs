@@ -240,6 +240,10 @@ impl Registry {
             .map_err(io(&runs_dir))?
             .flatten()
         {
+            // Run names never start with '.': such folders are set aside runs (below).
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
             let path = e.path().join("run.json");
             let Ok(raw) = std::fs::read(&path) else {
                 continue;
@@ -247,7 +251,24 @@ impl Registry {
             let mut rec: RunRecord = match serde_json::from_slice(&raw) {
                 Ok(r) => r,
                 Err(err) => {
-                    tracing::warn!("{}: unreadable, skipped: {err}", path.display());
+                    // Kept, but out of the way: left in place, the run was invisible to the API
+                    // while its name stayed taken, so it could be neither reused nor deleted.
+                    let aside = runs_dir.join(format!(
+                        ".unreadable-{}-{}",
+                        e.file_name().to_string_lossy(),
+                        crate::artifact::unix_now()
+                    ));
+                    match std::fs::rename(e.path(), &aside) {
+                        Ok(()) => tracing::warn!(
+                            "{}: unreadable ({err}); moved to {} (its name is free again)",
+                            path.display(),
+                            aside.display()
+                        ),
+                        Err(mv) => tracing::warn!(
+                            "{}: unreadable ({err}), skipped; cannot move it aside: {mv}",
+                            path.display()
+                        ),
+                    }
                     continue;
                 }
             };
