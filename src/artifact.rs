@@ -666,6 +666,17 @@ fn remove_orphans(base: &Path) {
 /// Unpacks `zip_path` into `dest`. Entry names that would leave `dest` (absolute, `..`) are
 /// refused, not sanitised, and the total unpacked size is capped at `max_bytes` (zip bombs).
 pub fn extract_zip(zip_path: &Path, dest: &Path, max_bytes: u64) -> Result<(), String> {
+    extract_zip_entries(zip_path, dest, max_bytes, |_| Some(u64::MAX)).map(drop)
+}
+
+/// [`extract_zip`] for the entries `pick` selects, each capped at the size `pick` gives it;
+/// returns the bytes written. Unsafe names are refused whether picked or not.
+pub fn extract_zip_entries(
+    zip_path: &Path,
+    dest: &Path,
+    max_bytes: u64,
+    mut pick: impl FnMut(&Path) -> Option<u64>,
+) -> Result<u64, String> {
     use std::io::Read;
     let file = std::fs::File::open(zip_path).map_err(|e| e.to_string())?;
     let mut archive = zip::ZipArchive::new(file).map_err(|e| e.to_string())?;
@@ -676,7 +687,10 @@ pub fn extract_zip(zip_path: &Path, dest: &Path, max_bytes: u64) -> Result<(), S
         let rel = entry
             .enclosed_name()
             .ok_or_else(|| format!("unsafe entry name {:?}", entry.name()))?;
-        let out = dest.join(rel);
+        let Some(cap) = pick(&rel) else {
+            continue;
+        };
+        let out = dest.join(&rel);
         if entry.is_dir() {
             std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
             continue;
@@ -685,15 +699,21 @@ pub fn extract_zip(zip_path: &Path, dest: &Path, max_bytes: u64) -> Result<(), S
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
         let mut w = std::fs::File::create(&out).map_err(|e| e.to_string())?;
-        let budget = max_bytes.saturating_sub(total);
-        let n =
-            std::io::copy(&mut (&mut entry).take(budget + 1), &mut w).map_err(|e| e.to_string())?;
+        let cap = cap.min(max_bytes.saturating_sub(total));
+        let n = std::io::copy(&mut (&mut entry).take(cap.saturating_add(1)), &mut w)
+            .map_err(|e| e.to_string())?;
         total += n;
         if total > max_bytes {
             return Err(format!("unpacks to more than {max_bytes} bytes"));
         }
+        if n > cap {
+            return Err(format!(
+                "{} unpacks to more than {cap} bytes",
+                rel.display()
+            ));
+        }
     }
-    Ok(())
+    Ok(total)
 }
 
 /// Packs an artifact folder as `<folder>.zip` beside it, every entry under `<run name>/`

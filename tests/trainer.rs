@@ -431,19 +431,26 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
     assert!(!state.join("evil.csv").exists() && !dir.join("evil.csv").exists());
     // A bundle whose image does not decode is refused at push, naming the dataset and line,
     // not the trainer's own paths (a client skipping the local checks sends such a bundle).
-    let bundle = |csv: &str| -> R<Vec<u8>> {
+    // A zipped bundle: `data.csv`, a real image as images/1.png, and `extra` entries.
+    let zip_of = |csv: &str, extra: &[(&str, &[u8])]| -> R<Vec<u8>> {
         let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-        let opts = zip::write::SimpleFileOptions::default();
-        zip.start_file("data.csv", opts)?;
-        std::io::Write::write_all(&mut zip, csv.as_bytes())?;
-        zip.start_file("images/0.png", opts)?;
-        std::io::Write::write_all(&mut zip, b"\x89PNG\r\n\x1a\nnot really a png")?;
-        zip.start_file("images/1.png", opts)?;
-        std::io::Write::write_all(
-            &mut zip,
-            &std::fs::read(demo("images/train_dress_red_plain_0.png"))?,
-        )?;
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        let real = std::fs::read(demo("images/train_dress_red_plain_0.png"))?;
+        for (name, bytes) in [("data.csv", csv.as_bytes()), ("images/1.png", &real[..])]
+            .into_iter()
+            .chain(extra.iter().copied())
+        {
+            zip.start_file(name, opts)?;
+            std::io::Write::write_all(&mut zip, bytes)?;
+        }
         Ok(zip.finish()?.into_inner())
+    };
+    let bundle = |csv: &str| {
+        zip_of(
+            csv,
+            &[("images/0.png", b"\x89PNG\r\n\x1a\nnot really a png")],
+        )
     };
     let r = c
         .push_dataset(push_raw(
@@ -487,21 +494,8 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
     // Zeros that compress a thousandfold: an entry no row names is not unpacked (it used to
     // be, whatever its size), and one a row names counts against --max-dataset-bytes as
     // unpacked, not as sent.
-    let with_zeros = |csv: &str| -> R<Vec<u8>> {
-        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-        let opts = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Deflated);
-        zip.start_file("data.csv", opts)?;
-        std::io::Write::write_all(&mut zip, csv.as_bytes())?;
-        zip.start_file("images/1.png", opts)?;
-        std::io::Write::write_all(
-            &mut zip,
-            &std::fs::read(demo("images/train_dress_red_plain_0.png"))?,
-        )?;
-        zip.start_file("images/zeros.png", opts)?;
-        std::io::Write::write_all(&mut zip, &vec![0u8; 4 << 20])?;
-        Ok(zip.finish()?.into_inner())
-    };
+    let zeros = vec![0u8; 4 << 20];
+    let with_zeros = |csv: &str| zip_of(csv, &[("images/zeros.png", &zeros)]);
     let sent = with_zeros("a red dress,images/1.png\n")?;
     assert!(sent.len() < 200_000, "{}", sent.len());
     let meta = c

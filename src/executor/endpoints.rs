@@ -736,17 +736,24 @@ mod tests {
         assert_eq!((ms(a), ms(b)), (9000, 9004));
     }
 
-    /// A panicking job fails its request with the panic's message; the pool and the process
-    /// go on (rayon would abort the process on an uncaught panic in a spawned job).
-    #[test]
-    fn a_panic_on_the_pool_is_an_error_for_that_request() {
+    /// A one-thread pool and a runtime (with timers) to await its jobs on.
+    fn pool_and_runtime() -> (rayon::ThreadPool, tokio::runtime::Runtime) {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .build()
             .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
+        (pool, rt)
+    }
+
+    /// A panicking job fails its request with the panic's message; the pool and the process
+    /// go on (rayon would abort the process on an uncaught panic in a spawned job).
+    #[test]
+    fn a_panic_on_the_pool_is_an_error_for_that_request() {
+        let (pool, rt) = pool_and_runtime();
         let err = rt
             .block_on(run_on_pool(&pool, |_| -> u32 {
                 panic!("decoder bug on image 3")
@@ -762,14 +769,7 @@ mod tests {
     /// call whose client went away), so it can stop; while the caller waits, it is not told so.
     #[test]
     fn a_pool_job_sees_its_caller_go() {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let (pool, rt) = pool_and_runtime();
         assert!(!rt.block_on(run_on_pool(&pool, |gone| gone())).unwrap());
         let (seen_tx, seen_rx) = std::sync::mpsc::channel();
         let (started_tx, started_rx) = std::sync::mpsc::channel();

@@ -345,43 +345,21 @@ impl Drop for Upload {
 /// returns the bytes written. Unpacking every entry let a 4 MB upload of zeros write 4 GiB
 /// that no row would ever read.
 fn extract_bundle(zip_path: &Path, dest: &Path, max_bytes: u64) -> Result<u64, String> {
+    use crate::artifact::extract_zip_entries;
     use crate::model::preprocess::image::{max_file_bytes, DEFAULT_MAX_PIXELS};
-    use std::io::Read;
-    let file = std::fs::File::open(zip_path).map_err(|e| e.to_string())?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(dest).map_err(|e| e.to_string())?;
-    let mut total = 0u64;
-    let mut unpack = |entry: &mut zip::read::ZipFile<'_, std::fs::File>,
-                      rel: &Path,
-                      cap: u64|
-     -> Result<(), String> {
-        let out = dest.join(rel);
-        if let Some(parent) = out.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
-        }
-        let mut w = std::fs::File::create(&out).map_err(|e| e.to_string())?;
-        let cap = cap.min(max_bytes.saturating_sub(total));
-        let n = std::io::copy(&mut entry.take(cap.saturating_add(1)), &mut w)
-            .map_err(|e| e.to_string())?;
-        total += n;
-        if n > cap {
-            return Err(match total > max_bytes {
-                true => format!("unpacks to more than {max_bytes} bytes (--max-dataset-bytes)"),
-                false => format!(
-                    "{} unpacks to more than {cap} bytes, more than an image within the pixel limit can take",
-                    rel.display()
-                ),
-            });
-        }
-        Ok(())
+    let over = |e: String| match e.starts_with("unpacks to more than") {
+        true => format!("{e} (--max-dataset-bytes)"),
+        false => e,
     };
-    {
-        let mut csv = archive
-            .by_name(BUNDLE_CSV)
-            .map_err(|_| format!("the bundle has no {BUNDLE_CSV}"))?;
-        unpack(&mut csv, Path::new(BUNDLE_CSV), max_bytes)?;
+    let csv = Path::new(BUNDLE_CSV);
+    let first = extract_zip_entries(zip_path, dest, max_bytes, |p| {
+        (p == csv).then_some(max_bytes)
+    })
+    .map_err(over)?;
+    if first == 0 && !dest.join(csv).is_file() {
+        return Err(format!("the bundle has no {BUNDLE_CSV}"));
     }
-    let rows = CsvRows::open(&dest.join(BUNDLE_CSV)).map_err(|e| e.to_string())?;
+    let rows = CsvRows::open(&dest.join(csv)).map_err(|e| e.to_string())?;
     let mut named = std::collections::HashSet::new();
     for row in rows.rows() {
         let (_, fields) = row.map_err(|e| e.to_string())?;
@@ -390,17 +368,12 @@ fn extract_bundle(zip_path: &Path, dest: &Path, max_bytes: u64) -> Result<u64, S
             PathBuf::from(f.strip_prefix("./").unwrap_or(f))
         }));
     }
-    for i in 0..archive.len() {
-        let mut entry = archive.by_index(i).map_err(|e| e.to_string())?;
-        let Some(rel) = entry.enclosed_name() else {
-            return Err(format!("unsafe entry name {:?}", entry.name()));
-        };
-        if entry.is_dir() || rel == Path::new(BUNDLE_CSV) || !named.contains(&rel) {
-            continue;
-        }
-        unpack(&mut entry, &rel, max_file_bytes(DEFAULT_MAX_PIXELS))?;
-    }
-    Ok(total)
+    let image_cap = max_file_bytes(DEFAULT_MAX_PIXELS);
+    let rest = extract_zip_entries(zip_path, dest, max_bytes - first, |p| {
+        (p != csv && named.contains(p)).then_some(image_cap)
+    })
+    .map_err(over)?;
+    Ok(first + rest)
 }
 
 /// Every local image of a bundled CSV is inside the bundle (not a path elsewhere on the
