@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use clipft::docarray::csv::CsvRows;
-use clipft::docarray::{ImageSource, Pair};
+use clipft::docarray::{HttpFetch, ImageSource, Pair};
 use clipft::eval::metrics::{self, Metrics};
 use clipft::eval::{evaluate, LabeledEmbeddings};
 use serde_json::Value;
@@ -315,7 +315,7 @@ mod docarray_files {
         assert_eq!(pairs[0].label.as_deref(), Some("red"));
         let pre = clipft::model::ImagePreprocessor::new(clipft::model::ImageConfig::default());
         for p in &pairs {
-            let px = p.image.preprocess(&pre).unwrap_or_else(|e| panic!("{e}"));
+            let px = p.image.preprocess(&pre, &HttpFetch::DATASET).unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(px.len(), 3 * 224 * 224);
         }
         let queries: Vec<_> = file::labeled(
@@ -362,8 +362,8 @@ mod docarray_files {
     }
 }
 
-/// Dataset images given as http(s) URIs are fetched (size and time limited); a failed fetch
-/// names the dataset location and the URI.
+/// Dataset images given as http(s) URIs are fetched (size and time limited, from the hosts
+/// allowed); a failed fetch names the dataset location and the URI.
 #[test]
 fn http_image_uris_in_datasets_are_fetched() -> Result<(), Box<dyn std::error::Error>> {
     use clipft::docarray::ImageRef;
@@ -375,13 +375,26 @@ fn http_image_uris_in_datasets_are_fetched() -> Result<(), Box<dyn std::error::E
         source: ImageSource::Remote(format!("{base}/img.png")),
         location: "train.csv line 2".into(),
     };
-    assert_eq!(remote.preprocess(&pre)?, pre.preprocess_bytes(&png)?);
+    assert_eq!(
+        remote.preprocess(&pre, &HttpFetch::DATASET)?,
+        pre.preprocess_bytes(&png)?
+    );
+    let public_only = HttpFetch {
+        hosts: clipft::docarray::ImageHosts::Public,
+        ..HttpFetch::DATASET
+    };
+    let err = remote
+        .preprocess(&pre, &public_only)
+        .err()
+        .ok_or("loopback fetched under public hosts")?
+        .to_string();
+    assert!(err.contains("line 2") && err.contains("loopback"), "{err}");
     let missing = ImageRef {
         source: ImageSource::Remote(format!("{base}/gone.png")),
         location: "train.csv line 3".into(),
     };
     let err = missing
-        .preprocess(&pre)
+        .preprocess(&pre, &HttpFetch::DATASET)
         .err()
         .ok_or("expected an error")?
         .to_string();

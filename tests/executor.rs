@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use clipft::docarray::{HttpFetch, ImageHosts};
 use clipft::executor::{Core, ExecutorOptions, ImagePolicy, ServerConfig};
 use clipft::model::{Encoder, LoadOptions, ModelFiles, Towers};
 use clipft::protocol::docarray::{
@@ -1196,24 +1197,42 @@ async fn http_images_are_fetched_only_when_allowed_and_within_limits() -> R {
     assert_eq!(name, "BadDocumentError");
     assert!(msg.contains("nope.png"), "{msg}");
     served.shutdown().await?;
-    // Over the size limit.
-    let opts = ExecutorOptions {
+    // Over the size limit, and from a host the policy refuses (this server is on loopback).
+    let limited = |http: HttpFetch| ExecutorOptions {
         images: ImagePolicy {
             allow_http: true,
-            http_max_bytes: 100,
+            http,
             ..Default::default()
         },
         ..Default::default()
     };
-    let small = Served::start(Towers::ALL, opts, ServerConfig::default()).await?;
-    let reply = small
-        .single()
-        .process_single_data(request("/encode", vec![uri_doc("big", "/img.png")], vec![]))
-        .await?
-        .into_inner();
-    assert!(error_of(&reply)
-        .ok_or("limit")?
-        .1
-        .contains("limit 100 bytes"));
-    small.shutdown().await
+    let default = ImagePolicy::default().http;
+    for (http, want) in [
+        (
+            HttpFetch {
+                max_bytes: 100,
+                ..default
+            },
+            "limit 100 bytes",
+        ),
+        (
+            HttpFetch {
+                hosts: ImageHosts::Public,
+                ..default
+            },
+            "loopback",
+        ),
+    ] {
+        let served = Served::start(Towers::ALL, limited(http), ServerConfig::default()).await?;
+        let reply = served
+            .single()
+            .process_single_data(request("/encode", vec![uri_doc("x", "/img.png")], vec![]))
+            .await?
+            .into_inner();
+        let (name, msg) = error_of(&reply).ok_or(want)?;
+        assert_eq!(name, "BadDocumentError");
+        assert!(msg.contains(want), "{msg}");
+        served.shutdown().await?;
+    }
+    Ok(())
 }

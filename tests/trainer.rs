@@ -677,6 +677,48 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
     Ok(())
 }
 
+/// The http(s) image URIs of pushed data are fetched only from the hosts `--image-hosts`
+/// allows: a trainer limited to public hosts refuses this test's loopback server, naming the
+/// address and the flag, and one at the default trains from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn image_hosts_limit_where_pushed_data_is_fetched_from() -> R {
+    let png = std::fs::read(demo("images/train_dress_red_plain_0.png"))?;
+    let base = common::http_server(png)?;
+    let dir = tempdir("hosts");
+    let csv = dir.join("remote.csv");
+    std::fs::write(
+        &csv,
+        (0..4)
+            .map(|i| format!("a red dress {i},{base}/img.png\n"))
+            .collect::<String>(),
+    )?;
+    for (args, fails) in [(&["--image-hosts", "public"][..], true), (&[][..], false)] {
+        let t = Trainer::start(&dir.join(format!("state-{fails}")), args)?;
+        let mut c = t.client(None).await?;
+        client::push_dataset(&mut c, "remote", &csv, false).await?;
+        let cfg = config(
+            "remote",
+            serde_json::json!({"epochs": 1, "batch_size": 4}),
+        );
+        create(&mut c, "r", cfg).await?;
+        let r = wait_for(&mut c, "r", ended).await?;
+        let state = pb::RunState::try_from(r.state)?;
+        if fails {
+            assert_eq!(state, pb::RunState::Failed, "{r:?}");
+            assert!(
+                r.details.contains("127.0.0.1")
+                    && r.details.contains("loopback")
+                    && r.details.contains("--image-hosts"),
+                "{}",
+                r.details
+            );
+        } else {
+            assert_eq!(state, pb::RunState::Finished, "{r:?}");
+        }
+    }
+    Ok(())
+}
+
 /// Two runs on a one-run trainer: the second waits CREATED until the first ended. A queued run
 /// is canceled at once, a started one before its next step.
 #[tokio::test(flavor = "multi_thread")]

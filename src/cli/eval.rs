@@ -45,6 +45,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         &index,
         args.limit as usize,
         args.batch_size as usize,
+        &crate::docarray::HttpFetch::DATASET,
         &mut |stage, n| {
             if let Some(b) = &bar {
                 b.set_message(match stage {

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -11,6 +12,7 @@ use clap::{ArgMatches, Args};
 
 use super::{parse_towers, ModelArgs};
 use crate::executor::config::UsesConfig;
+use crate::docarray::{HttpFetch, ImageHosts};
 use crate::executor::{Core, ExecutorOptions, ImagePolicy, ServerConfig};
 use crate::model::{Encoder, Towers};
 use crate::protocol::paths::AccessPaths;
@@ -82,6 +84,11 @@ pub struct ExecutorArgs {
     /// Time limit of one http(s) image fetch, in seconds.
     #[arg(long, env = "CLIPFT_HTTP_IMAGE_TIMEOUT", default_value_t = 10.0)]
     pub http_image_timeout: f64,
+    /// Which addresses an http(s) image's host may resolve to, redirects included, since any
+    /// client can name any URI: `public` (internet only), `local` (also loopback and private
+    /// networks, never link-local or cloud metadata services), `any`.
+    #[arg(long, env = "CLIPFT_IMAGE_HOSTS", default_value_t = ImageHosts::default(), value_parser = ImageHosts::from_str)]
+    pub image_hosts: ImageHosts,
     /// Seconds in-flight requests get to finish after SIGTERM.
     #[arg(long, env = "CLIPFT_SHUTDOWN_TIMEOUT", default_value_t = 30.0)]
     pub shutdown_timeout: f64,
@@ -144,6 +151,7 @@ impl ExecutorArgs {
                 "max_text_bytes" => self.model.max_text_bytes = num(value)? as usize,
                 "image_root" => self.image_root = Some(value.into()),
                 "allow_http_images" => self.allow_http_images = value == "true",
+                "image_hosts" => self.image_hosts = value.parse().map_err(bad)?,
                 "name" => self.name = value.clone(),
                 other => return Err(bad(format!("{other} cannot be set from YAML"))),
             }
@@ -183,8 +191,11 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
         images: ImagePolicy {
             root: image_root,
             allow_http: args.allow_http_images,
-            http_max_bytes: args.http_image_max_bytes,
-            http_timeout: Duration::from_secs_f64(args.http_image_timeout.max(0.001)),
+            http: HttpFetch {
+                max_bytes: args.http_image_max_bytes,
+                timeout: Duration::from_secs_f64(args.http_image_timeout.max(0.001)),
+                hosts: args.image_hosts,
+            },
         },
     };
     let server = ServerConfig {
@@ -286,5 +297,54 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ExecutorArgs,
+    }
+
+    /// The executor YAML's keys and the flags they set are listed in two places
+    /// (`executor::config` reads the YAML, `apply_uses` sets the flags); a key only one of them
+    /// knows is refused or ignored.
+    #[test]
+    fn every_yaml_key_sets_its_flag() {
+        let mut a = Cli::try_parse_from(["clipft"]).expect("defaults parse").args;
+        a.uses_with = Some(
+            r#"{"minibatch_size": 3, "queue_depth": 5, "max_request_docs": 7,
+                "max_decoded_bytes": 4096, "max_image_pixels": 1000, "max_text_bytes": 99,
+                "image_root": "/srv/images", "allow_http_images": true, "image_hosts": "public",
+                "traversal_paths": "@c", "num_worker_preprocess": 2, "device": "cpu",
+                "dtype": "fp16", "select_model": "clip-text"}"#
+                .into(),
+        );
+        a.uses_metas = Some(r#"{"name": "enc"}"#.into());
+        a.apply_uses(None).expect("every key applies");
+        assert_eq!(
+            (a.minibatch_size, a.queue_depth, a.max_request_docs),
+            (3, 5, 7)
+        );
+        assert_eq!(a.max_decoded_bytes, 4096);
+        assert_eq!((a.model.max_image_pixels, a.model.max_text_bytes), (1000, 99));
+        assert_eq!(a.image_root, Some(PathBuf::from("/srv/images")));
+        assert!(a.allow_http_images);
+        assert_eq!(a.image_hosts, ImageHosts::Public);
+        assert_eq!((a.access_paths.as_str(), a.preprocess_threads), ("@c", 2));
+        assert_eq!((a.model.device.as_str(), a.model.dtype.as_str()), ("cpu", "f16"));
+        assert_eq!(a.select_model, Towers::TEXT);
+        assert_eq!(a.name, "enc");
+
+        a.uses_with = Some(r#"{"image_hosts": "intranet"}"#.into());
+        a.image_hosts = ImageHosts::default();
+        let e = a.apply_uses(None).expect_err("a bad value").to_string();
+        assert!(e.contains("image_hosts") && e.contains("public, local, any"), "{e}");
     }
 }

@@ -1,11 +1,13 @@
 //! `clipft trainer`: the fine-tuning service (`proto/trainer.proto`) on port 8081, keeping its
 //! datasets, runs, logs and artifacts under `--data-dir`.
 
+use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 
+use crate::docarray::ImageHosts;
 use crate::trainer::runs::{Registry, RunnerOptions};
 use crate::trainer::service::{serve, TrainerServerConfig};
 
@@ -41,6 +43,11 @@ pub struct TrainerArgs {
     /// Largest dataset a client may push.
     #[arg(long, env = "CLIPFT_MAX_DATASET_BYTES", default_value_t = 16 << 30)]
     pub max_dataset_bytes: u64,
+    /// Which addresses the hosts of http(s) image URIs in pushed data may resolve to,
+    /// redirects included: `public` (internet only), `local` (also loopback and private
+    /// networks, never link-local or cloud metadata services), `any`.
+    #[arg(long, env = "CLIPFT_IMAGE_HOSTS", default_value_t = ImageHosts::default(), value_parser = ImageHosts::from_str)]
+    pub image_hosts: ImageHosts,
     /// Largest gRPC message (dataset chunks are 1 MiB).
     #[arg(long, env = "CLIPFT_MAX_MESSAGE_BYTES", default_value_t = 64 << 20)]
     pub max_message_bytes: u64,
@@ -67,6 +74,7 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
         device: args.device.clone(),
         checkpoint_seconds: args.checkpoint_seconds,
         max_dataset_bytes: args.max_dataset_bytes,
+        image_hosts: args.image_hosts,
     })
     .with_context(|| format!("--data-dir {}", args.data_dir.display()))?;
     let config = TrainerServerConfig {

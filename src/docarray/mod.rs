@@ -4,10 +4,12 @@
 pub mod csv;
 pub mod file;
 pub mod proto;
+pub mod remote;
 
 use std::path::{Path, PathBuf};
 
 use crate::model::{ImagePreprocessor, ModelError};
+pub use remote::{HttpFetch, ImageHosts};
 
 /// Where an error in a dataset is: file and line or document index.
 pub type Location = String;
@@ -40,8 +42,13 @@ pub struct ImageRef {
 }
 
 impl ImageRef {
-    /// Decodes and preprocesses the image; errors name the dataset location.
-    pub fn preprocess(&self, pre: &ImagePreprocessor) -> Result<Vec<f32>, DataError> {
+    /// Decodes and preprocesses the image, fetching a remote one as `http` allows; errors name
+    /// the dataset location.
+    pub fn preprocess(
+        &self,
+        pre: &ImagePreprocessor,
+        http: &HttpFetch,
+    ) -> Result<Vec<f32>, DataError> {
         if let ImageSource::Pixels {
             data,
             height,
@@ -53,7 +60,7 @@ impl ImageRef {
                 .preprocess_hwc_u8(data, *height, *width, *channels)
                 .map_err(|e| self.error(e));
         }
-        pre.preprocess_bytes(&self.encoded(pre)?)
+        pre.preprocess_bytes(&self.encoded(pre, http)?)
             .map_err(|e| self.error(e))
     }
 
@@ -63,9 +70,9 @@ impl ImageRef {
     pub fn check(&self, pre: &ImagePreprocessor) -> Result<(), DataError> {
         match &self.source {
             ImageSource::Remote(_) => Ok(()),
-            ImageSource::Pixels { .. } => self.preprocess(pre).map(drop),
+            ImageSource::Pixels { .. } => self.preprocess(pre, &HttpFetch::DATASET).map(drop),
             _ => pre
-                .decode(&self.encoded(pre)?)
+                .decode(&self.encoded(pre, &HttpFetch::DATASET)?)
                 .map(drop)
                 .map_err(|e| self.error(e)),
         }
@@ -73,7 +80,11 @@ impl ImageRef {
 
     /// The encoded image bytes (not for `Pixels`, which are decoded already); a file only when
     /// it is a regular file within what `pre`'s pixel limit allows.
-    fn encoded(&self, pre: &ImagePreprocessor) -> Result<std::borrow::Cow<'_, [u8]>, DataError> {
+    fn encoded(
+        &self,
+        pre: &ImagePreprocessor,
+        http: &HttpFetch,
+    ) -> Result<std::borrow::Cow<'_, [u8]>, DataError> {
         let at = |msg: String| DataError::Image {
             location: self.location.clone(),
             msg,
@@ -84,11 +95,7 @@ impl ImageRef {
                 .map(Into::into)
                 .map_err(|e| at(format!("cannot read {}: {e}", p.display()))),
             ImageSource::DataUri(uri) => decode_data_uri(uri).map(Into::into).map_err(at),
-            ImageSource::Remote(uri) => {
-                fetch_http(uri, DATASET_HTTP_MAX_BYTES, DATASET_HTTP_TIMEOUT)
-                    .map(Into::into)
-                    .map_err(at)
-            }
+            ImageSource::Remote(uri) => http.get(uri).map(Into::into).map_err(at),
             ImageSource::Blob(b) => Ok(b.as_slice().into()),
             ImageSource::Pixels { .. } => Err(at("raw pixels have no encoded form".into())),
         }
@@ -183,33 +190,6 @@ pub fn validate_dataset(path: &Path, pre: &ImagePreprocessor) -> Result<u64, Dat
     let refs: Vec<&ImageRef> = images.iter().collect();
     check_images(&refs, pre)?;
     Ok(items)
-}
-
-/// The largest image a dataset's http(s) URI may return.
-pub const DATASET_HTTP_MAX_BYTES: u64 = 50 << 20;
-/// The time limit of one dataset image fetch.
-pub const DATASET_HTTP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// The body behind an http(s) URI, at most `max_bytes` and within `timeout` for the whole
-/// fetch; errors name the URI.
-pub fn fetch_http(
-    uri: &str,
-    max_bytes: u64,
-    timeout: std::time::Duration,
-) -> Result<Vec<u8>, String> {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(timeout))
-        .build()
-        .into();
-    let mut resp = agent
-        .get(uri)
-        .call()
-        .map_err(|e| format!("cannot fetch {uri}: {e}"))?;
-    resp.body_mut()
-        .with_config()
-        .limit(max_bytes)
-        .read_to_vec()
-        .map_err(|e| format!("cannot fetch {uri} (limit {max_bytes} bytes): {e}"))
 }
 
 /// The bytes of a `data:[<mime>][;base64],<data>` URI.

@@ -53,18 +53,20 @@ pub fn embed_queries(
     Ok(labeled(items, e, enc.output_dim()))
 }
 
-/// Embeds labelled images (the index) with the vision tower.
+/// Embeds labelled images (the index) with the vision tower, fetching remote ones as `http`
+/// allows.
 pub fn embed_index(
     enc: &Encoder,
     items: &[Labeled],
     batch: usize,
+    http: &crate::docarray::HttpFetch,
     progress: &mut dyn FnMut(usize),
 ) -> Result<LabeledEmbeddings, EvalRunError> {
     let e = enc.embed_images_batched(
         items,
         batch,
         |l: &Labeled, pre| match &l.item {
-            Item::Image(img) => img.preprocess(pre).map_err(EvalRunError::from),
+            Item::Image(img) => img.preprocess(pre, http).map_err(EvalRunError::from),
             Item::Text(_) => Err(EvalRunError::Input(format!(
                 "index item {} is a text, not an image",
                 l.id
@@ -91,9 +93,10 @@ pub fn evaluate_model(
     index: &[Labeled],
     limit: usize,
     batch: usize,
+    http: &crate::docarray::HttpFetch,
     progress: &mut dyn FnMut(Stage, usize),
 ) -> Result<Evaluation, EvalRunError> {
     let q = embed_queries(enc, queries, batch, &mut |n| progress(Stage::Queries, n))?;
-    let x = embed_index(enc, index, batch, &mut |n| progress(Stage::Index, n))?;
+    let x = embed_index(enc, index, batch, http, &mut |n| progress(Stage::Index, n))?;
     Ok(evaluate(&q, &x, limit, false)?)
 }

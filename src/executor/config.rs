@@ -38,10 +38,12 @@ fn flag_for(key: &str) -> Option<&'static str> {
         "num_worker_preprocess" | "preprocess_threads" => "preprocess_threads",
         "queue_depth" => "queue_depth",
         "max_request_docs" => "max_request_docs",
+        "max_decoded_bytes" => "max_decoded_bytes",
         "max_image_pixels" => "max_image_pixels",
         "max_text_bytes" => "max_text_bytes",
         "image_root" => "image_root",
         "allow_http_images" => "allow_http_images",
+        "image_hosts" => "image_hosts",
         _ => return None,
     })
 }

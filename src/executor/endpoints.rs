@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use super::batcher::{Batcher, Input, Tower};
 use super::status::{self, ExecutorError};
-use crate::docarray::decode_data_uri;
+use crate::docarray::{decode_data_uri, HttpFetch, ImageHosts};
 use crate::model::{ClipTokenizer, ImagePreprocessor};
 use crate::protocol::docarray::{document_proto, DocumentProto, NamedScoreProto};
 use crate::protocol::jina::{data_request_proto, DataRequestProto, RouteProto};
@@ -43,10 +43,8 @@ pub struct ImagePolicy {
     pub root: Option<PathBuf>,
     /// Whether http(s) URIs are fetched at all.
     pub allow_http: bool,
-    /// The largest body fetched over http(s).
-    pub http_max_bytes: u64,
-    /// The whole-fetch time limit.
-    pub http_timeout: Duration,
+    /// How they are fetched: body and time limits, which hosts.
+    pub http: HttpFetch,
 }
 
 impl Default for ImagePolicy {
@@ -54,8 +52,11 @@ impl Default for ImagePolicy {
         Self {
             root: None,
             allow_http: false,
-            http_max_bytes: 20 << 20,
-            http_timeout: Duration::from_secs(10),
+            http: HttpFetch {
+                max_bytes: 20 << 20,
+                timeout: Duration::from_secs(10),
+                hosts: ImageHosts::default(),
+            },
         }
     }
 }
@@ -659,7 +660,7 @@ pub fn fetch_uri(
                 "uri {uri} is not fetched: http(s) image fetching is off (--allow-http-images); send the image as blob"
             ));
         }
-        return fetch_http(uri, policy);
+        return policy.http.get(uri);
     }
     if let Some((scheme, _)) = uri.split_once("://") {
         if scheme != "file" {
@@ -691,10 +692,6 @@ pub fn fetch_uri(
     let max = crate::model::preprocess::image::max_file_bytes(pre.max_pixels);
     crate::model::preprocess::image::read_file(&canon, max)
         .map_err(|e| format!("cannot read {uri}: {e}"))
-}
-
-fn fetch_http(uri: &str, policy: &ImagePolicy) -> Result<Vec<u8>, String> {
-    crate::docarray::fetch_http(uri, policy.http_max_bytes, policy.http_timeout)
 }
 
 fn embedding_of(d: &DocumentProto) -> Option<Vec<f32>> {

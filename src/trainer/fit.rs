@@ -140,6 +140,9 @@ pub struct FitControl {
     /// Set when the process is shutting down: the run writes a checkpoint (when it keeps them)
     /// and returns [`FitError::Suspended`], to be resumed by the next process.
     pub suspend: Arc<AtomicBool>,
+    /// How the data's http(s) image URIs are fetched. The service's to set, not the run's
+    /// configuration's: which hosts a process may reach is its operator's decision.
+    pub http: crate::docarray::HttpFetch,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -235,12 +238,13 @@ fn collate(
     model: &TrainModel,
     pairs: &[Pair],
     idx: &[usize],
+    http: &crate::docarray::HttpFetch,
 ) -> Result<(crate::model::TextBatch, Tensor), FitError> {
     let captions: Vec<&str> = idx.iter().map(|i| pairs[*i].caption.as_str()).collect();
     let text = model.text_batch(&captions)?;
     let px = idx
         .par_iter()
-        .map(|i| pairs[*i].image.preprocess(&model.images))
+        .map(|i| pairs[*i].image.preprocess(&model.images, http))
         .collect::<Result<Vec<_>, _>>()?;
     let (h, w) = model.images.output_size();
     let pixels = Tensor::from_vec(px.concat(), (idx.len(), 3, h, w), &model.device)?;
@@ -290,21 +294,31 @@ fn check_all_images(
 struct EvalData {
     queries: Vec<crate::docarray::Labeled>,
     index: Vec<crate::docarray::Labeled>,
+    http: crate::docarray::HttpFetch,
 }
 
 impl EvalData {
-    fn read(cfg: &FitConfig) -> Result<Option<Self>, FitError> {
+    fn read(cfg: &FitConfig, http: crate::docarray::HttpFetch) -> Result<Option<Self>, FitError> {
         let (Some(q), Some(i)) = (&cfg.query_data, &cfg.index_data) else {
             return Ok(None);
         };
         Ok(Some(Self {
             queries: read_labeled(q, Modality::Text)?,
             index: read_labeled(i, Modality::Image)?,
+            http,
         }))
     }
 
     fn evaluate(&self, enc: &Encoder, limit: usize) -> Result<Metrics, FitError> {
-        Ok(evaluate_model(enc, &self.queries, &self.index, limit, 64, &mut |_, _| {})?.mean)
+        Ok(evaluate_model(
+            enc,
+            &self.queries,
+            &self.index,
+            limit,
+            64,
+            &self.http,
+            &mut |_, _| {},
+        )?.mean)
     }
 
     /// Metrics of the checkpoint in `files`, loaded as the executor would load it.
@@ -387,7 +401,12 @@ fn validate(cfg: &FitConfig, has_eval_pairs: bool) -> Result<(), FitError> {
 }
 
 /// The mean loss over `pairs` in batches, without gradients.
-fn eval_loss(model: &TrainModel, pairs: &[Pair], batch: usize) -> Result<Option<f64>, FitError> {
+fn eval_loss(
+    model: &TrainModel,
+    pairs: &[Pair],
+    batch: usize,
+    http: &crate::docarray::HttpFetch,
+) -> Result<Option<f64>, FitError> {
     if pairs.len() < MIN_BATCH {
         return Ok(None);
     }
@@ -396,7 +415,7 @@ fn eval_loss(model: &TrainModel, pairs: &[Pair], batch: usize) -> Result<Option<
     let frozen = model.frozen()?;
     let mut s = 0.0;
     for idx in &bs {
-        let (text, pixels) = collate(model, pairs, idx)?;
+        let (text, pixels) = collate(model, pairs, idx, http)?;
         s += model.loss_without_graph(&frozen, &text, &pixels)? as f64;
     }
     Ok(Some(s / bs.len().max(1) as f64))
@@ -467,7 +486,7 @@ pub fn fit(
         None => Vec::new(),
     };
     validate(cfg, eval_pairs.len() >= MIN_BATCH)?;
-    let eval_data = EvalData::read(cfg)?;
+    let eval_data = EvalData::read(cfg, control.http)?;
     check_all_images(&pairs, &eval_pairs, eval_data.as_ref())?;
     let per_epoch = batches(&(0..pairs.len()).collect::<Vec<_>>(), cfg.batch_size).len() as u64;
     let total = cfg.max_steps.map_or(per_epoch * cfg.epochs as u64, |m| {
@@ -601,7 +620,7 @@ pub fn fit(
                 total,
             );
             opt.set_learning_rate(lr);
-            let (text, pixels) = collate(&model, &pairs, idx)?;
+            let (text, pixels) = collate(&model, &pairs, idx, &control.http)?;
             let skipped = opt.skipped;
             let loss = model.train_step(&mut opt, &text, &pixels)?;
             // Under f16 loss scaling a non-finite step is skipped and the weights are intact.
@@ -639,7 +658,7 @@ pub fn fit(
         let train_loss =
             epoch_losses.iter().map(|l| *l as f64).sum::<f64>() / epoch_losses.len().max(1) as f64;
         st.epoch_losses.push(train_loss);
-        let val_loss = eval_loss(&model, &eval_pairs, cfg.batch_size)?;
+        let val_loss = eval_loss(&model, &eval_pairs, cfg.batch_size, &control.http)?;
         if let Some(l) = val_loss {
             st.eval_losses.push(l);
         }

@@ -134,6 +134,9 @@ pub struct RunnerOptions {
     pub checkpoint_seconds: u64,
     /// Largest dataset upload, in bytes.
     pub max_dataset_bytes: u64,
+    /// Which hosts the data's http(s) image URIs may resolve to: the datasets come from
+    /// clients, the addresses it can reach are the trainer's.
+    pub image_hosts: crate::docarray::ImageHosts,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -762,6 +765,10 @@ impl Registry {
                         work_dir: Some(self.run_dir(&name).join("work")),
                         resume,
                         suspend,
+                        http: crate::docarray::HttpFetch {
+                            hosts: self.opts.image_hosts,
+                            ..crate::docarray::HttpFetch::DATASET
+                        },
                     };
                     let mut clocks = Clocks {
                         line: std::time::Instant::now(),
