@@ -15,6 +15,7 @@ use futures_util::future::try_join;
 use tracing::Instrument;
 
 use super::batcher::{Batcher, Input, Tower};
+use super::pool::PreprocessPool;
 use super::status::{self, ExecutorError};
 use crate::docarray::{decode_data_uri, HttpFetch, ImageHosts};
 use crate::model::{ClipTokenizer, ImagePreprocessor};
@@ -70,8 +71,9 @@ pub struct Core {
     pub tokenizer: Option<ClipTokenizer>,
     pub images: Option<ImagePreprocessor>,
     pub policy: ImagePolicy,
-    /// Decoding, resizing and tokenizing run here, beside the model threads.
-    pub pool: Arc<rayon::ThreadPool>,
+    /// Decoding, resizing and tokenizing run here, beside the model threads, one item of each
+    /// waiting request in turn.
+    pub pool: Arc<PreprocessPool>,
     /// Access paths when a request names none.
     pub default_paths: AccessPaths,
     /// Documents one request may ask to encode.
@@ -416,28 +418,24 @@ impl Core {
                 ))
                 .await?;
             let t0 = std::time::Instant::now();
-            let tok = self.tokenizer.clone();
+            let tok = self
+                .tokenizer
+                .clone()
+                .ok_or(ExecutorError::Model("no tokenizer".into()))?;
+            let items: Vec<_> = texts.into_iter().zip(text_ids).collect();
             let inputs = self
-                .on_pool(move |_| {
-                    let tok = tok
-                        .as_ref()
-                        .ok_or(ExecutorError::Model("no tokenizer".into()))?;
-                    texts
-                        .iter()
-                        .zip(&text_ids)
-                        .map(|((a, t), id)| {
-                            tok.encode(t)
-                                .map(Input::Tokens)
-                                .map_err(|e| bad_doc(a, id, e.to_string()))
-                        })
-                        .collect::<Result<Vec<_>, _>>()
+                .pool
+                .run(items, move |((a, t), id)| {
+                    tok.encode(t)
+                        .map(Input::Tokens)
+                        .map_err(|e| bad_doc(a, id, e.to_string()))
                 })
                 .instrument(tracing::info_span!(
                     "preprocess",
                     tower = "text",
                     docs = docs as i64
                 ))
-                .await??;
+                .await?;
             metrics::histogram!("jina_preprocess_texts_seconds").record(t0.elapsed().as_secs_f64());
             batcher.run(admission, inputs, minibatch).await
         };
@@ -458,37 +456,25 @@ impl Core {
                 ))
                 .await?;
             let t0 = std::time::Instant::now();
-            let pre = self.images.clone();
+            let pre = self
+                .images
+                .clone()
+                .ok_or(ExecutorError::Model("no image preprocessor".into()))?;
             let policy = self.policy.clone();
-            let pool = self.pool.clone();
+            let items: Vec<_> = images.into_iter().zip(image_ids).collect();
             let inputs = self
-                .on_pool(move |gone| {
-                    use rayon::prelude::*;
-                    let pre = pre
-                        .as_ref()
-                        .ok_or(ExecutorError::Model("no image preprocessor".into()))?;
-                    pool.install(|| {
-                        images
-                            .par_iter()
-                            .zip(&image_ids)
-                            .map(|((a, src), id)| {
-                                // A request whose client went away decodes nothing more.
-                                if gone() {
-                                    return Err(ExecutorError::Abandoned);
-                                }
-                                load_image(src, &policy, pre)
-                                    .map(Input::Pixels)
-                                    .map_err(|e| bad_doc(a, id, e))
-                            })
-                            .collect::<Result<Vec<_>, _>>()
-                    })
+                .pool
+                .run(items, move |((a, src), id)| {
+                    load_image(src, &policy, &pre)
+                        .map(Input::Pixels)
+                        .map_err(|e| bad_doc(a, id, e))
                 })
                 .instrument(tracing::info_span!(
                     "preprocess",
                     tower = "vision",
                     docs = docs as i64
                 ))
-                .await??;
+                .await?;
             metrics::histogram!("jina_preprocess_images_seconds")
                 .record(t0.elapsed().as_secs_f64());
             batcher.run(admission, inputs, minibatch).await
@@ -509,39 +495,6 @@ impl Core {
         Ok(done)
     }
 
-    /// Runs blocking preprocessing on the pool, off the async runtime.
-    async fn on_pool<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Gone) -> T + Send + 'static,
-    ) -> Result<T, ExecutorError> {
-        run_on_pool(&self.pool, f).await
-    }
-}
-
-/// Tells a pool job whether the request it works for was abandoned (its client disconnected
-/// or cancelled, so tonic dropped the call): then the job can stop early instead of decoding
-/// a request's remaining images for nobody, while other clients' images wait behind them.
-pub type Gone<'a> = dyn Fn() -> bool + Sync + 'a;
-
-/// Runs `f` on `pool` and awaits its result; `f` gets a [`Gone`] probe. A panic in `f` (a
-/// decoder bug on a crafted image, say) fails this request in-band instead of reaching rayon,
-/// whose default for a panicking spawned job is to abort the whole process.
-pub async fn run_on_pool<T: Send + 'static>(
-    pool: &rayon::ThreadPool,
-    f: impl FnOnce(&Gone) -> T + Send + 'static,
-) -> Result<T, ExecutorError> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    pool.spawn(move || {
-        let gone = || tx.is_closed();
-        let job = || f(&gone);
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).map_err(|panic| {
-            let msg = status::panic_message(panic.as_ref());
-            tracing::error!("preprocessing panicked: {msg}");
-            ExecutorError::Internal(format!("preprocessing failed: {msg}"))
-        });
-        let _ = tx.send(out);
-    });
-    rx.await.map_err(|_| ExecutorError::ShuttingDown)?
 }
 
 /// The interval `[start, end]` widened outward to whole milliseconds, and at least one long.
@@ -731,62 +684,5 @@ mod tests {
         // Already whole: unchanged.
         let (a, b) = whole_milliseconds(t(9_000_000_000), t(9_004_000_000));
         assert_eq!((ms(a), ms(b)), (9000, 9004));
-    }
-
-    /// A one-thread pool and a runtime (with timers) to await its jobs on.
-    fn pool_and_runtime() -> (rayon::ThreadPool, tokio::runtime::Runtime) {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        (pool, rt)
-    }
-
-    /// A panicking job fails its request with the panic's message; the pool and the process
-    /// go on (rayon would abort the process on an uncaught panic in a spawned job).
-    #[test]
-    fn a_panic_on_the_pool_is_an_error_for_that_request() {
-        let (pool, rt) = pool_and_runtime();
-        let err = rt
-            .block_on(run_on_pool(&pool, |_| -> u32 {
-                panic!("decoder bug on image 3")
-            }))
-            .unwrap_err();
-        assert!(matches!(err, ExecutorError::Internal(_)), "{err:?}");
-        assert!(err.to_string().contains("decoder bug on image 3"), "{err}");
-        assert!(!err.fails_call());
-        assert_eq!(rt.block_on(run_on_pool(&pool, |_| 7u32)).unwrap(), 7);
-    }
-
-    /// A job learns that its caller stopped waiting (the call was dropped, as tonic drops a
-    /// call whose client went away), so it can stop; while the caller waits, it is not told so.
-    #[test]
-    fn a_pool_job_sees_its_caller_go() {
-        let (pool, rt) = pool_and_runtime();
-        assert!(!rt.block_on(run_on_pool(&pool, |gone| gone())).unwrap());
-        let (seen_tx, seen_rx) = std::sync::mpsc::channel();
-        let (started_tx, started_rx) = std::sync::mpsc::channel();
-        let call = run_on_pool(&pool, move |gone| {
-            let _ = started_tx.send(());
-            // At most 10 s, however slow the machine, then report what it saw.
-            for _ in 0..2000 {
-                if gone() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-            let _ = seen_tx.send(gone());
-        });
-        rt.block_on(async {
-            tokio::pin!(call);
-            // Poll the call once so the job is spawned, then wait until it runs and drop it.
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(1), &mut call).await;
-            started_rx.recv().unwrap();
-        });
-        assert!(seen_rx.recv().unwrap(), "the job never saw its caller go");
     }
 }

@@ -12,6 +12,7 @@ pub mod batcher;
 pub mod client;
 pub mod config;
 pub mod endpoints;
+pub mod pool;
 pub mod server;
 pub mod status;
 
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 pub use batcher::{Batcher, Tower};
 pub use endpoints::{Core, ImagePolicy};
+pub use pool::PreprocessPool;
 pub use server::{serve, ServerConfig};
 pub use status::ExecutorError;
 
@@ -100,11 +102,7 @@ impl Core {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("clipft-preprocess-{i}"))
-            .build()
-            .map_err(std::io::Error::other)?;
+        let pool = PreprocessPool::new(threads)?;
         Ok(Arc::new(Core {
             name: opts.name.clone(),
             text,

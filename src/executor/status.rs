@@ -44,9 +44,6 @@ pub enum ExecutorError {
     /// The executor stopped while the request waited.
     #[error("the executor is shutting down")]
     ShuttingDown,
-    /// The client went away while its request was preprocessed; nobody reads this.
-    #[error("the client cancelled the request")]
-    Abandoned,
 }
 
 impl ExecutorError {
@@ -62,7 +59,6 @@ impl ExecutorError {
             Self::Model(_) => "ModelError",
             Self::Internal(_) => "InternalError",
             Self::ShuttingDown => "ShuttingDownError",
-            Self::Abandoned => "CancelledError",
         }
     }
 
@@ -88,7 +84,6 @@ impl ExecutorError {
         match self {
             Self::QueueFull { .. } => tonic::Status::resource_exhausted(self.to_string()),
             Self::ShuttingDown => tonic::Status::unavailable(self.to_string()),
-            Self::Abandoned => tonic::Status::cancelled(self.to_string()),
             _ => tonic::Status::internal(without_backtrace(&self.to_string())),
         }
     }
