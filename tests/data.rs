@@ -360,6 +360,123 @@ mod docarray_files {
         }
         assert!(n >= 6, "{n}");
     }
+
+    fn gzip(path: &Path, bytes: &[u8]) {
+        let mut gz = flate2::write::GzEncoder::new(
+            std::fs::File::create(path).unwrap(),
+            flate2::Compression::fast(),
+        );
+        std::io::Write::write_all(&mut gz, bytes).unwrap();
+        gz.finish().unwrap();
+    }
+
+    fn temp(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("clipft-data-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A record of empty chunks is 2 bytes a chunk stored and some 400 decoded: a 40 KB
+    /// gzipped upload of them asked the trainer for 14 GB. Such a document is refused before
+    /// it is decoded; a document of real content as large reads.
+    #[test]
+    fn documents_that_decode_far_larger_than_stored_are_refused() {
+        use prost::Message;
+        let dir = temp("empty-chunks");
+        let doc = [0x72u8, 0x00].repeat(200_000);
+        let mut file = vec![0x0a];
+        prost::encoding::encode_varint(doc.len() as u64, &mut file);
+        file.extend_from_slice(&doc);
+        let path = dir.join("chunks.protobuf-array.gzip");
+        gzip(&path, &file);
+        let e = DocReader::open(&path)
+            .and_then(|r| r.collect::<Result<Vec<_>, _>>())
+            .expect_err("a document of 200000 empty chunks decoded")
+            .to_string();
+        assert!(e.contains("document 0") && e.contains("empty fields"), "{e}");
+        let real = DocumentProto {
+            chunks: vec![DocumentProto {
+                content: Some(Content::Blob(vec![7u8; 400_000].into())),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let mut file = vec![0x0a];
+        prost::encoding::encode_varint(real.encoded_len() as u64, &mut file);
+        file.extend_from_slice(&real.encode_to_vec());
+        gzip(&path, &file);
+        let docs: Vec<_> = DocReader::open(&path).unwrap().collect::<Result<_, _>>().unwrap();
+        assert_eq!(docs, vec![real]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// What the trainer asks of pushed docarray data beyond well-formed pairs: it unpacks to no
+    /// more than its limit (compression hides the real size), and no image is a file on the
+    /// trainer's own disk.
+    #[test]
+    fn vetting_bounds_unpacked_bytes_and_local_files() {
+        use clipft::docarray::{validate_dataset, DataError, Vetting};
+        use prost::Message;
+        let dir = temp("vetting");
+        let png_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/reference/images/rgb_224x224.png");
+        let png = std::fs::read(&png_path).unwrap();
+        let pair = |image: Content| DocumentProto {
+            chunks: vec![
+                DocumentProto {
+                    content: Some(Content::Text("a red dress".into())),
+                    ..Default::default()
+                },
+                DocumentProto {
+                    content: Some(image),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let write = |docs: &[DocumentProto]| {
+            let path = dir.join("pairs.protobuf-array.gzip");
+            let mut file = Vec::new();
+            for d in docs {
+                file.push(0x0a);
+                prost::encoding::encode_varint(d.encoded_len() as u64, &mut file);
+                file.extend_from_slice(&d.encode_to_vec());
+            }
+            gzip(&path, &file);
+            path
+        };
+        let pre = clipft::model::ImagePreprocessor::new(clipft::model::ImageConfig::default());
+        let blobs = write(&vec![pair(Content::Blob(png.clone().into())); 20]);
+        assert_eq!(validate_dataset(&blobs, &pre, Vetting::LOCAL).unwrap(), 20);
+        let small = Vetting {
+            max_unpacked: 5 * png.len() as u64,
+            local_files: false,
+        };
+        match validate_dataset(&blobs, &pre, small) {
+            Err(DataError::TooLarge { location, limit }) => {
+                assert!(location.ends_with("document 4"), "{location}");
+                assert_eq!(limit, small.max_unpacked);
+            }
+            other => panic!("unpacked past the limit: {other:?}"),
+        }
+        let mut uri = pair(Content::Blob(Vec::new().into()));
+        uri.chunks[1].content = None;
+        uri.chunks[1].uri = png_path.display().to_string();
+        let local = write(&[pair(Content::Blob(png.into())), uri]);
+        assert_eq!(validate_dataset(&local, &pre, Vetting::LOCAL).unwrap(), 2);
+        let e = validate_dataset(
+            &local,
+            &pre,
+            Vetting {
+                local_files: false,
+                ..Vetting::LOCAL
+            },
+        )
+        .expect_err("a local file accepted")
+        .to_string();
+        assert!(e.contains("document 1") && e.contains("local file"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
 
 /// Dataset images given as http(s) URIs are fetched (size and time limited, from the hosts

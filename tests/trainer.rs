@@ -414,6 +414,70 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
     let e = r.expect_err("garbage accepted");
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(e.message().contains("garbage"), "{}", e.message());
+    // Docarray data that unpacks past --max-dataset-bytes (a 40-document bz2 file of 200 MB
+    // blobs was 362 KB sent and took the trainer down), and a document whose image is a file
+    // on the trainer's disk.
+    let docarray_gz = |docs: Vec<clipft::docarray::proto::DocumentProto>| -> R<Vec<u8>> {
+        use prost::Message;
+        let arr = clipft::docarray::proto::DocumentArrayProto { docs };
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &arr.encode_to_vec())?;
+        Ok(gz.finish()?)
+    };
+    let pair = |image: clipft::docarray::proto::DocumentProto| {
+        use clipft::docarray::proto::{document_proto::Content, DocumentProto};
+        DocumentProto {
+            chunks: vec![
+                DocumentProto {
+                    content: Some(Content::Text("a red dress".into())),
+                    ..Default::default()
+                },
+                image,
+            ],
+            ..Default::default()
+        }
+    };
+    let zeros = clipft::docarray::proto::DocumentProto {
+        content: Some(clipft::docarray::proto::document_proto::Content::Blob(
+            vec![0u8; 150_000].into(),
+        )),
+        ..Default::default()
+    };
+    let sent = docarray_gz(vec![pair(zeros.clone()), pair(zeros)])?;
+    assert!(sent.len() < 10_000, "{}", sent.len());
+    let e = c
+        .push_dataset(push_raw(
+            "unpacks",
+            pb::DatasetFormat::Docarray,
+            "u.protobuf-array.gzip",
+            sent,
+        ))
+        .await
+        .expect_err("300 kB unpacked accepted under a 200 kB limit");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("--max-dataset-bytes") && e.message().contains("document 1"),
+        "{}",
+        e.message()
+    );
+    let local = clipft::docarray::proto::DocumentProto {
+        uri: demo("images/train_dress_red_plain_0.png")
+            .canonicalize()?
+            .display()
+            .to_string(),
+        ..Default::default()
+    };
+    let e = c
+        .push_dataset(push_raw(
+            "local",
+            pb::DatasetFormat::Docarray,
+            "l.protobuf-array.gzip",
+            docarray_gz(vec![pair(local)])?,
+        ))
+        .await
+        .expect_err("a document naming a file on the trainer's disk accepted");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("local file"), "{}", e.message());
     // A bundle whose entry would land outside the data folder.
     let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
     zip.start_file("../../evil.csv", zip::write::SimpleFileOptions::default())?;

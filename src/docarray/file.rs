@@ -20,10 +20,16 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 
 use super::proto::{document_proto, DocumentProto, NdArrayProto};
+use super::spill::{Held, Spill, MEMORY_BUDGET};
 use super::{image_source, DataError, ImageRef, ImageSource, Item, Labeled, Pair};
 
 /// Largest single document accepted, so a corrupt length cannot ask for gigabytes.
 pub const MAX_DOCUMENT_BYTES: u64 = 256 << 20;
+
+/// What a document may take once decoded, beyond twice its stored size: real content (texts,
+/// blobs, tensors, a few chunks and tags) decodes to about its stored size, while a record of
+/// empty chunks decodes to some 200 times it (a 40 KB gzipped upload of them asked for 14 GB).
+const DECODED_ALLOWANCE: u64 = 16 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -107,6 +113,7 @@ pub struct DocReader {
     framing: Framing,
     index: usize,
     done: bool,
+    unpacked: u64,
 }
 
 impl DocReader {
@@ -171,7 +178,14 @@ impl DocReader {
             framing,
             index: 0,
             done: false,
+            unpacked: 0,
         })
+    }
+
+    /// The bytes of the documents read so far, decompressed: what a compressed file really
+    /// holds.
+    pub fn unpacked(&self) -> u64 {
+        self.unpacked
     }
 
     fn location(&self) -> String {
@@ -252,6 +266,24 @@ impl DocReader {
     }
 }
 
+impl DocReader {
+    /// Decodes one record, once its wire form shows it decodes to a sane size.
+    fn decode(&self, record: &[u8]) -> Result<DocumentProto, DataError> {
+        use crate::protocol::budget::{estimate, Root};
+        let stored = record.len() as u64;
+        let limit = 2 * stored + DECODED_ALLOWANCE;
+        let need = estimate(Root::Document, record)
+            .map_err(|e| self.malformed(format!("not a DocumentProto: {e}")))?;
+        if need > limit {
+            return Err(self.malformed(format!(
+                "the document would take about {need} bytes once decoded from {stored} stored \
+                 (at most {limit}): it holds too many empty fields"
+            )));
+        }
+        DocumentProto::decode(record).map_err(|e| self.malformed(format!("not a DocumentProto: {e}")))
+    }
+}
+
 impl Iterator for DocReader {
     type Item = Result<DocumentProto, DataError>;
 
@@ -260,7 +292,10 @@ impl Iterator for DocReader {
             return None;
         }
         let record = match self.next_record() {
-            Ok(Some(r)) => r,
+            Ok(Some(r)) => {
+                self.unpacked += r.len() as u64;
+                r
+            }
             Ok(None) => {
                 self.done = true;
                 return None;
@@ -270,8 +305,7 @@ impl Iterator for DocReader {
                 return Some(Err(e));
             }
         };
-        let doc = DocumentProto::decode(&record[..])
-            .map_err(|e| self.malformed(format!("not a DocumentProto: {e}")));
+        let doc = self.decode(&record);
         if doc.is_err() {
             self.done = true;
         }
@@ -333,7 +367,7 @@ pub fn doc_image(
     location: &str,
 ) -> Result<Option<ImageRef>, String> {
     let source = match &doc.content {
-        Some(document_proto::Content::Blob(b)) => Some(ImageSource::Blob(b.to_vec())),
+        Some(document_proto::Content::Blob(b)) => Some(ImageSource::Blob(Held::Memory(b.to_vec()))),
         Some(document_proto::Content::Tensor(t)) => Some(pixels(t)?),
         _ if !doc.uri.is_empty() => Some(image_source(&doc.uri, base)),
         _ => None,
@@ -358,7 +392,7 @@ pub fn doc_text(doc: &DocumentProto) -> Option<String> {
 fn pixels(t: &NdArrayProto) -> Result<ImageSource, String> {
     let (data, height, width, channels) = crate::protocol::ndarray::image_pixels(t)?;
     Ok(ImageSource::Pixels {
-        data,
+        data: Held::Memory(data),
         height,
         width,
         channels,
@@ -375,9 +409,11 @@ fn located(
         .map(move |(i, doc)| doc.map(|d| (format!("{name} document {i}"), d))))
 }
 
-/// Training pairs from parent documents with a text chunk and an image chunk.
+/// Training pairs from parent documents with a text chunk and an image chunk; their images'
+/// bytes beyond [`MEMORY_BUDGET`] spilled to disk.
 pub fn pairs(path: &Path) -> Result<impl Iterator<Item = Result<Pair, DataError>>, DataError> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut spill = Spill::new(MEMORY_BUDGET);
     Ok(located(path)?.map(move |item| {
         let (location, doc) = item?;
         let bad = |msg: String| DataError::Malformed {
@@ -400,7 +436,7 @@ pub fn pairs(path: &Path) -> Result<impl Iterator<Item = Result<Pair, DataError>
         match (caption, image) {
             (Some(caption), Some(image)) => Ok(Pair {
                 caption,
-                image,
+                image: image.kept(&mut spill)?,
                 label: finetuner_label(&doc),
             }),
             _ => Err(bad(format!(
@@ -412,12 +448,14 @@ pub fn pairs(path: &Path) -> Result<impl Iterator<Item = Result<Pair, DataError>
     }))
 }
 
-/// Labelled query (text) or index (image) items.
+/// Labelled query (text) or index (image) items; the images' bytes beyond [`MEMORY_BUDGET`]
+/// spilled to disk.
 pub fn labeled(
     path: &Path,
     want: super::Modality,
 ) -> Result<impl Iterator<Item = Result<Labeled, DataError>>, DataError> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut spill = Spill::new(MEMORY_BUDGET);
     Ok(located(path)?.map(move |item| {
         let (location, doc) = item?;
         let bad = |msg: String| DataError::Malformed {
@@ -433,7 +471,8 @@ pub fn labeled(
             super::Modality::Image => Item::Image(
                 doc_image(&doc, &base, &location)
                     .map_err(&bad)?
-                    .ok_or_else(|| bad("not an image document".into()))?,
+                    .ok_or_else(|| bad("not an image document".into()))?
+                    .kept(&mut spill)?,
             ),
         };
         let id = if doc.id.is_empty() {

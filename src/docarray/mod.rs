@@ -5,11 +5,13 @@ pub mod csv;
 pub mod file;
 pub mod proto;
 pub mod remote;
+pub mod spill;
 
 use std::path::{Path, PathBuf};
 
 use crate::model::{ImagePreprocessor, ModelError};
 pub use remote::{HttpFetch, ImageHosts};
+pub use spill::{Held, Spill};
 
 /// Where an error in a dataset is: file and line or document index.
 pub type Location = String;
@@ -24,14 +26,25 @@ pub enum ImageSource {
     /// A remote URI (http, https), fetched when used (size and time limited).
     Remote(String),
     /// Encoded bytes (docarray `blob`).
-    Blob(Vec<u8>),
+    Blob(Held),
     /// Raw pixels `[height, width, channels]`, uint8 (docarray `tensor`).
     Pixels {
-        data: Vec<u8>,
+        data: Held,
         height: usize,
         width: usize,
         channels: usize,
     },
+}
+
+impl ImageSource {
+    /// The image bytes it holds in memory (blobs and pixels; references hold none).
+    pub fn held_bytes(&self) -> usize {
+        match self {
+            ImageSource::Blob(b) => b.in_memory(),
+            ImageSource::Pixels { data, .. } => data.in_memory(),
+            _ => 0,
+        }
+    }
 }
 
 /// An image and where it came from, for error messages.
@@ -56,8 +69,9 @@ impl ImageRef {
             channels,
         } = &self.source
         {
+            let data = data.bytes().map_err(|e| self.unreadable(e))?;
             return pre
-                .preprocess_hwc_u8(data, *height, *width, *channels)
+                .preprocess_hwc_u8(&data, *height, *width, *channels)
                 .map_err(|e| self.error(e));
         }
         pre.preprocess_bytes(&self.encoded(pre, http)?)
@@ -96,9 +110,46 @@ impl ImageRef {
                 .map_err(|e| at(format!("cannot read {}: {e}", p.display()))),
             ImageSource::DataUri(uri) => decode_data_uri(uri).map(Into::into).map_err(at),
             ImageSource::Remote(uri) => http.get(uri).map(Into::into).map_err(at),
-            ImageSource::Blob(b) => Ok(b.as_slice().into()),
+            ImageSource::Blob(b) => b.bytes().map_err(|e| self.unreadable(e)),
             ImageSource::Pixels { .. } => Err(at("raw pixels have no encoded form".into())),
         }
+    }
+
+    /// A spilled image that could not be read back.
+    fn unreadable(&self, e: std::io::Error) -> DataError {
+        DataError::Image {
+            location: self.location.clone(),
+            msg: format!("cannot read the image back from the spill file: {e}"),
+        }
+    }
+
+    /// The image as `spill` keeps it: blobs and pixels in memory or spilled, the rest as is.
+    pub fn kept(self, spill: &mut Spill) -> Result<ImageRef, DataError> {
+        let keep = |h: Held, spill: &mut Spill| {
+            spill.keep(h).map_err(|e| DataError::Image {
+                location: self.location.clone(),
+                msg: format!("cannot spill the image to disk (TMPDIR): {e}"),
+            })
+        };
+        let source = match self.source {
+            ImageSource::Blob(b) => ImageSource::Blob(keep(b, spill)?),
+            ImageSource::Pixels {
+                data,
+                height,
+                width,
+                channels,
+            } => ImageSource::Pixels {
+                data: keep(data, spill)?,
+                height,
+                width,
+                channels,
+            },
+            other => other,
+        };
+        Ok(ImageRef {
+            source,
+            location: self.location,
+        })
     }
 
     fn error(&self, e: ModelError) -> DataError {
@@ -130,13 +181,53 @@ const HEADER_WORDS: &[&str] = &[
     "class", "category", "tag", "id",
 ];
 
+/// What a dataset may hold beyond well-formed rows and decodable images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vetting {
+    /// Bytes a docarray file's documents may unpack to: its compression can turn kilobytes
+    /// into gigabytes.
+    pub max_unpacked: u64,
+    /// Whether a document's `uri` may name a file on this machine. Not for data sent from
+    /// elsewhere: it would have the receiver read (and train on) any file on its disk.
+    pub local_files: bool,
+}
+
+impl Vetting {
+    /// The user's own data on the user's own machine.
+    pub const LOCAL: Vetting = Vetting {
+        max_unpacked: u64::MAX,
+        local_files: true,
+    };
+}
+
+/// Images checked together while a dataset is vetted: enough to keep every core busy, few
+/// enough that only this many (or this many bytes of blobs and pixels) are held at once,
+/// however large the dataset.
+const CHECK_CHUNK: usize = 64;
+const CHECK_CHUNK_BYTES: usize = 256 << 20;
+
 /// Vets a whole dataset file before it is trained on or pushed, whatever role it will play:
-/// every row has the shape Finetuner's CSV has (two or three columns, no header row), and every
-/// image is readable and decodes within the pixel limit. Returns the number of rows (CSV) or
-/// documents (docarray). Errors name the file and line or document.
-pub fn validate_dataset(path: &Path, pre: &ImagePreprocessor) -> Result<u64, DataError> {
+/// every row has the shape Finetuner's CSV has (two or three columns, no header row), every
+/// image is readable and decodes within the pixel limit, and the data is within `vetting`.
+/// Streams: images are checked a chunk at a time, in dataset order. Returns the number of rows
+/// (CSV) or documents (docarray). Errors name the file and line or document.
+pub fn validate_dataset(
+    path: &Path,
+    pre: &ImagePreprocessor,
+    vetting: Vetting,
+) -> Result<u64, DataError> {
     let mut images = Vec::new();
     let mut items = 0u64;
+    let flush = |images: &mut Vec<ImageRef>, all: bool| {
+        let held: usize = images.iter().map(|i| i.source.held_bytes()).sum();
+        if images.len() < CHECK_CHUNK && held < CHECK_CHUNK_BYTES && !all {
+            return Ok(());
+        }
+        let refs: Vec<&ImageRef> = images.iter().collect();
+        let checked = check_images(&refs, pre);
+        images.clear();
+        checked
+    };
     if is_csv(path) {
         let rows = csv::CsvRows::open(path)?;
         let base = rows.base().to_path_buf();
@@ -153,6 +244,7 @@ pub fn validate_dataset(path: &Path, pre: &ImagePreprocessor) -> Result<u64, Dat
                     });
                 }
             }
+            flush(&mut images, false)?;
             match &first {
                 None => first = Some((loc, fields, has_image)),
                 Some((at, head, head_image)) => {
@@ -173,22 +265,44 @@ pub fn validate_dataset(path: &Path, pre: &ImagePreprocessor) -> Result<u64, Dat
         }
     } else {
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        for (i, doc) in file::DocReader::open(path)?.enumerate() {
+        let mut docs = file::DocReader::open(path)?;
+        let mut i = 0usize;
+        while let Some(doc) = docs.next() {
             let doc = doc?;
             let loc = format!("{} document {i}", path.display());
+            let bad = |msg: String| DataError::Malformed {
+                location: loc.clone(),
+                msg,
+            };
+            if docs.unpacked() > vetting.max_unpacked {
+                return Err(DataError::TooLarge {
+                    location: loc,
+                    limit: vetting.max_unpacked,
+                });
+            }
             for d in std::iter::once(&doc).chain(&doc.chunks) {
-                let image =
-                    file::doc_image(d, &base, &loc).map_err(|msg| DataError::Malformed {
-                        location: loc.clone(),
-                        msg,
-                    })?;
+                let image = file::doc_image(d, &base, &loc).map_err(bad)?;
+                if let Some(ImageRef {
+                    source: ImageSource::Path(_),
+                    ..
+                }) = &image
+                {
+                    if !vetting.local_files {
+                        return Err(bad(
+                            "an image uri names a local file; send the image itself (blob or \
+                             tensor) or an http(s) URI"
+                                .into(),
+                        ));
+                    }
+                }
                 images.extend(image);
             }
+            flush(&mut images, false)?;
             items += 1;
+            i += 1;
         }
     }
-    let refs: Vec<&ImageRef> = images.iter().collect();
-    check_images(&refs, pre)?;
+    flush(&mut images, true)?;
     Ok(items)
 }
 
@@ -300,6 +414,9 @@ pub enum DataError {
     Malformed { location: Location, msg: String },
     #[error("{location}: image: {msg}")]
     Image { location: Location, msg: String },
+    /// The data unpacks to more than it may (a compressed file's real size).
+    #[error("{location}: the documents unpack to more than {limit} bytes")]
+    TooLarge { location: Location, limit: u64 },
 }
 
 /// Treats a dataset cell as an image reference (Finetuner's `is_uri`, made stricter so captions
@@ -356,6 +473,41 @@ pub fn image_source(s: &str, base: &Path) -> ImageSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Spilled blobs and pixels preprocess as they did in memory.
+    #[test]
+    fn spilled_images_preprocess_as_in_memory() {
+        let png = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/reference/images/rgb_224x224.png"),
+        )
+        .unwrap();
+        let pre = ImagePreprocessor::new(crate::model::image::ImageConfig::default());
+        let pixels: Vec<u8> = (0..30 * 40 * 3).map(|i| (i % 251) as u8).collect();
+        let mut spill = Spill::new(0);
+        for source in [
+            ImageSource::Blob(Held::Memory(png)),
+            ImageSource::Pixels {
+                data: Held::Memory(pixels),
+                height: 30,
+                width: 40,
+                channels: 3,
+            },
+        ] {
+            let memory = ImageRef {
+                source,
+                location: "x".into(),
+            };
+            let disk = memory.clone().kept(&mut spill).unwrap();
+            assert_eq!(disk.source.held_bytes(), 0);
+            assert!(memory.source.held_bytes() > 0);
+            let http = HttpFetch::DATASET;
+            assert_eq!(
+                disk.preprocess(&pre, &http).unwrap(),
+                memory.preprocess(&pre, &http).unwrap()
+            );
+        }
+    }
 
     #[test]
     fn data_uris() {

@@ -63,6 +63,8 @@ pub enum Root {
     DataRequest,
     DataRequestList,
     SingleDocument,
+    /// One `DocumentProto`, as a docarray v1 file stores it.
+    Document,
 }
 
 impl Root {
@@ -87,6 +89,7 @@ impl Root {
             Self::DataRequest => Msg::DataRequest,
             Self::DataRequestList => Msg::DataRequestList,
             Self::SingleDocument => Msg::SingleDocument,
+            Self::Document => Msg::Doc,
         }
     }
 }

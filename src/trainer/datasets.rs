@@ -20,7 +20,7 @@ use crate::artifact::is_safe_name;
 use crate::docarray::csv::CsvRows;
 use crate::docarray::file::DocReader;
 use crate::docarray::proto::DocumentProto;
-use crate::docarray::{image_source, looks_like_image, DataError, ImageSource};
+use crate::docarray::{image_source, looks_like_image, DataError, ImageSource, Vetting};
 use crate::model::ImagePreprocessor;
 
 /// How a dataset is stored.
@@ -286,9 +286,16 @@ impl Upload {
         };
         // Every row's shape and every image are vetted now, so a run on this dataset cannot
         // fail on them after hours of training (or with the trainer's paths in its message).
+        let vetting = Vetting {
+            max_unpacked: self.max_bytes,
+            local_files: false,
+        };
         let vet = |p: &Path| {
-            crate::docarray::validate_dataset(p, &ImagePreprocessor::new(Default::default()))
-                .map_err(|e| invalid(e.to_string()))
+            let pre = ImagePreprocessor::new(Default::default());
+            crate::docarray::validate_dataset(p, &pre, vetting).map_err(|e| match e {
+                DataError::TooLarge { .. } => invalid(format!("{e} (--max-dataset-bytes)")),
+                e => invalid(e.to_string()),
+            })
         };
         let (file, items) = match self.format {
             Format::Docarray => (self.file.clone(), vet(&path)?),
@@ -448,7 +455,11 @@ fn temp_file(suffix: &str) -> Result<(tempfile::NamedTempFile, PathBuf), DataErr
 /// Prepares the local dataset `path` for a push (see the module doc).
 pub fn pack(path: &Path) -> Result<Packed, DataError> {
     // Refused here, with the user's own paths, rather than after the upload.
-    crate::docarray::validate_dataset(path, &ImagePreprocessor::new(Default::default()))?;
+    crate::docarray::validate_dataset(
+        path,
+        &ImagePreprocessor::new(Default::default()),
+        Vetting::LOCAL,
+    )?;
     let file_name = path
         .file_name()
         .and_then(|n| n.to_str())
