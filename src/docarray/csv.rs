@@ -16,6 +16,13 @@ use std::rc::Rc;
 
 use super::{image_source, looks_like_image, DataError, ImageRef, Item, Labeled, Modality, Pair};
 
+/// The most bytes a row may run to, and the most newlines read ahead of the last row (blank
+/// lines, or newlines inside a quoted cell). The csv crate grows its buffer to hold a row of
+/// any length, and the line index keeps every newline not yet passed: a zipped `data.csv` of
+/// one 3 GiB cell took the trainer down. A cell holding a whole image as a `data:` URI fits.
+pub const MAX_ROW_BYTES: u64 = 64 << 20;
+const MAX_PENDING_LINES: usize = 1 << 20;
+
 /// A CSV opened for streaming.
 pub struct CsvRows {
     path: PathBuf,
@@ -33,6 +40,8 @@ struct LineIndex {
     before: u64,
     offset: u64,
     last_was_cr: bool,
+    /// Where the last row returned starts.
+    row_start: u64,
 }
 
 impl LineIndex {
@@ -76,6 +85,18 @@ impl<R: Read> Read for CountLines<R> {
             idx.last_was_cr = *b == b'\r';
         }
         idx.offset += n as u64;
+        if idx.offset - idx.row_start > 2 * MAX_ROW_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a row runs past {MAX_ROW_BYTES} bytes"),
+            ));
+        }
+        if idx.pending.len() > MAX_PENDING_LINES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("more than {MAX_PENDING_LINES} lines without a row ending"),
+            ));
+        }
         Ok(n)
     }
 }
@@ -127,18 +148,26 @@ impl CsvRows {
             let rec = match rec {
                 Ok(r) => r,
                 Err(e) => {
-                    let line = e
-                        .position()
-                        .map_or(0, |p| self.lines.borrow_mut().line_of(p.byte()));
+                    // Errors of the reader itself carry no position: the line after the last
+                    // row's end.
+                    let line = match e.position() {
+                        Some(p) => self.lines.borrow_mut().line_of(p.byte()),
+                        None => {
+                            let idx = self.lines.borrow();
+                            idx.before + 1 + u64::from(!idx.pending.is_empty())
+                        }
+                    };
                     return Some(Err(DataError::Malformed {
                         location: self.location(line),
                         msg: format!("unreadable CSV row: {e}"),
                     }));
                 }
             };
-            let line = rec
-                .position()
-                .map_or(0, |p| self.lines.borrow_mut().line_of(p.byte()));
+            let line = rec.position().map_or(0, |p| {
+                let mut idx = self.lines.borrow_mut();
+                idx.row_start = p.byte();
+                idx.line_of(p.byte())
+            });
             // Cells are kept as written (Python's csv keeps spaces too); only blank rows are
             // skipped.
             let fields: Vec<String> = rec.iter().map(str::to_string).collect();
@@ -351,6 +380,33 @@ mod tests {
             e.contains("bad.csv:2") && e.contains("neither column"),
             "{e}"
         );
+        Ok(())
+    }
+
+    /// A row too long to be a caption and an image, or a quoted cell of a million newlines, is
+    /// refused naming its line, instead of growing the reader's buffers without end.
+    #[test]
+    fn overlong_rows_are_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let long = format!(
+            "a caption,img/a.png\nx,{}.png\n",
+            "a".repeat(2 * MAX_ROW_BYTES as usize + 1)
+        );
+        let p = write("long.csv", &long);
+        drop(long);
+        let rows: Vec<_> = CsvRows::open(&p)?.rows().collect();
+        assert!(rows[0].is_ok());
+        let e = rows[1].as_ref().unwrap_err().to_string();
+        assert!(e.contains("long.csv:2") && e.contains("runs past"), "{e}");
+        std::fs::remove_file(p)?;
+        let lines = format!(
+            "a caption,img/a.png\n\"{}\",x.png\n",
+            "\n".repeat(MAX_PENDING_LINES + 1)
+        );
+        let p = write("lines.csv", &lines);
+        let rows: Vec<_> = CsvRows::open(&p)?.rows().collect();
+        assert!(rows[0].is_ok());
+        let e = rows[1].as_ref().unwrap_err().to_string();
+        assert!(e.contains("lines.csv:2") && e.contains("lines without"), "{e}");
         Ok(())
     }
 
