@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use super::{image_source, looks_like_image, DataError, ImageRef, Item, Labeled, Modality, Pair};
+use super::{image_source, looks_like_image, quoted, DataError, ImageRef, Item, Labeled, Modality, Pair};
 
 /// The most bytes a row may run to, and the most newlines read ahead of the last row (blank
 /// lines, or newlines inside a quoted cell). The csv crate grows its buffer to hold a row of
@@ -294,7 +294,7 @@ impl CsvRows {
                     if !looks_like_image(&item, &self.base) {
                         return Some(Err(DataError::Malformed {
                             location: loc,
-                            msg: format!("{item:?} is not an image path or URI"),
+                            msg: format!("{} is not an image path or URI", quoted(&item)),
                         }));
                     }
                     Item::Image(ImageRef {

@@ -440,8 +440,8 @@ pub fn pairs(path: &Path) -> Result<impl Iterator<Item = Result<Pair, DataError>
                 label: finetuner_label(&doc),
             }),
             _ => Err(bad(format!(
-                "document {:?} needs a text chunk and an image chunk (found {} chunks)",
-                doc.id,
+                "document {} needs a text chunk and an image chunk (found {} chunks)",
+                super::quoted(&doc.id),
                 doc.chunks.len()
             ))),
         }

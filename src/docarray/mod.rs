@@ -13,6 +13,17 @@ use crate::model::{ImagePreprocessor, ModelError};
 pub use remote::{HttpFetch, ImageHosts};
 pub use spill::{Held, Spill};
 
+/// `s` quoted for an error message, cut to its first 200 characters: messages that quote
+/// data a client sent travel back in statuses and are kept in run records and logs, and a
+/// 70 MB document id made a run record too large for any reply.
+pub fn quoted(s: &str) -> String {
+    const MAX: usize = 200;
+    match s.char_indices().nth(MAX) {
+        None => format!("{s:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes in all)", &s[..cut], s.len()),
+    }
+}
+
 /// Where an error in a dataset is: file and line or document index.
 pub type Location = String;
 
@@ -255,7 +266,8 @@ pub fn validate_dataset(
                         return Err(DataError::Malformed {
                             location: at.clone(),
                             msg: format!(
-                                "{head:?} looks like a header row; Finetuner-style CSVs have none: remove it"
+                                "{} looks like a header row; Finetuner-style CSVs have none: remove it",
+                                quoted(&head.join(","))
                             ),
                         });
                     }
@@ -473,6 +485,15 @@ pub fn image_source(s: &str, base: &Path) -> ImageSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn quoted_values_are_cut() {
+        assert_eq!(quoted("a \"b\""), r#""a \"b\"""#);
+        let q = quoted(&"ü".repeat(70_000));
+        assert!(q.starts_with(&format!("\"{}", "ü".repeat(200))), "{q}");
+        assert!(!q.contains(&"ü".repeat(201)), "{q}");
+        assert!(q.ends_with("... (140000 bytes in all)"), "{q}");
+    }
 
     /// Spilled blobs and pixels preprocess as they did in memory.
     #[test]

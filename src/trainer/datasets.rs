@@ -20,7 +20,7 @@ use crate::artifact::is_safe_name;
 use crate::docarray::csv::CsvRows;
 use crate::docarray::file::DocReader;
 use crate::docarray::proto::DocumentProto;
-use crate::docarray::{image_source, looks_like_image, DataError, ImageSource, Vetting};
+use crate::docarray::{image_source, looks_like_image, quoted, DataError, ImageSource, Vetting};
 use crate::model::ImagePreprocessor;
 
 /// How a dataset is stored.
@@ -45,7 +45,7 @@ pub struct DatasetMeta {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatasetError {
-    #[error("dataset name {0:?} is not allowed: use letters, digits, '-', '_' and '.', at most 128, not starting with '.'")]
+    #[error("dataset name {} is not allowed: use letters, digits, '-', '_' and '.', at most 128, not starting with '.'", quoted(.0))]
     BadName(String),
     #[error("dataset {0:?} does not exist")]
     NotFound(String),
@@ -401,7 +401,7 @@ fn check_csv(csv: &Path) -> Result<(), String> {
             if looks_like_image(f, &base) {
                 if let ImageSource::Path(p) = image_source(f, &base) {
                     if !inside(&p) {
-                        return Err(format!("{loc}: image {f:?} is not in the bundle"));
+                        return Err(format!("{loc}: image {} is not in the bundle", quoted(f)));
                     }
                 }
             }

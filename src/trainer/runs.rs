@@ -122,6 +122,23 @@ pub struct RunRecord {
     pub seq: u64,
 }
 
+/// The longest failure reason or log line a run keeps: reasons can quote what a client sent,
+/// and a record or a log line of megabytes is one no reply can carry (a 70 MB document id made
+/// `ListRuns` fail for every client).
+const MAX_LINE_BYTES: usize = 4096;
+
+/// `s` cut to [`MAX_LINE_BYTES`] at a character boundary, saying how much was cut.
+fn bounded(s: &str) -> String {
+    if s.len() <= MAX_LINE_BYTES {
+        return s.to_string();
+    }
+    let mut cut = MAX_LINE_BYTES;
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}... ({} more bytes cut)", &s[..cut], s.len() - cut)
+}
+
 /// How the trainer runs its queue.
 #[derive(Debug, Clone)]
 pub struct RunnerOptions {
@@ -141,7 +158,7 @@ pub struct RunnerOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("run name {0:?} is not allowed: use letters, digits, '-', '_' and '.', at most 128, not starting with '.'")]
+    #[error("run name {} is not allowed: use letters, digits, '-', '_' and '.', at most 128, not starting with '.'", crate::docarray::quoted(.0))]
     BadName(String),
     #[error("run {0:?} does not exist")]
     NotFound(String),
@@ -345,6 +362,7 @@ impl Registry {
     }
 
     fn append_log(&self, e: &Entry, line: &str) {
+        let line = bounded(line);
         let path = self.run_dir(&e.rec.name).join("run.log");
         let stamp = crate::artifact::iso_utc(unix_now());
         let result = std::fs::OpenOptions::new()
@@ -825,7 +843,7 @@ impl Registry {
                     self.append_log(e, &e.rec.details.clone());
                 }
                 Err(msg) => {
-                    let msg = self.datasets.redact_paths(&msg);
+                    let msg = bounded(&self.datasets.redact_paths(&msg));
                     e.rec.state = State::Failed;
                     e.rec.details = msg.clone();
                     e.rec.finished_unix = Some(unix_now());
@@ -1001,6 +1019,15 @@ pub fn random_run_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_reasons_are_cut_at_a_character() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(MAX_LINE_BYTES);
+        let cut = bounded(&long);
+        assert!(cut.len() < MAX_LINE_BYTES + 40, "{}", cut.len());
+        assert!(cut.ends_with(&format!("({} more bytes cut)", MAX_LINE_BYTES)), "{cut}");
+    }
 
     /// serde_json writes a NaN loss as `null`; it reads back as NaN, so a run whose loss went
     /// NaN still loads after a restart (it used to be skipped, its name taken for good).

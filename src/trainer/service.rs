@@ -365,7 +365,8 @@ impl Trainer for TrainerService {
     }
 }
 
-/// Whole lines of the log from `offset`, at most about [`CHUNK`] bytes.
+/// Whole lines of the log from `offset`, at most about [`CHUNK`] bytes; a line longer than
+/// that comes in pieces (cut at character boundaries), so a follower always moves on.
 async fn read_lines(path: &std::path::Path, offset: u64) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncSeekExt};
     let mut f = match tokio::fs::File::open(path).await {
@@ -376,7 +377,14 @@ async fn read_lines(path: &std::path::Path, offset: u64) -> std::io::Result<Stri
     f.seek(std::io::SeekFrom::Start(offset)).await?;
     let mut buf = Vec::new();
     f.take(CHUNK as u64).read_to_end(&mut buf).await?;
-    let end = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    let end = match buf.iter().rposition(|b| *b == b'\n') {
+        Some(i) => i + 1,
+        None if buf.len() == CHUNK => match std::str::from_utf8(&buf) {
+            Ok(_) => buf.len(),
+            Err(e) => e.valid_up_to(),
+        },
+        None => 0,
+    };
     buf.truncate(end);
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
@@ -495,4 +503,31 @@ pub async fn serve(
     let r2 = reg.clone();
     let _ = tokio::task::spawn_blocking(move || r2.shutdown(timeout)).await;
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A follower reads a log line longer than a chunk in pieces, cut at characters, and then
+    /// the lines after it; it used to get nothing, and stop, at such a line.
+    #[tokio::test]
+    async fn a_line_longer_than_a_chunk_comes_in_pieces() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("run.log");
+        let long = "é".repeat(CHUNK);
+        let all = format!("first\n{long}\nlast\n");
+        std::fs::write(&path, &all).expect("write");
+        let mut offset = 0u64;
+        let mut text = String::new();
+        for _ in 0..10 {
+            let piece = read_lines(&path, offset).await.expect("read");
+            if piece.is_empty() {
+                break;
+            }
+            offset += piece.len() as u64;
+            text.push_str(&piece);
+        }
+        assert_eq!(text, all);
+    }
 }
