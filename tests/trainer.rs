@@ -783,6 +783,70 @@ async fn image_hosts_limit_where_pushed_data_is_fetched_from() -> R {
     Ok(())
 }
 
+/// A dataset being replaced by an upload that began before a run on it was created is not
+/// replaced under that run: the replacement is refused when it is installed (it used to be
+/// checked only at its header, and the run then failed on files that were gone).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dataset_is_not_replaced_under_a_run_created_during_its_upload() -> R {
+    let dir = tempdir("replace");
+    let t = Trainer::start(&dir, &[])?;
+    let mut c = t.client(None).await?;
+    client::push_dataset(&mut c, "train", &demo("train.csv"), false).await?;
+    let packed = clipft::trainer::datasets::pack(&demo("train.csv"))?;
+    let format = match packed.format {
+        clipft::trainer::datasets::Format::Docarray => pb::DatasetFormat::Docarray,
+        clipft::trainer::datasets::Format::CsvBundle => pb::DatasetFormat::CsvBundle,
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::PushDatasetRequest {
+        part: Some(pb::push_dataset_request::Part::Header(pb::DatasetHeader {
+            name: "train".into(),
+            format: format as i32,
+            file_name: packed.file_name.clone(),
+            overwrite: true,
+        })),
+    })
+    .await?;
+    let mut pusher = c.clone();
+    let push = tokio::spawn(async move {
+        pusher
+            .push_dataset(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    // The header is through (no run uses the dataset yet); now a run is created on it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    create(
+        &mut c,
+        "user",
+        config("train", serde_json::json!({"epochs": 40})),
+    )
+    .await?;
+    tx.send(pb::PushDatasetRequest {
+        part: Some(pb::push_dataset_request::Part::Data(
+            std::fs::read(&packed.file)?.into(),
+        )),
+    })
+    .await?;
+    drop(tx);
+    let e = push.await?.expect_err("replaced under a run");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("cannot be replaced"), "{}", e.message());
+    let e = c
+        .delete_dataset(pb::DeleteDatasetRequest {
+            name: "train".into(),
+        })
+        .await
+        .expect_err("deleted under a run");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    c.cancel_run(pb::CancelRunRequest {
+        name: "user".into(),
+    })
+    .await?;
+    let r = wait_for(&mut c, "user", ended).await?;
+    assert_eq!(pb::RunState::try_from(r.state)?, pb::RunState::Canceled, "{r:?}");
+    Ok(())
+}
+
 /// Two runs on a one-run trainer: the second waits CREATED until the first ended. A queued run
 /// is canceled at once, a started one before its next step.
 #[tokio::test(flavor = "multi_thread")]

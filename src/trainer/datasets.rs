@@ -267,9 +267,15 @@ impl Upload {
         }
     }
 
-    /// Reads the upload through, then makes it the dataset `name` (blocking: call it off the
-    /// async runtime).
-    pub fn finish(mut self) -> Result<DatasetMeta, DatasetError> {
+    /// Reads the upload through, vets it and makes it the dataset `name` (blocking: call it
+    /// off the async runtime). The trainer's registry vets and installs in two steps
+    /// ([`Upload::vet`], [`Vetted::install`]) so that it can install under its own lock.
+    pub fn finish(self) -> Result<DatasetMeta, DatasetError> {
+        self.vet()?.install()
+    }
+
+    /// Reads the upload through and vets it: what would become the dataset `name`.
+    pub fn vet(mut self) -> Result<Vetted, DatasetError> {
         let path = self.tmp.join(&self.file);
         if let Some(w) = self.writer.take() {
             w.into_inner()
@@ -324,17 +330,35 @@ impl Upload {
         let meta_path = self.tmp.join(META);
         let json = serde_json::to_vec_pretty(&meta).map_err(|e| invalid(e.to_string()))?;
         std::fs::write(&meta_path, json).map_err(io(&meta_path))?;
-        let dest = self.store.dir(&self.name)?;
+        Ok(Vetted { upload: self, meta })
+    }
+}
+
+/// A vetted upload, not yet the dataset its name says (dropped, it leaves nothing behind).
+pub struct Vetted {
+    upload: Upload,
+    meta: DatasetMeta,
+}
+
+impl Vetted {
+    pub fn name(&self) -> &str {
+        &self.upload.name
+    }
+
+    /// Makes it the dataset `name`, replacing the one there when the push said so.
+    pub fn install(self) -> Result<DatasetMeta, DatasetError> {
+        let up = &self.upload;
+        let dest = up.store.dir(&up.name)?;
         if dest.exists() {
-            if !self.overwrite {
-                return Err(DatasetError::Exists(self.name.clone()));
+            if !up.overwrite {
+                return Err(DatasetError::Exists(up.name.clone()));
             }
-            let old = self.tmp.with_extension("replaced");
+            let old = up.tmp.with_extension("replaced");
             std::fs::rename(&dest, &old).map_err(io(&dest))?;
             let _ = std::fs::remove_dir_all(&old);
         }
-        std::fs::rename(&self.tmp, &dest).map_err(io(&dest))?;
-        Ok(meta)
+        std::fs::rename(&up.tmp, &dest).map_err(io(&dest))?;
+        Ok(self.meta)
     }
 }
 

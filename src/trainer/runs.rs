@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
-use super::datasets::{DatasetError, DatasetStore};
+use super::datasets::{DatasetError, DatasetMeta, DatasetStore, Vetted};
 use super::fit::{FitConfig, FitControl, FitError, FitEvent};
 use crate::artifact::is_safe_name;
 use crate::eval::Metrics;
@@ -172,6 +172,8 @@ pub enum RunError {
     },
     #[error("invalid run configuration: {0}")]
     BadConfig(String),
+    #[error("dataset {0:?} is used by a run that has not ended; it cannot be replaced or deleted now")]
+    DatasetInUse(String),
     #[error(transparent)]
     Dataset(#[from] DatasetError),
     #[error("{path}: {source}")]
@@ -404,9 +406,6 @@ impl Registry {
         if config.train_data.as_os_str().is_empty() {
             return Err(RunError::BadConfig("train_data is required".into()));
         }
-        for d in self.data_names(&config) {
-            self.datasets.get(&d)?;
-        }
         self.check_shapes(&config)?;
         if config.model.trim().is_empty() {
             return Err(RunError::BadConfig("model is required".into()));
@@ -420,6 +419,11 @@ impl Registry {
         let mut inner = self.lock();
         if inner.shutting_down {
             return Err(RunError::BadConfig("the trainer is shutting down".into()));
+        }
+        // Under the lock that dataset deletion takes, so none is deleted between this check
+        // and the run's existence.
+        for d in self.data_names(&config) {
+            self.datasets.get(&d)?;
         }
         if inner.runs.contains_key(&name) || self.run_dir(&name).exists() {
             return Err(RunError::Exists(name));
@@ -637,15 +641,39 @@ impl Registry {
         std::fs::remove_dir_all(&trash).map_err(io(&trash))
     }
 
-    /// The datasets some unfinished run still needs (they cannot be deleted).
+    /// The datasets some unfinished run still needs (they cannot be deleted or replaced).
     pub fn datasets_in_use(&self) -> Vec<String> {
-        let inner = self.lock();
+        self.in_use(&self.lock())
+    }
+
+    fn in_use(&self, inner: &Inner) -> Vec<String> {
         inner
             .runs
             .values()
             .filter(|e| !e.rec.state.is_terminal())
             .flat_map(|e| self.data_names(&e.rec.config))
             .collect()
+    }
+
+    /// Installs a vetted upload as its dataset, unless it would replace one that an unfinished
+    /// run uses. Checked and done under the registry's lock, as run creation checks its
+    /// datasets: checked when the upload began, a run created during a long upload had its
+    /// data replaced under it and failed.
+    pub fn install_dataset(&self, v: Vetted) -> Result<DatasetMeta, RunError> {
+        let inner = self.lock();
+        if self.in_use(&inner).iter().any(|d| d == v.name()) {
+            return Err(RunError::DatasetInUse(v.name().to_string()));
+        }
+        Ok(v.install()?)
+    }
+
+    /// Deletes a dataset no unfinished run uses (checked and done under the registry's lock).
+    pub fn delete_dataset(&self, name: &str) -> Result<(), RunError> {
+        let inner = self.lock();
+        if self.in_use(&inner).iter().any(|d| d == name) {
+            return Err(RunError::DatasetInUse(name.to_string()));
+        }
+        Ok(self.datasets.delete(name)?)
     }
 
     /// The artifact zip of a finished run, made on first request (blocking).

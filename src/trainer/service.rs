@@ -26,7 +26,7 @@ pub fn status(e: &RunError) -> Status {
         RunError::BadName(_) | RunError::BadConfig(_) => Code::InvalidArgument,
         RunError::NotFound(_) => Code::NotFound,
         RunError::Exists(_) => Code::AlreadyExists,
-        RunError::WrongState { .. } => Code::FailedPrecondition,
+        RunError::WrongState { .. } | RunError::DatasetInUse(_) => Code::FailedPrecondition,
         RunError::Dataset(d) => return dataset_status(d),
         RunError::Io { .. } | RunError::Artifact(_) => Code::Internal,
     };
@@ -144,11 +144,9 @@ impl Trainer for TrainerService {
                 return Err(Status::invalid_argument("dataset format is unspecified"))
             }
         };
+        // Refused early when it is already clear; checked again when the upload is installed.
         if header.overwrite && self.reg.datasets_in_use().contains(&header.name) {
-            return Err(Status::failed_precondition(format!(
-                "dataset {:?} is used by a run that has not ended; it cannot be replaced now",
-                header.name
-            )));
+            return Err(status(&RunError::DatasetInUse(header.name)));
         }
         let mut upload = tokio::task::block_in_place(|| {
             self.reg
@@ -165,9 +163,13 @@ impl Trainer for TrainerService {
                 }
             }
         }
-        let meta = tokio::task::spawn_blocking(move || upload.finish())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        let reg = self.reg.clone();
+        let meta = tokio::task::spawn_blocking(move || {
+            let vetted = upload.vet()?;
+            reg.install_dataset(vetted).map_err(|e| status(&e))
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         tracing::info!(dataset = %meta.name, items = meta.items, "dataset stored");
         Ok(Response::new(dataset_pb(&meta)))
     }
@@ -187,12 +189,8 @@ impl Trainer for TrainerService {
         req: Request<pb::DeleteDatasetRequest>,
     ) -> Result<Response<pb::DeleteDatasetResponse>, Status> {
         let name = req.into_inner().name;
-        if self.reg.datasets_in_use().contains(&name) {
-            return Err(Status::failed_precondition(format!(
-                "dataset {name:?} is used by a run that has not ended"
-            )));
-        }
-        self.reg.datasets.delete(&name)?;
+        let reg = self.reg.clone();
+        tokio::task::block_in_place(|| reg.delete_dataset(&name)).map_err(|e| status(&e))?;
         Ok(Response::new(pb::DeleteDatasetResponse {}))
     }
 
