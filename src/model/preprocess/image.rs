@@ -29,13 +29,12 @@ pub fn max_file_bytes(max_pixels: u64) -> u64 {
     max_pixels.saturating_mul(8).saturating_add(16 << 20)
 }
 
-/// Reads an image file of at most `max_bytes`. Only a regular file is read: a FIFO would block
-/// the reading thread forever and a device (`/dev/zero`) never ends. The file is opened without
-/// blocking (opening a FIFO with no writer would block) and checked on the opened handle, so a
-/// path swapped after a check cannot slip through; the read stops at the limit whatever the
-/// size claimed.
-pub fn read_file(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::{Error, ErrorKind, Read};
+/// Opens `path` for reading only if it is a regular file: a FIFO would block the reader forever
+/// and a device (`/dev/zero`) never ends. The file is opened without blocking (opening a FIFO
+/// with no writer would block) and checked on the opened handle, so a path swapped after a
+/// check cannot slip through.
+pub fn open_regular_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::io::{Error, ErrorKind};
     let mut open = std::fs::OpenOptions::new();
     open.read(true);
     #[cfg(unix)]
@@ -44,10 +43,18 @@ pub fn read_file(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
         open.custom_flags(libc::O_NONBLOCK);
     }
     let file = open.open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
+    if !file.metadata()?.is_file() {
         return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
     }
+    Ok(file)
+}
+
+/// Reads an image file of at most `max_bytes`, a regular file only ([`open_regular_file`]);
+/// the read stops at the limit whatever the size claimed.
+pub fn read_file(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    let file = open_regular_file(path)?;
+    let meta = file.metadata()?;
     let over = |n: u64| {
         Error::new(
             ErrorKind::InvalidInput,
