@@ -140,6 +140,67 @@ fn encode_input_file_and_output_file() {
     );
 }
 
+/// `--input` lines are read up to a limit, naming the line over it: a file without a newline
+/// used to be read whole into one line (`/dev/zero` aborted on a failed 4 GiB allocation). Only a
+/// regular file is read: `/dev/zero` never ends and a FIFO would block.
+#[test]
+fn encode_input_lines_are_capped_and_files_regular() {
+    let dir = tempdir("input-limits");
+    let input = dir.join("inputs.txt");
+    // 64 MiB of zeros (sparse) after a first line: line 2 is over the 1 MiB default.
+    let mut f = std::fs::File::create(&input).unwrap();
+    std::io::Write::write_all(&mut f, b"a photo of a cat\n").unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    let e = err(bin()
+        .args(["encode", "--model", &tiny(), "--input"])
+        .arg(&input)
+        .output()
+        .unwrap());
+    assert!(e.contains("line 2 is longer than 1048576 bytes"), "{e}");
+
+    // Below 4096 bytes the limit is the longest image path, so --max-text-bytes 10 still reads
+    // a 4096-byte line (the tokenizer then refuses it as a text) but not a 4097-byte one.
+    for (len, want) in [
+        (4096, "text 1: text of 4096 bytes"),
+        (4097, "line 1 is longer than 4096 bytes"),
+    ] {
+        std::fs::write(&input, "x".repeat(len) + "\r\n").unwrap();
+        let e = err(bin()
+            .args([
+                "encode",
+                "--model",
+                &tiny(),
+                "--max-text-bytes",
+                "10",
+                "--input",
+            ])
+            .arg(&input)
+            .output()
+            .unwrap());
+        assert!(e.contains(want), "{len}: {e}");
+    }
+
+    let e = err(bin()
+        .args(["encode", "--model", &tiny(), "--input", "/dev/zero"])
+        .output()
+        .unwrap());
+    assert!(
+        e.contains("/dev/zero") && e.contains("not a regular file"),
+        "{e}"
+    );
+    let fifo = dir.join("fifo.txt");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+    let e = err(bin()
+        .args(["encode", "--model", &tiny(), "--input"])
+        .arg(&fifo)
+        .output()
+        .unwrap());
+    assert!(e.contains("not a regular file"), "{e}");
+}
+
 #[test]
 fn encode_errors_are_clear() {
     let dir = tempdir("errors");

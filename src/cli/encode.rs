@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{ArgMatches, Args};
 
 use super::{parse_towers, ModelArgs};
+use crate::model::image::open_regular_file;
 use crate::model::{Encoder, Towers};
 
 #[derive(Args, Debug)]
@@ -22,9 +23,10 @@ pub struct EncodeArgs {
     /// An image file to embed (repeatable).
     #[arg(long = "image", env = "CLIPFT_IMAGE")]
     pub image: Vec<PathBuf>,
-    /// A file with one input per line: an image path when the line ends in an image extension
-    /// (.jpg, .jpeg, .png, .webp, .gif, .bmp) and has no spaces, a text otherwise. Blank lines
-    /// are skipped; an image path that does not exist is an error, not a text.
+    /// A regular file with one input per line: an image path when the line ends in an image
+    /// extension (.jpg, .jpeg, .png, .webp, .gif, .bmp) and has no spaces, a text otherwise.
+    /// Blank lines are skipped; an image path that does not exist is an error, not a text. A
+    /// line holds at most --max-text-bytes bytes, or 4096 (an image path) where that is lower.
     #[arg(long, env = "CLIPFT_INPUT")]
     pub input: Option<PathBuf>,
     /// Where to write the JSON Lines (stdout by default). Its variable names the command:
@@ -44,6 +46,10 @@ pub enum Input {
 }
 
 const IMAGE_EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif", "bmp"];
+
+/// The longest line `--input` reads when `--max-text-bytes` is lower: room for an image path
+/// (Linux's PATH_MAX).
+const MAX_PATH_LINE_BYTES: usize = 4096;
 
 /// Whether an `--input` line means an image file: an image extension and, unless the file
 /// exists, no whitespace (a caption such as "a photo of dog.jpg on a table" stays a text).
@@ -82,25 +88,60 @@ fn collect_inputs(args: &EncodeArgs, matches: Option<&ArgMatches>) -> anyhow::Re
     ordered.sort_by_key(|(i, _)| *i);
     let mut inputs: Vec<Input> = ordered.into_iter().map(|(_, x)| x).collect();
     if let Some(path) = &args.input {
-        let f =
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
-            let line = line.with_context(|| format!("{}: line {}", path.display(), n + 1))?;
-            let line = line.strip_suffix('\r').unwrap_or(&line).to_string();
-            if line.trim().is_empty() {
-                continue;
-            }
-            if !is_image_path(&line) {
-                inputs.push(Input::Text(line));
-            } else if Path::new(&line).is_file() {
-                inputs.push(Input::Image(line.into()));
-            } else {
-                anyhow::bail!(
-                    "{} line {}: {line} looks like an image path, but there is no such file",
-                    path.display(),
-                    n + 1
-                );
-            }
+        let max_line = args.model.max_text_bytes.max(MAX_PATH_LINE_BYTES);
+        inputs.extend(read_input_file(path, max_line)?);
+    }
+    Ok(inputs)
+}
+
+/// The inputs of an `--input` file, a regular file only ([`open_regular_file`]) whose lines are
+/// at most `max_line` bytes. Lines used to be read whole, however long, so a file without a
+/// newline (`/dev/zero`) was read into one string until an allocation failed and the process
+/// aborted.
+fn read_input_file(path: &Path, max_line: usize) -> anyhow::Result<Vec<Input>> {
+    use std::io::Read;
+    let f = open_regular_file(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut reader = std::io::BufReader::new(f);
+    let mut inputs = Vec::new();
+    let mut buf = Vec::new();
+    for n in 1.. {
+        buf.clear();
+        // Room for the longest line and its "\r\n": a line that fills it is too long.
+        let read = (&mut reader)
+            .take((max_line as u64).saturating_add(2))
+            .read_until(b'\n', &mut buf)
+            .with_context(|| format!("{}: line {n}", path.display()))?;
+        if read == 0 {
+            break;
+        }
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+        }
+        if buf.last() == Some(&b'\r') {
+            buf.pop();
+        }
+        if buf.len() > max_line {
+            anyhow::bail!(
+                "{} line {n} is longer than {max_line} bytes, the most a line may hold \
+                 (--max-text-bytes, or {MAX_PATH_LINE_BYTES} for an image path where that is lower)",
+                path.display()
+            );
+        }
+        let line =
+            std::str::from_utf8(&buf).with_context(|| format!("{}: line {n}", path.display()))?;
+        let line = line.strip_suffix('\r').unwrap_or(line).to_string();
+        if line.trim().is_empty() {
+            continue;
+        }
+        if !is_image_path(&line) {
+            inputs.push(Input::Text(line));
+        } else if Path::new(&line).is_file() {
+            inputs.push(Input::Image(line.into()));
+        } else {
+            anyhow::bail!(
+                "{} line {n}: {line} looks like an image path, but there is no such file",
+                path.display()
+            );
         }
     }
     Ok(inputs)

@@ -187,15 +187,16 @@ impl ModelFiles {
                     device.clone(),
                 ))
             }
-            WeightFiles::Pickle(p) => VarBuilder::from_pth(p, dtype, device)
-                .map_err(|e| ModelError::weights(std::slice::from_ref(p), e)),
+            WeightFiles::Pickle(p) => Ok(VarBuilder::from_backend(
+                Box::new(PickleReader(PthFile::open(p)?)),
+                dtype,
+                device.clone(),
+            )),
             WeightFiles::FinetunerPt(parts) => {
                 let mut files = Vec::new();
                 for (path, t) in parts {
                     if (t.text && towers.text) || (t.vision && towers.vision) {
-                        let pth = candle_core::pickle::PthTensors::new(path, None)
-                            .map_err(|e| ModelError::weights(std::slice::from_ref(path), e))?;
-                        files.push((pth, *t));
+                        files.push((PthFile::open(path)?, *t));
                     }
                 }
                 Ok(VarBuilder::from_backend(
@@ -323,7 +324,8 @@ fn is_not_found(e: &impl std::fmt::Display) -> bool {
     s.contains("404") || s.contains("Not Found")
 }
 
-/// The shape check both weight readers owe `VarBuilder::get`.
+/// The shape check the safetensors reader owes `VarBuilder::get` (the PyTorch readers check
+/// before reading: [`PthFile::read`]).
 fn expect_shape(t: Tensor, want: &candle_core::Shape, name: &str) -> candle_core::Result<Tensor> {
     if t.shape() != want {
         candle_core::bail!(
@@ -485,10 +487,117 @@ impl candle_nn::var_builder::SimpleBackend for SafetensorsReader {
     }
 }
 
+/// A PyTorch zip checkpoint, read one tensor at a time. candle allocates a tensor at the shape
+/// its pickle claims before reading a byte of it, so a claimed `(2147483647, 32)` aborted the
+/// whole process on a failed 128 GiB allocation; the claim is checked here first, against the
+/// shape the model asks for and against the bytes of the zip entry that stores it.
+struct PthFile {
+    pth: candle_core::pickle::PthTensors,
+    /// Zip entry (storage) name -> its size. The shape the model asks for bounds an allocation
+    /// already; this bounds the tensors read without one, and names a short storage instead of
+    /// failing mid-read.
+    storage_bytes: HashMap<String, u64>,
+}
+
+impl PthFile {
+    fn open(path: &Path) -> Result<Self, ModelError> {
+        let bad = |msg: String| ModelError::Weights {
+            files: path.display().to_string(),
+            msg,
+        };
+        let pth = candle_core::pickle::PthTensors::new(path, None)
+            .map_err(|e| ModelError::weights(std::slice::from_ref(&path.to_path_buf()), e))?;
+        let file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+            .map_err(|e| bad(format!("not a PyTorch zip checkpoint: {e}")))?;
+        let mut storage_bytes = HashMap::new();
+        for info in pth.tensor_infos().values() {
+            if storage_bytes.contains_key(&info.path) {
+                continue;
+            }
+            // A missing storage fails when its tensor is asked for, naming it.
+            if let Ok(entry) = zip.by_name(&info.path) {
+                storage_bytes.insert(info.path.clone(), entry.size());
+            }
+        }
+        Ok(Self { pth, storage_bytes })
+    }
+
+    fn contains(&self, stored: &str) -> bool {
+        self.pth.tensor_infos().contains_key(stored)
+    }
+
+    /// Tensor `stored` (`name` to the model), refused before anything is allocated unless it has
+    /// the shape `want` (when given) and its storage holds that many bytes.
+    fn read(
+        &self,
+        name: &str,
+        stored: &str,
+        want: Option<&candle_core::Shape>,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let Some(info) = self.pth.tensor_infos().get(stored) else {
+            candle_core::bail!("cannot find tensor {name}")
+        };
+        let shape = info.layout.shape();
+        if let Some(want) = want {
+            if shape != want {
+                candle_core::bail!("shape mismatch for {name}: expected {want:?}, found {shape:?}");
+            }
+        }
+        let needed = shape
+            .dims()
+            .iter()
+            .try_fold(info.dtype.size_in_bytes(), |n, &d| n.checked_mul(d))
+            .and_then(|n| n.checked_add(info.layout.start_offset()));
+        let Some(&held) = self.storage_bytes.get(&info.path) else {
+            candle_core::bail!("{name}: its storage {} is not in the checkpoint", info.path)
+        };
+        if needed.is_none_or(|n| n as u64 > held) {
+            candle_core::bail!(
+                "{name} of shape {shape:?} ({:?} from byte {}) does not fit in its storage {} \
+                 of {held} bytes",
+                info.dtype,
+                info.layout.start_offset(),
+                info.path
+            );
+        }
+        match self.pth.get(stored)? {
+            Some(t) => t.to_dtype(dtype)?.to_device(dev),
+            None => candle_core::bail!("cannot find tensor {name} ({stored})"),
+        }
+    }
+}
+
+/// `pytorch_model.bin`: Hugging Face names as stored.
+struct PickleReader(PthFile);
+
+impl candle_nn::var_builder::SimpleBackend for PickleReader {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.read(name, name, Some(&s), dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.0.read(name, name, None, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+}
+
 /// Finetuner's state-dict names mapped to Hugging Face CLIPModel names: a tower's `_model.X` is
 /// `text_model.X` / `vision_model.X`, its `_projection.weight` the tower's projection.
 struct FinetunerReader {
-    files: Vec<(candle_core::pickle::PthTensors, Towers)>,
+    files: Vec<(PthFile, Towers)>,
 }
 
 impl FinetunerReader {
@@ -507,13 +616,24 @@ impl FinetunerReader {
         }
     }
 
-    fn find(&self, name: &str) -> Option<(&candle_core::pickle::PthTensors, String)> {
+    fn find(&self, name: &str) -> Option<(&PthFile, String)> {
         self.files.iter().find_map(|(pth, t)| {
             let stored = Self::stored_name(name, *t)?;
-            pth.tensor_infos()
-                .contains_key(&stored)
-                .then_some((pth, stored))
+            pth.contains(&stored).then_some((pth, stored))
         })
+    }
+
+    fn read(
+        &self,
+        name: &str,
+        want: Option<&candle_core::Shape>,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let Some((pth, stored)) = self.find(name) else {
+            candle_core::bail!("cannot find tensor {name}")
+        };
+        pth.read(name, &stored, want, dtype, dev)
     }
 }
 
@@ -526,20 +646,175 @@ impl candle_nn::var_builder::SimpleBackend for FinetunerReader {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        expect_shape(self.get_unchecked(name, dtype, dev)?, &s, name)
+        self.read(name, Some(&s), dtype, dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let Some((pth, stored)) = self.find(name) else {
-            candle_core::bail!("cannot find tensor {name}")
-        };
-        match pth.get(&stored)? {
-            Some(t) => t.to_dtype(dtype)?.to_device(dev),
-            None => candle_core::bail!("cannot find tensor {name} ({stored})"),
-        }
+        self.read(name, None, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.find(name).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Encoder, LoadOptions};
+
+    fn fixture(rel: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+    }
+
+    /// The fixture's text `model.pt` written to `out` as a new zip, each entry passed through
+    /// `edit(name, bytes)`.
+    fn rewrite_text_pt(out: &Path, edit: impl Fn(&str, Vec<u8>) -> Vec<u8>) {
+        use std::io::{Read, Write};
+        let src = fixture("tests/fixtures/finetuner-artifact/models/clip-text/model.pt");
+        let mut zin = zip::ZipArchive::new(std::fs::File::open(src).unwrap()).unwrap();
+        let mut zout = zip::ZipWriter::new(std::fs::File::create(out).unwrap());
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for i in 0..zin.len() {
+            let mut e = zin.by_index(i).unwrap();
+            let name = e.name().to_string();
+            let mut bytes = Vec::new();
+            e.read_to_end(&mut bytes).unwrap();
+            zout.start_file(name.as_str(), opts).unwrap();
+            zout.write_all(&edit(&name, bytes)).unwrap();
+        }
+        zout.finish().unwrap();
+    }
+
+    fn replace(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+        let at = bytes
+            .windows(from.len())
+            .position(|w| w == from)
+            .expect("pattern in the pickle");
+        [&bytes[..at], to, &bytes[at + from.len()..]].concat()
+    }
+
+    /// The pickle's `(49408, 32)` of the token embedding (BININT2 49408, BININT1 32) claimed as
+    /// `(2147483647, 32)` (BININT).
+    fn huge_token_embedding(name: &str, bytes: Vec<u8>) -> Vec<u8> {
+        match name.ends_with("data.pkl") {
+            true => replace(&bytes, b"M\x00\xc1K\x20", b"J\xff\xff\xff\x7fK\x20"),
+            false => bytes,
+        }
+    }
+
+    /// Finetuner's `_model.X` / `_projection.weight` renamed to Hugging Face's `text_model.X` /
+    /// `text_projection.weight`, as a `pytorch_model.bin` has them (BINUNICODE: `X`, u32 length).
+    fn hf_names(name: &str, bytes: Vec<u8>) -> Vec<u8> {
+        if !name.ends_with("data.pkl") {
+            return bytes;
+        }
+        let mut out = Vec::with_capacity(bytes.len() + 1024);
+        let mut i = 0;
+        while i < bytes.len() {
+            let rest = &bytes[i..];
+            let renamed = [&b"_model."[..], b"_projection.weight"]
+                .into_iter()
+                .find(|p| rest.len() > 5 + p.len() && rest[0] == b'X' && rest[5..].starts_with(p));
+            match renamed {
+                Some(_) => {
+                    let len = u32::from_le_bytes(rest[1..5].try_into().unwrap()) as usize;
+                    out.push(b'X');
+                    out.extend_from_slice(&(len as u32 + 4).to_le_bytes());
+                    out.extend_from_slice(b"text");
+                    out.extend_from_slice(&rest[5..5 + len]);
+                    i += 5 + len;
+                }
+                None => {
+                    out.push(rest[0]);
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+
+    fn text_files(weights: WeightFiles) -> ModelFiles {
+        ModelFiles {
+            source: "test".into(),
+            config: fixture("tests/fixtures/clip-tiny/config.json"),
+            weights,
+            tokenizer: Some(fixture("tests/fixtures/clip-tiny/tokenizer.json")),
+            preprocessor: None,
+            unpacked: None,
+        }
+    }
+
+    fn load_text(files: &ModelFiles) -> Result<Encoder, ModelError> {
+        Encoder::load(
+            files,
+            &LoadOptions {
+                towers: Towers::TEXT,
+                ..LoadOptions::default()
+            },
+        )
+    }
+
+    /// A `model.pt` claiming a huge shape is refused with the shape named, before candle
+    /// allocates it (it used to abort the process on a failed 128 GiB allocation); one whose
+    /// storage is shorter than its shape is refused too. The unedited rewrite loads, so the
+    /// edits alone make the difference.
+    #[test]
+    fn finetuner_pt_claims_are_checked_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let pt = dir.path().join("model.pt");
+        let files = text_files(WeightFiles::FinetunerPt(vec![(pt.clone(), Towers::TEXT)]));
+
+        rewrite_text_pt(&pt, |_, b| b);
+        let enc = load_text(&files).unwrap();
+        assert_eq!(enc.embed_texts(&["a cat"]).unwrap().len(), 1);
+
+        rewrite_text_pt(&pt, huge_token_embedding);
+        let e = load_text(&files).unwrap_err().to_string();
+        assert!(
+            e.contains("token_embedding") && e.contains("2147483647") && e.contains("49408"),
+            "{e}"
+        );
+
+        // The right shape over half its bytes.
+        rewrite_text_pt(&pt, |name, b| match name.ends_with("data/0") {
+            true => b[..b.len() / 2].to_vec(),
+            false => b,
+        });
+        let e = load_text(&files).unwrap_err().to_string();
+        assert!(
+            e.contains("token_embedding") && e.contains("does not fit in its storage"),
+            "{e}"
+        );
+    }
+
+    /// `pytorch_model.bin` goes through the same checks, for the shape the model asks for and,
+    /// when it asks none, for the storage alone.
+    #[test]
+    fn pytorch_bin_claims_are_checked_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join(PICKLE);
+        let files = text_files(WeightFiles::Pickle(bin.clone()));
+
+        rewrite_text_pt(&bin, hf_names);
+        load_text(&files).unwrap();
+
+        rewrite_text_pt(&bin, |name, b| {
+            hf_names(name, huge_token_embedding(name, b))
+        });
+        let e = load_text(&files).unwrap_err().to_string();
+        assert!(
+            e.contains("token_embedding") && e.contains("2147483647") && e.contains("49408"),
+            "{e}"
+        );
+        let vb = files
+            .var_builder(Towers::TEXT, DType::F32, &Device::Cpu)
+            .unwrap();
+        let e = vb
+            .get_unchecked("text_model.embeddings.token_embedding.weight")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not fit in its storage"), "{e}");
     }
 }

@@ -101,6 +101,30 @@ impl ModelError {
     }
 }
 
+/// The image preprocessing of `files` (`preprocessor_config.json`, or the defaults without one)
+/// for a vision tower of `vision`'s size. Preprocessing that makes images of another size is
+/// refused at load: every batch of them would fail at the tower anyway, and only after each
+/// image had been made, which for a crop_size of 8000 was 768 MB an image.
+pub(crate) fn image_config(
+    files: &ModelFiles,
+    vision: &config::VisionConfig,
+) -> Result<ImageConfig, ModelError> {
+    let (cfg, path, why) = match &files.preprocessor {
+        Some(p) => (ImageConfig::from_file(p)?, p, ""),
+        None => (
+            ImageConfig::default(),
+            &files.config,
+            "there is no preprocessor_config.json, and the default preprocessing does not fit: ",
+        ),
+    };
+    cfg.fits_tower(vision.image_size)
+        .map_err(|msg| ModelError::Config {
+            path: path.clone(),
+            msg: format!("{why}{msg}"),
+        })?;
+    Ok(cfg)
+}
+
 /// The default backbone, as in Finetuner and clip-as-service.
 pub const DEFAULT_MODEL: &str = "openai/clip-vit-base-patch32";
 
@@ -171,15 +195,12 @@ impl Encoder {
             }
             (None, _) => None,
         };
-        let images = match (&clip.vision, &files.preprocessor) {
-            (Some(_), p) => {
-                let cfg = match p {
-                    Some(p) => ImageConfig::from_file(p)?,
-                    None => ImageConfig::default(),
-                };
-                Some(ImagePreprocessor::new(cfg).with_max_pixels(opts.max_image_pixels))
-            }
-            (None, _) => None,
+        let images = match &clip.vision {
+            Some(v) => Some(
+                ImagePreprocessor::new(image_config(files, v.config())?)
+                    .with_max_pixels(opts.max_image_pixels),
+            ),
+            None => None,
         };
         let token_rows = match &clip.text {
             Some(_) => files.tensor_location("text_model.embeddings.token_embedding.weight"),
@@ -360,5 +381,90 @@ impl Encoder {
     pub fn embed_pixel_batch(&self, pixels: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
         let features = self.clip.image_features(pixels, Mode::Inference)?;
         Ok(features.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A copy of the tiny fixture with `preprocessor_config.json` edited by `edit`.
+    fn tiny_with_preprocessor(dir: &Path, edit: impl Fn(&mut serde_json::Value)) -> ModelFiles {
+        let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/clip-tiny");
+        for e in std::fs::read_dir(&tiny).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+        }
+        let p = dir.join("preprocessor_config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        edit(&mut v);
+        std::fs::write(&p, v.to_string()).unwrap();
+        ModelFiles::resolve(dir.to_str().unwrap()).unwrap()
+    }
+
+    /// A crop that is not the tower's image size is refused at load, naming the file and both
+    /// sizes (it used to be accepted, and each image of an 8000x8000 crop then cost 768 MB
+    /// before the batch was refused); so is a resize without a crop to another size. A text-only
+    /// load does not read the preprocessing.
+    #[test]
+    fn preprocessing_must_make_the_tower_image_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = tiny_with_preprocessor(dir.path(), |v| {
+            v["crop_size"] = serde_json::json!({"height": 8000, "width": 8000})
+        });
+        let e = Encoder::load(&files, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("preprocessor_config.json")
+                && e.contains("8000x8000")
+                && e.contains("224x224"),
+            "{e}"
+        );
+        let text_only = LoadOptions {
+            towers: Towers::TEXT,
+            ..LoadOptions::default()
+        };
+        assert!(Encoder::load(&files, &text_only).is_ok());
+
+        let files = tiny_with_preprocessor(dir.path(), |v| {
+            v["do_center_crop"] = false.into();
+            v["size"] = serde_json::json!({"shortest_edge": 256});
+        });
+        let e = Encoder::load(&files, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("preprocessor_config.json") && e.contains("shortest_edge 256"),
+            "{e}"
+        );
+
+        let files = tiny_with_preprocessor(dir.path(), |_| {});
+        assert!(Encoder::load(&files, &LoadOptions::default()).is_ok());
+    }
+
+    /// Without `preprocessor_config.json` the defaults (224x224) must fit too; the error then
+    /// names `config.json`, where the tower's size comes from.
+    #[test]
+    fn default_preprocessing_must_fit_the_tower() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = tiny_with_preprocessor(dir.path(), |_| {});
+        files.preprocessor = None;
+        let vision = |image_size| config::VisionConfig {
+            image_size,
+            ..ClipConfig::from_file(&files.config)
+                .unwrap()
+                .vision
+                .unwrap()
+        };
+        assert!(image_config(&files, &vision(224)).is_ok());
+        let e = image_config(&files, &vision(336)).unwrap_err().to_string();
+        assert!(
+            e.contains("config.json")
+                && e.contains("no preprocessor_config.json")
+                && e.contains("336x336"),
+            "{e}"
+        );
     }
 }

@@ -120,8 +120,8 @@ impl TrainModel {
                 })?,
             text,
         )?;
-        let images = ImagePreprocessor::new(match &files.preprocessor {
-            Some(p) => ImageConfig::from_file(p)?,
+        let images = ImagePreprocessor::new(match &config.vision {
+            Some(v) => crate::model::image_config(files, v)?,
             None => ImageConfig::default(),
         });
         Ok(Self {

@@ -29,13 +29,12 @@ pub fn max_file_bytes(max_pixels: u64) -> u64 {
     max_pixels.saturating_mul(8).saturating_add(16 << 20)
 }
 
-/// Reads an image file of at most `max_bytes`. Only a regular file is read: a FIFO would block
-/// the reading thread forever and a device (`/dev/zero`) never ends. The file is opened without
-/// blocking (opening a FIFO with no writer would block) and checked on the opened handle, so a
-/// path swapped after a check cannot slip through; the read stops at the limit whatever the
-/// size claimed.
-pub fn read_file(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
-    use std::io::{Error, ErrorKind, Read};
+/// Opens `path` for reading only if it is a regular file: a FIFO would block the reader forever
+/// and a device (`/dev/zero`) never ends. The file is opened without blocking (opening a FIFO
+/// with no writer would block) and checked on the opened handle, so a path swapped after a
+/// check cannot slip through.
+pub fn open_regular_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::io::{Error, ErrorKind};
     let mut open = std::fs::OpenOptions::new();
     open.read(true);
     #[cfg(unix)]
@@ -44,10 +43,18 @@ pub fn read_file(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
         open.custom_flags(libc::O_NONBLOCK);
     }
     let file = open.open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
+    if !file.metadata()?.is_file() {
         return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
     }
+    Ok(file)
+}
+
+/// Reads an image file of at most `max_bytes`, a regular file only ([`open_regular_file`]);
+/// the read stops at the limit whatever the size claimed.
+pub fn read_file(path: &Path, max_bytes: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    let file = open_regular_file(path)?;
+    let meta = file.metadata()?;
     let over = |n: u64| {
         Error::new(
             ErrorKind::InvalidInput,
@@ -185,6 +192,26 @@ impl ImageConfig {
             return Err("image_std must not contain zero".into());
         }
         Ok(c)
+    }
+
+    /// Whether the images this makes are `side` x `side`, what a vision tower of that
+    /// `image_size` takes; batches are built at the crop size whether or not the crop is on.
+    pub fn fits_tower(&self, side: usize) -> Result<(), String> {
+        let (h, w) = (self.crop_height as usize, self.crop_width as usize);
+        if (h, w) != (side, side) {
+            return Err(format!(
+                "crop_size {w}x{h} does not match the {side}x{side} images the vision tower \
+                 takes (vision_config.image_size {side})"
+            ));
+        }
+        if !self.do_center_crop && self.do_resize && self.shortest_edge as usize != side {
+            return Err(format!(
+                "without a centre crop, size.shortest_edge {} must be the vision tower's image \
+                 side, {side} (vision_config.image_size)",
+                self.shortest_edge
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -360,18 +387,25 @@ impl ImagePreprocessor {
         } else {
             (nh, nw)
         };
-        // Without a crop the whole resized image is the output: hold it to the pixel limit.
+        // The output is the crop, or without one the whole resized image: hold it to the pixel
+        // limit, naming whichever it is.
         if crop_h.saturating_mul(crop_w) > self.max_pixels
             || crop_h > u32::MAX as u64
             || crop_w > u32::MAX as u64
         {
-            return Err(ModelError::Image {
-                msg: format!(
+            let msg = match c.do_center_crop {
+                true => format!(
+                    "the centre crop of {crop_w}x{crop_h} = {} pixels (crop_size) is over the limit of {} pixels",
+                    crop_w.saturating_mul(crop_h),
+                    self.max_pixels
+                ),
+                false => format!(
                     "image of {w}x{h} would be resized to {nw}x{nh} = {} pixels, over the limit of {} pixels",
                     nw.saturating_mul(nh),
                     self.max_pixels
                 ),
-            });
+            };
+            return Err(ModelError::Image { msg });
         }
         // transformers' `center_crop`: floor offsets, zero padding where the image is smaller.
         let top = (nh as i128 - crop_h as i128).div_euclid(2);
@@ -769,6 +803,54 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("over the limit"), "{e}");
+    }
+
+    /// A crop over the pixel limit is reported as the crop, not as the resize (which is within
+    /// it: "resized to 224x224 = 50176 pixels, over the limit of 67108864" said nothing true).
+    #[test]
+    fn pixel_limit_names_the_crop_that_is_over_it() {
+        let p = ImagePreprocessor::new(ImageConfig {
+            crop_height: 300,
+            crop_width: 400,
+            ..ImageConfig::default()
+        })
+        .with_max_pixels(100_000);
+        let e = p.resize_and_crop(&noise(20, 20)).unwrap_err().to_string();
+        assert!(
+            e.contains("400x300 = 120000 pixels (crop_size)") && e.contains("100000"),
+            "{e}"
+        );
+        assert!(!e.contains("224x224"), "{e}");
+    }
+
+    /// Only preprocessing that makes `image_size` x `image_size` images fits a tower.
+    #[test]
+    fn fits_tower_wants_the_tower_image_size() {
+        let c = ImageConfig::default();
+        assert_eq!(c.fits_tower(224), Ok(()));
+        let e = c.fits_tower(336).unwrap_err();
+        assert!(
+            e.contains("crop_size 224x224") && e.contains("336x336"),
+            "{e}"
+        );
+        let wide = ImageConfig {
+            crop_width: 8000,
+            ..ImageConfig::default()
+        };
+        assert!(wide.fits_tower(224).unwrap_err().contains("8000x224"));
+        let uncropped = ImageConfig {
+            do_center_crop: false,
+            shortest_edge: 256,
+            ..ImageConfig::default()
+        };
+        let e = uncropped.fits_tower(224).unwrap_err();
+        assert!(e.contains("shortest_edge 256"), "{e}");
+        let as_is = ImageConfig {
+            do_center_crop: false,
+            do_resize: false,
+            ..ImageConfig::default()
+        };
+        assert_eq!(as_is.fits_tower(224), Ok(()));
     }
 
     #[test]
