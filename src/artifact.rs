@@ -726,16 +726,23 @@ pub fn zip_artifact(dir: &Path) -> Result<std::path::PathBuf, ArtifactError> {
         .unwrap_or("artifact")
         .to_string();
     let dest = dir.with_extension("zip");
-    let tmp = dir.with_extension(format!("zip.tmp-{}", std::process::id()));
+    let parent = dir.parent().unwrap_or(Path::new("."));
     let io = |e: std::io::Error| ArtifactError::Io {
-        path: tmp.clone(),
+        path: dest.clone(),
         source: e,
     };
+    // A name of its own, so no other writer (another thread, another process) truncates it.
+    // Made as any file is (0666 less the umask), not 0600 as temporary files are.
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}.zip."))
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .tempfile_in(parent)
+        .map_err(io)?;
     let zerr = |e: zip::result::ZipError| ArtifactError::Io {
-        path: tmp.clone(),
+        path: dest.clone(),
         source: std::io::Error::other(e),
     };
-    let mut zw = zip::ZipWriter::new(std::fs::File::create(&tmp).map_err(io)?);
+    let mut zw = zip::ZipWriter::new(tmp.as_file().try_clone().map_err(io)?);
     let opts = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Deflated);
     let mut stack = vec![dir.to_path_buf()];
@@ -760,16 +767,45 @@ pub fn zip_artifact(dir: &Path) -> Result<std::path::PathBuf, ArtifactError> {
         zw.write_all(&std::fs::read(&f).map_err(io)?).map_err(io)?;
     }
     zw.finish().map_err(zerr)?;
-    std::fs::rename(&tmp, &dest).map_err(|e| ArtifactError::Io {
-        path: dest.clone(),
-        source: e,
-    })?;
+    tmp.persist(&dest).map_err(|e| io(e.error))?;
     Ok(dest)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Concurrent zips of one artifact all succeed, each complete (they wrote one shared
+    /// temporary name, truncating each other's file, and all but one failed), and the zip is
+    /// made as any file is, not private as temporary files are.
+    #[test]
+    fn concurrent_zips_of_one_artifact_all_succeed() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("run");
+        std::fs::create_dir_all(dir.join("models")).unwrap();
+        std::fs::write(dir.join("config.yml"), "a: 1\n").unwrap();
+        std::fs::write(dir.join("models/w.bin"), vec![7u8; 3 << 20]).unwrap();
+        let zips: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6).map(|_| s.spawn(|| zip_artifact(&dir))).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for z in zips {
+            assert_eq!(z.unwrap(), dir.with_extension("zip"));
+        }
+        let mut archive =
+            zip::ZipArchive::new(std::fs::File::open(dir.with_extension("zip")).unwrap()).unwrap();
+        let mut names: Vec<String> = archive.file_names().map(String::from).collect();
+        names.sort();
+        assert_eq!(names, ["run/config.yml", "run/models/w.bin"]);
+        assert_eq!(archive.by_name("run/models/w.bin").unwrap().size(), 3 << 20);
+        let leftovers = std::fs::read_dir(root.path()).unwrap().count();
+        assert_eq!(leftovers, 2, "only the folder and its zip");
+        use std::os::unix::fs::PermissionsExt;
+        let plain = root.path().join("plain");
+        std::fs::write(&plain, b"").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.with_extension("zip")), mode(&plain));
+    }
 
     #[test]
     fn timestamps() {

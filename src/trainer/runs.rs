@@ -221,6 +221,9 @@ pub struct Registry {
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Held (an exclusive `flock`) while this trainer owns `--data-dir`.
     _lock: std::fs::File,
+    /// Held while an artifact is zipped, so concurrent first downloads make one zip and the
+    /// others serve it (they used to truncate each other's file and fail).
+    zipping: Mutex<()>,
 }
 
 /// Takes `<data-dir>/trainer.lock` exclusively: two trainers on one folder would run the same
@@ -329,6 +332,7 @@ impl Registry {
             suspend: Arc::default(),
             workers: Mutex::default(),
             _lock: lock,
+            zipping: Mutex::new(()),
         });
         {
             let inner = reg.lock();
@@ -688,6 +692,7 @@ impl Registry {
         }
         let dir = self.run_dir(name).join("artifact").join(name);
         let zip = dir.with_extension("zip");
+        let _one_at_a_time = self.zipping.lock().unwrap_or_else(|p| p.into_inner());
         if zip.is_file() {
             return Ok(zip);
         }
