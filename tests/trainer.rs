@@ -377,13 +377,19 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
     let t = Trainer::start(&state, &["--max-dataset-bytes", "200000"])?;
     let mut c = t.client(None).await?;
 
-    let push_raw = |name: &str, format: pb::DatasetFormat, file_name: &str, bytes: Vec<u8>| {
+    // Pushes `bytes`, announcing `bytes.len() + more` of them.
+    let push_short = |name: &str,
+                      format: pb::DatasetFormat,
+                      file_name: &str,
+                      bytes: Vec<u8>,
+                      more: u64| {
         let header = pb::PushDatasetRequest {
             part: Some(pb::push_dataset_request::Part::Header(pb::DatasetHeader {
                 name: name.into(),
                 format: format as i32,
                 file_name: file_name.into(),
                 overwrite: false,
+                size: bytes.len() as u64 + more,
             })),
         };
         let data = pb::PushDatasetRequest {
@@ -391,6 +397,22 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
         };
         futures_util::stream::iter(vec![header, data])
     };
+    let push_raw = |name: &str, format: pb::DatasetFormat, file_name: &str, bytes: Vec<u8>| {
+        push_short(name, format, file_name, bytes, 0)
+    };
+    // A push cut short (a client's read error, a proxy) is refused, not stored smaller.
+    let e = c
+        .push_dataset(push_short(
+            "cut",
+            pb::DatasetFormat::Docarray,
+            "cut.protobuf-array",
+            vec![0x0a; 500],
+            500,
+        ))
+        .await
+        .expect_err("a cut push stored");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("ended after"), "{}", e.message());
     for bad in ["../escape", "a/b", ".hidden", "", "x".repeat(200).as_str()] {
         let r = c
             .push_dataset(push_raw(
@@ -804,6 +826,7 @@ async fn a_dataset_is_not_replaced_under_a_run_created_during_its_upload() -> R 
             format: format as i32,
             file_name: packed.file_name.clone(),
             overwrite: true,
+            size: 0,
         })),
     })
     .await?;

@@ -102,6 +102,12 @@ pub async fn push_dataset(
             path: path.to_path_buf(),
             msg: e.to_string(),
         })??;
+    let size = std::fs::metadata(&packed.file)
+        .map_err(|e| ClientError::Local {
+            path: packed.file.clone(),
+            msg: e.to_string(),
+        })?
+        .len();
     let header = pb::DatasetHeader {
         name: name.to_string(),
         format: match packed.format {
@@ -110,6 +116,7 @@ pub async fn push_dataset(
         } as i32,
         file_name: packed.file_name.clone(),
         overwrite,
+        size,
     };
     let file = tokio::fs::File::open(&packed.file)
         .await
@@ -126,6 +133,7 @@ pub async fn push_dataset(
         use tokio::io::AsyncReadExt;
         let mut buf = vec![0u8; CHUNK];
         match f.read(&mut buf).await {
+            // A read error ends the data early; the trainer, told the size, refuses the push.
             Ok(0) | Err(_) => None,
             Ok(n) => {
                 buf.truncate(n);

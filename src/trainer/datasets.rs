@@ -267,6 +267,11 @@ impl Upload {
         }
     }
 
+    /// The bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.bytes
+    }
+
     /// Reads the upload through, vets it and makes it the dataset `name` (blocking: call it
     /// off the async runtime). The trainer's registry vets and installs in two steps
     /// ([`Upload::vet`], [`Vetted::install`]) so that it can install under its own lock.

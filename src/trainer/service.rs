@@ -163,6 +163,14 @@ impl Trainer for TrainerService {
                 }
             }
         }
+        if header.size > 0 && upload.received() != header.size {
+            return Err(Status::invalid_argument(format!(
+                "the push of dataset {:?} ended after {} of the {} bytes its header announced",
+                header.name,
+                upload.received(),
+                header.size
+            )));
+        }
         let reg = self.reg.clone();
         let meta = tokio::task::spawn_blocking(move || {
             let vetted = upload.vet()?;
