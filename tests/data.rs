@@ -315,7 +315,10 @@ mod docarray_files {
         assert_eq!(pairs[0].label.as_deref(), Some("red"));
         let pre = clipft::model::ImagePreprocessor::new(clipft::model::ImageConfig::default());
         for p in &pairs {
-            let px = p.image.preprocess(&pre, &HttpFetch::DATASET).unwrap_or_else(|e| panic!("{e}"));
+            let px = p
+                .image
+                .preprocess(&pre, &HttpFetch::DATASET)
+                .unwrap_or_else(|e| panic!("{e}"));
             assert_eq!(px.len(), 3 * 224 * 224);
         }
         let queries: Vec<_> = file::labeled(
@@ -393,7 +396,10 @@ mod docarray_files {
             .and_then(|r| r.collect::<Result<Vec<_>, _>>())
             .expect_err("a document of 200000 empty chunks decoded")
             .to_string();
-        assert!(e.contains("document 0") && e.contains("empty fields"), "{e}");
+        assert!(
+            e.contains("document 0") && e.contains("empty fields"),
+            "{e}"
+        );
         let real = DocumentProto {
             chunks: vec![DocumentProto {
                 content: Some(Content::Blob(vec![7u8; 400_000].into())),
@@ -405,7 +411,10 @@ mod docarray_files {
         prost::encoding::encode_varint(real.encoded_len() as u64, &mut file);
         file.extend_from_slice(&real.encode_to_vec());
         gzip(&path, &file);
-        let docs: Vec<_> = DocReader::open(&path).unwrap().collect::<Result<_, _>>().unwrap();
+        let docs: Vec<_> = DocReader::open(&path)
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(docs, vec![real]);
         std::fs::remove_dir_all(dir).unwrap();
     }

@@ -28,7 +28,11 @@ fn demo_batch(model: &TrainModel, n: usize) -> (clipft::model::TextBatch, Tensor
     let text = model.text_batch(&captions).unwrap();
     let px: Vec<f32> = pairs
         .iter()
-        .flat_map(|p| p.image.preprocess(&model.images, &Default::default()).unwrap())
+        .flat_map(|p| {
+            p.image
+                .preprocess(&model.images, &Default::default())
+                .unwrap()
+        })
         .collect();
     let pixels = Tensor::from_vec(px, (pairs.len(), 3, 224, 224), &Device::Cpu).unwrap();
     (text, pixels)
@@ -64,7 +68,11 @@ fn six_adamw_steps_match_pytorch() {
             let text = model.text_batch(&captions).unwrap();
             let px: Vec<f32> = chunk
                 .iter()
-                .flat_map(|p| p.image.preprocess(&model.images, &Default::default()).unwrap())
+                .flat_map(|p| {
+                    p.image
+                        .preprocess(&model.images, &Default::default())
+                        .unwrap()
+                })
                 .collect();
             let pixels = Tensor::from_vec(px, (chunk.len(), 3, 224, 224), &Device::Cpu).unwrap();
             (text, pixels)

@@ -378,25 +378,22 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
     let mut c = t.client(None).await?;
 
     // Pushes `bytes`, announcing `bytes.len() + more` of them.
-    let push_short = |name: &str,
-                      format: pb::DatasetFormat,
-                      file_name: &str,
-                      bytes: Vec<u8>,
-                      more: u64| {
-        let header = pb::PushDatasetRequest {
-            part: Some(pb::push_dataset_request::Part::Header(pb::DatasetHeader {
-                name: name.into(),
-                format: format as i32,
-                file_name: file_name.into(),
-                overwrite: false,
-                size: bytes.len() as u64 + more,
-            })),
+    let push_short =
+        |name: &str, format: pb::DatasetFormat, file_name: &str, bytes: Vec<u8>, more: u64| {
+            let header = pb::PushDatasetRequest {
+                part: Some(pb::push_dataset_request::Part::Header(pb::DatasetHeader {
+                    name: name.into(),
+                    format: format as i32,
+                    file_name: file_name.into(),
+                    overwrite: false,
+                    size: bytes.len() as u64 + more,
+                })),
+            };
+            let data = pb::PushDatasetRequest {
+                part: Some(pb::push_dataset_request::Part::Data(bytes.into())),
+            };
+            futures_util::stream::iter(vec![header, data])
         };
-        let data = pb::PushDatasetRequest {
-            part: Some(pb::push_dataset_request::Part::Data(bytes.into())),
-        };
-        futures_util::stream::iter(vec![header, data])
-    };
     let push_raw = |name: &str, format: pb::DatasetFormat, file_name: &str, bytes: Vec<u8>| {
         push_short(name, format, file_name, bytes, 0)
     };
@@ -782,10 +779,7 @@ async fn image_hosts_limit_where_pushed_data_is_fetched_from() -> R {
         let t = Trainer::start(&dir.join(format!("state-{fails}")), args)?;
         let mut c = t.client(None).await?;
         client::push_dataset(&mut c, "remote", &csv, false).await?;
-        let cfg = config(
-            "remote",
-            serde_json::json!({"epochs": 1, "batch_size": 4}),
-        );
+        let cfg = config("remote", serde_json::json!({"epochs": 1, "batch_size": 4}));
         create(&mut c, "r", cfg).await?;
         let r = wait_for(&mut c, "r", ended).await?;
         let state = pb::RunState::try_from(r.state)?;
@@ -853,7 +847,11 @@ async fn a_dataset_is_not_replaced_under_a_run_created_during_its_upload() -> R 
     drop(tx);
     let e = push.await?.expect_err("replaced under a run");
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-    assert!(e.message().contains("cannot be replaced"), "{}", e.message());
+    assert!(
+        e.message().contains("cannot be replaced"),
+        "{}",
+        e.message()
+    );
     let e = c
         .delete_dataset(pb::DeleteDatasetRequest {
             name: "train".into(),
@@ -866,7 +864,11 @@ async fn a_dataset_is_not_replaced_under_a_run_created_during_its_upload() -> R 
     })
     .await?;
     let r = wait_for(&mut c, "user", ended).await?;
-    assert_eq!(pb::RunState::try_from(r.state)?, pb::RunState::Canceled, "{r:?}");
+    assert_eq!(
+        pb::RunState::try_from(r.state)?,
+        pb::RunState::Canceled,
+        "{r:?}"
+    );
     Ok(())
 }
 

@@ -11,8 +11,8 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 
 use super::{parse_towers, ModelArgs};
-use crate::executor::config::UsesConfig;
 use crate::docarray::{HttpFetch, ImageHosts};
+use crate::executor::config::UsesConfig;
 use crate::executor::{Core, ExecutorOptions, ImagePolicy, ServerConfig};
 use crate::model::{Encoder, Towers};
 use crate::protocol::paths::AccessPaths;
@@ -317,7 +317,9 @@ mod tests {
     /// knows is refused or ignored.
     #[test]
     fn every_yaml_key_sets_its_flag() {
-        let mut a = Cli::try_parse_from(["clipft"]).expect("defaults parse").args;
+        let mut a = Cli::try_parse_from(["clipft"])
+            .expect("defaults parse")
+            .args;
         a.uses_with = Some(
             r#"{"minibatch_size": 3, "queue_depth": 5, "max_request_docs": 7,
                 "max_decoded_bytes": 4096, "max_image_pixels": 1000, "max_text_bytes": 99,
@@ -333,18 +335,27 @@ mod tests {
             (3, 5, 7)
         );
         assert_eq!(a.max_decoded_bytes, 4096);
-        assert_eq!((a.model.max_image_pixels, a.model.max_text_bytes), (1000, 99));
+        assert_eq!(
+            (a.model.max_image_pixels, a.model.max_text_bytes),
+            (1000, 99)
+        );
         assert_eq!(a.image_root, Some(PathBuf::from("/srv/images")));
         assert!(a.allow_http_images);
         assert_eq!(a.image_hosts, ImageHosts::Public);
         assert_eq!((a.access_paths.as_str(), a.preprocess_threads), ("@c", 2));
-        assert_eq!((a.model.device.as_str(), a.model.dtype.as_str()), ("cpu", "f16"));
+        assert_eq!(
+            (a.model.device.as_str(), a.model.dtype.as_str()),
+            ("cpu", "f16")
+        );
         assert_eq!(a.select_model, Towers::TEXT);
         assert_eq!(a.name, "enc");
 
         a.uses_with = Some(r#"{"image_hosts": "intranet"}"#.into());
         a.image_hosts = ImageHosts::default();
         let e = a.apply_uses(None).expect_err("a bad value").to_string();
-        assert!(e.contains("image_hosts") && e.contains("public, local, any"), "{e}");
+        assert!(
+            e.contains("image_hosts") && e.contains("public, local, any"),
+            "{e}"
+        );
     }
 }

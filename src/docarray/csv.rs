@@ -14,7 +14,9 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use super::{image_source, looks_like_image, quoted, DataError, ImageRef, Item, Labeled, Modality, Pair};
+use super::{
+    image_source, looks_like_image, quoted, DataError, ImageRef, Item, Labeled, Modality, Pair,
+};
 
 /// The most bytes a row may run to, and the most newlines read ahead of the last row (blank
 /// lines, or newlines inside a quoted cell). The csv crate grows its buffer to hold a row of
@@ -406,7 +408,10 @@ mod tests {
         let rows: Vec<_> = CsvRows::open(&p)?.rows().collect();
         assert!(rows[0].is_ok());
         let e = rows[1].as_ref().unwrap_err().to_string();
-        assert!(e.contains("lines.csv:2") && e.contains("lines without"), "{e}");
+        assert!(
+            e.contains("lines.csv:2") && e.contains("lines without"),
+            "{e}"
+        );
         Ok(())
     }
 

@@ -280,7 +280,8 @@ impl DocReader {
                  (at most {limit}): it holds too many empty fields"
             )));
         }
-        DocumentProto::decode(record).map_err(|e| self.malformed(format!("not a DocumentProto: {e}")))
+        DocumentProto::decode(record)
+            .map_err(|e| self.malformed(format!("not a DocumentProto: {e}")))
     }
 }
 

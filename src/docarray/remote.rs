@@ -378,7 +378,9 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || {
             for (head, body) in replies {
-                let Ok((mut s, _)) = listener.accept() else { return };
+                let Ok((mut s, _)) = listener.accept() else {
+                    return;
+                };
                 let mut req = Vec::new();
                 let mut buf = [0u8; 1024];
                 while !req.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -387,7 +389,11 @@ mod tests {
                         Ok(n) => req.extend_from_slice(&buf[..n]),
                     }
                 }
-                let _ = write!(s, "{head}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                let _ = write!(
+                    s,
+                    "{head}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
                 let _ = s.write_all(&body);
             }
         });
@@ -410,7 +416,10 @@ mod tests {
     fn fetches_within_the_host_and_size_limits() {
         let addr = serve(vec![ok(b"0123456789"), ok(b"0123456789")]);
         let uri = format!("http://{addr}/a.png");
-        assert_eq!(fetch(ImageHosts::Local, 10).get(&uri).unwrap(), b"0123456789");
+        assert_eq!(
+            fetch(ImageHosts::Local, 10).get(&uri).unwrap(),
+            b"0123456789"
+        );
         let err = fetch(ImageHosts::Local, 9).get(&uri).unwrap_err();
         assert!(err.contains("limit 9 bytes"), "{err}");
         // Refused before connecting: the server has no third reply to give.
@@ -425,12 +434,7 @@ mod tests {
     fn a_redirect_is_checked_like_the_first_host() {
         // A local server that sends the fetch on to the metadata service: the hop is resolved
         // again and refused, without any network (169.254.169.254 is never dialled).
-        let hop = |to: &str| {
-            (
-                format!("HTTP/1.1 302 Found\r\nlocation: {to}"),
-                Vec::new(),
-            )
-        };
+        let hop = |to: &str| (format!("HTTP/1.1 302 Found\r\nlocation: {to}"), Vec::new());
         let addr = serve(vec![
             hop("http://169.254.169.254/latest/meta-data/"),
             hop("http://[::ffff:169.254.169.254]/"),

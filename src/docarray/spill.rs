@@ -124,10 +124,16 @@ mod tests {
     #[test]
     fn past_the_budget_bytes_go_to_disk_and_read_back() {
         let mut spill = Spill::new(10);
-        let kept: Vec<Held> = [vec![1u8; 6], vec![2u8; 4], vec![3u8; 5], vec![], vec![4u8; 7]]
-            .into_iter()
-            .map(|b| spill.keep(Held::Memory(b)).unwrap())
-            .collect();
+        let kept: Vec<Held> = [
+            vec![1u8; 6],
+            vec![2u8; 4],
+            vec![3u8; 5],
+            vec![],
+            vec![4u8; 7],
+        ]
+        .into_iter()
+        .map(|b| spill.keep(Held::Memory(b)).unwrap())
+        .collect();
         let where_: Vec<bool> = kept.iter().map(|h| matches!(h, Held::Memory(_))).collect();
         // 6 + 4 fill the budget; an empty blob still fits; the rest spill.
         assert_eq!(where_, [true, true, false, true, false]);

@@ -494,7 +494,6 @@ impl Core {
         }
         Ok(done)
     }
-
 }
 
 /// The interval `[start, end]` widened outward to whole milliseconds, and at least one long.

@@ -77,7 +77,10 @@ where
     fn run(&self, i: usize) {
         // A request whose client went away (tonic dropped the call, and with it the receiver)
         // preprocesses nothing more.
-        let gone = lock(&self.state).tx.as_ref().is_none_or(|tx| tx.is_closed());
+        let gone = lock(&self.state)
+            .tx
+            .as_ref()
+            .is_none_or(|tx| tx.is_closed());
         if gone || self.stopped.load(Ordering::Acquire) {
             self.stopped.store(true, Ordering::Release);
             return;
@@ -237,7 +240,10 @@ mod tests {
             }))
             .unwrap();
         assert_eq!(out, (0..200).map(|x| x * 2).collect::<Vec<_>>());
-        assert!(rt.block_on(pool.run(Vec::<u8>::new(), |_| Ok(()))).unwrap().is_empty());
+        assert!(rt
+            .block_on(pool.run(Vec::<u8>::new(), |_| Ok(())))
+            .unwrap()
+            .is_empty());
     }
 
     /// A panicking item fails its request with the panic's message; the pool and the process
@@ -255,7 +261,10 @@ mod tests {
             }))
             .unwrap_err();
         assert!(err.to_string().contains("bad image header"), "{err}");
-        assert_eq!(rt.block_on(pool.run(vec![7u32], |x| Ok(*x))).unwrap(), vec![7]);
+        assert_eq!(
+            rt.block_on(pool.run(vec![7u32], |x| Ok(*x))).unwrap(),
+            vec![7]
+        );
     }
 
     #[test]
@@ -356,7 +365,14 @@ mod tests {
         });
         let _ = started_rx.recv_timeout(Duration::from_secs(2));
         // The pool is free again: a later request is served, and few of the 50 items ran.
-        assert_eq!(rt.block_on(pool.run(vec![1u8], |x| Ok(*x))).unwrap(), vec![1]);
-        assert!(ran.load(Ordering::SeqCst) <= 2, "{}", ran.load(Ordering::SeqCst));
+        assert_eq!(
+            rt.block_on(pool.run(vec![1u8], |x| Ok(*x))).unwrap(),
+            vec![1]
+        );
+        assert!(
+            ran.load(Ordering::SeqCst) <= 2,
+            "{}",
+            ran.load(Ordering::SeqCst)
+        );
     }
 }

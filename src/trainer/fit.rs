@@ -318,7 +318,8 @@ impl EvalData {
             64,
             &self.http,
             &mut |_, _| {},
-        )?.mean)
+        )?
+        .mean)
     }
 
     /// Metrics of the checkpoint in `files`, loaded as the executor would load it.

@@ -172,7 +172,9 @@ pub enum RunError {
     },
     #[error("invalid run configuration: {0}")]
     BadConfig(String),
-    #[error("dataset {0:?} is used by a run that has not ended; it cannot be replaced or deleted now")]
+    #[error(
+        "dataset {0:?} is used by a run that has not ended; it cannot be replaced or deleted now"
+    )]
     DatasetInUse(String),
     #[error(transparent)]
     Dataset(#[from] DatasetError),
@@ -1059,7 +1061,10 @@ mod tests {
         let long = "é".repeat(MAX_LINE_BYTES);
         let cut = bounded(&long);
         assert!(cut.len() < MAX_LINE_BYTES + 40, "{}", cut.len());
-        assert!(cut.ends_with(&format!("({} more bytes cut)", MAX_LINE_BYTES)), "{cut}");
+        assert!(
+            cut.ends_with(&format!("({} more bytes cut)", MAX_LINE_BYTES)),
+            "{cut}"
+        );
     }
 
     /// serde_json writes a NaN loss as `null`; it reads back as NaN, so a run whose loss went
