@@ -30,7 +30,9 @@
 //!   turn texts and images into embeddings.
 //! - [`docarray`]: datasets on disk, streamed: Finetuner-style CSV (`csv`), docarray v1 files in
 //!   both protocols and every compression (`file`, with the generated `proto` types); images are
-//!   lazy references decoded only when used.
+//!   lazy references decoded only when used, their bytes in memory up to a budget and spilled to
+//!   disk past it (`spill`), http(s) ones fetched only from the hosts allowed (`remote`).
+//!   `validate_dataset` vets a file before training or upload, streaming.
 //! - [`eval`]: docarray v1's nine retrieval metrics (`metrics`), the exact top-k evaluator
 //!   (`evaluator`), and `evaluate_model`, which embeds labelled queries and index with a model.
 //! - [`protocol`]: the wire: generated `jina.proto` / `docarray.proto` types and services
@@ -41,7 +43,7 @@
 //! - [`executor`]: the Jina-compatible gRPC service: `server` (tonic: Jina's services, health,
 //!   reflection v1alpha + v1, limits, the `is-error` trailer, shutdown), `endpoints` (`Core`:
 //!   routing, parameters, document classification, preprocessing, writing embeddings and rank
-//!   scores), `batcher` (one bounded queue per tower, a model thread batching across requests),
+//!   scores), `pool` (the preprocessing threads, one item of each waiting request in turn), `batcher` (one bounded queue per tower, a model thread batching across requests),
 //!   `status` (every error -> Jina status, one place), `config` (`--uses` executor YAML),
 //!   `client` (a Rust client used by the demo).
 //! - [`telemetry`]: Prometheus metrics with Jina's names (`metrics`); OpenTelemetry traces over
