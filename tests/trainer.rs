@@ -872,6 +872,28 @@ async fn a_dataset_is_not_replaced_under_a_run_created_during_its_upload() -> R 
     Ok(())
 }
 
+/// A push that would leave the data folder's disk below `--min-free-bytes` is refused (here a
+/// floor no disk has), and leaves nothing behind; with no floor the same push is stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn pushes_leave_the_disk_its_free_space() -> R {
+    let dir = tempdir("floor");
+    let t = Trainer::start(
+        &dir.join("state"),
+        &["--min-free-bytes", "1152921504606846976"],
+    )?;
+    let mut c = t.client(None).await?;
+    let e = client::push_dataset(&mut c, "train", &demo("train.csv"), false)
+        .await
+        .expect_err("pushed past the disk's floor");
+    assert!(e.to_string().contains("--min-free-bytes"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(dir.join("state/datasets"))?.collect();
+    assert!(left.is_empty(), "{left:?}");
+    let t = Trainer::start(&dir.join("state2"), &["--min-free-bytes", "0"])?;
+    let mut c = t.client(None).await?;
+    client::push_dataset(&mut c, "train", &demo("train.csv"), false).await?;
+    Ok(())
+}
+
 /// Two runs on a one-run trainer: the second waits CREATED until the first ended. A queued run
 /// is canceled at once, a started one before its next step.
 #[tokio::test(flavor = "multi_thread")]

@@ -131,6 +131,7 @@ impl Session {
             device: device.to_string(),
             checkpoint_seconds,
             max_dataset_bytes: 16 << 30,
+            min_free_bytes: 2 << 30,
             image_hosts: Default::default(),
         };
         let reg = match py.detach(|| Registry::open(opts)) {

@@ -237,7 +237,7 @@ fn resolve_local(p: &Path, data_dir: &Path) -> anyhow::Result<PathBuf> {
     }
     let name = p.to_string_lossy();
     if crate::artifact::is_safe_name(&name) {
-        if let Ok(store) = crate::trainer::datasets::DatasetStore::open(data_dir, u64::MAX) {
+        if let Ok(store) = crate::trainer::datasets::DatasetStore::open(data_dir, u64::MAX, 0) {
             if let Ok(f) = store.data_file(&name) {
                 return Ok(f);
             }

@@ -426,6 +426,7 @@ mod tests {
         "CLIPFT_HOST",
         "CLIPFT_PORT",
         "CLIPFT_PORT_MONITORING",
+        "CLIPFT_IMAGE_HOSTS",
         "CLIPFT_MAX_MESSAGE_BYTES",
         "CLIPFT_SHUTDOWN_TIMEOUT",
         "CLIPFT_TRACING",

@@ -43,6 +43,11 @@ pub struct TrainerArgs {
     /// Largest dataset a client may push.
     #[arg(long, env = "CLIPFT_MAX_DATASET_BYTES", default_value_t = 16 << 30)]
     pub max_dataset_bytes: u64,
+    /// Free space pushes must leave on the disk of `--data-dir`: each push is bounded by
+    /// `--max-dataset-bytes`, but many pushes are not, and a full disk fails every run's
+    /// checkpoints and artifacts (0: no floor).
+    #[arg(long, env = "CLIPFT_MIN_FREE_BYTES", default_value_t = 2 << 30)]
+    pub min_free_bytes: u64,
     /// Which addresses the hosts of http(s) image URIs in pushed data may resolve to,
     /// redirects included: `public` (internet only), `local` (also loopback and private
     /// networks, never link-local or cloud metadata services), `any`.
@@ -74,6 +79,7 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
         device: args.device.clone(),
         checkpoint_seconds: args.checkpoint_seconds,
         max_dataset_bytes: args.max_dataset_bytes,
+        min_free_bytes: args.min_free_bytes,
         image_hosts: args.image_hosts,
     })
     .with_context(|| format!("--data-dir {}", args.data_dir.display()))?;

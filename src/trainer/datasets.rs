@@ -53,6 +53,9 @@ pub enum DatasetError {
     Exists(String),
     #[error("dataset is larger than the trainer's limit of {0} bytes")]
     TooLarge(u64),
+    /// Storing more would leave the trainer's disk with less free space than it keeps.
+    #[error("the trainer's disk would have less than {0} bytes free (--min-free-bytes); delete datasets or runs, or push less")]
+    DiskFull(u64),
     #[error("dataset {name:?} is invalid: {msg}")]
     Invalid { name: String, msg: String },
     #[error("{path}: {source}")]
@@ -78,11 +81,32 @@ pub struct DatasetStore {
     root: PathBuf,
     /// Largest upload accepted, in bytes (as sent; a bundle's unpacked size too).
     pub max_bytes: u64,
+    /// Free space uploads leave on the data folder's disk. Each upload is bounded by
+    /// `max_bytes`, but many of them, or many datasets, are not: a full disk would fail
+    /// every run's checkpoints and artifacts.
+    pub min_free: u64,
+}
+
+/// The bytes free to an unprivileged writer on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated path that outlives the call, and `st` points to writable
+    // memory of the size statvfs fills; it is read only after statvfs reported success.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it initialised the whole struct.
+    let st = unsafe { st.assume_init() };
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 impl DatasetStore {
     /// Opens (creating) the store and removes uploads a previous process left unfinished.
-    pub fn open(data_dir: &Path, max_bytes: u64) -> Result<Self, DatasetError> {
+    pub fn open(data_dir: &Path, max_bytes: u64, min_free: u64) -> Result<Self, DatasetError> {
         let root = data_dir.join("datasets");
         std::fs::create_dir_all(&root).map_err(io(&root))?;
         for e in std::fs::read_dir(&root).map_err(io(&root))?.flatten() {
@@ -90,7 +114,11 @@ impl DatasetStore {
                 let _ = std::fs::remove_dir_all(e.path());
             }
         }
-        Ok(Self { root, max_bytes })
+        Ok(Self {
+            root,
+            max_bytes,
+            min_free,
+        })
     }
 
     /// `msg` with this store's file paths told as dataset names: `<root>/NAME/data.csv:12`
@@ -121,6 +149,23 @@ impl DatasetStore {
         }
         out.push_str(rest);
         out
+    }
+
+    /// Bytes that may still be written before the disk is down to [`DatasetStore::min_free`].
+    fn room(&self) -> Result<u64, DatasetError> {
+        if self.min_free == 0 {
+            return Ok(u64::MAX);
+        }
+        let free = free_bytes(&self.root).map_err(io(&self.root))?;
+        Ok(free.saturating_sub(self.min_free))
+    }
+
+    /// Refuses to store more once the disk is down to [`DatasetStore::min_free`].
+    fn check_free(&self) -> Result<(), DatasetError> {
+        match self.room()? {
+            0 => Err(DatasetError::DiskFull(self.min_free)),
+            _ => Ok(()),
+        }
     }
 
     fn dir(&self, name: &str) -> Result<PathBuf, DatasetError> {
@@ -260,6 +305,7 @@ impl Upload {
         if self.bytes > self.max_bytes {
             return Err(DatasetError::TooLarge(self.max_bytes));
         }
+        self.store.check_free()?;
         let path = self.tmp.join(&self.file);
         match &mut self.writer {
             Some(w) => w.write_all(data).map_err(io(&path)),
@@ -311,9 +357,16 @@ impl Upload {
         let (file, items) = match self.format {
             Format::Docarray => (self.file.clone(), vet(&path)?),
             Format::CsvBundle => {
-                let unpacked = extract_bundle(&path, &self.tmp, self.max_bytes)
-                    .map_err(|e| invalid(format!("bundle: {e}")))?;
+                // Unpacking stops where the disk would go below its floor, too.
+                let room = self.store.room()?;
+                let unpacked = extract_bundle(&path, &self.tmp, self.max_bytes.min(room)).map_err(
+                    |e| match e.starts_with("unpacks to more than") && room < self.max_bytes {
+                        true => DatasetError::DiskFull(self.store.min_free),
+                        false => invalid(format!("bundle: {e}")),
+                    },
+                )?;
                 std::fs::remove_file(&path).map_err(io(&path))?;
+                self.store.check_free()?;
                 // What the dataset holds on disk (`data list`), not what was sent.
                 self.bytes = unpacked;
                 let csv = self.tmp.join(BUNDLE_CSV);

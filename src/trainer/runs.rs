@@ -151,6 +151,8 @@ pub struct RunnerOptions {
     pub checkpoint_seconds: u64,
     /// Largest dataset upload, in bytes.
     pub max_dataset_bytes: u64,
+    /// Free space dataset uploads leave on the data folder's disk (0: no floor).
+    pub min_free_bytes: u64,
     /// Which hosts the data's http(s) image URIs may resolve to: the datasets come from
     /// clients, the addresses it can reach are the trainer's.
     pub image_hosts: crate::docarray::ImageHosts,
@@ -260,7 +262,8 @@ impl Registry {
         let runs_dir = opts.data_dir.join("runs");
         std::fs::create_dir_all(&runs_dir).map_err(io(&runs_dir))?;
         let lock = lock_data_dir(&opts.data_dir)?;
-        let datasets = DatasetStore::open(&opts.data_dir, opts.max_dataset_bytes)?;
+        let datasets =
+            DatasetStore::open(&opts.data_dir, opts.max_dataset_bytes, opts.min_free_bytes)?;
         let mut runs = HashMap::new();
         let mut next_seq = 0;
         for e in std::fs::read_dir(&runs_dir)

@@ -39,7 +39,7 @@ fn dataset_status(e: &DatasetError) -> Status {
         DatasetError::BadName(_) | DatasetError::Invalid { .. } => Code::InvalidArgument,
         DatasetError::NotFound(_) => Code::NotFound,
         DatasetError::Exists(_) => Code::AlreadyExists,
-        DatasetError::TooLarge(_) => Code::ResourceExhausted,
+        DatasetError::TooLarge(_) | DatasetError::DiskFull(_) => Code::ResourceExhausted,
         DatasetError::Io { .. } => Code::Internal,
     };
     Status::new(code, e.to_string())
