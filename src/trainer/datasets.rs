@@ -101,7 +101,10 @@ pub fn free_bytes(path: &Path) -> std::io::Result<u64> {
     }
     // SAFETY: statvfs returned 0, so it initialised the whole struct.
     let st = unsafe { st.assume_init() };
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    // Both are u64 on Linux x86_64 and aarch64, narrower on some other platforms.
+    #[allow(clippy::unnecessary_cast)]
+    let bytes = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+    Ok(bytes)
 }
 
 impl DatasetStore {
