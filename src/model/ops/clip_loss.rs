@@ -291,7 +291,13 @@ mod tests {
                 for (name, v) in [("text", tt), ("image", it), ("logit_scale", lt)] {
                     let a = gg.get(v).expect("op gradient").to_dtype(DType::F32)?;
                     let e = gw.get(v).expect("composed gradient").to_dtype(DType::F32)?;
-                    let scale = e.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-6);
+                    // Gradients are sums whose terms can cancel to near zero in a random draw
+                    // (three pairs whose features already match), so rounding is measured
+                    // against a floor of the terms' size, not against the sum alone: the logit
+                    // scale's terms are logits times their gradients, logits up to
+                    // exp(2.5) = 12 here.
+                    let floor = if name == "logit_scale" { 1.0 } else { 0.05 };
+                    let scale = e.abs()?.max_all()?.to_scalar::<f32>()?.max(floor);
                     let err = (a - e)?.abs()?.max_all()?.to_scalar::<f32>()?;
                     assert!(err <= tol * scale, "{dt:?} b{b} {name}: {err} of {scale}");
                 }
