@@ -87,7 +87,7 @@ def test_ctrl_c_stops_stream_logs_not_the_run(tmp_path):
             print("interrupted", run.status()["status"])
         run.cancel()
     """), {"CLIPFT_DATA_DIR": str(tmp_path / "registry"), "CLIPFT_TRAINER": ""})
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == "interrupted STARTED"
     assert "goes on" in out.stderr
 
