@@ -227,7 +227,9 @@ impl DatasetStore {
         std::fs::remove_dir_all(&trash).map_err(io(&trash))
     }
 
-    /// Starts an upload of `name`; nothing is visible until [`Upload::finish`].
+    /// Starts an upload of `name`; nothing is visible until it is vetted ([`Upload::vet`]) and
+    /// installed, which the trainer's registry does under its lock
+    /// (`Registry::install_dataset`).
     pub fn begin(
         &self,
         name: &str,
@@ -321,14 +323,8 @@ impl Upload {
         self.bytes
     }
 
-    /// Reads the upload through, vets it and makes it the dataset `name` (blocking: call it
-    /// off the async runtime). The trainer's registry vets and installs in two steps
-    /// ([`Upload::vet`], [`Vetted::install`]) so that it can install under its own lock.
-    pub fn finish(self) -> Result<DatasetMeta, DatasetError> {
-        self.vet()?.install()
-    }
-
-    /// Reads the upload through and vets it: what would become the dataset `name`.
+    /// Reads the upload through and vets it: what would become the dataset `name` (blocking:
+    /// call it off the async runtime).
     pub fn vet(mut self) -> Result<Vetted, DatasetError> {
         let path = self.tmp.join(&self.file);
         if let Some(w) = self.writer.take() {
