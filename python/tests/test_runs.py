@@ -74,6 +74,11 @@ def test_ctrl_c_stops_stream_logs_not_the_run(tmp_path):
     out = run_python(textwrap.dedent(f"""
         import os, signal, threading
         import clipft as finetuner
+        # A shell that starts jobs in the background without job control (`.ci/run &`)
+        # starts them with SIGINT ignored, and Python then installs no Ctrl-C handler: the
+        # kill below would be lost and the loop would follow the run to its end. A user at a
+        # terminal has the handler; so does this test.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         # Steps enough that the run is still going when Ctrl-C comes, however fast the machine
         # (40 epochs of the default batch took under 2 s on an idle one).
         run = finetuner.fit(model={TINY!r}, train_data={TRAIN!r}, epochs=49, batch_size=2,
