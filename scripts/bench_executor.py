@@ -5,7 +5,7 @@ executor does), both driven by the real clip_client, on the same weights, one se
 
     python scripts/bench_executor.py --model target/vit-b-32 [--seconds 20] [--out results.json]
         [--servers clipft,peer] [--clipft target/release/clipft] [--log-dir DIR]
-        [--wait-quiet SECONDS] [--clipft-arg=ARG ...]
+        [--wait-quiet SECONDS] [--clipft-arg=ARG ...] [--peer-arg=ARG ...] [--gpu]
 
 Run it with a Python that has jina, clip_client and docarray 0.21 (the peer's launcher, run with
 --peer-python, default this Python, also needs torch and transformers): scripts/bench_executor.sh
@@ -45,6 +45,13 @@ clipft's one process; for the peer the Jina executor process only (it writes its
 CLIP_PEER_PID_FILE), not the launcher or the gateway (the sum over all of the server's processes
 is reported apart as server_tree). peak = the largest VmHWM; steady = the median VmRSS during the
 image load (after the text load, so with both towers warm).
+
+GPU memory (--gpu, for servers on a GPU): the device's used memory every 200 ms (NVML through
+pynvml where it imports, else nvidia-smi), less what was used just before the server started.
+One server runs at a time, so the difference is that server's, its CUDA context included: peak =
+the largest, steady = the median during the image load. --clipft-arg / --peer-arg put the
+servers on the GPU (scripts/gpu-check.sh part 3: `--device cuda --dtype f16` for clipft,
+`--device cuda` for the peer, whose dtype is then fp16 as clip_server's on CUDA).
 
 CPU: the cores used by the executor, by the server's whole process tree, by this benchmark's
 client processes and by everything else on the machine are reported per phase; phases in which
@@ -336,6 +343,63 @@ class Sampler(threading.Thread):
         }
 
 
+def gpu_reader():
+    """A function that returns the GPU's used memory in MiB (device 0, or CUDA_VISIBLE_DEVICES'
+    first), or None where no GPU can be read."""
+    with contextlib.suppress(Exception):
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        return lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used / 2**20
+
+    def smi():
+        with contextlib.suppress(Exception):
+            out = subprocess.run(
+                ['nvidia-smi', '--query-gpu=memory.used', '--format=csv,noheader,nounits', '--id=0'],
+                capture_output=True, text=True, timeout=10,
+            ).stdout  # fmt: skip
+            return float(out.split()[0])
+        return None
+
+    return smi
+
+
+class GpuSampler(threading.Thread):
+    """Every 200 ms the GPU's used memory less `baseline` (what was used before the server
+    started), tagged with the server's current phase (read from its RSS sampler)."""
+
+    def __init__(self, read, phase_of):
+        super().__init__(daemon=True)
+        self.read, self.phase_of = read, phase_of
+        self.baseline = read()
+        self.samples = []  # (phase, MiB over the baseline)
+        self._done = threading.Event()
+
+    def run(self):
+        while not self._done.is_set():
+            used = self.read()
+            if used is not None and self.baseline is not None:
+                self.samples.append((self.phase_of(), used - self.baseline))
+            self._done.wait(0.2)
+
+    def stop(self):
+        self._done.set()
+        self.join()
+
+    def summary(self, steady_phase):
+        if not self.samples:
+            return {'error': 'no GPU memory could be read'}
+        steady = [m for phase, m in self.samples if phase == steady_phase]
+        return {
+            'peak_mib': round(max(m for _, m in self.samples), 1),
+            'steady_mib': round(statistics.median(steady), 1) if steady else None,
+            'steady_phase': steady_phase,
+            'baseline_mib': round(self.baseline, 1),
+            'samples': len(self.samples),
+        }
+
+
 class Server:
     """One server process: started, polled until it serves, sampled, stopped."""
 
@@ -344,6 +408,8 @@ class Server:
         self.port = free_port()
         self.log_path = workdir / f'{kind}-{select_model}.log'
         self.pid_file = workdir / f'{kind}-{select_model}.pid'
+        # Read before the process starts: the baseline of the GPU memory it will use.
+        self.gpu = GpuSampler(args.gpu_read, lambda: self.sampler.phase) if args.gpu else None
         env = dict(os.environ)
         if kind == 'clipft':
             cmd = [
@@ -354,7 +420,7 @@ class Server:
         else:
             cmd = [
                 args.peer_python, str(ROOT / 'scripts' / 'peer_executor.py'), '--model', model,
-                '--port', str(self.port), '--select-model', select_model,
+                '--port', str(self.port), '--select-model', select_model, *args.peer_arg,
             ]  # fmt: skip
             env['CLIP_PEER_PID_FILE'] = str(self.pid_file)
             with contextlib.suppress(FileNotFoundError):
@@ -369,6 +435,8 @@ class Server:
         if kind == 'clipft':
             self.sampler.pid = self.proc.pid
         self.sampler.start()
+        if self.gpu is not None:
+            self.gpu.start()
 
     @property
     def target(self):
@@ -450,6 +518,8 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self.sampler.stop()
+        if self.gpu is not None:
+            self.gpu.stop()
         self._log.close()
         return result
 
@@ -660,6 +730,9 @@ def run_server(kind, args, texts, probe_texts, images, workdir):
         res['stop'] = server.stop()
         res['rss'] = server.sampler.summary('image')
         log(f'  stop: {res["stop"]}; RSS peak {res["rss"].get("rss_peak_mib")} MiB')
+        if server.gpu is not None:
+            res['gpu'] = server.gpu.summary('image')
+            log(f'  GPU memory: {res["gpu"]}')
     if 'error' in res:
         return res
 
@@ -683,6 +756,9 @@ def run_server(kind, args, texts, probe_texts, images, workdir):
         text_only['stop'] = server.stop()
         text_only['rss'] = server.sampler.summary('text')
         log(f'  RSS peak {text_only["rss"].get("rss_peak_mib")} MiB')
+        if server.gpu is not None:
+            text_only['gpu'] = server.gpu.summary('text')
+            log(f'  GPU memory: {text_only["gpu"]}')
     res['text_only'] = text_only
     return res
 
@@ -719,6 +795,9 @@ ROWS = [
     ('executor RSS steady (median during the image load), both towers (MiB)', ('rss', 'rss_steady_mib'), 'lower'),
     ('  all server processes, peak of summed RSS (MiB)', ('rss', 'server_tree_rss_peak_mib'), 'lower'),
     ('executor RSS peak, clip-text only (MiB)', ('text_only', 'rss', 'rss_peak_mib'), 'lower'),
+    ('GPU memory peak, both towers (MiB; --gpu)', ('gpu', 'peak_mib'), 'lower'),
+    ('GPU memory steady (median during the image load), both towers (MiB; --gpu)', ('gpu', 'steady_mib'), 'lower'),
+    ('GPU memory peak, clip-text only (MiB; --gpu)', ('text_only', 'gpu', 'peak_mib'), 'lower'),
     ('start -> health SERVING, both towers (s)', ('startup', 'health_serving_seconds'), 'lower'),
     ('start -> first encode, both towers (s)', ('startup', 'first_encode_seconds'), 'lower'),
     ('start -> first encode, clip-text only (s)', ('text_only', 'startup', 'first_encode_seconds'), 'lower'),
@@ -816,6 +895,11 @@ def main():
         '--clipft-arg', action='append', default=[], metavar='ARG',
         help='one more argument for `clipft executor` (repeat it: --clipft-arg=--queue-depth --clipft-arg=64)',
     )  # fmt: skip
+    p.add_argument(
+        '--peer-arg', action='append', default=[], metavar='ARG',
+        help='one more argument for scripts/peer_executor.py (--peer-arg=--device --peer-arg=cuda)',
+    )  # fmt: skip
+    p.add_argument('--gpu', action='store_true', help="sample the GPU's used memory for each server")
     p.add_argument('--peer-python', default=sys.executable, help='Python with jina, torch and transformers')
     p.add_argument('--min-probes', type=int, default=3, help='latency probes to time at least (default 3)')
     p.add_argument(
@@ -831,6 +915,9 @@ def main():
     )  # fmt: skip
     args = p.parse_args()
     quiet()
+    args.gpu_read = gpu_reader() if args.gpu else None
+    if args.gpu and args.gpu_read() is None:
+        p.error('--gpu: neither pynvml nor nvidia-smi reads a GPU here')
     args.model = str(Path(args.model).resolve())
     kinds = [k.strip() for k in args.servers.split(',') if k.strip()]
     for k in kinds:
@@ -840,6 +927,12 @@ def main():
     started = time.strftime('%Y-%m-%dT%H:%M:%S%z')
     meta = {'started': started, 'model': args.model, 'seconds': args.seconds, 'seed': args.seed, **machine()}
     meta['versions'] = versions(args)
+    if args.gpu:
+        with contextlib.suppress(Exception):
+            meta['gpu'] = subprocess.run(
+                ['nvidia-smi', '--query-gpu=name,driver_version,memory.total', '--format=csv,noheader', '--id=0'],
+                capture_output=True, text=True, timeout=10,
+            ).stdout.strip()  # fmt: skip
     log(f'bench_executor: {started}, model {args.model}, load average {meta["loadavg_start"]}')
 
     texts = captions(4096, args.seed)
@@ -863,7 +956,8 @@ def main():
 
     rat = ratios(servers)
     print(f'clipft executor vs Jina Flow + transformers CLIP (peer), both driven by clip_client; '
-          f'model {args.model}; {meta["cpus"]} CPUs ({meta.get("cpu", "?")}); started {started}; '
+          f'model {args.model}; {meta["cpus"]} CPUs ({meta.get("cpu", "?")}); '
+          f'{"GPU " + meta.get("gpu", "?") + "; " if args.gpu else ""}started {started}; '
           f'load average at start {meta["loadavg_start"][0]:.2f}, at end {meta["loadavg_end"][0]:.2f}\n')  # fmt: skip
     print(table(servers, rat))
     if args.out:

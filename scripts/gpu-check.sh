@@ -5,9 +5,11 @@
 #   scripts/gpu-check.sh [CLIPFT_BINARY | PACKED_DIR] [OUT_DIR] [PART]
 #
 # PART: all (default), 1 (kernel tests, parity, inference; steps 1-4 and 5b's inference, about 6
-# minutes on an H100) or 2 (training, 5b's training, the demo; about 5 minutes). A lent machine
-# runs one command for at most 10 minutes: run part 1, then part 2 at once (the machine stays warm
-# for 30 s), each with its own OUT_DIR. The ViT-B/32 fixtures stay in /tmp between the two.
+# minutes on an H100), 2 (training, 5b's training, the demo; about 5 minutes) or 3 (step 7, the
+# executor end to end; about 5 minutes). A lent machine runs one command for at most 10 minutes:
+# run part 1, then part 2 at once (the machine stays warm for 30 s), each with its own OUT_DIR;
+# part 3 where time is left (15 minutes of device time hold parts 1 and 2 and a start; part 3 may
+# need a session of its own). The ViT-B/32 fixtures stay in /tmp between the calls.
 #
 # PACKED_DIR is what scripts/pack-gpu.sh wrote (.gpu/: the binary, device_check and the library's
 # CUDA unit tests, xz-compressed): they are unpacked, the CUDA kernels are tested against their
@@ -31,6 +33,11 @@
 #     and bf16 training, clipft's packed captions against torch padded to the batch's longest
 #     (and clipft padded too, CLIPFT_NO_PACKED_TEXT=1)
 #  6. the demo's fine-tune on the GPU (bf16): after-metrics vs before
+#  7. (part 3) `clipft executor --device cuda --dtype f16` against the Python peer on the same GPU
+#     (scripts/peer_executor.py --device cuda: fp16, as clip_server on CUDA), both driven by
+#     clip_client with captions and 600x400 JPEG files, and each one's GPU memory
+#     (scripts/bench_executor.py --gpu; every number in OUT_DIR/executor.json). jina, clip_client
+#     and docarray v1 come from .gpu/wheels (scripts/pack-gpu.sh), installed into /tmp/clipft-site.
 set -u
 cd "$(dirname "$0")/.."
 BIN="$(realpath "${1:-target/cuda/release/clipft}")"
@@ -184,5 +191,28 @@ step train-torch-bf16-sdpa-mixed 150 "$PY" scripts/bench_train_peer.py --model "
   --eval-data data/demo/eval.csv --query-data data/demo/query.csv --index-data data/demo/index.csv \
   --epochs $EPOCHS --batch-size 32 --learning-rate 1e-3 --scheduler cosine --warmup-steps 10 --eval-every 0 \
   --device '$DEV' --dtype bf16 --run-name demo --output '$WORK/demo' 2>&1 | tail -n 16 | tr '\n' ' '"
+fi
+
+if part 3; then
+# 7. The executor end to end. The Jina stack the image lacks travels as wheels (PACKED_DIR/wheels,
+# or WHEELS=DIR); /tmp/clipft-site goes first on the Python path of the bench, its clients and
+# the peer, whose torch stays the image's.
+WHEELS="${WHEELS:-${PACKED:-.gpu}/wheels}" SITE=/tmp/clipft-site
+if [ ! -f "$SITE/.installed" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --disable-pip-version-check \
+    --target "$SITE" "$WHEELS"/*.whl >>"$LOG" 2>&1 && touch "$SITE/.installed"
+fi
+if [ -f "$SITE/.installed" ]; then
+  # On the GPU each server runs on it and its memory is sampled; DEVICE=cpu is a dry run.
+  if [ "$DEV" = cpu ]; then E2E=(--clipft-arg=--device --clipft-arg=cpu --peer-arg=--device --peer-arg=cpu)
+  else E2E=(--gpu --clipft-arg=--device --clipft-arg="$DEV" --clipft-arg=--dtype --clipft-arg=f16
+    --peer-arg=--device --peer-arg="$DEV" --peer-arg=--dtype --peer-arg=fp16); fi
+  PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" step executor-e2e 540 "$PY" scripts/bench_executor.py \
+    --model "$VIT" --seconds "$SECS" --servers "${E2E_SERVERS:-clipft,peer}" --clipft "$BIN" \
+    --log-dir "$WORK/e2e-logs" --out "$OUTDIR/executor.json" "${E2E[@]}"
+  cat "$WORK/out" >>"$SUM"
+else
+  echo "executor-e2e: skipped, no Jina wheels installed (scripts/pack-gpu.sh writes $WHEELS; see $LOG)" | tee -a "$SUM"
+fi
 fi
 rm -rf "$WORK"

@@ -3,6 +3,7 @@
 transformers CLIP the way clip_server's torch executor serves CLIP today.
 
     python scripts/peer_executor.py --model DIR --port 51000 [--select-model all|clip-text|clip-vision]
+        [--device auto|cpu|cuda] [--dtype auto|fp32|fp16]
 
 starts `Flow(port=PORT).add(uses=CLIPEncoder, name='clip_t')` and blocks until SIGTERM or Ctrl-C;
 clip_client talks to the Flow's gRPC gateway on PORT exactly as it talks to clip_server. A line
@@ -15,8 +16,10 @@ What CLIPEncoder does (the behaviour of clip_server's torch executor, on a local
 CLIP folder instead of open_clip weights):
   * init: model_path, minibatch_size=32, num_worker_preprocess=4, access_paths='@r',
     select_model='all' (CLIPModel) | 'clip-text' (CLIPTextModelWithProjection only) |
-    'clip-vision' (CLIPVisionModelWithProjection only). float32 on CPU, eval mode; torch uses
-    every core (divided by the replica count) and one inter-op thread, unless OMP_NUM_THREADS is set.
+    'clip-vision' (CLIPVisionModelWithProjection only), device='auto' (cuda if torch sees a GPU,
+    else cpu), dtype='auto' (fp32 on the CPU, fp16 on CUDA: clip_server's defaults); eval mode;
+    torch uses every core (divided by the replica count) and one inter-op thread, unless
+    OMP_NUM_THREADS is set.
   * the bare `@requests` endpoint (so /encode, which clip_client posts to, and /default) embeds the
     documents at `parameters['access_paths']` (default: the init value): a document with non-empty
     text is a text; one with a blob, a tensor or a uri is an image. Each modality is cut into
@@ -67,6 +70,8 @@ class CLIPEncoder(Executor):
         num_worker_preprocess: int = 4,
         access_paths: str = '@r',
         select_model: str = 'all',
+        device: str = 'auto',
+        dtype: str = 'auto',
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -95,14 +100,24 @@ class CLIPEncoder(Executor):
         self._select_model = select_model
         self._pool = ThreadPool(processes=num_worker_preprocess)
 
-        load = dict(dtype=torch.float32)
+        if device == 'auto':
+            device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        if dtype == 'auto':
+            dtype = 'fp32' if device == 'cpu' else 'fp16'
+        if dtype not in ('fp32', 'fp16'):
+            raise ValueError(f"dtype must be auto, fp32 or fp16, not {dtype!r}")
+        self._device = torch.device(device)
+        self._dtype = torch.float32 if dtype == 'fp32' else torch.float16
+        load = dict(dtype=self._dtype)
         self._text_model = self._vision_model = self._model = None
         if select_model == 'all':
-            self._model = transformers.CLIPModel.from_pretrained(model_path, **load).eval()
+            self._model = transformers.CLIPModel.from_pretrained(model_path, **load).eval().to(self._device)
         elif select_model == 'clip-text':
-            self._text_model = transformers.CLIPTextModelWithProjection.from_pretrained(model_path, **load).eval()
+            model = transformers.CLIPTextModelWithProjection.from_pretrained(model_path, **load)
+            self._text_model = model.eval().to(self._device)
         else:
-            self._vision_model = transformers.CLIPVisionModelWithProjection.from_pretrained(model_path, **load).eval()
+            model = transformers.CLIPVisionModelWithProjection.from_pretrained(model_path, **load)
+            self._vision_model = model.eval().to(self._device)
 
         self._tokenizer = None
         self._image_processor = None
@@ -147,11 +162,13 @@ class CLIPEncoder(Executor):
     # The model: runs in the request thread, minibatch after minibatch.
 
     def _embed_texts(self, inputs):
+        inputs = {k: v.to(self._device) for k, v in inputs.items()}
         if self._model is not None:
             return _features(self._model.get_text_features(**inputs))
         return self._text_model(**inputs).text_embeds
 
     def _embed_images(self, inputs):
+        inputs = {'pixel_values': inputs['pixel_values'].to(self._device, self._dtype)}
         if self._model is not None:
             return _features(self._model.get_image_features(**inputs))
         return self._vision_model(**inputs).image_embeds
@@ -161,7 +178,7 @@ class CLIPEncoder(Executor):
         batches = [docs[i : i + size] for i in range(0, len(docs), size)]
         with self._torch.inference_mode():
             for batch, inputs in self._pool.imap(preprocess, batches):
-                features = embed(inputs).cpu().numpy().astype(np.float32)
+                features = embed(inputs).float().cpu().numpy()
                 for d, e in zip(batch, features):
                     d.embedding = e
 
@@ -201,6 +218,8 @@ def main():
     p.add_argument('--minibatch-size', type=int, default=32)
     p.add_argument('--num-worker-preprocess', type=int, default=4)
     p.add_argument('--access-paths', default='@r')
+    p.add_argument('--device', default='auto', help='auto (cuda if torch sees a GPU), cpu or cuda[:N]')
+    p.add_argument('--dtype', choices=('auto', 'fp32', 'fp16'), default='auto', help='auto: fp32 on the CPU, fp16 on CUDA')
     args = p.parse_args()
 
     flow = Flow(port=args.port).add(
@@ -211,6 +230,8 @@ def main():
             num_worker_preprocess=args.num_worker_preprocess,
             access_paths=args.access_paths,
             select_model=args.select_model,
+            device=args.device,
+            dtype=args.dtype,
         ),
         name='clip_t',
     )
