@@ -411,10 +411,10 @@ fn located(
 }
 
 /// Training pairs from parent documents with a text chunk and an image chunk; their images'
-/// bytes beyond [`MEMORY_BUDGET`] spilled to disk.
+/// bytes beyond [`MEMORY_BUDGET`] spilled to disk, beside `path`.
 pub fn pairs(path: &Path) -> Result<impl Iterator<Item = Result<Pair, DataError>>, DataError> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut spill = Spill::new(MEMORY_BUDGET);
+    let mut spill = Spill::new(MEMORY_BUDGET, &base);
     Ok(located(path)?.map(move |item| {
         let (location, doc) = item?;
         let bad = |msg: String| DataError::Malformed {
@@ -450,13 +450,13 @@ pub fn pairs(path: &Path) -> Result<impl Iterator<Item = Result<Pair, DataError>
 }
 
 /// Labelled query (text) or index (image) items; the images' bytes beyond [`MEMORY_BUDGET`]
-/// spilled to disk.
+/// spilled to disk, beside `path`.
 pub fn labeled(
     path: &Path,
     want: super::Modality,
 ) -> Result<impl Iterator<Item = Result<Labeled, DataError>>, DataError> {
     let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let mut spill = Spill::new(MEMORY_BUDGET);
+    let mut spill = Spill::new(MEMORY_BUDGET, &base);
     Ok(located(path)?.map(move |item| {
         let (location, doc) = item?;
         let bad = |msg: String| DataError::Malformed {

@@ -505,7 +505,7 @@ mod tests {
         .unwrap();
         let pre = ImagePreprocessor::new(crate::model::image::ImageConfig::default());
         let pixels: Vec<u8> = (0..30 * 40 * 3).map(|i| (i % 251) as u8).collect();
-        let mut spill = Spill::new(0);
+        let mut spill = Spill::new(0, &std::env::temp_dir());
         for source in [
             ImageSource::Blob(Held::Memory(png)),
             ImageSource::Pixels {
