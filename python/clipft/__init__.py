@@ -56,6 +56,7 @@ __version__ = _native.core_version()
 
 _session = None  # where runs go now
 _local = None  # the in-process trainer, once started (kept while Python runs)
+_token = None  # the bearer token of the trainer runs go to (login's, else CLIPFT_AUTH_TOKEN)
 
 CLIP_MODELS = ("clip-text", "clip-vision")
 
@@ -131,9 +132,10 @@ def login(
         folder, ``~/.local/share/clipft`` on Linux).
     :param tls_ca: a CA certificate to trust for a ``grpcs://`` trainer (``CLIPFT_TLS_CA``).
     """
-    global _session, _local
+    global _session, _local, _token
     trainer = trainer or os.environ.get("CLIPFT_TRAINER") or None
     token = token or os.environ.get("CLIPFT_AUTH_TOKEN") or None
+    _token = token if trainer else None
     if trainer:
         ca = tls_ca or os.environ.get("CLIPFT_TLS_CA") or None
         _session = _native.Session.remote(trainer, token, ca)
@@ -165,6 +167,15 @@ def login(
             "runs go to it and train there while it runs",
             file=sys.stderr,
         )
+
+
+def get_token() -> Optional[str]:
+    """The bearer token sent to the trainer (``login(token=...)`` or ``CLIPFT_AUTH_TOKEN``);
+    None when runs train in this process, which needs none. Before ``login`` it is the token
+    that ``login()`` would take, without logging in."""
+    if _session is None:
+        return (os.environ.get("CLIPFT_AUTH_TOKEN") or None) if os.environ.get("CLIPFT_TRAINER") else None
+    return _token
 
 
 def _get_session():
@@ -530,6 +541,13 @@ def list_models() -> List[str]:
     return [b["name"] for b in _native.backbones()]
 
 
+def list_model_options() -> Dict[str, List[Dict[str, Any]]]:
+    """Each backbone's ``model_options`` (Finetuner's shape: name -> the options, each a dict
+    of name, type, required, default, description). CLIP backbones take none: the lists are
+    empty, and ``fit(model_options=...)`` refuses any."""
+    return {name: [] for name in list_models()}
+
+
 def describe_models(task: Optional[str] = None) -> None:
     """Prints the backbones: name, task, output_dim, architecture, description."""
     rows = [b for b in _native.backbones() if task in (None, b["task"])]
@@ -543,7 +561,9 @@ def describe_models(task: Optional[str] = None) -> None:
             print(f"{b['name']:<36} {b['task']:<14} {b['output_dim']:>6} {b['architecture']:<12} {b['description']}")
         return
     table = Table(title=title)
-    for col in ("name", "task", "output_dim", "architecture", "description"):
+    # Names are what users copy into fit(model=...): never wrapped, however narrow the terminal.
+    table.add_column("name", no_wrap=True)
+    for col in ("task", "output_dim", "architecture", "description"):
         table.add_column(col)
     for b in rows:
         desc = b["description"] + (f" (Finetuner: {b['display_name']})" if b["display_name"] else "")
@@ -698,7 +718,7 @@ def cos_sim(a, b) -> float:
 
 __all__ = [
     "login", "fit", "create_run", "create_training_run", "get_run", "list_runs", "delete_run",
-    "delete_runs", "list_models", "describe_models", "list_callbacks", "get_model", "build_model",
+    "delete_runs", "list_models", "list_model_options", "describe_models", "get_token", "list_callbacks", "get_model", "build_model",
     "encode", "cos_sim", "Run", "InferenceEngine",
     "EvaluationCallback", "BestModelCheckpoint", "EarlyStopping", "TrainingCheckpoint",
     "WiSEFTCallback", "WandBLogger",

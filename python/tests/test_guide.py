@@ -115,6 +115,7 @@ def test_the_guide_in_process(registry):
 
 def test_the_guide_against_a_trainer(trainer):
     finetuner.login(trainer=trainer.address, token=trainer.token)
+    assert finetuner.get_token() == trainer.token
     # The trainer takes CSV paths and pushed dataset names as well as DocumentArrays.
     run = finetuner.fit(model=TINY, run_name="on-trainer", train_data=os.path.join(DEMO, "train.csv"),
                         eval_data=os.path.join(DEMO, "eval.csv"), epochs=1, learning_rate=1e-4,

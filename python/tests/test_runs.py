@@ -124,6 +124,22 @@ def test_unsupported_settings_are_refused_before_anything_runs(registry):
     assert json.loads(finetuner._get_session().list_datasets()) == []
 
 
+def test_the_model_and_callback_listings(registry, capsys):
+    names = finetuner.list_models()
+    assert "openai/clip-vit-base-patch32" in names
+    # Finetuner's shape: each backbone's options; CLIP backbones take none, and fit refuses any.
+    assert finetuner.list_model_options() == {name: [] for name in names}
+    finetuner.describe_models(task="text-to-image")
+    printed = capsys.readouterr().out
+    assert "openai/clip-vit-base-patch32" in printed and "512" in printed
+    finetuner.describe_models(task="image-to-image")
+    assert "openai/clip-vit-base-patch32" not in capsys.readouterr().out
+    assert set(finetuner.list_callbacks()) == {
+        "EvaluationCallback", "BestModelCheckpoint", "EarlyStopping", "TrainingCheckpoint", "WiSEFTCallback"}
+    # Runs train in this process: no token is sent anywhere.
+    assert finetuner.get_token() is None
+
+
 def test_select_model_is_required(registry):
     with pytest.raises(finetuner.SelectModelRequired):
         finetuner.get_model(TINY)
