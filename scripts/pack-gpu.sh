@@ -44,9 +44,8 @@ ON_DEVICE='aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
   propcache pygments pyparsing python-dateutil pyyaml requests rich six typing-extensions uvloop
   wrapt yarl zipp'
 W=target/gpu-wheels
-if [ ! -f "$W/complete" ]; then
-  rm -rf "$W" && mkdir -p "$W"
-  "${PYTHON:-python3}" - "$ON_DEVICE" >"$W/requirements.txt" <<'PY'
+WANT="$(mktemp)"
+"${PYTHON:-python3}" - "$ON_DEVICE" >"$WANT" <<'PY'
 import re, sys
 skip = {n.lower() for n in sys.argv[1].split()}
 for line in open("tests/interop/requirements.txt"):
@@ -57,6 +56,9 @@ for line in open("tests/interop/requirements.txt"):
 # jina's hubble SDK imports pkg_resources, gone from setuptools 81 (the image's may be newer).
 print("setuptools==80.10.2")
 PY
+# Made again whenever the pinned set changed since the cached wheels were fetched.
+if [ ! -f "$W/complete" ] || ! cmp -s "$WANT" "$W/requirements.txt"; then
+  rm -rf "$W" && mkdir -p "$W" && mv "$WANT" "$W/requirements.txt"
   PLAT="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64"
   ok=1
@@ -75,6 +77,7 @@ PY
   done
   [ "$ok" = 1 ] && touch "$W/complete"
 fi
+rm -f "$WANT"
 if [ -f "$W/complete" ]; then
   rm -rf .gpu/wheels && mkdir -p .gpu/wheels && cp "$W"/*.whl .gpu/wheels/
 else
