@@ -663,10 +663,22 @@ fn remove_orphans(base: &Path) {
     }
 }
 
+/// Why a zip did not unpack: over the total it may unpack to (which a caller maps to the limit
+/// that set it), or anything else, told in words.
+#[derive(Debug, thiserror::Error)]
+pub enum UnzipError {
+    #[error("unpacks to more than {0} bytes")]
+    TooLarge(u64),
+    #[error("{0}")]
+    Bad(String),
+}
+
 /// Unpacks `zip_path` into `dest`. Entry names that would leave `dest` (absolute, `..`) are
 /// refused, not sanitised, and the total unpacked size is capped at `max_bytes` (zip bombs).
 pub fn extract_zip(zip_path: &Path, dest: &Path, max_bytes: u64) -> Result<(), String> {
-    extract_zip_entries(zip_path, dest, max_bytes, |_| Some(u64::MAX)).map(drop)
+    extract_zip_entries(zip_path, dest, max_bytes, |_| Some(u64::MAX))
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// [`extract_zip`] for the entries `pick` selects, each capped at the size `pick` gives it;
@@ -676,41 +688,42 @@ pub fn extract_zip_entries(
     dest: &Path,
     max_bytes: u64,
     mut pick: impl FnMut(&Path) -> Option<u64>,
-) -> Result<u64, String> {
+) -> Result<u64, UnzipError> {
     use std::io::Read;
-    let file = std::fs::File::open(zip_path).map_err(|e| e.to_string())?;
-    let mut archive = zip::ZipArchive::new(file).map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(dest).map_err(|e| e.to_string())?;
+    let bad = |e: &dyn std::fmt::Display| UnzipError::Bad(e.to_string());
+    let file = std::fs::File::open(zip_path).map_err(|e| bad(&e))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| bad(&e))?;
+    std::fs::create_dir_all(dest).map_err(|e| bad(&e))?;
     let mut total = 0u64;
     for i in 0..archive.len() {
-        let mut entry = archive.by_index(i).map_err(|e| e.to_string())?;
+        let mut entry = archive.by_index(i).map_err(|e| bad(&e))?;
         let rel = entry
             .enclosed_name()
-            .ok_or_else(|| format!("unsafe entry name {:?}", entry.name()))?;
+            .ok_or_else(|| UnzipError::Bad(format!("unsafe entry name {:?}", entry.name())))?;
         let Some(cap) = pick(&rel) else {
             continue;
         };
         let out = dest.join(&rel);
         if entry.is_dir() {
-            std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(&out).map_err(|e| bad(&e))?;
             continue;
         }
         if let Some(parent) = out.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(parent).map_err(|e| bad(&e))?;
         }
-        let mut w = std::fs::File::create(&out).map_err(|e| e.to_string())?;
+        let mut w = std::fs::File::create(&out).map_err(|e| bad(&e))?;
         let cap = cap.min(max_bytes.saturating_sub(total));
         let n = std::io::copy(&mut (&mut entry).take(cap.saturating_add(1)), &mut w)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| bad(&e))?;
         total += n;
         if total > max_bytes {
-            return Err(format!("unpacks to more than {max_bytes} bytes"));
+            return Err(UnzipError::TooLarge(max_bytes));
         }
         if n > cap {
-            return Err(format!(
+            return Err(UnzipError::Bad(format!(
                 "{} unpacks to more than {cap} bytes",
                 rel.display()
-            ));
+            )));
         }
     }
     Ok(total)

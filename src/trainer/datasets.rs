@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 
-use crate::artifact::is_safe_name;
+use crate::artifact::{is_safe_name, UnzipError};
 use crate::docarray::csv::CsvRows;
 use crate::docarray::file::DocReader;
 use crate::docarray::proto::DocumentProto;
@@ -359,19 +359,22 @@ impl Upload {
                 // Unpacking stops where the disk would go below its floor, too.
                 let room = self.store.room()?;
                 let unpacked = extract_bundle(&path, &self.tmp, self.max_bytes.min(room)).map_err(
-                    |e| match e.starts_with("unpacks to more than") && room < self.max_bytes {
-                        true => DatasetError::DiskFull(self.store.min_free),
-                        false => invalid(format!("bundle: {e}")),
+                    |e| match e {
+                        UnzipError::TooLarge(_) if room < self.max_bytes => {
+                            DatasetError::DiskFull(self.store.min_free)
+                        }
+                        UnzipError::TooLarge(_) => {
+                            invalid(format!("bundle: {e} (--max-dataset-bytes)"))
+                        }
+                        UnzipError::Bad(_) => invalid(format!("bundle: {e}")),
                     },
                 )?;
                 std::fs::remove_file(&path).map_err(io(&path))?;
                 self.store.check_free()?;
                 // What the dataset holds on disk (`data list`), not what was sent.
                 self.bytes = unpacked;
+                // extract_bundle made sure it is there.
                 let csv = self.tmp.join(BUNDLE_CSV);
-                if !csv.is_file() {
-                    return Err(invalid(format!("the bundle has no {BUNDLE_CSV}")));
-                }
                 check_csv(&csv).map_err(invalid)?;
                 (BUNDLE_CSV.to_string(), vet(&csv)?)
             }
@@ -432,25 +435,21 @@ impl Drop for Upload {
 /// bigger than an image within the default pixel limit can be, all of them within `max_bytes`;
 /// returns the bytes written. Unpacking every entry let a 4 MB upload of zeros write 4 GiB
 /// that no row would ever read.
-fn extract_bundle(zip_path: &Path, dest: &Path, max_bytes: u64) -> Result<u64, String> {
+fn extract_bundle(zip_path: &Path, dest: &Path, max_bytes: u64) -> Result<u64, UnzipError> {
     use crate::artifact::extract_zip_entries;
     use crate::model::preprocess::image::{max_file_bytes, DEFAULT_MAX_PIXELS};
-    let over = |e: String| match e.starts_with("unpacks to more than") {
-        true => format!("{e} (--max-dataset-bytes)"),
-        false => e,
-    };
     let csv = Path::new(BUNDLE_CSV);
     let first = extract_zip_entries(zip_path, dest, max_bytes, |p| {
         (p == csv).then_some(max_bytes)
-    })
-    .map_err(over)?;
-    if first == 0 && !dest.join(csv).is_file() {
-        return Err(format!("the bundle has no {BUNDLE_CSV}"));
+    })?;
+    if !dest.join(csv).is_file() {
+        return Err(UnzipError::Bad(format!("the bundle has no {BUNDLE_CSV}")));
     }
-    let rows = CsvRows::open(&dest.join(csv)).map_err(|e| e.to_string())?;
+    let bad = |e: DataError| UnzipError::Bad(e.to_string());
+    let rows = CsvRows::open(&dest.join(csv)).map_err(bad)?;
     let mut named = std::collections::HashSet::new();
     for row in rows.rows() {
-        let (_, fields) = row.map_err(|e| e.to_string())?;
+        let (_, fields) = row.map_err(bad)?;
         named.extend(fields.into_iter().map(|f| {
             let f = f.trim();
             PathBuf::from(f.strip_prefix("./").unwrap_or(f))
@@ -459,8 +458,7 @@ fn extract_bundle(zip_path: &Path, dest: &Path, max_bytes: u64) -> Result<u64, S
     let image_cap = max_file_bytes(DEFAULT_MAX_PIXELS);
     let rest = extract_zip_entries(zip_path, dest, max_bytes - first, |p| {
         (p != csv && named.contains(p)).then_some(image_cap)
-    })
-    .map_err(over)?;
+    })?;
     Ok(first + rest)
 }
 
