@@ -225,6 +225,7 @@ pub fn ensure_free(output: &Path, run_name: &str) -> Result<(), ArtifactError> {
 pub struct RunOutput<'a> {
     pub output: &'a Path,
     pub run_name: &'a str,
+    pub experiment: &'a str,
     /// The backbone's files (config, tokenizer, preprocessor are copied from them).
     pub files: &'a ModelFiles,
     /// Every weight under its Hugging Face CLIPModel name.
@@ -337,6 +338,7 @@ impl Staged {
         }
         let metadata = serde_json::json!({
             "name": run.run_name,
+            "experiment": run.experiment,
             "backbone": run.files.source,
             "device": run.device,
             "started": iso_utc(run.started_unix as i64),

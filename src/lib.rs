@@ -55,7 +55,8 @@
 //!   run: data, epochs, callbacks, before/after evaluation, artifact), `callbacks`
 //!   (BestModelCheckpoint, EarlyStopping, WiSE-FT decisions), `checkpoint` (TrainingCheckpoint:
 //!   resumable state in a run's work folder), and the service: `runs` (the registry: records in
-//!   `--data-dir`, the queue, worker threads, restart recovery), `datasets` (the named-dataset
+//!   `--data-dir`, the queue, worker threads, restart recovery; `runs::experiments`, the groups
+//!   runs are listed and deleted by), `datasets` (the named-dataset
 //!   store, and packing local data for a push), `service` (tonic over `proto/trainer.proto`,
 //!   bearer token, every trainer error -> gRPC status in one place), `client` (what `fit
 //!   --trainer`, `runs` and `data` use).

@@ -63,6 +63,8 @@ fn fine_tuning_improves_every_metric_and_writes_the_artifact() {
             "8",
             "--run-name",
             "garments",
+            "--experiment",
+            "fashion",
             "--eval-data",
             "data/demo/eval.csv",
             "--query-data",
@@ -125,6 +127,7 @@ fn fine_tuning_improves_every_metric_and_writes_the_artifact() {
         "finished_unix:",
         "duration_seconds:",
         "clipft_version:",
+        "experiment: \"fashion\"",
     ] {
         assert!(meta.contains(k), "{meta}");
     }

@@ -476,6 +476,7 @@ async fn trainer_traces_calls_runs_and_epochs() -> R {
         pb::CreateRunRequest {
             name: "traced".into(),
             config_json: config.to_string(),
+            ..Default::default()
         },
         TRACE_TRAINER,
         PARENT_TRAINER,
@@ -486,6 +487,7 @@ async fn trainer_traces_calls_runs_and_epochs() -> R {
         let r = c
             .get_run(pb::GetRunRequest {
                 name: "traced".into(),
+                ..Default::default()
             })
             .await?
             .into_inner();

@@ -98,15 +98,19 @@ async fn create(c: &mut Client, name: &str, cfg: String) -> R<pb::Run> {
     Ok(c.create_run(pb::CreateRunRequest {
         name: name.into(),
         config_json: cfg,
+        ..Default::default()
     })
     .await?
     .into_inner())
 }
 
 async fn get(c: &mut Client, name: &str) -> R<pb::Run> {
-    Ok(c.get_run(pb::GetRunRequest { name: name.into() })
-        .await?
-        .into_inner())
+    Ok(c.get_run(pb::GetRunRequest {
+        name: name.into(),
+        ..Default::default()
+    })
+    .await?
+    .into_inner())
 }
 
 /// Polls until `done` holds for the run (generous deadline: CI machines are slow).
@@ -345,7 +349,7 @@ async fn wrong_or_missing_token_is_unauthenticated() -> R {
     for token in [None, Some("wrong"), Some("righ"), Some("rightt")] {
         let mut c = t.client(token).await?;
         assert_eq!(
-            code(c.list_runs(pb::ListRunsRequest {}).await),
+            code(c.list_runs(pb::ListRunsRequest::default()).await),
             tonic::Code::Unauthenticated,
             "{token:?}"
         );
@@ -355,7 +359,7 @@ async fn wrong_or_missing_token_is_unauthenticated() -> R {
         );
     }
     let mut c = t.client(Some("right")).await?;
-    assert!(c.list_runs(pb::ListRunsRequest {}).await.is_ok());
+    assert!(c.list_runs(pb::ListRunsRequest::default()).await.is_ok());
     let out = bin().args(["ping", &t.addr()]).output()?;
     assert!(out.status.success(), "health needs no token");
     let out = bin()
@@ -678,6 +682,7 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
         .create_run(pb::CreateRunRequest {
             name: "../run".into(),
             config_json: config("train", serde_json::json!({})),
+            ..Default::default()
         })
         .await;
     assert_eq!(code(r), tonic::Code::InvalidArgument);
@@ -685,6 +690,7 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
         .create_run(pb::CreateRunRequest {
             name: "r".into(),
             config_json: config("nope", serde_json::json!({})),
+            ..Default::default()
         })
         .await;
     assert_eq!(code(r), tonic::Code::NotFound);
@@ -692,6 +698,7 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
         .create_run(pb::CreateRunRequest {
             name: "r".into(),
             config_json: config("train", serde_json::json!({"epochz": 3})),
+            ..Default::default()
         })
         .await;
     let e = r.expect_err("unknown field accepted");
@@ -718,6 +725,7 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
             .create_run(pb::CreateRunRequest {
                 name: "wrong-role".into(),
                 config_json: cfg,
+                ..Default::default()
             })
             .await
             .expect_err("a dataset in the wrong role was accepted");
@@ -732,7 +740,8 @@ async fn bad_names_and_bad_datasets_are_refused() -> R {
     assert_eq!(
         code(
             c.get_run(pb::GetRunRequest {
-                name: "never".into()
+                name: "never".into(),
+                ..Default::default()
             })
             .await
         ),
@@ -938,7 +947,8 @@ async fn runs_queue_and_cancel_mid_epoch() -> R {
     assert_eq!(
         code(
             c.delete_run(pb::DeleteRunRequest {
-                name: "long".into()
+                name: "long".into(),
+                ..Default::default()
             })
             .await
         ),
@@ -1039,7 +1049,7 @@ async fn killed_trainer_resumes_runs_after_restart() -> R {
     let t = Trainer::start(&dir, &args)?;
     let mut c = t.client(None).await?;
     let names: Vec<String> = c
-        .list_runs(pb::ListRunsRequest {})
+        .list_runs(pb::ListRunsRequest::default())
         .await?
         .into_inner()
         .runs
@@ -1179,5 +1189,253 @@ async fn metrics_count_runs_steps_and_loss() -> R {
     assert_eq!(v("clipft_trainer_steps_total")?, 3.0);
     assert_eq!(v("clipft_trainer_step_seconds_count")?, 3.0);
     assert!(v("clipft_trainer_loss{run=\"m\"}")? > 0.0);
+    Ok(())
+}
+
+/// Finetuner's experiments: created explicitly or by a run's first use, listed with their run
+/// counts, scoping get/list/delete of runs, deleted with their runs (refused while one trains),
+/// kept across a restart; run names stay unique across experiments. Through gRPC and the CLI.
+#[tokio::test(flavor = "multi_thread")]
+async fn experiments_group_runs_and_go_with_them() -> R {
+    let dir = tempdir("experiments");
+    let t = Trainer::start(&dir, &[])?;
+    let mut c = t.client(None).await?;
+    let names = |l: &[pb::Experiment]| l.iter().map(|x| x.name.clone()).collect::<Vec<_>>();
+    let list = c
+        .list_experiments(pb::ListExperimentsRequest {})
+        .await?
+        .into_inner()
+        .experiments;
+    assert_eq!(
+        names(&list),
+        ["default"],
+        "a fresh trainer has the default experiment"
+    );
+
+    let a = c
+        .create_experiment(pb::CreateExperimentRequest {
+            name: "exp-a".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!((a.runs, a.status.as_str()), (0, "ACTIVE"));
+    for (name, want) in [
+        ("exp-a", tonic::Code::AlreadyExists),
+        ("default", tonic::Code::AlreadyExists),
+        ("../up", tonic::Code::InvalidArgument),
+        ("", tonic::Code::InvalidArgument),
+    ] {
+        let got = code(
+            c.create_experiment(pb::CreateExperimentRequest { name: name.into() })
+                .await,
+        );
+        assert_eq!(got, want, "create_experiment({name:?})");
+    }
+
+    // A run in an unknown experiment creates it; one without goes to "default".
+    client::push_dataset(&mut c, "shared", &demo("train.csv"), false).await?;
+    client::push_dataset(&mut c, "long-train", &demo("train.csv"), false).await?;
+    let long = c
+        .create_run(pb::CreateRunRequest {
+            name: "long".into(),
+            config_json: config("long-train", serde_json::json!({"epochs": 40})),
+            experiment: "exp-b".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(long.experiment, "exp-b");
+    let cfg: serde_json::Value = serde_json::from_str(&long.config_json)?;
+    assert_eq!(cfg["experiment_name"], "exp-b");
+    let plain = create(
+        &mut c,
+        "plain",
+        config("shared", serde_json::json!({"epochs": 1})),
+    )
+    .await?;
+    assert_eq!(plain.experiment, "default");
+    // The configuration's experiment_name serves when the request names none.
+    let in_a = create(
+        &mut c,
+        "in-a",
+        config(
+            "shared",
+            serde_json::json!({"epochs": 1, "experiment_name": "exp-a"}),
+        ),
+    )
+    .await?;
+    assert_eq!(in_a.experiment, "exp-a");
+    let bad = c
+        .create_run(pb::CreateRunRequest {
+            name: "x".into(),
+            config_json: config("shared", serde_json::json!({})),
+            experiment: "no/slash".into(),
+        })
+        .await;
+    assert_eq!(code(bad), tonic::Code::InvalidArgument);
+    // Run names are unique across experiments.
+    let again = c
+        .create_run(pb::CreateRunRequest {
+            name: "long".into(),
+            config_json: config("shared", serde_json::json!({})),
+            experiment: "exp-a".into(),
+        })
+        .await;
+    assert_eq!(code(again), tonic::Code::AlreadyExists);
+
+    // get / list / delete scoped by experiment.
+    let get_in = |name: &str, experiment: &str| pb::GetRunRequest {
+        name: name.into(),
+        experiment: experiment.into(),
+    };
+    assert_eq!(
+        c.get_run(get_in("long", "exp-b")).await?.into_inner().name,
+        "long"
+    );
+    assert_eq!(
+        c.get_run(get_in("long", "")).await?.into_inner().name,
+        "long"
+    );
+    let wrong = c.get_run(get_in("long", "exp-a")).await;
+    let e = wrong.expect_err("found a run in another experiment");
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(
+        e.message().contains("is in experiment \"exp-b\""),
+        "{}",
+        e.message()
+    );
+    let in_b = c
+        .list_runs(pb::ListRunsRequest {
+            experiment: "exp-b".into(),
+        })
+        .await?
+        .into_inner()
+        .runs;
+    assert_eq!(
+        in_b.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        ["long"]
+    );
+    let all = c
+        .list_runs(pb::ListRunsRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(all.runs.len(), 3);
+    let none = c
+        .list_runs(pb::ListRunsRequest {
+            experiment: "nope".into(),
+        })
+        .await;
+    assert_eq!(code(none), tonic::Code::NotFound);
+    let other = c
+        .delete_run(pb::DeleteRunRequest {
+            name: "plain".into(),
+            experiment: "exp-a".into(),
+        })
+        .await;
+    assert_eq!(code(other), tonic::Code::NotFound);
+    assert_eq!(get(&mut c, "plain").await?.name, "plain", "kept");
+
+    // The CLI lists them.
+    let env = [("CLIPFT_TRAINER", t.addr())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let listed = run_cli(&["experiments", "list"], &env)?;
+    let rows: Vec<Vec<&str>> = listed
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows.iter().map(|r| &r[..3]).collect::<Vec<_>>(),
+        [
+            ["default", "1", "1"],
+            ["exp-a", "1", "1"],
+            ["exp-b", "1", "1"]
+        ]
+        .iter()
+        .map(|r| &r[..])
+        .collect::<Vec<_>>(),
+        "{listed}"
+    );
+    let runs_b = run_cli(&["runs", "list", "--experiment", "exp-b"], &env)?;
+    assert_eq!(runs_b.lines().count(), 2, "{runs_b}");
+    assert!(runs_b
+        .lines()
+        .nth(1)
+        .is_some_and(|l| l.starts_with("long ") && l.contains(" exp-b ")));
+
+    // An experiment with a run in training is not deleted; once it ended, it goes with its
+    // runs and the datasets pushed for them, not those other runs use.
+    wait_for(&mut c, "long", |r| client::state_word(r.state) == "STARTED").await?;
+    let busy = c
+        .delete_experiment(pb::DeleteExperimentRequest {
+            name: "exp-b".into(),
+        })
+        .await
+        .expect_err("deleted an experiment whose run trains");
+    assert_eq!(busy.code(), tonic::Code::FailedPrecondition);
+    assert!(busy.message().contains("long"), "{}", busy.message());
+    c.cancel_run(pb::CancelRunRequest {
+        name: "long".into(),
+    })
+    .await?;
+    wait_for(&mut c, "long", ended).await?;
+    let out = run_cli(&["experiments", "delete", "exp-b"], &env)?;
+    assert_eq!(out.trim(), "deleted exp-b (1 runs)");
+    assert_eq!(
+        code(c.get_run(get_in("long", "")).await),
+        tonic::Code::NotFound
+    );
+    assert!(!dir.join("runs/long").exists());
+    let datasets: Vec<String> = c
+        .list_datasets(pb::ListDatasetsRequest {})
+        .await?
+        .into_inner()
+        .datasets
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(datasets, ["shared"], "the run's own dataset went with it");
+    assert_eq!(
+        code(
+            c.get_experiment(pb::GetExperimentRequest {
+                name: "exp-b".into()
+            })
+            .await
+        ),
+        tonic::Code::NotFound
+    );
+
+    // Experiments outlive a restart, the empty ones too; "default" stays when deleted.
+    wait_for(&mut c, "in-a", ended).await?;
+    wait_for(&mut c, "plain", ended).await?;
+    run_cli(&["experiments", "create", "empty"], &env)?;
+    t.kill();
+    let t = Trainer::start(&dir, &[])?;
+    let mut c = t.client(None).await?;
+    let list = c
+        .list_experiments(pb::ListExperimentsRequest {})
+        .await?
+        .into_inner()
+        .experiments;
+    assert_eq!(names(&list), ["default", "exp-a", "empty"]);
+    assert_eq!(list[1].runs, 1);
+    let d = c
+        .delete_experiment(pb::DeleteExperimentRequest {
+            name: "default".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(d.runs, 1);
+    assert_eq!(
+        code(c.get_run(get_in("plain", "")).await),
+        tonic::Code::NotFound
+    );
+    let x = c
+        .get_experiment(pb::GetExperimentRequest {
+            name: "default".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(x.runs, 0);
+    assert_eq!(get(&mut c, "in-a").await?.experiment, "exp-a");
     Ok(())
 }

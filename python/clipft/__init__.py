@@ -50,6 +50,7 @@ from .exception import (
     TrainerError,
     UserNotLoggedInError,
 )
+from .experiment import Experiment, _page
 from .run import Run
 
 __version__ = _native.core_version()
@@ -59,6 +60,9 @@ _local = None  # the in-process trainer, once started (kept while Python runs)
 _token = None  # the bearer token of the trainer runs go to (login's, else CLIPFT_AUTH_TOKEN)
 
 CLIP_MODELS = ("clip-text", "clip-vision")
+
+#: The experiment of runs that name none (Finetuner 0.8's default).
+DEFAULT_EXPERIMENT = "default"
 
 
 def _default_data_dir() -> str:
@@ -399,7 +403,9 @@ def fit(
     tensor or uri), a CSV (caption, image path) or docarray file path, or a pushed dataset's name.
     Without ``learning_rate`` the optimiser's default (1e-3) applies, as in Finetuner; CLIP is
     usually tuned at 1e-6 to 1e-5. ``device='cuda'`` / ``cpu=False`` train on the GPU where there
-    is one. What clipft cannot honour (another loss, a miner, ONNX export, an output_dim head,
+    is one. ``experiment_name`` files the run under that experiment (created on its first run;
+    ``'default'`` without one); ``run_name`` must be unused on the trainer, whatever the
+    experiment. What clipft cannot honour (another loss, a miner, ONNX export, an output_dim head,
     ...) raises ValueError before anything runs. Keyword-only extras: ``seed``, ``shuffle``,
     ``max_steps``, ``max_grad_norm`` and ``dtype`` (``auto``: bf16 on a GPU, f32 on the CPU).
     """
@@ -463,10 +469,11 @@ def fit(
             raise ValueError(problem)
     if run_name is None:
         run_name = _native.random_run_name()
-    if not _native.is_safe_name(run_name):
-        raise ValueError(
-            f"run_name {run_name!r}: use letters, digits, '-', '_' and '.', at most 128, not starting with '.'"
-        )
+    for what, name in (("run_name", run_name), ("experiment_name", experiment_name)):
+        if name is not None and not _native.is_safe_name(name):
+            raise ValueError(
+                f"{what} {name!r}: use letters, digits, '-', '_' and '.', at most 128, not starting with '.'"
+            )
     try:
         session.get_run(run_name)
     except NotFoundError:
@@ -479,7 +486,7 @@ def fit(
         for role, value in data.items():
             if value is not None:
                 config[f"{role}_data"] = _push(session, value, role, run_name, pushed, names)
-        record = json.loads(session.create_run(run_name, json.dumps(config)))
+        record = json.loads(session.create_run(run_name, json.dumps(config), experiment_name or ""))
     except BaseException:
         for ds in pushed:
             try:
@@ -505,31 +512,79 @@ create_training_run = fit
 
 
 def get_run(run_name: str, experiment_name: Optional[str] = None) -> Run:
-    """The run called ``run_name`` (local runs of earlier Python sessions included)."""
+    """The run called ``run_name`` (local runs of earlier Python sessions included). Run names
+    are unique on the trainer, so the experiment is optional; when given, a run of another
+    experiment raises NotFoundError."""
     session = _get_session()
-    return Run(session, json.loads(session.get_run(run_name)))
+    return Run(session, json.loads(session.get_run(run_name, experiment_name or "")))
 
 
 def list_runs(experiment_name: Optional[str] = None, page: int = 1, size: int = 50) -> List[Run]:
-    """Every run, oldest first (``page`` / ``size`` as Finetuner 0.8 paged them)."""
+    """Every run, oldest first, or the runs of ``experiment_name`` (``page`` / ``size`` as
+    Finetuner 0.8 paged them)."""
     session = _get_session()
-    runs = [Run(session, r) for r in json.loads(session.list_runs())]
-    if page < 1 or size < 1:
-        raise ValueError("page and size start at 1")
-    return runs[(page - 1) * size : page * size]
+    runs = [Run(session, r) for r in json.loads(session.list_runs(experiment_name or ""))]
+    return _page(runs, page, size)
 
 
 def delete_run(run_name: str, experiment_name: Optional[str] = None) -> None:
     """Deletes a run that is not training (cancel it first), with its logs and artifact."""
-    _get_session().delete_run(run_name)
+    _get_session().delete_run(run_name, experiment_name or "")
 
 
 def delete_runs(experiment_name: Optional[str] = None) -> None:
-    """Deletes every run that is not training."""
+    """Deletes every run (of ``experiment_name`` when given) that is not training."""
     session = _get_session()
-    for r in json.loads(session.list_runs()):
+    for r in json.loads(session.list_runs(experiment_name or "")):
         if r["status"] != "STARTED":
-            session.delete_run(r["name"])
+            session.delete_run(r["name"], "")
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments
+
+
+def create_experiment(name: str = DEFAULT_EXPERIMENT) -> Experiment:
+    """A new, empty experiment (AlreadyExistsError when one has the name; ``'default'``
+    always exists). ``fit(experiment_name=...)`` also creates one on its first run."""
+    session = _get_session()
+    return Experiment(session, json.loads(session.create_experiment(name)))
+
+
+def get_experiment(name: str) -> Experiment:
+    """The experiment ``name`` (NotFoundError when there is none)."""
+    session = _get_session()
+    return Experiment(session, json.loads(session.get_experiment(name)))
+
+
+def list_experiments(page: int = 1, size: int = 50) -> List[Experiment]:
+    """Every experiment, oldest first."""
+    session = _get_session()
+    found = [Experiment(session, x) for x in json.loads(session.list_experiments())]
+    return _page(found, page, size)
+
+
+def delete_experiment(name: str) -> Experiment:
+    """Deletes the experiment with all its runs (logs, artifacts and the datasets pushed for
+    them) and returns it as it was. Refused (TrainerError) while one of its runs trains:
+    cancel it first. ``'default'`` stays, emptied."""
+    session = _get_session()
+    return Experiment(session, json.loads(session.delete_experiment(name)))
+
+
+def delete_experiments() -> List[Experiment]:
+    """Deletes every experiment as :func:`delete_experiment` does and returns them. Those with
+    a run in training are kept; the error then names them, after the others were deleted."""
+    session = _get_session()
+    deleted, refused = [], []
+    for x in json.loads(session.list_experiments()):
+        try:
+            deleted.append(Experiment(session, json.loads(session.delete_experiment(x["name"]))))
+        except TrainerError as e:
+            refused.append(str(e))
+    if refused:
+        raise TrainerError("; ".join(refused))
+    return deleted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,7 +773,8 @@ def cos_sim(a, b) -> float:
 
 __all__ = [
     "login", "fit", "create_run", "create_training_run", "get_run", "list_runs", "delete_run",
-    "delete_runs", "list_models", "list_model_options", "describe_models", "get_token", "list_callbacks", "get_model", "build_model",
+    "delete_runs", "create_experiment", "get_experiment", "list_experiments", "delete_experiment",
+    "delete_experiments", "Experiment", "list_models", "list_model_options", "describe_models", "get_token", "list_callbacks", "get_model", "build_model",
     "encode", "cos_sim", "Run", "InferenceEngine",
     "EvaluationCallback", "BestModelCheckpoint", "EarlyStopping", "TrainingCheckpoint",
     "WiSEFTCallback", "WandBLogger",

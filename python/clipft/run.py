@@ -28,6 +28,11 @@ class Run:
         return self._record["name"]
 
     @property
+    def experiment_name(self) -> str:
+        """The experiment the run belongs to."""
+        return self._record.get("experiment") or "default"
+
+    @property
     def config(self) -> Dict[str, Any]:
         """The run's configuration as the trainer keeps it (datasets by name)."""
         return dict(self._record.get("config") or {})

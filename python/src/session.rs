@@ -85,6 +85,7 @@ fn run_json(r: &pb::Run) -> Value {
     let config: Value = serde_json::from_str(&r.config_json).unwrap_or(Value::Null);
     json!({
         "name": r.name,
+        "experiment": r.experiment,
         "status": client::state_word(r.state),
         "details": r.details,
         "config": config,
@@ -95,6 +96,16 @@ fn run_json(r: &pb::Run) -> Value {
             "step": p.step, "total_steps": p.total_steps, "epoch": p.epoch,
             "epochs": p.epochs, "loss": p.loss,
         },
+    })
+}
+
+fn experiment_json(x: &pb::Experiment) -> Value {
+    json!({
+        "name": x.name,
+        "status": x.status,
+        "created_unix": x.created_unix,
+        "runs": x.runs,
+        "unfinished_runs": x.unfinished_runs,
     })
 }
 
@@ -234,8 +245,10 @@ impl Session {
         };
         // A wrong token or a closed port shows at login, not at the first run.
         let mut c = s.client();
-        wait(py, async move { c.list_runs(pb::ListRunsRequest {}).await })?
-            .map_err(|e| status_error(&e))?;
+        wait(py, async move {
+            c.list_runs(pb::ListRunsRequest::default()).await
+        })?
+        .map_err(|e| status_error(&e))?;
         Ok(s)
     }
 
@@ -291,32 +304,48 @@ impl Session {
         Ok(())
     }
 
-    /// Queues a run; `config_json` holds `clipft fit`'s fields with data fields naming
-    /// datasets. Returns the run as JSON.
-    fn create_run(&self, py: Python<'_>, name: String, config_json: String) -> PyResult<String> {
+    /// Queues a run in `experiment` (created if new; empty: "default"); `config_json` holds
+    /// `clipft fit`'s fields with data fields naming datasets. Returns the run as JSON.
+    #[pyo3(signature = (name, config_json, experiment=String::new()))]
+    fn create_run(
+        &self,
+        py: Python<'_>,
+        name: String,
+        config_json: String,
+        experiment: String,
+    ) -> PyResult<String> {
         let mut c = self.client();
         let r = wait(py, async move {
-            c.create_run(pb::CreateRunRequest { name, config_json })
-                .await
+            c.create_run(pb::CreateRunRequest {
+                name,
+                config_json,
+                experiment,
+            })
+            .await
         })?
         .map_err(|e| status_error(&e))?;
         Ok(run_json(&r.into_inner()).to_string())
     }
 
-    fn get_run(&self, py: Python<'_>, name: String) -> PyResult<String> {
+    /// The run as JSON; with `experiment`, only if the run is in it (else NotFoundError).
+    #[pyo3(signature = (name, experiment=String::new()))]
+    fn get_run(&self, py: Python<'_>, name: String, experiment: String) -> PyResult<String> {
         let mut c = self.client();
-        let r = wait(
-            py,
-            async move { c.get_run(pb::GetRunRequest { name }).await },
-        )?
+        let r = wait(py, async move {
+            c.get_run(pb::GetRunRequest { name, experiment }).await
+        })?
         .map_err(|e| status_error(&e))?;
         Ok(run_json(&r.into_inner()).to_string())
     }
 
-    fn list_runs(&self, py: Python<'_>) -> PyResult<String> {
+    /// The runs, oldest first, as a JSON list; only `experiment`'s when given.
+    #[pyo3(signature = (experiment=String::new()))]
+    fn list_runs(&self, py: Python<'_>, experiment: String) -> PyResult<String> {
         let mut c = self.client();
-        let r = wait(py, async move { c.list_runs(pb::ListRunsRequest {}).await })?
-            .map_err(|e| status_error(&e))?;
+        let r = wait(py, async move {
+            c.list_runs(pb::ListRunsRequest { experiment }).await
+        })?
+        .map_err(|e| status_error(&e))?;
         Ok(Value::from_iter(r.into_inner().runs.iter().map(run_json)).to_string())
     }
 
@@ -329,13 +358,57 @@ impl Session {
         Ok(run_json(&r.into_inner()).to_string())
     }
 
-    fn delete_run(&self, py: Python<'_>, name: String) -> PyResult<()> {
+    /// Deletes a run that is not training; with `experiment`, only if the run is in it.
+    #[pyo3(signature = (name, experiment=String::new()))]
+    fn delete_run(&self, py: Python<'_>, name: String, experiment: String) -> PyResult<()> {
         let mut c = self.client();
         wait(py, async move {
-            c.delete_run(pb::DeleteRunRequest { name }).await
+            c.delete_run(pb::DeleteRunRequest { name, experiment })
+                .await
         })?
         .map_err(|e| status_error(&e))?;
         Ok(())
+    }
+
+    /// A new, empty experiment as JSON (AlreadyExistsError when the name is taken).
+    fn create_experiment(&self, py: Python<'_>, name: String) -> PyResult<String> {
+        let mut c = self.client();
+        let r = wait(py, async move {
+            c.create_experiment(pb::CreateExperimentRequest { name })
+                .await
+        })?
+        .map_err(|e| status_error(&e))?;
+        Ok(experiment_json(&r.into_inner()).to_string())
+    }
+
+    fn get_experiment(&self, py: Python<'_>, name: String) -> PyResult<String> {
+        let mut c = self.client();
+        let r = wait(py, async move {
+            c.get_experiment(pb::GetExperimentRequest { name }).await
+        })?
+        .map_err(|e| status_error(&e))?;
+        Ok(experiment_json(&r.into_inner()).to_string())
+    }
+
+    /// Every experiment, oldest first, as a JSON list.
+    fn list_experiments(&self, py: Python<'_>) -> PyResult<String> {
+        let mut c = self.client();
+        let r = wait(py, async move {
+            c.list_experiments(pb::ListExperimentsRequest {}).await
+        })?
+        .map_err(|e| status_error(&e))?;
+        Ok(Value::from_iter(r.into_inner().experiments.iter().map(experiment_json)).to_string())
+    }
+
+    /// Deletes the experiment with its runs; returns it as it was, as JSON.
+    fn delete_experiment(&self, py: Python<'_>, name: String) -> PyResult<String> {
+        let mut c = self.client();
+        let r = wait(py, async move {
+            c.delete_experiment(pb::DeleteExperimentRequest { name })
+                .await
+        })?
+        .map_err(|e| status_error(&e))?;
+        Ok(experiment_json(&r.into_inner()).to_string())
     }
 
     /// The run's log from byte `offset` as far as it is written: `(text, next_offset)`.

@@ -230,3 +230,69 @@ def test_a_second_interpreter_shares_a_held_registry(tmp_path, monkeypatch):
     # The holder has gone: the next call opens the registry here.
     assert finetuner.get_run("shared").status()["status"] == "CANCELED"
     assert finetuner._get_session().holder_pid == os.getpid()
+
+
+def _until_ended(run, seconds=300):
+    deadline = time.monotonic() + seconds
+    while run.status()["status"] in ("CREATED", "STARTED"):
+        assert time.monotonic() < deadline, f"run {run.name} did not end"
+        time.sleep(0.1)
+    return run.status()["status"]
+
+
+def test_experiments_group_runs(registry):
+    assert [x.name for x in finetuner.list_experiments()] == ["default"]
+    a = finetuner.create_experiment("exp-a")
+    assert (a.name, a.status) == ("exp-a", "ACTIVE")
+    assert a.created_at.endswith("Z")
+    with pytest.raises(finetuner.AlreadyExistsError):
+        finetuner.create_experiment("exp-a")
+    with pytest.raises(finetuner.NotFoundError):
+        finetuner.get_experiment("nope")
+    with pytest.raises(ValueError, match="experiment_name"):
+        finetuner.fit(model=TINY, train_data=TRAIN, experiment_name="../up")
+
+    # A run's experiment is created on its first run; runs that name none go to "default".
+    long = finetuner.fit(model=TINY, train_data=TRAIN, epochs=40, learning_rate=1e-4,
+                         run_name="long", experiment_name="exp-b")
+    plain = finetuner.fit(model=TINY, train_data=TRAIN, epochs=1, learning_rate=1e-4, run_name="plain")
+    via = a.create_run(model=TINY, train_data=TRAIN, epochs=1, learning_rate=1e-4, run_name="via-exp")
+    assert (long.experiment_name, plain.experiment_name, via.experiment_name) == ("exp-b", "default", "exp-a")
+    assert [x.name for x in finetuner.list_experiments()] == ["default", "exp-a", "exp-b"]
+    b = finetuner.get_experiment("exp-b")
+    assert [r.name for r in b.list_runs()] == ["long"]
+    assert [r.name for r in finetuner.list_runs("exp-a")] == ["via-exp"]
+    assert len(finetuner.list_runs()) == 3
+    assert finetuner.get_run("long", "exp-b").name == "long"
+    with pytest.raises(finetuner.NotFoundError, match="exp-b"):
+        finetuner.get_run("long", "exp-a")
+    with pytest.raises(finetuner.NotFoundError):
+        b.get_run("plain")
+    with pytest.raises(finetuner.NotFoundError):
+        finetuner.delete_run("plain", experiment_name="exp-b")
+    # Names are unique across experiments.
+    with pytest.raises(finetuner.AlreadyExistsError):
+        finetuner.fit(model=TINY, train_data=TRAIN, run_name="long", experiment_name="exp-a")
+
+    # Not while one of its runs trains; then with its runs.
+    while long.status()["status"] != "STARTED":
+        time.sleep(0.05)
+    with pytest.raises(finetuner.TrainerError, match="cancel"):
+        finetuner.delete_experiment("exp-b")
+    long.cancel()
+    assert _until_ended(long) == "CANCELED"
+    gone = finetuner.delete_experiment("exp-b")
+    assert gone.name == "exp-b"
+    with pytest.raises(finetuner.NotFoundError):
+        finetuner.get_run("long")
+    assert [x.name for x in finetuner.list_experiments()] == ["default", "exp-a"]
+
+    # delete_runs within one experiment leaves the others' runs.
+    assert _until_ended(via) == "FINISHED"
+    finetuner.delete_runs("exp-a")
+    assert [r.name for r in finetuner.list_runs()] == ["plain"]
+    assert _until_ended(plain) == "FINISHED"
+    deleted = finetuner.delete_experiments()
+    assert sorted(x.name for x in deleted) == ["default", "exp-a"]
+    assert finetuner.list_runs() == []
+    assert [x.name for x in finetuner.list_experiments()] == ["default"]

@@ -32,6 +32,11 @@ pub struct FitArgs {
     /// Name of the run and of its artifact folder; random and readable by default.
     #[arg(long, env = "CLIPFT_RUN_NAME")]
     pub run_name: Option<String>,
+    /// The experiment the run belongs to (Finetuner's experiment_name): a trainer lists and
+    /// deletes runs by experiment, creating one on its first run; the artifact's metadata
+    /// names it.
+    #[arg(long, env = "CLIPFT_EXPERIMENT", default_value = crate::trainer::fit::DEFAULT_EXPERIMENT, value_parser = safe_name)]
+    pub experiment: String,
     /// Passes over the training data.
     #[arg(long, env = "CLIPFT_EPOCHS", default_value_t = 5)]
     pub epochs: usize,
@@ -165,6 +170,16 @@ pub struct FitArgs {
     pub tls_ca: Option<PathBuf>,
 }
 
+/// A name that becomes a folder or a label on the trainer: letters, digits, '-', '_' and '.'.
+pub(super) fn safe_name(s: &str) -> Result<String, String> {
+    match crate::artifact::is_safe_name(s) {
+        true => Ok(s.to_string()),
+        false => {
+            Err("use letters, digits, '-', '_' and '.', at most 128, not starting with '.'".into())
+        }
+    }
+}
+
 /// A learning rate must be a positive, finite number: a negative one would train away from the
 /// data without a word.
 fn positive_f64(s: &str) -> Result<f64, String> {
@@ -192,6 +207,7 @@ impl FitArgs {
                 .run_name
                 .clone()
                 .unwrap_or_else(crate::trainer::runs::random_run_name),
+            experiment_name: self.experiment.clone(),
             epochs: self.epochs,
             batch_size: self.batch_size,
             learning_rate: self.learning_rate,
@@ -409,9 +425,12 @@ async fn run_remote(args: &FitArgs, mut cfg: FitConfig, addr: &str) -> anyhow::R
     use crate::trainer::client;
     let mut c = client::connect(addr, args.auth_token.as_deref(), args.tls_ca.as_deref()).await?;
     let name = cfg.run_name.clone();
-    if c.get_run(crate::protocol::trainer::GetRunRequest { name: name.clone() })
-        .await
-        .is_ok()
+    if c.get_run(crate::protocol::trainer::GetRunRequest {
+        name: name.clone(),
+        experiment: String::new(),
+    })
+    .await
+    .is_ok()
     {
         anyhow::bail!("run {name:?} already exists on {addr}; choose another --run-name");
     }
@@ -457,6 +476,7 @@ async fn run_remote(args: &FitArgs, mut cfg: FitConfig, addr: &str) -> anyhow::R
         .create_run(crate::protocol::trainer::CreateRunRequest {
             name: name.clone(),
             config_json: serde_json::to_string(&cfg)?,
+            experiment: cfg.experiment_name.clone(),
         })
         .await?
         .into_inner();
@@ -512,7 +532,10 @@ pub async fn follow_run(
         b.finish_and_clear();
     }
     let run = c
-        .get_run(pb::GetRunRequest { name: name.into() })
+        .get_run(pb::GetRunRequest {
+            name: name.into(),
+            experiment: String::new(),
+        })
         .await?
         .into_inner();
     if run.state != pb::RunState::Finished as i32 {

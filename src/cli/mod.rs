@@ -9,6 +9,7 @@ pub mod demo;
 pub mod encode;
 pub mod eval;
 pub mod executor;
+pub mod experiments;
 pub mod fit;
 pub mod jina;
 pub mod models;
@@ -53,6 +54,8 @@ pub enum Command {
     Runs(runs::RunsArgs),
     /// A trainer's datasets: push, list, delete.
     Data(data::DataArgs),
+    /// A trainer's experiments (groups of runs): list, create, delete.
+    Experiments(experiments::ExperimentsArgs),
     /// Text-to-image retrieval metrics on labelled query and index data.
     Eval(eval::EvalArgs),
     /// Measure model throughput on pre-tokenized / pre-processed inputs.
@@ -392,6 +395,7 @@ pub fn main() -> ExitCode {
         Command::Trainer(args) => trainer::run(args),
         Command::Runs(args) => runs::run(args),
         Command::Data(args) => data::run(args),
+        Command::Experiments(args) => experiments::run(args),
         Command::Models(args) => models::run(args),
     };
     match result {

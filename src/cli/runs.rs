@@ -48,8 +48,12 @@ pub struct RunsArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum RunsCommand {
-    /// Every run: name, state, progress, details.
-    List,
+    /// Every run: name, experiment, state, progress, details.
+    List {
+        /// Only the runs of this experiment.
+        #[arg(long, env = "CLIPFT_EXPERIMENT")]
+        experiment: Option<String>,
+    },
     /// The run's state word (CREATED, STARTED, FINISHED, FAILED, CANCELED), then its details.
     Status {
         /// The run's name.
@@ -115,7 +119,7 @@ fn no_metrics_reason(run: &pb::Run) -> String {
     }
 }
 
-fn age(unix: i64) -> String {
+pub(super) fn age(unix: i64) -> String {
     if unix <= 0 {
         return "-".into();
     }
@@ -131,11 +135,18 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
     super::runtime()?.block_on(async move {
         let mut c = args.addr.connect().await?;
         match args.command {
-            RunsCommand::List => {
-                let runs = c.list_runs(pb::ListRunsRequest {}).await?.into_inner().runs;
+            RunsCommand::List { experiment } => {
+                let runs = c
+                    .list_runs(pb::ListRunsRequest {
+                        experiment: experiment.unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner()
+                    .runs;
                 outln!(
-                    "{:<32} {:<9} {:>13} {:>10}  details",
+                    "{:<32} {:<16} {:<9} {:>13} {:>10}  details",
                     "name",
+                    "experiment",
                     "state",
                     "step",
                     "created"
@@ -143,8 +154,9 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
                 for r in runs {
                     let p = r.progress.unwrap_or_default();
                     outln!(
-                        "{:<32} {:<9} {:>13} {:>10}  {}",
+                        "{:<32} {:<16} {:<9} {:>13} {:>10}  {}",
                         r.name,
+                        r.experiment,
                         client::state_word(r.state),
                         format!("{}/{}", p.step, p.total_steps),
                         age(r.created_unix),
@@ -153,7 +165,13 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
                 }
             }
             RunsCommand::Status { name } => {
-                let r = c.get_run(pb::GetRunRequest { name }).await?.into_inner();
+                let r = c
+                    .get_run(pb::GetRunRequest {
+                        name,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
                 outln!("{}", client::state_word(r.state));
                 outln!("{}", r.details);
             }
@@ -208,7 +226,10 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
                     columns.extend(a.map(|a| ("after".to_string(), a)));
                     if columns.is_empty() {
                         let run = c
-                            .get_run(pb::GetRunRequest { name: name.clone() })
+                            .get_run(pb::GetRunRequest {
+                                name: name.clone(),
+                                ..Default::default()
+                            })
                             .await?
                             .into_inner();
                         anyhow::bail!("{}", no_metrics_reason(&run));
@@ -234,8 +255,11 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
                 outln!("{}", r.details);
             }
             RunsCommand::Delete { name } => {
-                c.delete_run(pb::DeleteRunRequest { name: name.clone() })
-                    .await?;
+                c.delete_run(pb::DeleteRunRequest {
+                    name: name.clone(),
+                    ..Default::default()
+                })
+                .await?;
                 outln!("deleted {name}");
             }
         }

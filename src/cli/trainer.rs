@@ -107,7 +107,7 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
             tokio::spawn(exporter);
             errln!("clipft trainer metrics on http://{maddr}/metrics");
         }
-        let runs = reg.list();
+        let runs = reg.list(None)?;
         let auth = args.auth_token.as_deref().is_some_and(|t| !t.is_empty());
         let tls = args.tls.tls_cert.is_some();
         errln!(

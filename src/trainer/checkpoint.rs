@@ -53,8 +53,15 @@ pub struct RunState {
 }
 
 /// Settings a resumed run may change: where and how often it saves, where it computes, how
-/// many matches the evaluation keeps. Everything else changes what is trained.
-const RESUMABLE_CHANGES: &[&str] = &["checkpoint_seconds", "zip", "device", "limit"];
+/// many matches the evaluation keeps, which experiment lists it (a label; checkpoints from
+/// before experiments have none). Everything else changes what is trained.
+const RESUMABLE_CHANGES: &[&str] = &[
+    "checkpoint_seconds",
+    "zip",
+    "device",
+    "limit",
+    "experiment_name",
+];
 
 /// The settings of `now` that differ from those the checkpoint was made with, as
 /// `name: then -> now`; empty when the run may continue.

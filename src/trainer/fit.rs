@@ -34,6 +34,9 @@ pub struct FitConfig {
     pub query_data: Option<PathBuf>,
     pub index_data: Option<PathBuf>,
     pub run_name: String,
+    /// Finetuner's experiment, the group the run is listed under on a trainer (and named in
+    /// the artifact's metadata).
+    pub experiment_name: String,
     pub epochs: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
@@ -75,6 +78,9 @@ pub struct FitConfig {
     pub checkpoint_seconds: Option<u64>,
 }
 
+/// The experiment of runs that name none, as in Finetuner 0.8.
+pub const DEFAULT_EXPERIMENT: &str = "default";
+
 fn one() -> usize {
     1
 }
@@ -89,6 +95,7 @@ impl Default for FitConfig {
             query_data: None,
             index_data: None,
             run_name: String::new(),
+            experiment_name: DEFAULT_EXPERIMENT.into(),
             epochs: 5,
             batch_size: 64,
             learning_rate: 1e-5,
@@ -733,6 +740,7 @@ pub fn fit(
     let staged = crate::artifact::Staged::write(&crate::artifact::RunOutput {
         output: &cfg.output,
         run_name: &cfg.run_name,
+        experiment: &cfg.experiment_name,
         files: &files,
         weights: vars
             .iter()

@@ -10,6 +10,8 @@
 //! work/           TrainingCheckpoint and BestModelCheckpoint files while the run is unfinished
 //! artifact/<name>/   the artifact (artifact/<name>.zip once downloaded)
 //! ```
+//! Runs are grouped in experiments ([`experiments`]); a run's name is unique across them, so
+//! every call can find a run by its name alone.
 //! After a restart every run is listed again. A run that was STARTED is queued first and resumes
 //! from its last checkpoint (from the start when it had none yet); one whose checkpoint cannot be
 //! read is FAILED with the reason. On shutdown, running runs write a checkpoint and stay STARTED.
@@ -24,11 +26,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
 use super::datasets::{DatasetError, DatasetMeta, DatasetStore, Vetted};
-use super::fit::{FitConfig, FitControl, FitError, FitEvent};
+use super::fit::{FitConfig, FitControl, FitError, FitEvent, DEFAULT_EXPERIMENT};
 use crate::artifact::is_safe_name;
 use crate::eval::Metrics;
 
 pub use crate::artifact::unix_now;
+pub use experiments::Experiment;
+
+pub mod experiments;
 
 /// Finetuner's run states, plus CANCELED.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +127,13 @@ pub struct RunRecord {
     pub seq: u64,
 }
 
+impl RunRecord {
+    /// The experiment the run is listed under.
+    pub fn experiment(&self) -> &str {
+        &self.config.experiment_name
+    }
+}
+
 /// The longest failure reason or log line a run keeps: reasons can quote what a client sent,
 /// and a record or a log line of megabytes is one no reply can carry (a 70 MB document id made
 /// `ListRuns` fail for every client).
@@ -187,6 +199,20 @@ pub enum RunError {
     },
     #[error("{0}")]
     Artifact(String),
+    #[error("experiment name {} is not allowed: use letters, digits, '-', '_' and '.', at most 128, not starting with '.'", crate::docarray::quoted(.0))]
+    BadExperimentName(String),
+    #[error("experiment {0:?} does not exist")]
+    ExperimentNotFound(String),
+    #[error("experiment {0:?} already exists")]
+    ExperimentExists(String),
+    #[error("run {run:?} is in experiment {actual:?}, not in {asked:?}")]
+    NotInExperiment {
+        run: String,
+        asked: String,
+        actual: String,
+    },
+    #[error("experiment {name:?} has runs in training ({}): cancel them before deleting it", .runs.join(", "))]
+    ExperimentBusy { name: String, runs: Vec<String> },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
@@ -194,6 +220,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// A run taken out of the registry whose files and datasets are still to be removed.
+struct Unlinked {
+    name: String,
+    trash: PathBuf,
+    datasets: Vec<String>,
 }
 
 /// A run in memory: its record and the handles its worker and followers share.
@@ -208,6 +241,8 @@ struct Entry {
 
 struct Inner {
     runs: HashMap<String, Entry>,
+    /// Every experiment: name and creation time.
+    experiments: experiments::Experiments,
     running: usize,
     next_seq: u64,
     shutting_down: bool,
@@ -324,11 +359,13 @@ impl Registry {
                 },
             );
         }
+        let experiments = experiments::load(&opts.data_dir, runs.values().map(|e| &e.rec));
         let reg = Arc::new(Self {
             opts,
             datasets,
             inner: Mutex::new(Inner {
                 runs,
+                experiments,
                 running: 0,
                 next_seq,
                 shutting_down: false,
@@ -399,10 +436,13 @@ impl Registry {
         }
     }
 
-    /// Queues a new run. `config` holds dataset names; they must exist.
+    /// Queues a new run in `experiment` (else the configuration's `experiment_name`, else
+    /// "default"), creating the experiment if needed. `config` holds dataset names; they must
+    /// exist.
     pub fn create(
         &self,
         name: Option<String>,
+        experiment: Option<String>,
         mut config: FitConfig,
     ) -> Result<RunRecord, RunError> {
         let name = match name.filter(|n| !n.is_empty()) {
@@ -412,6 +452,12 @@ impl Registry {
         if !is_safe_name(&name) {
             return Err(RunError::BadName(name));
         }
+        let experiment = experiment
+            .filter(|e| !e.is_empty())
+            .or_else(|| Some(config.experiment_name.clone()).filter(|e| !e.is_empty()))
+            .unwrap_or_else(|| DEFAULT_EXPERIMENT.to_string());
+        experiments::check_name(&experiment)?;
+        config.experiment_name = experiment.clone();
         if config.train_data.as_os_str().is_empty() {
             return Err(RunError::BadConfig("train_data is required".into()));
         }
@@ -437,6 +483,7 @@ impl Registry {
         if inner.runs.contains_key(&name) || self.run_dir(&name).exists() {
             return Err(RunError::Exists(name));
         }
+        self.ensure_experiment(&mut inner, &experiment)?;
         let dir = self.run_dir(&name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let seq = inner.next_seq;
@@ -464,7 +511,10 @@ impl Registry {
             queued: true,
             resume: false,
         };
-        self.append_log(&entry, &format!("run {name} created"));
+        self.append_log(
+            &entry,
+            &format!("run {name} created in experiment {experiment}"),
+        );
         inner.runs.insert(name, entry);
         self.publish_counts(&inner);
         drop(inner);
@@ -545,10 +595,36 @@ impl Registry {
             .ok_or_else(|| RunError::NotFound(name.to_string()))
     }
 
-    pub fn list(&self) -> Vec<RunRecord> {
-        let mut v: Vec<RunRecord> = self.lock().runs.values().map(|e| e.rec.clone()).collect();
+    /// The run, when it is in `experiment` (any experiment when None): Finetuner's calls on
+    /// one run name its experiment, and a run of another one is not the run asked for.
+    pub fn get_in(&self, name: &str, experiment: Option<&str>) -> Result<RunRecord, RunError> {
+        let rec = self.get(name)?;
+        match experiment {
+            Some(asked) if asked != rec.experiment() => Err(RunError::NotInExperiment {
+                run: name.to_string(),
+                asked: asked.to_string(),
+                actual: rec.experiment().to_string(),
+            }),
+            _ => Ok(rec),
+        }
+    }
+
+    /// Every run in creation order; only those of `experiment`, which must exist, when given.
+    pub fn list(&self, experiment: Option<&str>) -> Result<Vec<RunRecord>, RunError> {
+        let inner = self.lock();
+        if let Some(x) = experiment {
+            if !inner.experiments.contains_key(x) {
+                return Err(RunError::ExperimentNotFound(x.to_string()));
+            }
+        }
+        let mut v: Vec<RunRecord> = inner
+            .runs
+            .values()
+            .filter(|e| experiment.is_none_or(|x| e.rec.experiment() == x))
+            .map(|e| e.rec.clone())
+            .collect();
         v.sort_by_key(|r| r.seq);
-        v
+        Ok(v)
     }
 
     /// A receiver that changes whenever the run's log grows or its state changes.
@@ -596,8 +672,18 @@ impl Registry {
         Ok(rec)
     }
 
+    /// Removes a run that is not training, with its folder and the datasets pushed for it.
     pub fn delete(&self, name: &str) -> Result<(), RunError> {
         let mut inner = self.lock();
+        let gone = self.unlink(&mut inner, name)?;
+        self.publish_counts(&inner);
+        drop(inner);
+        self.clear(gone)
+    }
+
+    /// The part of a deletion done under the lock: refused while the run trains; otherwise
+    /// its folder is moved aside (so its name is free at once) and it leaves the registry.
+    fn unlink(&self, inner: &mut Inner, name: &str) -> Result<Unlinked, RunError> {
         let e = inner
             .runs
             .get(name)
@@ -620,7 +706,7 @@ impl Registry {
         // The datasets `fit --trainer` pushed for this run (`<run>-train`, ...) go with it,
         // unless another run uses them: left behind, they would outlive the run and be
         // replaced by the next run of the same name.
-        let pushed: Vec<String> = removed
+        let datasets: Vec<String> = removed
             .as_ref()
             .map(|e| self.data_names(&e.rec.config))
             .unwrap_or_default()
@@ -640,14 +726,21 @@ impl Registry {
         if let Some(e) = removed {
             e.log_len.send_replace(0);
         }
-        self.publish_counts(&inner);
-        drop(inner);
-        for d in pushed {
+        Ok(Unlinked {
+            name: name.to_string(),
+            trash,
+            datasets,
+        })
+    }
+
+    /// The rest of a deletion, outside the lock: the run's datasets and files.
+    fn clear(&self, gone: Unlinked) -> Result<(), RunError> {
+        for d in gone.datasets {
             if let Err(e) = self.datasets.delete(&d) {
-                tracing::warn!("run {name} deleted, but not its dataset {d}: {e}");
+                tracing::warn!("run {} deleted, but not its dataset {d}: {e}", gone.name);
             }
         }
-        std::fs::remove_dir_all(&trash).map_err(io(&trash))
+        std::fs::remove_dir_all(&gone.trash).map_err(io(&gone.trash))
     }
 
     /// The datasets some unfinished run still needs (they cannot be deleted or replaced).

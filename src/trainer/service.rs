@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::datasets::{DatasetError, DatasetMeta, Format};
 use super::fit::FitConfig;
-use super::runs::{Progress, Registry, RunError, RunRecord, State};
+use super::runs::{Experiment, Progress, Registry, RunError, RunRecord, State};
 use crate::eval::Metrics;
 use crate::protocol::trainer as pb;
 use pb::trainer_server::{Trainer, TrainerServer};
@@ -23,10 +23,16 @@ use pb::trainer_server::{Trainer, TrainerServer};
 pub fn status(e: &RunError) -> Status {
     use tonic::Code;
     let code = match e {
-        RunError::BadName(_) | RunError::BadConfig(_) => Code::InvalidArgument,
-        RunError::NotFound(_) => Code::NotFound,
-        RunError::Exists(_) => Code::AlreadyExists,
-        RunError::WrongState { .. } | RunError::DatasetInUse(_) => Code::FailedPrecondition,
+        RunError::BadName(_) | RunError::BadConfig(_) | RunError::BadExperimentName(_) => {
+            Code::InvalidArgument
+        }
+        RunError::NotFound(_)
+        | RunError::ExperimentNotFound(_)
+        | RunError::NotInExperiment { .. } => Code::NotFound,
+        RunError::Exists(_) | RunError::ExperimentExists(_) => Code::AlreadyExists,
+        RunError::WrongState { .. }
+        | RunError::DatasetInUse(_)
+        | RunError::ExperimentBusy { .. } => Code::FailedPrecondition,
         RunError::Dataset(d) => return dataset_status(d),
         RunError::Io { .. } | RunError::Artifact(_) => Code::Internal,
     };
@@ -87,7 +93,23 @@ fn run_pb(r: &RunRecord) -> pb::Run {
         started_unix: r.started_unix.unwrap_or(0),
         finished_unix: r.finished_unix.unwrap_or(0),
         progress: Some(progress_pb(&r.progress)),
+        experiment: r.experiment().to_string(),
     }
+}
+
+fn experiment_pb(x: &Experiment) -> pb::Experiment {
+    pb::Experiment {
+        name: x.name.clone(),
+        status: Experiment::STATUS.into(),
+        created_unix: x.created_unix,
+        runs: x.runs,
+        unfinished_runs: x.unfinished_runs,
+    }
+}
+
+/// An optional experiment from a request: empty means none named.
+fn named(experiment: &str) -> Option<&str> {
+    Some(experiment).filter(|x| !x.is_empty())
 }
 
 fn dataset_pb(m: &DatasetMeta) -> pb::Dataset {
@@ -209,23 +231,36 @@ impl Trainer for TrainerService {
         let r = req.into_inner();
         let config: FitConfig = serde_json::from_str(&r.config_json)
             .map_err(|e| Status::invalid_argument(format!("invalid run configuration: {e}")))?;
-        let rec = self.reg.create(Some(r.name), config)?;
-        tracing::info!(run = %rec.name, "run created");
+        let reg = self.reg.clone();
+        // Reads the first item of each dataset: off the async threads.
+        let rec = tokio::task::spawn_blocking(move || {
+            reg.create(Some(r.name), Some(r.experiment), config)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        tracing::info!(run = %rec.name, experiment = %rec.experiment(), "run created");
         Ok(Response::new(run_pb(&rec)))
     }
 
     async fn get_run(&self, req: Request<pb::GetRunRequest>) -> Result<Response<pb::Run>, Status> {
+        let r = req.into_inner();
         Ok(Response::new(run_pb(
-            &self.reg.get(&req.into_inner().name)?,
+            &self.reg.get_in(&r.name, named(&r.experiment))?,
         )))
     }
 
     async fn list_runs(
         &self,
-        _: Request<pb::ListRunsRequest>,
+        req: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
+        let r = req.into_inner();
         Ok(Response::new(pb::ListRunsResponse {
-            runs: self.reg.list().iter().map(run_pb).collect(),
+            runs: self
+                .reg
+                .list(named(&r.experiment))?
+                .iter()
+                .map(run_pb)
+                .collect(),
         }))
     }
 
@@ -242,12 +277,59 @@ impl Trainer for TrainerService {
         &self,
         req: Request<pb::DeleteRunRequest>,
     ) -> Result<Response<pb::DeleteRunResponse>, Status> {
-        let name = req.into_inner().name;
+        let r = req.into_inner();
+        // A run's experiment never changes, so it is checked before, not under, the deletion.
+        self.reg.get_in(&r.name, named(&r.experiment))?;
         let reg = self.reg.clone();
-        tokio::task::spawn_blocking(move || reg.delete(&name))
+        tokio::task::spawn_blocking(move || reg.delete(&r.name))
             .await
             .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(pb::DeleteRunResponse {}))
+    }
+
+    async fn create_experiment(
+        &self,
+        req: Request<pb::CreateExperimentRequest>,
+    ) -> Result<Response<pb::Experiment>, Status> {
+        let x = self.reg.create_experiment(&req.into_inner().name)?;
+        tracing::info!(experiment = %x.name, "experiment created");
+        Ok(Response::new(experiment_pb(&x)))
+    }
+
+    async fn get_experiment(
+        &self,
+        req: Request<pb::GetExperimentRequest>,
+    ) -> Result<Response<pb::Experiment>, Status> {
+        Ok(Response::new(experiment_pb(
+            &self.reg.get_experiment(&req.into_inner().name)?,
+        )))
+    }
+
+    async fn list_experiments(
+        &self,
+        _: Request<pb::ListExperimentsRequest>,
+    ) -> Result<Response<pb::ListExperimentsResponse>, Status> {
+        Ok(Response::new(pb::ListExperimentsResponse {
+            experiments: self
+                .reg
+                .list_experiments()
+                .iter()
+                .map(experiment_pb)
+                .collect(),
+        }))
+    }
+
+    async fn delete_experiment(
+        &self,
+        req: Request<pb::DeleteExperimentRequest>,
+    ) -> Result<Response<pb::Experiment>, Status> {
+        let name = req.into_inner().name;
+        let reg = self.reg.clone();
+        let x = tokio::task::spawn_blocking(move || reg.delete_experiment(&name))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        tracing::info!(experiment = %x.name, runs = x.runs, "experiment deleted");
+        Ok(Response::new(experiment_pb(&x)))
     }
 
     type StreamLogsStream = ReplyStream<pb::LogChunk>;
