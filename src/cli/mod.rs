@@ -437,6 +437,8 @@ mod tests {
         "CLIPFT_TRACES_EXPORTER_HOST",
         "CLIPFT_TRACES_EXPORTER_PORT",
         "CLIPFT_TRAINER",
+        // fit files the run under it, runs list shows its runs: the experiment one works in.
+        "CLIPFT_EXPERIMENT",
         "CLIPFT_AUTH_TOKEN",
         "CLIPFT_OUTPUT",
         "CLIPFT_JSON",
