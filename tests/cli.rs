@@ -328,6 +328,127 @@ fn flags_read_environment_variables() {
     assert!(!e.contains("empty string"), "{e}");
 }
 
+/// `--input -` reads stdin, with the same results as a file: texts and images mixed, blank lines
+/// skipped, in order. The image tower is loaded when the first image arrives, after a chunk of
+/// texts was embedded with the text tower alone.
+#[test]
+fn encode_reads_stdin_and_loads_a_tower_when_first_needed() {
+    use std::io::Write;
+    let dir = tempdir("stdin");
+    let mut text = String::new();
+    for i in 0..20 {
+        text.push_str(&format!("caption number {i}\n"));
+    }
+    text.push_str(&format!("\n{}\na last caption\n", image("tiny_30x20.png")));
+    let file = dir.join("inputs.txt");
+    std::fs::write(&file, &text).unwrap();
+    // Batch 2: chunks of 16 inputs, so the first chunk holds texts only.
+    let args = ["encode", "--model", &tiny(), "--batch-size", "2", "--input"];
+    let from_file = lines(&ok(bin().args(args).arg(&file).output().unwrap()));
+    let mut child = bin()
+        .args(args)
+        .arg("-")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let from_stdin = lines(&ok(child.wait_with_output().unwrap()));
+    assert_eq!(from_stdin.len(), 22);
+    assert_eq!(from_stdin[20]["image"], image("tiny_30x20.png"));
+    assert_eq!(from_stdin[21]["text"], "a last caption");
+    for (a, b) in from_stdin.iter().zip(&from_file) {
+        assert_eq!(a["text"], b["text"]);
+        assert!(cosine(&emb(a), &emb(b)) > 0.99999);
+    }
+    // Nothing piped in is nothing to encode.
+    let e = err(bin()
+        .args(["encode", "--model", &tiny(), "--input", "-"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap());
+    assert!(e.contains("nothing to encode"), "{e}");
+}
+
+/// Inputs stream: embeddings of the first chunk come out while stdin is still open (the whole
+/// input used to be read, and all of it embedded, before the first line was written), and an
+/// error part way says how much of the output was written before it.
+#[test]
+fn encode_streams_and_says_how_far_it_got() {
+    use std::io::{BufRead, Write};
+    let mut child = bin()
+        .args([
+            "encode",
+            "--model",
+            &tiny(),
+            "--batch-size",
+            "1",
+            "--input",
+            "-",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // One chunk (8 inputs at batch 1), and stdin left open.
+    for i in 0..8 {
+        writeln!(stdin, "caption {i}").unwrap();
+    }
+    stdin.flush().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("no output while stdin stays open: the input is not streamed");
+    assert!(first.contains("\"caption 0\""), "{first}");
+    writeln!(stdin, "one more").unwrap();
+    drop(stdin);
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    assert!(status.success());
+    assert_eq!(
+        rx.iter().count(),
+        8,
+        "the other 7 of the first chunk and the last input"
+    );
+
+    let dir = tempdir("partial");
+    let input = dir.join("inputs.txt");
+    let mut text: String = (0..10).map(|i| format!("caption {i}\n")).collect();
+    text.push_str("no/such/image.png\n");
+    std::fs::write(&input, text).unwrap();
+    let output = dir.join("out.jsonl");
+    let e = err(bin()
+        .args(["encode", "--model", &tiny(), "--batch-size", "1", "--input"])
+        .arg(&input)
+        .arg("--output")
+        .arg(&output)
+        .output()
+        .unwrap());
+    assert!(
+        e.contains("stopped after the first 10 inputs") && e.contains("line 11"),
+        "{e}"
+    );
+    let written = lines(&std::fs::read_to_string(&output).unwrap());
+    assert_eq!(written.len(), 10);
+    assert_eq!(written[9]["text"], "caption 9");
+}
+
 /// A reader that leaves early (`| head`) ends the output quietly: no panic, no exit 101.
 #[test]
 fn a_closed_pipe_ends_output_quietly() {

@@ -313,6 +313,19 @@ impl Encoder {
         batch: usize,
         progress: &mut dyn FnMut(usize),
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.embed_texts_numbered(texts, 1, batch, progress)
+    }
+
+    /// [`Self::embed_texts_batched`] for texts that are part of a longer sequence (a stream
+    /// embedded a chunk at a time): errors number the texts from `first`, the number of the
+    /// first one in the whole sequence.
+    pub fn embed_texts_numbered<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        first: usize,
+        batch: usize,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let tok = self.tokenizer()?;
         let mut rows: Vec<(usize, Vec<u32>)> = texts
             .iter()
@@ -320,7 +333,7 @@ impl Encoder {
             .map(|(i, t)| {
                 tok.encode(t.as_ref()).map(|r| (i, r)).map_err(|e| match e {
                     ModelError::InvalidInput { msg } => ModelError::InvalidInput {
-                        msg: format!("text {}: {msg}", i + 1),
+                        msg: format!("text {}: {msg}", first + i),
                     },
                     other => other,
                 })
