@@ -221,6 +221,10 @@ pub fn ensure_free(output: &Path, run_name: &str) -> Result<(), ArtifactError> {
     }
 }
 
+/// Finetuner's example results (EvaluationCallback `gather_examples`) in an artifact:
+/// `before` and `after`, each a list of `{query, matches}`.
+pub const EXAMPLES_FILE: &str = "example-results.yml";
+
 /// What a run hands over to be written as an artifact.
 pub struct RunOutput<'a> {
     pub output: &'a Path,
@@ -313,6 +317,8 @@ pub struct RunSummary<'a> {
     pub after: Option<&'a crate::eval::Metrics>,
     /// Retrieval metrics measured at the end of these epochs (0-based).
     pub epoch_metrics: &'a [(usize, crate::eval::Metrics)],
+    /// Written as example-results.yml when not empty.
+    pub examples: &'a crate::eval::ExampleResults,
 }
 
 /// An artifact being written in a temporary folder next to its destination; [`Staged::finish`]
@@ -413,6 +419,10 @@ impl Staged {
             "train_loss_per_step": s.losses,
         });
         write_text(&self.tmp.join("metrics.yml"), &to_yaml(&metrics))?;
+        if !s.examples.is_empty() {
+            let examples = serde_json::json!(s.examples);
+            write_text(&self.tmp.join(EXAMPLES_FILE), &to_yaml(&examples))?;
+        }
         let per_epoch = s.losses.len() / s.epoch_losses.len().max(1);
         let loss_svg = self.tmp.join("loss.svg");
         crate::eval::report::loss_plot(&loss_svg, s.losses, s.eval_losses, per_epoch)

@@ -71,6 +71,8 @@ fn fine_tuning_improves_every_metric_and_writes_the_artifact() {
             "data/demo/query.csv",
             "--index-data",
             "data/demo/index.csv",
+            "--example-queries",
+            "2",
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -79,7 +81,31 @@ fn fine_tuning_improves_every_metric_and_writes_the_artifact() {
         stdout.contains("before") && stdout.contains("after"),
         "{stdout}"
     );
+    // Finetuner's example results: the first 2 queries with their top `limit` (20) matches,
+    // named as index.csv names the images; the 5 best are printed.
+    assert!(
+        stdout.contains("results after fine-tuning:\n  query: a red plain dress\n    1. images/"),
+        "{stdout}"
+    );
     let run = out.join("garments");
+    let examples: clipft::eval::ExampleResults =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(run.join("example-results.yml")).unwrap())
+            .unwrap();
+    let queries: Vec<&str> = examples.after.iter().map(|x| x.query.as_str()).collect();
+    assert_eq!(queries, ["a red plain dress", "red dress with stripes"]);
+    assert_eq!(examples.before.len(), 2);
+    let index = std::fs::read_to_string("data/demo/index.csv").unwrap();
+    for x in examples.before.iter().chain(&examples.after) {
+        assert_eq!(x.matches.len(), 20);
+        assert!(
+            x.matches.iter().all(|m| index.contains(&format!("{m},"))),
+            "{x:?}"
+        );
+    }
+    assert_ne!(
+        examples.before, examples.after,
+        "training changed the rankings"
+    );
     for f in [
         "config.yml",
         "metadata.yml",

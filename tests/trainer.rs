@@ -199,6 +199,8 @@ async fn fit_follow_status_metrics_artifact_delete() -> R {
             "1e-3",
             "--run-name",
             "life",
+            "--example-queries",
+            "1",
             "--follow",
             "--zip",
             "--output",
@@ -240,6 +242,22 @@ async fn fit_follow_status_metrics_artifact_delete() -> R {
     // The last epoch's metrics were measured on the weights the artifact holds.
     let last = &metrics["epochs"][1]["metrics"]["recall_at_k"];
     assert!((last.as_f64().ok_or("epoch")? - after).abs() < 1e-9);
+    // Example results travel with the metrics; the bundle's images are named as the pushed
+    // CSV named them, not by where the trainer keeps them.
+    for stage in ["before", "after"] {
+        let ex = &metrics["examples"][stage];
+        assert_eq!(ex.as_array().map(Vec::len), Some(1), "{metrics}");
+        assert_eq!(ex[0]["query"], "a red plain dress");
+        let matches = ex[0]["matches"].as_array().ok_or("matches")?;
+        assert_eq!(matches.len(), 20);
+        assert!(
+            matches[0]
+                .as_str()
+                .is_some_and(|m| m.starts_with("images/index_")),
+            "{ex}"
+        );
+    }
+    assert!(printed.contains("results after fine-tuning:"), "{printed}");
 
     let logs = run_cli(&["runs", "logs", "life"], &env)?;
     for want in ["started", "epoch 1:", "evaluating (after)", "finished"] {

@@ -288,6 +288,12 @@ def _callbacks(callbacks: Optional[Sequence[Any]]) -> Dict[str, Any]:
             out["query_data"] = cb.query_data
             out["index_data"] = cb.index_data if cb.index_data is not None else cb.query_data
             out["limit"] = cb.limit
+            if cb.gather_examples:
+                if not isinstance(cb.num_example_queries, int) or cb.num_example_queries < 1:
+                    raise ValueError(
+                        f"EvaluationCallback num_example_queries must be a positive int, got {cb.num_example_queries!r}"
+                    )
+                out["example_queries"] = cb.num_example_queries
         elif isinstance(cb, BestModelCheckpoint):
             out["best_model"] = {"name": cb.monitor, "mode": _mode(cb.mode)}
         elif isinstance(cb, EarlyStopping):

@@ -28,6 +28,7 @@ class EvaluationCallback:
     distance: str = "cosine"
     num_workers: int = 8
     gather_examples: bool = False
+    num_example_queries: int = 5
 
 
 @dataclass

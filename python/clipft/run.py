@@ -4,7 +4,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from .exception import RunFailedError, RunInProgressError, RunPreparingError
 
@@ -108,6 +108,34 @@ class Run:
             b, a = m["before"].get(k), m["after"].get(k)
             fmt = lambda v: f"{v:>10.4f}" if v is not None else f"{'-':>10}"  # noqa: E731
             print(f"{k:<20} {fmt(b)} {fmt(a)}")
+
+    def example_results(self) -> Dict[str, Dict[str, List[str]]]:
+        """Finetuner's example results (``EvaluationCallback(gather_examples=True)``):
+        ``{'before': {query: [match, ...]}, 'after': {...}}``, the first
+        ``num_example_queries`` queries with their top ``limit`` matches, best first (an image
+        file by its path below the index data's folder, a URI as written, an image held in the
+        data by its id). Empty until the run measured them."""
+        m = json.loads(self._session.metrics(self.name)).get("examples") or {}
+        return {
+            stage: {x["query"]: list(x["matches"]) for x in m.get(stage) or []}
+            for stage in ("before", "after")
+        }
+
+    def display_examples(self, k: int = 5) -> None:
+        """Prints each stage's example queries with their top ``k`` matches."""
+        results = self.example_results()
+        if not results["before"] and not results["after"]:
+            print(f"run {self.name} has no example results (give fit an "
+                  "EvaluationCallback(gather_examples=True))")
+            return
+        for stage, queries in results.items():
+            if not queries:
+                continue
+            print(f"Results {stage} fine-tuning:")
+            for query, matches in queries.items():
+                print(f"  Query    {query}")
+                for i, match in enumerate(matches[:k]):
+                    print(f"  Match {i + 1:<2} {match}")
 
     def _check_finished(self) -> None:
         s = self.status()

@@ -473,7 +473,16 @@ impl Session {
             .iter()
             .map(|e| json!({"epoch": e.epoch, "metrics": e.metrics}))
             .collect();
-        Ok(json!({"before": m.before, "after": m.after, "epochs": epochs}).to_string())
+        let examples = |v: &[pb::ExampleResult]| -> Vec<Value> {
+            v.iter()
+                .map(|x| json!({"query": x.query, "matches": x.matches}))
+                .collect()
+        };
+        Ok(json!({
+            "before": m.before, "after": m.after, "epochs": epochs,
+            "examples": {"before": examples(&m.example_before), "after": examples(&m.example_after)},
+        })
+        .to_string())
     }
 
     /// Downloads the finished run's artifact as the zip `dest`; returns its path.

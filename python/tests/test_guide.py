@@ -1,6 +1,8 @@
 """The "Text-to-Image Search via CLIP" guide's code, written from the guide, on the repository's
 demo data: in this process and against a `clipft trainer`; embeddings equal the CLI's."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -39,7 +41,8 @@ def eval_callback():
     query = DocumentArray(Document(text=t, tags={"finetuner_label": l}) for t, l in demo_rows("query.csv"))
     index = DocumentArray(Document(uri=os.path.join(DEMO, p), tags={"finetuner_label": l})
                           for p, l in demo_rows("index.csv"))
-    return EvaluationCallback(query_data=query, index_data=index, model="clip-text", index_model="clip-vision")
+    return EvaluationCallback(query_data=query, index_data=index, model="clip-text", index_model="clip-vision",
+                              gather_examples=True, num_example_queries=3)
 
 
 def run_guide(run_name):
@@ -72,6 +75,17 @@ def run_guide(run_name):
     assert set(metrics["before"]) == METRICS and set(metrics["after"]) == METRICS
     assert all(0.0 <= v <= 1.0 for k, v in metrics["after"].items() if k != "dcg_at_k")
     assert sorted(run.epoch_metrics()) == [1, 2]
+    # gather_examples: the first 3 queries with their top 20 matches, named by their uris.
+    examples = run.example_results()
+    queries = [t for t, _ in demo_rows("query.csv")[:3]]
+    assert [list(examples[stage]) for stage in ("before", "after")] == [queries, queries]
+    for matches in list(examples["before"].values()) + list(examples["after"].values()):
+        assert len(matches) == 20
+        assert all(m.startswith(os.path.join(DEMO, "images")) for m in matches), matches
+    shown = io.StringIO()
+    with contextlib.redirect_stdout(shown):
+        run.display_examples(k=2)
+    assert shown.getvalue().count("Match 2 ") == 6 and "Match 3 " not in shown.getvalue()
 
     artifact = run.save_artifact("clip-model")
     assert artifact == os.path.join("clip-model", f"{run_name}.zip")

@@ -102,3 +102,25 @@ pub fn metrics_table(columns: &[(&str, &crate::eval::Metrics)]) -> String {
     }
     out
 }
+
+/// Matches per query the example tables show (Finetuner's `display_examples(k=5)`).
+pub const EXAMPLE_MATCHES_SHOWN: usize = 5;
+
+/// Example results as text: each stage's queries with their top matches; empty when there
+/// are none.
+pub fn examples_text(examples: &crate::eval::ExampleResults) -> String {
+    let mut out = String::new();
+    for (stage, list) in [("before", &examples.before), ("after", &examples.after)] {
+        if list.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("results {stage} fine-tuning:\n"));
+        for x in list {
+            out.push_str(&format!("  query: {}\n", x.query));
+            for (i, m) in x.matches.iter().take(EXAMPLE_MATCHES_SHOWN).enumerate() {
+                out.push_str(&format!("    {}. {m}\n", i + 1));
+            }
+        }
+    }
+    out
+}

@@ -88,6 +88,15 @@ pub struct FitArgs {
     /// Matches per query in the before/after evaluation.
     #[arg(long, env = "CLIPFT_LIMIT", default_value_t = 20)]
     pub limit: usize,
+    /// Keep the top matches of the first N queries before and after training (Finetuner's
+    /// gather_examples): printed after the metrics, in the artifact's example-results.yml.
+    #[arg(
+        long,
+        env = "CLIPFT_EXAMPLE_QUERIES",
+        default_value_t = 0,
+        requires = "query_data"
+    )]
+    pub example_queries: usize,
     /// Weights not to train: name prefixes of whole components (`text_model`,
     /// `vision_model.encoder.layers.0`, ...) or `backbone` (everything but the projections and
     /// logit_scale). Repeatable.
@@ -221,6 +230,7 @@ impl FitArgs {
             device: self.device.clone(),
             output: self.output.clone(),
             limit: self.limit,
+            example_queries: self.example_queries,
             freeze: self.freeze.clone(),
             max_grad_norm: self.max_grad_norm,
             zip: self.zip,
@@ -331,6 +341,7 @@ pub fn run_with_progress(
             super::eval::metrics_table(&[("before", b), ("after", a)])
         );
     }
+    super::output::out_raw(&super::eval::examples_text(&report.examples));
     outln!("artifact: {}", report.artifact.display());
     Ok(report)
 }
@@ -558,6 +569,7 @@ pub async fn follow_run(
             super::eval::metrics_table(&[("before", &b), ("after", &a)])
         );
     }
+    super::output::out_raw(&super::eval::examples_text(&client::examples_from(&m)));
     let dir = client::download_artifact(c, name, output, &mut |_, _| {}).await?;
     outln!("artifact: {}", dir.display());
     Ok(dir)

@@ -68,7 +68,8 @@ pub enum RunsCommand {
         #[arg(long, env = "CLIPFT_FOLLOW")]
         follow: bool,
     },
-    /// Retrieval metrics before and after (and per epoch with --json).
+    /// Retrieval metrics before and after (and per epoch with --json), then the example
+    /// results when the run kept them.
     Metrics {
         /// The run's name.
         name: String,
@@ -213,6 +214,7 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
                         serde_json::json!({
                             "before": b, "after": a, "epochs": epochs,
                             "epoch_losses": m.epoch_losses, "eval_losses": m.eval_losses,
+                            "examples": client::examples_from(&m),
                         })
                     );
                 } else {
@@ -237,6 +239,7 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
                     let refs: Vec<(&str, &crate::eval::Metrics)> =
                         columns.iter().map(|(n, m)| (n.as_str(), m)).collect();
                     outln!("{}", super::eval::metrics_table(&refs));
+                    super::output::out_raw(&super::eval::examples_text(&client::examples_from(&m)));
                 }
             }
             RunsCommand::Artifact { name, output, zip } => {

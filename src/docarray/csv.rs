@@ -309,6 +309,7 @@ impl CsvRows {
                 id: loc,
                 item,
                 label,
+                uri: None,
             }))
         })
     }

@@ -481,6 +481,12 @@ pub fn labeled(
         } else {
             doc.id.clone()
         };
-        Ok(Labeled { id, item, label })
+        let uri = Some(doc.uri.clone()).filter(|u| !u.is_empty());
+        Ok(Labeled {
+            id,
+            item,
+            label,
+            uri,
+        })
     }))
 }

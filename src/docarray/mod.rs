@@ -406,6 +406,9 @@ pub struct Labeled {
     pub id: String,
     pub item: Item,
     pub label: String,
+    /// The document's `uri` where the item holds its image itself (a blob loaded from that
+    /// file when the dataset was pushed): how example results name it.
+    pub uri: Option<String>,
 }
 
 /// Which modality a labelled dataset should provide.

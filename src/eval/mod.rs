@@ -86,6 +86,88 @@ fn labeled(items: &[Labeled], embeddings: Vec<Vec<f32>>, dim: usize) -> LabeledE
     }
 }
 
+/// One query of Finetuner's example results (EvaluationCallback `gather_examples`): the query's
+/// text and its top matches, best first, each named as the index data names it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Example {
+    pub query: String,
+    pub matches: Vec<String>,
+}
+
+/// Example results before and after fine-tuning (empty when none were asked for).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ExampleResults {
+    pub before: Vec<Example>,
+    pub after: Vec<Example>,
+}
+
+impl ExampleResults {
+    pub fn is_empty(&self) -> bool {
+        self.before.is_empty() && self.after.is_empty()
+    }
+}
+
+/// The longest text an example keeps of a query or a match name (a `data:` URI holds a whole
+/// image).
+const MAX_EXAMPLE_CHARS: usize = 256;
+
+fn cut(s: &str) -> String {
+    match s.char_indices().nth(MAX_EXAMPLE_CHARS) {
+        None => s.to_string(),
+        Some((at, _)) => format!("{}...", &s[..at]),
+    }
+}
+
+/// How an example names an index item: an image file by its path below `base` (the folder of
+/// the index data, as a CSV names it; on a trainer this hides where its data folder is), a URI
+/// as written, an image held in the data (blob, tensor) by the uri it was loaded from, else
+/// its item id.
+pub fn item_name(item: &Labeled, base: Option<&std::path::Path>) -> String {
+    use crate::docarray::ImageSource;
+    let name = match &item.item {
+        Item::Text(t) => t.clone(),
+        Item::Image(img) => match &img.source {
+            ImageSource::Path(p) => match base.and_then(|b| p.strip_prefix(b).ok()) {
+                Some(rel) => rel.display().to_string(),
+                None => p
+                    .file_name()
+                    .map_or_else(|| item.id.clone(), |f| f.to_string_lossy().to_string()),
+            },
+            ImageSource::Remote(u) | ImageSource::DataUri(u) => u.clone(),
+            ImageSource::Blob(_) | ImageSource::Pixels { .. } => {
+                item.uri.clone().unwrap_or_else(|| item.id.clone())
+            }
+        },
+    };
+    cut(&name)
+}
+
+/// The first `n` queries of an evaluation with their top `k` matches.
+pub fn examples(
+    ev: &Evaluation,
+    queries: &[Labeled],
+    index: &[Labeled],
+    base: Option<&std::path::Path>,
+    n: usize,
+    k: usize,
+) -> Vec<Example> {
+    ev.per_query
+        .iter()
+        .zip(queries)
+        .take(n)
+        .map(|(r, q)| Example {
+            query: item_name(q, None),
+            matches: r
+                .matches
+                .iter()
+                .take(k)
+                .filter_map(|&i| index.get(i))
+                .map(|x| item_name(x, base))
+                .collect(),
+        })
+        .collect()
+}
+
 /// Embeds queries and index with `enc` and evaluates text-to-image retrieval.
 pub fn evaluate_model(
     enc: &Encoder,

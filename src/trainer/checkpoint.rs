@@ -43,6 +43,9 @@ pub struct RunState {
     /// Retrieval metrics measured at the end of these epochs (0-based).
     pub epoch_metrics: Vec<(usize, Metrics)>,
     pub before: Option<Metrics>,
+    /// Example results of the backbone, measured with `before`.
+    #[serde(default)]
+    pub before_examples: Vec<crate::eval::Example>,
     pub best: Option<BestModel>,
     pub early: Option<EarlyStopper>,
     pub started_unix: u64,

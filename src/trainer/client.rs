@@ -331,6 +331,22 @@ pub fn state_word(state: i32) -> &'static str {
     }
 }
 
+/// A run's example results as the trainer sent them.
+pub fn examples_from(m: &pb::RunMetrics) -> crate::eval::ExampleResults {
+    let list = |v: &[pb::ExampleResult]| {
+        v.iter()
+            .map(|x| crate::eval::Example {
+                query: x.query.clone(),
+                matches: x.matches.clone(),
+            })
+            .collect()
+    };
+    crate::eval::ExampleResults {
+        before: list(&m.example_before),
+        after: list(&m.example_after),
+    }
+}
+
 /// Metrics from the wire as the table printer takes them.
 pub fn metrics_from_map(
     m: &std::collections::HashMap<String, f64>,

@@ -627,6 +627,33 @@ pub fn pack(path: &Path) -> Result<Packed, DataError> {
 }
 
 /// `data.csv` with local image cells rewritten to `images/<n>.<ext>`, plus those images, zipped.
+/// The name an image keeps in a bundle: the CSV's own cell when it is a plain relative path
+/// below the CSV's folder (so the trainer's example results and errors name the image as the
+/// user's CSV does), unless that name is taken.
+fn bundle_name(
+    cell: &str,
+    resolved: &Path,
+    base: &Path,
+    used: &std::collections::HashSet<String>,
+) -> Option<String> {
+    use std::path::Component;
+    let rel = Path::new(cell);
+    let plain = rel.components().all(|c| matches!(c, Component::Normal(_)))
+        && !cell.contains(['\\', '\0'])
+        && cell.len() <= 1024
+        && base.join(rel) == resolved;
+    (plain && cell != BUNDLE_CSV && !used.contains(cell)).then(|| cell.to_string())
+}
+
+/// `images/<n>.<ext>` for an image named by an absolute path, a path outside the CSV's folder,
+/// or a name already taken.
+fn numbered_name(used: &std::collections::HashSet<String>, ext: &str) -> String {
+    (used.len()..)
+        .map(|n| format!("images/{n}.{ext}"))
+        .find(|name| !used.contains(name))
+        .unwrap_or_else(|| format!("images/{}.{ext}", used.len()))
+}
+
 fn pack_csv(path: &Path, file_name: String) -> Result<Packed, DataError> {
     let rows = crate::docarray::csv::CsvRows::open(path)?;
     let base = rows.base().to_path_buf();
@@ -649,6 +676,7 @@ fn pack_csv(path: &Path, file_name: String) -> Result<Packed, DataError> {
         .flexible(true)
         .from_writer(Vec::new());
     let mut seen: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
+    let mut used: std::collections::HashSet<String> = std::collections::HashSet::new();
     for row in rows.rows() {
         let (loc, fields) = row?;
         let mut out = Vec::with_capacity(fields.len());
@@ -677,7 +705,9 @@ fn pack_csv(path: &Path, file_name: String) -> Result<Packed, DataError> {
                         .map(str::to_ascii_lowercase)
                         .filter(|e| e.chars().all(|c| c.is_ascii_alphanumeric()))
                         .unwrap_or_else(|| "img".into());
-                    let rel = format!("images/{}.{ext}", seen.len());
+                    let rel = bundle_name(&f, &p, &base, &used)
+                        .unwrap_or_else(|| numbered_name(&used, &ext));
+                    used.insert(rel.clone());
                     zw.start_file(rel.as_str(), stored).map_err(zerr)?;
                     zw.write_all(&bytes).map_err(ioe)?;
                     seen.insert(p, rel.clone());
@@ -721,5 +751,64 @@ mod tests {
         );
         assert_eq!(docarray_file_name("train.bin"), "data.docarray");
         assert_eq!(docarray_file_name("../../etc/passwd"), "data.docarray");
+    }
+
+    /// A CSV's relative image paths keep their names in the bundle; an absolute path, one
+    /// outside the CSV's folder, or a name already taken is numbered instead.
+    #[test]
+    fn bundled_images_keep_the_csvs_relative_names() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let png = std::fs::read(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/reference/images/tiny_30x20.png"),
+        )
+        .expect("fixture");
+        let data = tmp.path().join("data");
+        std::fs::create_dir_all(data.join("images")).expect("images dir");
+        for f in ["images/red.png", "images/1.png", "blue.png"] {
+            std::fs::write(data.join(f), &png).expect("image");
+        }
+        std::fs::write(tmp.path().join("outside.png"), &png).expect("image");
+        let absolute = data.join("blue.png");
+        std::fs::write(
+            data.join("pairs.csv"),
+            format!(
+                "a red dress,images/red.png\na blue dress,{}\nstill blue,blue.png\n\
+                 outside,../outside.png\nnumbered,images/1.png\n",
+                absolute.display()
+            ),
+        )
+        .expect("csv");
+        let packed = pack(&data.join("pairs.csv")).expect("pack");
+        let mut zip =
+            zip::ZipArchive::new(std::fs::File::open(&packed.file).expect("zip")).expect("zip");
+        let mut csv = String::new();
+        std::io::Read::read_to_string(&mut zip.by_name(BUNDLE_CSV).expect("data.csv"), &mut csv)
+            .expect("read");
+        let images: Vec<&str> = csv
+            .lines()
+            .map(|l| l.rsplit(',').next().unwrap_or_default())
+            .collect();
+        // The absolute path was numbered first and took images/1.png, so the CSV's own
+        // images/1.png is numbered too.
+        assert_eq!(
+            images,
+            [
+                "images/red.png",
+                "images/1.png",
+                "images/1.png",
+                "images/2.png",
+                "images/3.png"
+            ],
+            "{csv}"
+        );
+        for name in [
+            "images/red.png",
+            "images/1.png",
+            "images/2.png",
+            "images/3.png",
+        ] {
+            assert!(zip.by_name(name).is_ok(), "{name} missing");
+        }
     }
 }

@@ -57,6 +57,9 @@ pub struct FitConfig {
     pub max_grad_norm: Option<f64>,
     /// Also write the artifact as `<run-name>.zip`.
     pub zip: bool,
+    /// Finetuner's EvaluationCallback `gather_examples`: the first this many queries keep
+    /// their top `limit` matches before and after training (example-results.yml); 0: none.
+    pub example_queries: usize,
     /// Retrieval metrics on the query/index data every this many epochs (Finetuner's
     /// EvaluationCallback); 0 measures only before and after training.
     #[serde(default = "one")]
@@ -109,6 +112,7 @@ impl Default for FitConfig {
             device: "auto".into(),
             output: PathBuf::from("artifacts"),
             limit: 20,
+            example_queries: 0,
             freeze: Vec::new(),
             max_grad_norm: None,
             zip: false,
@@ -221,6 +225,8 @@ pub struct FitReport {
     pub after: Option<Metrics>,
     /// Metrics measured at the end of these epochs (0-based).
     pub epoch_metrics: Vec<(usize, Metrics)>,
+    /// Finetuner's example results (`example_queries`).
+    pub examples: crate::eval::ExampleResults,
     /// The epoch whose weights BestModelCheckpoint kept.
     pub best_epoch: Option<usize>,
     /// The epoch after which EarlyStopping ended the run.
@@ -301,7 +307,15 @@ fn check_all_images(
 struct EvalData {
     queries: Vec<crate::docarray::Labeled>,
     index: Vec<crate::docarray::Labeled>,
+    /// The index data's folder: examples name its image files relative to it.
+    base: Option<PathBuf>,
     http: crate::docarray::HttpFetch,
+}
+
+/// One evaluation: the mean metrics and, when asked for, example results.
+struct Scored {
+    metrics: Metrics,
+    examples: Vec<crate::eval::Example>,
 }
 
 impl EvalData {
@@ -312,12 +326,14 @@ impl EvalData {
         Ok(Some(Self {
             queries: read_labeled(q, Modality::Text)?,
             index: read_labeled(i, Modality::Image)?,
+            base: i.parent().map(Path::to_path_buf),
             http,
         }))
     }
 
-    fn evaluate(&self, enc: &Encoder, limit: usize) -> Result<Metrics, FitError> {
-        Ok(evaluate_model(
+    /// Metrics (and the first `examples` queries' matches) of the model `enc`.
+    fn evaluate(&self, enc: &Encoder, limit: usize, examples: usize) -> Result<Scored, FitError> {
+        let ev = evaluate_model(
             enc,
             &self.queries,
             &self.index,
@@ -325,8 +341,18 @@ impl EvalData {
             64,
             &self.http,
             &mut |_, _| {},
-        )?
-        .mean)
+        )?;
+        Ok(Scored {
+            examples: crate::eval::examples(
+                &ev,
+                &self.queries,
+                &self.index,
+                self.base.as_deref(),
+                examples,
+                limit,
+            ),
+            metrics: ev.mean,
+        })
     }
 
     /// Metrics of the checkpoint in `files`, loaded as the executor would load it.
@@ -335,7 +361,8 @@ impl EvalData {
         files: &ModelFiles,
         dev: &Device,
         limit: usize,
-    ) -> Result<Metrics, FitError> {
+        examples: usize,
+    ) -> Result<Scored, FitError> {
         let enc = Encoder::load(
             files,
             &LoadOptions {
@@ -344,7 +371,7 @@ impl EvalData {
                 ..Default::default()
             },
         )?;
-        self.evaluate(&enc, limit)
+        self.evaluate(&enc, limit, examples)
     }
 }
 
@@ -582,7 +609,9 @@ pub fn fit(
     if st.step == 0 && st.before.is_none() {
         if let Some(ev) = &eval_data {
             progress(FitEvent::Evaluating("before"));
-            st.before = Some(ev.evaluate_files(&files, &dev, cfg.limit)?);
+            let s = ev.evaluate_files(&files, &dev, cfg.limit, cfg.example_queries)?;
+            st.before = Some(s.metrics);
+            st.before_examples = s.examples;
         }
     }
     if let Some(b) = st.before {
@@ -672,7 +701,9 @@ pub fn fit(
         }
         let metrics = match &eval_data {
             Some(ev) if cfg.eval_every > 0 && (epoch + 1) % cfg.eval_every == 0 => {
-                let m = ev.evaluate(&training_encoder(&model), cfg.limit)?;
+                let m = ev
+                    .evaluate(&training_encoder(&model), cfg.limit, 0)?
+                    .metrics;
                 st.epoch_metrics.push((epoch, m));
                 Some(m)
             }
@@ -753,17 +784,25 @@ pub fn fit(
     drop(opt);
     drop(vars);
     drop(model);
-    let after = match &eval_data {
+    let mut after = match &eval_data {
         Some(ev) => {
             progress(FitEvent::Evaluating("after"));
             Some(ev.evaluate_files(
                 &crate::artifact::submodel_files(staged.dir(), Towers::ALL)?,
                 &dev,
                 cfg.limit,
+                cfg.example_queries,
             )?)
         }
         None => None,
     };
+    let examples = crate::eval::ExampleResults {
+        before: std::mem::take(&mut st.before_examples),
+        after: after
+            .as_mut()
+            .map_or_else(Vec::new, |a| std::mem::take(&mut a.examples)),
+    };
+    let after = after.map(|a| a.metrics);
     let artifact = staged.finish(&crate::artifact::RunSummary {
         seconds: start.elapsed().as_secs_f64(),
         losses: &st.losses,
@@ -772,6 +811,7 @@ pub fn fit(
         before: st.before.as_ref(),
         after: after.as_ref(),
         epoch_metrics: &st.epoch_metrics,
+        examples: &examples,
     })?;
     if cfg.zip {
         crate::artifact::zip_artifact(&artifact)?;
@@ -786,6 +826,7 @@ pub fn fit(
         before: st.before,
         after,
         epoch_metrics: st.epoch_metrics,
+        examples,
         best_epoch,
         stopped_early,
         artifact,

@@ -108,6 +108,9 @@ pub struct RunResult {
     pub epoch_losses: Vec<f64>,
     #[serde(deserialize_with = "nans_if_null")]
     pub eval_losses: Vec<f64>,
+    /// Example results (EvaluationCallback `gather_examples`), read from the artifact.
+    #[serde(default)]
+    pub examples: crate::eval::ExampleResults,
 }
 
 /// A run as kept in `run.json`.
@@ -955,6 +958,7 @@ impl Registry {
                             epoch_metrics: r.epoch_metrics,
                             epoch_losses: r.epoch_losses,
                             eval_losses: r.eval_losses,
+                            examples: r.examples,
                         };
                     } else {
                         e.rec.result = read_artifact_metrics(&artifact);
@@ -1119,9 +1123,14 @@ fn read_artifact_metrics(artifact: &Path) -> RunResult {
     let m: Option<M> = std::fs::read_to_string(artifact.join("metrics.yml"))
         .ok()
         .and_then(|s| serde_yaml_ng::from_str(&s).ok());
+    let examples = std::fs::read_to_string(artifact.join(crate::artifact::EXAMPLES_FILE))
+        .ok()
+        .and_then(|s| serde_yaml_ng::from_str(&s).ok())
+        .unwrap_or_default();
     RunResult {
         before: m.as_ref().and_then(|m| m.before),
         after: m.and_then(|m| m.after),
+        examples,
         ..Default::default()
     }
 }

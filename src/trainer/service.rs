@@ -132,6 +132,15 @@ fn metrics_map(m: &Option<Metrics>) -> std::collections::HashMap<String, f64> {
         .collect()
 }
 
+fn examples_pb(e: &[crate::eval::Example]) -> Vec<pb::ExampleResult> {
+    e.iter()
+        .map(|x| pb::ExampleResult {
+            query: x.query.clone(),
+            matches: x.matches.clone(),
+        })
+        .collect()
+}
+
 type ReplyStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// Bytes per artifact chunk and per log chunk.
@@ -402,6 +411,8 @@ impl Trainer for TrainerService {
                 .collect(),
             epoch_losses: r.epoch_losses.clone(),
             eval_losses: r.eval_losses.clone(),
+            example_before: examples_pb(&r.examples.before),
+            example_after: examples_pb(&r.examples.after),
         }))
     }
 
