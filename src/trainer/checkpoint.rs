@@ -67,11 +67,14 @@ const RESUMABLE_CHANGES: &[&str] = &[
 ];
 
 /// The settings of `now` that differ from those the checkpoint was made with, as
-/// `name: then -> now`; empty when the run may continue.
+/// `name: then -> now`; empty when the run may continue. A setting the checkpoint lacks was
+/// added by a later version: the run had its default (a run checkpointed before the upgrade
+/// resumes after it).
 pub fn config_changes(then: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
     let (Some(then), Some(now)) = (then.as_object(), now.as_object()) else {
         return Vec::new();
     };
+    let defaults = serde_json::to_value(super::fit::FitConfig::default()).unwrap_or_default();
     let null = serde_json::Value::Null;
     let mut keys: Vec<&String> = then.keys().chain(now.keys()).collect();
     keys.sort();
@@ -79,7 +82,8 @@ pub fn config_changes(then: &serde_json::Value, now: &serde_json::Value) -> Vec<
     keys.into_iter()
         .filter(|k| !RESUMABLE_CHANGES.contains(&k.as_str()))
         .filter_map(|k| {
-            let (a, b) = (then.get(k).unwrap_or(&null), now.get(k).unwrap_or(&null));
+            let a = then.get(k).or_else(|| defaults.get(k)).unwrap_or(&null);
+            let b = now.get(k).unwrap_or(&null);
             (a != b).then(|| format!("{k}: {a} -> {b}"))
         })
         .collect()
@@ -260,4 +264,28 @@ pub fn restore_vars(
         var.set(t).map_err(|e| err(source, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trainer::fit::FitConfig;
+
+    /// A checkpoint written before a setting existed resumes under the version that added it
+    /// (the run had its default); a setting that changes training is still refused.
+    #[test]
+    fn settings_added_since_the_checkpoint_take_their_defaults() {
+        let now = serde_json::to_value(FitConfig::default()).expect("json");
+        let mut then = now.clone();
+        for added in ["example_queries", "experiment_name"] {
+            then.as_object_mut().expect("object").remove(added);
+        }
+        assert!(config_changes(&then, &now).is_empty());
+        then["epochs"] = 9.into();
+        assert_eq!(config_changes(&then, &now), ["epochs: 9 -> 5"]);
+        let mut asked = now.clone();
+        asked["example_queries"] = 3.into();
+        then["epochs"] = 5.into();
+        assert_eq!(config_changes(&then, &asked), ["example_queries: 0 -> 3"]);
+    }
 }
