@@ -1403,14 +1403,7 @@ async fn experiments_group_runs_and_go_with_them() -> R {
         tonic::Code::NotFound
     );
     assert!(!dir.join("runs/long").exists());
-    let datasets: Vec<String> = c
-        .list_datasets(pb::ListDatasetsRequest {})
-        .await?
-        .into_inner()
-        .datasets
-        .into_iter()
-        .map(|d| d.name)
-        .collect();
+    let datasets = client::dataset_names(&mut c).await?;
     assert_eq!(datasets, ["shared"], "the run's own dataset went with it");
     assert_eq!(
         code(

@@ -1,9 +1,9 @@
 """An experiment on a trainer, as Finetuner's ``Experiment``: a named group of runs."""
 
 import json
-from typing import Any, Dict, List
+from typing import Any, List
 
-from .run import Run
+from .run import Run, _Record
 
 
 def _iso(unix: int) -> str:
@@ -19,18 +19,10 @@ def _page(items: List[Any], page: int, size: int) -> List[Any]:
     return items[(page - 1) * size : page * size]
 
 
-class Experiment:
+class Experiment(_Record):
     """A group of runs (one task, a run per configuration tried). Runs join one through
     ``fit(experiment_name=...)`` or :meth:`create_run`; the experiment ``'default'`` holds the
     runs that name none. Run names are unique on the trainer across experiments."""
-
-    def __init__(self, session, record: Dict[str, Any]):
-        self._session = session
-        self._record = record
-
-    @property
-    def name(self) -> str:
-        return self._record["name"]
 
     @property
     def status(self) -> str:

@@ -14,9 +14,9 @@ from ._native import metric_names
 METRIC_NAMES = tuple(metric_names())
 
 
-class Run:
-    """A fine-tuning run. ``status()``, ``logs()``, ``stream_logs()`` and ``metrics()`` ask the
-    trainer each time; ``save_artifact()`` downloads the finished run's artifact zip."""
+class _Record:
+    """What the trainer last said about a run or an experiment, and the session that asks it
+    again."""
 
     def __init__(self, session, record: Dict[str, Any]):
         self._session = session
@@ -24,8 +24,13 @@ class Run:
 
     @property
     def name(self) -> str:
-        """The run's name, unique on its trainer."""
+        """The name, unique on the trainer."""
         return self._record["name"]
+
+
+class Run(_Record):
+    """A fine-tuning run. ``status()``, ``logs()``, ``stream_logs()`` and ``metrics()`` ask the
+    trainer each time; ``save_artifact()`` downloads the finished run's artifact zip."""
 
     @property
     def experiment_name(self) -> str:

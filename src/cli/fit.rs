@@ -453,14 +453,7 @@ async fn run_remote(args: &FitArgs, mut cfg: FitConfig, addr: &str) -> anyhow::R
         ("index", &mut cfg.index_data),
     ];
     // Datasets an earlier run of this name pushed (they are replaced, and the user is told).
-    let existing: Vec<String> = c
-        .list_datasets(crate::protocol::trainer::ListDatasetsRequest {})
-        .await?
-        .into_inner()
-        .datasets
-        .into_iter()
-        .map(|d| d.name)
-        .collect();
+    let existing = client::dataset_names(&mut c).await?;
     let mut train = None;
     for (role, slot) in roles {
         let Some(p) = slot.clone() else { continue };

@@ -331,6 +331,17 @@ pub fn state_word(state: i32) -> &'static str {
     }
 }
 
+/// The names of the trainer's datasets.
+pub async fn dataset_names(client: &mut Client) -> Result<Vec<String>, ClientError> {
+    let list = client.list_datasets(pb::ListDatasetsRequest {}).await?;
+    Ok(list
+        .into_inner()
+        .datasets
+        .into_iter()
+        .map(|d| d.name)
+        .collect())
+}
+
 /// A run's example results as the trainer sent them.
 pub fn examples_from(m: &pb::RunMetrics) -> crate::eval::ExampleResults {
     let list = |v: &[pb::ExampleResult]| {
