@@ -78,6 +78,17 @@ pub(super) fn load<'a>(data_dir: &Path, runs: impl Iterator<Item = &'a RunRecord
     ex
 }
 
+/// Runs and unfinished runs per experiment.
+fn run_counts(inner: &Inner) -> std::collections::HashMap<&str, (u32, u32)> {
+    let mut counts = std::collections::HashMap::new();
+    for e in inner.runs.values() {
+        let c: &mut (u32, u32) = counts.entry(e.rec.experiment()).or_default();
+        c.0 += 1;
+        c.1 += u32::from(!e.rec.state.is_terminal());
+    }
+    counts
+}
+
 impl Registry {
     fn save_experiments(&self, ex: &Experiments) -> Result<(), RunError> {
         let path = self.opts.data_dir.join(FILE);
@@ -114,17 +125,12 @@ impl Registry {
             .experiments
             .get(name)
             .ok_or_else(|| RunError::ExperimentNotFound(name.to_string()))?;
-        let runs = inner.runs.values().filter(|e| e.rec.experiment() == name);
-        let (mut total, mut unfinished) = (0, 0);
-        for e in runs {
-            total += 1;
-            unfinished += u32::from(!e.rec.state.is_terminal());
-        }
+        let (runs, unfinished_runs) = run_counts(inner).remove(name).unwrap_or_default();
         Ok(Experiment {
             name: name.to_string(),
             created_unix,
-            runs: total,
-            unfinished_runs: unfinished,
+            runs,
+            unfinished_runs,
         })
     }
 
@@ -146,10 +152,20 @@ impl Registry {
     /// Every experiment, oldest first.
     pub fn list_experiments(&self) -> Vec<Experiment> {
         let inner = self.lock();
+        // One pass over the runs for all experiments, under the lock every call takes.
+        let mut counts = run_counts(&inner);
         let mut v: Vec<Experiment> = inner
             .experiments
-            .keys()
-            .filter_map(|n| self.experiment_of(&inner, n).ok())
+            .iter()
+            .map(|(name, &created_unix)| {
+                let (runs, unfinished_runs) = counts.remove(name.as_str()).unwrap_or_default();
+                Experiment {
+                    name: name.clone(),
+                    created_unix,
+                    runs,
+                    unfinished_runs,
+                }
+            })
             .collect();
         v.sort_by(|a, b| (a.created_unix, &a.name).cmp(&(b.created_unix, &b.name)));
         v
