@@ -1267,10 +1267,26 @@ async fn experiments_group_runs_and_go_with_them() -> R {
     let plain = create(
         &mut c,
         "plain",
-        config("shared", serde_json::json!({"epochs": 1})),
+        config(
+            "shared",
+            serde_json::json!({"epochs": 1, "description": "the baseline"}),
+        ),
     )
     .await?;
     assert_eq!(plain.experiment, "default");
+    let cfg: serde_json::Value = serde_json::from_str(&plain.config_json)?;
+    assert_eq!(cfg["description"], "the baseline");
+    let wordy = create(
+        &mut c,
+        "wordy",
+        config(
+            "shared",
+            serde_json::json!({"description": "x".repeat(4097)}),
+        ),
+    )
+    .await;
+    let e = wordy.expect_err("a 4097-byte description was kept");
+    assert!(e.to_string().contains("4097 bytes"), "{e}");
     // The configuration's experiment_name serves when the request names none.
     let in_a = create(
         &mut c,

@@ -433,6 +433,13 @@ def fit(
     _refuse("to_onnx", to_onnx, "artifacts hold safetensors; serve them with `clipft executor`")
     _refuse("csv_options", csv_options, "CSVs are read as Finetuner's defaults read them (two columns, images by path or URL)")
     _refuse("val_split", val_split, "give the validation pairs as eval_data")
+    if sampler not in ("auto", "random"):
+        raise ValueError(
+            f"sampler {sampler!r}: CLIPLoss contrasts each caption-image pair with the rest of a "
+            "random batch; use 'auto' or 'random'"
+        )
+    if description is not None and not isinstance(description, str):
+        raise TypeError(f"description must be a str, got {type(description).__name__}")
     if not isinstance(epochs, int) or not 1 <= epochs < 50:
         raise ValueError(f"epochs must be an int in [1, 50), got {epochs!r}")
     if batch_size is None:
@@ -450,6 +457,8 @@ def fit(
     config["seed"] = int(seed)
     config["shuffle"] = bool(shuffle)
     config["dtype"] = dtype
+    if description:
+        config["description"] = description
     if max_steps is not None:
         config["max_steps"] = int(max_steps)
     if max_grad_norm is not None:

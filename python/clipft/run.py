@@ -38,6 +38,11 @@ class Run(_Record):
         return self._record.get("experiment") or "default"
 
     @property
+    def description(self) -> str:
+        """What the run tries, as ``fit(description=...)`` said."""
+        return (self._record.get("config") or {}).get("description") or ""
+
+    @property
     def config(self) -> Dict[str, Any]:
         """The run's configuration as the trainer keeps it (datasets by name)."""
         return dict(self._record.get("config") or {})

@@ -106,6 +106,7 @@ def test_unsupported_settings_are_refused_before_anything_runs(registry):
         ({"scheduler": "polynomial"}, "scheduler"),
         ({"optimizer_options": {"layer_wise_lr_decay": 0.98}}, "layer_wise_lr_decay"),
         ({"epochs": 0}, "epochs"),
+        ({"sampler": "class"}, "random"),
         ({"callbacks": [EvaluationCallback(query_data="q", distance="euclidean")]}, "cosine"),
     ]:
         with pytest.raises(ValueError, match=words):
@@ -255,9 +256,11 @@ def test_experiments_group_runs(registry):
     # A run's experiment is created on its first run; runs that name none go to "default".
     long = finetuner.fit(model=TINY, train_data=TRAIN, epochs=40, learning_rate=1e-4,
                          run_name="long", experiment_name="exp-b")
-    plain = finetuner.fit(model=TINY, train_data=TRAIN, epochs=1, learning_rate=1e-4, run_name="plain")
+    plain = finetuner.fit(model=TINY, train_data=TRAIN, epochs=1, learning_rate=1e-4, run_name="plain",
+                          description="the baseline")
     via = a.create_run(model=TINY, train_data=TRAIN, epochs=1, learning_rate=1e-4, run_name="via-exp")
     assert (long.experiment_name, plain.experiment_name, via.experiment_name) == ("exp-b", "default", "exp-a")
+    assert (plain.description, long.description) == ("the baseline", "")
     assert [x.name for x in finetuner.list_experiments()] == ["default", "exp-a", "exp-b"]
     b = finetuner.get_experiment("exp-b")
     assert [r.name for r in b.list_runs()] == ["long"]

@@ -37,6 +37,10 @@ pub struct FitArgs {
     /// names it.
     #[arg(long, env = "CLIPFT_EXPERIMENT", default_value = crate::trainer::fit::DEFAULT_EXPERIMENT, value_parser = safe_name)]
     pub experiment: String,
+    /// What the run tries, in your words (Finetuner's description): kept in its configuration
+    /// (config.yml). At most 4096 bytes.
+    #[arg(long, env = "CLIPFT_DESCRIPTION", default_value = "", value_parser = description)]
+    pub description: String,
     /// Passes over the training data.
     #[arg(long, env = "CLIPFT_EPOCHS", default_value_t = 5)]
     pub epochs: usize,
@@ -189,6 +193,15 @@ pub(super) fn safe_name(s: &str) -> Result<String, String> {
     }
 }
 
+/// A run description within [`crate::trainer::fit::MAX_DESCRIPTION_BYTES`].
+fn description(s: &str) -> Result<String, String> {
+    let max = crate::trainer::fit::MAX_DESCRIPTION_BYTES;
+    match s.len() <= max {
+        true => Ok(s.to_string()),
+        false => Err(format!("{} bytes; at most {max}", s.len())),
+    }
+}
+
 /// A learning rate must be a positive, finite number: a negative one would train away from the
 /// data without a word.
 fn positive_f64(s: &str) -> Result<f64, String> {
@@ -217,6 +230,7 @@ impl FitArgs {
                 .clone()
                 .unwrap_or_else(crate::trainer::runs::random_run_name),
             experiment_name: self.experiment.clone(),
+            description: self.description.clone(),
             epochs: self.epochs,
             batch_size: self.batch_size,
             learning_rate: self.learning_rate,

@@ -56,14 +56,15 @@ pub struct RunState {
 }
 
 /// Settings a resumed run may change: where and how often it saves, where it computes, how
-/// many matches the evaluation keeps, which experiment lists it (a label; checkpoints from
-/// before experiments have none). Everything else changes what is trained.
+/// many matches the evaluation keeps, and its labels (experiment, description). Everything
+/// else changes what is trained.
 const RESUMABLE_CHANGES: &[&str] = &[
     "checkpoint_seconds",
     "zip",
     "device",
     "limit",
     "experiment_name",
+    "description",
 ];
 
 /// The settings of `now` that differ from those the checkpoint was made with, as

@@ -37,6 +37,9 @@ pub struct FitConfig {
     /// Finetuner's experiment, the group the run is listed under on a trainer (and named in
     /// the artifact's metadata).
     pub experiment_name: String,
+    /// Finetuner's run description: what the run tries, in the user's words (at most
+    /// [`MAX_DESCRIPTION_BYTES`]).
+    pub description: String,
     pub epochs: usize,
     pub batch_size: usize,
     pub learning_rate: f64,
@@ -84,6 +87,9 @@ pub struct FitConfig {
 /// The experiment of runs that name none, as in Finetuner 0.8.
 pub const DEFAULT_EXPERIMENT: &str = "default";
 
+/// The longest run description: it is in every listing of the run.
+pub const MAX_DESCRIPTION_BYTES: usize = 4096;
+
 fn one() -> usize {
     1
 }
@@ -99,6 +105,7 @@ impl Default for FitConfig {
             index_data: None,
             run_name: String::new(),
             experiment_name: DEFAULT_EXPERIMENT.into(),
+            description: String::new(),
             epochs: 5,
             batch_size: 64,
             learning_rate: 1e-5,

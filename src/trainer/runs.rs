@@ -473,6 +473,13 @@ impl Registry {
                 "batch_size must be at least 2 and epochs at least 1".into(),
             ));
         }
+        if config.description.len() > super::fit::MAX_DESCRIPTION_BYTES {
+            return Err(RunError::BadConfig(format!(
+                "the description has {} bytes; at most {} are kept",
+                config.description.len(),
+                super::fit::MAX_DESCRIPTION_BYTES
+            )));
+        }
         config.run_name = name.clone();
         let mut inner = self.lock();
         if inner.shutting_down {
