@@ -713,6 +713,44 @@ fn eval_prints_nine_metrics_from_csv_and_docarray_files() {
     for n in names {
         assert!(table.contains(n), "{table}");
     }
+    assert!(
+        !table.contains("results"),
+        "examples only when asked for: {table}"
+    );
+    // --example-queries: the first queries' top `limit` matches, named as index.csv names
+    // them, under the table (the best 5) and in the JSON (all).
+    let args = [
+        "eval",
+        "--model",
+        &tiny(),
+        "--limit",
+        "7",
+        "--example-queries",
+        "2",
+    ];
+    let with = |extra: &[&str]| {
+        ok(bin()
+            .args(args)
+            .args(extra)
+            .arg("--query-data")
+            .arg(demo.join("query.csv"))
+            .arg("--index-data")
+            .arg(demo.join("index.csv"))
+            .output()
+            .unwrap())
+    };
+    let text = with(&[]);
+    assert!(
+        text.contains("results of the model:\n  query: a red plain dress\n    1. images/index_"),
+        "{text}"
+    );
+    assert_eq!(text.matches("    5. images/").count(), 2, "{text}");
+    assert!(!text.contains("    6. "), "{text}");
+    let m: Value = serde_json::from_str(with(&["--json"]).trim()).unwrap();
+    let examples = m["examples"].as_array().unwrap();
+    assert_eq!(examples.len(), 2);
+    assert_eq!(examples[1]["query"], "red dress with stripes");
+    assert_eq!(examples[1]["matches"].as_array().unwrap().len(), 7);
     let e = err(bin()
         .args(["eval", "--model", &tiny(), "--query-data"])
         .arg(demo.join("index.csv"))

@@ -24,9 +24,12 @@ pub struct EvalArgs {
     /// Matches retrieved per query (Finetuner's default: 20).
     #[arg(long, env = "CLIPFT_LIMIT", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10000))]
     pub limit: u64,
-    /// Print one JSON object with the nine metrics.
+    /// Print one JSON object with the nine metrics (and `examples` with --example-queries).
     #[arg(long, env = "CLIPFT_JSON")]
     pub json: bool,
+    /// Also show the top matches of the first N queries (as `fit --example-queries`).
+    #[arg(long, env = "CLIPFT_EXAMPLE_QUERIES", default_value_t = 0)]
+    pub example_queries: usize,
     /// Inputs per forward pass while embedding (`CLIPFT_BATCH_SIZE` is the training batch of
     /// `fit`).
     #[arg(long, env = "CLIPFT_EVAL_BATCH_SIZE", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=4096))]
@@ -59,10 +62,23 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     if let Some(b) = bar {
         b.finish_and_clear();
     }
+    let examples = crate::eval::examples(
+        &eval,
+        &queries,
+        &index,
+        args.index_data.parent(),
+        args.example_queries,
+        args.limit as usize,
+    );
     if args.json {
-        outln!("{}", serde_json::to_string(&eval.mean)?);
+        let mut v = serde_json::to_value(eval.mean)?;
+        if args.example_queries > 0 {
+            v["examples"] = serde_json::to_value(&examples)?;
+        }
+        outln!("{v}");
     } else {
         outln!("{}", metrics_table(&[("value", &eval.mean)]));
+        super::output::out_raw(&example_tables(&[("of the model", &examples)]));
     }
     Ok(())
 }
@@ -106,16 +122,23 @@ pub fn metrics_table(columns: &[(&str, &crate::eval::Metrics)]) -> String {
 /// Matches per query the example tables show (Finetuner's `display_examples(k=5)`).
 pub const EXAMPLE_MATCHES_SHOWN: usize = 5;
 
-/// Example results as text: each stage's queries with their top matches; empty when there
-/// are none.
+/// Example results before and after fine-tuning as text; empty when there are none.
 pub fn examples_text(examples: &crate::eval::ExampleResults) -> String {
+    example_tables(&[
+        ("before fine-tuning", &examples.before),
+        ("after fine-tuning", &examples.after),
+    ])
+}
+
+/// Each titled list of examples: its queries with their top matches.
+fn example_tables(stages: &[(&str, &[crate::eval::Example])]) -> String {
     let mut out = String::new();
-    for (stage, list) in [("before", &examples.before), ("after", &examples.after)] {
+    for (stage, list) in stages {
         if list.is_empty() {
             continue;
         }
-        out.push_str(&format!("results {stage} fine-tuning:\n"));
-        for x in list {
+        out.push_str(&format!("results {stage}:\n"));
+        for x in list.iter() {
             out.push_str(&format!("  query: {}\n", x.query));
             for (i, m) in x.matches.iter().take(EXAMPLE_MATCHES_SHOWN).enumerate() {
                 out.push_str(&format!("    {}. {m}\n", i + 1));
