@@ -465,7 +465,7 @@ fn report(meta: &serde_json::Value, config: &serde_json::Value, s: &RunSummary) 
     let mut out = format!(
         "# {}\n\nCLIP fine-tuned for text-to-image search with clipft {}.\n\n## Model\n\n\
          - backbone: `{}`\n- submodels: `models/clip-text`, `models/clip-vision` (Hugging Face \
-         layout)\n- trained on {} from {} to {} ({:.1} s)\n\n## Data\n\n",
+         layout)\n- trained on {} from {} to {} ({:.1} s)\n- experiment: {}\n",
         text(&meta["name"]),
         text(&meta["clipft_version"]),
         text(&meta["backbone"]),
@@ -473,7 +473,12 @@ fn report(meta: &serde_json::Value, config: &serde_json::Value, s: &RunSummary) 
         text(&meta["started"]),
         text(&meta["finished"]),
         s.seconds,
+        text(&meta["experiment"]),
     );
+    if let Some(d) = config["description"].as_str().filter(|d| !d.is_empty()) {
+        out.push_str(&format!("- description: {}\n", d.replace('\n', " ")));
+    }
+    out.push_str("\n## Data\n\n");
     for (what, key) in [
         ("training pairs", "train_data"),
         ("validation pairs", "eval_data"),
@@ -534,6 +539,42 @@ fn report(meta: &serde_json::Value, config: &serde_json::Value, s: &RunSummary) 
         s.losses.first().copied().unwrap_or(f32::NAN),
         s.losses.last().copied().unwrap_or(f32::NAN)
     ));
+    out.push_str(&example_tables(s.examples));
+    out
+}
+
+/// Matches per query report.md shows (Finetuner's `display_examples(k=5)`).
+const REPORT_EXAMPLE_MATCHES: usize = 5;
+
+/// report.md's example results: per query, its best matches before and after side by side.
+fn example_tables(x: &crate::eval::ExampleResults) -> String {
+    if x.is_empty() {
+        return String::new();
+    }
+    // Queries and image names are the user's text: a `|` would end a table cell.
+    let cell = |s: &str| s.replace('|', "\\|").replace('\n', " ");
+    let mut out = String::from("\n## Example results\n");
+    let n = x.before.len().max(x.after.len());
+    for i in 0..n {
+        let (b, a) = (x.before.get(i), x.after.get(i));
+        let Some(query) = b.or(a).map(|e| e.query.as_str()) else {
+            continue;
+        };
+        out.push_str(&format!(
+            "\nquery: {}\n\n| match | before | after |\n|---|---|---|\n",
+            cell(query)
+        ));
+        let at = |e: Option<&crate::eval::Example>, k: usize| {
+            e.and_then(|e| e.matches.get(k))
+                .map_or_else(|| "-".to_string(), |m| cell(m))
+        };
+        for k in 0..REPORT_EXAMPLE_MATCHES {
+            if at(b, k) == "-" && at(a, k) == "-" {
+                break;
+            }
+            out.push_str(&format!("| {} | {} | {} |\n", k + 1, at(b, k), at(a, k)));
+        }
+    }
     out
 }
 

@@ -188,6 +188,9 @@ fn fine_tuning_improves_every_metric_and_writes_the_artifact() {
         "| optimizer | AdamW |",
         "| loss | CLIPLoss |",
         "| metric | before | after |",
+        "experiment: fashion",
+        "## Example results\n\nquery: a red plain dress\n\n| match | before | after |",
+        "| 5 | images/",
     ] {
         assert!(
             report.contains(want),
