@@ -445,6 +445,8 @@ mod tests {
         "CLIPFT_FOLLOW",
         "CLIPFT_EPOCHS",
         "CLIPFT_QUERY_DATA",
+        // fit and eval: keep the first N queries' top matches.
+        "CLIPFT_EXAMPLE_QUERIES",
         "CLIPFT_INDEX_DATA",
         "CLIPFT_LIMIT",
         "CLIPFT_DATA_DIR",
