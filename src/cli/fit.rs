@@ -94,12 +94,8 @@ pub struct FitArgs {
     pub limit: usize,
     /// Keep the top matches of the first N queries before and after training (Finetuner's
     /// gather_examples): printed after the metrics, in the artifact's example-results.yml.
-    #[arg(
-        long,
-        env = "CLIPFT_EXAMPLE_QUERIES",
-        default_value_t = 0,
-        requires = "query_data"
-    )]
+    /// Like --limit, it applies to the evaluation that --query-data and --index-data ask for.
+    #[arg(long, env = "CLIPFT_EXAMPLE_QUERIES", default_value_t = 0)]
     pub example_queries: usize,
     /// Weights not to train: name prefixes of whole components (`text_model`,
     /// `vision_model.encoder.layers.0`, ...) or `backbone` (everything but the projections and
