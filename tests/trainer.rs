@@ -1466,3 +1466,48 @@ async fn experiments_group_runs_and_go_with_them() -> R {
     assert_eq!(get(&mut c, "in-a").await?.experiment, "exp-a");
     Ok(())
 }
+
+/// `--max-queued-runs`: runs waiting to start are limited, a run in training does not count,
+/// and a canceled one frees its place.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_run_queue_is_bounded() -> R {
+    let dir = tempdir("queue-limit");
+    let t = Trainer::start(&dir, &["--max-queued-runs", "1"])?;
+    let mut c = t.client(None).await?;
+    client::push_dataset(&mut c, "train", &demo("train.csv"), false).await?;
+    let long = || config("train", serde_json::json!({"epochs": 40}));
+    create(&mut c, "training", long()).await?;
+    wait_for(&mut c, "training", |r| {
+        client::state_word(r.state) == "STARTED"
+    })
+    .await?;
+    create(&mut c, "waiting", long()).await?;
+    let full = create(&mut c, "refused", long()).await;
+    let e = full.expect_err("a second run was queued past --max-queued-runs 1");
+    let status = e.downcast_ref::<tonic::Status>().ok_or("not a status")?;
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().contains("--max-queued-runs"), "{status}");
+    assert_eq!(
+        code(get_raw(&mut c, "refused").await),
+        tonic::Code::NotFound
+    );
+    c.cancel_run(pb::CancelRunRequest {
+        name: "waiting".into(),
+    })
+    .await?;
+    create(&mut c, "next", long()).await?;
+    for name in ["next", "training"] {
+        c.cancel_run(pb::CancelRunRequest { name: name.into() })
+            .await?;
+    }
+    Ok(())
+}
+
+async fn get_raw(c: &mut Client, name: &str) -> Result<pb::Run, tonic::Status> {
+    Ok(c.get_run(pb::GetRunRequest {
+        name: name.into(),
+        ..Default::default()
+    })
+    .await?
+    .into_inner())
+}

@@ -159,6 +159,7 @@ def login(
             wanted,
             device="auto",
             checkpoint_seconds=int(os.environ.get("CLIPFT_CHECKPOINT_SECONDS", "300")),
+            max_queued=int(os.environ.get("CLIPFT_MAX_QUEUED_RUNS", "100")),
         )
     _session = _local
     if _holds_registry(_local):

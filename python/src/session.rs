@@ -125,13 +125,14 @@ impl Session {
     /// (created if missing), listening on a free loopback port with a random token, and
     /// connects to it. Unfinished runs found there are queued and resume.
     #[staticmethod]
-    #[pyo3(signature = (data_dir, device="auto", checkpoint_seconds=300, max_concurrent=1))]
+    #[pyo3(signature = (data_dir, device="auto", checkpoint_seconds=300, max_concurrent=1, max_queued=100))]
     fn local(
         py: Python<'_>,
         data_dir: PathBuf,
         device: &str,
         checkpoint_seconds: u64,
         max_concurrent: usize,
+        max_queued: usize,
     ) -> PyResult<Self> {
         std::fs::create_dir_all(&data_dir).map_err(|e| {
             ClipftError::new_err(format!("run registry {}: {e}", data_dir.display()))
@@ -139,6 +140,7 @@ impl Session {
         let opts = RunnerOptions {
             data_dir: data_dir.clone(),
             max_concurrent,
+            max_queued,
             device: device.to_string(),
             checkpoint_seconds,
             max_dataset_bytes: 16 << 30,

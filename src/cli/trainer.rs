@@ -36,6 +36,11 @@ pub struct TrainerArgs {
     /// on a machine with cores or memory to spare.
     #[arg(long, env = "CLIPFT_MAX_CONCURRENT_RUNS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     pub max_concurrent_runs: u64,
+    /// Runs that may wait in the queue (CREATED, not started yet); a CreateRun past it is
+    /// refused (RESOURCE_EXHAUSTED) until some start or are canceled. Every run is a folder and
+    /// a line of every ListRuns: clients cannot queue without end.
+    #[arg(long, env = "CLIPFT_MAX_QUEUED_RUNS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_queued_runs: u64,
     /// TrainingCheckpoint interval for runs that do not set one (and one at every epoch end):
     /// at most this much training is lost when the trainer is killed.
     #[arg(long, env = "CLIPFT_CHECKPOINT_SECONDS", default_value_t = 300)]
@@ -76,6 +81,7 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
     let reg = Registry::open(RunnerOptions {
         data_dir: args.data_dir.clone(),
         max_concurrent: args.max_concurrent_runs as usize,
+        max_queued: args.max_queued_runs as usize,
         device: args.device.clone(),
         checkpoint_seconds: args.checkpoint_seconds,
         max_dataset_bytes: args.max_dataset_bytes,

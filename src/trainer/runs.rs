@@ -160,6 +160,8 @@ pub struct RunnerOptions {
     pub data_dir: PathBuf,
     /// Runs trained at the same time (each uses the whole device).
     pub max_concurrent: usize,
+    /// Runs waiting to start, at most: past it CreateRun is refused.
+    pub max_queued: usize,
     /// Device for runs whose configuration says `auto`.
     pub device: String,
     /// TrainingCheckpoint interval for runs that do not set one.
@@ -216,6 +218,8 @@ pub enum RunError {
     },
     #[error("experiment {name:?} has runs in training ({}): cancel them before deleting it", .runs.join(", "))]
     ExperimentBusy { name: String, runs: Vec<String> },
+    #[error("{0} runs are already waiting to start, the most this trainer queues (--max-queued-runs): wait for some to start, or cancel some")]
+    QueueFull(usize),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
@@ -492,6 +496,10 @@ impl Registry {
         }
         if inner.runs.contains_key(&name) || self.run_dir(&name).exists() {
             return Err(RunError::Exists(name));
+        }
+        let waiting = inner.runs.values().filter(|e| e.queued).count();
+        if waiting >= self.opts.max_queued.max(1) {
+            return Err(RunError::QueueFull(waiting));
         }
         self.ensure_experiment(&mut inner, &experiment)?;
         let dir = self.run_dir(&name);

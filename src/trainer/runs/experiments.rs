@@ -240,6 +240,7 @@ mod tests {
         RunnerOptions {
             data_dir: dir.to_path_buf(),
             max_concurrent: 1,
+            max_queued: 100,
             device: "cpu".into(),
             checkpoint_seconds: 300,
             max_dataset_bytes: 1 << 20,
