@@ -1340,6 +1340,7 @@ async fn experiments_group_runs_and_go_with_them() -> R {
     let in_b = c
         .list_runs(pb::ListRunsRequest {
             experiment: "exp-b".into(),
+            ..Default::default()
         })
         .await?
         .into_inner()
@@ -1352,10 +1353,32 @@ async fn experiments_group_runs_and_go_with_them() -> R {
         .list_runs(pb::ListRunsRequest::default())
         .await?
         .into_inner();
-    assert_eq!(all.runs.len(), 3);
+    assert_eq!((all.runs.len(), all.total), (3, 3));
+    // Pages in creation order; the client gathers them.
+    let page = |page, size| pb::ListRunsRequest {
+        page,
+        size,
+        ..Default::default()
+    };
+    let second = c.list_runs(page(2, 2)).await?.into_inner();
+    let run_names = |runs: &[pb::Run]| runs.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        (run_names(&second.runs), second.total),
+        (vec!["in-a".to_string()], 3)
+    );
+    assert!(c.list_runs(page(9, 2)).await?.into_inner().runs.is_empty());
+    for size in [1, 2, 3] {
+        let gathered = client::list_runs_in_pages(&mut c, "", size).await?;
+        assert_eq!(
+            run_names(&gathered),
+            ["long", "plain", "in-a"],
+            "pages of {size}"
+        );
+    }
     let none = c
         .list_runs(pb::ListRunsRequest {
             experiment: "nope".into(),
+            ..Default::default()
         })
         .await;
     assert_eq!(code(none), tonic::Code::NotFound);

@@ -50,7 +50,7 @@ from .exception import (
     TrainerError,
     UserNotLoggedInError,
 )
-from .experiment import Experiment, _page
+from .experiment import Experiment, _check_page, _page
 from .run import Run
 
 __version__ = _native.core_version()
@@ -538,9 +538,9 @@ def get_run(run_name: str, experiment_name: Optional[str] = None) -> Run:
 def list_runs(experiment_name: Optional[str] = None, page: int = 1, size: int = 50) -> List[Run]:
     """Every run, oldest first, or the runs of ``experiment_name`` (``page`` / ``size`` as
     Finetuner 0.8 paged them)."""
+    _check_page(page, size)
     session = _get_session()
-    runs = [Run(session, r) for r in json.loads(session.list_runs(experiment_name or ""))]
-    return _page(runs, page, size)
+    return [Run(session, r) for r in json.loads(session.list_runs(experiment_name or "", page, size))]
 
 
 def delete_run(run_name: str, experiment_name: Optional[str] = None) -> None:

@@ -12,10 +12,14 @@ def _iso(unix: int) -> str:
     return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _page(items: List[Any], page: int, size: int) -> List[Any]:
+def _check_page(page: int, size: int) -> None:
     """Finetuner 0.8's paging: ``page`` from 1, ``size`` items per page."""
-    if page < 1 or size < 1:
-        raise ValueError("page and size start at 1")
+    if not isinstance(page, int) or not isinstance(size, int) or page < 1 or size < 1:
+        raise ValueError(f"page and size are ints from 1, got page={page!r}, size={size!r}")
+
+
+def _page(items: List[Any], page: int, size: int) -> List[Any]:
+    _check_page(page, size)
     return items[(page - 1) * size : page * size]
 
 
@@ -44,8 +48,9 @@ class Experiment(_Record):
 
     def list_runs(self, page: int = 1, size: int = 50) -> List[Run]:
         """The experiment's runs, oldest first."""
-        runs = [Run(self._session, r) for r in json.loads(self._session.list_runs(self.name))]
-        return _page(runs, page, size)
+        _check_page(page, size)
+        found = json.loads(self._session.list_runs(self.name, page, size))
+        return [Run(self._session, r) for r in found]
 
     def delete_run(self, name: str) -> None:
         """Deletes the experiment's run ``name`` (cancel it first if it trains)."""

@@ -248,7 +248,11 @@ impl Session {
         // A wrong token or a closed port shows at login, not at the first run.
         let mut c = s.client();
         wait(py, async move {
-            c.list_runs(pb::ListRunsRequest::default()).await
+            c.list_runs(pb::ListRunsRequest {
+                size: 1,
+                ..Default::default()
+            })
+            .await
         })?
         .map_err(|e| status_error(&e))?;
         Ok(s)
@@ -340,15 +344,33 @@ impl Session {
         Ok(run_json(&r.into_inner()).to_string())
     }
 
-    /// The runs, oldest first, as a JSON list; only `experiment`'s when given.
-    #[pyo3(signature = (experiment=String::new()))]
-    fn list_runs(&self, py: Python<'_>, experiment: String) -> PyResult<String> {
+    /// The runs, oldest first, as a JSON list; only `experiment`'s when given; page `page`
+    /// of `size` runs (counting from 1), or every run when `size` is 0.
+    #[pyo3(signature = (experiment=String::new(), page=1, size=0))]
+    fn list_runs(
+        &self,
+        py: Python<'_>,
+        experiment: String,
+        page: u32,
+        size: u32,
+    ) -> PyResult<String> {
         let mut c = self.client();
-        let r = wait(py, async move {
-            c.list_runs(pb::ListRunsRequest { experiment }).await
+        let runs = wait(py, async move {
+            match size {
+                0 => client::list_runs(&mut c, &experiment).await,
+                size => c
+                    .list_runs(pb::ListRunsRequest {
+                        experiment,
+                        page,
+                        size,
+                    })
+                    .await
+                    .map(|r| r.into_inner().runs)
+                    .map_err(client::ClientError::from),
+            }
         })?
-        .map_err(|e| status_error(&e))?;
-        Ok(Value::from_iter(r.into_inner().runs.iter().map(run_json)).to_string())
+        .map_err(client_error)?;
+        Ok(Value::from_iter(runs.iter().map(run_json)).to_string())
     }
 
     fn cancel_run(&self, py: Python<'_>, name: String) -> PyResult<String> {

@@ -266,6 +266,12 @@ def test_experiments_group_runs(registry):
     assert [r.name for r in b.list_runs()] == ["long"]
     assert [r.name for r in finetuner.list_runs("exp-a")] == ["via-exp"]
     assert len(finetuner.list_runs()) == 3
+    # Paged by the trainer, in creation order.
+    assert [r.name for r in finetuner.list_runs(page=2, size=1)] == ["plain"]
+    assert [r.name for r in finetuner.list_runs(page=2, size=2)] == ["via-exp"]
+    assert finetuner.list_runs(page=3, size=2) == []
+    with pytest.raises(ValueError, match="page"):
+        finetuner.list_runs(page=0)
     assert finetuner.get_run("long", "exp-b").name == "long"
     with pytest.raises(finetuner.NotFoundError, match="exp-b"):
         finetuner.get_run("long", "exp-a")

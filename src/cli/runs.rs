@@ -137,13 +137,7 @@ pub fn run(args: RunsArgs) -> anyhow::Result<()> {
         let mut c = args.addr.connect().await?;
         match args.command {
             RunsCommand::List { experiment } => {
-                let runs = c
-                    .list_runs(pb::ListRunsRequest {
-                        experiment: experiment.unwrap_or_default(),
-                    })
-                    .await?
-                    .into_inner()
-                    .runs;
+                let runs = client::list_runs(&mut c, &experiment.unwrap_or_default()).await?;
                 outln!(
                     "{:<32} {:<16} {:<9} {:>13} {:>10}  details",
                     "name",

@@ -331,6 +331,41 @@ pub fn state_word(state: i32) -> &'static str {
     }
 }
 
+/// Runs per ListRuns page when a client wants them all: a page stays far below the message
+/// limit whatever the runs hold (their details and configurations are bounded).
+pub const RUNS_PAGE: u32 = 500;
+
+/// Every run (of `experiment` unless empty), oldest first, fetched a page at a time.
+pub async fn list_runs(client: &mut Client, experiment: &str) -> Result<Vec<pb::Run>, ClientError> {
+    list_runs_in_pages(client, experiment, RUNS_PAGE).await
+}
+
+/// [`list_runs`] with pages of `page_size` runs.
+pub async fn list_runs_in_pages(
+    client: &mut Client,
+    experiment: &str,
+    page_size: u32,
+) -> Result<Vec<pb::Run>, ClientError> {
+    let page_size = page_size.max(1);
+    let mut runs = Vec::new();
+    for page in 1.. {
+        let r = client
+            .list_runs(pb::ListRunsRequest {
+                experiment: experiment.to_string(),
+                page,
+                size: page_size,
+            })
+            .await?
+            .into_inner();
+        let last = r.runs.len() < page_size as usize;
+        runs.extend(r.runs);
+        if last || runs.len() >= r.total as usize {
+            break;
+        }
+    }
+    Ok(runs)
+}
+
 /// The names of the trainer's datasets.
 pub async fn dataset_names(client: &mut Client) -> Result<Vec<String>, ClientError> {
     let list = client.list_datasets(pb::ListDatasetsRequest {}).await?;

@@ -264,13 +264,15 @@ impl Trainer for TrainerService {
         req: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let r = req.into_inner();
+        let all = self.reg.list(named(&r.experiment))?;
+        let total = u32::try_from(all.len()).unwrap_or(u32::MAX);
+        let (skip, take) = match r.size as usize {
+            0 => (0, all.len()),
+            size => ((r.page.max(1) as usize - 1).saturating_mul(size), size),
+        };
         Ok(Response::new(pb::ListRunsResponse {
-            runs: self
-                .reg
-                .list(named(&r.experiment))?
-                .iter()
-                .map(run_pb)
-                .collect(),
+            runs: all.iter().skip(skip).take(take).map(run_pb).collect(),
+            total,
         }))
     }
 
