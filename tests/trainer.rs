@@ -1534,3 +1534,36 @@ async fn get_raw(c: &mut Client, name: &str) -> Result<pb::Run, tonic::Status> {
     .await?
     .into_inner())
 }
+
+/// `--max-experiments`: "default" counts; past the limit neither CreateExperiment nor a run in
+/// a new experiment creates one, and deleting one frees its place.
+#[tokio::test(flavor = "multi_thread")]
+async fn experiments_are_bounded() -> R {
+    let dir = tempdir("experiment-limit");
+    let t = Trainer::start(&dir, &["--max-experiments", "2"])?;
+    let mut c = t.client(None).await?;
+    let make = |name: &str| pb::CreateExperimentRequest { name: name.into() };
+    c.create_experiment(make("first")).await?;
+    let e = c
+        .create_experiment(make("second"))
+        .await
+        .expect_err("a third experiment past --max-experiments 2");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+    assert!(e.message().contains("--max-experiments"), "{}", e.message());
+    client::push_dataset(&mut c, "train", &demo("train.csv"), false).await?;
+    let run = c
+        .create_run(pb::CreateRunRequest {
+            name: "r".into(),
+            config_json: config("train", serde_json::json!({})),
+            experiment: "second".into(),
+        })
+        .await;
+    assert_eq!(code(run), tonic::Code::ResourceExhausted);
+    assert_eq!(code(get_raw(&mut c, "r").await), tonic::Code::NotFound);
+    c.delete_experiment(pb::DeleteExperimentRequest {
+        name: "first".into(),
+    })
+    .await?;
+    c.create_experiment(make("second")).await?;
+    Ok(())
+}

@@ -160,6 +160,7 @@ def login(
             device="auto",
             checkpoint_seconds=int(os.environ.get("CLIPFT_CHECKPOINT_SECONDS", "300")),
             max_queued=int(os.environ.get("CLIPFT_MAX_QUEUED_RUNS", "100")),
+            max_experiments=int(os.environ.get("CLIPFT_MAX_EXPERIMENTS", "1000")),
         )
     _session = _local
     if _holds_registry(_local):

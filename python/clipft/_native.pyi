@@ -17,7 +17,7 @@ class Session:
     @staticmethod
     def local(
         data_dir: _Path, device: str = "auto", checkpoint_seconds: int = 300, max_concurrent: int = 1,
-        max_queued: int = 100,
+        max_queued: int = 100, max_experiments: int = 1000,
     ) -> "Session": ...
     @staticmethod
     def remote(address: str, token: Optional[str] = None, ca: Optional[_Path] = None) -> "Session": ...

@@ -125,7 +125,7 @@ impl Session {
     /// (created if missing), listening on a free loopback port with a random token, and
     /// connects to it. Unfinished runs found there are queued and resume.
     #[staticmethod]
-    #[pyo3(signature = (data_dir, device="auto", checkpoint_seconds=300, max_concurrent=1, max_queued=100))]
+    #[pyo3(signature = (data_dir, device="auto", checkpoint_seconds=300, max_concurrent=1, max_queued=100, max_experiments=1000))]
     fn local(
         py: Python<'_>,
         data_dir: PathBuf,
@@ -133,6 +133,7 @@ impl Session {
         checkpoint_seconds: u64,
         max_concurrent: usize,
         max_queued: usize,
+        max_experiments: usize,
     ) -> PyResult<Self> {
         std::fs::create_dir_all(&data_dir).map_err(|e| {
             ClipftError::new_err(format!("run registry {}: {e}", data_dir.display()))
@@ -141,6 +142,7 @@ impl Session {
             data_dir: data_dir.clone(),
             max_concurrent,
             max_queued,
+            max_experiments,
             device: device.to_string(),
             checkpoint_seconds,
             max_dataset_bytes: 16 << 30,

@@ -41,6 +41,10 @@ pub struct TrainerArgs {
     /// a line of every ListRuns: clients cannot queue without end.
     #[arg(long, env = "CLIPFT_MAX_QUEUED_RUNS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_queued_runs: u64,
+    /// Experiments the trainer keeps, "default" included; creating one past it (explicitly or
+    /// by a run's first use) is refused (RESOURCE_EXHAUSTED) until some are deleted.
+    #[arg(long, env = "CLIPFT_MAX_EXPERIMENTS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_experiments: u64,
     /// TrainingCheckpoint interval for runs that do not set one (and one at every epoch end):
     /// at most this much training is lost when the trainer is killed.
     #[arg(long, env = "CLIPFT_CHECKPOINT_SECONDS", default_value_t = 300)]
@@ -82,6 +86,7 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         max_concurrent: args.max_concurrent_runs as usize,
         max_queued: args.max_queued_runs as usize,
+        max_experiments: args.max_experiments as usize,
         device: args.device.clone(),
         checkpoint_seconds: args.checkpoint_seconds,
         max_dataset_bytes: args.max_dataset_bytes,

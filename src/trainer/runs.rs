@@ -162,6 +162,8 @@ pub struct RunnerOptions {
     pub max_concurrent: usize,
     /// Runs waiting to start, at most: past it CreateRun is refused.
     pub max_queued: usize,
+    /// Experiments kept, at most ("default" included).
+    pub max_experiments: usize,
     /// Device for runs whose configuration says `auto`.
     pub device: String,
     /// TrainingCheckpoint interval for runs that do not set one.
@@ -220,6 +222,8 @@ pub enum RunError {
     ExperimentBusy { name: String, runs: Vec<String> },
     #[error("{0} runs are already waiting to start, the most this trainer queues (--max-queued-runs): wait for some to start, or cancel some")]
     QueueFull(usize),
+    #[error("the trainer keeps {0} experiments, the most it may (--max-experiments): delete some before creating {1:?}")]
+    TooManyExperiments(usize, String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {

@@ -33,7 +33,7 @@ pub fn status(e: &RunError) -> Status {
         RunError::WrongState { .. }
         | RunError::DatasetInUse(_)
         | RunError::ExperimentBusy { .. } => Code::FailedPrecondition,
-        RunError::QueueFull(_) => Code::ResourceExhausted,
+        RunError::QueueFull(_) | RunError::TooManyExperiments(..) => Code::ResourceExhausted,
         RunError::Dataset(d) => return dataset_status(d),
         RunError::Io { .. } | RunError::Artifact(_) => Code::Internal,
     };

@@ -113,6 +113,13 @@ impl Registry {
         if inner.experiments.contains_key(name) {
             return Ok(());
         }
+        // Every creation rewrites the list under the lock all calls take: it stays bounded.
+        if inner.experiments.len() >= self.opts.max_experiments.max(1) {
+            return Err(RunError::TooManyExperiments(
+                inner.experiments.len(),
+                name.to_string(),
+            ));
+        }
         let mut ex = inner.experiments.clone();
         ex.insert(name.to_string(), unix_now());
         self.save_experiments(&ex)?;
@@ -241,6 +248,7 @@ mod tests {
             data_dir: dir.to_path_buf(),
             max_concurrent: 1,
             max_queued: 100,
+            max_experiments: 1000,
             device: "cpu".into(),
             checkpoint_seconds: 300,
             max_dataset_bytes: 1 << 20,
