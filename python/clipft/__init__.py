@@ -50,7 +50,7 @@ from .exception import (
     TrainerError,
     UserNotLoggedInError,
 )
-from .experiment import Experiment, _check_page, _page
+from .experiment import Experiment, _check_page, _delete_unstarted, _page
 from .run import Run
 
 __version__ = _native.core_version()
@@ -551,10 +551,7 @@ def delete_run(run_name: str, experiment_name: Optional[str] = None) -> None:
 
 def delete_runs(experiment_name: Optional[str] = None) -> None:
     """Deletes every run (of ``experiment_name`` when given) that is not training."""
-    session = _get_session()
-    for r in json.loads(session.list_runs(experiment_name or "")):
-        if r["status"] != "STARTED":
-            session.delete_run(r["name"], "")
+    _delete_unstarted(_get_session(), experiment_name or "")
 
 
 # ---------------------------------------------------------------------------------------------

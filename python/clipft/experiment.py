@@ -12,6 +12,13 @@ def _iso(unix: int) -> str:
     return datetime.datetime.fromtimestamp(unix, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _delete_unstarted(session, experiment: str) -> None:
+    """Deletes every run (of ``experiment`` unless empty) that is not training."""
+    for r in json.loads(session.list_runs(experiment)):
+        if r["status"] != "STARTED":
+            session.delete_run(r["name"], "")
+
+
 def _check_page(page: int, size: int) -> None:
     """Finetuner 0.8's paging: ``page`` from 1, ``size`` items per page."""
     if not isinstance(page, int) or not isinstance(size, int) or page < 1 or size < 1:
@@ -58,9 +65,7 @@ class Experiment(_Record):
 
     def delete_runs(self) -> None:
         """Deletes every run of the experiment that is not training."""
-        for r in json.loads(self._session.list_runs(self.name)):
-            if r["status"] != "STARTED":
-                self._session.delete_run(r["name"], self.name)
+        _delete_unstarted(self._session, self.name)
 
     def create_run(self, model: str, train_data: Any, **kwargs) -> Run:
         """``fit`` in this experiment: the same arguments, the run goes where :func:`login`

@@ -499,14 +499,9 @@ impl Session {
             .iter()
             .map(|e| json!({"epoch": e.epoch, "metrics": e.metrics}))
             .collect();
-        let examples = |v: &[pb::ExampleResult]| -> Vec<Value> {
-            v.iter()
-                .map(|x| json!({"query": x.query, "matches": x.matches}))
-                .collect()
-        };
         Ok(json!({
             "before": m.before, "after": m.after, "epochs": epochs,
-            "examples": {"before": examples(&m.example_before), "after": examples(&m.example_after)},
+            "examples": client::examples_from(&m),
         })
         .to_string())
     }

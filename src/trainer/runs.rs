@@ -633,20 +633,36 @@ impl Registry {
 
     /// Every run in creation order; only those of `experiment`, which must exist, when given.
     pub fn list(&self, experiment: Option<&str>) -> Result<Vec<RunRecord>, RunError> {
+        Ok(self.list_page(experiment, 0, usize::MAX)?.0)
+    }
+
+    /// [`Self::list`] from the `skip`th run, at most `take` of them, and how many there are in
+    /// all: only the page's records are copied (a client gathering many pages would otherwise
+    /// copy every record for each).
+    pub fn list_page(
+        &self,
+        experiment: Option<&str>,
+        skip: usize,
+        take: usize,
+    ) -> Result<(Vec<RunRecord>, usize), RunError> {
         let inner = self.lock();
         if let Some(x) = experiment {
             if !inner.experiments.contains_key(x) {
                 return Err(RunError::ExperimentNotFound(x.to_string()));
             }
         }
-        let mut v: Vec<RunRecord> = inner
+        let mut v: Vec<&RunRecord> = inner
             .runs
             .values()
-            .filter(|e| experiment.is_none_or(|x| e.rec.experiment() == x))
-            .map(|e| e.rec.clone())
+            .map(|e| &e.rec)
+            .filter(|r| experiment.is_none_or(|x| r.experiment() == x))
             .collect();
         v.sort_by_key(|r| r.seq);
-        Ok(v)
+        let total = v.len();
+        Ok((
+            v.into_iter().skip(skip).take(take).cloned().collect(),
+            total,
+        ))
     }
 
     /// A receiver that changes whenever the run's log grows or its state changes.

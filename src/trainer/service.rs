@@ -264,15 +264,14 @@ impl Trainer for TrainerService {
         req: Request<pb::ListRunsRequest>,
     ) -> Result<Response<pb::ListRunsResponse>, Status> {
         let r = req.into_inner();
-        let all = self.reg.list(named(&r.experiment))?;
-        let total = u32::try_from(all.len()).unwrap_or(u32::MAX);
         let (skip, take) = match r.size as usize {
-            0 => (0, all.len()),
+            0 => (0, usize::MAX),
             size => ((r.page.max(1) as usize - 1).saturating_mul(size), size),
         };
+        let (runs, total) = self.reg.list_page(named(&r.experiment), skip, take)?;
         Ok(Response::new(pb::ListRunsResponse {
-            runs: all.iter().skip(skip).take(take).map(run_pb).collect(),
-            total,
+            runs: runs.iter().map(run_pb).collect(),
+            total: u32::try_from(total).unwrap_or(u32::MAX),
         }))
     }
 
