@@ -54,6 +54,7 @@ fn encoder(towers: Towers, max_pixels: Option<u64>) -> R<Encoder> {
 /// A served executor on a free loopback port; dropping it shuts the server down.
 struct Served {
     channel: Channel,
+    addr: std::net::SocketAddr,
     core: Arc<Core>,
     encoder: Encoder,
     stop: Option<oneshot::Sender<()>>,
@@ -93,6 +94,7 @@ impl Served {
             .await?;
         Ok(Self {
             channel,
+            addr,
             core,
             encoder,
             stop: Some(stop),
@@ -1056,6 +1058,72 @@ async fn requests_from_many_streams_batch_together() -> R {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_bigger_than_the_queue_run_in_chunks_in_order() -> R {
+    let opts = ExecutorOptions {
+        queue_depth: 4,
+        minibatch_size: 8,
+        ..Default::default()
+    };
+    let served = Served::start(Towers::ALL, opts, ServerConfig::default()).await?;
+    let texts: Vec<String> = (0..11)
+        .map(|i| format!("caption number {i} of eleven"))
+        .collect();
+    let pre = served.encoder.image_preprocessor()?.clone();
+    let images: Vec<Vec<u8>> = [
+        "rgb_300x200.png",
+        "rgb_224x224.png",
+        "rgb_640x480.png",
+        "rgb_90x70.bmp",
+        "rgb_224x224.png",
+    ]
+    .iter()
+    .map(|n| image_bytes(n))
+    .collect();
+    let mut sent: Vec<DocumentProto> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| text_doc(&format!("t{i}"), t))
+        .collect();
+    sent.extend(
+        images
+            .iter()
+            .enumerate()
+            .map(|(i, b)| blob_doc(&format!("i{i}"), b.clone())),
+    );
+    // Unary: only the first chunk may be refused by a full queue; this one is empty.
+    let reply = served
+        .single()
+        .process_single_data(request("/encode", sent, vec![]))
+        .await?
+        .into_inner();
+    assert!(error_of(&reply).is_none(), "{:?}", error_of(&reply));
+    let got = docs(&reply);
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let want_texts = served.encoder.embed_texts(&refs)?;
+    for (i, want) in want_texts.iter().enumerate() {
+        let e = emb(&got[i]).ok_or("text embedding")?;
+        assert!(close(&e, want), "text {i} out of order or wrong");
+    }
+    for (i, b) in images.iter().enumerate() {
+        let px = pre.preprocess_bytes(b)?;
+        let want = served.encoder.embed_pixels(&[px])?;
+        let e = emb(&got[texts.len() + i]).ok_or("image embedding")?;
+        assert!(close(&e, &want[0]), "image {i} out of order or wrong");
+    }
+    let stats = |t: &Option<clipft::executor::batcher::Batcher>| -> R<usize> {
+        Ok(t.as_ref()
+            .ok_or("tower")?
+            .stats
+            .jobs
+            .load(std::sync::atomic::Ordering::Relaxed) as usize)
+    };
+    // Chunks of half the queue: 11 texts in 6 jobs, 5 images in 3.
+    assert_eq!(stats(&served.core.text)?, 6);
+    assert_eq!(stats(&served.core.vision)?, 3);
+    served.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_pushes_back() -> R {
     let opts = ExecutorOptions {
         queue_depth: 4,
@@ -1091,6 +1159,70 @@ async fn a_full_queue_pushes_back() -> R {
     assert!(emb(&docs(&r)[0]).is_some());
     assert_eq!(hog.await??, 4000);
     assert_eq!(batcher.queued(), 0);
+    served.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_whose_client_stops_reading_holds_no_queue_room() -> R {
+    let opts = ExecutorOptions {
+        queue_depth: 4,
+        minibatch_size: 4,
+        ..Default::default()
+    };
+    let served = Served::start(Towers::ALL, opts, ServerConfig::default()).await?;
+    let batcher = served.core.text.clone().ok_or("text")?;
+    // A client on its own connection sends request after request, each the whole queue, and
+    // never reads a reply: its replies fill the HTTP/2 window and then the server's reply
+    // channel, and the server stops writing to it.
+    let stalled = tonic::transport::Endpoint::from_shared(format!("http://{}", served.addr))?
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await?;
+    let sent = 300;
+    let (tx, rx) = tokio::sync::mpsc::channel(sent);
+    let caption = "a long caption with many words in it ".repeat(6);
+    for r in 0..sent {
+        let docs = (0..4)
+            .map(|i| text_doc(&format!("{r}-{i}"), &format!("{caption}{r}")))
+            .collect();
+        tx.send(request("/encode", docs, vec![])).await?;
+    }
+    let call = JinaRpcClient::new(stalled)
+        .call(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?;
+    // Until the server stops computing for it (documents computed stop growing).
+    let jobs = || {
+        batcher
+            .stats
+            .items
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let mut last = u64::MAX;
+    for _ in 0..600 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let now = jobs();
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+    }
+    assert!(
+        (jobs() as usize) < 4 * sent,
+        "the server computed all {sent} requests: the reader never stalled it, so this test shows nothing"
+    );
+    // Other clients are served: no request of the stalled stream holds the queue.
+    for i in 0..3 {
+        let reply = served
+            .single()
+            .process_single_data(request("/encode", vec![text_doc("other", "fine")], vec![]))
+            .await
+            .map_err(|e| format!("call {i} while a client stalls its stream: {e:?}"))?;
+        assert!(emb(&docs(reply.get_ref())[0]).is_some());
+    }
+    assert_eq!(batcher.queued(), 0, "nothing holds queue room");
+    drop(call);
+    drop(tx);
     served.shutdown().await
 }
 

@@ -135,6 +135,15 @@ impl Batcher {
         self.minibatch
     }
 
+    pub fn tower(&self) -> Tower {
+        self.tower
+    }
+
+    /// Documents queued or in compute, at most.
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+
     /// Documents queued or in compute now.
     pub fn queued(&self) -> usize {
         self.depth - self.permits.available_permits()
@@ -143,7 +152,8 @@ impl Batcher {
     /// Takes room for `n` documents in the queue. With `wait`, a full queue makes the caller
     /// wait (streams: back-pressure); without, it fails at once with
     /// [`ExecutorError::QueueFull`] (unary calls). Requests are admitted before they are
-    /// preprocessed, so decoded images in memory are bounded by the queue depth too.
+    /// preprocessed, in chunks of at most half the queue (`Core::embed_chunked`), so decoded
+    /// images in memory are bounded by the queue depth too.
     pub async fn admit(&self, n: usize, wait: bool) -> Result<Admission, ExecutorError> {
         // A request bigger than the whole queue takes all of it rather than never fitting.
         let need = n.clamp(1, self.depth) as u32;

@@ -402,82 +402,37 @@ impl Core {
         };
         let (text_ids, image_ids) = (ids(&text_addrs), ids(&image_addrs));
         let text_fut = async {
-            let Some(batcher) = &self.text else {
-                return Ok(Vec::new());
+            let (Some(batcher), Some(tok)) = (&self.text, self.tokenizer.clone()) else {
+                return match (&self.text, texts.is_empty()) {
+                    (Some(_), false) => Err(ExecutorError::Model("no tokenizer".into())),
+                    _ => Ok(Vec::new()),
+                };
             };
-            if texts.is_empty() {
-                return Ok(Vec::new());
-            }
-            let docs = texts.len();
-            let admission = batcher
-                .admit(docs, wait)
-                .instrument(tracing::info_span!(
-                    "admission",
-                    tower = "text",
-                    docs = docs as i64
-                ))
-                .await?;
-            let t0 = std::time::Instant::now();
-            let tok = self
-                .tokenizer
-                .clone()
-                .ok_or(ExecutorError::Model("no tokenizer".into()))?;
             let items: Vec<_> = texts.into_iter().zip(text_ids).collect();
-            let inputs = self
-                .pool
-                .run(items, move |((a, t), id)| {
+            let rows = self
+                .embed_chunked(batcher, items, wait, minibatch, move |((a, t), id)| {
                     tok.encode(t)
                         .map(Input::Tokens)
                         .map_err(|e| bad_doc(a, id, e.to_string()))
                 })
-                .instrument(tracing::info_span!(
-                    "preprocess",
-                    tower = "text",
-                    docs = docs as i64
-                ))
                 .await?;
-            metrics::histogram!("jina_preprocess_texts_seconds").record(t0.elapsed().as_secs_f64());
-            batcher.run(admission, inputs, minibatch).await
+            Ok(rows)
         };
         let image_fut = async {
-            let Some(batcher) = &self.vision else {
-                return Ok(Vec::new());
+            let (Some(batcher), Some(pre)) = (&self.vision, self.images.clone()) else {
+                return match (&self.vision, images.is_empty()) {
+                    (Some(_), false) => Err(ExecutorError::Model("no image preprocessor".into())),
+                    _ => Ok(Vec::new()),
+                };
             };
-            if images.is_empty() {
-                return Ok(Vec::new());
-            }
-            let docs = images.len();
-            let admission = batcher
-                .admit(docs, wait)
-                .instrument(tracing::info_span!(
-                    "admission",
-                    tower = "vision",
-                    docs = docs as i64
-                ))
-                .await?;
-            let t0 = std::time::Instant::now();
-            let pre = self
-                .images
-                .clone()
-                .ok_or(ExecutorError::Model("no image preprocessor".into()))?;
             let policy = self.policy.clone();
             let items: Vec<_> = images.into_iter().zip(image_ids).collect();
-            let inputs = self
-                .pool
-                .run(items, move |((a, src), id)| {
-                    load_image(src, &policy, &pre)
-                        .map(Input::Pixels)
-                        .map_err(|e| bad_doc(a, id, e))
-                })
-                .instrument(tracing::info_span!(
-                    "preprocess",
-                    tower = "vision",
-                    docs = docs as i64
-                ))
-                .await?;
-            metrics::histogram!("jina_preprocess_images_seconds")
-                .record(t0.elapsed().as_secs_f64());
-            batcher.run(admission, inputs, minibatch).await
+            self.embed_chunked(batcher, items, wait, minibatch, move |((a, src), id)| {
+                load_image(src, &policy, &pre)
+                    .map(Input::Pixels)
+                    .map_err(|e| bad_doc(a, id, e))
+            })
+            .await
         };
         let (text_rows, image_rows) = try_join(text_fut, image_fut).await?;
         let mut done = Vec::with_capacity(n);
@@ -493,6 +448,72 @@ impl Core {
             }
         }
         Ok(done)
+    }
+}
+
+impl Core {
+    /// Embeds `items` on `batcher` in chunks of at most half its queue, each admitted before it
+    /// is preprocessed, the next one preprocessed while the one before computes. A request's
+    /// decoded images then stay within the queue depth whatever its size: admitted whole, a
+    /// request of 10,000 images held all their pixels at once (6 GB at 224 px) while counting
+    /// as one queue's worth, and kept the whole queue until its last image was decoded. Only
+    /// the first chunk meets `wait`'s refusal; the rest of an admitted request waits its turn.
+    async fn embed_chunked<T>(
+        &self,
+        batcher: &Batcher,
+        items: Vec<T>,
+        wait: bool,
+        minibatch: Option<usize>,
+        prep: impl Fn(&T) -> Result<Input, ExecutorError> + Send + Sync + 'static,
+    ) -> Result<Vec<Vec<f32>>, ExecutorError>
+    where
+        T: Send + Sync + 'static,
+    {
+        use futures_util::{StreamExt, TryStreamExt};
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tower = batcher.tower().name();
+        let size = (batcher.depth() / 2).max(1);
+        let total = items.len();
+        let prep = Arc::new(prep);
+        let mut items = items.into_iter();
+        let chunks = std::iter::from_fn(|| {
+            let chunk: Vec<T> = items.by_ref().take(size).collect();
+            (!chunk.is_empty()).then_some(chunk)
+        });
+        let rows: Vec<Vec<Vec<f32>>> = futures_util::stream::iter(chunks.enumerate())
+            .map(|(i, chunk)| {
+                let prep = prep.clone();
+                async move {
+                    let docs = chunk.len();
+                    let admission = batcher
+                        .admit(docs, wait || i > 0)
+                        .instrument(tracing::info_span!("admission", tower, docs = docs as i64))
+                        .await?;
+                    let t0 = std::time::Instant::now();
+                    let inputs = self
+                        .pool
+                        .run(chunk, move |x| prep(x))
+                        .instrument(tracing::info_span!("preprocess", tower, docs = docs as i64))
+                        .await?;
+                    let seconds = t0.elapsed().as_secs_f64();
+                    match batcher.tower() {
+                        Tower::Text => metrics::histogram!("jina_preprocess_texts_seconds"),
+                        Tower::Vision => metrics::histogram!("jina_preprocess_images_seconds"),
+                    }
+                    .record(seconds);
+                    batcher.run(admission, inputs, minibatch).await
+                }
+            })
+            .buffered(2)
+            .try_collect()
+            .await?;
+        let mut out = Vec::with_capacity(total);
+        for r in rows {
+            out.extend(r);
+        }
+        Ok(out)
     }
 }
 

@@ -142,7 +142,7 @@ impl call::JinaRpc for JinaServices {
                     embedded = tracing::field::Empty,
                     otel.status_code = tracing::field::Empty,
                 );
-                async move {
+                let request = async move {
                     let req = item?;
                     match core.handle(req, true).await {
                         Ok(h) => {
@@ -154,7 +154,17 @@ impl call::JinaRpc for JinaServices {
                         Err(e) => Err(e.to_grpc()),
                     }
                 }
-                .instrument(span)
+                .instrument(span);
+                // Its own task: a stream whose client stops reading replies stops the loop
+                // below, and with it the polling of `out`; requests polled only through `out`
+                // then froze holding (or first in line for) queue room, and every other client
+                // waited on them.
+                let task = Detached(tokio::spawn(request));
+                async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(Status::internal(format!("the request's task ended: {e}")))
+                    })
+                }
             });
             let mut out: ReplyStream<DataRequestProto> = if in_order {
                 Box::pin(work.buffered(limit))
@@ -179,6 +189,24 @@ impl call::JinaRpc for JinaServices {
         let mut r = Response::new(Box::pin(ReceiverStream::new(rx)) as Self::CallStream);
         r.extensions_mut().insert(flag);
         Ok(r)
+    }
+}
+
+/// A stream's request running on its own task; dropping it (the stream ended or its client
+/// went away) aborts the task, which withdraws its queued work.
+struct Detached<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Future for Detached<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for Detached<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
