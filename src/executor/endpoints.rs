@@ -104,6 +104,17 @@ fn route_endpoint(e: &str) -> Endpoint {
     }
 }
 
+/// The endpoint as a metric label: the endpoints served, else `other`. Clients choose endpoint
+/// strings freely, and each label value is a series kept for the process's life: labelled as
+/// sent, random endpoints grew memory and every scrape without end.
+fn endpoint_label(e: &str) -> &'static str {
+    ENDPOINTS
+        .into_iter()
+        .chain(["/"])
+        .find(|known| *known == e)
+        .unwrap_or("other")
+}
+
 /// The request-level options, read from the parameters.
 struct Options {
     paths: AccessPaths,
@@ -135,11 +146,17 @@ impl Core {
             .as_ref()
             .and_then(|h| h.exec_endpoint.clone())
             .unwrap_or_else(|| "/default".into());
+        // For logs and traces: a client may send an endpoint of megabytes.
+        let shown = if endpoint.len() <= 256 {
+            endpoint.clone()
+        } else {
+            crate::docarray::quoted(&endpoint)
+        };
         // The traced call's span (or the stream request's) declares these fields. Counts are
         // recorded as i64: OpenTelemetry has no unsigned integers.
         let span = crate::telemetry::tracing::enabled().then(|| {
             let span = tracing::Span::current();
-            span.record("endpoint", endpoint.as_str());
+            span.record("endpoint", shown.as_str());
             if let Some(h) = &req.header {
                 span.record("request_id", h.request_id.as_str());
             }
@@ -163,7 +180,7 @@ impl Core {
         }
         let labels = [
             ("executor", status::EXECUTOR_CLASS.to_string()),
-            ("executor_endpoint", endpoint.clone()),
+            ("executor_endpoint", endpoint_label(&endpoint).to_string()),
             ("runtime_name", runtime.clone()),
         ];
         metrics::histogram!("jina_process_request_seconds", &labels)
@@ -179,7 +196,7 @@ impl Core {
                 return Err(e);
             }
             Err(e) => {
-                tracing::info!(endpoint, error = %e, "request failed");
+                tracing::info!(endpoint = %shown, error = %e.message(), "request failed");
                 let header = req.header.get_or_insert_with(Default::default);
                 header.status = Some(e.to_status());
                 true
@@ -689,6 +706,16 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_labels_are_a_closed_set() {
+        for e in ["/default", "/encode", "/rank", DRY_RUN_ENDPOINT, "/"] {
+            assert_eq!(endpoint_label(e), e);
+        }
+        for e in ["/encode/x", "/search", "", &"/x".repeat(100_000)] {
+            assert_eq!(endpoint_label(e), "other");
+        }
+    }
 
     #[test]
     fn route_times_are_whole_milliseconds_containing_the_interval() {

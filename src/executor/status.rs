@@ -11,7 +11,7 @@ pub const EXECUTOR_CLASS: &str = "CLIPEncoder";
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ExecutorError {
     /// One document cannot be encoded: the whole request fails, naming it.
-    #[error("{at} (id {id:?}): {reason}")]
+    #[error("{at} (id {}): {reason}", crate::docarray::quoted(.id))]
     BadDocument {
         at: String,
         id: String,
@@ -64,7 +64,7 @@ impl ExecutorError {
 
     /// The in-band status Jina's worker writes into a failed request's header.
     pub fn to_status(&self) -> StatusProto {
-        let message = without_backtrace(&self.to_string());
+        let message = self.message();
         StatusProto {
             code: status_proto::StatusCode::Error as i32,
             description: format!("{}({message:?})", self.name()),
@@ -84,8 +84,25 @@ impl ExecutorError {
         match self {
             Self::QueueFull { .. } => tonic::Status::resource_exhausted(self.to_string()),
             Self::ShuttingDown => tonic::Status::unavailable(self.to_string()),
-            _ => tonic::Status::internal(without_backtrace(&self.to_string())),
+            _ => tonic::Status::internal(self.message()),
         }
+    }
+
+    /// What a client is told: without a backtrace, and cut to [`MAX_MESSAGE_BYTES`]. Reasons
+    /// quote what the client sent (URIs, texts, shapes); the status carries the message twice,
+    /// once escaped, and a reason of hundreds of megabytes became gigabytes of reply.
+    pub fn message(&self) -> String {
+        let mut m = without_backtrace(&self.to_string());
+        if m.len() > MAX_MESSAGE_BYTES {
+            let mut cut = MAX_MESSAGE_BYTES;
+            while !m.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let more = m.len() - cut;
+            m.truncate(cut);
+            m.push_str(&format!("... ({more} more bytes cut)"));
+        }
+        m
     }
 
     /// Whether the error fails the call rather than travelling in-band.
@@ -93,6 +110,9 @@ impl ExecutorError {
         matches!(self, Self::QueueFull { .. } | Self::ShuttingDown)
     }
 }
+
+/// The longest error message a client is sent.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
 
 /// The text of a caught panic's payload (`panic!` with a literal or a formatted message).
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -134,6 +154,27 @@ pub fn success() -> StatusProto {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_to_clients_are_bounded() {
+        let e = ExecutorError::BadDocument {
+            at: "docs[0]".into(),
+            id: "\u{1}".repeat(1_000_000),
+            reason: "x".repeat(1_000_000),
+        };
+        let status = e.to_status();
+        let args = status.exception.map(|x| x.args).unwrap_or_default();
+        assert_eq!(args.len(), 1);
+        assert!(args[0].len() < MAX_MESSAGE_BYTES + 100, "{}", args[0].len());
+        assert!(
+            args[0].starts_with("docs[0] (id \"\\u{1}"),
+            "{}",
+            &args[0][..40]
+        );
+        assert!(args[0].ends_with("more bytes cut)"));
+        assert!(status.description.len() < 3 * MAX_MESSAGE_BYTES);
+        assert!(e.to_grpc().message().len() < MAX_MESSAGE_BYTES + 100);
+    }
 
     /// A candle error carrying a backtrace (as candle makes them under RUST_BACKTRACE=1) reaches
     /// the client without it.

@@ -58,6 +58,11 @@ impl Slice {
     }
 }
 
+/// The longest access-path expression read.
+pub const MAX_PATHS_BYTES: usize = 256;
+/// The most paths one expression holds (after duplicates are dropped).
+pub const MAX_PATHS: usize = 16;
+
 /// A parsed access-path expression: comma-separated paths, each a sequence of levels.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessPaths(Vec<Vec<(Level, Slice)>>);
@@ -68,10 +73,18 @@ impl AccessPaths {
         Self(vec![vec![(Level::Root, Slice::ALL)]])
     }
 
-    /// Parses `@r`, `@c`, `@m`, `@cm`, `@r,c`, `@c[:3]`, `@m[-1]`; the `@` is optional.
+    /// Parses `@r`, `@c`, `@m`, `@cm`, `@r,c`, `@c[:3]`, `@m[-1]`; the `@` is optional. At most
+    /// [`MAX_PATHS_BYTES`] long and [`MAX_PATHS`] paths: every path walks every document, and a
+    /// parameter of 64 MB of `r,` took gigabytes to parse and minutes to walk.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("invalid access path {s:?}: {why}");
         let s = s.trim();
+        if s.len() > MAX_PATHS_BYTES {
+            return Err(format!(
+                "invalid access path: {} bytes long, at most {MAX_PATHS_BYTES} are read",
+                s.len()
+            ));
+        }
+        let bad = |why: &str| format!("invalid access path {s:?}: {why}");
         let body = s.strip_prefix('@').unwrap_or(s);
         let mut paths = Vec::new();
         for part in body.split(',') {
@@ -101,7 +114,12 @@ impl AccessPaths {
                 }
                 levels.push((level, slice));
             }
-            paths.push(levels);
+            if !paths.contains(&levels) {
+                paths.push(levels);
+            }
+        }
+        if paths.len() > MAX_PATHS {
+            return Err(bad(&format!("{} paths, at most {MAX_PATHS}", paths.len())));
         }
         Ok(Self(paths))
     }
@@ -271,6 +289,25 @@ mod tests {
         for p in ["@x", "@", "@r,", "@c[", "@c[a:b]", "@cr"] {
             assert!(AccessPaths::parse(p).is_err(), "{p}");
         }
+    }
+
+    #[test]
+    fn access_paths_are_bounded() {
+        // Long or many paths are refused, without echoing the whole parameter.
+        let long = "r,".repeat(1_000_000);
+        let err = AccessPaths::parse(&long).err().unwrap_or_default();
+        assert!(err.contains("at most 256") && err.len() < 200, "{err}");
+        let many: Vec<String> = (0..17).map(|i| format!("c[{i}]")).collect();
+        let err = AccessPaths::parse(&many.join(","))
+            .err()
+            .unwrap_or_default();
+        assert!(err.contains("17 paths, at most 16"), "{err}");
+        // Repeats count once and select once.
+        let paths = AccessPaths::parse(&["r"; 100].join(",")).map_err(|e| e.to_string());
+        assert_eq!(paths, Ok(AccessPaths::root()));
+        let at_limit = "c,".repeat(127) + "m";
+        assert_eq!(at_limit.len(), 255);
+        assert!(AccessPaths::parse(&at_limit).is_ok());
     }
 
     #[test]

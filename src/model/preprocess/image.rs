@@ -437,6 +437,19 @@ impl ImagePreprocessor {
         let c = &self.config;
         let out = self.resize_and_crop(img)?;
         let (w, h) = out.dimensions();
+        // Without a centre crop (a config may turn it off) a non-square image keeps its shape;
+        // batches hold the crop size, and one such image failed its whole batch, other
+        // clients' images included.
+        let (want_h, want_w) = self.output_size();
+        if (h as usize, w as usize) != (want_h, want_w) {
+            return Err(ModelError::Image {
+                msg: format!(
+                    "the image ({}x{}) becomes {w}x{h} pixels, but the model takes                      {want_w}x{want_h}: its preprocessor config has no centre crop, so only                      images of the model's shape fit",
+                    img.width(),
+                    img.height()
+                ),
+            });
+        }
         let plane = (w * h) as usize;
         let mut chw = vec![0f32; 3 * plane];
         for (i, px) in out.pixels().enumerate() {
@@ -851,6 +864,23 @@ mod tests {
             ..ImageConfig::default()
         };
         assert_eq!(as_is.fits_tower(224), Ok(()));
+    }
+
+    /// Without a centre crop only images that resize to the model's shape are accepted, one
+    /// by one: an odd one used to pass and then fail the whole batch it was put in.
+    #[test]
+    fn uncropped_images_of_another_shape_fail_alone() {
+        let p = ImagePreprocessor::new(ImageConfig {
+            do_center_crop: false,
+            ..ImageConfig::default()
+        });
+        let square = p.preprocess_rgb(&noise(500, 500)).unwrap();
+        assert_eq!(square.len(), 3 * 224 * 224);
+        let e = p.preprocess_rgb(&noise(600, 400)).unwrap_err().to_string();
+        assert!(
+            e.contains("(600x400) becomes 336x224") && e.contains("224x224"),
+            "{e}"
+        );
     }
 
     #[test]
