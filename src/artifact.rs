@@ -296,6 +296,27 @@ pub fn apply_umask(root: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Replaces the file `path` with `bytes` so that a crash or power loss at any moment leaves the
+/// old contents or the new, never an empty or partial file: written beside it, flushed to the
+/// disk, renamed over it, and the rename flushed. Without the flushes some filesystems (XFS,
+/// ext4 without auto_da_alloc) can leave the renamed file empty after a power loss, and a run
+/// record lost that way hid a finished run.
+pub fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = path.with_file_name(tmp_name);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Seconds since the Unix epoch, as run records and artifacts store times.
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -782,6 +803,15 @@ pub fn extract_zip_entries(
     Ok(total)
 }
 
+/// Where [`zip_artifact`] writes the zip of the artifact folder `dir`: `<folder>.zip` beside
+/// it, the whole folder name kept (`with_extension` made run `clip.v2`'s zip `clip.zip`,
+/// replacing run `clip`'s).
+pub fn zip_path(dir: &Path) -> std::path::PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".zip");
+    dir.with_file_name(name)
+}
+
 /// Packs an artifact folder as `<folder>.zip` beside it, every entry under `<run name>/`
 /// (Finetuner's layout); written to a temporary name and renamed.
 pub fn zip_artifact(dir: &Path) -> Result<std::path::PathBuf, ArtifactError> {
@@ -791,7 +821,7 @@ pub fn zip_artifact(dir: &Path) -> Result<std::path::PathBuf, ArtifactError> {
         .and_then(|n| n.to_str())
         .unwrap_or("artifact")
         .to_string();
-    let dest = dir.with_extension("zip");
+    let dest = zip_path(dir);
     let parent = dir.parent().unwrap_or(Path::new("."));
     let io = |e: std::io::Error| ArtifactError::Io {
         path: dest.clone(),
@@ -856,10 +886,10 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         for z in zips {
-            assert_eq!(z.unwrap(), dir.with_extension("zip"));
+            assert_eq!(z.unwrap(), zip_path(&dir));
         }
         let mut archive =
-            zip::ZipArchive::new(std::fs::File::open(dir.with_extension("zip")).unwrap()).unwrap();
+            zip::ZipArchive::new(std::fs::File::open(zip_path(&dir)).unwrap()).unwrap();
         let mut names: Vec<String> = archive.file_names().map(String::from).collect();
         names.sort();
         assert_eq!(names, ["run/config.yml", "run/models/w.bin"]);
@@ -870,7 +900,30 @@ mod tests {
         let plain = root.path().join("plain");
         std::fs::write(&plain, b"").unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode(&dir.with_extension("zip")), mode(&plain));
+        assert_eq!(mode(&zip_path(&dir)), mode(&plain));
+    }
+
+    /// A dot in a run name is part of it: `clip.v2`'s zip is `clip.v2.zip`, and it leaves run
+    /// `clip`'s zip alone.
+    #[test]
+    fn zips_keep_the_whole_run_name() {
+        let root = tempfile::tempdir().unwrap();
+        for name in ["clip", "clip.v2"] {
+            let dir = root.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("config.yml"), format!("name: {name}\n")).unwrap();
+            assert_eq!(
+                zip_artifact(&dir).unwrap(),
+                root.path().join(format!("{name}.zip"))
+            );
+        }
+        let archive =
+            zip::ZipArchive::new(std::fs::File::open(root.path().join("clip.zip")).unwrap())
+                .unwrap();
+        assert_eq!(
+            archive.file_names().collect::<Vec<_>>(),
+            ["clip/config.yml"]
+        );
     }
 
     #[test]

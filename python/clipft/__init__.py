@@ -161,6 +161,8 @@ def login(
             checkpoint_seconds=int(os.environ.get("CLIPFT_CHECKPOINT_SECONDS", "300")),
             max_queued=int(os.environ.get("CLIPFT_MAX_QUEUED_RUNS", "100")),
             max_experiments=int(os.environ.get("CLIPFT_MAX_EXPERIMENTS", "1000")),
+            max_batch_size=int(os.environ.get("CLIPFT_MAX_BATCH_SIZE", "1024")),
+            max_interruptions=int(os.environ.get("CLIPFT_MAX_INTERRUPTIONS", "3")),
         )
     _session = _local
     if _holds_registry(_local):

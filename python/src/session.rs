@@ -125,7 +125,8 @@ impl Session {
     /// (created if missing), listening on a free loopback port with a random token, and
     /// connects to it. Unfinished runs found there are queued and resume.
     #[staticmethod]
-    #[pyo3(signature = (data_dir, device="auto", checkpoint_seconds=300, max_concurrent=1, max_queued=100, max_experiments=1000))]
+    #[pyo3(signature = (data_dir, device="auto", checkpoint_seconds=300, max_concurrent=1, max_queued=100, max_experiments=1000, max_batch_size=1024, max_interruptions=3))]
+    #[allow(clippy::too_many_arguments)]
     fn local(
         py: Python<'_>,
         data_dir: PathBuf,
@@ -134,20 +135,21 @@ impl Session {
         max_concurrent: usize,
         max_queued: usize,
         max_experiments: usize,
+        max_batch_size: usize,
+        max_interruptions: u32,
     ) -> PyResult<Self> {
         std::fs::create_dir_all(&data_dir).map_err(|e| {
             ClipftError::new_err(format!("run registry {}: {e}", data_dir.display()))
         })?;
         let opts = RunnerOptions {
-            data_dir: data_dir.clone(),
             max_concurrent,
             max_queued,
             max_experiments,
             device: device.to_string(),
             checkpoint_seconds,
-            max_dataset_bytes: 16 << 30,
-            min_free_bytes: 2 << 30,
-            image_hosts: Default::default(),
+            max_batch_size,
+            max_interruptions: max_interruptions.max(1),
+            ..RunnerOptions::new(data_dir.clone())
         };
         let reg = match py.detach(|| Registry::open(opts)) {
             Ok(reg) => reg,

@@ -307,7 +307,7 @@ pub fn run_with_progress(
         }
         FitEvent::Log(line) => say(&bar, line),
         FitEvent::Evaluating(when) => say(&bar, format!("evaluating ({when})")),
-        FitEvent::Before(_) => {}
+        FitEvent::Before(_) | FitEvent::Checkpoint { .. } => {}
         FitEvent::Step {
             epoch,
             step,

@@ -45,6 +45,16 @@ pub struct TrainerArgs {
     /// by a run's first use) is refused (RESOURCE_EXHAUSTED) until some are deleted.
     #[arg(long, env = "CLIPFT_MAX_EXPERIMENTS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_experiments: u64,
+    /// The largest batch_size a run may ask for; a CreateRun over it is refused. A batch's
+    /// images are held decoded at once, with the model's activations: a run that needs more
+    /// memory than the trainer has kills the process.
+    #[arg(long, env = "CLIPFT_MAX_BATCH_SIZE", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(2..))]
+    pub max_batch_size: u64,
+    /// Restarts in a row a run may be interrupted by, with no checkpoint written between them,
+    /// before it fails instead of resuming: a run that kills the trainer (out of memory) would
+    /// otherwise kill it again at every restart.
+    #[arg(long, env = "CLIPFT_MAX_INTERRUPTIONS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_interruptions: u32,
     /// TrainingCheckpoint interval for runs that do not set one (and one at every epoch end):
     /// at most this much training is lost when the trainer is killed.
     #[arg(long, env = "CLIPFT_CHECKPOINT_SECONDS", default_value_t = 300)]
@@ -92,6 +102,8 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
         max_dataset_bytes: args.max_dataset_bytes,
         min_free_bytes: args.min_free_bytes,
         image_hosts: args.image_hosts,
+        max_batch_size: args.max_batch_size as usize,
+        max_interruptions: args.max_interruptions,
     })
     .with_context(|| format!("--data-dir {}", args.data_dir.display()))?;
     let config = TrainerServerConfig {

@@ -217,14 +217,28 @@ impl DatasetStore {
     }
 
     pub fn delete(&self, name: &str) -> Result<(), DatasetError> {
+        self.set_aside(name)?.remove()
+    }
+
+    /// Takes dataset `name` out of the store at once (a rename); its files go when the
+    /// returned [`Trash`] is removed. The registry sets datasets aside under its lock and
+    /// removes them after: removing gigabytes of files under the lock stalled every call.
+    pub fn set_aside(&self, name: &str) -> Result<Trash, DatasetError> {
         self.get(name)?;
         let dir = self.dir(name)?;
-        // Renamed first so a half-deleted dataset is never visible under its name.
-        let trash = self
-            .root
-            .join(format!(".upload-delete-{name}-{}", std::process::id()));
+        let trash = self.trash_path(name);
         std::fs::rename(&dir, &trash).map_err(io(&dir))?;
-        std::fs::remove_dir_all(&trash).map_err(io(&trash))
+        Ok(Trash(trash))
+    }
+
+    /// A fresh name under the store for a set-aside copy of `name`; the `.upload-` prefix
+    /// makes the next [`DatasetStore::open`] remove what a stopped process left there.
+    fn trash_path(&self, name: &str) -> PathBuf {
+        self.root.join(format!(
+            ".upload-delete-{name}-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ))
     }
 
     /// Starts an upload of `name`; nothing is visible until it is vetted ([`Upload::vet`]) and
@@ -405,20 +419,34 @@ impl Vetted {
         &self.upload.name
     }
 
-    /// Makes it the dataset `name`, replacing the one there when the push said so.
-    pub fn install(self) -> Result<DatasetMeta, DatasetError> {
+    /// Makes it the dataset `name`, replacing the one there when the push said so; the
+    /// replaced copy is returned to be removed (outside the registry's lock). The new copy is
+    /// moved in right after the old one is moved out, so no long removal lies between them
+    /// for a crash to fall into.
+    pub fn install(self) -> Result<(DatasetMeta, Option<Trash>), DatasetError> {
         let up = &self.upload;
         let dest = up.store.dir(&up.name)?;
+        let mut replaced = None;
         if dest.exists() {
             if !up.overwrite {
                 return Err(DatasetError::Exists(up.name.clone()));
             }
-            let old = up.tmp.with_extension("replaced");
+            let old = up.store.trash_path(&up.name);
             std::fs::rename(&dest, &old).map_err(io(&dest))?;
-            let _ = std::fs::remove_dir_all(&old);
+            replaced = Some(Trash(old));
         }
         std::fs::rename(&up.tmp, &dest).map_err(io(&dest))?;
-        Ok(self.meta)
+        Ok((self.meta, replaced))
+    }
+}
+
+/// A dataset's files taken out of the store, to be removed.
+#[must_use = "a set-aside dataset stays on disk until removed (or the next start)"]
+pub struct Trash(PathBuf);
+
+impl Trash {
+    pub fn remove(self) -> Result<(), DatasetError> {
+        std::fs::remove_dir_all(&self.0).map_err(io(&self.0))
     }
 }
 

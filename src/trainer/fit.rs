@@ -220,6 +220,11 @@ pub enum FitEvent {
         eval_loss: Option<f64>,
         metrics: Option<Metrics>,
     },
+    /// A resumable checkpoint was written at this step: the work up to it survives the
+    /// process.
+    Checkpoint {
+        step: u64,
+    },
 }
 
 /// The outcome of a run.
@@ -531,9 +536,13 @@ pub fn fit(
     let eval_data = EvalData::read(cfg, control.http)?;
     check_all_images(&pairs, &eval_pairs, eval_data.as_ref())?;
     let per_epoch = batches(&(0..pairs.len()).collect::<Vec<_>>(), cfg.batch_size).len() as u64;
-    let total = cfg.max_steps.map_or(per_epoch * cfg.epochs as u64, |m| {
-        m.min(per_epoch * cfg.epochs as u64)
-    });
+    let all_epochs = per_epoch.checked_mul(cfg.epochs as u64).ok_or_else(|| {
+        FitError::Config(format!(
+            "{} epochs of {per_epoch} steps is more steps than can be counted",
+            cfg.epochs
+        ))
+    })?;
+    let total = cfg.max_steps.map_or(all_epochs, |m| m.min(all_epochs));
     let work = control
         .work_dir
         .clone()
@@ -653,6 +662,7 @@ pub fn fit(
                     st.epoch = epoch;
                     st.batch = bi;
                     checkpoint::save(&work, &vars, &opt, &st)?;
+                    progress(FitEvent::Checkpoint { step: st.step });
                 }
                 return Err(FitError::Suspended(st.step));
             }
@@ -696,6 +706,7 @@ pub fn fit(
                 checkpoint::save(&work, &vars, &opt, &st)?;
                 last_checkpoint = Instant::now();
                 progress(FitEvent::Log(format!("checkpoint at step {}", st.step)));
+                progress(FitEvent::Checkpoint { step: st.step });
             }
         }
         let epoch_losses = &st.losses[st.epoch_start_step as usize..];
@@ -740,6 +751,7 @@ pub fn fit(
         if checkpoint_every.is_some() {
             checkpoint::save(&work, &vars, &opt, &st)?;
             last_checkpoint = Instant::now();
+            progress(FitEvent::Checkpoint { step: st.step });
         }
         if stop {
             progress(FitEvent::Log(format!(

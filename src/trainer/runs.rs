@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify};
 
-use super::datasets::{DatasetError, DatasetMeta, DatasetStore, Vetted};
+use super::datasets::{DatasetError, DatasetMeta, DatasetStore, Trash, Vetted};
 use super::fit::{FitConfig, FitControl, FitError, FitEvent, DEFAULT_EXPERIMENT};
 use crate::artifact::is_safe_name;
 use crate::eval::Metrics;
@@ -128,6 +128,10 @@ pub struct RunRecord {
     pub result: RunResult,
     /// Order in the queue (creation order).
     pub seq: u64,
+    /// Trainer restarts that found the run training, in a row, with no checkpoint written
+    /// between them ([`RunnerOptions::max_interruptions`]).
+    #[serde(default)]
+    pub interruptions: u32,
 }
 
 impl RunRecord {
@@ -175,7 +179,39 @@ pub struct RunnerOptions {
     /// Which hosts the data's http(s) image URIs may resolve to: the datasets come from
     /// clients, the addresses it can reach are the trainer's.
     pub image_hosts: crate::docarray::ImageHosts,
+    /// The largest batch_size a run may ask for: a batch's images are held decoded at once
+    /// (0.6 MB each at 224 px) with the model's activations on top, and a run that needs more
+    /// memory than the trainer has is killed with the process.
+    pub max_batch_size: usize,
+    /// Trainer restarts in a row a run may be interrupted by without writing a checkpoint
+    /// between them before it fails instead of resuming again: a run that kills the process
+    /// (out of memory) would otherwise kill every restart.
+    pub max_interruptions: u32,
 }
+
+impl RunnerOptions {
+    /// The service's defaults, with its data in `data_dir`.
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            max_concurrent: 1,
+            max_queued: 100,
+            max_experiments: 1000,
+            device: "auto".into(),
+            checkpoint_seconds: 300,
+            max_dataset_bytes: 16 << 30,
+            min_free_bytes: 2 << 30,
+            image_hosts: Default::default(),
+            max_batch_size: 1024,
+            max_interruptions: 3,
+        }
+    }
+}
+
+/// The largest run configuration kept, as JSON: every field of it is in the run's record,
+/// rewritten at each epoch and sent in every ListRuns, and a 30 MB model name made listings
+/// too large to send.
+pub const MAX_CONFIG_BYTES: usize = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -237,7 +273,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
 struct Unlinked {
     name: String,
     trash: PathBuf,
-    datasets: Vec<String>,
+    /// The run's own datasets, already out of the store.
+    datasets: Vec<(String, Trash)>,
 }
 
 /// A run in memory: its record and the handles its worker and followers share.
@@ -312,12 +349,20 @@ impl Registry {
             DatasetStore::open(&opts.data_dir, opts.max_dataset_bytes, opts.min_free_bytes)?;
         let mut runs = HashMap::new();
         let mut next_seq = 0;
+        let mut failed = Vec::new();
         for e in std::fs::read_dir(&runs_dir)
             .map_err(io(&runs_dir))?
             .flatten()
         {
             // Run names never start with '.': such folders are set aside runs (below).
-            if e.file_name().to_string_lossy().starts_with('.') {
+            let file_name = e.file_name().to_string_lossy().to_string();
+            if file_name.starts_with('.') {
+                // A deletion the last process did not finish.
+                if file_name.starts_with(".deleted-") {
+                    if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                        tracing::warn!("{}: {err}", e.path().display());
+                    }
+                }
                 continue;
             }
             let path = e.path().join("run.json");
@@ -351,7 +396,21 @@ impl Registry {
             next_seq = next_seq.max(rec.seq + 1);
             let (queued, resume) = match rec.state {
                 State::Created => (true, false),
+                State::Started if rec.interruptions >= opts.max_interruptions => {
+                    rec.state = State::Failed;
+                    rec.details = format!(
+                        "the trainer stopped {} times in a row while this run trained, each time \
+                         before a new checkpoint, so it is not resumed again; a run that needs \
+                         more memory than the trainer has ends this way (try a smaller \
+                         batch_size)",
+                        rec.interruptions + 1
+                    );
+                    rec.finished_unix = Some(unix_now());
+                    failed.push(rec.name.clone());
+                    (false, false)
+                }
                 State::Started => {
+                    rec.interruptions += 1;
                     rec.details =
                         "interrupted by a trainer restart; resumes from its last checkpoint".into();
                     (true, true)
@@ -393,6 +452,12 @@ impl Registry {
                 reg.append_log(e, "trainer restarted: the run is queued to resume");
                 reg.persist(&e.rec);
             }
+            for e in failed.iter().filter_map(|n| inner.runs.get(n)) {
+                tracing::warn!(run = %e.rec.name, "{}", e.rec.details);
+                reg.append_log(e, &format!("failed: {}", e.rec.details));
+                reg.persist(&e.rec);
+                reg.drop_work(&e.rec.name);
+            }
             reg.publish_counts(&inner);
         }
         Ok(reg)
@@ -409,12 +474,10 @@ impl Registry {
     }
 
     fn persist(&self, rec: &RunRecord) {
-        let dir = self.run_dir(&rec.name);
-        let tmp = dir.join("run.json.tmp");
+        let path = self.run_dir(&rec.name).join("run.json");
         let result = serde_json::to_vec_pretty(rec)
             .map_err(std::io::Error::other)
-            .and_then(|json| std::fs::write(&tmp, json))
-            .and_then(|()| std::fs::rename(&tmp, dir.join("run.json")));
+            .and_then(|json| crate::artifact::replace_file(&path, &json));
         if let Err(e) = result {
             tracing::error!("cannot save run {}: {e}", rec.name);
         }
@@ -472,7 +535,6 @@ impl Registry {
         if config.train_data.as_os_str().is_empty() {
             return Err(RunError::BadConfig("train_data is required".into()));
         }
-        self.check_shapes(&config)?;
         if config.model.trim().is_empty() {
             return Err(RunError::BadConfig("model is required".into()));
         }
@@ -481,6 +543,20 @@ impl Registry {
                 "batch_size must be at least 2 and epochs at least 1".into(),
             ));
         }
+        if config.batch_size > self.opts.max_batch_size {
+            return Err(RunError::BadConfig(format!(
+                "batch_size {} is over this trainer's limit of {} (--max-batch-size, \
+                 CLIPFT_MAX_BATCH_SIZE): a batch's images are held decoded at once, with the \
+                 model's activations",
+                config.batch_size, self.opts.max_batch_size
+            )));
+        }
+        let json = serde_json::to_vec(&config).map_or(usize::MAX, |j| j.len());
+        if json > MAX_CONFIG_BYTES {
+            return Err(RunError::BadConfig(format!(
+                "the configuration is {json} bytes as JSON; at most {MAX_CONFIG_BYTES} are kept"
+            )));
+        }
         if config.description.len() > super::fit::MAX_DESCRIPTION_BYTES {
             return Err(RunError::BadConfig(format!(
                 "the description has {} bytes; at most {} are kept",
@@ -488,6 +564,7 @@ impl Registry {
                 super::fit::MAX_DESCRIPTION_BYTES
             )));
         }
+        self.check_shapes(&config)?;
         config.run_name = name.clone();
         let mut inner = self.lock();
         if inner.shutting_down {
@@ -524,6 +601,7 @@ impl Registry {
             finished_unix: None,
             result: RunResult::default(),
             seq,
+            interruptions: 0,
         };
         self.persist(&rec);
         let entry = Entry {
@@ -744,7 +822,7 @@ impl Registry {
         // The datasets `fit --trainer` pushed for this run (`<run>-train`, ...) go with it,
         // unless another run uses them: left behind, they would outlive the run and be
         // replaced by the next run of the same name.
-        let datasets: Vec<String> = removed
+        let datasets: Vec<(String, Trash)> = removed
             .as_ref()
             .map(|e| self.data_names(&e.rec.config))
             .unwrap_or_default()
@@ -760,6 +838,16 @@ impl Registry {
                     .values()
                     .any(|e| self.data_names(&e.rec.config).contains(d))
             })
+            // Out of the store under the lock: set aside later, a dataset of this name that a
+            // run created meanwhile relied on (or a fresh push of it) was deleted under it.
+            .filter_map(|d| match self.datasets.set_aside(&d) {
+                Ok(t) => Some((d, t)),
+                Err(DatasetError::NotFound(_)) => None,
+                Err(e) => {
+                    tracing::warn!("run {name} deleted, but not its dataset {d}: {e}");
+                    None
+                }
+            })
             .collect();
         if let Some(e) = removed {
             e.log_len.send_replace(0);
@@ -773,8 +861,8 @@ impl Registry {
 
     /// The rest of a deletion, outside the lock: the run's datasets and files.
     fn clear(&self, gone: Unlinked) -> Result<(), RunError> {
-        for d in gone.datasets {
-            if let Err(e) = self.datasets.delete(&d) {
+        for (d, trash) in gone.datasets {
+            if let Err(e) = trash.remove() {
                 tracing::warn!("run {} deleted, but not its dataset {d}: {e}", gone.name);
             }
         }
@@ -804,16 +892,29 @@ impl Registry {
         if self.in_use(&inner).iter().any(|d| d == v.name()) {
             return Err(RunError::DatasetInUse(v.name().to_string()));
         }
-        Ok(v.install()?)
+        let (meta, replaced) = v.install()?;
+        drop(inner);
+        if let Some(t) = replaced {
+            if let Err(e) = t.remove() {
+                tracing::warn!(
+                    "dataset {} replaced, but not all of the old copy removed: {e}",
+                    meta.name
+                );
+            }
+        }
+        Ok(meta)
     }
 
-    /// Deletes a dataset no unfinished run uses (checked and done under the registry's lock).
+    /// Deletes a dataset no unfinished run uses: checked and taken out of the store under the
+    /// registry's lock, its files removed after.
     pub fn delete_dataset(&self, name: &str) -> Result<(), RunError> {
         let inner = self.lock();
         if self.in_use(&inner).iter().any(|d| d == name) {
             return Err(RunError::DatasetInUse(name.to_string()));
         }
-        Ok(self.datasets.delete(name)?)
+        let trash = self.datasets.set_aside(name)?;
+        drop(inner);
+        Ok(trash.remove()?)
     }
 
     /// The artifact zip of a finished run, made on first request (blocking).
@@ -827,7 +928,7 @@ impl Registry {
             });
         }
         let dir = self.run_dir(name).join("artifact").join(name);
-        let zip = dir.with_extension("zip");
+        let zip = crate::artifact::zip_path(&dir);
         let _one_at_a_time = self.zipping.lock().unwrap_or_else(|p| p.into_inner());
         if zip.is_file() {
             return Ok(zip);
@@ -1025,9 +1126,28 @@ impl Registry {
             metrics::counter!("clipft_trainer_runs_ended_total", "state" => rec.state.word())
                 .increment(1);
         }
+        let ended = inner
+            .runs
+            .get(&name)
+            .is_some_and(|e| matches!(e.rec.state, State::Failed | State::Canceled));
         self.publish_counts(&inner);
         drop(inner);
+        if ended {
+            self.drop_work(&name);
+        }
         self.wake.notify_one();
+    }
+
+    /// Removes the checkpoints of a run that ended without an artifact: FAILED and CANCELED
+    /// runs never resume, and each kept its weights and optimiser state (three times the
+    /// model) until deleted.
+    fn drop_work(&self, name: &str) {
+        let work = self.run_dir(name).join("work");
+        match std::fs::remove_dir_all(&work) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("{}: {e}", work.display()),
+        }
     }
 
     /// Logs and progress from a running fit.
@@ -1044,6 +1164,14 @@ impl Registry {
             }
             FitEvent::Log(l) => Some(l),
             FitEvent::Evaluating(w) => Some(format!("evaluating ({w})")),
+            FitEvent::Checkpoint { .. } => {
+                if e.rec.interruptions > 0 {
+                    e.rec.interruptions = 0;
+                    let rec = e.rec.clone();
+                    self.persist(&rec);
+                }
+                None
+            }
             FitEvent::Before(m) => {
                 e.rec.result.before = Some(m);
                 let rec = e.rec.clone();
@@ -1228,5 +1356,130 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&r).expect("write")).expect("read");
         assert!(back.epoch_losses[0].is_nan() && back.epoch_losses[1] == 1.5);
         assert!(back.eval_losses[0].is_nan());
+    }
+
+    fn options(dir: &Path) -> RunnerOptions {
+        RunnerOptions {
+            device: "cpu".into(),
+            min_free_bytes: 0,
+            ..RunnerOptions::new(dir.to_path_buf())
+        }
+    }
+
+    /// A run.json of a run that was training when its trainer stopped, with a checkpoint.
+    fn started_run(dir: &Path, name: &str, interruptions: u32) {
+        let rec = RunRecord {
+            name: name.into(),
+            state: State::Started,
+            details: "training".into(),
+            config: FitConfig {
+                run_name: name.into(),
+                ..Default::default()
+            },
+            created_unix: 1,
+            started_unix: Some(1),
+            finished_unix: None,
+            progress: Progress::default(),
+            result: RunResult::default(),
+            seq: 0,
+            interruptions,
+        };
+        let run = dir.join("runs").join(name);
+        std::fs::create_dir_all(run.join("work")).unwrap();
+        std::fs::write(run.join("work/checkpoint.bin"), b"weights").unwrap();
+        std::fs::write(run.join("run.json"), serde_json::to_vec(&rec).unwrap()).unwrap();
+    }
+
+    /// A run the trainer keeps stopping in (killed, out of memory) before a new checkpoint
+    /// resumes `max_interruptions` times, then fails; a checkpoint starts the count again.
+    #[test]
+    fn runs_that_keep_stopping_the_trainer_stop_resuming() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path();
+        started_run(dir, "fresh", 0);
+        started_run(dir, "again", 2);
+        started_run(dir, "doomed", 3);
+        let leftover = dir.join("runs/.deleted-old-7/work");
+        std::fs::create_dir_all(&leftover).unwrap();
+        let reg = Registry::open(options(dir)).unwrap();
+        let fresh = reg.get("fresh").unwrap();
+        assert_eq!((fresh.state, fresh.interruptions), (State::Started, 1));
+        let again = reg.get("again").unwrap();
+        assert_eq!((again.state, again.interruptions), (State::Started, 3));
+        assert!(
+            dir.join("runs/again/work").is_dir(),
+            "it resumes from there"
+        );
+        let doomed = reg.get("doomed").unwrap();
+        assert_eq!(doomed.state, State::Failed);
+        assert!(
+            doomed.details.contains("stopped 4 times in a row")
+                && doomed.details.contains("batch_size"),
+            "{}",
+            doomed.details
+        );
+        assert!(doomed.finished_unix.is_some());
+        assert!(
+            !dir.join("runs/doomed/work").exists(),
+            "its checkpoints are gone"
+        );
+        assert!(
+            !dir.join("runs/.deleted-old-7").exists(),
+            "an unfinished deletion is finished"
+        );
+        let mut clocks = Clocks {
+            line: std::time::Instant::now(),
+            step: std::time::Instant::now(),
+        };
+        reg.on_event("again", FitEvent::Checkpoint { step: 9 }, &mut clocks);
+        assert_eq!(reg.get("again").unwrap().interruptions, 0);
+        drop(reg);
+        // Each of those states is on disk: the next start sees them.
+        let reg = Registry::open(options(dir)).unwrap();
+        assert_eq!(reg.get("again").unwrap().interruptions, 1);
+        assert_eq!(reg.get("fresh").unwrap().interruptions, 2);
+        assert_eq!(reg.get("doomed").unwrap().state, State::Failed);
+    }
+
+    /// What a run may ask for is bounded before anything is read: the batch by
+    /// `max_batch_size`, the whole configuration by MAX_CONFIG_BYTES.
+    #[test]
+    fn run_configurations_are_bounded() {
+        let root = tempfile::tempdir().unwrap();
+        let reg = Registry::open(RunnerOptions {
+            max_batch_size: 256,
+            ..options(root.path())
+        })
+        .unwrap();
+        let config = |batch_size: usize, model: String| FitConfig {
+            model,
+            train_data: "train".into(),
+            batch_size,
+            ..Default::default()
+        };
+        let e = reg
+            .create(Some("big".into()), None, config(257, "m".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("batch_size 257") && e.contains("--max-batch-size"),
+            "{e}"
+        );
+        let e = reg
+            .create(
+                Some("long".into()),
+                None,
+                config(8, "m".repeat(MAX_CONFIG_BYTES)),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bytes as JSON"), "{e}");
+        // Within both, the next check speaks: the dataset does not exist.
+        let e = reg
+            .create(Some("ok".into()), None, config(256, "m".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train"), "{e}");
+        assert!(reg.list(None).unwrap().is_empty());
     }
 }

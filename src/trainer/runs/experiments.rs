@@ -92,7 +92,6 @@ fn run_counts(inner: &Inner) -> std::collections::HashMap<&str, (u32, u32)> {
 impl Registry {
     fn save_experiments(&self, ex: &Experiments) -> Result<(), RunError> {
         let path = self.opts.data_dir.join(FILE);
-        let tmp = self.opts.data_dir.join(format!("{FILE}.tmp"));
         let list: Vec<Stored> = ex
             .iter()
             .map(|(name, &created_unix)| Stored {
@@ -104,8 +103,7 @@ impl Registry {
             path: path.clone(),
             source: std::io::Error::other(e),
         })?;
-        std::fs::write(&tmp, json).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))
+        crate::artifact::replace_file(&path, &json).map_err(io(&path))
     }
 
     /// Adds `name` (already checked) unless it exists; for runs created in a new experiment.
@@ -245,15 +243,10 @@ mod tests {
 
     fn options(dir: &Path) -> RunnerOptions {
         RunnerOptions {
-            data_dir: dir.to_path_buf(),
-            max_concurrent: 1,
-            max_queued: 100,
-            max_experiments: 1000,
             device: "cpu".into(),
-            checkpoint_seconds: 300,
             max_dataset_bytes: 1 << 20,
             min_free_bytes: 0,
-            image_hosts: Default::default(),
+            ..RunnerOptions::new(dir.to_path_buf())
         }
     }
 
@@ -275,6 +268,7 @@ mod tests {
             progress: Progress::default(),
             result: RunResult::default(),
             seq: created_unix as u64,
+            interruptions: 0,
         };
         let mut json = serde_json::to_value(&rec).expect("json");
         if experiment.is_none() {
