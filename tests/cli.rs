@@ -235,6 +235,21 @@ fn encode_errors_are_clear() {
         "{e}"
     );
 
+    // A hub repo whose config is no CLIP is refused on its config, before any weights are
+    // looked for (online, they would have been downloaded first).
+    let snapshot = dir.join("hf/hub/models--someone--bert/snapshots/abc");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::write(snapshot.join("config.json"), r#"{"model_type": "bert"}"#).unwrap();
+    std::fs::create_dir_all(dir.join("hf/hub/models--someone--bert/refs")).unwrap();
+    std::fs::write(dir.join("hf/hub/models--someone--bert/refs/main"), "abc").unwrap();
+    let e = err(bin()
+        .args(["encode", "--model", "someone/bert", "--text", "a"])
+        .env("HF_HOME", dir.join("hf"))
+        .output()
+        .unwrap());
+    assert!(e.contains("\"bert\" is not a CLIP model"), "{e}");
+    assert!(!e.contains("safetensors"), "{e}");
+
     let e = err(bin().args(["encode", "--model", &tiny()]).output().unwrap());
     assert!(e.contains("nothing to encode"), "{e}");
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::Towers;
+use super::config::{ClipConfig, Towers};
 use super::ModelError;
 
 /// The files of one model on local disk.
@@ -135,6 +135,10 @@ impl ModelFiles {
         let config = hub
             .get("config.json")?
             .ok_or_else(|| hub.missing("config.json"))?;
+        // Before any weights are fetched: a repo id is what a client of the trainer sends, and
+        // any hub repo's weights (hundreds of GB for some) were downloaded before the config
+        // said it was no CLIP.
+        ClipConfig::from_file(&config)?;
         let weights = if let Some(p) = hub.get(SAFETENSORS)? {
             WeightFiles::Safetensors {
                 files: vec![p],
