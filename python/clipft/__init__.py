@@ -50,6 +50,8 @@ from .exception import (
     TrainerError,
     UserNotLoggedInError,
 )
+from . import callback, data, exception, experiment, run
+from .data import CSVOptions, build_encoding_dataset
 from .experiment import Experiment, _check_page, _delete_unstarted, _page
 from .run import Run
 
@@ -335,10 +337,27 @@ def _mode(mode: str) -> str:
     return mode
 
 
-def _push(session, value: Any, role: str, run_name: str, pushed: List[str], names: List[str]) -> str:
+def _push(session, value: Any, role: str, run_name: str, pushed: List[str], names: List[str],
+          csv_options: Optional[CSVOptions] = None, seed: int = 0) -> str:
     """The dataset name for ``value``: a DocumentArray or a local file is pushed as
-    ``<run>-<role>``; any other string must name a dataset on the trainer."""
+    ``<run>-<role>``; any other string must name a dataset on the trainer. An open text file,
+    and with ``csv_options`` a CSV file, is read here as Finetuner reads CSVs (see
+    :mod:`clipft.data`)."""
     ds = f"{run_name}-{role}"
+    rewrite = hasattr(value, "read") or (
+        csv_options is not None
+        and isinstance(value, (str, os.PathLike))
+        and os.path.isfile(value)
+        and data.looks_like_csv(os.fspath(value), csv_options)
+    )
+    if rewrite:
+        with tempfile.TemporaryDirectory(prefix="clipft-") as tmp:
+            path = os.path.join(tmp, f"{role}.csv")
+            if data.rewrite_csv(value, csv_options, path, seed) == 0:
+                raise ValueError(f"{role}_data has no rows (after csv_options)")
+            session.push_dataset(ds, path, True)
+        pushed.append(ds)
+        return ds
     if is_documents(value):
         with tempfile.TemporaryDirectory(prefix="clipft-") as tmp:
             path = os.path.join(tmp, f"{role}.protobuf")
@@ -360,7 +379,7 @@ def _push(session, value: Any, role: str, run_name: str, pushed: List[str], name
             f"(datasets: {', '.join(names) or 'none'})"
         )
     raise TypeError(
-        f"{role}_data must be a DocumentArray, a CSV or docarray file path, or a dataset name; got {type(value).__name__}"
+        f"{role}_data must be a DocumentArray, a CSV or docarray file path, an open CSV file, or a dataset name; got {type(value).__name__}"
     )
 
 
@@ -404,6 +423,7 @@ def fit(
     max_steps: Optional[int] = None,
     max_grad_norm: Optional[float] = None,
     dtype: str = "auto",
+    scheduler_step: Optional[str] = None,
 ) -> Run:
     """Fine-tunes CLIP with CLIPLoss and returns the :class:`Run` at once; it trains in the
     background (in this process, or on the trainer given to :func:`login`).
@@ -435,7 +455,10 @@ def fit(
     _refuse("model_options", model_options, "CLIP backbones take no options")
     _refuse("output_dim", output_dim, "the artifact keeps CLIP's projection width")
     _refuse("to_onnx", to_onnx, "artifacts hold safetensors; serve them with `clipft executor`")
-    _refuse("csv_options", csv_options, "CSVs are read as Finetuner's defaults read them (two columns, images by path or URL)")
+    csv_options = data.check_options(csv_options)
+    if scheduler_step is not None:
+        # Finetuner 0.6's argument; 0.8 moved it into scheduler_options.
+        scheduler_options = {**(scheduler_options or {}), "scheduler_step": scheduler_step}
     _refuse("val_split", val_split, "give the validation pairs as eval_data")
     if sampler not in ("auto", "random"):
         raise ValueError(
@@ -468,15 +491,15 @@ def fit(
     if max_grad_norm is not None:
         config["max_grad_norm"] = float(max_grad_norm)
     cb = _callbacks(callbacks)
-    data = {"train": train_data, "eval": eval_data,
-            "query": cb.pop("query_data", None), "index": cb.pop("index_data", None)}
+    datasets = {"train": train_data, "eval": eval_data,
+                "query": cb.pop("query_data", None), "index": cb.pop("index_data", None)}
     config.update(cb)
     if eval_data is None:
         for key in ("best_model", "early_stopping"):
             m = config.get(key) or {}
             if (m.get("name") or m.get("monitor", {}).get("name")) == "val_loss":
                 raise ValueError(f"{key} monitors 'val_loss', which needs eval_data (or monitor 'train_loss')")
-    if data["query"] is None:
+    if datasets["query"] is None:
         config["eval_every"] = 0
 
     session = _get_session()
@@ -502,9 +525,11 @@ def fit(
     names = [d["name"] for d in json.loads(session.list_datasets())]
     pushed: List[str] = []
     try:
-        for role, value in data.items():
+        for role, value in datasets.items():
             if value is not None:
-                config[f"{role}_data"] = _push(session, value, role, run_name, pushed, names)
+                config[f"{role}_data"] = _push(
+                    session, value, role, run_name, pushed, names, csv_options, int(seed)
+                )
         record = json.loads(session.create_run(run_name, json.dumps(config), experiment_name or ""))
     except BaseException:
         for ds in pushed:
@@ -787,8 +812,47 @@ def cos_sim(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+#: Finetuner 0.6's name for :func:`login` in notebooks.
+notebook_login = login
+
+
+def __getattr__(name: str):
+    # Finetuner re-exports docarray's Document and DocumentArray (`finetuner.DocumentArray`);
+    # imported on first use, as docarray is slow to import.
+    if name in ("Document", "DocumentArray"):
+        import docarray
+
+        return getattr(docarray, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _stand_in_for_finetuner() -> None:
+    """Registers this package as ``finetuner`` (with ``finetuner.callback``, ``.data``, ``.run``,
+    ``.experiment``, ``.excepts``) where no Finetuner is installed, so that the
+    ``from finetuner.callback import EvaluationCallback`` lines of a notebook that changed only
+    its ``import finetuner`` line to ``import clipft as finetuner`` still work.
+    ``CLIPFT_NO_FINETUNER_ALIAS=1`` turns this off."""
+    if os.environ.get("CLIPFT_NO_FINETUNER_ALIAS", "") not in ("", "0") or "finetuner" in sys.modules:
+        return
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec("finetuner") is not None:
+            return
+    except (ImportError, ValueError):
+        return
+    sys.modules["finetuner"] = sys.modules[__name__]
+    for name, module in (("callback", callback), ("data", data), ("run", run),
+                         ("experiment", experiment), ("excepts", exception),
+                         ("exception", exception)):
+        sys.modules[f"finetuner.{name}"] = module
+
+
+_stand_in_for_finetuner()
+
+
 __all__ = [
-    "login", "fit", "create_run", "create_training_run", "get_run", "list_runs", "delete_run",
+    "login", "notebook_login", "fit", "create_run", "create_training_run", "get_run", "list_runs", "delete_run",
     "delete_runs", "create_experiment", "get_experiment", "list_experiments", "delete_experiment",
     "delete_experiments", "Experiment", "list_models", "list_model_options", "describe_models", "get_token", "list_callbacks", "get_model", "build_model",
     "encode", "cos_sim", "Run", "InferenceEngine",
@@ -796,5 +860,6 @@ __all__ = [
     "WiSEFTCallback", "WandBLogger",
     "ClipftError", "TrainerError", "FinetunerServerError", "AuthenticationError", "NotFoundError",
     "AlreadyExistsError", "RunPreparingError", "RunInProgressError", "RunFailedError",
-    "SelectModelRequired", "NoSuchModel", "UserNotLoggedInError",
+    "SelectModelRequired", "NoSuchModel", "UserNotLoggedInError", "CSVOptions",
+    "build_encoding_dataset", "Document", "DocumentArray",
 ]

@@ -115,7 +115,7 @@ def test_unsupported_settings_are_refused_before_anything_runs(registry):
         with pytest.raises(ValueError, match="cuda"):
             finetuner.fit(model=TINY, train_data=TRAIN, run_name="refused", device="cuda:0")
     with pytest.raises(ValueError, match="open-clip"):
-        finetuner.fit(model="ViT-B-32::openai", train_data=TRAIN)
+        finetuner.fit(model="ViT-B-32::laion2b_s34b_b79k", train_data=TRAIN)
     with pytest.raises(ValueError, match="neither a file nor a dataset"):
         finetuner.fit(model=TINY, train_data="no-such-dataset")
     with pytest.raises(ValueError, match="chunk|image|text"):

@@ -17,14 +17,6 @@ pub struct UsesConfig {
     pub ignored: Vec<String>,
 }
 
-/// clip_server model names and the Hugging Face checkpoints of the same weights.
-pub const CLIP_SERVER_MODELS: [(&str, &str); 4] = [
-    ("ViT-B-32::openai", "openai/clip-vit-base-patch32"),
-    ("ViT-B-16::openai", "openai/clip-vit-base-patch16"),
-    ("ViT-L-14::openai", "openai/clip-vit-large-patch14"),
-    ("ViT-L-14-336::openai", "openai/clip-vit-large-patch14-336"),
-];
-
 /// Flags the `with:` block may set, with clip_server's spellings mapped to them.
 fn flag_for(key: &str) -> Option<&'static str> {
     Some(match key {
@@ -93,11 +85,7 @@ impl UsesConfig {
                     scalar(v).ok_or_else(|| format!("with.{key} must be a single value"))?;
                 if key == "name" {
                     // clip_server's model name.
-                    let repo = CLIP_SERVER_MODELS
-                        .iter()
-                        .find(|(n, _)| *n == value)
-                        .map(|(_, r)| r.to_string())
-                        .unwrap_or(value);
+                    let repo = crate::model::backbones::canonical(&value).to_string();
                     out.values.insert("model".into(), repo);
                 } else if key == "jit" {
                     out.ignored.push("with.jit".into());

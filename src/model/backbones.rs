@@ -50,9 +50,23 @@ pub const BACKBONES: &[Backbone] = &[
     },
 ];
 
+/// clip_server's and open-clip's names of OpenAI's CLIP weights, and the Hugging Face
+/// checkpoints that hold the same weights (clip-as-service configurations and Finetuner's
+/// open-clip era name models this way).
+pub const OPEN_CLIP_NAMES: [(&str, &str); 4] = [
+    ("ViT-B-32::openai", "openai/clip-vit-base-patch32"),
+    ("ViT-B-16::openai", "openai/clip-vit-base-patch16"),
+    ("ViT-L-14::openai", "openai/clip-vit-large-patch14"),
+    ("ViT-L-14-336::openai", "openai/clip-vit-large-patch14-336"),
+];
+
 /// The Hugging Face repo behind a Finetuner display name (`clip-base-en` ->
-/// `openai/clip-vit-base-patch32`); any other name is returned as given.
+/// `openai/clip-vit-base-patch32`) or an open-clip name of OpenAI's weights
+/// (`ViT-B-32::openai`); any other name is returned as given.
 pub fn canonical(name: &str) -> &str {
+    if let Some((_, repo)) = OPEN_CLIP_NAMES.iter().find(|(n, _)| *n == name) {
+        return repo;
+    }
     BACKBONES
         .iter()
         .find(|b| b.display_name == Some(name))
@@ -60,9 +74,13 @@ pub fn canonical(name: &str) -> &str {
 }
 
 /// Why a Finetuner backbone clipft cannot train is refused, or None when it can be tried.
-/// open-clip descriptors (`ViT-B-32::openai`) and the multilingual model name weights in
-/// open_clip's layout, which is not Hugging Face's CLIPModel.
+/// open-clip descriptors of other weights than OpenAI's (`ViT-B-32::laion2b_s34b_b79k`) and
+/// the multilingual model name weights in open_clip's layout, which is not Hugging Face's
+/// CLIPModel.
 pub fn unsupported(name: &str) -> Option<String> {
+    if OPEN_CLIP_NAMES.iter().any(|(n, _)| *n == name) {
+        return None;
+    }
     if name.contains("::") || name == "clip-base-multi" {
         return Some(format!(
             "{name} is an open-clip model; clipft loads CLIP in Hugging Face layout: use {} (clip-base-en) or another of `clipft models`",
@@ -81,7 +99,16 @@ mod tests {
         assert_eq!(canonical("clip-base-en"), "openai/clip-vit-base-patch32");
         assert_eq!(canonical("clip-large-en"), "openai/clip-vit-large-patch14");
         assert_eq!(canonical("some/folder"), "some/folder");
-        assert!(unsupported("ViT-B-32::openai").is_some());
+        assert_eq!(
+            canonical("ViT-B-32::openai"),
+            "openai/clip-vit-base-patch32"
+        );
+        assert_eq!(
+            canonical("ViT-L-14-336::openai"),
+            "openai/clip-vit-large-patch14-336"
+        );
+        assert!(unsupported("ViT-B-32::openai").is_none());
+        assert!(unsupported("ViT-B-32::laion2b_s34b_b79k").is_some());
         assert!(unsupported("clip-base-multi").is_some());
         assert!(unsupported("clip-base-en").is_none());
     }
