@@ -129,10 +129,12 @@ impl call::JinaRpc for JinaServices {
         // request of the stream gets a `data_request` span of its own under it.
         let call_span = tracing::Span::current();
         let task_span = call_span.clone();
+        let replies = tx.clone();
         let task = async move {
             let work = inbound.map(move |item| {
                 let core = core.clone();
                 let flag = task_flag.clone();
+                let replies = replies.clone();
                 let span = tracing::info_span!(
                     parent: &call_span,
                     "data_request",
@@ -142,41 +144,44 @@ impl call::JinaRpc for JinaServices {
                     embedded = tracing::field::Empty,
                     otel.status_code = tracing::field::Empty,
                 );
-                let request = async move {
-                    let req = item?;
-                    match core.handle(req, true).await {
-                        Ok(h) => {
-                            if h.failed {
-                                flag.set();
-                            }
-                            Ok(h.reply)
-                        }
-                        Err(e) => Err(e.to_grpc()),
-                    }
-                }
-                .instrument(span);
-                // Its own task: a stream whose client stops reading replies stops the loop
-                // below, and with it the polling of `out`; requests polled only through `out`
-                // then froze holding (or first in line for) queue room, and every other client
-                // waited on them.
-                let task = Detached(tokio::spawn(request));
                 async move {
-                    task.await.unwrap_or_else(|e| {
-                        Err(Status::internal(format!("the request's task ended: {e}")))
-                    })
+                    // Room for the reply first, the request after. A client that stops reading
+                    // replies then stops its stream's requests before they take queue room:
+                    // when the reply waited instead, requests polled only through `out` froze
+                    // holding (or first in line for) the queue, and every client waited on
+                    // them. None: the client is gone.
+                    let slot = replies.reserve_owned().await.ok()?;
+                    let reply = match item {
+                        Err(status) => Err(status),
+                        Ok(req) => match core.handle(req, true).await {
+                            Ok(h) => {
+                                if h.failed {
+                                    flag.set();
+                                }
+                                Ok(h.reply)
+                            }
+                            Err(e) => Err(e.to_grpc()),
+                        },
+                    };
+                    Some((slot, reply))
                 }
+                .instrument(span)
             });
-            let mut out: ReplyStream<DataRequestProto> = if in_order {
+            type Reply = Result<DataRequestProto, Status>;
+            type Done = Option<(mpsc::OwnedPermit<Reply>, Reply)>;
+            let mut out: Pin<Box<dyn Stream<Item = Done> + Send>> = if in_order {
                 Box::pin(work.buffered(limit))
             } else {
                 Box::pin(work.buffer_unordered(limit))
             };
+            // Never waits on a reply (each has its room), so requests in flight always progress.
             loop {
                 tokio::select! {
                     item = out.next() => {
-                        let Some(item) = item else { break };
-                        let stop = item.is_err();
-                        if tx.send(item).await.is_err() || stop {
+                        let Some(Some((slot, reply))) = item else { break };
+                        let stop = reply.is_err();
+                        slot.send(reply);
+                        if stop {
                             break;
                         }
                     }
@@ -189,24 +194,6 @@ impl call::JinaRpc for JinaServices {
         let mut r = Response::new(Box::pin(ReceiverStream::new(rx)) as Self::CallStream);
         r.extensions_mut().insert(flag);
         Ok(r)
-    }
-}
-
-/// A stream's request running on its own task; dropping it (the stream ended or its client
-/// went away) aborts the task, which withdraws its queued work.
-struct Detached<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Future for Detached<T> {
-    type Output = Result<T, tokio::task::JoinError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<T> Drop for Detached<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
