@@ -52,12 +52,24 @@ impl Input {
 
 type Reply = Result<Vec<Vec<f32>>, ExecutorError>;
 
+/// Who a job is for: a stream, or a unary call. The worker fills each model batch taking the
+/// oldest job of every source in turn, so one client's queued jobs do not stand ahead of
+/// everybody else's.
+pub type Source = u64;
+
+/// A source no other caller has.
+pub fn new_source() -> Source {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// One request's inputs for one tower.
 struct Job {
     inputs: Vec<Input>,
     /// The request's own minibatch size (clip_server's `minibatch_size` parameter).
     max_batch: usize,
     reply: oneshot::Sender<Reply>,
+    source: Source,
     /// Released when the job is done (before its reply goes out) or dropped, freeing its room
     /// in the queue.
     permit: OwnedSemaphorePermit,
@@ -184,6 +196,7 @@ impl Batcher {
         admission: Admission,
         inputs: Vec<Input>,
         max_batch: Option<usize>,
+        source: Source,
     ) -> Reply {
         if inputs.is_empty() {
             return Ok(Vec::new());
@@ -201,6 +214,7 @@ impl Batcher {
             inputs,
             max_batch: max_batch.unwrap_or(self.minibatch).clamp(1, self.minibatch),
             reply,
+            source,
             permit: admission.0,
             enqueued: Instant::now(),
             trace,
@@ -222,7 +236,7 @@ impl Batcher {
             return Ok(Vec::new());
         }
         let admission = self.admit(inputs.len(), wait).await?;
-        self.run(admission, inputs, max_batch).await
+        self.run(admission, inputs, max_batch, new_source()).await
     }
 
     /// Whether the model worker is alive.
@@ -231,7 +245,8 @@ impl Batcher {
     }
 }
 
-/// The worker: blocks for the first job, takes what else is queued up to a minibatch, runs it.
+/// The worker: blocks for a job, takes every job queued, and runs a minibatch of them chosen
+/// fairly ([`fair_pick`]); the rest wait for the next batch.
 fn worker(
     encoder: Encoder,
     tower: Tower,
@@ -239,18 +254,29 @@ fn worker(
     mut rx: mpsc::Receiver<Job>,
     stats: &BatcherStats,
 ) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut jobs = vec![first];
-        let mut items = jobs[0].inputs.len();
-        while items < minibatch {
-            match rx.try_recv() {
-                Ok(j) => {
-                    items += j.inputs.len();
-                    jobs.push(j);
-                }
-                Err(_) => break,
+    // Jobs taken from the channel, oldest first; they keep their queue room until run.
+    let mut pending: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
+    loop {
+        if pending.is_empty() {
+            match rx.blocking_recv() {
+                Some(j) => pending.push_back(j),
+                None => break,
             }
         }
+        while let Ok(j) = rx.try_recv() {
+            pending.push_back(j);
+        }
+        let queued: Vec<(Source, usize)> =
+            pending.iter().map(|j| (j.source, j.inputs.len())).collect();
+        let picked = fair_pick(&queued, minibatch);
+        let mut jobs = Vec::with_capacity(picked.len());
+        // Highest index first, so the indices left stay valid.
+        for &i in picked.iter().rev() {
+            if let Some(j) = pending.remove(i) {
+                jobs.push(j);
+            }
+        }
+        jobs.reverse();
         // Callers that went away (cancelled stream, closed connection) cost nothing more.
         jobs.retain(|j| {
             let gone = j.reply.is_closed();
@@ -284,6 +310,32 @@ fn worker(
         }
         run_jobs(&encoder, tower, minibatch, jobs, stats);
     }
+}
+
+/// Which of the `queued` jobs (source, inputs; oldest first) make the next model batch, as
+/// ascending indices: the oldest job of each source in turn, then each source's next, until
+/// `minibatch` inputs are taken (the last job may take the batch past it, as a job is not
+/// split) or none are left. A request that arrives behind a long stream's queued jobs then
+/// joins the next batch, instead of waiting for all of them as first-come-first-served made it.
+fn fair_pick(queued: &[(Source, usize)], minibatch: usize) -> Vec<usize> {
+    let mut taken = vec![false; queued.len()];
+    let mut picked = Vec::new();
+    let mut items = 0;
+    while items < minibatch && picked.len() < queued.len() {
+        let mut seen = std::collections::HashSet::new();
+        for (i, &(source, len)) in queued.iter().enumerate() {
+            if items >= minibatch {
+                break;
+            }
+            if !taken[i] && seen.insert(source) {
+                taken[i] = true;
+                picked.push(i);
+                items += len;
+            }
+        }
+    }
+    picked.sort_unstable();
+    picked
 }
 
 /// Runs every input of `jobs` in model batches and answers each job.
@@ -452,5 +504,30 @@ fn embed_batch(encoder: &Encoder, tower: Tower, inputs: Vec<Input>) -> Reply {
                 .collect();
             encoder.embed_pixels(&images).map_err(model)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request of 8 behind four of a stream's queued requests goes into the next batch.
+    #[test]
+    fn a_newcomer_joins_the_next_batch() {
+        let queued = [(1, 8), (1, 8), (1, 8), (1, 8), (1, 8), (1, 8), (2, 8)];
+        assert_eq!(fair_pick(&queued, 32), [0, 1, 2, 6]);
+        // First come, first served within a source, and across them turn by turn.
+        let queued = [(1, 4), (1, 4), (2, 4), (3, 4), (2, 4), (1, 4)];
+        assert_eq!(fair_pick(&queued, 16), [0, 1, 2, 3]);
+        assert_eq!(fair_pick(&queued, 20), [0, 1, 2, 3, 4]);
+        assert_eq!(fair_pick(&queued, 100), [0, 1, 2, 3, 4, 5]);
+    }
+
+    /// A job bigger than the minibatch still runs, alone; nothing queued means nothing picked.
+    #[test]
+    fn big_jobs_and_empty_queues() {
+        assert_eq!(fair_pick(&[(1, 500), (2, 1)], 32), [0]);
+        assert_eq!(fair_pick(&[(1, 5), (2, 500), (1, 5)], 32), [0, 1]);
+        assert!(fair_pick(&[], 32).is_empty());
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use futures_util::future::try_join;
 use tracing::Instrument;
 
-use super::batcher::{Batcher, Input, Tower};
+use super::batcher::{Batcher, Input, Source, Tower};
 use super::pool::PreprocessPool;
 use super::status::{self, ExecutorError};
 use crate::docarray::{decode_data_uri, HttpFetch, ImageHosts};
@@ -128,12 +128,14 @@ struct Options {
 
 impl Core {
     /// Processes one request. `wait` chooses back-pressure (streams wait for queue room) or
-    /// refusal (unary calls). Errors that fail the whole call (full queue, shutting down) are
-    /// `Err`; every other error comes back in-band.
+    /// refusal (unary calls); `source` is the caller the tower queues share batches fairly
+    /// between (a stream's requests share one). Errors that fail the whole call (full queue,
+    /// shutting down) are `Err`; every other error comes back in-band.
     pub async fn handle(
         &self,
         mut req: DataRequestProto,
         wait: bool,
+        source: Source,
     ) -> Result<Handled, ExecutorError> {
         use prost::Message;
         let arrived = SystemTime::now();
@@ -169,8 +171,8 @@ impl Core {
         });
         let outcome = match route_endpoint(&endpoint) {
             Endpoint::DryRun => Ok(0),
-            Endpoint::Encode => self.encode_request(&mut req, wait).await,
-            Endpoint::Rank => self.rank_request(&mut req, wait).await,
+            Endpoint::Encode => self.encode_request(&mut req, wait, source).await,
+            Endpoint::Rank => self.rank_request(&mut req, wait, source).await,
         };
         if let Some(span) = &span {
             match &outcome {
@@ -258,13 +260,14 @@ impl Core {
         &self,
         req: &mut DataRequestProto,
         wait: bool,
+        source: Source,
     ) -> Result<usize, ExecutorError> {
         let opts = self.options(req, false)?;
         let Some(docs) = docs_mut(req)? else {
             return Ok(0);
         };
         let addrs = opts.paths.select(docs);
-        let done = self.embed(docs, &addrs, &opts, wait).await?;
+        let done = self.embed(docs, &addrs, &opts, wait, source).await?;
         if opts.drop_image_content {
             for a in done
                 .iter()
@@ -288,6 +291,7 @@ impl Core {
         &self,
         req: &mut DataRequestProto,
         wait: bool,
+        source: Source,
     ) -> Result<usize, ExecutorError> {
         match (&self.text, &self.vision) {
             (Some(_), Some(_)) => {}
@@ -299,7 +303,7 @@ impl Core {
             return Ok(0);
         };
         let addrs = opts.paths.select(docs);
-        let embedded = self.embed(docs, &addrs, &opts, wait).await?.len();
+        let embedded = self.embed(docs, &addrs, &opts, wait, source).await?.len();
         for (i, root) in docs.iter_mut().enumerate() {
             if root.matches.is_empty() {
                 continue;
@@ -357,6 +361,7 @@ impl Core {
         addrs: &[Address],
         opts: &Options,
         wait: bool,
+        source: Source,
     ) -> Result<Vec<(Address, Tower)>, ExecutorError> {
         let minibatch = opts.minibatch;
         let mut texts = Vec::new();
@@ -427,11 +432,17 @@ impl Core {
             };
             let items: Vec<_> = texts.into_iter().zip(text_ids).collect();
             let rows = self
-                .embed_chunked(batcher, items, wait, minibatch, move |((a, t), id)| {
-                    tok.encode(t)
-                        .map(Input::Tokens)
-                        .map_err(|e| bad_doc(a, id, e.to_string()))
-                })
+                .embed_chunked(
+                    batcher,
+                    items,
+                    (wait, source),
+                    minibatch,
+                    move |((a, t), id)| {
+                        tok.encode(t)
+                            .map(Input::Tokens)
+                            .map_err(|e| bad_doc(a, id, e.to_string()))
+                    },
+                )
                 .await?;
             Ok(rows)
         };
@@ -444,11 +455,17 @@ impl Core {
             };
             let policy = self.policy.clone();
             let items: Vec<_> = images.into_iter().zip(image_ids).collect();
-            self.embed_chunked(batcher, items, wait, minibatch, move |((a, src), id)| {
-                load_image(src, &policy, &pre)
-                    .map(Input::Pixels)
-                    .map_err(|e| bad_doc(a, id, e))
-            })
+            self.embed_chunked(
+                batcher,
+                items,
+                (wait, source),
+                minibatch,
+                move |((a, src), id)| {
+                    load_image(src, &policy, &pre)
+                        .map(Input::Pixels)
+                        .map_err(|e| bad_doc(a, id, e))
+                },
+            )
             .await
         };
         let (text_rows, image_rows) = try_join(text_fut, image_fut).await?;
@@ -479,7 +496,7 @@ impl Core {
         &self,
         batcher: &Batcher,
         items: Vec<T>,
-        wait: bool,
+        (wait, source): (bool, Source),
         minibatch: Option<usize>,
         prep: impl Fn(&T) -> Result<Input, ExecutorError> + Send + Sync + 'static,
     ) -> Result<Vec<Vec<f32>>, ExecutorError>
@@ -520,7 +537,7 @@ impl Core {
                         Tower::Vision => metrics::histogram!("jina_preprocess_images_seconds"),
                     }
                     .record(seconds);
-                    batcher.run(admission, inputs, minibatch).await
+                    batcher.run(admission, inputs, minibatch, source).await
                 }
             })
             .buffered(2)

@@ -19,6 +19,7 @@ use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use super::batcher::new_source;
 use super::endpoints::{Core, ENDPOINTS};
 use super::status;
 use crate::protocol::docarray::DocumentArrayProto;
@@ -130,6 +131,8 @@ impl call::JinaRpc for JinaServices {
         let call_span = tracing::Span::current();
         let task_span = call_span.clone();
         let replies = tx.clone();
+        // The stream's requests are one caller for the towers' fair batching.
+        let source = new_source();
         let task = async move {
             let work = inbound.map(move |item| {
                 let core = core.clone();
@@ -153,7 +156,7 @@ impl call::JinaRpc for JinaServices {
                     let slot = replies.reserve_owned().await.ok()?;
                     let reply = match item {
                         Err(status) => Err(status),
-                        Ok(req) => match core.handle(req, true).await {
+                        Ok(req) => match core.handle(req, true, source).await {
                             Ok(h) => {
                                 if h.failed {
                                     flag.set();
@@ -206,7 +209,7 @@ impl psd::JinaSingleDataRequestRpc for JinaServices {
     ) -> Result<Response<DataRequestProto>, Status> {
         let h = self
             .core
-            .handle(request.into_inner(), false)
+            .handle(request.into_inner(), false, new_source())
             .await
             .map_err(|e| e.to_grpc())?;
         Ok(flagged(h.reply, h.failed))
@@ -253,7 +256,7 @@ impl pd::JinaDataRequestRpc for JinaServices {
             });
         let h = self
             .core
-            .handle(first, false)
+            .handle(first, false, new_source())
             .await
             .map_err(|e| e.to_grpc())?;
         Ok(flagged(h.reply, h.failed))
@@ -282,7 +285,11 @@ impl sd::JinaSingleDocumentRequestRpc for JinaServices {
                 )),
             }),
         };
-        let h = self.core.handle(req, true).await.map_err(|e| e.to_grpc())?;
+        let h = self
+            .core
+            .handle(req, true, new_source())
+            .await
+            .map_err(|e| e.to_grpc())?;
         let mut reply = h.reply;
         let document = match reply.data.take().and_then(|d| d.documents) {
             Some(data_request_proto::data_content_proto::Documents::Docs(da)) => {
