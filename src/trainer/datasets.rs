@@ -435,7 +435,13 @@ impl Vetted {
             std::fs::rename(&dest, &old).map_err(io(&dest))?;
             replaced = Some(Trash(old));
         }
-        std::fs::rename(&up.tmp, &dest).map_err(io(&dest))?;
+        if let Err(e) = std::fs::rename(&up.tmp, &dest) {
+            // The old copy goes back: set aside, the next start would have removed it.
+            if let Some(Trash(old)) = replaced {
+                let _ = std::fs::rename(&old, &dest);
+            }
+            return Err(io(&dest)(e));
+        }
         Ok((self.meta, replaced))
     }
 }
