@@ -55,6 +55,12 @@ pub struct TrainerArgs {
     /// otherwise kill it again at every restart.
     #[arg(long, env = "CLIPFT_MAX_INTERRUPTIONS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_interruptions: u32,
+    /// The models runs may start from, comma-separated: hub repo ids, Finetuner names
+    /// (`clip-base-en`) or folders on the trainer; a CreateRun naming another is refused
+    /// (PERMISSION_DENIED). Unset: any, so a client can have any CLIP repo on the hub downloaded
+    /// and any model folder on this machine read.
+    #[arg(long, env = "CLIPFT_ALLOWED_MODELS", value_delimiter = ',')]
+    pub allowed_models: Vec<String>,
     /// TrainingCheckpoint interval for runs that do not set one (and one at every epoch end):
     /// at most this much training is lost when the trainer is killed.
     #[arg(long, env = "CLIPFT_CHECKPOINT_SECONDS", default_value_t = 300)]
@@ -104,6 +110,7 @@ pub fn run(args: TrainerArgs) -> anyhow::Result<()> {
         image_hosts: args.image_hosts,
         max_batch_size: args.max_batch_size as usize,
         max_interruptions: args.max_interruptions,
+        allowed_models: args.allowed_models.clone(),
     })
     .with_context(|| format!("--data-dir {}", args.data_dir.display()))?;
     let config = TrainerServerConfig {

@@ -187,6 +187,10 @@ pub struct RunnerOptions {
     /// between them before it fails instead of resuming again: a run that kills the process
     /// (out of memory) would otherwise kill every restart.
     pub max_interruptions: u32,
+    /// The models runs may start from (hub repo ids, Finetuner names, folders on the trainer);
+    /// empty: any. A run's model is what a client names: any hub repo of a CLIP is downloaded
+    /// whole, and any folder on the trainer's disk is read.
+    pub allowed_models: Vec<String>,
 }
 
 impl RunnerOptions {
@@ -204,6 +208,7 @@ impl RunnerOptions {
             image_hosts: Default::default(),
             max_batch_size: 1024,
             max_interruptions: 3,
+            allowed_models: Vec::new(),
         }
     }
 }
@@ -260,6 +265,8 @@ pub enum RunError {
     QueueFull(usize),
     #[error("the trainer keeps {0} experiments, the most it may (--max-experiments): delete some before creating {1:?}")]
     TooManyExperiments(usize, String),
+    #[error("model {} is not one this trainer trains from (--allowed-models: {})", crate::docarray::quoted(.0), .1.join(", "))]
+    ModelNotAllowed(String, Vec<String>),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunError + '_ {
@@ -537,6 +544,18 @@ impl Registry {
         }
         if config.model.trim().is_empty() {
             return Err(RunError::BadConfig("model is required".into()));
+        }
+        let allowed = &self.opts.allowed_models;
+        let canonical = crate::model::backbones::canonical;
+        if !allowed.is_empty()
+            && !allowed
+                .iter()
+                .any(|a| canonical(a) == canonical(&config.model))
+        {
+            return Err(RunError::ModelNotAllowed(
+                config.model.clone(),
+                allowed.clone(),
+            ));
         }
         if config.batch_size < 2 || config.epochs == 0 {
             return Err(RunError::BadConfig(
@@ -1481,5 +1500,39 @@ mod tests {
             .to_string();
         assert!(e.contains("train"), "{e}");
         assert!(reg.list(None).unwrap().is_empty());
+    }
+
+    /// `allowed_models` names what runs may start from, by any of its names.
+    #[test]
+    fn only_allowed_models_are_trained() {
+        let root = tempfile::tempdir().unwrap();
+        let reg = Registry::open(RunnerOptions {
+            allowed_models: vec!["clip-base-en".into(), "/models/ours".into()],
+            ..options(root.path())
+        })
+        .unwrap();
+        let config = |model: &str| FitConfig {
+            model: model.into(),
+            train_data: "train".into(),
+            ..Default::default()
+        };
+        let e = reg
+            .create(None, None, config("someone/huge-clip"))
+            .unwrap_err();
+        assert!(matches!(e, RunError::ModelNotAllowed(..)), "{e}");
+        let e = e.to_string();
+        assert!(
+            e.contains("--allowed-models: clip-base-en, /models/ours"),
+            "{e}"
+        );
+        // Allowed, by the repo id behind the Finetuner name: the next check speaks.
+        for m in [
+            "openai/clip-vit-base-patch32",
+            "clip-base-en",
+            "/models/ours",
+        ] {
+            let e = reg.create(None, None, config(m)).unwrap_err();
+            assert!(!matches!(e, RunError::ModelNotAllowed(..)), "{m}: {e}");
+        }
     }
 }

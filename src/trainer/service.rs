@@ -34,6 +34,7 @@ pub fn status(e: &RunError) -> Status {
         | RunError::DatasetInUse(_)
         | RunError::ExperimentBusy { .. } => Code::FailedPrecondition,
         RunError::QueueFull(_) | RunError::TooManyExperiments(..) => Code::ResourceExhausted,
+        RunError::ModelNotAllowed(..) => Code::PermissionDenied,
         RunError::Dataset(d) => return dataset_status(d),
         RunError::Io { .. } | RunError::Artifact(_) => Code::Internal,
     };
