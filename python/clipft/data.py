@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Union
 
-_SCHEMES = ("data:", "http://", "https://")
+from ._data import _SCHEMES
 
 
 @dataclass

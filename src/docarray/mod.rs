@@ -24,6 +24,20 @@ pub fn quoted(s: &str) -> String {
     }
 }
 
+/// `s` cut to at most `max` bytes at a character boundary, saying how much was cut: for
+/// messages and log lines that carry what a client sent, which no reply or record can hold
+/// whole when it is megabytes.
+pub fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut at = max;
+    while !s.is_char_boundary(at) {
+        at -= 1;
+    }
+    format!("{}... ({} more bytes cut)", &s[..at], s.len() - at)
+}
+
 /// Where an error in a dataset is: file and line or document index.
 pub type Location = String;
 

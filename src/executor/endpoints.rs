@@ -149,16 +149,15 @@ impl Core {
             .and_then(|h| h.exec_endpoint.clone())
             .unwrap_or_else(|| "/default".into());
         // For logs and traces: a client may send an endpoint of megabytes.
-        let shown = if endpoint.len() <= 256 {
-            endpoint.clone()
-        } else {
-            crate::docarray::quoted(&endpoint)
+        let shown = match endpoint.len() {
+            0..=256 => std::borrow::Cow::Borrowed(endpoint.as_str()),
+            _ => std::borrow::Cow::Owned(crate::docarray::quoted(&endpoint)),
         };
         // The traced call's span (or the stream request's) declares these fields. Counts are
         // recorded as i64: OpenTelemetry has no unsigned integers.
         let span = crate::telemetry::tracing::enabled().then(|| {
             let span = tracing::Span::current();
-            span.record("endpoint", shown.as_str());
+            span.record("endpoint", shown.as_ref());
             if let Some(h) = &req.header {
                 span.record("request_id", h.request_id.as_str());
             }
@@ -431,20 +430,18 @@ impl Core {
                 };
             };
             let items: Vec<_> = texts.into_iter().zip(text_ids).collect();
-            let rows = self
-                .embed_chunked(
-                    batcher,
-                    items,
-                    (wait, source),
-                    minibatch,
-                    move |((a, t), id)| {
-                        tok.encode(t)
-                            .map(Input::Tokens)
-                            .map_err(|e| bad_doc(a, id, e.to_string()))
-                    },
-                )
-                .await?;
-            Ok(rows)
+            self.embed_chunked(
+                batcher,
+                items,
+                (wait, source),
+                minibatch,
+                move |((a, t), id)| {
+                    tok.encode(t)
+                        .map(Input::Tokens)
+                        .map_err(|e| bad_doc(a, id, e.to_string()))
+                },
+            )
+            .await
         };
         let image_fut = async {
             let (Some(batcher), Some(pre)) = (&self.vision, self.images.clone()) else {

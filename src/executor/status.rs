@@ -92,17 +92,7 @@ impl ExecutorError {
     /// quote what the client sent (URIs, texts, shapes); the status carries the message twice,
     /// once escaped, and a reason of hundreds of megabytes became gigabytes of reply.
     pub fn message(&self) -> String {
-        let mut m = without_backtrace(&self.to_string());
-        if m.len() > MAX_MESSAGE_BYTES {
-            let mut cut = MAX_MESSAGE_BYTES;
-            while !m.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            let more = m.len() - cut;
-            m.truncate(cut);
-            m.push_str(&format!("... ({more} more bytes cut)"));
-        }
-        m
+        crate::docarray::cut(&without_backtrace(&self.to_string()), MAX_MESSAGE_BYTES)
     }
 
     /// Whether the error fails the call rather than travelling in-band.

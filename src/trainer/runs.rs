@@ -148,14 +148,7 @@ const MAX_LINE_BYTES: usize = 4096;
 
 /// `s` cut to [`MAX_LINE_BYTES`] at a character boundary, saying how much was cut.
 fn bounded(s: &str) -> String {
-    if s.len() <= MAX_LINE_BYTES {
-        return s.to_string();
-    }
-    let mut cut = MAX_LINE_BYTES;
-    while !s.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    format!("{}... ({} more bytes cut)", &s[..cut], s.len() - cut)
+    crate::docarray::cut(s, MAX_LINE_BYTES)
 }
 
 /// How the trainer runs its queue.
