@@ -1368,3 +1368,120 @@ async fn http_images_are_fetched_only_when_allowed_and_within_limits() -> R {
     }
     Ok(())
 }
+
+/// A document carrying `bytes` of tags besides its `content`: it holds that much while in flight.
+fn heavy(id: &str, content: DocumentProto, bytes: usize) -> DocumentProto {
+    DocumentProto {
+        id: id.into(),
+        tags: Some(to_struct([("pad", s(&"x".repeat(bytes)))])),
+        ..content
+    }
+}
+
+/// Requests in flight share one memory budget (`--max-inflight-bytes`): while one holds most
+/// of it, a unary call that would go over is refused naming the flag, a streamed request waits
+/// for room and then runs, and every byte is given back once the requests are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_share_one_memory_budget() -> R {
+    use std::io::{Read, Write};
+    // An image server that answers when told to: the request fetching from it stays in flight.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let png = image_bytes("rgb_224x224.png");
+    std::thread::spawn(move || {
+        let Ok((mut s, _)) = listener.accept() else {
+            return;
+        };
+        let mut buf = [0u8; 2048];
+        let _ = s.read(&mut buf);
+        let _ = released.recv();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            png.len()
+        );
+        let _ = s.write_all(head.as_bytes());
+        let _ = s.write_all(&png);
+    });
+    let mb = 1 << 20;
+    let opts = ExecutorOptions {
+        max_inflight_bytes: 3 * mb as u64 / 2,
+        images: ImagePolicy {
+            allow_http: true,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let served = Served::start(Towers::ALL, opts, ServerConfig::default()).await?;
+    let inflight = &served.core.inflight;
+    let slow = heavy(
+        "slow",
+        DocumentProto {
+            uri: format!("{base}/img.png"),
+            ..Default::default()
+        },
+        mb,
+    );
+    let first = tokio::spawn({
+        let mut client = served.single();
+        async move {
+            client
+                .process_single_data(request("/encode", vec![slow], vec![]))
+                .await
+        }
+    });
+    for _ in 0..1000 {
+        if inflight.held() > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let held = inflight.held();
+    assert!(held > mb as u64 && held < inflight.limit(), "{held}");
+
+    // A unary call that does not fit is refused, naming the flag.
+    let big_text = || heavy("t", text_doc("t", "a photo"), mb);
+    let refused = served
+        .single()
+        .process_single_data(request("/encode", vec![big_text()], vec![]))
+        .await
+        .err()
+        .ok_or("a unary call over the budget was served")?;
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("--max-inflight-bytes"),
+        "{refused:?}"
+    );
+    // One that fits is served meanwhile.
+    let small = served
+        .single()
+        .process_single_data(request("/encode", vec![text_doc("s", "a dog")], vec![]))
+        .await?
+        .into_inner();
+    assert!(emb(&docs(&small)[0]).is_some());
+
+    // A streamed request waits for room...
+    let mut stream = JinaRpcClient::new(served.channel.clone())
+        .call(futures_util::stream::iter(vec![request(
+            "/encode",
+            vec![big_text()],
+            vec![],
+        )]))
+        .await?
+        .into_inner();
+    let waited =
+        tokio::time::timeout(std::time::Duration::from_millis(500), stream.message()).await;
+    assert!(waited.is_err(), "the streamed request ran over the budget");
+    // ...and runs once the first request is done.
+    release.send(())?;
+    let first = first.await??.into_inner();
+    assert!(emb(&docs(&first)[0]).is_some(), "{:?}", error_of(&first));
+    let r = stream.message().await?.ok_or("stream reply")?;
+    assert!(emb(&docs(&r)[0]).is_some(), "{:?}", error_of(&r));
+    assert_eq!(inflight.held(), 0, "every request gave its bytes back");
+    served.shutdown().await
+}

@@ -61,6 +61,13 @@ pub struct ExecutorArgs {
     /// message size alone would let a small request take gigabytes. Over it, RESOURCE_EXHAUSTED.
     #[arg(long, env = "CLIPFT_MAX_DECODED_BYTES", default_value_t = crate::protocol::budget::DEFAULT_LIMIT, value_parser = clap::value_parser!(u64).range(1024..))]
     pub max_decoded_bytes: u64,
+    /// The memory all requests in flight may hold together: each one's decoded size and its
+    /// reply's embeddings, from when it starts to when its reply is built. Each request is
+    /// bounded on its own by the limits above; this bounds their sum, so many clients at once
+    /// cannot take the process's memory. Over it, unary calls get RESOURCE_EXHAUSTED and
+    /// streams wait. A request bigger than it runs alone.
+    #[arg(long, env = "CLIPFT_MAX_INFLIGHT_BYTES", default_value_t = crate::executor::inflight::DEFAULT_LIMIT, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_inflight_bytes: u64,
     /// Requests of one stream processed at once: enough to fill a minibatch from one client,
     /// few enough that a long stream does not queue ahead of everyone else (at 8, a clip_client
     /// stream at its defaults keeps 64 documents in flight).
@@ -147,6 +154,7 @@ impl ExecutorArgs {
                 "queue_depth" => self.queue_depth = num(value)?.max(1),
                 "max_request_docs" => self.max_request_docs = num(value)?.max(1),
                 "max_decoded_bytes" => self.max_decoded_bytes = num(value)?.max(1024),
+                "max_inflight_bytes" => self.max_inflight_bytes = num(value)?.max(1024),
                 "max_image_pixels" => self.model.max_image_pixels = num(value)?,
                 "max_text_bytes" => self.model.max_text_bytes = num(value)? as usize,
                 "image_root" => self.image_root = Some(value.into()),
@@ -185,6 +193,7 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
         minibatch_size: args.minibatch_size as usize,
         queue_depth: args.queue_depth as usize,
         max_request_docs: args.max_request_docs as usize,
+        max_inflight_bytes: args.max_inflight_bytes,
         release_packed_weights: true,
         preprocess_threads: args.preprocess_threads,
         access_paths,
@@ -322,7 +331,7 @@ mod tests {
             .args;
         a.uses_with = Some(
             r#"{"minibatch_size": 3, "queue_depth": 5, "max_request_docs": 7,
-                "max_decoded_bytes": 4096, "max_image_pixels": 1000, "max_text_bytes": 99,
+                "max_decoded_bytes": 4096, "max_inflight_bytes": 8192, "max_image_pixels": 1000, "max_text_bytes": 99,
                 "image_root": "/srv/images", "allow_http_images": true, "image_hosts": "public",
                 "traversal_paths": "@c", "num_worker_preprocess": 2, "device": "cpu",
                 "dtype": "fp16", "select_model": "clip-text"}"#
@@ -334,7 +343,7 @@ mod tests {
             (a.minibatch_size, a.queue_depth, a.max_request_docs),
             (3, 5, 7)
         );
-        assert_eq!(a.max_decoded_bytes, 4096);
+        assert_eq!((a.max_decoded_bytes, a.max_inflight_bytes), (4096, 8192));
         assert_eq!(
             (a.model.max_image_pixels, a.model.max_text_bytes),
             (1000, 99)

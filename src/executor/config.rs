@@ -31,6 +31,7 @@ fn flag_for(key: &str) -> Option<&'static str> {
         "queue_depth" => "queue_depth",
         "max_request_docs" => "max_request_docs",
         "max_decoded_bytes" => "max_decoded_bytes",
+        "max_inflight_bytes" => "max_inflight_bytes",
         "max_image_pixels" => "max_image_pixels",
         "max_text_bytes" => "max_text_bytes",
         "image_root" => "image_root",

@@ -15,6 +15,7 @@ use futures_util::future::try_join;
 use tracing::Instrument;
 
 use super::batcher::{Batcher, Input, Source, Tower};
+use super::inflight::InFlight;
 use super::pool::PreprocessPool;
 use super::status::{self, ExecutorError};
 use crate::docarray::{decode_data_uri, HttpFetch, ImageHosts};
@@ -78,6 +79,8 @@ pub struct Core {
     pub default_paths: AccessPaths,
     /// Documents one request may ask to encode.
     pub max_request_docs: usize,
+    /// The memory requests in flight hold together.
+    pub inflight: InFlight,
 }
 
 /// One request's outcome: the reply to send, and whether it carries an error status.
@@ -127,10 +130,10 @@ struct Options {
 }
 
 impl Core {
-    /// Processes one request. `wait` chooses back-pressure (streams wait for queue room) or
-    /// refusal (unary calls); `source` is the caller the tower queues share batches fairly
+    /// Processes one request. `wait` chooses back-pressure (streams wait for queue room and
+    /// for the memory budget of requests in flight) or refusal (unary calls); `source` is the caller the tower queues share batches fairly
     /// between (a stream's requests share one). Errors that fail the whole call (full queue,
-    /// shutting down) are `Err`; every other error comes back in-band.
+    /// memory budget spent, shutting down) are `Err`; every other error comes back in-band.
     pub async fn handle(
         &self,
         mut req: DataRequestProto,
@@ -143,6 +146,20 @@ impl Core {
         let runtime = self.name.clone();
         metrics::histogram!("jina_received_request_bytes", "runtime_name" => runtime.clone())
             .record(req.encoded_len() as f64);
+        // Held until the reply is built. Refused before any other work: it fails the call.
+        let (bytes, docs) = crate::protocol::budget::held(&req);
+        let hold = self
+            .inflight
+            .hold(self.inflight.cost(bytes, docs), wait)
+            .await;
+        let _hold = match hold {
+            Ok(h) => h,
+            Err(e) => {
+                metrics::counter!("jina_failed_requests_total", "runtime_name" => runtime)
+                    .increment(1);
+                return Err(e);
+            }
+        };
         let endpoint = req
             .header
             .as_ref()

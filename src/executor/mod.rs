@@ -2,7 +2,8 @@
 //! Jina Flows over Jina's gRPC protocol.
 //!
 //! A request flows: [`server`] (tonic services, limits, health, reflection, the `is-error`
-//! trailer) -> [`endpoints::Core::handle`] (endpoint routing, parameters, access paths, document
+//! trailer) -> [`endpoints::Core::handle`] (the request's share of the memory budget of
+//! requests in flight, [`inflight`]; endpoint routing, parameters, access paths, document
 //! classification, preprocessing on the pool) -> [`batcher::Batcher`] (one bounded queue per
 //! tower, a model thread that batches across requests) -> embeddings written into the documents
 //! -> reply with status and route. [`status`] maps every error to what a Jina peer expects;
@@ -12,6 +13,7 @@ pub mod batcher;
 pub mod client;
 pub mod config;
 pub mod endpoints;
+pub mod inflight;
 pub mod pool;
 pub mod server;
 pub mod status;
@@ -38,6 +40,8 @@ pub struct ExecutorOptions {
     pub queue_depth: usize,
     /// Documents one request may ask to embed.
     pub max_request_docs: usize,
+    /// Bytes all requests in flight may hold together ([`inflight`]).
+    pub max_inflight_bytes: u64,
     /// Drop the f32 weights once they are packed for AMX (on a GPU, the separate q, k and v
     /// weights once stacked), and read token embedding rows from the
     /// checkpoint file instead of keeping the table (the executor never trains): see
@@ -57,6 +61,7 @@ impl Default for ExecutorOptions {
             minibatch_size: 32,
             queue_depth: 128,
             max_request_docs: 10_000,
+            max_inflight_bytes: inflight::DEFAULT_LIMIT,
             release_packed_weights: true,
             preprocess_threads: 0,
             access_paths: AccessPaths::root(),
@@ -103,6 +108,7 @@ impl Core {
             n => n,
         };
         let pool = PreprocessPool::new(threads)?;
+        let inflight = inflight::InFlight::new(opts.max_inflight_bytes, encoder.clip.output_dim());
         Ok(Arc::new(Core {
             name: opts.name.clone(),
             text,
@@ -113,6 +119,7 @@ impl Core {
             pool: Arc::new(pool),
             default_paths: opts.access_paths.clone(),
             max_request_docs: opts.max_request_docs,
+            inflight,
         }))
     }
 }

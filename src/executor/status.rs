@@ -34,6 +34,10 @@ pub enum ExecutorError {
     /// The tower's queue is full (only unary calls are refused; streams wait).
     #[error("the {tower} queue is full ({depth} documents queued, --queue-depth); retry later")]
     QueueFull { tower: &'static str, depth: usize },
+    /// Requests in flight hold the executor's whole memory budget (only unary calls are
+    /// refused; streams wait).
+    #[error("the executor is busy: requests in flight hold {held} bytes, this one needs {need}, the limit is {limit} (--max-inflight-bytes); retry later")]
+    Overloaded { need: u64, held: u64, limit: u64 },
     /// The model failed on a batch.
     #[error("model: {0}")]
     Model(String),
@@ -56,6 +60,7 @@ impl ExecutorError {
             Self::TooManyDocs { .. } => "RequestTooLargeError",
             Self::RankNeedsBothTowers(_) => "MissingTowerError",
             Self::QueueFull { .. } => "QueueFullError",
+            Self::Overloaded { .. } => "OverloadedError",
             Self::Model(_) => "ModelError",
             Self::Internal(_) => "InternalError",
             Self::ShuttingDown => "ShuttingDownError",
@@ -82,7 +87,9 @@ impl ExecutorError {
     /// gateway retries another replica.
     pub fn to_grpc(&self) -> tonic::Status {
         match self {
-            Self::QueueFull { .. } => tonic::Status::resource_exhausted(self.to_string()),
+            Self::QueueFull { .. } | Self::Overloaded { .. } => {
+                tonic::Status::resource_exhausted(self.to_string())
+            }
             Self::ShuttingDown => tonic::Status::unavailable(self.to_string()),
             _ => tonic::Status::internal(self.message()),
         }
@@ -97,7 +104,10 @@ impl ExecutorError {
 
     /// Whether the error fails the call rather than travelling in-band.
     pub fn fails_call(&self) -> bool {
-        matches!(self, Self::QueueFull { .. } | Self::ShuttingDown)
+        matches!(
+            self,
+            Self::QueueFull { .. } | Self::Overloaded { .. } | Self::ShuttingDown
+        )
     }
 }
 

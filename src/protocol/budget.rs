@@ -250,6 +250,151 @@ fn walk(msg: Msg, mut buf: &[u8], depth: usize) -> Result<u64, BudgetError> {
     Ok(total)
 }
 
+/// What a decoded request holds while it is processed, for the executor's budget of requests in
+/// flight (`--max-inflight-bytes`): every message's struct and every string's, byte field's
+/// and packed field's contents, by the same measure as [`estimate`] but counted once (the
+/// `Vec`s have stopped growing). Returns the bytes and the number of documents at any depth,
+/// each of which may get an embedding in the reply.
+pub fn held(req: &DataRequestProto) -> (u64, u64) {
+    use crate::protocol::jina::data_request_proto::data_content_proto::Documents;
+    use std::mem::size_of;
+    let mut h = Held::default();
+    h.bytes += size_of::<DataRequestProto>() as u64;
+    if let Some(header) = &req.header {
+        h.str(&header.request_id);
+        h.str(header.exec_endpoint.as_deref().unwrap_or_default());
+        h.str(header.target_executor.as_deref().unwrap_or_default());
+        h.status(header.status.as_ref());
+    }
+    h.strct(req.parameters.as_ref());
+    for r in &req.routes {
+        h.bytes += size_of::<RouteProto>() as u64;
+        h.str(&r.executor);
+        h.status(r.status.as_ref());
+    }
+    match req.data.as_ref().and_then(|d| d.documents.as_ref()) {
+        Some(Documents::Docs(da)) => da.docs.iter().for_each(|d| h.doc(d)),
+        Some(Documents::DocsBytes(b)) => h.bytes += b.len() as u64,
+        None => {}
+    }
+    (h.bytes, h.docs)
+}
+
+/// [`held`]'s running sums.
+#[derive(Default)]
+struct Held {
+    bytes: u64,
+    docs: u64,
+}
+
+impl Held {
+    fn str(&mut self, s: &str) {
+        self.bytes += s.len() as u64;
+    }
+
+    fn status(&mut self, s: Option<&StatusProto>) {
+        let Some(s) = s else { return };
+        self.str(&s.description);
+        if let Some(e) = &s.exception {
+            self.bytes += std::mem::size_of::<ExceptionProto>() as u64;
+            self.str(&e.name);
+            self.str(&e.executor);
+            for a in e.args.iter().chain(&e.stacks) {
+                self.bytes += std::mem::size_of::<String>() as u64;
+                self.str(a);
+            }
+        }
+    }
+
+    fn strct(&mut self, s: Option<&prost_types::Struct>) {
+        let Some(s) = s else { return };
+        let entry = std::mem::size_of::<String>() + std::mem::size_of::<prost_types::Value>();
+        for (k, v) in &s.fields {
+            self.bytes += entry as u64;
+            self.str(k);
+            self.value(v);
+        }
+    }
+
+    fn value(&mut self, v: &prost_types::Value) {
+        use prost_types::value::Kind;
+        match &v.kind {
+            Some(Kind::StringValue(s)) => self.str(s),
+            Some(Kind::StructValue(s)) => {
+                self.bytes += std::mem::size_of::<prost_types::Struct>() as u64;
+                self.strct(Some(s));
+            }
+            Some(Kind::ListValue(l)) => {
+                self.bytes += std::mem::size_of::<prost_types::ListValue>() as u64;
+                for v in &l.values {
+                    self.bytes += std::mem::size_of::<prost_types::Value>() as u64;
+                    self.value(v);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn dense(&mut self, d: Option<&DenseNdArrayProto>) {
+        let Some(d) = d else { return };
+        self.bytes += d.buffer.len() as u64 + 4 * d.shape.len() as u64;
+        self.str(&d.dtype);
+    }
+
+    fn ndarray(&mut self, a: Option<&NdArrayProto>) {
+        use crate::protocol::docarray::nd_array_proto::Content;
+        let Some(a) = a else { return };
+        self.bytes += std::mem::size_of::<NdArrayProto>() as u64;
+        self.str(&a.cls_name);
+        self.strct(a.parameters.as_ref());
+        match &a.content {
+            Some(Content::Dense(d)) => self.dense(Some(d)),
+            Some(Content::Sparse(s)) => {
+                self.bytes += std::mem::size_of::<SparseNdArrayProto>() as u64;
+                self.bytes += 4 * s.shape.len() as u64;
+                self.dense(s.indices.as_ref());
+                self.dense(s.values.as_ref());
+            }
+            None => {}
+        }
+    }
+
+    fn scores(&mut self, m: &std::collections::HashMap<String, NamedScoreProto>) {
+        let entry = std::mem::size_of::<String>() + std::mem::size_of::<NamedScoreProto>();
+        for (k, s) in m {
+            self.bytes += entry as u64;
+            self.str(k);
+            self.str(&s.op_name);
+            self.str(&s.description);
+            self.str(&s.ref_id);
+        }
+    }
+
+    fn doc(&mut self, d: &DocumentProto) {
+        use crate::protocol::docarray::document_proto::Content;
+        self.docs += 1;
+        self.bytes += std::mem::size_of::<DocumentProto>() as u64;
+        for s in [&d.id, &d.parent_id, &d.uri, &d.modality, &d.mime_type] {
+            self.str(s);
+        }
+        match &d.content {
+            Some(Content::Blob(b)) => self.bytes += b.len() as u64,
+            Some(Content::Text(t)) => self.str(t),
+            Some(Content::Tensor(t)) => self.ndarray(Some(t)),
+            None => {}
+        }
+        self.bytes += 4 * d.location.len() as u64;
+        self.ndarray(d.embedding.as_ref());
+        self.strct(d.tags.as_ref());
+        self.strct(d.metadata.as_ref());
+        self.scores(&d.scores);
+        self.scores(&d.evaluations);
+        for c in d.chunks.iter().chain(&d.matches) {
+            self.doc(c);
+        }
+    }
+}
+
 fn skip(buf: &[u8], n: usize) -> Result<&[u8], BudgetError> {
     buf.get(n..)
         .ok_or(BudgetError::Malformed("a field runs past the end"))
@@ -340,6 +485,62 @@ mod tests {
         let floor = 1000 * std::mem::size_of::<DocumentProto>()
             + 1000 * std::mem::size_of::<prost_types::Value>();
         assert!(e >= floor as u64, "{e} < {floor}");
+    }
+
+    /// What a decoded request holds is what its wire form was estimated to cost, counted once:
+    /// never more than the estimate, never far below it, whatever the request is made of.
+    #[test]
+    fn held_agrees_with_the_estimate() {
+        let mut tags = prost_types::Struct::default();
+        let list = prost_types::ListValue {
+            values: vec![
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue("v".repeat(10))),
+                };
+                500
+            ],
+        };
+        tags.fields.insert(
+            "l".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::ListValue(list)),
+            },
+        );
+        let text = |i: usize| DocumentProto {
+            id: format!("doc-{i}"),
+            content: Some(Content::Text("a caption of some words".into())),
+            ..Default::default()
+        };
+        let shapes: Vec<(&str, Vec<DocumentProto>)> = vec![
+            ("empty", vec![DocumentProto::default(); 5000]),
+            ("texts", (0..2000).map(text).collect()),
+            (
+                "blobs",
+                vec![
+                    DocumentProto {
+                        content: Some(Content::Blob(vec![1u8; 1 << 20].into())),
+                        ..Default::default()
+                    };
+                    4
+                ],
+            ),
+            (
+                "nested",
+                vec![DocumentProto {
+                    chunks: (0..300).map(text).collect(),
+                    tags: Some(tags),
+                    ..Default::default()
+                }],
+            ),
+        ];
+        for (name, docs) in shapes {
+            let n = docs.len();
+            let req = request(docs);
+            let e = estimate(Root::DataRequest, &req.encode_to_vec()).expect("estimate");
+            let (h, d) = held(&req);
+            assert!(h <= e && 3 * h >= e, "{name}: held {h}, estimate {e}");
+            assert!(d >= n as u64, "{name}: {d} documents");
+        }
     }
 
     /// Over the budget is refused, naming the flag; truncated and over-deep input is
