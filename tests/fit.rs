@@ -718,3 +718,76 @@ fn interrupted_runs_checkpoint_and_resume() {
         assert_eq!(mode, 0o666 & !umask, "{}", f.display());
     }
 }
+
+/// `--model-artifact` continues from an earlier run's artifact (Finetuner's model_artifact):
+/// with the backbone frozen, the second run's backbone is the first run's trained one, not the
+/// base model's; by run name (its artifact in --output) or by folder; a name with no artifact
+/// is a clear error.
+#[test]
+fn model_artifact_continues_from_an_earlier_run() {
+    let out = tempdir("continue");
+    let ok = |o: Output| assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ok(fit(&out, &["--max-steps", "2", "--run-name", "first"]));
+    let first_dir = out.join("first").display().to_string();
+    for (run, source) in [("by-name", "first"), ("by-folder", first_dir.as_str())] {
+        let o = fit(
+            &out,
+            &[
+                "--max-steps",
+                "2",
+                "--freeze",
+                "backbone",
+                "--model-artifact",
+                source,
+                "--run-name",
+                run,
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("model_artifact"),
+            "the log says where the weights came from"
+        );
+        let w = |dir: &str| tensors(&out.join(dir).join("models/clip-text/model.safetensors"));
+        let (base, first, second) = (
+            tensors(Path::new("tests/fixtures/clip-tiny/model.safetensors")),
+            w("first"),
+            w(run),
+        );
+        let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let frozen = "text_model.encoder.layers.0.mlp.fc1.weight";
+        assert_eq!(diff(&first[frozen], &second[frozen]), 0.0, "{run}");
+        assert!(
+            diff(&base[frozen], &second[frozen]) > 0.0,
+            "{run}: started from the base model"
+        );
+        let head = "text_projection.weight";
+        assert!(
+            diff(&first[head], &second[head]) > 0.0,
+            "{run}: did not train"
+        );
+    }
+    let e = fit(
+        &out,
+        &[
+            "--max-steps",
+            "1",
+            "--model-artifact",
+            "no-such-run",
+            "--run-name",
+            "x",
+        ],
+    );
+    assert!(!e.status.success());
+    let msg = String::from_utf8_lossy(&e.stderr);
+    assert!(msg.contains("--model-artifact no-such-run"), "{msg}");
+}

@@ -435,7 +435,8 @@ def fit(
     usually tuned at 1e-6 to 1e-5. ``device='cuda'`` / ``cpu=False`` train on the GPU where there
     is one. ``experiment_name`` files the run under that experiment (created on its first run;
     ``'default'`` without one); ``run_name`` must be unused on the trainer, whatever the
-    experiment. What clipft cannot honour (another loss, a miner, ONNX export, an output_dim head,
+    experiment. ``model_artifact`` (a FINISHED run's ``artifact_id``) continues from that run's
+    weights instead of ``model``'s; ``model`` still names the backbone. What clipft cannot honour (another loss, a miner, ONNX export, an output_dim head,
     ...) raises ValueError before anything runs. Keyword-only extras: ``seed``, ``shuffle``,
     ``max_steps``, ``max_grad_norm`` and ``dtype`` (``auto``: bf16 on a GPU, f32 on the CPU).
     """
@@ -451,7 +452,12 @@ def fit(
     _refuse("miner_options", miner_options, "there is no miner")
     _refuse("loss_optimizer", loss_optimizer, "CLIPLoss has no parameters of its own besides the logit scale")
     _refuse("loss_optimizer_options", loss_optimizer_options, "there is no loss optimiser")
-    _refuse("model_artifact", model_artifact, "training starts from a backbone (give it as model)")
+    if model_artifact is not None and (
+        not isinstance(model_artifact, str) or not _native.is_safe_name(model_artifact)
+    ):
+        raise ValueError(
+            f"model_artifact {model_artifact!r}: give a finished run's artifact_id (its name)"
+        )
     _refuse("model_options", model_options, "CLIP backbones take no options")
     _refuse("output_dim", output_dim, "the artifact keeps CLIP's projection width")
     _refuse("to_onnx", to_onnx, "artifacts hold safetensors; serve them with `clipft executor`")
@@ -478,6 +484,8 @@ def fit(
     if dtype not in ("auto", "f32", "bf16", "f16"):
         raise ValueError(f"dtype {dtype!r}: use 'auto', 'f32', 'bf16' or 'f16'")
     config: Dict[str, Any] = {"model": model, "epochs": epochs, "batch_size": batch_size}
+    if model_artifact is not None:
+        config["model_artifact"] = model_artifact
     config.update(_hyper_parameters(optimizer, optimizer_options, learning_rate, scheduler, scheduler_options))
     config["device"] = _device(device, cpu)
     config["freeze"] = ["backbone"] if freeze else []

@@ -1,5 +1,5 @@
 """A Finetuner notebook's own lines, after only its import line changed: `from finetuner...`
-imports, `finetuner.DocumentArray`, CSVOptions, open CSV files, Finetuner 0.6's arguments."""
+imports, `finetuner.DocumentArray`, CSVOptions, open CSV files, Finetuner 0.6's arguments, model_artifact."""
 
 import csv
 import io
@@ -90,3 +90,48 @@ def test_open_csv_files_and_finetuner_06_arguments(registry, tmp_path):
     with pytest.raises(ValueError, match="scheduler_step"):
         finetuner.fit(train_data=io.StringIO(text), scheduler_step="epoch", run_name="refused",
                       **common)
+
+
+def _tensor(path, name):
+    """One f32 tensor of a safetensors file (8-byte header length, JSON header, data)."""
+    import json
+    import struct
+
+    import numpy as np
+
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        start, end = header[name]["data_offsets"]
+        f.seek(8 + n + start)
+        return np.frombuffer(f.read(end - start), dtype="<f4").reshape(header[name]["shape"])
+
+
+def test_model_artifact_continues_from_a_finished_run(registry, tmp_path):
+    rows = demo_rows("train.csv")[:16]
+    text = "".join(f"{c},{os.path.join(DEMO, i)}\n" for c, i in rows)
+    common = dict(model=TINY, epochs=1, batch_size=8, learning_rate=1e-3)
+    first = finetuner.fit(train_data=io.StringIO(text), run_name="first", **common)
+    list(first.stream_logs())
+    assert first.status()["status"] == "FINISHED", first.status()
+    # The backbone frozen: what the second run's artifact holds of it is what it started from.
+    second = finetuner.fit(train_data=io.StringIO(text), run_name="second", freeze=True,
+                           model_artifact=first.artifact_id, **common)
+    list(second.stream_logs())
+    assert second.status()["status"] == "FINISHED", second.logs()
+    assert "model_artifact" in second.logs()
+    assert second.config["model_artifact"] == "first"
+
+    def weights(run, name):
+        path = registry / "runs" / run / "artifact" / run / "models" / "clip-text" / "model.safetensors"
+        return _tensor(path, name)
+
+    frozen = "text_model.encoder.layers.0.mlp.fc1.weight"
+    base = _tensor(os.path.join(TINY, "model.safetensors"), frozen)
+    assert (weights("second", frozen) == weights("first", frozen)).all()
+    assert not (weights("second", frozen) == base).all()
+    # A name of no run, or one that is no run name, is refused before anything runs.
+    for bad, words in [("nope", "no run of that name"), ("../x", "artifact_id")]:
+        with pytest.raises(Exception, match=words):
+            finetuner.fit(train_data=io.StringIO(text), run_name="refused", model_artifact=bad,
+                          **common)

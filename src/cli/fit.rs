@@ -17,6 +17,12 @@ pub struct FitArgs {
     /// The backbone: Hugging Face repo id or local folder.
     #[arg(long, env = "CLIPFT_MODEL", default_value = super::DEFAULT_MODEL)]
     pub model: String,
+    /// Continue from an earlier run's artifact instead of the backbone's weights (Finetuner's
+    /// model_artifact): an artifact folder or zip, or the name of a run whose artifact is in
+    /// --output; with --trainer, the name of a FINISHED run on that trainer. `--model` still
+    /// names the backbone (a Finetuner artifact holds no configuration or tokenizer).
+    #[arg(long, env = "CLIPFT_MODEL_ARTIFACT")]
+    pub model_artifact: Option<String>,
     /// Caption-image pairs: Finetuner-style CSV or a docarray v1 file.
     #[arg(long, env = "CLIPFT_TRAIN_DATA")]
     pub train_data: PathBuf,
@@ -217,6 +223,7 @@ impl FitArgs {
         };
         Ok(FitConfig {
             model: self.model.clone(),
+            model_artifact: self.model_artifact.clone(),
             train_data: self.train_data.clone(),
             eval_data: self.eval_data.clone(),
             query_data: self.query_data.clone(),
@@ -283,6 +290,25 @@ fn resolve_local(p: &Path, data_dir: &Path) -> anyhow::Result<PathBuf> {
         "{}: no such file, and no dataset of that name in {}",
         p.display(),
         data_dir.display()
+    )
+}
+
+/// `--model-artifact` without a trainer: an existing folder or zip, or a run name whose
+/// artifact is in `output` (where `fit` wrote it).
+fn local_artifact(a: &str, output: &Path) -> anyhow::Result<String> {
+    if Path::new(a).exists() {
+        return Ok(a.to_string());
+    }
+    if crate::artifact::is_safe_name(a) {
+        for p in [output.join(a), crate::artifact::zip_path(&output.join(a))] {
+            if p.exists() {
+                return Ok(p.display().to_string());
+            }
+        }
+    }
+    anyhow::bail!(
+        "--model-artifact {a}: no such folder or zip, and no artifact of that run in {}",
+        output.display()
     )
 }
 
@@ -363,6 +389,9 @@ pub fn run(args: FitArgs) -> anyhow::Result<()> {
         Some(addr) => super::runtime()?.block_on(run_remote(&args, cfg, &addr)),
         None => {
             cfg.train_data = resolve_local(&cfg.train_data, &args.data_dir)?;
+            if let Some(a) = &cfg.model_artifact {
+                cfg.model_artifact = Some(local_artifact(a, &cfg.output)?);
+            }
             for slot in [&mut cfg.eval_data, &mut cfg.query_data, &mut cfg.index_data] {
                 if let Some(p) = slot.as_ref() {
                     *slot = Some(resolve_local(p, &args.data_dir)?);

@@ -29,6 +29,11 @@ use crate::model::{device, Encoder, LoadOptions, ModelError, ModelFiles, Towers}
 #[serde(default, deny_unknown_fields)]
 pub struct FitConfig {
     pub model: String,
+    /// Finetuner's `model_artifact`: continue from an earlier run's artifact instead of
+    /// `model`'s weights (`model` still names the backbone, whose files a Finetuner artifact
+    /// lacks). Here a folder or zip; on a trainer, the name of one of its FINISHED runs, which
+    /// it turns into that run's artifact folder.
+    pub model_artifact: Option<String>,
     pub train_data: PathBuf,
     pub eval_data: Option<PathBuf>,
     pub query_data: Option<PathBuf>,
@@ -99,6 +104,7 @@ impl Default for FitConfig {
     fn default() -> Self {
         Self {
             model: crate::model::DEFAULT_MODEL.into(),
+            model_artifact: None,
             train_data: PathBuf::new(),
             eval_data: None,
             query_data: None,
@@ -519,7 +525,19 @@ pub fn fit(
     // A taken name would otherwise be found when the artifact is written, after training.
     crate::artifact::ensure_free(&cfg.output, &cfg.run_name)?;
     let dev = device::parse_device(&cfg.device)?;
-    let files = ModelFiles::resolve(&cfg.model)?;
+    let files = match &cfg.model_artifact {
+        Some(a) => crate::artifact::submodel_files_with_backbone(
+            Path::new(a),
+            Towers::ALL,
+            Some(&cfg.model),
+        )?,
+        None => ModelFiles::resolve(&cfg.model)?,
+    };
+    if let Some(a) = &cfg.model_artifact {
+        progress(FitEvent::Log(format!(
+            "starting from the weights of the artifact {a} (model_artifact)"
+        )));
+    }
     let pairs: Vec<Pair> = open_pairs(&cfg.train_data)?.collect::<Result<_, _>>()?;
     if pairs.len() < MIN_BATCH {
         return Err(FitError::Config(format!(

@@ -231,6 +231,9 @@ pub enum RunError {
         "dataset {0:?} is used by a run that has not ended; it cannot be replaced or deleted now"
     )]
     DatasetInUse(String),
+    /// Runs that have not ended start from this run's artifact (`model_artifact`).
+    #[error("run {run:?}'s artifact is where run(s) {} start from (model_artifact), and they have not ended: cancel or delete them first", .users.join(", "))]
+    ArtifactInUse { run: String, users: Vec<String> },
     #[error(transparent)]
     Dataset(#[from] DatasetError),
     #[error("{path}: {source}")]
@@ -576,6 +579,8 @@ impl Registry {
                 super::fit::MAX_DESCRIPTION_BYTES
             )));
         }
+        // Before the datasets are read, for the first answer.
+        Self::check_artifact_source(&self.lock(), &config)?;
         self.check_shapes(&config)?;
         config.run_name = name.clone();
         let mut inner = self.lock();
@@ -587,6 +592,9 @@ impl Registry {
         for d in self.data_names(&config) {
             self.datasets.get(&d)?;
         }
+        // Again under the lock: the run it names cannot be deleted between here and this
+        // run's existence, and after that not while this run has not ended (`unlink`).
+        Self::check_artifact_source(&inner, &config)?;
         if inner.runs.contains_key(&name) || self.run_dir(&name).exists() {
             return Err(RunError::Exists(name));
         }
@@ -823,6 +831,13 @@ impl Registry {
                 what: "cancel it before deleting it",
             });
         }
+        let users = Self::artifact_users(inner, name);
+        if !users.is_empty() {
+            return Err(RunError::ArtifactInUse {
+                run: name.into(),
+                users,
+            });
+        }
         let dir = self.run_dir(name);
         let trash = self
             .opts
@@ -884,6 +899,41 @@ impl Registry {
     /// The datasets some unfinished run still needs (they cannot be deleted or replaced).
     pub fn datasets_in_use(&self) -> Vec<String> {
         self.in_use(&self.lock())
+    }
+
+    /// A run's `model_artifact`, when it has one, must name a FINISHED run of this trainer.
+    fn check_artifact_source(inner: &Inner, config: &FitConfig) -> Result<(), RunError> {
+        let Some(src) = &config.model_artifact else {
+            return Ok(());
+        };
+        let state = inner.runs.get(src).map(|e| e.rec.state);
+        if state == Some(State::Finished) {
+            return Ok(());
+        }
+        Err(RunError::BadConfig(format!(
+            "model_artifact {}: {}",
+            crate::docarray::quoted(src),
+            match state {
+                None => "no run of that name on this trainer".to_string(),
+                Some(s) => format!(
+                    "the run is {}; only a FINISHED run has an artifact",
+                    s.word()
+                ),
+            }
+        )))
+    }
+
+    /// The runs that have not ended and start from `name`'s artifact.
+    fn artifact_users(inner: &Inner, name: &str) -> Vec<String> {
+        let mut users: Vec<String> = inner
+            .runs
+            .values()
+            .filter(|e| !e.rec.state.is_terminal())
+            .filter(|e| e.rec.config.model_artifact.as_deref() == Some(name))
+            .map(|e| e.rec.name.clone())
+            .collect();
+        users.sort();
+        users
     }
 
     fn in_use(&self, inner: &Inner) -> Vec<String> {
@@ -1028,6 +1078,10 @@ impl Registry {
             if let Some(p) = slot.as_ref() {
                 *slot = Some(resolve(p)?);
             }
+        }
+        if let Some(src) = &cfg.model_artifact {
+            let dir = self.run_dir(src).join("artifact").join(src);
+            cfg.model_artifact = Some(dir.display().to_string());
         }
         if cfg.device == "auto" {
             cfg.device = self.opts.device.clone();
@@ -1527,5 +1581,85 @@ mod tests {
             let e = reg.create(None, None, config(m)).unwrap_err();
             assert!(!matches!(e, RunError::ModelNotAllowed(..)), "{m}: {e}");
         }
+    }
+
+    /// A run.json of a run in `state`, in `experiment`, starting from `from`'s artifact.
+    fn record(
+        dir: &Path,
+        name: &str,
+        state: State,
+        experiment: &str,
+        from: Option<&str>,
+        seq: u64,
+    ) {
+        let rec = RunRecord {
+            name: name.into(),
+            state,
+            details: String::new(),
+            config: FitConfig {
+                run_name: name.into(),
+                experiment_name: experiment.into(),
+                model_artifact: from.map(String::from),
+                ..Default::default()
+            },
+            created_unix: 1,
+            started_unix: None,
+            finished_unix: None,
+            progress: Progress::default(),
+            result: RunResult::default(),
+            seq,
+            interruptions: 0,
+        };
+        let run = dir.join("runs").join(name);
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::write(run.join("run.json"), serde_json::to_vec(&rec).unwrap()).unwrap();
+    }
+
+    /// model_artifact names a FINISHED run of this trainer; a run others will start from
+    /// cannot be deleted (alone or with its experiment) until they have ended; an experiment
+    /// holding both goes whole; the runner reads the artifact from the named run's folder.
+    #[test]
+    fn runs_started_from_an_artifact_keep_it() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path();
+        record(dir, "base", State::Finished, "a", None, 0);
+        record(dir, "next", State::Created, "b", Some("base"), 1);
+        record(dir, "inner", State::Finished, "b", None, 2);
+        record(dir, "user", State::Created, "b", Some("inner"), 3);
+        let reg = Registry::open(options(dir)).unwrap();
+        let config = |from: &str| FitConfig {
+            train_data: "train".into(),
+            model_artifact: Some(from.into()),
+            ..Default::default()
+        };
+        for (from, want) in [
+            ("nope", "no run of that name"),
+            (
+                "next",
+                "the run is CREATED; only a FINISHED run has an artifact",
+            ),
+            ("../../etc", "no run of that name"),
+        ] {
+            let e = reg.create(None, None, config(from)).unwrap_err();
+            assert!(matches!(e, RunError::BadConfig(_)), "{e}");
+            assert!(e.to_string().contains(want), "{from}: {e}");
+        }
+        // Named FINISHED run: the next check speaks (the dataset does not exist).
+        let e = reg.create(None, None, config("base")).unwrap_err();
+        assert!(matches!(e, RunError::Dataset(_)), "{e}");
+
+        let e = reg.delete("base").unwrap_err();
+        assert!(
+            matches!(&e, RunError::ArtifactInUse { users, .. } if users == &["next"]),
+            "{e}"
+        );
+        let e = reg.delete_experiment("a").unwrap_err();
+        assert!(matches!(e, RunError::ArtifactInUse { .. }), "{e}");
+        assert!(reg.get("base").is_ok() && dir.join("runs/base").is_dir());
+        // Experiment b holds "inner" and the run that starts from it: it goes whole, and then
+        // "base" has no user left.
+        reg.delete_experiment("b").unwrap();
+        assert!(reg.get("inner").is_err() && reg.get("user").is_err());
+        reg.delete("base").unwrap();
     }
 }

@@ -32,6 +32,7 @@ pub fn status(e: &RunError) -> Status {
         RunError::Exists(_) | RunError::ExperimentExists(_) => Code::AlreadyExists,
         RunError::WrongState { .. }
         | RunError::DatasetInUse(_)
+        | RunError::ArtifactInUse { .. }
         | RunError::ExperimentBusy { .. } => Code::FailedPrecondition,
         RunError::QueueFull(_) | RunError::TooManyExperiments(..) => Code::ResourceExhausted,
         RunError::ModelNotAllowed(..) => Code::PermissionDenied,

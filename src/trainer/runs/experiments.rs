@@ -200,11 +200,27 @@ impl Registry {
                 runs: training,
             });
         }
+        // A run another experiment's unended run starts from (model_artifact) stays, and so
+        // does its experiment: checked for all first, not found part way through.
+        for (_, run, _) in &runs {
+            let outside: Vec<String> = Self::artifact_users(&inner, run)
+                .into_iter()
+                .filter(|u| !runs.iter().any(|(_, r, _)| r == u))
+                .collect();
+            if !outside.is_empty() {
+                return Err(RunError::ArtifactInUse {
+                    run: run.clone(),
+                    users: outside,
+                });
+            }
+        }
         // Every run leaves under this one lock, so none starts meanwhile; what fails part way
         // (a folder that cannot be moved) stops the deletion with the experiment still there.
+        // Newest first: a run that starts from another's artifact is newer than it, and leaves
+        // before it.
         let mut gone = Vec::with_capacity(runs.len());
         let mut failed = None;
-        for (_, run, _) in &runs {
+        for (_, run, _) in runs.iter().rev() {
             match self.unlink(&mut inner, run) {
                 Ok(g) => gone.push(g),
                 Err(e) => {
