@@ -791,3 +791,55 @@ fn model_artifact_continues_from_an_earlier_run() {
     let msg = String::from_utf8_lossy(&e.stderr);
     assert!(msg.contains("--model-artifact no-such-run"), "{msg}");
 }
+
+/// `--val-split` (Finetuner's val_split) holds a seeded part of the training pairs out for the
+/// validation loss: trained on the rest, the loss of each epoch recorded, val_loss monitorable;
+/// ignored beside --eval-data; a split leaving too few pairs on either side is refused.
+#[test]
+fn val_split_holds_out_pairs_for_the_validation_loss() {
+    let out = tempdir("val-split");
+    let o = fit(
+        &out,
+        &[
+            "--epochs",
+            "2",
+            "--val-split",
+            "0.25",
+            "--best-model-monitor",
+            "val_loss",
+            "--run-name",
+            "split",
+        ],
+    );
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("120 of the training pairs held out"), "{log}");
+    assert!(log.contains("360 pairs"), "trained on the rest: {log}");
+    let summary = std::fs::read_to_string(out.join("split/metrics.yml")).unwrap();
+    let losses = summary.split("eval_loss_per_epoch:").nth(1).unwrap_or("");
+    assert_eq!(
+        losses
+            .lines()
+            .skip(1)
+            .take_while(|l| l.trim_start().starts_with("- "))
+            .count(),
+        2,
+        "{summary}"
+    );
+    for (split, words) in [("0.001", "holds out 0"), ("1", "within [0, 1)")] {
+        let e = fit(
+            &out,
+            &[
+                "--max-steps",
+                "1",
+                "--val-split",
+                split,
+                "--run-name",
+                "bad",
+            ],
+        );
+        assert!(!e.status.success(), "{split}");
+        let msg = String::from_utf8_lossy(&e.stderr);
+        assert!(msg.contains(words), "{split}: {msg}");
+    }
+}

@@ -435,7 +435,8 @@ def fit(
     usually tuned at 1e-6 to 1e-5. ``device='cuda'`` / ``cpu=False`` train on the GPU where there
     is one. ``experiment_name`` files the run under that experiment (created on its first run;
     ``'default'`` without one); ``run_name`` must be unused on the trainer, whatever the
-    experiment. ``model_artifact`` (a FINISHED run's ``artifact_id``) continues from that run's
+    experiment. ``val_split`` holds that fraction of ``train_data`` out for the validation loss
+    when there is no ``eval_data`` (and is ignored when there is, as in Finetuner). ``model_artifact`` (a FINISHED run's ``artifact_id``) continues from that run's
     weights instead of ``model``'s; ``model`` still names the backbone. What clipft cannot honour (another loss, a miner, ONNX export, an output_dim head,
     ...) raises ValueError before anything runs. Keyword-only extras: ``seed``, ``shuffle``,
     ``max_steps``, ``max_grad_norm`` and ``dtype`` (``auto``: bf16 on a GPU, f32 on the CPU).
@@ -465,7 +466,8 @@ def fit(
     if scheduler_step is not None:
         # Finetuner 0.6's argument; 0.8 moved it into scheduler_options.
         scheduler_options = {**(scheduler_options or {}), "scheduler_step": scheduler_step}
-    _refuse("val_split", val_split, "give the validation pairs as eval_data")
+    if isinstance(val_split, bool) or not isinstance(val_split, (int, float)) or not 0 <= val_split < 1:
+        raise ValueError(f"val_split must be a number in [0, 1), got {val_split!r}")
     if sampler not in ("auto", "random"):
         raise ValueError(
             f"sampler {sampler!r}: CLIPLoss contrasts each caption-image pair with the rest of a "
@@ -502,11 +504,13 @@ def fit(
     datasets = {"train": train_data, "eval": eval_data,
                 "query": cb.pop("query_data", None), "index": cb.pop("index_data", None)}
     config.update(cb)
-    if eval_data is None:
+    if eval_data is None and val_split:
+        config["val_split"] = float(val_split)
+    if eval_data is None and not val_split:
         for key in ("best_model", "early_stopping"):
             m = config.get(key) or {}
             if (m.get("name") or m.get("monitor", {}).get("name")) == "val_loss":
-                raise ValueError(f"{key} monitors 'val_loss', which needs eval_data (or monitor 'train_loss')")
+                raise ValueError(f"{key} monitors 'val_loss', which needs eval_data or val_split (or monitor 'train_loss')")
     if datasets["query"] is None:
         config["eval_every"] = 0
 

@@ -135,3 +135,19 @@ def test_model_artifact_continues_from_a_finished_run(registry, tmp_path):
         with pytest.raises(Exception, match=words):
             finetuner.fit(train_data=io.StringIO(text), run_name="refused", model_artifact=bad,
                           **common)
+
+
+def test_val_split_holds_out_training_pairs(registry):
+    rows = demo_rows("train.csv")[:16]
+    text = "".join(f"{c},{os.path.join(DEMO, i)}\n" for c, i in rows)
+    from clipft.callback import EarlyStopping
+
+    run = finetuner.fit(model=TINY, train_data=io.StringIO(text), val_split=0.25, epochs=2,
+                        batch_size=4, learning_rate=1e-4, run_name="split",
+                        callbacks=[EarlyStopping(monitor="val_loss", patience=5)])
+    assert _pairs_trained(run) == 12
+    assert "4 of the training pairs held out" in run.logs()
+    assert run.config["val_split"] == 0.25
+    for bad in (1.0, -0.1, "0.2", True):
+        with pytest.raises(ValueError, match="val_split"):
+            finetuner.fit(model=TINY, train_data=io.StringIO(text), val_split=bad, run_name="x")

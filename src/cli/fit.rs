@@ -29,6 +29,10 @@ pub struct FitArgs {
     /// Pairs for the validation loss after each epoch.
     #[arg(long, env = "CLIPFT_EVAL_DATA")]
     pub eval_data: Option<PathBuf>,
+    /// Without --eval-data: hold this fraction of the training pairs out for the validation
+    /// loss (a choice seeded by --seed; Finetuner's val_split). Ignored with --eval-data.
+    #[arg(long, env = "CLIPFT_VAL_SPLIT", default_value_t = 0.0, value_parser = fraction)]
+    pub val_split: f64,
     /// Labelled text queries for the retrieval metrics before and after training.
     #[arg(long, env = "CLIPFT_QUERY_DATA", requires = "index_data")]
     pub query_data: Option<PathBuf>,
@@ -204,6 +208,15 @@ fn description(s: &str) -> Result<String, String> {
     }
 }
 
+/// A fraction of the data: within [0, 1).
+fn fraction(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..1.0).contains(&v) => Ok(v),
+        Ok(v) => Err(format!("must be within [0, 1), not {v}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// A learning rate must be a positive, finite number: a negative one would train away from the
 /// data without a word.
 fn positive_f64(s: &str) -> Result<f64, String> {
@@ -226,6 +239,7 @@ impl FitArgs {
             model_artifact: self.model_artifact.clone(),
             train_data: self.train_data.clone(),
             eval_data: self.eval_data.clone(),
+            val_split: self.val_split,
             query_data: self.query_data.clone(),
             index_data: self.index_data.clone(),
             run_name: self

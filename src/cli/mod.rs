@@ -49,7 +49,7 @@ pub enum Command {
     /// The fine-tuning service: datasets, queued runs, logs, metrics, artifacts.
     Trainer(trainer::TrainerArgs),
     /// Fine-tune CLIP on caption-image pairs (in process, or on a trainer) and write the artifact.
-    Fit(fit::FitArgs),
+    Fit(Box<fit::FitArgs>),
     /// A trainer's runs: list, status, logs, metrics, artifact, cancel, delete.
     Runs(runs::RunsArgs),
     /// A trainer's datasets: push, list, delete.
@@ -391,7 +391,7 @@ pub fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Demo(args) => demo::run(args),
         Command::Eval(args) => eval::run(args),
-        Command::Fit(args) => fit::run(args),
+        Command::Fit(args) => fit::run(*args),
         Command::Trainer(args) => trainer::run(args),
         Command::Runs(args) => runs::run(args),
         Command::Data(args) => data::run(args),

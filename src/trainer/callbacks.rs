@@ -83,7 +83,7 @@ impl Monitor {
         match self.name.as_str() {
             "train_loss" => Ok(()),
             "val_loss" if has_eval_data => Ok(()),
-            "val_loss" => Err("monitoring val_loss needs --eval-data".into()),
+            "val_loss" => Err("monitoring val_loss needs --eval-data or --val-split".into()),
             _ if has_metrics => Ok(()),
             n => Err(format!(
                 "monitoring {n} needs --query-data and --index-data with evaluation every epoch"

@@ -36,6 +36,10 @@ pub struct FitConfig {
     pub model_artifact: Option<String>,
     pub train_data: PathBuf,
     pub eval_data: Option<PathBuf>,
+    /// Finetuner's `val_split`: without `eval_data`, this fraction of the training pairs
+    /// (a seeded choice) is held out for the validation loss instead of trained on. Ignored
+    /// with `eval_data`, as Finetuner ignored it.
+    pub val_split: f64,
     pub query_data: Option<PathBuf>,
     pub index_data: Option<PathBuf>,
     pub run_name: String,
@@ -107,6 +111,7 @@ impl Default for FitConfig {
             model_artifact: None,
             train_data: PathBuf::new(),
             eval_data: None,
+            val_split: 0.0,
             query_data: None,
             index_data: None,
             run_name: String::new(),
@@ -404,6 +409,39 @@ fn epoch_order(n: usize, cfg: &FitConfig, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// Takes `val_split` of `pairs` out for validation: a choice seeded by the run's seed, so a
+/// resumed run holds out the same pairs; the rest keep their order.
+fn split_off_validation<T>(pairs: &mut Vec<T>, cfg: &FitConfig) -> Result<Vec<T>, FitError> {
+    if !(0.0..1.0).contains(&cfg.val_split) {
+        return Err(FitError::Config(format!(
+            "val_split must be within [0, 1), not {}",
+            cfg.val_split
+        )));
+    }
+    let n = (pairs.len() as f64 * cfg.val_split).round() as usize;
+    if n < MIN_BATCH || pairs.len() - n < MIN_BATCH {
+        return Err(FitError::Config(format!(
+            "val_split {} of {} pairs holds out {n}: the validation loss and training each need at least {MIN_BATCH}",
+            cfg.val_split,
+            pairs.len()
+        )));
+    }
+    let mut order: Vec<usize> = (0..pairs.len()).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+        cfg.seed ^ 0x5EED_5A11_DA7E_0F00,
+    ));
+    let mut held = vec![false; pairs.len()];
+    for &i in &order[..n] {
+        held[i] = true;
+    }
+    let (val, train): (Vec<_>, Vec<_>) = std::mem::take(pairs)
+        .into_iter()
+        .zip(held)
+        .partition(|(_, h)| *h);
+    *pairs = train.into_iter().map(|(p, _)| p).collect();
+    Ok(val.into_iter().map(|(p, _)| p).collect())
+}
+
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -538,18 +576,27 @@ pub fn fit(
             "starting from the weights of the artifact {a} (model_artifact)"
         )));
     }
-    let pairs: Vec<Pair> = open_pairs(&cfg.train_data)?.collect::<Result<_, _>>()?;
+    let mut pairs: Vec<Pair> = open_pairs(&cfg.train_data)?.collect::<Result<_, _>>()?;
+    let eval_pairs: Vec<Pair> = match &cfg.eval_data {
+        Some(p) => open_pairs(p)?.collect::<Result<_, _>>()?,
+        None if cfg.val_split != 0.0 => {
+            let held_out = split_off_validation(&mut pairs, cfg)?;
+            progress(FitEvent::Log(format!(
+                "val_split {}: {} of the training pairs held out for the validation loss",
+                cfg.val_split,
+                held_out.len()
+            )));
+            held_out
+        }
+        None => Vec::new(),
+    };
     if pairs.len() < MIN_BATCH {
         return Err(FitError::Config(format!(
-            "{} holds {} pairs; CLIPLoss needs at least {MIN_BATCH}",
+            "{} holds {} pairs to train on; CLIPLoss needs at least {MIN_BATCH}",
             cfg.train_data.display(),
             pairs.len()
         )));
     }
-    let eval_pairs: Vec<Pair> = match &cfg.eval_data {
-        Some(p) => open_pairs(p)?.collect::<Result<_, _>>()?,
-        None => Vec::new(),
-    };
     validate(cfg, eval_pairs.len() >= MIN_BATCH)?;
     let eval_data = EvalData::read(cfg, control.http)?;
     check_all_images(&pairs, &eval_pairs, eval_data.as_ref())?;
@@ -876,5 +923,41 @@ pub fn fit(
 fn remove_work_dir(work: &Path) {
     if let Err(e) = std::fs::remove_dir_all(work) {
         tracing::warn!("cannot remove {}: {e}", work.display());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The held-out part is the configured fraction, the same for the same seed (a resumed run
+    /// validates on what it validated on), another for another seed; the rest keep their order;
+    /// fractions out of range or leaving too few pairs are refused (JSON configurations reach
+    /// here past the command line's check).
+    #[test]
+    fn val_split_holds_out_a_seeded_fraction() {
+        let cfg = |val_split: f64, seed: u64| FitConfig {
+            val_split,
+            seed,
+            ..Default::default()
+        };
+        let split = |c: &FitConfig| {
+            let mut train: Vec<usize> = (0..40).collect();
+            let val = split_off_validation(&mut train, c).expect("split");
+            (train, val)
+        };
+        let (train, val) = split(&cfg(0.25, 7));
+        assert_eq!((train.len(), val.len()), (30, 10));
+        assert!(train.windows(2).all(|w| w[0] < w[1]));
+        assert!(val.iter().all(|v| !train.contains(v)));
+        assert_eq!(split(&cfg(0.25, 7)).1, val);
+        assert_ne!(split(&cfg(0.25, 8)).1, val);
+        for bad in [1.0, -0.1, f64::NAN, 0.01, 0.99] {
+            let mut train: Vec<usize> = (0..40).collect();
+            assert!(
+                split_off_validation(&mut train, &cfg(bad, 0)).is_err(),
+                "{bad}"
+            );
+        }
     }
 }
