@@ -843,3 +843,61 @@ fn val_split_holds_out_pairs_for_the_validation_loss() {
         assert!(msg.contains(words), "{split}: {msg}");
     }
 }
+
+/// `--layer-wise-lr-decay` (Finetuner's LLRD): after one AdamW step, which moves each weight by
+/// its learning rate, the embeddings moved by a fraction of what the projection moved; a decay
+/// above 1 is refused.
+#[test]
+fn layer_wise_lr_decay_slows_the_layers_near_the_input() {
+    let out = tempdir("llrd");
+    let o = fit(
+        &out,
+        &[
+            "--max-steps",
+            "1",
+            "--layer-wise-lr-decay",
+            "0.5",
+            "--run-name",
+            "llrd",
+        ],
+    );
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains("layer-wise learning-rate decay 0.5"), "{log}");
+    let base = tensors(Path::new("tests/fixtures/clip-tiny/model.safetensors"));
+    let after = tensors(&out.join("llrd/models/clip-text/model.safetensors"));
+    let moved = |name: &str| {
+        (&after[name] - &base[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    let (emb, head) = (
+        moved("text_model.embeddings.position_embedding.weight"),
+        moved("text_projection.weight"),
+    );
+    assert!(head > 0.0 && emb > 0.0, "{emb} {head}");
+    assert!(
+        emb <= 0.26 * head,
+        "embeddings moved {emb}, the projection {head}"
+    );
+    let e = fit(
+        &out,
+        &[
+            "--max-steps",
+            "1",
+            "--layer-wise-lr-decay",
+            "1.5",
+            "--run-name",
+            "bad",
+        ],
+    );
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("within (0, 1]"));
+}

@@ -237,9 +237,17 @@ def _hyper_parameters(
     if not isinstance(wd, (int, float)) or wd < 0:
         raise ValueError(f"optimizer_options weight_decay must be a number >= 0, got {wd!r}")
     cfg["weight_decay"] = float(wd)
+    llrd = opts.pop("layer_wise_lr_decay", None)
+    if llrd is not None:
+        if isinstance(llrd, bool) or not isinstance(llrd, (int, float)) or not 0 < llrd <= 1:
+            raise ValueError(
+                f"optimizer_options layer_wise_lr_decay must be a number in (0, 1], got {llrd!r}"
+            )
+        cfg["layer_wise_lr_decay"] = float(llrd)
     if opts:
         raise ValueError(
-            f"optimizer_options {sorted(opts)} are not supported (weight_decay is)"
+            f"optimizer_options {sorted(opts)} are not supported (weight_decay and "
+            "layer_wise_lr_decay are)"
         )
     # Finetuner: without a learning rate the optimiser's own default applies (torch's Adam and
     # AdamW: 1e-3).
@@ -291,6 +299,18 @@ def _callbacks(callbacks: Optional[Sequence[Any]]) -> Dict[str, Any]:
                     )
             if not isinstance(cb.limit, int) or cb.limit < 1:
                 raise ValueError(f"EvaluationCallback limit must be a positive int, got {cb.limit!r}")
+            _refuse("EvaluationCallback steps_per_interval", cb.steps_per_interval,
+                    "metrics are measured at epoch ends")
+            _refuse("EvaluationCallback caption", cb.caption, "metrics are named as docarray names them")
+            _refuse("EvaluationCallback output_model_names", cb.output_model_names,
+                    "metrics are named as docarray names them")
+            n = cb.query_sample_size
+            if n is not None:
+                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                    raise ValueError(
+                        f"EvaluationCallback query_sample_size must be a positive int, got {n!r}"
+                    )
+                out["query_sample_size"] = n
             out["query_data"] = cb.query_data
             out["index_data"] = cb.index_data if cb.index_data is not None else cb.query_data
             out["limit"] = cb.limit

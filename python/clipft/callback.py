@@ -15,7 +15,11 @@ class EvaluationCallback:
 
     ``query_data`` / ``index_data``: a DocumentArray, a CSV or docarray file, or a pushed
     dataset's name. For CLIP, queries are texts and the index images (``model='clip-text'``,
-    ``index_model='clip-vision'``, the defaults here).
+    ``index_model='clip-vision'``, the defaults here). ``query_sample_size`` evaluates a seeded
+    sample of that many queries (the same ones before, during and after training) when there
+    are more. Finetuner's later fields are here so its code constructs: ``multi_modal`` and
+    ``exclude_self`` change nothing for text queries against images; ``steps_per_interval``,
+    ``caption`` and ``output_model_names`` are refused by :func:`clipft.fit` when set.
     """
 
     query_data: Any
@@ -29,6 +33,11 @@ class EvaluationCallback:
     num_workers: int = 8
     gather_examples: bool = False
     num_example_queries: int = 5
+    steps_per_interval: Optional[int] = None
+    caption: Optional[str] = None
+    output_model_names: bool = False
+    query_sample_size: Optional[int] = None
+    multi_modal: bool = False
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """A Finetuner notebook's own lines, after only its import line changed: `from finetuner...`
-imports, `finetuner.DocumentArray`, CSVOptions, open CSV files, Finetuner 0.6's arguments, model_artifact."""
+imports, `finetuner.DocumentArray`, CSVOptions, open CSV files, Finetuner 0.6's arguments,
+model_artifact, val_split, layer_wise_lr_decay."""
 
 import csv
 import io
@@ -137,17 +138,46 @@ def test_model_artifact_continues_from_a_finished_run(registry, tmp_path):
                           **common)
 
 
-def test_val_split_holds_out_training_pairs(registry):
+def test_val_split_and_layer_wise_lr_decay(registry):
     rows = demo_rows("train.csv")[:16]
     text = "".join(f"{c},{os.path.join(DEMO, i)}\n" for c, i in rows)
     from clipft.callback import EarlyStopping
 
     run = finetuner.fit(model=TINY, train_data=io.StringIO(text), val_split=0.25, epochs=2,
                         batch_size=4, learning_rate=1e-4, run_name="split",
+                        optimizer_options={"layer_wise_lr_decay": 0.98, "weight_decay": 0.01},
                         callbacks=[EarlyStopping(monitor="val_loss", patience=5)])
     assert _pairs_trained(run) == 12
     assert "4 of the training pairs held out" in run.logs()
+    assert "layer-wise learning-rate decay 0.98" in run.logs()
     assert run.config["val_split"] == 0.25
+    assert run.config["layer_wise_lr_decay"] == 0.98
     for bad in (1.0, -0.1, "0.2", True):
         with pytest.raises(ValueError, match="val_split"):
             finetuner.fit(model=TINY, train_data=io.StringIO(text), val_split=bad, run_name="x")
+
+
+def test_evaluation_callback_samples_queries(registry):
+    from clipft.callback import EvaluationCallback
+
+    rows = demo_rows("train.csv")[:16]
+    text = "".join(f"{c},{os.path.join(DEMO, i)}\n" for c, i in rows)
+    queries = [t for t, _ in demo_rows("query.csv")]
+    cb = lambda **kw: EvaluationCallback(  # noqa: E731
+        query_data=os.path.join(DEMO, "query.csv"), index_data=os.path.join(DEMO, "index.csv"),
+        model="clip-text", index_model="clip-vision", multi_modal=True, **kw)
+    run = finetuner.fit(model=TINY, train_data=io.StringIO(text), epochs=1, batch_size=8,
+                        learning_rate=1e-4, run_name="sampled",
+                        callbacks=[cb(query_sample_size=5, gather_examples=True,
+                                      num_example_queries=50)])
+    _pairs_trained(run)
+    assert f"query_sample_size 5: 5 of the {len(queries)} queries" in run.logs()
+    examples = run.example_results()
+    assert len(examples["before"]) == 5 and list(examples["before"]) == list(examples["after"])
+    assert set(examples["before"]) <= set(queries)
+    for kw, words in [({"steps_per_interval": 10}, "steps_per_interval"),
+                      ({"caption": "mine"}, "caption"),
+                      ({"output_model_names": True}, "output_model_names"),
+                      ({"query_sample_size": 0}, "query_sample_size")]:
+        with pytest.raises(ValueError, match=words):
+            finetuner.fit(model=TINY, train_data=io.StringIO(text), run_name="x", callbacks=[cb(**kw)])

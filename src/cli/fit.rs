@@ -33,6 +33,10 @@ pub struct FitArgs {
     /// loss (a choice seeded by --seed; Finetuner's val_split). Ignored with --eval-data.
     #[arg(long, env = "CLIPFT_VAL_SPLIT", default_value_t = 0.0, value_parser = fraction)]
     pub val_split: f64,
+    /// Evaluate a sample of this many queries (seeded by --seed, the same before, between
+    /// epochs and after) when the query data holds more (Finetuner's query_sample_size).
+    #[arg(long, env = "CLIPFT_QUERY_SAMPLE_SIZE", value_parser = clap::value_parser!(u64).range(1..))]
+    pub query_sample_size: Option<u64>,
     /// Labelled text queries for the retrieval metrics before and after training.
     #[arg(long, env = "CLIPFT_QUERY_DATA", requires = "index_data")]
     pub query_data: Option<PathBuf>,
@@ -70,6 +74,11 @@ pub struct FitArgs {
     /// Weight decay (L2 for Adam, decoupled for AdamW).
     #[arg(long, env = "CLIPFT_WEIGHT_DECAY", default_value_t = 0.0)]
     pub weight_decay: f64,
+    /// Layer-wise learning-rate decay (Finetuner's optimizer_options layer_wise_lr_decay,
+    /// "recommended for CLIP"): in each tower block i of L trains at decay^(L-i) of the rate,
+    /// the embeddings at decay^(L+1), the projections at the full rate. Within (0, 1].
+    #[arg(long, env = "CLIPFT_LAYER_WISE_LR_DECAY", value_parser = positive_f64)]
+    pub layer_wise_lr_decay: Option<f64>,
     /// Learning-rate schedule after the warm-up.
     #[arg(long, env = "CLIPFT_SCHEDULER", value_parser = super::choice(&Scheduler::CHOICES), default_value = "constant")]
     pub scheduler: Scheduler,
@@ -253,6 +262,7 @@ impl FitArgs {
             learning_rate: self.learning_rate,
             optimizer: self.optimizer,
             weight_decay: self.weight_decay,
+            layer_wise_lr_decay: self.layer_wise_lr_decay,
             scheduler: self.scheduler,
             warmup_steps: self.warmup_steps,
             max_steps: self.max_steps,
@@ -261,6 +271,7 @@ impl FitArgs {
             device: self.device.clone(),
             output: self.output.clone(),
             limit: self.limit,
+            query_sample_size: self.query_sample_size.map(|n| n as usize),
             example_queries: self.example_queries,
             freeze: self.freeze.clone(),
             max_grad_norm: self.max_grad_norm,

@@ -54,6 +54,10 @@ pub struct FitConfig {
     pub learning_rate: f64,
     pub optimizer: OptimizerKind,
     pub weight_decay: f64,
+    /// Finetuner's `optimizer_options={'layer_wise_lr_decay': d}`: block `i` of `L` trains at
+    /// `d^(L - i)` of the learning rate, the embeddings at `d^(L + 1)`
+    /// ([`super::optim::Optimizer::with_layer_decay`]). None: one rate for all.
+    pub layer_wise_lr_decay: Option<f64>,
     pub scheduler: Scheduler,
     pub warmup_steps: u64,
     pub max_steps: Option<u64>,
@@ -63,6 +67,10 @@ pub struct FitConfig {
     pub output: PathBuf,
     /// Matches per query in the before/after evaluation.
     pub limit: usize,
+    /// Finetuner's EvaluationCallback `query_sample_size`: with more queries than this, the
+    /// metrics are measured on a sample of this many (seeded by `seed`; the same sample before,
+    /// between epochs and after). None: every query.
+    pub query_sample_size: Option<usize>,
     /// Weight-name prefixes (or `backbone`) that are not trained.
     pub freeze: Vec<String>,
     /// Clip the global gradient norm to this; off when None (Finetuner's default).
@@ -122,6 +130,7 @@ impl Default for FitConfig {
             learning_rate: 1e-5,
             optimizer: OptimizerKind::Adam,
             weight_decay: 0.0,
+            layer_wise_lr_decay: None,
             scheduler: Scheduler::Constant,
             warmup_steps: 0,
             max_steps: None,
@@ -130,6 +139,7 @@ impl Default for FitConfig {
             device: "auto".into(),
             output: PathBuf::from("artifacts"),
             limit: 20,
+            query_sample_size: None,
             example_queries: 0,
             freeze: Vec::new(),
             max_grad_norm: None,
@@ -328,7 +338,10 @@ fn check_all_images(
 
 /// Labelled query and index items, read once per run.
 struct EvalData {
+    /// The queries evaluated: all, or `query_sample_size` of them.
     queries: Vec<crate::docarray::Labeled>,
+    /// How many the query data holds.
+    all_queries: usize,
     index: Vec<crate::docarray::Labeled>,
     /// The index data's folder: examples name its image files relative to it.
     base: Option<PathBuf>,
@@ -346,8 +359,14 @@ impl EvalData {
         let (Some(q), Some(i)) = (&cfg.query_data, &cfg.index_data) else {
             return Ok(None);
         };
+        let mut queries = read_labeled(q, Modality::Text)?;
+        let all_queries = queries.len();
+        if let Some(n) = cfg.query_sample_size {
+            queries = sample_in_order(queries, n, cfg.seed);
+        }
         Ok(Some(Self {
-            queries: read_labeled(q, Modality::Text)?,
+            queries,
+            all_queries,
             index: read_labeled(i, Modality::Image)?,
             base: i.parent().map(Path::to_path_buf),
             http,
@@ -409,6 +428,26 @@ fn epoch_order(n: usize, cfg: &FitConfig, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// `n` of `items` chosen by `seed`, in their order; all of them when there are no more.
+fn sample_in_order<T>(items: Vec<T>, n: usize, seed: u64) -> Vec<T> {
+    if items.len() <= n {
+        return items;
+    }
+    let mut keep = vec![false; items.len()];
+    let mut order: Vec<usize> = (0..items.len()).collect();
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+        seed ^ 0x0051_A3E5_0F0E_0E01,
+    ));
+    for &i in &order[..n] {
+        keep[i] = true;
+    }
+    items
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(x, k)| k.then_some(x))
+        .collect()
+}
+
 /// Takes `val_split` of `pairs` out for validation: a choice seeded by the run's seed, so a
 /// resumed run holds out the same pairs; the rest keep their order.
 fn split_off_validation<T>(pairs: &mut Vec<T>, cfg: &FitConfig) -> Result<Vec<T>, FitError> {
@@ -465,6 +504,18 @@ fn validate(cfg: &FitConfig, has_eval_pairs: bool) -> Result<(), FitError> {
             "--learning-rate must be a positive number, not {}",
             cfg.learning_rate
         )));
+    }
+    if cfg.query_sample_size == Some(0) {
+        return Err(FitError::Config(
+            "--query-sample-size must be at least 1".into(),
+        ));
+    }
+    if let Some(d) = cfg.layer_wise_lr_decay {
+        if !(d > 0.0 && d <= 1.0) {
+            return Err(FitError::Config(format!(
+                "--layer-wise-lr-decay must be within (0, 1], not {d}"
+            )));
+        }
     }
     if let Some(a) = cfg.wise_ft_alpha {
         if !(0.0..=1.0).contains(&a) {
@@ -599,6 +650,16 @@ pub fn fit(
     }
     validate(cfg, eval_pairs.len() >= MIN_BATCH)?;
     let eval_data = EvalData::read(cfg, control.http)?;
+    if let Some(ev) = eval_data
+        .as_ref()
+        .filter(|e| e.queries.len() < e.all_queries)
+    {
+        progress(FitEvent::Log(format!(
+            "query_sample_size {n}: {n} of the {all} queries are evaluated",
+            n = ev.queries.len(),
+            all = ev.all_queries
+        )));
+    }
     check_all_images(&pairs, &eval_pairs, eval_data.as_ref())?;
     let per_epoch = batches(&(0..pairs.len()).collect::<Vec<_>>(), cfg.batch_size).len() as u64;
     let all_epochs = per_epoch.checked_mul(cfg.epochs as u64).ok_or_else(|| {
@@ -630,6 +691,15 @@ pub fn fit(
         cfg.weight_decay,
     ))?;
     opt.max_grad_norm = cfg.max_grad_norm;
+    if let Some(d) = cfg.layer_wise_lr_decay {
+        opt = opt.with_layer_decay(d)?;
+        let lowest = opt.params.iter().map(|p| p.lr_scale).fold(1.0, f64::min);
+        progress(FitEvent::Log(format!(
+            "layer-wise learning-rate decay {d}: from {:.3e} (embeddings) to {:.3e} (projections)",
+            cfg.learning_rate * lowest,
+            cfg.learning_rate
+        )));
+    }
 
     let resumed = match control.resume {
         true => checkpoint::load(&work, &dev)?,
@@ -935,7 +1005,7 @@ mod tests {
     /// fractions out of range or leaving too few pairs are refused (JSON configurations reach
     /// here past the command line's check).
     #[test]
-    fn val_split_holds_out_a_seeded_fraction() {
+    fn val_split_and_query_samples_are_seeded() {
         let cfg = |val_split: f64, seed: u64| FitConfig {
             val_split,
             seed,
@@ -952,6 +1022,13 @@ mod tests {
         assert!(val.iter().all(|v| !train.contains(v)));
         assert_eq!(split(&cfg(0.25, 7)).1, val);
         assert_ne!(split(&cfg(0.25, 8)).1, val);
+        // The query sample: seeded, in order, everything when there are no more.
+        let sample = sample_in_order((0..50).collect::<Vec<usize>>(), 10, 3);
+        assert_eq!(sample.len(), 10);
+        assert!(sample.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(sample, sample_in_order((0..50).collect(), 10, 3));
+        assert_ne!(sample, sample_in_order((0..50).collect(), 10, 4));
+        assert_eq!(sample_in_order(vec![1, 2], 10, 3), vec![1, 2]);
         for bad in [1.0, -0.1, f64::NAN, 0.01, 0.99] {
             let mut train: Vec<usize> = (0..40).collect();
             assert!(

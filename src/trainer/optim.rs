@@ -193,6 +193,9 @@ pub struct ParamState {
     /// The compute-dtype variable the passes ran on, if any: its gradient is the one read, and
     /// it follows `var` after every update.
     pub copy: Option<Var>,
+    /// This parameter's learning rate over the run's: 1 but under layer-wise decay
+    /// ([`Optimizer::with_layer_decay`]).
+    pub lr_scale: f64,
     moments: Mutex<Moments>,
 }
 
@@ -274,6 +277,7 @@ impl Optimizer {
                     name,
                     var,
                     copy: None,
+                    lr_scale: 1.0,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -328,6 +332,23 @@ impl Optimizer {
     /// (a checkpoint restored, weights mixed).
     pub fn refresh_copies(&self) -> Result<()> {
         self.params.iter().try_for_each(ParamState::refresh_copy)
+    }
+
+    /// Layer-wise learning-rate decay (Finetuner's `layer_wise_lr_decay`, LLRD): in each
+    /// tower, block `i` of `L` trains at `decay^(L - i)` of the learning rate and the
+    /// embeddings (and the vision tower's pre-norm) at `decay^(L + 1)`, while the last norm,
+    /// the projections and the logit scale keep it whole. The layers nearest the input, which
+    /// hold the most general features, then move the least. `decay` within (0, 1].
+    pub fn with_layer_decay(mut self, decay: f64) -> Result<Self> {
+        if !(decay > 0.0 && decay <= 1.0) {
+            candle_core::bail!("layer-wise learning-rate decay must be within (0, 1], not {decay}")
+        }
+        let names: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
+        let scales = layer_decay_scales(&names, decay);
+        for (p, scale) in self.params.iter_mut().zip(scales) {
+            p.lr_scale = scale;
+        }
+        Ok(self)
     }
 
     pub fn set_learning_rate(&mut self, lr: f64) {
@@ -408,17 +429,21 @@ impl Optimizer {
             (Some(max), Some(sq)) => unscale * (max / (sq.sqrt() * unscale + 1e-6)).min(1.0),
             _ => unscale,
         };
-        let s = AdamScalars {
-            decoupled: hp.kind == OptimizerKind::AdamW,
-            decay: (1.0 - hp.lr * hp.weight_decay) as f32,
-            wd: hp.weight_decay as f32,
-            one_minus_beta1: (1.0 - hp.beta1) as f32,
-            beta2: hp.beta2 as f32,
-            one_minus_beta2: (1.0 - hp.beta2) as f32,
-            eps: hp.eps as f32,
-            grad_scale: grad_scale as f32,
-            step_size: (hp.lr / (1.0 - hp.beta1.powi(t))) as f32,
-            bc2_sqrt: (1.0 - hp.beta2.powi(t)).sqrt() as f32,
+        // A parameter's scalars at its share of the learning rate (torch's param groups).
+        let scalars = |lr_scale: f64| {
+            let lr = hp.lr * lr_scale;
+            AdamScalars {
+                decoupled: hp.kind == OptimizerKind::AdamW,
+                decay: (1.0 - lr * hp.weight_decay) as f32,
+                wd: hp.weight_decay as f32,
+                one_minus_beta1: (1.0 - hp.beta1) as f32,
+                beta2: hp.beta2 as f32,
+                one_minus_beta2: (1.0 - hp.beta2) as f32,
+                eps: hp.eps as f32,
+                grad_scale: grad_scale as f32,
+                step_size: (lr / (1.0 - hp.beta1.powi(t))) as f32,
+                bc2_sqrt: (1.0 - hp.beta2.powi(t)).sqrt() as f32,
+            }
         };
         #[cfg(feature = "cuda")]
         let mut one_launch = Vec::new();
@@ -426,6 +451,7 @@ impl Optimizer {
             let Some(g) = p.grad(grads) else {
                 continue;
             };
+            let s = scalars(p.lr_scale);
             match pass(&p.var) {
                 #[cfg(feature = "cuda")]
                 Pass::Cuda if crate::model::policy::switches().multi_tensor_adam => {
@@ -446,8 +472,21 @@ impl Optimizer {
             }
             p.refresh_copy()?;
         }
+        // One launch per dtype and learning rate: without layer-wise decay, one per dtype.
         #[cfg(feature = "cuda")]
-        multi::step(&one_launch, s)?;
+        {
+            let mut groups: Vec<(u64, Vec<(&ParamState, Tensor)>)> = Vec::new();
+            for (p, g) in one_launch {
+                let key = p.lr_scale.to_bits();
+                match groups.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, group)) => group.push((p, g)),
+                    None => groups.push((key, vec![(p, g)])),
+                }
+            }
+            for (key, group) in &groups {
+                multi::step(group, scalars(f64::from_bits(*key)))?;
+            }
+        }
         Ok(true)
     }
 
@@ -887,6 +926,45 @@ mod multi {
 }
 
 /// The same update with tensor ops, for devices the fused pass does not cover.
+/// [`Optimizer::with_layer_decay`]'s scale of each of `names` (Hugging Face CLIP names), in
+/// order: each tower's depth counted from its own number of blocks.
+fn layer_decay_scales(names: &[&str], decay: f64) -> Vec<f64> {
+    // (tower, depth): depth 0 the embeddings, i + 1 block i, None above the last block.
+    let place = |name: &str| -> Option<(bool, usize)> {
+        let text = name.starts_with("text_model.");
+        if !text && !name.starts_with("vision_model.") {
+            return None;
+        }
+        let rest = name.split_once('.').map_or("", |(_, r)| r);
+        if rest.starts_with("embeddings.") || rest.starts_with("pre_layrnorm.") {
+            return Some((text, 0));
+        }
+        let block = rest.strip_prefix("encoder.layers.")?;
+        let i: usize = block.split('.').next()?.parse().ok()?;
+        Some((text, i + 1))
+    };
+    let blocks = |tower: bool| {
+        names
+            .iter()
+            .filter_map(|n| place(n))
+            .filter(|(t, _)| *t == tower)
+            .map(|(_, d)| d)
+            .max()
+            .unwrap_or(0)
+    };
+    let (text_blocks, vision_blocks) = (blocks(true), blocks(false));
+    names
+        .iter()
+        .map(|n| match place(n) {
+            Some((text, depth)) => {
+                let top = if text { text_blocks } else { vision_blocks } + 1;
+                decay.powi((top - depth) as i32)
+            }
+            None => 1.0,
+        })
+        .collect()
+}
+
 fn generic_step(p: &ParamState, g: &Tensor, s: AdamScalars) -> Result<()> {
     let mut mom = p
         .moments
@@ -917,6 +995,74 @@ fn generic_step(p: &ParamState, g: &Tensor, s: AdamScalars) -> Result<()> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Layer-wise decay: each tower counts its own blocks; embeddings lowest, the last block
+    /// one factor below the top, norms after the last block, projections and the logit scale
+    /// whole; a step moves each weight by its scale of the full-rate move (AdamW's first step
+    /// moves every weight by its learning rate, the decoupled decay at that rate too).
+    #[test]
+    fn layer_decay_scales_each_parameters_rate() -> Result<()> {
+        let names = [
+            "logit_scale",
+            "text_model.embeddings.token_embedding.weight",
+            "text_model.encoder.layers.0.mlp.fc1.weight",
+            "text_model.encoder.layers.1.self_attn.q_proj.weight",
+            "text_model.final_layer_norm.weight",
+            "text_projection.weight",
+            "vision_model.embeddings.patch_embedding.weight",
+            "vision_model.pre_layrnorm.bias",
+            "vision_model.encoder.layers.0.layer_norm1.weight",
+            "vision_model.encoder.layers.2.mlp.fc2.bias",
+            "vision_model.post_layernorm.weight",
+            "visual_projection.weight",
+        ];
+        let d: f64 = 0.5;
+        let want = [
+            1.0,
+            d.powi(3),
+            d.powi(2),
+            d,
+            1.0,
+            1.0,
+            d.powi(4),
+            d.powi(4),
+            d.powi(3),
+            d,
+            1.0,
+            1.0,
+        ];
+        assert_eq!(layer_decay_scales(&names, d), want);
+
+        let vars: Vec<(String, Var)> = names
+            .iter()
+            .map(|n| Ok((n.to_string(), Var::new(&[1.0f32, -2.0], &Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        let mut opt = Optimizer::new(
+            vars.clone(),
+            OptimizerParams::new(OptimizerKind::AdamW, 0.1, 0.01),
+        )?
+        .with_layer_decay(d)?;
+        let loss = vars
+            .iter()
+            .map(|(_, v)| v.as_tensor().sum_all())
+            .collect::<Result<Vec<_>>>()?;
+        let loss = Tensor::stack(&loss, 0)?.sum_all()?;
+        opt.step(&loss.backward()?)?;
+        for ((name, v), scale) in vars.iter().zip(want) {
+            let lr = 0.1 * scale;
+            let got = v.as_tensor().to_vec1::<f32>()?;
+            for (w, w0) in got.iter().zip([1.0f64, -2.0]) {
+                let expect = w0 * (1.0 - lr * 0.01) - lr;
+                assert!((*w as f64 - expect).abs() < 1e-6, "{name}: {w} vs {expect}");
+            }
+        }
+        assert!(
+            Optimizer::new(vars, OptimizerParams::new(OptimizerKind::Adam, 0.1, 0.0))?
+                .with_layer_decay(1.5)
+                .is_err()
+        );
+        Ok(())
+    }
 
     /// With clipping, the first Adam step is unchanged (Adam normalises the gradient) but the
     /// moments are scaled: the second step differs from the unclipped one.
