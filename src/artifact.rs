@@ -232,6 +232,9 @@ pub struct RunOutput<'a> {
     pub experiment: &'a str,
     /// The backbone's files (config, tokenizer, preprocessor are copied from them).
     pub files: &'a ModelFiles,
+    /// The artifact the run started from instead of the backbone's weights
+    /// (`model_artifact`): the backbone is then the run's `model`, and this is kept by name.
+    pub continued_from: Option<(&'a str, &'a Path)>,
     /// Every weight under its Hugging Face CLIPModel name.
     pub weights: Vec<(String, candle_core::Tensor)>,
     pub config: serde_json::Value,
@@ -363,15 +366,30 @@ impl Staged {
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
-        let metadata = serde_json::json!({
+        // A continued run's files are the earlier artifact, wherever it lay (a trainer's data
+        // folder, an unpacked zip since removed): recorded are the backbone and that run's name.
+        let (backbone, continued) = match run.continued_from {
+            Some((model, artifact)) => {
+                let name = artifact.file_name().map(|n| {
+                    let n = n.to_string_lossy();
+                    n.strip_suffix(".zip").unwrap_or(&n).to_string()
+                });
+                (model.to_string(), name)
+            }
+            None => (run.files.source.clone(), None),
+        };
+        let mut metadata = serde_json::json!({
             "name": run.run_name,
             "experiment": run.experiment,
-            "backbone": run.files.source,
+            "backbone": backbone,
             "device": run.device,
             "started": iso_utc(run.started_unix as i64),
             "started_unix": run.started_unix,
             "clipft_version": env!("CARGO_PKG_VERSION"),
         });
+        if let Some(c) = continued {
+            metadata["model_artifact"] = c.into();
+        }
         for (sub, prefixes, extra) in [
             (
                 TEXT_SUBMODEL,
@@ -496,6 +514,9 @@ fn report(meta: &serde_json::Value, config: &serde_json::Value, s: &RunSummary) 
         s.seconds,
         text(&meta["experiment"]),
     );
+    if let Some(a) = meta["model_artifact"].as_str() {
+        out.push_str(&format!("- continued from the artifact of run {a}\n"));
+    }
     if let Some(d) = config["description"].as_str().filter(|d| !d.is_empty()) {
         out.push_str(&format!("- description: {}\n", d.replace('\n', " ")));
     }

@@ -1456,6 +1456,13 @@ async fn requests_in_flight_share_one_memory_budget() -> R {
         refused.message().contains("--max-inflight-bytes"),
         "{refused:?}"
     );
+    // A dry run (a gateway's readiness probe) holds nothing and is answered.
+    let dry = served
+        .single()
+        .process_single_data(request("_jina_dry_run_", vec![big_text()], vec![]))
+        .await?
+        .into_inner();
+    assert!(error_of(&dry).is_none(), "{:?}", error_of(&dry));
     // One that fits is served meanwhile.
     let small = served
         .single()

@@ -775,6 +775,13 @@ fn model_artifact_continues_from_an_earlier_run() {
             diff(&first[head], &second[head]) > 0.0,
             "{run}: did not train"
         );
+        // The metadata names the backbone and the run continued from, not where it lay.
+        let meta = std::fs::read_to_string(out.join(run).join("metadata.yml")).unwrap();
+        assert!(
+            meta.contains("backbone: \"tests/fixtures/clip-tiny\""),
+            "{meta}"
+        );
+        assert!(meta.contains("model_artifact: \"first\""), "{meta}");
     }
     let e = fit(
         &out,

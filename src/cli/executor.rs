@@ -61,11 +61,12 @@ pub struct ExecutorArgs {
     /// message size alone would let a small request take gigabytes. Over it, RESOURCE_EXHAUSTED.
     #[arg(long, env = "CLIPFT_MAX_DECODED_BYTES", default_value_t = crate::protocol::budget::DEFAULT_LIMIT, value_parser = clap::value_parser!(u64).range(1024..))]
     pub max_decoded_bytes: u64,
-    /// The memory all requests in flight may hold together: each one's decoded size and its
-    /// reply's embeddings, from when it starts to when its reply is built. Each request is
-    /// bounded on its own by the limits above; this bounds their sum, so many clients at once
-    /// cannot take the process's memory. Over it, unary calls get RESOURCE_EXHAUSTED and
-    /// streams wait. A request bigger than it runs alone.
+    /// The memory all requests being worked on may hold together: each one's decoded size and
+    /// its reply's embeddings, from when it starts to when its reply is built. Each request is
+    /// bounded on its own by the limits above; this bounds their sum while many clients send at
+    /// once (requests decoded and waiting to start, up to --stream-concurrency per stream, are
+    /// not counted). Over it, unary calls get RESOURCE_EXHAUSTED and streams wait. A request
+    /// bigger than it runs alone.
     #[arg(long, env = "CLIPFT_MAX_INFLIGHT_BYTES", default_value_t = crate::executor::inflight::DEFAULT_LIMIT, value_parser = clap::value_parser!(u64).range(1024..))]
     pub max_inflight_bytes: u64,
     /// Requests of one stream processed at once: enough to fill a minibatch from one client,
@@ -214,6 +215,14 @@ pub fn run(mut args: ExecutorArgs, matches: Option<&ArgMatches>) -> anyhow::Resu
         shutdown_timeout: Duration::from_secs_f64(args.shutdown_timeout.max(0.0)),
         tls: args.tls.server_config()?,
     };
+    if args.max_inflight_bytes < args.max_decoded_bytes {
+        tracing::warn!(
+            "--max-inflight-bytes {} is below --max-decoded-bytes {}: a request that large is \
+             refused (unary) or waits (streamed) whenever any other request is in flight",
+            args.max_inflight_bytes,
+            args.max_decoded_bytes
+        );
+    }
     let tls = server.tls.is_some();
     let towers = match (encoder.clip.text.is_some(), encoder.clip.vision.is_some()) {
         (true, true) => "clip-text + clip-vision",

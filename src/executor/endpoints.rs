@@ -146,25 +146,29 @@ impl Core {
         let runtime = self.name.clone();
         metrics::histogram!("jina_received_request_bytes", "runtime_name" => runtime.clone())
             .record(req.encoded_len() as f64);
-        // Held until the reply is built. Refused before any other work: it fails the call.
-        let (bytes, docs) = crate::protocol::budget::held(&req);
-        let hold = self
-            .inflight
-            .hold(self.inflight.cost(bytes, docs), wait)
-            .await;
-        let _hold = match hold {
-            Ok(h) => h,
-            Err(e) => {
-                metrics::counter!("jina_failed_requests_total", "runtime_name" => runtime)
-                    .increment(1);
-                return Err(e);
-            }
-        };
         let endpoint = req
             .header
             .as_ref()
             .and_then(|h| h.exec_endpoint.clone())
             .unwrap_or_else(|| "/default".into());
+        let route = route_endpoint(&endpoint);
+        // Held until the reply is built; refused before any other work (it fails the call).
+        // A dry run computes nothing: a gateway's readiness probe is answered whatever the load.
+        let _hold = match route {
+            Endpoint::DryRun => None,
+            _ => {
+                let (bytes, docs) = crate::protocol::budget::held(&req);
+                let cost = self.inflight.cost(bytes, docs);
+                match self.inflight.hold(cost, wait).await {
+                    Ok(h) => Some(h),
+                    Err(e) => {
+                        metrics::counter!("jina_failed_requests_total", "runtime_name" => runtime)
+                            .increment(1);
+                        return Err(e);
+                    }
+                }
+            }
+        };
         // For logs and traces: a client may send an endpoint of megabytes.
         let shown = match endpoint.len() {
             0..=256 => std::borrow::Cow::Borrowed(endpoint.as_str()),
@@ -185,7 +189,7 @@ impl Core {
             }
             span
         });
-        let outcome = match route_endpoint(&endpoint) {
+        let outcome = match route {
             Endpoint::DryRun => Ok(0),
             Endpoint::Encode => self.encode_request(&mut req, wait, source).await,
             Endpoint::Rank => self.rank_request(&mut req, wait, source).await,

@@ -1,11 +1,18 @@
 //! The memory every request in flight holds together, bounded (`--max-inflight-bytes`).
 //!
 //! Each request is bounded on its own (message size, decoded size, documents), but not their
-//! sum: a hundred clients sending large requests at once each passed every check and together
-//! took the process's memory. A request now holds its decoded size (and room for the
+//! sum: a hundred clients sending large requests at once each passed every check, and all of
+//! them were processed together. A request now holds its decoded size (and room for the
 //! embeddings its reply will carry, one per document) from when [`Core::handle`] starts it to
 //! when its reply is built. Over the limit, unary calls are refused with RESOURCE_EXHAUSTED and
-//! streamed requests wait, as with a full queue.
+//! streamed requests wait, as with a full queue; dry runs compute nothing and hold nothing.
+//!
+//! What it does not count: a request is decoded before its size is known, so a refused unary
+//! call was decoded first, and each stream may hold up to `--stream-concurrency` decoded
+//! requests waiting for room. Those are bounded per connection by the decode budget and the
+//! stream's concurrency, not in sum; the budget bounds the requests being worked on, whose
+//! preprocessing and replies are what grows with load. The wait is first come, first served:
+//! a large streamed request waiting for room is served before smaller unary calls get any.
 //!
 //! [`Core::handle`]: super::Core::handle
 
@@ -15,7 +22,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::status::ExecutorError;
 
-/// The default `--max-inflight-bytes`: four requests at the default `--max-decoded-bytes`.
+/// The default `--max-inflight-bytes`: about four requests of the default
+/// `--max-decoded-bytes`.
 pub const DEFAULT_LIMIT: u64 = 4 << 30;
 
 /// Memory is counted in KiB, so a semaphore's `u32` acquisitions reach 4 TiB.

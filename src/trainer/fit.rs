@@ -33,12 +33,14 @@ pub struct FitConfig {
     /// `model`'s weights (`model` still names the backbone, whose files a Finetuner artifact
     /// lacks). Here a folder or zip; on a trainer, the name of one of its FINISHED runs, which
     /// it turns into that run's artifact folder.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub model_artifact: Option<String>,
     pub train_data: PathBuf,
     pub eval_data: Option<PathBuf>,
     /// Finetuner's `val_split`: without `eval_data`, this fraction of the training pairs
     /// (a seeded choice) is held out for the validation loss instead of trained on. Ignored
     /// with `eval_data`, as Finetuner ignored it.
+    #[serde(skip_serializing_if = "is_zero")]
     pub val_split: f64,
     pub query_data: Option<PathBuf>,
     pub index_data: Option<PathBuf>,
@@ -57,6 +59,7 @@ pub struct FitConfig {
     /// Finetuner's `optimizer_options={'layer_wise_lr_decay': d}`: block `i` of `L` trains at
     /// `d^(L - i)` of the learning rate, the embeddings at `d^(L + 1)`
     /// ([`super::optim::Optimizer::with_layer_decay`]). None: one rate for all.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub layer_wise_lr_decay: Option<f64>,
     pub scheduler: Scheduler,
     pub warmup_steps: u64,
@@ -70,6 +73,7 @@ pub struct FitConfig {
     /// Finetuner's EvaluationCallback `query_sample_size`: with more queries than this, the
     /// metrics are measured on a sample of this many (seeded by `seed`; the same sample before,
     /// between epochs and after). None: every query.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub query_sample_size: Option<usize>,
     /// Weight-name prefixes (or `backbone`) that are not trained.
     pub freeze: Vec<String>,
@@ -99,6 +103,13 @@ pub struct FitConfig {
     /// whenever this many seconds have passed since the last one. None: no checkpoints.
     #[serde(default)]
     pub checkpoint_seconds: Option<u64>,
+}
+
+/// Settings added after a field's first release are left out of the JSON at their default, so
+/// a trainer of before them (which refuses unknown fields) still takes the runs that do not
+/// use them, and reads the run records written by this one.
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// The experiment of runs that name none, as in Finetuner 0.8.
@@ -451,12 +462,7 @@ fn sample_in_order<T>(items: Vec<T>, n: usize, seed: u64) -> Vec<T> {
 /// Takes `val_split` of `pairs` out for validation: a choice seeded by the run's seed, so a
 /// resumed run holds out the same pairs; the rest keep their order.
 fn split_off_validation<T>(pairs: &mut Vec<T>, cfg: &FitConfig) -> Result<Vec<T>, FitError> {
-    if !(0.0..1.0).contains(&cfg.val_split) {
-        return Err(FitError::Config(format!(
-            "val_split must be within [0, 1), not {}",
-            cfg.val_split
-        )));
-    }
+    // Out of [0, 1) (refused before, by `check_settings`) holds out 0 or every pair: refused.
     let n = (pairs.len() as f64 * cfg.val_split).round() as usize;
     if n < MIN_BATCH || pairs.len() - n < MIN_BATCH {
         return Err(FitError::Config(format!(
@@ -488,6 +494,40 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The numbers of a configuration that must lie in a range. Configurations also arrive as
+/// JSON (the trainer), past the command line's own checks: the trainer calls this when a run
+/// is created, not only when it starts.
+pub fn check_settings(cfg: &FitConfig) -> Result<(), String> {
+    if !(cfg.learning_rate > 0.0 && cfg.learning_rate.is_finite()) {
+        return Err(format!(
+            "--learning-rate must be a positive number, not {}",
+            cfg.learning_rate
+        ));
+    }
+    if !(0.0..1.0).contains(&cfg.val_split) {
+        return Err(format!(
+            "--val-split must be within [0, 1), not {}",
+            cfg.val_split
+        ));
+    }
+    if cfg.query_sample_size == Some(0) {
+        return Err("--query-sample-size must be at least 1".into());
+    }
+    if let Some(d) = cfg.layer_wise_lr_decay {
+        if !(d > 0.0 && d <= 1.0) {
+            return Err(format!(
+                "--layer-wise-lr-decay must be within (0, 1], not {d}"
+            ));
+        }
+    }
+    if let Some(a) = cfg.wise_ft_alpha {
+        if !(0.0..=1.0).contains(&a) {
+            return Err(format!("--wise-ft-alpha must be within 0..=1, not {a}"));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses configurations that would fail only after training started.
 fn validate(cfg: &FitConfig, has_eval_pairs: bool) -> Result<(), FitError> {
     if cfg.batch_size < MIN_BATCH {
@@ -498,32 +538,7 @@ fn validate(cfg: &FitConfig, has_eval_pairs: bool) -> Result<(), FitError> {
     if cfg.epochs == 0 {
         return Err(FitError::Config("--epochs must be at least 1".into()));
     }
-    // Configurations also arrive as JSON (the trainer), past the command line's own check.
-    if !(cfg.learning_rate > 0.0 && cfg.learning_rate.is_finite()) {
-        return Err(FitError::Config(format!(
-            "--learning-rate must be a positive number, not {}",
-            cfg.learning_rate
-        )));
-    }
-    if cfg.query_sample_size == Some(0) {
-        return Err(FitError::Config(
-            "--query-sample-size must be at least 1".into(),
-        ));
-    }
-    if let Some(d) = cfg.layer_wise_lr_decay {
-        if !(d > 0.0 && d <= 1.0) {
-            return Err(FitError::Config(format!(
-                "--layer-wise-lr-decay must be within (0, 1], not {d}"
-            )));
-        }
-    }
-    if let Some(a) = cfg.wise_ft_alpha {
-        if !(0.0..=1.0).contains(&a) {
-            return Err(FitError::Config(format!(
-                "--wise-ft-alpha must be within 0..=1, not {a}"
-            )));
-        }
-    }
+    check_settings(cfg).map_err(FitError::Config)?;
     let metrics_each_epoch =
         cfg.query_data.is_some() && cfg.index_data.is_some() && cfg.eval_every == 1;
     let monitors = cfg
@@ -613,6 +628,7 @@ pub fn fit(
     let start = Instant::now();
     // A taken name would otherwise be found when the artifact is written, after training.
     crate::artifact::ensure_free(&cfg.output, &cfg.run_name)?;
+    check_settings(cfg).map_err(FitError::Config)?;
     let dev = device::parse_device(&cfg.device)?;
     let files = match &cfg.model_artifact {
         Some(a) => crate::artifact::submodel_files_with_backbone(
@@ -692,7 +708,8 @@ pub fn fit(
     ))?;
     opt.max_grad_norm = cfg.max_grad_norm;
     if let Some(d) = cfg.layer_wise_lr_decay {
-        opt = opt.with_layer_decay(d)?;
+        let names: Vec<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+        opt = opt.with_layer_decay(d, &names)?;
         let lowest = opt.params.iter().map(|p| p.lr_scale).fold(1.0, f64::min);
         progress(FitEvent::Log(format!(
             "layer-wise learning-rate decay {d}: from {:.3e} (embeddings) to {:.3e} (projections)",
@@ -927,6 +944,10 @@ pub fn fit(
         run_name: &cfg.run_name,
         experiment: &cfg.experiment_name,
         files: &files,
+        continued_from: cfg
+            .model_artifact
+            .as_deref()
+            .map(|a| (cfg.model.as_str(), Path::new(a))),
         weights: vars
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))

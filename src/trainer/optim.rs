@@ -338,13 +338,15 @@ impl Optimizer {
     /// tower, block `i` of `L` trains at `decay^(L - i)` of the learning rate and the
     /// embeddings (and the vision tower's pre-norm) at `decay^(L + 1)`, while the last norm,
     /// the projections and the logit scale keep it whole. The layers nearest the input, which
-    /// hold the most general features, then move the least. `decay` within (0, 1].
-    pub fn with_layer_decay(mut self, decay: f64) -> Result<Self> {
+    /// hold the most general features, then move the least. `decay` within (0, 1]. `model` names
+    /// every weight of the model, frozen ones included: they fix each tower's `L`, which the
+    /// trained parameters alone would understate.
+    pub fn with_layer_decay(mut self, decay: f64, model: &[&str]) -> Result<Self> {
         if !(decay > 0.0 && decay <= 1.0) {
             candle_core::bail!("layer-wise learning-rate decay must be within (0, 1], not {decay}")
         }
         let names: Vec<&str> = self.params.iter().map(|p| p.name.as_str()).collect();
-        let scales = layer_decay_scales(&names, decay);
+        let scales = layer_decay_scales(&names, model, decay);
         for (p, scale) in self.params.iter_mut().zip(scales) {
             p.lr_scale = scale;
         }
@@ -925,10 +927,9 @@ mod multi {
     }
 }
 
-/// The same update with tensor ops, for devices the fused pass does not cover.
 /// [`Optimizer::with_layer_decay`]'s scale of each of `names` (Hugging Face CLIP names), in
-/// order: each tower's depth counted from its own number of blocks.
-fn layer_decay_scales(names: &[&str], decay: f64) -> Vec<f64> {
+/// order: each tower's depth counted from its own number of blocks among `model`'s weights.
+fn layer_decay_scales(names: &[&str], model: &[&str], decay: f64) -> Vec<f64> {
     // (tower, depth): depth 0 the embeddings, i + 1 block i, None above the last block.
     let place = |name: &str| -> Option<(bool, usize)> {
         let text = name.starts_with("text_model.");
@@ -944,8 +945,9 @@ fn layer_decay_scales(names: &[&str], decay: f64) -> Vec<f64> {
         Some((text, i + 1))
     };
     let blocks = |tower: bool| {
-        names
+        model
             .iter()
+            .chain(names)
             .filter_map(|n| place(n))
             .filter(|(t, _)| *t == tower)
             .map(|(_, d)| d)
@@ -965,6 +967,7 @@ fn layer_decay_scales(names: &[&str], decay: f64) -> Vec<f64> {
         .collect()
 }
 
+/// The same update with tensor ops, for devices the fused pass does not cover.
 fn generic_step(p: &ParamState, g: &Tensor, s: AdamScalars) -> Result<()> {
     let mut mom = p
         .moments
@@ -1031,7 +1034,11 @@ mod tests {
             1.0,
             1.0,
         ];
-        assert_eq!(layer_decay_scales(&names, d), want);
+        assert_eq!(layer_decay_scales(&names, &names, d), want);
+        // Frozen blocks above the trained ones still count: with text block 1 frozen, block 0
+        // keeps its d^2.
+        let trained = [names[2]];
+        assert_eq!(layer_decay_scales(&trained, &names, d), vec![d.powi(2)]);
 
         let vars: Vec<(String, Var)> = names
             .iter()
@@ -1041,7 +1048,7 @@ mod tests {
             vars.clone(),
             OptimizerParams::new(OptimizerKind::AdamW, 0.1, 0.01),
         )?
-        .with_layer_decay(d)?;
+        .with_layer_decay(d, &names)?;
         let loss = vars
             .iter()
             .map(|(_, v)| v.as_tensor().sum_all())
@@ -1058,7 +1065,7 @@ mod tests {
         }
         assert!(
             Optimizer::new(vars, OptimizerParams::new(OptimizerKind::Adam, 0.1, 0.0))?
-                .with_layer_decay(1.5)
+                .with_layer_decay(1.5, &names)
                 .is_err()
         );
         Ok(())

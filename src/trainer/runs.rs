@@ -580,6 +580,7 @@ impl Registry {
             )));
         }
         // Before the datasets are read, for the first answer.
+        super::fit::check_settings(&config).map_err(RunError::BadConfig)?;
         Self::check_artifact_source(&self.lock(), &config)?;
         self.check_shapes(&config)?;
         config.run_name = name.clone();
@@ -906,10 +907,22 @@ impl Registry {
         let Some(src) = &config.model_artifact else {
             return Ok(());
         };
-        let state = inner.runs.get(src).map(|e| e.rec.state);
-        if state == Some(State::Finished) {
+        let source = inner.runs.get(src).map(|e| &e.rec);
+        if let Some(rec) = source.filter(|r| r.state == State::Finished) {
+            // The artifact holds its own configuration: a run naming another model would train
+            // that one while its record, and --allowed-models, said this one.
+            let canonical = crate::model::backbones::canonical;
+            if canonical(&rec.config.model) != canonical(&config.model) {
+                return Err(RunError::BadConfig(format!(
+                    "model_artifact {}: that run was trained from {}, not {}; give its model",
+                    crate::docarray::quoted(src),
+                    crate::docarray::quoted(&rec.config.model),
+                    crate::docarray::quoted(&config.model)
+                )));
+            }
             return Ok(());
         }
+        let state = source.map(|r| r.state);
         Err(RunError::BadConfig(format!(
             "model_artifact {}: {}",
             crate::docarray::quoted(src),
@@ -1647,6 +1660,20 @@ mod tests {
         // Named FINISHED run: the next check speaks (the dataset does not exist).
         let e = reg.create(None, None, config("base")).unwrap_err();
         assert!(matches!(e, RunError::Dataset(_)), "{e}");
+        // ...unless the run names another model than the artifact was trained from.
+        let other = FitConfig {
+            model: "someone/other-clip".into(),
+            ..config("base")
+        };
+        let e = reg.create(None, None, other).unwrap_err().to_string();
+        assert!(e.contains("was trained from"), "{e}");
+        // Settings out of range are refused when the run is created, not when it starts.
+        let bad = FitConfig {
+            val_split: 1.5,
+            ..config("base")
+        };
+        let e = reg.create(None, None, bad).unwrap_err().to_string();
+        assert!(e.contains("--val-split"), "{e}");
 
         let e = reg.delete("base").unwrap_err();
         assert!(
