@@ -44,6 +44,14 @@ fn fit(out: &Path, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// [`fit`] that must succeed: its log.
+fn fit_ok(out: &Path, extra: &[&str]) -> String {
+    let o = fit(out, extra);
+    let log = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{log}");
+    log
+}
+
 fn yaml_number(text: &str, section: &str, key: &str) -> f64 {
     let body = text.split(&format!("{section}:\n")).nth(1).unwrap();
     let line = body
@@ -726,11 +734,10 @@ fn interrupted_runs_checkpoint_and_resume() {
 #[test]
 fn model_artifact_continues_from_an_earlier_run() {
     let out = tempdir("continue");
-    let ok = |o: Output| assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    ok(fit(&out, &["--max-steps", "2", "--run-name", "first"]));
+    fit_ok(&out, &["--max-steps", "2", "--run-name", "first"]);
     let first_dir = out.join("first").display().to_string();
     for (run, source) in [("by-name", "first"), ("by-folder", first_dir.as_str())] {
-        let o = fit(
+        let log = fit_ok(
             &out,
             &[
                 "--max-steps",
@@ -743,9 +750,8 @@ fn model_artifact_continues_from_an_earlier_run() {
                 run,
             ],
         );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         assert!(
-            String::from_utf8_lossy(&o.stderr).contains("model_artifact"),
+            log.contains("model_artifact"),
             "the log says where the weights came from"
         );
         let w = |dir: &str| tensors(&out.join(dir).join("models/clip-text/model.safetensors"));
@@ -805,21 +811,8 @@ fn model_artifact_continues_from_an_earlier_run() {
 #[test]
 fn val_split_holds_out_pairs_for_the_validation_loss() {
     let out = tempdir("val-split");
-    let o = fit(
-        &out,
-        &[
-            "--epochs",
-            "2",
-            "--val-split",
-            "0.25",
-            "--best-model-monitor",
-            "val_loss",
-            "--run-name",
-            "split",
-        ],
-    );
-    let log = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{log}");
+    let args = "--epochs 2 --val-split 0.25 --best-model-monitor val_loss --run-name split";
+    let log = fit_ok(&out, &args.split(' ').collect::<Vec<_>>());
     assert!(log.contains("120 of the training pairs held out"), "{log}");
     assert!(log.contains("360 pairs"), "trained on the rest: {log}");
     let summary = std::fs::read_to_string(out.join("split/metrics.yml")).unwrap();
@@ -857,19 +850,8 @@ fn val_split_holds_out_pairs_for_the_validation_loss() {
 #[test]
 fn layer_wise_lr_decay_slows_the_layers_near_the_input() {
     let out = tempdir("llrd");
-    let o = fit(
-        &out,
-        &[
-            "--max-steps",
-            "1",
-            "--layer-wise-lr-decay",
-            "0.5",
-            "--run-name",
-            "llrd",
-        ],
-    );
-    let log = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{log}");
+    let args = "--max-steps 1 --layer-wise-lr-decay 0.5 --run-name llrd";
+    let log = fit_ok(&out, &args.split(' ').collect::<Vec<_>>());
     assert!(log.contains("layer-wise learning-rate decay 0.5"), "{log}");
     let base = tensors(Path::new("tests/fixtures/clip-tiny/model.safetensors"));
     let after = tensors(&out.join("llrd/models/clip-text/model.safetensors"));

@@ -1186,7 +1186,9 @@ mod tests {
 
     /// Three steps over parameters with bf16 compute copies (their gradients the copies') and
     /// one without, of sizes around the GPU's chunk: every weight, moment and copy after them.
-    fn steps_with_copies(dev: &Device) -> Result<Vec<After>> {
+    /// With `decay`, layer-wise decay gives each parameter another rate (on a GPU, a launch
+    /// per dtype and rate).
+    fn steps_with_copies(dev: &Device, decay: Option<f64>) -> Result<Vec<After>> {
         use candle_core::DType;
         let sizes = [5usize, 4099, 300];
         let val = |n: usize, seed: usize| -> Vec<f32> {
@@ -1197,8 +1199,14 @@ mod tests {
         let mut vars = Vec::new();
         let mut copies = std::collections::HashMap::new();
         let mut targets = Vec::new();
+        // Block 0, block 1 and the projection of a two-block text tower.
+        let names = [
+            "text_model.encoder.layers.0.mlp.fc1.weight",
+            "text_model.encoder.layers.1.mlp.fc1.weight",
+            "text_projection.weight",
+        ];
         for (i, &n) in sizes.iter().enumerate() {
-            let name = format!("p{i}");
+            let name = names[i].to_string();
             let var = Var::from_tensor(&Tensor::from_vec(val(n, i), n, dev)?)?;
             let target = Tensor::from_vec(val(n, i + 10), n, dev)?;
             // The last parameter has no copy: its own f32 gradient, in its own launch.
@@ -1213,6 +1221,9 @@ mod tests {
         }
         let mut opt = Optimizer::new(vars, OptimizerParams::new(OptimizerKind::AdamW, 1e-2, 0.1))?
             .with_compute_copies(&copies)?;
+        if let Some(d) = decay {
+            opt = opt.with_layer_decay(d, &names)?;
+        }
         for _ in 0..3 {
             // Linear in each weight: the gradients are the targets (none zero), exactly, on
             // every device.
@@ -1241,7 +1252,15 @@ mod tests {
     /// moved.
     #[test]
     fn compute_copies_follow_their_weights() -> Result<()> {
-        for (w, m, _, copy) in steps_with_copies(&Device::Cpu)? {
+        // Layer-wise decay moves the two blocks at their own rates, the projection at the full
+        // one (so the GPU test's decayed case checks other numbers than its plain one).
+        let (plain, decayed) = (
+            steps_with_copies(&Device::Cpu, None)?,
+            steps_with_copies(&Device::Cpu, Some(0.5))?,
+        );
+        assert!(plain[0].0 != decayed[0].0 && plain[1].0 != decayed[1].0);
+        assert!(plain[2].0 == decayed[2].0);
+        for (w, m, _, copy) in plain {
             assert!(m.iter().all(|&x| x != 0.0), "every value was updated");
             if !copy.is_empty() {
                 let rounded: Vec<f32> = w
@@ -1283,8 +1302,9 @@ mod tests {
     }
 
     /// On a GPU (CUDA builds): the one-launch update (bf16 gradients and copies in one launch,
-    /// the f32 parameter in another) gives the CPU's bits for every weight, moment and copy.
-    /// Without a GPU it says so and checks nothing.
+    /// the f32 parameter in another; under layer-wise decay one launch per dtype and rate)
+    /// gives the CPU's bits for every weight, moment and copy. Without a GPU it says so and
+    /// checks nothing.
     #[cfg(feature = "cuda")]
     #[test]
     fn cuda_multi_tensor_step_matches_the_cpu() -> Result<()> {
@@ -1292,13 +1312,24 @@ mod tests {
             eprintln!("cuda_multi_tensor_step_matches_the_cpu: skipped, no GPU");
             return Ok(());
         };
-        let (want, got) = (steps_with_copies(&Device::Cpu)?, steps_with_copies(&gpu)?);
-        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-        for (i, (a, b)) in want.iter().zip(&got).enumerate() {
-            assert!(bits(&a.0) == bits(&b.0), "p{i}: weight differs");
-            assert!(bits(&a.1) == bits(&b.1), "p{i}: first moment differs");
-            assert!(bits(&a.2) == bits(&b.2), "p{i}: second moment differs");
-            assert!(bits(&a.3) == bits(&b.3), "p{i}: copy differs");
+        for decay in [None, Some(0.5)] {
+            let (want, got) = (
+                steps_with_copies(&Device::Cpu, decay)?,
+                steps_with_copies(&gpu, decay)?,
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+                assert!(bits(&a.0) == bits(&b.0), "p{i} {decay:?}: weight differs");
+                assert!(
+                    bits(&a.1) == bits(&b.1),
+                    "p{i} {decay:?}: first moment differs"
+                );
+                assert!(
+                    bits(&a.2) == bits(&b.2),
+                    "p{i} {decay:?}: second moment differs"
+                );
+                assert!(bits(&a.3) == bits(&b.3), "p{i} {decay:?}: copy differs");
+            }
         }
         Ok(())
     }
