@@ -140,6 +140,50 @@ fn evaluation_matches_docarray_v1() {
     check_evaluation(&case["self_match_case"]);
 }
 
+/// Finetuner's EvaluationCallback(distance='euclidean' | 'sqeuclidean'): docarray v1's order of
+/// the matches, distances and metrics on eval_case.json's embeddings, where every query ranks
+/// otherwise than by cosine (scripts/make_distance_fixture.py).
+#[test]
+fn euclidean_evaluation_matches_docarray_v1() {
+    use clipft::eval::{evaluate_by, Distance};
+    let case = json("eval_case.json");
+    let want = json("eval_distances.json");
+    let q = embeddings(&case["queries"]);
+    let x = embeddings(&case["index"]);
+    let limit = want["limit"].as_u64().unwrap() as usize;
+    let exclude_self = want["exclude_self"].as_bool().unwrap();
+    for (name, distance) in [
+        ("euclidean", Distance::Euclidean),
+        ("sqeuclidean", Distance::Sqeuclidean),
+    ] {
+        let w = &want["distances"][name];
+        let ev = evaluate_by(&q, &x, limit, exclude_self, distance).unwrap();
+        for (metric, value) in ev.mean.named() {
+            let expect = w["metrics"][metric].as_f64().unwrap();
+            assert!(
+                (value - expect).abs() < 1e-9,
+                "{name} {metric}: {value} vs docarray {expect}"
+            );
+        }
+        for (got, expect) in ev.per_query.iter().zip(w["per_query"].as_array().unwrap()) {
+            let ids: Vec<&str> = got.matches.iter().map(|i| x.ids[*i].as_str()).collect();
+            let want_ids: Vec<&str> = expect["match_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            assert_eq!(ids, want_ids, "{name}, query {}", expect["id"]);
+            let d0 = expect["distances"][0].as_f64().unwrap();
+            assert!(
+                (got.scores[0] - d0).abs() <= 1e-6 * d0.max(1.0),
+                "{name}: {} vs {d0}",
+                got.scores[0]
+            );
+        }
+    }
+}
+
 #[test]
 fn mean_of_metrics() {
     let a = Metrics {

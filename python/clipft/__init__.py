@@ -288,8 +288,12 @@ def _callbacks(callbacks: Optional[Sequence[Any]]) -> Dict[str, Any]:
             raise ValueError(f"callbacks: {kind} given twice")
         seen.add(kind)
         if isinstance(cb, EvaluationCallback):
+            if cb.distance not in ("cosine", "euclidean", "sqeuclidean"):
+                raise ValueError(
+                    f"EvaluationCallback distance {cb.distance!r}: use 'cosine', 'euclidean' or 'sqeuclidean'"
+                )
             if cb.distance != "cosine":
-                raise ValueError("EvaluationCallback distance: only 'cosine' is supported")
+                out["distance"] = cb.distance
             for attr, want in (("model", "clip-text"), ("index_model", "clip-vision")):
                 got = getattr(cb, attr)
                 if got not in (None, want):

@@ -15,9 +15,11 @@ class EvaluationCallback:
 
     ``query_data`` / ``index_data``: a DocumentArray, a CSV or docarray file, or a pushed
     dataset's name. For CLIP, queries are texts and the index images (``model='clip-text'``,
-    ``index_model='clip-vision'``, the defaults here). ``query_sample_size`` evaluates a seeded
-    sample of that many queries (the same ones before, during and after training) when there
-    are more. Finetuner's later fields are here so its code constructs: ``multi_modal`` and
+    ``index_model='clip-vision'``, the defaults here). ``distance``: ``'cosine'``,
+    ``'euclidean'`` or ``'sqeuclidean'``, as docarray orders matches. ``query_sample_size``
+    evaluates a seeded sample of that many queries (the same ones before, during and after
+    training) when there are more. Finetuner's later fields are here so its code constructs:
+    ``multi_modal`` and
     ``exclude_self`` change nothing for text queries against images; ``steps_per_interval``,
     ``caption`` and ``output_model_names`` are refused by :func:`clipft.fit` when set.
     """

@@ -157,7 +157,7 @@ def test_val_split_and_layer_wise_lr_decay(registry):
             finetuner.fit(model=TINY, train_data=io.StringIO(text), val_split=bad, run_name="x")
 
 
-def test_evaluation_callback_samples_queries(registry):
+def test_evaluation_callback_samples_queries_and_takes_distances(registry):
     from clipft.callback import EvaluationCallback
 
     rows = demo_rows("train.csv")[:16]
@@ -169,8 +169,10 @@ def test_evaluation_callback_samples_queries(registry):
     run = finetuner.fit(model=TINY, train_data=io.StringIO(text), epochs=1, batch_size=8,
                         learning_rate=1e-4, run_name="sampled",
                         callbacks=[cb(query_sample_size=5, gather_examples=True,
-                                      num_example_queries=50)])
+                                      num_example_queries=50, distance="euclidean")])
     _pairs_trained(run)
+    assert run.config["distance"] == "euclidean"
+    assert set(run.metrics()["after"]) and all(0 <= v for v in run.metrics()["after"].values())
     assert f"query_sample_size 5: 5 of the {len(queries)} queries" in run.logs()
     examples = run.example_results()
     assert len(examples["before"]) == 5 and list(examples["before"]) == list(examples["after"])

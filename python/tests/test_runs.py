@@ -108,7 +108,7 @@ def test_unsupported_settings_are_refused_before_anything_runs(registry):
         ({"optimizer_options": {"momentum": 0.9}}, "momentum"),
         ({"epochs": 0}, "epochs"),
         ({"sampler": "class"}, "random"),
-        ({"callbacks": [EvaluationCallback(query_data="q", distance="euclidean")]}, "cosine"),
+        ({"callbacks": [EvaluationCallback(query_data="q", distance="manhattan")]}, "cosine"),
     ]:
         with pytest.raises(ValueError, match=words):
             finetuner.fit(model=TINY, train_data=TRAIN, run_name="refused", **kwargs)

@@ -24,6 +24,9 @@ pub struct EvalArgs {
     /// Matches retrieved per query (Finetuner's default: 20).
     #[arg(long, env = "CLIPFT_LIMIT", default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=10000))]
     pub limit: u64,
+    /// How matches are ordered (Finetuner's EvaluationCallback `distance`).
+    #[arg(long, env = "CLIPFT_DISTANCE", value_parser = super::choice(&crate::eval::Distance::CHOICES), default_value = "cosine")]
+    pub distance: crate::eval::Distance,
     /// Print one JSON object with the nine metrics (and `examples` with --example-queries).
     #[arg(long, env = "CLIPFT_JSON")]
     pub json: bool,
@@ -46,7 +49,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         &enc,
         &queries,
         &index,
-        args.limit as usize,
+        (args.limit as usize, args.distance),
         args.batch_size as usize,
         &crate::docarray::HttpFetch::DATASET,
         &mut |stage, n| {

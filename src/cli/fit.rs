@@ -37,6 +37,9 @@ pub struct FitArgs {
     /// epochs and after) when the query data holds more (Finetuner's query_sample_size).
     #[arg(long, env = "CLIPFT_QUERY_SAMPLE_SIZE", value_parser = clap::value_parser!(u64).range(1..))]
     pub query_sample_size: Option<u64>,
+    /// How the retrieval metrics order matches (Finetuner's EvaluationCallback distance).
+    #[arg(long, env = "CLIPFT_DISTANCE", value_parser = super::choice(&crate::eval::Distance::CHOICES), default_value = "cosine")]
+    pub distance: crate::eval::Distance,
     /// Labelled text queries for the retrieval metrics before and after training.
     #[arg(long, env = "CLIPFT_QUERY_DATA", requires = "index_data")]
     pub query_data: Option<PathBuf>,
@@ -272,6 +275,7 @@ impl FitArgs {
             output: self.output.clone(),
             limit: self.limit,
             query_sample_size: self.query_sample_size.map(|n| n as usize),
+            distance: self.distance,
             example_queries: self.example_queries,
             freeze: self.freeze.clone(),
             max_grad_norm: self.max_grad_norm,

@@ -19,6 +19,43 @@ const RERANK_MARGIN: usize = 16;
 /// Queries per matrix product; bounds the score buffer to `QUERY_BLOCK x index size` floats.
 const QUERY_BLOCK: usize = 256;
 
+/// How matches are ordered: docarray v1's metrics, as Finetuner's EvaluationCallback named them
+/// (`distance='cosine'`, the default, or `'euclidean'`, `'sqeuclidean'`). Cosine compares
+/// directions; the other two the raw embeddings, so a longer embedding lies farther away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Distance {
+    #[default]
+    Cosine,
+    Euclidean,
+    Sqeuclidean,
+}
+
+impl Distance {
+    /// Name, help and value of each, for the command line.
+    pub const CHOICES: [(&'static str, &'static str, Self); 3] = [
+        (
+            "cosine",
+            "cosine similarity of the embeddings (Finetuner's default)",
+            Self::Cosine,
+        ),
+        (
+            "euclidean",
+            "Euclidean distance of the raw embeddings",
+            Self::Euclidean,
+        ),
+        (
+            "sqeuclidean",
+            "squared Euclidean distance of the raw embeddings",
+            Self::Sqeuclidean,
+        ),
+    ];
+
+    pub fn is_cosine(&self) -> bool {
+        *self == Self::Cosine
+    }
+}
+
 /// Embeddings with the labels that decide relevance.
 #[derive(Debug, Clone, Default)]
 pub struct LabeledEmbeddings {
@@ -62,6 +99,8 @@ pub enum EvalError {
 pub struct QueryResult {
     /// Index positions of the top matches, best first.
     pub matches: Vec<usize>,
+    /// Each match's cosine similarity (higher is better) or, under another [`Distance`], its
+    /// distance (lower is better).
     pub scores: Vec<f64>,
     pub metrics: Metrics,
 }
@@ -104,6 +143,17 @@ pub fn evaluate(
     limit: usize,
     exclude_self: bool,
 ) -> Result<Evaluation, EvalError> {
+    evaluate_by(queries, index, limit, exclude_self, Distance::Cosine)
+}
+
+/// [`evaluate`], matches ordered by `distance`.
+pub fn evaluate_by(
+    queries: &LabeledEmbeddings,
+    index: &LabeledEmbeddings,
+    limit: usize,
+    exclude_self: bool,
+    distance: Distance,
+) -> Result<Evaluation, EvalError> {
     let mut label_counts: HashMap<&str, usize> = HashMap::new();
     for l in &index.labels {
         *label_counts.entry(l.as_str()).or_default() += 1;
@@ -117,7 +167,7 @@ pub fn evaluate(
         }
     }
     let limit = limit.max(1);
-    let ranked = rank(queries, index, limit, exclude_self)?;
+    let ranked = rank_by(queries, index, limit, exclude_self, distance)?;
     let per_query = ranked
         .into_iter()
         .enumerate()
@@ -153,6 +203,18 @@ pub fn rank(
     limit: usize,
     exclude_self: bool,
 ) -> Result<Vec<Vec<(usize, f64)>>, EvalError> {
+    rank_by(queries, index, limit, exclude_self, Distance::Cosine)
+}
+
+/// [`rank`] by `distance`: for the Euclidean ones, the best `limit` by smallest distance, with
+/// that distance (docarray's formulas, in f64).
+pub fn rank_by(
+    queries: &LabeledEmbeddings,
+    index: &LabeledEmbeddings,
+    limit: usize,
+    exclude_self: bool,
+    distance: Distance,
+) -> Result<Vec<Vec<(usize, f64)>>, EvalError> {
     if queries.is_empty() {
         return Err(EvalError::Empty("queries"));
     }
@@ -174,7 +236,16 @@ pub fn rank(
     }
     let limit = limit.max(1);
     let (qn, xn) = (norms(queries), norms(index));
-    let (qu, xu) = (unit_rows(queries, &qn), unit_rows(index, &xn));
+    // Candidates come from one matrix product: of unit rows for cosine; of the raw rows for the
+    // Euclidean distances, where `q.x - |x|^2 / 2` orders the index as `-|q - x|^2` does.
+    let (qu, xu) = match distance {
+        Distance::Cosine => (unit_rows(queries, &qn), unit_rows(index, &xn)),
+        _ => (queries.embeddings.clone(), index.embeddings.clone()),
+    };
+    let half_sq: Vec<f32> = match distance {
+        Distance::Cosine => Vec::new(),
+        _ => xn.iter().map(|n| (n * n / 2.0) as f32).collect(),
+    };
     let (n, d) = (index.len(), index.dim);
     let prec = cpu::amx_precision();
     let packed = prec.map(|p| amx::PackedB::new(&xu, n, d, p == amx::Precision::Bf16x3));
@@ -200,20 +271,47 @@ pub fn rank(
                 let qi = start + j;
                 let q = queries.row(qi);
                 let qid = queries.ids.get(qi);
-                // Exact f64 cosine for the candidates, then the final order.
-                let mut exact: Vec<(usize, f64)> = top_candidates(row, keep)
+                let candidates = match distance {
+                    Distance::Cosine => top_candidates(row, keep),
+                    _ => {
+                        let adjusted: Vec<f32> =
+                            row.iter().zip(&half_sq).map(|(s, h)| s - h).collect();
+                        top_candidates(&adjusted, keep)
+                    }
+                };
+                // Exact f64 scores for the candidates, then the final order.
+                let mut exact: Vec<(usize, f64)> = candidates
                     .into_iter()
                     .filter(|c| !(exclude_self && qid.is_some() && index.ids.get(*c) == qid))
                     .map(|c| {
-                        let dot: f64 = q
-                            .iter()
-                            .zip(index.row(c))
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum();
-                        (c, docarray_cosine(dot, qn[qi] * xn[c]))
+                        let x = index.row(c);
+                        let score = match distance {
+                            Distance::Cosine => {
+                                let dot: f64 =
+                                    q.iter().zip(x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                                docarray_cosine(dot, qn[qi] * xn[c])
+                            }
+                            Distance::Euclidean | Distance::Sqeuclidean => {
+                                let sq: f64 = q
+                                    .iter()
+                                    .zip(x)
+                                    .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                                    .sum();
+                                match distance {
+                                    Distance::Euclidean => sq.sqrt(),
+                                    _ => sq,
+                                }
+                            }
+                        };
+                        (c, score)
                     })
                     .collect();
-                exact.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                match distance {
+                    Distance::Cosine => {
+                        exact.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)))
+                    }
+                    _ => exact.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0))),
+                }
                 exact.truncate(limit);
                 exact
             })
@@ -281,6 +379,47 @@ mod tests {
                 s.into_iter().take(limit).map(|(_, j)| j).collect()
             })
             .collect()
+    }
+
+    /// The Euclidean distances rank as a brute-force f64 sort of every distance, and
+    /// differently from cosine where the embeddings' lengths differ.
+    #[test]
+    fn euclidean_ranks_match_brute_force() {
+        let q = data(60, 16, 5, 11);
+        let mut x = data(200, 16, 5, 12);
+        // Lengths from 0.5x to 2x: cosine ignores them, the distances do not.
+        for (i, row) in x.embeddings.chunks_mut(16).enumerate() {
+            let f = 0.5 + (i % 7) as f32 / 4.0;
+            row.iter_mut().for_each(|v| *v *= f);
+        }
+        for distance in [Distance::Euclidean, Distance::Sqeuclidean] {
+            let got = rank_by(&q, &x, 10, false, distance).unwrap();
+            for (qi, top) in got.iter().enumerate() {
+                let mut all: Vec<(f64, usize)> = (0..x.len())
+                    .map(|j| {
+                        let sq: f64 = q
+                            .row(qi)
+                            .iter()
+                            .zip(x.row(j))
+                            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                            .sum();
+                        let d = if distance == Distance::Euclidean {
+                            sq.sqrt()
+                        } else {
+                            sq
+                        };
+                        (d, j)
+                    })
+                    .collect();
+                all.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                let want: Vec<usize> = all.iter().take(10).map(|(_, j)| *j).collect();
+                assert_eq!(top.iter().map(|(j, _)| *j).collect::<Vec<_>>(), want);
+                assert!((top[0].1 - all[0].0).abs() < 1e-9);
+            }
+        }
+        let cos = rank_by(&q, &x, 10, false, Distance::Cosine).unwrap();
+        let euc = rank_by(&q, &x, 10, false, Distance::Euclidean).unwrap();
+        assert_ne!(cos, euc);
     }
 
     #[test]

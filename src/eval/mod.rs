@@ -6,7 +6,9 @@ pub mod evaluator;
 pub mod metrics;
 pub mod report;
 
-pub use evaluator::{evaluate, rank, EvalError, Evaluation, LabeledEmbeddings};
+pub use evaluator::{
+    evaluate, evaluate_by, rank, rank_by, Distance, EvalError, Evaluation, LabeledEmbeddings,
+};
 pub use metrics::Metrics;
 
 use crate::docarray::{DataError, Item, Labeled};
@@ -168,17 +170,18 @@ pub fn examples(
         .collect()
 }
 
-/// Embeds queries and index with `enc` and evaluates text-to-image retrieval.
+/// Embeds queries and index with `enc` and evaluates text-to-image retrieval: the best `limit`
+/// matches of each query by `distance`.
 pub fn evaluate_model(
     enc: &Encoder,
     queries: &[Labeled],
     index: &[Labeled],
-    limit: usize,
+    (limit, distance): (usize, Distance),
     batch: usize,
     http: &crate::docarray::HttpFetch,
     progress: &mut dyn FnMut(Stage, usize),
 ) -> Result<Evaluation, EvalRunError> {
     let q = embed_queries(enc, queries, batch, &mut |n| progress(Stage::Queries, n))?;
     let x = embed_index(enc, index, batch, http, &mut |n| progress(Stage::Index, n))?;
-    Ok(evaluate(&q, &x, limit, false)?)
+    Ok(evaluate_by(&q, &x, limit, false, distance)?)
 }

@@ -20,7 +20,7 @@ use super::optim::{Optimizer, OptimizerKind, OptimizerParams};
 use super::schedule::{learning_rate, Scheduler};
 use super::train::TrainModel;
 use crate::docarray::{open_pairs, read_labeled, DataError, Modality, Pair};
-use crate::eval::{evaluate_model, EvalRunError, Metrics};
+use crate::eval::{evaluate_model, Distance, EvalRunError, Metrics};
 use crate::model::{device, Encoder, LoadOptions, ModelError, ModelFiles, Towers};
 
 /// Everything a run is configured with (written to the artifact's config.yml, and kept by the
@@ -75,6 +75,9 @@ pub struct FitConfig {
     /// between epochs and after). None: every query.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub query_sample_size: Option<usize>,
+    /// How the evaluation orders matches (Finetuner's EvaluationCallback `distance`).
+    #[serde(skip_serializing_if = "Distance::is_cosine")]
+    pub distance: Distance,
     /// Weight-name prefixes (or `backbone`) that are not trained.
     pub freeze: Vec<String>,
     /// Clip the global gradient norm to this; off when None (Finetuner's default).
@@ -151,6 +154,7 @@ impl Default for FitConfig {
             output: PathBuf::from("artifacts"),
             limit: 20,
             query_sample_size: None,
+            distance: Distance::Cosine,
             example_queries: 0,
             freeze: Vec::new(),
             max_grad_norm: None,
@@ -353,6 +357,7 @@ struct EvalData {
     queries: Vec<crate::docarray::Labeled>,
     /// How many the query data holds.
     all_queries: usize,
+    distance: Distance,
     index: Vec<crate::docarray::Labeled>,
     /// The index data's folder: examples name its image files relative to it.
     base: Option<PathBuf>,
@@ -378,6 +383,7 @@ impl EvalData {
         Ok(Some(Self {
             queries,
             all_queries,
+            distance: cfg.distance,
             index: read_labeled(i, Modality::Image)?,
             base: i.parent().map(Path::to_path_buf),
             http,
@@ -390,7 +396,7 @@ impl EvalData {
             enc,
             &self.queries,
             &self.index,
-            limit,
+            (limit, self.distance),
             64,
             &self.http,
             &mut |_, _| {},
