@@ -436,19 +436,20 @@ fn max_diff(
     f: impl Fn(&candle_core::Tensor, &candle_core::Tensor) -> candle_core::Tensor,
 ) -> f32 {
     a.iter()
-        .map(|(k, t)| {
-            (t - f(&b[k], &c[k]))
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        })
+        .map(|(k, t)| max_abs(&(t - f(&b[k], &c[k])).unwrap()))
         .fold(0.0, f32::max)
+}
+
+/// The largest absolute value of `t`.
+fn max_abs(t: &candle_core::Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -855,18 +856,7 @@ fn layer_wise_lr_decay_slows_the_layers_near_the_input() {
     assert!(log.contains("layer-wise learning-rate decay 0.5"), "{log}");
     let base = tensors(Path::new("tests/fixtures/clip-tiny/model.safetensors"));
     let after = tensors(&out.join("llrd/models/clip-text/model.safetensors"));
-    let moved = |name: &str| {
-        (&after[name] - &base[name])
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
+    let moved = |name: &str| max_abs(&(&after[name] - &base[name]).unwrap());
     let (emb, head) = (
         moved("text_model.embeddings.position_embedding.weight"),
         moved("text_projection.weight"),

@@ -442,6 +442,8 @@ mod tests {
         "CLIPFT_AUTH_TOKEN",
         "CLIPFT_OUTPUT",
         "CLIPFT_JSON",
+        // The retrieval metrics' distance, for `eval` and for `fit`'s evaluation alike.
+        "CLIPFT_DISTANCE",
         "CLIPFT_FOLLOW",
         "CLIPFT_EPOCHS",
         "CLIPFT_QUERY_DATA",
