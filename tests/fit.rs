@@ -52,6 +52,14 @@ fn fit_ok(out: &Path, extra: &[&str]) -> String {
     log
 }
 
+/// [`fit`] that must fail: its error output.
+fn fit_err(out: &Path, extra: &[&str]) -> String {
+    let o = fit(out, extra);
+    let log = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!o.status.success(), "{extra:?} succeeded: {log}");
+    log
+}
+
 fn yaml_number(text: &str, section: &str, key: &str) -> f64 {
     let body = text.split(&format!("{section}:\n")).nth(1).unwrap();
     let line = body
@@ -790,19 +798,8 @@ fn model_artifact_continues_from_an_earlier_run() {
         );
         assert!(meta.contains("model_artifact: \"first\""), "{meta}");
     }
-    let e = fit(
-        &out,
-        &[
-            "--max-steps",
-            "1",
-            "--model-artifact",
-            "no-such-run",
-            "--run-name",
-            "x",
-        ],
-    );
-    assert!(!e.status.success());
-    let msg = String::from_utf8_lossy(&e.stderr);
+    let args = "--max-steps 1 --model-artifact no-such-run --run-name x";
+    let msg = fit_err(&out, &args.split(' ').collect::<Vec<_>>());
     assert!(msg.contains("--model-artifact no-such-run"), "{msg}");
 }
 
@@ -828,7 +825,7 @@ fn val_split_holds_out_pairs_for_the_validation_loss() {
         "{summary}"
     );
     for (split, words) in [("0.001", "holds out 0"), ("1", "within [0, 1)")] {
-        let e = fit(
+        let msg = fit_err(
             &out,
             &[
                 "--max-steps",
@@ -839,8 +836,6 @@ fn val_split_holds_out_pairs_for_the_validation_loss() {
                 "bad",
             ],
         );
-        assert!(!e.status.success(), "{split}");
-        let msg = String::from_utf8_lossy(&e.stderr);
         assert!(msg.contains(words), "{split}: {msg}");
     }
 }
@@ -866,17 +861,7 @@ fn layer_wise_lr_decay_slows_the_layers_near_the_input() {
         emb <= 0.26 * head,
         "embeddings moved {emb}, the projection {head}"
     );
-    let e = fit(
-        &out,
-        &[
-            "--max-steps",
-            "1",
-            "--layer-wise-lr-decay",
-            "1.5",
-            "--run-name",
-            "bad",
-        ],
-    );
-    assert!(!e.status.success());
-    assert!(String::from_utf8_lossy(&e.stderr).contains("within (0, 1]"));
+    let args = "--max-steps 1 --layer-wise-lr-decay 1.5 --run-name bad";
+    let msg = fit_err(&out, &args.split(' ').collect::<Vec<_>>());
+    assert!(msg.contains("within (0, 1]"));
 }

@@ -238,9 +238,13 @@ pub fn rank_by(
     let (qn, xn) = (norms(queries), norms(index));
     // Candidates come from one matrix product: of unit rows for cosine; of the raw rows for the
     // Euclidean distances, where `q.x - |x|^2 / 2` orders the index as `-|q - x|^2` does.
-    let (qu, xu) = match distance {
-        Distance::Cosine => (unit_rows(queries, &qn), unit_rows(index, &xn)),
-        _ => (queries.embeddings.clone(), index.embeddings.clone()),
+    use std::borrow::Cow;
+    let (qu, xu): (Cow<[f32]>, Cow<[f32]>) = match distance {
+        Distance::Cosine => (unit_rows(queries, &qn).into(), unit_rows(index, &xn).into()),
+        _ => (
+            queries.embeddings.as_slice().into(),
+            index.embeddings.as_slice().into(),
+        ),
     };
     let half_sq: Vec<f32> = match distance {
         Distance::Cosine => Vec::new(),

@@ -450,19 +450,22 @@ fn sample_in_order<T>(items: Vec<T>, n: usize, seed: u64) -> Vec<T> {
     if items.len() <= n {
         return items;
     }
-    let mut keep = vec![false; items.len()];
+    seeded_split(items, n, seed ^ 0x0051_A3E5_0F0E_0E01).0
+}
+
+/// `n` of `items` (at most all) chosen by `seed`, and the rest; each part in the items' order.
+fn seeded_split<T>(items: Vec<T>, n: usize, seed: u64) -> (Vec<T>, Vec<T>) {
     let mut order: Vec<usize> = (0..items.len()).collect();
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
-        seed ^ 0x0051_A3E5_0F0E_0E01,
-    ));
-    for &i in &order[..n] {
-        keep[i] = true;
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let mut chosen = vec![false; items.len()];
+    for &i in order.iter().take(n) {
+        chosen[i] = true;
     }
-    items
-        .into_iter()
-        .zip(keep)
-        .filter_map(|(x, k)| k.then_some(x))
-        .collect()
+    let (a, b): (Vec<_>, Vec<_>) = items.into_iter().zip(chosen).partition(|(_, c)| *c);
+    (
+        a.into_iter().map(|(x, _)| x).collect(),
+        b.into_iter().map(|(x, _)| x).collect(),
+    )
 }
 
 /// Takes `val_split` of `pairs` out for validation: a choice seeded by the run's seed, so a
@@ -477,20 +480,9 @@ fn split_off_validation<T>(pairs: &mut Vec<T>, cfg: &FitConfig) -> Result<Vec<T>
             pairs.len()
         )));
     }
-    let mut order: Vec<usize> = (0..pairs.len()).collect();
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
-        cfg.seed ^ 0x5EED_5A11_DA7E_0F00,
-    ));
-    let mut held = vec![false; pairs.len()];
-    for &i in &order[..n] {
-        held[i] = true;
-    }
-    let (val, train): (Vec<_>, Vec<_>) = std::mem::take(pairs)
-        .into_iter()
-        .zip(held)
-        .partition(|(_, h)| *h);
-    *pairs = train.into_iter().map(|(p, _)| p).collect();
-    Ok(val.into_iter().map(|(p, _)| p).collect())
+    let (val, train) = seeded_split(std::mem::take(pairs), n, cfg.seed ^ 0x5EED_5A11_DA7E_0F00);
+    *pairs = train;
+    Ok(val)
 }
 
 fn unix_now() -> u64 {
@@ -544,7 +536,6 @@ fn validate(cfg: &FitConfig, has_eval_pairs: bool) -> Result<(), FitError> {
     if cfg.epochs == 0 {
         return Err(FitError::Config("--epochs must be at least 1".into()));
     }
-    check_settings(cfg).map_err(FitError::Config)?;
     let metrics_each_epoch =
         cfg.query_data.is_some() && cfg.index_data.is_some() && cfg.eval_every == 1;
     let monitors = cfg
