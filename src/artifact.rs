@@ -10,6 +10,8 @@ use crate::model::{ModelError, ModelFiles, Towers};
 /// Folder names of the two submodels, as Finetuner named them.
 pub const TEXT_SUBMODEL: &str = "clip-text";
 pub const VISION_SUBMODEL: &str = "clip-vision";
+/// A submodel's tower as an ONNX graph, in artifacts of runs with `to_onnx` (Finetuner's name).
+pub const ONNX_FILE: &str = "model.onnx";
 
 /// The model files for `towers` inside an artifact folder or zip. With both towers, the weights of
 /// both submodels are combined and the config, tokenizer and preprocessor are taken from the
@@ -181,6 +183,8 @@ pub enum ArtifactError {
     Exists(std::path::PathBuf),
     #[error("writing weights: {0}")]
     Weights(#[from] candle_core::Error),
+    #[error("writing the ONNX graph: {0}")]
+    Onnx(#[from] ModelError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
@@ -241,6 +245,9 @@ pub struct RunOutput<'a> {
     pub device: String,
     /// When the run started (seconds since the Unix epoch).
     pub started_unix: u64,
+    /// Finetuner's `to_onnx`: each submodel folder also holds its tower as `model.onnx`
+    /// ([`crate::model::onnx`]), for ONNX Runtime and clip-as-service's ONNX executor.
+    pub to_onnx: bool,
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` (ISO 8601, UTC) for logs and artifact metadata, with no time-zone
@@ -390,14 +397,16 @@ impl Staged {
         if let Some(c) = continued {
             metadata["model_artifact"] = c.into();
         }
-        for (sub, prefixes, extra) in [
+        for (sub, tower, prefixes, extra) in [
             (
                 TEXT_SUBMODEL,
+                crate::model::onnx::Tower::Text,
                 ["text_model.", "text_projection."],
                 run.files.tokenizer.as_ref().map(|p| (p, "tokenizer.json")),
             ),
             (
                 VISION_SUBMODEL,
+                crate::model::onnx::Tower::Vision,
                 ["vision_model.", "visual_projection."],
                 run.files
                     .preprocessor
@@ -418,6 +427,15 @@ impl Staged {
                 .map_err(io_err(&run.files.config))?;
             if let Some((src, name)) = extra {
                 std::fs::copy(src, dir.join(name)).map_err(io_err(src))?;
+            }
+            if run.to_onnx {
+                // Read back from the folder just written: the graph holds what a user loading
+                // the submodel gets.
+                let mut files = ModelFiles::from_dir(&dir)?;
+                files.source = format!("{}/models/{sub}", run.run_name);
+                let bytes = crate::model::onnx::tower_onnx(&files, tower)?;
+                let path = dir.join(ONNX_FILE);
+                replace_file(&path, &bytes).map_err(io_err(&path))?;
             }
             let mut meta = metadata.clone();
             meta["submodel"] = sub.into();

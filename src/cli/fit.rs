@@ -177,6 +177,10 @@ pub struct FitArgs {
     /// trainer's --checkpoint-seconds.
     #[arg(long, env = "CLIPFT_CHECKPOINT_SECONDS")]
     pub checkpoint_seconds: Option<u64>,
+    /// Also write each submodel's tower as `model.onnx` (Finetuner's to_onnx), for ONNX
+    /// Runtime and clip-as-service's ONNX executor; the safetensors stay beside it.
+    #[arg(long, env = "CLIPFT_TO_ONNX")]
+    pub to_onnx: bool,
     /// Continue the run `--run-name` from its checkpoint (after a crash, Ctrl-C or SIGTERM),
     /// with the same settings it started with.
     #[arg(long, env = "CLIPFT_RESUME", requires = "run_name")]
@@ -298,6 +302,7 @@ impl FitArgs {
                 (None, None) => Some(crate::trainer::checkpoint::DEFAULT_CHECKPOINT_SECONDS),
                 (None, Some(_)) => None,
             },
+            to_onnx: self.to_onnx,
         })
     }
 }

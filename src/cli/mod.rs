@@ -10,6 +10,7 @@ pub mod encode;
 pub mod eval;
 pub mod executor;
 pub mod experiments;
+pub mod export;
 pub mod fit;
 pub mod jina;
 pub mod models;
@@ -62,6 +63,9 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// List the supported CLIP backbones.
     Models(models::ModelsArgs),
+    /// Write the towers as ONNX graphs (`textual.onnx`, `visual.onnx`) for ONNX Runtime and
+    /// clip-as-service's ONNX executor.
+    Export(export::ExportArgs),
 }
 
 /// Which model to load and where to run it; shared by the commands that load one.
@@ -397,6 +401,7 @@ pub fn main() -> ExitCode {
         Command::Data(args) => data::run(args),
         Command::Experiments(args) => experiments::run(args),
         Command::Models(args) => models::run(args),
+        Command::Export(args) => export::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,7 @@ pub mod device;
 pub mod kernels;
 pub mod layers;
 pub mod load;
+pub mod onnx;
 pub mod ops;
 pub mod policy;
 pub mod preprocess;

@@ -106,6 +106,10 @@ pub struct FitConfig {
     /// whenever this many seconds have passed since the last one. None: no checkpoints.
     #[serde(default)]
     pub checkpoint_seconds: Option<u64>,
+    /// Finetuner's `to_onnx`: the artifact's submodels also hold `model.onnx` (the safetensors
+    /// stay, so clipft still serves it).
+    #[serde(skip_serializing_if = "is_false")]
+    pub to_onnx: bool,
 }
 
 /// Settings added after a field's first release are left out of the JSON at their default, so
@@ -113,6 +117,10 @@ pub struct FitConfig {
 /// use them, and reads the run records written by this one.
 fn is_zero(v: &f64) -> bool {
     *v == 0.0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 /// The experiment of runs that name none, as in Finetuner 0.8.
@@ -165,6 +173,7 @@ impl Default for FitConfig {
             wise_ft_alpha: None,
             dtype: "auto".into(),
             checkpoint_seconds: None,
+            to_onnx: false,
         }
     }
 }
@@ -952,6 +961,7 @@ pub fn fit(
         config: artifact_config(cfg),
         device: device::device_name(&dev),
         started_unix: st.started_unix,
+        to_onnx: cfg.to_onnx,
     })?;
     drop(opt);
     drop(vars);
