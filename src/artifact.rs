@@ -697,7 +697,8 @@ pub struct Unpacked {
     pub top: std::path::PathBuf,
 }
 
-/// Unpacks an artifact zip (one top folder, Finetuner's layout) into a fresh folder of its own
+/// Unpacks an artifact zip (one top folder, Finetuner's layout; `model.onnx` files left out)
+/// into a fresh folder of its own
 /// under this user's private folder ([`private_temp_dir`]), named after this process so that
 /// folders left by a killed process are found and removed by the next unpack.
 pub fn unzip_artifact(zip_path: &Path) -> Result<Unpacked, String> {
@@ -707,7 +708,11 @@ pub fn unzip_artifact(zip_path: &Path) -> Result<Unpacked, String> {
         .prefix(&format!("artifact-{}-", std::process::id()))
         .tempdir_in(&base)
         .map_err(|e| format!("{}: {e}", base.display()))?;
-    extract_zip(zip_path, dir.path(), MAX_UNZIPPED_BYTES)?;
+    // The ONNX graphs (`to_onnx`) are for other runtimes: loading never reads them, and they
+    // are as large as the weights.
+    let skip_onnx = |p: &Path| (p.file_name() != Some(ONNX_FILE.as_ref())).then_some(u64::MAX);
+    extract_zip_entries(zip_path, dir.path(), MAX_UNZIPPED_BYTES, skip_onnx)
+        .map_err(|e| e.to_string())?;
     let root = dir.path();
     let top = if root.join("models").is_dir() {
         root.to_path_buf()

@@ -6,7 +6,9 @@
 //!   in `Mode::Inference`), `load` (HF folder or hub repo id -> the selected towers' tensors,
 //!   read one by one), `preprocess` (`tokenizer`: CLIP BPE, 77 tokens, pad to longest; `image`:
 //!   Pillow-exact bicubic resize of the window the centre crop keeps, normalise), `device`,
-//!   `backbones` (the named backbones, Finetuner's display names), `upload` (image batches to
+//!   `backbones` (the named backbones, Finetuner's display names), `onnx` (a tower
+//!   written as an ONNX graph for ONNX Runtime and clip-as-service: `clipft export`, `fit
+//!   --to-onnx`), `upload` (image batches to
 //!   the device: a page-locked staging buffer on a GPU), `policy` (`Kernels`: which
 //!   kernels a model runs, decided once from device, dtype and `--matmul-precision` when a
 //!   `Clip` is built, and carried by every layer; logged at load). Apart from the definition:

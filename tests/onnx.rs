@@ -217,6 +217,7 @@ fn fit_to_onnx_puts_model_onnx_in_each_submodel() {
             "--run-name",
             "onnx-run",
             "--to-onnx",
+            "--zip",
             "--output",
         ])
         .arg(&out));
@@ -235,5 +236,25 @@ fn fit_to_onnx_puts_model_onnx_in_each_submodel() {
     let vision = Path::new("clip-vision").join("model.onnx");
     let (t, v) = (text.to_str().unwrap(), vision.to_str().unwrap());
     check_parity(&files, &models, t, v, 49407);
+    // Loading the zip unpacks the weights, not the graphs (as large, and never read).
+    let zipped = clipft::artifact::submodel_files(&out.join("onnx-run.zip"), Towers::ALL).unwrap();
+    let unpacked = zipped.unpacked.as_ref().unwrap().path().to_path_buf();
+    let names = files_under(&unpacked);
+    assert!(names.iter().any(|n| n == "model.safetensors"), "{names:?}");
+    assert!(!names.iter().any(|n| n == "model.onnx"), "{names:?}");
     let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The names of the files under `dir`, at any depth.
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    out
 }

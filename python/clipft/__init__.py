@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import zipfile
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from . import _native
@@ -461,7 +462,9 @@ def fit(
     ``'default'`` without one); ``run_name`` must be unused on the trainer, whatever the
     experiment. ``val_split`` holds that fraction of ``train_data`` out for the validation loss
     when there is no ``eval_data`` (and is ignored when there is, as in Finetuner). ``model_artifact`` (a FINISHED run's ``artifact_id``) continues from that run's
-    weights instead of ``model``'s; ``model`` still names the backbone. What clipft cannot honour (another loss, a miner, ONNX export, an output_dim head,
+    weights instead of ``model``'s; ``model`` still names the backbone. ``to_onnx=True`` adds
+    ``model.onnx`` to each submodel of the artifact (Finetuner's inputs and output: ONNX Runtime and
+    clip-as-service's ONNX executor load it), beside the safetensors clipft serves. What clipft cannot honour (another loss, a miner, an output_dim head,
     ...) raises ValueError before anything runs. Keyword-only extras: ``seed``, ``shuffle``,
     ``max_steps``, ``max_grad_norm`` and ``dtype`` (``auto``: bf16 on a GPU, f32 on the CPU).
     """
@@ -485,7 +488,8 @@ def fit(
         )
     _refuse("model_options", model_options, "CLIP backbones take no options")
     _refuse("output_dim", output_dim, "the artifact keeps CLIP's projection width")
-    _refuse("to_onnx", to_onnx, "artifacts hold safetensors; serve them with `clipft executor`")
+    if not isinstance(to_onnx, bool):
+        raise TypeError(f"to_onnx must be a bool, got {type(to_onnx).__name__}")
     csv_options = data.check_options(csv_options)
     if scheduler_step is not None:
         # Finetuner 0.6's argument; 0.8 moved it into scheduler_options.
@@ -524,6 +528,8 @@ def fit(
         config["max_steps"] = int(max_steps)
     if max_grad_norm is not None:
         config["max_grad_norm"] = float(max_grad_norm)
+    if to_onnx:
+        config["to_onnx"] = True
     cb = _callbacks(callbacks)
     datasets = {"train": train_data, "eval": eval_data,
                 "query": cb.pop("query_data", None), "index": cb.pop("index_data", None)}
@@ -732,10 +738,22 @@ class InferenceEngine:
         return f"InferenceEngine({self._native.source!r}, select_model={self.select_model!r}, device={self.device!r})"
 
 
+def _has_onnx(spec: str, select_model: str) -> Optional[bool]:
+    """Whether the artifact ``spec`` (folder or zip) holds ``select_model``'s ``model.onnx``;
+    None when ``spec`` is not an artifact (a Hugging Face folder or repo id)."""
+    tail = f"models/{select_model}/model.onnx"
+    if os.path.isdir(spec):
+        if not os.path.isdir(os.path.join(spec, "models")):
+            return None
+        return os.path.isfile(os.path.join(spec, *tail.split("/")))
+    if os.path.isfile(spec) and zipfile.is_zipfile(spec):
+        with zipfile.ZipFile(spec) as z:
+            return any(n == tail or n.endswith("/" + tail) for n in z.namelist())
+    return None
+
+
 def _load(spec: str, select_model: Optional[str], batch_size: int, device: Optional[str],
           is_onnx: bool, backbone: Optional[str] = None) -> InferenceEngine:
-    if is_onnx:
-        raise ValueError("is_onnx=True: clipft artifacts hold safetensors, not ONNX")
     if select_model is None:
         raise SelectModelRequired(
             f"{spec} is a CLIP model with two submodels: pass select_model='clip-text' or 'clip-vision'"
@@ -744,6 +762,12 @@ def _load(spec: str, select_model: Optional[str], batch_size: int, device: Optio
         raise NoSuchModel(f"{spec} has no model {select_model!r}: it holds clip-text and clip-vision")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if is_onnx and _has_onnx(os.fspath(spec), select_model) is False:
+        # Finetuner's loader finds no ONNX model in an artifact of a run without to_onnx.
+        raise ValueError(
+            f"is_onnx=True: {spec} holds no {select_model}/model.onnx; fit with to_onnx=True, "
+            "or load it with is_onnx=False"
+        )
     dev = device or "auto"
     native = _native.Model.load(os.fspath(spec), select_model, dev, "auto", backbone)
     return InferenceEngine(native, batch_size)
@@ -763,7 +787,10 @@ def get_model(
     finished run's ``artifact_id`` (its name), an artifact folder (clipft's or Finetuner's; ``backbone`` names the base model of a Finetuner
     artifact whose metadata does not), a Hugging Face folder or a hub repo id. A CLIP model
     needs ``select_model`` (``'clip-text'`` or ``'clip-vision'``). ``device``: None picks the
-    GPU where there is one, else the CPU."""
+    GPU where there is one, else the CPU. ``is_onnx=True`` asks for the artifact's ONNX model,
+    as Finetuner's did: an artifact without one (fit without ``to_onnx``) raises ValueError.
+    clipft's core computes the embeddings, from the weights stored beside the graph; the graph
+    gives the same numbers (within 1e-5 relative, tests/onnx.rs)."""
     spec = os.fspath(artifact)
     if not os.path.exists(spec) and _native.is_safe_name(spec):
         # Finetuner's `get_model(run.artifact_id)`: the artifact of a finished run, by name.

@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import textwrap
+import zipfile
 
 import pytest
 
@@ -136,6 +137,35 @@ def test_model_artifact_continues_from_a_finished_run(registry, tmp_path):
         with pytest.raises(Exception, match=words):
             finetuner.fit(train_data=io.StringIO(text), run_name="refused", model_artifact=bad,
                           **common)
+
+
+def test_to_onnx_writes_model_onnx_and_get_model_is_onnx_loads_it(registry, tmp_path):
+    rows = demo_rows("train.csv")[:16]
+    text = "".join(f"{c},{os.path.join(DEMO, i)}\n" for c, i in rows)
+    common = dict(model=TINY, epochs=1, batch_size=8, learning_rate=1e-3)
+    run = finetuner.fit(train_data=io.StringIO(text), run_name="with-onnx", to_onnx=True, **common)
+    list(run.stream_logs())
+    assert run.status()["status"] == "FINISHED", run.logs()
+    assert run.config["to_onnx"] is True
+    zip_path = run.save_artifact(str(tmp_path))
+    with zipfile.ZipFile(zip_path) as z:
+        names = z.namelist()
+    for sub in ("clip-text", "clip-vision"):
+        assert f"with-onnx/models/{sub}/model.onnx" in names, names
+        assert f"with-onnx/models/{sub}/model.safetensors" in names, names
+    onnx_model = finetuner.get_model(zip_path, select_model="clip-text", is_onnx=True, device="cpu")
+    plain = finetuner.get_model(zip_path, select_model="clip-text", device="cpu")
+    texts = ["a red dress", "blue jeans"]
+    assert (finetuner.encode(onnx_model, texts) == finetuner.encode(plain, texts)).all()
+    # A run without to_onnx has no ONNX model to load, as with Finetuner.
+    plain_run = finetuner.fit(train_data=io.StringIO(text), run_name="no-onnx", **common)
+    list(plain_run.stream_logs())
+    assert "to_onnx" not in plain_run.config
+    plain_zip = plain_run.save_artifact(str(tmp_path))
+    with pytest.raises(ValueError, match="to_onnx=True"):
+        finetuner.get_model(plain_zip, select_model="clip-vision", is_onnx=True, device="cpu")
+    with pytest.raises(TypeError, match="to_onnx"):
+        finetuner.fit(train_data=io.StringIO(text), run_name="refused", to_onnx="yes", **common)
 
 
 def test_val_split_and_layer_wise_lr_decay(registry):

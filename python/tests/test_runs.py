@@ -101,7 +101,6 @@ def test_unsupported_settings_are_refused_before_anything_runs(registry):
     for kwargs, words in [
         ({"loss": "TripletMarginLoss"}, "CLIPLoss"),
         ({"optimizer": "SGD"}, "Adam"),
-        ({"to_onnx": True}, "safetensors"),
         ({"device": "tpu"}, "device"),
         ({"scheduler": "polynomial"}, "scheduler"),
         ({"optimizer_options": {"layer_wise_lr_decay": 1.5}}, "layer_wise_lr_decay"),

@@ -6,7 +6,7 @@
 //! inputs and [`upload`] moves image batches to the device; [`device`] picks where and in which
 //! precision to run, and [`policy`] which kernels a loaded model runs. The kernels live apart, per device, in
 //! [`kernels`] ([`cpu`], [`amx`], `cuda`); the fused custom ops that run them, inference and
-//! training, in [`ops`]. [`Encoder`] ties them into the one object the
+//! training, in [`ops`]. [`onnx`] writes a tower as an ONNX graph for other runtimes. [`Encoder`] ties them into the one object the
 //! CLI, the executor and the evaluator use to turn texts and images into embeddings.
 
 pub mod backbones;
