@@ -156,6 +156,14 @@ impl Graph {
         self.weight(&name, &[], &[value])
     }
 
+    /// The bytes of every initializer so far.
+    pub fn weight_bytes(&self) -> u64 {
+        self.initializers
+            .iter()
+            .map(|t| t.raw_data.len() as u64)
+            .sum()
+    }
+
     /// The finished graph.
     pub fn finish(self, name: &str, doc: String) -> GraphProto {
         GraphProto {

@@ -102,6 +102,7 @@ pub fn tower_model(files: &ModelFiles, tower: Tower) -> Result<ModelProto, Model
             )
         }
     };
+    check_size(g.weight_bytes(), &files.source, tower)?;
     let doc = format!(
         "CLIP {} tower of {}: {summary}output embedding (float32 [batch, {p}]), the projected \
          features, not normalised",
@@ -118,6 +119,25 @@ pub fn tower_model(files: &ModelFiles, tower: Tower) -> Result<ModelProto, Model
             domain: String::new(),
             version: OPSET,
         }],
+    })
+}
+
+/// The most weight bytes one file holds: protobuf messages end at 2 GiB, and readers (ONNX
+/// Runtime, the onnx package) refuse larger ones; the rest of the graph needs a little room.
+/// Every backbone `clipft models` lists fits (ViT-L/14's vision tower is 1.2 GB); ViT-H and
+/// larger would need ONNX's external-data files, which this export does not write.
+pub const MAX_WEIGHT_BYTES: u64 = (2 << 30) - (16 << 20);
+
+fn check_size(bytes: u64, source: &str, tower: Tower) -> Result<(), ModelError> {
+    if bytes <= MAX_WEIGHT_BYTES {
+        return Ok(());
+    }
+    Err(ModelError::InvalidInput {
+        msg: format!(
+            "the {} tower of {source} holds {:.2} GB of f32 weights, more than one ONNX file can              (2 GiB, protobuf's limit); export of external weight files is not supported",
+            tower.name(),
+            bytes as f64 / 1e9
+        ),
     })
 }
 
@@ -577,6 +597,25 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn towers_beyond_protobufs_limit_are_refused_by_name() {
+        assert!(check_size(MAX_WEIGHT_BYTES, "m", Tower::Text).is_ok());
+        let e = check_size(MAX_WEIGHT_BYTES + 1, "big-clip", Tower::Vision)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vision tower of big-clip") && e.contains("2 GiB"),
+            "{e}"
+        );
+        // ViT-L/14's vision tower (303M parameters) is below it.
+        assert!(check_size(303_000_000 * 4, "vit-l", Tower::Vision).is_ok());
+        // What is measured: the initializers' bytes, weights and constants alike.
+        let mut g = Graph::default();
+        g.weight("w", &[2, 3], &[0.0; 6]);
+        g.ints(&[1, 2]);
+        assert_eq!(g.weight_bytes(), 24 + 16);
     }
 
     #[test]
