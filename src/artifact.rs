@@ -72,11 +72,11 @@ fn submodel_files_in(
     }
     let text = towers
         .text
-        .then(|| ModelFiles::from_dir(&models.join(TEXT_SUBMODEL)))
+        .then(|| submodel_dir(&models.join(TEXT_SUBMODEL)))
         .transpose()?;
     let vision = towers
         .vision
-        .then(|| ModelFiles::from_dir(&models.join(VISION_SUBMODEL)))
+        .then(|| submodel_dir(&models.join(VISION_SUBMODEL)))
         .transpose()?;
     let mut files = match (text, vision) {
         (Some(t), None) => t,
@@ -94,6 +94,28 @@ fn submodel_files_in(
     };
     files.source = artifact.display().to_string();
     Ok(files)
+}
+
+/// One submodel folder of clipft's layout. A folder with no weights clipft reads is named as
+/// such: a Finetuner run with `to_onnx=True` left only `model.onnx` (which unpacking a zip for
+/// loading also leaves out), and "has no config.json" would not say what is missing.
+fn submodel_dir(dir: &Path) -> Result<ModelFiles, ModelError> {
+    let weights = [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+    ];
+    if dir.is_dir() && !weights.iter().any(|w| dir.join(w).is_file()) {
+        return Err(ModelError::NotFound {
+            what: dir.display().to_string(),
+            msg: "holds no weights clipft reads (model.safetensors, or Finetuner's model.pt); \
+                  a Finetuner run with to_onnx=True kept only model.onnx, which clipft does not \
+                  load: serve that artifact with an ONNX runtime, or fit it again without \
+                  to_onnx"
+                .into(),
+        });
+    }
+    ModelFiles::from_dir(dir)
 }
 
 /// Recognises Finetuner's layout (`model.pt` in the submodel folders, no `model.safetensors`).
@@ -914,6 +936,31 @@ pub fn zip_artifact(dir: &Path) -> Result<std::path::PathBuf, ArtifactError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Finetuner artifact of a `to_onnx` run (only `model.onnx` beside the metadata) is
+    /// refused by what it lacks, as a folder and as a zip (whose unpacking leaves the graph out).
+    #[test]
+    fn an_artifact_with_only_onnx_graphs_is_refused_by_name() {
+        let root = tempfile::tempdir().unwrap();
+        let art = root.path().join("onnx-only");
+        for sub in [TEXT_SUBMODEL, VISION_SUBMODEL] {
+            let dir = art.join("models").join(sub);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("metadata.yml"), "name: x\n").unwrap();
+            std::fs::write(dir.join(ONNX_FILE), b"not read").unwrap();
+        }
+        std::fs::write(art.join("config.yml"), "model: x\n").unwrap();
+        let zip = zip_artifact(&art).unwrap();
+        for path in [&art, &zip] {
+            for towers in [Towers::TEXT, Towers::VISION, Towers::ALL] {
+                let e = submodel_files(path, towers).unwrap_err().to_string();
+                assert!(
+                    e.contains("holds no weights") && e.contains("to_onnx=True"),
+                    "{e}"
+                );
+            }
+        }
+    }
 
     /// Concurrent zips of one artifact all succeed, each complete (they wrote one shared
     /// temporary name, truncating each other's file, and all but one failed), and the zip is

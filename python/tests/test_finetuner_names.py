@@ -153,6 +153,8 @@ def test_to_onnx_writes_model_onnx_and_get_model_is_onnx_loads_it(registry, tmp_
     for sub in ("clip-text", "clip-vision"):
         assert f"with-onnx/models/{sub}/model.onnx" in names, names
         assert f"with-onnx/models/{sub}/model.safetensors" in names, names
+    # is_onnx=True loads the submodel that has a graph; clipft computes with the weights beside
+    # it (the graph's own numbers are checked against these in ONNX Runtime by tests/onnx.rs).
     onnx_model = finetuner.get_model(zip_path, select_model="clip-text", is_onnx=True, device="cpu")
     plain = finetuner.get_model(zip_path, select_model="clip-text", device="cpu")
     texts = ["a red dress", "blue jeans"]

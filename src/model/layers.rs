@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use std::sync::{Arc, OnceLock};
 
 use super::amx;
-use super::config::Activation;
+use super::config::{Activation, TextConfig, VisionConfig};
 use super::cpu;
 use super::kernels::cpu_block;
 use super::kernels::seqs::Seqs;
@@ -730,6 +730,30 @@ pub struct EncoderShape {
     pub layers: usize,
     pub act: Activation,
     pub eps: f64,
+}
+
+impl EncoderShape {
+    pub fn of_text(c: &TextConfig) -> Self {
+        Self {
+            dim: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_attention_heads,
+            layers: c.num_hidden_layers,
+            act: c.hidden_act,
+            eps: c.layer_norm_eps,
+        }
+    }
+
+    pub fn of_vision(c: &VisionConfig) -> Self {
+        Self {
+            dim: c.hidden_size,
+            inter: c.intermediate_size,
+            heads: c.num_attention_heads,
+            layers: c.num_hidden_layers,
+            act: c.hidden_act,
+            eps: c.layer_norm_eps,
+        }
+    }
 }
 
 /// One residual branch's closing for [`super::ops::fused_norm::ResidualNorm`]: the closing

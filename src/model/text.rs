@@ -233,14 +233,7 @@ impl TextTower {
         let position_embedding = e
             .pp("position_embedding")
             .get((c.max_position_embeddings, c.hidden_size), "weight")?;
-        let shape = EncoderShape {
-            dim: c.hidden_size,
-            inter: c.intermediate_size,
-            heads: c.num_attention_heads,
-            layers: c.num_hidden_layers,
-            act: c.hidden_act,
-            eps: c.layer_norm_eps,
-        };
+        let shape = EncoderShape::of_text(c);
         Ok(Self {
             token_embedding: TokenEmbedding::Loaded(token_embedding),
             position_embedding,

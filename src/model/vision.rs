@@ -75,14 +75,7 @@ impl VisionTower {
             .get((c.hidden_size, c.num_channels, p, p), "weight")?;
         let patch_weight = patch_kernel.reshape((c.hidden_size, c.num_channels * p * p))?;
         let positions = c.grid() * c.grid() + 1;
-        let shape = EncoderShape {
-            dim: c.hidden_size,
-            inter: c.intermediate_size,
-            heads: c.num_attention_heads,
-            layers: c.num_hidden_layers,
-            act: c.hidden_act,
-            eps: c.layer_norm_eps,
-        };
+        let shape = EncoderShape::of_vision(c);
         Ok(Self {
             patch_embedding: Linear::from_weight(patch_weight, None, kernels)?,
             patch_kernel: Some(patch_kernel),

@@ -644,6 +644,11 @@ pub fn fit(
         )?,
         None => ModelFiles::resolve(&cfg.model)?,
     };
+    if cfg.to_onnx {
+        // Refused now, not when the artifact is written after training.
+        let config = crate::model::ClipConfig::from_file(&files.config)?;
+        crate::model::onnx::check_exportable(&config, &files.source)?;
+    }
     if let Some(a) = &cfg.model_artifact {
         progress(FitEvent::Log(format!(
             "starting from the weights of the artifact {a} (model_artifact)"

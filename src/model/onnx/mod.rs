@@ -9,7 +9,7 @@
 //! not normalised, the numbers `clipft encode` gives for the same inputs.
 //!
 //! The graph is written out operator by operator from the config and the checkpoint's tensors
-//! (opset 17, IR version 8: ONNX Runtime 1.12 and later), f32 throughout. It computes what the
+//! (opset 17, IR version 8: ONNX Runtime 1.13 and later, the first with opset 17's layer norm), f32 throughout. It computes what the
 //! model definition in [`super::text`] and [`super::vision`] computes, in the plain order (every
 //! row through every block); the tests run it in ONNX Runtime against the model. `attention_mask`
 //! is declared but not read: under the causal mask the pooled end-of-text token never sees the
@@ -23,9 +23,13 @@ use candle_nn::VarBuilder;
 use prost::Message;
 
 use super::config::{Activation, TextConfig, VisionConfig};
+use super::layers::EncoderShape;
 use super::{ClipConfig, ModelError, ModelFiles, Towers};
 use graph::{Attr, Dim, Graph};
 use proto::{data_type, ModelProto, OperatorSetIdProto};
+
+/// `TensorProto.DataType`'s BOOL, for the one cast to it.
+const BOOL: i64 = 9;
 
 /// The operator set the graphs are written against (`LayerNormalization` is in it).
 pub const OPSET: i64 = 17;
@@ -128,13 +132,34 @@ pub fn tower_model(files: &ModelFiles, tower: Tower) -> Result<ModelProto, Model
 /// larger would need ONNX's external-data files, which this export does not write.
 pub const MAX_WEIGHT_BYTES: u64 = (2 << 30) - (16 << 20);
 
+/// Whether both towers of `config` fit one ONNX file each ([`MAX_WEIGHT_BYTES`]), from the
+/// config alone: `fit --to-onnx` asks before training, not when the artifact is written.
+pub fn check_exportable(config: &ClipConfig, source: &str) -> Result<(), ModelError> {
+    let blocks = |s: EncoderShape| s.layers * (4 * s.dim * (s.dim + 1) + 2 * s.dim * s.inter);
+    let p = config.projection_dim;
+    if let Some(c) = &config.text {
+        let table = (c.vocab_size + c.max_position_embeddings) * c.hidden_size;
+        let params = blocks(EncoderShape::of_text(c)) + table + c.hidden_size * p;
+        check_size(4 * params as u64, source, Tower::Text)?;
+    }
+    if let Some(c) = &config.vision {
+        let d = c.hidden_size;
+        let patches = d * c.num_channels * c.patch_size * c.patch_size;
+        let positions = (c.grid() * c.grid() + 1) * d;
+        let params = blocks(EncoderShape::of_vision(c)) + patches + positions + d * p;
+        check_size(4 * params as u64, source, Tower::Vision)?;
+    }
+    Ok(())
+}
+
 fn check_size(bytes: u64, source: &str, tower: Tower) -> Result<(), ModelError> {
     if bytes <= MAX_WEIGHT_BYTES {
         return Ok(());
     }
     Err(ModelError::InvalidInput {
         msg: format!(
-            "the {} tower of {source} holds {:.2} GB of f32 weights, more than one ONNX file can              (2 GiB, protobuf's limit); export of external weight files is not supported",
+            "the {} tower of {source} holds {:.2} GB of f32 weights, more than one ONNX file can \
+             hold (2 GiB, protobuf's limit); export of external weight files is not supported",
             tower.name(),
             bytes as f64 / 1e9
         ),
@@ -175,16 +200,6 @@ impl Weights<'_> {
         let t = if scale == 1.0 { t } else { (t * scale as f64)? };
         Ok(t.flatten_all()?.to_vec1()?)
     }
-}
-
-/// The sizes one encoder block needs.
-struct Block {
-    dim: usize,
-    inter: usize,
-    heads: usize,
-    layers: usize,
-    act: Activation,
-    eps: f64,
 }
 
 /// `x @ W^T + b` for the linear layer `prefix` (`[out, in]` weight).
@@ -240,7 +255,7 @@ fn attention(
     g: &mut Graph,
     w: &Weights,
     prefix: &str,
-    b: &Block,
+    b: &EncoderShape,
     x: &str,
     mask: Option<&str>,
 ) -> Result<String, ModelError> {
@@ -317,7 +332,7 @@ fn encoder(
     g: &mut Graph,
     w: &Weights,
     prefix: &str,
-    b: &Block,
+    b: &EncoderShape,
     mut x: String,
     mask: Option<&str>,
 ) -> Result<String, ModelError> {
@@ -368,47 +383,46 @@ fn text_graph(g: &mut Graph, w: &Weights, c: &TextConfig, proj: usize) -> Result
     let ends = g.op("Concat", &[&seq, &seq], &[("axis", Attr::Int(0))]);
     let (starts, axes) = (g.ints(&[0, 0]), g.ints(&[0, 1]));
     let mask = g.op("Slice", &[&causal, &starts, &ends, &axes], &[]);
-    let block = Block {
-        dim: d,
-        inter: c.intermediate_size,
-        heads: c.num_attention_heads,
-        layers: c.num_hidden_layers,
-        act: c.hidden_act,
-        eps: c.layer_norm_eps,
-    };
+    let block = EncoderShape::of_text(c);
     let x = encoder(g, w, "text_model.encoder", &block, x, Some(&mask))?;
     let x = layer_norm(g, w, "text_model.final_layer_norm", d, c.layer_norm_eps, &x)?;
-    // Token ids are below 2^24, so as floats they compare exactly; ArgMax takes the first
-    // maximum, as torch and `pool_position` do.
-    let to_float = [("to", Attr::Int(data_type::FLOAT as i64))];
+    // On the int32 ids, never a float cast: clip-as-service converts a graph to f16 on a GPU,
+    // casts included, and in f16 the start and end-of-text ids (49406, 49407) are one number.
+    // ArgMax takes the first maximum, as torch and `pool_position` do.
     let pick = [("axis", Attr::Int(1)), ("keepdims", Attr::Int(0))];
     let pooled_at = if c.eos_token_id == 2 {
-        let f = g.op("Cast", &[&ids], &to_float);
-        g.op("ArgMax", &[&f], &pick)
+        g.op("ArgMax", &[&ids], &pick)
     } else {
+        let to_int = [("to", Attr::Int(data_type::INT32 as i64))];
         let eos = g.ints(&[c.eos_token_id as i64]);
         let is_eos = g.op("Equal", &[&ids64, &eos], &[]);
-        let is_eos = g.op("Cast", &[&is_eos], &to_float);
+        let is_eos = g.op("Cast", &[&is_eos], &to_int);
         let first = g.op("ArgMax", &[&is_eos], &pick);
         let found = g.op(
             "ReduceMax",
             &[&is_eos],
             &[("axes", Attr::Ints(vec![1])), ("keepdims", Attr::Int(0))],
         );
-        let half = g.scalar(0.5);
-        let found = g.op("Greater", &[&found, &half], &[]);
+        let found = g.op("Cast", &[&found], &[("to", Attr::Int(BOOL))]);
         let last = g.op("Sub", &[&seq, &one], &[]);
         g.op("Where", &[&found, &first, &last], &[])
     };
     let at = g.op("Unsqueeze", &[&pooled_at, &one], &[]);
     let pooled = g.op("GatherND", &[&x, &at], &[("batch_dims", Attr::Int(1))]);
-    let e = linear(g, w, "text_projection", (d, proj), false, &pooled)?;
-    g.output(
-        &e,
-        "embedding",
-        data_type::FLOAT,
-        &[Dim::Named("batch_size"), Dim::Fixed(proj)],
-    );
+    embedding(g, w, "text_projection", (d, proj), &pooled)
+}
+
+/// The projection of the pooled features, as the graph's `embedding` output.
+fn embedding(
+    g: &mut Graph,
+    w: &Weights,
+    projection: &str,
+    (d, proj): (usize, usize),
+    pooled: &str,
+) -> Result<(), ModelError> {
+    let e = linear(g, w, projection, (d, proj), false, pooled)?;
+    let dims = [Dim::Named("batch_size"), Dim::Fixed(proj)];
+    g.output(&e, "embedding", data_type::FLOAT, &dims);
     Ok(())
 }
 
@@ -466,14 +480,7 @@ fn vision_graph(
     let positions = g.weight(name, &[n, d], &positions);
     let x = g.op("Add", &[&x, &positions], &[]);
     let x = layer_norm(g, w, "vision_model.pre_layrnorm", d, c.layer_norm_eps, &x)?;
-    let block = Block {
-        dim: d,
-        inter: c.intermediate_size,
-        heads: c.num_attention_heads,
-        layers: c.num_hidden_layers,
-        act: c.hidden_act,
-        eps: c.layer_norm_eps,
-    };
+    let block = EncoderShape::of_vision(c);
     let x = encoder(g, w, "vision_model.encoder", &block, x, None)?;
     let class = g.op("Gather", &[&x, &zero], &[("axis", Attr::Int(1))]);
     let class = g.op("Squeeze", &[&class, &one], &[]);
@@ -485,14 +492,7 @@ fn vision_graph(
         c.layer_norm_eps,
         &class,
     )?;
-    let e = linear(g, w, "visual_projection", (d, proj), false, &class)?;
-    g.output(
-        &e,
-        "embedding",
-        data_type::FLOAT,
-        &[Dim::Named("batch_size"), Dim::Fixed(proj)],
-    );
-    Ok(())
+    embedding(g, w, "visual_projection", (d, proj), &class)
 }
 
 #[cfg(test)]
@@ -611,6 +611,17 @@ mod tests {
         );
         // ViT-L/14's vision tower (303M parameters) is below it.
         assert!(check_size(303_000_000 * 4, "vit-l", Tower::Vision).is_ok());
+        // From the config alone: ViT-B/32 passes; a ViT-H-sized vision tower (32 blocks of
+        // 1280, MLP 5120: 630M parameters) does not.
+        let vit_b: ClipConfig = ClipConfig::from_json_str("{}").unwrap();
+        assert!(check_exportable(&vit_b, "b32").is_ok());
+        let vit_h = ClipConfig::from_json_str(
+            r#"{"vision_config": {"hidden_size": 1280, "intermediate_size": 5120,
+                "num_hidden_layers": 32, "num_attention_heads": 16, "patch_size": 14}}"#,
+        )
+        .unwrap();
+        let e = check_exportable(&vit_h, "h14").unwrap_err().to_string();
+        assert!(e.contains("vision tower of h14"), "{e}");
         // What is measured: the initializers' bytes, weights and constants alike.
         let mut g = Graph::default();
         g.weight("w", &[2, 3], &[0.0; 6]);
