@@ -788,7 +788,8 @@ def get_model(
     artifact whose metadata does not), a Hugging Face folder or a hub repo id. A CLIP model
     needs ``select_model`` (``'clip-text'`` or ``'clip-vision'``). ``device``: None picks the
     GPU where there is one, else the CPU. ``is_onnx=True`` asks for the artifact's ONNX model,
-    as Finetuner's did: an artifact without one (fit without ``to_onnx``) raises ValueError.
+    as Finetuner's did: an artifact without one (fit without ``to_onnx``) raises ValueError; for
+    a Hugging Face folder or hub id, which hold no graph, it changes nothing.
     clipft's core computes the embeddings, from the weights stored beside the graph; the graph
     gives the same numbers (within 1e-5 relative, tests/onnx.rs)."""
     spec = os.fspath(artifact)
@@ -815,7 +816,9 @@ def build_model(
     device: Optional[str] = None,
     is_onnx: bool = False,
 ) -> InferenceEngine:
-    """The pre-trained backbone ``name`` (a zero-shot baseline), as :func:`get_model` loads it."""
+    """The pre-trained backbone ``name`` (a zero-shot baseline), as :func:`get_model` loads it.
+    ``is_onnx`` changes nothing: the embeddings are those ``clipft export``'s graph of the
+    backbone gives."""
     _refuse("model_options", model_options, "CLIP backbones take no options")
     why = _native.unsupported_backbone(name)
     if why:
