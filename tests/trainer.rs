@@ -203,6 +203,7 @@ async fn fit_follow_status_metrics_artifact_delete() -> R {
             "1",
             "--follow",
             "--zip",
+            "--to-onnx",
             "--output",
             out.to_str().ok_or("path")?,
         ],
@@ -220,6 +221,9 @@ async fn fit_follow_status_metrics_artifact_delete() -> R {
         "report.md",
         "models/clip-text/model.safetensors",
         "models/clip-vision/model.safetensors",
+        // --to-onnx travels to the trainer, and the graphs come back with the artifact.
+        "models/clip-text/model.onnx",
+        "models/clip-vision/model.onnx",
     ] {
         assert!(artifact.join(f).is_file(), "{f} missing from the artifact");
     }
