@@ -9,9 +9,11 @@
 //! not normalised, the numbers `clipft encode` gives for the same inputs.
 //!
 //! The graph is written out operator by operator from the config and the checkpoint's tensors
-//! (opset 17, IR version 8: ONNX Runtime 1.13 and later, the first with opset 17's layer norm), f32 throughout. It computes what the
-//! model definition in [`super::text`] and [`super::vision`] computes, in the plain order (every
-//! row through every block); the tests run it in ONNX Runtime against the model. `attention_mask`
+//! (opset 17, IR version 8: ONNX Runtime 1.13 and later, the first with opset 17's layer
+//! norm), f32 throughout; clip-as-service converts it to f16 itself on a GPU, which is why the
+//! token ids stay int32. It computes what the model definition in [`super::text`] and
+//! [`super::vision`] computes, in the plain order (every row through every block); the tests run
+//! it in ONNX Runtime against the model, in f32 and after that conversion. `attention_mask`
 //! is declared but not read: under the causal mask the pooled end-of-text token never sees the
 //! padding after it, which is all the mask could hide.
 
