@@ -25,6 +25,19 @@ pub fn submodel_files(artifact: &Path, towers: Towers) -> Result<ModelFiles, Mod
     submodel_files_with_backbone(artifact, towers, None)
 }
 
+/// What a command that takes `--model M` and `--artifact A` loads: `towers` of the artifact
+/// when there is one (`model` then names a Finetuner artifact's backbone), else the model.
+pub fn model_or_artifact(
+    model: &str,
+    artifact: Option<&Path>,
+    towers: Towers,
+) -> Result<ModelFiles, ModelError> {
+    match artifact {
+        Some(a) => submodel_files_with_backbone(a, towers, Some(model)),
+        None => ModelFiles::resolve(model),
+    }
+}
+
 /// [`submodel_files`] with an explicit backbone for Finetuner artifacts.
 pub fn submodel_files_with_backbone(
     artifact: &Path,
@@ -100,12 +113,7 @@ fn submodel_files_in(
 /// such: a Finetuner run with `to_onnx=True` left only `model.onnx` (which unpacking a zip for
 /// loading also leaves out), and "has no config.json" would not say what is missing.
 fn submodel_dir(dir: &Path) -> Result<ModelFiles, ModelError> {
-    let weights = [
-        "model.safetensors",
-        "model.safetensors.index.json",
-        "pytorch_model.bin",
-    ];
-    if dir.is_dir() && !weights.iter().any(|w| dir.join(w).is_file()) {
+    if dir.is_dir() && !ModelFiles::has_weights(dir) {
         return Err(ModelError::NotFound {
             what: dir.display().to_string(),
             msg: "holds no weights clipft reads (model.safetensors, or Finetuner's model.pt); \

@@ -20,10 +20,7 @@ fn bin() -> Command {
 }
 
 fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("clipft-onnx-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::tempdir("onnx", name)
 }
 
 fn ok(cmd: &mut Command) -> String {

@@ -7,7 +7,7 @@ use clap::Args;
 
 use super::{parse_towers, DEFAULT_MODEL};
 use crate::model::onnx::{self, Tower};
-use crate::model::{ModelFiles, Towers};
+use crate::model::Towers;
 
 #[derive(Args, Debug)]
 pub struct ExportArgs {
@@ -29,12 +29,11 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
-    let files = match &args.artifact {
-        Some(a) => {
-            crate::artifact::submodel_files_with_backbone(a, args.select_model, Some(&args.model))?
-        }
-        None => ModelFiles::resolve(&args.model)?,
-    };
+    let files = crate::artifact::model_or_artifact(
+        &args.model,
+        args.artifact.as_deref(),
+        args.select_model,
+    )?;
     std::fs::create_dir_all(&args.output)
         .map_err(|e| anyhow::anyhow!("{}: {e}", args.output.display()))?;
     let towers = [

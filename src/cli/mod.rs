@@ -120,10 +120,8 @@ impl MatmulArgs {
 impl ModelArgs {
     /// Resolves files and load options for `towers`.
     pub fn resolve(&self, towers: Towers) -> Result<(ModelFiles, LoadOptions), ModelError> {
-        let files = match &self.artifact {
-            Some(a) => crate::artifact::submodel_files_with_backbone(a, towers, Some(&self.model))?,
-            None => ModelFiles::resolve(&self.model)?,
-        };
+        let files =
+            crate::artifact::model_or_artifact(&self.model, self.artifact.as_deref(), towers)?;
         self.matmul.apply();
         let device = device::parse_device(&self.device)?;
         let dtype = device::parse_dtype(&self.dtype, &device)?;

@@ -95,6 +95,13 @@ impl ModelFiles {
     }
 
     /// A local folder in Hugging Face layout.
+    /// Whether `dir` holds weights [`Self::from_dir`] reads.
+    pub fn has_weights(dir: &Path) -> bool {
+        [SAFETENSORS, SAFETENSORS_INDEX, PICKLE]
+            .iter()
+            .any(|w| dir.join(w).is_file())
+    }
+
     pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
         let config = dir.join("config.json");
         if !config.is_file() {

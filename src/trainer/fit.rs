@@ -636,14 +636,11 @@ pub fn fit(
     crate::artifact::ensure_free(&cfg.output, &cfg.run_name)?;
     check_settings(cfg).map_err(FitError::Config)?;
     let dev = device::parse_device(&cfg.device)?;
-    let files = match &cfg.model_artifact {
-        Some(a) => crate::artifact::submodel_files_with_backbone(
-            Path::new(a),
-            Towers::ALL,
-            Some(&cfg.model),
-        )?,
-        None => ModelFiles::resolve(&cfg.model)?,
-    };
+    let files = crate::artifact::model_or_artifact(
+        &cfg.model,
+        cfg.model_artifact.as_deref().map(Path::new),
+        Towers::ALL,
+    )?;
     if cfg.to_onnx {
         // Refused now, not when the artifact is written after training.
         let config = crate::model::ClipConfig::from_file(&files.config)?;

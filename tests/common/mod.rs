@@ -128,6 +128,14 @@ pub fn venv(name: &str, requirements: &str) -> Result<std::path::PathBuf, String
     Ok(bin)
 }
 
+/// A fresh, empty folder `clipft-<suite>-<pid>-<name>` in the system's temporary folder.
+pub fn tempdir(suite: &str, name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("clipft-{suite}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// A loopback port free right now.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
