@@ -728,9 +728,9 @@ pub struct Unpacked {
 }
 
 /// Unpacks an artifact zip (one top folder, Finetuner's layout; `model.onnx` files left out)
-/// into a fresh folder of its own
-/// under this user's private folder ([`private_temp_dir`]), named after this process so that
-/// folders left by a killed process are found and removed by the next unpack.
+/// into a fresh folder of its own under this user's private folder ([`private_temp_dir`]),
+/// named after this process so that folders left by a killed process are found and removed by
+/// the next unpack.
 pub fn unzip_artifact(zip_path: &Path) -> Result<Unpacked, String> {
     let base = private_temp_dir().map_err(|e| e.to_string())?;
     remove_orphans(&base);
